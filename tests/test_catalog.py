@@ -1,0 +1,188 @@
+"""catalog.yaml: the shipped catalog validates and resolves; every kind of mistake is one
+line naming the key path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from actstore.catalog import (SCHEMA_PATH, Catalog, load_catalog, resolve_model,
+                              resolve_prompts, resolve_store)
+from actstore.errors import ActstoreError
+from actstore.prompts import load_prompts
+
+REPO = Path(__file__).resolve().parent.parent
+CATALOG = REPO / "catalog.yaml"
+
+MINIMAL = """
+models:
+  tiny-random:
+    builtin: tiny-random
+  toy-ldm:
+    path: models/toy-ldm
+prompt_sets:
+  demo:
+    path: prompts/demo.csv
+stores:
+  toy:
+    uri: runs/toy.zarr
+    model: toy-ldm
+    prompts: demo
+    steps: 10
+"""
+
+
+def catalog_at(tmp_path: Path, text: str = MINIMAL) -> Catalog:
+    path = tmp_path / "catalog.yaml"
+    path.write_text(text, encoding="utf-8")
+    return load_catalog(path)
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ActstoreError) as info:
+        catalog_at(tmp_path, text)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message.split(": ", 1)[1]  # drop the file path
+
+
+# --- the shipped catalog ----------------------------------------------------------------
+
+def test_schema_is_valid_draft_2020_12_and_closed() -> None:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    assert schema["$schema"].endswith("/draft/2020-12/schema")
+
+    def closed(node: object) -> None:  # every object schema forbids unknown keys
+        if isinstance(node, dict):
+            if node.get("type") == "object":
+                assert "additionalProperties" in node, node
+                assert node["additionalProperties"] is False or "propertyNames" in node
+            for value in node.values():
+                closed(value)
+        elif isinstance(node, list):
+            for value in node:
+                closed(value)
+    closed(schema)
+
+
+def test_repo_catalog_validates_and_names_the_expected_entries() -> None:
+    catalog = load_catalog(CATALOG)
+    assert {"tiny-random", "toy-ldm", "sd-v1-4"} <= set(catalog.models)
+    assert {"demo", "toyworld"} <= set(catalog.prompt_sets)
+    assert "toy" in catalog.stores
+    assert catalog.models["tiny-random"]["builtin"] == "tiny-random"
+    assert len(load_prompts(resolve_prompts(catalog, "demo"))) >= 12
+
+
+def test_repo_catalog_resolves_relative_to_its_folder(monkeypatch: pytest.MonkeyPatch,
+                                                      tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+    monkeypatch.delenv("SD14_PATH", raising=False)
+    catalog = load_catalog(CATALOG)
+    toy = resolve_model(catalog, "toy-ldm")
+    assert toy["kind"] == "path" and toy["ref"] == str(REPO / "models" / "toy-ldm")
+    assert resolve_model(catalog, "tiny-random")["kind"] == "builtin"
+    sd = resolve_model(catalog, "sd-v1-4")
+    assert sd["ref"] == str(Path("~/models/stable-diffusion-v1-4").expanduser())
+    monkeypatch.setenv("SD14_PATH", str(tmp_path / "sd14"))
+    assert resolve_model(catalog, "sd-v1-4")["ref"] == str(tmp_path / "sd14")
+    store = resolve_store(catalog, "toy")
+    assert store["uri"] == str(REPO / "runs" / "toy.zarr")
+    assert (store["model"], store["prompts"]) == ("toy-ldm", "toyworld")
+    assert resolve_prompts(catalog, "toyworld") == str(REPO / "prompts" / "toyworld.csv")
+
+
+# --- resolving names and pass-through ---------------------------------------------------
+
+def test_resolve_model_passes_non_names_through(tmp_path: Path) -> None:
+    catalog = catalog_at(tmp_path)
+    (tmp_path / "folder").mkdir()
+    assert resolve_model(catalog, str(tmp_path / "folder")) == {
+        "name": None, "kind": "path", "ref": str(tmp_path / "folder"), "revision": None,
+        "dtype": None, "description": None}
+    hub = resolve_model(catalog, "CompVis/stable-diffusion-v1-4")
+    assert (hub["kind"], hub["ref"]) == ("hf_id", "CompVis/stable-diffusion-v1-4")
+    assert resolve_model(None, "tiny-random")["kind"] == "builtin"
+    assert resolve_model(None, "./not-yet")["kind"] == "path"
+    with pytest.raises(ActstoreError, match=r"unknown model 'toyldm'.*toy-ldm"):
+        resolve_model(catalog, "toyldm")
+
+
+def test_resolve_store_and_prompts_pass_through(tmp_path: Path) -> None:
+    catalog = catalog_at(tmp_path)
+    assert resolve_store(catalog, "toy")["steps"] == 10
+    assert resolve_store(catalog, "toy")["guidance"] is None  # caller's default applies
+    plain = resolve_store(catalog, "s3://bucket/x.zarr")
+    assert plain["uri"] == "s3://bucket/x.zarr" and plain["name"] is None
+    assert resolve_prompts(catalog, "other.parquet") == "other.parquet"
+    assert resolve_prompts(None, "memory://x/p.csv") == "memory://x/p.csv"
+    with pytest.raises(ActstoreError, match=r"unknown prompt set 'dem'.*demo"):
+        resolve_prompts(catalog, "dem")
+
+
+def test_unset_environment_variable_without_default(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ACTSTORE_NOPE", raising=False)
+    catalog = catalog_at(tmp_path, MINIMAL.replace("models/toy-ldm", "${ACTSTORE_NOPE}/m"))
+    with pytest.raises(ActstoreError, match=r"models.toy-ldm.path: environment variable "
+                                            r"'ACTSTORE_NOPE' is not set"):
+        resolve_model(catalog, "toy-ldm")
+
+
+# --- bad catalogs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("    path: models/toy-ldm", "    pth: models/toy-ldm",
+     "models.toy-ldm: unknown key 'pth' (allowed: path, hf_id, revision, builtin, dtype, "
+     "description); did you mean 'path'?"),
+    ("models:", "modles:", "top level: unknown key 'modles'"),
+    ("    uri: runs/toy.zarr\n", "", "stores.toy: missing required key 'uri'"),
+    ("    steps: 10", "    steps: ten", "stores.toy: 'steps' must be an integer, got 'ten'"),
+    ("    steps: 10", "    steps: 0", "stores.toy: 'steps' must be >= 1, got 0"),
+    ("    steps: 10", "    guidance: high", "stores.toy: 'guidance' must be a number, got 'high'"),
+    ("    steps: 10", "    height: 500", "stores.toy: 'height' must be a multiple of 8, got 500"),
+    ("    builtin: tiny-random", "    builtin: tiny",
+     "models.tiny-random: 'builtin' must be one of: tiny-random; got 'tiny'"),
+    ("    builtin: tiny-random", "    builtin: tiny-random\n    path: x",
+     "models.tiny-random: needs exactly one of 'path', 'hf_id' or 'builtin'"),
+    ("    builtin: tiny-random", "    description: nothing to load",
+     "models.tiny-random: needs exactly one of"),
+    ("    path: models/toy-ldm", "    path: models/toy-ldm\n    dtype: fp16",
+     "models.toy-ldm: 'dtype' must be one of: float32, float16; got 'fp16'"),
+    ("    path: models/toy-ldm", "    hf_id: just-a-name",
+     "models.toy-ldm: 'hf_id' must be a Hugging Face repo id of the form 'org/name'"),
+    ("  toy-ldm:", "  toy.ldm:", "models: bad name 'toy.ldm'"),
+    ("  tiny-random:\n    builtin: tiny-random", "  tiny-random: tiny-random",
+     "models: 'tiny-random' must be an object, got 'tiny-random'"),
+    ("prompt_sets:\n  demo:\n    path: prompts/demo.csv", "prompt_sets: [prompts/demo.csv]",
+     "top level: 'prompt_sets' must be an object"),
+    ("    model: toy-ldm", "    model: toy-ldn",
+     "stores.toy: 'model' names unknown model 'toy-ldn' (catalog has: tiny-random, toy-ldm)"),
+    ("    prompts: demo", "    prompts: demos",
+     "stores.toy: 'prompts' names unknown prompt set 'demos' (catalog has: demo)"),
+])
+def test_bad_catalog_names_the_key(tmp_path: Path, old: str, new: str, expected: str) -> None:
+    assert old in MINIMAL
+    assert error_of(tmp_path, MINIMAL.replace(old, new)).startswith(expected)
+
+
+def test_yaml_level_mistakes(tmp_path: Path) -> None:
+    assert error_of(tmp_path, "models: [unclosed\n").startswith("line 2, column 1: invalid YAML")
+    assert error_of(tmp_path, "- a list\n") == "top level must be an object, got [\"a list\"]"
+    assert error_of(tmp_path, "") == "top level: missing required key 'models'"
+    dup = MINIMAL.replace("prompt_sets:", "  tiny-random:\n    builtin: tiny-random\nprompt_sets:")
+    assert error_of(tmp_path, dup).startswith("line 7: duplicate key 'tiny-random' (first on line 3)")
+
+
+def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "models: !!python/object/apply:os.system ['echo hi']\n")
+    assert "invalid YAML" in message
+
+
+def test_missing_catalog_file(tmp_path: Path) -> None:
+    with pytest.raises(ActstoreError, match=r"nope.yaml: cannot read catalog"):
+        load_catalog(tmp_path / "nope.yaml")
