@@ -1,0 +1,140 @@
+"""prefect.yaml: the nightly deployment parses with Prefect's own models, its schedule is a
+valid cron in UTC, its entrypoint exists, and its parameters fit the flow and agree with
+catalog.yaml. No Prefect server is started."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from actstore.catalog import load_catalog, resolve_model, resolve_prompts, resolve_store
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOYMENT = "nightly-toy"
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "prefect.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def nightly(config: dict[str, Any]) -> dict[str, Any]:
+    matches = [d for d in config["deployments"] if d["name"] == DEPLOYMENT]
+    assert len(matches) == 1, [d["name"] for d in config["deployments"]]
+    return matches[0]
+
+
+def test_prefect_accepts_the_file(config: dict[str, Any]) -> None:
+    models = pytest.importorskip("prefect.cli.deploy._models",
+                                 reason="Prefect moved its prefect.yaml model")
+    parsed = models.PrefectYamlModel.model_validate(config)
+    assert DEPLOYMENT in [d.name for d in parsed.deployments]
+
+
+def test_schedule_is_a_valid_daily_cron_in_utc(nightly: dict[str, Any]) -> None:
+    from prefect.client.schemas.actions import DeploymentScheduleCreate
+    from prefect.client.schemas.schedules import CronSchedule
+
+    (raw,) = nightly["schedules"]
+    assert set(raw) <= {"cron", "timezone", "active", "day_or"}
+    schedule = CronSchedule(cron=raw["cron"], timezone=raw["timezone"])
+    assert schedule.timezone == "UTC"
+    minute, hour, *rest = raw["cron"].split()
+    assert rest == ["*", "*", "*"] and minute.isdigit() and hour.isdigit()  # once a day
+    DeploymentScheduleCreate(schedule=schedule, active=raw.get("active", True))
+    with pytest.raises(ValueError):
+        CronSchedule(cron="0 3 * *", timezone="UTC")  # the model really checks crons
+
+
+def test_work_pool_and_concurrency(nightly: dict[str, Any]) -> None:
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    assert nightly["work_pool"]["name"] == "actstore-local"
+    limit = ConcurrencyLimitConfig(**nightly["concurrency_limit"])
+    assert limit.limit == 1
+
+
+def test_pull_step_runs_the_flow_from_the_deploy_folder(config: dict[str, Any],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.utilities.templating import apply_values
+
+    monkeypatch.setenv("PWD", str(REPO))  # `prefect deploy` expands it at deploy time
+    (step,) = apply_values(config["pull"], {}, remove_notset=False)
+    assert step == {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+
+
+def test_parameters_match_the_catalog_toy_store(nightly: dict[str, Any],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deployment spells paths out (so it works with or without catalog lookup); they
+    must be exactly what catalog.yaml's `stores.toy` means, from the working directory."""
+    monkeypatch.chdir(REPO)
+    catalog = load_catalog(REPO / "catalog.yaml")
+    params = nightly["parameters"]
+    store = resolve_store(catalog, "toy")
+    assert str(Path(resolve_store(catalog, params["store"])["uri"]).resolve()) == store["uri"]
+    assert resolve_model(catalog, params["model"])["ref"] == \
+        resolve_model(catalog, store["model"])["ref"]
+    assert str(Path(resolve_prompts(catalog, params["prompts"])).resolve()) == \
+        resolve_prompts(catalog, store["prompts"])
+    assert params["steps"] == store["steps"] and params["guidance"] == store["guidance"]
+
+
+# --- the entrypoint (written by another engineer; checked without importing torch) -------
+
+def _flow_function(entrypoint: str) -> ast.FunctionDef | ast.AsyncFunctionDef:
+    file, _, func = entrypoint.partition(":")
+    assert file.endswith(".py") and func, entrypoint
+    module = file[:-3].replace("/", ".")
+    spec = importlib.util.find_spec(module.rpartition(".")[0]) if "." in module else None
+    source = REPO / file
+    if not source.exists():
+        pytest.skip(f"{file} does not exist yet (the materialize flow is another "
+                    "engineer's work); entrypoint checks skipped")
+    assert spec is not None and spec.origin is not None  # the package is importable
+    tree = ast.parse(source.read_text(encoding="utf-8"), filename=str(source))
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == func:
+            return node
+    pytest.fail(f"{entrypoint}: no top-level function {func!r} in {file}")
+
+
+def _accepts(annotation: ast.expr | None, value: Any) -> bool:
+    """Check a YAML value against a simple annotation (str, int, float, bool, X | None)."""
+    if annotation is None:
+        return True
+    text = ast.unparse(annotation)
+    if text.startswith("Optional["):
+        text = text[len("Optional["):-1] + " | None"
+    kinds = {"str": str, "int": int, "float": (int, float), "bool": bool, "None": type(None)}
+    allowed = [kinds.get(part.strip()) for part in text.split("|")]
+    if any(kind is None for kind in allowed):
+        return True  # an annotation this light check does not model
+    return any(isinstance(value, kind) for kind in allowed) and not (
+        isinstance(value, bool) and bool not in allowed)
+
+
+def test_entrypoint_is_a_flow_whose_signature_takes_the_parameters(
+        nightly: dict[str, Any]) -> None:
+    func = _flow_function(nightly["entrypoint"])
+    decorators = [ast.unparse(d.func if isinstance(d, ast.Call) else d)
+                  for d in func.decorator_list]
+    assert any(d in ("flow", "prefect.flow") for d in decorators), decorators
+    args = func.args.posonlyargs + func.args.args + func.args.kwonlyargs
+    defaults = [None] * (len(func.args.posonlyargs + func.args.args) - len(func.args.defaults))
+    defaults += list(func.args.defaults) + list(func.args.kw_defaults)
+    by_name = {a.arg: a for a in args}
+    params = nightly["parameters"]
+    unknown = set(params) - set(by_name)
+    assert not unknown or func.args.kwarg, f"parameters the flow does not take: {unknown}"
+    required = {a.arg for a, d in zip(args, defaults) if d is None}
+    assert required <= set(params), f"flow parameters without a value: {required - set(params)}"
+    for name, value in params.items():
+        if name in by_name:
+            assert _accepts(by_name[name].annotation, value), (name, value)
+
