@@ -113,15 +113,16 @@ def _format_of(src: str) -> str:
 def _read_csv(src: str, storage_options: dict[str, Any] | None) -> pd.DataFrame:
     """Read required columns as raw text so blanks and 'NA' reach validation verbatim."""
     header = pd.read_csv(src, nrows=0, storage_options=storage_options).columns
-    extras = [c for c in header if c not in (*REQUIRED_COLUMNS, "split")]
+    known = [c for c in header if str(c).strip() in (*REQUIRED_COLUMNS, "split")]
+    extras = [c for c in header if c not in known]
     return pd.read_csv(
         src, storage_options=storage_options, keep_default_na=False,
-        dtype={c: str for c in (*REQUIRED_COLUMNS, "split")},
-        na_values={c: _NA_MARKERS for c in extras})
+        dtype={c: str for c in known}, na_values={c: _NA_MARKERS for c in extras})
 
 
 def _validate(raw: pd.DataFrame, src: str) -> pd.DataFrame:
     """Check every rule and build the canonical frame; the first violation wins."""
+    raw = raw.rename(columns=lambda c: str(c).strip())  # "id, prompt" headers are common
     found = [str(c) for c in raw.columns]
     for col in REQUIRED_COLUMNS:
         if col not in raw.columns:

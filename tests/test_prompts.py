@@ -61,6 +61,12 @@ def test_text_is_taken_verbatim_except_surrounding_whitespace(tmp_path: Path) ->
     assert list(df["split"]) == ["test", "train"]
 
 
+def test_header_whitespace_and_excel_bom_are_tolerated(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("\ufeffimage_id, prompt ,seed\na,x,1\n".encode("utf-8"))
+    assert list(load_prompts(str(path)).columns) == ["image_id", "prompt", "seed", "split"]
+
+
 def test_seed_range_edges(tmp_path: Path) -> None:
     df = load_prompts(write(tmp_path, HEADER + f"a,x,{2**63 - 1},train\n"))
     assert int(df.loc[0, "seed"]) == 2**63 - 1
