@@ -1,0 +1,78 @@
+"""Resumable checkpoints in safetensors + JSON (no pickles).
+
+Training runs in the background on a shared 2-core machine and may be killed; each stage
+keeps one "latest" checkpoint (model, EMA copy, AdamW moments) and a JSON state file so a
+rerun continues from the last saved step instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict] = {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v) and v.dim() > 0:
+                tensors[f"opt.{pid}.{k}"] = v.detach().contiguous()
+            else:
+                scalars.setdefault(str(pid), {})[k] = float(v)
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict, meta: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, pid, k = key.split(".", 2)
+            state.setdefault(int(pid), {})[k] = v
+    for pid, sc in meta.get("scalars", {}).items():
+        for k, v in sc.items():
+            state.setdefault(int(pid), {})[k] = torch.tensor(v)
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def save_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
+                    opt: torch.optim.Optimizer | None, state: dict) -> None:
+    """Atomically write ``path`` (.safetensors) and ``path`` with .json next to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, mod in modules.items():
+        for k, v in mod.state_dict().items():
+            tensors[f"{name}.{k}"] = v.detach().contiguous().clone()
+    meta: dict = {"state": state}
+    if opt is not None:
+        ot, om = _flatten_optimizer(opt)
+        tensors.update(ot)
+        meta["optimizer"] = om
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    jtmp = path.with_suffix(".json.tmp")
+    jtmp.write_text(json.dumps(meta, indent=1))
+    os.replace(jtmp, path.with_suffix(".json"))
+
+
+def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
+                    opt: torch.optim.Optimizer | None = None) -> dict | None:
+    """Restore modules (and optimizer) in place; returns the saved state or None."""
+    path = Path(path)
+    if not path.exists() or not path.with_suffix(".json").exists():
+        return None
+    tensors = load_file(str(path))
+    meta = json.loads(path.with_suffix(".json").read_text())
+    for name, mod in modules.items():
+        pre = f"{name}."
+        mod.load_state_dict({k[len(pre):]: v for k, v in tensors.items() if k.startswith(pre)})
+    if opt is not None and "optimizer" in meta:
+        _restore_optimizer(opt, tensors, meta["optimizer"])
+    return meta["state"]

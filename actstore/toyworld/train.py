@@ -1,0 +1,267 @@
+"""CPU training of the toy latent diffusion model, stage by stage.
+
+Stages are separate pure-ish functions over a run directory so that (a) the Prefect flow
+in ``flows/train_toy.py`` can wrap each as a task, (b) a killed run resumes from the last
+checkpoint, and (c) a partial model can be exported at any time. Order: render data ->
+VAE -> encode latents (fixes ``scaling_factor``) -> UNet + text encoder -> export.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from actstore.toyworld import model as M
+from actstore.toyworld.ckpt import load_checkpoint, save_checkpoint
+from actstore.toyworld.render import render_batch
+from actstore.toyworld.tokenizer import build_tokenizer
+
+TRAIN_SEED_OFFSET = 100_000  # LDM training scenes; prompts CSV and labeler use other ranges
+
+
+def _log(run_dir: Path, msg: str) -> None:
+    line = f"{time.strftime('%H:%M:%S')} {msg}"
+    print(line, flush=True)
+    with open(run_dir / "train.log", "a") as f:
+        f.write(line + "\n")
+
+
+def render_data(run_dir: str | Path, n_scenes: int, size: int = 64) -> Path:
+    """Render (or reuse) the training scenes: rgb.npy + prompts.json in the run dir."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rgb_p, pr_p = run_dir / "rgb.npy", run_dir / "prompts.json"
+    if rgb_p.exists() and pr_p.exists() and len(json.loads(pr_p.read_text())) == n_scenes:
+        return run_dir
+    t0 = time.time()
+    seeds = np.arange(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n_scenes)
+    b = render_batch(seeds, size)
+    np.save(rgb_p, b["rgb"])
+    pr_p.write_text(json.dumps(b["prompt"]))
+    _log(run_dir, f"rendered {n_scenes} scenes in {time.time() - t0:.1f}s")
+    return run_dir
+
+
+def _images(run_dir: Path) -> torch.Tensor:
+    rgb = np.load(run_dir / "rgb.npy")
+    return torch.from_numpy(rgb).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for pe, pl in zip(ema.parameters(), live.parameters()):
+            pe.lerp_(pl, 1.0 - decay)
+
+
+def train_vae(run_dir: str | Path, steps: int = 700, batch: int = 32, lr: float = 5e-4,
+              kl_weight: float = 1e-6, ckpt_every: int = 100, seed: int = 0) -> Path:
+    """L1 reconstruction + tiny KL; no perceptual/GAN loss (flat toy colours don't need it)."""
+    run_dir = Path(run_dir)
+    ck = run_dir / "ckpt" / "vae.safetensors"
+    torch.manual_seed(seed)
+    vae = M.make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    st = load_checkpoint(ck, {"vae": vae}, opt) or {"step": 0, "elapsed": 0.0}
+    if st["step"] >= steps:
+        return ck
+    x_all = _images(run_dir)
+    g = torch.Generator().manual_seed(seed + st["step"])
+    t_start, step0, avg = time.time(), st["step"], None
+    vae.train()
+    for step in range(st["step"], steps):
+        idx = torch.randint(0, x_all.shape[0], (batch,), generator=g)
+        x = x_all[idx]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=g)).sample
+        l1 = (rec - x).abs().mean()
+        loss = l1 + kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        avg = l1.item() if avg is None else 0.95 * avg + 0.05 * l1.item()
+        done = step + 1
+        if done % 20 == 0 or done == steps:
+            sps = (time.time() - t_start) / (done - step0)
+            _log(run_dir, f"vae step {done}/{steps} l1 {avg:.4f} {sps:.2f}s/step "
+                          f"eta {sps * (steps - done) / 60:.1f}min")
+        if done % ckpt_every == 0 or done == steps:
+            st = {"step": done, "elapsed": st["elapsed"] + time.time() - t_start, "l1": avg}
+            t_start, step0 = time.time(), done
+            save_checkpoint(ck, {"vae": vae}, opt, st)
+    return ck
+
+
+def encode_latents(run_dir: str | Path, batch: int = 256) -> float:
+    """Encode every training image once (posterior mean) and fix scaling_factor = 1/std."""
+    run_dir = Path(run_dir)
+    vae = M.make_vae()
+    load_checkpoint(run_dir / "ckpt" / "vae.safetensors", {"vae": vae})
+    vae.eval()
+    x_all = _images(run_dir)
+    outs = []
+    with torch.no_grad():
+        for i in range(0, x_all.shape[0], batch):
+            outs.append(vae.encode(x_all[i:i + batch]).latent_dist.mean)
+    lat = torch.cat(outs).numpy().astype(np.float32)
+    np.save(run_dir / "latents.npy", lat)
+    sf = float(1.0 / lat.std())
+    (run_dir / "latent_stats.json").write_text(json.dumps(
+        {"std": float(lat.std()), "mean": float(lat.mean()), "scaling_factor": sf}))
+    _log(run_dir, f"encoded {lat.shape} latents, std {lat.std():.4f} -> scaling_factor {sf:.4f}")
+    return sf
+
+
+def _tokenize_all(tok, prompts: list[str]) -> torch.Tensor:
+    enc = tok(prompts, padding="max_length", max_length=tok.model_max_length,
+              truncation=True, return_tensors="pt")
+    return enc["input_ids"]
+
+
+def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: float = 3e-4,
+               p_uncond: float = 0.1, ckpt_every: int = 200, max_minutes: float | None = None,
+               ema_decay: float = 0.999, warmup: int = 100, seed: int = 0) -> Path:
+    """Epsilon-prediction DDPM training (SD betas) of UNet + text encoder jointly.
+
+    10% of captions are replaced by "" so classifier-free guidance has an unconditional
+    branch. The learning rate decays (cosine) over the planned steps; ``max_minutes``
+    stops early at a checkpoint so a wall-clock budget is always met.
+    """
+    run_dir = Path(run_dir)
+    ck = run_dir / "ckpt" / "unet.safetensors"
+    tok = build_tokenizer(run_dir / "tokenizer")
+    torch.manual_seed(seed)
+    unet, te = M.make_unet(), M.make_text_encoder(tok)
+    ema_u, ema_t = copy.deepcopy(unet), copy.deepcopy(te)
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    mods = {"unet": unet, "text_encoder": te, "ema_unet": ema_u, "ema_text_encoder": ema_t}
+    st = load_checkpoint(ck, mods, opt) or {"step": 0, "elapsed": 0.0}
+    if st["step"] >= steps:
+        return ck
+    sf = json.loads((run_dir / "latent_stats.json").read_text())["scaling_factor"]
+    lat = torch.from_numpy(np.load(run_dir / "latents.npy")) * sf
+    ids = _tokenize_all(tok, json.loads((run_dir / "prompts.json").read_text()))
+    empty = _tokenize_all(tok, [""])[0]
+    acp = M.alphas_cumprod()
+    g = torch.Generator().manual_seed(seed + 7919 * st["step"])
+    unet.train(), te.train()
+    t_start, step0, avg = time.time(), st["step"], None
+    budget_s = None if max_minutes is None else max_minutes * 60.0
+    run_t0 = time.time()
+    for step in range(st["step"], steps):
+        cur_lr = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for grp in opt.param_groups:
+            grp["lr"] = max(cur_lr, lr * 0.05)
+        idx = torch.randint(0, lat.shape[0], (batch,), generator=g)
+        z0 = lat[idx]
+        tid = ids[idx].clone()
+        drop = torch.rand(batch, generator=g) < p_uncond
+        tid[drop] = empty
+        noise = torch.randn(z0.shape, generator=g)
+        t = torch.randint(0, acp.shape[0], (batch,), generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        cond = te(tid)[0]
+        pred = unet(zt, t, cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        _ema_update(ema_u, unet, d)
+        _ema_update(ema_t, te, d)
+        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        done = step + 1
+        out_of_time = budget_s is not None and time.time() - run_t0 > budget_s
+        if done % 20 == 0 or done == steps:
+            sps = (time.time() - t_start) / (done - step0)
+            _log(run_dir, f"unet step {done}/{steps} loss {avg:.4f} lr {cur_lr:.2e} "
+                          f"{sps:.2f}s/step eta {sps * (steps - done) / 60:.1f}min")
+        if done % ckpt_every == 0 or done == steps or out_of_time:
+            st = {"step": done, "elapsed": st["elapsed"] + time.time() - t_start, "loss": avg,
+                  "planned_steps": steps}
+            t_start, step0 = time.time(), done
+            save_checkpoint(ck, mods, opt, st)
+            export(run_dir, run_dir / "model")
+            _log(run_dir, f"checkpoint at step {done}, exported {run_dir / 'model'}")
+        if out_of_time:
+            _log(run_dir, f"time budget of {max_minutes} min reached at step {done}")
+            break
+    return ck
+
+
+def export(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True) -> Path:
+    """Write the standard SD folder from the latest checkpoints (EMA weights by default)."""
+    run_dir = Path(run_dir)
+    tok = build_tokenizer(run_dir / "tokenizer")
+    sf = json.loads((run_dir / "latent_stats.json").read_text())["scaling_factor"]
+    vae = M.make_vae(scaling_factor=sf)
+    load_checkpoint(run_dir / "ckpt" / "vae.safetensors", {"vae": vae})
+    unet, te = M.make_unet(), M.make_text_encoder(tok)
+    pre = "ema_" if use_ema else ""
+    st = load_checkpoint(run_dir / "ckpt" / "unet.safetensors",
+                         {f"{pre}unet": unet, f"{pre}text_encoder": te})
+    out = M.save_pipeline(vae, te, tok, unet, out_dir)
+    (Path(out) / "train_state.json").write_text(json.dumps(st or {}, indent=1))
+    return out
+
+
+def _latents_stale(run: Path) -> bool:
+    lat, ck = run / "latent_stats.json", run / "ckpt" / "vae.safetensors"
+    return not lat.exists() or lat.stat().st_mtime < ck.stat().st_mtime
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="actstore train-toy",
+                                description="Train the toy latent diffusion model on CPU.")
+    p.add_argument("--run-dir", default="runs/toy-ldm", help="checkpoints, data cache, log")
+    p.add_argument("--out", default="models/toy-ldm", help="final StableDiffusionPipeline folder")
+    p.add_argument("--n-scenes", type=int, default=8000)
+    p.add_argument("--vae-steps", type=int, default=700)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--unet-steps", type=int, default=3500)
+    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--max-minutes", type=float, default=None, help="UNet wall-clock budget")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stage", default="all",
+                   choices=["all", "data", "vae", "latents", "unet", "export"])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry (also wired as ``actstore train-toy``); every stage resumes if rerun."""
+    a = parse_args(argv)
+    torch.set_num_threads(a.threads)
+    run = Path(a.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    _log(run, f"train-toy args: {vars(a)}")
+    t0 = time.time()
+    if a.stage in ("all", "data"):
+        render_data(run, a.n_scenes)
+    if a.stage in ("all", "vae"):
+        train_vae(run, steps=a.vae_steps, batch=a.vae_batch)
+    if a.stage == "latents" or (a.stage == "all" and _latents_stale(run)):
+        encode_latents(run)
+    if a.stage in ("all", "unet"):
+        train_unet(run, steps=a.unet_steps, batch=a.unet_batch, lr=a.lr,
+                   ckpt_every=a.ckpt_every, max_minutes=a.max_minutes)
+    if a.stage in ("all", "export"):
+        export(run, a.out)
+        _log(run, f"exported {a.out}")
+    _log(run, f"done stage {a.stage} in {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
