@@ -1,0 +1,141 @@
+"""Reading a store from a notebook: lazy, dask-backed xarray objects with labelled coordinates.
+
+Every array comes back indexed by ``image`` (the image_id strings, with prompt/seed/split as
+extra coordinates) and ``step`` (with timestep and sigma), and restricted to the image
+blocks whose completion record exists, so a reader never sees a half-written image even
+while workers are still filling the store. Dask chunks are one storage shard
+(``block_size`` images × one step), so a computation reads every shard at most once.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from functools import cached_property
+
+import numpy as np
+import xarray as xr
+
+from actstore.errors import ActstoreError
+from actstore.store import (ACTIVATION, completed_blocks, layer_path, model_attrs,
+                            model_path, model_variants, read_root_attrs)
+
+
+@contextmanager
+def _quiet():
+    """Completion records are plain files beside zarr nodes; zarr warns when it lists them."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Object at _blocks")
+        yield
+
+
+class StoreView:
+    """One model variant of a store (``trained`` by default, or ``randomized``)."""
+
+    def __init__(self, uri: str, model: str = "trained", complete_only: bool = True):
+        self.uri = str(uri)
+        self.model = model
+        self.root_attrs = read_root_attrs(self.uri)
+        self.attrs = model_attrs(self.uri, model)
+        self.complete_only = complete_only
+
+    def __repr__(self) -> str:
+        return (f"<actstore {self.uri} model={self.model}: {len(self.image_index)}/"
+                f"{self.root_attrs['n_images']} images complete, {len(self.layers)} layers, "
+                f"{self.n_steps} steps>")
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.attrs["fingerprint"]["layers"])
+
+    @property
+    def n_steps(self) -> int:
+        return int(self.attrs["fingerprint"]["generation"]["steps"])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.root_attrs["block_size"])
+
+    @property
+    def models(self) -> list[str]:
+        return model_variants(self.uri)
+
+    @cached_property
+    def complete(self) -> np.ndarray:
+        """Boolean per image (store order): is its block fully written?"""
+        mask = np.zeros(self.root_attrs["n_images"], dtype=bool)
+        for a, b in completed_blocks(self.uri, self.model):
+            mask[a:b] = True
+        return mask
+
+    @cached_property
+    def image_index(self) -> np.ndarray:
+        """Store positions of the images this view exposes."""
+        if not self.complete_only:
+            return np.arange(self.root_attrs["n_images"])
+        return np.flatnonzero(self.complete)
+
+    @cached_property
+    def _image_coords(self) -> dict:
+        with _quiet():
+            table = xr.open_zarr(self.uri, group="images", consolidated=False).load()
+        table = table.isel(image=self.image_index)
+        return {"image": _strings(table["image_id"]),
+                "prompt": ("image", _strings(table["prompt"])),
+                "seed": ("image", table["seed"].values),
+                "split": ("image", _strings(table["split"])),
+                "position": ("image", self.image_index)}
+
+    @cached_property
+    def _step_coords(self) -> dict:
+        with _quiet():
+            grp = xr.open_zarr(self.uri, group=model_path(self.model), consolidated=False)
+        return {"step": np.arange(self.n_steps),
+                "timestep": ("step", grp["timestep"].values),
+                "sigma": ("step", grp["sigma"].values)}
+
+    @property
+    def images(self) -> xr.Dataset:
+        """The image table (image_id, prompt, seed, split) of the exposed images."""
+        return xr.Dataset(coords=self._image_coords)
+
+    def _open(self, group: str, name: str) -> xr.DataArray:
+        with _quiet():
+            var = xr.open_zarr(self.uri, group=group, consolidated=False, chunks=None)[name]
+        shards = var.encoding.get("shards") or var.encoding.get("chunks")
+        data = var.chunk(dict(zip(var.dims, shards)))
+        data = data.isel(image=self.image_index)
+        coords = dict(self._image_coords)
+        if "step" in data.dims:
+            coords.update(self._step_coords)
+        return data.assign_coords(coords)
+
+    def __getitem__(self, layer: str) -> xr.DataArray:
+        """Activations of one layer: ``(image, step, y, x, channel)``."""
+        if layer not in self.layers:
+            raise ActstoreError(f"store {self.uri}: no layer {layer!r}; layers are "
+                                f"{', '.join(self.layers)}")
+        group = layer_path(self.model, layer).rsplit("/", 1)[0]
+        return self._open(group, ACTIVATION).rename(layer)
+
+    @property
+    def final_images(self) -> xr.DataArray:
+        return self._open(model_path(self.model), "final_image")
+
+    @property
+    def x0_images(self) -> xr.DataArray:
+        """The decoded prediction of the clean image at each step, uint8."""
+        return self._open(model_path(self.model), "x0_image")
+
+    def layer_info(self, layer: str) -> dict:
+        return dict(self[layer].attrs)
+
+
+def _strings(var: xr.DataArray) -> np.ndarray:
+    """Zarr v3 strings arrive as numpy's StringDType; pandas indexes want plain ``str``."""
+    return np.array([str(v) for v in var.values.tolist()])
+
+
+def open_store(uri: str, model: str = "trained", complete_only: bool = True) -> StoreView:
+    """Open a store for reading: ``open_store(u)["up_blocks.3.attentions.0"].sel(step=4)``."""
+    return StoreView(uri, model=model, complete_only=complete_only)

@@ -1,0 +1,148 @@
+"""``actstore`` command line: argument parsing and error reporting, nothing else.
+
+Every subcommand resolves catalog names, then calls a Prefect flow (or, with
+``--no-prefect``, the same library function directly, e.g. inside a batch job that has no
+Prefect API). Any :class:`ActstoreError` becomes one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from actstore.errors import ActstoreError
+
+REPO_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
+EXIT_USER_ERROR = 2
+
+
+def _catalog(path: str | None):
+    from actstore.catalog import load_catalog
+
+    if path:
+        return load_catalog(path)
+    if Path("catalog.yaml").is_file():
+        return load_catalog("catalog.yaml")
+    return load_catalog(REPO_CATALOG) if REPO_CATALOG.is_file() else None
+
+
+def _add_materialize(sub) -> None:
+    p = sub.add_parser("materialize", help="generate images and store every self-attention "
+                       "activation (resumable; several workers may fill disjoint --images)")
+    p.add_argument("--store", required=True, help="store URI or catalog store name")
+    p.add_argument("--model", help="catalog model name, diffusers folder, cached HF id, or "
+                   "tiny-random (default: the catalog store's model)")
+    p.add_argument("--prompts", help="CSV/Parquet table (image_id, prompt, seed[, split]) or "
+                   "catalog prompt set (default: the catalog store's prompts)")
+    p.add_argument("--images", help="region START:STOP of the prompt table (block-aligned)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--block-size", type=int, help="images per storage shard (new stores only;"
+                   " default 4)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--guidance", type=float)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    p.add_argument("--dtype", help="model dtype: float32 (default) or float16")
+    p.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
+    p.add_argument("--codec", default="zstd", help="zstd (default), zstd5, lz4, "
+                   "zstd-bitround8 (lossy), none")
+    p.add_argument("--control", choices=["randomized"], help="materialize the randomized-"
+                   "weights control instead of the trained model")
+    p.add_argument("--keep-uncond", action="store_true", help="also store the unconditional "
+                   "half of the CFG batch")
+    p.add_argument("--no-x0", action="store_true", help="skip decoding x0 at every step")
+    p.add_argument("--grid", help="write a PNG sample grid here when done")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="actstore", description=__doc__.split("\n")[0])
+    parser.add_argument("--catalog", help="catalog.yaml to resolve names (default: ./catalog."
+                        "yaml, else the repository's)")
+    parser.add_argument("--no-prefect", action="store_true", help="call the library directly "
+                        "instead of running a Prefect flow")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_materialize(sub)
+    return parser
+
+
+def _materialize(args, catalog) -> dict:
+    from actstore.catalog import resolve_model, resolve_prompts, resolve_store
+
+    entry = resolve_store(catalog, args.store)
+    model_name = args.model or entry["model"]
+    prompts_name = args.prompts or entry["prompts"]
+    if not model_name or not prompts_name:
+        raise ActstoreError(f"--store {args.store}: not a catalog store with a model and "
+                            "prompts, so --model and --prompts are required")
+    model = resolve_model(catalog, model_name)
+    params = {
+        "model": model["ref"], "prompts": resolve_prompts(catalog, prompts_name),
+        "store": entry["uri"], "images": args.images, "batch_size": args.batch_size,
+        "steps": args.steps or entry["steps"] or 15,
+        "guidance": args.guidance if args.guidance is not None else (entry["guidance"] or 7.5),
+        "height": args.height or entry["height"], "width": args.width or entry["width"],
+        "device": args.device, "dtype": args.dtype or model["dtype"] or "float32",
+        "control": args.control, "codec": args.codec, "store_dtype": args.store_dtype,
+        "keep_uncond": args.keep_uncond, "x0": not args.no_x0, "block_size": args.block_size,
+        "grid_png": args.grid}
+    if args.no_prefect:
+        from actstore.generate import GenerationConfig
+        from actstore.materialize import CaptureConfig, materialize
+        from actstore.plots import sample_grid
+
+        summary = materialize(
+            params["model"], params["prompts"], params["store"], images=params["images"],
+            batch_size=params["batch_size"],
+            gen=GenerationConfig(params["steps"], params["guidance"], params["height"],
+                                 params["width"]),
+            cap=CaptureConfig(params["store_dtype"], params["codec"], params["keep_uncond"],
+                              params["x0"]),
+            dtype=params["dtype"], device=params["device"], control=params["control"],
+            block_size=params["block_size"], progress=not args.quiet)
+        if args.grid:
+            summary["grid_png"] = sample_grid(params["store"], summary["model"], args.grid)
+        return summary
+    from flows.materialize import materialize_flow
+
+    return materialize_flow(**params)
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers chatter (load bars, deprecation notes) hides actstore's output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+
+COMMANDS = {"materialize": _materialize}
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        catalog = _catalog(args.catalog)
+        if args.quiet:
+            os.environ["TQDM_DISABLE"] = "1"
+        result = COMMANDS[args.command](args, catalog)
+    except ActstoreError as exc:
+        print(f"actstore {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if result is not None:
+        print(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Materialize: generate images and write every self-attention activation into the store.
+
+Pure library code; ``flows/materialize.py`` wraps it for Prefect and the CLI calls that.
+Idempotent and resumable by construction: the work is a list of image blocks, a block's
+completion record is written after its arrays, and a rerun skips recorded blocks. Because
+every image's noise comes from its own seed, a block rewritten after a crash holds exactly
+the bytes an uninterrupted run would have written.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+import actstore
+from actstore import store as st
+from actstore.capture import StepCapture, attn1_hooks, probe_layout
+from actstore.codecs import DEFAULT_CODEC, codec_chain
+from actstore.errors import ActstoreError
+from actstore.generate import GenerationConfig, generate, schedule_coords
+from actstore.models import LoadedModel, apply_control, load_model
+from actstore.progress import Progress
+from actstore.prompts import load_prompts, prompts_fingerprint
+
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """What is captured and how it is stored: part of a store's fingerprint."""
+
+    store_dtype: str = "float16"
+    codec: str = DEFAULT_CODEC
+    keep_uncond: bool = False
+    x0: bool = True
+
+
+def parse_region(images: str | None, n_images: int, block_size: int) -> tuple[int, int]:
+    """``"A:B"`` → (A, B), checked against the store size and its block grid."""
+    if not images:
+        return 0, n_images
+    try:
+        a_text, b_text = images.split(":")
+        a = int(a_text) if a_text else 0
+        b = int(b_text) if b_text else n_images
+    except ValueError:
+        raise ActstoreError(f"--images {images!r}: expected START:STOP, e.g. 0:{n_images}") from None
+    if not 0 <= a < b <= n_images:
+        raise ActstoreError(f"--images {images}: out of range; the prompt table has "
+                            f"{n_images} images, so use START:STOP with 0 <= START < STOP <= "
+                            f"{n_images}")
+    if a % block_size or (b % block_size and b != n_images):
+        raise ActstoreError(f"--images {images}: not aligned to the store's {block_size}-image "
+                            f"blocks; use multiples of {block_size} (or STOP={n_images}) so "
+                            "workers never share a block")
+    return a, b
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+    import xarray
+    import zarr
+    return {"actstore": actstore.__version__, "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+            "zarr": zarr.__version__, "xarray": xarray.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def model_fingerprint(model: LoadedModel, gen: GenerationConfig, cap: CaptureConfig,
+                      layers: list) -> dict:
+    """Everything that changes what a variant's arrays hold; a store refuses a mismatch."""
+    return {"weights_sha256": model.weights_hash, "variant": model.variant,
+            "dtype": str(model.dtype).replace("torch.", ""),
+            "generation": asdict(gen), "scheduler_config": _jsonable(model.scheduler_config),
+            "capture": asdict(cap), "layers": [info.name for info in layers],
+            "layer_shapes": {i.name: [i.height, i.width, i.channels] for i in layers}}
+
+
+def _jsonable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+def materialize(model: str | LoadedModel, prompts: str, store: str, *, images: str | None = None,
+                batch_size: int = 4, gen: GenerationConfig = GenerationConfig(),
+                cap: CaptureConfig = CaptureConfig(), dtype: str = "float32",
+                device: str = "auto", control: str | None = None, block_size: int | None = None,
+                progress: bool = True) -> dict:
+    """Fill ``store`` with ``model``'s activations for the prompt table; returns a summary."""
+    if batch_size < 1:
+        raise ActstoreError(f"--batch-size {batch_size}: must be at least 1")
+    if cap.store_dtype not in STORE_DTYPES:
+        raise ActstoreError(f"store dtype {cap.store_dtype!r}: use one of {STORE_DTYPES}")
+    codec_chain(cap.codec)  # fail on a bad codec name before any work
+    table = load_prompts(prompts)
+    sha = prompts_fingerprint(table)
+    _check_store_location(store, table, sha, block_size, images)
+    if isinstance(model, str):
+        model = load_model(model, dtype=dtype, device=device)
+    model = apply_control(model, control)
+    gen = gen.resolved(model)
+    f = model.vae_scale_factor
+    if gen.height % (8 * f) or gen.width % (8 * f):
+        raise ActstoreError(f"--height/--width {gen.height}x{gen.width}: must be multiples of "
+                            f"{8 * f} for this model")
+    layers = probe_layout(model.unet, gen.height // f, gen.width // f,
+                          model.text_encoder.config.hidden_size)
+    root = st.create_or_check_root(store, table, sha, block_size)
+    start, stop = parse_region(images, len(table), root["block_size"])
+    fingerprint = model_fingerprint(model, gen, cap, layers)
+    provenance = {"model": model.name, "model_source": model.source,
+                  "guidance": gen.guidance, "library_versions": library_versions(),
+                  "schema_version": actstore.SCHEMA_VERSION,
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    st.check_or_create_model(store, model.variant, fingerprint, provenance, layers, gen.steps,
+                             (gen.height, gen.width), schedule_coords(model, gen), cap.codec,
+                             cap.store_dtype, cap.keep_uncond)
+    done = st.completed_blocks(store, model.variant)
+    todo = [blk for blk in st.blocks_of(len(table), root["block_size"], start, stop)
+            if blk not in done]
+    bar = Progress(sum(b - a for a, b in todo), gen.steps,
+                   f"materialize {model.variant}", enabled=progress)
+    t0 = time.perf_counter()
+    written = 0
+    try:
+        for a, b in todo:
+            nbytes = _materialize_block(model, table.iloc[a:b], store, a, b, gen, cap, layers,
+                                        batch_size, bar)
+            written += nbytes
+            bar.images(b - a, nbytes)
+    finally:
+        bar.close()
+    return {"store": store, "model": model.variant, "blocks_written": len(todo),
+            "blocks_skipped": len(st.blocks_of(len(table), root["block_size"], start, stop))
+            - len(todo), "images": sum(b - a for a, b in todo), "bytes": written,
+            "seconds": time.perf_counter() - t0}
+
+
+def _check_store_location(store: str, table, sha: str, block_size: int | None,
+                          images: str | None) -> None:
+    """Cheap checks before the model loads, so bad input fails in a second, not a minute."""
+    fs, path = st._fs(store)
+    if fs.exists(path) and not (fs.isdir(path) and not fs.ls(path)):
+        attrs = st.read_root_attrs(store)
+        if attrs["prompts_sha256"] != sha:
+            st.create_or_check_root(store, table, sha, block_size)  # raises the specific error
+        parse_region(images, len(table), attrs["block_size"])
+    else:
+        parse_region(images, len(table), block_size or st.DEFAULT_BLOCK_SIZE)
+
+
+def _materialize_block(model: LoadedModel, rows, store: str, a: int, b: int,
+                       gen: GenerationConfig, cap: CaptureConfig, layers: list,
+                       batch_size: int, bar: Progress) -> int:
+    """Generate one block in batches, holding it on the host, then write whole shards."""
+    n = b - a
+    ids = rows["image_id"].astype(str).tolist()
+    capture = StepCapture(layers, n, gen.steps, ids, np.dtype(cap.store_dtype), cap.keep_uncond)
+    x0 = np.empty((n, gen.steps, gen.height, gen.width, 3), np.uint8) if cap.x0 else None
+    final = np.empty((n, gen.height, gen.width, 3), np.uint8)
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        capture.set_batch(lo, ids[lo:hi])
+
+        def on_start(i: int) -> None:
+            capture.step = i
+
+        def on_end(i: int, _latents, x0_latents) -> None:
+            if x0 is not None:
+                from actstore.generate import decode_images
+                x0[lo:hi, i] = decode_images(model, x0_latents)
+            bar.step(hi - lo)
+
+        with attn1_hooks(model.unet, [info.name for info in layers], capture):
+            final[lo:hi] = generate(model, rows["prompt"].iloc[lo:hi].tolist(),
+                                    rows["seed"].iloc[lo:hi].tolist(), gen, on_start, on_end)
+    acts = {name: buf[0] for name, buf in capture.buffers.items()}
+    uncond = {name: buf[1] for name, buf in capture.buffers.items()} if cap.keep_uncond else None
+    nbytes = st.write_block(store, model.variant, a, b, acts, final, x0, uncond)
+    st.mark_complete(store, model.variant, a, b, {"images": ids, "bytes": nbytes,
+                                                  "written": time.time()})
+    return nbytes

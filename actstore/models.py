@@ -1,0 +1,258 @@
+"""Loading Stable Diffusion v1.x pipelines offline, and the built-in ``tiny-random`` model.
+
+Every model (real SD v1.4, the project's trained toy model, ``tiny-random``) goes through the
+same door: a diffusers folder with ``model_index.json`` loaded with ``local_files_only=True``.
+``tiny-random`` is therefore *built* once into a cache folder and then loaded like any other,
+so tests exercise the real loading path rather than a shortcut.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from actstore.errors import ActstoreError
+from actstore.tokenizers import write_byte_level_clip_tokenizer
+
+TINY_RANDOM = "tiny-random"
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# SD v1.x's training noise schedule: what LMS needs to reproduce the paper's sampling.
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000, "steps_offset": 1}
+DTYPES = {"float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """The pieces of a pipeline that generation and capture need, plus where they came from."""
+
+    name: str
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+    source: str = ""
+    variant: str = "trained"
+    _weights_hash: str | None = field(default=None, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """The image side the UNet was trained at (512 for SD v1.x)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def weights_hash(self) -> str:
+        """sha256 over every weight tensor, so a store can refuse data from other weights."""
+        if self._weights_hash is None:
+            self._weights_hash = hash_modules(
+                {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder})
+        return self._weights_hash
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ActstoreError(f"--device {device}: CUDA is not available on this machine; "
+                            "use --device cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ActstoreError(f"--device {device!r} is not understood; use cpu, cuda[:N] or auto")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ActstoreError(f"dtype {dtype!r} is not supported; use float32 or float16")
+    return DTYPES[dtype]
+
+
+def hash_modules(modules: dict[str, torch.nn.Module]) -> str:
+    """Content hash of the weights, independent of file layout (folder, HF cache, in memory)."""
+    h = hashlib.sha256()
+    for prefix in sorted(modules):
+        state = modules[prefix].state_dict()
+        for key in sorted(state):
+            t = state[key].detach().to("cpu").contiguous()
+            h.update(f"{prefix}.{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def load_model(model: str, *, dtype: str | torch.dtype = "float32",
+               device: str = "auto") -> LoadedModel:
+    """Load ``tiny-random``, a diffusers SD v1.x folder, or a Hugging Face id from the local cache.
+
+    Nothing is ever downloaded and no remote code runs: a missing model is an error that
+    says where actstore looked.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    dev = resolve_device(device)
+    if model == TINY_RANDOM:
+        path = build_tiny_random()
+    else:
+        path = _locate(model)
+    _check_pipeline_folder(path, model)
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    kw = {"local_files_only": True, "torch_dtype": torch_dtype}
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer",
+                                                  local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ActstoreError(f"model {model!r} at {path}: could not load ({first}); "
+                            "check the folder is a complete diffusers SD v1.x pipeline") from exc
+    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+        scheduler_config = json.load(f)
+    from actstore.capture import self_attention_layers
+    if not self_attention_layers(unet):
+        raise ActstoreError(f"model {model!r} at {path}: its UNet has no self-attention "
+                            "(attn1) layers; actstore needs an SD v1.x UNet")
+    for m in (unet, vae, text_encoder):
+        m.to(dev).eval().requires_grad_(False)
+    return LoadedModel(name=model, unet=unet, vae=vae, text_encoder=text_encoder,
+                       tokenizer=tokenizer, scheduler_config=scheduler_config, device=dev,
+                       dtype=torch_dtype, source=str(path))
+
+
+def _locate(model: str) -> str:
+    expanded = os.path.expanduser(os.path.expandvars(model))
+    if os.path.isdir(expanded):
+        return expanded
+    if "/" in model and not os.path.exists(expanded) and model.count("/") == 1 \
+            and not model.startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        try:
+            return snapshot_download(model, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - any hub failure means "not cached here"
+            raise ActstoreError(
+                f"model {model!r} is neither a folder nor in the local Hugging Face cache "
+                f"({type(exc).__name__}); download it on a machine with internet and copy it "
+                "here, or pass the folder path") from exc
+    raise ActstoreError(f"model {model!r}: no such folder; pass a diffusers SD v1.x folder, "
+                        f"a cached Hugging Face id, or {TINY_RANDOM!r}")
+
+
+def _check_pipeline_folder(path: str, model: str) -> None:
+    index = Path(path) / "model_index.json"
+    if not index.is_file():
+        raise ActstoreError(f"model {model!r}: {path} has no model_index.json, so it is not a "
+                            "diffusers pipeline folder; save one with pipeline.save_pretrained()")
+    try:
+        entries = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise ActstoreError(f"model {model!r}: {index} is not valid JSON ({exc.msg})") from exc
+    missing = [c for c in REQUIRED_COMPONENTS
+               if c not in entries or not (Path(path) / c).is_dir()]
+    if missing:
+        raise ActstoreError(f"model {model!r}: {path} is not an SD v1.x pipeline: missing "
+                            f"component(s) {', '.join(missing)} (need {', '.join(REQUIRED_COMPONENTS)})")
+
+
+def tiny_random_components(seed: int = 0) -> dict:
+    """Random weights with SD v1.x's block topology: the same 16 ``attn1`` names, tiny sizes.
+
+    64×64 images, ×8 VAE, so 8×8 latents; self-attention at 8, 4, 2 and 1 tokens per side.
+    """
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
+        pad_token_id=513))
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+
+
+def save_pipeline_folder(path: str | Path, components: dict, tokenizer_writer=None,
+                         scheduler_config: dict | None = None) -> Path:
+    """Write a diffusers SD folder (model_index.json layout) from in-memory components."""
+    from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (tokenizer_writer or write_byte_level_clip_tokenizer)(path / "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer", local_files_only=True)
+    scheduler = LMSDiscreteScheduler(**(scheduler_config or SD_BETAS))
+    pipe = StableDiffusionPipeline(
+        unet=components["unet"], vae=components["vae"], text_encoder=components["text_encoder"],
+        tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_random(cache_dir: str | None = None) -> str:
+    """Build ``tiny-random`` once into a cache folder; later calls just return the folder."""
+    root = Path(cache_dir or os.environ.get("ACTSTORE_CACHE",
+                                            Path.home() / ".cache" / "actstore"))
+    path = root / "tiny-random-v1"
+    if (path / "model_index.json").is_file():
+        return str(path)
+    tmp = root / f".tiny-random-v1.{os.getpid()}.tmp"
+    save_pipeline_folder(tmp, tiny_random_components())
+    try:
+        os.replace(tmp, path)  # atomic: concurrent builders race harmlessly
+    except OSError:
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
+
+
+def randomize_unet(unet: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """The paper's control: permute each weight tensor's elements with a fixed seed.
+
+    Biases (and norm offsets, which diffusers also names ``bias``) keep their values, so
+    the control keeps the trained model's activation scales but loses its learned structure.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if name.endswith("bias"):
+                continue
+            flat = param.data.reshape(-1)
+            perm = torch.randperm(flat.numel(), generator=gen).to(flat.device)
+            param.data.copy_(flat[perm].reshape(param.shape))
+    return unet
+
+
+def apply_control(model: LoadedModel, control: str | None, seed: int = 0) -> LoadedModel:
+    if control in (None, "", "trained"):
+        return model
+    if control != "randomized":
+        raise ActstoreError(f"--control {control!r} is not known; use 'randomized'")
+    randomize_unet(model.unet, seed)
+    model.variant = "randomized"
+    model._weights_hash = None
+    return model

@@ -1,0 +1,260 @@
+"""The Zarr v3 store: layout, creation, block writes, completion records.
+
+Layout (every array carries ``dimension_names`` so plain ``xr.open_zarr`` understands it)::
+
+    <store>/                           attrs["actstore"]: schema, images, block size, prompts hash
+      images/{image_id,prompt,seed,split}          (image,)
+      models/<variant>/                attrs["actstore_model"]: fingerprint + provenance
+        timestep, sigma                (step,)
+        final_image                    (image, y, x, rgb) uint8
+        x0_image                       (image, step, y, x, rgb) uint8: decoded x0 per step
+        layers/<layer>/activation      (image, step, y, x, channel) float16
+        _blocks/<start>-<stop>.json    completion records (plain files, written last)
+
+The image axis is cut into blocks of ``block_size`` images; a block is the unit of work and
+of storage: one shard holds one block × one step of one layer, so every write covers whole
+shards (no read-modify-write) and workers filling disjoint blocks never touch the same
+object. A block is visible to readers only once its completion record exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import fsspec
+import numpy as np
+import pandas as pd
+import zarr
+from zarr.errors import ContainsArrayError, ContainsGroupError
+
+import actstore
+from actstore.codecs import codec_chain
+from actstore.errors import ActstoreError
+
+ROOT_KEY = "actstore"
+MODEL_KEY = "actstore_model"
+ACTIVATION = "activation"
+DEFAULT_BLOCK_SIZE = 4
+
+
+def model_path(variant: str) -> str:
+    return f"models/{variant}"
+
+
+def layer_path(variant: str, layer: str) -> str:
+    return f"models/{variant}/layers/{layer}/{ACTIVATION}"
+
+
+def _fs(uri: str):
+    return fsspec.core.url_to_fs(uri)
+
+
+def _open(uri: str, path: str = "", mode: str = "r") -> zarr.Group:
+    return zarr.open_group(uri, path=path or None, mode=mode, zarr_format=3)
+
+
+def read_root_attrs(uri: str) -> dict:
+    """The store's identity, or a one-line error if ``uri`` is not an actstore store."""
+    fs, path = _fs(uri)
+    if not fs.exists(path):
+        raise ActstoreError(f"store {uri}: does not exist; create it with `actstore materialize`")
+    try:
+        attrs = dict(_open(uri).attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, ValueError, KeyError) as exc:
+        raise ActstoreError(f"store {uri}: exists but is not an actstore store (no Zarr v3 "
+                            "group there); choose a new --store path") from exc
+    if ROOT_KEY not in attrs:
+        raise ActstoreError(f"store {uri}: is a Zarr group but not an actstore store (no "
+                            f"'{ROOT_KEY}' attribute); choose a new --store path")
+    return attrs[ROOT_KEY]
+
+
+def create_or_check_root(uri: str, prompts: pd.DataFrame, prompts_sha256: str,
+                         block_size: int | None) -> dict:
+    """Create the root and image table, or check an existing store holds the same table."""
+    fs, path = _fs(uri)
+    if fs.exists(path):
+        if fs.isdir(path) and not fs.ls(path):
+            pass  # an empty folder is as good as nothing
+        else:
+            attrs = read_root_attrs(uri)
+            if attrs["prompts_sha256"] != prompts_sha256:
+                raise ActstoreError(
+                    f"store {uri}: was created from a different prompt table ({attrs['n_images']} "
+                    "images, other ids/prompts/seeds/splits); use the same table or a new --store")
+            if block_size is not None and block_size != attrs["block_size"]:
+                raise ActstoreError(f"store {uri}: has block size {attrs['block_size']}, not "
+                                    f"{block_size}; drop --block-size or use a new --store")
+            return attrs
+    attrs = {"schema_version": actstore.SCHEMA_VERSION, "n_images": len(prompts),
+             "block_size": block_size or DEFAULT_BLOCK_SIZE, "prompts_sha256": prompts_sha256,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    root = _open(uri, mode="a")
+    root.attrs[ROOT_KEY] = attrs
+    n = len(prompts)
+    split = prompts["split"] if "split" in prompts else pd.Series(["train"] * n)
+    columns = {"image_id": (prompts["image_id"].astype(str).to_numpy(), str),
+               "prompt": (prompts["prompt"].astype(str).to_numpy(), str),
+               "seed": (prompts["seed"].to_numpy(np.int64), "int64"),
+               "split": (split.astype(str).to_numpy(), str)}
+    for name, (values, dtype) in columns.items():
+        arr = _create_array(root, f"images/{name}", shape=(n,), chunks=(max(n, 1),),
+                            dtype=dtype, dims=["image"])
+        if arr is not None:
+            arr[:] = values
+    return attrs
+
+
+def _create_array(group: zarr.Group, name: str, *, shape, chunks, dtype, dims, shards=None,
+                  codec: str | None = None, attrs: dict | None = None):
+    """Create an array unless an identical one exists (a concurrent worker made it).
+
+    Never overwrite: overwriting would delete another worker's chunks.
+    Returns the new array, or None if it already existed.
+    """
+    chain = codec_chain(codec) if codec else {}
+    try:
+        return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                                  dimension_names=dims, fill_value=0 if dtype != str else "",
+                                  attributes=attrs or {}, overwrite=False, **chain)
+    except (ContainsArrayError, ContainsGroupError):
+        existing = group[name]
+        if tuple(existing.shape) != tuple(shape):
+            raise ActstoreError(f"store array {name}: has shape {existing.shape}, expected "
+                                f"{tuple(shape)}; the store was made differently, use a new --store")
+        return None
+
+
+def check_or_create_model(uri: str, variant: str, fingerprint: dict, provenance: dict,
+                          layers: list, n_steps: int, image_hw: tuple[int, int],
+                          step_coords: dict[str, np.ndarray], codec: str, store_dtype: str,
+                          keep_uncond: bool = False) -> None:
+    """Make a model variant's arrays, or refuse if the variant exists with another config."""
+    root = read_root_attrs(uri)
+    n, block = root["n_images"], root["block_size"]
+    try:
+        existing = dict(_open(uri, model_path(variant)).attrs).get(MODEL_KEY)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        existing = None
+    if existing is not None:
+        diffs = _diff(existing["fingerprint"], fingerprint)
+        if diffs:
+            raise ActstoreError(f"store {uri}: model '{variant}' was made with another model or "
+                                f"config ({'; '.join(diffs[:3])}); use a new --store")
+        return
+    group = _open(uri, mode="a").require_group(model_path(variant))
+    h, w = image_hw
+    for name, values in step_coords.items():
+        arr = _create_array(group, name, shape=(n_steps,), chunks=(n_steps,), dtype="float32",
+                            dims=["step"])
+        if arr is not None:
+            arr[:] = values
+    _create_array(group, "final_image", shape=(n, h, w, 3), chunks=(1, h, w, 3),
+                  shards=(block, h, w, 3), dtype="uint8", dims=["image", "y", "x", "rgb"],
+                  codec=codec)
+    _create_array(group, "x0_image", shape=(n, n_steps, h, w, 3), chunks=(1, 1, h, w, 3),
+                  shards=(block, 1, h, w, 3), dtype="uint8",
+                  dims=["image", "step", "y", "x", "rgb"], codec=codec)
+    names = [ACTIVATION] + (["activation_uncond"] if keep_uncond else [])
+    for info in layers:
+        shape = (n, n_steps, info.height, info.width, info.channels)
+        for name in names:
+            _create_array(group, f"layers/{info.name}/{name}", shape=shape,
+                          chunks=(1, 1) + shape[2:], shards=(block, 1) + shape[2:],
+                          dtype=store_dtype, dims=["image", "step", "y", "x", "channel"],
+                          codec=codec, attrs={"layer": info.name, "block": info.block,
+                                              "resolution": info.height,
+                                              "channels": info.channels})
+    # Written last: a variant without these attributes is not yet usable.
+    group.attrs[MODEL_KEY] = {"fingerprint": fingerprint, **provenance}
+
+
+def _diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(stored) | set(wanted)):
+        a, b = stored.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: store has {_short(a)}, this run has {_short(b)}")
+    return out
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def blocks_of(n_images: int, block_size: int, start: int = 0, stop: int | None = None):
+    """The (start, stop) image blocks of a region; regions must align with blocks."""
+    stop = n_images if stop is None else stop
+    return [(a, min(a + block_size, n_images)) for a in range(start, stop, block_size)]
+
+
+def _records_dir(uri: str, variant: str) -> tuple:
+    fs, path = _fs(uri)
+    return fs, f"{path.rstrip('/')}/{model_path(variant)}/_blocks"
+
+
+def completed_blocks(uri: str, variant: str) -> set[tuple[int, int]]:
+    fs, folder = _records_dir(uri, variant)
+    if not fs.exists(folder):
+        return set()
+    done = set()
+    for name in fs.ls(folder, detail=False):
+        base = os.path.basename(name)
+        if base.endswith(".json") and not base.startswith("."):
+            a, b = base[:-5].split("-")
+            done.add((int(a), int(b)))
+    return done
+
+
+def mark_complete(uri: str, variant: str, start: int, stop: int, record: dict) -> None:
+    """Write the completion record atomically: a temp file then a rename (or one PUT)."""
+    fs, folder = _records_dir(uri, variant)
+    fs.makedirs(folder, exist_ok=True)
+    final = f"{folder}/{start:08d}-{stop:08d}.json"
+    tmp = f"{folder}/.{uuid.uuid4().hex}.tmp"
+    fs.pipe_file(tmp, json.dumps(record).encode())
+    fs.mv(tmp, final)
+
+
+def write_block(uri: str, variant: str, start: int, stop: int,
+                activations: dict[str, np.ndarray], final_images: np.ndarray,
+                x0_images: np.ndarray | None,
+                uncond: dict[str, np.ndarray] | None = None) -> int:
+    """Write one block of images (whole shards only); returns the bytes written, raw."""
+    group = _open(uri, model_path(variant), mode="r+")
+    written = 0
+    for layer, data in activations.items():
+        group[f"layers/{layer}/{ACTIVATION}"][start:stop] = data
+        written += data.nbytes
+    for layer, data in (uncond or {}).items():
+        group[f"layers/{layer}/activation_uncond"][start:stop] = data
+        written += data.nbytes
+    group["final_image"][start:stop] = final_images
+    if x0_images is not None:
+        group["x0_image"][start:stop] = x0_images
+        written += x0_images.nbytes
+    return written + final_images.nbytes
+
+
+def model_variants(uri: str) -> list[str]:
+    try:
+        return sorted(name for name, _ in _open(uri, "models").groups())
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return []
+
+
+def model_attrs(uri: str, variant: str) -> dict:
+    try:
+        attrs = dict(_open(uri, model_path(variant)).attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        attrs = {}
+    if MODEL_KEY not in attrs:
+        raise ActstoreError(f"store {uri}: has no model '{variant}' (has: "
+                            f"{', '.join(model_variants(uri)) or 'none'}); materialize it first")
+    return attrs[MODEL_KEY]
