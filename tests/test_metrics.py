@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_limits
 import torch
 from scipy.stats import pearsonr, spearmanr
 from sklearn.metrics import f1_score, mean_squared_error
@@ -10,6 +11,14 @@ from actstore.errors import ActstoreError
 from actstore.metrics import dice, pearson, pool, rmse, spearman, summarize, upsample
 
 rng = np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """One BLAS thread: on a shared 2-core box OpenBLAS threads spin against the
+    background jobs and run these tiny products ~50x slower."""
+    with threadpool_limits(1):
+        yield
 
 
 def test_dice_matches_f1_including_empty_masks():

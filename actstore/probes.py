@@ -1,0 +1,429 @@
+"""Closed-form linear probes from sufficient statistics: the store is read once.
+
+The authors trained every (layer, step) probe with Adam for 30 epochs, re-reading the
+activations every epoch. A least-squares probe only needs second moments, so actstore
+accumulates them in one pass (:func:`accumulate` per block, ``+`` to merge, so Dask can
+tree-reduce) and solves ridge regression for a whole grid of λ from one
+eigendecomposition (:func:`fit_ridge_cv`). Cross-validation is image-level K-fold
+(:func:`fold_of`): each image's statistics go to its fold, and a fold's validation error
+follows from its own statistics, so choosing λ needs no second pass.
+
+Conventions, fixed here so every caller agrees:
+
+* Statistics are kept centred (means plus co-moments about the mean, merged with Chan's
+  parallel formula) rather than as raw XᵀX, Xᵀy, yᵀy: the same information (raw
+  XᵀX = sxx + n·mean_x·mean_xᵀ), but without the cancellation that raw sums suffer when
+  channel means are large against their spread. Blocks are upcast to float32 for the
+  products (numpy has no fast float16 matmul; float64 input stays float64) and summed in
+  float64.
+* Penalty: α = λ · tr(S)/C, S the centred XᵀX of the training tokens — λ is relative to
+  the mean per-channel sum of squares, so one λ grid suits layers of any width, activation
+  scale and token count. The objective is Σ loss + (α/2)‖w‖² (logistic) or
+  Σ (y - Xw - b)² + α‖w‖² (ridge); the bias is never penalised. sklearn equivalents:
+  ``Ridge(alpha=α)``, ``LogisticRegression(C=1/α)``; ``ProbeFit.alpha`` holds α.
+* Shapes: X ``(..., n, C)``, y ``(..., n)`` for one target or ``(..., n, T)`` for several
+  targets sharing one XᵀX (the expensive part); leading axes batch many cells (e.g. the
+  steps of one layer). Weights come back ``(..., C)`` or ``(..., C, T)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from math import prod
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from actstore.errors import ActstoreError
+
+__all__ = ["RidgeStats", "FoldStats", "ProbeFit", "DEFAULT_LAMBDAS", "fold_of", "accumulate",
+           "image_stats", "fit_ridge", "fit_ridge_cv", "fit_logistic", "fit_logistic_cv",
+           "predict"]
+
+DEFAULT_LAMBDAS = np.logspace(-6, 1, 15)
+CHUNK_BYTES = 64 << 20   # bound on the float32 copy of X made per block
+
+
+@dataclass(frozen=True)
+class RidgeStats:
+    """Sufficient statistics of one token set: count, means, centred co-moments.
+
+    With ``weights`` the count is Σw and the moments are weighted: the same object is the
+    reduced Hessian of a weighted least-squares (IRLS) step.
+    """
+
+    n: np.ndarray        # (...)
+    mean_x: np.ndarray   # (..., C)
+    mean_y: np.ndarray   # (..., T)
+    sxx: np.ndarray      # (..., C, C)
+    sxy: np.ndarray      # (..., C, T)
+    syy: np.ndarray      # (..., T)   centred Σy² per target (cross-target terms unused)
+    vector_target: bool = True
+
+    def __add__(self, o: "RidgeStats | int") -> "RidgeStats":
+        if isinstance(o, int) and o == 0:   # lets sum() start from 0
+            return self
+        n = self.n + o.n
+        fb = np.divide(o.n, n, out=np.zeros_like(n), where=n > 0)
+        c = self.n * fb                       # n_a n_b / n
+        dx, dy = o.mean_x - self.mean_x, o.mean_y - self.mean_y
+        return replace(
+            self, n=n, mean_x=self.mean_x + fb[..., None] * dx,
+            mean_y=self.mean_y + fb[..., None] * dy,
+            sxx=self.sxx + o.sxx + c[..., None, None] * dx[..., :, None] * dx[..., None, :],
+            sxy=self.sxy + o.sxy + c[..., None, None] * dx[..., :, None] * dy[..., None, :],
+            syy=self.syy + o.syy + c[..., None] * dy * dy)
+
+    __radd__ = __add__
+
+
+@dataclass(frozen=True)
+class FoldStats:
+    """Per-fold :class:`RidgeStats` (None for a fold with no image yet); ``+`` merges."""
+
+    folds: tuple[RidgeStats | None, ...]
+
+    def __add__(self, o: "FoldStats | int") -> "FoldStats":
+        if isinstance(o, int) and o == 0:
+            return self
+        if len(o.folds) != len(self.folds):
+            raise ActstoreError(f"cannot merge {len(self.folds)}-fold and {len(o.folds)}-fold stats")
+        return FoldStats(tuple(b if a is None else a if b is None else a + b
+                               for a, b in zip(self.folds, o.folds)))
+
+    __radd__ = __add__
+
+    def total(self) -> RidgeStats:
+        return sum(f for f in self.folds if f is not None)
+
+
+@dataclass(frozen=True)
+class ProbeFit:
+    """A fitted probe. ``cv_score`` (lower is better; CV mean squared error for ridge, CV
+    mean log-loss per token for logistic) is ``(..., L)`` or ``(..., L, T)`` over
+    ``lambdas``, None without CV. ``lam``/``alpha`` are the chosen relative/absolute
+    penalties."""
+
+    weights: np.ndarray
+    bias: np.ndarray
+    lam: np.ndarray
+    alpha: np.ndarray
+    lambdas: np.ndarray
+    cv_score: np.ndarray | None = None
+    converged: bool = True
+
+
+def fold_of(image_index: int | np.ndarray, n_folds: int = 5) -> np.ndarray:
+    """Fold of each image: splitmix64(image index) mod K.
+
+    A hash, not ``index % K``, so folds stay mixed if images are stored in some order
+    (by prompt category, say), and it needs neither the image count nor a seed, so a
+    resumed or distributed pass assigns every image the same fold.
+    """
+    x = np.asarray(image_index).astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = x + np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x % np.uint64(n_folds)).astype(np.int64)
+
+
+def _chunks(n: int, row_bytes: int) -> list[slice]:
+    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+def _block(X: np.ndarray, Y: np.ndarray, w: np.ndarray | None) -> RidgeStats:
+    dt = np.result_type(X.dtype, np.float32)
+    Xf = X.astype(dt, copy=False)
+    n = np.full(X.shape[:-2], float(X.shape[-2])) if w is None else w.sum(-1)
+    safe = np.where(n > 0, n, 1.0)[..., None]
+    if w is None:
+        mx, my = Xf.sum(-2, dtype=np.float64) / safe, Y.sum(-2) / safe
+    else:
+        mx = np.einsum("...n,...nc->...c", w, Xf, dtype=np.float64) / safe
+        my = np.einsum("...n,...nt->...t", w, Y) / safe
+    Xc, Yc = Xf - mx.astype(dt)[..., None, :], Y - my[..., None, :]
+    root = None if w is None else np.sqrt(w)[..., None]
+    Xs, Ys = (Xc, Yc) if root is None else (Xc * root.astype(dt), Yc * root)
+    XsT = np.swapaxes(Xs, -1, -2)
+    return RidgeStats(n=n, mean_x=mx, mean_y=my, sxx=(XsT @ Xs).astype(np.float64),
+                      sxy=(XsT @ Ys.astype(dt)).astype(np.float64), syy=(Ys * Ys).sum(-2))
+
+
+def accumulate(X: np.ndarray, y: np.ndarray | None = None,
+               weights: np.ndarray | None = None) -> RidgeStats:
+    """Statistics of one block of tokens (one image, or any token set), in bounded memory.
+
+    X ``(..., n, C)`` (float16 is fine); y ``(..., n)``, ``(..., n, T)`` or None (only
+    the X moments, as for a Hessian); ``weights`` ``(..., n)`` for weighted moments.
+    """
+    X = np.asarray(X)
+    if X.ndim < 2:
+        raise ActstoreError(f"activations must be shaped (..., tokens, channels), got {X.shape}")
+    batch, n, C = X.shape[:-2], X.shape[-2], X.shape[-1]
+    vector = y is None or np.ndim(y) == X.ndim - 1
+    Y = np.zeros(batch + (n, 0)) if y is None else np.asarray(y, dtype=np.float64)
+    Y = Y[..., None] if y is not None and vector else Y
+    if Y.shape[:-1] != batch + (n,):
+        raise ActstoreError(f"labels shaped {np.shape(y)} do not match activations {X.shape}")
+    if not np.isfinite(Y).all():
+        raise ActstoreError("labels contain NaN or inf; fix or mask them before fitting")
+    w = None if weights is None else np.broadcast_to(np.asarray(weights, np.float64), batch + (n,))
+    T = Y.shape[-1]
+    start = RidgeStats(np.zeros(batch), np.zeros(batch + (C,)), np.zeros(batch + (T,)),
+                       np.zeros(batch + (C, C)), np.zeros(batch + (C, T)), np.zeros(batch + (T,)))
+    with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN input is reported below
+        st = sum((_block(X[..., s, :], Y[..., s, :], None if w is None else w[..., s])
+                  for s in _chunks(n, 4 * C * prod(batch))), start)
+    if not (np.isfinite(st.mean_x).all() and np.isfinite(st.sxx).all()):
+        raise ActstoreError("activations contain NaN or inf (float16 overflow?); cannot fit")
+    return replace(st, vector_target=vector)
+
+
+def image_stats(image_index: int, X: np.ndarray, y: np.ndarray, n_folds: int = 5) -> FoldStats:
+    """One image's statistics, placed in its fold: the map step of the one-pass reduce."""
+    folds: list[RidgeStats | None] = [None] * n_folds
+    folds[int(fold_of(image_index, n_folds))] = accumulate(X, y)
+    return FoldStats(tuple(folds))
+
+
+def _scale(s: RidgeStats) -> np.ndarray:
+    return np.trace(s.sxx, axis1=-2, axis2=-1) / s.sxx.shape[-1]
+
+
+def _eigh(sxx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    d, V = np.linalg.eigh(sxx)
+    d = np.clip(d, 0.0, None)
+    return np.where(d > 1e-12 * d.max(-1, keepdims=True), d, 0.0), V
+
+
+def _path(s: RidgeStats, lambdas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Ridge solutions for every λ from one eigendecomposition: w (..., L, C, T),
+    b (..., L, T), α (..., L). λ = 0 gives the minimum-norm least-squares solution."""
+    d, V = _eigh(s.sxx)
+    alpha = np.multiply.outer(_scale(s), lambdas)
+    den = d[..., None, :] + alpha[..., :, None]
+    inv = np.divide(1.0, den, out=np.zeros_like(den), where=den > 0)
+    z = np.swapaxes(V, -1, -2) @ s.sxy
+    w = V[..., None, :, :] @ (inv[..., :, :, None] * z[..., None, :, :])
+    b = s.mean_y[..., None, :] - np.einsum("...c,...lct->...lt", s.mean_x, w)
+    return w, b, alpha
+
+
+def _sse(v: RidgeStats, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared error of (w, b) on the tokens summarised by ``v``, from ``v`` alone."""
+    r0 = v.mean_y[..., None, :] - np.einsum("...c,...lct->...lt", v.mean_x, w) - b
+    quad = np.einsum("...lct,...lct->...lt", w, v.sxx[..., None, :, :] @ w)
+    lin = np.einsum("...lct,...ct->...lt", w, v.sxy)
+    return v.syy[..., None, :] - 2 * lin + quad + v.n[..., None, None] * r0 * r0
+
+
+def _finish(s: RidgeStats, w, b, alpha, lambdas, best, cv) -> ProbeFit:
+    """Pick λ index ``best`` (..., T) per target and drop the target axis for 1-D y."""
+    w = np.take_along_axis(w, best[..., None, None, :], axis=-3)[..., 0, :, :]
+    b = np.take_along_axis(b, best[..., None, :], axis=-2)[..., 0, :]
+    a = np.take_along_axis(alpha, best, axis=-1)
+    sq = (lambda x: x[..., 0]) if s.vector_target else (lambda x: x)
+    return ProbeFit(sq(w), sq(b), sq(lambdas[best]), sq(a), lambdas,
+                    None if cv is None else sq(cv))
+
+
+def fit_ridge(stats: RidgeStats, lam: float) -> ProbeFit:
+    """Ridge probe at one relative penalty λ (α = λ·tr(S)/C), bias unpenalised."""
+    lambdas = np.asarray([lam], dtype=np.float64)
+    w, b, alpha = _path(stats, lambdas)
+    return _finish(stats, w, b, alpha, lambdas, np.zeros(b.shape[:-2] + b.shape[-1:], int), None)
+
+
+def _fold_list(fold_stats: FoldStats | Sequence[RidgeStats | None]) -> list[RidgeStats | None]:
+    return list(fold_stats.folds if isinstance(fold_stats, FoldStats) else fold_stats)
+
+
+def fit_ridge_cv(fold_stats: FoldStats | Sequence[RidgeStats | None],
+                 lambdas: Sequence[float] | np.ndarray = DEFAULT_LAMBDAS) -> ProbeFit:
+    """Ridge probe with λ chosen by K-fold CV from per-fold statistics, then refit on all.
+
+    Fold k's model is fitted on the merged other folds (α scaled by *their* trace) and
+    scored on fold k's statistics; the criterion is the pooled validation MSE.
+    """
+    folds = _fold_list(fold_stats)
+    present = [f for f in folds if f is not None]
+    if len(present) < 2:
+        raise ActstoreError(f"cross-validation needs at least 2 non-empty folds, got {len(present)}")
+    lambdas = np.asarray(lambdas, dtype=np.float64)
+    sse, n = 0.0, 0.0
+    for k, held in enumerate(present):
+        w, b, _ = _path(sum(f for j, f in enumerate(present) if j != k), lambdas)
+        sse, n = sse + _sse(held, w, b), n + held.n
+    cv = sse / n[..., None, None]
+    total = sum(present)
+    return _finish(total, *_path(total, lambdas), lambdas, cv.argmin(-2), cv)
+
+
+def predict(weights: np.ndarray, bias: np.ndarray | float, X: np.ndarray) -> np.ndarray:
+    """Probe output for X ``(..., n, C)``: ``(..., n)`` for weights ``(..., C)``, or
+    ``(..., n, T)`` for ``(..., C, T)`` (read so whenever the second-last axis is C); batch
+    axes broadcast. Logistic probes give logits (mask = logit > 0). Computed in float32
+    chunks so float16 X is never matmul'ed as float16."""
+    X, w = np.asarray(X), np.asarray(weights)
+    dt = np.result_type(X.dtype, np.float32)
+    vector = w.ndim < 2 or w.shape[-2] != X.shape[-1]
+    W = (w[..., None] if vector else w).astype(dt)
+    b = np.asarray(bias, dtype=np.float64)
+    b = b[..., None, None] if vector else b[..., None, :]
+    rows = _chunks(X.shape[-2], 4 * X.shape[-1] * prod(X.shape[:-2]))
+    out = np.concatenate([X[..., s, :].astype(dt) @ W for s in rows], axis=-2) + b
+    return out[..., 0] if vector else out
+
+
+# ----------------------------------------------------------------------------- logistic
+
+
+class _Hess(NamedTuple):
+    """Per-model reduced Hessian h·S in eigenform (bias eliminated by its Schur complement)."""
+    d: np.ndarray    # (M, C)
+    V: np.ndarray    # (M, C, C)
+    mu: np.ndarray   # (M, C)  (weighted) mean of X: the bias coupling
+    n: np.ndarray    # (M,)    (weighted) count
+    h: np.ndarray    # (M,)    factor on S and n: p̄(1-p̄) for the stats-only start, 1 after
+
+    @classmethod
+    def of(cls, stats: list[RidgeStats], h: np.ndarray) -> "_Hess":
+        d, V = _eigh(np.stack([s.sxx for s in stats]))
+        return cls(d, V, np.stack([s.mean_x for s in stats]), np.array([s.n for s in stats]), h)
+
+    def solve(self, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
+        """Newton direction for (w, b) given gradients, penalty α on w only."""
+        z = np.einsum("mcd,mc->md", self.V, gw - self.mu * gb[:, None])
+        dw = np.einsum("mcd,md->mc", self.V, z / (self.h[:, None] * self.d + alpha[:, None]))
+        return dw, gb / (self.h * self.n) - (self.mu * dw).sum(1)
+
+
+# Gradient passes are O(nC) and memory-bound, so they run in float64 at little cost: in
+# float32 the gradient's rounding noise stalls Newton at ~1e-6 relative accuracy. Only the
+# O(nC²) Hessian refresh uses float32 products, and it only has to be approximate.
+def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray) -> np.ndarray:
+    return np.concatenate([X[s].astype(np.float64) @ W.T
+                           for s in _chunks(len(X), 8 * X.shape[1])]) + B
+
+
+def _backward(X: np.ndarray, R: np.ndarray) -> np.ndarray:
+    return sum(R[s].T @ X[s].astype(np.float64) for s in _chunks(len(X), 8 * X.shape[1]))
+
+
+def _objective(Z, y, train, W, alpha) -> np.ndarray:
+    return ((np.logaddexp(0.0, Z) - y[:, None] * Z) * train).sum(0) + 0.5 * alpha * (W * W).sum(1)
+
+
+def _stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]:
+    out: list[RidgeStats | None] = [None] * n_groups
+    for s in _chunks(len(X), 4 * X.shape[1]):
+        for g in range(n_groups):
+            m = fold[s] == g
+            if m.any():
+                st = accumulate(X[s][m], None if y is None else y[s][m],
+                                None if weights is None else weights[s][m])
+                out[g] = st if out[g] is None else out[g] + st
+    return out
+
+
+def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeFit:
+    """Regularisation path (strong → weak λ, warm starts) for K fold models + the full model
+    at once: each pass over X serves all K+1 models as matrix columns. Steps are Newton
+    steps with a lazily refreshed Hessian — refreshed (one pass: per-fold XᵀWX at the full
+    model's weights) only when convergence slows or a step had to be halved."""
+    X, y = np.asarray(X), np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or y.shape != X.shape[:1]:
+        raise ActstoreError(f"logistic probe needs X (n, C) and y (n,), got {X.shape}, {y.shape}")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ActstoreError("logistic probe needs binary labels 0/1 (threshold pooled masks at 0.5)")
+    lambdas = np.asarray(lambdas, dtype=np.float64)
+    if (lambdas <= 0).any():
+        raise ActstoreError("logistic probe needs λ > 0")
+    F = _fold_list(stats) if stats is not None else _stats_by_fold(X, y, fold, n_groups)
+    present = [g for g in range(n_groups) if F[g] is not None]
+    held = present if cv else []
+    if cv and len(held) < 2:
+        raise ActstoreError(f"cross-validation needs at least 2 non-empty folds, got {len(held)}")
+    train = np.stack([fold != g for g in held] + [np.ones(len(y), bool)], axis=1)
+    train_sum = lambda S: [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
+    T = train_sum(F)
+    scale = np.array([_scale(t) for t in T])
+    ybar = np.clip([float(t.mean_y[0]) for t in T], 1e-6, 1 - 1e-6)
+    H = _Hess.of(T, ybar * (1 - ybar))   # exact Hessian at the intercept-only model
+    # Warm start: the first Newton step from the intercept-only model, i.e. the ridge
+    # solution at α/(p̄(1-p̄)) divided by p̄(1-p̄) (the linear-probability → logit map).
+    dw, _ = H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]), np.zeros(len(T)))
+    W = -dw
+    B = np.log(ybar / (1 - ybar)) - (H.mu * W).sum(1)
+    L, M = len(lambdas), len(T)
+    path_w, path_b, score = np.zeros((L, X.shape[1])), np.zeros(L), np.full(L, np.nan)
+    converged_all = True
+    for li in np.argsort(-lambdas):
+        alpha = lambdas[li] * scale
+        Z = _forward(X, W, B)
+        loss = _objective(Z, y, train, W, alpha)
+        active, prev = np.ones(M, bool), np.full(M, np.inf)
+        for _ in range(max_iter):
+            R = (0.5 + 0.5 * np.tanh(0.5 * Z) - y[:, None]) * train
+            dw, db = H.solve(alpha, _backward(X, R) + alpha[:, None] * W, R.sum(0))
+            dw[~active], db[~active] = 0.0, 0.0
+            size = np.maximum(np.abs(dw).max(1), np.abs(db)) / np.maximum(
+                1.0, np.maximum(np.abs(W).max(1), np.abs(B)))
+            Zd, t = _forward(X, dw, db), np.ones(M)
+            for _ in range(40):   # step halving for models whose objective went up
+                new = _objective(Z - t * Zd, y, train, W - t[:, None] * dw, alpha)
+                bad = active & (new > loss + 1e-13 * np.abs(loss))
+                if not bad.any():
+                    break
+                t[bad] *= 0.5
+            t[bad] = 0.0          # no decrease at any step: at the precision limit
+            W, B, Z, loss = W - t[:, None] * dw, B - t * db, Z - t * Zd, np.where(bad, loss, new)
+            active &= (size > tol) & ~bad
+            if not active.any():
+                break
+            slow = (size > 0.25 * prev) | (t < 1)
+            prev = size
+            if (slow & active).any() and t[-1] * size[-1] > 0:   # refresh only if W̄ moved
+                p = 0.5 + 0.5 * np.tanh(0.5 * Z[:, -1])
+                H = _Hess.of(train_sum(_stats_by_fold(X, None, fold, n_groups, p * (1 - p))),
+                             np.ones(M))
+        converged_all &= not active.any()
+        path_w[li], path_b[li] = W[-1], B[-1]
+        if cv:
+            val = [((np.logaddexp(0.0, Z[:, m]) - y * Z[:, m])[fold == g]).sum()
+                   for m, g in enumerate(held)]
+            score[li] = sum(val) / sum(int((fold == g).sum()) for g in held)
+    best = int(np.nanargmin(score)) if cv else 0
+    return ProbeFit(path_w[best], np.float64(path_b[best]), np.float64(lambdas[best]),
+                    np.float64(lambdas[best] * scale[-1]), lambdas, score if cv else None,
+                    bool(converged_all))
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = 1e-7,
+                 max_iter: int = 100, stats: RidgeStats | None = None) -> ProbeFit:
+    """L2 logistic probe at one relative penalty λ on in-memory tokens of one cell.
+
+    X ``(n, C)`` float16/32 (read from the store once; every Newton iteration reuses it in
+    float32 chunks), y ``(n,)`` in {0, 1}. ``stats``: this cell's :func:`accumulate`
+    result from the ridge pass, if at hand, saves one pass over X.
+    """
+    fold = np.zeros(len(X), np.int64)
+    return _logistic(X, y, fold, 1, False, [lam], tol, max_iter, None if stats is None else [stats])
+
+
+def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
+                    lambdas: Sequence[float] | np.ndarray = DEFAULT_LAMBDAS, n_folds: int = 5,
+                    tol: float = 1e-7, max_iter: int = 100,
+                    fold_stats: FoldStats | None = None) -> ProbeFit:
+    """L2 logistic probe with λ chosen by image-level K-fold CV (validation log-loss).
+
+    ``image_index`` ``(n,)`` gives each token's image, hence its fold (:func:`fold_of`);
+    ``fold_stats`` from the ridge pass over the same tokens saves one pass over X.
+    """
+    fold = fold_of(np.asarray(image_index), n_folds)
+    if np.shape(fold) != (len(X),):
+        raise ActstoreError(f"image_index must give one image per token ({len(X)}), got {np.shape(image_index)}")
+    return _logistic(X, y, fold, n_folds, True, lambdas, tol, max_iter, fold_stats)

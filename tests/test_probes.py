@@ -1,0 +1,206 @@
+"""Closed-form probes against sklearn fitted on the same materialised arrays."""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression, Ridge
+from threadpoolctl import threadpool_limits
+
+from actstore.errors import ActstoreError
+from actstore.probes import (FoldStats, accumulate, fit_logistic, fit_logistic_cv, fit_ridge,
+                             fit_ridge_cv, fold_of, image_stats, predict)
+
+N_IMG, TOK, C = 40, 32, 12
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_blas_thread():
+    """One BLAS thread: on a shared 2-core box OpenBLAS threads spin against the
+    background jobs and run these tiny products ~50x slower."""
+    with threadpool_limits(1):
+        yield
+
+
+def make_cells(seed=0, n_img=N_IMG, tok=TOK, c=C, noise=1.0, steps=()):
+    """Activations with per-image offsets, uneven channel scales and large channel means
+    (as real attention outputs have), and a planted linear target."""
+    rng = np.random.default_rng(seed)
+    shape = steps + (n_img, tok, c)
+    X = rng.normal(size=shape) * rng.uniform(0.3, 3.0, c) + rng.normal(size=c) * 4
+    X += rng.normal(size=steps + (n_img, 1, c)) * 0.5
+    w = rng.normal(size=c)
+    signal = X @ w
+    y = signal + noise * signal.std() * rng.normal(size=signal.shape) + 2.0
+    return X.astype(np.float32), y, w
+
+
+def fold_stats(X, y, k=5, first=0):
+    return sum(image_stats(first + i, X[i], y[i], k) for i in range(len(X)))
+
+
+def test_merged_blocks_equal_concatenated_data():
+    X, y, _ = make_cells(steps=(3,))                       # batch of 3 cells (steps)
+    Y = np.stack([y, -y], axis=-1)                         # two targets share XᵀX
+    per_image = [accumulate(X[:, i], Y[:, i]) for i in range(N_IMG)]
+    left = (per_image[0] + per_image[1]) + per_image[2]
+    right = per_image[0] + (per_image[1] + per_image[2])
+    np.testing.assert_allclose(left.sxx, right.sxx, rtol=1e-12)
+    merged = sum(per_image)
+    whole = accumulate(X.reshape(3, -1, C).astype(np.float64), Y.reshape(3, -1, 2))
+    for name in ("n", "mean_x", "mean_y", "sxx", "sxy", "syy"):
+        np.testing.assert_allclose(getattr(merged, name), getattr(whole, name),
+                                   rtol=1e-6, atol=1e-6 * np.abs(getattr(whole, name)).max())
+    raw = merged.sxx + merged.n[:, None, None] * merged.mean_x[:, :, None] * merged.mean_x[:, None, :]
+    Xd = X.reshape(3, -1, C).astype(np.float64)
+    np.testing.assert_allclose(raw, np.swapaxes(Xd, 1, 2) @ Xd, rtol=1e-6)
+
+
+def test_fold_stats_merge_and_assignment():
+    X, y, _ = make_cells()
+    a = fold_stats(X[:20], y[:20]) + fold_stats(X[20:], y[20:], first=20)
+    b = fold_stats(X, y)
+    for fa, fb in zip(a.folds, b.folds):
+        np.testing.assert_allclose(fa.sxx, fb.sxx, rtol=1e-10)
+    folds = fold_of(np.arange(1000), 5)
+    assert [int(fold_of(i, 5)) for i in range(10)] == list(folds[:10])     # scalar == array
+    assert np.bincount(folds).min() > 150                                  # roughly balanced
+    assert sum(f.n for f in b.folds) == N_IMG * TOK
+
+
+@pytest.mark.parametrize("lam", [1e-4, 1e-2, 1.0])
+def test_ridge_matches_sklearn_batched_and_multitarget(lam):
+    X, y, _ = make_cells(steps=(2,))
+    Y = np.stack([y, y ** 2 / 10], axis=-1)
+    fit = fit_ridge(sum(accumulate(X[:, i], Y[:, i]) for i in range(N_IMG)), lam)
+    assert fit.weights.shape == (2, C, 2) and fit.bias.shape == (2, 2)
+    for s in range(2):
+        Xs = X[s].reshape(-1, C).astype(np.float64)
+        alpha = lam * np.trace(np.cov(Xs.T, bias=True)) * len(Xs) / C      # the documented scale
+        for t in range(2):
+            np.testing.assert_allclose(fit.alpha[s, t], alpha, rtol=1e-6)
+            ref = Ridge(alpha=alpha).fit(Xs, Y[s, ..., t].ravel())
+            np.testing.assert_allclose(fit.weights[s, :, t], ref.coef_, rtol=1e-5,
+                                       atol=1e-5 * np.abs(ref.coef_).max())
+            np.testing.assert_allclose(fit.bias[s, t], ref.intercept_, rtol=1e-5, atol=1e-6)
+
+
+def brute_force_cv(X, y, lambdas, k, fit_one, score_one):
+    """Image-level K-fold with sklearn, fold per image from fold_of: pooled val score."""
+    folds = fold_of(np.arange(len(X)), k)
+    total, n = np.zeros(len(lambdas)), 0
+    for f in range(k):
+        tr, va = folds != f, folds == f
+        Xt, yt = X[tr].reshape(-1, C).astype(np.float64), y[tr].ravel()
+        Xv, yv = X[va].reshape(-1, C).astype(np.float64), y[va].ravel()
+        scale = np.trace(np.cov(Xt.T, bias=True)) * len(Xt) / C
+        total += [score_one(fit_one(lam * scale, Xt, yt), Xv, yv) for lam in lambdas]
+        n += len(yv)
+    return total / n
+
+
+def test_ridge_cv_matches_sklearn_brute_force():
+    X, y, _ = make_cells(noise=3.0)
+    lambdas = np.logspace(-5, 1, 7)
+    fit = fit_ridge_cv(fold_stats(X, y), lambdas)
+    want = brute_force_cv(X, y, lambdas, 5, lambda a, Xt, yt: Ridge(alpha=a).fit(Xt, yt),
+                          lambda m, Xv, yv: ((m.predict(Xv) - yv) ** 2).sum())
+    np.testing.assert_allclose(fit.cv_score, want, rtol=1e-6)
+    assert fit.lam == lambdas[np.argmin(want)]
+    ref = fit_ridge(fold_stats(X, y).total(), float(fit.lam))
+    np.testing.assert_allclose(fit.weights, ref.weights, rtol=1e-12)
+
+
+def sk_logistic(alpha, X, y):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return LogisticRegression(C=1.0 / alpha, tol=1e-10, max_iter=10000).fit(X, y)
+
+
+def binary_cells(seed=1):
+    X, y, _ = make_cells(seed, noise=0.7)
+    return X, (y > np.median(y)).astype(np.float64)
+
+
+@pytest.mark.parametrize("lam", [1e-4, 1e-2, 1.0])
+def test_logistic_matches_sklearn(lam):
+    X, yb = binary_cells()
+    Xf = X.reshape(-1, C)
+    fit = fit_logistic(Xf, yb.ravel(), lam)
+    ref = sk_logistic(float(fit.alpha), Xf.astype(np.float64), yb.ravel())
+    assert fit.converged
+    np.testing.assert_allclose(fit.weights, ref.coef_[0], rtol=1e-4,
+                               atol=1e-4 * np.abs(ref.coef_).max())
+    np.testing.assert_allclose(fit.bias, ref.intercept_[0], rtol=1e-4, atol=1e-4)
+
+
+def test_logistic_cv_matches_sklearn_brute_force():
+    X, yb = binary_cells(2)
+    lambdas = np.logspace(-4, 0, 5)
+    img = np.repeat(np.arange(N_IMG), TOK)
+    fit = fit_logistic_cv(X.reshape(-1, C), yb.ravel(), img, lambdas,
+                          fold_stats=fold_stats(X, yb))
+    want = brute_force_cv(X, yb, lambdas, 5, sk_logistic,
+                          lambda m, Xv, yv: -(m.predict_log_proba(Xv)[np.arange(len(yv)),
+                                                                      yv.astype(int)]).sum())
+    np.testing.assert_allclose(fit.cv_score, want, rtol=1e-5)
+    assert fit.lam == lambdas[np.argmin(want)] and fit.converged
+    ref = fit_logistic(X.reshape(-1, C), yb.ravel(), float(fit.lam))
+    np.testing.assert_allclose(fit.weights, ref.weights, rtol=1e-5, atol=1e-6)
+
+
+def r2(pred, y):
+    return 1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+
+
+def test_planted_signal_recovered_on_held_out_images():
+    X, y, w = make_cells(3, n_img=300, tok=64, c=32, noise=0.8)
+    tr, te = slice(0, 150), slice(150, None)
+    fit = fit_ridge_cv(fold_stats(X[tr], y[tr]))
+    got = r2(predict(fit.weights, fit.bias, X[te]), y[te])
+    planted = r2(X[te].astype(np.float64) @ w + 2.0, y[te])    # the true map on the same tokens
+    assert abs(got - planted) < 0.01
+    assert abs(planted - 1 / (1 + 0.8 ** 2)) < 0.02              # population value, as designed
+    # logistic: the planted direction comes back
+    yb = (y > np.median(y)).astype(float)
+    lf = fit_logistic_cv(X[tr].reshape(-1, 32), yb[tr].ravel(), np.repeat(np.arange(150), 64),
+                         np.logspace(-5, -1, 3))
+    assert lf.weights @ w / np.linalg.norm(lf.weights) / np.linalg.norm(w) > 0.99
+
+
+def test_float16_input_matches_float32():
+    X, y, _ = make_cells(4)
+    X16 = X.astype(np.float16)
+    a = fit_ridge_cv(fold_stats(X16, y))
+    b = fit_ridge_cv(fold_stats(X16.astype(np.float32), y))
+    np.testing.assert_array_equal(a.weights, b.weights)                 # fp16 is just upcast
+    c = fit_ridge_cv(fold_stats(X, y))                                   # unrounded activations
+    np.testing.assert_allclose(a.weights, c.weights, rtol=2e-2, atol=2e-2 * np.abs(c.weights).max())
+    assert abs(r2(predict(a.weights, a.bias, X16), y) - r2(predict(c.weights, c.bias, X), y)) < 1e-3
+    yb = (y > np.median(y)).astype(float).ravel()
+    l16, l32 = fit_logistic(X16.reshape(-1, C), yb, 1e-2), fit_logistic(X.reshape(-1, C), yb, 1e-2)
+    np.testing.assert_allclose(l16.weights, l32.weights, rtol=2e-2, atol=2e-2 * np.abs(l32.weights).max())
+
+
+def test_predict_shapes():
+    X, y, _ = make_cells(steps=(2,))
+    fit = fit_ridge(sum(accumulate(X[:, i], y[:, i]) for i in range(N_IMG)), 1e-3)
+    out = predict(fit.weights, fit.bias, X[:, 0])                       # (2, TOK)
+    np.testing.assert_allclose(out[1], X[1, 0].astype(np.float64) @ fit.weights[1] + fit.bias[1],
+                               rtol=1e-5)
+    multi = predict(fit.weights[0][:, None], fit.bias[0][None], X[0, 0])
+    assert multi.shape == (TOK, 1)
+
+
+def test_bad_input_is_a_user_error():
+    X, y, _ = make_cells()
+    with pytest.raises(ActstoreError, match="NaN"):
+        accumulate(X[0], np.where(np.arange(TOK) == 3, np.nan, y[0]))
+    with pytest.raises(ActstoreError, match="NaN"):
+        accumulate(np.full((4, C), np.inf, np.float16), np.zeros(4))
+    with pytest.raises(ActstoreError, match="do not match"):
+        accumulate(X[0], y[0][:-1])
+    with pytest.raises(ActstoreError, match="binary"):
+        fit_logistic(X.reshape(-1, C), y.ravel(), 1e-2)
+    with pytest.raises(ActstoreError, match="2 non-empty folds"):
+        fit_ridge_cv(FoldStats((accumulate(X[0], y[0]), None)))
