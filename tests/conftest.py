@@ -1,0 +1,71 @@
+"""Shared fixtures: one small reference store, built once per test session."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+DEMO = str(REPO / "prompts" / "demo.csv")
+# Small but real: every layer, every step, 16 images in 4 blocks.
+TINY = {"steps": 4, "batch_size": 4, "block_size": 4}
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    from actstore.models import load_model
+
+    return load_model("tiny-random", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory, tiny_model) -> str:
+    """The uninterrupted reference run every resumed or concurrent run is compared with."""
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+
+    uri = str(tmp_path_factory.mktemp("ref") / "ref.zarr")
+    materialize(tiny_model, DEMO, uri, batch_size=TINY["batch_size"],
+                gen=GenerationConfig(steps=TINY["steps"]), block_size=TINY["block_size"],
+                progress=False)
+    return uri
+
+
+def cli(*args: str, timeout: float = 600, env: dict | None = None,
+        **popen) -> subprocess.CompletedProcess:
+    """Run the real command line in a fresh process, as a user would."""
+    cmd = [sys.executable, "-m", "actstore.cli", "--no-prefect", "--quiet", *args]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=REPO, **popen)
+
+
+def tree_digest(path: str | Path) -> dict[str, str]:
+    """sha256 of every file under ``path``: 'nothing stored changed' made checkable."""
+    out = {}
+    for p in sorted(Path(path).rglob("*")):
+        if p.is_file():
+            out[str(p.relative_to(path))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def store_arrays(uri: str, model: str = "trained") -> dict:
+    """Every array of a model variant, fully read, keyed by path."""
+    import zarr
+
+    group = zarr.open_group(uri, path=f"models/{model}", mode="r")
+    out = {}
+    for path, arr in group.arrays():
+        out[path] = arr[...]
+    for name, sub in group["layers"].groups():
+        for path, arr in sub.arrays():
+            out[f"{name}/{path}"] = arr[...]
+    return out

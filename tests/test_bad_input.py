@@ -1,0 +1,133 @@
+"""Bad input: one specific line on stderr, exit code 2, and the store byte-for-byte unchanged."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from actstore.cli import main
+from conftest import DEMO, TINY, tree_digest
+
+BASE = ["--steps", str(TINY["steps"]), "--batch-size", "4", "--block-size", "4"]
+
+
+@pytest.fixture()
+def store_copy(tmp_path, tiny_store) -> str:
+    dst = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, dst)
+    return str(dst)
+
+
+def _run(capsys, *argv: str) -> str:
+    code = main(["--no-prefect", "--quiet", *argv])
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("actstore")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _table(tmp_path: Path, text: str, name: str = "bad.csv") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+BAD_TABLES = {
+    "missing column": ("image_id,prompt\na,hello\n", "seed"),
+    "duplicate id": ("image_id,prompt,seed\na,x,1\na,y,2\n", "duplicate"),
+    "empty prompt": ("image_id,prompt,seed\na,,1\n", "empty"),
+    "non-integer seed": ("image_id,prompt,seed\na,x,1.5\n", "seed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_TABLES))
+def test_bad_prompt_tables(capsys, tmp_path, store_copy, case):
+    text, word = BAD_TABLES[case]
+    before = tree_digest(store_copy)
+    line = _run(capsys, "materialize", "--model", "tiny-random",
+                "--prompts", _table(tmp_path, text), "--store", store_copy, *BASE)
+    assert word in line.lower()
+    assert tree_digest(store_copy) == before
+
+
+def test_unreadable_prompt_file(capsys, tmp_path, store_copy):
+    before = tree_digest(store_copy)
+    line = _run(capsys, "materialize", "--model", "tiny-random", "--prompts",
+                str(tmp_path / "nope.csv"), "--store", store_copy, *BASE)
+    assert "nope.csv" in line
+    assert tree_digest(store_copy) == before
+
+
+def test_existing_non_actstore_location(capsys, tmp_path):
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("precious")
+    before = tree_digest(folder)
+    line = _run(capsys, "materialize", "--model", "tiny-random", "--prompts", DEMO,
+                "--store", str(folder), *BASE)
+    assert "not an actstore store" in line
+    assert tree_digest(folder) == before
+
+
+def test_foreign_zarr_group(capsys, tmp_path):
+    import zarr
+    uri = str(tmp_path / "other.zarr")
+    zarr.open_group(uri, mode="w").create_array("x", shape=(2,), dtype="int8")
+    before = tree_digest(uri)
+    line = _run(capsys, "materialize", "--model", "tiny-random", "--prompts", DEMO,
+                "--store", uri, *BASE)
+    assert "not an actstore store" in line
+    assert tree_digest(uri) == before
+
+
+@pytest.mark.parametrize("change", [["--guidance", "3.0"], ["--steps", "3"],
+                                    ["--codec", "lz4"]])
+def test_store_from_other_config_refuses(capsys, store_copy, change):
+    before = tree_digest(store_copy)
+    argv = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", store_copy,
+            *BASE, *change]
+    line = _run(capsys, *argv)
+    assert "another model or config" in line and change[0].lstrip("-") in line
+    assert tree_digest(store_copy) == before
+
+
+def test_store_from_other_model_refuses(capsys, tmp_path, store_copy):
+    from actstore.models import save_pipeline_folder, tiny_random_components
+    other = save_pipeline_folder(tmp_path / "other-model", tiny_random_components(seed=1))
+    before = tree_digest(store_copy)
+    line = _run(capsys, "materialize", "--model", str(other), "--prompts", DEMO,
+                "--store", store_copy, *BASE)
+    assert "weights_sha256" in line
+    assert tree_digest(store_copy) == before
+
+
+@pytest.mark.parametrize("region,word", [("0:99", "out of range"), ("2:6", "not aligned"),
+                                         ("x", "START:STOP")])
+def test_images_region_errors(capsys, store_copy, region, word):
+    before = tree_digest(store_copy)
+    line = _run(capsys, "materialize", "--model", "tiny-random", "--prompts", DEMO,
+                "--store", store_copy, "--images", region, *BASE)
+    assert word in line
+    assert tree_digest(store_copy) == before
+
+
+def test_model_folder_not_sd(capsys, tmp_path):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    (folder / "model_index.json").write_text('{"_class_name": "Foo", "unet": ["x", "y"]}')
+    line = _run(capsys, "materialize", "--model", str(folder), "--prompts", DEMO,
+                "--store", str(tmp_path / "s.zarr"), *BASE)
+    assert "not an SD v1.x pipeline" in line and "vae" in line
+    assert not (tmp_path / "s.zarr").exists()
+
+
+def test_catalog_unknown_key(capsys, tmp_path):
+    bad = tmp_path / "catalog.yaml"
+    bad.write_text("version: 1\nmodels:\n  m:\n    pth: x\n")
+    line = _run(capsys, "--catalog", str(bad), "materialize", "--model", "m",
+                "--prompts", DEMO, "--store", str(tmp_path / "s.zarr"))
+    assert "models.m" in line and "pth" in line
+    assert not (tmp_path / "s.zarr").exists()

@@ -1,0 +1,147 @@
+"""The store core: contents checked against diffusers' own pipeline, layout, reader."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from actstore.access import open_store
+from actstore.capture import self_attention_layers
+from conftest import DEMO, TINY
+
+SD_LAYERS = ([f"down_blocks.{b}.attentions.{j}" for b in range(3) for j in range(2)]
+             + ["mid_block.attentions.0"]
+             + [f"up_blocks.{b}.attentions.{j}" for b in (1, 2, 3) for j in range(3)])
+
+
+def test_tiny_random_has_sd_topology(tiny_model):
+    assert self_attention_layers(tiny_model.unet) == SD_LAYERS
+
+
+def test_store_matches_diffusers_pipeline(tiny_model, tiny_store):
+    """Independent oracle: diffusers' StableDiffusionPipeline with a hook of our own."""
+    from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
+
+    import pandas as pd
+    rows = pd.read_csv(DEMO).iloc[4:6]
+    pipe = StableDiffusionPipeline(
+        unet=tiny_model.unet, vae=tiny_model.vae, text_encoder=tiny_model.text_encoder,
+        tokenizer=tiny_model.tokenizer,
+        scheduler=LMSDiscreteScheduler.from_config(tiny_model.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    layer = "up_blocks.2.attentions.1"
+    seen = []
+    module = tiny_model.unet.get_submodule(layer + ".transformer_blocks.0.attn1")
+    handle = module.register_forward_hook(lambda m, a, out: seen.append(out[2:].clone()))
+    try:
+        out = pipe(rows["prompt"].tolist(), num_inference_steps=TINY["steps"],
+                   guidance_scale=7.5, output_type="np",
+                   generator=[torch.Generator().manual_seed(int(s)) for s in rows["seed"]])
+    finally:
+        handle.remove()
+    view = open_store(tiny_store)
+    stored = view[layer].sel(image=rows["image_id"].tolist()).values.astype(np.float32)
+    expected = torch.stack(seen, dim=1).numpy()  # (image, step, tokens, C)
+    expected = expected.reshape(stored.shape)
+    np.testing.assert_allclose(stored, expected, rtol=2e-3, atol=2e-3)
+    final = view.final_images.sel(image=rows["image_id"].tolist()).values
+    assert np.abs(final.astype(int) - (out.images * 255).round().astype(int)).max() <= 1
+
+
+def test_layout_coordinates_and_provenance(tiny_store):
+    view = open_store(tiny_store)
+    assert view.layers == SD_LAYERS
+    da = view["up_blocks.3.attentions.0"]
+    assert da.dims == ("image", "step", "y", "x", "channel")
+    assert da.dtype == np.float16
+    assert da.shape == (16, TINY["steps"], 8, 8, 32)
+    # dask chunks are whole shards: one block of images × one step
+    assert da.data.chunks[0] == (4, 4, 4, 4) and set(da.data.chunks[1]) == {1}
+    assert list(da.image.values[:2]) == ["demo-000", "demo-001"]
+    assert set(np.unique(da.split.values)) == {"train", "test"}
+    assert da.sigma.values[0] > da.sigma.values[-1] > 0
+    assert da.attrs["block"] == "up_blocks.3" and da.attrs["channels"] == 32
+    prov = view.attrs
+    for key in ("weights_sha256", "scheduler_config", "generation", "dtype", "capture"):
+        assert key in prov["fingerprint"]
+    assert prov["fingerprint"]["scheduler_config"]["beta_schedule"] == "scaled_linear"
+    assert {"torch", "diffusers", "zarr"} <= set(prov["library_versions"])
+    assert view.x0_images.shape == (16, TINY["steps"], 64, 64, 3)
+    # notebook one-liner from the README
+    sel = view["up_blocks.3.attentions.0"].sel(step=2, image=["demo-001", "demo-005"])
+    assert sel.shape == (2, 8, 8, 32)
+
+
+def test_storage_shards_and_codec(tiny_store):
+    arr = zarr.open_array(tiny_store, path="models/trained/layers/mid_block.attentions.0/activation")
+    assert arr.shards == (4, 1, 1, 1, 64) and arr.chunks == (1, 1, 1, 1, 64)
+    meta = arr.metadata.to_dict()
+    inner = meta["codecs"][0]["configuration"]["codecs"]
+    blosc = [c for c in inner if c["name"] == "blosc"][0]["configuration"]
+    assert blosc["cname"] == "zstd" and blosc["shuffle"] == "shuffle"
+
+
+def test_x0_converges_to_final_image(tiny_store):
+    view = open_store(tiny_store)
+    x0_last = view.x0_images.isel(step=-1).values.astype(int)
+    x0_first = view.x0_images.isel(step=0).values.astype(int)
+    final = view.final_images.values.astype(int)
+    assert np.abs(x0_last - final).mean() < np.abs(x0_first - final).mean()
+
+
+def test_image_independent_of_batch(tmp_path, tiny_model, tiny_store):
+    """An image's initial noise is its own: batch 1 vs 4 gives the same activations."""
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+
+    uri = str(tmp_path / "b1.zarr")
+    materialize(tiny_model, DEMO, uri, images="0:4", batch_size=1,
+                gen=GenerationConfig(steps=TINY["steps"]), block_size=4, progress=False)
+    a = open_store(uri)["down_blocks.0.attentions.0"].values.astype(np.float32)
+    b = open_store(tiny_store)["down_blocks.0.attentions.0"].isel(image=slice(0, 4))
+    np.testing.assert_allclose(a, b.values.astype(np.float32), rtol=2e-3, atol=2e-3)
+
+
+def test_incomplete_blocks_are_invisible(tmp_path, tiny_model):
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+
+    uri = str(tmp_path / "part.zarr")
+    materialize(tiny_model, DEMO, uri, images="4:8", gen=GenerationConfig(steps=2),
+                block_size=4, progress=False)
+    view = open_store(uri)
+    assert list(view.images.position.values) == [4, 5, 6, 7]
+    assert view["mid_block.attentions.0"].shape[0] == 4
+    assert open_store(uri, complete_only=False)["mid_block.attentions.0"].shape[0] == 16
+
+
+def test_non_finite_activation_names_image_step_layer(tmp_path, tiny_model):
+    from actstore.capture import attn1_module
+    from actstore.errors import ActstoreError
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+
+    module = attn1_module(tiny_model.unet, "up_blocks.1.attentions.2")
+    calls = []
+
+    def poison(_m, _a, out):
+        if out.shape[0] == 4:  # CFG calls of a 2-image batch (not the layout dry run)
+            calls.append(1)
+        if len(calls) == 2 and out.shape[0] == 4:  # second denoising call = step 1
+            out = out.clone()
+            out[3] = float("nan")  # CFG batch [u0, u1, c0, c1]: conditional image 1
+            return out
+        return None
+
+    handle = module.register_forward_hook(poison)
+    try:
+        with pytest.raises(ActstoreError, match=r"image 'demo-001', step 1, layer "
+                                                r"up_blocks\.1\.attentions\.2"):
+            materialize(tiny_model, DEMO, str(tmp_path / "nan.zarr"), images="0:4",
+                        batch_size=2, gen=GenerationConfig(steps=2), block_size=4,
+                        progress=False)
+    finally:
+        handle.remove()
