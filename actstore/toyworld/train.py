@@ -226,8 +226,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", default="runs/toy-ldm", help="checkpoints, data cache, log")
     p.add_argument("--out", default="models/toy-ldm", help="final StableDiffusionPipeline folder")
     p.add_argument("--n-scenes", type=int, default=8000)
-    p.add_argument("--vae-steps", type=int, default=700)
-    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-batch", type=int, default=16)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--unet-steps", type=int, default=3500)
     p.add_argument("--unet-batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-4)
@@ -243,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry (also wired as ``actstore train-toy``); every stage resumes if rerun."""
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
+    torch.set_flush_denormal(True)
     run = Path(a.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     _log(run, f"train-toy args: {vars(a)}")
@@ -250,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage in ("all", "data"):
         render_data(run, a.n_scenes)
     if a.stage in ("all", "vae"):
-        train_vae(run, steps=a.vae_steps, batch=a.vae_batch)
+        train_vae(run, steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr)
     if a.stage == "latents" or (a.stage == "all" and _latents_stale(run)):
         encode_latents(run)
     if a.stage in ("all", "unet"):

@@ -1,0 +1,76 @@
+"""Prefect flow: train the toy latent diffusion model (thin wiring over the library).
+
+Each stage is a task calling ``actstore.toyworld.train``; every stage resumes from the
+run directory's checkpoints, so rerunning the flow after a crash continues where it
+stopped. Run: ``python -m flows.train_toy --run-dir runs/toy-ldm --out models/toy-ldm``
+(same options as ``actstore train-toy``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from prefect import flow, task
+
+from actstore.toyworld import train as T
+
+
+@task
+def render_data_task(run_dir: str, n_scenes: int) -> str:
+    return str(T.render_data(run_dir, n_scenes))
+
+
+@task
+def train_vae_task(run_dir: str, steps: int, batch: int, lr: float) -> str:
+    return str(T.train_vae(run_dir, steps=steps, batch=batch, lr=lr))
+
+
+@task
+def encode_latents_task(run_dir: str) -> float:
+    return T.encode_latents(run_dir)
+
+
+@task
+def train_unet_task(run_dir: str, steps: int, batch: int, lr: float, ckpt_every: int,
+                    max_minutes: float | None) -> str:
+    return str(T.train_unet(run_dir, steps=steps, batch=batch, lr=lr, ckpt_every=ckpt_every,
+                            max_minutes=max_minutes))
+
+
+@task
+def export_task(run_dir: str, out: str) -> str:
+    return str(T.export(run_dir, out))
+
+
+@flow(name="train-toy-ldm")
+def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm",
+              n_scenes: int = 8000, vae_steps: int = 500, vae_batch: int = 16, vae_lr: float = 1e-3,
+              unet_steps: int = 3500, unet_batch: int = 64, lr: float = 3e-4,
+              ckpt_every: int = 200, max_minutes: float | None = None,
+              threads: int = 2) -> str:
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    render_data_task(run_dir, n_scenes)
+    train_vae_task(run_dir, vae_steps, vae_batch, vae_lr)
+    if T._latents_stale(Path(run_dir)):
+        encode_latents_task(run_dir)
+    train_unet_task(run_dir, unet_steps, unet_batch, lr, ckpt_every, max_minutes)
+    return export_task(run_dir, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = T.parse_args(argv)
+    if a.stage != "all":  # single stages go straight to the library, no orchestration
+        return T.main(argv)
+    train_toy(run_dir=a.run_dir, out=a.out, n_scenes=a.n_scenes, vae_steps=a.vae_steps,
+              vae_batch=a.vae_batch, vae_lr=a.vae_lr, unet_steps=a.unet_steps, unet_batch=a.unet_batch,
+              lr=a.lr, ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
+              threads=a.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
