@@ -1,35 +1,31 @@
 """Closed-form linear probes from sufficient statistics: the store is read once.
 
-The authors trained every (layer, step) probe with Adam for 30 epochs, re-reading the
-activations every epoch. A least-squares probe only needs second moments, so actstore
-accumulates them in one pass (:func:`accumulate` per block, ``+`` to merge, so Dask can
-tree-reduce) and solves ridge regression for a whole grid of λ from one
-eigendecomposition (:func:`fit_ridge_cv`). Cross-validation is image-level K-fold
-(:func:`fold_of`): each image's statistics go to its fold, and a fold's validation error
-follows from its own statistics, so choosing λ needs no second pass.
+The authors trained each (layer, step) probe with Adam for 30 epochs, re-reading the data
+every epoch. A least-squares probe needs only second moments: :func:`accumulate` them per
+block, merge with ``+`` (associative, so Dask can tree-reduce), and :func:`fit_ridge_cv`
+solves every λ from one eigendecomposition. CV is image-level K-fold (:func:`fold_of`);
+a fold's validation error follows from its own statistics, so choosing λ needs no second
+pass. Logistic probes (:func:`fit_logistic_cv`) iterate over one cell held in memory.
 
-Conventions, fixed here so every caller agrees:
-
-* Statistics are kept centred (means plus co-moments about the mean, merged with Chan's
-  parallel formula) rather than as raw XᵀX, Xᵀy, yᵀy: the same information (raw
-  XᵀX = sxx + n·mean_x·mean_xᵀ), but without the cancellation that raw sums suffer when
-  channel means are large against their spread. Blocks are upcast to float32 for the
-  products (numpy has no fast float16 matmul; float64 input stays float64) and summed in
-  float64.
-* Penalty: α = λ · tr(S)/C, S the centred XᵀX of the training tokens — λ is relative to
-  the mean per-channel sum of squares, so one λ grid suits layers of any width, activation
-  scale and token count. The objective is Σ loss + (α/2)‖w‖² (logistic) or
-  Σ (y - Xw - b)² + α‖w‖² (ridge); the bias is never penalised. sklearn equivalents:
-  ``Ridge(alpha=α)``, ``LogisticRegression(C=1/α)``; ``ProbeFit.alpha`` holds α.
-* Shapes: X ``(..., n, C)``, y ``(..., n)`` for one target or ``(..., n, T)`` for several
-  targets sharing one XᵀX (the expensive part); leading axes batch many cells (e.g. the
-  steps of one layer). Weights come back ``(..., C)`` or ``(..., C, T)``.
+* Statistics are centred (means + co-moments about the mean, merged by Chan's parallel
+  formula): the same information as raw XᵀX, Xᵀy, yᵀy (XᵀX = sxx + n·mean_x·mean_xᵀ)
+  without their cancellation when channel means are large against their spread. Blocks are
+  upcast to float32 for the products (no fast float16 matmul), sums kept in float64.
+* Penalty α = λ·tr(S)/C, S the centred XᵀX of the training tokens: λ is relative to the
+  mean per-channel sum of squares, so one λ grid fits layers of any width, scale and token
+  count. Objectives Σ(y - Xw - b)² + α‖w‖² (ridge), Σ logloss + (α/2)‖w‖² (logistic),
+  bias unpenalised: sklearn's ``Ridge(alpha=α)`` and ``LogisticRegression(C=1/α)``.
+* Shapes: X ``(..., n, C)``; y ``(..., n)``, or ``(..., n, T)`` for targets sharing one
+  XᵀX (the costly part); leading axes batch cells (e.g. a layer's steps). Weights come
+  back ``(..., C)`` or ``(..., C, T)``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import reduce
 from math import prod
+from operator import add
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -46,11 +42,8 @@ CHUNK_BYTES = 64 << 20   # bound on the float32 copy of X made per block
 
 @dataclass(frozen=True)
 class RidgeStats:
-    """Sufficient statistics of one token set: count, means, centred co-moments.
-
-    With ``weights`` the count is Σw and the moments are weighted: the same object is the
-    reduced Hessian of a weighted least-squares (IRLS) step.
-    """
+    """Count, means and centred co-moments of a token set. Weighted (count = Σw), the
+    same object is the bias-reduced Hessian XᵀWX of an IRLS step."""
 
     n: np.ndarray        # (...)
     mean_x: np.ndarray   # (..., C)
@@ -87,7 +80,7 @@ class FoldStats:
         if isinstance(o, int) and o == 0:
             return self
         if len(o.folds) != len(self.folds):
-            raise ActstoreError(f"cannot merge {len(self.folds)}-fold and {len(o.folds)}-fold stats")
+            raise ActstoreError(f"cannot merge {len(self.folds)}- and {len(o.folds)}-fold stats")
         return FoldStats(tuple(b if a is None else a if b is None else a + b
                                for a, b in zip(self.folds, o.folds)))
 
@@ -99,10 +92,9 @@ class FoldStats:
 
 @dataclass(frozen=True)
 class ProbeFit:
-    """A fitted probe. ``cv_score`` (lower is better; CV mean squared error for ridge, CV
-    mean log-loss per token for logistic) is ``(..., L)`` or ``(..., L, T)`` over
-    ``lambdas``, None without CV. ``lam``/``alpha`` are the chosen relative/absolute
-    penalties."""
+    """A fitted probe; ``lam``/``alpha`` the chosen relative/absolute penalty. ``cv_score``
+    over ``lambdas`` (..., L[, T]), lower is better: CV MSE (ridge) or CV mean log-loss per
+    token (logistic); None without CV."""
 
     weights: np.ndarray
     bias: np.ndarray
@@ -114,19 +106,15 @@ class ProbeFit:
 
 
 def fold_of(image_index: int | np.ndarray, n_folds: int = 5) -> np.ndarray:
-    """Fold of each image: splitmix64(image index) mod K.
-
-    A hash, not ``index % K``, so folds stay mixed if images are stored in some order
-    (by prompt category, say), and it needs neither the image count nor a seed, so a
-    resumed or distributed pass assigns every image the same fold.
-    """
-    x = np.asarray(image_index).astype(np.uint64)
+    """Fold of each image, splitmix64(index) mod K: a hash, not ``index % K``, so folds stay
+    mixed if images are stored in some order, and with no image count or seed involved a
+    resumed or distributed pass puts every image in the same fold."""
+    x, u = np.asarray(image_index).astype(np.uint64), np.uint64
     with np.errstate(over="ignore"):
-        x = x + np.uint64(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        x = x ^ (x >> np.uint64(31))
-    return (x % np.uint64(n_folds)).astype(np.int64)
+        x = x + u(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> u(30))) * u(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> u(27))) * u(0x94D049BB133111EB)
+    return ((x ^ (x >> u(31))) % u(n_folds)).astype(np.int64)
 
 
 def _chunks(n: int, row_bytes: int) -> list[slice]:
@@ -136,17 +124,13 @@ def _chunks(n: int, row_bytes: int) -> list[slice]:
 
 def _block(X: np.ndarray, Y: np.ndarray, w: np.ndarray | None) -> RidgeStats:
     dt = np.result_type(X.dtype, np.float32)
-    Xf = X.astype(dt, copy=False)
-    n = np.full(X.shape[:-2], float(X.shape[-2])) if w is None else w.sum(-1)
+    Xf, w = X.astype(dt, copy=False), np.ones(X.shape[:-1]) if w is None else w
+    n = w.sum(-1)
     safe = np.where(n > 0, n, 1.0)[..., None]
-    if w is None:
-        mx, my = Xf.sum(-2, dtype=np.float64) / safe, Y.sum(-2) / safe
-    else:
-        mx = np.einsum("...n,...nc->...c", w, Xf, dtype=np.float64) / safe
-        my = np.einsum("...n,...nt->...t", w, Y) / safe
-    Xc, Yc = Xf - mx.astype(dt)[..., None, :], Y - my[..., None, :]
-    root = None if w is None else np.sqrt(w)[..., None]
-    Xs, Ys = (Xc, Yc) if root is None else (Xc * root.astype(dt), Yc * root)
+    mx = np.einsum("...n,...nc->...c", w, Xf, dtype=np.float64) / safe
+    my = np.einsum("...n,...nt->...t", w, Y) / safe
+    root = np.sqrt(w)[..., None]   # the O(nC) weighting is cheap beside the O(nC²) product
+    Xs, Ys = (Xf - mx.astype(dt)[..., None, :]) * root.astype(dt), (Y - my[..., None, :]) * root
     XsT = np.swapaxes(Xs, -1, -2)
     return RidgeStats(n=n, mean_x=mx, mean_y=my, sxx=(XsT @ Xs).astype(np.float64),
                       sxy=(XsT @ Ys.astype(dt)).astype(np.float64), syy=(Ys * Ys).sum(-2))
@@ -156,9 +140,8 @@ def accumulate(X: np.ndarray, y: np.ndarray | None = None,
                weights: np.ndarray | None = None) -> RidgeStats:
     """Statistics of one block of tokens (one image, or any token set), in bounded memory.
 
-    X ``(..., n, C)`` (float16 is fine); y ``(..., n)``, ``(..., n, T)`` or None (only
-    the X moments, as for a Hessian); ``weights`` ``(..., n)`` for weighted moments.
-    """
+    X ``(..., n, C)``, float16 fine; y ``(..., n)``, ``(..., n, T)`` or None (X moments
+    only, as for a Hessian); ``weights`` ``(..., n)`` for weighted moments."""
     X = np.asarray(X)
     if X.ndim < 2:
         raise ActstoreError(f"activations must be shaped (..., tokens, channels), got {X.shape}")
@@ -171,12 +154,9 @@ def accumulate(X: np.ndarray, y: np.ndarray | None = None,
     if not np.isfinite(Y).all():
         raise ActstoreError("labels contain NaN or inf; fix or mask them before fitting")
     w = None if weights is None else np.broadcast_to(np.asarray(weights, np.float64), batch + (n,))
-    T = Y.shape[-1]
-    start = RidgeStats(np.zeros(batch), np.zeros(batch + (C,)), np.zeros(batch + (T,)),
-                       np.zeros(batch + (C, C)), np.zeros(batch + (C, T)), np.zeros(batch + (T,)))
     with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN input is reported below
-        st = sum((_block(X[..., s, :], Y[..., s, :], None if w is None else w[..., s])
-                  for s in _chunks(n, 4 * C * prod(batch))), start)
+        st = reduce(add, (_block(X[..., s, :], Y[..., s, :], None if w is None else w[..., s])
+                          for s in _chunks(n, 4 * C * prod(batch))))
     if not (np.isfinite(st.mean_x).all() and np.isfinite(st.sxx).all()):
         raise ActstoreError("activations contain NaN or inf (float16 overflow?); cannot fit")
     return replace(st, vector_target=vector)
@@ -184,9 +164,8 @@ def accumulate(X: np.ndarray, y: np.ndarray | None = None,
 
 def image_stats(image_index: int, X: np.ndarray, y: np.ndarray, n_folds: int = 5) -> FoldStats:
     """One image's statistics, placed in its fold: the map step of the one-pass reduce."""
-    folds: list[RidgeStats | None] = [None] * n_folds
-    folds[int(fold_of(image_index, n_folds))] = accumulate(X, y)
-    return FoldStats(tuple(folds))
+    k, st = int(fold_of(image_index, n_folds)), accumulate(X, y)
+    return FoldStats(tuple(st if j == k else None for j in range(n_folds)))
 
 
 def _scale(s: RidgeStats) -> np.ndarray:
@@ -194,8 +173,7 @@ def _scale(s: RidgeStats) -> np.ndarray:
 
 
 def _eigh(sxx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, V = np.linalg.eigh(sxx)
-    d = np.clip(d, 0.0, None)
+    d, V = np.linalg.eigh(sxx)   # round-off negatives and near-null directions -> 0
     return np.where(d > 1e-12 * d.max(-1, keepdims=True), d, 0.0), V
 
 
@@ -233,25 +211,18 @@ def _finish(s: RidgeStats, w, b, alpha, lambdas, best, cv) -> ProbeFit:
 def fit_ridge(stats: RidgeStats, lam: float) -> ProbeFit:
     """Ridge probe at one relative penalty λ (α = λ·tr(S)/C), bias unpenalised."""
     lambdas = np.asarray([lam], dtype=np.float64)
-    w, b, alpha = _path(stats, lambdas)
-    return _finish(stats, w, b, alpha, lambdas, np.zeros(b.shape[:-2] + b.shape[-1:], int), None)
-
-
-def _fold_list(fold_stats: FoldStats | Sequence[RidgeStats | None]) -> list[RidgeStats | None]:
-    return list(fold_stats.folds if isinstance(fold_stats, FoldStats) else fold_stats)
+    best = np.zeros(stats.n.shape + stats.mean_y.shape[-1:], int)
+    return _finish(stats, *_path(stats, lambdas), lambdas, best, None)
 
 
 def fit_ridge_cv(fold_stats: FoldStats | Sequence[RidgeStats | None],
                  lambdas: Sequence[float] | np.ndarray = DEFAULT_LAMBDAS) -> ProbeFit:
-    """Ridge probe with λ chosen by K-fold CV from per-fold statistics, then refit on all.
-
-    Fold k's model is fitted on the merged other folds (α scaled by *their* trace) and
-    scored on fold k's statistics; the criterion is the pooled validation MSE.
-    """
-    folds = _fold_list(fold_stats)
-    present = [f for f in folds if f is not None]
+    """Ridge probe with λ chosen per target by K-fold CV, then refit on all folds. Fold
+    k's model is fitted on the other folds merged (α scaled by *their* trace) and scored
+    on fold k's statistics; the criterion is the pooled validation MSE."""
+    present = [f for f in getattr(fold_stats, "folds", fold_stats) if f is not None]
     if len(present) < 2:
-        raise ActstoreError(f"cross-validation needs at least 2 non-empty folds, got {len(present)}")
+        raise ActstoreError(f"cross-validation needs ≥ 2 non-empty folds, got {len(present)}")
     lambdas = np.asarray(lambdas, dtype=np.float64)
     sse, n = 0.0, 0.0
     for k, held in enumerate(present):
@@ -267,8 +238,7 @@ def predict(weights: np.ndarray, bias: np.ndarray | float, X: np.ndarray) -> np.
     ``(..., n, T)`` for ``(..., C, T)`` (read so whenever the second-last axis is C); batch
     axes broadcast. Logistic probes give logits (mask = logit > 0). Computed in float32
     chunks so float16 X is never matmul'ed as float16."""
-    X, w = np.asarray(X), np.asarray(weights)
-    dt = np.result_type(X.dtype, np.float32)
+    X, w, dt = np.asarray(X), np.asarray(weights), np.result_type(X.dtype, np.float32)
     vector = w.ndim < 2 or w.shape[-2] != X.shape[-1]
     W = (w[..., None] if vector else w).astype(dt)
     b = np.asarray(bias, dtype=np.float64)
@@ -278,32 +248,30 @@ def predict(weights: np.ndarray, bias: np.ndarray | float, X: np.ndarray) -> np.
     return out[..., 0] if vector else out
 
 
-# ----------------------------------------------------------------------------- logistic
-
-
 class _Hess(NamedTuple):
     """Per-model reduced Hessian h·S in eigenform (bias eliminated by its Schur complement)."""
-    d: np.ndarray    # (M, C)
-    V: np.ndarray    # (M, C, C)
-    mu: np.ndarray   # (M, C)  (weighted) mean of X: the bias coupling
-    n: np.ndarray    # (M,)    (weighted) count
-    h: np.ndarray    # (M,)    factor on S and n: p̄(1-p̄) for the stats-only start, 1 after
+    d: np.ndarray    # (M, C) eigenvalues of h·S, V (M, C, C) its eigenvectors
+    V: np.ndarray
+    mu: np.ndarray   # (M, C) (weighted) mean of X: the bias coupling; n (M,) h·count
+    n: np.ndarray
 
     @classmethod
-    def of(cls, stats: list[RidgeStats], h: np.ndarray) -> "_Hess":
+    def of(cls, stats: list[RidgeStats], h: np.ndarray | float = 1.0) -> "_Hess":
+        """``h`` scales unweighted stats into a Hessian: p̄(1-p̄) at the constant model."""
         d, V = _eigh(np.stack([s.sxx for s in stats]))
-        return cls(d, V, np.stack([s.mean_x for s in stats]), np.array([s.n for s in stats]), h)
+        h = np.broadcast_to(h, (len(stats),))
+        return cls(d * h[:, None], V, np.stack([s.mean_x for s in stats]),
+                   h * np.array([s.n for s in stats]))
 
     def solve(self, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
         """Newton direction for (w, b) given gradients, penalty α on w only."""
         z = np.einsum("mcd,mc->md", self.V, gw - self.mu * gb[:, None])
-        dw = np.einsum("mcd,md->mc", self.V, z / (self.h[:, None] * self.d + alpha[:, None]))
-        return dw, gb / (self.h * self.n) - (self.mu * dw).sum(1)
+        dw = np.einsum("mcd,md->mc", self.V, z / (self.d + alpha[:, None]))
+        return dw, gb / self.n - (self.mu * dw).sum(1)
 
 
-# Gradient passes are O(nC) and memory-bound, so they run in float64 at little cost: in
-# float32 the gradient's rounding noise stalls Newton at ~1e-6 relative accuracy. Only the
-# O(nC²) Hessian refresh uses float32 products, and it only has to be approximate.
+# Gradient passes are O(nC), memory-bound, so float64 costs little; float32 rounding noise
+# would stall Newton at ~1e-6. Only the O(nC²) Hessian uses float32: it may be approximate.
 def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray) -> np.ndarray:
     return np.concatenate([X[s].astype(np.float64) @ W.T
                            for s in _chunks(len(X), 8 * X.shape[1])]) + B
@@ -329,89 +297,92 @@ def _stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None
     return out
 
 
+def _newton(X, y, train, refresh, W, B, H, alpha, tol, max_iter):
+    """Newton iterations at one α for all models at once (columns of W), halving a model's
+    step while its objective goes up; the Hessian is refreshed (one O(nC²) pass) only when
+    some model converges slower than 4x per step and the full model has moved."""
+    Z = _forward(X, W, B)
+    loss = _objective(Z, y, train, W, alpha)
+    active, prev = np.ones(len(W), bool), np.full(len(W), np.inf)
+    for _ in range(max_iter):
+        R = (0.5 + 0.5 * np.tanh(0.5 * Z) - y[:, None]) * train
+        dw, db = H.solve(alpha, _backward(X, R) + alpha[:, None] * W, R.sum(0))
+        dw[~active], db[~active] = 0.0, 0.0
+        size = np.maximum(np.abs(dw).max(1), np.abs(db)) / np.maximum(1.0, np.abs(W).max(1))
+        Zd, t = _forward(X, dw, db), np.ones(len(W))
+        for _ in range(40):
+            new = _objective(Z - t * Zd, y, train, W - t[:, None] * dw, alpha)
+            bad = active & (new > loss + 1e-13 * np.abs(loss))
+            if not bad.any():
+                break
+            t[bad] *= 0.5
+        t[bad] = 0.0          # no decrease at any step size: at the precision limit
+        W, B, Z, loss = W - t[:, None] * dw, B - t * db, Z - t * Zd, np.where(bad, loss, new)
+        active &= (size > tol) & ~bad
+        if not active.any():
+            break
+        slow, prev = (size > 0.25 * prev) | (t < 1), size
+        if (slow & active).any() and t[-1] * size[-1] > 0:
+            H = refresh(Z[:, -1])
+    return W, B, Z, H, not active.any()
+
+
 def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeFit:
-    """Regularisation path (strong → weak λ, warm starts) for K fold models + the full model
-    at once: each pass over X serves all K+1 models as matrix columns. Steps are Newton
-    steps with a lazily refreshed Hessian — refreshed (one pass: per-fold XᵀWX at the full
-    model's weights) only when convergence slows or a step had to be halved."""
+    """Regularisation path, strong to weak λ with warm starts, for the K fold models and
+    the full model together, so each pass over the in-memory X serves all K+1 of them."""
     X, y = np.asarray(X), np.asarray(y, dtype=np.float64)
-    if X.ndim != 2 or y.shape != X.shape[:1]:
-        raise ActstoreError(f"logistic probe needs X (n, C) and y (n,), got {X.shape}, {y.shape}")
-    if not np.isin(y, (0.0, 1.0)).all():
-        raise ActstoreError("logistic probe needs binary labels 0/1 (threshold pooled masks at 0.5)")
     lambdas = np.asarray(lambdas, dtype=np.float64)
-    if (lambdas <= 0).any():
-        raise ActstoreError("logistic probe needs λ > 0")
-    F = _fold_list(stats) if stats is not None else _stats_by_fold(X, y, fold, n_groups)
+    if X.ndim != 2 or y.shape != X.shape[:1]:
+        raise ActstoreError(f"logistic probe needs X (n, C), y (n,), got {X.shape}, {y.shape}")
+    if not np.isin(y, (0.0, 1.0)).all() or (lambdas <= 0).any():
+        raise ActstoreError("logistic probe needs labels in {0, 1} (pooled mask > 0.5) and λ > 0")
+    F = list(getattr(stats, "folds", stats)) if stats else _stats_by_fold(X, y, fold, n_groups)
+    if len(F) != n_groups:
+        raise ActstoreError(f"fold_stats has {len(F)} folds, expected {n_groups}")
     present = [g for g in range(n_groups) if F[g] is not None]
     held = present if cv else []
     if cv and len(held) < 2:
-        raise ActstoreError(f"cross-validation needs at least 2 non-empty folds, got {len(held)}")
+        raise ActstoreError(f"cross-validation needs ≥ 2 non-empty folds, got {len(held)}")
     train = np.stack([fold != g for g in held] + [np.ones(len(y), bool)], axis=1)
-    train_sum = lambda S: [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
-    T = train_sum(F)
+
+    def per_model(S):     # training-set statistics of each model: all folds but its own
+        return [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
+
+    def refresh(z):       # per-fold XᵀWX at the full model's IRLS weights
+        p = 0.5 + 0.5 * np.tanh(0.5 * z)
+        return _Hess.of(per_model(_stats_by_fold(X, None, fold, n_groups, p * (1 - p))))
+
+    T = per_model(F)
     scale = np.array([_scale(t) for t in T])
     ybar = np.clip([float(t.mean_y[0]) for t in T], 1e-6, 1 - 1e-6)
-    H = _Hess.of(T, ybar * (1 - ybar))   # exact Hessian at the intercept-only model
-    # Warm start: the first Newton step from the intercept-only model, i.e. the ridge
-    # solution at α/(p̄(1-p̄)) divided by p̄(1-p̄) (the linear-probability → logit map).
-    dw, _ = H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]), np.zeros(len(T)))
-    W = -dw
+    H = _Hess.of(T, ybar * (1 - ybar))   # the exact Hessian at the intercept-only model
+    # Warm start = first Newton step from the intercept-only model = the ridge solution at
+    # α/(p̄(1-p̄)), divided by p̄(1-p̄): the linear-probability model mapped to logits.
+    W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]), np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - (H.mu * W).sum(1)
-    L, M = len(lambdas), len(T)
-    path_w, path_b, score = np.zeros((L, X.shape[1])), np.zeros(L), np.full(L, np.nan)
-    converged_all = True
+    path_w, path_b = np.zeros((len(lambdas), X.shape[1])), np.zeros(len(lambdas))
+    score, converged = np.full(len(lambdas), np.nan), True
     for li in np.argsort(-lambdas):
-        alpha = lambdas[li] * scale
-        Z = _forward(X, W, B)
-        loss = _objective(Z, y, train, W, alpha)
-        active, prev = np.ones(M, bool), np.full(M, np.inf)
-        for _ in range(max_iter):
-            R = (0.5 + 0.5 * np.tanh(0.5 * Z) - y[:, None]) * train
-            dw, db = H.solve(alpha, _backward(X, R) + alpha[:, None] * W, R.sum(0))
-            dw[~active], db[~active] = 0.0, 0.0
-            size = np.maximum(np.abs(dw).max(1), np.abs(db)) / np.maximum(
-                1.0, np.maximum(np.abs(W).max(1), np.abs(B)))
-            Zd, t = _forward(X, dw, db), np.ones(M)
-            for _ in range(40):   # step halving for models whose objective went up
-                new = _objective(Z - t * Zd, y, train, W - t[:, None] * dw, alpha)
-                bad = active & (new > loss + 1e-13 * np.abs(loss))
-                if not bad.any():
-                    break
-                t[bad] *= 0.5
-            t[bad] = 0.0          # no decrease at any step: at the precision limit
-            W, B, Z, loss = W - t[:, None] * dw, B - t * db, Z - t * Zd, np.where(bad, loss, new)
-            active &= (size > tol) & ~bad
-            if not active.any():
-                break
-            slow = (size > 0.25 * prev) | (t < 1)
-            prev = size
-            if (slow & active).any() and t[-1] * size[-1] > 0:   # refresh only if W̄ moved
-                p = 0.5 + 0.5 * np.tanh(0.5 * Z[:, -1])
-                H = _Hess.of(train_sum(_stats_by_fold(X, None, fold, n_groups, p * (1 - p))),
-                             np.ones(M))
-        converged_all &= not active.any()
+        W, B, Z, H, ok = _newton(X, y, train, refresh, W, B, H, lambdas[li] * scale, tol, max_iter)
+        converged &= ok
         path_w[li], path_b[li] = W[-1], B[-1]
         if cv:
-            val = [((np.logaddexp(0.0, Z[:, m]) - y * Z[:, m])[fold == g]).sum()
-                   for m, g in enumerate(held)]
-            score[li] = sum(val) / sum(int((fold == g).sum()) for g in held)
+            ll = np.logaddexp(0.0, Z) - y[:, None] * Z
+            score[li] = sum(ll[fold == g, m].sum() for m, g in enumerate(held)) / len(y)
     best = int(np.nanargmin(score)) if cv else 0
     return ProbeFit(path_w[best], np.float64(path_b[best]), np.float64(lambdas[best]),
                     np.float64(lambdas[best] * scale[-1]), lambdas, score if cv else None,
-                    bool(converged_all))
+                    bool(converged))
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = 1e-7,
                  max_iter: int = 100, stats: RidgeStats | None = None) -> ProbeFit:
-    """L2 logistic probe at one relative penalty λ on in-memory tokens of one cell.
-
-    X ``(n, C)`` float16/32 (read from the store once; every Newton iteration reuses it in
-    float32 chunks), y ``(n,)`` in {0, 1}. ``stats``: this cell's :func:`accumulate`
-    result from the ridge pass, if at hand, saves one pass over X.
-    """
-    fold = np.zeros(len(X), np.int64)
-    return _logistic(X, y, fold, 1, False, [lam], tol, max_iter, None if stats is None else [stats])
+    """L2 logistic probe at one relative penalty λ on one cell's tokens, held in memory:
+    X ``(n, C)`` float16/32 is read from the store once and reused by every Newton step in
+    bounded chunks; y ``(n,)`` in {0, 1}. ``stats`` (this cell's :func:`accumulate` from the
+    ridge pass), if at hand, saves one pass over X."""
+    fold, F = np.zeros(len(X), np.int64), None if stats is None else [stats]
+    return _logistic(X, y, fold, 1, False, [lam], tol, max_iter, F)
 
 
 def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
@@ -419,11 +390,9 @@ def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
                     tol: float = 1e-7, max_iter: int = 100,
                     fold_stats: FoldStats | None = None) -> ProbeFit:
     """L2 logistic probe with λ chosen by image-level K-fold CV (validation log-loss).
-
     ``image_index`` ``(n,)`` gives each token's image, hence its fold (:func:`fold_of`);
-    ``fold_stats`` from the ridge pass over the same tokens saves one pass over X.
-    """
+    ``fold_stats`` from the ridge pass over the same tokens saves one pass over X."""
     fold = fold_of(np.asarray(image_index), n_folds)
     if np.shape(fold) != (len(X),):
-        raise ActstoreError(f"image_index must give one image per token ({len(X)}), got {np.shape(image_index)}")
+        raise ActstoreError(f"image_index needs one entry per token, got {np.shape(fold)}")
     return _logistic(X, y, fold, n_folds, True, lambdas, tol, max_iter, fold_stats)

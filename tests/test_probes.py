@@ -51,7 +51,8 @@ def test_merged_blocks_equal_concatenated_data():
     for name in ("n", "mean_x", "mean_y", "sxx", "sxy", "syy"):
         np.testing.assert_allclose(getattr(merged, name), getattr(whole, name),
                                    rtol=1e-6, atol=1e-6 * np.abs(getattr(whole, name)).max())
-    raw = merged.sxx + merged.n[:, None, None] * merged.mean_x[:, :, None] * merged.mean_x[:, None, :]
+    mx = merged.mean_x
+    raw = merged.sxx + merged.n[:, None, None] * mx[:, :, None] * mx[:, None, :]   # raw XᵀX
     Xd = X.reshape(3, -1, C).astype(np.float64)
     np.testing.assert_allclose(raw, np.swapaxes(Xd, 1, 2) @ Xd, rtol=1e-6)
 
@@ -179,7 +180,8 @@ def test_float16_input_matches_float32():
     assert abs(r2(predict(a.weights, a.bias, X16), y) - r2(predict(c.weights, c.bias, X), y)) < 1e-3
     yb = (y > np.median(y)).astype(float).ravel()
     l16, l32 = fit_logistic(X16.reshape(-1, C), yb, 1e-2), fit_logistic(X.reshape(-1, C), yb, 1e-2)
-    np.testing.assert_allclose(l16.weights, l32.weights, rtol=2e-2, atol=2e-2 * np.abs(l32.weights).max())
+    np.testing.assert_allclose(l16.weights, l32.weights, rtol=2e-2,
+                               atol=2e-2 * np.abs(l32.weights).max())
 
 
 def test_predict_shapes():
@@ -200,7 +202,7 @@ def test_bad_input_is_a_user_error():
         accumulate(np.full((4, C), np.inf, np.float16), np.zeros(4))
     with pytest.raises(ActstoreError, match="do not match"):
         accumulate(X[0], y[0][:-1])
-    with pytest.raises(ActstoreError, match="binary"):
+    with pytest.raises(ActstoreError, match="labels in"):
         fit_logistic(X.reshape(-1, C), y.ravel(), 1e-2)
     with pytest.raises(ActstoreError, match="2 non-empty folds"):
         fit_ridge_cv(FoldStats((accumulate(X[0], y[0]), None)))
