@@ -9,8 +9,6 @@ while workers are still filling the store. Dask chunks are one storage shard
 
 from __future__ import annotations
 
-import warnings
-from contextlib import contextmanager
 from functools import cached_property
 
 import numpy as np
@@ -19,14 +17,6 @@ import xarray as xr
 from actstore.errors import ActstoreError
 from actstore.store import (ACTIVATION, completed_blocks, layer_path, model_attrs,
                             model_path, model_variants, read_root_attrs)
-
-
-@contextmanager
-def _quiet():
-    """Completion records are plain files beside zarr nodes; zarr warns when it lists them."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Object at _blocks")
-        yield
 
 
 class StoreView:
@@ -77,8 +67,7 @@ class StoreView:
 
     @cached_property
     def _image_coords(self) -> dict:
-        with _quiet():
-            table = xr.open_zarr(self.uri, group="images", consolidated=False).load()
+        table = xr.open_zarr(self.uri, group="images", consolidated=False).load()
         table = table.isel(image=self.image_index)
         return {"image": _strings(table["image_id"]),
                 "prompt": ("image", _strings(table["prompt"])),
@@ -88,8 +77,7 @@ class StoreView:
 
     @cached_property
     def _step_coords(self) -> dict:
-        with _quiet():
-            grp = xr.open_zarr(self.uri, group=model_path(self.model), consolidated=False)
+        grp = xr.open_zarr(self.uri, group=model_path(self.model), consolidated=False)
         return {"step": np.arange(self.n_steps),
                 "timestep": ("step", grp["timestep"].values),
                 "sigma": ("step", grp["sigma"].values)}
@@ -100,8 +88,7 @@ class StoreView:
         return xr.Dataset(coords=self._image_coords)
 
     def _open(self, group: str, name: str) -> xr.DataArray:
-        with _quiet():
-            var = xr.open_zarr(self.uri, group=group, consolidated=False, chunks=None)[name]
+        var = xr.open_zarr(self.uri, group=group, consolidated=False, chunks=None)[name]
         shards = var.encoding.get("shards") or var.encoding.get("chunks")
         data = var.chunk(dict(zip(var.dims, shards)))
         data = data.isel(image=self.image_index)

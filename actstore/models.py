@@ -217,10 +217,10 @@ def build_tiny_random(cache_dir: str | None = None) -> str:
     """Build ``tiny-random`` once into a cache folder; later calls just return the folder."""
     root = Path(cache_dir or os.environ.get("ACTSTORE_CACHE",
                                             Path.home() / ".cache" / "actstore"))
-    path = root / "tiny-random-v1"
+    path = root / "tiny-random-v2"
     if (path / "model_index.json").is_file():
         return str(path)
-    tmp = root / f".tiny-random-v1.{os.getpid()}.tmp"
+    tmp = root / f".tiny-random-v2.{os.getpid()}.tmp"
     save_pipeline_folder(tmp, tiny_random_components())
     try:
         os.replace(tmp, path)  # atomic: concurrent builders race harmlessly

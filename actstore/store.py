@@ -9,7 +9,7 @@ Layout (every array carries ``dimension_names`` so plain ``xr.open_zarr`` unders
         final_image                    (image, y, x, rgb) uint8
         x0_image                       (image, step, y, x, rgb) uint8: decoded x0 per step
         layers/<layer>/activation      (image, step, y, x, channel) float16
-        _blocks/<start>-<stop>.json    completion records (plain files, written last)
+        _blocks/<start>-<stop>/        completion records: empty groups, written last
 
 The image axis is cut into blocks of ``block_size`` images; a block is the unit of work and
 of storage: one shard holds one block × one step of one layer, so every write covers whole
@@ -201,25 +201,28 @@ def _records_dir(uri: str, variant: str) -> tuple:
 
 def completed_blocks(uri: str, variant: str) -> set[tuple[int, int]]:
     fs, folder = _records_dir(uri, variant)
-    if not fs.exists(folder):
-        return set()
     done = set()
-    for name in fs.ls(folder, detail=False):
-        base = os.path.basename(name)
-        if base.endswith(".json") and not base.startswith("."):
-            a, b = base[:-5].split("-")
-            done.add((int(a), int(b)))
+    for name in fs.glob(f"{folder}/*/zarr.json"):
+        a, b = name.rsplit("/", 2)[-2].split("-")
+        done.add((int(a), int(b)))
     return done
 
 
 def mark_complete(uri: str, variant: str, start: int, stop: int, record: dict) -> None:
-    """Write the completion record atomically: a temp file then a rename (or one PUT)."""
+    """Record a finished block as a Zarr group whose ``zarr.json`` appears atomically.
+
+    A record is an empty group (so plain zarr tools see a valid hierarchy) holding the
+    record in its attributes; its metadata file is written to a temporary name and renamed
+    (one PUT on object stores), so a kill leaves either no record or a whole one.
+    """
     fs, folder = _records_dir(uri, variant)
-    fs.makedirs(folder, exist_ok=True)
-    final = f"{folder}/{start:08d}-{stop:08d}.json"
-    tmp = f"{folder}/.{uuid.uuid4().hex}.tmp"
-    fs.pipe_file(tmp, json.dumps(record).encode())
-    fs.mv(tmp, final)
+    _open(uri, mode="a").require_group(f"{model_path(variant)}/_blocks")
+    node = f"{folder}/{start:08d}-{stop:08d}"
+    fs.makedirs(node, exist_ok=True)
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": {"block": record}}
+    tmp = f"{node}/.zarr.json.{uuid.uuid4().hex}.tmp"
+    fs.pipe_file(tmp, json.dumps(meta).encode())
+    fs.mv(tmp, f"{node}/zarr.json")
 
 
 def write_block(uri: str, variant: str, start: int, stop: int,
