@@ -127,11 +127,12 @@ def _tokenize_all(tok, prompts: list[str]) -> torch.Tensor:
 
 def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: float = 3e-4,
                p_uncond: float = 0.1, ckpt_every: int = 200, max_minutes: float | None = None,
-               ema_decay: float = 0.999, warmup: int = 100, seed: int = 0) -> Path:
+               ema_decay: float = 0.998, warmup: int = 100, seed: int = 0) -> Path:
     """Epsilon-prediction DDPM training (SD betas) of UNet + text encoder jointly.
 
     10% of captions are replaced by "" so classifier-free guidance has an unconditional
-    branch. The learning rate decays (cosine) over the planned steps; ``max_minutes``
+    branch. The learning rate decays (cosine) over the planned steps or the time budget,
+    whichever ends first; ``max_minutes``
     stops early at a checkpoint so a wall-clock budget is always met.
     """
     run_dir = Path(run_dir)
@@ -155,9 +156,11 @@ def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: floa
     unet.train(), te.train()
     t_start, step0, avg = time.time(), st["step"], None
     budget_s = None if max_minutes is None else max_minutes * 60.0
-    run_t0 = time.time()
     for step in range(st["step"], steps):
-        cur_lr = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        frac = step / steps
+        if budget_s is not None:  # anneal against whichever runs out first: steps or time
+            frac = max(frac, (st["elapsed"] + time.time() - t_start) / budget_s)
+        cur_lr = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
         for grp in opt.param_groups:
             grp["lr"] = max(cur_lr, lr * 0.05)
         idx = torch.randint(0, lat.shape[0], (batch,), generator=g)
@@ -181,7 +184,7 @@ def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: floa
         _ema_update(ema_t, te, d)
         avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
         done = step + 1
-        out_of_time = budget_s is not None and time.time() - run_t0 > budget_s
+        out_of_time = budget_s is not None and st["elapsed"] + time.time() - t_start > budget_s
         if done % 20 == 0 or done == steps:
             sps = (time.time() - t_start) / (done - step0)
             _log(run_dir, f"unet step {done}/{steps} loss {avg:.4f} lr {cur_lr:.2e} "
