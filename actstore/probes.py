@@ -1,43 +1,40 @@
 """Closed-form linear probes from sufficient statistics: the store is read once.
 
-The authors trained each (layer, step) probe with Adam for 30 epochs, re-reading the data
-every epoch. A least-squares probe needs only second moments: :func:`accumulate` them per
-block, merge with ``+`` (associative, so Dask can tree-reduce), and :func:`fit_ridge_cv`
-solves every λ from one eigendecomposition. CV is image-level K-fold (:func:`fold_of`);
-a fold's validation error follows from its own statistics, so choosing λ needs no second
-pass. Logistic probes (:func:`fit_logistic_cv`) iterate over one cell held in memory.
+The authors fit each (layer, step) probe with Adam for 30 epochs, re-reading the data each
+epoch. Least squares needs only second moments: :func:`accumulate` (or :func:`image_stats`)
+per block, merge with ``+`` (associative: Dask can tree-reduce), and :func:`fit_ridge_cv`
+solves every λ from one eigendecomposition; image-level K-fold CV (:func:`fold_of`) scores
+a fold from its own statistics, so no second pass. Logistic probes
+(:func:`fit_logistic_cv`) run Newton on one cell's tokens held in memory.
 
-* Statistics are centred (means + co-moments about the mean, merged by Chan's parallel
-  formula): the same information as raw XᵀX, Xᵀy, yᵀy (XᵀX = sxx + n·mean_x·mean_xᵀ)
-  without their cancellation when channel means are large against their spread. Blocks are
-  upcast to float32 for the products (no fast float16 matmul), sums kept in float64.
-* Penalty α = λ·tr(S)/C, S the centred XᵀX of the training tokens: λ is relative to the
-  mean per-channel sum of squares, so one λ grid fits layers of any width, scale and token
-  count. Objectives Σ(y - Xw - b)² + α‖w‖² (ridge), Σ logloss + (α/2)‖w‖² (logistic),
-  bias unpenalised: sklearn's ``Ridge(alpha=α)`` and ``LogisticRegression(C=1/α)``.
-* Shapes: X ``(..., n, C)``; y ``(..., n)``, or ``(..., n, T)`` for targets sharing one
-  XᵀX (the costly part); leading axes batch cells (e.g. a layer's steps). Weights come
-  back ``(..., C)`` or ``(..., C, T)``.
+Statistics are centred (means and co-moments, merged by Chan's formula): the content of raw
+XᵀX, Xᵀy, yᵀy (XᵀX = sxx + n·mean_x·mean_xᵀ) without their cancellation when channel means
+are large; products in float32 (float16 upcast), sums in float64. Penalty α = λ·tr(S)/C,
+S the centred XᵀX of the training tokens, so one λ grid suits any layer width, scale and
+token count; the bias is unpenalised. Ridge minimises Σ(y - Xw - b)² + α‖w‖² (sklearn
+``Ridge(alpha=α)``), logistic Σ logloss + (α/2)‖w‖² (``LogisticRegression(C=1/α)``).
+Leading axes of X ``(..., n, C)`` batch cells; y ``(..., n, T)`` fits T targets at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import reduce
 from math import prod
-from operator import add
 from typing import NamedTuple, Sequence
 
 import numpy as np
 
 from actstore.errors import ActstoreError
 
-__all__ = ["RidgeStats", "FoldStats", "ProbeFit", "DEFAULT_LAMBDAS", "fold_of", "accumulate",
-           "image_stats", "fit_ridge", "fit_ridge_cv", "fit_logistic", "fit_logistic_cv",
-           "predict"]
+__all__ = ["RidgeStats", "FoldStats", "ProbeFit", "DEFAULT_LAMBDAS", "LOGISTIC_LAMBDAS",
+           "fold_of", "accumulate", "image_stats", "fit_ridge", "fit_ridge_cv",
+           "fit_logistic", "fit_logistic_cv", "predict"]
 
 DEFAULT_LAMBDAS = np.logspace(-6, 1, 15)
-CHUNK_BYTES = 64 << 20   # bound on the float32 copy of X made per block
+LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
+CHUNK_BYTES = 64 << 20      # bound on the float32 copy of X made per block
+RESIDENT_BYTES = 1 << 30    # logistic keeps a float64 copy of X up to this size
+HESSIAN_TOKENS = 1 << 16    # logistic Hessian refreshes use at most this many tokens
 
 
 @dataclass(frozen=True)
@@ -122,10 +119,9 @@ def _chunks(n: int, row_bytes: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
 
 
-def _block(X: np.ndarray, Y: np.ndarray, w: np.ndarray | None) -> RidgeStats:
+def _block(X: np.ndarray, Y: np.ndarray, w: np.ndarray) -> RidgeStats:
     dt = np.result_type(X.dtype, np.float32)
-    Xf, w = X.astype(dt, copy=False), np.ones(X.shape[:-1]) if w is None else w
-    n = w.sum(-1)
+    Xf, n = X.astype(dt, copy=False), w.sum(-1)
     safe = np.where(n > 0, n, 1.0)[..., None]
     mx = np.einsum("...n,...nc->...c", w, Xf, dtype=np.float64) / safe
     my = np.einsum("...n,...nt->...t", w, Y) / safe
@@ -136,12 +132,9 @@ def _block(X: np.ndarray, Y: np.ndarray, w: np.ndarray | None) -> RidgeStats:
                       sxy=(XsT @ Ys.astype(dt)).astype(np.float64), syy=(Ys * Ys).sum(-2))
 
 
-def accumulate(X: np.ndarray, y: np.ndarray | None = None,
-               weights: np.ndarray | None = None) -> RidgeStats:
-    """Statistics of one block of tokens (one image, or any token set), in bounded memory.
-
-    X ``(..., n, C)``, float16 fine; y ``(..., n)``, ``(..., n, T)`` or None (X moments
-    only, as for a Hessian); ``weights`` ``(..., n)`` for weighted moments."""
+def _stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]:
+    """Statistics per fold of the tokens (axis -2 of X), given each token's fold, computed
+    chunk by chunk so the float32 copy stays small."""
     X = np.asarray(X)
     if X.ndim < 2:
         raise ActstoreError(f"activations must be shaped (..., tokens, channels), got {X.shape}")
@@ -153,19 +146,39 @@ def accumulate(X: np.ndarray, y: np.ndarray | None = None,
         raise ActstoreError(f"labels shaped {np.shape(y)} do not match activations {X.shape}")
     if not np.isfinite(Y).all():
         raise ActstoreError("labels contain NaN or inf; fix or mask them before fitting")
-    w = None if weights is None else np.broadcast_to(np.asarray(weights, np.float64), batch + (n,))
+    w = np.broadcast_to(np.asarray(1.0 if weights is None else weights, np.float64), batch + (n,))
+
+    def rows(a, i):   # select tokens along the token axis, without a copy if all are kept
+        return a if np.ndim(i) and i.all() else a[(slice(None),) * len(batch) + (i,)]
+    out: list[RidgeStats | None] = [None] * n_groups
     with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN input is reported below
-        st = reduce(add, (_block(X[..., s, :], Y[..., s, :], None if w is None else w[..., s])
-                          for s in _chunks(n, 4 * C * prod(batch))))
-    if not (np.isfinite(st.mean_x).all() and np.isfinite(st.sxx).all()):
+        for s in _chunks(n, 4 * C * prod(batch)):
+            for g in range(n_groups):
+                if (m := fold[s] == g).any():
+                    st = _block(rows(rows(X, s), m), rows(rows(Y, s), m), rows(rows(w, s), m))
+                    out[g] = st if out[g] is None else out[g] + st
+    if not all(np.isfinite(o.mean_x).all() and np.isfinite(o.sxx).all() for o in out if o):
         raise ActstoreError("activations contain NaN or inf (float16 overflow?); cannot fit")
-    return replace(st, vector_target=vector)
+    return [o and replace(o, vector_target=vector) for o in out]
 
 
-def image_stats(image_index: int, X: np.ndarray, y: np.ndarray, n_folds: int = 5) -> FoldStats:
-    """One image's statistics, placed in its fold: the map step of the one-pass reduce."""
-    k, st = int(fold_of(image_index, n_folds)), accumulate(X, y)
-    return FoldStats(tuple(st if j == k else None for j in range(n_folds)))
+def accumulate(X: np.ndarray, y: np.ndarray | None = None,
+               weights: np.ndarray | None = None) -> RidgeStats:
+    """Statistics of one block of tokens (one image, or any token set), in bounded memory.
+    X ``(..., n, C)``, float16 fine; y ``(..., n)``, ``(..., n, T)`` or None (X moments
+    only, as for a Hessian); ``weights`` ``(..., n)`` for weighted moments."""
+    st = _stats_by_fold(X, y, np.zeros(np.shape(X)[-2], np.int64), 1, weights)[0]
+    if st is None:
+        raise ActstoreError("no tokens to accumulate")
+    return st
+
+
+def image_stats(image_index: int | np.ndarray, X: np.ndarray, y: np.ndarray,
+                n_folds: int = 5) -> FoldStats:
+    """The map step of the one-pass reduce: statistics of one image (scalar index) or of
+    several images' tokens concatenated along axis -2 (index per token), by fold."""
+    fold = fold_of(np.broadcast_to(image_index, np.shape(X)[-2:-1]), n_folds)
+    return FoldStats(tuple(_stats_by_fold(X, y, fold, n_folds)))
 
 
 def _scale(s: RidgeStats) -> np.ndarray:
@@ -203,9 +216,8 @@ def _finish(s: RidgeStats, w, b, alpha, lambdas, best, cv) -> ProbeFit:
     w = np.take_along_axis(w, best[..., None, None, :], axis=-3)[..., 0, :, :]
     b = np.take_along_axis(b, best[..., None, :], axis=-2)[..., 0, :]
     a = np.take_along_axis(alpha, best, axis=-1)
-    sq = (lambda x: x[..., 0]) if s.vector_target else (lambda x: x)
-    return ProbeFit(sq(w), sq(b), sq(lambdas[best]), sq(a), lambdas,
-                    None if cv is None else sq(cv))
+    sq = (lambda x: x if x is None or not s.vector_target else x[..., 0])
+    return ProbeFit(sq(w), sq(b), sq(lambdas[best]), sq(a), lambdas, sq(cv))
 
 
 def fit_ridge(stats: RidgeStats, lam: float) -> ProbeFit:
@@ -223,8 +235,7 @@ def fit_ridge_cv(fold_stats: FoldStats | Sequence[RidgeStats | None],
     present = [f for f in getattr(fold_stats, "folds", fold_stats) if f is not None]
     if len(present) < 2:
         raise ActstoreError(f"cross-validation needs ≥ 2 non-empty folds, got {len(present)}")
-    lambdas = np.asarray(lambdas, dtype=np.float64)
-    sse, n = 0.0, 0.0
+    lambdas, sse, n = np.asarray(lambdas, dtype=np.float64), 0.0, 0.0
     for k, held in enumerate(present):
         w, b, _ = _path(sum(f for j, f in enumerate(present) if j != k), lambdas)
         sse, n = sse + _sse(held, w, b), n + held.n
@@ -234,10 +245,9 @@ def fit_ridge_cv(fold_stats: FoldStats | Sequence[RidgeStats | None],
 
 
 def predict(weights: np.ndarray, bias: np.ndarray | float, X: np.ndarray) -> np.ndarray:
-    """Probe output for X ``(..., n, C)``: ``(..., n)`` for weights ``(..., C)``, or
-    ``(..., n, T)`` for ``(..., C, T)`` (read so whenever the second-last axis is C); batch
-    axes broadcast. Logistic probes give logits (mask = logit > 0). Computed in float32
-    chunks so float16 X is never matmul'ed as float16."""
+    """Probe output for X ``(..., n, C)``: ``(..., n)`` for weights ``(..., C)``, ``(..., n, T)``
+    for ``(..., C, T)`` (so read when the second-last axis is C); batch axes broadcast.
+    Logistic probes give logits (mask = logit > 0). float32 chunks: no float16 matmul."""
     X, w, dt = np.asarray(X), np.asarray(weights), np.result_type(X.dtype, np.float32)
     vector = w.ndim < 2 or w.shape[-2] != X.shape[-1]
     W = (w[..., None] if vector else w).astype(dt)
@@ -249,7 +259,8 @@ def predict(weights: np.ndarray, bias: np.ndarray | float, X: np.ndarray) -> np.
 
 
 class _Hess(NamedTuple):
-    """Per-model reduced Hessian h·S in eigenform (bias eliminated by its Schur complement)."""
+    """Per-model Hessian h·S in eigenform, the bias eliminated by its Schur complement; h
+    turns unweighted stats into the Hessian at the constant model (h = p̄(1-p̄)), else 1."""
     d: np.ndarray    # (M, C) eigenvalues of h·S, V (M, C, C) its eigenvectors
     V: np.ndarray
     mu: np.ndarray   # (M, C) (weighted) mean of X: the bias coupling; n (M,) h·count
@@ -257,7 +268,6 @@ class _Hess(NamedTuple):
 
     @classmethod
     def of(cls, stats: list[RidgeStats], h: np.ndarray | float = 1.0) -> "_Hess":
-        """``h`` scales unweighted stats into a Hessian: p̄(1-p̄) at the constant model."""
         d, V = _eigh(np.stack([s.sxx for s in stats]))
         h = np.broadcast_to(h, (len(stats),))
         return cls(d * h[:, None], V, np.stack([s.mean_x for s in stats]),
@@ -270,38 +280,25 @@ class _Hess(NamedTuple):
         return dw, gb / self.n - (self.mu * dw).sum(1)
 
 
-# Gradient passes are O(nC), memory-bound, so float64 costs little; float32 rounding noise
+# Gradient passes are O(nC) and memory-bound, so float64 costs little; float32 rounding
 # would stall Newton at ~1e-6. Only the O(nC²) Hessian uses float32: it may be approximate.
 def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray) -> np.ndarray:
-    return np.concatenate([X[s].astype(np.float64) @ W.T
+    return np.concatenate([np.asarray(X[s], np.float64) @ W.T
                            for s in _chunks(len(X), 8 * X.shape[1])]) + B
 
 
 def _backward(X: np.ndarray, R: np.ndarray) -> np.ndarray:
-    return sum(R[s].T @ X[s].astype(np.float64) for s in _chunks(len(X), 8 * X.shape[1]))
+    return sum(R[s].T @ np.asarray(X[s], np.float64) for s in _chunks(len(X), 8 * X.shape[1]))
 
 
 def _objective(Z, y, train, W, alpha) -> np.ndarray:
     return ((np.logaddexp(0.0, Z) - y[:, None] * Z) * train).sum(0) + 0.5 * alpha * (W * W).sum(1)
 
 
-def _stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]:
-    out: list[RidgeStats | None] = [None] * n_groups
-    for s in _chunks(len(X), 4 * X.shape[1]):
-        for g in range(n_groups):
-            m = fold[s] == g
-            if m.any():
-                st = accumulate(X[s][m], None if y is None else y[s][m],
-                                None if weights is None else weights[s][m])
-                out[g] = st if out[g] is None else out[g] + st
-    return out
-
-
-def _newton(X, y, train, refresh, W, B, H, alpha, tol, max_iter):
+def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
     """Newton iterations at one α for all models at once (columns of W), halving a model's
     step while its objective goes up; the Hessian is refreshed (one O(nC²) pass) only when
     some model converges slower than 4x per step and the full model has moved."""
-    Z = _forward(X, W, B)
     loss = _objective(Z, y, train, W, alpha)
     active, prev = np.ones(len(W), bool), np.full(len(W), np.inf)
     for _ in range(max_iter):
@@ -330,8 +327,7 @@ def _newton(X, y, train, refresh, W, B, H, alpha, tol, max_iter):
 def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeFit:
     """Regularisation path, strong to weak λ with warm starts, for the K fold models and
     the full model together, so each pass over the in-memory X serves all K+1 of them."""
-    X, y = np.asarray(X), np.asarray(y, dtype=np.float64)
-    lambdas = np.asarray(lambdas, dtype=np.float64)
+    X, y, lambdas = np.asarray(X), np.asarray(y, np.float64), np.asarray(lambdas, np.float64)
     if X.ndim != 2 or y.shape != X.shape[:1]:
         raise ActstoreError(f"logistic probe needs X (n, C), y (n,), got {X.shape}, {y.shape}")
     if not np.isin(y, (0.0, 1.0)).all() or (lambdas <= 0).any():
@@ -348,22 +344,28 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeF
     def per_model(S):     # training-set statistics of each model: all folds but its own
         return [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
 
-    def refresh(z):       # per-fold XᵀWX at the full model's IRLS weights
-        p = 0.5 + 0.5 * np.tanh(0.5 * z)
-        return _Hess.of(per_model(_stats_by_fold(X, None, fold, n_groups, p * (1 - p))))
+    def refresh(z):   # per-fold XᵀWX at the full model's weights on a strided subsample of
+        k = -(-len(z) // HESSIAN_TOKENS)   # ≤ HESSIAN_TOKENS tokens: only a preconditioner,
+        p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])   # the exact gradient keeps the optimum exact
+        return _Hess.of(per_model(_stats_by_fold(X[::k], None, fold[::k], n_groups,
+                                                 k * p * (1 - p))))
 
     T = per_model(F)
-    scale = np.array([_scale(t) for t in T])
+    scale = np.array([_scale(t) for t in T])   # each model's α = λ·scale, its own training set
     ybar = np.clip([float(t.mean_y[0]) for t in T], 1e-6, 1 - 1e-6)
     H = _Hess.of(T, ybar * (1 - ybar))   # the exact Hessian at the intercept-only model
     # Warm start = first Newton step from the intercept-only model = the ridge solution at
     # α/(p̄(1-p̄)), divided by p̄(1-p̄): the linear-probability model mapped to logits.
     W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]), np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - (H.mu * W).sum(1)
+    # iterate on a float64 copy of X if it fits RESIDENT_BYTES, else convert chunk by chunk
+    X64 = X.astype(np.float64) if X.size * 8 <= RESIDENT_BYTES else X
+    Z = _forward(X64, W, B)
     path_w, path_b = np.zeros((len(lambdas), X.shape[1])), np.zeros(len(lambdas))
     score, converged = np.full(len(lambdas), np.nan), True
     for li in np.argsort(-lambdas):
-        W, B, Z, H, ok = _newton(X, y, train, refresh, W, B, H, lambdas[li] * scale, tol, max_iter)
+        W, B, Z, H, ok = _newton(X64, y, train, refresh, W, B, Z, H, lambdas[li] * scale, tol,
+                                 max_iter)
         converged &= ok
         path_w[li], path_b[li] = W[-1], B[-1]
         if cv:
@@ -375,19 +377,18 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeF
                     bool(converged))
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = 1e-7,
+def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = 1e-6,
                  max_iter: int = 100, stats: RidgeStats | None = None) -> ProbeFit:
-    """L2 logistic probe at one relative penalty λ on one cell's tokens, held in memory:
-    X ``(n, C)`` float16/32 is read from the store once and reused by every Newton step in
-    bounded chunks; y ``(n,)`` in {0, 1}. ``stats`` (this cell's :func:`accumulate` from the
-    ridge pass), if at hand, saves one pass over X."""
+    """L2 logistic probe at one λ on one cell's tokens held in memory (read from the store
+    once), X ``(n, C)`` float16/32, y ``(n,)`` in {0, 1}. ``stats``, this cell's
+    :func:`accumulate` from the ridge pass, saves one pass over X."""
     fold, F = np.zeros(len(X), np.int64), None if stats is None else [stats]
     return _logistic(X, y, fold, 1, False, [lam], tol, max_iter, F)
 
 
 def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
-                    lambdas: Sequence[float] | np.ndarray = DEFAULT_LAMBDAS, n_folds: int = 5,
-                    tol: float = 1e-7, max_iter: int = 100,
+                    lambdas: Sequence[float] | np.ndarray = LOGISTIC_LAMBDAS, n_folds: int = 5,
+                    tol: float = 1e-6, max_iter: int = 100,
                     fold_stats: FoldStats | None = None) -> ProbeFit:
     """L2 logistic probe with λ chosen by image-level K-fold CV (validation log-loss).
     ``image_index`` ``(n,)`` gives each token's image, hence its fold (:func:`fold_of`);

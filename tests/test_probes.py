@@ -7,6 +7,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 from threadpoolctl import threadpool_limits
 
+from actstore import probes
 from actstore.errors import ActstoreError
 from actstore.probes import (FoldStats, accumulate, fit_logistic, fit_logistic_cv, fit_ridge,
                              fit_ridge_cv, fold_of, image_stats, predict)
@@ -55,6 +56,15 @@ def test_merged_blocks_equal_concatenated_data():
     raw = merged.sxx + merged.n[:, None, None] * mx[:, :, None] * mx[:, None, :]   # raw XᵀX
     Xd = X.reshape(3, -1, C).astype(np.float64)
     np.testing.assert_allclose(raw, np.swapaxes(Xd, 1, 2) @ Xd, rtol=1e-6)
+
+
+def test_image_stats_of_many_images_equals_per_image_sum():
+    X, y, _ = make_cells(steps=(2,))                       # (step, image, token, C)
+    per_image = fold_stats(np.moveaxis(X, 1, 0), np.moveaxis(y, 1, 0))
+    tokens = image_stats(np.repeat(np.arange(N_IMG), TOK), X.reshape(2, -1, C), y.reshape(2, -1))
+    for a, b in zip(per_image.folds, tokens.folds):
+        np.testing.assert_allclose(a.sxx, b.sxx, rtol=1e-6, atol=1e-6 * np.abs(b.sxx).max())
+        np.testing.assert_allclose(a.sxy, b.sxy, rtol=1e-6, atol=1e-6 * np.abs(b.sxy).max())
 
 
 def test_fold_stats_merge_and_assignment():
@@ -133,6 +143,21 @@ def test_logistic_matches_sklearn(lam):
     np.testing.assert_allclose(fit.weights, ref.coef_[0], rtol=1e-4,
                                atol=1e-4 * np.abs(ref.coef_).max())
     np.testing.assert_allclose(fit.bias, ref.intercept_[0], rtol=1e-4, atol=1e-4)
+
+
+def test_memory_bounds_do_not_change_results(monkeypatch):
+    """Tiny chunks, no resident float64 copy and a subsampled Newton Hessian: same answer."""
+    X, yb = binary_cells()
+    Xf, yf = X.reshape(-1, C), yb.ravel()
+    ref_r, ref_l = fit_ridge(accumulate(Xf, yf), 1e-3), fit_logistic(Xf, yf, 1e-3)
+    monkeypatch.setattr(probes, "CHUNK_BYTES", 4 * C * 100)
+    monkeypatch.setattr(probes, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(probes, "HESSIAN_TOKENS", 97)
+    got_r, got_l = fit_ridge(accumulate(Xf, yf), 1e-3), fit_logistic(Xf, yf, 1e-3)
+    np.testing.assert_allclose(got_r.weights, ref_r.weights, rtol=1e-6,
+                               atol=1e-6 * np.abs(ref_r.weights).max())
+    np.testing.assert_allclose(got_l.weights, ref_l.weights, rtol=1e-5, atol=1e-6)
+    assert got_l.converged
 
 
 def test_logistic_cv_matches_sklearn_brute_force():
