@@ -68,6 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
+    m = sub.add_parser("main", help="the main job on the embedded default model: materialize,"
+                       " figures (always a Prefect flow)")
+    m.add_argument("--model", help="default: toy-ldm if its folder exists, else tiny-random")
+    m.add_argument("--prompts", help="default: toyworld for toy-ldm, demo for tiny-random")
+    m.add_argument("--out", default="runs/main", help="folder for the store and figures")
+    m.add_argument("--images", help="region START:STOP of the prompt table")
+    m.add_argument("--steps", type=int, default=15)
+    m.add_argument("--device", default="auto")
     return parser
 
 
@@ -113,19 +121,33 @@ def _materialize(args, catalog) -> dict:
     return materialize_flow(**params)
 
 
+def _main_job(args, catalog) -> dict:
+    from actstore.catalog import resolve_model, resolve_prompts
+
+    toy = catalog is not None and "toy-ldm" in catalog.models and \
+        Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
+    model = resolve_model(catalog, args.model or ("toy-ldm" if toy else "tiny-random"))
+    prompts = args.prompts or ("toyworld" if model["name"] == "toy-ldm" else "demo")
+    from flows.main import main_flow
+
+    return main_flow(model=model["ref"], prompts=resolve_prompts(catalog, prompts),
+                     out=args.out, images=args.images, steps=args.steps, device=args.device)
+
+
 def _quiet_libraries() -> None:
     """diffusers/transformers chatter (load bars, deprecation notes) hides actstore's output."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
-COMMANDS = {"materialize": _materialize}
+COMMANDS = {"materialize": _materialize, "main": _main_job}
 
 
 def main(argv: list[str] | None = None) -> int:

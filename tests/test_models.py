@@ -1,0 +1,79 @@
+"""Loading: real SD v1.4 architecture from a save_pretrained folder, dtypes, devices, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from actstore.errors import ActstoreError
+from actstore.models import load_model, resolve_device
+from conftest import DEMO
+from test_store import SD_LAYERS
+
+SD14_TOKENS = {"down_blocks.0": (8, 320), "down_blocks.1": (4, 640), "down_blocks.2": (2, 1280),
+               "mid_block": (1, 1280), "up_blocks.1": (2, 1280), "up_blocks.2": (4, 640),
+               "up_blocks.3": (8, 320)}
+
+
+def test_sd14_architecture_folder_loads_and_materializes(tmp_path):
+    """SD v1.4's real configs (random weights) through the same loader and store, at 64 px."""
+    from actstore.access import open_store
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+    from sd14 import sd14_folder
+
+    folder = sd14_folder()
+    model = load_model(folder, device="cpu")
+    assert list(model.unet.config.block_out_channels) == [320, 640, 1280, 1280]
+    assert model.unet.config.cross_attention_dim == 768
+    assert model.text_encoder.config.hidden_size == 768
+    assert model.native_size == 512 and model.vae_scale_factor == 8
+    uri = str(tmp_path / "sd14.zarr")
+    materialize(model, DEMO, uri, images="0:1", batch_size=1, block_size=1,
+                gen=GenerationConfig(steps=2, height=64, width=64), progress=False)
+    view = open_store(uri)
+    assert view.layers == SD_LAYERS
+    for layer in SD_LAYERS:
+        side, channels = SD14_TOKENS[layer.rsplit(".attentions", 1)[0]]
+        assert view[layer].shape == (1, 2, side, side, channels), layer
+    assert np.isfinite(view["up_blocks.3.attentions.2"].values.astype(np.float32)).all()
+
+
+def test_tokenizer_is_byte_level_clip():
+    model = load_model("tiny-random", device="cpu")
+    ids = model.tokenizer("ab").input_ids
+    assert ids[0] == 512 and ids[-1] == 513 and len(ids) == 4  # bos, a, b</w>, eos
+    assert len(model.tokenizer) == 514
+
+
+def test_fp16_materializes(tmp_path):
+    from actstore.access import open_store
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+
+    uri = str(tmp_path / "fp16.zarr")
+    materialize("tiny-random", DEMO, uri, images="0:4", dtype="float16", device="cpu",
+                gen=GenerationConfig(steps=2), progress=False)
+    view = open_store(uri)
+    assert view.attrs["fingerprint"]["dtype"] == "float16"
+    assert np.isfinite(view["mid_block.attentions.0"].values).all()
+
+
+def test_device_errors():
+    with pytest.raises(ActstoreError, match="use cpu, cuda"):
+        resolve_device("tpu")
+    assert str(resolve_device("cpu")) == "cpu"
+
+
+def test_missing_model_and_hub_id_not_cached(tmp_path):
+    with pytest.raises(ActstoreError, match="no such folder"):
+        load_model(str(tmp_path / "missing"))
+    with pytest.raises(ActstoreError, match="local Hugging Face cache"):
+        load_model("nobody/not-a-cached-model")
+
+
+def test_incomplete_pipeline_folder(tmp_path):
+    (tmp_path / "model_index.json").write_text('{"unet": ["diffusers", "UNet2DConditionModel"]}')
+    (tmp_path / "unet").mkdir()
+    with pytest.raises(ActstoreError, match="missing component"):
+        load_model(str(tmp_path))
