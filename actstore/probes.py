@@ -1,19 +1,18 @@
 """Closed-form linear probes from sufficient statistics: the store is read once.
 
 The authors fit each (layer, step) probe with Adam for 30 epochs, re-reading the data each
-epoch. Least squares needs only second moments: :func:`accumulate` (or :func:`image_stats`)
+epoch. Least squares needs only second moments: :func:`accumulate` or :func:`image_stats`
 per block, merge with ``+`` (associative: Dask can tree-reduce), and :func:`fit_ridge_cv`
-solves every λ from one eigendecomposition; image-level K-fold CV (:func:`fold_of`) scores
-a fold from its own statistics, so no second pass. Logistic probes
-(:func:`fit_logistic_cv`) run Newton on one cell's tokens held in memory.
+solves every λ from one eigendecomposition, scoring image-level CV folds (:func:`fold_of`)
+from their own statistics. Logistic probes run Newton on one cell's tokens in memory.
 
-Statistics are centred (means and co-moments, merged by Chan's formula): the content of raw
-XᵀX, Xᵀy, yᵀy (XᵀX = sxx + n·mean_x·mean_xᵀ) without their cancellation when channel means
-are large; products in float32 (float16 upcast), sums in float64. Penalty α = λ·tr(S)/C,
-S the centred XᵀX of the training tokens, so one λ grid suits any layer width, scale and
-token count; the bias is unpenalised. Ridge minimises Σ(y - Xw - b)² + α‖w‖² (sklearn
-``Ridge(alpha=α)``), logistic Σ logloss + (α/2)‖w‖² (``LogisticRegression(C=1/α)``).
-Leading axes of X ``(..., n, C)`` batch cells; y ``(..., n, T)`` fits T targets at once.
+Statistics are centred (means and co-moments, merged by Chan's formula): raw XᵀX, Xᵀy, yᵀy
+(XᵀX = sxx + n·mean_x·mean_xᵀ) without their cancellation when channel means are large.
+Products in float32, sums in float64. Penalty α = λ·tr(S)/C, S the centred XᵀX of the
+training tokens, so one λ grid suits any layer width, scale and token count; the bias is
+unpenalised. Ridge minimises Σ(y - Xw - b)² + α‖w‖² (sklearn ``Ridge(alpha=α)``), logistic
+Σ logloss + (α/2)‖w‖² (``LogisticRegression(C=1/α)``). X ``(..., n, C)``: leading axes
+batch cells; y ``(..., n, T)`` fits T targets sharing XᵀX.
 """
 
 from __future__ import annotations
@@ -25,10 +24,6 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from actstore.errors import ActstoreError
-
-__all__ = ["RidgeStats", "FoldStats", "ProbeFit", "DEFAULT_LAMBDAS", "LOGISTIC_LAMBDAS",
-           "fold_of", "accumulate", "image_stats", "fit_ridge", "fit_ridge_cv",
-           "fit_logistic", "fit_logistic_cv", "predict"]
 
 DEFAULT_LAMBDAS = np.logspace(-6, 1, 15)
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
@@ -119,25 +114,35 @@ def _chunks(n: int, row_bytes: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
 
 
+def _up(X: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """Upcast for the products. float16 goes through torch, whose F16C conversion is ~10x
+    numpy's astype; with numpy, converting would cost more than a narrow layer's XᵀX."""
+    if X.dtype == np.float16:
+        import torch
+        X = torch.from_numpy(np.require(X, requirements=["C", "W"])).float().numpy()
+    return X.astype(np.result_type(X.dtype, dtype), copy=False)
+
+
 def _block(X: np.ndarray, Y: np.ndarray, w: np.ndarray) -> RidgeStats:
-    dt = np.result_type(X.dtype, np.float32)
-    Xf, n = X.astype(dt, copy=False), w.sum(-1)
+    Xf, n = _up(X), w.sum(-1)
     safe = np.where(n > 0, n, 1.0)[..., None]
     mx = np.einsum("...n,...nc->...c", w, Xf, dtype=np.float64) / safe
     my = np.einsum("...n,...nt->...t", w, Y) / safe
-    root = np.sqrt(w)[..., None]   # the O(nC) weighting is cheap beside the O(nC²) product
-    Xs, Ys = (Xf - mx.astype(dt)[..., None, :]) * root.astype(dt), (Y - my[..., None, :]) * root
+    Xs, Ys = Xf - mx.astype(Xf.dtype)[..., None, :], Y - my[..., None, :]
+    if not (w == 1).all():
+        root = np.sqrt(w)[..., None]
+        Xs, Ys = Xs * root.astype(Xf.dtype), Ys * root
     XsT = np.swapaxes(Xs, -1, -2)
     return RidgeStats(n=n, mean_x=mx, mean_y=my, sxx=(XsT @ Xs).astype(np.float64),
-                      sxy=(XsT @ Ys.astype(dt)).astype(np.float64), syy=(Ys * Ys).sum(-2))
+                      sxy=(XsT @ Ys.astype(Xf.dtype)).astype(np.float64), syy=(Ys * Ys).sum(-2))
 
 
 def _stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]:
     """Statistics per fold of the tokens (axis -2 of X), given each token's fold, computed
     chunk by chunk so the float32 copy stays small."""
     X = np.asarray(X)
-    if X.ndim < 2:
-        raise ActstoreError(f"activations must be shaped (..., tokens, channels), got {X.shape}")
+    if X.ndim < 2 or X.shape[-2] == 0:
+        raise ActstoreError(f"activations must be shaped (..., tokens>0, channels), got {X.shape}")
     batch, n, C = X.shape[:-2], X.shape[-2], X.shape[-1]
     vector = y is None or np.ndim(y) == X.ndim - 1
     Y = np.zeros(batch + (n, 0)) if y is None else np.asarray(y, dtype=np.float64)
@@ -167,10 +172,7 @@ def accumulate(X: np.ndarray, y: np.ndarray | None = None,
     """Statistics of one block of tokens (one image, or any token set), in bounded memory.
     X ``(..., n, C)``, float16 fine; y ``(..., n)``, ``(..., n, T)`` or None (X moments
     only, as for a Hessian); ``weights`` ``(..., n)`` for weighted moments."""
-    st = _stats_by_fold(X, y, np.zeros(np.shape(X)[-2], np.int64), 1, weights)[0]
-    if st is None:
-        raise ActstoreError("no tokens to accumulate")
-    return st
+    return _stats_by_fold(X, y, np.zeros(np.shape(X)[-2], np.int64), 1, weights)[0]
 
 
 def image_stats(image_index: int | np.ndarray, X: np.ndarray, y: np.ndarray,
@@ -248,13 +250,13 @@ def predict(weights: np.ndarray, bias: np.ndarray | float, X: np.ndarray) -> np.
     """Probe output for X ``(..., n, C)``: ``(..., n)`` for weights ``(..., C)``, ``(..., n, T)``
     for ``(..., C, T)`` (so read when the second-last axis is C); batch axes broadcast.
     Logistic probes give logits (mask = logit > 0). float32 chunks: no float16 matmul."""
-    X, w, dt = np.asarray(X), np.asarray(weights), np.result_type(X.dtype, np.float32)
+    X, w = np.asarray(X), np.asarray(weights)
     vector = w.ndim < 2 or w.shape[-2] != X.shape[-1]
-    W = (w[..., None] if vector else w).astype(dt)
+    W = (w[..., None] if vector else w).astype(np.result_type(X.dtype, np.float32))
     b = np.asarray(bias, dtype=np.float64)
     b = b[..., None, None] if vector else b[..., None, :]
     rows = _chunks(X.shape[-2], 4 * X.shape[-1] * prod(X.shape[:-2]))
-    out = np.concatenate([X[..., s, :].astype(dt) @ W for s in rows], axis=-2) + b
+    out = np.concatenate([_up(X[..., s, :]) @ W for s in rows], axis=-2) + b
     return out[..., 0] if vector else out
 
 
@@ -283,23 +285,21 @@ class _Hess(NamedTuple):
 # Gradient passes are O(nC) and memory-bound, so float64 costs little; float32 rounding
 # would stall Newton at ~1e-6. Only the O(nC²) Hessian uses float32: it may be approximate.
 def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(X[s], np.float64) @ W.T
+    return np.concatenate([_up(X[s], np.float64) @ W.T
                            for s in _chunks(len(X), 8 * X.shape[1])]) + B
 
 
 def _backward(X: np.ndarray, R: np.ndarray) -> np.ndarray:
-    return sum(R[s].T @ np.asarray(X[s], np.float64) for s in _chunks(len(X), 8 * X.shape[1]))
-
-
-def _objective(Z, y, train, W, alpha) -> np.ndarray:
-    return ((np.logaddexp(0.0, Z) - y[:, None] * Z) * train).sum(0) + 0.5 * alpha * (W * W).sum(1)
+    return sum(R[s].T @ _up(X[s], np.float64) for s in _chunks(len(X), 8 * X.shape[1]))
 
 
 def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
     """Newton iterations at one α for all models at once (columns of W), halving a model's
     step while its objective goes up; the Hessian is refreshed (one O(nC²) pass) only when
     some model converges slower than 4x per step and the full model has moved."""
-    loss = _objective(Z, y, train, W, alpha)
+    def objective(Z, W):   # penalised log-loss of each model on its own training tokens
+        return ((np.logaddexp(0.0, Z) - y[:, None] * Z) * train).sum(0) + alpha / 2 * (W * W).sum(1)
+    loss = objective(Z, W)
     active, prev = np.ones(len(W), bool), np.full(len(W), np.inf)
     for _ in range(max_iter):
         R = (0.5 + 0.5 * np.tanh(0.5 * Z) - y[:, None]) * train
@@ -308,7 +308,7 @@ def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
         size = np.maximum(np.abs(dw).max(1), np.abs(db)) / np.maximum(1.0, np.abs(W).max(1))
         Zd, t = _forward(X, dw, db), np.ones(len(W))
         for _ in range(40):
-            new = _objective(Z - t * Zd, y, train, W - t[:, None] * dw, alpha)
+            new = objective(Z - t * Zd, W - t[:, None] * dw)
             bad = active & (new > loss + 1e-13 * np.abs(loss))
             if not bad.any():
                 break
@@ -359,7 +359,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeF
     W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]), np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - (H.mu * W).sum(1)
     # iterate on a float64 copy of X if it fits RESIDENT_BYTES, else convert chunk by chunk
-    X64 = X.astype(np.float64) if X.size * 8 <= RESIDENT_BYTES else X
+    X64 = _up(X, np.float64) if X.size * 8 <= RESIDENT_BYTES else X
     Z = _forward(X64, W, B)
     path_w, path_b = np.zeros((len(lambdas), X.shape[1])), np.zeros(len(lambdas))
     score, converged = np.full(len(lambdas), np.nan), True
