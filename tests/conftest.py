@@ -69,3 +69,12 @@ def store_arrays(uri: str, model: str = "trained") -> dict:
         for path, arr in sub.arrays():
             out[f"{name}/{path}"] = arr[...]
     return out
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (starting one costs seconds)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
