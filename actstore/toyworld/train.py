@@ -45,6 +45,7 @@ def render_data(run_dir: str | Path, n_scenes: int, size: int = 64) -> Path:
     seeds = np.arange(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n_scenes)
     b = render_batch(seeds, size)
     np.save(rgb_p, b["rgb"])
+    np.save(run_dir / "salient.npy", b["salient"])
     pr_p.write_text(json.dumps(b["prompt"]))
     _log(run_dir, f"rendered {n_scenes} scenes in {time.time() - t0:.1f}s")
     return run_dir
@@ -62,8 +63,10 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
 
 
 def train_vae(run_dir: str | Path, steps: int = 700, batch: int = 32, lr: float = 5e-4,
-              kl_weight: float = 1e-6, ckpt_every: int = 100, seed: int = 0) -> Path:
-    """L1 reconstruction + tiny KL; no perceptual/GAN loss (flat toy colours don't need it)."""
+              kl_weight: float = 1e-6, ckpt_every: int = 100, seed: int = 0,
+              obj_weight: float = 5.0) -> Path:
+    """L1 reconstruction (object pixels up-weighted) + tiny KL; no perceptual/GAN loss
+    (flat toy colours don't need it)."""
     run_dir = Path(run_dir)
     ck = run_dir / "ckpt" / "vae.safetensors"
     torch.manual_seed(seed)
@@ -73,6 +76,11 @@ def train_vae(run_dir: str | Path, steps: int = 700, batch: int = 32, lr: float 
     if st["step"] >= steps:
         return ck
     x_all = _images(run_dir)
+    # Objects cover ~5% of pixels; without up-weighting them the VAE learns sky and
+    # ground first and renders objects as dark blobs for hundreds of steps.
+    sal_p = run_dir / "salient.npy"
+    w_all = (1.0 + obj_weight * torch.from_numpy(np.load(sal_p)).float()[:, None]
+             if sal_p.exists() else None)
     g = torch.Generator().manual_seed(seed + st["step"])
     t_start, step0, avg = time.time(), st["step"], None
     vae.train()
@@ -81,8 +89,10 @@ def train_vae(run_dir: str | Path, steps: int = 700, batch: int = 32, lr: float 
         x = x_all[idx]
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
-        l1 = (rec - x).abs().mean()
-        loss = l1 + kl_weight * post.kl().mean()
+        err = (rec - x).abs()
+        l1 = err.mean()
+        rec_loss = l1 if w_all is None else (err * w_all[idx]).mean()
+        loss = rec_loss + kl_weight * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
