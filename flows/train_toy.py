@@ -8,13 +8,19 @@ stopped. Run: ``python -m flows.train_toy --run-dir runs/toy-ldm --out models/to
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
-import torch
-from prefect import flow, task
+# A busy 2-core machine can take longer than Prefect's default to start its ephemeral
+# API server; training must not die for that. Set before Prefect reads its settings.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from actstore.toyworld import train as T
+import torch  # noqa: E402
+from prefect import flow, task  # noqa: E402
+
+from actstore.toyworld import train as T  # noqa: E402
 
 
 @task
