@@ -129,6 +129,53 @@ def encode_latents(run_dir: str | Path, batch: int = 256) -> float:
     return sf
 
 
+def finetune_decoder(run_dir: str | Path, steps: int = 600, batch: int = 16, lr: float = 5e-4,
+                     ckpt_every: int = 100, obj_weight: float = 5.0, seed: int = 1) -> Path:
+    """Keep training the VAE decoder on the frozen encoder's latents (as SD's ft-EMA VAE).
+
+    The UNet only sees encoder latents, so once they are fixed the decoder can improve
+    in parallel with UNet training without invalidating it; export picks this up.
+    """
+    run_dir = Path(run_dir)
+    ck = run_dir / "ckpt" / "vae_decoder.safetensors"
+    torch.manual_seed(seed)
+    vae = M.make_vae()
+    load_checkpoint(run_dir / "ckpt" / "vae.safetensors", {"vae": vae})
+    dec = torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
+    opt = torch.optim.AdamW(dec.parameters(), lr=lr, weight_decay=0.0)
+    st = load_checkpoint(ck, {"dec": dec}, opt) or {"step": 0, "elapsed": 0.0}
+    if st["step"] >= steps:
+        return ck
+    x_all = _images(run_dir)
+    lat = torch.from_numpy(np.load(run_dir / "latents.npy"))
+    w_all = 1.0 + obj_weight * torch.from_numpy(np.load(run_dir / "salient.npy")).float()[:, None]
+    g = torch.Generator().manual_seed(seed + st["step"])
+    t_start, step0, avg = time.time(), st["step"], None
+    for step in range(st["step"], steps):
+        cur_lr = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        for grp in opt.param_groups:
+            grp["lr"] = cur_lr
+        idx = torch.randint(0, x_all.shape[0], (batch,), generator=g)
+        z = lat[idx] + 0.05 * lat.std() * torch.randn(lat[idx].shape, generator=g)
+        rec = vae.decode(z).sample
+        err = (rec - x_all[idx]).abs()
+        loss = (err * w_all[idx]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        avg = err.mean().item() if avg is None else 0.95 * avg + 0.05 * err.mean().item()
+        done = step + 1
+        if done % 20 == 0 or done == steps:
+            sps = (time.time() - t_start) / (done - step0)
+            _log(run_dir, f"decoder step {done}/{steps} l1 {avg:.4f} {sps:.2f}s/step "
+                          f"eta {sps * (steps - done) / 60:.1f}min")
+        if done % ckpt_every == 0 or done == steps:
+            st = {"step": done, "elapsed": st["elapsed"] + time.time() - t_start, "l1": avg}
+            t_start, step0 = time.time(), done
+            save_checkpoint(ck, {"dec": dec}, opt, st)
+    return ck
+
+
 def _tokenize_all(tok, prompts: list[str]) -> torch.Tensor:
     enc = tok(prompts, padding="max_length", max_length=tok.model_max_length,
               truncation=True, return_tensors="pt")
@@ -219,6 +266,10 @@ def export(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True) -> Pa
     sf = json.loads((run_dir / "latent_stats.json").read_text())["scaling_factor"]
     vae = M.make_vae(scaling_factor=sf)
     load_checkpoint(run_dir / "ckpt" / "vae.safetensors", {"vae": vae})
+    dec_ck = run_dir / "ckpt" / "vae_decoder.safetensors"
+    if dec_ck.exists():  # decoder fine-tuned on the same frozen-encoder latents
+        dec = torch.nn.ModuleDict({"decoder": vae.decoder, "post_quant_conv": vae.post_quant_conv})
+        load_checkpoint(dec_ck, {"dec": dec})
     unet, te = M.make_unet(), M.make_text_encoder(tok)
     pre = "ema_" if use_ema else ""
     st = load_checkpoint(run_dir / "ckpt" / "unet.safetensors",
@@ -249,7 +300,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--stage", default="all",
-                   choices=["all", "data", "vae", "latents", "unet", "export"])
+                   choices=["all", "data", "vae", "latents", "unet", "decoder", "export"])
+    p.add_argument("--decoder-steps", type=int, default=600,
+                   help="decoder-only fine-tuning (run as its own --stage decoder process)")
     return p.parse_args(argv)
 
 
@@ -271,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage in ("all", "unet"):
         train_unet(run, steps=a.unet_steps, batch=a.unet_batch, lr=a.lr,
                    ckpt_every=a.ckpt_every, max_minutes=a.max_minutes)
+    if a.stage == "decoder":
+        finetune_decoder(run, steps=a.decoder_steps, batch=a.vae_batch)
     if a.stage in ("all", "export"):
         export(run, a.out)
         _log(run, f"exported {a.out}")
