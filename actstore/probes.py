@@ -29,7 +29,8 @@ DEFAULT_LAMBDAS = np.logspace(-6, 1, 15)
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
 CHUNK_BYTES = 64 << 20      # bound on the float32 copy of X made per block
 RESIDENT_BYTES = 1 << 30    # logistic keeps a float64 copy of X up to this size
-HESSIAN_TOKENS = 1 << 16    # logistic Hessian refreshes use at most this many tokens
+HESSIAN_TOKENS = 256        # per channel: logistic Hessian refreshes use ≤ ~256·C tokens
+PATH_TOL = 1e-4             # logistic tolerance along the λ path; the chosen λ gets ``tol``
 
 
 @dataclass(frozen=True)
@@ -261,24 +262,22 @@ def predict(weights: np.ndarray, bias: np.ndarray | float, X: np.ndarray) -> np.
 
 
 class _Hess(NamedTuple):
-    """Per-model Hessian h·S in eigenform, the bias eliminated by its Schur complement; h
-    turns unweighted stats into the Hessian at the constant model (h = p̄(1-p̄)), else 1."""
-    d: np.ndarray    # (M, C) eigenvalues of h·S, V (M, C, C) its eigenvectors
-    V: np.ndarray
-    mu: np.ndarray   # (M, C) (weighted) mean of X: the bias coupling; n (M,) h·count
-    n: np.ndarray
+    """Per-model Hessian h·S, the bias eliminated by its Schur complement; h turns
+    unweighted stats into the Hessian at the constant model (h = p̄(1-p̄)), else 1."""
+    A: np.ndarray    # (M, C, C) h·S
+    mu: np.ndarray   # (M, C) (weighted) mean of X: the bias coupling
+    n: np.ndarray    # (M,) h·(weighted) count
 
     @classmethod
     def of(cls, stats: list[RidgeStats], h: np.ndarray | float = 1.0) -> "_Hess":
-        d, V = _eigh(np.stack([s.sxx for s in stats]))
         h = np.broadcast_to(h, (len(stats),))
-        return cls(d * h[:, None], V, np.stack([s.mean_x for s in stats]),
-                   h * np.array([s.n for s in stats]))
+        return cls(h[:, None, None] * np.stack([s.sxx for s in stats]),
+                   np.stack([s.mean_x for s in stats]), h * np.array([s.n for s in stats]))
 
     def solve(self, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
         """Newton direction for (w, b) given gradients, penalty α on w only."""
-        z = np.einsum("mcd,mc->md", self.V, gw - self.mu * gb[:, None])
-        dw = np.einsum("mcd,md->mc", self.V, z / (self.d + alpha[:, None]))
+        A = self.A + alpha[:, None, None] * np.eye(self.A.shape[-1])
+        dw = np.linalg.solve(A, (gw - self.mu * gb[:, None])[..., None])[..., 0]
         return dw, gb / self.n - (self.mu * dw).sum(1)
 
 
@@ -294,9 +293,8 @@ def _backward(X: np.ndarray, R: np.ndarray) -> np.ndarray:
 
 
 def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
-    """Newton iterations at one α for all models at once (columns of W), halving a model's
-    step while its objective goes up; the Hessian is refreshed (one O(nC²) pass) only when
-    some model converges slower than 4x per step and the full model has moved."""
+    """Newton at one α for all models at once, halving a model's step while its objective
+    rises; the Hessian is refreshed only when a model converges slower than 4x per step."""
     def objective(Z, W):   # penalised log-loss of each model on its own training tokens
         return ((np.logaddexp(0.0, Z) - y[:, None] * Z) * train).sum(0) + alpha / 2 * (W * W).sum(1)
     loss = objective(Z, W)
@@ -344,9 +342,9 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeF
     def per_model(S):     # training-set statistics of each model: all folds but its own
         return [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
 
-    def refresh(z):   # per-fold XᵀWX at the full model's weights on a strided subsample of
-        k = -(-len(z) // HESSIAN_TOKENS)   # ≤ HESSIAN_TOKENS tokens: only a preconditioner,
-        p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])   # the exact gradient keeps the optimum exact
+    def refresh(z):   # per-fold XᵀWX at the full model's weights, on a strided subsample of
+        k = max(1, len(z) // (HESSIAN_TOKENS * X.shape[1]))   # ≤ ~256·C tokens: it only
+        p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])   # preconditions; the exact gradient decides
         return _Hess.of(per_model(_stats_by_fold(X[::k], None, fold[::k], n_groups,
                                                  k * p * (1 - p))))
 
@@ -358,23 +356,25 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeF
     # α/(p̄(1-p̄)), divided by p̄(1-p̄): the linear-probability model mapped to logits.
     W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]), np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - (H.mu * W).sum(1)
-    # iterate on a float64 copy of X if it fits RESIDENT_BYTES, else convert chunk by chunk
     X64 = _up(X, np.float64) if X.size * 8 <= RESIDENT_BYTES else X
     Z = _forward(X64, W, B)
-    path_w, path_b = np.zeros((len(lambdas), X.shape[1])), np.zeros(len(lambdas))
+    path_w, path_b = np.zeros((len(lambdas),) + W.shape), np.zeros((len(lambdas), len(B)))
     score, converged = np.full(len(lambdas), np.nan), True
-    for li in np.argsort(-lambdas):
-        W, B, Z, H, ok = _newton(X64, y, train, refresh, W, B, Z, H, lambdas[li] * scale, tol,
-                                 max_iter)
+    for li in np.argsort(-lambdas):   # validation loss is flat at the optimum: PATH_TOL will do
+        W, B, Z, H, ok = _newton(X64, y, train, refresh, W, B, Z, H, lambdas[li] * scale,
+                                 max(tol, PATH_TOL), max_iter)
         converged &= ok
-        path_w[li], path_b[li] = W[-1], B[-1]
+        path_w[li], path_b[li] = W, B
         if cv:
             ll = np.logaddexp(0.0, Z) - y[:, None] * Z
             score[li] = sum(ll[fold == g, m].sum() for m, g in enumerate(held)) / len(y)
     best = int(np.nanargmin(score)) if cv else 0
-    return ProbeFit(path_w[best], np.float64(path_b[best]), np.float64(lambdas[best]),
+    W, B = path_w[best], path_b[best]   # polish the chosen λ's models to ``tol``
+    W, B, _, _, ok = _newton(X64, y, train, refresh, W, B, _forward(X64, W, B), H,
+                             lambdas[best] * scale, tol, max_iter)
+    return ProbeFit(W[-1], np.float64(B[-1]), np.float64(lambdas[best]),
                     np.float64(lambdas[best] * scale[-1]), lambdas, score if cv else None,
-                    bool(converged))
+                    bool(converged and ok))
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = 1e-6,
