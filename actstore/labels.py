@@ -1,0 +1,377 @@
+"""Probe targets in the store: per-pixel labels of each image, at every resolution a probe needs.
+
+Labels are made from the **final images of one variant** (``source_model``, the trained
+model by default) and serve as targets for every variant's activations, the randomized
+control included, as in the paper: the question is whether a model's activations encode
+the scene of the image the trained model draws, and the control must be scored against
+the same targets to be a control at all. Layout, one group per target::
+
+    labels/<target>/                 attrs: target, kind, provider, source_model,
+                                       normalization, mean, std, created, version, ...
+      full   (image, y, x)           float32 at image resolution; z-scored or 0/1
+      r<h>   (image, y_r<h>, x_r<h>) float32 area mean of ``full`` at each layer
+                                       token grid (binary: salient fraction; target > 0.5)
+      x0     (image, step, y, x)     float32 the provider on each step's decoded x0 image,
+                                       same normalization (the paper's Figure 4)
+
+Continuous targets are z-scored with the mean/std over all pixels of the **train** split,
+so test images never leak into the targets. A target is written into
+``labels/_staging-<target>`` and moved into place when whole, then its attributes are
+written last: a failed run leaves the store as it was, a killed one leaves a target
+without attributes, which counts as absent and is rewritten by the next run. Nothing
+outside ``labels/`` is ever written, so labelling never touches activations.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import xarray as xr
+import zarr
+
+import actstore
+from actstore import store as st
+from actstore.access import StoreView
+from actstore.codecs import DEFAULT_CODEC, codec_chain
+from actstore.errors import ActstoreError
+from actstore.label_providers import BINARY, CONTINUOUS, KINDS, LabelProvider, get_provider
+from actstore.metrics import pool
+from actstore.progress import Progress
+
+LABELS = "labels"
+TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def _staging(target: str) -> str:
+    """Per target, so concurrent writers of different targets share nothing but ``labels/``."""
+    return f"{LABELS}/_staging-{target}"
+
+
+def resolution_name(h: int, w: int) -> str:
+    return f"r{h}" if h == w else f"r{h}x{w}"
+
+
+def write_labels(store: str, provider: str | LabelProvider, target: str, *,
+                 source_model: str = "trained", overwrite: bool = False, on_x0: bool = True,
+                 batch_size: int = 16, progress: bool = True, device: str = "cpu") -> dict:
+    """Label the store's final images with ``provider`` and write target ``target``.
+
+    Everything that can be checked is checked before the first byte is written; a
+    failure later (e.g. NaN from the label model) removes the partial target, so an
+    error always leaves the store unchanged. Returns a summary.
+    """
+    t0 = time.perf_counter()
+    if not isinstance(target, str) or not TARGET_NAME.match(target):
+        raise ActstoreError(f"target {target!r}: use letters, digits, '_', '.', '-' (not "
+                            "starting with '_' or '.')")
+    if batch_size < 1:
+        raise ActstoreError(f"--batch-size {batch_size}: must be at least 1")
+    prov = get_provider(provider, device) if isinstance(provider, str) else provider
+    spec = getattr(prov, "spec", None) or getattr(prov, "name", type(prov).__name__)
+    if target not in prov.targets:
+        raise ActstoreError(f"provider {spec} makes no target {target!r}; it makes "
+                            f"{', '.join(prov.targets) or 'none'}")
+    kind = prov.targets[target]
+    if kind not in KINDS:
+        raise ActstoreError(f"provider {spec}: target {target!r} has kind {kind!r}, not one "
+                            f"of {KINDS}")
+    view = StoreView(store, model=source_model, complete_only=False)
+    _check_complete(view)
+    existing = _attrs_or_none(store, target)
+    if existing is not None and not overwrite:
+        raise ActstoreError(f"store {store}: already has labels {target!r} (from "
+                            f"{existing.get('provider')}); pass --overwrite to replace them")
+    ids = [str(v) for v in view.images["image"].values]
+    train = view.images["split"].values == "train"
+    if not train.any():
+        raise ActstoreError(f"store {store}: no train-split images to normalize labels with; "
+                            "give some images split=train in the prompt table")
+    final = st._open(store, st.model_path(source_model))["final_image"]
+    hw = tuple(final.shape[1:3])
+    grids = _layer_grids(view, hw)
+    by_ids = getattr(prov, "by_ids", None)
+    check = getattr(prov, "check", None)
+    if check is not None:
+        check(ids, hw)
+    x0_note = _x0_decision(view, on_x0, by_ids)
+    ctx = _Ctx(store, target, kind, spec, prov, ids, hw, view.block_size, batch_size)
+    n_steps = view.n_steps if x0_note is None else 0
+    created_labels = not _exists(store, f"{LABELS}/zarr.json")
+    bar = Progress(len(ids), 1 + n_steps, f"label {target}", enabled=progress)
+    try:
+        _remove(store, _staging(target))
+        group = _staging_group(store, target, len(ids), hw, grids, n_steps, view.block_size)
+        mean, std = _write_full(ctx, group, final, by_ids, train, bar)
+        _write_pooled(ctx, group, grids, mean, std)
+        if n_steps:
+            _write_x0(ctx, group, st._open(store, st.model_path(source_model))["x0_image"],
+                      mean, std, bar)
+        attrs = _target_attrs(ctx, source_model, mean, std, int(train.sum()), grids, x0_note)
+        _remove(store, f"{LABELS}/{target}")
+        _fs_mv(store, _staging(target), f"{LABELS}/{target}")
+    except BaseException:
+        _remove(store, _staging(target))
+        if created_labels:
+            _remove_if_empty(store, LABELS)
+        raise
+    finally:
+        bar.close()
+    zarr.open_group(store, path=f"{LABELS}/{target}", mode="r+").attrs.update(attrs)  # last
+    return {"store": store, "target": target, "kind": kind, "provider": spec,
+            "images": len(ids), "resolutions": sorted(attrs["resolutions"]),
+            "x0": attrs["x0"], "x0_note": x0_note, "mean": mean, "std": std,
+            "replaced": existing is not None, "seconds": time.perf_counter() - t0}
+
+
+def _target_attrs(ctx: "_Ctx", source_model: str, mean, std, n_train: int, grids: dict,
+                  x0_note: str | None) -> dict:
+    """Provenance and normalization: enough to undo the z-score and to redo the labels."""
+    prov = ctx.prov
+    return {"target": ctx.target, "kind": ctx.kind, "provider": ctx.spec,
+            "provider_name": getattr(prov, "name", type(prov).__name__),
+            "provider_provenance": getattr(prov, "provenance", {}),
+            "source_model": source_model,
+            "normalization": "zscore-train" if ctx.kind == CONTINUOUS else "none",
+            "mean": mean, "std": std, "n_train_images": n_train,
+            "image_size": list(ctx.hw),
+            "resolutions": {resolution_name(*g): list(g) for g in grids.values()},
+            "layer_arrays": {layer: resolution_name(*g) for layer, g in grids.items()},
+            "x0": x0_note is None, "x0_note": x0_note,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "actstore_version": actstore.__version__}
+
+
+class _Ctx:
+    """What every pass needs to know to check a provider's output and name culprits."""
+
+    def __init__(self, store, target, kind, spec, prov, ids, hw, block, batch_size):
+        self.store, self.target, self.kind, self.spec, self.prov = store, target, kind, spec, prov
+        self.ids, self.hw, self.block, self.batch_size = ids, hw, block, batch_size
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        """The provider in batches; float32 (n, H, W) of this target."""
+        parts = []
+        for i in range(0, len(images), self.batch_size):
+            out = self.prov(images[i:i + self.batch_size])
+            parts.append(self.pick(out, min(self.batch_size, len(images) - i)))
+        return np.concatenate(parts)
+
+    def pick(self, out: dict, n: int) -> np.ndarray:
+        if self.target not in out:
+            raise ActstoreError(f"provider {self.spec} returned no {self.target!r} (returned "
+                                f"{', '.join(out)}); fix the provider")
+        arr = np.asarray(out[self.target])
+        if arr.shape != (n, *self.hw):
+            raise ActstoreError(f"provider {self.spec}: {self.target!r} labels have shape "
+                                f"{arr.shape}, expected {(n, *self.hw)} (images × the store's "
+                                f"image size); resize them to {self.hw[0]}x{self.hw[1]}")
+        return arr.astype(np.float32, copy=False)
+
+    def validate(self, arr: np.ndarray, a: int, step: int | None = None) -> None:
+        """Non-finite or non-0/1 binary values: an error naming the first image (and step)."""
+        flat = arr.reshape(arr.shape[0], -1)
+        where = "" if step is None else f" on the step-{step} x0 image"
+        bad = ~np.isfinite(flat).all(axis=1)
+        if bad.any():
+            raise ActstoreError(f"provider {self.spec}: {self.target!r} labels contain NaN/inf "
+                                f"for image {self.ids[a + int(np.argmax(bad))]!r}{where} "
+                                f"({int(bad.sum())} images in its block); fix the labels")
+        if self.kind == BINARY:
+            off = ~np.isin(flat, (0.0, 1.0)).all(axis=1)
+            if off.any():
+                raise ActstoreError(f"provider {self.spec}: binary target {self.target!r} "
+                                    f"has values other than 0/1 for image "
+                                    f"{self.ids[a + int(np.argmax(off))]!r}{where}; threshold "
+                                    "the labels")
+
+
+def _write_full(ctx: _Ctx, group, final, by_ids, train: np.ndarray, bar) -> tuple:
+    """Pass 1: raw labels per block, train-split moments merged (Chan) in float64."""
+    n_t, mean_t, m2_t = 0, 0.0, 0.0
+    for a, b in st.blocks_of(len(ctx.ids), ctx.block):
+        if by_ids is not None:
+            raw = ctx.pick(by_ids(ctx.ids[a:b]), b - a)
+        else:
+            raw = ctx.run(np.asarray(final[a:b]))
+        ctx.validate(raw, a)
+        group["full"][a:b] = raw
+        bar.step(b - a)
+        sel = raw[train[a:b]].astype(np.float64)
+        if ctx.kind == CONTINUOUS and sel.size:
+            n, m = sel.size, float(sel.mean())
+            m2 = float(((sel - m) ** 2).sum())
+            tot = n_t + n
+            m2_t += m2 + (m - mean_t) ** 2 * n_t * n / tot
+            mean_t += (m - mean_t) * n / tot
+            n_t = tot
+    if ctx.kind == BINARY:
+        return None, None
+    std = float(np.sqrt(m2_t / n_t))
+    if not std > 0:
+        raise ActstoreError(f"provider {ctx.spec}: {ctx.target!r} is constant over the train "
+                            "images, so it can't be z-scored; check the label model")
+    return float(mean_t), std
+
+
+def _normalize(raw: np.ndarray, mean, std) -> np.ndarray:
+    if mean is None:
+        return raw
+    return ((raw.astype(np.float64) - mean) / std).astype(np.float32)
+
+
+def _write_pooled(ctx: _Ctx, group, grids: dict, mean, std) -> None:
+    """Pass 2: normalize ``full`` in place and pool it to every layer's token grid."""
+    sizes = sorted(set(grids.values()), reverse=True)
+    for a, b in st.blocks_of(len(ctx.ids), ctx.block):
+        full = _normalize(np.asarray(group["full"][a:b]), mean, std)
+        if mean is not None:
+            group["full"][a:b] = full
+        for h, w in sizes:
+            group[resolution_name(h, w)][a:b] = pool(full, (h, w)).astype(np.float32)
+
+
+def _write_x0(ctx: _Ctx, group, x0_image, mean, std, bar) -> None:
+    """Pass 3: the provider on every step's decoded x0, with the final images' constants."""
+    for a, b in st.blocks_of(len(ctx.ids), ctx.block):
+        imgs = np.asarray(x0_image[a:b])
+        n, s = imgs.shape[:2]
+        maps = ctx.run(imgs.reshape(n * s, *imgs.shape[2:])).reshape(n, s, *ctx.hw)
+        for step in range(s):
+            ctx.validate(maps[:, step], a, step)
+        group["x0"][a:b] = _normalize(maps, mean, std)
+        bar.step(n * s)
+
+
+def _check_complete(view: StoreView) -> None:
+    n = view.root_attrs["n_images"]
+    done = st.completed_blocks(view.uri, view.model)
+    missing = [blk for blk in st.blocks_of(n, view.block_size) if blk not in done]
+    if missing:
+        names = ", ".join(f"{a}:{b}" for a, b in missing[:4])
+        raise ActstoreError(f"store {view.uri}: model '{view.model}' is incomplete ({len(missing)}"
+                            f" image blocks missing: {names}{', ...' if len(missing) > 4 else ''})"
+                            "; finish it with `actstore materialize` before labelling")
+
+
+def _layer_grids(view: StoreView, hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """Each layer's token grid (h, w), read from the variant's fingerprint."""
+    shapes = view.attrs["fingerprint"].get("layer_shapes") or {}
+    grids = {}
+    for layer in view.layers:
+        if layer in shapes:
+            grids[layer] = (int(shapes[layer][0]), int(shapes[layer][1]))
+        else:
+            side = int(view.layer_info(layer)["resolution"])
+            grids[layer] = (side, side * hw[1] // hw[0])
+    for h, w in set(grids.values()):
+        if hw[0] % h or hw[1] % w:
+            raise ActstoreError(f"store {view.uri}: image size {hw[0]}x{hw[1]} is not a "
+                                f"multiple of token grid {h}x{w}; labels can't be pooled exactly")
+    return grids
+
+
+def _x0_decision(view: StoreView, on_x0: bool, by_ids) -> str | None:
+    """None if x0 labels will be written, else why not (kept in the attrs)."""
+    if not on_x0:
+        return "not requested"
+    if by_ids is not None:
+        return "provider looks labels up by image id; it can't label x0 images"
+    if not view.attrs["fingerprint"].get("capture", {}).get("x0", True):
+        return "store was materialized without x0 images"
+    return None
+
+
+def _staging_group(store: str, target: str, n: int, hw, grids: dict, n_steps: int,
+                   block: int) -> zarr.Group:
+    group = zarr.open_group(store, path=_staging(target), mode="w", zarr_format=3)
+    chain = codec_chain(DEFAULT_CODEC)
+    h, w = hw
+
+    def make(name, shape, chunks, dims, attrs):
+        group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=0.0,
+                           dimension_names=dims, attributes=attrs, **chain)
+
+    make("full", (n, h, w), (block, h, w), ["image", "y", "x"], {"resolution": [h, w]})
+    for gh, gw in sorted(set(grids.values()), reverse=True):
+        name = resolution_name(gh, gw)
+        make(name, (n, gh, gw), (block, gh, gw), ["image", f"y_{name}", f"x_{name}"],
+             {"resolution": [gh, gw], "pooled_from": "full",
+              "layers": [la for la, g in grids.items() if g == (gh, gw)]})
+    if n_steps:
+        make("x0", (n, n_steps, h, w), (block, 1, h, w), ["image", "step", "y", "x"],
+             {"resolution": [h, w], "source": "x0_image"})
+    return group
+
+
+def _exists(store: str, path: str) -> bool:
+    fs, root = st._fs(store)
+    return fs.exists(f"{root.rstrip('/')}/{path}")
+
+
+def _remove(store: str, path: str) -> None:
+    fs, root = st._fs(store)
+    full = f"{root.rstrip('/')}/{path}"
+    if fs.exists(full):
+        fs.rm(full, recursive=True)
+
+
+def _fs_mv(store: str, src: str, dst: str) -> None:
+    fs, root = st._fs(store)
+    fs.mv(f"{root.rstrip('/')}/{src}", f"{root.rstrip('/')}/{dst}", recursive=True)
+
+
+def _remove_if_empty(store: str, path: str) -> None:
+    """Drop a group we created, unless another writer has put something in it meanwhile."""
+    fs, root = st._fs(store)
+    base = f"{root.rstrip('/')}/{path}"
+    if fs.exists(base) and all(p.rstrip("/").endswith("/zarr.json")
+                               for p in fs.ls(base, detail=False)):
+        fs.rm(base, recursive=True)
+
+
+def _attrs_or_none(store: str, target: str) -> dict | None:
+    """A target's attributes, or None if absent or incomplete (no attributes yet)."""
+    try:
+        attrs = dict(zarr.open_group(store, path=f"{LABELS}/{target}", mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return None
+    return attrs if "target" in attrs else None
+
+
+def list_targets(store: str) -> dict[str, dict]:
+    """The store's complete label targets and their attributes."""
+    st.read_root_attrs(store)
+    try:
+        group = zarr.open_group(store, path=LABELS, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return {}
+    out = {}
+    for name, _ in sorted(group.groups()):
+        attrs = None if name.startswith(("_", ".")) else _attrs_or_none(store, name)
+        if attrs is not None:
+            out[name] = attrs
+    return out
+
+
+def open_labels(store: str, target: str) -> xr.Dataset:
+    """A target as a lazy Dataset indexed like :class:`StoreView` (image ids, split, steps).
+
+    ``ds["r8"].rename(y_r8="y", x_r8="x")`` lines a pooled label up with a layer's
+    ``(image, step, y, x, channel)`` activations.
+    """
+    attrs = _attrs_or_none(store, target)
+    if attrs is None:
+        have = ", ".join(list_targets(store)) or "none"
+        raise ActstoreError(f"store {store}: no complete labels {target!r} (has: {have}); "
+                            f"write them with `actstore label --target {target}`")
+    ds = xr.open_zarr(store, group=f"{LABELS}/{target}", consolidated=False)
+    view = StoreView(store, model=attrs["source_model"], complete_only=False)
+    ds = ds.assign_coords(view.images.coords)
+    if "step" in ds.dims:
+        steps = xr.open_zarr(store, group=st.model_path(view.model), consolidated=False)
+        ds = ds.assign_coords(step=np.arange(ds.sizes["step"]),
+                              timestep=("step", steps["timestep"].values),
+                              sigma=("step", steps["sigma"].values))
+    return ds
