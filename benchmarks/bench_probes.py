@@ -80,10 +80,38 @@ def score(pred: np.ndarray, y: np.ndarray, binary: bool) -> tuple[float, str]:
     return r, f"R² {r:.4f}  RMSE {summarize(rmse(pred, y))['mean']:.4f}"
 
 
-def timed(fn, *args, **kw):
-    t = time.perf_counter()
-    out = fn(*args, **kw)
-    return out, time.perf_counter() - t
+def timed(fn, *args, repeat: int = 1):
+    """Result and best-of-``repeat`` wall time: the minimum is the least disturbed by
+    other jobs on a shared machine."""
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        out = fn(*args)
+        best = min(best, time.perf_counter() - t)
+    return out, best
+
+
+def methods(n_tr: int, tokens: int, epochs: int, seed: int, binary: bool):
+    """(name, fit) pairs for one target; fit(Xtr, ytr) -> (weights, bias, λ or None).
+    Binary targets also get ridge on the 0/1 labels thresholded at 0.5 (bias shifted so
+    logit > 0 means > 0.5): it shares XᵀX with the continuous targets, so costs no pass."""
+    image = np.repeat(np.arange(n_tr), tokens)                  # each token's image
+
+    def adam(X, y):
+        return (*torch_probe(X, y, binary, epochs, seed), None)
+
+    def ridge(X, y, shift=0.0):
+        fit = fit_ridge_cv(image_stats(image, X.reshape(-1, X.shape[-1]), y.ravel()))
+        return fit.weights, fit.bias - shift, float(fit.lam)
+
+    def logistic(X, y):
+        fit = fit_logistic_cv(X.reshape(-1, X.shape[-1]), y.ravel(), image)
+        return fit.weights, fit.bias, float(fit.lam)
+    out = [(f"Adam nn.Linear, {epochs} ep", adam)]
+    if binary:
+        return out + [("logistic Newton, 5-fold CV", logistic),
+                      ("ridge on 0/1 > .5, 5-fold CV", lambda X, y: ridge(X, y, 0.5))]
+    return out + [("ridge closed form, 5-fold CV", ridge)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,54 +123,51 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train", type=float, default=0.5, help="fraction of images to train on")
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="report the best of N timings")
+    ap.add_argument("--tie", type=float, default=1e-3, help="score differences below this are ties")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
-    warm = np.random.default_rng(0).normal(size=(8, 16, a.channels)).astype(np.float16)
-    torch_probe(warm, warm[..., 0] > 0, True, 1, 0)                 # first-call overheads
-    fit_logistic_cv(warm.reshape(-1, a.channels), (warm[..., 0] > 0).ravel(), np.repeat(
-        np.arange(8), 16), n_folds=2)
     n_tr = int(a.images * a.train)
+    warm = np.random.default_rng(0).normal(size=(n_tr, 4, a.channels)).astype(np.float16)
+    for _, fit in methods(n_tr, 4, 1, 0, True):                  # first-call overheads
+        fit(warm, (warm[..., 0] > 0).astype(np.float64))
     print(f"{a.cells} cells x {a.images} images ({n_tr} train / {a.images - n_tr} test) x "
-          f"{a.tokens} tokens x {a.channels} channels, float16; 1 thread each side\n")
-    head = f"{'cell':>4} {'target':<8} {'method':<26} {'time s':>8}  test score"
-    print(head + "\n" + "-" * (len(head) + 24))
-    total = {"sgd": 0.0, "closed": 0.0}
+          f"{a.tokens} tokens x {a.channels} channels, float16; 1 thread each side, "
+          f"best of {a.repeat} timings\n")
+    head = f"{'cell':>4} {'target':<8} {'method':<29} {'time s':>8}  {'speed-up':>8}  test score"
+    print(head + "\n" + "-" * (len(head) + 30))
+    times: dict[str, float] = {}
     worse = []
     with threadpool_limits(1):
         for c, (X, signal, latent) in enumerate(cells(a.cells, a.images, a.tokens, a.channels,
                                                       a.seed)):
             mu, sd = latent[:n_tr].mean(), latent[:n_tr].std()      # z-score, train stats
             thr = np.median(latent[:n_tr])
-            Xtr, Xte = X[:n_tr], X[n_tr:]
-            image = np.repeat(np.arange(n_tr), a.tokens)           # each token's image
             for target, y, oracle, binary in (
                     ("depth", (latent - mu) / sd, (signal - mu) / sd, False),
                     ("salient", (latent > thr).astype(np.float64), signal - thr, True)):
-                ytr, yte = y[:n_tr], y[n_tr:]
-                (w, b), t_sgd = timed(torch_probe, Xtr, ytr, binary, a.epochs, a.seed + c)
-                if binary:
-                    fit, t_cf = timed(fit_logistic_cv, Xtr.reshape(-1, a.channels), ytr.ravel(),
-                                      image)
-                    name = "Newton logistic, 5-fold CV"
-                else:
-                    fit, t_cf = timed(lambda: fit_ridge_cv(
-                        image_stats(image, Xtr.reshape(-1, a.channels), ytr.ravel())))
-                    name = "closed-form ridge, 5-fold CV"
-                v_sgd, s_sgd = score(predict(w, b, Xte), yte, binary)
-                v_cf, s_cf = score(predict(fit.weights, fit.bias, Xte), yte, binary)
-                s_or = score(oracle[n_tr:], yte, binary)[1]
-                print(f"{c:>4} {target:<8} {'Adam nn.Linear, 30 ep':<26} {t_sgd:>8.3f}  {s_sgd}")
-                print(f"{'':>4} {'':<8} {name:<26} {t_cf:>8.3f}  {s_cf}   "
-                      f"(λ={float(fit.lam):.1e}, {t_sgd / t_cf:.0f}x faster)")
-                print(f"{'':>4} {'':<8} {'planted map (oracle)':<26} {'':>8}  {s_or}")
-                total["sgd"] += t_sgd
-                total["closed"] += t_cf
-                if v_cf < v_sgd:
-                    worse.append(f"cell {c} {target}")
-    print(f"\ntotal: Adam {total['sgd']:.2f} s, closed-form {total['closed']:.2f} s, "
-          f"ratio {total['sgd'] / total['closed']:.1f}x")
-    print("closed-form test score >= Adam's on every cell" if not worse else
-          f"closed-form scored below Adam on: {', '.join(worse)}")
+                base_t = base_v = None
+                for k, (name, fit) in enumerate(methods(n_tr, a.tokens, a.epochs, a.seed + c,
+                                                        binary)):
+                    (w, b, lam), t = timed(fit, X[:n_tr], y[:n_tr], repeat=a.repeat)
+                    v, text = score(predict(w, b, X[n_tr:]), y[n_tr:], binary)
+                    base_t, base_v = (t, v) if k == 0 else (base_t, base_v)
+                    times[name] = times.get(name, 0.0) + t
+                    if v < base_v - a.tie:
+                        worse.append(f"cell {c} {target} {name}")
+                    print(f"{c if k == 0 else '':>4} {target if k == 0 else '':<8} {name:<29} "
+                          f"{t:>8.3f}  {base_t / t:>7.1f}x  {text}"
+                          + (f"   (λ={lam:.0e})" if lam else ""))
+                print(f"{'':>4} {'':<8} {'planted map (oracle)':<29} {'':>8}  {'':>8}  "
+                      f"{score(oracle[n_tr:], y[n_tr:], binary)[1]}")
+    adam = times.pop(f"Adam nn.Linear, {a.epochs} ep")
+    print(f"\ntotal Adam (both targets) {adam:.2f} s; closed-form totals: " + ", ".join(
+        f"{name.split(',')[0]} {t:.2f} s" for name, t in times.items()))
+    print(f"every closed-form test score >= Adam's (ties within {a.tie})" if not worse else
+          f"scored below Adam: {'; '.join(worse)}")
+    print("note: in memory, XᵀX costs 2nC² flops against Adam's ~6nC per epoch, so the gap "
+          "narrows as C grows;\nreading a store once instead of 30 times is where the "
+          "closed form gains most.")
 
 
 if __name__ == "__main__":
