@@ -23,6 +23,7 @@ import json
 import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
@@ -38,6 +39,8 @@ ROOT_KEY = "actstore"
 MODEL_KEY = "actstore_model"
 ACTIVATION = "activation"
 DEFAULT_BLOCK_SIZE = 4
+TARGET_CHUNK_BYTES = 1 << 20
+WRITE_THREADS = 4
 
 
 def model_path(variant: str) -> str:
@@ -108,6 +111,27 @@ def create_or_check_root(uri: str, prompts: pd.DataFrame, prompts_sha256: str,
     return attrs
 
 
+def block_layout(shape: tuple[int, ...], block: int, itemsize: int, lead: int,
+                 target_bytes: int = TARGET_CHUNK_BYTES) -> tuple[tuple, tuple | None]:
+    """(inner chunk, shard) for an array whose ``lead`` first axes are image (and step).
+
+    The shard is the unit of writing: one block of images × all steps, so a block write
+    never reads-modifies-writes anything. Inner chunks are what a reader fetches: one image
+    × one step when that is big enough (SD's 64×64×320 layers: 2.6 MB), grown over images
+    then steps towards ``target_bytes`` for small layers, since per-chunk overhead dominates
+    below about a megabyte. When a chunk fills its shard, sharding is dropped (shard None).
+    """
+    shard = (block,) + tuple(shape[1:])
+    chunk = [1] * lead + list(shape[lead:])
+    cell = itemsize * int(np.prod(shape[lead:]))
+    for axis in range(lead):
+        while chunk[axis] < shard[axis] and cell * int(np.prod(chunk[:lead])) < target_bytes:
+            chunk[axis] = next(d for d in range(chunk[axis] + 1, shard[axis] + 1)
+                               if shard[axis] % d == 0)
+    chunk = tuple(chunk)
+    return chunk, (None if chunk == shard else shard)
+
+
 def _create_array(group: zarr.Group, name: str, *, shape, chunks, dtype, dims, shards=None,
                   codec: str | None = None, attrs: dict | None = None):
     """Create an array unless an identical one exists (a concurrent worker made it).
@@ -152,19 +176,21 @@ def check_or_create_model(uri: str, variant: str, fingerprint: dict, provenance:
                             dims=["step"])
         if arr is not None:
             arr[:] = values
-    _create_array(group, "final_image", shape=(n, h, w, 3), chunks=(1, h, w, 3),
-                  shards=(block, h, w, 3), dtype="uint8", dims=["image", "y", "x", "rgb"],
-                  codec=codec)
-    _create_array(group, "x0_image", shape=(n, n_steps, h, w, 3), chunks=(1, 1, h, w, 3),
-                  shards=(block, 1, h, w, 3), dtype="uint8",
-                  dims=["image", "step", "y", "x", "rgb"], codec=codec)
+    image_arrays = {"final_image": ((n, h, w, 3), ["image", "y", "x", "rgb"], 1),
+                    "x0_image": ((n, n_steps, h, w, 3), ["image", "step", "y", "x", "rgb"], 2)}
+    for name, (shape, dims, lead) in image_arrays.items():
+        chunks, shards = block_layout(shape, block, 1, lead)
+        _create_array(group, name, shape=shape, chunks=chunks, shards=shards, dtype="uint8",
+                      dims=dims, codec=codec)
     names = [ACTIVATION] + (["activation_uncond"] if keep_uncond else [])
+    itemsize = np.dtype(store_dtype).itemsize
     for info in layers:
         shape = (n, n_steps, info.height, info.width, info.channels)
+        chunks, shards = block_layout(shape, block, itemsize, 2)
         for name in names:
-            _create_array(group, f"layers/{info.name}/{name}", shape=shape,
-                          chunks=(1, 1) + shape[2:], shards=(block, 1) + shape[2:],
-                          dtype=store_dtype, dims=["image", "step", "y", "x", "channel"],
+            _create_array(group, f"layers/{info.name}/{name}", shape=shape, chunks=chunks,
+                          shards=shards, dtype=store_dtype,
+                          dims=["image", "step", "y", "x", "channel"],
                           codec=codec, attrs={"layer": info.name, "block": info.block,
                                               "resolution": info.height,
                                               "channels": info.channels})
@@ -229,20 +255,25 @@ def write_block(uri: str, variant: str, start: int, stop: int,
                 activations: dict[str, np.ndarray], final_images: np.ndarray,
                 x0_images: np.ndarray | None,
                 uncond: dict[str, np.ndarray] | None = None) -> int:
-    """Write one block of images (whole shards only); returns the bytes written, raw."""
+    """Write one block of images (whole shards only); returns the bytes written, raw.
+
+    The arrays are written concurrently: zarr's per-call latency then overlaps, and
+    compression (Blosc releases the GIL) uses every core.
+    """
     group = _open(uri, model_path(variant), mode="r+")
-    written = 0
-    for layer, data in activations.items():
-        group[f"layers/{layer}/{ACTIVATION}"][start:stop] = data
-        written += data.nbytes
-    for layer, data in (uncond or {}).items():
-        group[f"layers/{layer}/activation_uncond"][start:stop] = data
-        written += data.nbytes
-    group["final_image"][start:stop] = final_images
+    jobs = [(f"layers/{layer}/{ACTIVATION}", data) for layer, data in activations.items()]
+    jobs += [(f"layers/{layer}/activation_uncond", data) for layer, data in (uncond or {}).items()]
+    jobs.append(("final_image", final_images))
     if x0_images is not None:
-        group["x0_image"][start:stop] = x0_images
-        written += x0_images.nbytes
-    return written + final_images.nbytes
+        jobs.append(("x0_image", x0_images))
+
+    def put(job: tuple[str, np.ndarray]) -> int:
+        path, data = job
+        group[path][start:stop] = data
+        return data.nbytes
+
+    with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
+        return sum(pool.map(put, jobs))
 
 
 def model_variants(uri: str) -> list[str]:

@@ -58,8 +58,8 @@ def test_layout_coordinates_and_provenance(tiny_store):
     assert da.dims == ("image", "step", "y", "x", "channel")
     assert da.dtype == np.float16
     assert da.shape == (16, TINY["steps"], 8, 8, 32)
-    # dask chunks are whole shards: one block of images × one step
-    assert da.data.chunks[0] == (4, 4, 4, 4) and set(da.data.chunks[1]) == {1}
+    # dask chunks are whole shards: one block of images × all steps
+    assert da.data.chunks[0] == (4, 4, 4, 4) and da.data.chunks[1] == (TINY["steps"],)
     assert list(da.image.values[:2]) == ["demo-000", "demo-001"]
     assert set(np.unique(da.split.values)) == {"train", "test"}
     assert da.sigma.values[0] > da.sigma.values[-1] > 0
@@ -75,13 +75,20 @@ def test_layout_coordinates_and_provenance(tiny_store):
     assert sel.shape == (2, 8, 8, 32)
 
 
-def test_storage_shards_and_codec(tiny_store):
+def test_storage_layout_and_codec(tiny_store):
+    from actstore.store import block_layout
+
+    # SD v1.4 at 512 px: one image × one step per inner chunk (2.6 MB), shard = block × steps
+    assert block_layout((617, 15, 64, 64, 320), 4, 2, lead=2) == (
+        (1, 1, 64, 64, 320), (4, 15, 64, 64, 320))
+    assert block_layout((617, 15, 8, 8, 1280), 4, 2, lead=2) == (
+        (4, 3, 8, 8, 1280), (4, 15, 8, 8, 1280))
+    # tiny layers: one chunk per block, no sharding needed
     arr = zarr.open_array(tiny_store, path="models/trained/layers/mid_block.attentions.0/activation")
-    assert arr.shards == (4, 1, 1, 1, 64) and arr.chunks == (1, 1, 1, 1, 64)
-    meta = arr.metadata.to_dict()
-    inner = meta["codecs"][0]["configuration"]["codecs"]
-    blosc = [c for c in inner if c["name"] == "blosc"][0]["configuration"]
-    assert blosc["cname"] == "zstd" and blosc["shuffle"] == "shuffle"
+    assert arr.chunks == (4, TINY["steps"], 1, 1, 64) and arr.shards is None
+    blosc = [c for c in arr.metadata.to_dict()["codecs"] if c["name"] == "blosc"][0]
+    assert blosc["configuration"]["cname"] == "zstd"
+    assert blosc["configuration"]["shuffle"] == "shuffle"
 
 
 def test_x0_converges_to_final_image(tiny_store):

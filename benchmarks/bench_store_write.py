@@ -1,0 +1,113 @@
+"""Store write throughput: MB/s written by the store vs ``numpy.save`` of the same bytes.
+
+Both write the same activation blocks, one block at a time (the unit materialize writes),
+to the same disk; the store with each named codec, ``numpy.save`` uncompressed. MB/s are of
+raw (uncompressed) activation bytes; the compression ratio is raw bytes / bytes on disk.
+Runs alternate (npsave, codec, npsave, codec, ...) and medians are compared.
+
+    python benchmarks/bench_store_write.py                       # tiny-random activations
+    python benchmarks/bench_store_write.py --store runs/main/store.zarr   # real ones
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from actstore.codecs import CODEC_NAMES, codec_chain  # noqa: E402
+from actstore.store import block_layout, write_block  # noqa: E402
+
+DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
+
+
+def source_blocks(store: str | None, block: int) -> dict[str, np.ndarray]:
+    """One block (``block`` images × all steps) of every layer's activations."""
+    if store is None:
+        from actstore.generate import GenerationConfig
+        from actstore.materialize import materialize
+        store = tempfile.mkdtemp() + "/src.zarr"
+        materialize("tiny-random", DEMO, store, images=f"0:{block}", block_size=block,
+                    gen=GenerationConfig(steps=15), progress=False, device="cpu")
+    from actstore.access import open_store
+    view = open_store(store)
+    return {layer: view[layer].isel(image=slice(0, block)).values for layer in view.layers}
+
+
+def disk_bytes(path: str) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def write_zarr(root: str, blocks: dict[str, np.ndarray], copies: int, codec: str) -> None:
+    """The store's own path: arrays laid out by ``block_layout``, blocks by ``write_block``."""
+    group = zarr.open_group(root, mode="w", zarr_format=3)
+    group.require_group("models/m")
+    b = next(iter(blocks.values())).shape[0]
+    for layer, data in blocks.items():
+        shape = (b * copies,) + data.shape[1:]
+        chunks, shards = block_layout(shape, b, data.dtype.itemsize, lead=2)
+        group.create_array(f"models/m/layers/{layer}/activation", shape=shape,
+                           dtype=data.dtype, chunks=chunks, shards=shards, **codec_chain(codec))
+    group.create_array("models/m/final_image", shape=(b * copies, 1, 1, 3), dtype="uint8",
+                       chunks=(b, 1, 1, 3))
+    final = np.zeros((b, 1, 1, 3), np.uint8)
+    for k in range(copies):
+        write_block(root, "m", k * b, (k + 1) * b, blocks, final, None)
+
+
+def write_npy(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
+    os.makedirs(root, exist_ok=True)
+    for layer, data in blocks.items():
+        for k in range(copies):
+            np.save(f"{root}/{layer}.{k}.npy", data)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", help="take activations from this store (default: tiny-random)")
+    ap.add_argument("--block", type=int, default=4)
+    ap.add_argument("--mb", type=float, default=256, help="raw MB written per run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--codecs", default=",".join(CODEC_NAMES))
+    args = ap.parse_args()
+    blocks = source_blocks(args.store, args.block)
+    raw_block = sum(a.nbytes for a in blocks.values())
+    copies = max(1, int(args.mb * 1e6 // raw_block))
+    raw = raw_block * copies / 1e6
+    work = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR", "."), prefix="bench-write-")
+    print(f"{len(blocks)} layers, block of {args.block} images = {raw_block / 1e6:.2f} MB; "
+          f"{copies} blocks per run = {raw:.0f} MB raw; dir {work}")
+    results = {}
+    try:
+        for codec in args.codecs.split(","):
+            t_np, t_z = [], []
+            for _ in range(args.repeats):
+                shutil.rmtree(f"{work}/npy", ignore_errors=True)
+                t = time.perf_counter()
+                write_npy(f"{work}/npy", blocks, copies)
+                t_np.append(time.perf_counter() - t)
+                shutil.rmtree(f"{work}/z", ignore_errors=True)
+                t = time.perf_counter()
+                write_zarr(f"{work}/z", blocks, copies, codec)
+                t_z.append(time.perf_counter() - t)
+            ratio = raw * 1e6 / disk_bytes(f"{work}/z")
+            mb_np, mb_z = raw / statistics.median(t_np), raw / statistics.median(t_z)
+            results[codec] = (mb_z, mb_np, ratio)
+            print(f"  {codec:15s} store {mb_z:8.1f} MB/s   numpy.save {mb_np:8.1f} MB/s   "
+                  f"ratio {mb_z / mb_np:5.2f}   compression {ratio:5.2f}x", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
