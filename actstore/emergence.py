@@ -1,0 +1,79 @@
+"""Emergence: when, during denoising, does a layer come to encode a target?
+
+**Emergence step** of a (target, metric, model, layer) curve: the first denoising step
+whose test score reaches 90% of the score at the last probed step — for RMSE (lower is
+better), the first step whose RMSE is at most the final RMSE / 0.9. Undefined (NaN) when
+the final score gives no meaningful bar (a non-positive correlation or Dice), as for a
+control that never learns the target. The fraction is a parameter, stored with the result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+EMERGENCE_FRACTION = 0.9
+LOWER_IS_BETTER = ("rmse",)
+
+
+def higher_is_better(metric: str) -> bool:
+    return not metric.startswith(LOWER_IS_BETTER)
+
+
+def primary_metric(kind_or_metrics) -> str:
+    """The headline metric: Dice for masks, RMSE for continuous maps (as the paper)."""
+    names = [str(m) for m in kind_or_metrics]
+    for m in ("dice_label", "rmse_label"):
+        if m in names:
+            return m
+    return names[0]
+
+
+def emergence_steps(score: xr.DataArray, frac: float = EMERGENCE_FRACTION) -> xr.DataArray:
+    """First step reaching the bar, per every dimension but ``step`` (NaN if undefined)."""
+    final = score.isel(step=-1)
+    higher = xr.DataArray([higher_is_better(str(m)) for m in score["metric"].values],
+                          dims="metric", coords={"metric": score["metric"]})
+    reached = xr.where(higher, score >= frac * final, score <= final / frac)
+    valid = (final > 0) & final.notnull()
+    first = reached.argmax("step")
+    steps = score["step"].values
+    out = xr.DataArray(steps[first.values].astype(float), dims=first.dims, coords=first.coords)
+    out = out.where(valid & reached.any("step"))
+    out.attrs["fraction"] = frac
+    return out.rename("emergence_step")
+
+
+def summary_table(emergence: xr.Dataset) -> list[dict]:
+    """Per target: best layer, final-step score trained vs randomized, emergence step."""
+    rows = []
+    score = emergence["score"]
+    for target in score["target"].values:
+        sub = score.sel(target=target).dropna("metric", how="all")
+        metric = primary_metric(sub["metric"].values)
+        curve = sub.sel(metric=metric)
+        final = curve.isel(step=-1)
+        trained = final.sel(model="trained") if "trained" in final["model"] else final.isel(model=0)
+        best = str((trained.idxmax("layer") if higher_is_better(metric)
+                    else trained.idxmin("layer")).values)
+        row = {"target": str(target), "metric": metric, "best_layer": best,
+               "trained": float(trained.sel(layer=best))}
+        if "randomized" in final["model"]:
+            row["randomized"] = float(final.sel(model="randomized", layer=best))
+        step = emergence["emergence_step"].sel(target=target, metric=metric, layer=best)
+        step = step.sel(model="trained") if "model" in step.dims else step
+        row["emergence_step"] = None if np.isnan(step.values) else int(step.values)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'target':10s} {'metric':11s} {'best layer':28s} {'trained':>8s} " \
+           f"{'random':>8s} {'emerges@':>8s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        rnd = f"{r['randomized']:8.3f}" if "randomized" in r else f"{'-':>8s}"
+        em = "-" if r["emergence_step"] is None else str(r["emergence_step"])
+        lines.append(f"{r['target']:10s} {r['metric']:11s} {r['best_layer']:28s} "
+                     f"{r['trained']:8.3f} {rnd} {em:>8s}")
+    return "\n".join(lines)
