@@ -59,6 +59,26 @@ def _add_materialize(sub) -> None:
     p.add_argument("--grid", help="write a PNG sample grid here when done")
 
 
+def _add_label_probe(sub) -> None:
+    p = sub.add_parser("label", help="write a probe target (labels) into a store; never "
+                       "touches activations")
+    p.add_argument("--store", required=True)
+    p.add_argument("--provider", required=True, help="toyworld | hf-depth:FOLDER | "
+                   "hf-segmentation:FOLDER | array:FILE(.npz|.zarr)")
+    p.add_argument("--target", required=True, help="name of the target in the store")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-x0", action="store_true", help="skip labelling the per-step x0 images")
+    p.add_argument("--device", default="cpu")
+    q = sub.add_parser("probe", help="fit a linear probe per (model, layer, step) for a target")
+    q.add_argument("--store", required=True)
+    q.add_argument("--target", required=True)
+    q.add_argument("--models", nargs="+", help="default: every model variant in the store")
+    q.add_argument("--layers", nargs="+")
+    q.add_argument("--steps", nargs="+", type=int)
+    q.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    q.add_argument("--figures", help="folder for the PNG figures")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="actstore", description=__doc__.split("\n")[0])
     parser.add_argument("--catalog", help="catalog.yaml to resolve names (default: ./catalog."
@@ -68,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
+    _add_label_probe(sub)
     m = sub.add_parser("main", help="the main job on the embedded default model: materialize,"
                        " figures (always a Prefect flow)")
     m.add_argument("--model", help="default: toy-ldm if its folder exists, else tiny-random")
@@ -121,6 +142,43 @@ def _materialize(args, catalog) -> dict:
     return materialize_flow(**params)
 
 
+def _label(args, catalog) -> dict:
+    from actstore.catalog import resolve_store
+
+    store = resolve_store(catalog, args.store)["uri"]
+    if args.no_prefect:
+        from actstore.labels import write_labels
+        return write_labels(store, args.provider, args.target, overwrite=args.overwrite,
+                            on_x0=not args.no_x0, device=args.device, progress=not args.quiet)
+    from flows.probe import label_task
+    from prefect import flow
+
+    return flow(name="label")(label_task)(store, args.provider, args.target, args.overwrite,
+                                         not args.no_x0, args.device)
+
+
+def _probe(args, catalog) -> dict:
+    from actstore.catalog import resolve_store
+
+    store = resolve_store(catalog, args.store)["uri"]
+    if args.no_prefect:
+        from actstore.dask_setup import dask_scheduler
+        from actstore.plots import probe_figures
+        from actstore.probe_runs import run_probes
+
+        with dask_scheduler(args.scheduler) as sched:
+            run_id = run_probes(store, args.target, models=args.models, layers=args.layers,
+                                steps=args.steps, scheduler=sched, progress=not args.quiet)
+        out = {"store": store, "target": args.target, "run_id": run_id}
+        if args.figures:
+            out["figures"] = probe_figures(store, args.target, args.figures)
+        return out
+    from flows.probe import probe_flow
+
+    return probe_flow(store, args.target, args.models, args.layers, args.steps,
+                      args.scheduler, args.figures)
+
+
 def _main_job(args, catalog) -> dict:
     from actstore.catalog import resolve_model, resolve_prompts
 
@@ -147,7 +205,7 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
-COMMANDS = {"materialize": _materialize, "main": _main_job}
+COMMANDS = {"materialize": _materialize, "label": _label, "probe": _probe, "main": _main_job}
 
 
 def main(argv: list[str] | None = None) -> int:

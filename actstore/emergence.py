@@ -48,7 +48,7 @@ def summary_table(emergence: xr.Dataset) -> list[dict]:
     """Per target: best layer, final-step score trained vs randomized, emergence step."""
     rows = []
     score = emergence["score"]
-    for target in score["target"].values:
+    for target in [str(t) for t in score["target"].values]:
         sub = score.sel(target=target).dropna("metric", how="all")
         metric = primary_metric(sub["metric"].values)
         curve = sub.sel(metric=metric)

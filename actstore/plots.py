@@ -40,11 +40,7 @@ def sample_grid(store: str, model: str = "trained", out_png: str = "samples.png"
         for ax in axes[r]:
             ax.axis("off")
     fig.suptitle(f"{Path(store).name} — {model}", fontsize=8)
-    fig.tight_layout()
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return str(out_png)
+    return _save(fig, out_png)
 
 
 def _wrap(text: str, width: int = 28) -> str:
@@ -57,3 +53,130 @@ def _wrap(text: str, width: int = 28) -> str:
             line = f"{line} {w}".strip()
     lines.append(line)
     return "\n".join(lines[:3])
+
+
+def emergence_curves(store: str, target: str, out_png: str) -> str:
+    """Score vs step, one panel per layer; trained solid, randomized dashed."""
+    from actstore.emergence import primary_metric
+    from actstore.probe_runs import latest_run, open_scores
+
+    ds = open_scores(store, latest_run(store, target))["mean"].load()
+    metrics = [m for m in ds["metric"].values if str(m).endswith("_label")]
+    layers = list(ds["layer"].values)
+    cols = 4
+    rows = (len(layers) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False,
+                             sharex=True)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, layer in zip(axes.flat, layers):
+        for k, metric in enumerate(metrics):
+            for model, style in (("trained", "-"), ("randomized", "--")):
+                if model in ds["model"].values:
+                    ax.plot(ds["step"], ds.sel(metric=metric, model=model, layer=layer),
+                            style, color=colors[k % len(colors)],
+                            label=f"{metric} {model}")
+        ax.set_title(layer, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6)
+    fig.supxlabel("denoising step")
+    fig.suptitle(f"{target}: test score per step ({primary_metric(metrics)} is the headline)",
+                 fontsize=10)
+    return _save(fig, out_png)
+
+
+def score_heatmap(store: str, target: str, out_png: str) -> str:
+    """Layer × step heatmap of the headline metric, trained next to randomized."""
+    from actstore.emergence import higher_is_better, primary_metric
+    from actstore.probe_runs import latest_run, open_scores
+
+    ds = open_scores(store, latest_run(store, target))["mean"].load()
+    metric = primary_metric(ds["metric"].values)
+    models = list(ds["model"].values)
+    data = ds.sel(metric=metric)
+    vmin, vmax = float(data.min()), float(data.max())
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5), squeeze=False)
+    cmap = "viridis" if higher_is_better(metric) else "viridis_r"
+    for ax, model in zip(axes[0], models):
+        im = ax.imshow(data.sel(model=model).values, aspect="auto", cmap=cmap, vmin=vmin,
+                       vmax=vmax)
+        ax.set_yticks(range(data.sizes["layer"]), data["layer"].values, fontsize=6)
+        ax.set_xticks(range(data.sizes["step"]), data["step"].values, fontsize=6)
+        ax.set_xlabel("denoising step")
+        ax.set_title(f"{model}", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), label=metric)
+    fig.suptitle(f"{target}: {metric} per layer and step", fontsize=10)
+    return _save(fig, out_png, tight=False)
+
+
+def figure4_grid(store: str, target: str, out_png: str, layer: str | None = None,
+                 n_images: int = 3, n_steps: int = 5) -> str:
+    """The paper's Figure 4: per step, the decoded x0, the probe's prediction from the
+    activations, and the label model run on the x0 image — the probe sees the scene
+    before the image shows it."""
+    from actstore.access import open_store
+    from actstore.emergence import summary_table
+    from actstore.labels import open_labels
+    from actstore.metrics import upsample
+    from actstore.probe_runs import latest_run, load_probe, open_emergence
+
+    run = latest_run(store, target)
+    if layer is None:
+        rows = [r for r in summary_table(open_emergence(store)) if r["target"] == target]
+        layer = rows[0]["best_layer"]
+    probe = load_probe(store, run, layer)
+    view = open_store(store)
+    labels = open_labels(store, target)
+    test = view.images["image"].values[view.images["split"].values == "test"][:n_images]
+    steps = [probe["steps"][i] for i in np.unique(np.linspace(
+        0, len(probe["steps"]) - 1, n_steps).round().astype(int))]
+    has_x0 = "x0" in labels
+    per = 3 if has_x0 else 2
+    fig, axes = plt.subplots(per * len(test), len(steps) + 1,
+                             figsize=(1.5 * (len(steps) + 1), 1.5 * per * len(test)),
+                             squeeze=False)
+    binary = probe["kind"] == "binary"
+    for i, image in enumerate(test):
+        acts = view[layer].sel(image=image).values.astype(np.float32)   # (step, h, w, C)
+        for c, s in enumerate(steps):
+            k = probe["steps"].index(s)
+            pred = acts[s] @ probe["weights"][k] + probe["bias"][k]
+            pred = upsample(pred[None], labels["full"].shape[1:])[0]
+            shown = [view.x0_images.sel(image=image, step=s).values,
+                     (pred > 0) if binary else pred]
+            if has_x0:
+                shown.append(labels["x0"].sel(image=image, step=s).values)
+            for r, img in enumerate(shown):
+                ax = axes[per * i + r, c]
+                ax.imshow(img, cmap=None if r == 0 else "magma")
+                if i == 0 and r == 0:
+                    ax.set_title(f"step {s}", fontsize=7)
+        truth = [view.final_images.sel(image=image).values, labels["full"].sel(image=image).values]
+        for r, img in enumerate(truth + ([truth[1]] if has_x0 else [])):
+            axes[per * i + r, -1].imshow(img, cmap=None if r == 0 else "magma")
+        axes[per * i, -1].set_title("final / label", fontsize=7)
+        for r, name in enumerate(["x0", "probe", "label(x0)"][:per]):
+            axes[per * i + r, 0].set_ylabel(name, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(f"{target}: {layer}", fontsize=9)
+    return _save(fig, out_png)
+
+
+def _save(fig, out_png: str, tight: bool = True) -> str:
+    if tight:
+        fig.tight_layout()
+    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return str(out_png)
+
+
+def probe_figures(store: str, target: str, out_dir: str) -> list[str]:
+    """Every figure of a target's latest probe run, into ``out_dir``."""
+    out = Path(out_dir)
+    return [emergence_curves(store, target, str(out / f"{target}-curves.png")),
+            score_heatmap(store, target, str(out / f"{target}-heatmap.png")),
+            figure4_grid(store, target, str(out / f"{target}-figure4.png"))]

@@ -178,15 +178,26 @@ def load_probe(store: str, run_id: str, layer: str, model: str = "trained") -> d
             "solver": sub.attrs["solver"]}
 
 
+def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Zarr v3 strings come back as numpy StringDType, which xarray cannot yet mix with
+    numbers in ``where``/``concat``; plain object arrays of ``str`` can."""
+    return ds.assign_coords({name: np.array([str(v) for v in c.values.tolist()], dtype=object)
+                             for name, c in ds.coords.items()
+                             if c.dtype.kind in "TUO" and c.ndim == 1})
+
+
 def open_scores(store: str, run_id: str) -> xr.Dataset:
     get_run(store, run_id)
-    return xr.open_zarr(store, group=f"{PROBES}/{run_id}/scores", consolidated=False)
+    return _plain_strings(xr.open_zarr(store, group=f"{PROBES}/{run_id}/scores",
+                                       consolidated=False))
 
 
 def update_emergence(store: str) -> xr.Dataset:
     """Rebuild ``emergence/`` from each target's latest run (small: written whole)."""
     parts = []
     for target in sorted({a["target"] for a in list_runs(store).values()}):
+        # object-dtype labels (see _plain_strings): concatenating fixed-width string
+        # coordinates of different widths would truncate the longer layer names
         ds = open_scores(store, latest_run(store, target))["mean"].load()
         parts.append(ds.expand_dims(target=[target]))
     if not parts:
@@ -198,4 +209,4 @@ def update_emergence(store: str) -> xr.Dataset:
 
 
 def open_emergence(store: str) -> xr.Dataset:
-    return xr.open_zarr(store, group=EMERGENCE, consolidated=False)
+    return _plain_strings(xr.open_zarr(store, group=EMERGENCE, consolidated=False))

@@ -1,0 +1,47 @@
+"""Prefect flows: labels into a store, then the probe grid and its figures.
+
+Tasks call library functions and hand each other store URIs, target names and run ids.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+
+from actstore.labels import write_labels
+from actstore.plots import probe_figures
+from actstore.probe_runs import run_probes
+
+
+@task(name="label")
+def label_task(store: str, provider: str, target: str, overwrite: bool = False,
+               on_x0: bool = True, device: str = "cpu") -> dict:
+    return write_labels(store, provider, target, overwrite=overwrite, on_x0=on_x0,
+                        device=device)
+
+
+@task(name="probe-grid")
+def probe_task(store: str, target: str, models: list[str] | None = None,
+               layers: list[str] | None = None, steps: list[int] | None = None,
+               scheduler: str | None = None) -> str:
+    from actstore.dask_setup import dask_scheduler
+
+    with dask_scheduler(scheduler) as sched:
+        return run_probes(store, target, models=models, layers=layers, steps=steps,
+                          scheduler=sched)
+
+
+@task(name="probe-figures")
+def figures_task(store: str, target: str, out_dir: str) -> list[str]:
+    return probe_figures(store, target, out_dir)
+
+
+@flow(name="probe")
+def probe_flow(store: str, target: str, models: list[str] | None = None,
+               layers: list[str] | None = None, steps: list[int] | None = None,
+               scheduler: str | None = None, figures: str | None = None) -> dict:
+    """Fit the grid for ``target`` (labels must exist) and optionally draw its figures."""
+    run_id = probe_task(store, target, models, layers, steps, scheduler)
+    out = {"store": store, "target": target, "run_id": run_id}
+    if figures:
+        out["figures"] = figures_task(store, target, figures)
+    return out
