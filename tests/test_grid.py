@@ -148,3 +148,43 @@ def test_probe_never_touches_activations_or_labels(planted, tmp_path):
                scheduler="threads", progress=False)
     after = {k: v for k, v in tree_digest(uri).items() if not k.startswith(("probes", "emergence"))}
     assert before == after
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--target", "shading"], "no target 'shading'"),
+    (["--target", "depth", "--layers", "up_blocks.9.attentions.0"], "no layer"),
+    (["--target", "depth", "--steps", "99"], "no step 99"),
+    (["--target", "depth", "--models", "randomized"], "has no model 'randomized'"),
+])
+def test_probe_bad_input(planted, tmp_path, capsys, extra, words):
+    from actstore.cli import main
+
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(planted["uri"], uri)
+    before = tree_digest(uri)
+    code = main(["--no-prefect", "--quiet", "probe", "--store", uri, *extra,
+                 "--scheduler", "threads"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and words in err[0], err
+    assert tree_digest(uri) == before
+
+
+def test_probe_refuses_incomplete_store(planted, tiny_model, tmp_path, capsys):
+    """The randomized control only half materialized: refuse, naming the missing blocks."""
+    from actstore.cli import main
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+    from actstore.models import apply_control, load_model
+    from conftest import DEMO, TINY
+
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(planted["uri"], uri)
+    control = apply_control(load_model("tiny-random", device="cpu"), "randomized")
+    materialize(control, DEMO, uri, images="0:8", gen=GenerationConfig(steps=TINY["steps"]),
+                progress=False)
+    before = tree_digest(uri)
+    code = main(["--no-prefect", "--quiet", "probe", "--store", uri, "--target", "depth",
+                 "--scheduler", "threads"])
+    err = capsys.readouterr().err
+    assert code == 2 and "'randomized' is incomplete" in err and "8:12, 12:16" in err, err
+    assert tree_digest(uri) == before
