@@ -220,7 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"actstore {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     if result is not None:
+        table = result.pop("table", None) if isinstance(result, dict) else None
         print(json.dumps(result, indent=1, default=str))
+        if table:
+            print("\n" + table)
     return 0
 
 

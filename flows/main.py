@@ -1,30 +1,81 @@
 """The main job: everything actstore does, end to end, on one model and prompt set.
 
-materialize (trained) → sample grid. Later stages (randomized control, labels, probes,
-emergence, interventions) are added here as they land; each is a task calling a library
-function, and only store URIs and small summaries pass between them.
+materialize (trained) → materialize (randomized control) → labels → probe grid per target
+→ emergence table and figures. Each stage is a task calling a library function; only
+store URIs, target names and run ids pass between them. Rerunning the job resumes: stored
+blocks, labels and probe runs are kept and skipped.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 
+from actstore.emergence import format_table, summary_table
+from actstore.errors import ActstoreError
+from actstore.label_providers import get_provider
+from actstore.labels import list_targets
+from actstore.probe_runs import latest_run, open_emergence
 from flows.materialize import materialize_region, sample_grid_task
+from flows.probe import figures_task, label_task, probe_task
+
+TARGETS = ("salient", "depth", "shading")
+
+
+@task(name="summary")
+def summary_task(store: str, out_dir: str) -> dict:
+    rows = summary_table(open_emergence(store))
+    table = format_table(rows)
+    Path(out_dir, "summary.json").write_text(json.dumps(rows, indent=1))
+    Path(out_dir, "summary.txt").write_text(table + "\n")
+    return {"rows": rows, "table": table}
+
+
+def _provider_available(provider: str) -> str | None:
+    """None if the label provider loads, else why not (the job then stops after storing)."""
+    try:
+        get_provider(provider)
+    except ActstoreError as exc:
+        return str(exc)
+    return None
 
 
 @flow(name="main-job")
 def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | None = None,
               steps: int = 15, guidance: float = 7.5, batch_size: int = 8,
-              device: str = "auto") -> dict:
-    """Materialize ``model`` on ``prompts`` into ``<out>/store.zarr`` and draw its figures."""
+              device: str = "auto", provider: str = "toyworld",
+              targets: tuple[str, ...] = TARGETS, control: bool = True) -> dict:
+    """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = str(out_dir / "store.zarr")
     gen = {"steps": steps, "guidance": guidance, "height": None, "width": None}
     cap = {"codec": "zstd", "store_dtype": "float16", "keep_uncond": False, "x0": True}
-    trained = materialize_region(model, prompts, store, images, batch_size, gen, cap,
-                                 "float32", device, None, 8)
-    grid = sample_grid_task(store, "trained", str(out_dir / "samples.png"))
-    return {"store": store, "trained": trained, "figures": [grid]}
+    result = {"store": store, "figures": []}
+    variants = [None, "randomized"] if control else [None]
+    for variant in variants:
+        summary = materialize_region(model, prompts, store, images, batch_size, gen, cap,
+                                     "float32", device, variant, 8)
+        result[summary["model"]] = summary
+        result["figures"].append(sample_grid_task(store, summary["model"],
+                                                  str(out_dir / f"samples-{summary['model']}.png")))
+    if images:
+        result["note"] = "--images covers part of the table: labels and probes need it all"
+        return result
+    why_not = _provider_available(provider)
+    if why_not:
+        result["note"] = f"labels and probes skipped: {why_not}"
+        return result
+    have = list_targets(store)
+    for target in targets:
+        if target not in have:
+            label_task(store, provider, target, device="cpu")
+        if latest_run(store, target) is None:
+            probe_task(store, target)
+        result["figures"] += figures_task(store, target, str(out_dir))
+    summary = summary_task(store, str(out_dir))
+    result["summary"] = summary["rows"]
+    result["table"] = summary["table"]
+    return result
