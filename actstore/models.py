@@ -168,30 +168,47 @@ def _check_pipeline_folder(path: str, model: str) -> None:
                             f"component(s) {', '.join(missing)} (need {', '.join(REQUIRED_COMPONENTS)})")
 
 
+def sd_unet(block_out_channels: tuple[int, ...], cross_attention_dim: int, sample_size: int,
+            attention_head_dim: int = 8, norm_num_groups: int = 32):
+    """A UNet with SD v1.x's block topology (so its 16 ``attn1`` modules keep SD's names)."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=block_out_channels, norm_num_groups=norm_num_groups,
+        cross_attention_dim=cross_attention_dim, attention_head_dim=attention_head_dim,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+
+
+def sd_vae(block_out_channels: tuple[int, ...], layers_per_block: int, sample_size: int,
+           norm_num_groups: int = 32, scaling_factor: float = 0.18215):
+    """An AutoencoderKL shaped like SD's (×8 with four blocks), 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=block_out_channels, norm_num_groups=norm_num_groups,
+        sample_size=sample_size, scaling_factor=scaling_factor,
+        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
+
+
 def tiny_random_components(seed: int = 0) -> dict:
     """Random weights with SD v1.x's block topology: the same 16 ``attn1`` names, tiny sizes.
 
     64×64 images, ×8 VAE, so 8×8 latents; self-attention at 8, 4, 2 and 1 tokens per side.
     """
-    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(32, 64, 64, 64), norm_num_groups=8, cross_attention_dim=32,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        block_out_channels=(8, 16, 16, 16), norm_num_groups=8, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
     text_encoder = CLIPTextModel(CLIPTextConfig(
         vocab_size=514, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
         pad_token_id=513))
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder}
+    return {"unet": sd_unet((32, 64, 64, 64), 32, 8, norm_num_groups=8),
+            "vae": sd_vae((8, 16, 16, 16), 1, 64, norm_num_groups=8),
+            "text_encoder": text_encoder}
 
 
 def save_pipeline_folder(path: str | Path, components: dict, tokenizer_writer=None,
@@ -217,10 +234,10 @@ def build_tiny_random(cache_dir: str | None = None) -> str:
     """Build ``tiny-random`` once into a cache folder; later calls just return the folder."""
     root = Path(cache_dir or os.environ.get("ACTSTORE_CACHE",
                                             Path.home() / ".cache" / "actstore"))
-    path = root / "tiny-random-v2"
+    path = root / "tiny-random-v3"
     if (path / "model_index.json").is_file():
         return str(path)
-    tmp = root / f".tiny-random-v2.{os.getpid()}.tmp"
+    tmp = root / f".tiny-random-v3.{os.getpid()}.tmp"
     save_pipeline_folder(tmp, tiny_random_components())
     try:
         os.replace(tmp, path)  # atomic: concurrent builders race harmlessly
@@ -256,3 +273,17 @@ def apply_control(model: LoadedModel, control: str | None, seed: int = 0) -> Loa
     model.variant = "randomized"
     model._weights_hash = None
     return model
+
+
+def diffusers_pipeline(model: LoadedModel):
+    """The same components as a stock diffusers pipeline (LMS): the yardstick that
+    actstore's own denoising loop is checked and timed against."""
+    from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
+        tokenizer=model.tokenizer,
+        scheduler=LMSDiscreteScheduler.from_config(model.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

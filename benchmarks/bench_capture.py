@@ -26,22 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from actstore.generate import GenerationConfig  # noqa: E402
 from actstore.materialize import CaptureConfig, materialize  # noqa: E402
-from actstore.models import load_model  # noqa: E402
+from actstore.models import diffusers_pipeline, load_model  # noqa: E402
 from actstore.prompts import load_prompts  # noqa: E402
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
-
-
-def plain_pipeline(model):
-    from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        unet=model.unet, vae=model.vae, text_encoder=model.text_encoder,
-        tokenizer=model.tokenizer,
-        scheduler=LMSDiscreteScheduler.from_config(model.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def main() -> None:
@@ -64,7 +52,7 @@ def main() -> None:
     table = Path(tempfile.mkdtemp()) / "prompts.csv"
     rows.to_csv(table, index=False)
     gen = GenerationConfig(steps=args.steps, height=size, width=size)
-    pipe = plain_pipeline(model)
+    pipe = diffusers_pipeline(model)
     batch = min(args.images, 4)
     times: dict[str, list[float]] = {"plain": [], "materialize": [], "materialize+x0": []}
     for r in range(args.repeats):

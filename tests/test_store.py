@@ -22,16 +22,12 @@ def test_tiny_random_has_sd_topology(tiny_model):
 
 def test_store_matches_diffusers_pipeline(tiny_model, tiny_store):
     """Independent oracle: diffusers' StableDiffusionPipeline with a hook of our own."""
-    from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
-
     import pandas as pd
+
+    from actstore.models import diffusers_pipeline
+
     rows = pd.read_csv(DEMO).iloc[4:6]
-    pipe = StableDiffusionPipeline(
-        unet=tiny_model.unet, vae=tiny_model.vae, text_encoder=tiny_model.text_encoder,
-        tokenizer=tiny_model.tokenizer,
-        scheduler=LMSDiscreteScheduler.from_config(tiny_model.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = diffusers_pipeline(tiny_model)
     layer = "up_blocks.2.attentions.1"
     seen = []
     module = tiny_model.unet.get_submodule(layer + ".transformer_blocks.0.attn1")
