@@ -23,3 +23,22 @@ def test_materialize_flow_writes_store_and_grid(prefect_harness, tmp_path):
     again = materialize_flow(model="tiny-random", prompts=DEMO, store=uri, images="0:4",
                              steps=2, device="cpu")
     assert again["blocks_written"] == 0 and again["blocks_skipped"] == 1
+
+
+def test_main_job_end_to_end(prefect_harness, tmp_path):
+    """materialize (trained + randomized) → labels → probes → summary, as the README's job."""
+    from flows.main import main_flow
+
+    out = tmp_path / "main"
+    result = main_flow(model="tiny-random", prompts=DEMO, out=str(out), steps=2,
+                       device="cpu", targets=("salient",))
+    assert {"trained", "randomized"} <= set(result)
+    (row,) = result["summary"]
+    assert row["target"] == "salient" and row["metric"] == "dice_label"
+    assert 0 <= row["trained"] <= 1 and 0 <= row["randomized"] <= 1
+    for name in ("samples-trained.png", "samples-randomized.png", "salient-curves.png",
+                 "salient-heatmap.png", "salient-figure4.png", "summary.txt"):
+        assert (out / name).stat().st_size > 0, name
+    again = main_flow(model="tiny-random", prompts=DEMO, out=str(out), steps=2,
+                      device="cpu", targets=("salient",))
+    assert again["trained"]["blocks_written"] == 0  # resumed: nothing recomputed
