@@ -1,0 +1,134 @@
+"""Checking an intervention experiment's inputs against the store, before anything runs.
+
+Each check raises a one-line :class:`ActstoreError` that says what is wrong and how to
+fix it, and none of them writes: a rejected experiment leaves the store byte-for-byte as
+it was.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import zarr
+
+from actstore import store as st
+from actstore.access import StoreView
+from actstore.errors import ActstoreError
+from actstore.intervention_store import existing_settings
+from actstore.label_providers import get_provider
+from actstore.labels import LABELS
+from actstore.models import TINY_RANDOM, LoadedModel, apply_control, load_model
+
+
+def select_images(view: StoreView, images) -> np.ndarray:
+    """Store positions of the chosen images, in store order.
+
+    ``None``: the test split (the paper intervenes on test images), or every image if the
+    table has no test split. ``"A:B"``: store positions. Otherwise image ids, as a list or
+    one comma-separated string. Every chosen image must be fully materialized.
+    """
+    table = view.images
+    ids = np.array([str(v) for v in table["image"].values])
+    n = len(ids)
+    if images is None or (not isinstance(images, str) and len(images) == 0):
+        test = np.flatnonzero(table["split"].values == "test")
+        positions = test if test.size else np.arange(n)
+    elif isinstance(images, str) and ":" in images:
+        positions = _region(images, n)
+    else:
+        wanted = images.split(",") if isinstance(images, str) else [str(i) for i in images]
+        if len(wanted) == 1 and ":" in wanted[0]:
+            positions = _region(wanted[0], n)
+        else:
+            row = {v: i for i, v in enumerate(ids)}
+            missing = [w for w in wanted if w not in row]
+            if missing:
+                raise ActstoreError(f"image(s) {', '.join(missing[:3])} are not in store "
+                                    f"{view.uri} ({n} images, {ids[0]} ... {ids[-1]})")
+            positions = np.array(sorted({row[w] for w in wanted}), dtype=np.int64)
+    unfinished = positions[~view.complete[positions]]
+    if unfinished.size:
+        raise ActstoreError(f"image {ids[unfinished[0]]!r} (and {unfinished.size - 1} more) "
+                            f"is not materialized yet in model {view.model!r}; finish "
+                            "`actstore materialize` first or choose other --images")
+    return np.asarray(positions, np.int64)
+
+
+def _region(text: str, n: int) -> np.ndarray:
+    try:
+        a_text, b_text = text.split(":")
+        a = int(a_text) if a_text else 0
+        b = int(b_text) if b_text else n
+    except ValueError:
+        raise ActstoreError(f"--images {text!r}: expected START:STOP or image ids") from None
+    if not 0 <= a < b <= n:
+        raise ActstoreError(f"--images {text}: outside the store, which has {n} images; use "
+                            f"0 <= START < STOP <= {n}")
+    return np.arange(a, b)
+
+
+def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
+                     device: str) -> tuple[object, str]:
+    """The label model that reads the intervened images, and its spec for the settings.
+
+    Defaults to the provider that made the stored labels, so pre and post scores use the
+    same reader as the probes' targets. Providers that look labels up by image id (user
+    arrays) can't read new images: a pixel-based provider must be passed instead.
+    """
+    spec = provider if isinstance(provider, str) else None
+    if provider is None:
+        spec = label_attrs.get("provider")
+        if not spec:
+            raise ActstoreError(f"labels {target!r} record no provider; pass --provider")
+    if spec is not None:
+        try:
+            provider = get_provider(spec, device)
+        except ActstoreError as exc:
+            raise ActstoreError(f"label provider {spec} can't be loaded to read intervened "
+                                f"images ({exc}); pass --provider with one that can") from None
+    else:
+        spec = getattr(provider, "spec", None) or getattr(provider, "name",
+                                                          type(provider).__name__)
+    if getattr(provider, "by_ids", None) is not None:
+        raise ActstoreError(f"label provider {spec} looks labels up by image id, so it can't "
+                            "label intervened images; pass --provider with a label model "
+                            "(toyworld, hf-depth:FOLDER, hf-segmentation:FOLDER)")
+    made = getattr(provider, "targets", {})
+    if made.get(target) != kind:
+        raise ActstoreError(f"label provider {spec} makes no {kind} target {target!r} (it "
+                            f"makes {', '.join(f'{t} ({k})' for t, k in made.items()) or 'none'})")
+    return provider, str(spec)
+
+
+def load_store_model(view: StoreView, model: LoadedModel | None, device: str) -> LoadedModel:
+    """The model that made the store (same weights, dtype and variant), or a refusal."""
+    attrs, fp = view.attrs, view.attrs["fingerprint"]
+    if model is None:
+        name = attrs.get("model", "")
+        ref = name if name == TINY_RANDOM else (attrs.get("model_source") or name)
+        model = load_model(ref, dtype=fp["dtype"], device=device)
+        model = apply_control(model, None if fp["variant"] == "trained" else fp["variant"])
+    dtype = str(model.dtype).replace("torch.", "")
+    if dtype != fp["dtype"]:
+        raise ActstoreError(f"store {view.uri}: was generated in {fp['dtype']}, the model "
+                            f"given is {dtype}; load it with dtype={fp['dtype']}")
+    if model.weights_hash != fp["weights_sha256"]:
+        raise ActstoreError(f"store {view.uri}: was made with other weights than model "
+                            f"{model.name!r} (variant {model.variant}); interventions must "
+                            "use the store's own model")
+    return model
+
+
+def check_existing(store: str, experiment_id: str, settings: dict) -> None:
+    """A rerun resumes an experiment only if nothing that shapes its results changed."""
+    old = existing_settings(store, experiment_id)
+    if old is not None and old != settings:
+        diffs = st._diff(old, settings)
+        raise ActstoreError(f"store {store}: experiment {experiment_id} exists with other "
+                            f"settings ({'; '.join(diffs[:2])}); drop --experiment to start "
+                            "a new one")
+
+
+def label_rows(store: str, target: str, positions: np.ndarray) -> np.ndarray:
+    """Stored full-resolution labels (n, H, W) of some images, normalized units."""
+    full = zarr.open_group(store, path=f"{LABELS}/{target}", mode="r")["full"]
+    return np.asarray(full.oindex[np.asarray(positions)], np.float32)

@@ -1,0 +1,153 @@
+"""Intervention experiments in the store: layout, resumable block writes, reading back.
+
+One group per experiment::
+
+    interventions/<experiment_id>/     attrs.settings (at creation: what a rerun must match)
+                                       attrs.actstore_intervention (last: summary, probe run)
+      image_id, position   (image,)                the experiment's images, store order
+      offset               (image, k, 2) int32     target shift (dy, dx) px; 0 for user targets
+      target               (image, k, H, W) f32    label-resolution target, normalized units
+      output               (image, k, H, W, 3) u8  the intervened image
+      new_label            (image, k, H, W) f32    label model on the intervened image
+      original_label       (image, H, W) f32       label model on the store's final image
+      score_pre, score_post (image, k) f32         Dice (binary) or RMSE (continuous) vs target
+      edit_stats           (image, k, stat) f32    probe RMS error before/after edit, ‖Δa‖/‖a‖
+      _blocks/<a>-<b>/                             completion records per store image block
+
+Every array is chunked one image per chunk, so a block's writes never share a chunk with
+another block's, and a block becomes visible only once its record exists (written last,
+atomically, like materialize's). An experiment whose summary attribute is missing is
+incomplete: rerunning the same command fills the missing blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from actstore import store as st
+from actstore.errors import ActstoreError
+from actstore.intervention_edits import STAT_NAMES
+
+INTERVENTIONS = "interventions"
+SUMMARY_KEY = "actstore_intervention"
+
+
+def group_path(experiment_id: str) -> str:
+    return f"{INTERVENTIONS}/{experiment_id}"
+
+
+def existing_settings(store: str, experiment_id: str) -> dict | None:
+    """The settings an experiment was created with, or None if it doesn't exist yet."""
+    try:
+        attrs = dict(zarr.open_group(store, path=group_path(experiment_id), mode="r").attrs)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return None
+    return attrs.get("settings")
+
+
+def create_experiment(store: str, experiment_id: str, settings: dict, image_ids: list[str],
+                      positions: np.ndarray, n_targets: int, hw: tuple[int, int]) -> zarr.Group:
+    """Make the experiment's arrays unless they exist (a resumed or concurrent run)."""
+    root = st._open(store, mode="a")
+    group = root.require_group(group_path(experiment_id))
+    n, k, (h, w) = len(image_ids), n_targets, hw
+    specs = {
+        "image_id": ((n,), str, ["image"]),
+        "position": ((n,), "int64", ["image"]),
+        "offset": ((n, k, 2), "int32", ["image", "k", "axis"]),
+        "target": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
+        "output": ((n, k, h, w, 3), "uint8", ["image", "k", "y", "x", "rgb"]),
+        "new_label": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
+        "original_label": ((n, h, w), "float32", ["image", "y", "x"]),
+        "score_pre": ((n, k), "float32", ["image", "k"]),
+        "score_post": ((n, k), "float32", ["image", "k"]),
+        "edit_stats": ((n, k, len(STAT_NAMES)), "float32", ["image", "k", "stat"]),
+    }
+    created = False
+    for name, (shape, dtype, dims) in specs.items():
+        chunks = (max(n, 1),) if len(shape) == 1 else (1,) + shape[1:]
+        arr = st._create_array(group, name, shape=shape, chunks=chunks, dtype=dtype, dims=dims,
+                               codec="zstd" if len(shape) > 2 else None)
+        created |= arr is not None
+        if arr is not None and name == "image_id":
+            arr[:] = np.asarray(image_ids, dtype=str)
+        elif arr is not None and name == "position":
+            arr[:] = positions
+    if created or "settings" not in group.attrs:
+        group.attrs["settings"] = settings
+    return group
+
+
+def write_block(group: zarr.Group, lo: int, hi: int, arrays: dict[str, np.ndarray]) -> None:
+    """Write experiment rows lo:hi (one store block's images, consecutive because the
+    experiment keeps store order); one image per chunk, so only whole chunks."""
+    for name, values in arrays.items():
+        group[name][lo:hi] = values
+
+
+def _records(store: str, experiment_id: str) -> tuple:
+    fs, path = st._fs(store)
+    return fs, f"{path.rstrip('/')}/{group_path(experiment_id)}/_blocks"
+
+
+def completed_blocks(store: str, experiment_id: str) -> set[tuple[int, int]]:
+    fs, folder = _records(store, experiment_id)
+    done = set()
+    for name in fs.glob(f"{folder}/*/zarr.json"):
+        a, b = name.rsplit("/", 2)[-2].split("-")
+        done.add((int(a), int(b)))
+    return done
+
+
+def mark_complete(store: str, experiment_id: str, start: int, stop: int, record: dict) -> None:
+    """A record is an empty Zarr group whose metadata appears by rename (all or nothing)."""
+    fs, folder = _records(store, experiment_id)
+    st._open(store, mode="a").require_group(f"{group_path(experiment_id)}/_blocks")
+    node = f"{folder}/{start:08d}-{stop:08d}"
+    fs.makedirs(node, exist_ok=True)
+    meta = {"zarr_format": 3, "node_type": "group", "attributes": {"block": record}}
+    tmp = f"{node}/.zarr.json.{uuid.uuid4().hex}.tmp"
+    fs.pipe_file(tmp, json.dumps(meta).encode())
+    fs.mv(tmp, f"{node}/zarr.json")
+
+
+def write_summary(store: str, experiment_id: str, summary: dict) -> None:
+    """Written last: its presence is what makes an experiment complete."""
+    zarr.open_group(store, path=group_path(experiment_id), mode="r+").attrs[SUMMARY_KEY] = summary
+
+
+def list_interventions(store: str) -> dict[str, dict]:
+    """Complete experiments' summaries by experiment id."""
+    try:
+        group = zarr.open_group(store, path=INTERVENTIONS, mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
+        return {}
+    return {name: dict(sub.attrs)[SUMMARY_KEY] for name, sub in sorted(group.groups())
+            if SUMMARY_KEY in sub.attrs}
+
+
+def open_intervention(store: str, experiment_id: str, complete_only: bool = True) -> xr.Dataset:
+    """An experiment as a Dataset indexed by image id and target index ``k``; by default
+    only the images whose block is recorded (a running experiment shows what is done)."""
+    settings = existing_settings(store, experiment_id)
+    if settings is None:
+        have = ", ".join(list_interventions(store)) or "none"
+        raise ActstoreError(f"store {store}: no intervention experiment {experiment_id!r} "
+                            f"(complete ones: {have}); run `actstore intervene`")
+    ds = xr.open_zarr(store, group=group_path(experiment_id), consolidated=False)
+    ids = np.array([str(v) for v in ds["image_id"].values.tolist()])
+    ds = ds.drop_vars("image_id").assign_coords(image=ids, k=np.arange(ds.sizes["k"]),
+                                                stat=list(STAT_NAMES))
+    if complete_only:
+        pos = ds["position"].values
+        done = np.zeros(len(pos), bool)
+        for a, b in completed_blocks(store, experiment_id):
+            done |= (pos >= a) & (pos < b)
+        ds = ds.isel(image=np.flatnonzero(done))
+    ds.attrs.update(settings=settings)
+    return ds
