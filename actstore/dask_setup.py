@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
@@ -24,5 +25,6 @@ def dask_scheduler(address: str | None = None):
             yield client
         return
     with LocalCluster(processes=False, n_workers=1, threads_per_worker=os.cpu_count() or 1,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
+                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, \
+            Client(cluster) as client:
         yield client

@@ -19,7 +19,7 @@ test images. Results go to ``probes/<run_id>/`` (see :mod:`actstore.probe_store`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 import dask
 import numpy as np
@@ -51,6 +51,7 @@ class LayerFit:
     cv_score: np.ndarray
     lambdas: np.ndarray
     solver: str
+    ridge_fallback_steps: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -132,18 +133,29 @@ def _refine_logistic(view, layer, targets, steps, stats, fit, n_folds, scheduler
     h, w = targets.tokens.shape[1:]
     y = targets.tokens[train_pos].reshape(-1)
     index = np.repeat(train_pos, h * w)
-    weights, bias, lam, cv = [], [], [], []
+    weights, bias, lam, cv, fallback = [], [], [], [], []
+    lambdas = np.asarray(pb.LOGISTIC_LAMBDAS)
     for k, s in enumerate(steps):
-        (x,) = dask.compute(lazy[:, s], scheduler=scheduler)
-        X = x.reshape(-1, x.shape[-1])
-        out = pb.fit_logistic_cv(X, y, index, n_folds=n_folds,
-                                 fold_stats=_step_stats(stats, k))
+        out = None
+        if 0 < y.mean() < 1:  # a layer too coarse for the mask can see a single class
+            (x,) = dask.compute(lazy[:, s], scheduler=scheduler)
+            out = pb.fit_logistic_cv(x.reshape(-1, x.shape[-1]), y, index, n_folds=n_folds,
+                                     fold_stats=_step_stats(stats, k))
+        if out is None or not (np.isfinite(out.weights).all() and np.isfinite(out.bias)):
+            # Undefined logistic fit (one class, or a fold without both): keep the ridge
+            # probe on 0/1, shifted so that "score > 0" still means "mask".
+            fallback.append(int(s))
+            weights.append(fit.weights[k])
+            bias.append(fit.bias[k] - 0.5)
+            lam.append(fit.lam[k])
+            cv.append(np.full(len(lambdas), np.nan))
+            continue
         weights.append(out.weights)
         bias.append(out.bias)
         lam.append(out.lam)
         cv.append(out.cv_score)
-    return LayerFit(np.stack(weights), np.stack(bias), np.stack(lam), np.stack(cv),
-                    np.asarray(out.lambdas), "logistic")
+    return LayerFit(np.stack(weights), np.stack(bias), np.stack(lam), np.stack(cv), lambdas,
+                    "logistic", fallback)
 
 
 def _score_block(x: np.ndarray, rows: np.ndarray, tokens: np.ndarray, full: np.ndarray,

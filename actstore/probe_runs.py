@@ -140,7 +140,8 @@ def _write_fit(group: zarr.Group, model: str, layer: str, fit) -> None:
     for name, (values, dims) in arrays.items():
         values = np.asarray(values, np.float32)
         sub.create_array(name, data=values, dimension_names=dims)
-    sub.attrs.update({"solver": fit.solver, "lambdas": np.asarray(fit.lambdas).tolist()})
+    sub.attrs.update({"solver": fit.solver, "lambdas": np.asarray(fit.lambdas).tolist(),
+                      "ridge_fallback_steps": list(fit.ridge_fallback_steps)})
 
 
 def list_runs(store: str) -> dict[str, dict]:
