@@ -46,16 +46,22 @@ def train_unet_task(run_dir: str, steps: int, batch: int, lr: float, ckpt_every:
 
 
 @task
+def finetune_decoder_task(run_dir: str, steps: int, batch: int) -> str:
+    return str(T.finetune_decoder(run_dir, steps=steps, batch=batch))
+
+
+@task
 def export_task(run_dir: str, out: str) -> str:
     return str(T.export(run_dir, out))
 
 
 @flow(name="train-toy-ldm")
 def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm",
-              n_scenes: int = 8000, vae_steps: int = 500, vae_batch: int = 16, vae_lr: float = 1e-3,
-              unet_steps: int = 3500, unet_batch: int = 64, lr: float = 3e-4,
-              ckpt_every: int = 200, max_minutes: float | None = None,
-              threads: int = 2) -> str:
+              n_scenes: int = 8000, vae_steps: int = 400, vae_batch: int = 16,
+              vae_lr: float = 1e-3,
+              unet_steps: int = 4000, unet_batch: int = 32, lr: float = 3e-4,
+              ckpt_every: int = 250, max_minutes: float | None = None,
+              decoder_steps: int = 600, threads: int = 1) -> str:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -64,6 +70,8 @@ def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm",
     if T._latents_stale(Path(run_dir)):
         encode_latents_task(run_dir)
     train_unet_task(run_dir, unet_steps, unet_batch, lr, ckpt_every, max_minutes)
+    if decoder_steps > 0:
+        finetune_decoder_task(run_dir, decoder_steps, vae_batch)
     return export_task(run_dir, out)
 
 
@@ -72,9 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage != "all":  # single stages go straight to the library, no orchestration
         return T.main(argv)
     train_toy(run_dir=a.run_dir, out=a.out, n_scenes=a.n_scenes, vae_steps=a.vae_steps,
-              vae_batch=a.vae_batch, vae_lr=a.vae_lr, unet_steps=a.unet_steps, unet_batch=a.unet_batch,
+              vae_batch=a.vae_batch, vae_lr=a.vae_lr, unet_steps=a.unet_steps,
+              unet_batch=a.unet_batch,
               lr=a.lr, ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
-              threads=a.threads)
+              decoder_steps=a.decoder_steps, threads=a.threads)
     return 0
 
 

@@ -290,19 +290,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--run-dir", default="runs/toy-ldm", help="checkpoints, data cache, log")
     p.add_argument("--out", default="models/toy-ldm", help="final StableDiffusionPipeline folder")
     p.add_argument("--n-scenes", type=int, default=8000)
-    p.add_argument("--vae-steps", type=int, default=500)
+    p.add_argument("--vae-steps", type=int, default=400)
     p.add_argument("--vae-batch", type=int, default=16)
     p.add_argument("--vae-lr", type=float, default=1e-3)
-    p.add_argument("--unet-steps", type=int, default=3500)
-    p.add_argument("--unet-batch", type=int, default=64)
+    p.add_argument("--unet-steps", type=int, default=4000)
+    p.add_argument("--unet-batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--max-minutes", type=float, default=None, help="UNet wall-clock budget")
-    p.add_argument("--ckpt-every", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ckpt-every", type=int, default=250)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads; 1 is fastest on a shared/busy 2-core box")
     p.add_argument("--stage", default="all",
                    choices=["all", "data", "vae", "latents", "unet", "decoder", "export"])
     p.add_argument("--decoder-steps", type=int, default=600,
-                   help="decoder-only fine-tuning (run as its own --stage decoder process)")
+                   help="decoder-only fine-tuning on frozen-encoder latents; with --stage "
+                        "all it runs after the UNet, or run --stage decoder in parallel")
     return p.parse_args(argv)
 
 
@@ -324,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage in ("all", "unet"):
         train_unet(run, steps=a.unet_steps, batch=a.unet_batch, lr=a.lr,
                    ckpt_every=a.ckpt_every, max_minutes=a.max_minutes)
-    if a.stage == "decoder":
+    if a.stage == "decoder" or (a.stage == "all" and a.decoder_steps > 0):
         finetune_decoder(run, steps=a.decoder_steps, batch=a.vae_batch)
     if a.stage in ("all", "export"):
         export(run, a.out)
