@@ -93,10 +93,12 @@ def score_heatmap(store: str, target: str, out_png: str) -> str:
 
     ds = open_scores(store, latest_run(store, target))["mean"].load()
     metric = primary_metric(ds["metric"].values)
-    models = list(ds["model"].values)
+    models = sorted(ds["model"].values, key=lambda m: m != "trained")  # trained first
     data = ds.sel(metric=metric)
     vmin, vmax = float(data.min()), float(data.max())
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 2.6, 4.5),
+                             squeeze=False, sharey=True)
+    fig.subplots_adjust(left=0.3, right=0.85, wspace=0.05)
     cmap = "viridis" if higher_is_better(metric) else "viridis_r"
     for ax, model in zip(axes[0], models):
         im = ax.imshow(data.sel(model=model).values, aspect="auto", cmap=cmap, vmin=vmin,
