@@ -89,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
     _add_label_probe(sub)
+    from actstore.intervene_cli import add_intervene_parser
+    add_intervene_parser(sub)
     m = sub.add_parser("main", help="the main job on the embedded default model: materialize,"
                        " figures (always a Prefect flow)")
     m.add_argument("--model", help="default: toy-ldm if its folder exists, else tiny-random")
@@ -205,7 +207,13 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
-COMMANDS = {"materialize": _materialize, "label": _label, "probe": _probe, "main": _main_job}
+def _intervene(args, catalog) -> dict:
+    from actstore.intervene_cli import intervene_command
+    return intervene_command(args, catalog)
+
+
+COMMANDS = {"materialize": _materialize, "label": _label, "probe": _probe,
+            "intervene": _intervene, "main": _main_job}
 
 
 def main(argv: list[str] | None = None) -> int:
