@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-prefect", action="store_true", help="call the library directly "
                         "instead of running a Prefect flow")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one core "
+                        "fewer than the machine has; also $ACTSTORE_THREADS)")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
     _add_label_probe(sub)
@@ -223,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         catalog = _catalog(args.catalog)
         if args.quiet:
             os.environ["TQDM_DISABLE"] = "1"
+        if args.threads:
+            os.environ["ACTSTORE_THREADS"] = str(args.threads)
         result = COMMANDS[args.command](args, catalog)
     except ActstoreError as exc:
         print(f"actstore {args.command}: error: {exc}", file=sys.stderr)
