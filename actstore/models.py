@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from actstore.errors import ActstoreError
+from actstore.runtime import configure_cpu_threads
 from actstore.tokenizers import write_byte_level_clip_tokenizer
 
 TINY_RANDOM = "tiny-random"
@@ -60,22 +61,6 @@ class LoadedModel:
             self._weights_hash = hash_modules(
                 {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder})
         return self._weights_hash
-
-
-def configure_cpu_threads(threads: int | None = None) -> int:
-    """Pick torch's CPU thread count: ``threads``, else $ACTSTORE_THREADS, else $OMP_NUM_THREADS,
-    else one core fewer than the machine has.
-
-    Why not every core: torch's OpenMP regions wait for all their threads, so when any other
-    process holds a core (a training run, a Prefect server, a second worker), every op
-    waits for a descheduled thread. Measured on 2 cores beside one busy process: a toy
-    UNet call took 9.1 s with 2 threads and 0.31 s with 1.
-    """
-    if threads is None:
-        env = os.environ.get("ACTSTORE_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        threads = int(env) if env else max(1, (os.cpu_count() or 2) - 1)
-    torch.set_num_threads(max(1, int(threads)))
-    return torch.get_num_threads()
 
 
 def resolve_device(device: str = "auto") -> torch.device:

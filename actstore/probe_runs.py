@@ -31,6 +31,7 @@ from actstore.errors import ActstoreError
 from actstore.grid import Targets, fit_layer, metric_names, score_layer
 from actstore.labels import list_targets, open_labels
 from actstore.progress import Progress
+from actstore.runtime import numeric_threads
 
 PROBES = "probes"
 EMERGENCE = "emergence"
@@ -91,6 +92,11 @@ def run_probes(store: str, target: str, *, models: list[str] | None = None,
                layers: list[str] | None = None, steps: list[int] | None = None,
                n_folds: int = 5, scheduler=None, progress: bool = True) -> str:
     """Fit and score the whole grid for ``target``; returns the new run id."""
+    with numeric_threads():
+        return _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress)
+
+
+def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress) -> str:
     attrs, per_layer = load_targets(store, target)
     views = _views(store, models)
     layers = _select(layers, views[0].layers, "layer", store)
@@ -119,8 +125,7 @@ def run_probes(store: str, target: str, *, models: list[str] | None = None,
                 "step": steps, "image": [ids[pos[p]] for p in test_ids]})
     ds["mean"] = ds["per_image"].mean("image")
     ds["median"] = ds["per_image"].median("image")
-    ds.to_zarr(store, group=f"{PROBES}/{run_id}/scores", mode="w", consolidated=False,
-               zarr_format=3)
+    _to_zarr(ds, store, f"{PROBES}/{run_id}/scores")
     group.attrs.update({"target": target, "kind": attrs["kind"],
                         "models": [v.model for v in views], "layers": layers,
                         "steps": steps.tolist(), "n_folds": n_folds,
@@ -130,6 +135,17 @@ def run_probes(store: str, target: str, *, models: list[str] | None = None,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     update_emergence(store)
     return run_id
+
+
+def _to_zarr(ds: xr.Dataset, store: str, group: str) -> None:
+    """Small derived datasets, rewritten whole. zarr warns that its v3 string dtype may
+    change; these coordinates are plain labels that any reader can decode."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*string.*", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        ds.to_zarr(store, group=group, mode="w", consolidated=False, zarr_format=3)
 
 
 def _write_fit(group: zarr.Group, model: str, layer: str, fit) -> None:
@@ -205,7 +221,7 @@ def update_emergence(store: str) -> xr.Dataset:
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
     score = xr.concat(parts, dim="target", join="outer").rename("score")
     out = xr.Dataset({"score": score, "emergence_step": emergence_steps(score)})
-    out.to_zarr(store, group=EMERGENCE, mode="w", consolidated=False, zarr_format=3)
+    _to_zarr(out, store, EMERGENCE)
     return out
 
 
