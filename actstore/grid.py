@@ -34,6 +34,7 @@ from actstore.label_providers import BINARY
 BINARY_METRICS = ("dice",)
 CONTINUOUS_METRICS = ("rmse", "pearson", "spearman")
 LEVELS = ("token", "label")
+RESIDENT_LAYER_BYTES = 1 << 30  # a layer's train tokens, all steps, read once if this small
 
 
 def metric_names(kind: str) -> list[str]:
@@ -126,30 +127,36 @@ def _step_stats(stats: pb.FoldStats, s: int) -> pb.FoldStats:
     return pb.FoldStats(tuple(take(f) for f in stats.folds))
 
 
+def _logistic_cell(x: np.ndarray, y: np.ndarray, index: np.ndarray, n_folds: int,
+                   fold_stats: pb.FoldStats) -> pb.ProbeFit | None:
+    """One step's logistic probe, or None where it is undefined (a single class seen, as
+    on a layer too coarse for the mask, or a diverging fit)."""
+    if not 0 < y.mean() < 1:
+        return None
+    out = pb.fit_logistic_cv(x.reshape(-1, x.shape[-1]), y, index, n_folds=n_folds,
+                             fold_stats=fold_stats)
+    return out if np.isfinite(out.weights).all() and np.isfinite(out.bias) else None
+
+
 def _refine_logistic(view, layer, targets, steps, stats, fit, n_folds, scheduler) -> LayerFit:
     train_pos = np.flatnonzero(targets.train)
-    where = np.searchsorted(view.image_index, train_pos)
-    lazy = view[layer].data[where]
+    lazy = view[layer].data[np.searchsorted(view.image_index, train_pos)][:, steps]
+    if lazy.nbytes <= RESIDENT_LAYER_BYTES:  # one read serves every step
+        (lazy,) = dask.compute(lazy, scheduler=scheduler)
     h, w = targets.tokens.shape[1:]
     y = targets.tokens[train_pos].reshape(-1)
     index = np.repeat(train_pos, h * w)
-    weights, bias, lam, cv, fallback = [], [], [], [], []
+    cells = [delayed(_logistic_cell)(lazy[:, k], y, index, n_folds, _step_stats(stats, k))
+             for k in range(len(steps))]
+    outs = dask.compute(*cells, scheduler=scheduler)
     lambdas = np.asarray(pb.LOGISTIC_LAMBDAS)
-    for k, s in enumerate(steps):
-        out = None
-        if 0 < y.mean() < 1:  # a layer too coarse for the mask can see a single class
-            (x,) = dask.compute(lazy[:, s], scheduler=scheduler)
-            out = pb.fit_logistic_cv(x.reshape(-1, x.shape[-1]), y, index, n_folds=n_folds,
-                                     fold_stats=_step_stats(stats, k))
-        if out is None or not (np.isfinite(out.weights).all() and np.isfinite(out.bias)):
-            # Undefined logistic fit (one class, or a fold without both): keep the ridge
-            # probe on 0/1, shifted so that "score > 0" still means "mask".
-            fallback.append(int(s))
-            weights.append(fit.weights[k])
-            bias.append(fit.bias[k] - 0.5)
-            lam.append(fit.lam[k])
-            cv.append(np.full(len(lambdas), np.nan))
-            continue
+    weights, bias, lam, cv, fallback = [], [], [], [], []
+    for k, out in enumerate(outs):
+        if out is None:
+            # keep the ridge probe on 0/1, shifted so that "score > 0" still means "mask"
+            fallback.append(int(steps[k]))
+            out = pb.ProbeFit(fit.weights[k], fit.bias[k] - 0.5, fit.lam[k], np.nan, lambdas,
+                              np.full(len(lambdas), np.nan))
         weights.append(out.weights)
         bias.append(out.bias)
         lam.append(out.lam)
