@@ -148,3 +148,19 @@ def test_non_finite_activation_names_image_step_layer(tmp_path, tiny_model):
                         progress=False)
     finally:
         handle.remove()
+
+
+def test_fsspec_url_store(tiny_model):
+    """Any fsspec URL works as a store: here the in-memory filesystem."""
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+
+    uri = "memory://actstore-test/s.zarr"
+    first = materialize(tiny_model, DEMO, uri, images="4:8", gen=GenerationConfig(steps=2),
+                        block_size=4, progress=False)
+    again = materialize(tiny_model, DEMO, uri, images="4:8", gen=GenerationConfig(steps=2),
+                        block_size=4, progress=False)
+    assert (first["blocks_written"], again["blocks_written"]) == (1, 0)
+    view = open_store(uri)
+    assert list(view.images.position.values) == [4, 5, 6, 7]
+    assert np.isfinite(view["mid_block.attentions.0"].values.astype(np.float32)).all()
