@@ -18,10 +18,12 @@ from actstore.errors import ActstoreError
 from actstore.label_providers import get_provider
 from actstore.labels import list_targets
 from actstore.probe_runs import latest_run, open_emergence
+from flows.intervene import intervention_grid_task, interventions_task
 from flows.materialize import materialize_region, sample_grid_task
 from flows.probe import figures_task, label_task, probe_task
 
 TARGETS = ("salient", "depth", "shading")
+INTERVENE = ("salient", "depth")  # the paper's causal tests
 
 
 @task(name="summary")
@@ -46,7 +48,8 @@ def _provider_available(provider: str) -> str | None:
 def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | None = None,
               steps: int = 15, guidance: float = 7.5, batch_size: int = 8,
               device: str = "auto", provider: str = "toyworld",
-              targets: tuple[str, ...] = TARGETS, control: bool = True) -> dict:
+              targets: tuple[str, ...] = TARGETS, control: bool = True,
+              intervene_images: int = 6, intervene_targets: int = 2) -> dict:
     """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -78,4 +81,33 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
     summary = summary_task(store, str(out_dir))
     result["summary"] = summary["rows"]
     result["table"] = summary["table"]
+    if intervene_images:
+        ids = _first_test_images(store, intervene_images)
+        result["interventions"] = []
+        for target in [t for t in INTERVENE if t in targets]:
+            exp = interventions_task(store, latest_run(store, target), target=target,
+                                     method="projection", images=ids,
+                                     n_targets=intervene_targets, device="cpu")
+            result["figures"].append(intervention_grid_task(
+                store, exp["experiment_id"], str(out_dir / f"intervention-{target}.png")))
+            result["interventions"].append(exp)
+        result["table"] += "\n\n" + format_interventions(result["interventions"])
     return result
+
+
+def _first_test_images(store: str, n: int) -> list[str]:
+    from actstore.access import open_store
+
+    images = open_store(store).images
+    return [str(i) for i in images["image"].values[images["split"].values == "test"][:n]]
+
+
+def format_interventions(rows: list[dict]) -> str:
+    """Pre/post medians per experiment: does the output follow the edited representation?"""
+    lines = [f"{'intervention':24s} {'metric':6s} {'n':>4s} {'pre':>7s} {'post':>7s} "
+             f"{'improved':>8s}"]
+    for r in rows:
+        lines.append(f"{r['target'] + ' ' + r['method']:24s} {r['metric']:6s} "
+                     f"{r['interventions']:4d} {r['pre']['median']:7.3f} "
+                     f"{r['post']['median']:7.3f} {r['improved_fraction']:8.0%}")
+    return "\n".join(lines)

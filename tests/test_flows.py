@@ -37,8 +37,12 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
     assert row["target"] == "salient" and row["metric"] == "dice_label"
     assert 0 <= row["trained"] <= 1 and 0 <= row["randomized"] <= 1
     for name in ("samples-trained.png", "samples-randomized.png", "salient-curves.png",
-                 "salient-heatmap.png", "salient-figure4.png", "summary.txt"):
+                 "salient-heatmap.png", "salient-figure4.png", "summary.txt",
+                 "intervention-salient.png"):
         assert (out / name).stat().st_size > 0, name
+    (exp,) = result["interventions"]
+    assert exp["method"] == "projection" and exp["interventions"] == 6 * 2
+    assert "pre" in result["table"].split("intervention")[-1]
     again = main_flow(model="tiny-random", prompts=DEMO, out=str(out), steps=2,
                       device="cpu", targets=("salient",))
     assert again["trained"]["blocks_written"] == 0  # resumed: nothing recomputed
