@@ -43,7 +43,7 @@ from actstore.intervention_store import (completed_blocks, create_experiment, li
 from actstore.intervention_targets import (DEFAULT_MARGIN, SHIFT_RANGE, load_user_targets,
                                            make_targets, token_targets)
 from actstore.label_providers import BINARY
-from actstore.labels import list_targets
+from actstore.labels import TARGET_NAME, list_targets
 from actstore.metrics import dice, rmse
 from actstore.models import LoadedModel
 from actstore.probe_runs import get_run, load_probe
@@ -155,6 +155,9 @@ def plan_interventions(store: str, probe_run: str, target: str | None = None,
         "label_std": label_attrs.get("std")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     experiment_id = experiment_id or f"{target}-{method}-{digest}"
+    if not TARGET_NAME.match(experiment_id):
+        raise ActstoreError(f"--experiment {experiment_id!r}: use letters, digits, '_', '.', "
+                            "'-' (not starting with '_' or '.')")
     check_existing(store, experiment_id, settings)
     return Plan(store, view, probe_run, target, kind, method, layers, steps, probes, grids,
                 image_ids, positions, [str(p) for p in table["prompt"].values[positions]],
@@ -185,7 +188,7 @@ def run_interventions(store: str, probe_run: str, target: str | None = None,
                               model_variant, target_units, experiment_id, device)
     model = load_store_model(plan.view, model, device)
     final = st._open(store, st.model_path(plan.view.model))["final_image"]
-    _label(plan, np.asarray(final.oindex[plan.positions[:1]]), plan.image_ids[:1])  # reads?
+    _label(plan, np.asarray(final.oindex[plan.positions[:1]]), plan.image_ids[:1])  # fail before writing
     gen = GenerationConfig(**plan.view.attrs["fingerprint"]["generation"])
     group = create_experiment(store, plan.experiment_id, plan.settings, plan.image_ids,
                               plan.positions, plan.n_targets, plan.hw)

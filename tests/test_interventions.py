@@ -380,6 +380,7 @@ def _cli(argv):
     (["--targets", "WRONG_SHAPE"], "shape"),
     (["--target", "depth"], "probes 'salient'"),
     (["--method", "telepathy"], "invalid choice"),
+    (["--experiment", "../up"], "--experiment"),
     ([], "looks labels up by image id"),
 ])
 def test_bad_input_one_line_error_store_unchanged(ivstore, tmp_path, extra, words):
