@@ -98,6 +98,9 @@ def plan_interventions(store: str, probe_run: str, target: str | None = None,
                        target_units: str = "normalized", experiment_id: str | None = None,
                        device: str = "cpu") -> Plan:
     """Check every input against the store; raises a one-line ActstoreError, writes nothing."""
+    if experiment_id is not None and not TARGET_NAME.match(experiment_id):
+        raise ActstoreError(f"--experiment {experiment_id!r}: use letters, digits, '_', '.', "
+                            "'-' (not starting with '_' or '.')")
     st.read_root_attrs(store)
     run = get_run(store, probe_run)
     target = target or run["target"]
@@ -155,9 +158,6 @@ def plan_interventions(store: str, probe_run: str, target: str | None = None,
         "label_std": label_attrs.get("std")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
     experiment_id = experiment_id or f"{target}-{method}-{digest}"
-    if not TARGET_NAME.match(experiment_id):
-        raise ActstoreError(f"--experiment {experiment_id!r}: use letters, digits, '_', '.', "
-                            "'-' (not starting with '_' or '.')")
     check_existing(store, experiment_id, settings)
     return Plan(store, view, probe_run, target, kind, method, layers, steps, probes, grids,
                 image_ids, positions, [str(p) for p in table["prompt"].values[positions]],
