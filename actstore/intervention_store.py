@@ -11,6 +11,7 @@ One group per experiment::
       new_label            (image, k, H, W) f32    label model on the intervened image
       original_label       (image, H, W) f32       label model on the store's final image
       score_pre, score_post (image, k) f32         Dice (binary) or RMSE (continuous) vs target
+      score_other          (image, k) f32          new label vs the image's *other* targets
       edit_stats           (image, k, stat) f32    probe RMS error before/after edit, ‖Δa‖/‖a‖
       _blocks/<a>-<b>/                             completion records per store image block
 
@@ -22,8 +23,6 @@ incomplete: rerunning the same command fills the missing blocks.
 
 from __future__ import annotations
 
-import json
-import uuid
 
 import numpy as np
 import xarray as xr
@@ -66,6 +65,7 @@ def create_experiment(store: str, experiment_id: str, settings: dict, image_ids:
         "original_label": ((n, h, w), "float32", ["image", "y", "x"]),
         "score_pre": ((n, k), "float32", ["image", "k"]),
         "score_post": ((n, k), "float32", ["image", "k"]),
+        "score_other": ((n, k), "float32", ["image", "k"]),
         "edit_stats": ((n, k, len(STAT_NAMES)), "float32", ["image", "k", "stat"]),
     }
     created = False
@@ -90,30 +90,13 @@ def write_block(group: zarr.Group, lo: int, hi: int, arrays: dict[str, np.ndarra
         group[name][lo:hi] = values
 
 
-def _records(store: str, experiment_id: str) -> tuple:
-    fs, path = st._fs(store)
-    return fs, f"{path.rstrip('/')}/{group_path(experiment_id)}/_blocks"
-
-
 def completed_blocks(store: str, experiment_id: str) -> set[tuple[int, int]]:
-    fs, folder = _records(store, experiment_id)
-    done = set()
-    for name in fs.glob(f"{folder}/*/zarr.json"):
-        a, b = name.rsplit("/", 2)[-2].split("-")
-        done.add((int(a), int(b)))
-    return done
+    return st.completed_blocks_at(store, group_path(experiment_id))
 
 
 def mark_complete(store: str, experiment_id: str, start: int, stop: int, record: dict) -> None:
-    """A record is an empty Zarr group whose metadata appears by rename (all or nothing)."""
-    fs, folder = _records(store, experiment_id)
-    st._open(store, mode="a").require_group(f"{group_path(experiment_id)}/_blocks")
-    node = f"{folder}/{start:08d}-{stop:08d}"
-    fs.makedirs(node, exist_ok=True)
-    meta = {"zarr_format": 3, "node_type": "group", "attributes": {"block": record}}
-    tmp = f"{node}/.zarr.json.{uuid.uuid4().hex}.tmp"
-    fs.pipe_file(tmp, json.dumps(meta).encode())
-    fs.mv(tmp, f"{node}/zarr.json")
+    """The store's own atomic completion records, under the experiment's group."""
+    st.mark_complete_at(store, group_path(experiment_id), start, stop, record)
 
 
 def write_summary(store: str, experiment_id: str, summary: dict) -> None:

@@ -220,30 +220,34 @@ def blocks_of(n_images: int, block_size: int, start: int = 0, stop: int | None =
     return [(a, min(a + block_size, n_images)) for a in range(start, stop, block_size)]
 
 
-def _records_dir(uri: str, variant: str) -> tuple:
-    fs, path = _fs(uri)
-    return fs, f"{path.rstrip('/')}/{model_path(variant)}/_blocks"
-
-
 def completed_blocks(uri: str, variant: str) -> set[tuple[int, int]]:
-    fs, folder = _records_dir(uri, variant)
+    return completed_blocks_at(uri, model_path(variant))
+
+
+def mark_complete(uri: str, variant: str, start: int, stop: int, record: dict) -> None:
+    mark_complete_at(uri, model_path(variant), start, stop, record)
+
+
+def completed_blocks_at(uri: str, group: str) -> set[tuple[int, int]]:
+    """The (start, stop) blocks recorded complete under ``<group>/_blocks``."""
+    fs, path = _fs(uri)
     done = set()
-    for name in fs.glob(f"{folder}/*/zarr.json"):
+    for name in fs.glob(f"{path.rstrip('/')}/{group}/_blocks/*/zarr.json"):
         a, b = name.rsplit("/", 2)[-2].split("-")
         done.add((int(a), int(b)))
     return done
 
 
-def mark_complete(uri: str, variant: str, start: int, stop: int, record: dict) -> None:
+def mark_complete_at(uri: str, group: str, start: int, stop: int, record: dict) -> None:
     """Record a finished block as a Zarr group whose ``zarr.json`` appears atomically.
 
     A record is an empty group (so plain zarr tools see a valid hierarchy) holding the
     record in its attributes; its metadata file is written to a temporary name and renamed
     (one PUT on object stores), so a kill leaves either no record or a whole one.
     """
-    fs, folder = _records_dir(uri, variant)
-    _open(uri, mode="a").require_group(f"{model_path(variant)}/_blocks")
-    node = f"{folder}/{start:08d}-{stop:08d}"
+    fs, path = _fs(uri)
+    _open(uri, mode="a").require_group(f"{group}/_blocks")
+    node = f"{path.rstrip('/')}/{group}/_blocks/{start:08d}-{stop:08d}"
     fs.makedirs(node, exist_ok=True)
     meta = {"zarr_format": 3, "node_type": "group", "attributes": {"block": record}}
     tmp = f"{node}/.zarr.json.{uuid.uuid4().hex}.tmp"
