@@ -302,7 +302,7 @@ def _run_block(plan: Plan, model: LoadedModel, gen: GenerationConfig, lo: int, h
     post = _score(new, tgt, plan.kind)
     return {"offset": offsets, "target": tgt, "output": outputs, "new_label": new,
             "original_label": original, "score_pre": pre, "score_post": post,
-            "edit_stats": stats}
+            "score_other": _score_other(new, tgt, plan.kind), "edit_stats": stats}
 
 
 def _label(plan: Plan, images: np.ndarray, ids: list[str], batch: int = 16) -> np.ndarray:
@@ -334,6 +334,19 @@ def _score(labels: np.ndarray, targets: np.ndarray, kind: str) -> np.ndarray:
     return out.reshape(n, k).astype(np.float32)
 
 
+def _score_other(labels: np.ndarray, targets: np.ndarray, kind: str) -> np.ndarray:
+    """Each output scored against the same image's other K-1 targets, averaged: the
+    control for "the edit did something" vs "the image followed *this* target" (an edit
+    that only adds clutter raises Dice against every target alike). NaN when K = 1."""
+    n, k = targets.shape[:2]
+    if k < 2:
+        return np.full((n, k), np.nan, np.float32)
+    out = np.zeros((n, k), np.float32)
+    for j in range(1, k):   # rolled: output k against target (k + j) mod K
+        out += _score(labels, np.roll(targets, -j, axis=1), kind)
+    return out / (k - 1)
+
+
 def describe(values: np.ndarray) -> dict[str, float]:
     """Median first (the paper's statistic), then the spread of the distribution."""
     v = np.asarray(values, np.float64).ravel()
@@ -349,14 +362,19 @@ def summarize(plan: Plan, group: zarr.Group) -> dict:
     """Pre/post medians and distributions, share of interventions that moved toward the
     target, and the size of the edits in probe and activation space."""
     pre, post = group["score_pre"][...], group["score_post"][...]
+    other = group["score_other"][...]
     stats = group["edit_stats"][...].reshape(-1, 3)
     better = post > pre if plan.kind == BINARY else post < pre
+    specific = post > other if plan.kind == BINARY else post < other
     return {"experiment_id": plan.experiment_id, "probe_run": plan.run_id,
             "target": plan.target, "kind": plan.kind, "method": plan.method,
             "metric": "dice" if plan.kind == BINARY else "rmse", "layers": plan.layers,
             "steps": plan.steps, "images": len(plan.image_ids), "interventions": int(pre.size),
             "pre": describe(pre), "post": describe(post),
             "improved_fraction": float(better.mean()),
+            "other_targets": describe(other),
+            "specific_fraction": float(specific[np.isfinite(other)].mean())
+            if np.isfinite(other).any() else None,
             "edit": {"probe_error_before": float(np.median(stats[:, 0])),
                      "probe_error_after": float(np.median(stats[:, 1])),
                      "relative_change": float(np.median(stats[:, 2]))},

@@ -7,8 +7,10 @@ both alike, and each repeat is a fresh experiment. Reported per method:
 * wall time of the whole experiment (generation + edits + label model + writes), and the
   time spent inside the edit hooks alone (what the method itself costs);
 * effect: median score pre → post (Dice up / RMSE down is the image following the
-  target), share of interventions that moved toward the target, probe RMS error left
-  after the edit, and the relative size of the activation change ‖Δa‖/‖a‖.
+  target), share of interventions that moved toward the target, the output scored against
+  the image's *other* targets (the control: clutter raises Dice against every target) and
+  the share scoring better on its own target, the probe RMS error left after the edit,
+  and the relative size of the activation change ‖Δa‖/‖a‖.
 
     python benchmarks/bench_interventions.py                      # tiny-random store, built here
     python benchmarks/bench_interventions.py --store runs/main/store.zarr --target depth \\
@@ -108,6 +110,7 @@ def main() -> None:
     ap.add_argument("--layers", nargs="+", help="default: every layer of the probe run")
     ap.add_argument("--steps", nargs="+", type=int, help="default: every step of the run")
     ap.add_argument("--n-targets", type=int, default=5)
+    ap.add_argument("--margin", type=float, default=4.0, help="target logit for mask probes")
     ap.add_argument("--gen-steps", type=int, default=15, help="tiny store only")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -138,6 +141,7 @@ def main() -> None:
                     out = run_interventions(
                         store, run, args.target, method, layers, steps,
                         args.images, args.n_targets, provider=provider, device=args.device,
+                        margin=args.margin,
                         progress=False, experiment_id=f"bench-{method}-{int(time.time())}-{r}")
                 out["edit_seconds"] = timer.seconds
                 results[method].append(out)
@@ -161,6 +165,9 @@ def report(results: dict[str, list[dict]]) -> None:
             "edit_s": statistics.median(x["edit_seconds"] for x in outs),
             "pre": o["pre"]["median"], "post": o["post"]["median"],
             "improved": o["improved_fraction"],
+            "vs_other_tgts": o["other_targets"].get("median", float("nan")),
+            "specific": o["specific_fraction"] if o["specific_fraction"] is not None
+            else float("nan"),
             "probe_err_before": o["edit"]["probe_error_before"],
             "probe_err_after": o["edit"]["probe_error_after"],
             "rel_change": o["edit"]["relative_change"]}

@@ -329,6 +329,10 @@ def test_experiment_scores_resumes_and_records(ivstore, tiny_model, tmp_path, mo
     assert np.allclose(ds["score_pre"].values.ravel(), pre)
     assert np.allclose(ds["score_post"].values.ravel(), post)
     assert np.isclose(ref["pre"]["median"], np.median(pre))
+    swapped = dice(ds["new_label"].values.reshape(12, -1) > 0.5,
+                   ds["target"].values[:, ::-1].reshape(12, -1) > 0.5)   # K = 2: the other one
+    assert np.allclose(ds["score_other"].values.ravel(), swapped)
+    assert np.isclose(ref["specific_fraction"], np.mean(post > swapped))
     view = open_store(whole)
     stored = view.final_images.sel(image=ds["image"].values).values
     assert np.array_equal(ds["original_label"].values,
