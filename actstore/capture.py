@@ -112,23 +112,25 @@ def probe_layout(unet: torch.nn.Module, latent_h: int, latent_w: int,
 
 
 class StepCapture:
-    """Collects, for a batch of images, every layer's conditional-half output at each step.
+    """Collects, for a block of images, every layer's conditional-half output at each step.
 
     The UNet sees the CFG batch ``[uncond..., cond...]``; only the conditional half (the
-    one the paper probes) is kept unless ``keep_uncond``. Each output is checked for
-    non-finite values on the device, then copied to host buffers right away, so the device
-    never holds more than one step's activations.
+    one the paper probes) is kept unless ``keep_uncond``. Each output is copied straight
+    into the block's host buffer (one copy, cast included), so the device never holds more
+    than one step's activations. Finiteness is checked on the host copy by
+    :meth:`check_finite`, off the UNet's critical path and after the cast, so a value that
+    overflows the store dtype is caught as well as a NaN from the model.
     """
 
     def __init__(self, layers: list[LayerInfo], n_images: int, n_steps: int,
                  image_ids: list[str], dtype: np.dtype = np.float16, keep_uncond: bool = False):
         self.layers = {info.name: info for info in layers}
+        self.block_ids = list(image_ids)
         self.image_ids = list(image_ids)
         self.offset = 0
         self.keep_uncond = keep_uncond
         self.step = 0
         halves = 2 if keep_uncond else 1
-        self._torch_dtype = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
         self.buffers = {
             name: np.empty((halves, n_images, n_steps, info.height, info.width, info.channels),
                            dtype=dtype) for name, info in self.layers.items()}
@@ -139,18 +141,30 @@ class StepCapture:
         n, lo = len(self.image_ids), self.offset
         halves = [output[n:]] + ([output[:n]] if self.keep_uncond else [])
         for k, half in enumerate(halves):
-            finite = torch.isfinite(half).flatten(1).all(dim=1)
-            if not bool(finite.all()):
-                bad = int((~finite).nonzero()[0, 0])
-                which = "conditional" if k == 0 else "unconditional"
-                raise ActstoreError(
-                    f"non-finite activation in image {self.image_ids[bad]!r}, step {self.step}, "
-                    f"layer {layer} ({which} half); try --dtype float32 or check the model weights")
-            host = half.detach().reshape(n, info.height, info.width, info.channels)
-            self.buffers[layer][k, lo:lo + n, self.step] = host.to("cpu", self._torch_dtype).numpy()
+            dest = torch.from_numpy(self.buffers[layer][k, lo:lo + n, self.step])
+            dest.copy_(half.detach().reshape(n, info.height, info.width, info.channels))
         return None
 
     def set_batch(self, offset: int, image_ids: list[str]) -> None:
         """The next UNet calls carry these images, stored from buffer row ``offset`` on."""
         self.offset = offset
         self.image_ids = list(image_ids)
+
+    def check_finite(self) -> None:
+        """Raise naming where the first NaN or infinity appeared: the earliest step, then
+        the first layer in data-flow order, then the first image."""
+        first = None  # (step, layer order, half, image, layer)
+        for order, (layer, buf) in enumerate(self.buffers.items()):
+            finite = np.isfinite(buf).reshape(buf.shape[:3] + (-1,)).all(axis=-1)
+            if not finite.all():
+                half, image, step = np.nonzero(~finite)
+                k = np.lexsort((image, half, step))[0]
+                found = (int(step[k]), order, int(half[k]), int(image[k]), layer)
+                first = found if first is None else min(first, found)
+        if first is not None:
+            step, _, half, image, layer = first
+            which = "conditional" if half == 0 else "unconditional"
+            raise ActstoreError(
+                f"non-finite activation in image {self.block_ids[image]!r}, step {step}, "
+                f"layer {layer} ({which} half; NaN/inf, or beyond the store dtype's range); "
+                "try --dtype float32, --store-dtype float32, or check the model weights")

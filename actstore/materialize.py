@@ -14,13 +14,14 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 import actstore
 from actstore import store as st
 from actstore.capture import StepCapture, attn1_hooks, probe_layout
 from actstore.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
-from actstore.generate import GenerationConfig, generate, schedule_coords
+from actstore.generate import GenerationConfig, decode_images, generate, schedule_coords
 from actstore.models import LoadedModel, apply_control, load_model
 from actstore.progress import Progress
 from actstore.prompts import load_prompts, prompts_fingerprint
@@ -125,14 +126,14 @@ def materialize(model: str | LoadedModel, prompts: str, store: str, *, images: s
     bar = Progress(sum(b - a for a, b in todo), gen.steps,
                    f"materialize {model.variant}", enabled=progress)
     t0 = time.perf_counter()
-    written = 0
+    writer = st.BlockWriter(store, model.variant, on_written=bar.images)
     try:
         for a, b in todo:
-            nbytes = _materialize_block(model, table.iloc[a:b], store, a, b, gen, cap, layers,
-                                        batch_size, bar)
-            written += nbytes
-            bar.images(b - a, nbytes)
+            arrays, ids, finish = _materialize_block(model, table.iloc[a:b], gen, cap, layers,
+                                                     batch_size, bar)
+            writer.submit(a, b, arrays, {"images": ids, "written": time.time()}, finish)
     finally:
+        written = writer.close()
         bar.close()
     return {"store": store, "model": model.variant, "blocks_written": len(todo),
             "blocks_skipped": len(st.blocks_of(len(table), root["block_size"], start, stop))
@@ -153,14 +154,20 @@ def _check_store_location(store: str, table, sha: str, block_size: int | None,
         parse_region(images, len(table), block_size or st.DEFAULT_BLOCK_SIZE)
 
 
-def _materialize_block(model: LoadedModel, rows, store: str, a: int, b: int,
-                       gen: GenerationConfig, cap: CaptureConfig, layers: list,
-                       batch_size: int, bar: Progress) -> int:
-    """Generate one block in batches, holding it on the host, then write whole shards."""
-    n = b - a
+def _materialize_block(model: LoadedModel, rows, gen: GenerationConfig, cap: CaptureConfig,
+                       layers: list, batch_size: int, bar: Progress):
+    """Generate one block in batches, held on the host until the writer takes it.
+
+    Returns the block's arrays (store path → rows), its image ids, and ``finish``: the
+    finiteness check and the decoding of every step's x0, which the writer runs while the
+    next block generates (on a second core, or queued behind the UNet on a GPU).
+    """
+    n = len(rows)
     ids = rows["image_id"].astype(str).tolist()
     capture = StepCapture(layers, n, gen.steps, ids, np.dtype(cap.store_dtype), cap.keep_uncond)
-    x0 = np.empty((n, gen.steps, gen.height, gen.width, 3), np.uint8) if cap.x0 else None
+    f = model.vae_scale_factor
+    x0_latents = (torch.empty((n, gen.steps, model.unet.config.in_channels, gen.height // f,
+                               gen.width // f)) if cap.x0 else None)
     final = np.empty((n, gen.height, gen.width, 3), np.uint8)
     for lo in range(0, n, batch_size):
         hi = min(lo + batch_size, n)
@@ -169,10 +176,9 @@ def _materialize_block(model: LoadedModel, rows, store: str, a: int, b: int,
         def on_start(i: int) -> None:
             capture.step = i
 
-        def on_end(i: int, _latents, x0_latents) -> None:
-            if x0 is not None:
-                from actstore.generate import decode_images
-                x0[lo:hi, i] = decode_images(model, x0_latents)
+        def on_end(i: int, _latents, x0_step) -> None:
+            if x0_latents is not None:
+                x0_latents[lo:hi, i] = x0_step.to("cpu", torch.float32)
             bar.step(hi - lo)
 
         with attn1_hooks(model.unet, [info.name for info in layers], capture):
@@ -180,7 +186,14 @@ def _materialize_block(model: LoadedModel, rows, store: str, a: int, b: int,
                                     rows["seed"].iloc[lo:hi].tolist(), gen, on_start, on_end)
     acts = {name: buf[0] for name, buf in capture.buffers.items()}
     uncond = {name: buf[1] for name, buf in capture.buffers.items()} if cap.keep_uncond else None
-    nbytes = st.write_block(store, model.variant, a, b, acts, final, x0, uncond)
-    st.mark_complete(store, model.variant, a, b, {"images": ids, "bytes": nbytes,
-                                                  "written": time.time()})
-    return nbytes
+
+    def finish() -> dict[str, np.ndarray]:
+        capture.check_finite()
+        if x0_latents is None:
+            return {}
+        flat = x0_latents.reshape(n * gen.steps, *x0_latents.shape[2:])
+        images = np.concatenate([decode_images(model, flat[k:k + batch_size].to(model.device))
+                                 for k in range(0, len(flat), batch_size)])
+        return {"x0_image": images.reshape(n, gen.steps, *images.shape[1:])}
+
+    return st.block_arrays(acts, final, None, uncond), ids, finish

@@ -19,16 +19,19 @@ object. A block is visible to readers only once its completion record exists.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import fsspec
 import numpy as np
 import pandas as pd
 import zarr
+from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 import actstore
@@ -40,7 +43,6 @@ MODEL_KEY = "actstore_model"
 ACTIVATION = "activation"
 DEFAULT_BLOCK_SIZE = 4
 TARGET_CHUNK_BYTES = 1 << 20
-WRITE_THREADS = 4
 
 
 def model_path(variant: str) -> str:
@@ -255,29 +257,93 @@ def mark_complete_at(uri: str, group: str, start: int, stop: int, record: dict) 
     fs.mv(tmp, f"{node}/zarr.json")
 
 
+class BlockWriter:
+    """Writes finished blocks in the background while the next block is generated.
+
+    Compression and disk I/O then overlap the UNet instead of adding to it. At most one
+    block is in flight (so the host holds at most two blocks), array handles are opened
+    once (not per block: each open re-reads metadata), and a block's completion record is
+    written only after all of its arrays, in the writer thread. An error in the writer
+    surfaces at the next :meth:`submit` or at :meth:`close`, and that block stays
+    unrecorded, so a rerun redoes it.
+    """
+
+    def __init__(self, uri: str, variant: str, on_written=None):
+        self.uri, self.variant = uri, variant
+        self._group = _open(uri, model_path(variant), mode="r+")
+        self._arrays: dict[str, zarr.Array] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actstore-writer")
+        self._pending = None
+        self._on_written = on_written
+        self.bytes = 0
+
+    def _array(self, path: str) -> zarr.Array:
+        if path not in self._arrays:  # whole blocks: skip zarr's scan for all-fill chunks
+            self._arrays[path] = self._group[path].with_config({"write_empty_chunks": True})
+        return self._arrays[path]
+
+    def submit(self, start: int, stop: int, arrays: dict[str, np.ndarray], record: dict,
+               prepare: Callable[[], dict[str, np.ndarray]] | None = None) -> None:
+        """Queue ``arrays`` (store path under the variant → this block's rows) and then the
+        completion record; waits for the previous block first. ``prepare`` runs in the
+        writer before anything is written and returns more arrays (work moved off the
+        caller's critical path); if it raises, the block is not stored."""
+        self.wait()
+        self._pending = self._pool.submit(self._write, start, stop, arrays, record, prepare)
+
+    def _write(self, start: int, stop: int, arrays: dict[str, np.ndarray], record: dict,
+               prepare: Callable[[], dict[str, np.ndarray]] | None):
+        if prepare is not None:
+            arrays = {**arrays, **prepare()}
+        handles = {path: self._array(path) for path in arrays}
+
+        async def put_all() -> None:  # every array of the block concurrently, one event loop
+            await asyncio.gather(*(handles[p].async_array.setitem(slice(start, stop), data)
+                                   for p, data in arrays.items()))
+
+        sync(put_all())
+        nbytes = sum(data.nbytes for data in arrays.values())
+        mark_complete(self.uri, self.variant, start, stop, {**record, "bytes": nbytes})
+        self.bytes += nbytes
+        if self._on_written is not None:
+            self._on_written(stop - start, nbytes)
+        return nbytes
+
+    def wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> int:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+        return self.bytes
+
+
+def block_arrays(activations: dict[str, np.ndarray], final_images: np.ndarray,
+                 x0_images: np.ndarray | None,
+                 uncond: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """A materialized block as {array path under the variant: rows}."""
+    out = {f"layers/{layer}/{ACTIVATION}": data for layer, data in activations.items()}
+    out.update({f"layers/{layer}/activation_uncond": data
+                for layer, data in (uncond or {}).items()})
+    out["final_image"] = final_images
+    if x0_images is not None:
+        out["x0_image"] = x0_images
+    return out
+
+
 def write_block(uri: str, variant: str, start: int, stop: int,
                 activations: dict[str, np.ndarray], final_images: np.ndarray,
                 x0_images: np.ndarray | None,
-                uncond: dict[str, np.ndarray] | None = None) -> int:
-    """Write one block of images (whole shards only); returns the bytes written, raw.
-
-    The arrays are written concurrently: zarr's per-call latency then overlaps, and
-    compression (Blosc releases the GIL) uses every core.
-    """
-    group = _open(uri, model_path(variant), mode="r+")
-    jobs = [(f"layers/{layer}/{ACTIVATION}", data) for layer, data in activations.items()]
-    jobs += [(f"layers/{layer}/activation_uncond", data) for layer, data in (uncond or {}).items()]
-    jobs.append(("final_image", final_images))
-    if x0_images is not None:
-        jobs.append(("x0_image", x0_images))
-
-    def put(job: tuple[str, np.ndarray]) -> int:
-        path, data = job
-        group[path][start:stop] = data
-        return data.nbytes
-
-    with ThreadPoolExecutor(max_workers=WRITE_THREADS) as pool:
-        return sum(pool.map(put, jobs))
+                uncond: dict[str, np.ndarray] | None = None, record: dict | None = None) -> int:
+    """Write one block (whole shards only) and its completion record; returns raw bytes."""
+    writer = BlockWriter(uri, variant)
+    writer.submit(start, stop, block_arrays(activations, final_images, x0_images, uncond),
+                  record or {})
+    return writer.close()
 
 
 def model_variants(uri: str) -> list[str]:

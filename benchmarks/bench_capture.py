@@ -5,7 +5,7 @@ Same model object, prompts, seeds, steps and resolution; runs are interleaved
 medians are compared. ``materialize`` includes store creation, hooks, host copies,
 non-finite checks, compression and writing; ``+x0`` also decodes x0 at every step.
 
-    python benchmarks/bench_capture.py --model tiny-random --images 8
+    python benchmarks/bench_capture.py --model tiny-random --images 32
     python benchmarks/bench_capture.py --model sd14 --images 2 --size 128
 """
 
@@ -35,7 +35,7 @@ DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny-random", help="tiny-random, sd14, or a folder")
-    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--size", type=int, default=None, help="image side (default native)")
     ap.add_argument("--repeats", type=int, default=3)

@@ -5,6 +5,11 @@ to the same disk; the store with each named codec, ``numpy.save`` uncompressed. 
 raw (uncompressed) activation bytes; the compression ratio is raw bytes / bytes on disk.
 Runs alternate (npsave, codec, npsave, codec, ...) and medians are compared.
 
+Two clocks: *cached* stops when the writes return (data may still sit in the page cache, so
+``numpy.save`` runs at memcpy speed), *durable* also includes ``os.sync()`` so both
+writers' bytes are on the disk: the rate a long materialize run sustains once its output
+outgrows the page cache, and the one the target (store / numpy.save ≥ 0.5) is judged by.
+
     python benchmarks/bench_store_write.py                       # tiny-random activations
     python benchmarks/bench_store_write.py --store runs/main/store.zarr   # real ones
 """
@@ -26,7 +31,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actstore.codecs import CODEC_NAMES, codec_chain  # noqa: E402
-from actstore.store import block_layout, write_block  # noqa: E402
+from actstore.store import BlockWriter, block_arrays, block_layout  # noqa: E402
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 
@@ -61,8 +66,10 @@ def write_zarr(root: str, blocks: dict[str, np.ndarray], copies: int, codec: str
     group.create_array("models/m/final_image", shape=(b * copies, 1, 1, 3), dtype="uint8",
                        chunks=(b, 1, 1, 3))
     final = np.zeros((b, 1, 1, 3), np.uint8)
+    writer = BlockWriter(root, "m")
     for k in range(copies):
-        write_block(root, "m", k * b, (k + 1) * b, blocks, final, None)
+        writer.submit(k * b, (k + 1) * b, block_arrays(blocks, final, None), {})
+    writer.close()
 
 
 def write_npy(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
@@ -87,24 +94,28 @@ def main() -> None:
     work = tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR", "."), prefix="bench-write-")
     print(f"{len(blocks)} layers, block of {args.block} images = {raw_block / 1e6:.2f} MB; "
           f"{copies} blocks per run = {raw:.0f} MB raw; dir {work}")
-    results = {}
     try:
         for codec in args.codecs.split(","):
-            t_np, t_z = [], []
+            times: dict[str, list[float]] = {k: [] for k in
+                                             ("np", "z", "np_sync", "z_sync")}
             for _ in range(args.repeats):
-                shutil.rmtree(f"{work}/npy", ignore_errors=True)
-                t = time.perf_counter()
-                write_npy(f"{work}/npy", blocks, copies)
-                t_np.append(time.perf_counter() - t)
-                shutil.rmtree(f"{work}/z", ignore_errors=True)
-                t = time.perf_counter()
-                write_zarr(f"{work}/z", blocks, copies, codec)
-                t_z.append(time.perf_counter() - t)
+                for key, path, write in (("np", "npy", lambda p: write_npy(p, blocks, copies)),
+                                         ("z", "z", lambda p: write_zarr(p, blocks, copies,
+                                                                         codec))):
+                    shutil.rmtree(f"{work}/{path}", ignore_errors=True)
+                    os.sync()
+                    t = time.perf_counter()
+                    write(f"{work}/{path}")
+                    times[key].append(time.perf_counter() - t)
+                    os.sync()
+                    times[key + "_sync"].append(time.perf_counter() - t)
+            rate = {k: raw / statistics.median(v) for k, v in times.items()}
             ratio = raw * 1e6 / disk_bytes(f"{work}/z")
-            mb_np, mb_z = raw / statistics.median(t_np), raw / statistics.median(t_z)
-            results[codec] = (mb_z, mb_np, ratio)
-            print(f"  {codec:15s} store {mb_z:8.1f} MB/s   numpy.save {mb_np:8.1f} MB/s   "
-                  f"ratio {mb_z / mb_np:5.2f}   compression {ratio:5.2f}x", flush=True)
+            print(f"  {codec:15s} cached: store {rate['z']:7.1f} MB/s, numpy.save "
+                  f"{rate['np']:7.1f} MB/s, ratio {rate['z'] / rate['np']:5.2f} | durable: "
+                  f"store {rate['z_sync']:7.1f} MB/s, numpy.save {rate['np_sync']:7.1f} MB/s, "
+                  f"ratio {rate['z_sync'] / rate['np_sync']:5.2f} | compression {ratio:5.2f}x",
+                  flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

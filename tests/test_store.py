@@ -9,6 +9,7 @@ import zarr
 
 from actstore.access import open_store
 from actstore.capture import self_attention_layers
+from actstore.store import completed_blocks
 from conftest import DEMO, TINY
 
 SD_LAYERS = ([f"down_blocks.{b}.attentions.{j}" for b in range(3) for j in range(2)]
@@ -140,10 +141,34 @@ def test_non_finite_activation_names_image_step_layer(tmp_path, tiny_model):
         return None
 
     handle = module.register_forward_hook(poison)
+    uri = str(tmp_path / "nan.zarr")
     try:
         with pytest.raises(ActstoreError, match=r"image 'demo-001', step 1, layer "
                                                 r"up_blocks\.1\.attentions\.2"):
-            materialize(tiny_model, DEMO, str(tmp_path / "nan.zarr"), images="0:4",
+            materialize(tiny_model, DEMO, uri, images="0:4",
+                        batch_size=2, gen=GenerationConfig(steps=2), block_size=4,
+                        progress=False)
+    finally:
+        handle.remove()
+    assert completed_blocks(uri, "trained") == set()  # the poisoned block never became visible
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
+def test_float16_overflow_is_caught(tmp_path, tiny_model):
+    """A finite float32 activation beyond float16's range would be stored as inf."""
+    from actstore.capture import attn1_module
+    from actstore.errors import ActstoreError
+    from actstore.generate import GenerationConfig
+    from actstore.materialize import materialize
+
+    def blow_up(_m, _a, out):
+        return out * 1e6 if out.shape[0] == 4 else None
+
+    handle = attn1_module(tiny_model.unet, "mid_block.attentions.0").register_forward_hook(blow_up)
+    try:
+        with pytest.raises(ActstoreError, match=r"image 'demo-000', step 0, layer "
+                                                r"mid_block\.attentions\.0.*store dtype"):
+            materialize(tiny_model, DEMO, str(tmp_path / "inf.zarr"), images="0:4",
                         batch_size=2, gen=GenerationConfig(steps=2), block_size=4,
                         progress=False)
     finally:
@@ -164,3 +189,27 @@ def test_fsspec_url_store(tiny_model):
     view = open_store(uri)
     assert list(view.images.position.values) == [4, 5, 6, 7]
     assert np.isfinite(view["mid_block.attentions.0"].values.astype(np.float32)).all()
+
+
+def test_x0_images_match_direct_decoding(tmp_path, tiny_model):
+    """x0 is decoded in the writer thread, in batches across steps: it must equal decoding
+    each step's x0 prediction right where the denoising loop produces it."""
+    from actstore.generate import GenerationConfig, decode_images, generate
+    from actstore.materialize import materialize
+    from actstore.prompts import load_prompts
+
+    gen = GenerationConfig(steps=3)
+    uri = str(tmp_path / "x0.zarr")
+    materialize(tiny_model, DEMO, uri, images="0:4", batch_size=3, block_size=4, gen=gen,
+                progress=False)
+    stored = open_store(uri).x0_images.values          # (image, step, y, x, rgb)
+    rows = load_prompts(DEMO).iloc[:4]
+    direct = np.empty_like(stored)
+
+    def on_end(i, _latents, x0):
+        direct[:, i] = decode_images(tiny_model, x0)
+
+    generate(tiny_model, rows["prompt"].tolist(), rows["seed"].tolist(), gen,
+             on_step_end=on_end)
+    assert stored.shape[:2] == (4, 3)
+    assert np.abs(stored.astype(int) - direct.astype(int)).max() <= 1   # float rounding only
