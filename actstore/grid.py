@@ -186,14 +186,17 @@ def per_image_scores(pred: np.ndarray, tokens: np.ndarray, full: np.ndarray,
     n, s, h, w = pred.shape
     up = mt.upsample(pred.reshape(n * s, h, w), full.shape[1:]).reshape(n, s, *full.shape[1:])
     out = []
-    for level, p, t in (("token", pred, tokens), ("label", up, full)):
-        t = np.repeat(t[:, None], s, axis=1).reshape(n * s, *t.shape[1:])
-        p = p.reshape(n * s, *p.shape[2:])
+    for p, t in ((pred, tokens), (up, full)):
+        p, t = p.reshape(n, s, -1), t.reshape(n, -1)
         if kind == BINARY:
-            out.append(mt.dice(p > 0, t > 0.5))
+            out.append(mt.dice((p > 0).reshape(n * s, -1),
+                               np.repeat(t > 0.5, s, axis=0)).reshape(n, s))
         else:
-            out += [mt.rmse(p, t), mt.pearson(p, t), mt.spearman(p, t)]
-    return np.stack([m.reshape(n, s) for m in out])
+            # per (image, step), as the metrics' per-image definitions; a label is centred
+            # and ranked once, not once per step (Spearman = Pearson of ranks)
+            out += [mt.rmse(p.reshape(n * s, -1), np.repeat(t, s, axis=0)).reshape(n, s),
+                    mt.step_correlations(p, t), mt.step_correlations(mt.rank(p), mt.rank(t))]
+    return np.stack(out)
 
 
 def score_layer(view: StoreView, layer: str, targets: Targets, steps: np.ndarray,

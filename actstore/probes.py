@@ -342,10 +342,14 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeF
     def per_model(S):     # training-set statistics of each model: all folds but its own
         return [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
 
-    def refresh(z):   # per-fold XᵀWX at the full model's weights, on a strided subsample of
-        k = max(1, len(z) // (HESSIAN_TOKENS * X.shape[1]))   # ≤ ~256·C tokens: it only
-        p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])   # preconditions; the exact gradient decides
-        return _Hess.of(per_model(_stats_by_fold(X[::k], None, fold[::k], n_groups,
+    # Hessian refreshes: per-fold XᵀWX at the full model's weights, on a strided subsample
+    # of ≤ ~256·C tokens (it only preconditions; the exact gradient decides), upcast once.
+    k = max(1, len(y) // (HESSIAN_TOKENS * X.shape[1]))
+    X_sub, fold_sub = _up(X[::k]), fold[::k]
+
+    def refresh(z):
+        p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])
+        return _Hess.of(per_model(_stats_by_fold(X_sub, None, fold_sub, n_groups,
                                                  k * p * (1 - p))))
 
     T = per_model(F)

@@ -87,3 +87,25 @@ def test_pool_is_block_mean_and_binary_fraction():
 def test_shape_mismatch_is_a_user_error():
     with pytest.raises(ActstoreError):
         rmse(np.zeros((2, 4, 4)), np.zeros((2, 4, 5)))
+
+
+def test_rank_matches_scipy_rankdata_with_heavy_ties():
+    from scipy.stats import rankdata
+
+    from actstore.metrics import rank
+
+    a = rng.integers(0, 5, size=(7, 3, 50)).astype(np.float32)   # many ties per row
+    a[0, 0] = 1.0                                                 # one all-tied row
+    b = rng.normal(size=(4, 33))
+    for x in (a, b, b.astype(np.float16)):
+        np.testing.assert_array_equal(rank(x), rankdata(x, axis=-1))
+
+
+def test_step_correlations_equal_per_image_pearson():
+    from actstore.metrics import step_correlations
+
+    p, t = rng.normal(size=(3, 4, 20)), rng.normal(size=(3, 20))
+    p[1, 2] = 1.0                              # a constant prediction: NaN, as pearson
+    expected = pearson(p.reshape(12, 20), np.repeat(t, 4, axis=0)).reshape(3, 4)
+    np.testing.assert_allclose(step_correlations(p, t), expected, rtol=1e-12)
+    assert np.isnan(step_correlations(p, t)[1, 2])
