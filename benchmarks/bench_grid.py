@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from actstore.access import open_store  # noqa: E402
-from actstore.grid import per_image_scores  # noqa: E402
+from actstore.grid import fit_layer, metric_names, per_image_scores, score_layer  # noqa: E402
 from actstore.metrics import summarize  # noqa: E402
-from actstore.probe_runs import load_targets, open_scores, run_probes  # noqa: E402
+from actstore.probe_runs import load_targets, run_probes  # noqa: E402
+from actstore.runtime import numeric_threads  # noqa: E402
 
 
 def adam_cell(view, layer: str, step: int, targets, epochs: int = 30, batch: int = 4,
@@ -63,52 +64,71 @@ def adam_cell(view, layer: str, step: int, targets, epochs: int = 30, batch: int
 
 
 def compare_with_adam(store: str, target: str, cells: list[tuple[str, int]]) -> None:
+    """Fit time per cell, both sides timed alike: training only (Adam: 30 epochs reading
+    its batches from the store; closed form: its one read of the layer's train blocks plus
+    the λ-by-CV solves), then both scored on the test split by the same code, untimed."""
     attrs, per_layer = load_targets(store, target)
     view = open_store(store)
-    layers = sorted({c[0] for c in cells})
-    steps = sorted({c[1] for c in cells})
-    t0 = time.perf_counter()
-    run = run_probes(store, target, models=["trained"], layers=layers, steps=steps,
-                     scheduler="threads", progress=False)
-    closed = time.perf_counter() - t0
-    scores = open_scores(store, run)["per_image"].sel(model="trained")
     metric = "dice_label" if attrs["kind"] == "binary" else "rmse_label"
-    n_cells = len(layers) * len(steps)
-    print(f"closed form: {n_cells} cells in {closed:.2f} s ({closed / n_cells:.2f} s/cell, "
-          f"fit + read + test scoring)")
+    names = metric_names(attrs["kind"])
+    by_layer: dict[str, list[int]] = {}
+    for layer, step in cells:
+        by_layer.setdefault(layer, []).append(step)
+    closed, ours = 0.0, {}
+    with numeric_threads():
+        for layer, steps in by_layer.items():
+            steps = np.asarray(steps)
+            t0 = time.perf_counter()
+            fit = fit_layer(view, layer, per_layer[layer], steps, scheduler="threads")
+            closed += time.perf_counter() - t0
+            per_image, _ = score_layer(view, layer, per_layer[layer], steps, fit, "threads")
+            for k, step in enumerate(steps):
+                ours[layer, int(step)] = summarize(per_image[names.index(metric), :, k])["mean"]
+    print(f"closed form: {len(cells)} cells fitted in {closed:.2f} s "
+          f"({closed / len(cells):.3f} s/cell: read + CV solves)")
     adam_total = 0.0
     for layer, step in cells:
         seconds, pred = adam_cell(view, layer, step, per_layer[layer])
         adam_total += seconds
         t = per_layer[layer]
-        test = t.test
-        ours = summarize(scores.sel(metric=metric, layer=layer, step=step).values)["mean"]
-        names = [m for m in scores["metric"].values]
-        theirs = per_image_scores(pred[:, None], t.tokens[test], t.full[test], t.kind)
+        theirs = per_image_scores(pred[:, None], t.tokens[t.test], t.full[t.test], t.kind)
         theirs = summarize(theirs[names.index(metric), :, 0])["mean"]
         print(f"  {layer:28s} step {step:2d}: Adam {seconds:7.2f} s  {metric} Adam "
-              f"{theirs:.3f} vs closed form {ours:.3f}")
+              f"{theirs:.3f} vs closed form {ours[layer, step]:.3f}", flush=True)
     per_cell_adam = adam_total / len(cells)
-    print(f"Adam {per_cell_adam:.2f} s/cell vs closed form {closed / n_cells:.3f} s/cell: "
-          f"{per_cell_adam / (closed / n_cells):.1f}x faster")
+    print(f"Adam {per_cell_adam:.2f} s/cell vs closed form {closed / len(cells):.3f} s/cell: "
+          f"{per_cell_adam / (closed / len(cells)):.1f}x faster")
 
 
 def grid_vs_read(store: str, target: str) -> None:
+    """Whole grid (every model × layer × step) against one plain read of the same arrays:
+    the fit alone (reads the train blocks) and the full probe run (fit, score pass over the
+    test blocks, results written to the store)."""
     import dask
 
     from actstore.store import model_variants
 
-    view_names = model_variants(store)
-    t0 = time.perf_counter()
-    for m in view_names:
-        view = open_store(store, m)
-        dask.compute(*[view[layer].data.sum() for layer in view.layers], scheduler="threads")
-    read = time.perf_counter() - t0
+    _, per_layer = load_targets(store, target)
+    variants = model_variants(store)
+    with numeric_threads():
+        t0 = time.perf_counter()
+        for m in variants:
+            view = open_store(store, m)
+            dask.compute(*[view[layer].data.sum(dtype=np.float32) for layer in view.layers],
+                         scheduler="threads")
+        read = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for m in variants:
+            view = open_store(store, m)
+            for layer in view.layers:
+                fit_layer(view, layer, per_layer[layer], np.arange(view.n_steps),
+                          scheduler="threads")
+        fit = time.perf_counter() - t0
     t0 = time.perf_counter()
     run_probes(store, target, scheduler="threads", progress=False)
     grid = time.perf_counter() - t0
-    print(f"whole grid ({', '.join(view_names)}): fit {grid:.2f} s, plain read pass "
-          f"{read:.2f} s, ratio {grid / read:.2f}")
+    print(f"whole grid ({', '.join(variants)}): plain read pass {read:.2f} s; fit {fit:.2f} s "
+          f"(ratio {fit / read:.2f}); fit + score + store {grid:.2f} s (ratio {grid / read:.2f})")
 
 
 def peak_memory(stores: list[str], target: str) -> None:
