@@ -122,6 +122,7 @@ def test_incomplete_blocks_are_invisible(tmp_path, tiny_model):
     assert open_store(uri, complete_only=False)["mid_block.attentions.0"].shape[0] == 16
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
 def test_non_finite_activation_names_image_step_layer(tmp_path, tiny_model):
     from actstore.capture import attn1_module
     from actstore.errors import ActstoreError
