@@ -335,17 +335,6 @@ def block_arrays(activations: dict[str, np.ndarray], final_images: np.ndarray,
     return out
 
 
-def write_block(uri: str, variant: str, start: int, stop: int,
-                activations: dict[str, np.ndarray], final_images: np.ndarray,
-                x0_images: np.ndarray | None,
-                uncond: dict[str, np.ndarray] | None = None, record: dict | None = None) -> int:
-    """Write one block (whole shards only) and its completion record; returns raw bytes."""
-    writer = BlockWriter(uri, variant)
-    writer.submit(start, stop, block_arrays(activations, final_images, x0_images, uncond),
-                  record or {})
-    return writer.close()
-
-
 def model_variants(uri: str) -> list[str]:
     try:
         return sorted(name for name, _ in _open(uri, "models").groups())

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from actstore.runtime import configure_cpu_threads
 from actstore.toyworld.model import load_pipeline
 from actstore.toyworld.render import render_scene
 
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-quality", type=int, default=64)
     p.add_argument("--guidance", type=float, default=7.5)
     a = p.parse_args(argv)
-    torch.set_num_threads(2)
+    configure_cpu_threads()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     sample_grid(a.model, a.prompts, a.out, n=a.n, rows=a.rows, guidance=a.guidance)
     if a.n_quality:
