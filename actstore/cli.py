@@ -65,7 +65,8 @@ def _add_label_probe(sub) -> None:
     p.add_argument("--store", required=True)
     p.add_argument("--provider", required=True, help="toyworld | hf-depth:FOLDER | "
                    "hf-segmentation:FOLDER | array:FILE(.npz|.zarr)")
-    p.add_argument("--target", required=True, help="name of the target in the store")
+    p.add_argument("--target", required=True, nargs="+", help="name(s) of the target(s) in "
+                   "the store; several are labelled in one pass of the provider")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-x0", action="store_true", help="skip labelling the per-step x0 images")
     p.add_argument("--device", default="cpu")
@@ -150,14 +151,16 @@ def _label(args, catalog) -> dict:
     from actstore.catalog import resolve_store
 
     store = resolve_store(catalog, args.store)["uri"]
+    # One --target keeps the one-target summary its users already read; several, a dict.
+    target = args.target[0] if len(args.target) == 1 else args.target
     if args.no_prefect:
         from actstore.labels import write_labels
-        return write_labels(store, args.provider, args.target, overwrite=args.overwrite,
+        return write_labels(store, args.provider, target, overwrite=args.overwrite,
                             on_x0=not args.no_x0, device=args.device, progress=not args.quiet)
     from flows.probe import label_task
     from prefect import flow
 
-    return flow(name="label")(label_task)(store, args.provider, args.target, args.overwrite,
+    return flow(name="label")(label_task)(store, args.provider, target, args.overwrite,
                                          not args.no_x0, args.device)
 
 

@@ -18,8 +18,11 @@ Continuous targets are z-scored with the mean/std over all pixels of the **train
 so test images never leak into the targets. A target is written into
 ``labels/_staging-<target>`` and moved into place when whole, then its attributes are
 written last: a failed run leaves the store as it was, a killed one leaves a target
-without attributes, which counts as absent and is rewritten by the next run. Nothing
-outside ``labels/`` is ever written, so labelling never touches activations.
+without attributes, which counts as absent and is rewritten by the next run. Several
+targets of one provider are written in one pass over the images (one provider call per
+batch, see :mod:`actstore.label_passes`) and as a set: none is moved into place until all
+are whole. Nothing outside ``labels/`` is ever written, so labelling never touches
+activations.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from actstore import store as st
 from actstore.access import StoreView
 from actstore.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
-from actstore.label_providers import BINARY, CONTINUOUS, KINDS, LabelProvider, get_provider
-from actstore.metrics import pool
+from actstore.label_passes import (_Ctx, _write_full, _write_pooled, _write_x0,
+                                   resolution_name)
+from actstore.label_providers import CONTINUOUS, KINDS, LabelProvider, get_provider
 from actstore.progress import Progress
 
 LABELS = "labels"
@@ -49,40 +53,33 @@ def _staging(target: str) -> str:
     return f"{LABELS}/_staging-{target}"
 
 
-def resolution_name(h: int, w: int) -> str:
-    return f"r{h}" if h == w else f"r{h}x{w}"
+def write_labels(store: str, provider: str | LabelProvider,
+                 target: str | list[str] | tuple[str, ...], *, source_model: str = "trained",
+                 overwrite: bool = False, on_x0: bool = True, batch_size: int = 16,
+                 progress: bool = True, device: str = "cpu") -> dict:
+    """Label the store's final images with ``provider`` and write ``target``, one or several.
 
-
-def write_labels(store: str, provider: str | LabelProvider, target: str, *,
-                 source_model: str = "trained", overwrite: bool = False, on_x0: bool = True,
-                 batch_size: int = 16, progress: bool = True, device: str = "cpu") -> dict:
-    """Label the store's final images with ``provider`` and write target ``target``.
-
-    Everything that can be checked is checked before the first byte is written; a
-    failure later (e.g. NaN from the label model) removes the partial target, so an
-    error always leaves the store unchanged. Returns a summary.
+    Several targets share one provider call per batch of images: a label model that makes
+    them together runs once over the images, not once per target. Everything that can be
+    checked is checked for every target before the first byte is written; a failure later
+    (e.g. NaN from the label model) removes every partial target, so an error always leaves
+    the store unchanged, with no target of the set written. Returns a summary for one name,
+    ``{target: summary}`` for a list.
     """
     t0 = time.perf_counter()
-    if not isinstance(target, str) or not TARGET_NAME.match(target):
-        raise ActstoreError(f"target {target!r}: use letters, digits, '_', '.', '-' (not "
-                            "starting with '_' or '.')")
+    targets = _target_names(target)
     if batch_size < 1:
         raise ActstoreError(f"--batch-size {batch_size}: must be at least 1")
     prov = get_provider(provider, device) if isinstance(provider, str) else provider
     spec = getattr(prov, "spec", None) or getattr(prov, "name", type(prov).__name__)
-    if target not in prov.targets:
-        raise ActstoreError(f"provider {spec} makes no target {target!r}; it makes "
-                            f"{', '.join(prov.targets) or 'none'}")
-    kind = prov.targets[target]
-    if kind not in KINDS:
-        raise ActstoreError(f"provider {spec}: target {target!r} has kind {kind!r}, not one "
-                            f"of {KINDS}")
+    kinds = {t: _target_kind(prov, spec, t) for t in targets}
     view = StoreView(store, model=source_model, complete_only=False)
     _check_complete(view)
-    existing = _attrs_or_none(store, target)
-    if existing is not None and not overwrite:
-        raise ActstoreError(f"store {store}: already has labels {target!r} (from "
-                            f"{existing.get('provider')}); pass --overwrite to replace them")
+    existing = {t: _attrs_or_none(store, t) for t in targets}
+    for t, attrs in existing.items():
+        if attrs is not None and not overwrite:
+            raise ActstoreError(f"store {store}: already has labels {t!r} (from "
+                                f"{attrs.get('provider')}); pass --overwrite to replace them")
     ids = [str(v) for v in view.images["image"].values]
     train = view.images["split"].values == "train"
     if not train.any():
@@ -96,44 +93,81 @@ def write_labels(store: str, provider: str | LabelProvider, target: str, *,
     if check is not None:
         check(ids, hw)
     x0_note = _x0_decision(view, on_x0, by_ids)
-    ctx = _Ctx(store, target, kind, spec, prov, ids, hw, view.block_size, batch_size)
+    ctx = _Ctx(kinds, spec, prov, ids, hw, view.block_size, batch_size)
     n_steps = view.n_steps if x0_note is None else 0
     created_labels = not _exists(store, f"{LABELS}/zarr.json")
-    bar = Progress(len(ids), 1 + n_steps, f"label {target}", enabled=progress)
+    bar = Progress(len(ids), 1 + n_steps, f"label {', '.join(targets)}", enabled=progress)
+    moved = []
     try:
-        _remove(store, _staging(target))
-        group = _staging_group(store, target, len(ids), hw, grids, n_steps, view.block_size)
-        mean, std = _write_full(ctx, group, final, by_ids, train, bar)
-        _write_pooled(ctx, group, grids, mean, std)
+        for t in targets:
+            _remove(store, _staging(t))
+        groups = {t: _staging_group(store, t, len(ids), hw, grids, n_steps, view.block_size)
+                  for t in targets}
+        stats = _write_full(ctx, groups, final, by_ids, train, bar)
+        for t in targets:
+            _write_pooled(ctx, groups[t], grids, *stats[t])
         if n_steps:
-            _write_x0(ctx, group, st._open(store, st.model_path(source_model))["x0_image"],
-                      mean, std, bar)
-        attrs = _target_attrs(ctx, source_model, mean, std, int(train.sum()), grids, x0_note)
-        _remove(store, f"{LABELS}/{target}")
-        _fs_mv(store, _staging(target), f"{LABELS}/{target}")
+            _write_x0(ctx, groups, st._open(store, st.model_path(source_model))["x0_image"],
+                      stats, bar)
+        attrs = {t: _target_attrs(ctx, t, source_model, *stats[t], int(train.sum()), grids,
+                                  x0_note) for t in targets}
+        for t in targets:
+            _remove(store, f"{LABELS}/{t}")
+            _fs_mv(store, _staging(t), f"{LABELS}/{t}")
+            moved.append(t)
     except BaseException:
-        _remove(store, _staging(target))
+        for t in targets:
+            _remove(store, _staging(t))
+        for t in moved:                 # no attributes yet, so not a target: ours to take back
+            _remove(store, f"{LABELS}/{t}")
         if created_labels:
             _remove_if_empty(store, LABELS)
         raise
     finally:
         bar.close()
-    zarr.open_group(store, path=f"{LABELS}/{target}", mode="r+").attrs.update(attrs)  # last
-    return {"store": store, "target": target, "kind": kind, "provider": spec,
-            "images": len(ids), "resolutions": sorted(attrs["resolutions"]),
-            "x0": attrs["x0"], "x0_note": x0_note, "mean": mean, "std": std,
-            "replaced": existing is not None, "seconds": time.perf_counter() - t0}
+    for t in targets:                   # last
+        zarr.open_group(store, path=f"{LABELS}/{t}", mode="r+").attrs.update(attrs[t])
+    seconds = time.perf_counter() - t0
+    out = {t: {"store": store, "target": t, "kind": kinds[t], "provider": spec,
+               "images": len(ids), "resolutions": sorted(attrs[t]["resolutions"]),
+               "x0": attrs[t]["x0"], "x0_note": x0_note, "mean": stats[t][0],
+               "std": stats[t][1], "replaced": existing[t] is not None, "seconds": seconds}
+           for t in targets}
+    return out[target] if isinstance(target, str) else out
 
 
-def _target_attrs(ctx: "_Ctx", source_model: str, mean, std, n_train: int, grids: dict,
-                  x0_note: str | None) -> dict:
+def _target_names(target) -> list[str]:
+    """One name or several, each once in the order given, all valid before anything runs."""
+    names = list(target) if isinstance(target, (list, tuple)) else [target]
+    if not names:
+        raise ActstoreError("no target given; name at least one (e.g. --target depth)")
+    for t in names:
+        if not isinstance(t, str) or not TARGET_NAME.match(t):
+            raise ActstoreError(f"target {t!r}: use letters, digits, '_', '.', '-' (not "
+                                "starting with '_' or '.')")
+    return list(dict.fromkeys(names))
+
+
+def _target_kind(prov, spec: str, target: str) -> str:
+    if target not in prov.targets:
+        raise ActstoreError(f"provider {spec} makes no target {target!r}; it makes "
+                            f"{', '.join(prov.targets) or 'none'}")
+    kind = prov.targets[target]
+    if kind not in KINDS:
+        raise ActstoreError(f"provider {spec}: target {target!r} has kind {kind!r}, not one "
+                            f"of {KINDS}")
+    return kind
+
+
+def _target_attrs(ctx: _Ctx, target: str, source_model: str, mean, std, n_train: int,
+                  grids: dict, x0_note: str | None) -> dict:
     """Provenance and normalization: enough to undo the z-score and to redo the labels."""
-    prov = ctx.prov
-    return {"target": ctx.target, "kind": ctx.kind, "provider": ctx.spec,
+    prov, kind = ctx.prov, ctx.kinds[target]
+    return {"target": target, "kind": kind, "provider": ctx.spec,
             "provider_name": getattr(prov, "name", type(prov).__name__),
             "provider_provenance": getattr(prov, "provenance", {}),
             "source_model": source_model,
-            "normalization": "zscore-train" if ctx.kind == CONTINUOUS else "none",
+            "normalization": "zscore-train" if kind == CONTINUOUS else "none",
             "mean": mean, "std": std, "n_train_images": n_train,
             "image_size": list(ctx.hw),
             "resolutions": {resolution_name(*g): list(g) for g in grids.values()},
@@ -141,107 +175,6 @@ def _target_attrs(ctx: "_Ctx", source_model: str, mean, std, n_train: int, grids
             "x0": x0_note is None, "x0_note": x0_note,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "actstore_version": actstore.__version__}
-
-
-class _Ctx:
-    """What every pass needs to know to check a provider's output and name culprits."""
-
-    def __init__(self, store, target, kind, spec, prov, ids, hw, block, batch_size):
-        self.store, self.target, self.kind, self.spec, self.prov = store, target, kind, spec, prov
-        self.ids, self.hw, self.block, self.batch_size = ids, hw, block, batch_size
-
-    def run(self, images: np.ndarray) -> np.ndarray:
-        """The provider in batches; float32 (n, H, W) of this target."""
-        parts = []
-        for i in range(0, len(images), self.batch_size):
-            out = self.prov(images[i:i + self.batch_size])
-            parts.append(self.pick(out, min(self.batch_size, len(images) - i)))
-        return np.concatenate(parts)
-
-    def pick(self, out: dict, n: int) -> np.ndarray:
-        if self.target not in out:
-            raise ActstoreError(f"provider {self.spec} returned no {self.target!r} (returned "
-                                f"{', '.join(out)}); fix the provider")
-        arr = np.asarray(out[self.target])
-        if arr.shape != (n, *self.hw):
-            raise ActstoreError(f"provider {self.spec}: {self.target!r} labels have shape "
-                                f"{arr.shape}, expected {(n, *self.hw)} (images × the store's "
-                                f"image size); resize them to {self.hw[0]}x{self.hw[1]}")
-        return arr.astype(np.float32, copy=False)
-
-    def validate(self, arr: np.ndarray, a: int, step: int | None = None) -> None:
-        """Non-finite or non-0/1 binary values: an error naming the first image (and step)."""
-        flat = arr.reshape(arr.shape[0], -1)
-        where = "" if step is None else f" on the step-{step} x0 image"
-        bad = ~np.isfinite(flat).all(axis=1)
-        if bad.any():
-            raise ActstoreError(f"provider {self.spec}: {self.target!r} labels contain NaN/inf "
-                                f"for image {self.ids[a + int(np.argmax(bad))]!r}{where} "
-                                f"({int(bad.sum())} images in its block); fix the labels")
-        if self.kind == BINARY:
-            off = ~np.isin(flat, (0.0, 1.0)).all(axis=1)
-            if off.any():
-                raise ActstoreError(f"provider {self.spec}: binary target {self.target!r} "
-                                    f"has values other than 0/1 for image "
-                                    f"{self.ids[a + int(np.argmax(off))]!r}{where}; threshold "
-                                    "the labels")
-
-
-def _write_full(ctx: _Ctx, group, final, by_ids, train: np.ndarray, bar) -> tuple:
-    """Pass 1: raw labels per block, train-split moments merged (Chan) in float64."""
-    n_t, mean_t, m2_t = 0, 0.0, 0.0
-    for a, b in st.blocks_of(len(ctx.ids), ctx.block):
-        if by_ids is not None:
-            raw = ctx.pick(by_ids(ctx.ids[a:b]), b - a)
-        else:
-            raw = ctx.run(np.asarray(final[a:b]))
-        ctx.validate(raw, a)
-        group["full"][a:b] = raw
-        bar.step(b - a)
-        sel = raw[train[a:b]].astype(np.float64)
-        if ctx.kind == CONTINUOUS and sel.size:
-            n, m = sel.size, float(sel.mean())
-            m2 = float(((sel - m) ** 2).sum())
-            tot = n_t + n
-            m2_t += m2 + (m - mean_t) ** 2 * n_t * n / tot
-            mean_t += (m - mean_t) * n / tot
-            n_t = tot
-    if ctx.kind == BINARY:
-        return None, None
-    std = float(np.sqrt(m2_t / n_t))
-    if not std > 0:
-        raise ActstoreError(f"provider {ctx.spec}: {ctx.target!r} is constant over the train "
-                            "images, so it can't be z-scored; check the label model")
-    return float(mean_t), std
-
-
-def _normalize(raw: np.ndarray, mean, std) -> np.ndarray:
-    if mean is None:
-        return raw
-    return ((raw.astype(np.float64) - mean) / std).astype(np.float32)
-
-
-def _write_pooled(ctx: _Ctx, group, grids: dict, mean, std) -> None:
-    """Pass 2: normalize ``full`` in place and pool it to every layer's token grid."""
-    sizes = sorted(set(grids.values()), reverse=True)
-    for a, b in st.blocks_of(len(ctx.ids), ctx.block):
-        full = _normalize(np.asarray(group["full"][a:b]), mean, std)
-        if mean is not None:
-            group["full"][a:b] = full
-        for h, w in sizes:
-            group[resolution_name(h, w)][a:b] = pool(full, (h, w)).astype(np.float32)
-
-
-def _write_x0(ctx: _Ctx, group, x0_image, mean, std, bar) -> None:
-    """Pass 3: the provider on every step's decoded x0, with the final images' constants."""
-    for a, b in st.blocks_of(len(ctx.ids), ctx.block):
-        imgs = np.asarray(x0_image[a:b])
-        n, s = imgs.shape[:2]
-        maps = ctx.run(imgs.reshape(n * s, *imgs.shape[2:])).reshape(n, s, *ctx.hw)
-        for step in range(s):
-            ctx.validate(maps[:, step], a, step)
-        group["x0"][a:b] = _normalize(maps, mean, std)
-        bar.step(n * s)
 
 
 def _check_complete(view: StoreView) -> None:

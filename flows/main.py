@@ -72,9 +72,10 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
         result["note"] = f"labels and probes skipped: {why_not}"
         return result
     have = list_targets(store)
+    missing = [t for t in targets if t not in have]
+    if missing:                     # one pass of the label model for every missing target
+        label_task(store, provider, missing, device="cpu")
     for target in targets:
-        if target not in have:
-            label_task(store, provider, target, device="cpu")
         if latest_run(store, target) is None:
             probe_task(store, target)
         result["figures"] += figures_task(store, target, str(out_dir))

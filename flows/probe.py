@@ -13,8 +13,9 @@ from actstore.probe_runs import run_probes
 
 
 @task(name="label")
-def label_task(store: str, provider: str, target: str, overwrite: bool = False,
+def label_task(store: str, provider: str, target: str | list[str], overwrite: bool = False,
                on_x0: bool = True, device: str = "cpu") -> dict:
+    """Several targets in one task: the provider runs once over the images for all of them."""
     return write_labels(store, provider, target, overwrite=overwrite, on_x0=on_x0,
                         device=device)
 

@@ -132,6 +132,97 @@ def test_target_without_attrs_is_incomplete_and_rewritten(store):
     assert "depth" in list_targets(store)
 
 
+def _label_arrays(store: str, target: str) -> dict:
+    group = zarr.open_group(store, path=f"labels/{target}", mode="r")
+    return {name: arr[...] for name, arr in group.arrays()}
+
+
+def test_several_targets_in_one_pass_match_single_calls(store, tmp_path):
+    """One provider call per batch for all targets, and the same bytes as one call each."""
+    single = str(tmp_path / "single.zarr")
+    shutil.copytree(store, single)
+    targets = ["depth", "salient", "shade"]
+    together = Brightness()
+    res = write_labels(store, together, targets, batch_size=3, progress=False)
+    alone, summaries = [], {}
+    for t in targets:
+        alone.append(Brightness())
+        summaries[t] = write_labels(single, alone[-1], t, batch_size=3, progress=False)
+    assert together.calls * 2 <= sum(p.calls for p in alone)
+    assert together.calls == alone[0].calls          # as many calls as one target alone
+    assert list(res) == targets and set(list_targets(store)) == set(targets)
+    for t in targets:
+        got, want = _label_arrays(store, t), _label_arrays(single, t)
+        assert set(got) == set(want) == {"full", "r1", "r2", "r4", "r8", "x0"}
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=f"{t}/{name}")
+        drop = ("created",)
+        assert {k: v for k, v in open_labels(store, t).attrs.items() if k not in drop} == \
+            {k: v for k, v in open_labels(single, t).attrs.items() if k not in drop}
+        assert {k: v for k, v in res[t].items() if k not in ("store", "seconds")} == \
+            {k: v for k, v in summaries[t].items() if k not in ("store", "seconds")}
+    assert not [p for p in Path(store, "labels").iterdir() if p.name.startswith("_")]
+
+
+def test_several_targets_from_the_command_line(store, tmp_path, capsys, monkeypatch):
+    from actstore.cli import main
+
+    ids = list(open_store(store).images["image"].values)
+    rng = np.random.default_rng(2)
+    maps = {"depth": rng.normal(size=(16, 64, 64)).astype(np.float32),
+            "mask": (rng.random((16, 64, 64)) > 0.5).astype(np.float32)}
+    path = _npz(tmp_path, ids, maps)
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert main(["--no-prefect", "--quiet", "label", "--store", store, "--provider",
+                 f"array:{path}", "--target", "depth", "mask"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"depth", "mask"} and out["mask"]["kind"] == "binary"
+    np.testing.assert_array_equal(open_labels(store, "mask").full.values, maps["mask"])
+
+
+def test_several_targets_bad_one_writes_none(store):
+    """All or nothing for the set: one bad target, late or up front, and nothing is written."""
+    write_labels(store, Brightness(), "salient", on_x0=False, progress=False)
+    ids = list(open_store(store).images["image"].values)
+
+    class LateNanShade(Brightness):
+        def __call__(self, images):
+            out = super().__call__(images)
+            if self.calls == 8:      # 4 final-image blocks, then x0 blocks: the last one
+                out["shade"] = out["shade"].copy()
+                out["shade"][0, 0, 0] = np.nan
+            return out
+
+    cases = {
+        "late NaN in one target": (lambda: write_labels(store, LateNanShade(), ["depth", "shade"],
+                                                        progress=False),
+                                   f"'shade' labels contain NaN/inf for image '{ids[12]}' on "
+                                   "the step-0 x0 image"),
+        "one already exists": (lambda: write_labels(store, Brightness(),
+                                                    ["depth", "salient"], progress=False),
+                               "already has labels 'salient'.*--overwrite"),
+        "one not made": (lambda: write_labels(store, Brightness(), ["depth", "normals"],
+                                              progress=False), "no target 'normals'"),
+        "one bad name": (lambda: write_labels(store, Brightness(), ["depth", "_x"]),
+                         "target '_x'"),
+        "none": (lambda: write_labels(store, Brightness(), []), "no target given"),
+    }
+    for case, (call, message) in cases.items():
+        before = full_digest(store)
+        with pytest.raises(ActstoreError, match=message) as err:
+            call()
+        assert "\n" not in str(err.value), case
+        assert full_digest(store) == before, case
+    assert set(list_targets(store)) == {"salient"}
+
+
+def test_several_targets_on_fresh_store_fail_leave_no_labels_group(store):
+    before = full_digest(store)
+    with pytest.raises(ActstoreError, match="'depth' labels contain NaN/inf"):
+        write_labels(store, Brightness(nan_at=9), ["salient", "depth"], progress=False)
+    assert full_digest(store) == before and not (Path(store) / "labels").exists()
+
+
 def _npz(tmp_path, ids, maps: dict, name="labels.npz") -> str:
     path = str(tmp_path / name)
     np.savez(path, image_id=np.array(ids, dtype=str), **maps)
