@@ -31,7 +31,7 @@ from actstore.errors import ActstoreError
 from actstore.grid import Targets, fit_layer, metric_names, score_layer
 from actstore.labels import list_targets, open_labels
 from actstore.progress import Progress
-from actstore.runtime import numeric_threads
+from actstore.runtime import task_threads
 
 PROBES = "probes"
 EMERGENCE = "emergence"
@@ -92,7 +92,7 @@ def run_probes(store: str, target: str, *, models: list[str] | None = None,
                layers: list[str] | None = None, steps: list[int] | None = None,
                n_folds: int = 5, scheduler=None, progress: bool = True) -> str:
     """Fit and score the whole grid for ``target``; returns the new run id."""
-    with numeric_threads():
+    with task_threads():   # parallelism comes from Dask's threads
         return _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress)
 
 

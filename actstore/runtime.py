@@ -1,11 +1,16 @@
 """How many CPU threads actstore's numeric work uses (torch, BLAS, Dask).
 
-One policy for all three: an explicit count, else $ACTSTORE_THREADS, else $OMP_NUM_THREADS,
-else one core fewer than the machine has. Why not every core: OpenMP and OpenBLAS regions
-wait for all their threads, so when any other process holds a core (a training run, a
-Prefect server, a second worker) every op waits for a descheduled thread. Measured on 2
-cores beside one busy process: a toy UNet call took 9.1 s with 2 threads and 0.31 s with
-1; a small probe grid took 30.5 s with 2 BLAS threads and 3.4 s with 1.
+torch and BLAS: an explicit count, else $ACTSTORE_THREADS, else $OMP_NUM_THREADS, else one
+core fewer than the machine has. Why not every core: OpenMP and OpenBLAS regions wait for
+all their threads, so when any other process holds a core (a training run, a Prefect
+server, a second worker) every op waits for a descheduled thread. Measured on 2 cores
+beside one busy process: a toy UNet call took 9.1 s with 2 threads and 0.31 s with 1; a
+small probe grid took 30.5 s with 2 BLAS threads and 3.4 s with 1.
+
+Dask is the exception: its worker threads run independent tasks, each with single-threaded
+BLAS (:func:`task_threads`), so nothing waits on a busy core and every core can work
+(an explicit count or $ACTSTORE_THREADS still wins). Nesting a multi-threaded BLAS inside
+many Dask threads would oversubscribe the machine cores × cores times.
 """
 
 from __future__ import annotations
@@ -29,11 +34,30 @@ def configure_cpu_threads(threads: int | None = None) -> int:
     return torch.get_num_threads()
 
 
+def dask_threads(threads: int | None = None) -> int:
+    """Worker threads for a local Dask cluster: every core unless told otherwise."""
+    if threads is None and os.environ.get("ACTSTORE_THREADS"):
+        threads = int(os.environ["ACTSTORE_THREADS"])
+    return max(1, int(threads if threads is not None else os.cpu_count() or 1))
+
+
+@contextmanager
+def task_threads():
+    """Single-threaded torch and BLAS while Dask runs many tasks side by side."""
+    with numeric_threads(1) as n:
+        yield n
+
+
 @contextmanager
 def numeric_threads(threads: int | None = None):
     """torch and BLAS limited to the policy's count for the duration (numpy-heavy work)."""
+    import torch
     from threadpoolctl import threadpool_limits
 
+    before = torch.get_num_threads()
     n = configure_cpu_threads(threads)
-    with threadpool_limits(n):
-        yield n
+    try:
+        with threadpool_limits(n):
+            yield n
+    finally:
+        torch.set_num_threads(before)

@@ -31,7 +31,7 @@ from actstore.access import open_store  # noqa: E402
 from actstore.grid import fit_layer, metric_names, per_image_scores, score_layer  # noqa: E402
 from actstore.metrics import summarize  # noqa: E402
 from actstore.probe_runs import load_targets, run_probes  # noqa: E402
-from actstore.runtime import numeric_threads  # noqa: E402
+from actstore.runtime import task_threads  # noqa: E402
 
 
 def adam_cell(view, layer: str, step: int, targets, epochs: int = 30, batch: int = 4,
@@ -75,7 +75,7 @@ def compare_with_adam(store: str, target: str, cells: list[tuple[str, int]]) -> 
     for layer, step in cells:
         by_layer.setdefault(layer, []).append(step)
     closed, ours = 0.0, {}
-    with numeric_threads():
+    with task_threads():
         for layer, steps in by_layer.items():
             steps = np.asarray(steps)
             t0 = time.perf_counter()
@@ -110,7 +110,7 @@ def grid_vs_read(store: str, target: str) -> None:
 
     _, per_layer = load_targets(store, target)
     variants = model_variants(store)
-    with numeric_threads():
+    with task_threads():
         t0 = time.perf_counter()
         for m in variants:
             view = open_store(store, m)
