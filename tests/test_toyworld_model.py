@@ -38,7 +38,6 @@ def toy_dir(tmp_path_factory) -> Path:
 
 
 def test_loads_like_sd_and_captures_16_layers(toy_dir):
-    torch.set_num_threads(2)
     pipe = M.load_pipeline(toy_dir)
     pipe.set_progress_bar_config(disable=True)
     assert type(pipe.scheduler).__name__ == "LMSDiscreteScheduler"
