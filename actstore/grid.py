@@ -30,6 +30,7 @@ from actstore import probes as pb
 from actstore.access import StoreView
 from actstore.errors import ActstoreError
 from actstore.label_providers import BINARY
+from actstore.runtime import dask_threads
 
 BINARY_METRICS = ("dice",)
 CONTINUOUS_METRICS = ("rmse", "pearson", "spearman")
@@ -148,7 +149,10 @@ def _refine_logistic(view, layer, targets, steps, stats, fit, n_folds, scheduler
     index = np.repeat(train_pos, h * w)
     cells = [delayed(_logistic_cell)(lazy[:, k], y, index, n_folds, _step_stats(stats, k))
              for k in range(len(steps))]
-    outs = dask.compute(*cells, scheduler=scheduler)
+    # The cells work on tokens already in this process: threads here, not a cluster that
+    # would be shipped the whole layer inside the task graph.
+    local = scheduler if scheduler in ("sync", "synchronous") else "threads"
+    outs = dask.compute(*cells, scheduler=local, num_workers=dask_threads())
     lambdas = np.asarray(pb.LOGISTIC_LAMBDAS)
     weights, bias, lam, cv, fallback = [], [], [], [], []
     for k, out in enumerate(outs):

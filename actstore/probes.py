@@ -31,6 +31,7 @@ CHUNK_BYTES = 64 << 20      # bound on the float32 copy of X made per block
 RESIDENT_BYTES = 1 << 30    # logistic keeps a float64 copy of X up to this size
 HESSIAN_TOKENS = 256        # per channel: logistic Hessian refreshes use ≤ ~256·C tokens
 PATH_TOL = 1e-4             # logistic tolerance along the λ path; the chosen λ gets ``tol``
+PATH_MAX_ITER = 30          # separable tokens never converge; the chosen λ gets ``max_iter``
 
 
 @dataclass(frozen=True)
@@ -366,7 +367,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats) -> ProbeF
     score, converged = np.full(len(lambdas), np.nan), True
     for li in np.argsort(-lambdas):   # validation loss is flat at the optimum: PATH_TOL will do
         W, B, Z, H, ok = _newton(X64, y, train, refresh, W, B, Z, H, lambdas[li] * scale,
-                                 max(tol, PATH_TOL), max_iter)
+                                 max(tol, PATH_TOL), min(max_iter, PATH_MAX_ITER))
         converged &= ok
         path_w[li], path_b[li] = W, B
         if cv:
