@@ -226,10 +226,6 @@ def completed_blocks(uri: str, variant: str) -> set[tuple[int, int]]:
     return completed_blocks_at(uri, model_path(variant))
 
 
-def mark_complete(uri: str, variant: str, start: int, stop: int, record: dict) -> None:
-    mark_complete_at(uri, model_path(variant), start, stop, record)
-
-
 def completed_blocks_at(uri: str, group: str) -> set[tuple[int, int]]:
     """The (start, stop) blocks recorded complete under ``<group>/_blocks``."""
     fs, path = _fs(uri)
@@ -247,8 +243,13 @@ def mark_complete_at(uri: str, group: str, start: int, stop: int, record: dict) 
     record in its attributes; its metadata file is written to a temporary name and renamed
     (one PUT on object stores), so a kill leaves either no record or a whole one.
     """
-    fs, path = _fs(uri)
     _open(uri, mode="a").require_group(f"{group}/_blocks")
+    _write_record(uri, group, start, stop, record)
+
+
+def _write_record(uri: str, group: str, start: int, stop: int, record: dict) -> None:
+    """The record itself; its parent ``_blocks`` group must exist."""
+    fs, path = _fs(uri)
     node = f"{path.rstrip('/')}/{group}/_blocks/{start:08d}-{stop:08d}"
     fs.makedirs(node, exist_ok=True)
     meta = {"zarr_format": 3, "node_type": "group", "attributes": {"block": record}}
@@ -271,6 +272,7 @@ class BlockWriter:
     def __init__(self, uri: str, variant: str, on_written=None):
         self.uri, self.variant = uri, variant
         self._group = _open(uri, model_path(variant), mode="r+")
+        self._group.require_group("_blocks")   # once, not per record
         self._arrays: dict[str, zarr.Array] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actstore-writer")
         self._pending = None
@@ -303,7 +305,8 @@ class BlockWriter:
 
         sync(put_all())
         nbytes = sum(data.nbytes for data in arrays.values())
-        mark_complete(self.uri, self.variant, start, stop, {**record, "bytes": nbytes})
+        _write_record(self.uri, model_path(self.variant), start, stop,
+                      {**record, "bytes": nbytes})
         self.bytes += nbytes
         if self._on_written is not None:
             self._on_written(stop - start, nbytes)
