@@ -13,8 +13,9 @@ def dask_scheduler(address: str | None = None):
     """Yield something ``dask.compute(scheduler=...)`` accepts.
 
     ``None`` starts a local in-process cluster (threads, so tasks share the zarr reader and
-    nothing is serialized) with a thread per core (tasks use single-threaded BLAS); ``"threads"``/``"sync"`` use dask's
-    plain schedulers (tests, debugging); anything else is a distributed scheduler address.
+    nothing is serialized) with a thread per core (tasks use single-threaded BLAS);
+    ``"threads"``/``"sync"`` use dask's plain schedulers (tests, debugging); anything else
+    is a distributed scheduler address.
     """
     if address in ("threads", "sync", "synchronous"):
         yield address

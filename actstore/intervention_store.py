@@ -1,4 +1,4 @@
-"""Intervention experiments in the store: layout, resumable block writes, reading back.
+"""Intervention experiments in the store: layout, block records, reading back.
 
 One group per experiment::
 
@@ -83,20 +83,8 @@ def create_experiment(store: str, experiment_id: str, settings: dict, image_ids:
     return group
 
 
-def write_block(group: zarr.Group, lo: int, hi: int, arrays: dict[str, np.ndarray]) -> None:
-    """Write experiment rows lo:hi (one store block's images, consecutive because the
-    experiment keeps store order); one image per chunk, so only whole chunks."""
-    for name, values in arrays.items():
-        group[name][lo:hi] = values
-
-
 def completed_blocks(store: str, experiment_id: str) -> set[tuple[int, int]]:
     return st.completed_blocks_at(store, group_path(experiment_id))
-
-
-def mark_complete(store: str, experiment_id: str, start: int, stop: int, record: dict) -> None:
-    """The store's own atomic completion records, under the experiment's group."""
-    st.mark_complete_at(store, group_path(experiment_id), start, stop, record)
 
 
 def write_summary(store: str, experiment_id: str, summary: dict) -> None:

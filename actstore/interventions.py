@@ -38,8 +38,8 @@ from actstore.intervention_edits import (GRADIENT_ITERATIONS, GRADIENT_LR, METHO
                                          generate_edited, torch_probes)
 from actstore.intervention_inputs import (check_existing, label_rows, load_store_model,
                                           resolve_provider, select_images)
-from actstore.intervention_store import (completed_blocks, create_experiment, list_interventions,
-                                         mark_complete, write_block, write_summary)
+from actstore.intervention_store import (completed_blocks, create_experiment, group_path,
+                                         list_interventions, write_summary)
 from actstore.intervention_targets import (DEFAULT_MARGIN, SHIFT_RANGE, load_user_targets,
                                            make_targets, token_targets)
 from actstore.label_providers import BINARY
@@ -197,12 +197,14 @@ def run_interventions(store: str, probe_run: str, target: str | None = None,
     todo = [blk for blk in blocks if blk[:2] not in done]
     bar = Progress(sum(hi - lo for _, _, lo, hi in todo) * plan.n_targets, gen.steps,
                    f"intervene {plan.target} {plan.method}", enabled=progress)
+    writer = st.BlockWriter(store, group_path(plan.experiment_id))
     try:
-        for a, b, lo, hi in todo:
-            write_block(group, lo, hi, _run_block(plan, model, gen, lo, hi, bar))
-            mark_complete(store, plan.experiment_id, a, b,
-                          {"images": plan.image_ids[lo:hi], "written": time.time()})
+        for a, b, lo, hi in todo:   # experiment rows lo:hi hold store block a:b's images
+            writer.submit(a, b, _run_block(plan, model, gen, lo, hi, bar),
+                          {"images": plan.image_ids[lo:hi], "written": time.time()},
+                          rows=(lo, hi))
     finally:
+        writer.close()
         bar.close()
     complete = completed_blocks(store, plan.experiment_id) >= {blk[:2] for blk in blocks}
     summary = summarize(plan, group) if complete else None

@@ -126,7 +126,7 @@ def materialize(model: str | LoadedModel, prompts: str, store: str, *, images: s
     bar = Progress(sum(b - a for a, b in todo), gen.steps,
                    f"materialize {model.variant}", enabled=progress)
     t0 = time.perf_counter()
-    writer = st.BlockWriter(store, model.variant, on_written=bar.images)
+    writer = st.BlockWriter(store, st.model_path(model.variant), on_written=bar.images)
     try:
         for a, b in todo:
             arrays, ids, finish = _materialize_block(model, table.iloc[a:b], gen, cap, layers,
@@ -196,4 +196,4 @@ def _materialize_block(model: LoadedModel, rows, gen: GenerationConfig, cap: Cap
                                  for k in range(0, len(flat), batch_size)])
         return {"x0_image": images.reshape(n, gen.steps, *images.shape[1:])}
 
-    return st.block_arrays(acts, final, None, uncond), ids, finish
+    return st.block_arrays(acts, final, uncond), ids, finish

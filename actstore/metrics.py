@@ -18,7 +18,8 @@ import torch
 
 from actstore.errors import ActstoreError
 
-__all__ = ["dice", "rmse", "pearson", "spearman", "rank", "step_correlations", "summarize", "upsample", "pool"]
+__all__ = ["dice", "rmse", "pearson", "spearman", "rank", "step_correlations", "summarize",
+           "upsample", "pool"]
 
 
 def _per_image(a: np.ndarray, b: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:

@@ -36,9 +36,9 @@ def configure_cpu_threads(threads: int | None = None) -> int:
 
 def dask_threads(threads: int | None = None) -> int:
     """Worker threads for a local Dask cluster: every core unless told otherwise."""
-    if threads is None and os.environ.get("ACTSTORE_THREADS"):
-        threads = int(os.environ["ACTSTORE_THREADS"])
-    return max(1, int(threads if threads is not None else os.cpu_count() or 1))
+    if threads is None and not os.environ.get("ACTSTORE_THREADS"):
+        return os.cpu_count() or 1
+    return default_threads(threads)
 
 
 @contextmanager

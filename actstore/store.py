@@ -236,19 +236,14 @@ def completed_blocks_at(uri: str, group: str) -> set[tuple[int, int]]:
     return done
 
 
-def mark_complete_at(uri: str, group: str, start: int, stop: int, record: dict) -> None:
+def _write_record(uri: str, group: str, start: int, stop: int, record: dict) -> None:
     """Record a finished block as a Zarr group whose ``zarr.json`` appears atomically.
 
     A record is an empty group (so plain zarr tools see a valid hierarchy) holding the
     record in its attributes; its metadata file is written to a temporary name and renamed
-    (one PUT on object stores), so a kill leaves either no record or a whole one.
+    (one PUT on object stores), so a kill leaves either no record or a whole one. The
+    parent ``<group>/_blocks`` must exist (:class:`BlockWriter` makes it).
     """
-    _open(uri, mode="a").require_group(f"{group}/_blocks")
-    _write_record(uri, group, start, stop, record)
-
-
-def _write_record(uri: str, group: str, start: int, stop: int, record: dict) -> None:
-    """The record itself; its parent ``_blocks`` group must exist."""
     fs, path = _fs(uri)
     node = f"{path.rstrip('/')}/{group}/_blocks/{start:08d}-{stop:08d}"
     fs.makedirs(node, exist_ok=True)
@@ -269,9 +264,9 @@ class BlockWriter:
     unrecorded, so a rerun redoes it.
     """
 
-    def __init__(self, uri: str, variant: str, on_written=None):
-        self.uri, self.variant = uri, variant
-        self._group = _open(uri, model_path(variant), mode="r+")
+    def __init__(self, uri: str, group: str, on_written=None):
+        self.uri, self.group = uri, group
+        self._group = _open(uri, group, mode="r+")
         self._group.require_group("_blocks")   # once, not per record
         self._arrays: dict[str, zarr.Array] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actstore-writer")
@@ -285,28 +280,31 @@ class BlockWriter:
         return self._arrays[path]
 
     def submit(self, start: int, stop: int, arrays: dict[str, np.ndarray], record: dict,
-               prepare: Callable[[], dict[str, np.ndarray]] | None = None) -> None:
-        """Queue ``arrays`` (store path under the variant → this block's rows) and then the
-        completion record; waits for the previous block first. ``prepare`` runs in the
-        writer before anything is written and returns more arrays (work moved off the
-        caller's critical path); if it raises, the block is not stored."""
+               prepare: Callable[[], dict[str, np.ndarray]] | None = None,
+               rows: tuple[int, int] | None = None) -> None:
+        """Queue ``arrays`` (array path under the group → this block's rows) and then the
+        completion record of store block ``start:stop``; waits for the previous block
+        first. ``rows`` is where the arrays go when it is not ``start:stop`` (an
+        experiment holding a subset of the store's images). ``prepare`` runs in the writer
+        before anything is written and returns more arrays (work moved off the caller's
+        critical path); if it raises, the block is not stored."""
         self.wait()
-        self._pending = self._pool.submit(self._write, start, stop, arrays, record, prepare)
+        self._pending = self._pool.submit(self._write, start, stop, arrays, record, prepare,
+                                          rows or (start, stop))
 
     def _write(self, start: int, stop: int, arrays: dict[str, np.ndarray], record: dict,
-               prepare: Callable[[], dict[str, np.ndarray]] | None):
+               prepare: Callable[[], dict[str, np.ndarray]] | None, rows: tuple[int, int]):
         if prepare is not None:
             arrays = {**arrays, **prepare()}
         handles = {path: self._array(path) for path in arrays}
 
         async def put_all() -> None:  # every array of the block concurrently, one event loop
-            await asyncio.gather(*(handles[p].async_array.setitem(slice(start, stop), data)
+            await asyncio.gather(*(handles[p].async_array.setitem(slice(*rows), data)
                                    for p, data in arrays.items()))
 
         sync(put_all())
         nbytes = sum(data.nbytes for data in arrays.values())
-        _write_record(self.uri, model_path(self.variant), start, stop,
-                      {**record, "bytes": nbytes})
+        _write_record(self.uri, self.group, start, stop, {**record, "bytes": nbytes})
         self.bytes += nbytes
         if self._on_written is not None:
             self._on_written(stop - start, nbytes)
@@ -326,15 +324,13 @@ class BlockWriter:
 
 
 def block_arrays(activations: dict[str, np.ndarray], final_images: np.ndarray,
-                 x0_images: np.ndarray | None,
                  uncond: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
-    """A materialized block as {array path under the variant: rows}."""
+    """A materialized block as {array path under the variant: rows} (x0 images come from
+    the writer's ``prepare``)."""
     out = {f"layers/{layer}/{ACTIVATION}": data for layer, data in activations.items()}
     out.update({f"layers/{layer}/activation_uncond": data
                 for layer, data in (uncond or {}).items()})
     out["final_image"] = final_images
-    if x0_images is not None:
-        out["x0_image"] = x0_images
     return out
 
 

@@ -31,7 +31,7 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actstore.codecs import CODEC_NAMES, codec_chain  # noqa: E402
-from actstore.store import BlockWriter, block_arrays, block_layout  # noqa: E402
+from actstore.store import BlockWriter, block_arrays, block_layout, model_path  # noqa: E402
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 
@@ -71,9 +71,9 @@ def write_zarr(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
     """The store's own write path: ``BlockWriter``, completion records included."""
     b = next(iter(blocks.values())).shape[0]
     final = np.zeros((b, 1, 1, 3), np.uint8)
-    writer = BlockWriter(root, "m")
+    writer = BlockWriter(root, model_path("m"))
     for k in range(copies):
-        writer.submit(k * b, (k + 1) * b, block_arrays(blocks, final, None), {})
+        writer.submit(k * b, (k + 1) * b, block_arrays(blocks, final), {})
     writer.close()
 
 
