@@ -224,7 +224,8 @@ def _staging_group(store: str, target: str, n: int, hw, grids: dict, n_steps: in
 
     def make(name, shape, chunks, dims, attrs):
         group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=0.0,
-                           dimension_names=dims, attributes=attrs, **chain)
+                           dimension_names=dims, attributes=attrs,
+                           chunk_key_encoding=st.CHUNK_KEY_ENCODING, **chain)
 
     make("full", (n, h, w), (block, h, w), ["image", "y", "x"], {"resolution": [h, w]})
     for gh, gw in sorted(set(grids.values()), reverse=True):

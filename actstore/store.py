@@ -35,14 +35,18 @@ from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 import actstore
-from actstore.codecs import codec_chain
+from actstore.codecs import BLOSC_BLOCKSIZE, codec_chain
 from actstore.errors import ActstoreError
 
 ROOT_KEY = "actstore"
 MODEL_KEY = "actstore_model"
 ACTIVATION = "activation"
 DEFAULT_BLOCK_SIZE = 4
-TARGET_CHUNK_BYTES = 1 << 20
+TARGET_CHUNK_BYTES = BLOSC_BLOCKSIZE  # one Blosc block per chunk (see codecs)
+# Chunk keys "c.0.3.0.0.0" (flat, one directory per array) instead of zarr's default
+# nested "c/0/3/0/0/0": a new block otherwise creates a directory per key level, and on
+# ext4 those mkdirs cost more system time than writing the chunk's bytes.
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 
 
 def model_path(variant: str) -> str:
@@ -145,6 +149,7 @@ def _create_array(group: zarr.Group, name: str, *, shape, chunks, dtype, dims, s
     try:
         return group.create_array(name, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
                                   dimension_names=dims, fill_value=0 if dtype != str else "",
+                                  chunk_key_encoding=CHUNK_KEY_ENCODING,
                                   attributes=attrs or {}, overwrite=False, **chain)
     except (ContainsArrayError, ContainsGroupError):
         existing = group[name]

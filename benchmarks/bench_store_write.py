@@ -31,7 +31,8 @@ import zarr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actstore.codecs import CODEC_NAMES, codec_chain  # noqa: E402
-from actstore.store import BlockWriter, block_arrays, block_layout, model_path  # noqa: E402
+from actstore.store import (  # noqa: E402
+    CHUNK_KEY_ENCODING, BlockWriter, block_arrays, block_layout, model_path)
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 
@@ -62,9 +63,10 @@ def create_zarr(root: str, blocks: dict[str, np.ndarray], copies: int, codec: st
         shape = (b * copies,) + data.shape[1:]
         chunks, shards = block_layout(shape, b, data.dtype.itemsize, lead=2)
         group.create_array(f"models/m/layers/{layer}/activation", shape=shape,
-                           dtype=data.dtype, chunks=chunks, shards=shards, **codec_chain(codec))
+                           dtype=data.dtype, chunks=chunks, shards=shards,
+                           chunk_key_encoding=CHUNK_KEY_ENCODING, **codec_chain(codec))
     group.create_array("models/m/final_image", shape=(b * copies, 1, 1, 3), dtype="uint8",
-                       chunks=(b, 1, 1, 3))
+                       chunks=(b, 1, 1, 3), chunk_key_encoding=CHUNK_KEY_ENCODING)
 
 
 def write_zarr(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:

@@ -34,15 +34,21 @@ def train_vae_task(run_dir: str, steps: int, batch: int, lr: float) -> str:
 
 
 @task
-def encode_latents_task(run_dir: str) -> float:
-    return T.encode_latents(run_dir)
+def inherit_task(run_dir: str, parent: str) -> dict:
+    init = T.inherit(run_dir, parent)
+    return {"scaling_factor": init["scaling_factor"], "unet_ckpt": str(init["unet_ckpt"])}
+
+
+@task
+def encode_latents_task(run_dir: str, scaling_factor: float | None) -> float:
+    return T.encode_latents(run_dir, scaling_factor=scaling_factor)
 
 
 @task
 def train_unet_task(run_dir: str, steps: int, batch: int, lr: float, ckpt_every: int,
-                    max_minutes: float | None) -> str:
+                    max_minutes: float | None, init_ckpt: str | None) -> str:
     return str(T.train_unet(run_dir, steps=steps, batch=batch, lr=lr, ckpt_every=ckpt_every,
-                            max_minutes=max_minutes))
+                            max_minutes=max_minutes, init_ckpt=init_ckpt))
 
 
 @task
@@ -61,15 +67,17 @@ def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm",
               vae_lr: float = 1e-3,
               unet_steps: int = 4000, unet_batch: int = 32, lr: float = 3e-4,
               ckpt_every: int = 250, max_minutes: float | None = None,
-              decoder_steps: int = 600, threads: int = 1) -> str:
+              decoder_steps: int = 600, threads: int = 1, init_from: str | None = None) -> str:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
+    init = inherit_task(run_dir, init_from) if init_from else {}
     render_data_task(run_dir, n_scenes)
     train_vae_task(run_dir, vae_steps, vae_batch, vae_lr)
     if T._latents_stale(Path(run_dir)):
-        encode_latents_task(run_dir)
-    train_unet_task(run_dir, unet_steps, unet_batch, lr, ckpt_every, max_minutes)
+        encode_latents_task(run_dir, init.get("scaling_factor"))
+    train_unet_task(run_dir, unet_steps, unet_batch, lr, ckpt_every, max_minutes,
+                    init.get("unet_ckpt"))
     if decoder_steps > 0:
         finetune_decoder_task(run_dir, decoder_steps, vae_batch)
     return export_task(run_dir, out)
@@ -83,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
               vae_batch=a.vae_batch, vae_lr=a.vae_lr, unet_steps=a.unet_steps,
               unet_batch=a.unet_batch,
               lr=a.lr, ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
-              decoder_steps=a.decoder_steps, threads=a.threads)
+              decoder_steps=a.decoder_steps, threads=a.threads, init_from=a.init_from)
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -86,6 +88,14 @@ def test_storage_layout_and_codec(tiny_store):
     blosc = [c for c in arr.metadata.to_dict()["codecs"] if c["name"] == "blosc"][0]
     assert blosc["configuration"]["cname"] == "zstd"
     assert blosc["configuration"]["shuffle"] == "shuffle"
+    assert blosc["configuration"]["blocksize"] == 1 << 20
+    # flat chunk keys: every chunk of the array is a file directly in its directory
+    # (nested keys cost a mkdir per key level per block on write)
+    node = Path(tiny_store) / "models/trained/layers/mid_block.attentions.0/activation"
+    entries = sorted(p.name for p in node.iterdir())
+    assert "zarr.json" in entries and not any((node / e).is_dir() for e in entries), entries
+    assert {e for e in entries if e != "zarr.json"} == {f"c.{b}.0.0.0.0" for b in range(
+        -(-arr.shape[0] // 4))}, entries
 
 
 def test_x0_converges_to_final_image(tiny_store):

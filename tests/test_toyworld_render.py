@@ -74,3 +74,30 @@ def test_batch_and_prompt_vocabulary():
     assert b["depth"].dtype == np.float32 and b["salient"].dtype == bool
     for p in b["prompt"]:
         assert set(p.split()) <= set(WORDS), p
+
+
+def test_random_scenes_stay_inside_the_simplified_world():
+    counts = set()
+    for seed in range(300):
+        spec = R.sample_spec(seed)
+        counts.add(len(spec.objects))
+        for o in spec.objects:
+            assert o.colour in R.SCENE_COLOURS, (seed, o)
+            assert R.DEPTH_RANGE[0] <= o.z <= R.DEPTH_RANGE[1], (seed, o)
+            # objects are placed inside the central 80% of the view at their depth
+            assert abs(o.x) <= R.TAN_HALF_FOV * o.z * 0.8
+    assert counts == set(R.OBJECT_COUNTS)
+
+
+def test_shipped_toy_prompt_table_matches_the_renderer():
+    """The prompts CSV is derived from the renderer; a world change must regenerate it
+    (otherwise prompts would describe scenes the labels were not rendered from)."""
+    import csv
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "prompts" / "toyworld.csv"
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 240
+    for r in rows:
+        assert r["prompt"] == R.sample_spec(int(r["seed"])).prompt, r["image_id"]

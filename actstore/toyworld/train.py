@@ -12,6 +12,7 @@ import argparse
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -109,8 +110,13 @@ def train_vae(run_dir: str | Path, steps: int = 700, batch: int = 32, lr: float 
     return ck
 
 
-def encode_latents(run_dir: str | Path, batch: int = 256) -> float:
-    """Encode every training image once (posterior mean) and fix scaling_factor = 1/std."""
+def encode_latents(run_dir: str | Path, batch: int = 256,
+                   scaling_factor: float | None = None) -> float:
+    """Encode every training image once (posterior mean) and fix scaling_factor = 1/std.
+
+    A warm-started run passes its parent's ``scaling_factor``: the inherited UNet was
+    trained on latents scaled that way, and a new factor would shift its input range.
+    """
     run_dir = Path(run_dir)
     vae = M.make_vae()
     load_checkpoint(run_dir / "ckpt" / "vae.safetensors", {"vae": vae})
@@ -122,7 +128,7 @@ def encode_latents(run_dir: str | Path, batch: int = 256) -> float:
             outs.append(vae.encode(x_all[i:i + batch]).latent_dist.mean)
     lat = torch.cat(outs).numpy().astype(np.float32)
     np.save(run_dir / "latents.npy", lat)
-    sf = float(1.0 / lat.std())
+    sf = float(1.0 / lat.std()) if scaling_factor is None else float(scaling_factor)
     (run_dir / "latent_stats.json").write_text(json.dumps(
         {"std": float(lat.std()), "mean": float(lat.mean()), "scaling_factor": sf}))
     _log(run_dir, f"encoded {lat.shape} latents, std {lat.std():.4f} -> scaling_factor {sf:.4f}")
@@ -184,13 +190,16 @@ def _tokenize_all(tok, prompts: list[str]) -> torch.Tensor:
 
 def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: float = 3e-4,
                p_uncond: float = 0.1, ckpt_every: int = 200, max_minutes: float | None = None,
-               ema_decay: float = 0.998, warmup: int = 100, seed: int = 0) -> Path:
+               ema_decay: float = 0.998, warmup: int = 100, seed: int = 0,
+               init_ckpt: str | Path | None = None) -> Path:
     """Epsilon-prediction DDPM training (SD betas) of UNet + text encoder jointly.
 
     10% of captions are replaced by "" so classifier-free guidance has an unconditional
     branch. The learning rate decays (cosine) over the planned steps or the time budget,
     whichever ends first; ``max_minutes``
-    stops early at a checkpoint so a wall-clock budget is always met.
+    stops early at a checkpoint so a wall-clock budget is always met. ``init_ckpt``
+    (another run's UNet checkpoint) starts a fresh run from its weights, with a new
+    optimizer and schedule; once this run has its own checkpoint, that one wins.
     """
     run_dir = Path(run_dir)
     ck = run_dir / "ckpt" / "unet.safetensors"
@@ -201,7 +210,11 @@ def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: floa
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     mods = {"unet": unet, "text_encoder": te, "ema_unet": ema_u, "ema_text_encoder": ema_t}
-    st = load_checkpoint(ck, mods, opt) or {"step": 0, "elapsed": 0.0}
+    st = load_checkpoint(ck, mods, opt)
+    if st is None and init_ckpt is not None:
+        parent = load_checkpoint(init_ckpt, mods)
+        _log(run_dir, f"warm start from {init_ckpt} (step {parent['step']})")
+    st = st or {"step": 0, "elapsed": 0.0}
     if st["step"] >= steps:
         return ck
     sf = json.loads((run_dir / "latent_stats.json").read_text())["scaling_factor"]
@@ -279,6 +292,24 @@ def export(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True) -> Pa
     return out
 
 
+def inherit(run_dir: str | Path, parent: str | Path) -> dict:
+    """Set ``run_dir`` up to continue from ``parent``'s models on new data.
+
+    The VAE checkpoints are copied (so their stages are already done and export finds
+    them); the UNet is not, only pointed to, so this run's own optimizer, schedule and
+    checkpoints start fresh. Returns what the later stages need from the parent.
+    """
+    run_dir, parent = Path(run_dir), Path(parent)
+    (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
+    for name in ("vae", "vae_decoder"):
+        for ext in (".safetensors", ".json"):
+            src, dst = parent / "ckpt" / f"{name}{ext}", run_dir / "ckpt" / f"{name}{ext}"
+            if src.exists() and not dst.exists():
+                shutil.copy2(src, dst)
+    sf = json.loads((parent / "latent_stats.json").read_text())["scaling_factor"]
+    return {"scaling_factor": sf, "unet_ckpt": parent / "ckpt" / "unet.safetensors"}
+
+
 def _latents_stale(run: Path) -> bool:
     lat, ck = run / "latent_stats.json", run / "ckpt" / "vae.safetensors"
     return not lat.exists() or lat.stat().st_mtime < ck.stat().st_mtime
@@ -302,6 +333,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads; 1 is fastest on a shared/busy 2-core box")
     p.add_argument("--stage", default="all",
                    choices=["all", "data", "vae", "latents", "unet", "decoder", "export"])
+    p.add_argument("--init-from", default=None, metavar="RUN_DIR",
+                   help="warm start: reuse that run's VAE, decoder, latent scaling and "
+                        "UNet weights (new data, optimizer and schedule)")
     p.add_argument("--decoder-steps", type=int, default=600,
                    help="decoder-only fine-tuning on frozen-encoder latents; with --stage "
                         "all it runs after the UNet, or run --stage decoder in parallel")
@@ -317,15 +351,17 @@ def main(argv: list[str] | None = None) -> int:
     run.mkdir(parents=True, exist_ok=True)
     _log(run, f"train-toy args: {vars(a)}")
     t0 = time.time()
+    init = inherit(run, a.init_from) if a.init_from else {}
     if a.stage in ("all", "data"):
         render_data(run, a.n_scenes)
     if a.stage in ("all", "vae"):
         train_vae(run, steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr)
     if a.stage == "latents" or (a.stage == "all" and _latents_stale(run)):
-        encode_latents(run)
+        encode_latents(run, scaling_factor=init.get("scaling_factor"))
     if a.stage in ("all", "unet"):
         train_unet(run, steps=a.unet_steps, batch=a.unet_batch, lr=a.lr,
-                   ckpt_every=a.ckpt_every, max_minutes=a.max_minutes)
+                   ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
+                   init_ckpt=init.get("unet_ckpt"))
     if a.stage == "decoder" or (a.stage == "all" and a.decoder_steps > 0):
         finetune_decoder(run, steps=a.decoder_steps, batch=a.vae_batch)
     if a.stage in ("all", "export"):
