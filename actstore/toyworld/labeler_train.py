@@ -151,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--eval-only", action="store_true",
+                   help="only measure the model in --out on held-out renders of the current "
+                        "world (e.g. after a world change) and print the metrics")
     a = p.parse_args(argv)
+    if a.eval_only:
+        torch.set_num_threads(a.threads)
+        print(json.dumps(evaluate(ToyLabeler.from_pretrained(a.out)), indent=1))
+        return 0
     lab = train_labeler(a.out, n_train=a.n_train, steps=a.steps, batch=a.batch, threads=a.threads)
     metrics = evaluate(lab)
     print(json.dumps(metrics, indent=1))
