@@ -46,9 +46,10 @@ def encode_latents_task(run_dir: str, scaling_factor: float | None) -> float:
 
 @task
 def train_unet_task(run_dir: str, steps: int, batch: int, lr: float, ckpt_every: int,
-                    max_minutes: float | None, init_ckpt: str | None) -> str:
+                    max_minutes: float | None, init_ckpt: str | None,
+                    snr_gamma: float | None) -> str:
     return str(T.train_unet(run_dir, steps=steps, batch=batch, lr=lr, ckpt_every=ckpt_every,
-                            max_minutes=max_minutes, init_ckpt=init_ckpt))
+                            max_minutes=max_minutes, init_ckpt=init_ckpt, snr_gamma=snr_gamma))
 
 
 @task
@@ -67,7 +68,8 @@ def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm",
               vae_lr: float = 1e-3,
               unet_steps: int = 4000, unet_batch: int = 32, lr: float = 3e-4,
               ckpt_every: int = 250, max_minutes: float | None = None,
-              decoder_steps: int = 600, threads: int = 1, init_from: str | None = None) -> str:
+              decoder_steps: int = 600, threads: int = 1, init_from: str | None = None,
+              snr_gamma: float | None = None) -> str:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,7 @@ def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm",
     if T._latents_stale(Path(run_dir)):
         encode_latents_task(run_dir, init.get("scaling_factor"))
     train_unet_task(run_dir, unet_steps, unet_batch, lr, ckpt_every, max_minutes,
-                    init.get("unet_ckpt"))
+                    init.get("unet_ckpt"), snr_gamma)
     if decoder_steps > 0:
         finetune_decoder_task(run_dir, decoder_steps, vae_batch)
     return export_task(run_dir, out)
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
               vae_batch=a.vae_batch, vae_lr=a.vae_lr, unet_steps=a.unet_steps,
               unet_batch=a.unet_batch,
               lr=a.lr, ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
-              decoder_steps=a.decoder_steps, threads=a.threads, init_from=a.init_from)
+              decoder_steps=a.decoder_steps, threads=a.threads, init_from=a.init_from,
+              snr_gamma=a.snr_gamma)
     return 0
 
 

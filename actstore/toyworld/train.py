@@ -191,7 +191,7 @@ def _tokenize_all(tok, prompts: list[str]) -> torch.Tensor:
 def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: float = 3e-4,
                p_uncond: float = 0.1, ckpt_every: int = 200, max_minutes: float | None = None,
                ema_decay: float = 0.998, warmup: int = 100, seed: int = 0,
-               init_ckpt: str | Path | None = None) -> Path:
+               init_ckpt: str | Path | None = None, snr_gamma: float | None = None) -> Path:
     """Epsilon-prediction DDPM training (SD betas) of UNet + text encoder jointly.
 
     10% of captions are replaced by "" so classifier-free guidance has an unconditional
@@ -200,6 +200,9 @@ def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: floa
     stops early at a checkpoint so a wall-clock budget is always met. ``init_ckpt``
     (another run's UNet checkpoint) starts a fresh run from its weights, with a new
     optimizer and schedule; once this run has its own checkpoint, that one wins.
+    ``snr_gamma`` weights each sample's loss by min(SNR, gamma) / SNR (Min-SNR, Hang et
+    al. 2023): low-noise steps, which only polish texture, stop dominating the gradient,
+    and the high-noise steps that decide layout and object shape get the capacity.
     """
     run_dir = Path(run_dir)
     ck = run_dir / "ckpt" / "unet.safetensors"
@@ -244,7 +247,13 @@ def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: floa
         zt = a.sqrt() * z0 + (1 - a).sqrt() * noise
         cond = te(tid)[0]
         pred = unet(zt, t, cond).sample
-        loss = F.mse_loss(pred, noise)
+        mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
+        if snr_gamma is None:
+            weight = torch.ones_like(mse)
+        else:
+            snr = (a / (1 - a)).view(-1)
+            weight = snr.clamp(max=snr_gamma) / snr
+        loss = (weight * mse).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -252,7 +261,7 @@ def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: floa
         d = min(ema_decay, (1 + step) / (10 + step))
         _ema_update(ema_u, unet, d)
         _ema_update(ema_t, te, d)
-        avg = loss.item() if avg is None else 0.98 * avg + 0.02 * loss.item()
+        avg = mse.mean().item() if avg is None else 0.98 * avg + 0.02 * mse.mean().item()
         done = step + 1
         out_of_time = budget_s is not None and st["elapsed"] + time.time() - t_start > budget_s
         if done % 20 == 0 or done == steps:
@@ -333,6 +342,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="torch threads; 1 is fastest on a shared/busy 2-core box")
     p.add_argument("--stage", default="all",
                    choices=["all", "data", "vae", "latents", "unet", "decoder", "export"])
+    p.add_argument("--snr-gamma", type=float, default=None,
+                   help="Min-SNR loss weighting min(SNR, gamma)/SNR (5 is the paper's value); "
+                        "default: plain MSE")
     p.add_argument("--init-from", default=None, metavar="RUN_DIR",
                    help="warm start: reuse that run's VAE, decoder, latent scaling and "
                         "UNet weights (new data, optimizer and schedule)")
@@ -361,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.stage in ("all", "unet"):
         train_unet(run, steps=a.unet_steps, batch=a.unet_batch, lr=a.lr,
                    ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
-                   init_ckpt=init.get("unet_ckpt"))
+                   init_ckpt=init.get("unet_ckpt"), snr_gamma=a.snr_gamma)
     if a.stage == "decoder" or (a.stage == "all" and a.decoder_steps > 0):
         finetune_decoder(run, steps=a.decoder_steps, batch=a.vae_batch)
     if a.stage in ("all", "export"):
