@@ -53,22 +53,27 @@ def _grid(rows: list[np.ndarray], scale: int = 3, pad: int = 2) -> np.ndarray:
 
 
 def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | Path,
-                n: int = 8, steps: int = 15, guidance: float = 7.5, rows: int = 1) -> dict:
-    """PNG with ``rows`` pairs of rows: renders on top, generated images below them."""
+                n: int = 8, steps: int = 15, guidance: float | list[float] = 7.5,
+                rows: int = 1) -> dict:
+    """PNG with ``rows`` groups of rows: renders on top, then the generated images of the
+    same prompts and seeds, one row per guidance scale."""
     from PIL import Image
 
+    guidances = [guidance] if isinstance(guidance, (int, float)) else list(guidance)
     recs = read_prompts(prompts_csv)[: n * rows]
     prompts, seeds = [r["prompt"] for r in recs], [r["seed"] for r in recs]
-    gen = generate(model_dir, prompts, seeds, steps=steps, guidance=guidance)
-    size = gen.shape[1]
+    pipe = load_pipeline(model_dir)
+    gens = [generate(model_dir, prompts, seeds, steps=steps, guidance=g, pipe=pipe)
+            for g in guidances]
+    size = gens[0].shape[1]
     ren = np.stack([render_scene(s, size=size).rgb for s in seeds])
     strips = []
     for k in range(rows):
-        strips += [ren[k * n:(k + 1) * n], gen[k * n:(k + 1) * n]]
+        strips += [imgs[k * n:(k + 1) * n] for imgs in (ren, *gens)]
     Image.fromarray(_grid(strips)).save(out_png)
     Path(out_png).with_suffix(".json").write_text(json.dumps(
-        {"model": str(model_dir), "steps": steps, "guidance": guidance,
-         "layout": "pairs of rows: render (top) / generated (bottom)",
+        {"model": str(model_dir), "steps": steps, "guidance": guidances,
+         "layout": "groups of rows: render, then generated at each guidance in order",
          "prompts": prompts, "seeds": seeds}, indent=1))
     return {"png": str(out_png), "prompts": prompts, "seeds": seeds}
 
@@ -95,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--n-quality", type=int, default=64)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=float, nargs="+", default=[7.5],
+                   help="one generated row per value; quality uses the first")
     a = p.parse_args(argv)
     configure_cpu_threads()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
 
         recs = read_prompts(a.prompts)[: a.n_quality]
         gen = generate(a.model, [r["prompt"] for r in recs], [r["seed"] for r in recs],
-                       guidance=a.guidance)
+                       guidance=a.guidance[0])
         lab = ToyLabeler.from_pretrained(a.labeler)
         q_gen = quality(gen, lab)
         q_ren = quality(np.stack([render_scene(r["seed"]).rgb for r in recs]), lab)
