@@ -34,8 +34,8 @@ from actstore import store as st
 from actstore.access import StoreView
 from actstore.errors import ActstoreError
 from actstore.generate import GenerationConfig
-from actstore.intervention_edits import (GRADIENT_ITERATIONS, GRADIENT_LR, METHODS, EditHook,
-                                         generate_edited, torch_probes)
+from actstore.intervention_edits import (GRADIENT_ITERATIONS, GRADIENT_LR, METHODS,
+                                         STAT_NAMES, EditHook, generate_edited, torch_probes)
 from actstore.intervention_inputs import (check_existing, label_rows, load_store_model,
                                           resolve_provider, select_images)
 from actstore.intervention_store import (completed_blocks, create_experiment, group_path,
@@ -301,10 +301,14 @@ def _run_block(plan: Plan, model: LoadedModel, gen: GenerationConfig, lo: int, h
     ids_k = [f"{i} (target {k})" for i in plan.image_ids[lo:hi] for k in range(K)]
     new = _label(plan, outputs.reshape(n * K, *outputs.shape[2:]), ids_k).reshape(n, K, *plan.hw)
     pre = _score(np.repeat(original[:, None], K, axis=1), tgt, plan.kind)
-    post = _score(new, tgt, plan.kind)
+    # An edit that drove the UNet to non-finite values leaves NaN edit stats and an image
+    # decoded from NaN: it has no score, rather than the score of a black picture.
+    blown = ~np.isfinite(stats).all(-1)
+    post = np.where(blown, np.nan, _score(new, tgt, plan.kind))
+    other = np.where(blown, np.nan, _score_other(new, tgt, plan.kind))
     return {"offset": offsets, "target": tgt, "output": outputs, "new_label": new,
             "original_label": original, "score_pre": pre, "score_post": post,
-            "score_other": _score_other(new, tgt, plan.kind), "edit_stats": stats}
+            "score_other": other, "edit_stats": stats}
 
 
 def _label(plan: Plan, images: np.ndarray, ids: list[str], batch: int = 16) -> np.ndarray:
@@ -365,20 +369,22 @@ def summarize(plan: Plan, group: zarr.Group) -> dict:
     target, and the size of the edits in probe and activation space."""
     pre, post = group["score_pre"][...], group["score_post"][...]
     other = group["score_other"][...]
-    stats = group["edit_stats"][...].reshape(-1, 3)
-    better = post > pre if plan.kind == BINARY else post < pre
+    stats = group["edit_stats"][...]
+    ok = np.isfinite(stats).all(-1)  # edits that kept the UNet finite (see _run_block)
+    stats = stats[ok]
+    better = (post > pre if plan.kind == BINARY else post < pre)[ok]
     specific = post > other if plan.kind == BINARY else post < other
     return {"experiment_id": plan.experiment_id, "probe_run": plan.run_id,
             "target": plan.target, "kind": plan.kind, "method": plan.method,
             "metric": "dice" if plan.kind == BINARY else "rmse", "layers": plan.layers,
             "steps": plan.steps, "images": len(plan.image_ids), "interventions": int(pre.size),
             "pre": describe(pre), "post": describe(post),
-            "improved_fraction": float(better.mean()),
+            "non_finite": int((~ok).sum()),
+            "improved_fraction": float(better.mean()) if better.size else None,
             "other_targets": describe(other),
             "specific_fraction": float(specific[np.isfinite(other)].mean())
             if np.isfinite(other).any() else None,
-            "edit": {"probe_error_before": float(np.median(stats[:, 0])),
-                     "probe_error_after": float(np.median(stats[:, 1])),
-                     "relative_change": float(np.median(stats[:, 2]))},
+            "edit": {name: float(np.median(stats[:, j])) if len(stats) else None
+                     for j, name in enumerate(STAT_NAMES)},
             "actstore_version": actstore.__version__,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import zarr
 
 from actstore.access import open_store
 from conftest import DEMO
@@ -42,6 +43,16 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
         assert (out / name).stat().st_size > 0, name
     (exp,) = result["interventions"]
     assert exp["method"] == "projection" and exp["interventions"] == 6 * 2
+    # tiny-random's probes are weak, so some projection edits blow the UNet up: those are
+    # counted and left out of the post scores, never scored as black pictures
+    from actstore.intervention_store import group_path
+    grp = zarr.open_group(str(out / "store.zarr"), path=group_path(exp["experiment_id"]),
+                          mode="r")
+    blown = ~np.isfinite(grp["edit_stats"][...]).all(-1)
+    assert exp["non_finite"] == int(blown.sum()) > 0
+    assert np.isnan(grp["score_post"][...][blown]).all()
+    assert exp["post"].get("n", 0) == int(np.isfinite(grp["score_post"][...]).sum())
+    assert exp["post"].get("n", 0) <= exp["interventions"] - exp["non_finite"]
     assert "pre" in result["table"].split("intervention")[-1]
     again = main_flow(model="tiny-random", prompts=DEMO, out=str(out), steps=2,
                       device="cpu", targets=("salient",))
