@@ -160,17 +160,22 @@ def report(results: dict[str, list[dict]]) -> None:
     rows = {}
     for method, outs in results.items():
         o = outs[-1]
+        nan = float("nan")
+
+        def num(v):  # None / missing (every intervention blew up) print as nan
+            return nan if v is None else v
+
         rows[method] = {
             "wall_s": statistics.median(x["seconds"] for x in outs),
             "edit_s": statistics.median(x["edit_seconds"] for x in outs),
-            "pre": o["pre"]["median"], "post": o["post"]["median"],
-            "improved": o["improved_fraction"],
-            "vs_other_tgts": o["other_targets"].get("median", float("nan")),
-            "specific": o["specific_fraction"] if o["specific_fraction"] is not None
-            else float("nan"),
-            "probe_err_before": o["edit"]["probe_error_before"],
-            "probe_err_after": o["edit"]["probe_error_after"],
-            "rel_change": o["edit"]["relative_change"]}
+            "pre": o["pre"]["median"], "post": o["post"].get("median", nan),
+            "improved": num(o["improved_fraction"]),
+            "non_finite": o["non_finite"],
+            "vs_other_tgts": o["other_targets"].get("median", nan),
+            "specific": num(o["specific_fraction"]),
+            "probe_err_before": num(o["edit"]["probe_error_before"]),
+            "probe_err_after": num(o["edit"]["probe_error_after"]),
+            "rel_change": num(o["edit"]["relative_change"])}
     head = f"{'method':<11}" + "".join(f"{k:>17}" for k in rows["projection"])
     print(head)
     for method, row in rows.items():
