@@ -30,9 +30,9 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actstore.codecs import CODEC_NAMES, codec_chain  # noqa: E402
+from actstore.codecs import CODEC_NAMES  # noqa: E402
 from actstore.store import (  # noqa: E402
-    CHUNK_KEY_ENCODING, BlockWriter, block_arrays, block_layout, model_path)
+    BlockWriter, _create_array, block_arrays, block_layout, model_path)
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 
@@ -55,18 +55,18 @@ def disk_bytes(path: str) -> int:
 
 
 def create_zarr(root: str, blocks: dict[str, np.ndarray], copies: int, codec: str) -> None:
-    """The arrays, laid out by ``block_layout``: made once per store, so not timed."""
+    """The arrays, made by the store's own ``_create_array`` with ``block_layout``'s
+    chunks and shards: made once per store, so not timed."""
     group = zarr.open_group(root, mode="w", zarr_format=3)
-    group.require_group("models/m")
+    model = group.require_group("models/m")
     b = next(iter(blocks.values())).shape[0]
     for layer, data in blocks.items():
         shape = (b * copies,) + data.shape[1:]
         chunks, shards = block_layout(shape, b, data.dtype.itemsize, lead=2)
-        group.create_array(f"models/m/layers/{layer}/activation", shape=shape,
-                           dtype=data.dtype, chunks=chunks, shards=shards,
-                           chunk_key_encoding=CHUNK_KEY_ENCODING, **codec_chain(codec))
-    group.create_array("models/m/final_image", shape=(b * copies, 1, 1, 3), dtype="uint8",
-                       chunks=(b, 1, 1, 3), chunk_key_encoding=CHUNK_KEY_ENCODING)
+        _create_array(model, f"layers/{layer}/activation", shape=shape, chunks=chunks,
+                      shards=shards, dtype=data.dtype, dims=None, codec=codec)
+    _create_array(model, "final_image", shape=(b * copies, 1, 1, 3), chunks=(b, 1, 1, 3),
+                  dtype="uint8", dims=None)
 
 
 def write_zarr(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:

@@ -54,7 +54,7 @@ def _grid(rows: list[np.ndarray], scale: int = 3, pad: int = 2) -> np.ndarray:
 
 def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | Path,
                 n: int = 8, steps: int = 15, guidance: float | list[float] = 7.5,
-                rows: int = 1) -> dict:
+                rows: int = 1, pipe=None) -> dict:
     """PNG with ``rows`` groups of rows: renders on top, then the generated images of the
     same prompts and seeds, one row per guidance scale."""
     from PIL import Image
@@ -62,7 +62,7 @@ def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | P
     guidances = [guidance] if isinstance(guidance, (int, float)) else list(guidance)
     recs = read_prompts(prompts_csv)[: n * rows]
     prompts, seeds = [r["prompt"] for r in recs], [r["seed"] for r in recs]
-    pipe = load_pipeline(model_dir)
+    pipe = pipe or load_pipeline(model_dir)
     gens = [generate(model_dir, prompts, seeds, steps=steps, guidance=g, pipe=pipe)
             for g in guidances]
     size = gens[0].shape[1]
@@ -105,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     configure_cpu_threads()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    sample_grid(a.model, a.prompts, a.out, n=a.n, rows=a.rows, guidance=a.guidance)
+    pipe = load_pipeline(a.model)  # once, for the grid and the quality sample
+    sample_grid(a.model, a.prompts, a.out, n=a.n, rows=a.rows, guidance=a.guidance, pipe=pipe)
     if a.n_quality:
         from actstore.toyworld.labeler import ToyLabeler
 
         recs = read_prompts(a.prompts)[: a.n_quality]
         gen = generate(a.model, [r["prompt"] for r in recs], [r["seed"] for r in recs],
-                       guidance=a.guidance[0])
+                       guidance=a.guidance[0], pipe=pipe)
         lab = ToyLabeler.from_pretrained(a.labeler)
         q_gen = quality(gen, lab)
         q_ren = quality(np.stack([render_scene(r["seed"]).rgb for r in recs]), lab)

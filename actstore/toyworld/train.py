@@ -249,11 +249,10 @@ def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: floa
         pred = unet(zt, t, cond).sample
         mse = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
         if snr_gamma is None:
-            weight = torch.ones_like(mse)
+            loss = mse.mean()
         else:
             snr = (a / (1 - a)).view(-1)
-            weight = snr.clamp(max=snr_gamma) / snr
-        loss = (weight * mse).mean()
+            loss = (snr.clamp(max=snr_gamma) / snr * mse).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
