@@ -3,7 +3,12 @@
 Both write the same activation blocks, one block at a time (the unit materialize writes),
 to the same disk; the store with each named codec, ``numpy.save`` uncompressed. MB/s are of
 raw (uncompressed) activation bytes; the compression ratio is raw bytes / bytes on disk.
-Runs alternate (npsave, codec, npsave, codec, ...) and medians are compared.
+Runs alternate (npsave, codec, bound, npsave, codec, bound, ...) and medians are compared.
+
+*bound* is the same codec with zarr taken out: every block array compressed by numcodecs
+with the codec's own Blosc settings on one thread per core and written to its own file.
+It is what any store could reach on this machine with this codec, so store / bound shows
+zarr's share of the gap and bound / numpy.save the codec's.
 
 Two clocks: *cached* stops when the writes return (data may still sit in the page cache, so
 ``numpy.save`` runs at memcpy speed), *durable* also includes ``os.sync()`` so both
@@ -23,14 +28,17 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numcodecs
 import numpy as np
 import zarr
+from zarr.codecs import BloscCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actstore.codecs import CODEC_NAMES  # noqa: E402
+from actstore.codecs import CODEC_NAMES, codec_chain  # noqa: E402
 from actstore.store import (  # noqa: E402
     BlockWriter, _create_array, block_arrays, block_layout, model_path)
 
@@ -86,6 +94,36 @@ def write_npy(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
             np.save(f"{root}/{layer}.{k}.npy", data)
 
 
+def bound_encoder(codec: str):
+    """The codec as one numcodecs call (None when it is not a lone Blosc compressor, e.g.
+    bit-rounding, whose filter would need zarr's own pipeline)."""
+    chain = codec_chain(codec)
+    if chain["filters"]:
+        return None
+    if not chain["compressors"]:
+        return lambda a: a
+    (c,) = chain["compressors"]
+    if not isinstance(c, BloscCodec):
+        return None
+    numcodecs.blosc.use_threads = False  # one call per thread, like zarr's worker threads
+    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[c.shuffle.value]
+    blosc = numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=shuffle,
+                            blocksize=c.blocksize)
+    return blosc.encode
+
+
+def write_bound(root: str, blocks: dict[str, np.ndarray], copies: int, encode) -> None:
+    os.makedirs(root, exist_ok=True)
+
+    def one(job: tuple[int, str]) -> None:
+        k, layer = job
+        with open(f"{root}/{layer}.{k}", "wb") as f:
+            f.write(encode(blocks[layer]))
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(one, [(k, layer) for k in range(copies) for layer in blocks]))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", help="take activations from this store (default: tiny-random)")
@@ -103,11 +141,15 @@ def main() -> None:
           f"{copies} blocks per run = {raw:.0f} MB raw; dir {work}")
     try:
         for codec in args.codecs.split(","):
-            times: dict[str, list[float]] = {k: [] for k in
-                                             ("np", "z", "np_sync", "z_sync")}
+            encode = bound_encoder(codec)
+            writers = [("np", "npy", lambda p: write_npy(p, blocks, copies)),
+                       ("z", "z", lambda p: write_zarr(p, blocks, copies))]
+            if encode is not None:
+                writers.append(("b", "bound", lambda p: write_bound(p, blocks, copies, encode)))
+            times: dict[str, list[float]] = {f"{k}{s}": [] for k, _, _ in writers
+                                             for s in ("", "_sync")}
             for _ in range(args.repeats):
-                for key, path, write in (("np", "npy", lambda p: write_npy(p, blocks, copies)),
-                                         ("z", "z", lambda p: write_zarr(p, blocks, copies))):
+                for key, path, write in writers:
                     shutil.rmtree(f"{work}/{path}", ignore_errors=True)
                     if key == "z":
                         create_zarr(f"{work}/{path}", blocks, copies, codec)
@@ -124,6 +166,10 @@ def main() -> None:
                   f"store {rate['z_sync']:7.1f} MB/s, numpy.save {rate['np_sync']:7.1f} MB/s, "
                   f"ratio {rate['z_sync'] / rate['np_sync']:5.2f} | compression {ratio:5.2f}x",
                   flush=True)
+            if encode is not None:
+                print(f"  {'':15s} bound (no zarr, {os.cpu_count()} threads): durable "
+                      f"{rate['b_sync']:7.1f} MB/s, / numpy.save {rate['b_sync'] / rate['np_sync']:5.2f}, "
+                      f"store / bound {rate['z_sync'] / rate['b_sync']:5.2f}", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
