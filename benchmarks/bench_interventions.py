@@ -157,14 +157,14 @@ def report(results: dict[str, list[dict]]) -> None:
     print(f"\n{first['target']} ({metric}), probe run {first['probe_run']}: "
           f"{first['interventions']} interventions on {first['images']} images, "
           f"{len(first['layers'])} layers × steps {first['steps']}\n")
+    nan = float("nan")
+
+    def num(v):  # None / missing (every intervention blew up) print as nan
+        return nan if v is None else v
+
     rows = {}
     for method, outs in results.items():
         o = outs[-1]
-        nan = float("nan")
-
-        def num(v):  # None / missing (every intervention blew up) print as nan
-            return nan if v is None else v
-
         rows[method] = {
             "wall_s": statistics.median(x["seconds"] for x in outs),
             "edit_s": statistics.median(x["edit_seconds"] for x in outs),

@@ -38,7 +38,7 @@ from zarr.codecs import BloscCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actstore.codecs import CODEC_NAMES, codec_chain  # noqa: E402
+from actstore.codecs import CODEC_NAMES  # noqa: E402
 from actstore.store import (  # noqa: E402
     BlockWriter, _create_array, block_arrays, block_layout, model_path)
 
@@ -94,22 +94,22 @@ def write_npy(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
             np.save(f"{root}/{layer}.{k}.npy", data)
 
 
-def bound_encoder(codec: str):
-    """The codec as one numcodecs call (None when it is not a lone Blosc compressor, e.g.
-    bit-rounding, whose filter would need zarr's own pipeline)."""
-    chain = codec_chain(codec)
-    if chain["filters"]:
+def bound_encoder(root: str):
+    """The store's own codec as one numcodecs call: zarr's ``BloscCodec._blosc_codec`` of a
+    created array, which carries the typesize zarr derived from the dtype (so the shuffle
+    is the store's). None when the chain is not a lone Blosc compressor (bit-rounding's
+    filter needs zarr's own pipeline)."""
+    layers = zarr.open_group(root, path="models/m/layers", mode="r")
+    array = layers[f"{next(iter(layers.group_keys()))}/activation"]
+    if array.filters:
         return None
-    if not chain["compressors"]:
+    if not array.compressors:
         return lambda a: a
-    (c,) = chain["compressors"]
+    (c,) = array.compressors
     if not isinstance(c, BloscCodec):
         return None
     numcodecs.blosc.use_threads = False  # one call per thread, like zarr's worker threads
-    shuffle = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}[c.shuffle.value]
-    blosc = numcodecs.Blosc(cname=c.cname.value, clevel=c.clevel, shuffle=shuffle,
-                            blocksize=c.blocksize)
-    return blosc.encode
+    return c._blosc_codec.encode
 
 
 def write_bound(root: str, blocks: dict[str, np.ndarray], copies: int, encode) -> None:
@@ -141,7 +141,8 @@ def main() -> None:
           f"{copies} blocks per run = {raw:.0f} MB raw; dir {work}")
     try:
         for codec in args.codecs.split(","):
-            encode = bound_encoder(codec)
+            create_zarr(f"{work}/z", blocks, copies, codec)
+            encode = bound_encoder(f"{work}/z")
             writers = [("np", "npy", lambda p: write_npy(p, blocks, copies)),
                        ("z", "z", lambda p: write_zarr(p, blocks, copies))]
             if encode is not None:

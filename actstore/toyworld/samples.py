@@ -109,12 +109,21 @@ def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | P
                 pipe=None) -> dict:
     """PNG with ``rows`` groups of rows: renders on top, then the generated images of the
     same prompts and seeds, one row per sampling."""
+    recs = read_prompts(prompts_csv)[: n * rows]
+    pipe = pipe or load_pipeline(model_dir)
+    gens = [generate(model_dir, [r["prompt"] for r in recs], [r["seed"] for r in recs],
+                     sampling=sp, pipe=pipe) for sp in samplings]
+    return write_grid(out_png, recs, gens, samplings, n, rows, model_dir)
+
+
+def write_grid(out_png: str | Path, recs: list[dict], gens: list[np.ndarray],
+               samplings: list[Sampling], n: int, rows: int, model_dir: str | Path) -> dict:
+    """Draw already generated images (``gens[i]`` with ``samplings[i]``, at least
+    ``n * rows`` each, in ``recs`` order) under the renders of the same seeds."""
     from PIL import Image
 
-    recs = read_prompts(prompts_csv)[: n * rows]
+    recs = recs[: n * rows]
     prompts, seeds = [r["prompt"] for r in recs], [r["seed"] for r in recs]
-    pipe = pipe or load_pipeline(model_dir)
-    gens = [generate(model_dir, prompts, seeds, sampling=sp, pipe=pipe) for sp in samplings]
     size = gens[0].shape[1]
     ren = np.stack([render_scene(s, size=size).rgb for s in seeds])
     strips = []
@@ -161,18 +170,21 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(exc))
     configure_cpu_threads()
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(a.model)  # once, for the grid and the quality sample
-    sample_grid(a.model, a.prompts, a.out, n=a.n, rows=a.rows, samplings=samplings, pipe=pipe)
+    # one generation per sampling serves both the grid (first n * rows prompts) and the
+    # quality sample (first n_quality), which overlap
+    recs = read_prompts(a.prompts)[: max(a.n * a.rows, a.n_quality)]
+    pipe = load_pipeline(a.model)
+    gens = [generate(a.model, [r["prompt"] for r in recs], [r["seed"] for r in recs],
+                     sampling=sp, pipe=pipe) for sp in samplings]
+    write_grid(a.out, recs, gens, samplings, a.n, a.rows, a.model)
     if a.n_quality:
         from actstore.toyworld.labeler import ToyLabeler
 
-        recs = read_prompts(a.prompts)[: a.n_quality]
+        q = recs[: a.n_quality]
         lab = ToyLabeler.from_pretrained(a.labeler)
-        res = {"renders": quality(np.stack([render_scene(r["seed"]).rgb for r in recs]), lab)}
-        for sp in samplings:
-            gen = generate(a.model, [r["prompt"] for r in recs], [r["seed"] for r in recs],
-                           sampling=sp, pipe=pipe)
-            res[f"generated {sp}"] = quality(gen, lab)
+        res = {"renders": quality(np.stack([render_scene(r["seed"]).rgb for r in q]), lab)}
+        for sp, gen in zip(samplings, gens):
+            res[f"generated {sp}"] = quality(gen[: a.n_quality], lab)
         print(json.dumps(res, indent=1))
         Path(a.out).with_suffix(".quality.json").write_text(json.dumps(res, indent=1))
     return 0
