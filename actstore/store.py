@@ -12,7 +12,7 @@ Layout (every array carries ``dimension_names`` so plain ``xr.open_zarr`` unders
         _blocks/<start>-<stop>/        completion records: empty groups, written last
 
 The image axis is cut into blocks of ``block_size`` images; a block is the unit of work and
-of storage: one shard holds one block × one step of one layer, so every write covers whole
+of storage: one shard holds one block × all steps of one layer, so every write covers whole
 shards (no read-modify-write) and workers filling disjoint blocks never touch the same
 object. A block is visible to readers only once its completion record exists.
 """

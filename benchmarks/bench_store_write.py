@@ -16,7 +16,11 @@ writers' bytes are on the disk: the rate a long materialize run sustains once it
 outgrows the page cache, and the one the target (store / numpy.save ≥ 0.5) is judged by.
 
     python benchmarks/bench_store_write.py                       # tiny-random activations
-    python benchmarks/bench_store_write.py --store runs/main/store.zarr   # real ones
+    python benchmarks/bench_store_write.py --store runs/main/store.zarr   # toy model's
+    python benchmarks/bench_store_write.py --model sd14 --size 256 --mb 1024  # SD v1.4's
+
+The toy model's layers are small (0.06-2 MB per block array), so per-array costs weigh
+most there; SD v1.4's (random weights, 256 px: 2-39 MB per block array) are the use case.
 """
 
 from __future__ import annotations
@@ -45,14 +49,22 @@ from actstore.store import (  # noqa: E402
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 
 
-def source_blocks(store: str | None, block: int) -> dict[str, np.ndarray]:
-    """One block (``block`` images × all steps) of every layer's activations."""
+def source_blocks(store: str | None, block: int, model: str = "tiny-random",
+                  size: int | None = None) -> dict[str, np.ndarray]:
+    """One block (``block`` images × all steps) of every layer's activations, from
+    ``store`` or materialized from ``model`` (tiny-random, sd14 or a folder)."""
     if store is None:
         from actstore.generate import GenerationConfig
-        from actstore.materialize import materialize
+        from actstore.materialize import CaptureConfig, materialize
+        if model == "sd14":
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+            from sd14 import sd14_folder
+            model = sd14_folder()
         store = tempfile.mkdtemp() + "/src.zarr"
-        materialize("tiny-random", DEMO, store, images=f"0:{block}", block_size=block,
-                    gen=GenerationConfig(steps=15), progress=False, device="cpu")
+        materialize(model, DEMO, store, images=f"0:{block}", block_size=block,
+                    batch_size=min(block, 2), progress=True, device="cpu",
+                    cap=CaptureConfig(x0=False),  # only activations are benchmarked
+                    gen=GenerationConfig(steps=15, height=size, width=size))
     from actstore.access import open_store
     view = open_store(store)
     return {layer: view[layer].isel(image=slice(0, block)).values for layer in view.layers}
@@ -126,13 +138,17 @@ def write_bound(root: str, blocks: dict[str, np.ndarray], copies: int, encode) -
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--store", help="take activations from this store (default: tiny-random)")
+    ap.add_argument("--store", help="take activations from this store")
+    ap.add_argument("--model", default="tiny-random",
+                    help="without --store, materialize a block of this model: tiny-random, "
+                         "sd14 (SD v1.4 architecture, random weights) or a folder")
+    ap.add_argument("--size", type=int, default=None, help="image side (default native)")
     ap.add_argument("--block", type=int, default=4)
     ap.add_argument("--mb", type=float, default=256, help="raw MB written per run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--codecs", default=",".join(CODEC_NAMES))
     args = ap.parse_args()
-    blocks = source_blocks(args.store, args.block)
+    blocks = source_blocks(args.store, args.block, args.model, args.size)
     raw_block = sum(a.nbytes for a in blocks.values())
     copies = max(1, int(args.mb * 1e6 // raw_block))
     raw = raw_block * copies / 1e6

@@ -52,6 +52,28 @@ def _tensors(b: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def fit(net: torch.nn.Module, batch_loss, n_train: int, steps: int, batch: int, lr: float,
+        seed: int, tag: str) -> float:
+    """AdamW with a one-cycle schedule over random batches of ``n_train`` cached renders;
+    ``batch_loss(idx, g)`` augments and scores one batch. Returns the smoothed final loss."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
+    g = torch.Generator().manual_seed(seed)
+    t0, avg = time.time(), None
+    for step in range(steps):
+        loss = batch_loss(torch.randint(0, n_train, (batch,), generator=g), g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        avg = loss.item() if avg is None else 0.97 * avg + 0.03 * loss.item()
+        if (step + 1) % 100 == 0:
+            per = (time.time() - t0) / (step + 1)
+            print(f"{tag} step {step + 1}/{steps} loss {avg:.4f}, {per:.2f} s/step, "
+                  f"ETA {per * (steps - step - 1) / 60:.1f} min", flush=True)
+    return avg
+
+
 def train_labeler(out_dir: str | Path = "models/toy-labeler", n_train: int = 4000,
                   steps: int = 1500, batch: int = 32, lr: float = 2e-3, threads: int = 1,
                   seed: int = 0) -> ToyLabeler:
@@ -61,25 +83,13 @@ def train_labeler(out_dir: str | Path = "models/toy-labeler", n_train: int = 400
     t0 = time.time()
     x_all, y_all = _tensors(render_batch(range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n_train)))
     net = LabelNet(DEFAULT_CONFIG["widths"])
-    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
-    g = torch.Generator().manual_seed(seed)
-    avg = None
-    for step in range(steps):
-        idx = torch.randint(0, n_train, (batch,), generator=g)
-        x, y = _augment(x_all[idx], g), y_all[idx]
-        p = net(x)
-        loss = (F.l1_loss(p[:, 0], y[:, 0]) + F.binary_cross_entropy_with_logits(p[:, 1], y[:, 1])
+
+    def batch_loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        p, y = net(_augment(x_all[idx], g)), y_all[idx]
+        return (F.l1_loss(p[:, 0], y[:, 0]) + F.binary_cross_entropy_with_logits(p[:, 1], y[:, 1])
                 + F.l1_loss(p[:, 2], y[:, 2]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        avg = loss.item() if avg is None else 0.97 * avg + 0.03 * loss.item()
-        if (step + 1) % 100 == 0:
-            el = time.time() - t0
-            print(f"labeler step {step + 1}/{steps} loss {avg:.4f} {el / (step + 1):.2f}s/step",
-                  flush=True)
+
+    avg = fit(net, batch_loss, n_train, steps, batch, lr, seed, "labeler")
     cfg = dict(DEFAULT_CONFIG, train={"n_train": n_train, "steps": steps, "batch": batch,
                                       "lr": lr, "final_loss": avg,
                                       "wall_minutes": (time.time() - t0) / 60})

@@ -137,9 +137,17 @@ def write_grid(out_png: str | Path, recs: list[dict], gens: list[np.ndarray],
     return {"png": str(out_png), "prompts": prompts, "seeds": seeds}
 
 
-def quality(images: np.ndarray, labeler, min_pixels: int = 8) -> dict:
+def quality(images: np.ndarray, labeler, min_pixels: int = 8, reader=None,
+            prompts: list[str] | None = None) -> dict:
     """Fraction with a salient object (>= min_pixels) and with depth increasing downward
-    (per-image Spearman between predicted inverse depth and row index >= 0.5)."""
+    (per-image Spearman between predicted inverse depth and row index >= 0.5); with a
+    ``reader``, also how often the picture shows what its prompt says (light side, object
+    count, (colour, shape) set: see :mod:`actstore.toyworld.reader`)."""
+    extra = {}
+    if reader is not None:
+        from actstore.toyworld.reader import agreement, attributes
+
+        extra = {"prompt_agreement": agreement(reader(images), attributes(prompts))}
     lab = labeler(images)
     n, h, w = lab["depth"].shape
     has_obj = lab["salient"].reshape(n, -1).sum(1) >= min_pixels
@@ -147,7 +155,7 @@ def quality(images: np.ndarray, labeler, min_pixels: int = 8) -> dict:
     rho = np.array([spearmanr(lab["depth"][i].ravel(), rows)[0] for i in range(n)])
     return {"n": int(n), "frac_salient": float(has_obj.mean()),
             "frac_depth_row_spearman_ge_0.5": float((rho >= 0.5).mean()),
-            "median_depth_row_spearman": float(np.median(rho))}
+            "median_depth_row_spearman": float(np.median(rho)), **extra}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="models/toy-ldm")
     p.add_argument("--prompts", default="prompts/toyworld.csv")
     p.add_argument("--labeler", default="models/toy-labeler")
+    p.add_argument("--reader", default="models/toy-reader",
+                   help="prompt reader for prompt agreement ('' to skip)")
     p.add_argument("--out", default="out/toy_samples.png")
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--rows", type=int, default=2)
@@ -179,12 +189,16 @@ def main(argv: list[str] | None = None) -> int:
     write_grid(a.out, recs, gens, samplings, a.n, a.rows, a.model)
     if a.n_quality:
         from actstore.toyworld.labeler import ToyLabeler
+        from actstore.toyworld.reader import ToyReader
 
         q = recs[: a.n_quality]
         lab = ToyLabeler.from_pretrained(a.labeler)
-        res = {"renders": quality(np.stack([render_scene(r["seed"]).rgb for r in q]), lab)}
+        judge = {"reader": ToyReader.from_pretrained(a.reader) if a.reader else None,
+                 "prompts": [r["prompt"] for r in q]}
+        res = {"renders": quality(np.stack([render_scene(r["seed"]).rgb for r in q]), lab,
+                                  **judge)}
         for sp, gen in zip(samplings, gens):
-            res[f"generated {sp}"] = quality(gen[: a.n_quality], lab)
+            res[f"generated {sp}"] = quality(gen[: a.n_quality], lab, **judge)
         print(json.dumps(res, indent=1))
         Path(a.out).with_suffix(".quality.json").write_text(json.dumps(res, indent=1))
     return 0
