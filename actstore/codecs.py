@@ -7,8 +7,8 @@ them compressible at all; zstd level 1 keeps writing faster than the disk.
 
 Blosc's own block size matters more than the level here: by default Blosc cuts a chunk
 into blocks of a few tens of KB, and zstd on such small blocks of noise-like float16 both
-compresses worse and runs slower. One Blosc block per stored chunk (``BLOSC_BLOCKSIZE``,
-the store's chunk target) measured on toy activations, one core: zstd-1 340 -> 560 MB/s,
+compresses worse and runs slower. 1 MiB Blosc blocks (``BLOSC_BLOCKSIZE``; stored chunks
+are a few of them) measured on toy activations, one core: zstd-1 340 -> 560 MB/s,
 compression 1.10x -> 1.28x (``benchmarks/bench_store_write.py``).
 """
 
@@ -27,7 +27,7 @@ UNCOMPRESSED = "none"
 DEFAULT_CODEC = ZSTD_SHUFFLE
 
 
-BLOSC_BLOCKSIZE = 1 << 20  # bytes; = store.TARGET_CHUNK_BYTES, so one block per chunk
+BLOSC_BLOCKSIZE = 1 << 20  # bytes
 
 
 def _blosc(cname: str, clevel: int) -> BloscCodec:

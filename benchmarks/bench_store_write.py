@@ -3,7 +3,8 @@
 Both write the same activation blocks, one block at a time (the unit materialize writes),
 to the same disk; the store with each named codec, ``numpy.save`` uncompressed. MB/s are of
 raw (uncompressed) activation bytes; the compression ratio is raw bytes / bytes on disk.
-Runs alternate (npsave, codec, bound, npsave, codec, bound, ...) and medians are compared.
+Runs alternate (npsave, codec, bound, npsave, codec, bound, ...) after one untimed warm-up
+round, and medians are compared.
 
 *bound* is the same codec with zarr taken out: every block array compressed by numcodecs
 with the codec's own Blosc settings on one thread per core and written to its own file.
@@ -165,7 +166,7 @@ def main() -> None:
                 writers.append(("b", "bound", lambda p: write_bound(p, blocks, copies, encode)))
             times: dict[str, list[float]] = {f"{k}{s}": [] for k, _, _ in writers
                                              for s in ("", "_sync")}
-            for _ in range(args.repeats):
+            for rep in range(args.repeats + 1):  # round 0 warms the page cache and allocator
                 for key, path, write in writers:
                     shutil.rmtree(f"{work}/{path}", ignore_errors=True)
                     if key == "z":
@@ -173,9 +174,11 @@ def main() -> None:
                     os.sync()
                     t = time.perf_counter()
                     write(f"{work}/{path}")
-                    times[key].append(time.perf_counter() - t)
+                    cached = time.perf_counter() - t
                     os.sync()
-                    times[key + "_sync"].append(time.perf_counter() - t)
+                    if rep:
+                        times[key].append(cached)
+                        times[key + "_sync"].append(time.perf_counter() - t)
             rate = {k: raw / statistics.median(v) for k, v in times.items()}
             ratio = raw * 1e6 / disk_bytes(f"{work}/z")
             print(f"  {codec:15s} cached: store {rate['z']:7.1f} MB/s, numpy.save "

@@ -77,11 +77,14 @@ def test_layout_coordinates_and_provenance(tiny_store):
 def test_storage_layout_and_codec(tiny_store):
     from actstore.store import block_layout
 
-    # SD v1.4 at 512 px: one image × one step per inner chunk (2.6 MB), shard = block × steps
+    # SD v1.4 at 512 px: 2 images × 1 step per inner chunk (5.2 MB), shard = block × steps
     assert block_layout((617, 15, 64, 64, 320), 4, 2, lead=2) == (
-        (1, 1, 64, 64, 320), (4, 15, 64, 64, 320))
+        (2, 1, 64, 64, 320), (4, 15, 64, 64, 320))
+    assert block_layout((617, 15, 16, 16, 1280), 4, 2, lead=2) == (
+        (4, 3, 16, 16, 1280), (4, 15, 16, 16, 1280))
+    # a layer whose whole block is one chunk (8×8×1280: 9.8 MB) is not sharded
     assert block_layout((617, 15, 8, 8, 1280), 4, 2, lead=2) == (
-        (4, 3, 8, 8, 1280), (4, 15, 8, 8, 1280))
+        (4, 15, 8, 8, 1280), None)
     # tiny layers: one chunk per block, no sharding needed
     arr = zarr.open_array(tiny_store, path="models/trained/layers/mid_block.attentions.0/activation")
     assert arr.chunks == (4, TINY["steps"], 1, 1, 64) and arr.shards is None
