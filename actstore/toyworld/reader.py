@@ -23,14 +23,17 @@ import torch.nn.functional as F
 from actstore.errors import ActstoreError
 from actstore.toyworld.labeler import _block, _to_input
 from actstore.toyworld.labeler_train import _augment, fit
-from actstore.toyworld.render import OBJECT_COUNTS, SCENE_COLOURS, render_batch
+from actstore.toyworld.render import SCENE_COLOURS, render_batch
 from actstore.toyworld.vocab import LIGHTS, SHAPES
 
 OBJECTS: tuple[tuple[str, str], ...] = tuple((c, s) for c in SCENE_COLOURS for s in SHAPES)
+# The reader's own question, not the world's current setting: in a one-object world,
+# "did the model draw two?" is exactly the clutter worth counting.
+COUNTS: tuple[int, ...] = (1, 2)
 TRAIN_SEED_OFFSET = 400_000
 EVAL_SEED_OFFSET = 500_000
 DEFAULT_CONFIG = {"widths": [16, 32, 64, 64], "size": 64, "objects": [list(o) for o in OBJECTS],
-                  "lights": list(LIGHTS), "counts": list(OBJECT_COUNTS)}
+                  "lights": list(LIGHTS), "counts": list(COUNTS)}
 
 
 class ReaderNet(nn.Module):
@@ -44,7 +47,7 @@ class ReaderNet(nn.Module):
                                                          for i in range(len(w) - 1)])
         cells = (size // 2 ** len(w)) ** 2 * w[-1]
         self.light = nn.Linear(cells, len(LIGHTS))
-        self.count = nn.Linear(cells, len(OBJECT_COUNTS))
+        self.count = nn.Linear(cells, len(COUNTS))
         self.objects = nn.Linear(cells, len(OBJECTS))
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -67,15 +70,15 @@ def attributes(prompts: list[str]) -> dict[str, np.ndarray]:
         found = _OBJECT.findall(prompt)
         side = _LIGHT.search(prompt)
         if not found or side is None or side.group(1) not in LIGHTS or any(
-                o not in OBJECTS for o in found) or len(found) not in OBJECT_COUNTS:
+                o not in OBJECTS for o in found) or len(found) not in COUNTS:
             raise ActstoreError(
-                f"prompt {prompt!r}: the reader knows {'/'.join(map(str, OBJECT_COUNTS))} "
+                f"prompt {prompt!r}: the reader knows {'/'.join(map(str, COUNTS))} "
                 f"objects of colours {'/'.join(SCENE_COLOURS)} lit from {'/'.join(LIGHTS)}; "
                 f"judge only prompts of the current toy world")
         for o in found:
             objects[i, OBJECTS.index(o)] = 1
         light.append(LIGHTS.index(side.group(1)))
-        count.append(OBJECT_COUNTS.index(len(found)))
+        count.append(COUNTS.index(len(found)))
     return {"light": np.array(light), "count": np.array(count), "objects": objects}
 
 
