@@ -42,10 +42,10 @@ ROOT_KEY = "actstore"
 MODEL_KEY = "actstore_model"
 ACTIVATION = "activation"
 DEFAULT_BLOCK_SIZE = 4
-# Inner chunks of at least 4 MiB: zarr spends about 1 ms of CPU per chunk written, which on
-# SD-sized layers cost a third of the write throughput at 1 MiB chunks (656 KiB chunks:
-# 0.16 of numpy.save, 1 MiB: 0.27, 4 MiB: 0.33, whole shards: 0.42; bound 0.44). A reader
-# of one image × one step then fetches at most 2 images of the biggest layers.
+# Inner chunks of at least 4 MiB: zarr spends about 1 ms of CPU per chunk written, which cost
+# SD-sized layers a third of the write throughput at 1 MiB chunks (side by side, / numpy.save:
+# 1 MiB 0.27, 4 MiB 0.33, whole shards 0.42, no zarr 0.44; see README). A reader of one
+# image × one step then fetches at most 2 images of the biggest layers.
 TARGET_CHUNK_BYTES = 4 << 20
 # Chunk keys "c.0.3.0.0.0" (flat, one directory per array) instead of zarr's default
 # nested "c/0/3/0/0/0": a new block otherwise creates a directory per key level, and on
