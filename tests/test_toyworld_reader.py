@@ -69,3 +69,18 @@ def test_quality_reports_prompt_agreement(reader):
     q = quality(data["rgb"], lambda imgs: {"depth": rows, "salient": np.ones((8, 64, 64))},
                 reader=reader, prompts=data["prompt"])
     assert q["prompt_agreement"] == agreement(reader(data["rgb"]), attributes(data["prompt"]))
+
+
+def test_a_reader_trained_for_other_questions_is_refused(tmp_path):
+    """Heads are indexed by the code's OBJECTS / LIGHTS / COUNTS; a folder saved with other
+    lists would be read silently wrong, so loading it fails instead."""
+    import json
+    import shutil
+
+    folder = tmp_path / "reader"
+    shutil.copytree(READER, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["lights"] = list(reversed(cfg["lights"]))
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ActstoreError, match="other questions"):
+        ToyReader.from_pretrained(folder)

@@ -76,3 +76,18 @@ def load_checkpoint(path: str | Path, modules: dict[str, torch.nn.Module],
     if opt is not None and "optimizer" in meta:
         _restore_optimizer(opt, tensors, meta["optimizer"])
     return meta["state"]
+
+
+def save_folder(path: str | Path, module: torch.nn.Module, config: dict) -> None:
+    """A small trained model as a folder: ``model.safetensors`` + ``config.json``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
+              str(path / "model.safetensors"))
+    (path / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def load_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, config) of a :func:`save_folder` folder; no pickle is read."""
+    path = Path(path)
+    return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())

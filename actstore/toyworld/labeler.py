@@ -9,13 +9,14 @@ samples) and exposes the label-provider interface used for real label models.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from actstore.toyworld.ckpt import load_folder, save_folder
 
 TARGETS = {"depth": "continuous", "salient": "binary", "shading": "continuous"}
 DEFAULT_CONFIG = {"widths": [16, 32, 64, 64], "size": 64, "targets": list(TARGETS)}
@@ -73,22 +74,13 @@ class ToyLabeler:
     @classmethod
     def from_pretrained(cls, path: str | Path = "models/toy-labeler",
                         device: str = "cpu") -> "ToyLabeler":
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        cfg = json.loads((path / "config.json").read_text())
+        state, cfg = load_folder(path)
         net = LabelNet(cfg["widths"])
-        net.load_state_dict(load_file(str(path / "model.safetensors")))
+        net.load_state_dict(state)
         return cls(net, cfg, device)
 
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        sd = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
-        save_file(sd, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps(self.config, indent=1))
+        save_folder(path, self.net, self.config)
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, batch_size: int = 64) -> dict[str, np.ndarray]:

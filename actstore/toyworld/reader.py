@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from actstore.errors import ActstoreError
+from actstore.toyworld.ckpt import load_folder, save_folder
 from actstore.toyworld.labeler import _block, _to_input
 from actstore.toyworld.labeler_train import _augment, fit
 from actstore.toyworld.render import SCENE_COLOURS, render_batch
@@ -90,9 +91,9 @@ def agreement(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray]) -> dict
     count = pred["count"] == truth["count"]
     objects = (pred["objects"] == truth["objects"]).all(1)
     named = truth["objects"] > 0
-    colours = len(SHAPES)
-    pc = pred["objects"].reshape(len(light), -1, colours).max(2)
-    tc = truth["objects"].reshape(len(light), -1, colours).max(2)
+    per_colour = len(SHAPES)  # OBJECTS runs colour-major: one row of shapes per colour
+    pc = pred["objects"].reshape(len(light), -1, per_colour).max(2)
+    tc = truth["objects"].reshape(len(light), -1, per_colour).max(2)
     return {"n": int(len(light)), "light": float(light.mean()), "count": float(count.mean()),
             "object_set": float(objects.mean()), "all": float((light & count & objects).mean()),
             "named_objects_found": float(pred["objects"][named].mean()),
@@ -107,20 +108,17 @@ class ToyReader:
 
     @classmethod
     def from_pretrained(cls, path: str | Path = "models/toy-reader") -> "ToyReader":
-        from safetensors.torch import load_file
-
-        cfg = json.loads((Path(path) / "config.json").read_text())
+        state, cfg = load_folder(path)
+        asked = {k: cfg[k] for k in ("objects", "lights", "counts")}
+        if asked != {k: DEFAULT_CONFIG[k] for k in asked}:
+            raise ActstoreError(f"reader {path}: trained for other questions ({asked}); "
+                                f"retrain it with python -m actstore.toyworld.reader")
         net = ReaderNet(cfg["widths"], cfg["size"])
-        net.load_state_dict(load_file(str(Path(path) / "model.safetensors")))
+        net.load_state_dict(state)
         return cls(net, cfg)
 
     def save_pretrained(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
-
-        Path(path).mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()},
-                  str(Path(path) / "model.safetensors"))
-        (Path(path) / "config.json").write_text(json.dumps(self.config, indent=1))
+        save_folder(path, self.net, self.config)
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, batch_size: int = 128) -> dict[str, np.ndarray]:
