@@ -35,6 +35,7 @@ _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
 _STORE_SETTINGS = ("steps", "guidance", "height", "width")
+SD_GUIDANCE = 7.5  # the paper's and SD v1.x's usual classifier-free guidance
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,21 @@ def load_catalog(path: str | os.PathLike[str] = "catalog.yaml") -> Catalog:
 
 
 def resolve_model(catalog: Catalog | None, name_or_path: str) -> dict[str, Any]:
-    """Turn a model argument into ``{name, kind, ref, revision, dtype, description}``.
+    """Turn a model argument into ``{name, kind, ref, revision, dtype, guidance,
+    description}``.
 
     ``kind`` is ``"builtin"``, ``"path"`` (``ref`` an absolute folder) or ``"hf_id"``
     (``ref`` an ``org/name`` to load from the local Hugging Face cache). ``name`` is the
-    catalog name or None; ``dtype`` None means "the loader's default".
+    catalog name or None; ``dtype`` and ``guidance`` None mean "the usual default".
     """
-    out: dict[str, Any] = {"name": None, "revision": None, "dtype": None, "description": None}
+    out: dict[str, Any] = {"name": None, "revision": None, "dtype": None, "guidance": None,
+                           "description": None}
     if catalog is not None and name_or_path in catalog.models:
         entry = catalog.models[name_or_path]
         key = f"{catalog.path.name}: models.{name_or_path}"
+        guidance = entry.get("guidance")
         out.update(name=name_or_path, dtype=entry.get("dtype"),
+                   guidance=None if guidance is None else float(guidance),
                    description=entry.get("description"), revision=entry.get("revision"))
         if "builtin" in entry:
             return {**out, "kind": "builtin", "ref": entry["builtin"]}
@@ -154,6 +159,17 @@ def resolve_store(catalog: Catalog | None, name_or_uri: str) -> dict[str, Any]:
     expanded = _expand(name_or_uri, "store")
     uri = expanded if _URL.match(expanded) else str(Path(expanded).expanduser())
     return {**out, "uri": uri}
+
+
+def resolve_guidance(flag: float | None, store: dict[str, Any],
+                     model: dict[str, Any]) -> float:
+    """The guidance of a run: ``--guidance``, else the store entry's, else the model's,
+    else SD's 7.5. A model trained small (the toy LDM) can name the guidance it samples
+    cleanly at, and every store of it then uses that without each entry repeating it."""
+    for value in (flag, store.get("guidance"), model.get("guidance")):
+        if value is not None:
+            return float(value)
+    return SD_GUIDANCE
 
 
 # --- validation -------------------------------------------------------------------------

@@ -101,12 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--out", default="runs/main", help="folder for the store and figures")
     m.add_argument("--images", help="region START:STOP of the prompt table")
     m.add_argument("--steps", type=int, default=15)
+    m.add_argument("--guidance", type=float,
+                   help="default: the model's catalog guidance (toy-ldm: 3), else 7.5")
     m.add_argument("--device", default="auto")
     return parser
 
 
 def _materialize(args, catalog) -> dict:
-    from actstore.catalog import resolve_model, resolve_prompts, resolve_store
+    from actstore.catalog import (resolve_guidance, resolve_model, resolve_prompts,
+                                  resolve_store)
 
     entry = resolve_store(catalog, args.store)
     model_name = args.model or entry["model"]
@@ -119,7 +122,7 @@ def _materialize(args, catalog) -> dict:
         "model": model["ref"], "prompts": resolve_prompts(catalog, prompts_name),
         "store": entry["uri"], "images": args.images, "batch_size": args.batch_size,
         "steps": args.steps or entry["steps"] or 15,
-        "guidance": args.guidance if args.guidance is not None else (entry["guidance"] or 7.5),
+        "guidance": resolve_guidance(args.guidance, entry, model),
         "height": args.height or entry["height"], "width": args.width or entry["width"],
         "device": args.device, "dtype": args.dtype or model["dtype"] or "float32",
         "control": args.control, "codec": args.codec, "store_dtype": args.store_dtype,
@@ -187,7 +190,7 @@ def _probe(args, catalog) -> dict:
 
 
 def _main_job(args, catalog) -> dict:
-    from actstore.catalog import resolve_model, resolve_prompts
+    from actstore.catalog import resolve_guidance, resolve_model, resolve_prompts
 
     toy = catalog is not None and "toy-ldm" in catalog.models and \
         Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
@@ -196,7 +199,8 @@ def _main_job(args, catalog) -> dict:
     from flows.main import main_flow
 
     return main_flow(model=model["ref"], prompts=resolve_prompts(catalog, prompts),
-                     out=args.out, images=args.images, steps=args.steps, device=args.device)
+                     out=args.out, images=args.images, steps=args.steps,
+                     guidance=resolve_guidance(args.guidance, {}, model), device=args.device)
 
 
 def _quiet_libraries() -> None:

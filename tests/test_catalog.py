@@ -9,13 +9,14 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from actstore.catalog import (SCHEMA_PATH, Catalog, load_catalog, resolve_model,
-                              resolve_prompts, resolve_store)
+from actstore.catalog import (SCHEMA_PATH, Catalog, load_catalog, resolve_guidance,
+                              resolve_model, resolve_prompts, resolve_store)
 from actstore.errors import ActstoreError
 from actstore.prompts import load_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 CATALOG = REPO / "catalog.yaml"
+DEMO = REPO / "prompts" / "demo.csv"
 
 MINIMAL = """
 models:
@@ -103,13 +104,26 @@ def test_resolve_model_passes_non_names_through(tmp_path: Path) -> None:
     (tmp_path / "folder").mkdir()
     assert resolve_model(catalog, str(tmp_path / "folder")) == {
         "name": None, "kind": "path", "ref": str(tmp_path / "folder"), "revision": None,
-        "dtype": None, "description": None}
+        "dtype": None, "guidance": None, "description": None}
     hub = resolve_model(catalog, "CompVis/stable-diffusion-v1-4")
     assert (hub["kind"], hub["ref"]) == ("hf_id", "CompVis/stable-diffusion-v1-4")
     assert resolve_model(None, "tiny-random")["kind"] == "builtin"
     assert resolve_model(None, "./not-yet")["kind"] == "path"
     with pytest.raises(ActstoreError, match=r"unknown model 'toyldm'.*toy-ldm"):
         resolve_model(catalog, "toyldm")
+
+
+def test_guidance_comes_from_flag_then_store_then_model_then_sd() -> None:
+    catalog = load_catalog(CATALOG)
+    toy, sd = resolve_model(catalog, "toy-ldm"), resolve_model(catalog, "sd-v1-4")
+    assert toy["guidance"] == 3.0 and sd["guidance"] is None
+    toy_store, sd_store = resolve_store(catalog, "toy"), resolve_store(catalog, "sd14-demo")
+    assert resolve_guidance(None, toy_store, toy) == 3.0   # the model's, via its store
+    assert resolve_guidance(None, {}, toy) == 3.0           # the main job: no store entry
+    assert resolve_guidance(5.0, toy_store, toy) == 5.0     # --guidance wins
+    assert resolve_guidance(None, {"guidance": 4.0}, toy) == 4.0
+    assert resolve_guidance(None, sd_store, sd) == 7.5      # the paper's, written out
+    assert resolve_guidance(None, {}, resolve_model(None, "tiny-random")) == 7.5
 
 
 def test_resolve_store_and_prompts_pass_through(tmp_path: Path) -> None:
@@ -138,7 +152,9 @@ def test_unset_environment_variable_without_default(tmp_path: Path,
 @pytest.mark.parametrize("old,new,expected", [
     ("    path: models/toy-ldm", "    pth: models/toy-ldm",
      "models.toy-ldm: unknown key 'pth' (allowed: path, hf_id, revision, builtin, dtype, "
-     "description); did you mean 'path'?"),
+     "guidance, description); did you mean 'path'?"),
+    ("    path: models/toy-ldm", "    path: models/toy-ldm\n    guidance: strong",
+     "models.toy-ldm: 'guidance' must be a number, got 'strong'"),
     ("models:", "modles:", "top level: unknown key 'modles'"),
     ("    uri: runs/toy.zarr\n", "", "stores.toy: missing required key 'uri'"),
     ("    steps: 10", "    steps: ten", "stores.toy: 'steps' must be an integer, got 'ten'"),
@@ -186,3 +202,22 @@ def test_yaml_tags_that_build_objects_are_refused(tmp_path: Path) -> None:
 def test_missing_catalog_file(tmp_path: Path) -> None:
     with pytest.raises(ActstoreError, match=r"nope.yaml: cannot read catalog"):
         load_catalog(tmp_path / "nope.yaml")
+
+
+def test_materialize_uses_the_catalog_models_guidance(tmp_path: Path) -> None:
+    """End to end through the CLI: a store entry without guidance gets its model's, and
+    the store records what was used; --guidance still wins (a second store)."""
+    from actstore.cli import main
+    from actstore.store import model_attrs
+
+    (tmp_path / "catalog.yaml").write_text(
+        "models:\n  tiny:\n    builtin: tiny-random\n    guidance: 2.5\n"
+        f"prompt_sets:\n  demo:\n    path: {DEMO}\n"
+        "stores:\n  s:\n    uri: s.zarr\n    model: tiny\n    prompts: demo\n    steps: 2\n")
+    common = ["--catalog", str(tmp_path / "catalog.yaml"), "--no-prefect", "--quiet"]
+    assert main(common + ["materialize", "--store", "s", "--images", "0:4"]) == 0
+    assert model_attrs(str(tmp_path / "s.zarr"), "trained")["guidance"] == 2.5
+    other = str(tmp_path / "t.zarr")
+    assert main(common + ["materialize", "--store", other, "--model", "tiny", "--prompts",
+                          "demo", "--steps", "2", "--images", "0:4", "--guidance", "6"]) == 0
+    assert model_attrs(other, "trained")["guidance"] == 6.0
