@@ -32,7 +32,6 @@ import numpy as np
 import pandas as pd
 import zarr
 from zarr.core.sync import sync
-from zarr.storage import LocalStore
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 import actstore
@@ -263,41 +262,6 @@ def _write_record(uri: str, group: str, start: int, stop: int, record: dict) -> 
     fs.mv(tmp, f"{node}/zarr.json")
 
 
-class StreamingLocalStore(LocalStore):
-    """A local Zarr store that starts each written file on its way to the disk at once.
-
-    Linux keeps up to ~10% of RAM of dirty pages before it starts writing back, so without
-    this a writer compresses everything first and the disk works only afterwards (at the
-    next sync, or when a long run fills the page cache). ``POSIX_FADV_DONTNEED`` on a
-    freshly written file queues its writeback without waiting for it, so the disk writes
-    block k while block k+1 compresses: 1.8x durable MB/s on SD v1.4-sized blocks (README,
-    ``benchmarks/bench_store_write.py``). Durability guarantees are unchanged: this is a
-    hint, not an fsync.
-    """
-
-    async def set(self, key: str, value) -> None:
-        await super().set(key, value)
-        await asyncio.to_thread(start_writeback, self.root / key)
-
-
-def start_writeback(path) -> None:
-    """Queue ``path``'s dirty pages for writing now (no-op where the OS has no fadvise)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _writer_store(uri: str, stream: bool):
-    """``uri`` as the store a :class:`BlockWriter` writes through."""
-    fs, path = _fs(uri)
-    local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
-    return StreamingLocalStore(path) if stream and local else uri
-
-
 class BlockWriter:
     """Writes finished blocks in the background while the next block is generated.
 
@@ -306,15 +270,12 @@ class BlockWriter:
     once (not per block: each open re-reads metadata), and a block's completion record is
     written only after all of its arrays, in the writer thread. An error in the writer
     surfaces at the next :meth:`submit` or at :meth:`close`, and that block stays
-    unrecorded, so a rerun redoes it. On a local disk, written files are sent to the disk
-    as they are written (:class:`StreamingLocalStore`; ``stream=False`` leaves it to the
-    kernel, for comparison).
+    unrecorded, so a rerun redoes it.
     """
 
-    def __init__(self, uri: str, group: str, on_written=None, stream: bool = True):
+    def __init__(self, uri: str, group: str, on_written=None):
         self.uri, self.group = uri, group
-        self._group = zarr.open_group(_writer_store(uri, stream), path=group, mode="r+",
-                                      zarr_format=3)
+        self._group = _open(uri, group, mode="r+")
         self._group.require_group("_blocks")   # once, not per record
         self._arrays: dict[str, zarr.Array] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="actstore-writer")

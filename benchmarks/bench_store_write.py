@@ -3,15 +3,14 @@
 Both write the same activation blocks, one block at a time (the unit materialize writes),
 to the same disk; the store with each named codec, ``numpy.save`` uncompressed. MB/s are of
 raw (uncompressed) activation bytes; the compression ratio is raw bytes / bytes on disk.
-Writers alternate within each round after one untimed warm-up round; medians are compared.
+Writers alternate within each round, in an order rotated every round, after one untimed
+warm-up round; medians are compared.
 
 - *npy*: ``numpy.save`` per block array, the target's baseline.
-- *npy+hint*: the same, plus the writeback hint the store gives each file it writes
-  (``store.start_writeback``): a stricter baseline, since the hint speeds up any writer.
-- *store*: the store's own ``BlockWriter``; *store-nohint* without the hint, to show its share.
+- *store*: the store's own ``BlockWriter``, completion records included.
 - *bound*: the same codec with zarr taken out: every block array compressed by numcodecs
-  with the codec's own Blosc settings on one thread per core, written to its own file,
-  hinted. What any store could reach on this machine with this codec.
+  with the codec's own Blosc settings on one thread per core, written to its own file.
+  What any store could reach on this machine with this codec.
 
 Two clocks: *cached* stops when the writes return (data may still sit in the page cache, so
 ``numpy.save`` runs at memcpy speed), *durable* also includes ``os.sync()`` so both
@@ -30,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actstore.codecs import CODEC_NAMES  # noqa: E402
 from actstore.store import (  # noqa: E402
-    BlockWriter, _create_array, block_arrays, block_layout, model_path, start_writeback)
+    BlockWriter, _create_array, block_arrays, block_layout, model_path)
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 
@@ -92,26 +92,21 @@ def create_zarr(root: str, blocks: dict[str, np.ndarray], copies: int, codec: st
                   dtype="uint8", dims=None)
 
 
-def write_zarr(root: str, blocks: dict[str, np.ndarray], copies: int,
-               stream: bool = True) -> None:
+def write_zarr(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
     """The store's own write path: ``BlockWriter``, completion records included."""
     b = next(iter(blocks.values())).shape[0]
     final = np.zeros((b, 1, 1, 3), np.uint8)
-    writer = BlockWriter(root, model_path("m"), stream=stream)
+    writer = BlockWriter(root, model_path("m"))
     for k in range(copies):
         writer.submit(k * b, (k + 1) * b, block_arrays(blocks, final), {})
     writer.close()
 
 
-def write_npy(root: str, blocks: dict[str, np.ndarray], copies: int,
-              stream: bool = False) -> None:
-    """``numpy.save`` per block array; ``stream`` adds the store's writeback hint."""
+def write_npy(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
     os.makedirs(root, exist_ok=True)
     for layer, data in blocks.items():
         for k in range(copies):
             np.save(f"{root}/{layer}.{k}.npy", data)
-            if stream:
-                start_writeback(f"{root}/{layer}.{k}.npy")
 
 
 def bound_encoder(root: str):
@@ -139,22 +134,29 @@ def write_bound(root: str, blocks: dict[str, np.ndarray], copies: int, encode) -
         k, layer = job
         with open(f"{root}/{layer}.{k}", "wb") as f:
             f.write(encode(blocks[layer]))
-        start_writeback(f"{root}/{layer}.{k}")  # as the store does
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(one, [(k, layer) for k in range(copies) for layer in blocks]))
 
 
-def report(codec: str, raw: float, compression: float, cached: dict, durable: dict) -> None:
-    """One line per writer: MB/s, and durable MB/s over numpy.save's (the target's ratio)
-    and over numpy.save with the same writeback hint the store gives (a stricter one)."""
+def cpu_seconds() -> float:
+    """CPU time of this process, all threads: a writer's work, whatever the disk does."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def report(codec: str, raw: float, compression: float, cached: dict, durable: dict,
+           cpu: dict) -> None:
+    """One line per writer: MB/s, durable MB/s over numpy.save's (the target's ratio), and
+    CPU seconds per GB (all threads), which the disk's moods do not touch."""
     cache = {k: raw / statistics.median(v) for k, v in cached.items()}
     rate = {k: raw / statistics.median(v) for k, v in durable.items()}
     print(f"  {codec} (compression {compression:.2f}x)")
     for key in rate:
-        print(f"    {key:13s} cached {cache[key]:7.1f} MB/s | durable {rate[key]:7.1f} MB/s, "
-              f"/ numpy.save {rate[key] / rate['npy']:5.2f}, / numpy.save+hint "
-              f"{rate[key] / rate['npy+hint']:5.2f}", flush=True)
+        print(f"    {key:14s} cached {cache[key]:7.1f} MB/s | durable {rate[key]:7.1f} MB/s, "
+              f"/ numpy.save {rate[key] / rate['npy']:5.2f} | CPU "
+              f"{statistics.median(cpu[key]) / raw * 1e3:5.2f} s/GB",
+              flush=True)
 
 
 def main() -> None:
@@ -181,28 +183,32 @@ def main() -> None:
             create_zarr(f"{work}/z", blocks, copies, codec)
             encode = bound_encoder(f"{work}/z")
             writers = {"npy": lambda p: write_npy(p, blocks, copies),
-                       "npy+hint": lambda p: write_npy(p, blocks, copies, stream=True),
-                       "store": lambda p: write_zarr(p, blocks, copies),
-                       "store-nohint": lambda p: write_zarr(p, blocks, copies, stream=False)}
+                       "store": lambda p: write_zarr(p, blocks, copies)}
             if encode is not None:
                 writers["bound"] = lambda p: write_bound(p, blocks, copies, encode)
             cached: dict[str, list[float]] = {k: [] for k in writers}
             durable: dict[str, list[float]] = {k: [] for k in writers}
+            cpu: dict[str, list[float]] = {k: [] for k in writers}
+            names = list(writers)
             for rep in range(args.repeats + 1):  # round 0 warms the page cache and allocator
-                for key, write in writers.items():
+                # rotate the order each round: a writer's speed depends on what ran before
+                # it (page cache and memory left behind), by up to 25% on this machine
+                for key in names[rep % len(names):] + names[:rep % len(names)]:
+                    write = writers[key]
                     path = f"{work}/{key}"
                     shutil.rmtree(path, ignore_errors=True)
                     if key.startswith("store"):
                         create_zarr(path, blocks, copies, codec)
                     os.sync()
-                    t = time.perf_counter()
+                    c, t = cpu_seconds(), time.perf_counter()
                     write(path)
-                    dt = time.perf_counter() - t
+                    dt, dc = time.perf_counter() - t, cpu_seconds() - c
                     os.sync()
                     if rep:
                         cached[key].append(dt)
                         durable[key].append(time.perf_counter() - t)
-            report(codec, raw, raw * 1e6 / disk_bytes(f"{work}/store"), cached, durable)
+                        cpu[key].append(dc)
+            report(codec, raw, raw * 1e6 / disk_bytes(f"{work}/store"), cached, durable, cpu)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

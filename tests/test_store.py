@@ -227,35 +227,3 @@ def test_x0_images_match_direct_decoding(tmp_path, tiny_model):
              on_step_end=on_end)
     assert stored.shape[:2] == (4, 3)
     assert np.abs(stored.astype(int) - direct.astype(int)).max() <= 1   # float rounding only
-
-
-def test_streaming_writer_hints_every_file_and_stores_the_same_bytes(tmp_path, monkeypatch):
-    """The writeback hint must reach every file the writer puts on a local disk and must
-    not change a byte of it; non-local stores are written through zarr as before."""
-    import actstore.store as st
-
-    data = {"layers/a/activation": np.random.default_rng(0).standard_normal(
-                (4, 3, 8, 8, 16)).astype(np.float16),
-            "final_image": np.arange(4 * 2 * 2 * 3, dtype=np.uint8).reshape(4, 2, 2, 3)}
-    hinted = []
-    real_hint = st.start_writeback
-    monkeypatch.setattr(st, "start_writeback", lambda p: (hinted.append(Path(p)), real_hint(p)))
-    roots = {}
-    for stream in (True, False):
-        root = str(tmp_path / f"s{stream}.zarr")
-        group = zarr.open_group(root, mode="w", zarr_format=3).require_group("m")
-        for path, arr in data.items():
-            chunks, shards = st.block_layout((8,) + arr.shape[1:], 4, arr.itemsize, lead=1)
-            st._create_array(group, path, shape=(8,) + arr.shape[1:], chunks=chunks,
-                             shards=shards, dtype=arr.dtype, dims=None, codec="zstd")
-        writer = st.BlockWriter(root, "m", stream=stream)
-        writer.submit(4, 8, data, {})
-        writer.close()
-        roots[stream] = Path(root)
-    chunk_files = sorted(p.relative_to(roots[True]) for p in roots[True].rglob("c.*"))
-    assert len(chunk_files) == 2  # one per array: the block's shard or chunk
-    assert set(chunk_files) <= {p.relative_to(roots[True]) for p in hinted}
-    for rel in chunk_files:
-        assert (roots[True] / rel).read_bytes() == (roots[False] / rel).read_bytes()
-    assert isinstance(st._writer_store(str(roots[True]), True), st.StreamingLocalStore)
-    assert st._writer_store("memory://x.zarr", True) == "memory://x.zarr"
