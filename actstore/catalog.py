@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -111,13 +112,29 @@ def resolve_model(catalog: Catalog | None, name_or_path: str) -> dict[str, Any]:
         return {**out, "kind": "path", "ref": expanded}
     local = Path(expanded).expanduser()
     if local.exists() or expanded.startswith((".", "/", "~")):
-        return {**out, "kind": "path", "ref": str(local.resolve())}
+        ref = str(local.resolve())
+        named = _model_named_by_path(catalog, ref)  # `models/toy-ldm` means `toy-ldm`
+        return resolve_model(catalog, named) if named else {**out, "kind": "path", "ref": ref}
     if _HF_ID.match(expanded):
         return {**out, "kind": "hf_id", "ref": name_or_path}
     raise ActstoreError(
         f"unknown model '{name_or_path}': not a catalog name{_choices(catalog, 'models')}, "
         f"a builtin ({', '.join(BUILTIN_MODELS)}), an existing folder, or a Hugging Face id "
         "'org/name'; fix the name or add it to catalog.yaml")
+
+
+def _model_named_by_path(catalog: Catalog | None, ref: str) -> str | None:
+    """The catalog model whose folder is ``ref``, so a path gets its entry's dtype and
+    guidance too; entries whose location cannot be resolved here are skipped."""
+    for name, entry in (catalog.models if catalog is not None else {}).items():
+        if "path" not in entry:
+            continue
+        try:
+            if _resolve_location(entry["path"], catalog.root, name) == ref:
+                return name
+        except ActstoreError:
+            continue
+    return None
 
 
 def resolve_prompts(catalog: Catalog | None, name_or_path: str) -> str:
@@ -166,8 +183,12 @@ def resolve_guidance(flag: float | None, store: dict[str, Any],
     """The guidance of a run: ``--guidance``, else the store entry's, else the model's,
     else SD's 7.5. A model trained small (the toy LDM) can name the guidance it samples
     cleanly at, and every store of it then uses that without each entry repeating it."""
-    for value in (flag, store.get("guidance"), model.get("guidance")):
+    for source, value in (("--guidance", flag), ("the store entry", store.get("guidance")),
+                          ("the model entry", model.get("guidance"))):
         if value is not None:
+            if not math.isfinite(float(value)) or float(value) < 0:
+                raise ActstoreError(f"guidance {value} (from {source}): must be a finite "
+                                    "number >= 0, e.g. 7.5 for SD v1.x")
             return float(value)
     return SD_GUIDANCE
 

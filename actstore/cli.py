@@ -43,7 +43,8 @@ def _add_materialize(sub) -> None:
     p.add_argument("--block-size", type=int, help="images per storage shard (new stores only;"
                    " default 4)")
     p.add_argument("--steps", type=int)
-    p.add_argument("--guidance", type=float)
+    p.add_argument("--guidance", type=float, help="default: the store entry's, else the "
+                   "model's catalog guidance (toy-ldm: 3), else 7.5")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")

@@ -197,7 +197,7 @@ def main() -> None:
                     write = writers[key]
                     path = f"{work}/{key}"
                     shutil.rmtree(path, ignore_errors=True)
-                    if key.startswith("store"):
+                    if key == "store":
                         create_zarr(path, blocks, copies, codec)
                     os.sync()
                     c, t = cpu_seconds(), time.perf_counter()

@@ -50,7 +50,10 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
               device: str = "auto", provider: str = "toyworld",
               targets: tuple[str, ...] = TARGETS, control: bool = True,
               intervene_images: int = 6, intervene_targets: int = 2) -> dict:
-    """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize."""
+    """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize.
+
+    ``guidance`` defaults to SD's 7.5; ``actstore main`` passes the model's catalog
+    guidance (3 for toy-ldm)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = str(out_dir / "store.zarr")

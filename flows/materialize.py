@@ -35,7 +35,11 @@ def materialize_flow(model: str, prompts: str, store: str, images: str | None = 
                      control: str | None = None, codec: str = "zstd",
                      store_dtype: str = "float16", keep_uncond: bool = False, x0: bool = True,
                      block_size: int | None = None, grid_png: str | None = None) -> dict:
-    """Fill ``store`` (or the region ``images`` = "A:B" of it) and draw a sample grid."""
+    """Fill ``store`` (or the region ``images`` = "A:B" of it) and draw a sample grid.
+
+    ``guidance`` defaults to SD's 7.5; a caller with a catalog model passes the model's own
+    (``catalog.resolve_guidance``: the CLI does, and the nightly deployment says 3 for
+    toy-ldm)."""
     gen = {"steps": steps, "guidance": guidance, "height": height, "width": width}
     cap = {"codec": codec, "store_dtype": store_dtype, "keep_uncond": keep_uncond, "x0": x0}
     summary = materialize_region(model, prompts, store, images, batch_size, gen, cap, dtype,

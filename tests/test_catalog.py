@@ -124,6 +124,15 @@ def test_guidance_comes_from_flag_then_store_then_model_then_sd() -> None:
     assert resolve_guidance(None, {"guidance": 4.0}, toy) == 4.0
     assert resolve_guidance(None, sd_store, sd) == 7.5      # the paper's, written out
     assert resolve_guidance(None, {}, resolve_model(None, "tiny-random")) == 7.5
+    assert resolve_guidance(5.0, {"guidance": 4.0}, toy) == 5.0
+    assert resolve_guidance(0.0, {"guidance": 4.0}, toy) == 0.0  # 0 is a value, not "unset"
+    # a folder path that is a catalog model's folder gets that entry's settings
+    assert resolve_model(catalog, str(REPO / "models" / "toy-ldm"))["guidance"] == 3.0
+    for bad, source in [(float("nan"), "--guidance"), (-1.0, "--guidance")]:
+        with pytest.raises(ActstoreError, match=f"guidance .* \\(from {source}\\): must be a finite"):
+            resolve_guidance(bad, toy_store, toy)
+    with pytest.raises(ActstoreError, match=r"from the model entry\): must be a finite"):
+        resolve_guidance(None, {}, {"guidance": float("inf")})
 
 
 def test_resolve_store_and_prompts_pass_through(tmp_path: Path) -> None:
@@ -155,6 +164,10 @@ def test_unset_environment_variable_without_default(tmp_path: Path,
      "guidance, description); did you mean 'path'?"),
     ("    path: models/toy-ldm", "    path: models/toy-ldm\n    guidance: strong",
      "models.toy-ldm: 'guidance' must be a number, got 'strong'"),
+    ("    path: models/toy-ldm", "    path: models/toy-ldm\n    guidance: -2",
+     "models.toy-ldm: 'guidance' must be >= 0, got -2"),
+    ("    path: models/toy-ldm", "    path: models/toy-ldm\n    guidance: true",
+     "models.toy-ldm: 'guidance' must be a number, got true"),
     ("models:", "modles:", "top level: unknown key 'modles'"),
     ("    uri: runs/toy.zarr\n", "", "stores.toy: missing required key 'uri'"),
     ("    steps: 10", "    steps: ten", "stores.toy: 'steps' must be an integer, got 'ten'"),

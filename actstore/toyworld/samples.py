@@ -56,7 +56,7 @@ class Sampling:
             spec = cls(name, int(steps), float(guidance))
         except ValueError:
             raise ActstoreError(f"sampling {text!r}: expected SAMPLER:STEPS:GUIDANCE, "
-                                f"e.g. lms:15:7.5") from None
+                                f"e.g. lms:15:3") from None
         if spec.sampler not in SAMPLERS:
             raise ActstoreError(f"sampling {text!r}: sampler {spec.sampler!r} is not known; "
                                 f"choose one of {', '.join(SAMPLERS)}")
