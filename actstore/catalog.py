@@ -186,10 +186,10 @@ def resolve_guidance(flag: float | None, store: dict[str, Any],
     for source, value in (("--guidance", flag), ("the store entry", store.get("guidance")),
                           ("the model entry", model.get("guidance"))):
         if value is not None:
-            if not math.isfinite(float(value)) or float(value) < 0:
+            if not math.isfinite(value := float(value)) or value < 0:
                 raise ActstoreError(f"guidance {value} (from {source}): must be a finite "
                                     "number >= 0, e.g. 7.5 for SD v1.x")
-            return float(value)
+            return value
     return SD_GUIDANCE
 
 

@@ -20,6 +20,15 @@ PROMPTS = ["a red sphere , light from the left", "a blue cube , light from above
 SEEDS = [3, 11, 42]
 
 
+def test_default_sampling_uses_the_catalog_guidance_of_toy_ldm():
+    """The samples tool's default must not drift from what runs of toy-ldm use."""
+    from actstore.catalog import load_catalog, resolve_guidance, resolve_model
+
+    catalog = load_catalog(Path(__file__).resolve().parent.parent / "catalog.yaml")
+    assert Sampling().guidance == resolve_guidance(None, {}, resolve_model(catalog, "toy-ldm"))
+    assert str(Sampling()) == "lms:15:3"
+
+
 def test_sampling_spec_parses_and_rejects_bad_text():
     assert Sampling.parse("ddpm:100:3") == Sampling("ddpm", 100, 3.0)
     assert str(Sampling.parse("lms:15:7.5")) == "lms:15:7.5"

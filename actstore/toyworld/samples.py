@@ -46,7 +46,8 @@ class Sampling:
 
     sampler: str = "lms"
     steps: int = 15
-    guidance: float = 3.0  # toy-ldm's catalog guidance; at SD's 7.5 it adds colour blobs
+    # toy-ldm's catalog guidance (a test keeps the two equal); at SD's 7.5 it adds blobs
+    guidance: float = 3.0
 
     @classmethod
     def parse(cls, text: str) -> "Sampling":
@@ -169,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=8)
     p.add_argument("--rows", type=int, default=2)
     p.add_argument("--n-quality", type=int, default=64)
-    p.add_argument("--sampling", nargs="+", default=["lms:15:3"],
+    p.add_argument("--sampling", nargs="+", default=[str(Sampling())],
                    metavar="SAMPLER:STEPS:GUIDANCE",
                    help=f"one generated row per value (samplers: {', '.join(SAMPLERS)}); "
                         "quality is measured for each")
