@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from actstore.catalog import SD_GUIDANCE
 from actstore.models import LoadedModel
 
 
@@ -22,7 +23,7 @@ class GenerationConfig:
     """What determines the images, and so what must match to extend a store."""
 
     steps: int = 15
-    guidance: float = 7.5
+    guidance: float = SD_GUIDANCE
     height: int | None = None  # None: the model's native resolution
     width: int | None = None
     scheduler: str = "lms"

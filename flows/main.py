@@ -13,6 +13,7 @@ from pathlib import Path
 
 from prefect import flow, task
 
+from actstore.catalog import SD_GUIDANCE
 from actstore.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
 from actstore.label_providers import get_provider
@@ -46,7 +47,7 @@ def _provider_available(provider: str) -> str | None:
 
 @flow(name="main-job")
 def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | None = None,
-              steps: int = 15, guidance: float = 7.5, batch_size: int = 8,
+              steps: int = 15, guidance: float = SD_GUIDANCE, batch_size: int = 8,
               device: str = "auto", provider: str = "toyworld",
               targets: tuple[str, ...] = TARGETS, control: bool = True,
               intervene_images: int = 6, intervene_targets: int = 2) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from prefect import flow, task
 
+from actstore.catalog import SD_GUIDANCE
 from actstore.generate import GenerationConfig
 from actstore.materialize import CaptureConfig, materialize
 from actstore.plots import sample_grid
@@ -29,7 +30,7 @@ def sample_grid_task(store: str, variant: str, out_png: str) -> str:
 
 @flow(name="materialize")
 def materialize_flow(model: str, prompts: str, store: str, images: str | None = None,
-                     batch_size: int = 4, steps: int = 15, guidance: float = 7.5,
+                     batch_size: int = 4, steps: int = 15, guidance: float = SD_GUIDANCE,
                      height: int | None = None, width: int | None = None,
                      device: str = "auto", dtype: str = "float32",
                      control: str | None = None, codec: str = "zstd",
