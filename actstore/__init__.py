@@ -11,6 +11,6 @@ __all__ = ["open_store", "__version__", "SCHEMA_VERSION"]
 
 def __getattr__(name: str):
     if name == "open_store":
-        from actstore.access import open_store
+        from actstore.store.view import open_store
         return open_store
     raise AttributeError(name)

@@ -24,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from actstore.generate import GenerationConfig  # noqa: E402
-from actstore.materialize import CaptureConfig, materialize  # noqa: E402
-from actstore.models import diffusers_pipeline, load_model  # noqa: E402
-from actstore.prompts import load_prompts  # noqa: E402
+from actstore.generation.sampling import GenerationConfig  # noqa: E402
+from actstore.generation.materialize import CaptureConfig, materialize  # noqa: E402
+from actstore.generation.models import diffusers_pipeline, load_model  # noqa: E402
+from actstore.generation.prompts import load_prompts  # noqa: E402
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 

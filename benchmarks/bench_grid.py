@@ -27,10 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from actstore.access import open_store  # noqa: E402
-from actstore.grid import fit_layer, metric_names, per_image_scores, score_layer  # noqa: E402
+from actstore.store.view import open_store  # noqa: E402
+from actstore.probe.grid import fit_layer, metric_names, per_image_scores, score_layer  # noqa: E402
 from actstore.metrics import summarize  # noqa: E402
-from actstore.probe_runs import load_targets, run_probes  # noqa: E402
+from actstore.probe.runs import load_targets, run_probes  # noqa: E402
 from actstore.runtime import task_threads  # noqa: E402
 
 
@@ -106,7 +106,7 @@ def grid_vs_read(store: str, target: str) -> None:
     test blocks, results written to the store)."""
     import dask
 
-    from actstore.store import model_variants
+    from actstore.store.core import model_variants
 
     _, per_layer = load_targets(store, target)
     variants = model_variants(store)
@@ -135,7 +135,7 @@ def peak_memory(stores: list[str], target: str) -> None:
     """Peak RSS of a whole-grid fit, each store in a fresh process (stores of different
     sizes show whether memory grows with the number of images)."""
     code = ("import sys, resource; sys.path.insert(0, {root!r});"
-            "from actstore.probe_runs import run_probes;"
+            "from actstore.probe.runs import run_probes;"
             "run_probes({store!r}, {target!r}, scheduler='threads', progress=False);"
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     for store in stores:

@@ -32,9 +32,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actstore import intervention_edits as ed  # noqa: E402
-from actstore.interventions import run_interventions  # noqa: E402
-from actstore.probe_runs import latest_run  # noqa: E402
+from actstore.intervene import edits as ed  # noqa: E402
+from actstore.intervene.run import run_interventions  # noqa: E402
+from actstore.probe.runs import latest_run  # noqa: E402
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 TINY_LAYERS = {"salient": ["up_blocks.2.attentions.0", "up_blocks.2.attentions.1",
@@ -58,10 +58,10 @@ class PixelLabels:
 
 def tiny_store(folder: Path, steps: int) -> tuple[str, dict[str, str]]:
     """A tiny-random store with pixel labels and probes on the paper's default cells."""
-    from actstore.generate import GenerationConfig
-    from actstore.labels import write_labels
-    from actstore.materialize import materialize
-    from actstore.probe_runs import run_probes
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.label.labels import write_labels
+    from actstore.generation.materialize import materialize
+    from actstore.probe.runs import run_probes
 
     uri = str(folder / "bench.zarr")
     materialize("tiny-random", DEMO, uri, batch_size=4, gen=GenerationConfig(steps=steps),
@@ -128,7 +128,7 @@ def main() -> None:
         run = runs[args.target]
         provider = provider or PixelLabels()
         print(f"built tiny-random store in {time.perf_counter() - t:.1f} s: {store}")
-    from actstore.probe_runs import get_run
+    from actstore.probe.runs import get_run
     layers, steps = args.layers, args.steps
     if layers is None or steps is None:   # default: every cell the run has probes for
         attrs = get_run(store, run)

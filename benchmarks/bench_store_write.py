@@ -57,8 +57,8 @@ from zarr.codecs import BloscCodec
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from actstore.codecs import CODEC_NAMES  # noqa: E402
-from actstore.store import (  # noqa: E402
+from actstore.store.codecs import CODEC_NAMES  # noqa: E402
+from actstore.store.core import (  # noqa: E402
     BlockWriter, _create_array, block_arrays, block_layout, model_path)
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
@@ -69,8 +69,8 @@ def source_blocks(store: str | None, block: int, model: str = "tiny-random",
     """One block (``block`` images × all steps) of every layer's activations, from
     ``store`` or materialized from ``model`` (tiny-random, sd14 or a folder)."""
     if store is None:
-        from actstore.generate import GenerationConfig
-        from actstore.materialize import CaptureConfig, materialize
+        from actstore.generation.sampling import GenerationConfig
+        from actstore.generation.materialize import CaptureConfig, materialize
         if model == "sd14":
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
             from sd14 import sd14_folder
@@ -80,7 +80,7 @@ def source_blocks(store: str | None, block: int, model: str = "tiny-random",
                     batch_size=min(block, 2), progress=True, device="cpu",
                     cap=CaptureConfig(x0=False),  # only activations are benchmarked
                     gen=GenerationConfig(steps=15, height=size, width=size))
-    from actstore.access import open_store
+    from actstore.store.view import open_store
     view = open_store(store)
     return {layer: view[layer].isel(image=slice(0, block)).values for layer in view.layers}
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from prefect import flow, task
 
-from actstore.intervention_report import intervention_grid
-from actstore.interventions import run_interventions
+from actstore.plots.interventions import intervention_grid
+from actstore.intervene.run import run_interventions
 
 
 @task(name="interventions")

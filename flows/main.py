@@ -14,11 +14,11 @@ from pathlib import Path
 from prefect import flow, task
 
 from actstore.catalog import SD_GUIDANCE
-from actstore.emergence import format_table, summary_table
+from actstore.probe.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
-from actstore.label_providers import get_provider
-from actstore.labels import list_targets
-from actstore.probe_runs import latest_run, open_emergence
+from actstore.label.providers import get_provider
+from actstore.label.labels import list_targets
+from actstore.probe.runs import latest_run, open_emergence
 from flows.intervene import intervention_grid_task, interventions_task
 from flows.materialize import materialize_region, sample_grid_task
 from flows.probe import figures_task, label_task, probe_task
@@ -101,7 +101,7 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
 
 
 def _first_test_images(store: str, n: int) -> list[str]:
-    from actstore.access import open_store
+    from actstore.store.view import open_store
 
     images = open_store(store).images
     return [str(i) for i in images["image"].values[images["split"].values == "test"][:n]]

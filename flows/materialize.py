@@ -9,9 +9,9 @@ from __future__ import annotations
 from prefect import flow, task
 
 from actstore.catalog import SD_GUIDANCE
-from actstore.generate import GenerationConfig
-from actstore.materialize import CaptureConfig, materialize
-from actstore.plots import sample_grid
+from actstore.generation.sampling import GenerationConfig
+from actstore.generation.materialize import CaptureConfig, materialize
+from actstore.plots.figures import sample_grid
 
 
 @task(name="materialize-region")

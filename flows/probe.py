@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from actstore.labels import write_labels
-from actstore.plots import probe_figures
-from actstore.probe_runs import run_probes
+from actstore.label.labels import write_labels
+from actstore.plots.figures import probe_figures
+from actstore.probe.runs import run_probes
 
 
 @task(name="label")
@@ -24,7 +24,7 @@ def label_task(store: str, provider: str, target: str | list[str], overwrite: bo
 def probe_task(store: str, target: str, models: list[str] | None = None,
                layers: list[str] | None = None, steps: list[int] | None = None,
                scheduler: str | None = None) -> str:
-    from actstore.dask_setup import dask_scheduler
+    from actstore.cluster import dask_scheduler
 
     with dask_scheduler(scheduler) as sched:
         return run_probes(store, target, models=models, layers=layers, steps=steps,

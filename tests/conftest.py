@@ -21,7 +21,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    from actstore.models import load_model
+    from actstore.generation.models import load_model
 
     return load_model("tiny-random", device="cpu")
 
@@ -29,8 +29,8 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory, tiny_model) -> str:
     """The uninterrupted reference run every resumed or concurrent run is compared with."""
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
 
     uri = str(tmp_path_factory.mktemp("ref") / "ref.zarr")
     materialize(tiny_model, DEMO, uri, batch_size=TINY["batch_size"],
@@ -42,7 +42,7 @@ def tiny_store(tmp_path_factory, tiny_model) -> str:
 def cli(*args: str, timeout: float = 600, env: dict | None = None,
         **popen) -> subprocess.CompletedProcess:
     """Run the real command line in a fresh process, as a user would."""
-    cmd = [sys.executable, "-m", "actstore.cli", "--no-prefect", "--quiet", *args]
+    cmd = [sys.executable, "-m", "flows.cli", "--no-prefect", "--quiet", *args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO, **popen)

@@ -17,7 +17,7 @@ import torch
 def sd14_components(seed: int = 0) -> dict:
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from actstore.models import sd_unet, sd_vae
+    from actstore.generation.models import sd_unet, sd_vae
 
     torch.manual_seed(seed)
     unet = sd_unet((320, 640, 1280, 1280), cross_attention_dim=768, sample_size=64)
@@ -31,7 +31,7 @@ def sd14_components(seed: int = 0) -> dict:
 
 def sd14_folder(root: str | Path | None = None) -> str:
     """Build (once, cached) a ``save_pretrained`` folder of the SD v1.4 architecture."""
-    from actstore.models import save_pipeline_folder
+    from actstore.generation.models import save_pipeline_folder
 
     root = Path(root or os.environ.get("ACTSTORE_CACHE", Path.home() / ".cache" / "actstore"))
     path = root / "sd14-random-v1"

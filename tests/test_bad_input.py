@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from actstore.cli import main
+from flows.cli import main
 from conftest import DEMO, TINY, tree_digest
 
 BASE = ["--steps", str(TINY["steps"]), "--batch-size", "4", "--block-size", "4"]
@@ -95,7 +95,7 @@ def test_store_from_other_config_refuses(capsys, store_copy, change):
 
 
 def test_store_from_other_model_refuses(capsys, tmp_path, store_copy):
-    from actstore.models import save_pipeline_folder, tiny_random_components
+    from actstore.generation.models import save_pipeline_folder, tiny_random_components
     other = save_pipeline_folder(tmp_path / "other-model", tiny_random_components(seed=1))
     before = tree_digest(store_copy)
     line = _run(capsys, "materialize", "--model", str(other), "--prompts", DEMO,

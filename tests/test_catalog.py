@@ -12,7 +12,7 @@ import pytest
 from actstore.catalog import (SCHEMA_PATH, Catalog, load_catalog, resolve_guidance,
                               resolve_model, resolve_prompts, resolve_store)
 from actstore.errors import ActstoreError
-from actstore.prompts import load_prompts
+from actstore.generation.prompts import load_prompts
 
 REPO = Path(__file__).resolve().parent.parent
 CATALOG = REPO / "catalog.yaml"
@@ -220,8 +220,8 @@ def test_missing_catalog_file(tmp_path: Path) -> None:
 def test_materialize_uses_the_catalog_models_guidance(tmp_path: Path) -> None:
     """End to end through the CLI: a store entry without guidance gets its model's, and
     the store records what was used; --guidance still wins (a second store)."""
-    from actstore.cli import main
-    from actstore.store import model_attrs
+    from flows.cli import main
+    from actstore.store.core import model_attrs
 
     (tmp_path / "catalog.yaml").write_text(
         "models:\n  tiny:\n    builtin: tiny-random\n    guidance: 2.5\n"

@@ -7,9 +7,9 @@ import shutil
 import numpy as np
 import torch
 
-from actstore.access import open_store
-from actstore.models import load_model, randomize_unet
-from actstore.store import model_variants
+from actstore.store.view import open_store
+from actstore.generation.models import load_model, randomize_unet
+from actstore.store.core import model_variants
 from conftest import TINY, cli
 
 

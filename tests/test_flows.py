@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from actstore.access import open_store
+from actstore.store.view import open_store
 from conftest import DEMO
 
 
@@ -45,7 +45,7 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
     assert exp["method"] == "projection" and exp["interventions"] == 6 * 2
     # tiny-random's probes are weak, so some projection edits blow the UNet up: those are
     # counted and left out of the post scores, never scored as black pictures
-    from actstore.intervention_store import group_path
+    from actstore.intervene.results import group_path
     grp = zarr.open_group(str(out / "store.zarr"), path=group_path(exp["experiment_id"]),
                           mode="r")
     blown = ~np.isfinite(grp["edit_stats"][...]).all(-1)

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 
-from actstore.access import open_store
-from actstore.labels import open_labels, write_labels
-from actstore.probe_runs import load_probe, open_emergence, open_scores, run_probes
+from actstore.store.view import open_store
+from actstore.label.labels import open_labels, write_labels
+from actstore.probe.runs import load_probe, open_emergence, open_scores, run_probes
 from conftest import tree_digest
 
 LAYER, STEP, NOISE = "up_blocks.3.attentions.0", 2, 0.2
@@ -157,7 +157,7 @@ def test_probe_never_touches_activations_or_labels(planted, tmp_path):
     (["--target", "depth", "--models", "randomized"], "has no model 'randomized'"),
 ])
 def test_probe_bad_input(planted, tmp_path, capsys, extra, words):
-    from actstore.cli import main
+    from flows.cli import main
 
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(planted["uri"], uri)
@@ -171,10 +171,10 @@ def test_probe_bad_input(planted, tmp_path, capsys, extra, words):
 
 def test_probe_refuses_incomplete_store(planted, tiny_model, tmp_path, capsys):
     """The randomized control only half materialized: refuse, naming the missing blocks."""
-    from actstore.cli import main
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
-    from actstore.models import apply_control, load_model
+    from flows.cli import main
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
+    from actstore.generation.models import apply_control, load_model
     from conftest import DEMO, TINY
 
     uri = str(tmp_path / "copy.zarr")

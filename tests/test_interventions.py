@@ -10,20 +10,20 @@ import numpy as np
 import pytest
 import torch
 
-from actstore.access import open_store
-from actstore.capture import attn1_hooks
+from actstore.store.view import open_store
+from actstore.generation.capture import attn1_hooks
 from actstore.errors import ActstoreError
-from actstore.generate import GenerationConfig, generate
-from actstore.intervene_cli import add_intervene_parser, intervene_command
-from actstore.intervention_edits import (EditHook, generate_edited, gradient_edit,
+from actstore.generation.sampling import GenerationConfig, generate
+from flows.cli_intervene import add_intervene_parser, intervene_command
+from actstore.intervene.edits import (EditHook, generate_edited, gradient_edit,
                                          probe_predict, project, torch_probes)
-from actstore.intervention_store import list_interventions, open_intervention
-from actstore.intervention_targets import (SHIFT_RANGE, insert_object_depth, load_user_targets,
+from actstore.intervene.results import list_interventions, open_intervention
+from actstore.intervene.targets import (SHIFT_RANGE, insert_object_depth, load_user_targets,
                                            make_targets, shift_offset, token_targets, translate)
-from actstore.interventions import run_interventions
-from actstore.labels import open_labels, write_labels
+from actstore.intervene.run import run_interventions
+from actstore.label.labels import open_labels, write_labels
 from actstore.metrics import dice, rmse
-from actstore.probe_runs import load_probe, run_probes
+from actstore.probe.runs import load_probe, run_probes
 from conftest import TINY, tree_digest
 
 LAYERS = ["up_blocks.3.attentions.0", "up_blocks.2.attentions.0"]   # 8x8 and 4x4 tokens
@@ -287,7 +287,7 @@ def _arrays(uri, exp):
 
 
 def test_experiment_scores_resumes_and_records(ivstore, tiny_model, tmp_path, monkeypatch):
-    import actstore.interventions as iv
+    import actstore.intervene.run as iv
 
     kw = dict(method="projection", layers=LAYERS, steps=STEPS, n_targets=2,
               provider=PixelLabels(), model=tiny_model, progress=False)
@@ -346,7 +346,7 @@ def test_experiment_scores_resumes_and_records(ivstore, tiny_model, tmp_path, mo
 
 
 def test_depth_gradient_experiment_and_figure(ivstore, tiny_model, tmp_path):
-    from actstore.intervention_report import intervention_grid
+    from actstore.plots.interventions import intervention_grid
 
     uri = str(tmp_path / "d.zarr")
     shutil.copytree(ivstore["uri"], uri)

@@ -11,11 +11,11 @@ import pytest
 import xarray as xr
 import zarr
 
-from actstore.access import open_store
+from actstore.store.view import open_store
 from actstore.errors import ActstoreError
-from actstore.label_providers import (ArrayLabels, LabelProvider, background_ids,
+from actstore.label.providers import (ArrayLabels, LabelProvider, background_ids,
                                       get_provider)
-from actstore.labels import list_targets, open_labels, write_labels
+from actstore.label.labels import list_targets, open_labels, write_labels
 from actstore.metrics import pool
 from conftest import REPO, TINY, tree_digest
 
@@ -165,7 +165,7 @@ def test_several_targets_in_one_pass_match_single_calls(store, tmp_path):
 
 
 def test_several_targets_from_the_command_line(store, tmp_path, capsys, monkeypatch):
-    from actstore.cli import main
+    from flows.cli import main
 
     ids = list(open_store(store).images["image"].values)
     rng = np.random.default_rng(2)

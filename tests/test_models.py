@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from actstore.errors import ActstoreError
-from actstore.models import load_model, resolve_device
+from actstore.generation.models import load_model, resolve_device
 from conftest import DEMO
 from test_store import SD_LAYERS
 
@@ -17,9 +17,9 @@ SD14_TOKENS = {"down_blocks.0": (8, 320), "down_blocks.1": (4, 640), "down_block
 
 def test_sd14_architecture_folder_loads_and_materializes(tmp_path):
     """SD v1.4's real configs (random weights) through the same loader and store, at 64 px."""
-    from actstore.access import open_store
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
+    from actstore.store.view import open_store
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
     from sd14 import sd14_folder
 
     folder = sd14_folder()
@@ -47,9 +47,9 @@ def test_tokenizer_is_byte_level_clip():
 
 
 def test_fp16_materializes(tmp_path):
-    from actstore.access import open_store
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
+    from actstore.store.view import open_store
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
 
     uri = str(tmp_path / "fp16.zarr")
     materialize("tiny-random", DEMO, uri, images="0:4", dtype="float16", device="cpu",

@@ -7,9 +7,9 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 from threadpoolctl import threadpool_limits
 
-from actstore import probes
+from actstore.probe import solvers as probes
 from actstore.errors import ActstoreError
-from actstore.probes import (FoldStats, accumulate, fit_logistic, fit_logistic_cv, fit_ridge,
+from actstore.probe.solvers import (FoldStats, accumulate, fit_logistic, fit_logistic_cv, fit_ridge,
                              fit_ridge_cv, fold_of, image_stats, predict)
 
 N_IMG, TOK, C = 40, 32, 12

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from actstore.errors import ActstoreError
-from actstore.prompts import load_prompts, prompts_fingerprint
+from actstore.generation.prompts import load_prompts, prompts_fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "prompts" / "demo.csv"

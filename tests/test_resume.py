@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from actstore.access import open_store
-from actstore.store import completed_blocks
+from actstore.store.view import open_store
+from actstore.store.core import completed_blocks
 from conftest import REPO, TINY, cli, store_arrays
 
 ARGS = ["--model", "tiny-random", "--prompts", "demo", "--steps", str(TINY["steps"]),
@@ -20,7 +20,7 @@ ARGS = ["--model", "tiny-random", "--prompts", "demo", "--steps", str(TINY["step
 
 
 def _popen(store: str, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "actstore.cli", "--no-prefect", "--quiet", "materialize",
+    cmd = [sys.executable, "-m", "flows.cli", "--no-prefect", "--quiet", "materialize",
            "--store", store, *ARGS, *extra]
     return subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -9,9 +9,9 @@ import pytest
 import torch
 import zarr
 
-from actstore.access import open_store
-from actstore.capture import self_attention_layers
-from actstore.store import completed_blocks
+from actstore.store.view import open_store
+from actstore.generation.capture import self_attention_layers
+from actstore.store.core import completed_blocks
 from conftest import DEMO, TINY
 
 SD_LAYERS = ([f"down_blocks.{b}.attentions.{j}" for b in range(3) for j in range(2)]
@@ -27,7 +27,7 @@ def test_store_matches_diffusers_pipeline(tiny_model, tiny_store):
     """Independent oracle: diffusers' StableDiffusionPipeline with a hook of our own."""
     import pandas as pd
 
-    from actstore.models import diffusers_pipeline
+    from actstore.generation.models import diffusers_pipeline
 
     rows = pd.read_csv(DEMO).iloc[4:6]
     pipe = diffusers_pipeline(tiny_model)
@@ -75,7 +75,7 @@ def test_layout_coordinates_and_provenance(tiny_store):
 
 
 def test_storage_layout_and_codec(tiny_store):
-    from actstore.store import block_layout
+    from actstore.store.core import block_layout
 
     # SD v1.4 at 512 px: 2 images × 1 step per inner chunk (5.2 MB), shard = block × steps
     assert block_layout((617, 15, 64, 64, 320), 4, 2, lead=2) == (
@@ -111,8 +111,8 @@ def test_x0_converges_to_final_image(tiny_store):
 
 def test_image_independent_of_batch(tmp_path, tiny_model, tiny_store):
     """An image's initial noise is its own: batch 1 vs 4 gives the same activations."""
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
 
     uri = str(tmp_path / "b1.zarr")
     materialize(tiny_model, DEMO, uri, images="0:4", batch_size=1,
@@ -123,8 +123,8 @@ def test_image_independent_of_batch(tmp_path, tiny_model, tiny_store):
 
 
 def test_incomplete_blocks_are_invisible(tmp_path, tiny_model):
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
 
     uri = str(tmp_path / "part.zarr")
     materialize(tiny_model, DEMO, uri, images="4:8", gen=GenerationConfig(steps=2),
@@ -137,10 +137,10 @@ def test_incomplete_blocks_are_invisible(tmp_path, tiny_model):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
 def test_non_finite_activation_names_image_step_layer(tmp_path, tiny_model):
-    from actstore.capture import attn1_module
+    from actstore.generation.capture import attn1_module
     from actstore.errors import ActstoreError
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
 
     module = attn1_module(tiny_model.unet, "up_blocks.1.attentions.2")
     calls = []
@@ -170,10 +170,10 @@ def test_non_finite_activation_names_image_step_layer(tmp_path, tiny_model):
 @pytest.mark.filterwarnings("ignore:invalid value encountered in cast")
 def test_float16_overflow_is_caught(tmp_path, tiny_model):
     """A finite float32 activation beyond float16's range would be stored as inf."""
-    from actstore.capture import attn1_module
+    from actstore.generation.capture import attn1_module
     from actstore.errors import ActstoreError
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
 
     def blow_up(_m, _a, out):
         return out * 1e6 if out.shape[0] == 4 else None
@@ -191,8 +191,8 @@ def test_float16_overflow_is_caught(tmp_path, tiny_model):
 
 def test_fsspec_url_store(tiny_model):
     """Any fsspec URL works as a store: here the in-memory filesystem."""
-    from actstore.generate import GenerationConfig
-    from actstore.materialize import materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.generation.materialize import materialize
 
     uri = "memory://actstore-test/s.zarr"
     first = materialize(tiny_model, DEMO, uri, images="4:8", gen=GenerationConfig(steps=2),
@@ -208,9 +208,9 @@ def test_fsspec_url_store(tiny_model):
 def test_x0_images_match_direct_decoding(tmp_path, tiny_model):
     """x0 is decoded in the writer thread, in batches across steps: it must equal decoding
     each step's x0 prediction right where the denoising loop produces it."""
-    from actstore.generate import GenerationConfig, decode_images, generate
-    from actstore.materialize import materialize
-    from actstore.prompts import load_prompts
+    from actstore.generation.sampling import GenerationConfig, decode_images, generate
+    from actstore.generation.materialize import materialize
+    from actstore.generation.prompts import load_prompts
 
     gen = GenerationConfig(steps=3)
     uri = str(tmp_path / "x0.zarr")

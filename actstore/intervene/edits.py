@@ -26,10 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actstore.capture import attn1_hooks
-from actstore.generate import GenerationConfig, generate
-from actstore.label_providers import BINARY
-from actstore.models import LoadedModel
+from actstore.generation.capture import attn1_hooks
+from actstore.generation.sampling import GenerationConfig, generate
+from actstore.label.providers import BINARY
+from actstore.generation.models import LoadedModel
 
 METHODS = ("projection", "gradient")
 GRADIENT_LR = 5e-3

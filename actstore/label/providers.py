@@ -30,7 +30,7 @@ from actstore.errors import ActstoreError
 
 BINARY, CONTINUOUS = "binary", "continuous"
 KINDS = (BINARY, CONTINUOUS)
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_FORMS = ("toyworld[:<folder>]", "hf-depth:<folder>", "hf-segmentation:<folder>",
               "array:<.npz or zarr group>")
 # Class names that mean "not the object" in common segmentation label sets: VOC-style

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from actstore.access import open_store  # noqa: E402
+from actstore.store.view import open_store  # noqa: E402
 
 
 def sample_grid(store: str, model: str = "trained", out_png: str = "samples.png",
@@ -57,8 +57,8 @@ def _wrap(text: str, width: int = 28) -> str:
 
 def emergence_curves(store: str, target: str, out_png: str) -> str:
     """Score vs step, one panel per layer; trained solid, randomized dashed."""
-    from actstore.emergence import primary_metric
-    from actstore.probe_runs import latest_run, open_scores
+    from actstore.probe.emergence import primary_metric
+    from actstore.probe.runs import latest_run, open_scores
 
     ds = open_scores(store, latest_run(store, target))["mean"].load()
     metrics = [m for m in ds["metric"].values if str(m).endswith("_label")]
@@ -88,8 +88,8 @@ def emergence_curves(store: str, target: str, out_png: str) -> str:
 
 def score_heatmap(store: str, target: str, out_png: str) -> str:
     """Layer × step heatmap of the headline metric, trained next to randomized."""
-    from actstore.emergence import higher_is_better, primary_metric
-    from actstore.probe_runs import latest_run, open_scores
+    from actstore.probe.emergence import higher_is_better, primary_metric
+    from actstore.probe.runs import latest_run, open_scores
 
     ds = open_scores(store, latest_run(store, target))["mean"].load()
     metric = primary_metric(ds["metric"].values)
@@ -117,11 +117,11 @@ def figure4_grid(store: str, target: str, out_png: str, layer: str | None = None
     """The paper's Figure 4: per step, the decoded x0, the probe's prediction from the
     activations, and the label model run on the x0 image — the probe sees the scene
     before the image shows it."""
-    from actstore.access import open_store
-    from actstore.emergence import summary_table
-    from actstore.labels import open_labels
+    from actstore.store.view import open_store
+    from actstore.probe.emergence import summary_table
+    from actstore.label.labels import open_labels
     from actstore.metrics import upsample
-    from actstore.probe_runs import latest_run, load_probe, open_emergence
+    from actstore.probe.runs import latest_run, load_probe, open_emergence
 
     run = latest_run(store, target)
     if layer is None:

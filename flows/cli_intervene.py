@@ -1,4 +1,4 @@
-"""``actstore intervene``: the argparse parser and handler, for ``actstore.cli`` to register.
+"""``actstore intervene``: the argparse parser and handler, for ``flows.cli`` to register.
 
 Kept out of ``cli.py`` so the interventions feature ships as one unit; ``cli.py`` needs
 ``add_intervene_parser(sub)`` in ``build_parser`` and ``"intervene": intervene_command``
@@ -7,8 +7,8 @@ in ``COMMANDS``.
 
 from __future__ import annotations
 
-from actstore.intervention_edits import GRADIENT_ITERATIONS, GRADIENT_LR, METHODS
-from actstore.intervention_targets import DEFAULT_MARGIN
+from actstore.intervene.edits import GRADIENT_ITERATIONS, GRADIENT_LR, METHODS
+from actstore.intervene.targets import DEFAULT_MARGIN
 
 
 def add_intervene_parser(sub) -> None:
@@ -62,8 +62,8 @@ def intervene_command(args, catalog) -> dict:
     """Run the experiment through the Prefect flow, or directly with ``--no-prefect``."""
     params = _params(args, catalog)
     if args.no_prefect:
-        from actstore.intervention_report import intervention_grid
-        from actstore.interventions import run_interventions
+        from actstore.plots.interventions import intervention_grid
+        from actstore.intervene.run import run_interventions
 
         summary = run_interventions(progress=not args.quiet, **params)
         if args.figure and summary["complete"]:

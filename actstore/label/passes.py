@@ -4,16 +4,16 @@ A provider such as the toy-world labeler makes several targets in one forward pa
 labelling is dominated by that pass (final images plus every step's x0 image), so each
 batch of images goes through the provider once and every requested target is picked from
 the output. The targets are still checked, normalized and written separately, each into its
-own staging group (see :mod:`actstore.labels`).
+own staging group (see :mod:`actstore.label.labels`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from actstore import store as st
+from actstore.store import core as st
 from actstore.errors import ActstoreError
-from actstore.label_providers import BINARY, CONTINUOUS
+from actstore.label.providers import BINARY, CONTINUOUS
 from actstore.metrics import pool
 
 

@@ -30,23 +30,23 @@ import torch
 import zarr
 
 import actstore
-from actstore import store as st
-from actstore.access import StoreView
+from actstore.store import core as st
+from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
-from actstore.generate import GenerationConfig
-from actstore.intervention_edits import (GRADIENT_ITERATIONS, GRADIENT_LR, METHODS,
+from actstore.generation.sampling import GenerationConfig
+from actstore.intervene.edits import (GRADIENT_ITERATIONS, GRADIENT_LR, METHODS,
                                          STAT_NAMES, EditHook, generate_edited, torch_probes)
-from actstore.intervention_inputs import (check_existing, label_rows, load_store_model,
+from actstore.intervene.inputs import (check_existing, label_rows, load_store_model,
                                           resolve_provider, select_images)
-from actstore.intervention_store import (completed_blocks, create_experiment, group_path,
+from actstore.intervene.results import (completed_blocks, create_experiment, group_path,
                                          list_interventions, write_summary)
-from actstore.intervention_targets import (DEFAULT_MARGIN, SHIFT_RANGE, load_user_targets,
+from actstore.intervene.targets import (DEFAULT_MARGIN, SHIFT_RANGE, load_user_targets,
                                            make_targets, token_targets)
-from actstore.label_providers import BINARY
-from actstore.labels import TARGET_NAME, list_targets
+from actstore.label.providers import BINARY
+from actstore.label.labels import TARGET_NAME, list_targets
 from actstore.metrics import dice, rmse
-from actstore.models import LoadedModel
-from actstore.probe_runs import get_run, load_probe
+from actstore.generation.models import LoadedModel
+from actstore.probe.runs import get_run, load_probe
 from actstore.progress import Progress
 
 # The paper's defaults: salience → decoder self-attention, first 5 steps; depth → all 16
@@ -179,7 +179,7 @@ def run_interventions(store: str, probe_run: str, target: str | None = None,
 
     ``images``: image ids, ``"A:B"`` store positions, or None for the test split.
     ``targets``: ``shift`` (the paper), ``insert`` (Appendix E, depth) or a path to user
-    targets (see :func:`actstore.intervention_targets.load_user_targets`). ``provider``:
+    targets (see :func:`actstore.intervene.targets.load_user_targets`). ``provider``:
     a label-provider spec or object to read the outputs with (default: the labels' own).
     """
     t0 = time.perf_counter()

@@ -17,14 +17,14 @@ import numpy as np
 import torch
 
 import actstore
-from actstore import store as st
-from actstore.capture import StepCapture, attn1_hooks, probe_layout
-from actstore.codecs import DEFAULT_CODEC, codec_chain
+from actstore.store import core as st
+from actstore.generation.capture import StepCapture, attn1_hooks, probe_layout
+from actstore.store.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
-from actstore.generate import GenerationConfig, decode_images, generate, schedule_coords
-from actstore.models import LoadedModel, apply_control, load_model
+from actstore.generation.sampling import GenerationConfig, decode_images, generate, schedule_coords
+from actstore.generation.models import LoadedModel, apply_control, load_model
 from actstore.progress import Progress
-from actstore.prompts import load_prompts, prompts_fingerprint
+from actstore.generation.prompts import load_prompts, prompts_fingerprint
 
 STORE_DTYPES = ("float16", "float32")
 

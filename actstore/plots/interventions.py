@@ -10,8 +10,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from actstore import store as st  # noqa: E402
-from actstore.intervention_store import open_intervention  # noqa: E402
+from actstore.store import core as st  # noqa: E402
+from actstore.intervene.results import open_intervention  # noqa: E402
 
 COLUMNS = ("original", "original label", "target", "intervened", "new label")
 

@@ -28,9 +28,9 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from actstore import store as st
+from actstore.store import core as st
 from actstore.errors import ActstoreError
-from actstore.intervention_edits import STAT_NAMES
+from actstore.intervene.edits import STAT_NAMES
 
 INTERVENTIONS = "interventions"
 SUMMARY_KEY = "actstore_intervention"

@@ -26,10 +26,10 @@ import numpy as np
 from dask import delayed
 
 from actstore import metrics as mt
-from actstore import probes as pb
-from actstore.access import StoreView
+from actstore.probe import solvers as pb
+from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
-from actstore.label_providers import BINARY
+from actstore.label.providers import BINARY
 from actstore.runtime import dask_threads
 
 BINARY_METRICS = ("dice",)

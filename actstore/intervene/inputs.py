@@ -10,13 +10,13 @@ from __future__ import annotations
 import numpy as np
 import zarr
 
-from actstore import store as st
-from actstore.access import StoreView
+from actstore.store import core as st
+from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
-from actstore.intervention_store import existing_settings
-from actstore.label_providers import get_provider
-from actstore.labels import LABELS
-from actstore.models import TINY_RANDOM, LoadedModel, apply_control, load_model
+from actstore.intervene.results import existing_settings
+from actstore.label.providers import get_provider
+from actstore.label.labels import LABELS
+from actstore.generation.models import TINY_RANDOM, LoadedModel, apply_control, load_model
 
 
 def select_images(view: StoreView, images) -> np.ndarray:

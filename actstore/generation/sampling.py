@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from actstore.catalog import SD_GUIDANCE
-from actstore.models import LoadedModel
+from actstore.generation.models import LoadedModel
 
 
 @dataclass(frozen=True)

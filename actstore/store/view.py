@@ -15,7 +15,7 @@ import numpy as np
 import xarray as xr
 
 from actstore.errors import ActstoreError
-from actstore.store import (ACTIVATION, completed_blocks, layer_path, model_attrs,
+from actstore.store.core import (ACTIVATION, completed_blocks, layer_path, model_attrs,
                             model_path, model_variants, read_root_attrs)
 
 

@@ -24,12 +24,12 @@ import xarray as xr
 import zarr
 
 import actstore
-from actstore import store as st
-from actstore.access import StoreView
-from actstore.emergence import emergence_steps
+from actstore.store import core as st
+from actstore.store.view import StoreView
+from actstore.probe.emergence import emergence_steps
 from actstore.errors import ActstoreError
-from actstore.grid import Targets, fit_layer, metric_names, score_layer
-from actstore.labels import list_targets, open_labels
+from actstore.probe.grid import Targets, fit_layer, metric_names, score_layer
+from actstore.label.labels import list_targets, open_labels
 from actstore.progress import Progress
 from actstore.runtime import task_threads
 

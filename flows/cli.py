@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub)
     _add_label_probe(sub)
-    from actstore.intervene_cli import add_intervene_parser
+    from flows.cli_intervene import add_intervene_parser
     add_intervene_parser(sub)
     m = sub.add_parser("main", help="the main job on the embedded default model: materialize,"
                        " figures (always a Prefect flow)")
@@ -130,9 +130,9 @@ def _materialize(args, catalog) -> dict:
         "keep_uncond": args.keep_uncond, "x0": not args.no_x0, "block_size": args.block_size,
         "grid_png": args.grid}
     if args.no_prefect:
-        from actstore.generate import GenerationConfig
-        from actstore.materialize import CaptureConfig, materialize
-        from actstore.plots import sample_grid
+        from actstore.generation.sampling import GenerationConfig
+        from actstore.generation.materialize import CaptureConfig, materialize
+        from actstore.plots.figures import sample_grid
 
         summary = materialize(
             params["model"], params["prompts"], params["store"], images=params["images"],
@@ -158,7 +158,7 @@ def _label(args, catalog) -> dict:
     # One --target keeps the one-target summary its users already read; several, a dict.
     target = args.target[0] if len(args.target) == 1 else args.target
     if args.no_prefect:
-        from actstore.labels import write_labels
+        from actstore.label.labels import write_labels
         return write_labels(store, args.provider, target, overwrite=args.overwrite,
                             on_x0=not args.no_x0, device=args.device, progress=not args.quiet)
     from flows.probe import label_task
@@ -173,9 +173,9 @@ def _probe(args, catalog) -> dict:
 
     store = resolve_store(catalog, args.store)["uri"]
     if args.no_prefect:
-        from actstore.dask_setup import dask_scheduler
-        from actstore.plots import probe_figures
-        from actstore.probe_runs import run_probes
+        from actstore.cluster import dask_scheduler
+        from actstore.plots.figures import probe_figures
+        from actstore.probe.runs import run_probes
 
         with dask_scheduler(args.scheduler) as sched:
             run_id = run_probes(store, args.target, models=args.models, layers=args.layers,
@@ -218,7 +218,7 @@ def _quiet_libraries() -> None:
 
 
 def _intervene(args, catalog) -> dict:
-    from actstore.intervene_cli import intervene_command
+    from flows.cli_intervene import intervene_command
     return intervene_command(args, catalog)
 
 

@@ -20,7 +20,7 @@ so test images never leak into the targets. A target is written into
 written last: a failed run leaves the store as it was, a killed one leaves a target
 without attributes, which counts as absent and is rewritten by the next run. Several
 targets of one provider are written in one pass over the images (one provider call per
-batch, see :mod:`actstore.label_passes`) and as a set: none is moved into place until all
+batch, see :mod:`actstore.label.passes`) and as a set: none is moved into place until all
 are whole. Nothing outside ``labels/`` is ever written, so labelling never touches
 activations.
 """
@@ -35,13 +35,13 @@ import xarray as xr
 import zarr
 
 import actstore
-from actstore import store as st
-from actstore.access import StoreView
-from actstore.codecs import DEFAULT_CODEC, codec_chain
+from actstore.store import core as st
+from actstore.store.view import StoreView
+from actstore.store.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
-from actstore.label_passes import (_Ctx, _write_full, _write_pooled, _write_x0,
+from actstore.label.passes import (_Ctx, _write_full, _write_pooled, _write_x0,
                                    resolution_name)
-from actstore.label_providers import CONTINUOUS, KINDS, LabelProvider, get_provider
+from actstore.label.providers import CONTINUOUS, KINDS, LabelProvider, get_provider
 from actstore.progress import Progress
 
 LABELS = "labels"

@@ -34,7 +34,7 @@ from zarr.core.sync import sync
 from zarr.errors import ContainsArrayError, ContainsGroupError
 
 import actstore
-from actstore.codecs import codec_chain
+from actstore.store.codecs import codec_chain
 from actstore.errors import ActstoreError
 
 ROOT_KEY = "actstore"

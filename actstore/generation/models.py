@@ -18,7 +18,7 @@ import torch
 
 from actstore.errors import ActstoreError
 from actstore.runtime import configure_cpu_threads
-from actstore.tokenizers import write_byte_level_clip_tokenizer
+from actstore.generation.tokenizers import write_byte_level_clip_tokenizer
 
 TINY_RANDOM = "tiny-random"
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -126,7 +126,7 @@ def load_model(model: str, *, dtype: str | torch.dtype = "float32",
                             "check the folder is a complete diffusers SD v1.x pipeline") from exc
     with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         scheduler_config = json.load(f)
-    from actstore.capture import self_attention_layers
+    from actstore.generation.capture import self_attention_layers
     if not self_attention_layers(unet):
         raise ActstoreError(f"model {model!r} at {path}: its UNet has no self-attention "
                             "(attn1) layers; actstore needs an SD v1.x UNet")

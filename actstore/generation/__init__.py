@@ -1,0 +1,1 @@
+"""Generation: models, prompt tables, the denoising loop, capture hooks, materialize."""

@@ -1,0 +1,1 @@
+"""Interventions: edit activations with stored probes during generation and score the result."""

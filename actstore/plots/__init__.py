@@ -1,0 +1,1 @@
+"""PNG figures drawn from a store."""

@@ -1,0 +1,1 @@
+"""Probes: closed-form solvers, the layer × step grid, probe runs and emergence."""
