@@ -2,7 +2,8 @@
 
 Commands, flows and deployments refer to ``toy-ldm`` or ``demo`` instead of paths that
 differ per machine; the catalog is the one place that maps names to locations. It is
-validated against ``schemas/catalog.schema.json`` and every problem becomes a one-line
+validated against its JSON schema (``actstore/catalog.schema.json``, package data, so an
+installed actstore finds it; ``schemas/`` links to it) and every problem becomes a one-line
 :class:`ActstoreError` naming the key path, because a typo in a config file should cost
 seconds, not a failed overnight run.
 
@@ -30,7 +31,7 @@ import yaml
 
 from actstore.errors import ActstoreError
 
-SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "catalog.schema.json"
+SCHEMA_PATH = Path(__file__).resolve().parent / "catalog.schema.json"  # package data
 BUILTIN_MODELS = ("tiny-random",)
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
