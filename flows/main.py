@@ -1,7 +1,8 @@
 """The main job: everything actstore does, end to end, on one model and prompt set.
 
 materialize (trained) → materialize (randomized control) → labels → probe grid per target
-→ emergence table and figures. Each stage is a task calling a library function; only
+→ emergence table and figures → a small projection intervention experiment per causal
+target (salient, depth) with its PNG grid. Each stage is a task calling a library function; only
 store URIs, target names and run ids pass between them. Rerunning the job resumes: stored
 blocks, labels and probe runs are kept and skipped.
 """

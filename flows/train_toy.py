@@ -3,7 +3,8 @@
 Each stage is a task calling ``actstore.toyworld.train``; every stage resumes from the
 run directory's checkpoints, so rerunning the flow after a crash continues where it
 stopped. Run: ``python -m flows.train_toy --run-dir runs/toy-ldm --out models/toy-ldm``
-(same options as ``actstore train-toy``).
+(same options as ``python -m actstore.toyworld.train``, which runs the same
+stages without Prefect).
 """
 
 from __future__ import annotations

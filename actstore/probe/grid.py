@@ -14,7 +14,7 @@ storage shards (one block of images × every step):
    per image at token resolution and, upsampled bilinearly, at label resolution.
 
 A block read in the fit pass is read again in the score pass only if it mixes train and
-test images. Results go to ``probes/<run_id>/`` (see :mod:`actstore.probe_store`).
+test images. Results go to ``probes/<run_id>/`` (see :mod:`actstore.probe.runs`).
 """
 
 from __future__ import annotations

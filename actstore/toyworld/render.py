@@ -31,7 +31,7 @@ GROUND_ALBEDO = np.array([0.58, 0.52, 0.42])
 SKY_TOP = np.array([0.30, 0.50, 0.88])
 SKY_HORIZON = np.array([0.80, 0.87, 0.95])
 
-# What random scenes draw from. Session 1's world (1-3 objects, five colours, depth 3-8)
+# What random scenes draw from. The first world (1-3 objects, five colours, depth 3-8)
 # was too varied for the toy LDM to learn on a CPU budget: its samples were cluttered
 # blobs. Every scene of this world is also a scene of the old one, so the VAE and the
 # label model trained on the old world stay valid (purple stays in the vocabulary).

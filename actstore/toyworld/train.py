@@ -324,7 +324,7 @@ def _latents_stale(run: Path) -> bool:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="actstore train-toy",
+    p = argparse.ArgumentParser(prog="python -m actstore.toyworld.train",
                                 description="Train the toy latent diffusion model on CPU.")
     p.add_argument("--run-dir", default="runs/toy-ldm", help="checkpoints, data cache, log")
     p.add_argument("--out", default="models/toy-ldm", help="final StableDiffusionPipeline folder")
@@ -354,7 +354,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry (also wired as ``actstore train-toy``); every stage resumes if rerun."""
+    """CLI entry (``python -m actstore.toyworld.train``; ``python -m flows.train_toy`` runs the
+    same stages as a Prefect flow); every stage resumes if rerun."""
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
