@@ -2,9 +2,10 @@
 
 materialize (trained) → materialize (randomized control) → labels → probe grid per target
 → emergence table and figures → a small projection intervention experiment per causal
-target (salient, depth) with its PNG grid. Each stage is a task calling a library function; only
-store URIs, target names and run ids pass between them. Rerunning the job resumes: stored
-blocks, labels and probe runs are kept and skipped.
+target (salient, depth) with its PNG grid → ``report.html``, one page of it all. Each
+stage is a task calling a library function; only store URIs, target names and run ids
+pass between them. Rerunning the job resumes: stored blocks, labels and probe runs are
+kept and skipped.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from actstore.probe.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
 from actstore.label.providers import get_provider
 from actstore.label.labels import list_targets
+from actstore.plots.report import write_report
 from actstore.probe.runs import latest_run, open_emergence
 from flows.intervene import intervention_grid_task, interventions_task
 from flows.materialize import materialize_region, sample_grid_task
@@ -35,6 +37,18 @@ def summary_task(store: str, out_dir: str) -> dict:
     Path(out_dir, "summary.json").write_text(json.dumps(rows, indent=1))
     Path(out_dir, "summary.txt").write_text(table + "\n")
     return {"rows": rows, "table": table}
+
+
+@task(name="report")
+def report_task(store: str, out_dir: str, notes: list[str]) -> str:
+    return write_report(out_dir, store, notes=notes, title=f"actstore main job: {out_dir}")
+
+
+def _with_report(result: dict, out_dir: Path) -> dict:
+    """The page is written whatever part of the job ran; absent parts are listed on it."""
+    notes = [result["note"]] if "note" in result else []
+    result["report"] = report_task(result["store"], str(out_dir), notes)
+    return result
 
 
 def _provider_available(provider: str) -> str | None:
@@ -71,11 +85,11 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
                                                   str(out_dir / f"samples-{summary['model']}.png")))
     if images:
         result["note"] = "--images covers part of the table: labels and probes need it all"
-        return result
+        return _with_report(result, out_dir)
     why_not = _provider_available(provider)
     if why_not:
         result["note"] = f"labels and probes skipped: {why_not}"
-        return result
+        return _with_report(result, out_dir)
     have = list_targets(store)
     missing = [t for t in targets if t not in have]
     if missing:                     # one pass of the label model for every missing target
@@ -98,7 +112,7 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
                 store, exp["experiment_id"], str(out_dir / f"intervention-{target}.png")))
             result["interventions"].append(exp)
         result["table"] += "\n\n" + format_interventions(result["interventions"])
-    return result
+    return _with_report(result, out_dir)
 
 
 def _first_test_images(store: str, n: int) -> list[str]:

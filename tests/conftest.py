@@ -78,3 +78,29 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+EXPLORE_LAYERS = ["up_blocks.3.attentions.0", "up_blocks.2.attentions.0"]
+
+
+@pytest.fixture(scope="session")
+def explore_store(tmp_path_factory, tiny_store) -> str:
+    """The reference store with what a reader opens next: toy-labeler labels (salient,
+    depth), a probe run per target on two layers (every step, emergence table) and one
+    finished projection intervention. Built from the code of this checkout, so the report
+    and notebook tests can never read a stale store."""
+    import shutil
+
+    from actstore.intervene.run import run_interventions
+    from actstore.label.labels import write_labels
+    from actstore.probe.runs import run_probes
+
+    uri = str(tmp_path_factory.mktemp("explore") / "store.zarr")
+    shutil.copytree(tiny_store, uri)
+    write_labels(uri, "toyworld", ["salient", "depth"], progress=False)
+    runs = {t: run_probes(uri, t, layers=EXPLORE_LAYERS, scheduler="threads", progress=False)
+            for t in ("salient", "depth")}
+    run_interventions(uri, runs["salient"], method="projection", layers=EXPLORE_LAYERS,
+                      steps=[0, 1], images=["demo-012", "demo-013"], n_targets=1,
+                      progress=False)
+    return uri

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import zarr
 
@@ -54,6 +56,9 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
     assert exp["post"].get("n", 0) == int(np.isfinite(grp["score_post"][...]).sum())
     assert exp["post"].get("n", 0) <= exp["interventions"] - exp["non_finite"]
     assert "pre" in result["table"].split("intervention")[-1]
+    page = (out / "report.html").read_text(encoding="utf-8")   # every figure on one page
+    assert result["report"] == str(out / "report.html")
+    assert all(f'alt="{Path(f).name}"' in page for f in result["figures"])
     again = main_flow(model="tiny-random", prompts=DEMO, out=str(out), steps=2,
                       device="cpu", targets=("salient",))
     assert again["trained"]["blocks_written"] == 0  # resumed: nothing recomputed

@@ -1,0 +1,175 @@
+"""One self-contained HTML page of a job's results: the tables, then every figure it drew.
+
+Built only from what the job already wrote (PNGs in its out folder, tables in its store),
+so it can be rebuilt at any time and shows whatever part of the job ran: a section with
+nothing to show (a job on ``--images``, a model without labels) is listed as absent rather
+than failing the job. Figures are embedded as base64 PNG so the page can be mailed or
+attached as one file.
+
+A new figure is one more line in ``SECTIONS``: a title, one sentence on what it shows,
+and the glob of the PNGs the job writes for it.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from actstore.errors import ActstoreError
+
+Rows = list[dict]
+
+
+@dataclass(frozen=True)
+class Section:
+    """A heading of the page: ``says`` is the sentence a reader needs to read the figures;
+    ``figures`` are glob patterns in the out folder (embedded in name order); ``table``
+    builds rows from the store, or returns None when it has nothing to show."""
+
+    title: str
+    says: str
+    figures: tuple[str, ...] = ()
+    table: Callable[[str], Rows | None] | None = None
+
+
+def emergence_rows(store: str) -> Rows | None:
+    """Per target: best layer, last-step score trained vs randomized, emergence step."""
+    from actstore.probe.emergence import summary_table
+    from actstore.probe.runs import open_emergence
+
+    try:
+        rows = summary_table(open_emergence(store))
+    except (FileNotFoundError, KeyError, ActstoreError):
+        return None
+    return [{"target": r["target"], "metric": r["metric"], "best layer": r["best_layer"],
+             "trained": r["trained"], "randomized": r.get("randomized"),
+             "emerges at step": r["emergence_step"]} for r in rows] or None
+
+
+def intervention_rows(store: str) -> Rows | None:
+    """Pre/post medians of every complete intervention experiment in the store."""
+    from actstore.intervene.results import list_interventions
+
+    try:
+        experiments = list_interventions(store)
+    except (FileNotFoundError, KeyError, ActstoreError):
+        return None
+    return [{"experiment": name, "target": s["target"], "method": s["method"],
+             "metric": s["metric"], "n": s["interventions"],
+             "pre (median)": s["pre"].get("median"), "post (median)": s["post"].get("median"),
+             "other targets (median)": s.get("other_targets", {}).get("median"),
+             "improved": s.get("improved_fraction"), "non-finite": s["non_finite"]}
+            for name, s in experiments.items()] or None
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("Summary", "For each target, the layer whose probe scores best at the last step, "
+            "that score for the trained model and for the randomized-weights control (what a "
+            "probe finds without learning), and the first step reaching 90% of it.",
+            table=emergence_rows),
+    Section("Samples", "The decoded x0 prediction at a few denoising steps and the final "
+            "image: what each model has settled on by each step.",
+            figures=("samples-*.png",)),
+    Section("Emergence curves", "Test score of each (layer, step) probe against the denoising "
+            "step, one panel per layer: trained solid, randomized control dashed.",
+            figures=("*-curves.png",)),
+    Section("Layer × step heatmaps", "The headline metric for every layer and step, trained "
+            "beside randomized: where and how early the property is linearly decodable.",
+            figures=("*-heatmap.png",)),
+    Section("Figure 4: probe predictions per step", "Per step, the decoded x0 image, the best "
+            "layer's probe prediction and the label model on x0: the probe sees the scene "
+            "before the image shows it.", figures=("*-figure4.png",)),
+    Section("Interventions", "Each edit asks the probe for a shifted target during generation; "
+            "Dice up / RMSE down from pre to post means the image followed, and the score "
+            "against the image's other targets is the specificity control.",
+            figures=("intervention-*.png",), table=intervention_rows),
+)
+
+
+def write_report(out_dir: str | Path, store: str | None = None, *,
+                 sections: Sequence[Section] = SECTIONS, notes: Sequence[str] = (),
+                 title: str = "actstore report", path: str | Path | None = None) -> str:
+    """Write ``report.html`` (or ``path``) from ``out_dir``'s figures and ``store``'s tables
+    (default ``out_dir/store.zarr``); returns the page's path."""
+    out = Path(out_dir)
+    store = store or str(out / "store.zarr")
+    parts, absent = [], []
+    for section in sections:
+        body = _section_body(section, out, store)
+        if body:
+            parts.append(f'<section><h2>{_e(section.title)}</h2>\n<p class="says">'
+                         f'{_e(section.says)}</p>\n{body}</section>')
+        else:
+            absent.append(section.title)
+    foot = [f"<p>Not in this run: {_e(', '.join(absent))}.</p>"] if absent else []
+    page = _PAGE.format(
+        title=_e(title), store=_e(store),
+        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        notes="".join(f'<p class="note">{_e(n)}</p>' for n in notes),
+        body="\n".join(parts + foot))
+    target = Path(path) if path else out / "report.html"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(page, encoding="utf-8")
+    return str(target)
+
+
+def _section_body(section: Section, out: Path, store: str) -> str:
+    html_parts = []
+    have_store = "://" in store or Path(store).exists()
+    rows = section.table(store) if section.table and have_store else None
+    if rows:
+        html_parts.append(_table(rows))
+    for png in _figures(out, section.figures):
+        data = base64.b64encode(png.read_bytes()).decode("ascii")
+        html_parts.append(f'<figure><img alt="{_e(png.name)}" src="data:image/png;base64,'
+                          f'{data}"><figcaption>{_e(png.name)}</figcaption></figure>')
+    return "\n".join(html_parts)
+
+
+def _figures(out: Path, patterns: Sequence[str]) -> list[Path]:
+    found = {p for pattern in patterns for p in out.glob(pattern) if p.is_file()}
+    return sorted(found)
+
+
+def _table(rows: Rows) -> str:
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    head = "".join(f"<th>{_e(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{_e(_cell(r.get(c)))}</td>" for c in cols) + "</tr>"
+                   for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return str(value)
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text), quote=True)
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; }}
+table {{ border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }}
+th {{ background: #f3f3f3; }}
+figure {{ margin: 1em 0; }} img {{ max-width: 100%; }}
+figcaption, .meta {{ color: #666; font-size: 0.85em; }}
+.note {{ background: #fff6d6; padding: 0.5em; }}
+</style></head><body>
+<h1>{title}</h1>
+<p class="meta">store {store} · written {when}</p>
+{notes}
+{body}
+</body></html>
+"""
