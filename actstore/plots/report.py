@@ -133,7 +133,7 @@ def _section_body(section: Section, out: Path, store: str) -> str:
 
 def _figures(out: Path, patterns: Sequence[str]) -> list[Path]:
     found = {p for pattern in patterns for p in out.glob(pattern) if p.is_file()}
-    return sorted(found)
+    return sorted(found, key=lambda p: ("randomized" in p.name, p.name))  # control after
 
 
 def _table(rows: Rows) -> str:
