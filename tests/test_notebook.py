@@ -21,6 +21,7 @@ def test_notebook_is_committed_without_outputs():
 def test_explore_notebook_runs_on_a_fresh_store(explore_store, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     monkeypatch.setenv("ACTSTORE_STORE", explore_store)
+    monkeypatch.setenv("PYTHONPATH", str(REPO))   # the kernel imports this checkout's code
     monkeypatch.delenv("MPLBACKEND", raising=False)   # the kernel draws inline
     NotebookClient(nb, timeout=300, kernel_name="python3",
                    resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
