@@ -16,7 +16,7 @@ import importlib
 from typing import Any
 
 __version__ = "0.1.0"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: label commit records (docs/store-format.md); 1 still read
 
 # public name -> the module that owns it
 _API = {

@@ -144,9 +144,8 @@ def materialize(model: str | LoadedModel, prompts: str, store: str, *, images: s
 def _check_store_location(store: str, table, sha: str, block_size: int | None,
                           images: str | None) -> None:
     """Cheap checks before the model loads, so bad input fails in a second, not a minute."""
-    fs, path = st._fs(store)
-    if fs.exists(path) and not (fs.isdir(path) and not fs.ls(path)):
-        attrs = st.read_root_attrs(store)
+    attrs = st.existing_root(store)
+    if attrs is not None:
         if attrs["prompts_sha256"] != sha:
             st.create_or_check_root(store, table, sha, block_size)  # raises the specific error
         parse_region(images, len(table), attrs["block_size"])

@@ -122,7 +122,7 @@ def check_existing(store: str, experiment_id: str, settings: dict) -> None:
     """A rerun resumes an experiment only if nothing that shapes its results changed."""
     old = existing_settings(store, experiment_id)
     if old is not None and old != settings:
-        diffs = st._diff(old, settings)
+        diffs = st.diff(old, settings)
         raise ActstoreError(f"store {store}: experiment {experiment_id} exists with other "
                             f"settings ({'; '.join(diffs[:2])}); drop --experiment to start "
                             "a new one")

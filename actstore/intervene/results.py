@@ -28,78 +28,81 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from actstore.store import commit, io
 from actstore.store import core as st
+from actstore.store import layout as lay
 from actstore.errors import ActstoreError
 from actstore.intervene.edits import STAT_NAMES
 
-INTERVENTIONS = "interventions"
-SUMMARY_KEY = "actstore_intervention"
+INTERVENTIONS = lay.INTERVENTIONS
+SUMMARY_KEY = lay.SUMMARY_KEY
 
 
 def group_path(experiment_id: str) -> str:
-    return f"{INTERVENTIONS}/{experiment_id}"
+    return lay.experiment_path(experiment_id)
 
 
 def existing_settings(store: str, experiment_id: str) -> dict | None:
     """The settings an experiment was created with, or None if it doesn't exist yet."""
-    try:
-        attrs = dict(zarr.open_group(store, path=group_path(experiment_id), mode="r").attrs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return None
-    return attrs.get("settings")
+    return (io.node_attrs(store, group_path(experiment_id)) or {}).get(lay.SETTINGS_KEY)
 
 
 def create_experiment(store: str, experiment_id: str, settings: dict, image_ids: list[str],
                       positions: np.ndarray, n_targets: int, hw: tuple[int, int]) -> zarr.Group:
-    """Make the experiment's arrays unless they exist (a resumed or concurrent run)."""
-    root = st._open(store, mode="a")
-    group = root.require_group(group_path(experiment_id))
-    n, k, (h, w) = len(image_ids), n_targets, hw
-    specs = {
-        "image_id": ((n,), str, ["image"]),
-        "position": ((n,), "int64", ["image"]),
-        "offset": ((n, k, 2), "int32", ["image", "k", "axis"]),
-        "target": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
-        "output": ((n, k, h, w, 3), "uint8", ["image", "k", "y", "x", "rgb"]),
-        "new_label": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
-        "original_label": ((n, h, w), "float32", ["image", "y", "x"]),
-        "score_pre": ((n, k), "float32", ["image", "k"]),
-        "score_post": ((n, k), "float32", ["image", "k"]),
-        "score_other": ((n, k), "float32", ["image", "k"]),
-        "edit_stats": ((n, k, len(STAT_NAMES)), "float32", ["image", "k", "stat"]),
-    }
-    created = False
-    for name, (shape, dtype, dims) in specs.items():
-        chunks = (max(n, 1),) if len(shape) == 1 else (1,) + shape[1:]
-        arr = st._create_array(group, name, shape=shape, chunks=chunks, dtype=dtype, dims=dims,
-                               codec="zstd" if len(shape) > 2 else None)
-        created |= arr is not None
-        if arr is not None and name == "image_id":
-            arr[:] = np.asarray(image_ids, dtype=str)
-        elif arr is not None and name == "position":
-            arr[:] = positions
-    if created or "settings" not in group.attrs:
-        group.attrs["settings"] = settings
-    return group
+    """Make the experiment's arrays unless it exists (a resumed or concurrent run).
+
+    Contents first (array metadata, the image ids and positions, the block records'
+    group), the settings attribute last: an experiment without it is invisible and is
+    created again, whole, by the next run."""
+    path = group_path(experiment_id)
+    if existing_settings(store, experiment_id) is None:
+        n, k, (h, w) = len(image_ids), n_targets, hw
+        specs = {
+            "image_id": ((n,), str, ["image"]),
+            "position": ((n,), "int64", ["image"]),
+            "offset": ((n, k, 2), "int32", ["image", "k", "axis"]),
+            "target": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
+            "output": ((n, k, h, w, 3), "uint8", ["image", "k", "y", "x", "rgb"]),
+            "new_label": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
+            "original_label": ((n, h, w), "float32", ["image", "y", "x"]),
+            "score_pre": ((n, k), "float32", ["image", "k"]),
+            "score_post": ((n, k), "float32", ["image", "k"]),
+            "score_other": ((n, k), "float32", ["image", "k"]),
+            "edit_stats": ((n, k, len(STAT_NAMES)), "float32", ["image", "k", "stat"]),
+        }
+        values = {"image_id": np.asarray(image_ids, dtype=str), "position": positions}
+        for name, (shape, dtype, dims) in specs.items():
+            chunks = (max(n, 1),) if len(shape) == 1 else (1,) + shape[1:]
+            arr = st.create_array(store, f"{path}/{name}", shape=shape, chunks=chunks,
+                                  dtype=dtype, dims=dims, codec="zstd" if len(shape) > 2 else None)
+            if name in values:
+                arr[:] = values[name]
+        io.put_group(store, lay.blocks_path(path))
+        io.put_group(store, lay.INTERVENTIONS)
+        io.put_group(store, path, {lay.SETTINGS_KEY: settings})   # the creation marker, last
+    return io.open_group(store, path)
 
 
 def completed_blocks(store: str, experiment_id: str) -> set[tuple[int, int]]:
-    return st.completed_blocks_at(store, group_path(experiment_id))
+    return commit.completed_blocks_at(store, group_path(experiment_id))
 
 
 def write_summary(store: str, experiment_id: str, summary: dict) -> None:
-    """Written last: its presence is what makes an experiment complete."""
-    zarr.open_group(store, path=group_path(experiment_id), mode="r+").attrs[SUMMARY_KEY] = summary
+    """Written last: its presence is what makes an experiment complete (one PUT of the
+    group's metadata, settings kept)."""
+    path = group_path(experiment_id)
+    attrs = io.node_attrs(store, path) or {}
+    io.put_group(store, path, {**attrs, lay.SUMMARY_KEY: summary})
 
 
 def list_interventions(store: str) -> dict[str, dict]:
     """Complete experiments' summaries by experiment id."""
-    try:
-        group = zarr.open_group(store, path=INTERVENTIONS, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return {}
-    return {name: dict(sub.attrs)[SUMMARY_KEY] for name, sub in sorted(group.groups())
-            if SUMMARY_KEY in sub.attrs}
+    out = {}
+    for name in io.list_dir(store, INTERVENTIONS):
+        attrs = io.node_attrs(store, group_path(name)) or {}
+        if SUMMARY_KEY in attrs:
+            out[name] = attrs[SUMMARY_KEY]
+    return out
 
 
 def open_intervention(store: str, experiment_id: str, complete_only: bool = True) -> xr.Dataset:
@@ -110,7 +113,7 @@ def open_intervention(store: str, experiment_id: str, complete_only: bool = True
         have = ", ".join(list_interventions(store)) or "none"
         raise ActstoreError(f"store {store}: no intervention experiment {experiment_id!r} "
                             f"(complete ones: {have}); run `actstore intervene`")
-    ds = xr.open_zarr(store, group=group_path(experiment_id), consolidated=False)
+    ds = io.open_dataset(store, group_path(experiment_id))
     ids = np.array([str(v) for v in ds["image_id"].values.tolist()])
     ds = ds.drop_vars("image_id").assign_coords(image=ids, k=np.arange(ds.sizes["k"]),
                                                 stat=list(STAT_NAMES))

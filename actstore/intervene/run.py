@@ -187,7 +187,7 @@ def run_interventions(store: str, probe_run: str, target: str | None = None,
                               n_targets, seed, provider, targets, margin, lr, iterations,
                               model_variant, target_units, experiment_id, device)
     model = load_store_model(plan.view, model, device)
-    final = st._open(store, st.model_path(plan.view.model))["final_image"]
+    final = st.model_array(store, plan.view.model, "final_image")
     _label(plan, np.asarray(final.oindex[plan.positions[:1]]), plan.image_ids[:1])  # fail before writing
     gen = GenerationConfig(**plan.view.attrs["fingerprint"]["generation"])
     group = create_experiment(store, plan.experiment_id, plan.settings, plan.image_ids,
@@ -296,7 +296,7 @@ def _run_block(plan: Plan, model: LoadedModel, gen: GenerationConfig, lo: int, h
         outputs[:, k] = generate_edited(model, plan.prompts[lo:hi], plan.seeds[lo:hi], gen,
                                         hook, on_step_end=lambda *_: bar.step(n))
         stats[:, k] = hook.stats()
-    final = st._open(plan.store, st.model_path(plan.view.model))["final_image"]
+    final = st.model_array(plan.store, plan.view.model, "final_image")
     original = _label(plan, np.asarray(final.oindex[plan.positions[lo:hi]]), plan.image_ids[lo:hi])
     ids_k = [f"{i} (target {k})" for i in plan.image_ids[lo:hi] for k in range(K)]
     new = _label(plan, outputs.reshape(n * K, *outputs.shape[2:]), ids_k).reshape(n, K, *plan.hw)

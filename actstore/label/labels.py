@@ -36,6 +36,7 @@ import zarr
 
 import actstore
 from actstore.store import core as st
+from actstore.store import io
 from actstore.store.view import StoreView
 from actstore.store.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
@@ -85,7 +86,7 @@ def write_labels(store: str, provider: str | LabelProvider,
     if not train.any():
         raise ActstoreError(f"store {store}: no train-split images to normalize labels with; "
                             "give some images split=train in the prompt table")
-    final = st._open(store, st.model_path(source_model))["final_image"]
+    final = st.model_array(store, source_model, "final_image")
     hw = tuple(final.shape[1:3])
     grids = _layer_grids(view, hw)
     by_ids = getattr(prov, "by_ids", None)
@@ -107,7 +108,7 @@ def write_labels(store: str, provider: str | LabelProvider,
         for t in targets:
             _write_pooled(ctx, groups[t], grids, *stats[t])
         if n_steps:
-            _write_x0(ctx, groups, st._open(store, st.model_path(source_model))["x0_image"],
+            _write_x0(ctx, groups, st.model_array(store, source_model, "x0_image"),
                       stats, bar)
         attrs = {t: _target_attrs(ctx, t, source_model, *stats[t], int(train.sum()), grids,
                                   x0_note) for t in targets}
@@ -239,26 +240,31 @@ def _staging_group(store: str, target: str, n: int, hw, grids: dict, n_steps: in
     return group
 
 
+def _fs(store: str):
+    loc = io.location(store)
+    return loc.fs, loc.root
+
+
 def _exists(store: str, path: str) -> bool:
-    fs, root = st._fs(store)
+    fs, root = _fs(store)
     return fs.exists(f"{root.rstrip('/')}/{path}")
 
 
 def _remove(store: str, path: str) -> None:
-    fs, root = st._fs(store)
+    fs, root = _fs(store)
     full = f"{root.rstrip('/')}/{path}"
     if fs.exists(full):
         fs.rm(full, recursive=True)
 
 
 def _fs_mv(store: str, src: str, dst: str) -> None:
-    fs, root = st._fs(store)
+    fs, root = _fs(store)
     fs.mv(f"{root.rstrip('/')}/{src}", f"{root.rstrip('/')}/{dst}", recursive=True)
 
 
 def _remove_if_empty(store: str, path: str) -> None:
     """Drop a group we created, unless another writer has put something in it meanwhile."""
-    fs, root = st._fs(store)
+    fs, root = _fs(store)
     base = f"{root.rstrip('/')}/{path}"
     if fs.exists(base) and all(p.rstrip("/").endswith("/zarr.json")
                                for p in fs.ls(base, detail=False)):

@@ -26,7 +26,7 @@ def intervention_grid(store: str, experiment_id: str, out_png: str, n_images: in
     rows = min(n_images, ds.sizes["image"])
     if rows == 0:
         raise ValueError(f"experiment {experiment_id}: no finished images to draw")
-    final = st._open(store, st.model_path(settings["model_variant"]))["final_image"]
+    final = st.model_array(store, settings["model_variant"], "final_image")
     positions = ds["position"].values[:rows]
     originals = np.asarray(final.oindex[positions])
     binary = settings["kind"] == "binary"

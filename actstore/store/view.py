@@ -15,8 +15,10 @@ import numpy as np
 import xarray as xr
 
 from actstore.errors import ActstoreError
+from actstore.store import io
 from actstore.store.core import (ACTIVATION, completed_blocks, layer_path, model_attrs,
-                            model_path, model_variants, read_root_attrs)
+                                 model_path, model_variants, read_root_attrs)
+from actstore.store.layout import IMAGES
 
 
 class StoreView:
@@ -33,6 +35,12 @@ class StoreView:
         return (f"<actstore {self.uri} model={self.model}: {len(self.image_index)}/"
                 f"{self.root_attrs['n_images']} images complete, {len(self.layers)} layers, "
                 f"{self.n_steps} steps>")
+
+    def refresh(self) -> "StoreView":
+        """See blocks completed since this view was made (a view is a snapshot)."""
+        for name in ("complete", "image_index", "_image_coords"):
+            self.__dict__.pop(name, None)
+        return self
 
     @property
     def layers(self) -> list[str]:
@@ -67,7 +75,7 @@ class StoreView:
 
     @cached_property
     def _image_coords(self) -> dict:
-        table = xr.open_zarr(self.uri, group="images", consolidated=False).load()
+        table = io.open_dataset(self.uri, IMAGES).load()
         table = table.isel(image=self.image_index)
         return {"image": _strings(table["image_id"]),
                 "prompt": ("image", _strings(table["prompt"])),
@@ -77,7 +85,7 @@ class StoreView:
 
     @cached_property
     def _step_coords(self) -> dict:
-        grp = xr.open_zarr(self.uri, group=model_path(self.model), consolidated=False)
+        grp = io.open_dataset(self.uri, model_path(self.model))
         return {"step": np.arange(self.n_steps),
                 "timestep": ("step", grp["timestep"].values),
                 "sigma": ("step", grp["sigma"].values)}
@@ -88,7 +96,7 @@ class StoreView:
         return xr.Dataset(coords=self._image_coords)
 
     def _open(self, group: str, name: str) -> xr.DataArray:
-        var = xr.open_zarr(self.uri, group=group, consolidated=False, chunks=None)[name]
+        var = io.open_dataset(self.uri, group, chunks=None)[name]
         shards = var.encoding.get("shards") or var.encoding.get("chunks")
         data = var.chunk(dict(zip(var.dims, shards)))
         data = data.isel(image=self.image_index)
@@ -123,6 +131,12 @@ def _strings(var: xr.DataArray) -> np.ndarray:
     return np.array([str(v) for v in var.values.tolist()])
 
 
-def open_store(uri: str, model: str = "trained", complete_only: bool = True) -> StoreView:
-    """Open a store for reading: ``open_store(u)["up_blocks.3.attentions.0"].sel(step=4)``."""
+def open_store(uri: str, model: str = "trained", complete_only: bool = True, *,
+               storage_options: dict | None = None) -> StoreView:
+    """Open a store for reading: ``open_store(u)["up_blocks.3.attentions.0"].sel(step=4)``.
+
+    ``storage_options``: fsspec options for an object store (endpoint, credentials), kept
+    in memory for every later call on this store; by default the environment's."""
+    if storage_options is not None:
+        io.set_storage_options(str(uri), storage_options)
     return StoreView(uri, model=model, complete_only=complete_only)

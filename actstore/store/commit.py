@@ -1,0 +1,109 @@
+"""The commit protocol's primitives: completion records, writers in progress, clean-up.
+
+A store never renames anything. What a command makes becomes visible through one object
+written after all of its contents (a *marker*): a group's ``zarr.json`` carrying a marker
+attribute, or a small record group such as ``_blocks/<a>-<b>``. A reader filters on
+markers, so a kill leaves nothing it can see; a rerun either redoes an unmarked creation
+(every content write is deterministic and idempotent) or writes under a fresh id.
+
+Contents written under a fresh id (label versions, probe runs) that never got their marker
+are garbage once their writer is gone: each such prefix holds a ``_pending`` group naming
+its writer (host, pid, start time), and the next writer of the same kind removes those
+whose process is dead (same host) or that are older than :data:`STALE_AFTER_S`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable
+
+from actstore.store import io
+from actstore.store import layout as lay
+
+STALE_AFTER_S = 24 * 3600   # a writer on another host is presumed dead after a day
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def new_id(prefix: str) -> str:
+    """``<prefix>-<UTC time>-<random>``: sorts by time, unique across concurrent writers."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    return f"{prefix}-{stamp}-{uuid.uuid4().hex[:6]}"
+
+
+# -- completion records of image blocks -------------------------------------------------
+
+def write_block_record(uri: str, group: str, start: int, stop: int, record: dict) -> None:
+    """Record a finished block: one PUT of an empty group's ``zarr.json`` (the record in
+    its attributes), written after every shard of the block."""
+    io.put_group(uri, lay.block_record_path(group, start, stop), {lay.BLOCK_KEY: record})
+
+
+def completed_blocks_at(uri: str, group: str) -> set[tuple[int, int]]:
+    """The (start, stop) blocks recorded complete under ``<group>/_blocks``; listed fresh."""
+    done = set()
+    for name in io.list_dir(uri, lay.blocks_path(group)):
+        blk = lay.parse_block_name(name)
+        if blk is not None and io.exists(uri, io.key(lay.block_record_path(group, *blk))):
+            done.add(blk)
+    return done
+
+
+# -- writers in progress ----------------------------------------------------------------
+
+def writer_info() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+
+
+def begin(uri: str, path: str) -> None:
+    """Say who writes under ``path`` until its marker exists (for later clean-up)."""
+    io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: writer_info()})
+
+
+def end(uri: str, path: str) -> None:
+    io.remove(uri, lay.pending_path(path))
+
+
+def abandoned(info: dict | None, now: float | None = None) -> bool:
+    """Is the writer that left ``info`` gone? Unknown writers count as gone."""
+    if not info:
+        return True
+    now = time.time() if now is None else now
+    if now - float(info.get("started", 0)) > STALE_AFTER_S:
+        return True
+    if info.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(info["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, KeyError):
+        return False
+    return False
+
+
+def writer_of(uri: str, path: str) -> dict | None:
+    attrs = io.node_attrs(uri, lay.pending_path(path))
+    return None if attrs is None else attrs.get(lay.WRITER_KEY)
+
+
+def collect(uri: str, parent: str, committed: Callable[[str], bool]) -> list[str]:
+    """Remove each ``parent/<name>`` that is not committed and whose writer is gone; drop
+    leftover ``_pending`` groups of committed ones. Returns the names removed."""
+    removed = []
+    for name in io.list_dir(uri, parent):
+        if name.startswith(("_", ".")) or name == io.META:
+            continue
+        path = f"{parent}/{name}"
+        if committed(name):
+            if io.exists(uri, io.key(lay.pending_path(path))):
+                end(uri, path)
+        elif abandoned(writer_of(uri, path)):
+            io.remove(uri, path)
+            removed.append(name)
+    return removed

@@ -1,0 +1,251 @@
+"""Storage access for every store path: the one place that knows URLs, fsspec and zarr stores.
+
+Every write here is one object written whole: zarr's LocalStore writes each key to a
+temporary file and renames it, an object store's PUT replaces an object atomically. Nothing
+relies on renaming a directory (object stores have none) or on a cached listing (a reader
+must see blocks finished after it opened the store), so a key is either absent or whole,
+on a laptop disk and on S3 alike. See ``docs/store-format.md`` for the commit protocol
+built on these primitives.
+
+Object-store credentials and endpoints come from the environment (``AWS_*``,
+``FSSPEC_S3_ENDPOINT_URL``) or from :func:`set_storage_options`; they are held in memory
+only and never written into a store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+
+import fsspec
+import zarr
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore, MemoryStore
+
+from actstore.errors import ActstoreError
+
+META = "zarr.json"
+NOT_FOUND = (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ArrayNotFoundError,
+             zarr.errors.NodeTypeValidationError, KeyError)
+# No listing cache: a long-lived reader must see completion records written after it opened.
+NO_LISTING_CACHE = {"use_listings_cache": False}
+
+_OPTIONS: dict[str, dict] = {}
+_LOCATIONS: dict[str, Location] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store URI resolved once: its zarr store (for every write) and fsspec filesystem."""
+
+    uri: str
+    protocol: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+    store: Store   # writes
+    reader: Store  # reads: a local reader never creates the folder it looks for
+
+    def full(self, path: str = "") -> str:
+        return f"{self.root.rstrip('/')}/{path}".rstrip("/") if path else self.root
+
+
+def set_storage_options(prefix: str, options: dict) -> None:
+    """fsspec options (endpoint, credentials, ...) for every store whose URI starts with
+    ``prefix``; kept in this process's memory only."""
+    with _LOCK:
+        _OPTIONS[prefix] = dict(options)
+        for uri in [u for u in _LOCATIONS if u.startswith(prefix)]:
+            del _LOCATIONS[uri]
+
+
+def _options_for(uri: str) -> dict:
+    best = max((p for p in _OPTIONS if uri.startswith(p)), key=len, default=None)
+    return dict(_OPTIONS[best]) if best is not None else {}
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def location(uri: str) -> Location:
+    """The resolved store for ``uri`` (cached per URI and options)."""
+    uri = str(uri)
+    with _LOCK:
+        if uri in _LOCATIONS:
+            return _LOCATIONS[uri]
+    protocol = protocol_of(uri)
+    try:
+        if protocol == "file":
+            fs, root = fsspec.core.url_to_fs(uri)
+            store: Store = LocalStore(root)
+            reader: Store = LocalStore(root, read_only=True)
+        else:
+            options = {**(NO_LISTING_CACHE if protocol in ("s3", "s3a", "gs", "gcs", "az", "abfs")
+                          else {}), **_options_for(uri)}
+            fs, root = fsspec.core.url_to_fs(uri, **options)
+            store = FsspecStore.from_url(uri, storage_options=options) if fs.async_impl \
+                else FsspecStore(_async(fs), path=root)
+            reader = store
+    except (ValueError, ImportError) as exc:
+        raise ActstoreError(f"store {uri}: can't open this kind of location ({exc}); use a "
+                            "local path or an fsspec URL such as s3://bucket/path "
+                            "(pip install 'actstore[s3]')") from None
+    loc = Location(uri, protocol, fs, root, store, reader)
+    with _LOCK:
+        _LOCATIONS[uri] = loc
+    return loc
+
+
+def _async(fs):
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs, asynchronous=True)
+
+
+def key(path: str, name: str = META) -> str:
+    return f"{path.strip('/')}/{name}" if path.strip("/") else name
+
+
+# -- raw keys -------------------------------------------------------------------------
+
+def get_bytes(uri: str, k: str) -> bytes | None:
+    try:
+        buf = sync(location(uri).reader.get(k, prototype=default_buffer_prototype()))
+    except FileNotFoundError:   # a local store whose folder does not exist
+        return None
+    return None if buf is None else buf.to_bytes()
+
+
+def put_bytes(uri: str, k: str, data: bytes) -> None:
+    """One object, written whole (the unit every commit in the store is made of)."""
+    buf = default_buffer_prototype().buffer.from_bytes(data)
+    sync(location(uri).store.set(k, buf))
+
+
+def exists(uri: str, k: str) -> bool:
+    try:
+        return bool(sync(location(uri).reader.exists(k)))
+    except FileNotFoundError:
+        return False
+
+
+def list_dir(uri: str, path: str) -> list[str]:
+    """Names directly under ``path`` (objects and prefixes), fresh from the store."""
+    async def names() -> list[str]:
+        return [n.rstrip("/") async for n in location(uri).reader.list_dir(path.strip("/"))]
+    try:
+        return sorted(set(sync(names())))
+    except FileNotFoundError:
+        return []
+
+
+def remove(uri: str, path: str) -> None:
+    """Delete every key under ``path`` (nothing there is fine)."""
+    try:
+        sync(location(uri).store.delete_dir(path.strip("/")))
+    except FileNotFoundError:
+        pass
+
+
+def store_nonempty(uri: str) -> bool:
+    loc = location(uri)
+    try:
+        if not loc.fs.exists(loc.root):
+            return False
+        return bool(loc.fs.ls(loc.root, detail=False))
+    except FileNotFoundError:
+        return False
+
+
+# -- zarr nodes -----------------------------------------------------------------------
+
+def get_json(uri: str, path: str) -> dict | None:
+    """A node's ``zarr.json`` document, or None when absent (or not yet whole)."""
+    data = get_bytes(uri, key(path))
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except ValueError:
+        return None
+
+
+def node_attrs(uri: str, path: str) -> dict | None:
+    """A node's attributes, or None if there is no node at ``path``."""
+    doc = get_json(uri, path)
+    return None if doc is None else dict(doc.get("attributes") or {})
+
+
+def group_metadata(attrs: dict | None = None) -> bytes:
+    """The bytes zarr itself writes for a group with ``attrs``."""
+    mem = MemoryStore()
+    zarr.create_group(store=mem, attributes=attrs or {}, zarr_format=3)
+    return mem._store_dict[META].to_bytes()
+
+
+def put_group(uri: str, path: str, attrs: dict | None = None) -> None:
+    """Write a group's metadata (one object); with attributes it is a commit marker."""
+    put_bytes(uri, key(path), group_metadata(attrs))
+
+
+def array_metadata(**spec) -> bytes:
+    """The bytes zarr writes for an array created with ``spec`` (zarr.create_array's args)."""
+    mem = MemoryStore()
+    zarr.create_array(store=mem, zarr_format=3, **spec)
+    return mem._store_dict[META].to_bytes()
+
+
+def put_array(uri: str, path: str, **spec) -> zarr.Array:
+    """Write an array's metadata only, never its parents' (zarr would write parent groups
+    concurrently, racing other writers' markers): parents are written by the caller, in
+    the order the commit protocol needs. Rewriting identical metadata is harmless, so
+    creation can be redone by a rerun or by several workers at once."""
+    put_bytes(uri, key(path), array_metadata(**spec))
+    return open_array(uri, path, mode="r+")
+
+
+def open_array(uri: str, path: str, mode: str = "r") -> zarr.Array:
+    return zarr.open_array(store=location(uri).store, path=path, mode=mode, zarr_format=3)
+
+
+def open_group(uri: str, path: str = "", mode: str = "r") -> zarr.Group:
+    return zarr.open_group(store=location(uri).store, path=path or None, mode=mode,
+                           zarr_format=3)
+
+
+def try_group(uri: str, path: str = "") -> zarr.Group | None:
+    """The group at ``path``, or None if there is none (the not-found cases, written once)."""
+    try:
+        return open_group(uri, path)
+    except NOT_FOUND:
+        return None
+
+
+def open_dataset(uri: str, path: str, **kwargs):
+    """``xr.open_zarr`` on the same store object (same options, no listing cache)."""
+    import xarray as xr
+
+    return xr.open_zarr(location(uri).store, group=path or None, consolidated=False,
+                        zarr_format=3, **kwargs)
+
+
+def write_dataset(uri: str, path: str, ds) -> None:
+    """Write a small xarray Dataset under ``path`` without touching any parent node.
+
+    It is written to memory first and copied key by key, the group's own metadata last,
+    so a kill leaves no readable group (and xarray never writes parent groups that could
+    race a commit marker)."""
+    import warnings
+
+    mem = MemoryStore()
+    with warnings.catch_warnings():  # zarr's note that its v3 string dtype may change
+        warnings.filterwarnings("ignore", message=".*string.*", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        ds.to_zarr(mem, mode="w", consolidated=False, zarr_format=3)
+    items = sorted(mem._store_dict.items(), key=lambda kv: kv[0] == META)
+    for name, buf in items:
+        put_bytes(uri, f"{path.strip('/')}/{name}", buf.to_bytes())
