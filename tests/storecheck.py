@@ -12,7 +12,7 @@ import fsspec
 # Attribute values that differ between two correct runs by construction.
 VOLATILE = {"created", "written", "started", "seconds"}
 # Fresh ids (probe runs, label versions, commits): replaced by their order of appearance.
-FRESH_ID = re.compile(r"(v|c|[A-Za-z0-9_.]+)-\d{8}T\d{6}-[0-9a-f]{6}")
+FRESH_ID = re.compile(r"(v|c|[A-Za-z0-9_.]+)-\d{8}T\d{12}-[0-9a-f]{6}")
 
 
 def _clean(value):

@@ -123,7 +123,6 @@ def test_simultaneous_starts_on_a_new_store(tmp_path, tiny_model, six, reference
     """Four workers start on one new store at the same instant, ten rounds: every one
     succeeds and the store equals a serial run (zarr's own parent-group writes used to
     raise ContainsGroupError here)."""
-    from actstore.generation.materialize import model_fingerprint  # noqa: F401
     from actstore.store import core as st
     from actstore.generation.prompts import load_prompts, prompts_fingerprint
 

@@ -15,7 +15,7 @@ from actstore.store.view import open_store
 from actstore.errors import ActstoreError
 from actstore.label.providers import (ArrayLabels, LabelProvider, background_ids,
                                       get_provider)
-from actstore.label.labels import list_targets, open_labels, write_labels
+from actstore.label.labels import label_path, list_targets, open_labels, write_labels
 from actstore.metrics import pool
 from conftest import REPO, TINY, tree_digest
 
@@ -93,9 +93,9 @@ def test_write_labels_layout_values_and_reader(store):
     assert ds.attrs["layer_arrays"]["mid_block.attentions.0"] == "r1"
 
     # Plain xarray and zarr see the same thing: dimension names, one block per chunk.
-    plain = xr.open_zarr(store, group="labels/depth", consolidated=False)
+    plain = xr.open_zarr(store, group=label_path(store, "depth"), consolidated=False)
     assert plain.full.dims == ("image", "y", "x") and plain.x0.dims == ("image", "step", "y", "x")
-    arrays = zarr.open_group(store, path="labels/depth", mode="r")
+    arrays = zarr.open_group(store, path=label_path(store, "depth"), mode="r")
     assert arrays["full"].chunks == (TINY["block_size"], 64, 64)
     assert arrays["x0"].chunks == (TINY["block_size"], 1, 64, 64)
     assert arrays["full"].dtype == np.float32
@@ -117,23 +117,27 @@ def test_overwrite_replaces_only_that_target(store):
     res = write_labels(store, Brightness(), "depth", overwrite=True, progress=False)
     assert res["replaced"] and "x0" in open_labels(store, "depth")
     after = full_digest(store)
-    assert {k: v for k, v in after.items() if not k.startswith("labels/depth")} == \
-        {k: v for k, v in before.items() if not k.startswith("labels/depth")}
+    mine = ("labels/depth", "labels/_commits")
+    assert {k: v for k, v in after.items() if not k.startswith(mine)} == \
+        {k: v for k, v in before.items() if not k.startswith(mine)}
+    records = [k for k in after if k.startswith("labels/_commits/c") and k.endswith("zarr.json")]
+    assert len(records) == 2   # salient's and the new depth's; the superseded one is gone
 
 
-def test_target_without_attrs_is_incomplete_and_rewritten(store):
+def test_target_without_commit_is_invisible_and_rewritten(store):
     write_labels(store, Brightness(), "depth", on_x0=False, progress=False)
-    group = zarr.open_group(store, path="labels/depth", mode="r+")
-    group.attrs.clear()                       # as if killed before the attributes
+    version = label_path(store, "depth")
+    shutil.rmtree(Path(store) / "labels" / "_commits")   # as if killed before the commit
     assert list_targets(store) == {}
     with pytest.raises(ActstoreError, match="no complete labels 'depth'"):
         open_labels(store, "depth")
     write_labels(store, Brightness(), "depth", on_x0=False, progress=False)   # no --overwrite
     assert "depth" in list_targets(store)
+    assert not (Path(store) / version).exists()   # the unreachable version was cleaned
 
 
 def _label_arrays(store: str, target: str) -> dict:
-    group = zarr.open_group(store, path=f"labels/{target}", mode="r")
+    group = zarr.open_group(store, path=label_path(store, target), mode="r")
     return {name: arr[...] for name, arr in group.arrays()}
 
 
@@ -161,7 +165,8 @@ def test_several_targets_in_one_pass_match_single_calls(store, tmp_path):
             {k: v for k, v in open_labels(single, t).attrs.items() if k not in drop}
         assert {k: v for k, v in res[t].items() if k not in ("store", "seconds")} == \
             {k: v for k, v in summaries[t].items() if k not in ("store", "seconds")}
-    assert not [p for p in Path(store, "labels").iterdir() if p.name.startswith("_")]
+    assert [p.name for p in Path(store, "labels").iterdir() if p.name.startswith("_")] == \
+        ["_commits"] and not list(Path(store, "labels").rglob("_pending"))
 
 
 def test_several_targets_from_the_command_line(store, tmp_path, capsys, monkeypatch):

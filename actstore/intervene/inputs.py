@@ -8,14 +8,13 @@ it was.
 from __future__ import annotations
 
 import numpy as np
-import zarr
 
 from actstore.store import core as st
 from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
 from actstore.intervene.results import existing_settings
 from actstore.label.providers import get_provider
-from actstore.label.labels import LABELS
+from actstore.label.labels import label_array
 from actstore.generation.models import TINY_RANDOM, LoadedModel, apply_control, load_model
 
 
@@ -130,5 +129,5 @@ def check_existing(store: str, experiment_id: str, settings: dict) -> None:
 
 def label_rows(store: str, target: str, positions: np.ndarray) -> np.ndarray:
     """Stored full-resolution labels (n, H, W) of some images, normalized units."""
-    full = zarr.open_group(store, path=f"{LABELS}/{target}", mode="r")["full"]
+    full = label_array(store, target, "full")
     return np.asarray(full.oindex[np.asarray(positions)], np.float32)

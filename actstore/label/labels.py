@@ -4,9 +4,10 @@ Labels are made from the **final images of one variant** (``source_model``, the 
 model by default) and serve as targets for every variant's activations, the randomized
 control included, as in the paper: the question is whether a model's activations encode
 the scene of the image the trained model draws, and the control must be scored against
-the same targets to be a control at all. Layout, one group per target::
+the same targets to be a control at all. Layout, one group per target version (which
+version is current: ``labels/_commits/``, see :func:`list_targets`)::
 
-    labels/<target>/                 attrs: target, kind, provider, source_model,
+    labels/<target>/<version>/       attrs: target, kind, provider, source_model,
                                        normalization, mean, std, created, version, ...
       full   (image, y, x)           float32 at image resolution; z-scored or 0/1
       r<h>   (image, y_r<h>, x_r<h>) float32 area mean of ``full`` at each layer
@@ -15,14 +16,13 @@ the same targets to be a control at all. Layout, one group per target::
                                        same normalization (the paper's Figure 4)
 
 Continuous targets are z-scored with the mean/std over all pixels of the **train** split,
-so test images never leak into the targets. A target is written into
-``labels/_staging-<target>`` and moved into place when whole, then its attributes are
-written last: a failed run leaves the store as it was, a killed one leaves a target
-without attributes, which counts as absent and is rewritten by the next run. Several
-targets of one provider are written in one pass over the images (one provider call per
-batch, see :mod:`actstore.label.passes`) and as a set: none is moved into place until all
-are whole. Nothing outside ``labels/`` is ever written, so labelling never touches
-activations.
+so test images never leak into the targets. Each run writes its targets as fresh versions
+and commits them together with one record (:mod:`actstore.store.labelsets`): a failed or
+killed run leaves nothing a reader sees, several targets become visible all at once, and
+an overwrite replaces the old labels in one step. Several targets of one provider are
+written in one pass over the images (one provider call per batch, see
+:mod:`actstore.label.passes`). Nothing outside ``labels/`` is ever written, so labelling
+never touches activations.
 """
 
 from __future__ import annotations
@@ -32,26 +32,20 @@ import time
 
 import numpy as np
 import xarray as xr
-import zarr
 
 import actstore
 from actstore.store import core as st
-from actstore.store import io
+from actstore.store import io, labelsets
 from actstore.store.view import StoreView
-from actstore.store.codecs import DEFAULT_CODEC, codec_chain
+from actstore.store.codecs import DEFAULT_CODEC
+from actstore.store.layout import LABELS  # noqa: F401  (re-exported)
 from actstore.errors import ActstoreError
 from actstore.label.passes import (_Ctx, _write_full, _write_pooled, _write_x0,
                                    resolution_name)
 from actstore.label.providers import CONTINUOUS, KINDS, LabelProvider, get_provider
 from actstore.progress import Progress
 
-LABELS = "labels"
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-def _staging(target: str) -> str:
-    """Per target, so concurrent writers of different targets share nothing but ``labels/``."""
-    return f"{LABELS}/_staging-{target}"
 
 
 def write_labels(store: str, provider: str | LabelProvider,
@@ -96,14 +90,11 @@ def write_labels(store: str, provider: str | LabelProvider,
     x0_note = _x0_decision(view, on_x0, by_ids)
     ctx = _Ctx(kinds, spec, prov, ids, hw, view.block_size, batch_size)
     n_steps = view.n_steps if x0_note is None else 0
-    created_labels = not _exists(store, f"{LABELS}/zarr.json")
     bar = Progress(len(ids), 1 + n_steps, f"label {', '.join(targets)}", enabled=progress)
-    moved = []
+    paths = labelsets.begin(store, targets)
     try:
-        for t in targets:
-            _remove(store, _staging(t))
-        groups = {t: _staging_group(store, t, len(ids), hw, grids, n_steps, view.block_size)
-                  for t in targets}
+        groups = {t: _version_arrays(store, paths[t], len(ids), hw, grids, n_steps,
+                                     view.block_size) for t in targets}
         stats = _write_full(ctx, groups, final, by_ids, train, bar)
         for t in targets:
             _write_pooled(ctx, groups[t], grids, *stats[t])
@@ -112,22 +103,12 @@ def write_labels(store: str, provider: str | LabelProvider,
                       stats, bar)
         attrs = {t: _target_attrs(ctx, t, source_model, *stats[t], int(train.sum()), grids,
                                   x0_note) for t in targets}
-        for t in targets:
-            _remove(store, f"{LABELS}/{t}")
-            _fs_mv(store, _staging(t), f"{LABELS}/{t}")
-            moved.append(t)
+        labelsets.commit_set(store, paths, attrs)   # all targets visible at once
     except BaseException:
-        for t in targets:
-            _remove(store, _staging(t))
-        for t in moved:                 # no attributes yet, so not a target: ours to take back
-            _remove(store, f"{LABELS}/{t}")
-        if created_labels:
-            _remove_if_empty(store, LABELS)
+        labelsets.abort(store, paths)
         raise
     finally:
         bar.close()
-    for t in targets:                   # last
-        zarr.open_group(store, path=f"{LABELS}/{t}", mode="r+").attrs.update(attrs[t])
     seconds = time.perf_counter() - t0
     out = {t: {"store": store, "target": t, "kind": kinds[t], "provider": spec,
                "images": len(ids), "resolutions": sorted(attrs[t]["resolutions"]),
@@ -217,16 +198,17 @@ def _x0_decision(view: StoreView, on_x0: bool, by_ids) -> str | None:
     return None
 
 
-def _staging_group(store: str, target: str, n: int, hw, grids: dict, n_steps: int,
-                   block: int) -> zarr.Group:
-    group = zarr.open_group(store, path=_staging(target), mode="w", zarr_format=3)
-    chain = codec_chain(DEFAULT_CODEC)
+def _version_arrays(store: str, path: str, n: int, hw, grids: dict, n_steps: int,
+                    block: int) -> dict:
+    """The arrays of one target's new version: {name: zarr array} (contents only; the
+    version becomes a target when its label set is committed)."""
     h, w = hw
+    out = {}
 
     def make(name, shape, chunks, dims, attrs):
-        group.create_array(name, shape=shape, chunks=chunks, dtype="float32", fill_value=0.0,
-                           dimension_names=dims, attributes=attrs,
-                           chunk_key_encoding=st.CHUNK_KEY_ENCODING, **chain)
+        out[name] = st.create_array(store, f"{path}/{name}", shape=shape, chunks=chunks,
+                                    dtype="float32", dims=dims, attrs=attrs,
+                                    codec=DEFAULT_CODEC)
 
     make("full", (n, h, w), (block, h, w), ["image", "y", "x"], {"resolution": [h, w]})
     for gh, gw in sorted(set(grids.values()), reverse=True):
@@ -237,62 +219,33 @@ def _staging_group(store: str, target: str, n: int, hw, grids: dict, n_steps: in
     if n_steps:
         make("x0", (n, n_steps, h, w), (block, 1, h, w), ["image", "step", "y", "x"],
              {"resolution": [h, w], "source": "x0_image"})
-    return group
-
-
-def _fs(store: str):
-    loc = io.location(store)
-    return loc.fs, loc.root
-
-
-def _exists(store: str, path: str) -> bool:
-    fs, root = _fs(store)
-    return fs.exists(f"{root.rstrip('/')}/{path}")
-
-
-def _remove(store: str, path: str) -> None:
-    fs, root = _fs(store)
-    full = f"{root.rstrip('/')}/{path}"
-    if fs.exists(full):
-        fs.rm(full, recursive=True)
-
-
-def _fs_mv(store: str, src: str, dst: str) -> None:
-    fs, root = _fs(store)
-    fs.mv(f"{root.rstrip('/')}/{src}", f"{root.rstrip('/')}/{dst}", recursive=True)
-
-
-def _remove_if_empty(store: str, path: str) -> None:
-    """Drop a group we created, unless another writer has put something in it meanwhile."""
-    fs, root = _fs(store)
-    base = f"{root.rstrip('/')}/{path}"
-    if fs.exists(base) and all(p.rstrip("/").endswith("/zarr.json")
-                               for p in fs.ls(base, detail=False)):
-        fs.rm(base, recursive=True)
+    return out
 
 
 def _attrs_or_none(store: str, target: str) -> dict | None:
-    """A target's attributes, or None if absent or incomplete (no attributes yet)."""
-    try:
-        attrs = dict(zarr.open_group(store, path=f"{LABELS}/{target}", mode="r").attrs)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return None
-    return attrs if "target" in attrs else None
+    """A target's attributes (with ``path``), or None if it has no committed labels."""
+    return labelsets.current(store).get(target)
+
+
+def label_path(store: str, target: str) -> str:
+    """The group holding a target's current label arrays (for plain zarr/xarray readers)."""
+    attrs = _attrs_or_none(store, target)
+    if attrs is None:
+        raise ActstoreError(f"store {store}: no labels {target!r}; write them with "
+                            f"`actstore label --target {target}`")
+    return attrs["path"]
+
+
+def label_array(store: str, target: str, name: str = "full"):
+    """One array of a target's current labels (``full``, ``r<h>``, ``x0``) for reading."""
+    return io.open_array(store, f"{label_path(store, target)}/{name}")
 
 
 def list_targets(store: str) -> dict[str, dict]:
     """The store's complete label targets and their attributes."""
     st.read_root_attrs(store)
-    try:
-        group = zarr.open_group(store, path=LABELS, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return {}
-    out = {}
-    for name, _ in sorted(group.groups()):
-        attrs = None if name.startswith(("_", ".")) else _attrs_or_none(store, name)
-        if attrs is not None:
-            out[name] = attrs
-    return out
+    return {t: {k: v for k, v in attrs.items() if k not in ("path", "commit", "version")}
+            for t, attrs in sorted(labelsets.current(store).items())}
 
 
 def open_labels(store: str, target: str) -> xr.Dataset:
@@ -306,11 +259,11 @@ def open_labels(store: str, target: str) -> xr.Dataset:
         have = ", ".join(list_targets(store)) or "none"
         raise ActstoreError(f"store {store}: no complete labels {target!r} (has: {have}); "
                             f"write them with `actstore label --target {target}`")
-    ds = xr.open_zarr(store, group=f"{LABELS}/{target}", consolidated=False)
+    ds = io.open_dataset(store, attrs["path"])
     view = StoreView(store, model=attrs["source_model"], complete_only=False)
     ds = ds.assign_coords(view.images.coords)
     if "step" in ds.dims:
-        steps = xr.open_zarr(store, group=st.model_path(view.model), consolidated=False)
+        steps = io.open_dataset(store, st.model_path(view.model))
         ds = ds.assign_coords(step=np.arange(ds.sizes["step"]),
                               timestep=("step", steps["timestep"].values),
                               sigma=("step", steps["sigma"].values))

@@ -1,30 +1,29 @@
 """Probe runs in the store: fit the grid for a target, save weights and scores, read them back.
 
-Layout, one group per run (``<target>-<UTC timestamp>``)::
+Layout, one group per run (``<target>-<UTC time>-<random>``)::
 
     probes/<run_id>/                      attrs: target, kind, models, layers, steps, solver,
                                             n_folds, lambdas, labels provenance, created
       <model>/<layer>/{weights (step, channel), bias (step,), lam (step,), cv_score (step, λ)}
       scores/                             Dataset: mean, median (metric, model, layer, step),
                                             per_image (metric, model, layer, step, image)
-    emergence/                            Dataset: score (target, metric, model, layer, step)
-                                            and emergence_step (target, metric, model, layer),
-                                            from each target's latest run
 
+A run's attributes are written last, in one PUT: a run without them is invisible, and is
+removed by a later run once its writer is gone. Emergence (score and emergence_step per
+target, metric, model, layer) is computed from each target's latest run when read.
 Weights are plain Zarr arrays (no pickle), so the interventions flow and notebooks read
 them with nothing but zarr.
 """
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import xarray as xr
-import zarr
 
 import actstore
+from actstore.store import commit, io
 from actstore.store import core as st
+from actstore.store import layout as lay
 from actstore.store.view import StoreView
 from actstore.probe.emergence import emergence_steps
 from actstore.errors import ActstoreError
@@ -33,8 +32,7 @@ from actstore.label.labels import list_targets, open_labels
 from actstore.progress import Progress
 from actstore.runtime import task_threads
 
-PROBES = "probes"
-EMERGENCE = "emergence"
+PROBES = lay.PROBES
 
 
 def _views(store: str, models: list[str] | None) -> list[StoreView]:
@@ -101,8 +99,20 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
     views = _views(store, models)
     layers = _select(layers, views[0].layers, "layer", store)
     steps = np.asarray(_select(steps, list(range(views[0].n_steps)), "step", store), int)
-    run_id = f"{target}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-    group = zarr.open_group(store, path=f"{PROBES}/{run_id}", mode="w-")
+    commit.collect(store, PROBES, lambda name: lay.RUN_KEY in (
+        io.node_attrs(store, lay.run_path(name)) or {}))   # runs killed earlier
+    run_id = commit.new_id(target)
+    commit.begin(store, lay.run_path(run_id))
+    try:
+        return _fit_and_commit(store, run_id, target, attrs, per_layer, views, layers, steps,
+                               n_folds, scheduler, progress)
+    except BaseException:
+        io.remove(store, lay.run_path(run_id))   # a failed run leaves nothing
+        raise
+
+
+def _fit_and_commit(store, run_id, target, attrs, per_layer, views, layers, steps, n_folds,
+                    scheduler, progress) -> str:
     names = metric_names(attrs["kind"])
     scores = np.full((len(names), len(views), len(layers), len(steps),
                       int(per_layer[layers[0]].test.sum())), np.nan, np.float32)
@@ -111,7 +121,7 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
     for i, view in enumerate(views):
         for j, layer in enumerate(layers):
             fit = fit_layer(view, layer, per_layer[layer], steps, n_folds, scheduler=scheduler)
-            _write_fit(group, view.model, layer, fit)
+            _write_fit(store, run_id, view.model, layer, fit)
             per_image, order = score_layer(view, layer, per_layer[layer], steps, fit, scheduler)
             scores[:, i, j] = per_image.transpose(0, 2, 1)  # (metric, step, image)
             test_ids = order
@@ -125,54 +135,48 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
                 "step": steps, "image": [ids[pos[p]] for p in test_ids]})
     ds["mean"] = ds["per_image"].mean("image")
     ds["median"] = ds["per_image"].median("image")
-    _to_zarr(ds, store, f"{PROBES}/{run_id}/scores")
-    group.attrs.update({"target": target, "kind": attrs["kind"],
-                        "models": [v.model for v in views], "layers": layers,
-                        "steps": steps.tolist(), "n_folds": n_folds,
-                        "labels": {k: attrs.get(k) for k in ("provider", "normalization",
-                                                             "mean", "std", "created")},
-                        "actstore_version": actstore.__version__,
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    update_emergence(store)
+    io.write_dataset(store, lay.run_scores_path(run_id), ds)
+    for view in views:
+        io.put_group(store, f"{lay.run_path(run_id)}/{view.model}")
+    io.put_group(store, PROBES)
+    io.put_group(store, lay.run_path(run_id), {   # the marker, last
+        "target": target, "kind": attrs["kind"], "models": [v.model for v in views],
+        "layers": layers, "steps": steps.tolist(), "n_folds": n_folds,
+        "labels": {k: attrs.get(k) for k in ("provider", "normalization", "mean", "std",
+                                             "created")},
+        "actstore_version": actstore.__version__, "created": commit.utc_now()})
+    commit.end(store, lay.run_path(run_id))
     return run_id
 
 
-def _to_zarr(ds: xr.Dataset, store: str, group: str) -> None:
-    """Small derived datasets, rewritten whole. zarr warns that its v3 string dtype may
-    change; these coordinates are plain labels that any reader can decode."""
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*string.*", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        ds.to_zarr(store, group=group, mode="w", consolidated=False, zarr_format=3)
-
-
-def _write_fit(group: zarr.Group, model: str, layer: str, fit) -> None:
-    sub = group.require_group(f"{model}/{layer}")
+def _write_fit(store: str, run_id: str, model: str, layer: str, fit) -> None:
+    path = lay.run_layer_path(run_id, model, layer)
     arrays = {"weights": (fit.weights, ["step", "channel"]), "bias": (fit.bias, ["step"]),
               "lam": (fit.lam, ["step"]), "cv_score": (fit.cv_score.reshape(
                   fit.cv_score.shape[0], -1), ["step", "lambda"])}
     for name, (values, dims) in arrays.items():
         values = np.asarray(values, np.float32)
-        sub.create_array(name, data=values, dimension_names=dims)
-    sub.attrs.update({"solver": fit.solver, "lambdas": np.asarray(fit.lambdas).tolist(),
-                      "ridge_fallback_steps": list(fit.ridge_fallback_steps)})
+        arr = st.create_array(store, f"{path}/{name}", shape=values.shape,
+                              chunks=values.shape, dtype="float32", dims=dims)
+        arr[...] = values
+    io.put_group(store, path, {"solver": fit.solver,
+                               "lambdas": np.asarray(fit.lambdas).tolist(),
+                               "ridge_fallback_steps": list(fit.ridge_fallback_steps)})
 
 
 def list_runs(store: str) -> dict[str, dict]:
     """Complete probe runs (their attributes are written last) by run id."""
-    try:
-        group = zarr.open_group(store, path=PROBES, mode="r")
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return {}
-    return {name: dict(sub.attrs) for name, sub in sorted(group.groups())
-            if "target" in sub.attrs}
+    out = {}
+    for name in io.list_dir(store, PROBES):
+        attrs = io.node_attrs(store, lay.run_path(name)) or {}
+        if lay.RUN_KEY in attrs:
+            out[name] = attrs
+    return out
 
 
 def latest_run(store: str, target: str) -> str | None:
-    runs = [r for r, a in list_runs(store).items() if a["target"] == target]
-    return max(runs, key=lambda r: list_runs(store)[r]["created"]) if runs else None
+    runs = {r: a for r, a in list_runs(store).items() if a["target"] == target}
+    return max(runs, key=lambda r: (runs[r]["created"], r)) if runs else None
 
 
 def get_run(store: str, run_id: str) -> dict:
@@ -189,7 +193,7 @@ def load_probe(store: str, run_id: str, layer: str, model: str = "trained") -> d
     if layer not in attrs["layers"] or model not in attrs["models"]:
         raise ActstoreError(f"probe run {run_id}: has no probe for model {model!r}, layer "
                             f"{layer!r}; it has layers {', '.join(attrs['layers'])}")
-    sub = zarr.open_group(store, path=f"{PROBES}/{run_id}/{model}/{layer}", mode="r")
+    sub = io.open_group(store, lay.run_layer_path(run_id, model, layer))
     return {"weights": sub["weights"][...], "bias": sub["bias"][...], "lam": sub["lam"][...],
             "steps": list(attrs["steps"]), "kind": attrs["kind"], "target": attrs["target"],
             "solver": sub.attrs["solver"]}
@@ -205,12 +209,12 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
 
 def open_scores(store: str, run_id: str) -> xr.Dataset:
     get_run(store, run_id)
-    return _plain_strings(xr.open_zarr(store, group=f"{PROBES}/{run_id}/scores",
-                                       consolidated=False))
+    return _plain_strings(io.open_dataset(store, lay.run_scores_path(run_id)))
 
 
-def update_emergence(store: str) -> xr.Dataset:
-    """Rebuild ``emergence/`` from each target's latest run (small: written whole)."""
+def emergence(store: str) -> xr.Dataset:
+    """Emergence from each target's latest run, computed when read: it is small, always
+    agrees with the committed runs, and needs no rewrite a kill could tear."""
     parts = []
     for target in sorted({a["target"] for a in list_runs(store).values()}):
         # object-dtype labels (see _plain_strings): concatenating fixed-width string
@@ -220,10 +224,9 @@ def update_emergence(store: str) -> xr.Dataset:
     if not parts:
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
     score = xr.concat(parts, dim="target", join="outer").rename("score")
-    out = xr.Dataset({"score": score, "emergence_step": emergence_steps(score)})
-    _to_zarr(out, store, EMERGENCE)
-    return out
+    return xr.Dataset({"score": score, "emergence_step": emergence_steps(score)})
 
 
 def open_emergence(store: str) -> xr.Dataset:
-    return _plain_strings(xr.open_zarr(store, group=EMERGENCE, consolidated=False))
+    """The emergence table (target, metric, model, layer[, step]) of the store's runs."""
+    return _plain_strings(emergence(store))

@@ -30,10 +30,17 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+_last_ns = 0
+
+
 def new_id(prefix: str) -> str:
-    """``<prefix>-<UTC time>-<random>``: sorts by time, unique across concurrent writers."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    return f"{prefix}-{stamp}-{uuid.uuid4().hex[:6]}"
+    """``<prefix>-<UTC time to the microsecond>-<random>``: sorts by time (strictly within
+    a process), unique across concurrent writers."""
+    global _last_ns
+    ns = max(time.time_ns(), _last_ns + 1000)
+    _last_ns = ns
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns // 10**9))
+    return f"{prefix}-{stamp}{ns // 1000 % 10**6:06d}-{uuid.uuid4().hex[:6]}"
 
 
 # -- completion records of image blocks -------------------------------------------------

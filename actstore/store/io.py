@@ -15,6 +15,7 @@ only and never written into a store.
 from __future__ import annotations
 
 import json
+import os
 import threading
 from dataclasses import dataclass
 
@@ -145,10 +146,19 @@ def list_dir(uri: str, path: str) -> list[str]:
 
 def remove(uri: str, path: str) -> None:
     """Delete every key under ``path`` (nothing there is fine)."""
+    loc = location(uri)
     try:
-        sync(location(uri).store.delete_dir(path.strip("/")))
+        sync(loc.store.delete_dir(path.strip("/")))
     except FileNotFoundError:
         pass
+    if loc.protocol == "file":   # a local disk keeps emptied folders: drop them too
+        parts = path.strip("/").split("/")
+        for i in range(len(parts) - 1, 0, -1):
+            folder = os.path.join(loc.root, *parts[:i])
+            try:
+                os.rmdir(folder)
+            except OSError:   # not empty (or gone): its ancestors are not empty either
+                break
 
 
 def store_nonempty(uri: str) -> bool:

@@ -1,0 +1,114 @@
+"""Label targets as immutable versions made visible by one commit record per label run.
+
+A label run writes each target into a fresh version ``labels/<target>/<version>/`` and
+then commits the whole set with one PUT of ``labels/_commits/<id>/zarr.json``, whose
+attributes name every target of the set with its attributes and version. A target's
+current labels are those of the newest commit naming it, so a multi-target run becomes
+visible all at once or not at all, an overwrite replaces the old labels in one step
+(readers never see a half-written target), and no rename is needed anywhere.
+
+Stores written before commit records (schema 1) hold a target's arrays and attributes
+directly in ``labels/<target>/``; those are read as they are until overwritten.
+"""
+
+from __future__ import annotations
+
+from actstore.store import commit, io
+from actstore.store import layout as lay
+
+VERSION_PREFIX = "v-"
+
+
+def current(store: str) -> dict[str, dict]:
+    """Every visible target → its attributes, with ``path``: the group holding its arrays."""
+    out: dict[str, dict] = {}
+    for name in io.list_dir(store, lay.LABELS):
+        if name.startswith(("_", ".")) or name == io.META:
+            continue
+        attrs = io.node_attrs(store, lay.label_target_path(name)) or {}
+        if lay.LABEL_TARGET_KEY in attrs:   # schema 1
+            out[name] = {**attrs, "path": lay.label_target_path(name)}
+    for cid, record in _commits(store):
+        for target, attrs in record.items():
+            out[target] = {**attrs, "commit": cid,
+                           "path": lay.label_version_path(target, attrs["version"])}
+    return out
+
+
+def _commits(store: str) -> list[tuple[str, dict]]:
+    """(commit id, {target: attrs}) oldest first (ids sort by time)."""
+    out = []
+    for cid in io.list_dir(store, f"{lay.LABELS}/{lay.COMMITS}"):
+        attrs = io.node_attrs(store, lay.label_commit_path(cid))
+        if attrs and lay.LABELS_COMMIT_KEY in attrs:
+            out.append((cid, attrs[lay.LABELS_COMMIT_KEY]))
+    return sorted(out)
+
+
+def begin(store: str, targets: list[str]) -> dict[str, str]:
+    """A fresh version path per target, each marked as being written by this process.
+
+    Versions of these targets left by dead writers are removed first."""
+    collect(store, targets)
+    version = commit.new_id("v")
+    paths = {t: lay.label_version_path(t, version) for t in targets}
+    for path in paths.values():
+        commit.begin(store, path)
+    return paths
+
+
+def abort(store: str, paths: dict[str, str]) -> None:
+    """Remove uncommitted versions (a failed run leaves the store as it was)."""
+    for path in paths.values():
+        io.remove(store, path)
+
+
+def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str:
+    """Make every target of ``paths`` visible at once: one PUT of the commit record."""
+    for t, path in paths.items():
+        io.put_group(store, path, attrs[t])     # plain zarr readers see the attrs there too
+        if lay.LABEL_TARGET_KEY not in (io.node_attrs(store, lay.label_target_path(t)) or {}):
+            io.put_group(store, lay.label_target_path(t))
+    io.put_group(store, f"{lay.LABELS}/{lay.COMMITS}")
+    io.put_group(store, lay.LABELS)
+    cid = commit.new_id("c")
+    record = {t: {**attrs[t], "version": path.rsplit("/", 1)[-1]} for t, path in paths.items()}
+    io.put_group(store, lay.label_commit_path(cid), {lay.LABELS_COMMIT_KEY: record})
+    for path in paths.values():
+        commit.end(store, path)
+    collect(store, list(paths))
+    return cid
+
+
+def collect(store: str, targets: list[str]) -> None:
+    """Remove what no reader can reach any more: versions of ``targets`` from dead
+    writers, superseded versions and schema-1 arrays, and commit records that name only
+    superseded versions."""
+    commits = _commits(store)
+    newest: dict[str, str] = {}
+    for cid, record in commits:
+        for t in record:
+            newest[t] = cid
+    for t in targets:
+        live = {rec[t]["version"] for cid, rec in commits if t in rec and newest[t] == cid}
+        for name in io.list_dir(store, lay.label_target_path(t)):
+            path = lay.label_version_path(t, name)
+            if name.startswith(VERSION_PREFIX):
+                if name in live:
+                    if io.exists(store, io.key(lay.pending_path(path))):
+                        commit.end(store, path)
+                elif _superseded(name, t, commits) or commit.abandoned(
+                        commit.writer_of(store, path)):
+                    io.remove(store, path)
+            elif t in newest and name != io.META:   # schema-1 arrays, now superseded
+                io.remove(store, path)
+        if t in newest and lay.LABEL_TARGET_KEY in (
+                io.node_attrs(store, lay.label_target_path(t)) or {}):
+            io.put_group(store, lay.label_target_path(t))
+    for cid, record in commits:
+        if all(newest[t] != cid for t in record):
+            io.remove(store, lay.label_commit_path(cid))
+
+
+def _superseded(version: str, target: str, commits: list[tuple[str, dict]]) -> bool:
+    return any(target in rec and rec[target]["version"] == version for _, rec in commits)
