@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from actstore.generation.capture import attn1_hooks
 from actstore.generation.sampling import GenerationConfig, generate
-from actstore.label.providers import BINARY
+from actstore.kinds import BINARY
 from actstore.generation.models import LoadedModel
 
 METHODS = ("projection", "gradient")

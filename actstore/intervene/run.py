@@ -42,7 +42,7 @@ from actstore.intervene.results import (completed_blocks, create_experiment, gro
                                          list_interventions, write_summary)
 from actstore.intervene.targets import (DEFAULT_MARGIN, SHIFT_RANGE, load_user_targets,
                                            make_targets, token_targets)
-from actstore.label.providers import BINARY
+from actstore.kinds import BINARY
 from actstore.label.labels import TARGET_NAME, list_targets
 from actstore.metrics import dice, rmse
 from actstore.generation.models import LoadedModel

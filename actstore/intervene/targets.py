@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from actstore.errors import ActstoreError
-from actstore.label.providers import BINARY
+from actstore.kinds import BINARY
 from actstore.metrics import pool
 
 SHIFT_RANGE = (90 / 512, 120 / 512)   # the paper's ±90-120 px at 512 px, as a side fraction

@@ -38,11 +38,11 @@ from actstore.store import core as st
 from actstore.store import io, labelsets
 from actstore.store.view import StoreView
 from actstore.store.codecs import DEFAULT_CODEC
-from actstore.store.layout import LABELS  # noqa: F401  (re-exported)
 from actstore.errors import ActstoreError
 from actstore.label.passes import (_Ctx, _write_full, _write_pooled, _write_x0,
                                    resolution_name)
-from actstore.label.providers import CONTINUOUS, KINDS, LabelProvider, get_provider
+from actstore.kinds import CONTINUOUS, KINDS
+from actstore.label.providers import LabelProvider, get_provider
 from actstore.progress import Progress
 
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")

@@ -13,7 +13,7 @@ import numpy as np
 
 from actstore.store import core as st
 from actstore.errors import ActstoreError
-from actstore.label.providers import BINARY, CONTINUOUS
+from actstore.kinds import BINARY, CONTINUOUS
 from actstore.metrics import pool
 
 

@@ -27,9 +27,8 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from actstore.errors import ActstoreError
+from actstore.kinds import BINARY, CONTINUOUS, KINDS
 
-BINARY, CONTINUOUS = "binary", "continuous"
-KINDS = (BINARY, CONTINUOUS)
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_FORMS = ("toyworld[:<folder>]", "hf-depth:<folder>", "hf-segmentation:<folder>",
               "array:<.npz or zarr group>")

@@ -29,7 +29,7 @@ from actstore import metrics as mt
 from actstore.probe import solvers as pb
 from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
-from actstore.label.providers import BINARY
+from actstore.kinds import BINARY
 from actstore.runtime import dask_threads
 
 BINARY_METRICS = ("dice",)

@@ -1,0 +1,160 @@
+"""Every command on s3:// (a real S3 API: moto's server on loopback, started by the test
+session), with the local disk's guarantees: same bytes, kill -9 then rerun identical,
+fresh listings for long-lived readers, credentials never stored, bad locations refused
+in one line with nothing written."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import fsspec
+import numpy as np
+import pytest
+
+from actstore.errors import ActstoreError
+from actstore.generation.materialize import materialize
+from actstore.generation.sampling import GenerationConfig
+from actstore.intervene.results import open_intervention
+from actstore.intervene.run import run_interventions
+from actstore.label.labels import list_targets, open_labels, write_labels
+from actstore.probe.runs import load_probe, open_emergence, open_scores, run_probes
+from actstore.store.core import completed_blocks
+from actstore.store.view import open_store
+from conftest import DEMO, REPO, S3_KEY_ID, S3_SECRET, TINY
+from storecheck import assert_same_store
+from test_interventions import PixelLabels
+
+pytestmark = pytest.mark.usefixtures("s3_server")
+STEPS = 2
+LAYERS = ["up_blocks.3.attentions.0", "up_blocks.2.attentions.0"]
+
+
+def _pipeline(uri: str, model) -> dict:
+    """materialize → label (two targets in one set) → probe → intervene, as a user would."""
+    materialize(model, DEMO, uri, gen=GenerationConfig(steps=STEPS), batch_size=4,
+                block_size=4, progress=False)
+    write_labels(uri, PixelLabels(), ["salient", "depth"], on_x0=False, progress=False)
+    run = run_probes(uri, "salient", layers=LAYERS, steps=[0, 1], scheduler="threads",
+                     progress=False)
+    exp = run_interventions(uri, run, "salient", method="projection", layers=LAYERS,
+                            steps=[0], images="12:16", n_targets=1, provider=PixelLabels(),
+                            model=model, progress=False)
+    return {"run": run, "experiment": exp["experiment_id"]}
+
+
+@pytest.fixture(scope="module")
+def local_pipeline(tmp_path_factory, tiny_model):
+    uri = str(tmp_path_factory.mktemp("s3ref") / "ref.zarr")
+    return uri, _pipeline(uri, tiny_model)
+
+
+def test_pipeline_on_s3_equals_local(bucket, tiny_model, local_pipeline):
+    ref, ref_ids = local_pipeline
+    uri = f"s3://{bucket}/pipe.zarr"
+    ids = _pipeline(uri, tiny_model)
+    # Activations, images, coordinates: the very same objects, attribute by attribute.
+    assert_same_store(uri, ref, skip=("labels", "probes", "interventions"))
+    view = open_store(uri)
+    assert len(view.image_index) == 16 and repr(view).count("16/16")
+    assert set(list_targets(uri)) == {"salient", "depth"}
+    for t in ("salient", "depth"):
+        np.testing.assert_array_equal(open_labels(uri, t)["r8"].values,
+                                      open_labels(ref, t)["r8"].values)
+    for layer in LAYERS:
+        np.testing.assert_allclose(load_probe(uri, ids["run"], layer)["weights"],
+                                   load_probe(ref, ref_ids["run"], layer)["weights"], atol=1e-6)
+    np.testing.assert_allclose(open_scores(uri, ids["run"])["mean"].values,
+                               open_scores(ref, ref_ids["run"])["mean"].values, atol=1e-6)
+    assert open_emergence(uri)["score"].shape == open_emergence(ref)["score"].shape
+    got, want = open_intervention(uri, ids["experiment"]), open_intervention(ref, ref_ids["experiment"])
+    np.testing.assert_array_equal(got["output"].values, want["output"].values)
+    # Credentials are never written: not in any object, attribute or provenance.
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    for path in fs.find(bucket):
+        data = fs.cat_file(path)
+        assert S3_SECRET.encode() not in data and S3_KEY_ID.encode() not in data, path
+
+
+def test_long_lived_reader_sees_blocks_finished_later(bucket, tiny_model):
+    uri = f"s3://{bucket}/grow.zarr"
+    kw = dict(gen=GenerationConfig(steps=STEPS), batch_size=4, block_size=4, progress=False)
+    materialize(tiny_model, DEMO, uri, images="0:4", **kw)
+    reader = open_store(uri)
+    assert len(reader.image_index) == 4
+    materialize(tiny_model, DEMO, uri, images="4:12", **kw)
+    assert len(open_store(uri).image_index) == 12          # a new view in the same process
+    assert len(reader.refresh().image_index) == 12         # the old view, refreshed
+    assert completed_blocks(uri, "trained") == {(0, 4), (4, 8), (8, 12)}
+
+
+ARGS = ["--model", "tiny-random", "--prompts", "demo", "--steps", str(TINY["steps"]),
+        "--batch-size", str(TINY["batch_size"]), "--block-size", str(TINY["block_size"])]
+
+
+def _cli(*args, env=None, **kw):
+    cmd = [sys.executable, "-m", "flows.cli", "--no-prefect", "--quiet", *args]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+                            **kw)
+
+
+def test_kill_minus_9_during_s3_materialize_then_rerun_equals_local(bucket, tiny_store):
+    uri = f"s3://{bucket}/killed.zarr"
+    proc = _cli("materialize", "--store", uri, *ARGS)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if completed_blocks(uri, "trained"):
+                break
+        except ActstoreError:
+            pass
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    done = _cli("materialize", "--store", uri, *ARGS)
+    out, err = done.communicate(timeout=600)
+    assert done.returncode == 0, err[-2000:]
+    assert S3_SECRET not in out + err
+    assert_same_store(uri, tiny_store)
+
+
+def test_unreachable_endpoint_is_one_line_and_writes_nothing(bucket):
+    """Through the command line: one line on stderr, non-zero exit, no traceback."""
+    uri = f"s3://{bucket}/s.zarr"
+    proc = _cli("materialize", "--store", uri, *ARGS,
+                env={"AWS_ENDPOINT_URL": "http://127.0.0.1:9"})   # discard port: no listener
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    assert f"store {uri}: can't reach the object store" in lines[0]
+    assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "missing credentials"])
+def test_bad_object_store_is_one_line_and_writes_nothing(case, bucket, tiny_model, tmp_path,
+                                                         monkeypatch):
+    uri = f"s3://{bucket}/s-{case.split()[1]}.zarr"
+    if case == "missing bucket":
+        uri, want = "s3://no-such-bucket-here/s.zarr", "bucket 'no-such-bucket-here' does not"
+    else:
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.delenv(k)
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        want = "no credentials found"
+    for call in (lambda: open_store(uri),
+                 lambda: materialize(tiny_model, DEMO, uri, gen=GenerationConfig(steps=STEPS),
+                                     progress=False)):
+        with pytest.raises(ActstoreError, match=want) as info:
+            call()
+        assert "\n" not in str(info.value) and str(info.value).startswith(f"store {uri}: ")
+        assert S3_SECRET not in str(info.value)
+    monkeypatch.undo()
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    assert fs.find(bucket) == [] and not fs.exists("no-such-bucket-here")
