@@ -108,6 +108,7 @@ def write_labels(store: str, provider: str | LabelProvider,
         labelsets.abort(store, paths)
         raise
     finally:
+        labelsets.release(paths)
         bar.close()
     seconds = time.perf_counter() - t0
     out = {t: {"store": store, "target": t, "kind": kinds[t], "provider": spec,

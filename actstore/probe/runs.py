@@ -102,13 +102,15 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
     commit.collect(store, PROBES, lambda name: lay.RUN_KEY in (
         io.node_attrs(store, lay.run_path(name)) or {}))   # runs killed earlier
     run_id = commit.new_id(target)
-    commit.begin(store, lay.run_path(run_id))
+    token = commit.begin(store, lay.run_path(run_id))
     try:
         return _fit_and_commit(store, run_id, target, attrs, per_layer, views, layers, steps,
                                n_folds, scheduler, progress)
     except BaseException:
         io.remove(store, lay.run_path(run_id))   # a failed run leaves nothing
         raise
+    finally:
+        commit.release(token)
 
 
 def _fit_and_commit(store, run_id, target, attrs, per_layer, views, layers, steps, n_folds,

@@ -63,13 +63,28 @@ def completed_blocks_at(uri: str, group: str) -> set[tuple[int, int]]:
 
 # -- writers in progress ----------------------------------------------------------------
 
-def writer_info() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+# Writes in progress in this process: a pending group of this pid whose token is not here
+# was left by a run of this process that failed or crashed, so it is garbage too.
+_ACTIVE: set[str] = set()
 
 
-def begin(uri: str, path: str) -> None:
-    """Say who writes under ``path`` until its marker exists (for later clean-up)."""
-    io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: writer_info()})
+def writer_info(token: str) -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "token": token,
+            "started": time.time()}
+
+
+def begin(uri: str, path: str) -> str:
+    """Say who writes under ``path`` until its marker exists (for later clean-up);
+    returns the token to :func:`release` when this process stops writing there."""
+    token = uuid.uuid4().hex
+    _ACTIVE.add(token)
+    io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: writer_info(token)})
+    return token
+
+
+def release(token: str) -> None:
+    """This process no longer writes under that path (committed, failed or crashed)."""
+    _ACTIVE.discard(token)
 
 
 def end(uri: str, path: str) -> None:
@@ -85,6 +100,8 @@ def abandoned(info: dict | None, now: float | None = None) -> bool:
         return True
     if info.get("host") != socket.gethostname():
         return False
+    if info.get("pid") == os.getpid():
+        return info.get("token") not in _ACTIVE
     try:
         os.kill(int(info["pid"]), 0)
     except ProcessLookupError:

@@ -53,8 +53,17 @@ def begin(store: str, targets: list[str]) -> dict[str, str]:
     version = commit.new_id("v")
     paths = {t: lay.label_version_path(t, version) for t in targets}
     for path in paths.values():
-        commit.begin(store, path)
+        _TOKENS[path] = commit.begin(store, path)
     return paths
+
+
+_TOKENS: dict[str, str] = {}
+
+
+def release(paths: dict[str, str]) -> None:
+    """This process stops writing these versions (committed, removed, or crashed)."""
+    for path in paths.values():
+        commit.release(_TOKENS.pop(path, ""))
 
 
 def abort(store: str, paths: dict[str, str]) -> None:
