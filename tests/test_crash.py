@@ -19,6 +19,8 @@ from actstore.generation.materialize import materialize
 from actstore.generation.sampling import GenerationConfig
 from actstore.store.view import open_store
 from conftest import DEMO, REPO
+from test_interventions import PixelLabels, ivstore  # noqa: F401  (fixture)
+from test_interventions import LAYERS as IV_LAYERS
 from storecheck import assert_same_store, snapshot
 
 # 6 images in blocks of 4: a whole block and a short last one; 2 steps keep a run ~3 s.
@@ -181,4 +183,46 @@ def test_kill_minus_9_at_write_then_rerun_is_identical(point, tmp_path, referenc
     assert killed.returncode == -9, killed.stderr[-2000:]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_store(str(path), ref)
+
+
+@pytest.fixture(scope="module")
+def experiment_ref(tmp_path_factory, ivstore, tiny_model):
+    """An uninterrupted intervention experiment on a copy of the probed store."""
+    import shutil
+
+    from actstore.intervene.run import run_interventions
+
+    faults.register()
+    path = tmp_path_factory.mktemp("exp") / "ref.zarr"
+    shutil.copytree(ivstore["uri"], path)
+    faults.FaultyFileSystem.reset()
+    kw = dict(method="projection", layers=IV_LAYERS, steps=[0], images="12:16", n_targets=1,
+              provider=PixelLabels(), model=tiny_model, progress=False)
+    out = run_interventions(faults.url(path), ivstore["runs"]["salient"], "salient", **kw)
+    return str(path), out["experiment_id"], list(faults.FaultyFileSystem.log), kw
+
+
+# Experiment writes: array metadata and the image ids/positions (1-13), its block records'
+# group and the parent group (14-15), the settings marker (16), then the block and its
+# record, and the summary (last).
+@pytest.mark.parametrize("point", [5, 16, -1])
+def test_experiment_crash_at_write_then_rerun_is_identical(point, tmp_path, ivstore,
+                                                           experiment_ref):
+    import shutil
+
+    from actstore.intervene.results import list_interventions
+    from actstore.intervene.run import run_interventions
+
+    ref, exp, log, kw = experiment_ref
+    n = len(log) if point == -1 else point
+    path = tmp_path / "s.zarr"
+    shutil.copytree(ivstore["uri"], path)
+    faults.FaultyFileSystem.reset(faults.Plan("crash", n))
+    with pytest.raises(Exception):
+        run_interventions(faults.url(path), ivstore["runs"]["salient"], "salient", **kw)
+    assert faults.FaultyFileSystem.stopped
+    faults.FaultyFileSystem.reset()
+    assert exp not in list_interventions(str(path))
+    run_interventions(faults.url(path), ivstore["runs"]["salient"], "salient", **kw)
     assert_same_store(str(path), ref)
