@@ -58,8 +58,9 @@ from zarr.codecs import BloscCodec
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actstore.store.codecs import CODEC_NAMES  # noqa: E402
+from actstore.store.io import put_group  # noqa: E402
 from actstore.store.core import (  # noqa: E402
-    BlockWriter, _create_array, block_arrays, block_layout, model_path)
+    BlockWriter, block_arrays, block_layout, create_array, model_path)
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 
@@ -90,18 +91,21 @@ def disk_bytes(path: str) -> int:
 
 
 def create_zarr(root: str, blocks: dict[str, np.ndarray], copies: int, codec: str) -> None:
-    """The arrays, made by the store's own ``_create_array`` with ``block_layout``'s
+    """The arrays, made by the store's own ``create_array`` with ``block_layout``'s
     chunks and shards: made once per store, so not timed."""
-    group = zarr.open_group(root, mode="w", zarr_format=3)
-    model = group.require_group("models/m")
+    zarr.open_group(root, mode="w", zarr_format=3)
+    model = model_path("m")
     b = next(iter(blocks.values())).shape[0]
     for layer, data in blocks.items():
         shape = (b * copies,) + data.shape[1:]
         chunks, shards = block_layout(shape, b, data.dtype.itemsize, lead=2)
-        _create_array(model, f"layers/{layer}/activation", shape=shape, chunks=chunks,
-                      shards=shards, dtype=data.dtype, dims=None, codec=codec)
-    _create_array(model, "final_image", shape=(b * copies, 1, 1, 3), chunks=(b, 1, 1, 3),
-                  dtype="uint8", dims=None)
+        create_array(root, f"{model}/layers/{layer}/activation", shape=shape, chunks=chunks,
+                     shards=shards, dtype=data.dtype, dims=None, codec=codec)
+        put_group(root, f"{model}/layers/{layer}")
+    create_array(root, f"{model}/final_image", shape=(b * copies, 1, 1, 3),
+                 chunks=(b, 1, 1, 3), dtype="uint8", dims=None)
+    for group in (f"{model}/layers", model, "models"):
+        put_group(root, group)
 
 
 def write_zarr(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
