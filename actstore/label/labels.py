@@ -39,7 +39,7 @@ from actstore.store import io, labelsets
 from actstore.store.view import StoreView
 from actstore.store.codecs import DEFAULT_CODEC
 from actstore.errors import ActstoreError
-from actstore.label.passes import (_Ctx, _write_full, _write_pooled, _write_x0,
+from actstore.label.passes import (PassContext, write_full, write_pooled, write_x0,
                                    resolution_name)
 from actstore.kinds import CONTINUOUS, KINDS
 from actstore.label.providers import LabelProvider, get_provider
@@ -88,18 +88,18 @@ def write_labels(store: str, provider: str | LabelProvider,
     if check is not None:
         check(ids, hw)
     x0_note = _x0_decision(view, on_x0, by_ids)
-    ctx = _Ctx(kinds, spec, prov, ids, hw, view.block_size, batch_size)
+    ctx = PassContext(kinds, spec, prov, ids, hw, view.block_size, batch_size)
     n_steps = view.n_steps if x0_note is None else 0
     bar = Progress(len(ids), 1 + n_steps, f"label {', '.join(targets)}", enabled=progress)
     paths = labelsets.begin(store, targets)
     try:
         groups = {t: _version_arrays(store, paths[t], len(ids), hw, grids, n_steps,
                                      view.block_size) for t in targets}
-        stats = _write_full(ctx, groups, final, by_ids, train, bar)
+        stats = write_full(ctx, groups, final, by_ids, train, bar)
         for t in targets:
-            _write_pooled(ctx, groups[t], grids, *stats[t])
+            write_pooled(ctx, groups[t], grids, *stats[t])
         if n_steps:
-            _write_x0(ctx, groups, st.model_array(store, source_model, "x0_image"),
+            write_x0(ctx, groups, st.model_array(store, source_model, "x0_image"),
                       stats, bar)
         attrs = {t: _target_attrs(ctx, t, source_model, *stats[t], int(train.sum()), grids,
                                   x0_note) for t in targets}
@@ -142,7 +142,7 @@ def _target_kind(prov, spec: str, target: str) -> str:
     return kind
 
 
-def _target_attrs(ctx: _Ctx, target: str, source_model: str, mean, std, n_train: int,
+def _target_attrs(ctx: PassContext, target: str, source_model: str, mean, std, n_train: int,
                   grids: dict, x0_note: str | None) -> dict:
     """Provenance and normalization: enough to undo the z-score and to redo the labels."""
     prov, kind = ctx.prov, ctx.kinds[target]

@@ -21,7 +21,7 @@ def resolution_name(h: int, w: int) -> str:
     return f"r{h}" if h == w else f"r{h}x{w}"
 
 
-class _Ctx:
+class PassContext:
     """What every pass needs to know to check a provider's output and name culprits."""
 
     def __init__(self, kinds: dict[str, str], spec, prov, ids, hw, block, batch_size):
@@ -86,7 +86,7 @@ class _Moments:
         self.n = tot
 
 
-def _write_full(ctx: _Ctx, groups: dict, final, by_ids, train: np.ndarray, bar) -> dict:
+def write_full(ctx: PassContext, groups: dict, final, by_ids, train: np.ndarray, bar) -> dict:
     """Pass 1: raw labels per block; returns each target's (mean, std), (None, None) if binary."""
     moments = {t: _Moments() for t, kind in ctx.kinds.items() if kind == CONTINUOUS}
     for a, b in st.blocks_of(len(ctx.ids), ctx.block):
@@ -119,7 +119,7 @@ def _normalize(raw: np.ndarray, mean, std) -> np.ndarray:
     return ((raw.astype(np.float64) - mean) / std).astype(np.float32)
 
 
-def _write_pooled(ctx: _Ctx, group, grids: dict, mean, std) -> None:
+def write_pooled(ctx: PassContext, group, grids: dict, mean, std) -> None:
     """Pass 2, per target: normalize ``full`` in place and pool it to every layer's grid."""
     sizes = sorted(set(grids.values()), reverse=True)
     for a, b in st.blocks_of(len(ctx.ids), ctx.block):
@@ -130,7 +130,7 @@ def _write_pooled(ctx: _Ctx, group, grids: dict, mean, std) -> None:
             group[resolution_name(h, w)][a:b] = pool(full, (h, w)).astype(np.float32)
 
 
-def _write_x0(ctx: _Ctx, groups: dict, x0_image, stats: dict, bar) -> None:
+def write_x0(ctx: PassContext, groups: dict, x0_image, stats: dict, bar) -> None:
     """Pass 3: the provider on every step's decoded x0, with the final images' constants."""
     for a, b in st.blocks_of(len(ctx.ids), ctx.block):
         imgs = np.asarray(x0_image[a:b])
