@@ -1,11 +1,20 @@
-"""Where Dask work runs: an existing cluster (``--scheduler ADDRESS``) or a local one."""
+"""Where Dask work runs: an existing cluster (``--scheduler``/``--cluster ADDRESS``) or a
+local one (threads for the probe grid, worker processes for materialize)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from contextlib import contextmanager
 
+from actstore.errors import ActstoreError
 from actstore.runtime import dask_threads
+
+# Imported by each local worker as it starts (torch, diffusers, zarr: seconds each), all
+# workers at once, instead of one after the other as their first regions arrive.
+WORKER_PRELOAD = "actstore.generation.regions"
+SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
 
 
 @contextmanager
@@ -30,3 +39,76 @@ def dask_scheduler(address: str | None = None):
                       dashboard_address=None, silence_logs=logging.WARNING) as cluster, \
             Client(cluster) as client:
         yield client
+
+
+def worker_threads(workers: int) -> int:
+    """torch threads for each of ``workers`` processes sharing this machine's cores:
+    $ACTSTORE_THREADS if set, else an equal share (one each when workers >= cores), so
+    the processes never wait on each other's descheduled OpenMP threads."""
+    env = os.environ.get("ACTSTORE_THREADS")
+    return max(1, int(env) if env else (os.cpu_count() or 1) // max(1, workers))
+
+
+@contextmanager
+def local_workers(workers: int):
+    """A local cluster of ``workers`` processes, one task at a time each; yields its address.
+
+    Processes, not threads: each holds its own model and runs the UNet with its own torch
+    threads (:func:`worker_threads`) outside the others' GIL.
+    """
+    if workers < 1:
+        raise ActstoreError(f"--workers {workers}: must be at least 1")
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=logging.WARNING,
+                      env={"ACTSTORE_THREADS": str(worker_threads(workers))},
+                      preload=[WORKER_PRELOAD]) as cluster:
+        yield cluster.scheduler_address
+
+
+def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
+    """Workers of the scheduler at ``address`` (count, and how many offer a GPU resource),
+    or a one-line error within about ``2 × timeout`` seconds if no scheduler answers (a
+    server of another kind can keep distributed's handshake waiting far longer, so the
+    wait is bounded here, in a daemon thread that is abandoned if it hangs)."""
+    hint = (f"start one with `dask scheduler` and its workers with `dask worker {address}`, "
+            "or use --workers N for a local cluster")
+    if "://" not in address and ":" not in address:
+        raise ActstoreError(f"--cluster {address}: not a scheduler address; use "
+                            "tcp://HOST:PORT (what `dask scheduler` prints)")
+    answer: dict = {}
+
+    def ask() -> None:
+        from distributed import Client
+
+        try:
+            with Client(address, timeout=timeout) as client:
+                try:
+                    client.wait_for_workers(1, timeout=timeout)
+                except TimeoutError:
+                    answer["error"] = (f"the scheduler answers but has no workers after "
+                                       f"{timeout:g} s")
+                    return
+                answer["workers"] = list(client.scheduler_info(n_workers=-1)["workers"].values())
+        except Exception as exc:  # noqa: BLE001 - whatever went wrong, it is not a scheduler
+            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            answer["error"] = f"no Dask scheduler answered ({why[:160]})"
+
+    thread = threading.Thread(target=ask, daemon=True, name="actstore-check-scheduler")
+    thread.start()
+    thread.join(2 * timeout + 1)
+    if "workers" not in answer:
+        why = answer.get("error", f"no Dask scheduler answered within {2 * timeout + 1:g} s")
+        raise ActstoreError(f"--cluster {address}: {why}; {hint}")
+    workers = answer["workers"]
+    return {"address": address, "workers": len(workers),
+            "gpu_workers": sum(1 for w in workers if w.get("resources", {}).get("GPU"))}
+
+
+def default_workers(device: str) -> int:
+    """Local worker processes that pay off for materialize: one per core on a CPU (each
+    runs the UNet on its own core), one on a GPU (a second process would share it)."""
+    from actstore.generation.models import resolve_device
+
+    return (os.cpu_count() or 1) if resolve_device(device).type == "cpu" else 1

@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from actstore.generation.sampling import GenerationConfig  # noqa: E402
-from actstore.generation.materialize import CaptureConfig, materialize  # noqa: E402
+from actstore.generation.materialize import (CaptureConfig, MaterializeSettings,  # noqa: E402
+                                              materialize)
 from actstore.generation.models import diffusers_pipeline, load_model  # noqa: E402
 from actstore.generation.prompts import load_prompts  # noqa: E402
 
@@ -66,8 +67,9 @@ def main() -> None:
         for name, x0 in (("materialize", False), ("materialize+x0", True)):
             with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
                 t = time.perf_counter()
-                materialize(model, str(table), f"{tmp}/s.zarr", batch_size=batch,
-                            block_size=batch, gen=gen, cap=CaptureConfig(x0=x0),
+                materialize(model, str(table), f"{tmp}/s.zarr",
+                            MaterializeSettings(gen=gen, cap=CaptureConfig(x0=x0),
+                                                batch_size=batch, block_size=batch),
                             progress=False)
                 times[name].append(time.perf_counter() - t)
         print(f"repeat {r}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()),

@@ -60,12 +60,14 @@ def tiny_store(folder: Path, steps: int) -> tuple[str, dict[str, str]]:
     """A tiny-random store with pixel labels and probes on the paper's default cells."""
     from actstore.generation.sampling import GenerationConfig
     from actstore.label.labels import write_labels
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
     from actstore.probe.runs import run_probes
 
     uri = str(folder / "bench.zarr")
-    materialize("tiny-random", DEMO, uri, batch_size=4, gen=GenerationConfig(steps=steps),
-                block_size=4, device="cpu", progress=False)
+    materialize("tiny-random", DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=steps), batch_size=4,
+                                    device="cpu", block_size=4),
+                progress=False)
     runs = {}
     for target, n_steps in (("salient", 5), ("depth", 3)):
         write_labels(uri, PixelLabels(), target, on_x0=False, progress=False)

@@ -71,16 +71,17 @@ def source_blocks(store: str | None, block: int, model: str = "tiny-random",
     ``store`` or materialized from ``model`` (tiny-random, sd14 or a folder)."""
     if store is None:
         from actstore.generation.sampling import GenerationConfig
-        from actstore.generation.materialize import CaptureConfig, materialize
+        from actstore.generation.materialize import CaptureConfig, MaterializeSettings, materialize
         if model == "sd14":
             sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
             from sd14 import sd14_folder
             model = sd14_folder()
         store = tempfile.mkdtemp() + "/src.zarr"
-        materialize(model, DEMO, store, images=f"0:{block}", block_size=block,
-                    batch_size=min(block, 2), progress=True, device="cpu",
-                    cap=CaptureConfig(x0=False),  # only activations are benchmarked
-                    gen=GenerationConfig(steps=15, height=size, width=size))
+        materialize(model, DEMO, store,
+                    MaterializeSettings(gen=GenerationConfig(steps=15, height=size, width=size),
+                                        cap=CaptureConfig(x0=False), batch_size=min(block, 2),
+                                        device="cpu", block_size=block),
+                    images=f"0:{block}", progress=True)
     from actstore.store.view import open_store
     view = open_store(store)
     return {layer: view[layer].isel(image=slice(0, block)).values for layer in view.layers}

@@ -39,25 +39,32 @@ def _add_materialize(sub) -> None:
     p.add_argument("--prompts", help="CSV/Parquet table (image_id, prompt, seed[, split]) or "
                    "catalog prompt set (default: the catalog store's prompts)")
     p.add_argument("--images", help="region START:STOP of the prompt table (block-aligned)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--block-size", type=int, help="images per storage shard (new stores only;"
-                   " default 4)")
-    p.add_argument("--steps", type=int)
+    _add_settings_options(p)
+    p.add_argument("--control", choices=["randomized"], help="materialize the randomized-"
+                   "weights control instead of the trained model")
+    p.add_argument("--keep-uncond", action="store_true", default=None, help="also store the "
+                   "unconditional half of the CFG batch")
+    p.add_argument("--no-x0", action="store_true", help="skip decoding x0 at every step")
+    p.add_argument("--grid", help="write a PNG sample grid here when done")
+    p.add_argument("--workers", type=int, help="fan out over a local Dask cluster of N "
+                   "worker processes (each loads the model once)")
+    p.add_argument("--cluster", help="fan out over a running Dask scheduler, e.g. "
+                   "tcp://HOST:8786 (one `dask worker` per GPU)")
+
+
+def _add_settings_options(p) -> None:
+    """Options left unset keep MaterializeSettings' defaults (written there only)."""
+    p.add_argument("--batch-size", type=int, help="images per UNet call")
+    p.add_argument("--block-size", type=int, help="images per storage shard (new stores only)")
+    p.add_argument("--steps", type=int, help="denoising steps")
     p.add_argument("--guidance", type=float, help="default: the store entry's, else the "
                    "model's catalog guidance (toy-ldm: 3), else 7.5")
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
-    p.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
-    p.add_argument("--dtype", help="model dtype: float32 (default) or float16")
-    p.add_argument("--store-dtype", default="float16", choices=["float16", "float32"])
-    p.add_argument("--codec", default="zstd", help="zstd (default), zstd5, lz4, "
-                   "zstd-bitround8 (lossy), none")
-    p.add_argument("--control", choices=["randomized"], help="materialize the randomized-"
-                   "weights control instead of the trained model")
-    p.add_argument("--keep-uncond", action="store_true", help="also store the unconditional "
-                   "half of the CFG batch")
-    p.add_argument("--no-x0", action="store_true", help="skip decoding x0 at every step")
-    p.add_argument("--grid", help="write a PNG sample grid here when done")
+    p.add_argument("--device", help="cpu, cuda[:N] or auto")
+    p.add_argument("--dtype", help="model dtype: float32 or float16")
+    p.add_argument("--store-dtype", choices=["float16", "float32"])
+    p.add_argument("--codec", help="zstd, zstd5, lz4, zstd-bitround8 (lossy), none")
 
 
 def _add_label_probe(sub) -> None:
@@ -101,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--prompts", help="default: toyworld for toy-ldm, demo for tiny-random")
     m.add_argument("--out", default="runs/main", help="folder for the store and figures")
     m.add_argument("--images", help="region START:STOP of the prompt table")
-    m.add_argument("--steps", type=int, default=15)
+    m.add_argument("--steps", type=int, help="denoising steps")
     m.add_argument("--guidance", type=float,
                    help="default: the model's catalog guidance (toy-ldm: 3), else 7.5")
-    m.add_argument("--device", default="auto")
+    m.add_argument("--device", help="cpu, cuda[:N] or auto")
+    m.add_argument("--workers", type=int, help="materialize worker processes (default: one "
+                   "per core on a CPU, one on a GPU)")
     return parser
 
 
@@ -112,6 +121,9 @@ def _materialize(args, catalog) -> dict:
     from actstore.catalog import (resolve_guidance, resolve_model, resolve_prompts,
                                   resolve_store)
 
+    if args.cluster and not args.no_prefect:  # before torch loads: one line within seconds
+        from actstore.cluster import check_scheduler
+        check_scheduler(args.cluster)
     entry = resolve_store(catalog, args.store)
     model_name = args.model or entry["model"]
     prompts_name = args.prompts or entry["prompts"]
@@ -119,36 +131,35 @@ def _materialize(args, catalog) -> dict:
         raise ActstoreError(f"--store {args.store}: not a catalog store with a model and "
                             "prompts, so --model and --prompts are required")
     model = resolve_model(catalog, model_name)
-    params = {
-        "model": model["ref"], "prompts": resolve_prompts(catalog, prompts_name),
-        "store": entry["uri"], "images": args.images, "batch_size": args.batch_size,
-        "steps": args.steps or entry["steps"] or 15,
-        "guidance": resolve_guidance(args.guidance, entry, model),
-        "height": args.height or entry["height"], "width": args.width or entry["width"],
-        "device": args.device, "dtype": args.dtype or model["dtype"] or "float32",
-        "control": args.control, "codec": args.codec, "store_dtype": args.store_dtype,
-        "keep_uncond": args.keep_uncond, "x0": not args.no_x0, "block_size": args.block_size,
-        "grid_png": args.grid}
+    from actstore.generation.materialize import MaterializeSettings
+
+    settings = MaterializeSettings().with_options(
+        steps=args.steps or entry["steps"], guidance=resolve_guidance(args.guidance, entry, model),
+        height=args.height or entry["height"], width=args.width or entry["width"],
+        batch_size=args.batch_size, block_size=args.block_size, device=args.device,
+        dtype=args.dtype or model["dtype"], control=args.control, codec=args.codec,
+        store_dtype=args.store_dtype, keep_uncond=args.keep_uncond,
+        x0=False if args.no_x0 else None)
+    model_ref, prompts, store = model["ref"], resolve_prompts(catalog, prompts_name), entry["uri"]
     if args.no_prefect:
-        from actstore.generation.sampling import GenerationConfig
-        from actstore.generation.materialize import CaptureConfig, materialize
+        if args.workers or args.cluster:
+            raise ActstoreError("--workers/--cluster run regions as Prefect task runs on Dask;"
+                                " drop --no-prefect")
+        from actstore.generation.materialize import completion, format_completion, materialize
         from actstore.plots.figures import sample_grid
 
-        summary = materialize(
-            params["model"], params["prompts"], params["store"], images=params["images"],
-            batch_size=params["batch_size"],
-            gen=GenerationConfig(params["steps"], params["guidance"], params["height"],
-                                 params["width"]),
-            cap=CaptureConfig(params["store_dtype"], params["codec"], params["keep_uncond"],
-                              params["x0"]),
-            dtype=params["dtype"], device=params["device"], control=params["control"],
-            block_size=params["block_size"], progress=not args.quiet)
+        summary = materialize(model_ref, prompts, store, settings, images=args.images,
+                              progress=not args.quiet)
         if args.grid:
-            summary["grid_png"] = sample_grid(params["store"], summary["model"], args.grid)
+            summary["grid_png"] = sample_grid(store, summary["model"], args.grid)
+        summary["complete"] = completion(store)
+        summary["status"] = format_completion(store, summary["complete"])
         return summary
     from flows.materialize import materialize_flow
 
-    return materialize_flow(**params)
+    return materialize_flow(model_ref, prompts, store, settings, images=args.images,
+                            workers=args.workers, cluster=args.cluster, grid_png=args.grid,
+                            progress=not args.quiet)
 
 
 def _label(args, catalog) -> dict:
@@ -197,11 +208,14 @@ def _main_job(args, catalog) -> dict:
         Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
     model = resolve_model(catalog, args.model or ("toy-ldm" if toy else "tiny-random"))
     prompts = args.prompts or ("toyworld" if model["name"] == "toy-ldm" else "demo")
-    from flows.main import main_flow
+    from flows.main import MAIN_MATERIALIZE, main_flow
 
+    settings = MAIN_MATERIALIZE.with_options(
+        steps=args.steps, guidance=resolve_guidance(args.guidance, {}, model),
+        device=args.device)
     return main_flow(model=model["ref"], prompts=resolve_prompts(catalog, prompts),
-                     out=args.out, images=args.images, steps=args.steps,
-                     guidance=resolve_guidance(args.guidance, {}, model), device=args.device)
+                     out=args.out, images=args.images, settings=settings,
+                     workers=args.workers)
 
 
 def _quiet_libraries() -> None:
@@ -241,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     if result is not None:
         table = result.pop("table", None) if isinstance(result, dict) else None
+        status = result.pop("status", None) if isinstance(result, dict) else None
         print(json.dumps(result, indent=1, default=str))
         if table:
             print("\n" + table)
+        if status:
+            print(status)
     return 0
 
 

@@ -11,11 +11,12 @@ kept and skipped.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from prefect import flow, task
 
-from actstore.catalog import SD_GUIDANCE
+from actstore.cluster import default_workers
 from actstore.probe.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
 from actstore.label.providers import get_provider
@@ -23,11 +24,14 @@ from actstore.label.labels import list_targets
 from actstore.plots.report import write_report
 from actstore.probe.runs import latest_run, open_emergence
 from flows.intervene import intervention_grid_task, interventions_task
-from flows.materialize import materialize_region, sample_grid_task
+from actstore.generation.materialize import MaterializeSettings
+from flows.materialize import dask_address, fill_store, sample_grid_task
 from flows.probe import figures_task, label_task, probe_task
 
 TARGETS = ("salient", "depth", "shading")
 INTERVENE = ("salient", "depth")  # the paper's causal tests
+# Blocks of 8 images, generated 8 at a time: the toy model's main job on a CPU.
+MAIN_MATERIALIZE = MaterializeSettings(batch_size=8, block_size=8)
 
 
 @task(name="summary")
@@ -62,27 +66,28 @@ def _provider_available(provider: str) -> str | None:
 
 @flow(name="main-job")
 def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | None = None,
-              steps: int = 15, guidance: float = SD_GUIDANCE, batch_size: int = 8,
-              device: str = "auto", provider: str = "toyworld",
-              targets: tuple[str, ...] = TARGETS, control: bool = True,
-              intervene_images: int = 6, intervene_targets: int = 2) -> dict:
+              settings: MaterializeSettings = MAIN_MATERIALIZE, workers: int | None = None,
+              provider: str = "toyworld", targets: tuple[str, ...] = TARGETS,
+              control: bool = True, intervene_images: int = 6,
+              intervene_targets: int = 2) -> dict:
     """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize.
 
-    ``guidance`` defaults to SD's 7.5; ``actstore main`` passes the model's catalog
-    guidance (3 for toy-ldm)."""
+    Materialize fans out over ``workers`` local processes (default: as many as pay off,
+    :func:`actstore.cluster.default_workers`). ``settings.gen.guidance`` defaults to SD's
+    7.5; ``actstore main`` passes the model's catalog guidance (3 for toy-ldm)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = str(out_dir / "store.zarr")
-    gen = {"steps": steps, "guidance": guidance, "height": None, "width": None}
-    cap = {"codec": "zstd", "store_dtype": "float16", "keep_uncond": False, "x0": True}
     result = {"store": store, "figures": []}
     variants = [None, "randomized"] if control else [None]
-    for variant in variants:
-        summary = materialize_region(model, prompts, store, images, batch_size, gen, cap,
-                                     "float32", device, variant, 8)
+    workers = default_workers(settings.device) if workers is None else workers
+    with dask_address(workers if workers > 1 else None, None) as (address, n, gpu):
+        made = [fill_store(model, prompts, store, replace(settings, control=variant), images,
+                           address, n, gpu, progress=True) for variant in variants]
+    for summary in made:
         result[summary["model"]] = summary
-        result["figures"].append(sample_grid_task(store, summary["model"],
-                                                  str(out_dir / f"samples-{summary['model']}.png")))
+        result["figures"].append(sample_grid_task(
+            store, summary["model"], str(out_dir / f"samples-{summary['model']}.png")))
     if images:
         result["note"] = "--images covers part of the table: labels and probes need it all"
         return _with_report(result, out_dir)

@@ -1,26 +1,47 @@
-"""Prefect flow: materialize a store (trained model or its randomized control).
+"""Prefect flow: materialize a store (trained model or its randomized control), in this
+process or fanned out over a Dask cluster.
 
-Thin by design: each task calls one library function and tasks exchange store URIs and
-small summaries, never arrays or models.
+Thin by design: each task calls one library function and tasks exchange store URIs,
+settings and small summaries, never arrays or models. With ``workers`` (a local cluster of
+that many processes) or ``cluster`` (an existing scheduler's address), the store's missing
+blocks are cut into block-aligned regions that run as concurrent task runs on Dask through
+prefect-dask's ``DaskTaskRunner``; each worker process loads the model once and keeps it
+for every region it gets. Workers that offer a ``GPU`` resource
+(``dask worker ADDRESS --nthreads 1 --resources GPU=1``) get one region at a time each.
+A region that fails is retried and resumes from its recorded blocks; a lost worker's
+region is rerun by Dask on another.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from contextlib import contextmanager, nullcontext
+
 from prefect import flow, task
+from prefect.futures import as_completed
 
-from actstore.catalog import SD_GUIDANCE
-from actstore.generation.sampling import GenerationConfig
-from actstore.generation.materialize import CaptureConfig, materialize
+from actstore.cluster import check_scheduler, local_workers
+from actstore.errors import ActstoreError
+from actstore.generation.materialize import MaterializeSettings, completion, format_completion
+from actstore.generation.regions import materialize_region, plan_regions
 from actstore.plots.figures import sample_grid
+from actstore.progress import Progress
+
+REGION_RETRIES = 2
 
 
-@task(name="materialize-region")
-def materialize_region(model: str, prompts: str, store: str, images: str | None,
-                       batch_size: int, gen: dict, cap: dict, dtype: str, device: str,
-                       control: str | None, block_size: int | None) -> dict:
-    return materialize(model, prompts, store, images=images, batch_size=batch_size,
-                       gen=GenerationConfig(**gen), cap=CaptureConfig(**cap), dtype=dtype,
-                       device=device, control=control, block_size=block_size)
+@task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2)
+def region_task(model: str, prompts: str, store: str, settings: MaterializeSettings,
+                images: str | None, progress: bool = False) -> dict:
+    return materialize_region(model, prompts, store, settings, images=images,
+                              progress=progress)
+
+
+@task(name="plan-regions", retries=REGION_RETRIES, retry_delay_seconds=2)
+def plan_task(model: str, prompts: str, store: str, settings: MaterializeSettings,
+              images: str | None, workers: int) -> dict:
+    return plan_regions(model, prompts, store, settings, images=images, workers=workers)
 
 
 @task(name="sample-grid")
@@ -28,23 +49,98 @@ def sample_grid_task(store: str, variant: str, out_png: str) -> str:
     return sample_grid(store, variant, out_png)
 
 
-@flow(name="materialize")
-def materialize_flow(model: str, prompts: str, store: str, images: str | None = None,
-                     batch_size: int = 4, steps: int = 15, guidance: float = SD_GUIDANCE,
-                     height: int | None = None, width: int | None = None,
-                     device: str = "auto", dtype: str = "float32",
-                     control: str | None = None, codec: str = "zstd",
-                     store_dtype: str = "float16", keep_uncond: bool = False, x0: bool = True,
-                     block_size: int | None = None, grid_png: str | None = None) -> dict:
-    """Fill ``store`` (or the region ``images`` = "A:B" of it) and draw a sample grid.
+@task(name="store-completion")
+def completion_task(store: str) -> dict:
+    return completion(store)
 
-    ``guidance`` defaults to SD's 7.5; a caller with a catalog model passes the model's own
-    (``catalog.resolve_guidance``: the CLI does, and the nightly deployment says 3 for
-    toy-ldm)."""
-    gen = {"steps": steps, "guidance": guidance, "height": height, "width": width}
-    cap = {"codec": codec, "store_dtype": store_dtype, "keep_uncond": keep_uncond, "x0": x0}
-    summary = materialize_region(model, prompts, store, images, batch_size, gen, cap, dtype,
-                                 device, control, block_size)
+
+@flow(name="materialize-regions")
+def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSettings,
+                 images: str | None, workers: int, gpu: bool, progress: bool) -> dict:
+    """Plan on one worker (which creates the store and keeps the model), then every region
+    at once; Dask runs as many as it has workers (or GPUs)."""
+    import dask
+
+    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
+        plan = plan_task.submit(model, prompts, store, settings, images, workers).result()
+        futures = [region_task.submit(model, prompts, store, settings, region)
+                   for region in plan["regions"]]
+    steps = settings.gen.steps
+    bar = Progress(plan["pending_images"], steps, f"materialize {plan['model']} "
+                   f"({len(futures)} regions, {workers} workers)", enabled=progress)
+    t0 = time.perf_counter()
+    summaries, failed = [], []
+    for future in as_completed(futures):
+        future.wait()
+        state = future.state
+        if state.is_completed():
+            summary = future.result()
+            summaries.append(summary)
+            bar.step(summary["images"] * steps)
+            bar.images(summary["images"], summary["bytes"])
+        else:
+            failed.append(str(state.message or f"its worker was lost ({state.name})"))
+    bar.close()
+    if failed:
+        raise ActstoreError(f"store {store}: {len(failed)} of {len(futures)} regions failed "
+                            f"after {REGION_RETRIES} retries ({failed[0][:200]}); rerun the "
+                            "same command to resume from the recorded blocks")
+    blocks = sum(s["blocks_written"] for s in summaries)
+    return {"store": store, "model": plan["model"], "blocks_written": blocks,
+            "blocks_skipped": plan["blocks"] - blocks,
+            "images": sum(s["images"] for s in summaries),
+            "bytes": sum(s["bytes"] for s in summaries),
+            "seconds": time.perf_counter() - t0,
+            "regions": len(futures),
+            "regions_by_worker": dict(Counter(s["worker"] for s in summaries))}
+
+
+@contextmanager
+def dask_address(workers: int | None, cluster: str | None):
+    """The scheduler regions go to (None: run in this process) and whether to ask for GPUs."""
+    if workers and cluster:
+        raise ActstoreError("--workers and --cluster: give one (--workers N starts a local "
+                            "cluster; --cluster ADDRESS uses a running one)")
+    if cluster:
+        info = check_scheduler(cluster)
+        yield cluster, info["workers"], info["gpu_workers"] > 0
+    elif workers:
+        with local_workers(workers) as address:
+            yield address, workers, False
+    else:
+        yield None, 1, False
+
+
+def fill_store(model: str, prompts: str, store: str, settings: MaterializeSettings,
+               images: str | None, address: str | None, workers: int, gpu: bool,
+               progress: bool) -> dict:
+    """One variant, in this process (``address`` None) or fanned out over a scheduler."""
+    if address is None:
+        return region_task(model, prompts, store, settings, images, progress)
+    from prefect_dask import DaskTaskRunner
+
+    runner = DaskTaskRunner(address=address)
+    return regions_flow.with_options(task_runner=runner)(
+        model, prompts, store, settings, images, workers, gpu, progress)
+
+
+@flow(name="materialize")
+def materialize_flow(model: str, prompts: str, store: str,
+                     settings: MaterializeSettings = MaterializeSettings(),
+                     images: str | None = None, workers: int | None = None,
+                     cluster: str | None = None, grid_png: str | None = None,
+                     progress: bool = True) -> dict:
+    """Fill ``store`` (or the region ``images`` = "A:B" of it), say whether it is complete,
+    and draw a sample grid.
+
+    ``settings.gen.guidance`` defaults to SD's 7.5; a caller with a catalog model passes
+    the model's own (``catalog.resolve_guidance``: the CLI does, and the deployments say 3
+    for toy-ldm)."""
+    with dask_address(workers, cluster) as (address, n, gpu):
+        summary = fill_store(model, prompts, store, settings, images, address, n, gpu,
+                             progress)
     if grid_png:
         summary["grid_png"] = sample_grid_task(store, summary["model"], grid_png)
+    summary["complete"] = completion_task(store)
+    summary["status"] = format_completion(store, summary["complete"])
     return summary

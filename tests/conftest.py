@@ -30,11 +30,13 @@ def tiny_model():
 def tiny_store(tmp_path_factory, tiny_model) -> str:
     """The uninterrupted reference run every resumed or concurrent run is compared with."""
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
 
     uri = str(tmp_path_factory.mktemp("ref") / "ref.zarr")
-    materialize(tiny_model, DEMO, uri, batch_size=TINY["batch_size"],
-                gen=GenerationConfig(steps=TINY["steps"]), block_size=TINY["block_size"],
+    materialize(tiny_model, DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=TINY["steps"]),
+                                    batch_size=TINY["batch_size"],
+                                    block_size=TINY["block_size"]),
                 progress=False)
     return uri
 

@@ -1,6 +1,7 @@
-"""prefect.yaml: the nightly deployment parses with Prefect's own models, its schedule is a
-valid cron in UTC, its entrypoint exists, and its parameters fit the flow and agree with
-catalog.yaml. No Prefect server is started."""
+"""prefect.yaml: the nightly and fan-out deployments parse with Prefect's own models, the
+nightly schedule is a valid cron in UTC, entrypoints exist, and parameters fit the flow
+(checked as Prefect checks them: the flow's parameter schema, then its own validation into
+MaterializeSettings) and agree with catalog.yaml. No Prefect server is started."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from actstore.catalog import (load_catalog, resolve_guidance, resolve_model, res
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOYMENT = "nightly-toy"
+FAN_OUT = "fan-out"
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +33,48 @@ def nightly(config: dict[str, Any]) -> dict[str, Any]:
     return matches[0]
 
 
+@pytest.fixture(scope="module")
+def fan_out(config: dict[str, Any]) -> dict[str, Any]:
+    (match,) = [d for d in config["deployments"] if d["name"] == FAN_OUT]
+    return match
+
+
 def test_prefect_accepts_the_file(config: dict[str, Any]) -> None:
     models = pytest.importorskip("prefect.cli.deploy._models",
                                  reason="Prefect moved its prefect.yaml model")
     parsed = models.PrefectYamlModel.model_validate(config)
-    assert DEPLOYMENT in [d.name for d in parsed.deployments]
+    assert {DEPLOYMENT, FAN_OUT} <= {d.name for d in parsed.deployments}
+
+
+@pytest.mark.parametrize("name", [DEPLOYMENT, FAN_OUT])
+def test_parameters_pass_the_flows_schema_and_validation(config: dict[str, Any],
+                                                         name: str) -> None:
+    """What `enforce_parameter_schema` and the flow run do with the YAML's parameters."""
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    from actstore.generation.materialize import MaterializeSettings
+
+    (dep,) = [d for d in config["deployments"] if d["name"] == name]
+    flow = load_flow_from_entrypoint(str(REPO / dep["entrypoint"]))
+    schema = parameter_schema(flow).model_dump_for_openapi()
+    validate(dep["parameters"], schema, raise_on_error=True, preprocess=True)
+    from prefect.utilities.schema_tools.validation import ValidationError
+    with pytest.raises(ValidationError):  # the schema really checks the nested settings
+        validate({**dep["parameters"], "settings": {"gen": {"steps": "many"}}},
+                 schema, raise_on_error=True, preprocess=True)
+    bound = flow.validate_parameters(dep["parameters"])
+    settings = bound["settings"]
+    assert isinstance(settings, MaterializeSettings)
+    assert (settings.gen.steps, settings.gen.guidance) == (15, 3)
+    assert settings.batch_size == MaterializeSettings().batch_size  # left out: the default
+
+
+def test_fan_out_names_a_scheduler_and_no_local_workers(fan_out: dict[str, Any]) -> None:
+    params = fan_out["parameters"]
+    assert params["cluster"].startswith("tcp://") and not params.get("workers")
+    assert "schedules" not in fan_out  # on demand: a cluster is not always there
 
 
 def test_schedule_is_a_valid_daily_cron_in_utc(nightly: dict[str, Any]) -> None:
@@ -83,9 +122,10 @@ def test_parameters_match_the_catalog_toy_store(nightly: dict[str, Any],
         resolve_model(catalog, store["model"])["ref"]
     assert str(Path(resolve_prompts(catalog, params["prompts"])).resolve()) == \
         resolve_prompts(catalog, store["prompts"])
-    assert params["steps"] == store["steps"]
-    assert params["guidance"] == resolve_guidance(None, store,
-                                                  resolve_model(catalog, store["model"]))
+    gen = params["settings"]["gen"]
+    assert gen["steps"] == store["steps"]
+    assert gen["guidance"] == resolve_guidance(None, store,
+                                               resolve_model(catalog, store["model"]))
 
 
 # --- the entrypoint (written by another engineer; checked without importing torch) -------
@@ -122,8 +162,10 @@ def _accepts(annotation: ast.expr | None, value: Any) -> bool:
         isinstance(value, bool) and bool not in allowed)
 
 
+@pytest.mark.parametrize("name", [DEPLOYMENT, FAN_OUT])
 def test_entrypoint_is_a_flow_whose_signature_takes_the_parameters(
-        nightly: dict[str, Any]) -> None:
+        config: dict[str, Any], name: str) -> None:
+    (nightly,) = [d for d in config["deployments"] if d["name"] == name]
     func = _flow_function(nightly["entrypoint"])
     decorators = [ast.unparse(d.func if isinstance(d, ast.Call) else d)
                   for d in func.decorator_list]

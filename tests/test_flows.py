@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from actstore.generation.materialize import MaterializeSettings
+from actstore.generation.sampling import GenerationConfig
 from actstore.store.view import open_store
 from conftest import DEMO
 
@@ -15,26 +17,30 @@ def test_materialize_flow_writes_store_and_grid(prefect_harness, tmp_path):
     from flows.materialize import materialize_flow
 
     uri, png = str(tmp_path / "flow.zarr"), str(tmp_path / "grid.png")
+    settings = MaterializeSettings(gen=GenerationConfig(steps=2), device="cpu")
     summary = materialize_flow(model="tiny-random", prompts=DEMO, store=uri, images="0:4",
-                               steps=2, device="cpu", grid_png=png)
+                               settings=settings, grid_png=png)
     assert summary["images"] == 4 and summary["blocks_written"] == 1
     view = open_store(uri)
     assert len(view.image_index) == 4
     assert np.isfinite(view["down_blocks.1.attentions.0"].values.astype(np.float32)).all()
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert summary["complete"] == {"trained": {"complete": 4, "images": 16}}
+    assert summary["status"].startswith(f"store {uri}: INCOMPLETE (trained 4/16 images")
     again = materialize_flow(model="tiny-random", prompts=DEMO, store=uri, images="0:4",
-                             steps=2, device="cpu")
+                             settings=settings)
     assert again["blocks_written"] == 0 and again["blocks_skipped"] == 1
 
 
 def test_main_job_end_to_end(prefect_harness, tmp_path):
     """materialize (trained + randomized) → labels → probes → summary, as the README's job."""
-    from flows.main import main_flow
+    from flows.main import MAIN_MATERIALIZE, main_flow
 
     out = tmp_path / "main"
-    result = main_flow(model="tiny-random", prompts=DEMO, out=str(out), steps=2,
-                       device="cpu", targets=("salient",))
+    settings = MAIN_MATERIALIZE.with_options(steps=2, device="cpu")
+    result = main_flow(model="tiny-random", prompts=DEMO, out=str(out), settings=settings,
+                       workers=2, targets=("salient",))
     assert {"trained", "randomized"} <= set(result)
     (row,) = result["summary"]
     assert row["target"] == "salient" and row["metric"] == "dice_label"
@@ -59,6 +65,7 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
     page = (out / "report.html").read_text(encoding="utf-8")   # every figure on one page
     assert result["report"] == str(out / "report.html")
     assert all(f'alt="{Path(f).name}"' in page for f in result["figures"])
-    again = main_flow(model="tiny-random", prompts=DEMO, out=str(out), steps=2,
-                      device="cpu", targets=("salient",))
+    assert len(result["trained"]["regions_by_worker"]) == 2  # fanned out over both processes
+    again = main_flow(model="tiny-random", prompts=DEMO, out=str(out), settings=settings,
+                      workers=1, targets=("salient",))
     assert again["trained"]["blocks_written"] == 0  # resumed: nothing recomputed

@@ -173,14 +173,15 @@ def test_probe_refuses_incomplete_store(planted, tiny_model, tmp_path, capsys):
     """The randomized control only half materialized: refuse, naming the missing blocks."""
     from flows.cli import main
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
     from actstore.generation.models import apply_control, load_model
     from conftest import DEMO, TINY
 
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(planted["uri"], uri)
     control = apply_control(load_model("tiny-random", device="cpu"), "randomized")
-    materialize(control, DEMO, uri, images="0:8", gen=GenerationConfig(steps=TINY["steps"]),
+    materialize(control, DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=TINY["steps"])), images="0:8",
                 progress=False)
     before = tree_digest(uri)
     code = main(["--no-prefect", "--quiet", "probe", "--store", uri, "--target", "depth",

@@ -19,7 +19,7 @@ def test_sd14_architecture_folder_loads_and_materializes(tmp_path):
     """SD v1.4's real configs (random weights) through the same loader and store, at 64 px."""
     from actstore.store.view import open_store
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
     from sd14 import sd14_folder
 
     folder = sd14_folder()
@@ -29,8 +29,10 @@ def test_sd14_architecture_folder_loads_and_materializes(tmp_path):
     assert model.text_encoder.config.hidden_size == 768
     assert model.native_size == 512 and model.vae_scale_factor == 8
     uri = str(tmp_path / "sd14.zarr")
-    materialize(model, DEMO, uri, images="0:1", batch_size=1, block_size=1,
-                gen=GenerationConfig(steps=2, height=64, width=64), progress=False)
+    materialize(model, DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=2, height=64, width=64),
+                                    batch_size=1, block_size=1),
+                images="0:1", progress=False)
     view = open_store(uri)
     assert view.layers == SD_LAYERS
     for layer in SD_LAYERS:
@@ -49,11 +51,12 @@ def test_tokenizer_is_byte_level_clip():
 def test_fp16_materializes(tmp_path):
     from actstore.store.view import open_store
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
 
     uri = str(tmp_path / "fp16.zarr")
-    materialize("tiny-random", DEMO, uri, images="0:4", dtype="float16", device="cpu",
-                gen=GenerationConfig(steps=2), progress=False)
+    materialize("tiny-random", DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=2), dtype="float16", device="cpu"),
+                images="0:4", progress=False)
     view = open_store(uri)
     assert view.attrs["fingerprint"]["dtype"] == "float16"
     assert np.isfinite(view["mid_block.attentions.0"].values).all()

@@ -112,11 +112,13 @@ def test_x0_converges_to_final_image(tiny_store):
 def test_image_independent_of_batch(tmp_path, tiny_model, tiny_store):
     """An image's initial noise is its own: batch 1 vs 4 gives the same activations."""
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
 
     uri = str(tmp_path / "b1.zarr")
-    materialize(tiny_model, DEMO, uri, images="0:4", batch_size=1,
-                gen=GenerationConfig(steps=TINY["steps"]), block_size=4, progress=False)
+    materialize(tiny_model, DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=TINY["steps"]), batch_size=1,
+                                    block_size=4),
+                images="0:4", progress=False)
     a = open_store(uri)["down_blocks.0.attentions.0"].values.astype(np.float32)
     b = open_store(tiny_store)["down_blocks.0.attentions.0"].isel(image=slice(0, 4))
     np.testing.assert_allclose(a, b.values.astype(np.float32), rtol=2e-3, atol=2e-3)
@@ -124,11 +126,12 @@ def test_image_independent_of_batch(tmp_path, tiny_model, tiny_store):
 
 def test_incomplete_blocks_are_invisible(tmp_path, tiny_model):
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
 
     uri = str(tmp_path / "part.zarr")
-    materialize(tiny_model, DEMO, uri, images="4:8", gen=GenerationConfig(steps=2),
-                block_size=4, progress=False)
+    materialize(tiny_model, DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=2), block_size=4), images="4:8",
+                progress=False)
     view = open_store(uri)
     assert list(view.images.position.values) == [4, 5, 6, 7]
     assert view["mid_block.attentions.0"].shape[0] == 4
@@ -140,7 +143,7 @@ def test_non_finite_activation_names_image_step_layer(tmp_path, tiny_model):
     from actstore.generation.capture import attn1_module
     from actstore.errors import ActstoreError
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
 
     module = attn1_module(tiny_model.unet, "up_blocks.1.attentions.2")
     calls = []
@@ -159,9 +162,10 @@ def test_non_finite_activation_names_image_step_layer(tmp_path, tiny_model):
     try:
         with pytest.raises(ActstoreError, match=r"image 'demo-001', step 1, layer "
                                                 r"up_blocks\.1\.attentions\.2"):
-            materialize(tiny_model, DEMO, uri, images="0:4",
-                        batch_size=2, gen=GenerationConfig(steps=2), block_size=4,
-                        progress=False)
+            materialize(tiny_model, DEMO, uri,
+                        MaterializeSettings(gen=GenerationConfig(steps=2), batch_size=2,
+                                            block_size=4),
+                        images="0:4", progress=False)
     finally:
         handle.remove()
     assert completed_blocks(uri, "trained") == set()  # the poisoned block never became visible
@@ -173,7 +177,7 @@ def test_float16_overflow_is_caught(tmp_path, tiny_model):
     from actstore.generation.capture import attn1_module
     from actstore.errors import ActstoreError
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
 
     def blow_up(_m, _a, out):
         return out * 1e6 if out.shape[0] == 4 else None
@@ -182,9 +186,10 @@ def test_float16_overflow_is_caught(tmp_path, tiny_model):
     try:
         with pytest.raises(ActstoreError, match=r"image 'demo-000', step 0, layer "
                                                 r"mid_block\.attentions\.0.*store dtype"):
-            materialize(tiny_model, DEMO, str(tmp_path / "inf.zarr"), images="0:4",
-                        batch_size=2, gen=GenerationConfig(steps=2), block_size=4,
-                        progress=False)
+            materialize(tiny_model, DEMO, str(tmp_path / "inf.zarr"),
+                        MaterializeSettings(gen=GenerationConfig(steps=2), batch_size=2,
+                                            block_size=4),
+                        images="0:4", progress=False)
     finally:
         handle.remove()
 
@@ -192,13 +197,15 @@ def test_float16_overflow_is_caught(tmp_path, tiny_model):
 def test_fsspec_url_store(tiny_model):
     """Any fsspec URL works as a store: here the in-memory filesystem."""
     from actstore.generation.sampling import GenerationConfig
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
 
     uri = "memory://actstore-test/s.zarr"
-    first = materialize(tiny_model, DEMO, uri, images="4:8", gen=GenerationConfig(steps=2),
-                        block_size=4, progress=False)
-    again = materialize(tiny_model, DEMO, uri, images="4:8", gen=GenerationConfig(steps=2),
-                        block_size=4, progress=False)
+    first = materialize(tiny_model, DEMO, uri,
+                        MaterializeSettings(gen=GenerationConfig(steps=2), block_size=4),
+                        images="4:8", progress=False)
+    again = materialize(tiny_model, DEMO, uri,
+                        MaterializeSettings(gen=GenerationConfig(steps=2), block_size=4),
+                        images="4:8", progress=False)
     assert (first["blocks_written"], again["blocks_written"]) == (1, 0)
     view = open_store(uri)
     assert list(view.images.position.values) == [4, 5, 6, 7]
@@ -209,12 +216,13 @@ def test_x0_images_match_direct_decoding(tmp_path, tiny_model):
     """x0 is decoded in the writer thread, in batches across steps: it must equal decoding
     each step's x0 prediction right where the denoising loop produces it."""
     from actstore.generation.sampling import GenerationConfig, decode_images, generate
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
     from actstore.generation.prompts import load_prompts
 
     gen = GenerationConfig(steps=3)
     uri = str(tmp_path / "x0.zarr")
-    materialize(tiny_model, DEMO, uri, images="0:4", batch_size=3, block_size=4, gen=gen,
+    materialize(tiny_model, DEMO, uri,
+                MaterializeSettings(gen=gen, batch_size=3, block_size=4), images="0:4",
                 progress=False)
     stored = open_store(uri).x0_images.values          # (image, step, y, x, rgb)
     rows = load_prompts(DEMO).iloc[:4]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -37,6 +37,39 @@ class CaptureConfig:
     codec: str = DEFAULT_CODEC
     keep_uncond: bool = False
     x0: bool = True
+
+
+@dataclass(frozen=True)
+class MaterializeSettings:
+    """Everything a materialize run is told besides model, prompts and store, passed whole
+    from the command line through the flow to the library (every default lives here or in
+    the two configs it holds). ``gen`` and ``cap`` change the stored arrays and are part of
+    the store's fingerprint; the rest only changes how fast they are made."""
+
+    gen: GenerationConfig = field(default_factory=GenerationConfig)
+    cap: CaptureConfig = field(default_factory=CaptureConfig)
+    batch_size: int = 4
+    dtype: str = "float32"
+    device: str = "auto"
+    control: str | None = None
+    block_size: int | None = None  # None: the store's, or DEFAULT_BLOCK_SIZE for a new one
+
+    def with_options(self, **options) -> "MaterializeSettings":
+        """A copy with flat options (``steps=``, ``codec=``, ``batch_size=``...) routed to
+        the config that owns them; an option given as None keeps its value, as a
+        command-line option not given does."""
+        given = {k: v for k, v in options.items() if v is not None}
+        parts = {"gen": {}, "cap": {}, "": {}}
+        owners = {"gen": GenerationConfig, "cap": CaptureConfig}
+        for key, value in given.items():
+            owner = next((o for o, cls in owners.items()
+                          if key in {f.name for f in fields(cls)}), "")
+            if not owner and key not in {f.name for f in fields(self)}:
+                raise TypeError(f"MaterializeSettings has no option {key!r}")
+            parts[owner][key] = value
+        base = replace(self, **parts[""])
+        return replace(base, gen=replace(base.gen, **parts["gen"]),
+                       cap=replace(base.cap, **parts["cap"]))
 
 
 def parse_region(images: str | None, n_images: int, block_size: int) -> tuple[int, int]:
@@ -86,31 +119,42 @@ def _jsonable(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
-def materialize(model: str | LoadedModel, prompts: str, store: str, *, images: str | None = None,
-                batch_size: int = 4, gen: GenerationConfig = GenerationConfig(),
-                cap: CaptureConfig = CaptureConfig(), dtype: str = "float32",
-                device: str = "auto", control: str | None = None, block_size: int | None = None,
-                progress: bool = True) -> dict:
-    """Fill ``store`` with ``model``'s activations for the prompt table; returns a summary."""
-    if batch_size < 1:
-        raise ActstoreError(f"--batch-size {batch_size}: must be at least 1")
+@dataclass
+class _Run:
+    """A materialize run once its store and variant exist: what is left to do, and how."""
+
+    model: LoadedModel
+    table: object
+    gen: GenerationConfig
+    layers: list
+    block_size: int
+    region: list[tuple[int, int]]
+    todo: list[tuple[int, int]]
+
+
+def _open_run(model: str | LoadedModel, prompts: str, store: str,
+              settings: MaterializeSettings, images: str | None) -> _Run:
+    """Check the input, load the model, create or check the store and the variant."""
+    cap = settings.cap
+    if settings.batch_size < 1:
+        raise ActstoreError(f"--batch-size {settings.batch_size}: must be at least 1")
     if cap.store_dtype not in STORE_DTYPES:
         raise ActstoreError(f"store dtype {cap.store_dtype!r}: use one of {STORE_DTYPES}")
     codec_chain(cap.codec)  # fail on a bad codec name before any work
     table = load_prompts(prompts)
     sha = prompts_fingerprint(table)
-    _check_store_location(store, table, sha, block_size, images)
+    _check_store_location(store, table, sha, settings.block_size, images)
     if isinstance(model, str):
-        model = load_model(model, dtype=dtype, device=device)
-    model = apply_control(model, control)
-    gen = gen.resolved(model)
+        model = load_model(model, dtype=settings.dtype, device=settings.device)
+    model = apply_control(model, settings.control)
+    gen = settings.gen.resolved(model)
     f = model.vae_scale_factor
     if gen.height % (8 * f) or gen.width % (8 * f):
         raise ActstoreError(f"--height/--width {gen.height}x{gen.width}: must be multiples of "
                             f"{8 * f} for this model")
     layers = probe_layout(model.unet, gen.height // f, gen.width // f,
                           model.text_encoder.config.hidden_size)
-    root = st.create_or_check_root(store, table, sha, block_size)
+    root = st.create_or_check_root(store, table, sha, settings.block_size)
     start, stop = parse_region(images, len(table), root["block_size"])
     fingerprint = model_fingerprint(model, gen, cap, layers)
     provenance = {"model": model.name, "model_source": model.source,
@@ -121,24 +165,62 @@ def materialize(model: str | LoadedModel, prompts: str, store: str, *, images: s
                              (gen.height, gen.width), schedule_coords(model, gen), cap.codec,
                              cap.store_dtype, cap.keep_uncond)
     done = st.completed_blocks(store, model.variant)
-    todo = [blk for blk in st.blocks_of(len(table), root["block_size"], start, stop)
-            if blk not in done]
-    bar = Progress(sum(b - a for a, b in todo), gen.steps,
-                   f"materialize {model.variant}", enabled=progress)
+    region = st.blocks_of(len(table), root["block_size"], start, stop)
+    return _Run(model, table, gen, layers, root["block_size"], region,
+                [blk for blk in region if blk not in done])
+
+
+def materialize(model: str | LoadedModel, prompts: str, store: str,
+                settings: MaterializeSettings = MaterializeSettings(), *,
+                images: str | None = None, progress: bool = True) -> dict:
+    """Fill ``store`` (or its region ``images`` = "A:B") with ``model``'s activations for the
+    prompt table; returns a summary."""
+    run = _open_run(model, prompts, store, settings, images)
+    bar = Progress(sum(b - a for a, b in run.todo), run.gen.steps,
+                   f"materialize {run.model.variant}", enabled=progress)
     t0 = time.perf_counter()
-    writer = st.BlockWriter(store, st.model_path(model.variant), on_written=bar.images)
+    writer = st.BlockWriter(store, st.model_path(run.model.variant), on_written=bar.images)
     try:
-        for a, b in todo:
-            arrays, ids, finish = _materialize_block(model, table.iloc[a:b], gen, cap, layers,
-                                                     batch_size, bar)
+        for a, b in run.todo:
+            arrays, ids, finish = _materialize_block(run.model, run.table.iloc[a:b], run.gen,
+                                                     settings.cap, run.layers,
+                                                     settings.batch_size, bar)
             writer.submit(a, b, arrays, {"images": ids, "written": time.time()}, finish)
     finally:
         written = writer.close()
         bar.close()
-    return {"store": store, "model": model.variant, "blocks_written": len(todo),
-            "blocks_skipped": len(st.blocks_of(len(table), root["block_size"], start, stop))
-            - len(todo), "images": sum(b - a for a, b in todo), "bytes": written,
+    return {"store": store, "model": run.model.variant, "blocks_written": len(run.todo),
+            "blocks_skipped": len(run.region) - len(run.todo),
+            "images": sum(b - a for a, b in run.todo), "bytes": written,
             "seconds": time.perf_counter() - t0}
+
+
+def prepare(model: str | LoadedModel, prompts: str, store: str,
+            settings: MaterializeSettings = MaterializeSettings(), *,
+            images: str | None = None) -> dict:
+    """Create (or check) the store and the variant once, before workers fan out over its
+    blocks, and say which blocks are still missing: workers then never race to create the
+    same metadata, and a rerun of a complete store schedules nothing."""
+    run = _open_run(model, prompts, store, settings, images)
+    return {"store": store, "model": run.model.variant, "n_images": len(run.table),
+            "block_size": run.block_size, "blocks": len(run.region),
+            "pending": [list(blk) for blk in run.todo]}
+
+
+def completion(store: str) -> dict[str, dict[str, int]]:
+    """Images whose block is recorded complete, per variant: is the store finished?"""
+    n = st.read_root_attrs(store)["n_images"]
+    return {variant: {"complete": sum(b - a for a, b in st.completed_blocks(store, variant)),
+                      "images": n}
+            for variant in st.model_variants(store)}
+
+
+def format_completion(store: str, counts: dict[str, dict[str, int]]) -> str:
+    """One line a person reads at the end of a run."""
+    parts = [f"{v} {c['complete']}/{c['images']} images" for v, c in counts.items()]
+    done = counts and all(c["complete"] == c["images"] for c in counts.values())
+    state = "complete" if done else "INCOMPLETE"
+    return f"store {store}: {state} ({', '.join(parts) or 'no model variant yet'})"
 
 
 def _check_store_location(store: str, table, sha: str, block_size: int | None,

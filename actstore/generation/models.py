@@ -272,6 +272,8 @@ def apply_control(model: LoadedModel, control: str | None, seed: int = 0) -> Loa
         return model
     if control != "randomized":
         raise ActstoreError(f"--control {control!r} is not known; use 'randomized'")
+    if model.variant == control:  # already applied (a worker's reused model): permute once
+        return model
     randomize_unet(model.unet, seed)
     model.variant = "randomized"
     model._weights_hash = None
