@@ -22,6 +22,7 @@ SCHEMA_VERSION = 2  # 2: label commit records (docs/store-format.md); 1 still re
 _API = {
     "open_store": "actstore.store.view",
     "materialize": "actstore.generation.materialize",
+    "MaterializeSettings": "actstore.generation.materialize",
     "write_labels": "actstore.label.labels",
     "open_labels": "actstore.label.labels",
     "run_probes": "actstore.probe.runs",
