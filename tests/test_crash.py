@@ -15,7 +15,7 @@ import pytest
 
 import faults
 from actstore.errors import ActstoreError
-from actstore.generation.materialize import materialize
+from actstore.generation.materialize import MaterializeSettings, materialize
 from actstore.generation.sampling import GenerationConfig
 from actstore.store.view import open_store
 from conftest import DEMO, REPO
@@ -41,9 +41,11 @@ def six(tmp_path_factory) -> str:
 
 
 def _run(model, table: str, uri: str, **kwargs) -> dict:
-    return materialize(model, table, uri, batch_size=SMALL["batch_size"],
-                       gen=GenerationConfig(steps=SMALL["steps"]),
-                       block_size=SMALL["block_size"], progress=False, **kwargs)
+    return materialize(model, table, uri,
+                       MaterializeSettings(gen=GenerationConfig(steps=SMALL["steps"]),
+                                           batch_size=SMALL["batch_size"],
+                                           block_size=SMALL["block_size"]),
+                       progress=False, **kwargs)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from actstore.errors import ActstoreError
-from actstore.generation.materialize import materialize
+from actstore.generation.materialize import MaterializeSettings, materialize
 from actstore.generation.sampling import GenerationConfig
 from actstore.intervene.results import open_intervention
 from actstore.intervene.run import run_interventions
@@ -35,8 +35,10 @@ LAYERS = ["up_blocks.3.attentions.0", "up_blocks.2.attentions.0"]
 
 def _pipeline(uri: str, model) -> dict:
     """materialize → label (two targets in one set) → probe → intervene, as a user would."""
-    materialize(model, DEMO, uri, gen=GenerationConfig(steps=STEPS), batch_size=4,
-                block_size=4, progress=False)
+    materialize(model, DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=STEPS), batch_size=4,
+                                    block_size=4),
+                progress=False)
     write_labels(uri, PixelLabels(), ["salient", "depth"], on_x0=False, progress=False)
     run = run_probes(uri, "salient", layers=LAYERS, steps=[0, 1], scheduler="threads",
                      progress=False)
@@ -81,11 +83,12 @@ def test_pipeline_on_s3_equals_local(bucket, tiny_model, local_pipeline):
 
 def test_long_lived_reader_sees_blocks_finished_later(bucket, tiny_model):
     uri = f"s3://{bucket}/grow.zarr"
-    kw = dict(gen=GenerationConfig(steps=STEPS), batch_size=4, block_size=4, progress=False)
-    materialize(tiny_model, DEMO, uri, images="0:4", **kw)
+    settings = MaterializeSettings(gen=GenerationConfig(steps=STEPS), batch_size=4,
+                                   block_size=4)
+    materialize(tiny_model, DEMO, uri, settings, images="0:4", progress=False)
     reader = open_store(uri)
     assert len(reader.image_index) == 4
-    materialize(tiny_model, DEMO, uri, images="4:12", **kw)
+    materialize(tiny_model, DEMO, uri, settings, images="4:12", progress=False)
     assert len(open_store(uri).image_index) == 12          # a new view in the same process
     assert len(reader.refresh().image_index) == 12         # the old view, refreshed
     assert completed_blocks(uri, "trained") == {(0, 4), (4, 8), (8, 12)}
@@ -149,7 +152,8 @@ def test_bad_object_store_is_one_line_and_writes_nothing(case, bucket, tiny_mode
         monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
         want = "no credentials found"
     for call in (lambda: open_store(uri),
-                 lambda: materialize(tiny_model, DEMO, uri, gen=GenerationConfig(steps=STEPS),
+                 lambda: materialize(tiny_model, DEMO, uri,
+                                     MaterializeSettings(gen=GenerationConfig(steps=STEPS)),
                                      progress=False)):
         with pytest.raises(ActstoreError, match=want) as info:
             call()

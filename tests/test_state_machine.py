@@ -24,7 +24,7 @@ from hypothesis.stateful import (RuleBasedStateMachine, initialize, invariant, p
 
 import faults
 from actstore.errors import ActstoreError
-from actstore.generation.materialize import materialize
+from actstore.generation.materialize import MaterializeSettings, materialize
 from actstore.generation.sampling import GenerationConfig
 from actstore.label.labels import list_targets, open_labels, write_labels
 from actstore.probe.runs import latest_run, list_runs, load_probe, run_probes
@@ -44,8 +44,10 @@ ENV: dict = {}
 
 
 def _materialize(uri: str, region: str | None) -> None:
-    materialize(ENV["model"], DEMO, uri, images=region, gen=GenerationConfig(steps=STEPS),
-                batch_size=4, block_size=BLOCK, progress=False)
+    materialize(ENV["model"], DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=STEPS), batch_size=4,
+                                    block_size=BLOCK),
+                images=region, progress=False)
 
 
 def _label(uri: str, targets: list[str]) -> None:
