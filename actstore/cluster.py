@@ -43,10 +43,11 @@ def dask_scheduler(address: str | None = None):
 
 def worker_threads(workers: int) -> int:
     """torch threads for each of ``workers`` processes sharing this machine's cores:
-    $ACTSTORE_THREADS if set, else an equal share (one each when workers >= cores), so
-    the processes never wait on each other's descheduled OpenMP threads."""
+    $ACTSTORE_THREADS if set, else its share less one core for its writer thread
+    (compression, x0 decoding), at least one; so the processes never wait on each other's
+    descheduled OpenMP threads."""
     env = os.environ.get("ACTSTORE_THREADS")
-    return max(1, int(env) if env else (os.cpu_count() or 1) // max(1, workers))
+    return max(1, int(env) if env else (os.cpu_count() or 1) // max(1, workers) - 1)
 
 
 @contextmanager
@@ -107,8 +108,11 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
 
 
 def default_workers(device: str) -> int:
-    """Local worker processes that pay off for materialize: one per core on a CPU (each
-    runs the UNet on its own core), one on a GPU (a second process would share it)."""
+    """Local worker processes that pay off for materialize: one per two cores on a CPU
+    (each process keeps one core busy with the UNet and one with its writer: on 2 cores,
+    2 processes ran at 0.4-0.45x the images/s of 1, bench_scaling.py, 2026-12-04, loaded
+    machine), one on a GPU (a second process would share it)."""
     from actstore.generation.models import resolve_device
 
-    return (os.cpu_count() or 1) if resolve_device(device).type == "cpu" else 1
+    cores = os.cpu_count() or 1
+    return max(1, cores // 2) if resolve_device(device).type == "cpu" else 1

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: the model's catalog guidance (toy-ldm: 3), else 7.5")
     m.add_argument("--device", help="cpu, cuda[:N] or auto")
     m.add_argument("--workers", type=int, help="materialize worker processes (default: one "
-                   "per core on a CPU, one on a GPU)")
+                   "per two cores on a CPU, one on a GPU)")
     return parser
 
 

@@ -72,8 +72,8 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
               intervene_targets: int = 2) -> dict:
     """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize.
 
-    Materialize fans out over ``workers`` local processes (default: as many as pay off,
-    :func:`actstore.cluster.default_workers`). ``settings.gen.guidance`` defaults to SD's
+    Materialize fans out over ``workers`` local processes when more than one (default: as
+    many as pay off, :func:`actstore.cluster.default_workers`: one on 2 cores). ``settings.gen.guidance`` defaults to SD's
     7.5; ``actstore main`` passes the model's catalog guidance (3 for toy-ldm)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
