@@ -110,7 +110,7 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
 def default_workers(device: str) -> int:
     """Local worker processes that pay off for materialize: one per two cores on a CPU
     (each process keeps one core busy with the UNet and one with its writer: on 2 cores,
-    2 processes ran at 0.4-0.45x the images/s of 1, bench_scaling.py, 2026-12-04, loaded
+    2 processes ran at 0.44x the images/s of 1, bench_scaling.py, 2026-12-04, loaded
     machine), one on a GPU (a second process would share it)."""
     from actstore.generation.models import resolve_device
 
