@@ -17,6 +17,19 @@ WORKER_PRELOAD = "actstore.generation.regions"
 SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
 
 
+def connect(address: str, timeout: float = SCHEDULER_TIMEOUT):
+    """A client of the scheduler at ``address``, or a one-line error naming it within
+    seconds (distributed's default waits 30 s, then raises a traceback)."""
+    from distributed import Client
+
+    try:
+        return Client(address, timeout=timeout)
+    except (OSError, TimeoutError, ValueError) as exc:
+        raise ActstoreError(f"dask scheduler {address}: no answer within {timeout:g} s "
+                            f"({str(exc).splitlines()[0]}); start it (`dask scheduler`) or fix "
+                            "--scheduler") from None
+
+
 @contextmanager
 def dask_scheduler(address: str | None = None):
     """Yield something ``dask.compute(scheduler=...)`` accepts.
@@ -32,7 +45,7 @@ def dask_scheduler(address: str | None = None):
     from distributed import Client, LocalCluster
 
     if address:
-        with Client(address) as client:
+        with connect(address) as client:
             yield client
         return
     with LocalCluster(processes=False, n_workers=1, threads_per_worker=dask_threads(),

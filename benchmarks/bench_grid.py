@@ -27,23 +27,30 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from actstore.store.view import open_store  # noqa: E402
-from actstore.probe.grid import fit_layer, metric_names, per_image_scores, score_layer  # noqa: E402
+from actstore.label.labels import open_labels  # noqa: E402
 from actstore.metrics import summarize  # noqa: E402
+from actstore.probe.grid import fit_layer, metric_names, score_layer  # noqa: E402
 from actstore.probe.runs import load_targets, run_probes  # noqa: E402
+from actstore.probe.scoring import block_scores  # noqa: E402
 from actstore.runtime import task_threads  # noqa: E402
+from actstore.store.core import layer_path  # noqa: E402
+from actstore.store.view import open_store  # noqa: E402
 
 
-def adam_cell(view, layer: str, step: int, targets, epochs: int = 30, batch: int = 4,
-              seed: int = 0) -> tuple[float, np.ndarray]:
+def _source(sources, model: str, layer: str):
+    from dataclasses import replace
+    return replace(sources[layer], activation=layer_path(model, layer))
+
+
+def adam_cell(view, layer: str, step: int, split, tokens: np.ndarray, binary: bool,
+              epochs: int = 30, batch: int = 4, seed: int = 0) -> tuple[float, np.ndarray]:
     """The authors' per-cell recipe; returns (seconds, test predictions (image, h, w))."""
     torch.manual_seed(seed)
     da = view[layer].isel(step=step)
-    train = np.flatnonzero(targets.train[view.image_index])
-    test = np.flatnonzero(targets.test[view.image_index])
+    train = np.flatnonzero(split.train[view.image_index])
+    test = np.flatnonzero(split.test[view.image_index])
     probe = torch.nn.Linear(da.shape[-1], 1)
     opt = torch.optim.Adam(probe.parameters(), lr=1e-3)
-    binary = targets.kind == "binary"
     loss_fn = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.MSELoss()
     rng = np.random.default_rng(seed)
     t0 = time.perf_counter()
@@ -51,7 +58,7 @@ def adam_cell(view, layer: str, step: int, targets, epochs: int = 30, batch: int
         for lo in range(0, len(train), batch):
             idx = train[rng.permutation(len(train))][lo:lo + batch]
             x = torch.from_numpy(da.isel(image=np.sort(idx)).values.astype(np.float32))
-            y = torch.from_numpy(targets.tokens[view.image_index[np.sort(idx)]])
+            y = torch.from_numpy(tokens[view.image_index[np.sort(idx)]])
             opt.zero_grad()
             loss = loss_fn(probe(x)[..., 0], y)
             loss.backward()
@@ -67,7 +74,9 @@ def compare_with_adam(store: str, target: str, cells: list[tuple[str, int]]) -> 
     """Fit time per cell, both sides timed alike: training only (Adam: 30 epochs reading
     its batches from the store; closed form: its one read of the layer's train blocks plus
     the λ-by-CV solves), then both scored on the test split by the same code, untimed."""
-    attrs, per_layer = load_targets(store, target)
+    attrs, split, sources = load_targets(store, target)
+    labels = open_labels(store, target).load()
+    binary = attrs["kind"] == "binary"
     view = open_store(store)
     metric = "dice_label" if attrs["kind"] == "binary" else "rmse_label"
     names = metric_names(attrs["kind"])
@@ -79,19 +88,23 @@ def compare_with_adam(store: str, target: str, cells: list[tuple[str, int]]) -> 
         for layer, steps in by_layer.items():
             steps = np.asarray(steps)
             t0 = time.perf_counter()
-            fit = fit_layer(view, layer, per_layer[layer], steps, scheduler="threads")
+            src = _source(sources, view.model, layer)
+            fit = fit_layer(src, split, steps, scheduler="threads")
             closed += time.perf_counter() - t0
-            per_image, _ = score_layer(view, layer, per_layer[layer], steps, fit, "threads")
+            per_image, _ = score_layer(src, split, steps, fit, "threads")
             for k, step in enumerate(steps):
                 ours[layer, int(step)] = summarize(per_image[names.index(metric), :, k])["mean"]
     print(f"closed form: {len(cells)} cells fitted in {closed:.2f} s "
           f"({closed / len(cells):.3f} s/cell: read + CV solves)")
     adam_total = 0.0
     for layer, step in cells:
-        seconds, pred = adam_cell(view, layer, step, per_layer[layer])
+        tokens = labels[attrs["layer_arrays"][layer]].values
+        full = labels["full"].values
+        if binary:
+            tokens, full = (tokens > 0.5).astype(np.float32), (full > 0.5).astype(np.float32)
+        seconds, pred = adam_cell(view, layer, step, split, tokens, binary)
         adam_total += seconds
-        t = per_layer[layer]
-        theirs = per_image_scores(pred[:, None], t.tokens[t.test], t.full[t.test], t.kind)
+        theirs = block_scores(pred[:, None], tokens[split.test], full[split.test], binary)
         theirs = summarize(theirs[names.index(metric), :, 0])["mean"]
         print(f"  {layer:28s} step {step:2d}: Adam {seconds:7.2f} s  {metric} Adam "
               f"{theirs:.3f} vs closed form {ours[layer, step]:.3f}", flush=True)
@@ -108,7 +121,7 @@ def grid_vs_read(store: str, target: str) -> None:
 
     from actstore.store.core import model_variants
 
-    _, per_layer = load_targets(store, target)
+    _, split, sources = load_targets(store, target)
     variants = model_variants(store)
     with task_threads():
         t0 = time.perf_counter()
@@ -121,7 +134,7 @@ def grid_vs_read(store: str, target: str) -> None:
         for m in variants:
             view = open_store(store, m)
             for layer in view.layers:
-                fit_layer(view, layer, per_layer[layer], np.arange(view.n_steps),
+                fit_layer(_source(sources, m, layer), split, np.arange(view.n_steps),
                           scheduler="threads")
         fit = time.perf_counter() - t0
     t0 = time.perf_counter()

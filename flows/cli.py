@@ -86,6 +86,8 @@ def _add_label_probe(sub) -> None:
     q.add_argument("--steps", nargs="+", type=int)
     q.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
     q.add_argument("--figures", help="folder for the PNG figures")
+    q.add_argument("--label-spearman", action="store_true", help="also Spearman at label "
+                   "resolution (ranks every upsampled map: costs several read passes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,7 +192,8 @@ def _probe(args, catalog) -> dict:
 
         with dask_scheduler(args.scheduler) as sched:
             run_id = run_probes(store, args.target, models=args.models, layers=args.layers,
-                                steps=args.steps, scheduler=sched, progress=not args.quiet)
+                                steps=args.steps, scheduler=sched, progress=not args.quiet,
+                                label_spearman=args.label_spearman)
         out = {"store": store, "target": args.target, "run_id": run_id}
         if args.figures:
             out["figures"] = probe_figures(store, args.target, args.figures)
@@ -198,7 +201,7 @@ def _probe(args, catalog) -> dict:
     from flows.probe import probe_flow
 
     return probe_flow(store, args.target, args.models, args.layers, args.steps,
-                      args.scheduler, args.figures)
+                      args.scheduler, args.figures, args.label_spearman)
 
 
 def _main_job(args, catalog) -> dict:

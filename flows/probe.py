@@ -23,12 +23,12 @@ def label_task(store: str, provider: str, target: str | list[str], overwrite: bo
 @task(name="probe-grid")
 def probe_task(store: str, target: str, models: list[str] | None = None,
                layers: list[str] | None = None, steps: list[int] | None = None,
-               scheduler: str | None = None) -> str:
+               scheduler: str | None = None, label_spearman: bool = False) -> str:
     from actstore.cluster import dask_scheduler
 
     with dask_scheduler(scheduler) as sched:
         return run_probes(store, target, models=models, layers=layers, steps=steps,
-                          scheduler=sched)
+                          scheduler=sched, label_spearman=label_spearman)
 
 
 @task(name="probe-figures")
@@ -39,9 +39,10 @@ def figures_task(store: str, target: str, out_dir: str) -> list[str]:
 @flow(name="probe")
 def probe_flow(store: str, target: str, models: list[str] | None = None,
                layers: list[str] | None = None, steps: list[int] | None = None,
-               scheduler: str | None = None, figures: str | None = None) -> dict:
+               scheduler: str | None = None, figures: str | None = None,
+               label_spearman: bool = False) -> dict:
     """Fit the grid for ``target`` (labels must exist) and optionally draw its figures."""
-    run_id = probe_task(store, target, models, layers, steps, scheduler)
+    run_id = probe_task(store, target, models, layers, steps, scheduler, label_spearman)
     out = {"store": store, "target": target, "run_id": run_id}
     if figures:
         out["figures"] = figures_task(store, target, figures)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 import shutil
 
 import numpy as np
@@ -140,6 +142,30 @@ def test_run_metadata_and_emergence(planted):
     assert mean["step"].values[best["step"]] == STEP
 
 
+def test_intervals_stored_and_drawn(planted, tmp_path):
+    """Bootstrap intervals beside the scores and in emergence/, bands in the figures."""
+    from PIL import Image
+
+    from actstore.plots.figures import probe_figures
+    from actstore.probe.emergence import format_table, summary_table
+
+    uri = planted["uri"]
+    ds = open_scores(uri, planted["runs"]["depth"])
+    mean, low, high = ds["mean"], ds["ci_low"], ds["ci_high"]
+    ok = mean.notnull()
+    assert bool(((low <= mean + 1e-9) & (mean <= high + 1e-9)).where(ok, True).all())
+    assert float((high - low).where(ok).mean()) > 0
+    em = open_emergence(uri)
+    for name in ("ci_low", "ci_high", "emergence_low", "emergence_high"):
+        assert name in em, name
+    step = em.sel(target="depth", metric="pearson_token", model="trained", layer=LAYER)
+    assert float(step["emergence_low"]) <= float(step["emergence_step"]) <= \
+        float(step["emergence_high"])
+    assert "[" in format_table(summary_table(em))
+    pngs = probe_figures(uri, "depth", str(tmp_path / "fig"))
+    assert all(Image.open(p).size[0] > 300 for p in pngs)
+
+
 def test_probe_never_touches_activations_or_labels(planted, tmp_path):
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(planted["uri"], uri)
@@ -188,4 +214,104 @@ def test_probe_refuses_incomplete_store(planted, tiny_model, tmp_path, capsys):
                  "--scheduler", "threads"])
     err = capsys.readouterr().err
     assert code == 2 and "'randomized' is incomplete" in err and "8:12, 12:16" in err, err
+    assert tree_digest(uri) == before
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A real multi-process Dask cluster: tasks, statistics and results cross processes."""
+    import logging
+
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(processes=True, n_workers=2, threads_per_worker=1,
+                      dashboard_address=":0", silence_logs=logging.ERROR) as lc, \
+            Client(lc) as client:
+        yield client
+
+
+def test_cluster_grid_equals_in_process(planted, cluster, tmp_path, capsys):
+    """`actstore probe --scheduler tcp://...` on 2 worker processes: the same probes and
+    scores as the threaded in-process run, ridge (depth) and logistic (salient)."""
+    from flows.cli import main
+
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(planted["uri"], uri)
+    for target in ("depth", "salient"):
+        code = main(["--no-prefect", "--quiet", "probe", "--store", uri, "--target", target,
+                     "--layers", LAYER, "mid_block.attentions.0", "--steps", "0", str(STEP),
+                     "--scheduler", cluster.scheduler.address])
+        assert code == 0, capsys.readouterr().err
+        run = json.loads(capsys.readouterr().out)["run_id"]
+        ref = planted["runs"][target]
+        for layer in (LAYER, "mid_block.attentions.0"):
+            a, b = load_probe(uri, run, layer), load_probe(planted["uri"], ref, layer)
+            scale = np.abs(b["weights"]).max()
+            np.testing.assert_allclose(a["weights"], b["weights"], rtol=1e-6, atol=1e-6 * scale)
+            np.testing.assert_allclose(a["bias"], b["bias"], rtol=1e-6, atol=1e-6)
+        ours, theirs = open_scores(uri, run), open_scores(planted["uri"], ref)
+        assert list(ours["image"].values) == list(theirs["image"].values)
+        np.testing.assert_allclose(ours["per_image"].values, theirs["per_image"].values,
+                                   rtol=1e-6, atol=1e-6, equal_nan=True)
+
+
+def test_task_graph_carries_no_arrays(planted):
+    """What a cluster is sent: URIs, paths and image positions, never activations, labels
+    or a reader holding them; the graph stays a few kB whatever the data size."""
+    from dataclasses import replace
+
+    import cloudpickle
+
+    from actstore.store.core import layer_path
+    from actstore.probe.grid import fit_graph, score_graph
+    from actstore.probe.runs import load_targets
+
+    uri = planted["uri"]
+    seen: list = []
+
+    class Spy(cloudpickle.Pickler):
+        def persistent_id(self, obj):
+            seen.append(obj)
+            return None
+
+    for target in ("depth", "salient"):
+        _, split, sources = load_targets(uri, target)
+        src = replace(sources[LAYER], activation=layer_path("trained", LAYER))
+        steps = np.array([0, STEP])
+        fit = fit_graph(src, split, steps)
+        parts, _ = score_graph(src, split, steps, fit)
+        graph = dict(fit.__dask_graph__())
+        for p in parts:
+            graph.update(p.__dask_graph__())
+        buf = io.BytesIO()
+        Spy(buf).dump(graph)
+        arrays = [o for o in seen if isinstance(o, np.ndarray)]
+        n_images = len(split.train)
+        assert max(a.nbytes for a in arrays) <= 8 * n_images, \
+            sorted(a.shape for a in arrays)[-3:]
+        assert not any(type(o).__module__.startswith(("xarray", "zarr", "actstore.store"))
+                       for o in seen)
+        layer_bytes = open_store(uri)[LAYER].nbytes
+        assert buf.tell() < 64_000 < layer_bytes / 4, (buf.tell(), layer_bytes)
+
+
+def test_unreachable_scheduler_is_one_line_within_seconds(planted, tmp_path, capsys):
+    import socket
+    import time
+
+    from flows.cli import main
+
+    with socket.socket() as s:          # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(planted["uri"], uri)
+    before = tree_digest(uri)
+    t0 = time.monotonic()
+    code = main(["--no-prefect", "--quiet", "probe", "--store", uri, "--target", "depth",
+                 "--scheduler", f"tcp://127.0.0.1:{port}"])
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"127.0.0.1:{port}" in err[0], err
+    assert elapsed < 20, elapsed
     assert tree_digest(uri) == before

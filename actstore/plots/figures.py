@@ -56,12 +56,16 @@ def _wrap(text: str, width: int = 28) -> str:
 
 
 def emergence_curves(store: str, target: str, out_png: str) -> str:
-    """Score vs step, one panel per layer; trained solid, randomized dashed."""
-    from actstore.probe.emergence import primary_metric
+    """Score vs step, one panel per layer; trained solid, randomized dashed, each with its
+    95% bootstrap band over test images; the headline metric's emergence step marked with
+    its bootstrap interval."""
+    from actstore.probe.emergence import emergence_steps, primary_metric
     from actstore.probe.runs import latest_run, open_scores
 
-    ds = open_scores(store, latest_run(store, target))["mean"].load()
+    ds = open_scores(store, latest_run(store, target)).drop_vars("per_image").load()
     metrics = [m for m in ds["metric"].values if str(m).endswith("_label")]
+    headline = primary_metric(metrics)
+    emerged = emergence_steps(ds["mean"])
     layers = list(ds["layer"].values)
     cols = 4
     rows = (len(layers) + cols - 1) // cols
@@ -71,19 +75,36 @@ def emergence_curves(store: str, target: str, out_png: str) -> str:
     for ax, layer in zip(axes.flat, layers):
         for k, metric in enumerate(metrics):
             for model, style in (("trained", "-"), ("randomized", "--")):
-                if model in ds["model"].values:
-                    ax.plot(ds["step"], ds.sel(metric=metric, model=model, layer=layer),
-                            style, color=colors[k % len(colors)],
-                            label=f"{metric} {model}")
+                if model not in ds["model"].values:
+                    continue
+                cell = ds.sel(metric=metric, model=model, layer=layer)
+                color = colors[k % len(colors)]
+                ax.plot(ds["step"], cell["mean"], style, color=color, label=f"{metric} {model}")
+                if "ci_low" in cell:
+                    ax.fill_between(ds["step"], cell["ci_low"], cell["ci_high"], color=color,
+                                    alpha=0.15, linewidth=0)
+                if metric == headline and "emergence_low" in cell:
+                    _mark_emergence(ax, cell, float(emerged.sel(metric=metric, model=model,
+                                                                layer=layer)), color)
         ax.set_title(layer, fontsize=8)
         ax.tick_params(labelsize=7)
     for ax in axes.flat[len(layers):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.supxlabel("denoising step")
-    fig.suptitle(f"{target}: test score per step ({primary_metric(metrics)} is the headline)",
-                 fontsize=10)
+    fig.suptitle(f"{target}: test score per step, 95% bootstrap bands ({headline} is the "
+                 "headline; ▲ its emergence step and interval)", fontsize=10)
     return _save(fig, out_png)
+
+
+def _mark_emergence(ax, cell, step: float, color) -> None:
+    if np.isnan(step):
+        return
+    y = float(cell["mean"].sel(step=step))
+    lo, hi = float(cell["emergence_low"]), float(cell["emergence_high"])
+    xerr = [[step - lo], [hi - step]] if np.isfinite(lo) and np.isfinite(hi) else None
+    ax.errorbar([step], [y], xerr=xerr, fmt="^", color=color, markersize=4, capsize=2,
+                linewidth=1)
 
 
 def score_heatmap(store: str, target: str, out_png: str) -> str:

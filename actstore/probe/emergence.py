@@ -5,6 +5,7 @@ whose test score reaches 90% of the score at the last probed step — for RMSE (
 better), the first step whose RMSE is at most the final RMSE / 0.9. Undefined (NaN) when
 the final score gives no meaningful bar (a non-positive correlation or Dice), as for a
 control that never learns the target. The fraction is a parameter, stored with the result.
+Its bootstrap interval over test images comes from :mod:`actstore.probe.uncertainty`.
 """
 
 from __future__ import annotations
@@ -60,20 +61,25 @@ def summary_table(emergence: xr.Dataset) -> list[dict]:
                "trained": float(trained.sel(layer=best))}
         if "randomized" in final["model"]:
             row["randomized"] = float(final.sel(model="randomized", layer=best))
-        step = emergence["emergence_step"].sel(target=target, metric=metric, layer=best)
-        step = step.sel(model="trained") if "model" in step.dims else step
-        row["emergence_step"] = None if np.isnan(step.values) else int(step.values)
+        for name in ("emergence_step", "emergence_low", "emergence_high"):
+            if name not in emergence:
+                continue
+            step = emergence[name].sel(target=target, metric=metric, layer=best)
+            step = step.sel(model="trained") if "model" in step.dims else step
+            row[name] = None if np.isnan(step.values) else int(step.values)
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
     head = f"{'target':10s} {'metric':11s} {'best layer':28s} {'trained':>8s} " \
-           f"{'random':>8s} {'emerges@':>8s}"
+           f"{'random':>8s} {'emerges@ [95% CI]':>17s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         rnd = f"{r['randomized']:8.3f}" if "randomized" in r else f"{'-':>8s}"
         em = "-" if r["emergence_step"] is None else str(r["emergence_step"])
+        if r["emergence_step"] is not None and r.get("emergence_low") is not None:
+            em += f" [{r['emergence_low']}-{r['emergence_high']}]"
         lines.append(f"{r['target']:10s} {r['metric']:11s} {r['best_layer']:28s} "
-                     f"{r['trained']:8.3f} {rnd} {em:>8s}")
+                     f"{r['trained']:8.3f} {rnd} {em:>17s}")
     return "\n".join(lines)

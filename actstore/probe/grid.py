@@ -1,46 +1,41 @@
 """The probe grid: one linear probe per (model, layer, step) for a target, fitted with Dask.
 
-Reading plan, for each model variant and layer (one Zarr array each), with dask chunks =
-storage shards (one block of images × every step):
+One task graph per (model, layer); its tasks are handed a store URI, array paths and image
+ranges, never arrays, and read their blocks (activations and labels) from the store where
+they run, so on a cluster only the sufficient statistics, the probes and the scores move:
 
-1. **fit pass** over the blocks holding train images: each block task upcasts its tokens
-   to float32 and returns per-fold sufficient statistics for *all* steps at once; the
-   statistics are tree-summed and every step's ridge probe (λ by K-fold CV) is solved
-   from them. Memory is one block plus the statistics, whatever the number of images.
+1. **fit** over the blocks holding train images: each block task upcasts its tokens to
+   float32 and returns per-fold sufficient statistics for *all* steps at once; they are
+   tree-summed and every step's ridge probe (λ by K-fold CV) is solved from them, in a task.
    Binary targets then refine each step's probe to an L2 logistic regression by Newton
-   (warm-started and its folds' Gram matrices taken from the same statistics), on that
-   step's train tokens held in memory.
-2. **score pass** over the blocks holding test images: predictions for all steps, scored
-   per image at token resolution and, upsampled bilinearly, at label resolution.
+   (warm-started, its folds' Gram matrices taken from the same statistics), one task per
+   step reading that step's train tokens.
+2. **score** over the blocks holding test images: predictions for all steps, scored per
+   image at token and label resolution (:mod:`actstore.probe.scoring`).
 
-A block read in the fit pass is read again in the score pass only if it mixes train and
-test images. Results go to ``probes/<run_id>/`` (see :mod:`actstore.probe.runs`).
+A block read in the fit is read again in the score only if it mixes train and test images.
+Memory is one block plus the statistics, whatever the number of images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 
 import dask
 import numpy as np
+import zarr
 from dask import delayed
 
-from actstore import metrics as mt
-from actstore.probe import solvers as pb
-from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
 from actstore.kinds import BINARY
-from actstore.runtime import dask_threads
-
-BINARY_METRICS = ("dice",)
-CONTINUOUS_METRICS = ("rmse", "pearson", "spearman")
-LEVELS = ("token", "label")
-RESIDENT_LAYER_BYTES = 1 << 30  # a layer's train tokens, all steps, read once if this small
+from actstore.probe import solvers as pb
+from actstore.probe.scoring import block_scores, metric_names as _names
+from actstore.store import io
 
 
-def metric_names(kind: str) -> list[str]:
-    base = BINARY_METRICS if kind == BINARY else CONTINUOUS_METRICS
-    return [f"{m}_{level}" for level in LEVELS for m in base]
+def metric_names(kind: str, label_spearman: bool = False) -> list[str]:
+    return _names(kind == BINARY, label_spearman)
 
 
 @dataclass
@@ -57,31 +52,76 @@ class LayerFit:
 
 
 @dataclass(frozen=True)
-class Targets:
-    """The labels a layer is probed against: token-resolution targets and full-res maps."""
+class LayerSource:
+    """Where a layer's tasks find their inputs: a store URI and array paths. Nothing here
+    grows with the data, so a task graph sent to a cluster stays a few kB."""
 
+    uri: str
+    activation: str   # (image, step, y, x, channel)
+    tokens: str       # labels at the layer's token grid (image, y, x)
+    full: str         # labels at image resolution (image, H, W)
     kind: str
-    tokens: np.ndarray   # (image, h, w) in store order; binary: 0/1
-    full: np.ndarray     # (image, H, W) in store order
-    train: np.ndarray    # bool per image (store order)
+    labels_created: str = ""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Train/test per store position, and the store's image blocks (start, stop)."""
+
+    train: np.ndarray
     test: np.ndarray
+    blocks: tuple[tuple[int, int], ...]
 
 
-def _block_tokens(x: np.ndarray, steps: np.ndarray) -> np.ndarray:
-    """(b, S_all, h, w, C) block → (S, b·h·w, C) tokens of the chosen steps."""
-    x = x[:, steps]
+@lru_cache(maxsize=256)
+def _array(uri: str, path: str) -> zarr.Array:
+    """Opened once per process: opening reads metadata, and a run's hundreds of block tasks
+    per layer would otherwise reread it for every block. Only metadata is kept (the arrays
+    read here are immutable once their blocks are complete); chunks are read fresh."""
+    return io.open_array(uri, path)
+
+
+def _read(uri: str, path: str, rows, steps: np.ndarray | None = None) -> np.ndarray:
+    """Images ``rows`` (slice or positions) of an array, optionally at ``steps`` only."""
+    arr = _array(uri, path)
+    if steps is None:
+        return arr.get_orthogonal_selection((rows,))
+    if isinstance(rows, slice) and np.array_equal(steps, np.arange(arr.shape[1])):
+        return arr[rows]
+    return arr.get_orthogonal_selection((rows, steps))
+
+
+def _labels(src: LayerSource, path: str, rows) -> np.ndarray:
+    y = _read(src.uri, path, rows)
+    return (y > 0.5).astype(np.float32) if src.kind == BINARY else y
+
+
+def _token_labels(src: LayerSource) -> np.ndarray:
+    """A layer's token-resolution labels, every image: small (images × h × w), and wanted by
+    every block task of every model, so read once per process, not once per block (keyed by
+    the label set's creation time, so a relabelled target is read anew)."""
+    return _cached_labels(src.uri, src.tokens, src.kind, src.labels_created)
+
+
+@lru_cache(maxsize=8)
+def _cached_labels(uri: str, path: str, kind: str, created: str) -> np.ndarray:
+    y = _read(uri, path, slice(None))
+    return (y > 0.5).astype(np.float32) if kind == BINARY else y
+
+
+def _block_tokens(x: np.ndarray) -> np.ndarray:
+    """(b, S, h, w, C) block → (S, b·h·w, C) tokens."""
     b, s, h, w, c = x.shape
     return x.transpose(1, 0, 2, 3, 4).reshape(s, b * h * w, c)
 
 
-def _fit_block(x: np.ndarray, rows: np.ndarray, positions: np.ndarray, y: np.ndarray,
-               steps: np.ndarray, n_folds: int):
+def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.ndarray,
+               n_folds: int) -> pb.FoldStats:
     """Map step: per-fold statistics of one block's train images, for every step."""
-    if not rows.any():
-        return 0
-    X = _block_tokens(x[rows], steps)
-    tokens = y[rows].reshape(-1).astype(np.float32)
-    index = np.repeat(positions[rows], y.shape[1] * y.shape[2])
+    X = _block_tokens(_read(src.uri, src.activation, slice(a, b), steps)[rows])
+    y = _token_labels(src)[a:b][rows]
+    index = np.repeat(np.arange(a, b)[rows], y.shape[1] * y.shape[2])
+    tokens = y.reshape(-1).astype(np.float32)
     return pb.image_stats(index, X, np.broadcast_to(tokens, X.shape[:2]), n_folds)
 
 
@@ -91,31 +131,10 @@ def _tree_sum(parts: list):
     return parts[0]
 
 
-def _blocks(view: StoreView, layer: str):
-    """(delayed block, store positions of its images) for each image block of a layer."""
-    data = view[layer].data
-    data = data.rechunk({k: -1 for k in range(1, data.ndim)})  # one task per image block
-    starts = np.cumsum((0,) + data.chunks[0])
-    blocks = data.to_delayed().reshape(-1)
-    return [(blk, view.image_index[a:b]) for blk, a, b in zip(blocks, starts[:-1], starts[1:])]
-
-
-def fit_layer(view: StoreView, layer: str, targets: Targets, steps: np.ndarray,
-              n_folds: int = 5, lambdas: np.ndarray = pb.DEFAULT_LAMBDAS,
-              scheduler=None) -> LayerFit:
-    """Fit every requested step of one layer from one pass over its train blocks."""
-    parts = [delayed(_fit_block)(blk, targets.train[pos], pos, targets.tokens[pos], steps,
-                                 n_folds)
-             for blk, pos in _blocks(view, layer) if targets.train[pos].any()]
-    if not parts:
-        raise ActstoreError(f"store {view.uri}: no train images; set split=train on some rows")
-    (stats,) = dask.compute(_tree_sum(parts), scheduler=scheduler)
+def _solve_ridge(stats: pb.FoldStats, lambdas: np.ndarray) -> LayerFit:
     ridge = pb.fit_ridge_cv(stats, lambdas)
-    fit = LayerFit(ridge.weights, ridge.bias, ridge.lam, ridge.cv_score, ridge.lambdas,
-                   "ridge")
-    if targets.kind == BINARY:
-        fit = _refine_logistic(view, layer, targets, steps, stats, fit, n_folds, scheduler)
-    return fit
+    return LayerFit(ridge.weights, ridge.bias, ridge.lam, ridge.cv_score, ridge.lambdas,
+                    "ridge")
 
 
 def _step_stats(stats: pb.FoldStats, s: int) -> pb.FoldStats:
@@ -128,34 +147,26 @@ def _step_stats(stats: pb.FoldStats, s: int) -> pb.FoldStats:
     return pb.FoldStats(tuple(take(f) for f in stats.folds))
 
 
-def _logistic_cell(x: np.ndarray, y: np.ndarray, index: np.ndarray, n_folds: int,
+def _logistic_cell(src: LayerSource, train: np.ndarray, step: int, n_folds: int,
                    fold_stats: pb.FoldStats) -> pb.ProbeFit | None:
-    """One step's logistic probe, or None where it is undefined (a single class seen, as
-    on a layer too coarse for the mask, or a diverging fit)."""
+    """One step's logistic probe from its train tokens, read here; None where it is
+    undefined (a single class seen, as on a layer too coarse for the mask, or a diverging
+    fit)."""
+    y = _token_labels(src)[train]
+    index = np.repeat(train, y.shape[1] * y.shape[2])
+    y = y.reshape(-1)
     if not 0 < y.mean() < 1:
         return None
+    x = _read(src.uri, src.activation, train, np.array([step]))[:, 0]
     out = pb.fit_logistic_cv(x.reshape(-1, x.shape[-1]), y, index, n_folds=n_folds,
                              fold_stats=fold_stats)
     return out if np.isfinite(out.weights).all() and np.isfinite(out.bias) else None
 
 
-def _refine_logistic(view, layer, targets, steps, stats, fit, n_folds, scheduler) -> LayerFit:
-    train_pos = np.flatnonzero(targets.train)
-    lazy = view[layer].data[np.searchsorted(view.image_index, train_pos)][:, steps]
-    if lazy.nbytes <= RESIDENT_LAYER_BYTES:  # one read serves every step
-        (lazy,) = dask.compute(lazy, scheduler=scheduler)
-    h, w = targets.tokens.shape[1:]
-    y = targets.tokens[train_pos].reshape(-1)
-    index = np.repeat(train_pos, h * w)
-    cells = [delayed(_logistic_cell)(lazy[:, k], y, index, n_folds, _step_stats(stats, k))
-             for k in range(len(steps))]
-    # The cells work on tokens already in this process: threads here, not a cluster that
-    # would be shipped the whole layer inside the task graph.
-    local = scheduler if scheduler in ("sync", "synchronous") else "threads"
-    outs = dask.compute(*cells, scheduler=local, num_workers=dask_threads())
+def _logistic_fit(fit: LayerFit, steps: np.ndarray, *cells: pb.ProbeFit | None) -> LayerFit:
     lambdas = np.asarray(pb.LOGISTIC_LAMBDAS)
     weights, bias, lam, cv, fallback = [], [], [], [], []
-    for k, out in enumerate(outs):
+    for k, out in enumerate(cells):
         if out is None:
             # keep the ridge probe on 0/1, shifted so that "score > 0" still means "mask"
             fallback.append(int(steps[k]))
@@ -169,51 +180,69 @@ def _refine_logistic(view, layer, targets, steps, stats, fit, n_folds, scheduler
                     "logistic", fallback)
 
 
-def _score_block(x: np.ndarray, rows: np.ndarray, tokens: np.ndarray, full: np.ndarray,
-                 weights: np.ndarray, bias: np.ndarray, steps: np.ndarray, kind: str):
-    """Score pass: per-image metrics (metric, image, step) of one block's test images."""
-    if not rows.any():
-        return None
-    X = _block_tokens(x[rows], steps)                  # (S, n, C)
-    pred = pb.predict(weights[..., None], bias[..., None], X)[..., 0]   # (S, n)
-    b, (h, w) = int(rows.sum()), tokens.shape[1:]
-    pred = pred.reshape(len(steps), b, h, w).transpose(1, 0, 2, 3)   # (b, S, h, w)
-    return per_image_scores(pred, tokens[rows], full[rows], kind)
-
-
-def per_image_scores(pred: np.ndarray, tokens: np.ndarray, full: np.ndarray,
-                     kind: str) -> np.ndarray:
-    """(metric, image, step) for predictions (image, step, h, w) against both resolutions.
-
-    Binary predictions are logits: the mask is logit > 0, upsampled as logits first.
-    """
-    n, s, h, w = pred.shape
-    up = mt.upsample(pred.reshape(n * s, h, w), full.shape[1:]).reshape(n, s, *full.shape[1:])
-    out = []
-    for p, t in ((pred, tokens), (up, full)):
-        p, t = p.reshape(n, s, -1), t.reshape(n, -1)
-        if kind == BINARY:
-            out.append(mt.dice((p > 0).reshape(n * s, -1),
-                               np.repeat(t > 0.5, s, axis=0)).reshape(n, s))
-        else:
-            # per (image, step), as the metrics' per-image definitions; a label is centred
-            # and ranked once, not once per step (Spearman = Pearson of ranks)
-            out += [mt.rmse(p.reshape(n * s, -1), np.repeat(t, s, axis=0)).reshape(n, s),
-                    mt.step_correlations(p, t), mt.step_correlations(mt.rank(p), mt.rank(t))]
-    return np.stack(out)
-
-
-def score_layer(view: StoreView, layer: str, targets: Targets, steps: np.ndarray,
-                fit: LayerFit, scheduler=None) -> tuple[np.ndarray, np.ndarray]:
-    """Per-image test scores (metric, test image, step) and the test images' positions."""
-    parts, order = [], []
-    for blk, pos in _blocks(view, layer):
-        rows = targets.test[pos]
-        if rows.any():
-            parts.append(delayed(_score_block)(blk, rows, targets.tokens[pos], targets.full[pos],
-                                               fit.weights, fit.bias, steps, targets.kind))
-            order.append(pos[rows])
+def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 5,
+              lambdas: np.ndarray = pb.DEFAULT_LAMBDAS):
+    """A delayed :class:`LayerFit` of every requested step of one layer."""
+    parts = [delayed(_fit_block)(src, a, b, split.train[a:b], steps, n_folds)
+             for a, b in split.blocks if split.train[a:b].any()]
     if not parts:
-        raise ActstoreError(f"store {view.uri}: no test images; set split=test on some rows")
-    results = dask.compute(*parts, scheduler=scheduler)
-    return np.concatenate(results, axis=1), np.concatenate(order)
+        raise ActstoreError(f"store {src.uri}: no train images; set split=train on some rows")
+    stats = _tree_sum(parts)
+    fit = delayed(_solve_ridge)(stats, lambdas)
+    if src.kind != BINARY:
+        return fit
+    train = np.flatnonzero(split.train)
+    cells = [delayed(_logistic_cell)(src, train, int(step), n_folds,
+                                     delayed(_step_stats)(stats, k))
+             for k, step in enumerate(steps)]
+    return delayed(_logistic_fit)(fit, steps, *cells)
+
+
+def _score_block(src: LayerSource, a: int, b: int, rows: np.ndarray, fit: LayerFit,
+                 steps: np.ndarray, label_spearman: bool) -> np.ndarray:
+    """Per-image metrics (metric, image, step) of one block's test images."""
+    X = _block_tokens(_read(src.uri, src.activation, slice(a, b), steps)[rows])   # (S, n, C)
+    pred = pb.predict(fit.weights[..., None], fit.bias[..., None], X)[..., 0]    # (S, n)
+    tokens = _token_labels(src)[a:b][rows]
+    full = _labels(src, src.full, slice(a, b))[rows]
+    n, (h, w) = len(tokens), tokens.shape[1:]
+    pred = pred.reshape(len(steps), n, h, w).transpose(1, 0, 2, 3)   # (n, S, h, w)
+    return block_scores(pred, tokens, full, src.kind == BINARY, label_spearman)
+
+
+def score_graph(src: LayerSource, split: Split, steps: np.ndarray, fit,
+                label_spearman: bool = False):
+    """Delayed per-block scores and the store positions of their test images, in order."""
+    parts, order = [], []
+    for a, b in split.blocks:
+        rows = split.test[a:b]
+        if rows.any():
+            parts.append(delayed(_score_block)(src, a, b, rows, fit, steps, label_spearman))
+            order.append(np.arange(a, b)[rows])
+    if not parts:
+        raise ActstoreError(f"store {src.uri}: no test images; set split=test on some rows")
+    return parts, np.concatenate(order)
+
+
+def probe_layer(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 5,
+                lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler=None,
+                label_spearman: bool = False):
+    """Fit and score one layer in one graph: (LayerFit, scores (metric, test image, step),
+    store positions of the test images)."""
+    fit = fit_graph(src, split, steps, n_folds, lambdas)
+    parts, order = score_graph(src, split, steps, fit, label_spearman)
+    fit, *scores = dask.compute(fit, *parts, scheduler=scheduler)
+    return fit, np.concatenate(scores, axis=1), order
+
+
+def fit_layer(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 5,
+              lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler=None) -> LayerFit:
+    (fit,) = dask.compute(fit_graph(src, split, steps, n_folds, lambdas), scheduler=scheduler)
+    return fit
+
+
+def score_layer(src: LayerSource, split: Split, steps: np.ndarray, fit: LayerFit,
+                scheduler=None, label_spearman: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Per-image test scores (metric, test image, step) and the test images' positions."""
+    parts, order = score_graph(src, split, steps, fit, label_spearman)
+    return np.concatenate(dask.compute(*parts, scheduler=scheduler), axis=1), order

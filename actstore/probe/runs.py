@@ -5,17 +5,23 @@ Layout, one group per run (``<target>-<UTC time>-<random>``)::
     probes/<run_id>/                      attrs: target, kind, models, layers, steps, solver,
                                             n_folds, lambdas, labels provenance, created
       <model>/<layer>/{weights (step, channel), bias (step,), lam (step,), cv_score (step, λ)}
-      scores/                             Dataset: mean, median (metric, model, layer, step),
-                                            per_image (metric, model, layer, step, image)
+      scores/                             Dataset: mean, median, ci_low, ci_high (metric,
+                                            model, layer, step), per_image (metric, model,
+                                            layer, step, image), emergence_low/_high (metric,
+                                            model, layer): bootstrap intervals, see
+                                            :mod:`actstore.probe.uncertainty`
 
 A run's attributes are written last, in one PUT: a run without them is invisible, and is
 removed by a later run once its writer is gone. Emergence (score and emergence_step per
-target, metric, model, layer) is computed from each target's latest run when read.
+target, metric, model, layer, with the runs' bootstrap intervals) is computed from each
+target's latest run when read.
 Weights are plain Zarr arrays (no pickle), so the interventions flow and notebooks read
 them with nothing but zarr.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import xarray as xr
@@ -27,12 +33,14 @@ from actstore.store import layout as lay
 from actstore.store.view import StoreView
 from actstore.probe.emergence import emergence_steps
 from actstore.errors import ActstoreError
-from actstore.probe.grid import Targets, fit_layer, metric_names, score_layer
-from actstore.label.labels import list_targets, open_labels
+from actstore.probe.grid import LayerSource, Split, metric_names, probe_layer
+from actstore.probe.uncertainty import score_intervals
+from actstore.label.labels import list_targets
 from actstore.progress import Progress
 from actstore.runtime import task_threads
 
 PROBES = lay.PROBES
+EMERGENCE_INTERVALS = ("ci_low", "ci_high", "emergence_low", "emergence_high")
 
 
 def _views(store: str, models: list[str] | None) -> list[StoreView]:
@@ -64,38 +72,46 @@ def _select(requested, available: list, what: str, store: str) -> list:
     return list(requested)
 
 
-def load_targets(store: str, target: str) -> tuple[dict, dict[str, Targets]]:
-    """The target's attributes and, per layer, its labels at that layer's token grid."""
+def load_targets(store: str, target: str) -> tuple[dict, Split, dict[str, LayerSource]]:
+    """The target's attributes, its train/test split, and per layer where its labels are
+    (the label version's own path, so a relabelled target is a new source)."""
     targets = list_targets(store)
     if target not in targets:
         raise ActstoreError(f"store {store}: no target {target!r} (has: "
                             f"{', '.join(targets) or 'none'}); add it with `actstore label`")
     attrs = targets[target]
-    ds = open_labels(store, target)
-    split = ds["split"].values
-    train, test = split == "train", split == "test"
-    full = ds["full"].values
-    if attrs["kind"] == "binary":
-        full = (full > 0.5).astype(np.float32)
-    per_layer = {}
-    for layer, res in attrs["layer_arrays"].items():
-        tokens = ds[res].values
-        if attrs["kind"] == "binary":
-            tokens = (tokens > 0.5).astype(np.float32)
-        per_layer[layer] = Targets(attrs["kind"], tokens, full, train, test)
-    return attrs, per_layer
+    split = _image_column(store, "split")
+    root = st.read_root_attrs(store)
+    blocks = tuple(st.blocks_of(root["n_images"], root["block_size"]))
+    base = attrs["path"]
+    sources = {layer: LayerSource(store, "", f"{base}/{res}", f"{base}/full", attrs["kind"],
+                                  base)
+               for layer, res in attrs["layer_arrays"].items()}
+    return attrs, Split(split == "train", split == "test", blocks), sources
+
+
+def _image_column(store: str, name: str) -> np.ndarray:
+    """A column of the image table as plain ``str`` (zarr returns numpy's StringDType), read
+    directly: opening the table through xarray cost seconds per run."""
+    values = io.open_array(store, f"images/{name}")[...]
+    return np.array([str(v) for v in values.tolist()])
 
 
 def run_probes(store: str, target: str, *, models: list[str] | None = None,
                layers: list[str] | None = None, steps: list[int] | None = None,
-               n_folds: int = 5, scheduler=None, progress: bool = True) -> str:
-    """Fit and score the whole grid for ``target``; returns the new run id."""
+               n_folds: int = 5, scheduler=None, progress: bool = True,
+               label_spearman: bool = False) -> str:
+    """Fit and score the whole grid for ``target``; returns the new run id.
+    ``label_spearman`` adds Spearman at label resolution (costly: see
+    :func:`actstore.probe.scoring.metric_names`)."""
     with task_threads():   # parallelism comes from Dask's threads
-        return _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress)
+        return _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress,
+                           label_spearman)
 
 
-def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress) -> str:
-    attrs, per_layer = load_targets(store, target)
+def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress,
+                label_spearman) -> str:
+    attrs, split, per_layer = load_targets(store, target)
     views = _views(store, models)
     layers = _select(layers, views[0].layers, "layer", store)
     steps = np.asarray(_select(steps, list(range(views[0].n_steps)), "step", store), int)
@@ -104,8 +120,8 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
     run_id = commit.new_id(target)
     token = commit.begin(store, lay.run_path(run_id))
     try:
-        return _fit_and_commit(store, run_id, target, attrs, per_layer, views, layers, steps,
-                               n_folds, scheduler, progress)
+        return _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers,
+                               steps, n_folds, scheduler, progress, label_spearman)
     except BaseException:
         io.remove(store, lay.run_path(run_id))   # a failed run leaves nothing
         raise
@@ -113,30 +129,31 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
         commit.release(token)
 
 
-def _fit_and_commit(store, run_id, target, attrs, per_layer, views, layers, steps, n_folds,
-                    scheduler, progress) -> str:
-    names = metric_names(attrs["kind"])
+def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers, steps,
+                    n_folds, scheduler, progress, label_spearman) -> str:
+    names = metric_names(attrs["kind"], label_spearman)
     scores = np.full((len(names), len(views), len(layers), len(steps),
-                      int(per_layer[layers[0]].test.sum())), np.nan, np.float32)
+                      int(split.test.sum())), np.nan, np.float32)
     bar = Progress(len(views) * len(layers), 1, f"probe {target}", enabled=progress)
     test_ids = None
     for i, view in enumerate(views):
         for j, layer in enumerate(layers):
-            fit = fit_layer(view, layer, per_layer[layer], steps, n_folds, scheduler=scheduler)
+            src = replace(per_layer[layer], activation=st.layer_path(view.model, layer))
+            fit, per_image, order = probe_layer(src, split, steps, n_folds, scheduler=scheduler,
+                                                label_spearman=label_spearman)
             _write_fit(store, run_id, view.model, layer, fit)
-            per_image, order = score_layer(view, layer, per_layer[layer], steps, fit, scheduler)
             scores[:, i, j] = per_image.transpose(0, 2, 1)  # (metric, step, image)
             test_ids = order
             bar.step(1)
     bar.close()
-    ids = views[0].images["image"].values
-    pos = {p: k for k, p in enumerate(views[0].image_index)}
+    ids = _image_column(store, "image_id")     # every model is complete: store order
     ds = xr.Dataset(
         {"per_image": (("metric", "model", "layer", "step", "image"), scores)},
         coords={"metric": names, "model": [v.model for v in views], "layer": layers,
-                "step": steps, "image": [ids[pos[p]] for p in test_ids]})
+                "step": steps, "image": ids[test_ids]})
     ds["mean"] = ds["per_image"].mean("image")
     ds["median"] = ds["per_image"].median("image")
+    ds = ds.merge(score_intervals(ds["per_image"]))
     io.write_dataset(store, lay.run_scores_path(run_id), ds)
     for view in views:
         io.put_group(store, f"{lay.run_path(run_id)}/{view.model}")
@@ -221,12 +238,15 @@ def emergence(store: str) -> xr.Dataset:
     for target in sorted({a["target"] for a in list_runs(store).values()}):
         # object-dtype labels (see _plain_strings): concatenating fixed-width string
         # coordinates of different widths would truncate the longer layer names
-        ds = open_scores(store, latest_run(store, target))["mean"].load()
+        ds = open_scores(store, latest_run(store, target))
+        keep = [v for v in EMERGENCE_INTERVALS if v in ds]   # runs before intervals: none
+        ds = ds[["mean", *keep]].load().rename(mean="score")
         parts.append(ds.expand_dims(target=[target]))
     if not parts:
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
-    score = xr.concat(parts, dim="target", join="outer").rename("score")
-    return xr.Dataset({"score": score, "emergence_step": emergence_steps(score)})
+    out = xr.concat(parts, dim="target", join="outer")
+    out["emergence_step"] = emergence_steps(out["score"])
+    return out
 
 
 def open_emergence(store: str) -> xr.Dataset:

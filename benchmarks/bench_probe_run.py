@@ -1,0 +1,170 @@
+"""A whole probe run against one plain read pass of the same activations, side by side.
+
+Measures, in one process, on one store: a plain read of every activation array (dask sum,
+threads), the fit alone, the score pass alone (given the fits), and the whole
+``run_probes`` (fit + score + intervals + store writes + emergence), for each target.
+Ratios are to the read pass measured in the same run.
+
+The store is either a real one (``--store``, e.g. the main job's) or a synthetic one built
+here at the toy's shapes or at SD v1.4's (64×64×320, 32×32×640, 16×16×1280 and 8×8×1280
+token grids, 512×512 labels), with a planted linear signal so the probes have something to
+find (random activations, float16, zstd, the store's own layout and writer).
+
+    python benchmarks/bench_probe_run.py --store runs/main/store.zarr --targets salient depth
+    python benchmarks/bench_probe_run.py --shapes sd --images 16 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from actstore.generation.capture import LayerInfo  # noqa: E402
+from actstore.label.labels import write_labels  # noqa: E402
+from actstore.metrics import upsample  # noqa: E402
+from actstore.probe.grid import fit_layer, score_layer  # noqa: E402
+from actstore.probe.runs import load_targets, run_probes  # noqa: E402
+from actstore.runtime import task_threads  # noqa: E402
+from actstore.store import core as st  # noqa: E402
+from actstore.store.view import open_store  # noqa: E402
+
+SHAPES = {   # image side, {layer: (token side, channels)}
+    "sd": (512, {"down_blocks.0.attentions.0": (64, 320), "down_blocks.1.attentions.0": (32, 640),
+                 "down_blocks.2.attentions.0": (16, 1280), "mid_block.attentions.0": (8, 1280)}),
+    "toy": (64, {"down_blocks.0.attentions.0": (16, 32), "down_blocks.1.attentions.0": (8, 64),
+                 "down_blocks.2.attentions.0": (4, 64), "mid_block.attentions.0": (2, 64)}),
+}
+
+
+def build_store(uri: str, shapes: str, n_images: int, n_steps: int, block: int,
+                variants: list[str], seed: int = 0) -> None:
+    """A store of planted activations: each token = noise + field·direction, field a smooth
+    per-image map whose upsampling (plus noise) is the depth label, salient = depth > 0."""
+    side, layers = SHAPES[shapes]
+    rng = np.random.default_rng(seed)
+    n_train = (n_images // 2 // block) * block or block
+    table = pd.DataFrame({"image_id": [f"img{i:04d}" for i in range(n_images)],
+                          "prompt": "synthetic", "seed": np.arange(n_images),
+                          "split": ["train"] * n_train + ["test"] * (n_images - n_train)})
+    st.create_or_check_root(uri, table, f"synthetic-{shapes}-{n_images}-{seed}", block)
+    infos = [LayerInfo(name, name.split(".attentions")[0], h, h, c)
+             for name, (h, c) in layers.items()]
+    field = rng.normal(size=(n_images, 4, 4)).astype(np.float32)
+    depth = upsample(field, side) + 0.3 * rng.normal(size=(n_images, side, side)).astype(np.float32)
+    for variant in variants:
+        fp = {"variant": variant, "layers": list(layers), "generation": {"steps": n_steps},
+              "layer_shapes": {i.name: [i.height, i.width, i.channels] for i in infos}}
+        st.check_or_create_model(uri, variant, fp, {"model": "synthetic"}, infos, n_steps,
+                                 (side, side), {"timestep": np.arange(n_steps, dtype=np.float32),
+                                                "sigma": np.ones(n_steps, np.float32)},
+                                 "zstd", "float16")
+        writer = st.BlockWriter(uri, st.model_path(variant))
+        for a, b in st.blocks_of(n_images, block):
+            arrays = {"final_image": np.zeros((b - a, side, side, 3), np.uint8)}
+            for info in infos:
+                h, c = info.height, info.channels
+                z = upsample(field[a:b], h)[:, None, :, :, None]           # (b, 1, h, h, 1)
+                gain = np.linspace(0.2, 1.0, n_steps)[None, :, None, None, None]
+                x = rng.standard_normal((b - a, n_steps, h, h, c), np.float32)
+                x += gain * z * rng.normal(size=c).astype(np.float32)
+                arrays[f"layers/{info.name}/{st.ACTIVATION}"] = x.astype(np.float16)
+            writer.submit(a, b, arrays, {"images": table["image_id"][a:b].tolist()})
+        writer.close()
+    npz = Path(uri).with_suffix(".labels.npz")
+    np.savez(npz, image_id=table["image_id"].to_numpy(str), depth=depth,
+             salient=(depth > 0).astype(np.float32))
+    for target in ("depth", "salient"):
+        write_labels(uri, f"array:{npz}", target, progress=False)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def read_pass(uri: str) -> float:
+    import dask
+
+    def run():
+        for m in st.model_variants(uri):
+            view = open_store(uri, m)
+            dask.compute(*[view[layer].data.sum(dtype=np.float32) for layer in view.layers],
+                         scheduler="threads")
+    with task_threads():
+        return _timed(run)
+
+
+def fit_and_score(uri: str, target: str) -> tuple[float, float]:
+    """Seconds of the fit alone and of the score pass alone, every model × layer × step."""
+    _, split, sources = load_targets(uri, target)
+    fit_s = score_s = 0.0
+    with task_threads():
+        for m in st.model_variants(uri):
+            view = open_store(uri, m)
+            steps = np.arange(view.n_steps)
+            for layer in view.layers:
+                src = replace(sources[layer], activation=st.layer_path(m, layer))
+                t0 = time.perf_counter()
+                fit = fit_layer(src, split, steps, scheduler="threads")
+                t1 = time.perf_counter()
+                score_layer(src, split, steps, fit, scheduler="threads")
+                fit_s, score_s = fit_s + t1 - t0, score_s + time.perf_counter() - t1
+    return fit_s, score_s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--store", help="a store with the targets labelled (else synthetic)")
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="sd")
+    ap.add_argument("--images", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=4)
+    ap.add_argument("--models", nargs="+", default=["trained"])
+    ap.add_argument("--targets", nargs="+", default=["salient", "depth"])
+    args = ap.parse_args()
+    tmp = None
+    uri = args.store
+    if uri is None:
+        tmp = tempfile.mkdtemp(prefix="bench-probe-run-")
+        uri = str(Path(tmp) / "store.zarr")
+        t = _timed(lambda: build_store(uri, args.shapes, args.images, args.steps,
+                                       args.block_size, args.models))
+        print(f"synthetic {args.shapes} store: {args.images} images x {args.steps} steps x "
+              f"{len(SHAPES[args.shapes][1])} layers x {len(args.models)} models, built in "
+              f"{t:.1f} s")
+    try:
+        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        read = read_pass(uri)
+        gb = sum(open_store(uri, m)[la].nbytes for m in st.model_variants(uri)
+                 for la in open_store(uri, m).layers) / 1e9
+        print(f"plain read pass: {read:.2f} s ({gb:.2f} GB float16, {gb / read * 1e3:.0f} MB/s)")
+        for target in args.targets:
+            fit, score = fit_and_score(uri, target)
+            run = _timed(lambda: run_probes(uri, target, scheduler="threads", progress=False))
+            read2 = read_pass(uri)   # again: the machine may have changed pace meanwhile
+            ref = (read + read2) / 2
+            print(f"{target}: fit {fit:.2f} s ({fit / ref:.2f}x read), score {score:.2f} s "
+                  f"({score / ref:.2f}x), whole run (fit + score + store) {run:.2f} s "
+                  f"({run / ref:.2f}x read; read {read2:.2f} s this time)", flush=True)
+            read = read2
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+    finally:
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
