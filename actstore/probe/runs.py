@@ -27,7 +27,7 @@ import numpy as np
 import xarray as xr
 
 import actstore
-from actstore.store import commit, io
+from actstore.store import commit, io, labelsets
 from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.store.view import StoreView
@@ -83,7 +83,7 @@ def load_targets(store: str, target: str) -> tuple[dict, Split, dict[str, LayerS
     split = _image_column(store, "split")
     root = st.read_root_attrs(store)
     blocks = tuple(st.blocks_of(root["n_images"], root["block_size"]))
-    base = attrs["path"]
+    base = labelsets.current(store)[target]["path"]   # this label version's arrays
     sources = {layer: LayerSource(store, "", f"{base}/{res}", f"{base}/full", attrs["kind"],
                                   base)
                for layer, res in attrs["layer_arrays"].items()}
