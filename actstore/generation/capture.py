@@ -1,114 +1,38 @@
-"""Forward hooks on every self-attention layer: the capture points shared by store and edits.
+"""Capturing a block of images: hooks on the run's capture points fill host buffers.
 
-The captured tensor is the output of ``<block>.attentions.<j>.transformer_blocks.0.attn1``,
-i.e. the self-attention result *before* the residual add, exactly where the paper's authors
-hooked ``to_out``. A layer is named by its ``<block>.attentions.<j>`` prefix, as in the paper.
+Where the points are and what they are named: :mod:`actstore.generation.points`. The paper's
+main object is ``attn1``: the output of ``<block>.attentions.<j>.transformer_blocks.0.attn1``,
+the self-attention result *before* the residual add, exactly where the paper's authors
+hooked ``to_out``; a layer is named by its ``<block>.attentions.<j>`` prefix, as in the paper.
 """
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable
-from contextlib import contextmanager
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from actstore.errors import ActstoreError
+from actstore.generation.points import (ATTN1_SUFFIX, CapturePoint, block_of, capture_points,
+                                        decode_until, hooks, self_attention_layers,
+                                        token_grid)
 
-ATTN1_SUFFIX = ".transformer_blocks.0.attn1"
-_BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+__all__ = ["ATTN1_SUFFIX", "CapturePoint", "LayerInfo", "StepCapture", "attn1_hooks",
+           "attn1_module", "block_of", "capture_points", "hooks", "self_attention_layers",
+           "token_grid"]
 
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """Where a layer sits and what it outputs: one token grid of ``channels`` per image."""
-
-    name: str
-    block: str
-    height: int
-    width: int
-    channels: int
-
-    @property
-    def resolution(self) -> int:
-        return self.height
-
-
-def self_attention_layers(unet: torch.nn.Module) -> list[str]:
-    """Layer names in the UNet's data-flow order (encoder, middle, decoder)."""
-    names = [n[: -len(ATTN1_SUFFIX)] for n, _ in unet.named_modules()
-             if n.endswith(ATTN1_SUFFIX)]
-
-    def key(name: str):
-        parts = name.split(".")
-        nums = [int(p) for p in parts if p.isdigit()]
-        return (_BLOCK_ORDER.get(parts[0], 3), nums)
-
-    return sorted(names, key=key)
-
-
-def block_of(layer: str) -> str:
-    match = re.match(r"(down_blocks\.\d+|up_blocks\.\d+|mid_block)", layer)
-    return match.group(1) if match else layer.split(".")[0]
+LayerInfo = CapturePoint   # the name stores and older callers use for an attn1 point
 
 
 def attn1_module(unet: torch.nn.Module, layer: str) -> torch.nn.Module:
     return unet.get_submodule(layer + ATTN1_SUFFIX)
 
 
-def token_grid(n_tokens: int, latent_h: int, latent_w: int) -> tuple[int, int]:
-    """Recover the (h, w) token grid from a token count, given the latent aspect ratio."""
-    factor = math.sqrt(latent_h * latent_w / n_tokens)
-    h, w = round(latent_h / factor), round(latent_w / factor)
-    if h * w != n_tokens:
-        raise ValueError(f"{n_tokens} tokens do not tile a {latent_h}x{latent_w} latent")
-    return h, w
-
-
-@contextmanager
-def attn1_hooks(unet: torch.nn.Module, layers: list[str],
-                fn: Callable[[str, torch.Tensor], torch.Tensor | None]):
-    """Call ``fn(layer, output)`` on each listed layer's attn1 output; a returned tensor
-    replaces the output (how interventions edit), ``None`` leaves it untouched."""
-    handles = []
-    for layer in layers:
-        def hook(_module, _args, output, _layer=layer):
-            return fn(_layer, output)
-        handles.append(attn1_module(unet, layer).register_forward_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def probe_layout(unet: torch.nn.Module, latent_h: int, latent_w: int,
-                 cross_dim: int) -> list[LayerInfo]:
-    """Run the UNet once on zeros to learn each layer's token grid and channel count.
-
-    Cheaper to trust than arithmetic on block configs, and works for any SD-like topology.
-    """
-    layers = self_attention_layers(unet)
-    shapes: dict[str, tuple[int, int]] = {}
-
-    def record(layer: str, out: torch.Tensor) -> None:
-        shapes[layer] = (out.shape[1], out.shape[2])
-
-    p = next(unet.parameters())
-    sample = torch.zeros(1, unet.config.in_channels, latent_h, latent_w,
-                         device=p.device, dtype=p.dtype)
-    context = torch.zeros(1, 1, cross_dim, device=p.device, dtype=p.dtype)
-    with torch.no_grad(), attn1_hooks(unet, layers, record):
-        unet(sample, torch.tensor(1, device=p.device), encoder_hidden_states=context)
-    infos = []
-    for layer in layers:
-        n_tokens, channels = shapes[layer]
-        h, w = token_grid(n_tokens, latent_h, latent_w)
-        infos.append(LayerInfo(layer, block_of(layer), h, w, channels))
-    return infos
+def attn1_hooks(unet, layers: list[str], fn: Callable[[str, torch.Tensor], torch.Tensor | None]):
+    """:func:`~actstore.generation.points.hooks` under its first name: any UNet capture
+    point's name works, attn1 layers as before."""
+    return hooks(unet, layers, fn)
 
 
 class StepCapture:
@@ -122,7 +46,7 @@ class StepCapture:
     overflows the store dtype is caught as well as a NaN from the model.
     """
 
-    def __init__(self, layers: list[LayerInfo], n_images: int, n_steps: int,
+    def __init__(self, layers: list[CapturePoint], n_images: int, n_steps: int,
                  image_ids: list[str], dtype: np.dtype = np.float16, keep_uncond: bool = False):
         self.layers = {info.name: info for info in layers}
         self.block_ids = list(image_ids)
@@ -130,13 +54,19 @@ class StepCapture:
         self.offset = 0
         self.keep_uncond = keep_uncond
         self.step = 0
-        halves = 2 if keep_uncond else 1
         self.buffers = {
-            name: np.empty((halves, n_images, n_steps, info.height, info.width, info.channels),
-                           dtype=dtype) for name, info in self.layers.items()}
+            name: np.empty((2 if keep_uncond and info.cfg else 1, n_images, n_steps,
+                            info.height, info.width, info.channels), dtype=dtype)
+            for name, info in self.layers.items()}
         self.nbytes = sum(b.nbytes for b in self.buffers.values())
 
+    @property
+    def unet_points(self) -> list[str]:
+        """The points hooked during denoising (the others are captured by :meth:`decode`)."""
+        return [name for name, info in self.layers.items() if info.cfg]
+
     def __call__(self, layer: str, output: torch.Tensor) -> None:
+        """A :func:`hooks` callback: ``output`` is the CFG batch as tokens (2n, T, C)."""
         info = self.layers[layer]
         n, lo = len(self.image_ids), self.offset
         halves = [output[n:]] + ([output[:n]] if self.keep_uncond else [])
@@ -144,6 +74,25 @@ class StepCapture:
             dest = torch.from_numpy(self.buffers[layer][k, lo:lo + n, self.step])
             dest.copy_(half.detach().reshape(n, info.height, info.width, info.channels))
         return None
+
+    def decode(self, model, latents: torch.Tensor, batch_size: int) -> None:
+        """Capture the VAE points by decoding ``latents`` (n, steps, C, h, w): each image's
+        latent at every step, ``batch_size`` latents per decoder call."""
+        names = [name for name, info in self.layers.items() if not info.cfg]
+        if not names:
+            return
+        n, steps = latents.shape[:2]
+        flat = latents.reshape(n * steps, *latents.shape[2:])
+        for k in range(0, len(flat), batch_size):
+            rows = np.arange(k, min(k + batch_size, len(flat)))
+
+            def keep(name: str, tokens: torch.Tensor, rows=rows) -> None:
+                info = self.layers[name]
+                data = tokens.detach().reshape(len(rows), info.height, info.width,
+                                               info.channels).to("cpu", torch.float32).numpy()
+                self.buffers[name][0, rows // steps, rows % steps] = data
+
+            decode_until(model, flat[rows[0]:rows[-1] + 1].to(model.device), names, keep)
 
     def set_batch(self, offset: int, image_ids: list[str]) -> None:
         """The next UNet calls carry these images, stored from buffer row ``offset`` on."""

@@ -18,7 +18,7 @@ import torch
 
 import actstore
 from actstore.store import core as st
-from actstore.generation.capture import StepCapture, attn1_hooks, probe_layout
+from actstore.generation.capture import StepCapture, attn1_hooks, capture_points
 from actstore.store.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
 from actstore.generation.sampling import GenerationConfig, decode_images, generate, schedule_coords
@@ -152,8 +152,8 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
     if gen.height % (8 * f) or gen.width % (8 * f):
         raise ActstoreError(f"--height/--width {gen.height}x{gen.width}: must be multiples of "
                             f"{8 * f} for this model")
-    layers = probe_layout(model.unet, gen.height // f, gen.width // f,
-                          model.text_encoder.config.hidden_size)
+    layers = capture_points(model, ("attn1",), latent_h=gen.height // f,
+                            latent_w=gen.width // f)
     root = st.create_or_check_root(store, table, sha, settings.block_size)
     start, stop = parse_region(images, len(table), root["block_size"])
     fingerprint = model_fingerprint(model, gen, cap, layers)
