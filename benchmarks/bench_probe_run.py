@@ -59,7 +59,8 @@ def build_store(uri: str, shapes: str, n_images: int, n_steps: int, block: int,
                           "prompt": "synthetic", "seed": np.arange(n_images),
                           "split": ["train"] * n_train + ["test"] * (n_images - n_train)})
     st.create_or_check_root(uri, table, f"synthetic-{shapes}-{n_images}-{seed}", block)
-    infos = [LayerInfo(name, name.split(".attentions")[0], h, h, c)
+    infos = [LayerInfo(name, "attn1", f"{name}.transformer_blocks.0.attn1",
+                       name.split(".attentions")[0], h, h, c)
              for name, (h, c) in layers.items()]
     field = rng.normal(size=(n_images, 4, 4)).astype(np.float32)
     depth = upsample(field, side) + 0.3 * rng.normal(size=(n_images, side, side)).astype(np.float32)
