@@ -36,7 +36,7 @@ BUILTIN_MODELS = ("tiny-random",)
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _HF_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9._-]+$")
-_STORE_SETTINGS = ("steps", "guidance", "height", "width")
+_STORE_SETTINGS = ("steps", "guidance", "height", "width", "capture", "vae_source")
 SD_GUIDANCE = 7.5  # the paper's (SD v1.x's usual); the one default of generation and flows
 
 

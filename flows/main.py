@@ -24,14 +24,18 @@ from actstore.label.labels import list_targets
 from actstore.plots.report import write_report
 from actstore.probe.runs import latest_run, open_emergence
 from flows.intervene import intervention_grid_task, interventions_task
-from actstore.generation.materialize import MaterializeSettings
+from actstore.generation.materialize import CaptureConfig, MaterializeSettings
+from actstore.plots.figures import kind_comparison
 from flows.materialize import dask_address, fill_store, sample_grid_task
 from flows.probe import figures_task, label_task, probe_task
 
 TARGETS = ("salient", "depth", "shading")
 INTERVENE = ("salient", "depth")  # the paper's causal tests
-# Blocks of 8 images, generated 8 at a time: the toy model's main job on a CPU.
-MAIN_MATERIALIZE = MaterializeSettings(batch_size=8, block_size=8)
+# Blocks of 8 images, generated 8 at a time: the toy model's main job on a CPU. Captured:
+# attn1 (the paper's) and the kinds its 10-minute budget affords, for the capture-kind
+# comparison (capture-kinds.png, the summary's kind column); costs: docs/capture-points.md.
+MAIN_MATERIALIZE = MaterializeSettings(batch_size=8, block_size=8,
+                                       cap=CaptureConfig(kinds=("attn1", "block", "vae")))
 
 
 @task(name="summary")
@@ -40,7 +44,8 @@ def summary_task(store: str, out_dir: str) -> dict:
     table = format_table(rows)
     Path(out_dir, "summary.json").write_text(json.dumps(rows, indent=1))
     Path(out_dir, "summary.txt").write_text(table + "\n")
-    return {"rows": rows, "table": table}
+    figure = kind_comparison(store, str(Path(out_dir, "capture-kinds.png")))
+    return {"rows": rows, "table": table, "figure": figure}
 
 
 @task(name="report")
@@ -100,12 +105,13 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
     if missing:                     # one pass of the label model for every missing target
         label_task(store, provider, missing, device="cpu")
     for target in targets:
-        if latest_run(store, target) is None:
+        if _needs_probe(store, target):
             probe_task(store, target)
         result["figures"] += figures_task(store, target, str(out_dir))
     summary = summary_task(store, str(out_dir))
     result["summary"] = summary["rows"]
     result["table"] = summary["table"]
+    result["figures"].append(summary["figure"])
     if intervene_images:
         ids = _first_test_images(store, intervene_images)
         result["interventions"] = []
@@ -118,6 +124,16 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
             result["interventions"].append(exp)
         result["table"] += "\n\n" + format_interventions(result["interventions"])
     return _with_report(result, out_dir)
+
+
+def _needs_probe(store: str, target: str) -> bool:
+    """No run yet, or the latest predates capture points added since (a rerun with more
+    capture kinds probes them)."""
+    from actstore.probe.runs import get_run
+    from actstore.store.view import open_store
+
+    run = latest_run(store, target)
+    return run is None or bool(set(open_store(store).layers) - set(get_run(store, run)["layers"]))
 
 
 def _first_test_images(store: str, n: int) -> list[str]:

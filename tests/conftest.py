@@ -60,17 +60,12 @@ def tree_digest(path: str | Path) -> dict[str, str]:
 
 
 def store_arrays(uri: str, model: str = "trained") -> dict:
-    """Every array of a model variant, fully read, keyed by path."""
+    """Every array of a model variant (capture points of every kind), fully read, by path."""
     import zarr
 
     group = zarr.open_group(uri, path=f"models/{model}", mode="r")
-    out = {}
-    for path, arr in group.arrays():
-        out[path] = arr[...]
-    for name, sub in group["layers"].groups():
-        for path, arr in sub.arrays():
-            out[f"{name}/{path}"] = arr[...]
-    return out
+    return {path: arr[...] for path, arr in group.members(max_depth=None)
+            if isinstance(arr, zarr.Array)}
 
 
 @pytest.fixture(scope="session")

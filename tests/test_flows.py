@@ -42,12 +42,14 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
     result = main_flow(model="tiny-random", prompts=DEMO, out=str(out), settings=settings,
                        workers=2, targets=("salient",))
     assert {"trained", "randomized"} <= set(result)
-    (row,) = result["summary"]
-    assert row["target"] == "salient" and row["metric"] == "dice_label"
-    assert 0 <= row["trained"] <= 1 and 0 <= row["randomized"] <= 1
+    rows = result["summary"]          # one row per capture kind of the main job
+    assert [r["kind"] for r in rows] == ["attn1", "block", "vae"]
+    for row in rows:
+        assert row["target"] == "salient" and row["metric"] == "dice_label"
+        assert 0 <= row["trained"] <= 1 and 0 <= row["randomized"] <= 1
     for name in ("samples-trained.png", "samples-randomized.png", "salient-curves.png",
                  "salient-heatmap.png", "salient-figure4.png", "summary.txt",
-                 "intervention-salient.png"):
+                 "intervention-salient.png", "capture-kinds.png", "salient-kinds.png"):
         assert (out / name).stat().st_size > 0, name
     (exp,) = result["interventions"]
     assert exp["method"] == "projection" and exp["interventions"] == 6 * 2

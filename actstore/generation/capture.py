@@ -9,6 +9,7 @@ hooked ``to_out``; a layer is named by its ``<block>.attentions.<j>`` prefix, as
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -18,9 +19,9 @@ from actstore.generation.points import (ATTN1_SUFFIX, CapturePoint, block_of, ca
                                         decode_until, hooks, self_attention_layers,
                                         token_grid)
 
-__all__ = ["ATTN1_SUFFIX", "CapturePoint", "LayerInfo", "StepCapture", "attn1_hooks",
-           "attn1_module", "block_of", "capture_points", "hooks", "self_attention_layers",
-           "token_grid"]
+__all__ = ["ATTN1_SUFFIX", "CapturePoint", "CapturedBlock", "LayerInfo", "StepCapture",
+           "attn1_hooks", "attn1_module", "block_of", "capture_block", "capture_points",
+           "hooks", "self_attention_layers", "token_grid"]
 
 LayerInfo = CapturePoint   # the name stores and older callers use for an attn1 point
 
@@ -36,7 +37,8 @@ def attn1_hooks(unet, layers: list[str], fn: Callable[[str, torch.Tensor], torch
 
 
 class StepCapture:
-    """Collects, for a block of images, every layer's conditional-half output at each step.
+    """Collects, for a block of images, every capture point's conditional-half output at
+    each step (UNet points through :func:`hooks`, VAE points through :meth:`decode`).
 
     The UNet sees the CFG batch ``[uncond..., cond...]``; only the conditional half (the
     one the paper probes) is kept unless ``keep_uncond``. Each output is copied straight
@@ -117,3 +119,76 @@ class StepCapture:
                 f"non-finite activation in image {self.block_ids[image]!r}, step {step}, "
                 f"layer {layer} ({which} half; NaN/inf, or beyond the store dtype's range); "
                 "try --dtype float32, --store-dtype float32, or check the model weights")
+
+
+@dataclass
+class CapturedBlock:
+    """One block of images generated with its capture points hooked, held on the host.
+
+    ``activations``/``uncond`` map point names to (n, steps, h, w, C) arrays; VAE points
+    are filled, the finiteness check made and x0 images decoded by ``finish`` (returns
+    ``{"x0_image": ...}`` or ``{}``), which the store writer runs while the next block
+    generates (on a second core, or queued behind the UNet on a GPU).
+    """
+
+    ids: list[str]
+    final: np.ndarray
+    activations: dict[str, np.ndarray]
+    uncond: dict[str, np.ndarray] | None
+    finish: Callable[[], dict[str, np.ndarray]]
+
+
+def capture_block(model, rows, gen, points: list[CapturePoint], *, batch_size: int,
+                  store_dtype: str = "float16", keep_uncond: bool = False, x0: bool = True,
+                  vae_source: str = "latent", bar=None) -> CapturedBlock:
+    """Generate ``rows`` (image_id, prompt, seed) in batches, capturing ``points``.
+
+    The vae points decode, at every step, the latent after that step's update (the paper's
+    "partially denoised latent"; at the last step the final image's latent) or, with
+    ``vae_source="x0"``, the step's prediction of the clean latent.
+    """
+    from actstore.generation.sampling import decode_images, generate
+
+    n = len(rows)
+    ids = rows["image_id"].astype(str).tolist()
+    capture = StepCapture(points, n, gen.steps, ids, np.dtype(store_dtype), keep_uncond)
+    f = model.vae_scale_factor
+    latent_shape = (n, gen.steps, model.unet.config.in_channels, gen.height // f,
+                    gen.width // f)
+    x0_latents = torch.empty(latent_shape) if x0 else None
+    vae_latents = torch.empty(latent_shape) if len(capture.unet_points) < len(points) else None
+    final = np.empty((n, gen.height, gen.width, 3), np.uint8)
+    for lo in range(0, n, batch_size):
+        hi = min(lo + batch_size, n)
+        capture.set_batch(lo, ids[lo:hi])
+
+        def on_start(i: int) -> None:
+            capture.step = i
+
+        def on_end(i: int, latents, x0_step) -> None:
+            if x0_latents is not None:
+                x0_latents[lo:hi, i] = x0_step.to("cpu", torch.float32)
+            if vae_latents is not None:
+                source = x0_step if vae_source == "x0" else latents
+                vae_latents[lo:hi, i] = source.to("cpu", torch.float32)
+            if bar is not None:
+                bar.step(hi - lo)
+
+        with hooks(model, capture.unet_points, capture):
+            final[lo:hi] = generate(model, rows["prompt"].iloc[lo:hi].tolist(),
+                                    rows["seed"].iloc[lo:hi].tolist(), gen, on_start, on_end)
+
+    def finish() -> dict[str, np.ndarray]:
+        if vae_latents is not None:
+            capture.decode(model, vae_latents, batch_size)
+        capture.check_finite()
+        if x0_latents is None:
+            return {}
+        flat = x0_latents.reshape(n * gen.steps, *x0_latents.shape[2:])
+        images = np.concatenate([decode_images(model, flat[k:k + batch_size].to(model.device))
+                                 for k in range(0, len(flat), batch_size)])
+        return {"x0_image": images.reshape(n, gen.steps, *images.shape[1:])}
+
+    return CapturedBlock(ids, final, {name: buf[0] for name, buf in capture.buffers.items()},
+                         {name: buf[1] for name, buf in capture.buffers.items()
+                          if buf.shape[0] == 2} if keep_uncond else None, finish)

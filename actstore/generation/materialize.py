@@ -1,4 +1,4 @@
-"""Materialize: generate images and write every self-attention activation into the store.
+"""Materialize: generate images and write every captured activation into the store.
 
 Pure library code; ``flows/materialize.py`` wraps it for Prefect and the CLI calls that.
 Idempotent and resumable by construction: the work is a list of image blocks, a block's
@@ -14,14 +14,18 @@ import time
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
-import torch
 
 import actstore
 from actstore.store import core as st
-from actstore.generation.capture import StepCapture, attn1_hooks, capture_points
+from actstore.generation.capture import capture_block, capture_points
+from actstore.generation.capture_plan import (CapturePlan, block_work, capture_fingerprint,
+                                              check_added, ensure_added, plan_capture,
+                                              points_entry, undo_added)
+from actstore.generation.pointnames import parse_kinds
+from actstore.generation.regenerate import check_regenerated, is_exact, stored_table
 from actstore.store.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
-from actstore.generation.sampling import GenerationConfig, decode_images, generate, schedule_coords
+from actstore.generation.sampling import GenerationConfig, schedule_coords
 from actstore.generation.models import LoadedModel, apply_control, load_model
 from actstore.progress import Progress
 from actstore.generation.prompts import load_prompts, prompts_fingerprint
@@ -31,12 +35,19 @@ STORE_DTYPES = ("float16", "float32")
 
 @dataclass(frozen=True)
 class CaptureConfig:
-    """What is captured and how it is stored: part of a store's fingerprint."""
+    """What is captured and how it is stored: part of a store's fingerprint.
+
+    ``kinds``: capture kinds to have on every block of the run (see
+    :mod:`actstore.generation.points`); None keeps the variant's kinds, or attn1 (the
+    paper's) for a new variant. ``vae_source``: what the vae kind decodes at each step,
+    the updated latent (the paper) or the x0 prediction."""
 
     store_dtype: str = "float16"
     codec: str = DEFAULT_CODEC
     keep_uncond: bool = False
     x0: bool = True
+    kinds: tuple[str, ...] | None = None
+    vae_source: str = "latent"
 
 
 @dataclass(frozen=True)
@@ -106,13 +117,15 @@ def library_versions() -> dict[str, str]:
 
 
 def model_fingerprint(model: LoadedModel, gen: GenerationConfig, cap: CaptureConfig,
-                      layers: list) -> dict:
-    """Everything that changes what a variant's arrays hold; a store refuses a mismatch."""
+                      points: list, plan: CapturePlan | None = None) -> dict:
+    """Everything that changes what a variant's arrays hold; a store refuses a mismatch.
+    ``points`` are the variant's creation points (kinds added later have their own)."""
+    kinds = plan.creation if plan else tuple(dict.fromkeys(p.kind for p in points))
+    legacy = bool(plan and plan.legacy)
     return {"weights_sha256": model.weights_hash, "variant": model.variant,
             "dtype": str(model.dtype).replace("torch.", ""),
             "generation": asdict(gen), "scheduler_config": _jsonable(model.scheduler_config),
-            "capture": asdict(cap), "layers": [info.name for info in layers],
-            "layer_shapes": {i.name: [i.height, i.width, i.channels] for i in layers}}
+            "capture": capture_fingerprint(cap, kinds, legacy), **points_entry(points, legacy)}
 
 
 def _jsonable(config: dict) -> dict:
@@ -126,21 +139,26 @@ class _Run:
     model: LoadedModel
     table: object
     gen: GenerationConfig
-    layers: list
+    plan: CapturePlan
+    points: list
+    provenance: dict
     block_size: int
     region: list[tuple[int, int]]
-    todo: list[tuple[int, int]]
+    work: list[tuple[int, int, tuple, bool]]    # (start, stop, kinds to write, fresh?)
 
 
 def _open_run(model: str | LoadedModel, prompts: str, store: str,
               settings: MaterializeSettings, images: str | None) -> _Run:
-    """Check the input, load the model, create or check the store and the variant."""
+    """Check the input, load the model, create or check the store and the variant, and
+    plan the capture kinds of every block (:mod:`actstore.generation.capture_plan`)."""
     cap = settings.cap
     if settings.batch_size < 1:
         raise ActstoreError(f"--batch-size {settings.batch_size}: must be at least 1")
     if cap.store_dtype not in STORE_DTYPES:
         raise ActstoreError(f"store dtype {cap.store_dtype!r}: use one of {STORE_DTYPES}")
     codec_chain(cap.codec)  # fail on a bad codec name before any work
+    if cap.kinds is not None:
+        parse_kinds(cap.kinds)
     table = load_prompts(prompts)
     sha = prompts_fingerprint(table)
     _check_store_location(store, table, sha, settings.block_size, images)
@@ -152,47 +170,73 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
     if gen.height % (8 * f) or gen.width % (8 * f):
         raise ActstoreError(f"--height/--width {gen.height}x{gen.width}: must be multiples of "
                             f"{8 * f} for this model")
-    layers = capture_points(model, ("attn1",), latent_h=gen.height // f,
-                            latent_w=gen.width // f)
     root = st.create_or_check_root(store, table, sha, settings.block_size)
     start, stop = parse_region(images, len(table), root["block_size"])
-    fingerprint = model_fingerprint(model, gen, cap, layers)
+    plan = plan_capture(store, model.variant, cap.kinds, cap.vae_source)
+    points = capture_points(model, plan.kinds, latent_h=gen.height // f, latent_w=gen.width // f)
+    base = [p for p in points if p.kind in plan.creation]
     provenance = {"model": model.name, "model_source": model.source,
-                  "guidance": gen.guidance, "library_versions": library_versions(),
+                  "guidance": gen.guidance, "device": str(model.device),
+                  "library_versions": library_versions(),
                   "schema_version": actstore.SCHEMA_VERSION,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    st.check_or_create_model(store, model.variant, fingerprint, provenance, layers, gen.steps,
-                             (gen.height, gen.width), schedule_coords(model, gen), cap.codec,
-                             cap.store_dtype, cap.keep_uncond)
-    done = st.completed_blocks(store, model.variant)
+    st.check_or_create_model(store, model.variant, model_fingerprint(model, gen, cap, base, plan),
+                             provenance, base, gen.steps, (gen.height, gen.width),
+                             schedule_coords(model, gen), cap.codec, cap.store_dtype,
+                             cap.keep_uncond)
+    check_added(store, plan, cap, points)
     region = st.blocks_of(len(table), root["block_size"], start, stop)
-    return _Run(model, table, gen, layers, root["block_size"], region,
-                [blk for blk in region if blk not in done])
+    return _Run(model, table, gen, plan, points, provenance, root["block_size"], region,
+                block_work(store, plan, region))
 
 
 def materialize(model: str | LoadedModel, prompts: str, store: str,
                 settings: MaterializeSettings = MaterializeSettings(), *,
                 images: str | None = None, progress: bool = True) -> dict:
     """Fill ``store`` (or its region ``images`` = "A:B") with ``model``'s activations for the
-    prompt table; returns a summary."""
+    prompt table; returns a summary. Capture kinds in ``settings.cap.kinds`` that stored
+    blocks lack are added to them after the regeneration check."""
     run = _open_run(model, prompts, store, settings, images)
-    bar = Progress(sum(b - a for a, b in run.todo), run.gen.steps,
-                   f"materialize {run.model.variant}", enabled=progress)
+    cap, model = settings.cap, run.model
+    bar = Progress(sum(b - a for a, b, *_ in run.work), run.gen.steps,
+                   f"materialize {model.variant}", enabled=progress)
     t0 = time.perf_counter()
-    writer = st.BlockWriter(store, st.model_path(run.model.variant), on_written=bar.images)
+    exact = is_exact(st.model_attrs(store, model.variant).get("device"), model.device)
+    writer = st.BlockWriter(store, st.model_path(model.variant), on_written=bar.images)
+    created, added = [], []       # what this run adds to stored blocks, undone on a mismatch
+    stored = stored_table(store) if any(not w[3] for w in run.work) else None
     try:
-        for a, b in run.todo:
-            arrays, ids, finish = _materialize_block(run.model, run.table.iloc[a:b], run.gen,
-                                                     settings.cap, run.layers,
-                                                     settings.batch_size, bar)
-            writer.submit(a, b, arrays, {"images": ids, "written": time.time()}, finish)
+        for a, b, kinds, fresh in run.work:  # stored blocks regenerate from the store's rows
+            block = capture_block(model, (run.table if fresh else stored).iloc[a:b], run.gen,
+                                  [p for p in run.points if p.kind in kinds],
+                                  batch_size=settings.batch_size, store_dtype=cap.store_dtype,
+                                  keep_uncond=cap.keep_uncond, x0=cap.x0 and fresh,
+                                  vae_source=cap.vae_source, bar=bar)
+            if not fresh:       # before anything of this block (or this kind) is written
+                try:
+                    check_regenerated(store, model.variant, a, block.ids, block.final, exact)
+                except ActstoreError:
+                    writer.close()
+                    undo_added(store, run.plan, created, run.points, added)
+                    raise
+                added.append((a, b, kinds))
+            created += ensure_added(store, run.plan, kinds, cap, run.points, run.provenance,
+                                    run.gen.steps)
+            arrays = st.block_arrays(block.activations, block.final if fresh else None,
+                                     block.uncond)
+            writer.submit(a, b, arrays, {"images": block.ids, "written": time.time()},
+                          block.finish,
+                          records=run.plan.records(kinds) + (("",) if fresh else ()))
     finally:
         written = writer.close()
         bar.close()
-    return {"store": store, "model": run.model.variant, "blocks_written": len(run.todo),
-            "blocks_skipped": len(run.region) - len(run.todo),
-            "images": sum(b - a for a, b in run.todo), "bytes": written,
-            "seconds": time.perf_counter() - t0}
+    fresh = [w for w in run.work if w[3]]
+    return {"store": store, "model": model.variant, "kinds": list(run.plan.kinds),
+            "blocks_written": len(fresh), "blocks_added_to": len(run.work) - len(fresh),
+            "blocks_skipped": len(run.region) - len(run.work),
+            "images": sum(b - a for a, b, *_ in run.work),
+            "regenerated_and_checked": sum(b - a for a, b, _, f in run.work if not f),
+            "bytes": written, "seconds": time.perf_counter() - t0}
 
 
 def prepare(model: str | LoadedModel, prompts: str, store: str,
@@ -204,7 +248,7 @@ def prepare(model: str | LoadedModel, prompts: str, store: str,
     run = _open_run(model, prompts, store, settings, images)
     return {"store": store, "model": run.model.variant, "n_images": len(run.table),
             "block_size": run.block_size, "blocks": len(run.region),
-            "pending": [list(blk) for blk in run.todo]}
+            "pending": [[a, b] for a, b, *_ in run.work]}
 
 
 def completion(store: str) -> dict[str, dict[str, int]]:
@@ -233,48 +277,3 @@ def _check_store_location(store: str, table, sha: str, block_size: int | None,
         parse_region(images, len(table), attrs["block_size"])
     else:
         parse_region(images, len(table), block_size or st.DEFAULT_BLOCK_SIZE)
-
-
-def _materialize_block(model: LoadedModel, rows, gen: GenerationConfig, cap: CaptureConfig,
-                       layers: list, batch_size: int, bar: Progress):
-    """Generate one block in batches, held on the host until the writer takes it.
-
-    Returns the block's arrays (store path → rows), its image ids, and ``finish``: the
-    finiteness check and the decoding of every step's x0, which the writer runs while the
-    next block generates (on a second core, or queued behind the UNet on a GPU).
-    """
-    n = len(rows)
-    ids = rows["image_id"].astype(str).tolist()
-    capture = StepCapture(layers, n, gen.steps, ids, np.dtype(cap.store_dtype), cap.keep_uncond)
-    f = model.vae_scale_factor
-    x0_latents = (torch.empty((n, gen.steps, model.unet.config.in_channels, gen.height // f,
-                               gen.width // f)) if cap.x0 else None)
-    final = np.empty((n, gen.height, gen.width, 3), np.uint8)
-    for lo in range(0, n, batch_size):
-        hi = min(lo + batch_size, n)
-        capture.set_batch(lo, ids[lo:hi])
-
-        def on_start(i: int) -> None:
-            capture.step = i
-
-        def on_end(i: int, _latents, x0_step) -> None:
-            if x0_latents is not None:
-                x0_latents[lo:hi, i] = x0_step.to("cpu", torch.float32)
-            bar.step(hi - lo)
-
-        with attn1_hooks(model.unet, [info.name for info in layers], capture):
-            final[lo:hi] = generate(model, rows["prompt"].iloc[lo:hi].tolist(),
-                                    rows["seed"].iloc[lo:hi].tolist(), gen, on_start, on_end)
-    acts = {name: buf[0] for name, buf in capture.buffers.items()}
-    uncond = {name: buf[1] for name, buf in capture.buffers.items()} if cap.keep_uncond else None
-
-    def finish() -> dict[str, np.ndarray]:
-        capture.check_finite()
-        if x0_latents is None:
-            return {}
-        flat = x0_latents.reshape(n * gen.steps, *x0_latents.shape[2:])
-        images = np.concatenate([decode_images(model, flat[k:k + batch_size].to(model.device))
-                                 for k in range(0, len(flat), batch_size)])
-        return {"x0_image": images.reshape(n, gen.steps, *images.shape[1:])}
-
-    return st.block_arrays(acts, final, uncond), ids, finish

@@ -46,6 +46,7 @@ from actstore.kinds import BINARY
 from actstore.label.labels import TARGET_NAME, list_targets
 from actstore.metrics import dice, rmse
 from actstore.generation.models import LoadedModel
+from actstore.generation.pointnames import site_of
 from actstore.probe.runs import get_run, load_probe
 from actstore.progress import Progress
 
@@ -124,8 +125,8 @@ def plan_interventions(store: str, probe_run: str, target: str | None = None,
     layers = _layers(layers, kind, view, run, probe_run)
     steps = _steps(steps, kind, view, run, probe_run)
     probes = {la: load_probe(store, probe_run, la, model_variant) for la in layers}
-    shapes = view.attrs["fingerprint"]["layer_shapes"]
-    grids = {la: (int(shapes[la][0]), int(shapes[la][1])) for la in layers}
+    grids = {la: (int(view.layer_shapes[la][0]), int(view.layer_shapes[la][1]))
+             for la in layers}
     positions = select_images(view, images)
     table = view.images
     image_ids = [str(v) for v in table["image"].values[positions]]
@@ -216,13 +217,19 @@ def run_interventions(store: str, probe_run: str, target: str | None = None,
 
 
 def _layers(layers, kind, view, run, probe_run) -> list[str]:
-    if not layers:
+    if not layers:      # the paper's: self-attention (attn1), else the store's first kind
         prefix = DEFAULT_LAYERS[kind]
-        layers = [la for la in view.layers if la.startswith(prefix)]
+        first = "attn1" if "attn1" in view.kinds else view.kinds[0]
+        layers = [la for la in view.layers if view.points[la].kind == first
+                  and site_of(la).startswith(prefix)]
     bad = [la for la in layers if la not in view.layers]
     if bad:
-        raise ActstoreError(f"layer {bad[0]!r}: the model has no such self-attention layer; "
+        raise ActstoreError(f"layer {bad[0]!r}: the store has no such capture point; "
                             f"it has {', '.join(view.layers)}")
+    vae = [la for la in layers if not view.points[la].cfg]
+    if vae:
+        raise ActstoreError(f"layer {vae[0]!r}: the VAE decoder takes no part in denoising, so "
+                            "an edit there cannot change the image; choose UNet layers")
     lacking = [la for la in layers if la not in run["layers"]]
     if lacking:
         raise ActstoreError(f"probe run {probe_run}: has no probe for layer {lacking[0]!r} "

@@ -172,15 +172,8 @@ def _check_complete(view: StoreView) -> None:
 
 
 def _layer_grids(view: StoreView, hw: tuple[int, int]) -> dict[str, tuple[int, int]]:
-    """Each layer's token grid (h, w), read from the variant's fingerprint."""
-    shapes = view.attrs["fingerprint"].get("layer_shapes") or {}
-    grids = {}
-    for layer in view.layers:
-        if layer in shapes:
-            grids[layer] = (int(shapes[layer][0]), int(shapes[layer][1]))
-        else:
-            side = int(view.layer_info(layer)["resolution"])
-            grids[layer] = (side, side * hw[1] // hw[0])
+    """Each capture point's token grid (h, w), whatever its kind."""
+    grids = {layer: (int(s[0]), int(s[1])) for layer, s in view.layer_shapes.items()}
     for h, w in set(grids.values()):
         if hw[0] % h or hw[1] % w:
             raise ActstoreError(f"store {view.uri}: image size {hw[0]}x{hw[1]} is not a "

@@ -117,7 +117,8 @@ def score_heatmap(store: str, target: str, out_png: str) -> str:
     models = sorted(ds["model"].values, key=lambda m: m != "trained")  # trained first
     data = ds.sel(metric=metric)
     vmin, vmax = float(data.min()), float(data.max())
-    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 2.6, 4.5),
+    height = max(4.5, 1.5 + 0.11 * data.sizes["layer"])   # legible names for any count
+    fig, axes = plt.subplots(1, len(models), figsize=(3.2 * len(models) + 2.6, height),
                              squeeze=False, sharey=True)
     fig.subplots_adjust(left=0.3, right=0.85, wspace=0.05)
     cmap = "viridis" if higher_is_better(metric) else "viridis_r"
@@ -131,6 +132,38 @@ def score_heatmap(store: str, target: str, out_png: str) -> str:
     fig.colorbar(im, ax=axes[0].tolist(), label=metric)
     fig.suptitle(f"{target}: {metric} per layer and step", fontsize=10)
     return _save(fig, out_png, tight=False)
+
+
+def kind_comparison(store: str, out_png: str, targets: list[str] | None = None) -> str:
+    """Per target, the best score among each capture kind's layers at every step (trained
+    solid, randomized dashed): does self-attention beat the residual stream, the ResNets
+    and the VAE decoder, as the paper found for SD?"""
+    from actstore.probe.emergence import higher_is_better, layer_kinds, primary_metric
+    from actstore.probe.runs import open_emergence
+
+    score = open_emergence(store)["score"].load()
+    targets = targets or [str(t) for t in score["target"].values]
+    kinds = layer_kinds(score["layer"].values)
+    present = list(dict.fromkeys(kinds))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.0), squeeze=False)
+    for ax, target in zip(axes[0], targets):
+        sub = score.sel(target=target).dropna("metric", how="all")
+        metric = primary_metric(sub["metric"].values)
+        curve = sub.sel(metric=metric)
+        for k, kind in enumerate(present):
+            mine = curve.isel(layer=np.flatnonzero(kinds == kind))
+            best = mine.max("layer") if higher_is_better(metric) else mine.min("layer")
+            for model, style in (("trained", "-"), ("randomized", "--")):
+                if model in best["model"].values:
+                    ax.plot(best["step"], best.sel(model=model), style,
+                            color=colors[k % len(colors)],
+                            label=f"{kind}" if model == "trained" else None)
+        ax.set_title(f"{target}: best {metric} per kind", fontsize=8)
+        ax.set_xlabel("denoising step", fontsize=7)
+        ax.tick_params(labelsize=7)
+    axes[0, 0].legend(fontsize=6, title="solid trained, dashed randomized", title_fontsize=6)
+    return _save(fig, out_png)
 
 
 def figure4_grid(store: str, target: str, out_png: str, layer: str | None = None,
@@ -202,4 +235,5 @@ def probe_figures(store: str, target: str, out_dir: str) -> list[str]:
     out = Path(out_dir)
     return [emergence_curves(store, target, str(out / f"{target}-curves.png")),
             score_heatmap(store, target, str(out / f"{target}-heatmap.png")),
-            figure4_grid(store, target, str(out / f"{target}-figure4.png"))]
+            figure4_grid(store, target, str(out / f"{target}-figure4.png")),
+            kind_comparison(store, str(out / f"{target}-kinds.png"), [target])]

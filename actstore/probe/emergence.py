@@ -13,6 +13,8 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from actstore.generation.pointnames import KINDS, kind_of
+
 EMERGENCE_FRACTION = 0.9
 LOWER_IS_BETTER = ("rmse",)
 
@@ -45,41 +47,51 @@ def emergence_steps(score: xr.DataArray, frac: float = EMERGENCE_FRACTION) -> xr
     return out.rename("emergence_step")
 
 
+def layer_kinds(layers) -> np.ndarray:
+    """The capture kind of each layer name (attn1, block, resnet, ...)."""
+    return np.array([kind_of(str(la)) for la in layers])
+
+
 def summary_table(emergence: xr.Dataset) -> list[dict]:
-    """Per target: best layer, final-step score trained vs randomized, emergence step."""
+    """Per target and capture kind: best layer, final-step score trained vs randomized,
+    emergence step."""
     rows = []
     score = emergence["score"]
+    kinds = layer_kinds(score["layer"].values)
     for target in [str(t) for t in score["target"].values]:
         sub = score.sel(target=target).dropna("metric", how="all")
         metric = primary_metric(sub["metric"].values)
         curve = sub.sel(metric=metric)
         final = curve.isel(step=-1)
         trained = final.sel(model="trained") if "trained" in final["model"] else final.isel(model=0)
-        best = str((trained.idxmax("layer") if higher_is_better(metric)
-                    else trained.idxmin("layer")).values)
-        row = {"target": str(target), "metric": metric, "best_layer": best,
-               "trained": float(trained.sel(layer=best))}
-        if "randomized" in final["model"]:
-            row["randomized"] = float(final.sel(model="randomized", layer=best))
-        for name in ("emergence_step", "emergence_low", "emergence_high"):
-            if name not in emergence:
-                continue
-            step = emergence[name].sel(target=target, metric=metric, layer=best)
-            step = step.sel(model="trained") if "model" in step.dims else step
-            row[name] = None if np.isnan(step.values) else int(step.values)
-        rows.append(row)
+        for kind in [k for k in KINDS if k in kinds]:
+            mine = trained.isel(layer=np.flatnonzero(kinds == kind))
+            best = str((mine.idxmax("layer") if higher_is_better(metric)
+                        else mine.idxmin("layer")).values)
+            row = {"target": str(target), "kind": kind, "metric": metric, "best_layer": best,
+                   "trained": float(trained.sel(layer=best))}
+            if "randomized" in final["model"]:
+                row["randomized"] = float(final.sel(model="randomized", layer=best))
+            for name in ("emergence_step", "emergence_low", "emergence_high"):
+                if name not in emergence:
+                    continue
+                step = emergence[name].sel(target=target, metric=metric, layer=best)
+                step = step.sel(model="trained") if "model" in step.dims else step
+                row[name] = None if np.isnan(step.values) else int(step.values)
+            rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    head = f"{'target':10s} {'metric':11s} {'best layer':28s} {'trained':>8s} " \
-           f"{'random':>8s} {'emerges@ [95% CI]':>17s}"
+    width = max([28] + [len(r["best_layer"]) for r in rows])
+    head = f"{'target':10s} {'kind':6s} {'metric':11s} {'best layer':{width}s} " \
+           f"{'trained':>8s} {'random':>8s} {'emerges@ [95% CI]':>17s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         rnd = f"{r['randomized']:8.3f}" if "randomized" in r else f"{'-':>8s}"
         em = "-" if r["emergence_step"] is None else str(r["emergence_step"])
         if r["emergence_step"] is not None and r.get("emergence_low") is not None:
             em += f" [{r['emergence_low']}-{r['emergence_high']}]"
-        lines.append(f"{r['target']:10s} {r['metric']:11s} {r['best_layer']:28s} "
-                     f"{r['trained']:8.3f} {rnd} {em:>17s}")
+        lines.append(f"{r['target']:10s} {r['kind']:6s} {r['metric']:11s} "
+                     f"{r['best_layer']:{width}s} {r['trained']:8.3f} {rnd} {em:>17s}")
     return "\n".join(lines)

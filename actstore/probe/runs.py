@@ -35,7 +35,7 @@ from actstore.probe.emergence import emergence_steps
 from actstore.errors import ActstoreError
 from actstore.probe.grid import LayerSource, Split, metric_names, probe_layer
 from actstore.probe.uncertainty import score_intervals
-from actstore.label.labels import list_targets
+from actstore.label.labels import list_targets, resolution_name
 from actstore.progress import Progress
 from actstore.runtime import task_threads
 
@@ -72,9 +72,12 @@ def _select(requested, available: list, what: str, store: str) -> list:
     return list(requested)
 
 
-def load_targets(store: str, target: str) -> tuple[dict, Split, dict[str, LayerSource]]:
+def load_targets(store: str, target: str, grids: dict[str, tuple[int, int]] | None = None
+                 ) -> tuple[dict, Split, dict[str, LayerSource]]:
     """The target's attributes, its train/test split, and per layer where its labels are
-    (the label version's own path, so a relabelled target is a new source)."""
+    (the label version's own path, so a relabelled target is a new source). ``grids``:
+    (h, w) of layers that may postdate the labels (capture kinds added since), which use
+    the labels pooled to their grid if the target has it."""
     targets = list_targets(store)
     if target not in targets:
         raise ActstoreError(f"store {store}: no target {target!r} (has: "
@@ -84,9 +87,17 @@ def load_targets(store: str, target: str) -> tuple[dict, Split, dict[str, LayerS
     root = st.read_root_attrs(store)
     blocks = tuple(st.blocks_of(root["n_images"], root["block_size"]))
     base = labelsets.current(store)[target]["path"]   # this label version's arrays
+    arrays = dict(attrs["layer_arrays"])
+    pooled = set(io.list_dir(store, base))
+    for layer, (h, w) in (grids or {}).items():
+        res = arrays.setdefault(layer, resolution_name(h, w))
+        if res not in pooled:
+            raise ActstoreError(f"store {store}: labels {target!r} have no {res} grid for "
+                                f"{layer} (captured after labelling); relabel with "
+                                "`actstore label --overwrite`")
     sources = {layer: LayerSource(store, "", f"{base}/{res}", f"{base}/full", attrs["kind"],
                                   base)
-               for layer, res in attrs["layer_arrays"].items()}
+               for layer, res in arrays.items()}
     return attrs, Split(split == "train", split == "test", blocks), sources
 
 
@@ -111,9 +122,11 @@ def run_probes(store: str, target: str, *, models: list[str] | None = None,
 
 def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress,
                 label_spearman) -> str:
-    attrs, split, per_layer = load_targets(store, target)
     views = _views(store, models)
-    layers = _select(layers, views[0].layers, "layer", store)
+    common = [la for la in views[0].layers if all(la in v.points for v in views[1:])]
+    layers = _select(layers, common, "layer", store)
+    attrs, split, per_layer = load_targets(store, target, {
+        la: tuple(views[0].layer_shapes[la][:2]) for la in layers})
     steps = np.asarray(_select(steps, list(range(views[0].n_steps)), "step", store), int)
     commit.collect(store, PROBES, lambda name: lay.RUN_KEY in (
         io.node_attrs(store, lay.run_path(name)) or {}))   # runs killed earlier

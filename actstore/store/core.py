@@ -182,24 +182,38 @@ def check_or_create_model(uri: str, variant: str, fingerprint: dict, provenance:
         chunks, shards = block_layout(shape, block, 1, lead)
         create_array(uri, f"{base}/{name}", shape=shape, chunks=chunks, shards=shards,
                      dtype="uint8", dims=dims, codec=codec)
-    names = [ACTIVATION] + ([lay.ACTIVATION_UNCOND] if keep_uncond else [])
-    itemsize = np.dtype(store_dtype).itemsize
-    for info in layers:
-        shape = (n, n_steps, info.height, info.width, info.channels)
-        chunks, shards = block_layout(shape, block, itemsize, 2)
-        for name in names:
-            create_array(uri, layer_path(variant, info.name, name), shape=shape, chunks=chunks,
-                         shards=shards, dtype=store_dtype,
-                         dims=["image", "step", "y", "x", "channel"],
-                         codec=codec, attrs={"layer": info.name, "block": info.block,
-                                             "resolution": info.height,
-                                             "channels": info.channels})
-        io.put_group(uri, lay.layer_group(variant, info.name))
-    io.put_group(uri, f"{base}/{lay.LAYERS}")
+    create_layer_arrays(uri, variant, layers, n, n_steps, block, codec, store_dtype,
+                        keep_uncond)
     io.put_group(uri, lay.blocks_path(base))
     io.put_group(uri, lay.MODELS)
     # The marker, last: a variant without it is not yet usable.
     io.put_group(uri, base, {MODEL_KEY: {"fingerprint": fingerprint, **provenance}})
+
+
+def create_layer_arrays(uri: str, variant: str, points: list, n: int, n_steps: int,
+                        block: int, codec: str, store_dtype: str,
+                        keep_uncond: bool = False) -> None:
+    """``layers/<name>/activation`` (and ``activation_uncond``) of each capture point with
+    the point's attributes (name, kind, module path, shape), then the groups above them
+    (``<kind>/`` names nest one group deeper), innermost first."""
+    itemsize = np.dtype(store_dtype).itemsize
+    groups = {}
+    for info in points:
+        shape = (n, n_steps, info.height, info.width, info.channels)
+        chunks, shards = block_layout(shape, block, itemsize, 2)
+        names = [ACTIVATION] + ([lay.ACTIVATION_UNCOND] if keep_uncond and info.cfg else [])
+        for name in names:
+            create_array(uri, layer_path(variant, info.name, name), shape=shape, chunks=chunks,
+                         shards=shards, dtype=store_dtype,
+                         dims=["image", "step", "y", "x", "channel"],
+                         codec=codec, attrs=info.attrs())
+        group = lay.layer_group(variant, info.name)
+        for path in [group] + lay.parents(group)[::-1]:
+            groups.setdefault(path, None)
+            if path == f"{model_path(variant)}/{lay.LAYERS}":
+                break
+    for path in groups:
+        io.put_group(uri, path)
 
 
 def diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
@@ -259,19 +273,23 @@ class BlockWriter:
 
     def submit(self, start: int, stop: int, arrays: dict[str, np.ndarray], record: dict,
                prepare: Callable[[], dict[str, np.ndarray]] | None = None,
-               rows: tuple[int, int] | None = None) -> None:
+               rows: tuple[int, int] | None = None, records: tuple[str, ...] = ("",)) -> None:
         """Queue ``arrays`` (array path under the group → this block's rows) and then the
         completion record of store block ``start:stop``; waits for the previous block
         first. ``rows`` is where the arrays go when it is not ``start:stop`` (an
         experiment holding a subset of the store's images). ``prepare`` runs in the writer
         before anything is written and returns more arrays (work moved off the caller's
-        critical path); if it raises, the block is not stored."""
+        critical path); if it raises, the block is not stored. ``records``: the groups,
+        relative to the writer's (``""`` is its own), whose completion records of this block
+        are written, in order, after the arrays (capture kinds added to a variant keep their
+        own)."""
         self.wait()
         self._pending = self._pool.submit(self._write, start, stop, arrays, record, prepare,
-                                          rows or (start, stop))
+                                          rows or (start, stop), records)
 
     def _write(self, start: int, stop: int, arrays: dict[str, np.ndarray], record: dict,
-               prepare: Callable[[], dict[str, np.ndarray]] | None, rows: tuple[int, int]):
+               prepare: Callable[[], dict[str, np.ndarray]] | None, rows: tuple[int, int],
+               records: tuple[str, ...] = ("",)):
         if prepare is not None:
             arrays = {**arrays, **prepare()}
         handles = {path: self._array(path) for path in arrays}
@@ -282,8 +300,9 @@ class BlockWriter:
 
         sync(put_all())
         nbytes = sum(data.nbytes for data in arrays.values())
-        commit.write_block_record(self.uri, self.group, start, stop,
-                                  {**record, "bytes": nbytes})
+        for sub in records:
+            commit.write_block_record(self.uri, f"{self.group}/{sub}".rstrip("/"), start, stop,
+                                      {**record, "bytes": nbytes})
         self.bytes += nbytes
         if self._on_written is not None:
             self._on_written(stop - start, nbytes)
@@ -302,14 +321,15 @@ class BlockWriter:
         return self.bytes
 
 
-def block_arrays(activations: dict[str, np.ndarray], final_images: np.ndarray,
+def block_arrays(activations: dict[str, np.ndarray], final_images: np.ndarray | None,
                  uncond: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """A materialized block as {array path under the variant: rows} (x0 images come from
     the writer's ``prepare``)."""
     out = {f"layers/{layer}/{ACTIVATION}": data for layer, data in activations.items()}
     out.update({f"layers/{layer}/activation_uncond": data
                 for layer, data in (uncond or {}).items()})
-    out["final_image"] = final_images
+    if final_images is not None:
+        out["final_image"] = final_images
     return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 # its presence is what makes the group's contents visible.
 ROOT_KEY = "actstore"                   # root: schema, image count, block size, table hash
 MODEL_KEY = "actstore_model"            # models/<variant>: fingerprint + provenance
+CAPTURE_KEY = "actstore_capture"        # models/<variant>/captures/<kind>: a kind added later
 BLOCK_KEY = "block"                     # <group>/_blocks/<a>-<b>: one finished image block
 LABELS_COMMIT_KEY = "labels"            # labels/_commits/<id>: {target: its attributes}
 LABEL_TARGET_KEY = "target"             # labels/<target> of stores written before commits
@@ -21,6 +22,7 @@ WRITER_KEY = "writer"                   # <...>/_pending: who is writing (host, 
 IMAGES = "images"
 MODELS = "models"
 LAYERS = "layers"
+CAPTURES = "captures"
 BLOCKS = "_blocks"
 LABELS = "labels"
 COMMITS = "_commits"
@@ -48,6 +50,11 @@ def layer_group(variant: str, layer: str) -> str:
 
 def layer_path(variant: str, layer: str, name: str = ACTIVATION) -> str:
     return f"{layer_group(variant, layer)}/{name}"
+
+
+def capture_group(variant: str, kind: str) -> str:
+    """A capture kind added to a variant after its creation: its marker and records."""
+    return f"{MODELS}/{variant}/{CAPTURES}/{kind}"
 
 
 def blocks_path(group: str) -> str:

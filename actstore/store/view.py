@@ -15,7 +15,9 @@ import numpy as np
 import xarray as xr
 
 from actstore.errors import ActstoreError
+from actstore.generation.pointnames import KINDS, CapturePoint
 from actstore.store import io
+from actstore.store.captures import added_captures, kind_blocks, points_of
 from actstore.store.core import (ACTIVATION, completed_blocks, layer_path, model_attrs,
                                  model_path, model_variants, read_root_attrs)
 from actstore.store.layout import IMAGES
@@ -30,6 +32,7 @@ class StoreView:
         self.root_attrs = read_root_attrs(self.uri)
         self.attrs = model_attrs(self.uri, model)
         self.complete_only = complete_only
+        self.pending: dict[str, tuple[int, int]] = {}   # added kinds not yet readable
 
     def __repr__(self) -> str:
         return (f"<actstore {self.uri} model={self.model}: {len(self.image_index)}/"
@@ -38,13 +41,40 @@ class StoreView:
 
     def refresh(self) -> "StoreView":
         """See blocks completed since this view was made (a view is a snapshot)."""
-        for name in ("complete", "image_index", "_image_coords"):
+        for name in ("complete", "image_index", "_image_coords", "points"):
             self.__dict__.pop(name, None)
         return self
 
     @property
     def layers(self) -> list[str]:
-        return list(self.attrs["fingerprint"]["layers"])
+        """Every readable capture point's name, by kind (attn1 first), then data flow."""
+        return list(self.points)
+
+    @cached_property
+    def points(self) -> dict[str, CapturePoint]:
+        """Readable capture points by name: the variant's creation kinds, and each kind
+        added later whose records cover every complete block (see ``store.captures``)."""
+        fingerprint = self.attrs["fingerprint"]
+        points = points_of(fingerprint)
+        base = completed_blocks(self.uri, self.model)
+        self.pending = {}
+        for kind, attrs in added_captures(self.uri, self.model).items():
+            done = kind_blocks(self.uri, self.model, kind, fingerprint, base)
+            if base <= done:
+                points += points_of(attrs["fingerprint"])
+            else:
+                self.pending[kind] = (len(base & done), len(base))
+        points.sort(key=lambda p: KINDS.index(p.kind))
+        return {p.name: p for p in points}
+
+    @property
+    def kinds(self) -> list[str]:
+        return list(dict.fromkeys(p.kind for p in self.points.values()))
+
+    @property
+    def layer_shapes(self) -> dict[str, list[int]]:
+        """(height, width, channels) of each readable point."""
+        return {name: list(p.shape) for name, p in self.points.items()}
 
     @property
     def n_steps(self) -> int:
@@ -107,7 +137,13 @@ class StoreView:
 
     def __getitem__(self, layer: str) -> xr.DataArray:
         """Activations of one layer: ``(image, step, y, x, channel)``."""
-        if layer not in self.layers:
+        if layer not in self.points:
+            kind = layer.partition("/")[0] if "/" in layer else "attn1"
+            if kind in self.pending:
+                done, total = self.pending[kind]
+                raise ActstoreError(f"store {self.uri}: capture kind {kind!r} is still being "
+                                    f"added ({done} of {total} blocks); finish it with "
+                                    f"`actstore materialize --capture ...,{kind}`")
             raise ActstoreError(f"store {self.uri}: no layer {layer!r}; layers are "
                                 f"{', '.join(self.layers)}")
         group = layer_path(self.model, layer).rsplit("/", 1)[0]

@@ -1,0 +1,149 @@
+"""Which capture kinds a run writes on which blocks, and the fingerprints that bind them.
+
+``--capture`` names the kinds a run makes complete on every block of its region; a store's
+kinds are never dropped (a run without ``--capture`` keeps the variant's). So on a block:
+
+* not yet stored: generate it with every kind, write everything, then each added kind's
+  record and the block's own record (last: it makes the images visible);
+* stored but lacking some kinds: regenerate it with their points hooked, check the
+  regenerated final images against the stored ones (:mod:`~actstore.generation.regenerate`),
+  then write only the missing kinds' arrays and records; nothing stored is rewritten;
+* complete: skip.
+
+The layout of kinds added to an existing variant is in :mod:`actstore.store.captures`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+
+from actstore.errors import ActstoreError
+from actstore.generation.pointnames import KINDS, VAE_SOURCES, CapturePoint, parse_kinds
+from actstore.store import captures as sc
+from actstore.store import core as st
+from actstore.store import layout as lay
+
+
+@dataclass(frozen=True)
+class CapturePlan:
+    """The kinds of one model variant: as stored, and as this run leaves them."""
+
+    variant: str
+    exists: bool
+    legacy: bool                    # fingerprint predates capture kinds (attn1 only)
+    creation: tuple[str, ...]       # kinds complete with each block's own record
+    added: dict                     # kind → attrs of kinds added after creation, as stored
+    kinds: tuple[str, ...]          # every kind this run's blocks end up with
+
+    def records(self, kinds) -> tuple[str, ...]:
+        """Record groups (relative to the variant) for ``kinds`` written on a block."""
+        return tuple(f"{lay.CAPTURES}/{k}" for k in kinds if k not in self.creation)
+
+
+def plan_capture(store: str, variant: str, kinds, vae_source: str) -> CapturePlan:
+    """Read what the variant holds; ``kinds`` (None: keep the variant's) is what to add."""
+    if vae_source not in VAE_SOURCES:
+        raise ActstoreError(f"--vae-source {vae_source!r}: use {' or '.join(VAE_SOURCES)}")
+    wanted = parse_kinds(kinds) if kinds is not None else ()
+    try:
+        fingerprint = st.model_attrs(store, variant)["fingerprint"]
+    except ActstoreError:
+        fingerprint = None
+    if fingerprint is None:
+        kinds = wanted or parse_kinds(None)
+        return CapturePlan(variant, False, False, kinds, {}, kinds)
+    creation = sc.creation_kinds(fingerprint)
+    added = sc.added_captures(store, variant)
+    have = set(creation) | set(added) | set(wanted)
+    return CapturePlan(variant, True, "kinds" not in fingerprint.get("capture", {}), creation,
+                       added, tuple(k for k in KINDS if k in have))
+
+
+def capture_fingerprint(cap, kinds, legacy: bool) -> dict:
+    """The ``capture`` entry of a variant's fingerprint. A store made before capture kinds
+    keeps its entry as it was, so it still matches and extends."""
+    out = {"store_dtype": cap.store_dtype, "codec": cap.codec, "keep_uncond": cap.keep_uncond,
+           "x0": cap.x0}
+    if not legacy:
+        out["kinds"] = list(kinds)
+        if "vae" in kinds:
+            out["vae_source"] = cap.vae_source
+    return out
+
+
+def points_entry(points: list[CapturePoint], legacy: bool) -> dict:
+    entry = sc.points_fingerprint(points)
+    if legacy:
+        del entry["points"]
+    return entry
+
+
+def added_fingerprint(kind: str, cap, points: list[CapturePoint]) -> dict:
+    out = {"kind": kind, **sc.points_fingerprint(points)}
+    if kind == "vae":
+        out["vae_source"] = cap.vae_source
+    return out
+
+
+def check_added(store: str, plan: CapturePlan, cap, points: list[CapturePoint]) -> None:
+    """Refuse a run whose points or options differ from a kind already added."""
+    for kind, attrs in plan.added.items():
+        if kind not in plan.kinds:
+            continue
+        want = added_fingerprint(kind, cap, [p for p in points if p.kind == kind])
+        diffs = st.diff(attrs["fingerprint"], want)
+        if diffs:
+            raise ActstoreError(f"store {store}: capture kind {kind!r} of model "
+                                f"'{plan.variant}' was added with other settings "
+                                f"({'; '.join(diffs[:2])}); use the same or a new --store")
+
+
+def ensure_added(store: str, plan: CapturePlan, kinds, cap, points: list[CapturePoint],
+                 provenance: dict, n_steps: int) -> list[str]:
+    """Create the arrays and groups of kinds this run adds, marker last (idempotent:
+    concurrent workers write the same thing); returns the kinds created."""
+    created = []
+    root = st.read_root_attrs(store)
+    for kind in kinds:
+        if kind in plan.creation or kind in plan.added:
+            continue
+        mine = [p for p in points if p.kind == kind]
+        st.create_layer_arrays(store, plan.variant, mine, root["n_images"], n_steps,
+                               root["block_size"], cap.codec, cap.store_dtype, cap.keep_uncond)
+        sc.create_capture(store, plan.variant, kind, {
+            "fingerprint": added_fingerprint(kind, cap, mine), **provenance,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+        plan.added[kind] = {}
+        created.append(kind)
+    return created
+
+
+def undo_added(store: str, plan: CapturePlan, created: list[str], points: list[CapturePoint],
+               added_blocks: list[tuple[int, int, tuple]]) -> None:
+    """Take back what a run added before its regeneration check failed: the records it
+    wrote, and the groups and arrays of the kinds it created. Fresh blocks (new images,
+    generated and written whole) stay."""
+    for kind in {k for _, _, kinds in added_blocks for k in kinds} - set(created):
+        if kind not in plan.creation:
+            sc.remove_capture(store, plan.variant, kind, [],
+                              [(a, b) for a, b, kinds in added_blocks if kind in kinds])
+    for kind in created:
+        sc.remove_capture(store, plan.variant, kind, [p for p in points if p.kind == kind])
+        plan.added.pop(kind, None)
+
+
+def block_work(store: str, plan: CapturePlan, blocks) -> list[tuple[int, int, tuple, bool]]:
+    """(start, stop, kinds to write, fresh?) for every block that needs work."""
+    base = st.completed_blocks(store, plan.variant) if plan.exists else set()
+    done = {k: (base if k in plan.creation else
+                st.completed_blocks_at(store, lay.capture_group(plan.variant, k))
+                if k in plan.added else set()) for k in plan.kinds}
+    work = []
+    for a, b in blocks:
+        fresh = (a, b) not in base
+        missing = tuple(k for k in plan.kinds if fresh or (a, b) not in done[k])
+        if missing:
+            work.append((a, b, missing, fresh))
+    return work

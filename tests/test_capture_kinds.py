@@ -1,0 +1,357 @@
+"""Capture kinds in a store: made at creation or added later, checked, verified, read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from actstore.errors import ActstoreError
+from actstore.generation.materialize import MaterializeSettings, materialize
+from actstore.generation.sampling import GenerationConfig
+from actstore.store.view import open_store
+from conftest import DEMO, TINY, cli, store_arrays, tree_digest
+from test_store import SD_LAYERS
+
+ADD = ("attn1", "resnet")
+GEN = GenerationConfig(steps=TINY["steps"])
+BASE = MaterializeSettings(gen=GEN, batch_size=TINY["batch_size"], block_size=TINY["block_size"])
+LEGACY = Path(__file__).parent / "data" / "legacy-store-v1.zip"
+
+
+def _mat(model, prompts: str, uri: str, images: str | None = None, **options) -> dict:
+    """materialize with the reference store's settings and ``options`` (kinds=, x0=, ...)."""
+    return materialize(model, prompts, uri, BASE.with_options(**options), images=images,
+                       progress=False)
+
+
+def _copy(src: str, dst: Path) -> str:
+    shutil.copytree(src, dst)
+    return str(dst)
+
+
+@pytest.fixture(scope="module")
+def fresh(tmp_path_factory, tiny_model) -> str:
+    """A store made with attn1 and resnet from the start."""
+    uri = str(tmp_path_factory.mktemp("fresh") / "s.zarr")
+    _mat(tiny_model, DEMO, uri, kinds=ADD)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def added(tmp_path_factory, tiny_model, tiny_store) -> dict:
+    """The attn1 reference store with resnet added afterwards."""
+    uri = _copy(tiny_store, tmp_path_factory.mktemp("added") / "s.zarr")
+    before = tree_digest(uri)
+    summary = _mat(tiny_model, DEMO, uri, kinds=ADD)
+    return {"uri": uri, "before": before, "summary": summary}
+
+
+def test_adding_resnet_leaves_stored_files_and_equals_a_fresh_store(added, fresh):
+    after = tree_digest(added["uri"])
+    assert {k: after[k] for k in added["before"]} == added["before"]   # checksums unchanged
+    new = set(after) - set(added["before"])
+    assert new and all(k.startswith(("models/trained/layers/resnet/",
+                                     "models/trained/captures/")) for k in new), sorted(new)[:5]
+    s = added["summary"]
+    assert (s["blocks_written"], s["blocks_added_to"], s["regenerated_and_checked"]) == (0, 4, 16)
+    got, want = store_arrays(added["uri"]), store_arrays(fresh)
+    assert got.keys() == want.keys()
+    assert sum(k.startswith("layers/resnet/") for k in got) == 22
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_layout_names_kind_and_module(added, fresh):
+    for uri in (added["uri"], fresh):
+        view = open_store(uri)
+        assert view.kinds == ["attn1", "resnet"]
+        assert view.layers[:16] == SD_LAYERS and len(view.layers) == 16 + 22
+        da = view["resnet/up_blocks.3.resnets.2"]
+        assert da.dims == ("image", "step", "y", "x", "channel") and da.shape == (16, 4, 8, 8, 32)
+        assert da.attrs["kind"] == "resnet" and da.attrs["module"] == "unet.up_blocks.3.resnets.2"
+    fp = open_store(fresh).attrs["fingerprint"]
+    assert fp["capture"]["kinds"] == ["attn1", "resnet"]
+    assert fp["points"]["resnet/mid_block.resnets.1"] == {"kind": "resnet",
+                                                          "module": "unet.mid_block.resnets.1"}
+    group = zarr.open_group(added["uri"], path="models/trained/captures/resnet", mode="r")
+    kept = group.attrs["actstore_capture"]["fingerprint"]
+    assert kept["kind"] == "resnet" and len(kept["layers"]) == 22
+    assert kept["points"]["resnet/down_blocks.0.resnets.0"]["module"] == \
+        "unet.down_blocks.0.resnets.0"
+
+
+def test_rerun_keeps_the_store_kinds(added, tiny_model):
+    before = tree_digest(added["uri"])
+    again = _mat(tiny_model, DEMO, added["uri"])      # no --capture
+    assert again["kinds"] == list(ADD) and again["blocks_written"] == 0
+    assert again["blocks_added_to"] == 0 and tree_digest(added["uri"]) == before
+
+
+def test_half_added_kind_is_invisible(tiny_store, tiny_model, tmp_path):
+    uri = _copy(tiny_store, tmp_path / "half.zarr")
+    _mat(tiny_model, DEMO, uri, images="0:8", kinds=ADD)
+    view = open_store(uri)
+    assert view.kinds == ["attn1"] and view.pending == {"resnet": (2, 4)}
+    with pytest.raises(ActstoreError, match="'resnet' is still being added .2 of 4 blocks"):
+        view["resnet/mid_block.resnets.0"]
+
+
+@pytest.mark.parametrize("position", [1, 6])
+def test_regeneration_check_refuses_a_changed_seed(tiny_store, tiny_model, tmp_path, position):
+    """A seed that no longer matches its stored image (first block, or a later one after
+    an earlier block was already added): one-line error, the store left as it was."""
+    uri = _copy(tiny_store, tmp_path / "tampered.zarr")
+    seeds = zarr.open_array(uri, path="images/seed", mode="r+")
+    seeds[position] = int(seeds[position]) + 1
+    before = tree_digest(uri)
+    with pytest.raises(ActstoreError, match=rf"regeneration check: image 'demo-00{position}' "
+                                            rf"\(store position {position}\).*nothing is added"):
+        _mat(tiny_model, DEMO, uri, kinds=ADD)
+    assert tree_digest(uri) == before
+
+
+def test_a_changed_seed_in_the_prompt_table_is_refused(tiny_store, tiny_model, tmp_path):
+    import pandas as pd
+
+    table = pd.read_csv(DEMO)
+    table.loc[2, "seed"] += 1
+    table.to_csv(tmp_path / "changed.csv", index=False)
+    uri = _copy(tiny_store, tmp_path / "s.zarr")
+    before = tree_digest(uri)
+    with pytest.raises(ActstoreError, match="different prompt table"):
+        _mat(tiny_model, str(tmp_path / "changed.csv"), uri, kinds=ADD)
+    assert tree_digest(uri) == before
+
+
+def test_a_different_model_is_refused(tiny_store, tmp_path):
+    from actstore.generation.models import load_model
+
+    other = load_model("tiny-random", device="cpu")
+    with __import__("torch").no_grad():
+        other.unet.conv_in.weight.add_(1e-3)
+    uri = _copy(tiny_store, tmp_path / "other.zarr")
+    before = tree_digest(uri)
+    with pytest.raises(ActstoreError, match="another model or config .weights_sha256"):
+        _mat(other, DEMO, uri, kinds=ADD)
+    assert tree_digest(uri) == before
+
+
+def test_verify_reports_per_image(tiny_store, tmp_path):
+    uri = _copy(tiny_store, tmp_path / "v.zarr")
+    ok = cli("verify", "--store", uri, "--images", "0:8")
+    assert ok.returncode == 0, ok.stderr
+    result = json.loads(ok.stdout[:ok.stdout.index("\n}") + 2])
+    assert (result["images"], result["reproduced"], result["comparison"]) == (8, 8, "bitwise")
+    seeds = zarr.open_array(uri, path="images/seed", mode="r+")
+    seeds[5] = int(seeds[5]) + 1
+    before = tree_digest(uri)
+    bad = cli("verify", "--store", uri, "--images", "4:8")
+    err = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(err) == 1, bad.stderr
+    assert "1 of 4 images not reproduced (trained:demo-005)" in err[0]
+    rows = [line.split() for line in bad.stdout.splitlines() if line.startswith("trained")]
+    assert [r[1] for r in rows if "DIFF" in r] == ["demo-005"] and len(rows) == 4
+    assert tree_digest(uri) == before
+
+
+def test_verify_refuses_another_model(tiny_store, tmp_path):
+    from actstore.generation.regenerate import verify
+    from sd14 import sd14_folder
+
+    with pytest.raises(ActstoreError, match="is not the one store .* was made with"):
+        verify(tiny_store, model=sd14_folder(), images="0:4", progress=False)
+
+
+def test_bad_capture_kind_is_one_line(tmp_path):
+    uri = str(tmp_path / "none.zarr")
+    out = cli("materialize", "--store", uri, "--model", "tiny-random", "--prompts", "demo",
+              "--capture", "attn1,conv")
+    err = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(err) == 1 and "unknown kind 'conv'" in err[0], err
+    assert not Path(uri).exists()
+
+
+def test_other_vae_source_is_refused(tiny_store, tiny_model, tmp_path):
+    uri = _copy(tiny_store, tmp_path / "vae.zarr")
+    _mat(tiny_model, DEMO, uri, images="0:4", kinds=("attn1", "vae"))
+    before = tree_digest(uri)
+    with pytest.raises(ActstoreError, match="'vae' of model 'trained' was added with other "
+                                            "settings .vae_source: store has .latent., this run has .x0."):
+        _mat(tiny_model, DEMO, uri, images="4:8", kinds=("attn1", "vae"), vae_source="x0")
+    assert tree_digest(uri) == before
+
+
+def test_vae_point_at_the_last_step_is_the_final_decode(tiny_model, tmp_path):
+    """The vae kind decodes each step's updated latent: at the last step the very latent
+    the final image is decoded from, so it equals a hook on that decode."""
+    from actstore.generation.points import hooks
+    from actstore.generation.sampling import generate
+
+    uri = str(tmp_path / "vae.zarr")
+    _mat(tiny_model, DEMO, uri, images="0:4", kinds=("attn1", "vae"))
+    name = "vae/decoder.mid_block.attentions.0"
+    seen = []
+    rows = open_store(uri).images
+    with hooks(tiny_model, [name], lambda n, t: seen.append(t.clone())):
+        generate(tiny_model, [str(p) for p in rows["prompt"].values],
+                 [int(s) for s in rows["seed"].values], GEN)
+    stored = open_store(uri)[name].isel(step=-1).values          # (image, y, x, C) float16
+    expect = seen[-1].numpy().reshape(stored.shape).astype(np.float16)
+    np.testing.assert_array_equal(stored, expect)
+    early = open_store(uri)[name].isel(step=0).values
+    assert not np.array_equal(early, stored)
+
+
+def test_legacy_store_reads_extends_and_takes_new_kinds(tiny_model, tmp_path):
+    """A store written by the code before capture kinds (schema 1, attn1 only; made with
+    4 images, 2 steps, no x0): read as before, extended, given resnet."""
+    uri = str(tmp_path / "legacy.zarr")
+    with zipfile.ZipFile(LEGACY) as z:
+        z.extractall(uri)
+    old = zarr.open_group(uri, path="models/trained", mode="r").attrs["actstore_model"]
+    assert "kinds" not in old["fingerprint"]["capture"]
+    ref = str(tmp_path / "ref.zarr")
+    _mat(tiny_model, DEMO, ref, images="0:8", steps=2, x0=False)
+    view = open_store(uri)
+    assert view.layers == SD_LAYERS and view.kinds == ["attn1"]
+    np.testing.assert_array_equal(view["mid_block.attentions.0"].values,
+                                  open_store(ref)["mid_block.attentions.0"].isel(
+                                      image=slice(0, 4)).values)
+    more = _mat(tiny_model, DEMO, uri, images="0:8", steps=2, x0=False)
+    assert (more["blocks_written"], more["blocks_skipped"]) == (1, 1)
+    add = _mat(tiny_model, DEMO, uri, images="0:8", steps=2, x0=False, kinds=ADD)
+    assert add["blocks_added_to"] == 2
+    now = zarr.open_group(uri, path="models/trained", mode="r").attrs["actstore_model"]
+    assert now["fingerprint"] == old["fingerprint"]
+    view = open_store(uri)
+    assert view.kinds == ["attn1", "resnet"]
+    np.testing.assert_array_equal(view["mid_block.attentions.0"].values,
+                                  open_store(ref)["mid_block.attentions.0"].values)
+
+
+@pytest.fixture(scope="module")
+def planted_kinds(tmp_path_factory, tiny_model, tiny_store) -> dict:
+    """block, resnet and vae added to the attn1 store; labels planted as a linear map of a
+    residual-stream point's step-2 activations, probed on block and resnet arrays."""
+    from actstore.label.labels import write_labels
+    from actstore.probe.runs import run_probes
+
+    root = tmp_path_factory.mktemp("kinds-grid")
+    uri = _copy(tiny_store, root / "s.zarr")
+    _mat(tiny_model, DEMO, uri, kinds=("block", "resnet", "vae"))
+    view = open_store(uri)
+    x = view["block/up_blocks.3.attentions.0"].isel(step=2).values.astype(np.float32)
+    rng = np.random.default_rng(1)
+    y = x @ rng.normal(size=x.shape[-1]).astype(np.float32)
+    y += 0.2 * y.std() * rng.normal(size=y.shape).astype(np.float32)
+    full = np.kron(y, np.ones((1, 8, 8), np.float32))           # 8x8 grid → 64 px
+    np.savez(root / "y.npz", image_id=view.images["image"].values.astype(str), depth=full,
+             salient=(full > np.median(full)).astype(np.float32))
+    layers = ["block/up_blocks.3.attentions.0", "resnet/up_blocks.3.resnets.2"]
+    runs = {}
+    for target in ("depth", "salient"):
+        write_labels(uri, f"array:{root / 'y.npz'}", target, progress=False)
+        runs[target] = run_probes(uri, target, layers=layers, steps=[2], scheduler="threads",
+                                  progress=False)
+    return {"uri": uri, "layers": layers, "runs": runs}
+
+
+@pytest.mark.parametrize("layer", ["block/up_blocks.3.attentions.0",
+                                   "resnet/up_blocks.3.resnets.2"])
+def test_probe_grid_on_block_and_resnet_matches_sklearn(planted_kinds, layer):
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    from actstore.label.labels import open_labels
+    from actstore.probe.runs import load_probe
+
+    uri = planted_kinds["uri"]
+    view = open_store(uri)
+    train = view.images["split"].values == "train"
+    X = view[layer].isel(step=2).values.astype(np.float64)[train]
+    X = X.reshape(-1, X.shape[-1])
+    gram = np.trace((X - X.mean(0)).T @ (X - X.mean(0))) / X.shape[1]   # the solver's λ unit
+    y = open_labels(uri, "depth")["r8"].values[train].reshape(-1)
+    probe = load_probe(uri, planted_kinds["runs"]["depth"], layer)
+    ref = Ridge(alpha=probe["lam"][0] * gram).fit(X, y)
+    np.testing.assert_allclose(probe["weights"][0], ref.coef_, rtol=1e-3,
+                               atol=1e-3 * np.abs(ref.coef_).max())
+    assert abs(probe["bias"][0] - ref.intercept_) < 1e-3
+    m = (open_labels(uri, "salient")["r8"].values[train].reshape(-1) > 0.5).astype(int)
+    probe = load_probe(uri, planted_kinds["runs"]["salient"], layer)
+    assert probe["solver"] == "logistic"
+    ref = LogisticRegression(C=1 / (probe["lam"][0] * gram), tol=1e-10, max_iter=10000).fit(X, m)
+    theirs = ref.decision_function(X)
+    np.testing.assert_allclose(X @ probe["weights"][0] + probe["bias"][0], theirs,
+                               rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
+
+
+def test_summary_and_figure_per_kind(planted_kinds, tmp_path):
+    from actstore.plots.figures import kind_comparison
+    from actstore.probe.emergence import format_table, summary_table
+    from actstore.probe.runs import open_emergence
+
+    rows = summary_table(open_emergence(planted_kinds["uri"]))
+    assert [(r["target"], r["kind"]) for r in rows] == [
+        ("depth", "block"), ("depth", "resnet"), ("salient", "block"), ("salient", "resnet")]
+    assert rows[0]["best_layer"] == "block/up_blocks.3.attentions.0"
+    assert " kind " in format_table(rows).splitlines()[0]
+    png = kind_comparison(planted_kinds["uri"], str(tmp_path / "kinds.png"))
+    assert Path(png).stat().st_size > 10_000
+
+
+def test_kill_minus_9_while_adding_then_rerun_is_identical(tiny_store, fresh, tmp_path):
+    import signal
+    import time
+
+    from actstore.store.core import completed_blocks_at
+    from test_resume import ARGS, _popen
+
+    uri = _copy(tiny_store, tmp_path / "killed.zarr")
+    stored = tree_digest(uri)
+    group = "models/trained/captures/resnet"
+    proc = _popen(uri, "--capture", "attn1,resnet")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if Path(uri, group).exists() and completed_blocks_at(uri, group):
+            break
+        time.sleep(0.05)
+    time.sleep(0.3)              # the next block mid-generation or mid-write
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(completed_blocks_at(uri, group))
+    assert open_store(uri).kinds == (["attn1", "resnet"] if done == 4 else ["attn1"])
+    rerun = cli("materialize", "--store", uri, *ARGS, "--capture", "attn1,resnet")
+    assert rerun.returncode == 0, rerun.stderr
+    assert f'"blocks_added_to": {4 - done}' in rerun.stdout
+    after = tree_digest(uri)
+    assert {k: after[k] for k in stored} == stored
+    got, want = store_arrays(uri), store_arrays(fresh)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_interventions_edit_a_residual_stream_point(planted_kinds, tiny_model, tmp_path):
+    """The intervention experiment takes a block point by name, like an attn1 layer; a VAE
+    point, which denoising never runs, is refused."""
+    from actstore.intervene.run import run_interventions
+    from test_interventions import PixelLabels
+
+    uri = _copy(planted_kinds["uri"], tmp_path / "iv.zarr")
+    run = planted_kinds["runs"]["depth"]
+    kw = {"steps": [2], "images": ["demo-012", "demo-013"], "n_targets": 1,
+          "provider": PixelLabels(), "model": tiny_model, "progress": False}
+    out = run_interventions(uri, run, layers=["block/up_blocks.3.attentions.0"], **kw)
+    assert out["complete"] and out["interventions"] == 2
+    assert out["layers"] == ["block/up_blocks.3.attentions.0"]
+    assert out["edit"]["relative_change"] > 0 and out["edit"]["probe_error_after"] < \
+        out["edit"]["probe_error_before"]
+    with pytest.raises(ActstoreError, match="VAE decoder takes no part in denoising"):
+        run_interventions(uri, run, layers=["vae/decoder.mid_block.attentions.0"], **kw)
