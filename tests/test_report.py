@@ -61,13 +61,14 @@ def _embedded(page: Page) -> dict[str, bytes]:
 def full_out(tmp_path_factory, explore_store):
     """A job folder as the main job leaves it: samples, probe figures, intervention grid."""
     from actstore.intervene.results import list_interventions
-    from actstore.plots.figures import probe_figures, sample_grid
+    from actstore.plots.figures import kind_comparison, probe_figures, sample_grid
     from actstore.plots.interventions import intervention_grid
 
     out = tmp_path_factory.mktemp("job")
     sample_grid(explore_store, "trained", str(out / "samples-trained.png"))
     for target in ("salient", "depth"):
         probe_figures(explore_store, target, str(out))
+    kind_comparison(explore_store, str(out / "capture-kinds.png"))
     (exp,) = list_interventions(explore_store)
     intervention_grid(explore_store, exp, str(out / "intervention-salient.png"))
     return out
@@ -87,13 +88,16 @@ def test_full_report_embeds_every_figure_and_the_store_tables(full_out, explore_
     assert page.h2 == [s.title for s in SECTIONS] + ["Dose response"]
     embedded = _embedded(page)
     on_disk = {p.name: p.read_bytes() for p in full_out.glob("*.png")}
-    assert len(on_disk) == 1 + 2 * 3 + 1 + 1       # samples, 3 per target, intervention, dose
+    # samples, 4 per target, the kind comparison, intervention, dose
+    assert len(on_disk) == 1 + 2 * 4 + 1 + 1 + 1
     assert embedded == on_disk                       # every figure, each once, unaltered
     assert "Not in this run" not in "".join(page.text)
     assert "a note <b>escaped</b>" in page.text     # notes are text, never markup
-    # the summary table shows the store's emergence rows
+    # the summary table shows the store's emergence rows, with their capture kind
+    assert "kind" in page.cells                     # the header
     for row in summary_table(open_emergence(explore_store)):
         assert row["best_layer"] in page.cells and f"{row['trained']:.3f}" in page.cells
+        assert row["kind"] in page.cells
     # the intervention table counts what the experiment holds
     (exp, summary), = list_interventions(explore_store).items()
     ds = open_intervention(explore_store, exp)

@@ -38,7 +38,8 @@ class Section:
 
 
 def emergence_rows(store: str) -> Rows | None:
-    """Per target: best layer, last-step score trained vs randomized, emergence step."""
+    """Per target and capture kind: best layer, last-step score trained vs randomized,
+    emergence step."""
     from actstore.probe.emergence import summary_table
     from actstore.probe.runs import open_emergence
 
@@ -46,7 +47,8 @@ def emergence_rows(store: str) -> Rows | None:
         rows = summary_table(open_emergence(store))
     except (FileNotFoundError, KeyError, ActstoreError):
         return None
-    return [{"target": r["target"], "metric": r["metric"], "best layer": r["best_layer"],
+    return [{"target": r["target"], "kind": r["kind"], "metric": r["metric"],
+             "best layer": r["best_layer"],
              "trained": r["trained"], "randomized": r.get("randomized"),
              "emerges at step": r["emergence_step"]} for r in rows] or None
 
@@ -72,6 +74,10 @@ SECTIONS: tuple[Section, ...] = (
             "that score for the trained model and for the randomized-weights control (what a "
             "probe finds without learning), and the first step reaching 90% of it.",
             table=emergence_rows),
+    Section("Capture kinds", "Per target, the best score among each capture kind's layers "
+            "at every step, trained solid, randomized dashed: which part of the network "
+            "carries the property, and from which step.",
+            figures=("capture-kinds.png", "*-kinds.png")),
     Section("Samples", "The decoded x0 prediction at a few denoising steps and the final "
             "image: what each model has settled on by each step.",
             figures=("samples-*.png",)),
