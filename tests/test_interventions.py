@@ -376,7 +376,7 @@ def _cli(argv):
 @pytest.mark.parametrize("extra,words", [
     (["--probe-run", "salient-19990101T000000"], "no probe run"),
     (["--layers", "up_blocks.1.attentions.0"], "has no probe for layer"),
-    (["--layers", "up_blocks.9.attentions.0"], "no such self-attention layer"),
+    (["--layers", "up_blocks.9.attentions.0"], "the store has no such capture point"),
     (["--steps", "3"], "has no probe for step 3"),
     (["--steps", "99"], "step 99"),
     (["--images", "demo-999"], "not in store"),
