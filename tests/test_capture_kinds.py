@@ -103,16 +103,25 @@ def test_half_added_kind_is_invisible(tiny_store, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize("position", [1, 6])
-def test_regeneration_check_refuses_a_changed_seed(tiny_store, tiny_model, tmp_path, position):
+def test_regeneration_check_refuses_a_changed_seed(tiny_store, tmp_path, capsys, position):
     """A seed that no longer matches its stored image (first block, or a later one after
-    an earlier block was already added): one-line error, the store left as it was."""
+    an earlier block was already added): ``materialize --capture`` exits 2 with one line,
+    the store left as it was."""
+    import re
+
+    from flows.cli import main
+
     uri = _copy(tiny_store, tmp_path / "tampered.zarr")
     seeds = zarr.open_array(uri, path="images/seed", mode="r+")
     seeds[position] = int(seeds[position]) + 1
     before = tree_digest(uri)
-    with pytest.raises(ActstoreError, match=rf"regeneration check: image 'demo-00{position}' "
-                                            rf"\(store position {position}\).*nothing is added"):
-        _mat(tiny_model, DEMO, uri, kinds=ADD)
+    code = main(["--no-prefect", "--quiet", "materialize", "--model", "tiny-random",
+                 "--prompts", DEMO, "--store", uri, "--steps", str(TINY["steps"]),
+                 "--batch-size", str(TINY["batch_size"]), "--capture", ",".join(ADD)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("actstore")]
+    assert code == 2 and len(err) == 1, err       # (weight-loading bars aside)
+    assert re.search(rf"regeneration check: image 'demo-00{position}' "
+                     rf"\(store position {position}\).*nothing is added", err[0]), err[0]
     assert tree_digest(uri) == before
 
 
