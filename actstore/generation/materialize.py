@@ -28,7 +28,7 @@ from actstore.errors import ActstoreError
 from actstore.generation.sampling import GenerationConfig, schedule_coords
 from actstore.generation.models import LoadedModel, apply_control, load_model
 from actstore.progress import Progress
-from actstore.generation.prompts import load_prompts, prompts_fingerprint
+from actstore.generation.prompts import check_prompt_lengths, load_prompts, prompts_fingerprint
 
 STORE_DTYPES = ("float16", "float32")
 
@@ -154,6 +154,8 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
     cap = settings.cap
     if settings.batch_size < 1:
         raise ActstoreError(f"--batch-size {settings.batch_size}: must be at least 1")
+    if settings.block_size is not None and settings.block_size < 1:
+        raise ActstoreError(f"--block-size {settings.block_size}: must be at least 1")
     if cap.store_dtype not in STORE_DTYPES:
         raise ActstoreError(f"store dtype {cap.store_dtype!r}: use one of {STORE_DTYPES}")
     codec_chain(cap.codec)  # fail on a bad codec name before any work
@@ -164,6 +166,7 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
     _check_store_location(store, table, sha, settings.block_size, images)
     if isinstance(model, str):
         model = load_model(model, dtype=settings.dtype, device=settings.device)
+    check_prompt_lengths(table, model.tokenizer)
     model = apply_control(model, settings.control)
     gen = settings.gen.resolved(model)
     f = model.vae_scale_factor

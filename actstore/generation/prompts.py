@@ -9,9 +9,20 @@ Conventions, chosen so the same table reads the same way from CSV and Parquet:
 
 * Required columns ``image_id`` (text, unique), ``prompt`` (text, not blank) and ``seed``
   (whole number, ``0 <= seed < 2**63``, so it fits ``torch.Generator.manual_seed`` and int64).
-* Optional ``split`` (text, not blank). If the column is absent every row gets ``"train"``:
-  a hidden pseudo-random split would be a decision made for the user, and an all-train
-  table fingerprints the same as the identical table with an explicit all-train column.
+* ``image_id``: 1-128 characters from letters, digits, ``.``, ``_`` and ``-``, starting with
+  a letter or digit. Ids become zarr keys and file names (``<image_id>.npy`` targets, figure
+  rows), so ``img/003`` or ``../../etc`` would name other paths; refusing them is simpler
+  and safer than escaping them everywhere they are used.
+* Optional ``split``: ``train`` or ``test`` (:data:`SPLITS`). Probes fit on train and score
+  on test, and nothing reads any other value, so ``validation`` would silently be in
+  neither; keep other subsets in an extra column. If the column is absent every row gets
+  ``"train"``: a hidden pseudo-random split would be a decision made for the user, and an
+  all-train table fingerprints the same as the identical table with an explicit all-train
+  column.
+* Prompts longer than the model's text encoder reads (CLIP: 77 tokens with start and end)
+  are refused once the model's tokenizer is known (:func:`check_prompt_lengths`, before
+  anything is written): SD would silently truncate them, and the store's ``prompt`` must be
+  the text that conditioned the image.
 * Surrounding whitespace is removed from ``image_id``, ``prompt`` and ``split`` (CLIP's
   tokenizer ignores it anyway, so it must not change ids or fingerprints).
 * Any other column is kept as is, after the four above, for labels and analysis.
@@ -35,7 +46,9 @@ from actstore.errors import ActstoreError
 REQUIRED_COLUMNS = ("image_id", "prompt", "seed")
 TEXT_COLUMNS = ("image_id", "prompt", "split")
 DEFAULT_SPLIT = "train"
+SPLITS = ("train", "test")
 MAX_SEED = 2**63  # exclusive
+IMAGE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 _COMPRESSION_SUFFIXES = {".gz", ".bz2", ".xz", ".zst", ".zip"}
 _PARQUET_SUFFIXES = {".parquet", ".pq"}
@@ -133,12 +146,13 @@ def _validate(raw: pd.DataFrame, src: str) -> pd.DataFrame:
         raise ActstoreError(f"{src}: prompt table has no rows; add at least one image")
     raw = raw.reset_index(drop=True)
     ids = _text_column(raw, "image_id", src, ids=None)
+    _check_ids(ids, src)
     _check_unique(ids, src)
     out = pd.DataFrame({"image_id": ids})
     out["prompt"] = _text_column(raw, "prompt", src, ids)
     out["seed"] = _seed_column(raw["seed"], src, ids)
     if "split" in raw.columns:
-        out["split"] = _text_column(raw, "split", src, ids)
+        out["split"] = _split_column(raw, src, ids)
     else:
         out["split"] = DEFAULT_SPLIT
     for col in raw.columns:
@@ -173,6 +187,42 @@ def _text_column(raw: pd.DataFrame, col: str, src: str, ids: list[str] | None) -
                                 f"write a non-blank {col} or delete the row")
         values.append(v)
     return values
+
+
+def _check_ids(ids: list[str], src: str) -> None:
+    for i, image_id in enumerate(ids):
+        if not IMAGE_ID.fullmatch(image_id):
+            raise ActstoreError(
+                f"{src}: row {i + 1}: image_id {image_id!r} is not 1-128 letters, digits, "
+                "'.', '_' or '-' starting with a letter or digit; ids become keys and file "
+                "names, so rename it (e.g. img-003)")
+
+
+def _split_column(raw: pd.DataFrame, src: str, ids: list[str]) -> list[str]:
+    splits = _text_column(raw, "split", src, ids)
+    for i, split in enumerate(splits):
+        if split not in SPLITS:
+            hint = f"write {split.lower()!r}" if split.lower() in SPLITS else \
+                "probes fit on train and score on test; keep other subsets in an extra column"
+            raise ActstoreError(f"{src}: {_where(i, ids)}: split {split!r} is not "
+                                f"{' or '.join(SPLITS)}; {hint}")
+    return splits
+
+
+def check_prompt_lengths(table: pd.DataFrame, tokenizer) -> None:
+    """Refuse a prompt the text encoder would truncate (it reads ``model_max_length``
+    tokens, start and end markers included), naming its row and both lengths."""
+    limit = int(tokenizer.model_max_length)
+    lengths = [len(ids) for ids in tokenizer(list(table["prompt"]), truncation=False,
+                                             add_special_tokens=True)["input_ids"]]
+    ids = list(table["image_id"])
+    for i, n in enumerate(lengths):
+        if n > limit:
+            src = table.attrs.get("source", "prompt table")
+            raise ActstoreError(
+                f"{src}: {_where(i, ids)}: prompt is {n - 2} tokens for this model, its text "
+                f"encoder reads {limit - 2}; shorten it (SD would cut it silently, and the "
+                "store's prompt must be the text the image was made from)")
 
 
 def _seed_column(seeds: pd.Series, src: str, ids: list[str]) -> list[int]:

@@ -28,6 +28,16 @@ class GenerationConfig:
     width: int | None = None
     scheduler: str = "lms"
 
+    def __post_init__(self):
+        """A zero or negative count would create a store that can never be filled."""
+        from actstore.errors import ActstoreError
+
+        for name in ("steps", "height", "width"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or int(value) != value
+                                      or value < 1):
+                raise ActstoreError(f"--{name} {value}: must be a whole number >= 1")
+
     def resolved(self, model: LoadedModel) -> "GenerationConfig":
         size = model.native_size
         return GenerationConfig(self.steps, self.guidance, self.height or size,

@@ -121,6 +121,20 @@ def _toyworld(folder: str, spec: str, device: str) -> LabelProvider:
     return provider
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _check_safetensors(folder: Path, spec: str) -> None:
+    """Weights only as safetensors: a pickle can run code when loaded, so it is refused
+    here, by name, before transformers or torch open anything."""
+    if any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    found = f" (found {', '.join(pickles)}: pickle files, never loaded)" if pickles else ""
+    raise ActstoreError(f"label provider {spec}: no *.safetensors weights in {folder}{found}; "
+                        "save the model with save_pretrained(..., safe_serialization=True)")
+
+
 class _HFModel:
     """Shared loading and batching for transformers vision models in a local folder."""
 
@@ -148,6 +162,7 @@ class _HFModel:
                                 "without remote code, which actstore never runs "
                                 f"({str(exc).splitlines()[0][:120]}); use a model type "
                                 "transformers ships") from None
+        _check_safetensors(self.folder, self.spec)
         self.model = self._load_model(transformers, kw).to(device).eval()
         self.provenance = {"folder": str(self.folder), "model_type": self.config.model_type,
                            "model_class": type(self.model).__name__,
@@ -159,7 +174,7 @@ class _HFModel:
         for auto in self.auto_classes:
             cls = getattr(transformers, auto)
             try:
-                return cls.from_pretrained(self.folder, **kw)
+                return cls.from_pretrained(self.folder, use_safetensors=True, **kw)
             except ValueError:
                 tried.append(auto)
         raise ActstoreError(f"label provider {self.spec}: model type "

@@ -127,6 +127,9 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
     layers = _select(layers, common, "layer", store)
     attrs, split, per_layer = load_targets(store, target, {
         la: tuple(views[0].layer_shapes[la][:2]) for la in layers})
+    if not split.test.any():       # before anything is written
+        raise ActstoreError(f"store {store}: no test-split images to score probes on; make a "
+                            "store whose prompt table marks some rows split=test")
     steps = np.asarray(_select(steps, list(range(views[0].n_steps)), "step", store), int)
     commit.collect(store, PROBES, lambda name: lay.RUN_KEY in (
         io.node_attrs(store, lay.run_path(name)) or {}))   # runs killed earlier
