@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -18,7 +19,7 @@ class Progress:
         self.bytes = 0
         self.t0 = time.perf_counter()
         self.bar = tqdm(total=n_images * n_steps, desc=desc, unit="img-step",
-                        disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+                        disable=not enabled or quiet(), file=sys.stderr, dynamic_ncols=True)
 
     def step(self, n_images: int) -> None:
         self.bar.update(n_images)
@@ -35,3 +36,9 @@ class Progress:
     @property
     def mb_per_s(self) -> float:
         return self.bytes / max(time.perf_counter() - self.t0, 1e-9) / 1e6
+
+
+def quiet() -> bool:
+    """``TQDM_DISABLE=1`` (``actstore --quiet`` sets it) silences every bar, including those
+    of flows, which are not passed a ``progress`` argument."""
+    return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")

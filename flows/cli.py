@@ -1,20 +1,25 @@
 """``actstore`` command line: argument parsing and error reporting, nothing else.
 
-Every subcommand resolves catalog names, then calls a Prefect flow (or, with
-``--no-prefect``, the same library function directly, e.g. inside a batch job that has no
-Prefect API). Any :class:`ActstoreError` becomes one line on stderr and exit code 2.
+Every subcommand resolves catalog names, checks its input, then calls a Prefect flow (or,
+with ``--no-prefect``, the same library function directly, e.g. inside a batch job that has
+no Prefect API). It prints a short summary (``--json``: the full result as JSON); any
+failure is one line on stderr (``--debug`` adds the traceback) and a non-zero exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 from actstore.errors import ActstoreError
+from flows.cli_checks import (check_scheduler, check_url, index, nonneg_float,
+                              positive_int)
+from flows.cli_report import as_json, failure_line, main_job_files, summary
 
 REPO_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 CAPTURE_HELP = ("capture kinds, comma-separated (default: the store's, else attn1): attn1 "
@@ -24,6 +29,15 @@ CAPTURE_HELP = ("capture kinds, comma-separated (default: the store's, else attn
                 "Bytes per image (fp16, 15 steps): SD v1.4 at 512 px attn1, attn2, block 347 MB "
                 "each, resnet 361 MB, vae 63 MB; toy model 2.0, 2.0, 2.0, 2.05, 0.49 MB")
 EXIT_USER_ERROR = 2
+TARGETS = ("salient", "depth", "shading")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line too, pointing at --help instead of printing the usage."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} "
+                                   "--help)\n")
 
 
 def _catalog(path: str | None):
@@ -36,10 +50,33 @@ def _catalog(path: str | None):
     return load_catalog(REPO_CATALOG) if REPO_CATALOG.is_file() else None
 
 
-def _add_materialize(sub) -> None:
-    p = sub.add_parser("materialize", help="generate images and store the activations of "
-                       "every capture point (resumable; several workers may fill disjoint "
-                       "--images; --capture adds kinds to a stored model)")
+def _common(top: bool) -> argparse.ArgumentParser:
+    """Options accepted before or after the subcommand (`actstore main --quiet`)."""
+    p = argparse.ArgumentParser(add_help=False)
+    default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
+    p.add_argument("--catalog", default=default(None), help="catalog.yaml to resolve names "
+                   "(default: ./catalog.yaml, else the repository's)")
+    p.add_argument("--no-prefect", action="store_true", default=default(False),
+                   help="call the library directly instead of running a Prefect flow")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--quiet", action="store_true", default=default(False),
+                     help="no progress bars")
+    out.add_argument("--verbose", action="store_true", default=default(False),
+                     help="also Prefect's and Dask's INFO logs")
+    p.add_argument("--json", action="store_true", default=default(False),
+                   help="print the full result as JSON instead of a short summary")
+    p.add_argument("--debug", action="store_true", default=default(False),
+                   help="on failure, print the traceback before the one-line error")
+    p.add_argument("--threads", type=positive_int, default=default(None),
+                   help="torch CPU threads (default: one core fewer than the machine has; "
+                   "also $ACTSTORE_THREADS)")
+    return p
+
+
+def _add_materialize(sub, common) -> None:
+    p = sub.add_parser("materialize", parents=[common], help="generate images and store the "
+                       "activations of every capture point (resumable; several workers may "
+                       "fill disjoint --images; --capture adds kinds to a stored model)")
     p.add_argument("--store", required=True, help="store URI or catalog store name")
     p.add_argument("--model", help="catalog model name, diffusers folder, cached HF id, or "
                    "tiny-random (default: the catalog store's model)")
@@ -56,42 +93,44 @@ def _add_materialize(sub) -> None:
     p.add_argument("--vae-source", choices=["latent", "x0"], help="what the vae kind decodes "
                    "at each step: the updated latent (default, the paper) or the x0 prediction")
     p.add_argument("--grid", help="write a PNG sample grid here when done")
-    p.add_argument("--workers", type=int, help="fan out over a local Dask cluster of N "
-                   "worker processes (each loads the model once)")
+    p.add_argument("--workers", type=positive_int, help="fan out over a local Dask cluster "
+                   "of N worker processes (each loads the model once)")
     p.add_argument("--cluster", help="fan out over a running Dask scheduler, e.g. "
                    "tcp://HOST:8786 (one `dask worker` per GPU)")
 
 
 def _add_settings_options(p) -> None:
     """Options left unset keep MaterializeSettings' defaults (written there only)."""
-    p.add_argument("--batch-size", type=int, help="images per UNet call")
-    p.add_argument("--block-size", type=int, help="images per storage shard (new stores only)")
-    p.add_argument("--steps", type=int, help="denoising steps")
-    p.add_argument("--guidance", type=float, help="default: the store entry's, else the "
-                   "model's catalog guidance (toy-ldm: 3), else 7.5")
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", type=positive_int, help="images per UNet call")
+    p.add_argument("--block-size", type=positive_int, help="images per storage shard (new "
+                   "stores only)")
+    p.add_argument("--steps", type=positive_int, help="denoising steps")
+    p.add_argument("--guidance", type=nonneg_float, help="default: the store entry's, else "
+                   "the model's catalog guidance (toy-ldm: 3), else 7.5")
+    p.add_argument("--height", type=positive_int)
+    p.add_argument("--width", type=positive_int)
     p.add_argument("--device", help="cpu, cuda[:N] or auto")
-    p.add_argument("--dtype", help="model dtype: float32 or float16")
+    p.add_argument("--dtype", choices=["float32", "float16"],
+                   help="model dtype (default: the catalog model's, else float32)")
     p.add_argument("--store-dtype", choices=["float16", "float32"])
     p.add_argument("--codec", help="zstd, zstd5, lz4, zstd-bitround8 (lossy), none")
 
 
-def _add_verify(sub) -> None:
-    v = sub.add_parser("verify", help="regenerate stored images and report per image whether "
-                       "the stored images and activations are reproduced (bitwise on CPU); "
-                       "writes nothing, runs in-process")
+def _add_verify(sub, common) -> None:
+    v = sub.add_parser("verify", parents=[common], help="regenerate stored images and report "
+                       "per image whether the stored images and activations are reproduced "
+                       "(bitwise on CPU); writes nothing, runs in-process")
     v.add_argument("--store", required=True)
     v.add_argument("--images", help="region START:STOP (block-aligned)")
     v.add_argument("--model", help="default: the model folder recorded in the store")
     v.add_argument("--models", nargs="+", help="variants (default: every one in the store)")
     v.add_argument("--device", default="auto")
-    v.add_argument("--batch-size", type=int, default=4)
+    v.add_argument("--batch-size", type=positive_int, default=4)
 
 
-def _add_label_probe(sub) -> None:
-    p = sub.add_parser("label", help="write a probe target (labels) into a store; never "
-                       "touches activations")
+def _add_label_probe(sub, common) -> None:
+    p = sub.add_parser("label", parents=[common], help="write a probe target (labels) into a "
+                       "store; never touches activations")
     p.add_argument("--store", required=True)
     p.add_argument("--provider", required=True, help="toyworld | hf-depth:FOLDER | "
                    "hf-segmentation:FOLDER | array:FILE(.npz|.zarr)")
@@ -100,57 +139,69 @@ def _add_label_probe(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-x0", action="store_true", help="skip labelling the per-step x0 images")
     p.add_argument("--device", default="cpu")
-    q = sub.add_parser("probe", help="fit a linear probe per (model, layer, step) for a target")
+    q = sub.add_parser("probe", parents=[common], help="fit a linear probe per (model, layer, "
+                       "step) for a target")
     q.add_argument("--store", required=True)
     q.add_argument("--target", required=True)
     q.add_argument("--models", nargs="+", help="default: every model variant in the store")
     q.add_argument("--layers", nargs="+")
-    q.add_argument("--steps", nargs="+", type=int)
+    q.add_argument("--steps", nargs="+", type=index, help="step indices (default: all)")
     q.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
     q.add_argument("--figures", help="folder for the PNG figures")
     q.add_argument("--label-spearman", action="store_true", help="also Spearman at label "
                    "resolution (ranks every upsampled map: costs several read passes)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="actstore", description=__doc__.split("\n")[0])
-    parser.add_argument("--catalog", help="catalog.yaml to resolve names (default: ./catalog."
-                        "yaml, else the repository's)")
-    parser.add_argument("--no-prefect", action="store_true", help="call the library directly "
-                        "instead of running a Prefect flow")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: one core "
-                        "fewer than the machine has; also $ACTSTORE_THREADS)")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_materialize(sub)
-    _add_verify(sub)
-    _add_label_probe(sub)
-    from flows.cli_intervene import add_intervene_parser
-    add_intervene_parser(sub)
-    m = sub.add_parser("main", help="the main job on the embedded default model: materialize,"
-                       " figures (always a Prefect flow)")
+def _add_main(sub, common) -> None:
+    m = sub.add_parser("main", parents=[common], help="the main job on the embedded default "
+                       "model: materialize, label, probe, figures, interventions (a Prefect "
+                       "flow; prints the summary tables and the files written)")
     m.add_argument("--model", help="default: toy-ldm if its folder exists, else tiny-random")
     m.add_argument("--prompts", help="default: toyworld for toy-ldm, demo for tiny-random")
     m.add_argument("--out", default="runs/main", help="folder for the store and figures")
     m.add_argument("--images", help="region START:STOP of the prompt table")
-    m.add_argument("--steps", type=int, help="denoising steps")
-    m.add_argument("--guidance", type=float,
+    m.add_argument("--steps", type=positive_int, help="denoising steps")
+    m.add_argument("--guidance", type=nonneg_float,
                    help="default: the model's catalog guidance (toy-ldm: 3), else 7.5")
+    m.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
+                   help="label targets to probe (default: all three)")
     m.add_argument("--device", help="cpu, cuda[:N] or auto")
-    m.add_argument("--workers", type=int, help="materialize worker processes (default: one "
-                   "per two cores on a CPU, one on a GPU)")
+    m.add_argument("--workers", type=positive_int, help="materialize worker processes "
+                   "(default: one per two cores on a CPU, one on a GPU)")
     m.add_argument("--capture", help="capture kinds (default attn1,block,vae; see materialize "
                    "--capture)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="actstore", description=__doc__.split("\n")[0],
+                     parents=[_common(top=True)],
+                     epilog="Output: a short summary on stdout (--json: the full result), "
+                     "progress bars on stderr (--quiet: none); a failure is one line on "
+                     "stderr with exit code 2 (bad input, full disk, read-only store) or 1 "
+                     "(unexpected; --debug shows the traceback).")
+    common = _common(top=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_materialize(sub, common)
+    _add_verify(sub, common)
+    _add_label_probe(sub, common)
+    from flows.cli_intervene import add_intervene_parser
+    add_intervene_parser(sub, common)
+    _add_main(sub, common)
     return parser
 
 
 def _materialize(args, catalog) -> dict:
     from actstore.catalog import (resolve_guidance, resolve_model, resolve_prompts,
                                   resolve_store)
+    from actstore.generation.materialize import MaterializeSettings
+    from actstore.generation.prompts import load_prompts
 
-    if args.cluster and not args.no_prefect:  # before torch loads: one line within seconds
-        from actstore.cluster import check_scheduler
-        check_scheduler(args.cluster)
+    if args.no_prefect and (args.workers or args.cluster):
+        raise ActstoreError("--workers/--cluster run regions as Prefect task runs on Dask; "
+                            "drop --no-prefect")
+    if args.cluster:  # before torch loads: one line within seconds
+        from actstore.cluster import check_scheduler as check_cluster
+        check_cluster(args.cluster)
     entry = resolve_store(catalog, args.store)
     model_name = args.model or entry["model"]
     prompts_name = args.prompts or entry["prompts"]
@@ -158,21 +209,21 @@ def _materialize(args, catalog) -> dict:
         raise ActstoreError(f"--store {args.store}: not a catalog store with a model and "
                             "prompts, so --model and --prompts are required")
     model = resolve_model(catalog, model_name)
-    from actstore.generation.materialize import MaterializeSettings
-
     settings = MaterializeSettings().with_options(
-        steps=args.steps or entry["steps"], guidance=resolve_guidance(args.guidance, entry, model),
+        steps=args.steps or entry["steps"],
+        guidance=resolve_guidance(args.guidance, entry, model),
         height=args.height or entry["height"], width=args.width or entry["width"],
         batch_size=args.batch_size, block_size=args.block_size, device=args.device,
         dtype=args.dtype or model["dtype"], control=args.control, codec=args.codec,
         store_dtype=args.store_dtype, keep_uncond=args.keep_uncond,
         x0=False if args.no_x0 else None, kinds=args.capture or entry["capture"],
         vae_source=args.vae_source or entry["vae_source"])
-    model_ref, prompts, store = model["ref"], resolve_prompts(catalog, prompts_name), entry["uri"]
+    model_ref, prompts, store = model["ref"], resolve_prompts(catalog, prompts_name), \
+        entry["uri"]
+    check_url(store, "--store")
+    check_url(prompts, "--prompts")
+    load_prompts(prompts)     # a bad table fails here, before any server or model
     if args.no_prefect:
-        if args.workers or args.cluster:
-            raise ActstoreError("--workers/--cluster run regions as Prefect task runs on Dask;"
-                                " drop --no-prefect")
         from actstore.generation.materialize import completion, format_completion, materialize
         from actstore.plots.figures import sample_grid
 
@@ -185,17 +236,18 @@ def _materialize(args, catalog) -> dict:
         return summary
     from flows.materialize import materialize_flow
 
-    return materialize_flow(model_ref, prompts, store, settings, images=args.images,
-                            workers=args.workers, cluster=args.cluster, grid_png=args.grid,
-                            progress=not args.quiet)
+    with flow_mode(args):
+        return materialize_flow(model_ref, prompts, store, settings, images=args.images,
+                                workers=args.workers, cluster=args.cluster,
+                                grid_png=args.grid, progress=not args.quiet)
 
 
 def _verify(args, catalog) -> dict:
-    from actstore.catalog import resolve_model, resolve_store
+    from actstore.catalog import resolve_model
     from actstore.generation.regenerate import verify
 
     model = resolve_model(catalog, args.model)["ref"] if args.model else None
-    result = verify(resolve_store(catalog, args.store)["uri"], model=model, images=args.images,
+    result = verify(_store_uri(args, catalog), model=model, images=args.images,
                     variants=args.models, device=args.device, batch_size=args.batch_size,
                     progress=not args.quiet)
     if result["not_reproduced"]:
@@ -207,27 +259,32 @@ def _verify(args, catalog) -> dict:
     return result
 
 
-def _label(args, catalog) -> dict:
+def _store_uri(args, catalog) -> str:
     from actstore.catalog import resolve_store
 
     store = resolve_store(catalog, args.store)["uri"]
+    check_url(store, "--store")
+    return store
+
+
+def _label(args, catalog) -> dict:
+    store = _store_uri(args, catalog)
     # One --target keeps the one-target summary its users already read; several, a dict.
     target = args.target[0] if len(args.target) == 1 else args.target
     if args.no_prefect:
         from actstore.label.labels import write_labels
         return write_labels(store, args.provider, target, overwrite=args.overwrite,
                             on_x0=not args.no_x0, device=args.device, progress=not args.quiet)
-    from flows.probe import label_task
-    from prefect import flow
+    from flows.label import label_flow
 
-    return flow(name="label")(label_task)(store, args.provider, target, args.overwrite,
-                                         not args.no_x0, args.device)
+    with flow_mode(args):
+        return label_flow(store, args.provider, target, args.overwrite, not args.no_x0,
+                          args.device)
 
 
 def _probe(args, catalog) -> dict:
-    from actstore.catalog import resolve_store
-
-    store = resolve_store(catalog, args.store)["uri"]
+    store = _store_uri(args, catalog)
+    check_scheduler(args.scheduler)
     if args.no_prefect:
         from actstore.cluster import dask_scheduler
         from actstore.plots.figures import probe_figures
@@ -240,16 +297,27 @@ def _probe(args, catalog) -> dict:
         out = {"store": store, "target": args.target, "run_id": run_id}
         if args.figures:
             out["figures"] = probe_figures(store, args.target, args.figures)
-        return out
-    from flows.probe import probe_flow
+    else:
+        from flows.probe import probe_flow
 
-    return probe_flow(store, args.target, args.models, args.layers, args.steps,
-                      args.scheduler, args.figures, args.label_spearman)
+        with flow_mode(args):
+            out = probe_flow(store, args.target, args.models, args.layers, args.steps,
+                             args.scheduler, args.figures, args.label_spearman)
+    from actstore.probe.emergence import format_table, summary_table
+    from actstore.probe.runs import open_emergence
+
+    rows = [r for r in summary_table(open_emergence(store)) if r["target"] == args.target]
+    return {**out, "summary": rows, "table": format_table(rows)}
 
 
 def _main_job(args, catalog) -> dict:
     from actstore.catalog import resolve_guidance, resolve_model, resolve_prompts
+    from actstore.generation.prompts import load_prompts
 
+    if args.no_prefect:
+        raise ActstoreError("main runs as one Prefect flow (its stages are tasks); drop "
+                            "--no-prefect, or run materialize, label, probe and intervene "
+                            "with --no-prefect one by one")
     toy = catalog is not None and "toy-ldm" in catalog.models and \
         Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
     model = resolve_model(catalog, args.model or ("toy-ldm" if toy else "tiny-random"))
@@ -259,9 +327,13 @@ def _main_job(args, catalog) -> dict:
     settings = MAIN_MATERIALIZE.with_options(
         steps=args.steps, guidance=resolve_guidance(args.guidance, {}, model),
         device=args.device, kinds=args.capture)
-    return main_flow(model=model["ref"], prompts=resolve_prompts(catalog, prompts),
-                     out=args.out, images=args.images, settings=settings,
-                     workers=args.workers)
+    params = {"model": model["ref"], "prompts": resolve_prompts(catalog, prompts),
+              "out": args.out, "images": args.images, "settings": settings,
+              "workers": args.workers, "targets": tuple(args.targets)}
+    load_prompts(params["prompts"])
+    with flow_mode(args):
+        result = main_flow(**params)
+    return {**result, "files": main_job_files(result, args.out)}
 
 
 def _quiet_libraries() -> None:
@@ -272,9 +344,13 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     logging.getLogger("diffusers").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported before us: the variable came too late
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # a blown-up intervention decodes NaN pixels; it is counted (non_finite), not warned
+    warnings.filterwarnings("ignore", message="invalid value encountered in cast")
 
 
 def _intervene(args, catalog) -> dict:
@@ -286,27 +362,51 @@ COMMANDS = {"materialize": _materialize, "verify": _verify, "label": _label, "pr
             "intervene": _intervene, "main": _main_job}
 
 
+def flow_mode(args):
+    """Where flows run (see :func:`flows.prefect_api.flow_mode`); entered only after a
+    command's own checks, so bad input fails before a server starts."""
+    from flows.prefect_api import flow_mode as mode
+
+    return mode(verbose=args.verbose, debug=args.debug)
+
+
+@contextmanager
+def _environment(args):
+    """Process settings for this command only (restored after, for callers in-process)."""
+    values = {"TQDM_DISABLE": "1" if args.quiet else None,
+              "ACTSTORE_THREADS": str(args.threads) if args.threads else None}
+    saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _run(args) -> dict:
+    if args.no_prefect and args.verbose:
+        logging.basicConfig(level=logging.INFO)
+    return COMMANDS[args.command](args, _catalog(args.catalog))
+
+
 def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     args = build_parser().parse_args(argv)
-    try:
-        catalog = _catalog(args.catalog)
-        if args.quiet:
-            os.environ["TQDM_DISABLE"] = "1"
-        if args.threads:
-            os.environ["ACTSTORE_THREADS"] = str(args.threads)
-        result = COMMANDS[args.command](args, catalog)
-    except ActstoreError as exc:
-        print(f"actstore {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    with _environment(args):
+        try:
+            result = _run(args)
+        except Exception as exc:  # every failure is one line; --debug adds the traceback
+            if args.debug:
+                traceback.print_exc()
+            line, code = failure_line(args.command, exc)
+            print(line, file=sys.stderr)
+            return code
     if result is not None:
-        table = result.pop("table", None) if isinstance(result, dict) else None
-        status = result.pop("status", None) if isinstance(result, dict) else None
-        print(json.dumps(result, indent=1, default=str))
-        if table:
-            print("\n" + table)
-        if status:
-            print(status)
+        print(as_json(result) if args.json else summary(args.command, result))
     return 0
 
 

@@ -20,14 +20,16 @@ from actstore.cluster import default_workers
 from actstore.probe.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
 from actstore.label.providers import get_provider
+from actstore.intervene.results import format_interventions
 from actstore.label.labels import list_targets
 from actstore.plots.report import write_report
 from actstore.probe.runs import latest_run, open_emergence
 from flows.intervene import intervention_grid_task, interventions_task
 from actstore.generation.materialize import CaptureConfig, MaterializeSettings
 from actstore.plots.figures import kind_comparison
+from flows.label import label_task
 from flows.materialize import dask_address, fill_store, sample_grid_task
-from flows.probe import figures_task, label_task, probe_task
+from flows.probe import figures_task, probe_task
 
 TARGETS = ("salient", "depth", "shading")
 INTERVENE = ("salient", "depth")  # the paper's causal tests
@@ -78,8 +80,9 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
     """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize.
 
     Materialize fans out over ``workers`` local processes when more than one (default: as
-    many as pay off, :func:`actstore.cluster.default_workers`: one on 2 cores). ``settings.gen.guidance`` defaults to SD's
-    7.5; ``actstore main`` passes the model's catalog guidance (3 for toy-ldm)."""
+    many as pay off, :func:`actstore.cluster.default_workers`: one on 2 cores).
+    ``settings.gen.guidance`` defaults to SD's 7.5; ``actstore main`` passes the model's
+    catalog guidance (3 for toy-ldm)."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = str(out_dir / "store.zarr")
@@ -141,17 +144,3 @@ def _first_test_images(store: str, n: int) -> list[str]:
 
     images = open_store(store).images
     return [str(i) for i in images["image"].values[images["split"].values == "test"][:n]]
-
-
-def format_interventions(rows: list[dict]) -> str:
-    """Pre/post medians per experiment: does the output follow the edited representation?"""
-    lines = [f"{'intervention':24s} {'metric':6s} {'n':>4s} {'pre':>7s} {'post':>7s} "
-             f"{'improved':>8s} {'non-finite':>10s}"]
-    for r in rows:  # post and improved are over the edits that kept the UNet finite
-        post = r["post"].get("median", float("nan"))
-        improved = r["improved_fraction"]
-        lines.append(f"{r['target'] + ' ' + r['method']:24s} {r['metric']:6s} "
-                     f"{r['interventions']:4d} {r['pre']['median']:7.3f} {post:7.3f} "
-                     f"{'n/a' if improved is None else format(improved, '.0%'):>8s} "
-                     f"{r['non_finite']:10d}")
-    return "\n".join(lines)

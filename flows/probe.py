@@ -1,4 +1,4 @@
-"""Prefect flows: labels into a store, then the probe grid and its figures.
+"""Prefect flow: the probe grid for a labelled target, and its figures.
 
 Tasks call library functions and hand each other store URIs, target names and run ids.
 """
@@ -7,17 +7,8 @@ from __future__ import annotations
 
 from prefect import flow, task
 
-from actstore.label.labels import write_labels
 from actstore.plots.figures import probe_figures
 from actstore.probe.runs import run_probes
-
-
-@task(name="label")
-def label_task(store: str, provider: str, target: str | list[str], overwrite: bool = False,
-               on_x0: bool = True, device: str = "cpu") -> dict:
-    """Several targets in one task: the provider runs once over the images for all of them."""
-    return write_labels(store, provider, target, overwrite=overwrite, on_x0=on_x0,
-                        device=device)
 
 
 @task(name="probe-grid")

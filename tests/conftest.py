@@ -44,7 +44,7 @@ def tiny_store(tmp_path_factory, tiny_model) -> str:
 def cli(*args: str, timeout: float = 600, env: dict | None = None,
         **popen) -> subprocess.CompletedProcess:
     """Run the real command line in a fresh process, as a user would."""
-    cmd = [sys.executable, "-m", "flows.cli", "--no-prefect", "--quiet", *args]
+    cmd = [sys.executable, "-m", "flows.cli", "--no-prefect", "--quiet", "--json", *args]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           cwd=REPO, **popen)

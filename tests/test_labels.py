@@ -178,7 +178,7 @@ def test_several_targets_from_the_command_line(store, tmp_path, capsys, monkeypa
             "mask": (rng.random((16, 64, 64)) > 0.5).astype(np.float32)}
     path = _npz(tmp_path, ids, maps)
     monkeypatch.setenv("TQDM_DISABLE", "1")
-    assert main(["--no-prefect", "--quiet", "label", "--store", store, "--provider",
+    assert main(["--no-prefect", "--quiet", "--json", "label", "--store", store, "--provider",
                  f"array:{path}", "--target", "depth", "mask"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"depth", "mask"} and out["mask"]["kind"] == "binary"

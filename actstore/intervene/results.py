@@ -125,3 +125,17 @@ def open_intervention(store: str, experiment_id: str, complete_only: bool = True
         ds = ds.isel(image=np.flatnonzero(done))
     ds.attrs.update(settings=settings)
     return ds
+
+
+def format_interventions(rows: list[dict]) -> str:
+    """Pre/post medians per experiment: does the output follow the edited representation?"""
+    lines = [f"{'intervention':24s} {'metric':6s} {'n':>4s} {'pre':>7s} {'post':>7s} "
+             f"{'improved':>8s} {'non-finite':>10s}"]
+    for r in rows:  # post and improved are over the edits that kept the UNet finite
+        post = r["post"].get("median", float("nan"))
+        improved = r["improved_fraction"]
+        lines.append(f"{r['target'] + ' ' + r['method']:24s} {r['metric']:6s} "
+                     f"{r['interventions']:4d} {r['pre']['median']:7.3f} {post:7.3f} "
+                     f"{'n/a' if improved is None else format(improved, '.0%'):>8s} "
+                     f"{r['non_finite']:10d}")
+    return "\n".join(lines)

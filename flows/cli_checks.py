@@ -1,0 +1,94 @@
+"""Checks the command line makes before any work starts, each failing in one line.
+
+Numbers are checked by argparse (``type=``) so ``--steps 0`` never reaches a store; URLs and
+a ``--scheduler`` address are checked before a model is loaded or a flow starts, because
+finding out after minutes of work (or a 30 s connect timeout) is the costly way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import socket
+from urllib.parse import urlparse
+
+from actstore.errors import ActstoreError
+
+SCHEDULER_TIMEOUT = 5.0  # seconds to open a TCP connection to --scheduler
+LOCAL_SCHEDULERS = ("threads", "sync", "synchronous")
+
+
+def _number(text: str, kind: type, lowest: float, strict: bool):
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "whole number" if kind is int else "number"
+        raise argparse.ArgumentTypeError(f"must be a {noun}, got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    if value < lowest or (strict and value == lowest):
+        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lowest:g}, "
+                                         f"got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """>= 1: counts (steps, images per block or batch, iterations, threads), sizes."""
+    return _number(text, int, 1, strict=False)
+
+
+def index(text: str) -> int:
+    """>= 0: step indices and seeds."""
+    return _number(text, int, 0, strict=False)
+
+
+def positive_float(text: str) -> float:
+    """> 0 and finite: learning rates, margins."""
+    return _number(text, float, 0.0, strict=True)
+
+
+def nonneg_float(text: str) -> float:
+    """>= 0 and finite: guidance scales."""
+    return _number(text, float, 0.0, strict=False)
+
+
+def check_url(uri: str, option: str) -> None:
+    """A protocol fsspec does not know (or whose package is missing) fails here, by name."""
+    import fsspec
+    from fsspec.core import split_protocol
+
+    protocol = split_protocol(str(uri))[0]
+    if protocol is None or protocol in ("file", "local"):
+        return
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        raise ActstoreError(f"{option} {uri}: unknown URL protocol '{protocol}://'; use a "
+                            "local path or an fsspec URL (s3://, gs://, memory://, ...)"
+                            ) from None
+    except ImportError as exc:
+        raise ActstoreError(f"{option} {uri}: protocol '{protocol}://' needs a package that "
+                            f"is not installed ({' '.join(str(exc).split())[:160]})") from None
+
+
+def check_scheduler(address: str | None, timeout: float = SCHEDULER_TIMEOUT) -> None:
+    """Refuse an unreachable ``--scheduler`` within seconds (TCP/TLS addresses)."""
+    if not address or address in LOCAL_SCHEDULERS:
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme not in ("tcp", "tls"):
+        return                      # inproc://, ucx://: distributed checks those itself
+    try:
+        host, port = parsed.hostname, parsed.port or 8786
+    except ValueError:
+        raise ActstoreError(f"--scheduler {address}: bad port; write tcp://HOST:PORT"
+                            ) from None
+    if not host:
+        raise ActstoreError(f"--scheduler {address}: no host; write tcp://HOST:PORT")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise ActstoreError(f"--scheduler {address}: no Dask scheduler reachable at "
+                            f"{host}:{port} ({reason}); start one (`dask scheduler`) or "
+                            "leave out --scheduler for a local cluster") from None

@@ -1,0 +1,138 @@
+"""What a command prints: a short summary for people, JSON for programs, one line on failure.
+
+stdout carries the result (human summary, or ``--json``); stderr carries progress bars and
+errors. A failure is one line, ``actstore <command>: error: ...``, whatever raised it: an
+:class:`ActstoreError` (bad input, exit 2), an operating-system error such as a full disk
+or a read-only store (exit 2, with what to do), or anything else (exit 1, with a pointer
+to ``--debug``, which adds the traceback).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+from actstore.errors import ActstoreError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+_READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The first operating-system error in the chain: writers and zarr re-raise them."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def failure_line(command: str, exc: BaseException) -> tuple[str, int]:
+    """``(one line, exit code)`` for any exception a command raised."""
+    where = f"actstore {command}: error: "
+    if isinstance(exc, ActstoreError):
+        return where + _one_line(str(exc)), EXIT_USER_ERROR
+    os_exc = _os_error(exc)
+    if os_exc is not None:
+        name = f" {os_exc.filename}" if os_exc.filename else ""
+        what = os_exc.strerror or str(os_exc)
+        if os_exc.errno in _FULL:
+            hint = "free space, then rerun the same command (completed blocks are kept)"
+        elif os_exc.errno in _READ_ONLY:
+            hint = "the store or output folder is not writable; check its permissions or mount"
+        else:
+            hint = "check the path and rerun"
+        return where + _one_line(f"{what}:{name}; {hint}"), EXIT_USER_ERROR
+    text = _one_line(str(exc)) or "(no message)"
+    return (where + f"unexpected {type(exc).__name__}: {text}; rerun with --debug for the "
+            "traceback", EXIT_INTERNAL_ERROR)
+
+
+def _one_line(text: str, limit: int = 600) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def as_json(result) -> str:
+    return json.dumps(result, indent=1, default=str)
+
+
+def summary(command: str, result: dict) -> str:
+    """A few lines a person reads; ``--json`` has everything."""
+    return _SUMMARIES[command](result)
+
+
+def _materialize(r: dict) -> str:
+    lines = [f"{r['store']}: {r['model']}: {r['images']} images generated in "
+             f"{r['blocks_written']} blocks ({r['blocks_skipped']} blocks already stored), "
+             f"{r['bytes'] / 1e6:.1f} MB written in {r['seconds']:.1f} s"]
+    if r.get("grid_png"):
+        lines.append(f"sample grid: {r['grid_png']}")
+    if r.get("status"):
+        lines.append(r["status"])
+    return "\n".join(lines)
+
+
+def _verify(r: dict) -> str:
+    return "\n".join([f"{r['store']}: {r['reproduced']}/{r['images']} images reproduced "
+                      f"({r['comparison']})", "", r["table"]])
+
+
+def _label(r: dict) -> str:
+    per_target = [r] if "target" in r else list(r.values())
+    lines = []
+    for t in per_target:
+        x0 = "" if t["x0"] else f"; no x0 labels ({t['x0_note']})" if t.get("x0_note") \
+            else "; no x0 labels"
+        lines.append(f"{t['store']}: labels '{t['target']}' ({t['kind']}, {t['provider']})"
+                     f"{' replaced' if t['replaced'] else ''}: {t['images']} images at "
+                     f"{', '.join(t['resolutions'])}{x0}")
+    return "\n".join(lines)
+
+
+def _probe(r: dict) -> str:
+    lines = [f"{r['store']}: probe run {r['run_id']} ('{r['target']}')"]
+    if r.get("table"):
+        lines += ["", r["table"]]
+    return "\n".join(lines + _files("figures", r.get("figures")))
+
+
+def _intervene(r: dict) -> str:
+    state = "complete" if r["complete"] else "incomplete (rerun the command to resume)"
+    lines = [f"{r['store']}: intervention experiment {r['experiment_id']} {state}: "
+             f"{r['blocks_written']} blocks written, {r['blocks_skipped']} already stored"]
+    if r.get("table"):
+        lines += ["", r["table"]]
+    if r.get("figure"):
+        lines.append(f"figure: {r['figure']}")
+    return "\n".join(lines)
+
+
+def _main(r: dict) -> str:
+    lines = [r["note"]] if r.get("note") else []
+    if r.get("table"):
+        lines += [r["table"], ""]
+    return "\n".join(lines + _files("files written", r.get("files")))
+
+
+def _files(title: str, paths) -> list[str]:
+    if not paths:
+        return []
+    return [f"{title}:", *(f"  {p}" for p in paths)]
+
+
+def main_job_files(result: dict, out: str) -> list[str]:
+    """Everything the main job wrote, store first; summary files only if they exist."""
+    extra = [str(Path(out, name)) for name in ("summary.txt", "summary.json", "report.html")
+             if Path(out, name).is_file()]
+    report = [result["report"]] if result.get("report") else []
+    return list(dict.fromkeys([result["store"], *report, *result.get("figures", []), *extra]))
+
+
+_SUMMARIES = {"materialize": _materialize, "verify": _verify, "label": _label, "probe": _probe,
+              "intervene": _intervene, "main": _main}

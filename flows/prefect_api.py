@@ -1,0 +1,134 @@
+"""The Prefect API a command's flows report to, and how much of Prefect's logging shows.
+
+Without a configured server (``PREFECT_API_URL``) Prefect starts a temporary one in a
+subprocess and stops it at exit, but a ``kill -9`` of the command runs no exit code, so
+every killed command left a uvicorn server behind. Here the command starts that temporary
+server itself, from its main thread, through :mod:`flows.parent_watch`, so the server dies
+with the command however the command ends, and stops it when its flows are done. It is
+registered as Prefect's default temporary server, so Prefect's own code reuses it instead
+of spawning an unguarded one. A configured ``PREFECT_API_URL`` is used as is.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import subprocess
+import sys
+from contextlib import contextmanager
+from typing import Iterator
+
+import prefect
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+                              get_current_settings, temporary_settings)
+
+STARTUP_TIMEOUT = 120  # seconds; a loaded 2-core machine has needed 30+
+
+
+class GuardedServer(SubprocessASGIServer):
+    """Prefect's temporary server, started through a parent watch (same uvicorn command)."""
+
+    def _run_uvicorn_command(self) -> subprocess.Popen:
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+               "PREFECT__SERVER_FINAL": "1",
+               **get_current_settings().to_environment_variables(exclude_unset=True)}
+        return subprocess.Popen(
+            [sys.executable, "-m", "flows.parent_watch", str(os.getpid()), "uvicorn",
+             "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env=env)
+
+
+@contextmanager
+def prefect_api() -> Iterator[str | None]:
+    """Run the body against the configured API, else a guarded temporary server.
+
+    The server is stopped when the body ends, after Prefect's log and event workers have
+    sent what they hold. Yields the API URL."""
+    configured = PREFECT_API_URL.value()
+    if configured or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
+        yield configured
+        return
+    existing = SubprocessASGIServer._instances.get(None)
+    if existing is not None and existing.running:   # this process already has one
+        with temporary_settings(updates={PREFECT_API_URL: existing.api_url}):
+            yield existing.api_url
+        return
+    SubprocessASGIServer._instances.pop(None, None)
+    server = GuardedServer()    # registered under the default key: Prefect reuses it
+    try:
+        server.start(timeout=STARTUP_TIMEOUT)
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            try:
+                yield server.api_url
+            finally:
+                _drain()
+    finally:
+        server.stop()
+
+
+def _drain() -> None:
+    """Send buffered run logs and events before the server goes (as Prefect's test
+    harness does), so stopping it raises no connection errors."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    async def drain() -> None:
+        try:
+            result = APILogWorker.instance().drain()
+            if inspect.isawaitable(result):
+                await result
+        except RuntimeError:        # never started
+            pass
+        result = EventsWorker.drain_all()
+        if inspect.isawaitable(result):
+            await result
+
+    run_coro_as_sync(drain())
+
+
+class _ConsoleFilter(logging.Filter):
+    """Below ``level``: dropped. Flow and task failures: dropped unless ``debug``, because
+    the command reports the error itself, in one line."""
+
+    def __init__(self, level: int, debug: bool):
+        super().__init__()
+        self.level, self.debug = level, debug
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < self.level:
+            return False
+        run_log = record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+        return self.debug or not (run_log and record.levelno >= logging.ERROR)
+
+
+@contextmanager
+def console_logging(*, verbose: bool, debug: bool) -> Iterator[None]:
+    """INFO lines (Prefect's run states, Dask's cluster chatter) only when ``verbose``.
+
+    Filters the console handlers Prefect installs on the root logger; the API handler,
+    and so the run's logs in the Prefect UI, keep everything."""
+    from prefect.logging.configuration import ensure_logging_setup
+
+    ensure_logging_setup()  # `import prefect` is lazy: configure now, then filter
+    filt = _ConsoleFilter(logging.DEBUG if verbose or debug else logging.WARNING, debug)
+    handlers = [h for name in ("", "prefect") for h in logging.getLogger(name).handlers
+                if isinstance(h, logging.StreamHandler)]
+    for h in handlers:
+        h.addFilter(filt)
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(filt)
+
+
+@contextmanager
+def flow_mode(*, verbose: bool, debug: bool) -> Iterator[None]:
+    """A command's flows: Prefect's API, console logs cut to warnings unless ``verbose``."""
+    with console_logging(verbose=verbose, debug=debug), prefect_api():
+        yield

@@ -1,0 +1,368 @@
+"""The command line as a user meets it: output modes, one-line failures in both modes (the
+store byte-for-byte unchanged), option checks, and no Prefect server left after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from actstore.store.view import open_store
+from conftest import DEMO, REPO, TINY, tree_digest
+from flows.cli import main
+
+SMALL = ["--steps", "2", "--batch-size", "4", "--block-size", "4"]
+
+
+def run(*argv: str, api: str | None = None, timeout: float = 600,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    """A fresh ``python -m flows.cli`` process; ``api``: the Prefect API its flows use
+    (None and no --no-prefect: the command starts its own temporary server)."""
+    full = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    full.pop("PREFECT_API_URL", None)
+    if api:
+        full["PREFECT_API_URL"] = api
+    return subprocess.run([sys.executable, "-m", "flows.cli", *argv], capture_output=True,
+                          text=True, timeout=timeout, env=full, cwd=REPO)
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("actstore") and ": error: " in lines[0], err
+    return lines[0]
+
+
+@pytest.fixture(scope="session")
+def api(prefect_harness) -> str:
+    """The session's Prefect API, for subprocesses in the default (Prefect) mode."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value()
+
+
+@pytest.fixture()
+def labelled(tmp_path, tiny_store) -> str:
+    """A copy of the reference store with a 'depth' target from a user array."""
+    from actstore.label.labels import write_labels
+
+    uri = str(tmp_path / "labelled.zarr")
+    shutil.copytree(tiny_store, uri)
+    ids = list(open_store(uri).images["image"].values)
+    path = tmp_path / "depth.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, image_id=np.array(ids), depth=rng.normal(size=(len(ids), 64, 64)))
+    write_labels(uri, f"array:{path}", "depth", on_x0=False, progress=False)
+    return uri
+
+
+def _table(tmp_path: Path, rows: list[str], name: str = "t.csv") -> str:
+    path = tmp_path / name
+    path.write_text("image_id,prompt,seed,split\n" + "\n".join(rows) + "\n")
+    return str(path)
+
+
+# ---- output: a short summary, --json, progress bars only without --quiet ----
+
+def test_summary_by_default_json_on_request(tmp_path):
+    uri = str(tmp_path / "s.zarr")
+    common = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", uri,
+              "--images", "0:4", *SMALL]
+    first = run("--no-prefect", *common)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == first.stdout.strip().splitlines()[0]  # one line
+    assert f"{uri}: trained: 4 images generated in 1 blocks" in first.stdout
+    assert "img-step" in first.stderr                                  # the progress bar
+    again = run("--no-prefect", *common, "--json", "--quiet")
+    assert again.stderr == ""                                          # no bar, no logs
+    assert json.loads(again.stdout)["blocks_skipped"] == 1
+
+
+def test_main_quiet_prints_tables_and_files_only(api, tmp_path):
+    out = tmp_path / "main"
+    res = run("main", "--quiet", "--model", "tiny-random", "--steps", "2", "--targets",
+              "salient", "--out", str(out), api=api)
+    assert res.returncode == 0, res.stderr
+    assert "%|" not in res.stderr and "INFO" not in res.stderr, res.stderr
+    assert "INFO" not in res.stdout and "{" not in res.stdout        # no logs, no JSON dump
+    lines = res.stdout.splitlines()
+    assert lines[0].split()[:3] == ["target", "metric", "best"]
+    assert any(ln.startswith("salient    dice_label") for ln in lines)
+    assert any(ln.startswith("intervention") for ln in lines)
+    files = lines[lines.index("files written:") + 1:]
+    assert files[0].strip() == str(out / "store.zarr")
+    for f in files:
+        assert Path(f.strip()).exists(), f
+    assert {Path(f.strip()).name for f in files} >= {
+        "samples-trained.png", "salient-curves.png", "intervention-salient.png", "summary.txt"}
+
+
+# ---- one line per failure, in both modes, nothing stored changed ----
+
+def test_failure_inside_a_flow_is_one_line(api, labelled):
+    """Refused inside the flow (labels exist): Prefect's failure logs stay out of sight."""
+    before = tree_digest(labelled)
+    argv = ["label", "--store", labelled, "--provider", "toyworld", "--target", "depth"]
+    res = run(*argv, api=api)
+    assert res.returncode == 2
+    assert "already has labels 'depth'" in one_line(res.stderr) and res.stdout == ""
+    debug = run("--debug", *argv, api=api)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == one_line(res.stderr)
+    assert tree_digest(labelled) == before
+
+
+@pytest.mark.parametrize("prefect", [False, True], ids=["no-prefect", "prefect"])
+def test_bad_table_is_one_line_in_both_modes(api, tmp_path, tiny_store, prefect):
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(tiny_store, uri)
+    before = tree_digest(uri)
+    bad = _table(tmp_path, ["a,x,1,train", "a,y,2,test"])
+    mode = [] if prefect else ["--no-prefect"]
+    res = run(*mode, "materialize", "--model", "tiny-random", "--prompts", bad, "--store",
+              uri, *SMALL, api=api)
+    assert res.returncode == 2 and "duplicate image_id 'a'" in one_line(res.stderr)
+    assert tree_digest(uri) == before
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    code = main(argv)
+    assert code == 2
+    return one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("rows,words", [
+    (["img/003,a cat,1,train"], "row 1: image_id 'img/003' is not"),
+    (["ok,a cat,1,train", "../../etc,a dog,2,train"], "row 2: image_id '../../etc'"),
+    (["a,a cat,1,train", "b,a dog,2,validation"], "split 'validation' is not train or test"),
+    (["a,a cat,1,Train"], "write 'train'"),
+    (["a,a cat,1,train", "b," + " ".join(["word"] * 2000) + ",2,test"],
+     "row 2 (image_id 'b'): prompt is 8000 tokens for this model, its text encoder reads 75"),
+])
+def test_prompt_table_refusals(capsys, tmp_path, tiny_store, rows, words):
+    """New store: nothing created. Existing store: byte-for-byte unchanged."""
+    table = _table(tmp_path, rows)
+    new = tmp_path / "new.zarr"
+    base = ["--no-prefect", "--quiet", "materialize", "--model", "tiny-random", "--prompts",
+            table, *SMALL]
+    line = _refused(capsys, [*base, "--store", str(new)])
+    assert words in line, line
+    assert not new.exists()
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(tiny_store, uri)
+    before = tree_digest(uri)
+    _refused(capsys, [*base, "--store", uri])
+    assert tree_digest(uri) == before
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["materialize", "--store", "s", "--steps", "0"], "--steps"),
+    (["materialize", "--store", "s", "--steps", "-1"], "--steps"),
+    (["materialize", "--store", "s", "--block-size", "0"], "--block-size"),
+    (["materialize", "--store", "s", "--batch-size", "0"], "--batch-size"),
+    (["materialize", "--store", "s", "--height", "-8"], "--height"),
+    (["materialize", "--store", "s", "--guidance", "nan"], "--guidance"),
+    (["materialize", "--store", "s", "--guidance", "-1"], "--guidance"),
+    (["probe", "--store", "s", "--target", "t", "--steps", "-1"], "--steps"),
+    (["intervene", "--store", "s", "--probe-run", "r", "--n-targets", "0"], "--n-targets"),
+    (["intervene", "--store", "s", "--probe-run", "r", "--iterations", "0"], "--iterations"),
+    (["intervene", "--store", "s", "--probe-run", "r", "--lr", "0"], "--lr"),
+    (["intervene", "--store", "s", "--probe-run", "r", "--margin", "-4"], "--margin"),
+    (["intervene", "--store", "s", "--probe-run", "r", "--steps", "x"], "--steps"),
+    (["intervene", "--store", "s", "--probe-run", "r", "--seed", "-1"], "--seed"),
+    (["main", "--steps", "0"], "--steps"),
+    (["main", "--threads", "0"], "--threads"),
+    (["--threads", "0", "main"], "--threads"),
+])
+def test_numeric_options_are_checked_by_the_parser(capsys, argv, option):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    line = one_line(capsys.readouterr().err)
+    assert f"argument {option}" in line and "(see actstore" in line
+
+
+def test_unknown_url_protocol(capsys, tmp_path):
+    line = _refused(capsys, ["--no-prefect", "materialize", "--model", "tiny-random",
+                             "--prompts", DEMO, "--store", "foo://bucket/s.zarr", *SMALL])
+    assert "unknown URL protocol 'foo://'" in line
+
+
+def test_unreachable_scheduler_fails_within_seconds(capsys, labelled):
+    with socket.socket() as sock:    # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    before = tree_digest(labelled)
+    t0 = time.perf_counter()
+    line = _refused(capsys, ["--no-prefect", "probe", "--store", labelled, "--target",
+                             "depth", "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert time.perf_counter() - t0 < 20    # not distributed's 30 s connect timeout
+    assert f"no Dask scheduler reachable at 127.0.0.1:{port}" in line
+    assert tree_digest(labelled) == before
+
+
+def test_probe_refuses_a_store_without_test_images(capsys, tmp_path, tiny_model):
+    from actstore.generation.materialize import materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.label.labels import write_labels
+
+    table = _table(tmp_path, [f"i{k},a thing {k},{k},train" for k in range(4)])
+    uri = str(tmp_path / "train-only.zarr")
+    materialize(tiny_model, table, uri, gen=GenerationConfig(steps=1), progress=False)
+    ids = list(open_store(uri).images["image"].values)
+    np.savez(tmp_path / "d.npz", image_id=np.array(ids), depth=np.ones((4, 64, 64)))
+    write_labels(uri, f"array:{tmp_path / 'd.npz'}", "depth", on_x0=False, progress=False)
+    before = tree_digest(uri)
+    line = _refused(capsys, ["--no-prefect", "probe", "--store", uri, "--target", "depth",
+                             "--scheduler", "sync"])
+    assert "no test-split images to score probes on" in line
+    assert tree_digest(uri) == before
+
+
+def test_hf_pickle_weights_refused_by_name(capsys, tmp_path, labelled):
+    from transformers import DPTImageProcessor
+
+    folder = tmp_path / "dpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "dpt"}))
+    DPTImageProcessor().save_pretrained(folder)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    before = tree_digest(labelled)
+    line = _refused(capsys, ["--no-prefect", "label", "--store", labelled, "--provider",
+                             f"hf-depth:{folder}", "--target", "shade"])
+    assert "found pytorch_model.bin: pickle files, never loaded" in line
+    assert tree_digest(labelled) == before
+
+
+def test_main_needs_prefect(capsys):
+    assert "main runs as one Prefect flow" in _refused(capsys, ["--no-prefect", "main"])
+
+
+# ---- a full disk and a read-only store, on a real tmpfs in a private mount namespace ----
+
+NAMESPACE = shutil.which("unshare")
+
+
+def _in_namespace(script: str, tmp_path: Path) -> dict:
+    """Run a shell script as root of a fresh user + mount namespace; its mounts vanish
+    with it. Skips where the kernel or container forbids unprivileged namespaces."""
+    if NAMESPACE is None or subprocess.run([NAMESPACE, "-rm", "true"],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs unprivileged user and mount namespaces (unshare -rm)")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PY": sys.executable}
+    env.pop("PREFECT_API_URL", None)
+    res = subprocess.run([NAMESPACE, "-rm", "bash", "-euc", script], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+DIGEST = ("import json, sys; sys.path.insert(0, 'tests'); from conftest import tree_digest; "
+          "print(json.dumps(tree_digest(sys.argv[1])))")
+
+
+def _namespace_run(tmp_path: Path, setup: str, argv: str) -> dict:
+    script = f"""
+mkdir -p mnt
+{setup}
+before=$(cd {REPO} && "$PY" -c "{DIGEST}" {tmp_path}/mnt/s.zarr)
+set +e
+(cd {REPO} && "$PY" -m flows.cli --quiet {argv}) > out.txt 2> err.txt
+code=$?
+set -e
+after=$(cd {REPO} && "$PY" -c "{DIGEST}" {tmp_path}/mnt/s.zarr)
+"$PY" -c "import json, sys; print(json.dumps({{'code': $code, 'err': open('err.txt').read(),
+  'same': sys.argv[1] == sys.argv[2]}}))" "$before" "$after"
+"""
+    return _in_namespace(script, tmp_path)
+
+
+def test_full_disk_is_one_line_and_the_store_unchanged(tmp_path, labelled):
+    """Labels (full + pooled + x0) do not fit in the space left: ENOSPC, then the
+    half-written target is removed, so the store is as it was."""
+    size = sum(f.stat().st_size for f in Path(labelled).rglob("*") if f.is_file())
+    setup = (f"mount -t tmpfs -o size={size // 1024 + 2048}k tmpfs mnt && "
+             f"cp -r {labelled} mnt/s.zarr && "
+             "dd if=/dev/zero of=mnt/filler bs=1k count=1900 status=none || true")
+    got = _namespace_run(tmp_path, setup, f"--no-prefect label --store {tmp_path}/mnt/s.zarr "
+                         "--provider toyworld --target shading")
+    assert got["code"] == 2 and got["same"], got
+    line = one_line(got["err"])
+    assert "No space left on device" in line and "free space, then rerun" in line
+
+
+def test_read_only_store_is_one_line(tmp_path, labelled):
+    setup = (f"mount -t tmpfs tmpfs mnt && cp -r {labelled} mnt/s.zarr && "
+             "mount -o remount,ro mnt")
+    got = _namespace_run(tmp_path, setup, f"--no-prefect label --store {tmp_path}/mnt/s.zarr "
+                         "--provider toyworld --target salient")
+    assert got["code"] == 2 and got["same"], got
+    assert "Read-only file system" in one_line(got["err"])
+
+
+# ---- no temporary Prefect server outlives its command ----
+
+def test_kill_minus_9_leaves_no_prefect_server(tmp_path):
+    import psutil
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "--quiet", "materialize", "--model",
+         "tiny-random", "--prompts", DEMO, "--store", str(tmp_path / "k.zarr"),
+         "--steps", "500"], env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE)
+    server = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            server = _up_server(psutil.Process(proc.pid))
+            if server is not None:
+                break
+            time.sleep(0.2)
+        assert server is not None, f"no temporary server seen: {proc.stderr.read()[-2000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while time.time() < deadline and _alive(server):
+            time.sleep(0.2)
+        assert not _alive(server), "the temporary Prefect server outlived its command"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server is not None and _alive(server):
+            server.kill()
+
+
+def _up_server(cli):
+    """The command's guarded server once it answers on its port, else None."""
+    for child in cli.children():
+        try:
+            cmd = child.cmdline()
+        except Exception:
+            continue
+        if "flows.parent_watch" in cmd and "--port" in cmd:
+            port = int(cmd[cmd.index("--port") + 1])
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            except OSError:
+                return None
+            return child
+    return None
+
+
+def _alive(proc) -> bool:
+    import psutil
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
