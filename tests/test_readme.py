@@ -31,6 +31,7 @@ CATALOG = f"""version: 1
 models:
   tiny: {{builtin: tiny-random}}
 prompt_sets:
+  demo: {{path: prompts/demo.csv}}
   toyworld-small: {{path: prompts/toyworld-small.csv}}
 stores:
   toy: {{uri: runs/toy.zarr, model: tiny, prompts: toyworld-small, steps: {STEPS}}}
@@ -193,7 +194,7 @@ def scheduler():
 
 @pytest.mark.parametrize("mode", ["prefect", "no-prefect"])
 @pytest.mark.parametrize("line", list(CASES), ids=lambda line: line[9:70])
-def test_readme_command(line, mode, base, user, request):
+def test_readme_command(line, mode, base, user, request, capfd):
     state, templates = CASES[line]
     _place(base, user, state)
     if mode == "prefect":
@@ -207,6 +208,12 @@ def test_readme_command(line, mode, base, user, request):
         flags = ["--no-prefect"] if mode == "no-prefect" else []
         assert main([*flags, *argv]) == 0, argv
     _check(line, user)
+    if line.startswith("actstore main"):    # one bar per stage, no INFO logs
+        err = capfd.readouterr().err
+        for stage in ("materialize trained", "materialize randomized", "label salient",
+                      "probe salient", "intervene salient projection"):
+            assert f"{stage}: 100%" in err, stage
+        assert "INFO" not in err
 
 
 def _check(line: str, user: Path) -> None:
