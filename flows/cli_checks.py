@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import socket
+import warnings
 from urllib.parse import urlparse
 
 from actstore.errors import ActstoreError
@@ -61,7 +62,9 @@ def check_url(uri: str, option: str) -> None:
     if protocol is None or protocol in ("file", "local"):
         return
     try:
-        fsspec.get_filesystem_class(protocol)
+        with warnings.catch_warnings():   # e.g. fsspec's note on s3fs versions: not ours
+            warnings.simplefilter("ignore")
+            fsspec.get_filesystem_class(protocol)
     except ValueError:
         raise ActstoreError(f"{option} {uri}: unknown URL protocol '{protocol}://'; use a "
                             "local path or an fsspec URL (s3://, gs://, memory://, ...)"

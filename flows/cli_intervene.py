@@ -1,8 +1,8 @@
 """``actstore intervene``: the argparse parser and handler, for ``flows.cli`` to register.
 
 Kept out of ``cli.py`` so the interventions feature ships as one unit; ``cli.py`` needs
-``add_intervene_parser(sub, common)`` in ``build_parser`` and ``"intervene": intervene_command``
-in ``COMMANDS``.
+``add_intervene_parser(sub, common)`` in ``build_parser`` and ``"intervene":
+intervene_command`` in ``COMMANDS``.
 """
 
 from __future__ import annotations
