@@ -79,8 +79,9 @@ def test_summary_by_default_json_on_request(tmp_path):
               "--images", "0:4", *SMALL]
     first = run("--no-prefect", *common)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == first.stdout.strip().splitlines()[0]  # one line
-    assert f"{uri}: trained: 4 images generated in 1 blocks" in first.stdout
+    done, state = first.stdout.strip().splitlines()                    # two lines
+    assert done.startswith(f"{uri}: trained: 4 images generated in 1 blocks")
+    assert state == f"store {uri}: INCOMPLETE (trained 4/16 images)"
     assert "img-step" in first.stderr                                  # the progress bar
     again = run("--no-prefect", *common, "--json", "--quiet")
     assert again.stderr == ""                                          # no bar, no logs
@@ -211,13 +212,14 @@ def test_unreachable_scheduler_fails_within_seconds(capsys, labelled):
 
 
 def test_probe_refuses_a_store_without_test_images(capsys, tmp_path, tiny_model):
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
     from actstore.generation.sampling import GenerationConfig
     from actstore.label.labels import write_labels
 
     table = _table(tmp_path, [f"i{k},a thing {k},{k},train" for k in range(4)])
     uri = str(tmp_path / "train-only.zarr")
-    materialize(tiny_model, table, uri, gen=GenerationConfig(steps=1), progress=False)
+    materialize(tiny_model, table, uri, MaterializeSettings(gen=GenerationConfig(steps=1)),
+                progress=False)
     ids = list(open_store(uri).images["image"].values)
     np.savez(tmp_path / "d.npz", image_id=np.array(ids), depth=np.ones((4, 64, 64)))
     write_labels(uri, f"array:{tmp_path / 'd.npz'}", "depth", on_x0=False, progress=False)
