@@ -238,8 +238,8 @@ def test_cluster_grid_equals_in_process(planted, cluster, tmp_path, capsys):
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(planted["uri"], uri)
     for target in ("depth", "salient"):
-        code = main(["--no-prefect", "--quiet", "probe", "--store", uri, "--target", target,
-                     "--layers", LAYER, "mid_block.attentions.0", "--steps", "0", str(STEP),
+        code = main(["--no-prefect", "--quiet", "--json", "probe", "--store", uri, "--target",
+                     target, "--layers", LAYER, "mid_block.attentions.0", "--steps", "0", str(STEP),
                      "--scheduler", cluster.scheduler.address])
         assert code == 0, capsys.readouterr().err
         run = json.loads(capsys.readouterr().out)["run_id"]
