@@ -96,15 +96,16 @@ def test_main_quiet_prints_tables_and_files_only(api, tmp_path):
     assert "%|" not in res.stderr and "INFO" not in res.stderr, res.stderr
     assert "INFO" not in res.stdout and "{" not in res.stdout        # no logs, no JSON dump
     lines = res.stdout.splitlines()
-    assert lines[0].split()[:3] == ["target", "metric", "best"]
-    assert any(ln.startswith("salient    dice_label") for ln in lines)
+    assert lines[0].split()[:4] == ["target", "kind", "metric", "best"]
+    assert any(ln.split()[:3] == ["salient", "attn1", "dice_label"] for ln in lines)
     assert any(ln.startswith("intervention") for ln in lines)
     files = lines[lines.index("files written:") + 1:]
     assert files[0].strip() == str(out / "store.zarr")
     for f in files:
         assert Path(f.strip()).exists(), f
     assert {Path(f.strip()).name for f in files} >= {
-        "samples-trained.png", "salient-curves.png", "intervention-salient.png", "summary.txt"}
+        "samples-trained.png", "salient-curves.png", "intervention-salient.png", "summary.txt",
+        "capture-kinds.png", "report.html"}
 
 
 # ---- one line per failure, in both modes, nothing stored changed ----
