@@ -60,6 +60,8 @@ CASES = {
     "actstore materialize --store toy": ("none", ["{line}"]),
     "actstore materialize --store toy --control randomized": ("trained", ["{line}"]),
     "actstore materialize --store toy --workers 2": ("none", ["{line}"]),
+    "actstore materialize --store toy --capture attn1,resnet": ("trained", ["{line}"]),
+    "actstore verify --store toy --images 0:8": ("trained", ["{line}"]),
     # a GPU cluster and an S3 bucket: the test's CPU scheduler, a local store, 2 steps
     "actstore materialize --store s3://bkt/p.zarr --model ~/sd-v1-4 --prompts p.csv "
     "--cluster tcp://HEAD:8786":
@@ -208,16 +210,17 @@ def test_readme_command(line, mode, base, user, request, capfd):
             return
         flags = ["--no-prefect"] if mode == "no-prefect" else []
         assert main([*flags, *argv]) == 0, argv
-    _check(line, user)
+    captured = capfd.readouterr()
+    _check(line, user, captured.out)
     if line.startswith("actstore main"):    # one bar per stage, no INFO logs
-        err = capfd.readouterr().err
+        err = captured.err
         for stage in ("materialize trained", "materialize randomized", "label salient",
                       "probe salient", "intervene salient projection"):
             assert f"{stage}: 100%" in err, stage
         assert "INFO" not in err
 
 
-def _check(line: str, user: Path) -> None:
+def _check(line: str, user: Path, out: str) -> None:
     """What the command must have left behind, read back through the library."""
     from actstore.intervene.results import list_interventions
     from actstore.label.labels import list_targets
@@ -231,6 +234,10 @@ def _check(line: str, user: Path) -> None:
         variant = "randomized" if "--control" in words else "trained"
         view = open_store(store, model=variant)
         assert len(view.image_index) == len(view.images["image"]) > 0
+        if "--capture" in words:
+            assert any(name.startswith("resnet/") for name in view.layers), view.layers
+    elif words[1] == "verify":
+        assert "8/8 images reproduced (bitwise)" in out, out
     elif words[1] == "label":
         for target in words[words.index("--target") + 1:]:
             assert target in list_targets(toy), target
