@@ -108,6 +108,17 @@ def test_main_quiet_prints_tables_and_files_only(api, tmp_path):
         "capture-kinds.png", "report.html"}
 
 
+def test_info_logs_only_with_verbose(api, labelled):
+    """Prefect's flow-run INFO lines: hidden by default, shown with --verbose."""
+    argv = ["label", "--store", labelled, "--provider", "toyworld", "--no-x0", "--target"]
+    default = run(*argv, "salient", api=api)
+    assert default.returncode == 0, default.stderr
+    assert "INFO" not in default.stderr and "label" in default.stderr   # its bar only
+    verbose = run("--verbose", *argv, "shading", api=api)
+    assert verbose.returncode == 0, verbose.stderr
+    assert "INFO" in verbose.stderr and "Finished in state Completed" in verbose.stderr
+
+
 # ---- one line per failure, in both modes, nothing stored changed ----
 
 def test_failure_inside_a_flow_is_one_line(api, labelled):
