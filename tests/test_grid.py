@@ -98,6 +98,36 @@ def test_logistic_matches_sklearn_on_store_arrays(planted):
     np.testing.assert_allclose(ours, theirs, rtol=1e-3, atol=1e-3 * np.abs(theirs).max())
 
 
+def test_logistic_fits_the_sample_of_the_fit_pass(planted, monkeypatch, tmp_path):
+    """With a token budget below the train tokens, each step's probe is the weighted fit
+    on the sample the block tasks kept (redrawn here from the arrays), the ridge pass's
+    statistics of *all* train tokens standing in for its Gram matrices."""
+    from actstore.probe import sampling
+    from actstore.probe.logistic import fit_logistic_cv
+    from actstore.probe.solvers import image_stats
+
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(planted["uri"], uri)
+    X, y, split = _train_tokens(uri, "salient")
+    train = np.flatnonzero(split == "train")
+    yt = (y[train] > 0.5).astype(np.float64).ravel()
+    monkeypatch.setattr(sampling, "SAMPLE_MIN_TOKENS", len(yt) // 3)
+    monkeypatch.setattr(sampling, "SAMPLE_TOKENS_PER_CHANNEL", 0)
+    run = run_probes(uri, "salient", layers=[LAYER], steps=[STEP], scheduler="threads",
+                     progress=False)
+    probe = load_probe(uri, run, LAYER)
+    image = np.repeat(train, SIDE * SIDE)
+    position = np.tile(np.arange(SIDE * SIDE), len(train))
+    Xt = X[train].reshape(-1, X.shape[-1])
+    s = sampling.draw(Xt[None], yt, image, position, sampling.class_rates(yt, len(yt) // 3))
+    assert len(s.y) < 0.5 * len(yt) and (s.weight > 1).any()
+    want = fit_logistic_cv(s.x[0], s.y, s.image, fold_stats=image_stats(image, Xt, yt),
+                           weight=s.weight)
+    np.testing.assert_allclose(probe["weights"][0], want.weights, rtol=1e-4,
+                               atol=1e-4 * np.abs(want.weights).max())
+    assert abs(probe["bias"][0] - want.bias) < 1e-4 * max(1.0, abs(want.bias))
+
+
 def test_scores_match_brute_force(planted):
     """Dice and RMSE per test image recomputed by plain loops from the stored weights."""
     uri = planted["uri"]

@@ -9,7 +9,9 @@ from threadpoolctl import threadpool_limits
 
 from actstore.probe import solvers as probes
 from actstore.errors import ActstoreError
-from actstore.probe.solvers import (FoldStats, accumulate, fit_logistic, fit_logistic_cv, fit_ridge,
+from actstore.probe import logistic as lg
+from actstore.probe.logistic import fit_logistic, fit_logistic_cv
+from actstore.probe.solvers import (FoldStats, accumulate, fit_ridge,
                              fit_ridge_cv, fold_of, image_stats, predict)
 
 N_IMG, TOK, C = 40, 32, 12
@@ -151,8 +153,8 @@ def test_memory_bounds_do_not_change_results(monkeypatch):
     Xf, yf = X.reshape(-1, C), yb.ravel()
     ref_r, ref_l = fit_ridge(accumulate(Xf, yf), 1e-3), fit_logistic(Xf, yf, 1e-3)
     monkeypatch.setattr(probes, "CHUNK_BYTES", 4 * C * 100)
-    monkeypatch.setattr(probes, "RESIDENT_BYTES", 0)
-    monkeypatch.setattr(probes, "HESSIAN_TOKENS", 20)
+    monkeypatch.setattr(lg, "RESIDENT_BYTES", 0)
+    monkeypatch.setattr(lg, "HESSIAN_TOKENS", 20)
     got_r, got_l = fit_ridge(accumulate(Xf, yf), 1e-3), fit_logistic(Xf, yf, 1e-3)
     np.testing.assert_allclose(got_r.weights, ref_r.weights, rtol=1e-6,
                                atol=1e-6 * np.abs(ref_r.weights).max())

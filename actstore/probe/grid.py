@@ -9,7 +9,8 @@ they run, so on a cluster only the sufficient statistics, the probes and the sco
    tree-summed and every step's ridge probe (λ by K-fold CV) is solved from them, in a task.
    Binary targets then refine each step's probe to an L2 logistic regression by Newton
    (warm-started, its folds' Gram matrices taken from the same statistics), one task per
-   step reading that step's train tokens.
+   step, on a class-balanced weighted sample of the train tokens that the same block tasks
+   keep beside their statistics (:mod:`actstore.probe.sampling`): the store is read once.
 2. **score** over the blocks holding test images: predictions for all steps, scored per
    image at token and label resolution (:mod:`actstore.probe.scoring`).
 
@@ -29,6 +30,8 @@ from dask import delayed
 
 from actstore.errors import ActstoreError
 from actstore.kinds import BINARY
+from actstore.probe import logistic as lg
+from actstore.probe import sampling
 from actstore.probe import solvers as pb
 from actstore.probe.scoring import block_scores, metric_names as _names
 from actstore.store import io
@@ -116,13 +119,25 @@ def _block_tokens(x: np.ndarray) -> np.ndarray:
 
 
 def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.ndarray,
-               n_folds: int) -> pb.FoldStats:
-    """Map step: per-fold statistics of one block's train images, for every step."""
+               n_folds: int, rates: np.ndarray | None = None):
+    """Map step: per-fold statistics of one block's train images, for every step, and with
+    ``rates`` (binary targets) the block's token sample too."""
     X = _block_tokens(_read(src.uri, src.activation, slice(a, b), steps)[rows])
     y = _token_labels(src)[a:b][rows]
-    index = np.repeat(np.arange(a, b)[rows], y.shape[1] * y.shape[2])
+    per_image = y.shape[1] * y.shape[2]
+    index = np.repeat(np.arange(a, b)[rows], per_image)
     tokens = y.reshape(-1).astype(np.float32)
-    return pb.image_stats(index, X, np.broadcast_to(tokens, X.shape[:2]), n_folds)
+    stats = pb.image_stats(index, X, np.broadcast_to(tokens, X.shape[:2]), n_folds)
+    if rates is None:
+        return stats
+    position = np.tile(np.arange(per_image), len(y))
+    return stats, sampling.draw(X, tokens, index, position, rates)
+
+
+def _sample_rates(src: LayerSource, train: np.ndarray) -> np.ndarray:
+    """Keep rates per class for the layer's token sample, from every train token's label."""
+    channels = _array(src.uri, src.activation).shape[-1]
+    return sampling.class_rates(_token_labels(src)[train], sampling.budget(channels))
 
 
 def _tree_sum(parts: list):
@@ -147,24 +162,20 @@ def _step_stats(stats: pb.FoldStats, s: int) -> pb.FoldStats:
     return pb.FoldStats(tuple(take(f) for f in stats.folds))
 
 
-def _logistic_cell(src: LayerSource, train: np.ndarray, step: int, n_folds: int,
+def _logistic_cell(sample: sampling.TokenSample, n_folds: int,
                    fold_stats: pb.FoldStats) -> pb.ProbeFit | None:
-    """One step's logistic probe from its train tokens, read here; None where it is
+    """A step's logistic probe from its token sample (:meth:`TokenSample.step`); None where it is
     undefined (a single class seen, as on a layer too coarse for the mask, or a diverging
-    fit)."""
-    y = _token_labels(src)[train]
-    index = np.repeat(train, y.shape[1] * y.shape[2])
-    y = y.reshape(-1)
-    if not 0 < y.mean() < 1:
+    fit). The statistics are of all train tokens, which the weighted sample stands for."""
+    if not 0 < sample.y.mean() < 1:
         return None
-    x = _read(src.uri, src.activation, train, np.array([step]))[:, 0]
-    out = pb.fit_logistic_cv(x.reshape(-1, x.shape[-1]), y, index, n_folds=n_folds,
-                             fold_stats=fold_stats)
+    out = lg.fit_logistic_cv(sample.x[0], sample.y, sample.image, n_folds=n_folds,
+                             fold_stats=fold_stats, weight=sample.weight)
     return out if np.isfinite(out.weights).all() and np.isfinite(out.bias) else None
 
 
 def _logistic_fit(fit: LayerFit, steps: np.ndarray, *cells: pb.ProbeFit | None) -> LayerFit:
-    lambdas = np.asarray(pb.LOGISTIC_LAMBDAS)
+    lambdas = np.asarray(lg.LOGISTIC_LAMBDAS)
     weights, bias, lam, cv, fallback = [], [], [], [], []
     for k, out in enumerate(cells):
         if out is None:
@@ -183,18 +194,21 @@ def _logistic_fit(fit: LayerFit, steps: np.ndarray, *cells: pb.ProbeFit | None) 
 def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 5,
               lambdas: np.ndarray = pb.DEFAULT_LAMBDAS):
     """A delayed :class:`LayerFit` of every requested step of one layer."""
-    parts = [delayed(_fit_block)(src, a, b, split.train[a:b], steps, n_folds)
-             for a, b in split.blocks if split.train[a:b].any()]
-    if not parts:
+    blocks = [(a, b) for a, b in split.blocks if split.train[a:b].any()]
+    if not blocks:
         raise ActstoreError(f"store {src.uri}: no train images; set split=train on some rows")
-    stats = _tree_sum(parts)
-    fit = delayed(_solve_ridge)(stats, lambdas)
     if src.kind != BINARY:
-        return fit
-    train = np.flatnonzero(split.train)
-    cells = [delayed(_logistic_cell)(src, train, int(step), n_folds,
+        stats = _tree_sum([delayed(_fit_block)(src, a, b, split.train[a:b], steps, n_folds)
+                           for a, b in blocks])
+        return delayed(_solve_ridge)(stats, lambdas)
+    rates = delayed(_sample_rates)(src, np.flatnonzero(split.train))
+    parts = [delayed(_fit_block, nout=2)(src, a, b, split.train[a:b], steps, n_folds, rates)
+             for a, b in blocks]
+    stats, sample = _tree_sum([p[0] for p in parts]), _tree_sum([p[1] for p in parts])
+    fit = delayed(_solve_ridge)(stats, lambdas)
+    cells = [delayed(_logistic_cell)(delayed(sample.step)(k), n_folds,
                                      delayed(_step_stats)(stats, k))
-             for k, step in enumerate(steps)]
+             for k in range(len(steps))]
     return delayed(_logistic_fit)(fit, steps, *cells)
 
 

@@ -1,0 +1,176 @@
+"""L2 logistic probes by Newton, for mask targets, on tokens held in memory.
+
+Objective Σ wᵢ·logloss + (α/2)‖w‖² (sklearn ``LogisticRegression(C=1/α)`` with
+``sample_weight``), bias unpenalised, α = λ·tr(S)/C as for ridge
+(:mod:`actstore.probe.solvers`). Token weights let a class-balanced subsample of a cell's
+tokens (:mod:`actstore.probe.sampling`) stand in for all of them: a token kept with
+probability r weighs 1/r, so the weighted objective is an unbiased estimate of the full
+one, and a cell small enough to be kept whole is fitted exactly.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from actstore.errors import ActstoreError
+from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _scale,
+                                    _stats_by_fold, _up, fold_of)
+
+LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
+RESIDENT_BYTES = 1 << 30    # logistic keeps a float64 copy of X up to this size
+HESSIAN_TOKENS = 256        # per channel: logistic Hessian refreshes use ≤ ~256·C tokens
+PATH_TOL = 1e-4             # logistic tolerance along the λ path; the chosen λ gets ``tol``
+PATH_MAX_ITER = 30          # separable tokens never converge; the chosen λ gets ``max_iter``
+
+
+class _Hess(NamedTuple):
+    """Per-model Hessian h·S, the bias eliminated by its Schur complement; h turns
+    unweighted stats into the Hessian at the constant model (h = p̄(1-p̄)), else 1."""
+    A: np.ndarray    # (M, C, C) h·S
+    mu: np.ndarray   # (M, C) (weighted) mean of X: the bias coupling
+    n: np.ndarray    # (M,) h·(weighted) count
+
+    @classmethod
+    def of(cls, stats: list[RidgeStats], h: np.ndarray | float = 1.0) -> "_Hess":
+        h = np.broadcast_to(h, (len(stats),))
+        return cls(h[:, None, None] * np.stack([s.sxx for s in stats]),
+                   np.stack([s.mean_x for s in stats]), h * np.array([s.n for s in stats]))
+
+    def solve(self, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
+        """Newton direction for (w, b) given gradients, penalty α on w only."""
+        A = self.A + alpha[:, None, None] * np.eye(self.A.shape[-1])
+        dw = np.linalg.solve(A, (gw - self.mu * gb[:, None])[..., None])[..., 0]
+        return dw, gb / self.n - (self.mu * dw).sum(1)
+
+
+# Gradient passes are O(nC) and memory-bound, so float64 costs little; float32 rounding
+# would stall Newton at ~1e-6. Only the O(nC²) Hessian uses float32: it may be approximate.
+def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray) -> np.ndarray:
+    return np.concatenate([_up(X[s], np.float64) @ W.T
+                           for s in _chunks(len(X), 8 * X.shape[1])]) + B
+
+
+def _backward(X: np.ndarray, R: np.ndarray) -> np.ndarray:
+    return sum(R[s].T @ _up(X[s], np.float64) for s in _chunks(len(X), 8 * X.shape[1]))
+
+
+def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
+    """Newton at one α for all models at once, halving a model's step while its objective
+    rises; the Hessian is refreshed only when a model converges slower than 4x per step."""
+    def objective(Z, W):   # penalised log-loss of each model on its own training tokens
+        return ((np.logaddexp(0.0, Z) - y[:, None] * Z) * train).sum(0) + alpha / 2 * (W * W).sum(1)
+    loss = objective(Z, W)
+    active, prev = np.ones(len(W), bool), np.full(len(W), np.inf)
+    for _ in range(max_iter):
+        R = (0.5 + 0.5 * np.tanh(0.5 * Z) - y[:, None]) * train
+        dw, db = H.solve(alpha, _backward(X, R) + alpha[:, None] * W, R.sum(0))
+        dw[~active], db[~active] = 0.0, 0.0
+        size = np.maximum(np.abs(dw).max(1), np.abs(db)) / np.maximum(1.0, np.abs(W).max(1))
+        Zd, t = _forward(X, dw, db), np.ones(len(W))
+        for _ in range(40):
+            new = objective(Z - t * Zd, W - t[:, None] * dw)
+            bad = active & (new > loss + 1e-13 * np.abs(loss))
+            if not bad.any():
+                break
+            t[bad] *= 0.5
+        t[bad] = 0.0          # no decrease at any step size: at the precision limit
+        W, B, Z, loss = W - t[:, None] * dw, B - t * db, Z - t * Zd, np.where(bad, loss, new)
+        active &= (size > tol) & ~bad
+        if not active.any():
+            break
+        slow, prev = (size > 0.25 * prev) | (t < 1), size
+        if (slow & active).any() and t[-1] * size[-1] > 0:
+            H = refresh(Z[:, -1])
+    return W, B, Z, H, not active.any()
+
+
+def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=None) -> ProbeFit:
+    """Regularisation path, strong to weak λ with warm starts, for the K fold models and
+    the full model together, so each pass over the in-memory X serves all K+1 of them."""
+    X, y, lambdas = np.asarray(X), np.asarray(y, np.float64), np.asarray(lambdas, np.float64)
+    if X.ndim != 2 or y.shape != X.shape[:1]:
+        raise ActstoreError(f"logistic probe needs X (n, C), y (n,), got {X.shape}, {y.shape}")
+    if not np.isin(y, (0.0, 1.0)).all() or (lambdas <= 0).any():
+        raise ActstoreError("logistic probe needs labels in {0, 1} (pooled mask > 0.5) and λ > 0")
+    wt = np.ones(len(y)) if weight is None else np.asarray(weight, np.float64)
+    if wt.shape != y.shape or not (wt > 0).all():
+        raise ActstoreError(f"token weights need one positive entry per token, got {wt.shape}")
+    F = list(getattr(stats, "folds", stats)) if stats else \
+        _stats_by_fold(X, y, fold, n_groups, None if weight is None else wt)
+    if len(F) != n_groups:
+        raise ActstoreError(f"fold_stats has {len(F)} folds, expected {n_groups}")
+    present = [g for g in range(n_groups) if F[g] is not None]
+    held = present if cv else []
+    if cv and len(held) < 2:
+        raise ActstoreError(f"cross-validation needs ≥ 2 non-empty folds, got {len(held)}")
+    train = np.stack([fold != g for g in held] + [np.ones(len(y), bool)], axis=1) * wt[:, None]
+
+    def per_model(S):     # training-set statistics of each model: all folds but its own
+        return [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
+
+    # Hessian refreshes: per-fold XᵀWX at the full model's weights, on a strided subsample
+    # of ≤ ~256·C tokens (it only preconditions; the exact gradient decides), upcast once.
+    k = max(1, len(y) // (HESSIAN_TOKENS * X.shape[1]))
+    X_sub, fold_sub, wt_sub = _up(X[::k]), fold[::k], k * wt[::k]
+
+    def refresh(z):
+        p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])
+        return _Hess.of(per_model(_stats_by_fold(X_sub, None, fold_sub, n_groups,
+                                                 wt_sub * p * (1 - p))))
+
+    T = per_model(F)
+    scale = np.array([_scale(t) for t in T])   # each model's α = λ·scale, its own training set
+    ybar = np.clip([float(t.mean_y[0]) for t in T], 1e-6, 1 - 1e-6)
+    H = _Hess.of(T, ybar * (1 - ybar))   # the exact Hessian at the intercept-only model
+    # Warm start = first Newton step from the intercept-only model = the ridge solution at
+    # α/(p̄(1-p̄)), divided by p̄(1-p̄): the linear-probability model mapped to logits.
+    W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]), np.zeros(len(T)))[0]
+    B = np.log(ybar / (1 - ybar)) - (H.mu * W).sum(1)
+    X64 = _up(X, np.float64) if X.size * 8 <= RESIDENT_BYTES else X
+    Z = _forward(X64, W, B)
+    path_w, path_b = np.zeros((len(lambdas),) + W.shape), np.zeros((len(lambdas), len(B)))
+    score, converged = np.full(len(lambdas), np.nan), True
+    for li in np.argsort(-lambdas):   # validation loss is flat at the optimum: PATH_TOL will do
+        W, B, Z, H, ok = _newton(X64, y, train, refresh, W, B, Z, H, lambdas[li] * scale,
+                                 max(tol, PATH_TOL), min(max_iter, PATH_MAX_ITER))
+        converged &= ok
+        path_w[li], path_b[li] = W, B
+        if cv:
+            ll = (np.logaddexp(0.0, Z) - y[:, None] * Z) * wt[:, None]
+            score[li] = sum(ll[fold == g, m].sum() for m, g in enumerate(held)) / wt.sum()
+    best = int(np.nanargmin(score)) if cv else 0
+    W, B = path_w[best], path_b[best]   # polish the chosen λ's models to ``tol``
+    W, B, _, _, ok = _newton(X64, y, train, refresh, W, B, _forward(X64, W, B), H,
+                             lambdas[best] * scale, tol, max_iter)
+    return ProbeFit(W[-1], np.float64(B[-1]), np.float64(lambdas[best]),
+                    np.float64(lambdas[best] * scale[-1]), lambdas, score if cv else None,
+                    bool(converged and ok))
+
+
+def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = 1e-6,
+                 max_iter: int = 100, stats: RidgeStats | None = None,
+                 weight: np.ndarray | None = None) -> ProbeFit:
+    """L2 logistic probe at one λ on one cell's tokens held in memory (read from the store
+    once), X ``(n, C)`` float16/32, y ``(n,)`` in {0, 1}, ``weight`` ``(n,)`` per token.
+    ``stats``, this cell's (weighted) :func:`accumulate` from the ridge pass, saves one
+    pass over X."""
+    fold, F = np.zeros(len(X), np.int64), None if stats is None else [stats]
+    return _logistic(X, y, fold, 1, False, [lam], tol, max_iter, F, weight)
+
+
+def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
+                    lambdas: Sequence[float] | np.ndarray = LOGISTIC_LAMBDAS, n_folds: int = 5,
+                    tol: float = 1e-6, max_iter: int = 100,
+                    fold_stats: FoldStats | None = None,
+                    weight: np.ndarray | None = None) -> ProbeFit:
+    """L2 logistic probe with λ chosen by image-level K-fold CV (validation log-loss).
+    ``image_index`` ``(n,)`` gives each token's image, hence its fold (:func:`fold_of`);
+    ``fold_stats`` from the ridge pass over the same tokens (or, with ``weight``, over the
+    tokens these stand for) saves one pass over X; the CV score is the weighted mean
+    validation log-loss."""
+    fold = fold_of(np.asarray(image_index), n_folds)
+    if np.shape(fold) != (len(X),):
+        raise ActstoreError(f"image_index needs one entry per token, got {np.shape(fold)}")
+    return _logistic(X, y, fold, n_folds, True, lambdas, tol, max_iter, fold_stats, weight)
