@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from actstore.probe.solvers import splitmix64
+
 SAMPLE_MIN_TOKENS = 10_000      # weighted fits on 10k tokens matched full fits (benchmarks/README.md)
 SAMPLE_TOKENS_PER_CHANNEL = 20  # wider layers need more tokens per cell
 _SALT = np.uint64(0x5DEECE66D)  # another stream than the fold hash's
@@ -43,13 +45,9 @@ def class_rates(labels: np.ndarray, n_tokens: int) -> np.ndarray:
 
 
 def unit_hash(image: np.ndarray, position: np.ndarray) -> np.ndarray:
-    """A uniform number in [0, 1) per (image index, token position): splitmix64."""
-    x, u = (image.astype(np.uint64) << np.uint64(32)) | position.astype(np.uint64), np.uint64
-    with np.errstate(over="ignore"):
-        x = (x ^ _SALT) + u(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> u(30))) * u(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> u(27))) * u(0x94D049BB133111EB)
-    return ((x ^ (x >> u(31))) >> u(11)).astype(np.float64) / float(1 << 53)
+    """A uniform number in [0, 1) per (image index, token position)."""
+    key = (image.astype(np.uint64) << np.uint64(32)) | position.astype(np.uint64)
+    return (splitmix64(key ^ _SALT) >> np.uint64(11)).astype(np.float64) / float(1 << 53)
 
 
 @dataclass(frozen=True)

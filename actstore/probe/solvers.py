@@ -99,12 +99,17 @@ def fold_of(image_index: int | np.ndarray, n_folds: int = 5) -> np.ndarray:
     """Fold of each image, splitmix64(index) mod K: a hash, not ``index % K``, so folds stay
     mixed if images are stored in some order, and with no image count or seed involved a
     resumed or distributed pass puts every image in the same fold."""
-    x, u = np.asarray(image_index).astype(np.uint64), np.uint64
+    return (splitmix64(np.asarray(image_index)) % np.uint64(n_folds)).astype(np.int64)
+
+
+def splitmix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's output function of each key: well-mixed uint64 from consecutive keys."""
+    x, u = np.asarray(x).astype(np.uint64), np.uint64
     with np.errstate(over="ignore"):
         x = x + u(0x9E3779B97F4A7C15)
         x = (x ^ (x >> u(30))) * u(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> u(27))) * u(0x94D049BB133111EB)
-    return ((x ^ (x >> u(31))) % u(n_folds)).astype(np.int64)
+    return x ^ (x >> u(31))
 
 
 def _chunks(n: int, row_bytes: int) -> list[slice]:
