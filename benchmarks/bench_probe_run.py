@@ -3,7 +3,8 @@
 Measures, in one process, on one store: a plain read of every activation array (dask sum,
 threads), the fit alone, the score pass alone (given the fits), and the whole
 ``run_probes`` (fit + score + intervals + store writes + emergence), for each target.
-Ratios are to the read pass measured in the same run.
+Ratios are to the read pass measured in the same run (the mean of the reads before and
+after), in wall time and in this process's CPU time.
 
 The store is either a real one (``--store``, e.g. the main job's) or a synthetic one built
 here at the toy's shapes or at SD v1.4's (64×64×320, 32×32×640, 16×16×1280 and 8×8×1280
@@ -90,13 +91,35 @@ def build_store(uri: str, shapes: str, n_images: int, n_steps: int, block: int,
         write_labels(uri, f"array:{npz}", target, progress=False)
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+class Clock:
+    """Wall seconds and this process's CPU seconds (every thread) of what ran inside: on a
+    shared machine the wall time moves with the load, the CPU time much less."""
+
+    wall = cpu = 0.0
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+    def __add__(self, o: "Clock") -> "Clock":
+        out = Clock()
+        out.wall, out.cpu = self.wall + o.wall, self.cpu + o.cpu
+        return out
+
+    def ratio(self, ref: "Clock") -> str:
+        return f"{self.wall / ref.wall:.2f}x wall, {self.cpu / ref.cpu:.2f}x CPU"
 
 
-def read_pass(uri: str) -> float:
+def _timed(fn) -> Clock:
+    with Clock() as c:
+        fn()
+    return c
+
+
+def read_pass(uri: str) -> Clock:
     import dask
 
     def run():
@@ -108,21 +131,21 @@ def read_pass(uri: str) -> float:
         return _timed(run)
 
 
-def fit_and_score(uri: str, target: str) -> tuple[float, float]:
-    """Seconds of the fit alone and of the score pass alone, every model × layer × step."""
+def fit_and_score(uri: str, target: str) -> tuple[Clock, Clock]:
+    """The fit alone and the score pass alone, every model × layer × step."""
     _, split, sources = load_targets(uri, target)
-    fit_s = score_s = 0.0
+    fit_s = score_s = Clock()
     with task_threads():
         for m in st.model_variants(uri):
             view = open_store(uri, m)
             steps = np.arange(view.n_steps)
             for layer in view.layers:
                 src = replace(sources[layer], activation=st.layer_path(m, layer))
-                t0 = time.perf_counter()
-                fit = fit_layer(src, split, steps, scheduler="threads")
-                t1 = time.perf_counter()
-                score_layer(src, split, steps, fit, scheduler="threads")
-                fit_s, score_s = fit_s + t1 - t0, score_s + time.perf_counter() - t1
+                with Clock() as f:
+                    fit = fit_layer(src, split, steps, scheduler="threads")
+                with Clock() as s:
+                    score_layer(src, split, steps, fit, scheduler="threads")
+                fit_s, score_s = fit_s + f, score_s + s
     return fit_s, score_s
 
 
@@ -145,21 +168,25 @@ def main() -> None:
                                        args.block_size, args.models))
         print(f"synthetic {args.shapes} store: {args.images} images x {args.steps} steps x "
               f"{len(SHAPES[args.shapes][1])} layers x {len(args.models)} models, built in "
-              f"{t:.1f} s")
+              f"{t.wall:.1f} s")
     try:
         print(f"load average before: {os.getloadavg()[0]:.2f}")
+        read_pass(uri)   # once untimed: metadata caches and page cache warm, as for the rest
         read = read_pass(uri)
         gb = sum(open_store(uri, m)[la].nbytes for m in st.model_variants(uri)
                  for la in open_store(uri, m).layers) / 1e9
-        print(f"plain read pass: {read:.2f} s ({gb:.2f} GB float16, {gb / read * 1e3:.0f} MB/s)")
+        print(f"plain read pass: {read.wall:.2f} s, {read.cpu:.2f} CPU s ({gb:.2f} GB float16, "
+              f"{gb / read.wall * 1e3:.0f} MB/s)")
         for target in args.targets:
             fit, score = fit_and_score(uri, target)
             run = _timed(lambda: run_probes(uri, target, scheduler="threads", progress=False))
             read2 = read_pass(uri)   # again: the machine may have changed pace meanwhile
-            ref = (read + read2) / 2
-            print(f"{target}: fit {fit:.2f} s ({fit / ref:.2f}x read), score {score:.2f} s "
-                  f"({score / ref:.2f}x), whole run (fit + score + store) {run:.2f} s "
-                  f"({run / ref:.2f}x read; read {read2:.2f} s this time)", flush=True)
+            ref = read + read2
+            ref.wall, ref.cpu = ref.wall / 2, ref.cpu / 2   # the mean of the two reads
+            print(f"{target}: fit {fit.wall:.2f} s ({fit.ratio(ref)}), score {score.wall:.2f} s "
+                  f"({score.ratio(ref)}), whole run (fit + score + store) {run.wall:.2f} s "
+                  f"({run.ratio(ref)} read; read {read2.wall:.2f} s, {read2.cpu:.2f} CPU s "
+                  "this time)", flush=True)
             read = read2
         print(f"load average after: {os.getloadavg()[0]:.2f}")
     finally:

@@ -101,10 +101,12 @@ def test_logistic_matches_sklearn_on_store_arrays(planted):
 def test_logistic_fits_the_sample_of_the_fit_pass(planted, monkeypatch, tmp_path):
     """With a token budget below the train tokens, each step's probe is the weighted fit
     on the sample the block tasks kept (redrawn here from the arrays), the ridge pass's
-    statistics of *all* train tokens standing in for its Gram matrices."""
+    statistics of *all* train tokens standing in for its Gram matrices, λ searched in the
+    window around the ridge's."""
     from actstore.probe import sampling
-    from actstore.probe.logistic import fit_logistic_cv
-    from actstore.probe.solvers import image_stats
+    from actstore.probe.logistic import (LOGISTIC_LAMBDAS, PATH_TOL, fit_logistic_cv,
+                                         lambda_window)
+    from actstore.probe.solvers import fit_ridge_cv, image_stats
 
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(planted["uri"], uri)
@@ -121,11 +123,14 @@ def test_logistic_fits_the_sample_of_the_fit_pass(planted, monkeypatch, tmp_path
     Xt = X[train].reshape(-1, X.shape[-1])
     s = sampling.draw(Xt[None], yt, image, position, sampling.class_rates(yt, len(yt) // 3))
     assert len(s.y) < 0.5 * len(yt) and (s.weight > 1).any()
-    want = fit_logistic_cv(s.x[0], s.y, s.image, fold_stats=image_stats(image, Xt, yt),
-                           weight=s.weight)
+    stats = image_stats(image, Xt, yt)
+    keep = lambda_window(float(fit_ridge_cv(stats).lam), yt.mean())
+    want = fit_logistic_cv(s.x[0], s.y, s.image, LOGISTIC_LAMBDAS[keep], tol=PATH_TOL,
+                           fold_stats=stats, weight=s.weight)
     np.testing.assert_allclose(probe["weights"][0], want.weights, rtol=1e-4,
                                atol=1e-4 * np.abs(want.weights).max())
     assert abs(probe["bias"][0] - want.bias) < 1e-4 * max(1.0, abs(want.bias))
+    assert probe["lam"][0] == np.float32(want.lam)
 
 
 def test_scores_match_brute_force(planted):

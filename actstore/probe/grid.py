@@ -8,9 +8,10 @@ they run, so on a cluster only the sufficient statistics, the probes and the sco
    float32 and returns per-fold sufficient statistics for *all* steps at once; they are
    tree-summed and every step's ridge probe (λ by K-fold CV) is solved from them, in a task.
    Binary targets then refine each step's probe to an L2 logistic regression by Newton
-   (warm-started, its folds' Gram matrices taken from the same statistics), one task per
-   step, on a class-balanced weighted sample of the train tokens that the same block tasks
-   keep beside their statistics (:mod:`actstore.probe.sampling`): the store is read once.
+   (warm-started, its folds' Gram matrices taken from the same statistics, λ searched
+   around the ridge's), one task per step, on a class-balanced weighted sample of the
+   train tokens that the same block tasks keep beside their statistics
+   (:mod:`actstore.probe.sampling`): the store is read once.
 2. **score** over the blocks holding test images: predictions for all steps, scored per
    image at token and label resolution (:mod:`actstore.probe.scoring`).
 
@@ -162,16 +163,29 @@ def _step_stats(stats: pb.FoldStats, s: int) -> pb.FoldStats:
     return pb.FoldStats(tuple(take(f) for f in stats.folds))
 
 
-def _logistic_cell(sample: sampling.TokenSample, n_folds: int,
-                   fold_stats: pb.FoldStats) -> pb.ProbeFit | None:
-    """A step's logistic probe from its token sample (:meth:`TokenSample.step`); None where it is
-    undefined (a single class seen, as on a layer too coarse for the mask, or a diverging
-    fit). The statistics are of all train tokens, which the weighted sample stands for."""
+def _logistic_cell(sample: sampling.TokenSample, n_folds: int, fold_stats: pb.FoldStats,
+                   ridge: LayerFit, k: int) -> pb.ProbeFit | None:
+    """Step ``k``'s logistic probe from its token sample (:meth:`TokenSample.step`); None
+    where it is undefined (a single class seen, as on a layer too coarse for the mask, or a
+    diverging fit). The statistics are of all train tokens, which the weighted sample
+    stands for; λ is searched in the window the step's ridge λ places
+    (:func:`actstore.probe.logistic.lambda_window`), the other λ's CV scores are NaN. A
+    sample fit is polished no further than the path's tolerance: its sampling error is
+    far larger."""
     if not 0 < sample.y.mean() < 1:
         return None
-    out = lg.fit_logistic_cv(sample.x[0], sample.y, sample.image, n_folds=n_folds,
-                             fold_stats=fold_stats, weight=sample.weight)
-    return out if np.isfinite(out.weights).all() and np.isfinite(out.bias) else None
+    grid = np.asarray(lg.LOGISTIC_LAMBDAS)
+    keep = lg.lambda_window(float(ridge.lam[k]),
+                            float(fold_stats.total().mean_y[..., 0]), grid)
+    exact = bool((sample.weight == 1).all())
+    out = lg.fit_logistic_cv(sample.x[0], sample.y, sample.image, grid[keep], n_folds=n_folds,
+                             tol=lg.TOL if exact else lg.PATH_TOL, fold_stats=fold_stats,
+                             weight=sample.weight)
+    if not (np.isfinite(out.weights).all() and np.isfinite(out.bias)):
+        return None
+    cv = np.full(len(grid), np.nan)
+    cv[keep] = out.cv_score
+    return replace(out, lambdas=grid, cv_score=cv)
 
 
 def _logistic_fit(fit: LayerFit, steps: np.ndarray, *cells: pb.ProbeFit | None) -> LayerFit:
@@ -207,7 +221,7 @@ def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 
     stats, sample = _tree_sum([p[0] for p in parts]), _tree_sum([p[1] for p in parts])
     fit = delayed(_solve_ridge)(stats, lambdas)
     cells = [delayed(_logistic_cell)(delayed(sample.step)(k), n_folds,
-                                     delayed(_step_stats)(stats, k))
+                                     delayed(_step_stats)(stats, k), fit, k)
              for k in range(len(steps))]
     return delayed(_logistic_fit)(fit, steps, *cells)
 

@@ -21,8 +21,10 @@ from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _s
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
 RESIDENT_BYTES = 1 << 30    # logistic keeps a float64 copy of X up to this size
 HESSIAN_TOKENS = 256        # per channel: logistic Hessian refreshes use ≤ ~256·C tokens
+TOL = 1e-6                  # Newton's default tolerance (largest relative step left)
 PATH_TOL = 1e-4             # logistic tolerance along the λ path; the chosen λ gets ``tol``
 PATH_MAX_ITER = 30          # separable tokens never converge; the chosen λ gets ``max_iter``
+WINDOW = (1 / 30, 300)      # λ searched around the ridge's, see :func:`lambda_window`
 
 
 class _Hess(NamedTuple):
@@ -38,10 +40,14 @@ class _Hess(NamedTuple):
         return cls(h[:, None, None] * np.stack([s.sxx for s in stats]),
                    np.stack([s.mean_x for s in stats]), h * np.array([s.n for s in stats]))
 
-    def solve(self, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
-        """Newton direction for (w, b) given gradients, penalty α on w only."""
-        A = self.A + alpha[:, None, None] * np.eye(self.A.shape[-1])
-        dw = np.linalg.solve(A, (gw - self.mu * gb[:, None])[..., None])[..., 0]
+    def inverse(self, alpha: np.ndarray) -> np.ndarray:
+        """(A + αI)⁻¹ per model, made once per α and Hessian: each Newton direction is then
+        a matrix-vector product, not a C³ solve (C = 1280 at SD's widest layers)."""
+        return np.linalg.inv(self.A + alpha[:, None, None] * np.eye(self.A.shape[-1]))
+
+    def solve(self, inv: np.ndarray, gw: np.ndarray, gb: np.ndarray):
+        """Newton direction for (w, b) given gradients, penalty α (in ``inv``) on w only."""
+        dw = (inv @ (gw - self.mu * gb[:, None])[..., None])[..., 0]
         return dw, gb / self.n - (self.mu * dw).sum(1)
 
 
@@ -56,33 +62,44 @@ def _backward(X: np.ndarray, R: np.ndarray) -> np.ndarray:
     return sum(R[s].T @ _up(X[s], np.float64) for s in _chunks(len(X), 8 * X.shape[1]))
 
 
+def _loss_and_prob(Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token log-loss and σ(Z) from one exp: the Newton loop's elementwise work."""
+    e = np.exp(-np.abs(Z))
+    loss = np.maximum(Z, 0.0) + np.log1p(e) - y[:, None] * Z
+    inv = 1.0 / (1.0 + e)
+    return loss, np.where(Z >= 0, inv, e * inv)
+
+
 def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
     """Newton at one α for all models at once, halving a model's step while its objective
     rises; the Hessian is refreshed only when a model converges slower than 4x per step."""
-    def objective(Z, W):   # penalised log-loss of each model on its own training tokens
-        return ((np.logaddexp(0.0, Z) - y[:, None] * Z) * train).sum(0) + alpha / 2 * (W * W).sum(1)
-    loss = objective(Z, W)
-    active, prev = np.ones(len(W), bool), np.full(len(W), np.inf)
+    def objective(Z, W):   # penalised log-loss of each model on its own training tokens, σ(Z)
+        ll, p = _loss_and_prob(Z, y)
+        return (ll * train).sum(0) + alpha / 2 * (W * W).sum(1), p
+    loss, p = objective(Z, W)
+    active, prev, inv = np.ones(len(W), bool), np.full(len(W), np.inf), H.inverse(alpha)
     for _ in range(max_iter):
-        R = (0.5 + 0.5 * np.tanh(0.5 * Z) - y[:, None]) * train
-        dw, db = H.solve(alpha, _backward(X, R) + alpha[:, None] * W, R.sum(0))
+        R = (p - y[:, None]) * train
+        dw, db = H.solve(inv, _backward(X, R) + alpha[:, None] * W, R.sum(0))
         dw[~active], db[~active] = 0.0, 0.0
         size = np.maximum(np.abs(dw).max(1), np.abs(db)) / np.maximum(1.0, np.abs(W).max(1))
         Zd, t = _forward(X, dw, db), np.ones(len(W))
         for _ in range(40):
-            new = objective(Z - t * Zd, W - t[:, None] * dw)
+            new, p_new = objective(Z - t * Zd, W - t[:, None] * dw)
             bad = active & (new > loss + 1e-13 * np.abs(loss))
             if not bad.any():
                 break
             t[bad] *= 0.5
         t[bad] = 0.0          # no decrease at any step size: at the precision limit
         W, B, Z, loss = W - t[:, None] * dw, B - t * db, Z - t * Zd, np.where(bad, loss, new)
+        p = np.where(bad, p, p_new) if bad.any() else p_new
         active &= (size > tol) & ~bad
         if not active.any():
             break
         slow, prev = (size > 0.25 * prev) | (t < 1), size
         if (slow & active).any() and t[-1] * size[-1] > 0:
             H = refresh(Z[:, -1])
+            inv = H.inverse(alpha)
     return W, B, Z, H, not active.any()
 
 
@@ -126,7 +143,8 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
     H = _Hess.of(T, ybar * (1 - ybar))   # the exact Hessian at the intercept-only model
     # Warm start = first Newton step from the intercept-only model = the ridge solution at
     # α/(p̄(1-p̄)), divided by p̄(1-p̄): the linear-probability model mapped to logits.
-    W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]), np.zeros(len(T)))[0]
+    W = -H.solve(H.inverse(lambdas.max() * scale), -np.stack([t.sxy[:, 0] for t in T]),
+                 np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - (H.mu * W).sum(1)
     X64 = _up(X, np.float64) if X.size * 8 <= RESIDENT_BYTES else X
     Z = _forward(X64, W, B)
@@ -149,7 +167,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
                     bool(converged and ok))
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = 1e-6,
+def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = TOL,
                  max_iter: int = 100, stats: RidgeStats | None = None,
                  weight: np.ndarray | None = None) -> ProbeFit:
     """L2 logistic probe at one λ on one cell's tokens held in memory (read from the store
@@ -162,7 +180,7 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = 1e-6,
 
 def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
                     lambdas: Sequence[float] | np.ndarray = LOGISTIC_LAMBDAS, n_folds: int = 5,
-                    tol: float = 1e-6, max_iter: int = 100,
+                    tol: float = TOL, max_iter: int = 100,
                     fold_stats: FoldStats | None = None,
                     weight: np.ndarray | None = None) -> ProbeFit:
     """L2 logistic probe with λ chosen by image-level K-fold CV (validation log-loss).
@@ -174,3 +192,20 @@ def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
     if np.shape(fold) != (len(X),):
         raise ActstoreError(f"image_index needs one entry per token, got {np.shape(fold)}")
     return _logistic(X, y, fold, n_folds, True, lambdas, tol, max_iter, fold_stats, weight)
+
+
+def lambda_window(ridge_lam: float, positive: float,
+                  lambdas: np.ndarray = LOGISTIC_LAMBDAS) -> np.ndarray:
+    """Which ``lambdas`` a logistic CV needs to try, given the λ that ridge CV chose on the
+    same cell's 0/1 labels (exact, from all tokens' statistics) and the share of positive
+    tokens p̄. Near the constant model the logistic Hessian is p̄(1-p̄)·S, so ridge's
+    penalty corresponds to λ·p̄(1-p̄) for the logistic probe; the window [1/30, 300] times
+    that held the full grid's CV choice on every real cell tried (benchmarks/README.md),
+    and trying 3-4 λ instead of 7 halves the Newton passes. Never empty: the nearest
+    grid point if none falls inside."""
+    lambdas = np.asarray(lambdas, np.float64)
+    centre = ridge_lam * positive * (1 - positive)
+    keep = (lambdas >= WINDOW[0] * centre) & (lambdas <= WINDOW[1] * centre)
+    if not keep.any():
+        keep[np.argmin(np.abs(np.log(lambdas / max(centre, 1e-300))))] = True
+    return keep
