@@ -15,7 +15,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from actstore.errors import ActstoreError
-from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _scale,
+from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _eigh, _scale,
                                     _stats_by_fold, _up, fold_of)
 
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
@@ -28,27 +28,28 @@ WINDOW = (1 / 30, 300)      # λ searched around the ridge's, see :func:`lambda_
 
 
 class _Hess(NamedTuple):
-    """Per-model Hessian h·S, the bias eliminated by its Schur complement; h turns
-    unweighted stats into the Hessian at the constant model (h = p̄(1-p̄)), else 1."""
-    A: np.ndarray    # (M, C, C) h·S
-    mu: np.ndarray   # (M, C) (weighted) mean of X: the bias coupling
-    n: np.ndarray    # (M,) h·(weighted) count
+    """The full model's Hessian h·S as its eigendecomposition, the bias eliminated by its
+    Schur complement; h turns unweighted stats into the Hessian at the constant model
+    (h = p̄(1-p̄)), else 1. Fold model m uses c_m times it, c_m its share of the training
+    tokens: one C³ decomposition per refresh then serves every model and every α (C = 1280
+    at SD's widest layers), and the fold models, whose Hessians differ from it by their
+    fold's share, converge linearly, not quadratically: the exact gradient decides."""
+    d: np.ndarray    # (C,) eigenvalues of the full model's h·S
+    V: np.ndarray    # (C, C) its eigenvectors
+    c: np.ndarray    # (M,) each model's share of it
+    mu: np.ndarray   # (C,) (weighted) mean of X: the bias coupling
+    n: np.ndarray    # (M,) h·(weighted) count of each model's tokens
 
     @classmethod
-    def of(cls, stats: list[RidgeStats], h: np.ndarray | float = 1.0) -> "_Hess":
-        h = np.broadcast_to(h, (len(stats),))
-        return cls(h[:, None, None] * np.stack([s.sxx for s in stats]),
-                   np.stack([s.mean_x for s in stats]), h * np.array([s.n for s in stats]))
+    def of(cls, full: RidgeStats, c: np.ndarray, h: float = 1.0) -> "_Hess":
+        d, V = _eigh(h * full.sxx)
+        return cls(d, V, c, full.mean_x, c * h * full.n)
 
-    def inverse(self, alpha: np.ndarray) -> np.ndarray:
-        """(A + αI)⁻¹ per model, made once per α and Hessian: each Newton direction is then
-        a matrix-vector product, not a C³ solve (C = 1280 at SD's widest layers)."""
-        return np.linalg.inv(self.A + alpha[:, None, None] * np.eye(self.A.shape[-1]))
-
-    def solve(self, inv: np.ndarray, gw: np.ndarray, gb: np.ndarray):
-        """Newton direction for (w, b) given gradients, penalty α (in ``inv``) on w only."""
-        dw = (inv @ (gw - self.mu * gb[:, None])[..., None])[..., 0]
-        return dw, gb / self.n - (self.mu * dw).sum(1)
+    def solve(self, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
+        """Newton direction for (w, b) of each model given gradients, penalty α on w only."""
+        g = (gw - self.mu * gb[:, None]) @ self.V
+        dw = (g / (self.c[:, None] * self.d + alpha[:, None])) @ self.V.T
+        return dw, gb / self.n - dw @ self.mu
 
 
 # Gradient passes are O(nC) and memory-bound, so float64 costs little; float32 rounding
@@ -72,15 +73,16 @@ def _loss_and_prob(Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray
 
 def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
     """Newton at one α for all models at once, halving a model's step while its objective
-    rises; the Hessian is refreshed only when a model converges slower than 4x per step."""
+    rises; the Hessian is refreshed only when the full model converges slower than 4x per
+    step (the fold models' Hessians are approximate whatever is done)."""
     def objective(Z, W):   # penalised log-loss of each model on its own training tokens, σ(Z)
         ll, p = _loss_and_prob(Z, y)
         return (ll * train).sum(0) + alpha / 2 * (W * W).sum(1), p
     loss, p = objective(Z, W)
-    active, prev, inv = np.ones(len(W), bool), np.full(len(W), np.inf), H.inverse(alpha)
+    active, prev = np.ones(len(W), bool), np.full(len(W), np.inf)
     for _ in range(max_iter):
         R = (p - y[:, None]) * train
-        dw, db = H.solve(inv, _backward(X, R) + alpha[:, None] * W, R.sum(0))
+        dw, db = H.solve(alpha, _backward(X, R) + alpha[:, None] * W, R.sum(0))
         dw[~active], db[~active] = 0.0, 0.0
         size = np.maximum(np.abs(dw).max(1), np.abs(db)) / np.maximum(1.0, np.abs(W).max(1))
         Zd, t = _forward(X, dw, db), np.ones(len(W))
@@ -97,9 +99,8 @@ def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
         if not active.any():
             break
         slow, prev = (size > 0.25 * prev) | (t < 1), size
-        if (slow & active).any() and t[-1] * size[-1] > 0:
+        if slow[-1] and active[-1] and t[-1] * size[-1] > 0:
             H = refresh(Z[:, -1])
-            inv = H.inverse(alpha)
     return W, B, Z, H, not active.any()
 
 
@@ -127,25 +128,28 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
     def per_model(S):     # training-set statistics of each model: all folds but its own
         return [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
 
-    # Hessian refreshes: per-fold XᵀWX at the full model's weights, on a strided subsample
-    # of ≤ ~256·C tokens (it only preconditions; the exact gradient decides), upcast once.
+    T = per_model(F)
+    scale = np.array([_scale(t) for t in T])   # each model's α = λ·scale, its own training set
+    share = np.array([float(t.n) for t in T]) / float(T[-1].n)
+    ybar = np.clip([float(t.mean_y[0]) for t in T], 1e-6, 1 - 1e-6)
+    # the full model's exact Hessian at the intercept-only model
+    H = _Hess.of(T[-1], share, ybar[-1] * (1 - ybar[-1]))
+
+    # Hessian refreshes: XᵀWX at the full model's weights, on a strided subsample of
+    # ≤ ~256·C tokens (it only preconditions; the exact gradient decides), upcast once.
     k = max(1, len(y) // (HESSIAN_TOKENS * X.shape[1]))
-    X_sub, fold_sub, wt_sub = _up(X[::k]), fold[::k], k * wt[::k]
+    X_sub, wt_sub = _up(X[::k]), k * wt[::k]
 
     def refresh(z):
         p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])
-        return _Hess.of(per_model(_stats_by_fold(X_sub, None, fold_sub, n_groups,
-                                                 wt_sub * p * (1 - p))))
+        return _Hess.of(_stats_by_fold(X_sub, None, np.zeros(len(X_sub), np.int64), 1,
+                                       wt_sub * p * (1 - p))[0], share)
 
-    T = per_model(F)
-    scale = np.array([_scale(t) for t in T])   # each model's α = λ·scale, its own training set
-    ybar = np.clip([float(t.mean_y[0]) for t in T], 1e-6, 1 - 1e-6)
-    H = _Hess.of(T, ybar * (1 - ybar))   # the exact Hessian at the intercept-only model
     # Warm start = first Newton step from the intercept-only model = the ridge solution at
     # α/(p̄(1-p̄)), divided by p̄(1-p̄): the linear-probability model mapped to logits.
-    W = -H.solve(H.inverse(lambdas.max() * scale), -np.stack([t.sxy[:, 0] for t in T]),
+    W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]),
                  np.zeros(len(T)))[0]
-    B = np.log(ybar / (1 - ybar)) - (H.mu * W).sum(1)
+    B = np.log(ybar / (1 - ybar)) - W @ H.mu
     X64 = _up(X, np.float64) if X.size * 8 <= RESIDENT_BYTES else X
     Z = _forward(X64, W, B)
     path_w, path_b = np.zeros((len(lambdas),) + W.shape), np.zeros((len(lambdas), len(B)))
