@@ -22,7 +22,7 @@ import numpy as np
 
 from actstore.probe.solvers import splitmix64
 
-SAMPLE_MIN_TOKENS = 10_000      # weighted 10k-token fits matched all-token fits (benchmarks/README.md)
+SAMPLE_MIN_TOKENS = 10_000      # 10k-token fits matched all-token fits: benchmarks/README.md
 SAMPLE_TOKENS_PER_CHANNEL = 20  # wider layers need more tokens per cell
 _SALT = np.uint64(0x5DEECE66D)  # another stream than the fold hash's
 
