@@ -278,8 +278,8 @@ def _label(args, catalog) -> dict:
     from flows.label import label_flow
 
     with flow_mode(args):
-        return label_flow(store, args.provider, target, args.overwrite, not args.no_x0,
-                          args.device)
+        return label_flow(store, args.provider, target, overwrite=args.overwrite,
+                          on_x0=not args.no_x0, device=args.device)
 
 
 def _probe(args, catalog) -> dict:
@@ -301,8 +301,9 @@ def _probe(args, catalog) -> dict:
         from flows.probe import probe_flow
 
         with flow_mode(args):
-            out = probe_flow(store, args.target, args.models, args.layers, args.steps,
-                             args.scheduler, args.figures, args.label_spearman)
+            out = probe_flow(store, args.target, models=args.models, layers=args.layers,
+                             steps=args.steps, scheduler=args.scheduler, figures=args.figures,
+                             label_spearman=args.label_spearman)
     from actstore.probe.emergence import format_table, summary_table
     from actstore.probe.runs import open_emergence
 

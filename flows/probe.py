@@ -12,7 +12,7 @@ from actstore.probe.runs import run_probes
 
 
 @task(name="probe-grid")
-def probe_task(store: str, target: str, models: list[str] | None = None,
+def probe_task(store: str, target: str, *, models: list[str] | None = None,
                layers: list[str] | None = None, steps: list[int] | None = None,
                scheduler: str | None = None, label_spearman: bool = False) -> str:
     from actstore.cluster import dask_scheduler
@@ -28,12 +28,13 @@ def figures_task(store: str, target: str, out_dir: str) -> list[str]:
 
 
 @flow(name="probe")
-def probe_flow(store: str, target: str, models: list[str] | None = None,
+def probe_flow(store: str, target: str, *, models: list[str] | None = None,
                layers: list[str] | None = None, steps: list[int] | None = None,
                scheduler: str | None = None, figures: str | None = None,
                label_spearman: bool = False) -> dict:
     """Fit the grid for ``target`` (labels must exist) and optionally draw its figures."""
-    run_id = probe_task(store, target, models, layers, steps, scheduler, label_spearman)
+    run_id = probe_task(store, target, models=models, layers=layers, steps=steps,
+                        scheduler=scheduler, label_spearman=label_spearman)
     out = {"store": store, "target": target, "run_id": run_id}
     if figures:
         out["figures"] = figures_task(store, target, figures)
