@@ -73,11 +73,17 @@ def writer_info(token: str) -> dict:
             "started": time.time()}
 
 
+def begin_token() -> str:
+    """A token for a write this process is doing now (until :func:`release`)."""
+    token = uuid.uuid4().hex
+    _ACTIVE.add(token)
+    return token
+
+
 def begin(uri: str, path: str) -> str:
     """Say who writes under ``path`` until its marker exists (for later clean-up);
     returns the token to :func:`release` when this process stops writing there."""
-    token = uuid.uuid4().hex
-    _ACTIVE.add(token)
+    token = begin_token()
     io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: writer_info(token)})
     return token
 

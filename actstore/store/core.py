@@ -11,7 +11,6 @@ a variant only once their marker attribute exists (written last, one PUT each).
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,8 +21,9 @@ from zarr.core.sync import sync
 
 import actstore
 from actstore.errors import ActstoreError
-from actstore.store import commit, io
+from actstore.store import claims, commit, io
 from actstore.store import layout as lay
+from actstore.store.claims import diff  # noqa: F401  (settings differences, st.diff)
 from actstore.store.codecs import codec_chain
 from actstore.store.layout import (ACTIVATION, MODEL_KEY, ROOT_KEY, layer_path,  # noqa: F401
                                    model_path)
@@ -40,7 +40,7 @@ TARGET_CHUNK_BYTES = 4 << 20
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 # Top-level names a store of ours may hold while its root marker is not yet written.
 OWN_NAMES = {lay.IMAGES, lay.MODELS, lay.LABELS, lay.PROBES, lay.INTERVENTIONS,
-             lay.EMERGENCE, io.META}
+             lay.EMERGENCE, claims.CLAIMS, io.META}
 READABLE_SCHEMAS = (1, 2)
 
 
@@ -90,18 +90,36 @@ def create_or_check_root(uri: str, prompts: pd.DataFrame, prompts_sha256: str,
     after a kill, or several workers starting at once, simply write the same bytes again.
     """
     attrs = existing_root(uri)
-    if attrs is not None:
-        if attrs["prompts_sha256"] != prompts_sha256:
-            raise ActstoreError(
-                f"store {uri}: was created from a different prompt table ({attrs['n_images']} "
-                "images, other ids/prompts/seeds/splits); use the same table or a new --store")
-        if block_size is not None and block_size != attrs["block_size"]:
-            raise ActstoreError(f"store {uri}: has block size {attrs['block_size']}, not "
-                                f"{block_size}; drop --block-size or use a new --store")
-        return attrs
+    if attrs is None:
+        identity = {"prompts_sha256": prompts_sha256,
+                    "block_size": block_size or DEFAULT_BLOCK_SIZE}
+        with claims.creating(uri, "", identity, lambda: _root_identity(uri), what="this store",
+                             fix="the same prompt table and --block-size, or a new --store"
+                             ) as existing:
+            if existing is None:
+                _create_root(uri, prompts, identity)
+        attrs = read_root_attrs(uri)   # ours, or a creator's that beat us
+    else:
+        claims.sweep(uri, "")
+    if attrs["prompts_sha256"] != prompts_sha256:
+        raise ActstoreError(
+            f"store {uri}: was created from a different prompt table ({attrs['n_images']} "
+            "images, other ids/prompts/seeds/splits); use the same table or a new --store")
+    if block_size is not None and block_size != attrs["block_size"]:
+        raise ActstoreError(f"store {uri}: has block size {attrs['block_size']}, not "
+                            f"{block_size}; drop --block-size or use a new --store")
+    return attrs
+
+
+def _root_identity(uri: str) -> dict | None:
+    attrs = (io.node_attrs(uri, "") or {}).get(ROOT_KEY)
+    return None if attrs is None else {k: attrs[k] for k in ("prompts_sha256", "block_size")}
+
+
+def _create_root(uri: str, prompts: pd.DataFrame, identity: dict) -> None:
     attrs = {"schema_version": actstore.SCHEMA_VERSION, "n_images": len(prompts),
-             "block_size": block_size or DEFAULT_BLOCK_SIZE, "prompts_sha256": prompts_sha256,
-             "created": commit.utc_now()}
+             "block_size": identity["block_size"],
+             "prompts_sha256": identity["prompts_sha256"], "created": commit.utc_now()}
     n = len(prompts)
     split = prompts["split"] if "split" in prompts else pd.Series(["train"] * n)
     columns = {"image_id": (prompts["image_id"].astype(str).to_numpy(), str),
@@ -114,7 +132,6 @@ def create_or_check_root(uri: str, prompts: pd.DataFrame, prompts_sha256: str,
         arr[:] = values
     io.put_group(uri, lay.IMAGES)
     io.put_group(uri, "", {ROOT_KEY: attrs})   # the marker, last
-    return attrs
 
 
 def block_layout(shape: tuple[int, ...], block: int, itemsize: int, lead: int,
@@ -161,15 +178,32 @@ def check_or_create_model(uri: str, variant: str, fingerprint: dict, provenance:
     Contents first (step coordinates with their values, array and group metadata), the
     variant's marker attribute last; a variant without it is redone whole by the next run.
     """
-    root = read_root_attrs(uri)
-    n, block = root["n_images"], root["block_size"]
-    existing = (io.node_attrs(uri, model_path(variant)) or {}).get(MODEL_KEY)
-    if existing is not None:
-        diffs = diff(existing["fingerprint"], fingerprint)
-        if diffs:
-            raise ActstoreError(f"store {uri}: model '{variant}' was made with another model or "
-                                f"config ({'; '.join(diffs[:3])}); use a new --store")
-        return
+    read_root_attrs(uri)
+    existing = _model_fingerprint(uri, variant)
+    if existing is None:
+        with claims.creating(uri, model_path(variant), fingerprint,
+                             lambda: _model_fingerprint(uri, variant), what=f"model '{variant}'",
+                             fix="the same model and settings, or a new --store") as existing:
+            if existing is None:
+                _create_model(uri, variant, fingerprint, provenance, layers, n_steps,
+                              image_hw, step_coords, codec, store_dtype, keep_uncond)
+        existing = _model_fingerprint(uri, variant)   # ours, or a creator's that beat us
+    else:
+        claims.sweep(uri, model_path(variant))
+    diffs = diff(existing, fingerprint)
+    if diffs:
+        raise ActstoreError(f"store {uri}: model '{variant}' was made with another model or "
+                            f"config ({'; '.join(diffs[:3])}); use a new --store")
+
+
+def _model_fingerprint(uri: str, variant: str) -> dict | None:
+    marker = (io.node_attrs(uri, model_path(variant)) or {}).get(MODEL_KEY)
+    return None if marker is None else marker["fingerprint"]
+
+
+def _create_model(uri, variant, fingerprint, provenance, layers, n_steps, image_hw,
+                  step_coords, codec, store_dtype, keep_uncond) -> None:
+    n, block = _root_shape(uri)
     base = model_path(variant)
     h, w = image_hw
     for name, values in step_coords.items():
@@ -216,21 +250,9 @@ def create_layer_arrays(uri: str, variant: str, points: list, n: int, n_steps: i
         io.put_group(uri, path)
 
 
-def diff(stored: dict, wanted: dict, prefix: str = "") -> list[str]:
-    """Readable differences of two nested settings dicts ("key: store has A, this run has B")."""
-    out = []
-    for key in sorted(set(stored) | set(wanted)):
-        a, b = stored.get(key), wanted.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: store has {_short(a)}, this run has {_short(b)}")
-    return out
-
-
-def _short(value) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 24 else text[:21] + "..."
+def _root_shape(uri: str) -> tuple[int, int]:
+    root = read_root_attrs(uri)
+    return root["n_images"], root["block_size"]
 
 
 def blocks_of(n_images: int, block_size: int, start: int = 0, stop: int | None = None):

@@ -1,0 +1,99 @@
+"""Rival creators: writers with different settings starting on one new store or model
+variant at the same instant (real processes, local disk and S3). Exactly one settings
+wins, every other writer fails with one line naming the difference before writing a
+block, and the store is exactly what the winner alone would have made."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import rivals
+from actstore.errors import ActstoreError
+from actstore.store import claims, commit, io
+from conftest import REPO, tree_digest
+from storecheck import snapshot
+
+ROLES = ["a", "b", "a"]   # two with the same settings: they must be able to share
+
+
+def _solo(tmp_path, role: str, what: str) -> dict:
+    uri = str(tmp_path / f"solo-{role}.zarr")
+    rivals.create(uri, role, what)
+    return snapshot(uri)
+
+
+def _race(base: str, what: str, rounds: int, tmp_path) -> list[list[dict]]:
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
+    t0 = time.time() + 6   # after every process has imported what it needs
+    outs = [str(tmp_path / f"out{k}.jsonl") for k in range(len(ROLES))]
+    procs = [subprocess.Popen([sys.executable, "-m", "rivals", role, base, str(t0),
+                               str(rounds), out, what], cwd=REPO, env=env,
+                              stderr=subprocess.PIPE, text=True)
+             for role, out in zip(ROLES, outs)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    results = [[json.loads(line) for line in open(out)] for out in outs]
+    return [[r[i] for r in results] for i in range(rounds)]
+
+
+@pytest.mark.parametrize("where,what,rounds", [("local", "model", 3), ("local", "root", 2),
+                                                ("s3", "model", 2)])
+def test_rival_creators_never_mix(where, what, rounds, tmp_path, request):
+    if where == "s3":
+        bucket = request.getfixturevalue("bucket")
+        base = f"s3://{bucket}/race"
+    else:
+        base = str(tmp_path / "race")
+    solo = {role: _solo(tmp_path, role, what) for role in ("a", "b")}
+    # Named by the claim of a rival at work, or by the marker of one that finished first.
+    named = ("generation.steps",) if what == "model" else ("prompts_sha256", "prompt table")
+    for i, results in enumerate(_race(base, what, rounds, tmp_path)):
+        winners = {role for role, r in zip(ROLES, results) if r["ok"]}
+        assert len(winners) == 1, (i, results)
+        for role, r in zip(ROLES, results):
+            if not r["ok"]:
+                assert role not in winners, (i, results)   # same settings never lose
+                assert "\n" not in r["error"] and any(n in r["error"] for n in named), r
+                print(i, r["error"][r["error"].index(": ") + 2:][:60])
+        assert snapshot(f"{base}/r{i}.zarr") == solo[winners.pop()], i   # no claim left
+
+
+def _claim(uri: str, path: str, identity: dict, **writer) -> None:
+    cid = commit.new_id("claim")
+    info = {**commit.writer_info("x"), **writer}
+    io.put_group(uri, f"{claims.claims_path(path)}/{cid}",
+                 {claims.CLAIM_KEY: {"sha256": claims.identity_hash(identity),
+                                     "identity": identity, **info}})
+
+
+def test_a_dead_rivals_claim_does_not_block(tmp_path):
+    """A creator killed after its claim (a pid that no longer exists): the next creator
+    removes the claim and creates the store as if alone."""
+    uri = str(tmp_path / "s.zarr")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    _claim(uri, "", {"prompts_sha256": "sha-a dog 0", "block_size": 4}, pid=dead.pid)
+    rivals.create(uri, "a", "model")
+    assert snapshot(uri) == _solo(tmp_path, "a", "model")
+
+
+def test_a_live_rival_elsewhere_refuses_in_one_line_and_writes_nothing(tmp_path):
+    """A creator on another host claimed the variant first with other settings: this one
+    fails at once, naming host and difference, and the store is byte-identical."""
+    uri = str(tmp_path / "s.zarr")
+    rivals.create(uri, "a", "root")
+    _claim(uri, "models/trained", {"generation": {"steps": 5}}, host="gpu-7", pid=4242)
+    before = tree_digest(tmp_path / "s.zarr")
+    with pytest.raises(ActstoreError) as info:
+        rivals.create(uri, "a", "model")
+    msg = str(info.value)
+    assert "\n" not in msg and "host gpu-7, pid 4242" in msg and "started first" in msg
+    assert "generation.steps: it has 5, this run has 2" in msg
+    assert tree_digest(tmp_path / "s.zarr") == before
