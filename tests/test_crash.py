@@ -235,3 +235,24 @@ def test_experiment_crash_at_write_then_rerun_is_identical(point, tmp_path, ivst
     assert exp not in list_interventions(str(path))
     run_interventions(faults.url(path), ivstore["runs"]["salient"], "salient", **kw)
     assert_same_store(str(path), ref)
+
+
+def test_late_creation_by_a_second_run_keeps_the_summary(tmp_path, experiment_ref):
+    """Two runs of one experiment: the second found it missing, and redoes the creation
+    (its settings marker included) after the first run has finished and summarized. The
+    summary survives and the store equals the uninterrupted run."""
+    import shutil
+
+    from actstore.intervene.results import (existing_settings, list_interventions,
+                                            open_intervention, write_experiment)
+
+    ref, exp, _, _ = experiment_ref
+    path = tmp_path / "s.zarr"
+    shutil.copytree(ref, path)
+    before = list_interventions(str(path))[exp]
+    ds = open_intervention(str(path), exp)
+    write_experiment(str(path), exp, existing_settings(str(path), exp),
+                     [str(i) for i in ds["image"].values], ds["position"].values,
+                     ds.sizes["k"], (ds.sizes["y"], ds.sizes["x"]))
+    assert list_interventions(str(path))[exp] == before
+    assert_same_store(str(path), ref)

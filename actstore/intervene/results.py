@@ -3,7 +3,6 @@
 One group per experiment::
 
     interventions/<experiment_id>/     attrs.settings (at creation: what a rerun must match)
-                                       attrs.actstore_intervention (last: summary, probe run)
       image_id, position   (image,)                the experiment's images, store order
       offset               (image, k, 2) int32     target shift (dy, dx) px; 0 for user targets
       target               (image, k, H, W) f32    label-resolution target, normalized units
@@ -14,11 +13,14 @@ One group per experiment::
       score_other          (image, k) f32          new label vs the image's *other* targets
       edit_stats           (image, k, stat) f32    probe RMS error before/after edit, ‖Δa‖/‖a‖
       _blocks/<a>-<b>/                             completion records per store image block
+      _summary/                                    attrs.actstore_intervention: the summary
 
 Every array is chunked one image per chunk, so a block's writes never share a chunk with
 another block's, and a block becomes visible only once its record exists (written last,
-atomically, like materialize's). An experiment whose summary attribute is missing is
-incomplete: rerunning the same command fills the missing blocks.
+atomically, like materialize's). An experiment without its summary record is incomplete:
+rerunning the same command fills the missing blocks. The summary is a record of its own,
+not an attribute of the group, so a concurrent run of the same experiment that (re)writes
+the group's creation marker can never drop it.
 """
 
 from __future__ import annotations
@@ -54,33 +56,41 @@ def create_experiment(store: str, experiment_id: str, settings: dict, image_ids:
     Contents first (array metadata, the image ids and positions, the block records'
     group), the settings attribute last: an experiment without it is invisible and is
     created again, whole, by the next run."""
-    path = group_path(experiment_id)
     if existing_settings(store, experiment_id) is None:
-        n, k, (h, w) = len(image_ids), n_targets, hw
-        specs = {
-            "image_id": ((n,), str, ["image"]),
-            "position": ((n,), "int64", ["image"]),
-            "offset": ((n, k, 2), "int32", ["image", "k", "axis"]),
-            "target": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
-            "output": ((n, k, h, w, 3), "uint8", ["image", "k", "y", "x", "rgb"]),
-            "new_label": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
-            "original_label": ((n, h, w), "float32", ["image", "y", "x"]),
-            "score_pre": ((n, k), "float32", ["image", "k"]),
-            "score_post": ((n, k), "float32", ["image", "k"]),
-            "score_other": ((n, k), "float32", ["image", "k"]),
-            "edit_stats": ((n, k, len(STAT_NAMES)), "float32", ["image", "k", "stat"]),
-        }
-        values = {"image_id": np.asarray(image_ids, dtype=str), "position": positions}
-        for name, (shape, dtype, dims) in specs.items():
-            chunks = (max(n, 1),) if len(shape) == 1 else (1,) + shape[1:]
-            arr = st.create_array(store, f"{path}/{name}", shape=shape, chunks=chunks,
-                                  dtype=dtype, dims=dims, codec="zstd" if len(shape) > 2 else None)
-            if name in values:
-                arr[:] = values[name]
-        io.put_group(store, lay.blocks_path(path))
-        io.put_group(store, lay.INTERVENTIONS)
-        io.put_group(store, path, {lay.SETTINGS_KEY: settings})   # the creation marker, last
-    return io.open_group(store, path)
+        write_experiment(store, experiment_id, settings, image_ids, positions, n_targets, hw)
+    return io.open_group(store, group_path(experiment_id))
+
+
+def write_experiment(store: str, experiment_id: str, settings: dict, image_ids: list[str],
+                     positions: np.ndarray, n_targets: int, hw: tuple[int, int]) -> None:
+    """The creation itself: deterministic, so a second run of the same experiment that
+    found it missing may redo it at any moment, even after the first run finished."""
+    path = group_path(experiment_id)
+    n, k, (h, w) = len(image_ids), n_targets, hw
+    specs = {
+        "image_id": ((n,), str, ["image"]),
+        "position": ((n,), "int64", ["image"]),
+        "offset": ((n, k, 2), "int32", ["image", "k", "axis"]),
+        "target": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
+        "output": ((n, k, h, w, 3), "uint8", ["image", "k", "y", "x", "rgb"]),
+        "new_label": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
+        "original_label": ((n, h, w), "float32", ["image", "y", "x"]),
+        "score_pre": ((n, k), "float32", ["image", "k"]),
+        "score_post": ((n, k), "float32", ["image", "k"]),
+        "score_other": ((n, k), "float32", ["image", "k"]),
+        "edit_stats": ((n, k, len(STAT_NAMES)), "float32", ["image", "k", "stat"]),
+    }
+    values = {"image_id": np.asarray(image_ids, dtype=str), "position": positions}
+    for name, (shape, dtype, dims) in specs.items():
+        chunks = (max(n, 1),) if len(shape) == 1 else (1,) + shape[1:]
+        arr = st.create_array(store, f"{path}/{name}", shape=shape, chunks=chunks,
+                              dtype=dtype, dims=dims,
+                              codec="zstd" if len(shape) > 2 else None)
+        if name in values:
+            arr[:] = values[name]
+    io.put_group(store, lay.blocks_path(path))
+    io.put_group(store, lay.INTERVENTIONS)
+    io.put_group(store, path, {lay.SETTINGS_KEY: settings})   # the creation marker, last
 
 
 def completed_blocks(store: str, experiment_id: str) -> set[tuple[int, int]]:
@@ -88,20 +98,22 @@ def completed_blocks(store: str, experiment_id: str) -> set[tuple[int, int]]:
 
 
 def write_summary(store: str, experiment_id: str, summary: dict) -> None:
-    """Written last: its presence is what makes an experiment complete (one PUT of the
-    group's metadata, settings kept)."""
-    path = group_path(experiment_id)
-    attrs = io.node_attrs(store, path) or {}
-    io.put_group(store, path, {**attrs, lay.SUMMARY_KEY: summary})
+    """Written last: its presence is what makes an experiment complete (one PUT of a
+    record of its own, which no other write of the experiment ever touches)."""
+    io.put_group(store, lay.experiment_summary_path(experiment_id),
+                 {lay.SUMMARY_KEY: summary})
 
 
 def list_interventions(store: str) -> dict[str, dict]:
-    """Complete experiments' summaries by experiment id."""
+    """Complete experiments' summaries by experiment id (stores before version 0.2 kept
+    the summary in the group's attributes)."""
     out = {}
     for name in io.list_dir(store, INTERVENTIONS):
-        attrs = io.node_attrs(store, group_path(name)) or {}
-        if SUMMARY_KEY in attrs:
-            out[name] = attrs[SUMMARY_KEY]
+        for path in (lay.experiment_summary_path(name), group_path(name)):
+            attrs = io.node_attrs(store, path) or {}
+            if SUMMARY_KEY in attrs:
+                out[name] = attrs[SUMMARY_KEY]
+                break
     return out
 
 

@@ -16,7 +16,7 @@ LABELS_COMMIT_KEY = "labels"            # labels/_commits/<id>: {target: its att
 LABEL_TARGET_KEY = "target"             # labels/<target> of stores written before commits
 RUN_KEY = "target"                      # probes/<run>: the run's attributes (last)
 SETTINGS_KEY = "settings"               # interventions/<id>: created (what a rerun must match)
-SUMMARY_KEY = "actstore_intervention"   # interventions/<id>: complete (summary)
+SUMMARY_KEY = "actstore_intervention"   # interventions/<id>/_summary: complete (summary)
 WRITER_KEY = "writer"                   # <...>/_pending: who is writing (host, pid, started)
 
 IMAGES = "images"
@@ -31,6 +31,7 @@ SCORES = "scores"
 EMERGENCE = "emergence"                 # written by stores of schema 1 before version 0.2
 INTERVENTIONS = "interventions"
 PENDING = "_pending"
+SUMMARY = "_summary"
 ACTIVATION = "activation"
 ACTIVATION_UNCOND = "activation_uncond"
 IMAGE_COLUMNS = ("image_id", "prompt", "seed", "split")
@@ -99,6 +100,10 @@ def run_scores_path(run_id: str) -> str:
 
 def experiment_path(experiment_id: str) -> str:
     return f"{INTERVENTIONS}/{experiment_id}"
+
+
+def experiment_summary_path(experiment_id: str) -> str:
+    return f"{INTERVENTIONS}/{experiment_id}/{SUMMARY}"
 
 
 def pending_path(path: str) -> str:
