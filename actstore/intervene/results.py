@@ -56,6 +56,8 @@ def create_experiment(store: str, experiment_id: str, settings: dict, image_ids:
     Contents first (array metadata, the image ids and positions, the block records'
     group), the settings attribute last: an experiment without it is invisible and is
     created again, whole, by the next run."""
+    io.sweep_partials(store, INTERVENTIONS, recursive=False)
+    io.sweep_partials(store, group_path(experiment_id))
     if existing_settings(store, experiment_id) is None:
         write_experiment(store, experiment_id, settings, image_ids, positions, n_targets, hw)
     return io.open_group(store, group_path(experiment_id))

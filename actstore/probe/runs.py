@@ -133,6 +133,7 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
     steps = np.asarray(_select(steps, list(range(views[0].n_steps)), "step", store), int)
     commit.collect(store, PROBES, lambda name: lay.RUN_KEY in (
         io.node_attrs(store, lay.run_path(name)) or {}))   # runs killed earlier
+    io.sweep_partials(store, PROBES)
     run_id = commit.new_id(target)
     token = commit.begin(store, lay.run_path(run_id))
     try:

@@ -90,6 +90,8 @@ def create_or_check_root(uri: str, prompts: pd.DataFrame, prompts_sha256: str,
     after a kill, or several workers starting at once, simply write the same bytes again.
     """
     attrs = existing_root(uri)
+    io.sweep_partials(uri, "", recursive=False)
+    io.sweep_partials(uri, lay.IMAGES)
     if attrs is None:
         identity = {"prompts_sha256": prompts_sha256,
                     "block_size": block_size or DEFAULT_BLOCK_SIZE}
@@ -179,6 +181,8 @@ def check_or_create_model(uri: str, variant: str, fingerprint: dict, provenance:
     variant's marker attribute last; a variant without it is redone whole by the next run.
     """
     read_root_attrs(uri)
+    io.sweep_partials(uri, lay.MODELS, recursive=False)
+    io.sweep_partials(uri, model_path(variant))
     existing = _model_fingerprint(uri, variant)
     if existing is None:
         with claims.creating(uri, model_path(variant), fingerprint,

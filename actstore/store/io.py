@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import dataclass
 
 import fsspec
@@ -172,9 +173,11 @@ def exists(uri: str, k: str) -> bool:
 
 
 def list_dir(uri: str, path: str) -> list[str]:
-    """Names directly under ``path`` (objects and prefixes), fresh from the store."""
+    """Names directly under ``path`` (objects and prefixes), fresh from the store; the
+    temporary files of local writes in flight (or killed) are not part of a store."""
     async def names() -> list[str]:
-        return [n.rstrip("/") async for n in location(uri).reader.list_dir(path.strip("/"))]
+        return [n.rstrip("/") async for n in location(uri).reader.list_dir(path.strip("/"))
+                if not n.endswith(".partial")]
     try:
         return sorted(set(sync(names())))
     except FileNotFoundError:
@@ -196,6 +199,35 @@ def remove(uri: str, path: str) -> None:
                 os.rmdir(folder)
             except OSError:   # not empty (or gone): its ancestors are not empty either
                 break
+
+
+# A local write (zarr's LocalStore) goes to ``<key>.<uuid>.partial`` and is renamed over the
+# key; a kill in between leaves the temporary file. One object is written in seconds, so a
+# temporary file untouched for an hour belongs to a writer that is gone.
+PARTIAL_STALE_S = 3600.0
+
+
+def sweep_partials(uri: str, path: str = "", *, recursive: bool = True,
+                   older_than: float = PARTIAL_STALE_S) -> int:
+    """Remove the temporary files killed local writes left under ``path`` (in it alone
+    unless ``recursive``); returns how many. Called by the next writer of a node (object
+    stores have no such files)."""
+    loc = location(uri)
+    if loc.protocol != "file":
+        return 0
+    cutoff, removed = time.time() - older_than, 0
+    walk = os.walk(os.path.join(loc.root, path.strip("/")))
+    for folder, _, files in (walk if recursive else [next(walk, ("", [], []))]):
+        for name in files:
+            if name.endswith(".partial"):
+                full = os.path.join(folder, name)
+                try:
+                    if os.stat(full).st_mtime < cutoff:
+                        os.remove(full)
+                        removed += 1
+                except FileNotFoundError:   # its writer finished or another sweep won
+                    pass
+    return removed
 
 
 def store_nonempty(uri: str) -> bool:

@@ -50,6 +50,7 @@ def begin(store: str, targets: list[str]) -> dict[str, str]:
 
     Versions of these targets left by dead writers are removed first."""
     collect(store, targets)
+    io.sweep_partials(store, lay.LABELS)
     version = commit.new_id("v")
     paths = {t: lay.label_version_path(t, version) for t in targets}
     for path in paths.values():
