@@ -23,11 +23,13 @@ def _clean(value):
     return value
 
 
-def snapshot(uri: str, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
+def snapshot(uri: str, *, skip: tuple[str, ...] = (),
+             alias: dict[str, str] | None = None) -> dict[str, object]:
     """{key: parsed zarr.json without volatile stamps | sha256 of the object's bytes}.
 
     Fresh ids in keys and values are renamed ``<id0>``, ``<id1>``... in sorted key order,
-    so two runs that made the same things under different ids compare equal."""
+    so two runs that made the same things under different ids compare equal; ``alias``
+    renames ids derived from fresh ones (an experiment id hashes its probe run's)."""
     fs, root = fsspec.core.url_to_fs(uri)
     root = root.rstrip("/")
     keys = sorted(p[len(root) + 1:] for p in fs.find(root) if not p.endswith(".partial"))
@@ -36,6 +38,8 @@ def snapshot(uri: str, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
     def rename(text: str) -> str:
         def sub(m):
             return ids.setdefault(m.group(0), f"<id{len(ids)}>")
+        for old, new in (alias or {}).items():
+            text = text.replace(old, new)
         return FRESH_ID.sub(sub, text)
 
     out = {}
@@ -50,8 +54,10 @@ def snapshot(uri: str, *, skip: tuple[str, ...] = ()) -> dict[str, object]:
     return out
 
 
-def assert_same_store(got: str, want: str, **kwargs) -> None:
-    a, b = snapshot(got, **kwargs), snapshot(want, **kwargs)
+def assert_same_store(got: str, want: str, *, alias: dict[str, str] | None = None,
+                      **kwargs) -> None:
+    """``alias`` renames ids of ``got`` to those of ``want``."""
+    a, b = snapshot(got, alias=alias, **kwargs), snapshot(want, **kwargs)
     assert sorted(a) == sorted(b), (f"keys differ: only in got {sorted(set(a) - set(b))[:5]}, "
                                     f"only in want {sorted(set(b) - set(a))[:5]}")
     bad = [k for k in a if a[k] != b[k]]

@@ -27,6 +27,7 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 
 from actstore.errors import ActstoreError
+from actstore.runtime import configure_cpu_threads
 from actstore.kinds import BINARY, CONTINUOUS, KINDS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -65,8 +66,14 @@ class LabelProvider(Protocol):
 
 
 def get_provider(spec: str, device: str = "cpu") -> LabelProvider:
-    """Resolve a provider spec (see the module docstring) to a ready provider."""
+    """Resolve a provider spec (see the module docstring) to a ready provider.
+
+    A label model on the CPU runs with the thread policy generation uses: torch's conv
+    sums depend on the thread count, so labels written by the command line, the library
+    and cluster workers agree bit for bit only under one policy."""
     kind, _, arg = str(spec).partition(":")
+    if kind != "array" and str(device).startswith("cpu"):
+        configure_cpu_threads()
     if kind == "toyworld":
         return _toyworld(arg or str(REPO_ROOT / "models" / "toy-labeler"), spec, device)
     if kind in ("hf-depth", "hf-segmentation") and arg:

@@ -1,0 +1,115 @@
+"""The command line on s3:// (moto's S3 server on loopback), as a user runs it: two region
+workers filling one store at once, label, probe in Prefect's default mode, the same
+intervention experiment twice at once; the whole store then equal, object by object, to the
+same steps run serially through the library on local disk.
+Endpoint and credentials come from the environment only (the standard AWS variables, or
+fsspec's own ``FSSPEC_S3`` JSON for anything else) and never reach a store or an output."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import fsspec
+import numpy as np
+import pytest
+
+from actstore.intervene.results import list_interventions, open_intervention
+from actstore.intervene.run import run_interventions
+from actstore.label.labels import open_labels, write_labels
+from actstore.probe.runs import load_probe, run_probes
+from conftest import REPO, S3_KEY_ID, S3_SECRET, TINY
+from storecheck import assert_same_store
+
+pytestmark = pytest.mark.usefixtures("s3_server")
+LAYERS = ["up_blocks.3.attentions.0", "up_blocks.2.attentions.0"]
+MATERIALIZE = ["--model", "tiny-random", "--prompts", "demo", "--steps", str(TINY["steps"]),
+               "--batch-size", str(TINY["batch_size"]), "--block-size", str(TINY["block_size"])]
+PROBE = ["--target", "salient", "--layers", *LAYERS, "--steps", "0", "1"]
+IMAGES = ["demo-012", "demo-013"]
+INTERVENE = ["--layers", *LAYERS, "--steps", "0", "--images", *IMAGES, "--n-targets", "1"]
+
+
+def _fsspec_env(s3_env: dict) -> dict:
+    """No AWS variables at all: endpoint and credentials through fsspec's config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env["FSSPEC_S3"] = json.dumps({"key": s3_env["AWS_ACCESS_KEY_ID"],
+                                   "secret": s3_env["AWS_SECRET_ACCESS_KEY"],
+                                   "client_kwargs": {"endpoint_url": s3_env["AWS_ENDPOINT_URL"],
+                                                     "region_name": "us-east-1"}})
+    return env
+
+
+def _start(*args: str, prefect: bool = False, env: dict | None = None) -> subprocess.Popen:
+    mode = [] if prefect else ["--no-prefect"]
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *mode, "--quiet", *args],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**(env or os.environ), "PYTHONPATH": str(REPO)})
+
+
+def _done(proc: subprocess.Popen) -> dict:
+    """Wait, check success and that no credential was printed; the printed result."""
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-3000:]
+    for secret in (S3_SECRET, S3_KEY_ID):
+        assert secret not in out + err
+    return json.JSONDecoder().raw_decode(out[out.index("{"):])[0]
+
+
+@pytest.fixture(scope="module")
+def local_ref(tmp_path_factory, tiny_store):
+    """The same steps, serially, through the library on a local copy of the store."""
+    uri = str(tmp_path_factory.mktemp("s3cli") / "ref.zarr")
+    shutil.copytree(tiny_store, uri)
+    write_labels(uri, "toyworld", ["salient", "depth"], on_x0=False, progress=False)
+    run = run_probes(uri, "salient", layers=LAYERS, steps=[0, 1], scheduler="threads",
+                     progress=False)
+    exp = run_interventions(uri, run, "salient", layers=LAYERS, steps=[0], images=IMAGES,
+                            n_targets=1, progress=False)
+    return uri, run, exp["experiment_id"]
+
+
+def test_cli_on_s3_equals_a_serial_local_run(bucket, s3_server, tiny_store, local_ref,
+                                             tmp_path):
+    ref, ref_run, ref_exp = local_ref
+    uri = f"s3://{bucket}/cli.zarr"
+    workers = [_start("materialize", "--store", uri, *MATERIALIZE, "--images", "0:8"),
+               _start("materialize", "--store", uri, *MATERIALIZE, "--images", "8:16",
+                      env=_fsspec_env(s3_server))]
+    for w in workers:
+        _done(w)
+    assert_same_store(uri, tiny_store)
+
+    _done(_start("label", "--store", uri, "--provider", "toyworld", "--target", "salient",
+                 "depth", "--no-x0"))
+    for t in ("salient", "depth"):
+        got, want = open_labels(uri, t), open_labels(ref, t)
+        assert set(got.data_vars) == set(want.data_vars)
+        for name in want.data_vars:
+            np.testing.assert_array_equal(got[name].values, want[name].values)
+
+    prefect_env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
+                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
+    run = _done(_start("probe", "--store", uri, *PROBE, "--scheduler", "threads",
+                       prefect=True, env=prefect_env))["run_id"]
+    for layer in LAYERS:
+        np.testing.assert_allclose(load_probe(uri, run, layer)["weights"],
+                                   load_probe(ref, ref_run, layer)["weights"], atol=1e-6)
+
+    # The same experiment twice at once: both finish, the summary is there.
+    twice = [_start("intervene", "--store", uri, "--probe-run", run, *INTERVENE)
+             for _ in range(2)]
+    exp = {_done(p)["experiment_id"] for p in twice}.pop()
+    assert exp in list_interventions(uri)
+    got, want = open_intervention(uri, exp), open_intervention(ref, ref_exp)
+    for name in ("output", "new_label", "score_pre", "score_post"):
+        np.testing.assert_array_equal(got[name].values, want[name].values)
+
+    assert_same_store(uri, ref, alias={exp: ref_exp})
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    for path in fs.find(bucket):
+        data = fs.cat_file(path)
+        assert S3_SECRET.encode() not in data and S3_KEY_ID.encode() not in data, path
