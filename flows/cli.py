@@ -9,6 +9,7 @@ failure is one line on stderr (``--debug`` adds the traceback) and a non-zero ex
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -70,6 +71,11 @@ def _common(top: bool) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=positive_int, default=default(None),
                    help="torch CPU threads (default: one core fewer than the machine has; "
                    "also $ACTSTORE_THREADS)")
+    p.add_argument("--storage-options", metavar="JSON|@FILE", default=default(None),
+                   help="fsspec options for an object store (endpoint, credentials, ...), e.g. "
+                   "'{\"client_kwargs\": {\"endpoint_url\": \"http://HOST:9000\"}}'; @FILE "
+                   "reads them from a file (keeps secrets off the command line); default: "
+                   "the environment (AWS_*, FSSPEC_S3)")
     return p
 
 
@@ -356,6 +362,36 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message="invalid value encountered in cast")
 
 
+def _use_storage_options(args, catalog) -> None:
+    """Options for the command's object store, for this process and the workers it starts;
+    the text is never echoed (it may hold a secret)."""
+    from actstore.catalog import resolve_store
+    from actstore.store import io
+
+    text = args.storage_options
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).expanduser().read_text()
+        except OSError as exc:
+            raise ActstoreError(f"--storage-options {args.storage_options}: can't read it "
+                                f"({exc.strerror})") from None
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise ActstoreError(f"--storage-options: not valid JSON (line {exc.lineno} column "
+                            f"{exc.colno}); give an object such as '{{\"anon\": false}}'") from None
+    if not isinstance(options, dict):
+        raise ActstoreError("--storage-options: give a JSON object of fsspec options, e.g. "
+                            "'{\"client_kwargs\": {\"endpoint_url\": \"http://HOST:9000\"}}'")
+    store = getattr(args, "store", None)
+    uri = resolve_store(catalog, store)["uri"] if store else ""
+    if io.protocol_of(uri) not in io.OBJECT_STORES:
+        raise ActstoreError(f"--storage-options: they configure an object store, and "
+                            f"{args.command} {'--store ' + uri if uri else ''} uses none; drop "
+                            "them")
+    io.set_protocol_options(io.protocol_of(uri), options)
+
+
 def _intervene(args, catalog) -> dict:
     from flows.cli_intervene import intervene_command
     return intervene_command(args, catalog)
@@ -393,7 +429,10 @@ def _environment(args):
 def _run(args) -> dict:
     if args.no_prefect and args.verbose:
         logging.basicConfig(level=logging.INFO)
-    return COMMANDS[args.command](args, _catalog(args.catalog))
+    catalog = _catalog(args.catalog)
+    if args.storage_options is not None:
+        _use_storage_options(args, catalog)
+    return COMMANDS[args.command](args, catalog)
 
 
 def main(argv: list[str] | None = None) -> int:

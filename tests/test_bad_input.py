@@ -131,3 +131,16 @@ def test_catalog_unknown_key(capsys, tmp_path):
                 "--prompts", DEMO, "--store", str(tmp_path / "s.zarr"))
     assert "models.m" in line and "pth" in line
     assert not (tmp_path / "s.zarr").exists()
+
+
+@pytest.mark.parametrize("options,word", [
+    ('{"secret": "hunter2-never-echoed",', "not valid JSON"),
+    ('["hunter2-never-echoed"]', "JSON object"),
+    ('{"secret": "hunter2-never-echoed"}', "uses none"),      # a local store
+    ("@/nonexistent/s3.json", "can't read it")])
+def test_storage_options_refused(capsys, store_copy, options, word):
+    before = tree_digest(store_copy)
+    line = _run(capsys, "--storage-options", options, "label", "--store", store_copy,
+                "--provider", "toyworld", "--target", "depth")
+    assert word in line and "hunter2" not in line
+    assert tree_digest(store_copy) == before

@@ -2,8 +2,9 @@
 workers filling one store at once, label, probe in Prefect's default mode, the same
 intervention experiment twice at once; the whole store then equal, object by object, to the
 same steps run serially through the library on local disk.
-Endpoint and credentials come from the environment only (the standard AWS variables, or
-fsspec's own ``FSSPEC_S3`` JSON for anything else) and never reach a store or an output."""
+Endpoint and credentials come from the standard AWS variables, fsspec's own ``FSSPEC_S3``
+JSON, or ``--storage-options`` (inline or @file), and never reach a store, an output or
+Prefect's database."""
 
 from __future__ import annotations
 
@@ -33,14 +34,17 @@ IMAGES = ["demo-012", "demo-013"]
 INTERVENE = ["--layers", *LAYERS, "--steps", "0", "--images", *IMAGES, "--n-targets", "1"]
 
 
-def _fsspec_env(s3_env: dict) -> dict:
-    """No AWS variables at all: endpoint and credentials through fsspec's config."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
-    env["FSSPEC_S3"] = json.dumps({"key": s3_env["AWS_ACCESS_KEY_ID"],
-                                   "secret": s3_env["AWS_SECRET_ACCESS_KEY"],
-                                   "client_kwargs": {"endpoint_url": s3_env["AWS_ENDPOINT_URL"],
-                                                     "region_name": "us-east-1"}})
-    return env
+def _options(s3_env: dict) -> str:
+    return json.dumps({"key": s3_env["AWS_ACCESS_KEY_ID"],
+                       "secret": s3_env["AWS_SECRET_ACCESS_KEY"],
+                       "client_kwargs": {"endpoint_url": s3_env["AWS_ENDPOINT_URL"],
+                                         "region_name": "us-east-1"}})
+
+
+def _bare_env(**extra: str) -> dict:
+    """No AWS variables at all: the store is unreachable unless told otherwise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "FSSPEC_"))}
+    return {**env, **extra}
 
 
 def _start(*args: str, prefect: bool = False, env: dict | None = None) -> subprocess.Popen:
@@ -78,7 +82,7 @@ def test_cli_on_s3_equals_a_serial_local_run(bucket, s3_server, tiny_store, loca
     uri = f"s3://{bucket}/cli.zarr"
     workers = [_start("materialize", "--store", uri, *MATERIALIZE, "--images", "0:8"),
                _start("materialize", "--store", uri, *MATERIALIZE, "--images", "8:16",
-                      env=_fsspec_env(s3_server))]
+                      env=_bare_env(FSSPEC_S3=_options(s3_server)))]
     for w in workers:
         _done(w)
     assert_same_store(uri, tiny_store)
@@ -91,17 +95,25 @@ def test_cli_on_s3_equals_a_serial_local_run(bucket, s3_server, tiny_store, loca
         for name in want.data_vars:
             np.testing.assert_array_equal(got[name].values, want[name].values)
 
-    prefect_env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"),
-                   "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300"}
-    run = _done(_start("probe", "--store", uri, *PROBE, "--scheduler", "threads",
-                       prefect=True, env=prefect_env))["run_id"]
+    # Prefect mode, options from a file: the secret must not reach Prefect's database.
+    secrets = tmp_path / "s3.json"
+    secrets.write_text(_options(s3_server))
+    prefect_home = tmp_path / "prefect"
+    run = _done(_start("--storage-options", f"@{secrets}", "probe", "--store", uri, *PROBE,
+                       "--scheduler", "threads", prefect=True,
+                       env=_bare_env(PREFECT_HOME=str(prefect_home),
+                                     PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="300"))
+                 )["run_id"]
+    for f in (p for p in prefect_home.rglob("*") if p.is_file()):
+        assert S3_SECRET.encode() not in f.read_bytes(), f
     for layer in LAYERS:
         np.testing.assert_allclose(load_probe(uri, run, layer)["weights"],
                                    load_probe(ref, ref_run, layer)["weights"], atol=1e-6)
 
     # The same experiment twice at once: both finish, the summary is there.
-    twice = [_start("intervene", "--store", uri, "--probe-run", run, *INTERVENE)
-             for _ in range(2)]
+    twice = [_start("intervene", "--store", uri, "--probe-run", run, *INTERVENE),
+             _start("--storage-options", _options(s3_server), "intervene", "--store", uri,
+                    "--probe-run", run, *INTERVENE, env=_bare_env())]
     exp = {_done(p)["experiment_id"] for p in twice}.pop()
     assert exp in list_interventions(uri)
     got, want = open_intervention(uri, exp), open_intervention(ref, ref_exp)

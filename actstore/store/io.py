@@ -8,8 +8,10 @@ on a laptop disk and on S3 alike. See ``docs/store-format.md`` for the commit pr
 built on these primitives.
 
 Object-store credentials and endpoints come from the environment (``AWS_*``,
-``FSSPEC_S3_ENDPOINT_URL``) or from :func:`set_storage_options`; they are held in memory
-only and never written into a store.
+``FSSPEC_S3`` JSON, ``FSSPEC_S3_ENDPOINT_URL``), from :func:`set_storage_options` (one
+store, this process) or :func:`set_protocol_options` (the command line's
+``--storage-options``: this process and its workers); they are held in memory only and
+never written into a store.
 """
 
 from __future__ import annotations
@@ -61,6 +63,18 @@ def set_storage_options(prefix: str, options: dict) -> None:
     with _LOCK:
         _OPTIONS[prefix] = dict(options)
         for uri in [u for u in _LOCATIONS if u.startswith(prefix)]:
+            del _LOCATIONS[uri]
+
+
+def set_protocol_options(protocol: str, options: dict) -> None:
+    """fsspec options for every ``protocol`` store this process opens and every process it
+    starts (a local Dask cluster's workers, a region worker): fsspec's own configuration,
+    in memory and in this process's environment (``FSSPEC_<PROTOCOL>``), never on disk."""
+    merged = {**fsspec.config.conf.get(protocol, {}), **options}
+    with _LOCK:
+        fsspec.config.conf[protocol] = merged
+        os.environ[f"FSSPEC_{protocol.upper()}"] = json.dumps(merged)
+        for uri in [u for u in _LOCATIONS if protocol_of(u) == protocol]:
             del _LOCATIONS[uri]
 
 
