@@ -62,9 +62,9 @@ def creating(uri: str, path: str, identity: dict, marked: Callable[[], dict | No
     token = commit.begin_token()
     mine = f"{claims_path(path)}/{cid}"
     ours = identity_hash(identity)
-    io.put_group(uri, mine, {CLAIM_KEY: {"sha256": ours, "identity": identity,
-                                         **commit.writer_info(token)}})
     try:
+        io.put_group(uri, mine, {CLAIM_KEY: {"sha256": ours, "identity": identity,
+                                             **commit.writer_info(token)}})
         deadline = time.monotonic() + wait_s
         while True:
             others = _live_claims(uri, path, cid)

@@ -84,7 +84,11 @@ def begin(uri: str, path: str) -> str:
     """Say who writes under ``path`` until its marker exists (for later clean-up);
     returns the token to :func:`release` when this process stops writing there."""
     token = begin_token()
-    io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: writer_info(token)})
+    try:
+        io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: writer_info(token)})
+    except BaseException:   # a mark half-written by a live token would never be collected
+        release(token)
+        raise
     return token
 
 

@@ -53,8 +53,12 @@ def begin(store: str, targets: list[str]) -> dict[str, str]:
     io.sweep_partials(store, lay.LABELS)
     version = commit.new_id("v")
     paths = {t: lay.label_version_path(t, version) for t in targets}
-    for path in paths.values():
-        _TOKENS[path] = commit.begin(store, path)
+    try:
+        for path in paths.values():
+            _TOKENS[path] = commit.begin(store, path)
+    except BaseException:   # the marks already made are this failed run's garbage
+        release(paths)
+        raise
     return paths
 
 
