@@ -11,17 +11,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import namedtuple
 
 import numpy as np
 import pandas as pd
 
 from actstore.errors import ActstoreError
+from actstore.generation.pointnames import CapturePoint
 from actstore.store import core as st
 
 GAP = 1.0
-Layer = namedtuple("Layer", "name height width channels block")
-LAYERS = [Layer(f"up.{i}", 4, 4, 8, "up") for i in range(6)]
+LAYERS = [CapturePoint(f"up.{i}", "attn1", f"up.{i}", "up", 4, 4, 8) for i in range(6)]
 # Two settings that differ in what the arrays hold (steps change every array's shape).
 ROLES = {"a": {"steps": 2, "prompts": "cat"}, "b": {"steps": 3, "prompts": "dog"}}
 
