@@ -49,7 +49,8 @@ def _bare_env(**extra: str) -> dict:
 
 def _start(*args: str, prefect: bool = False, env: dict | None = None) -> subprocess.Popen:
     mode = [] if prefect else ["--no-prefect"]
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *mode, "--quiet", *args],
+    return subprocess.Popen([sys.executable, "-m", "flows.cli", *mode, "--quiet", "--json",
+                             *args],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**(env or os.environ), "PYTHONPATH": str(REPO)})
 
