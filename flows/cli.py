@@ -358,8 +358,6 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     # a local Dask cluster's HTTP server takes another port when 8787 is taken: no news
     warnings.filterwarnings("ignore", message="Port 8787 is already in use")
-    # a blown-up intervention decodes NaN pixels; it is counted (non_finite), not warned
-    warnings.filterwarnings("ignore", message="invalid value encountered in cast")
 
 
 def _use_storage_options(args, catalog) -> None:

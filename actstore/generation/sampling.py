@@ -72,7 +72,9 @@ def decode_images(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
     """Latents → uint8 (N, H, W, 3), rounded the way diffusers' image processor does."""
     scale = model.vae.config.scaling_factor
     images = model.vae.decode(latents.to(model.dtype) / scale).sample
-    images = (images.float() / 2 + 0.5).clamp(0, 1)
+    # A blown-up intervention decodes NaN: black pixels, so the uint8 cast is defined (the
+    # edit is counted as non-finite where it happened, in the experiment's edit stats).
+    images = torch.nan_to_num(images.float() / 2 + 0.5, nan=0.0).clamp(0, 1)
     return (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
 
 
