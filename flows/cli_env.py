@@ -1,0 +1,77 @@
+"""The process a command runs in: quiet third-party chatter, per-command environment, and
+the object store's options — set before any library loads a model or opens a store."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from actstore.errors import ActstoreError
+
+
+def quiet_libraries() -> None:
+    """diffusers/transformers chatter (load bars, deprecation notes) hides actstore's output."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    if "transformers" in sys.modules:  # imported before us: the variable came too late
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    import warnings
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # a local Dask cluster's HTTP server takes another port when 8787 is taken: no news
+    warnings.filterwarnings("ignore", message="Port 8787 is already in use")
+
+
+@contextmanager
+def command_environment(args):
+    """Process settings for this command only (restored after, for callers in-process)."""
+    values = {"TQDM_DISABLE": "1" if args.quiet else None,
+              "ACTSTORE_THREADS": str(args.threads) if args.threads else None}
+    saved = {k: os.environ.get(k) for k, v in values.items() if v is not None}
+    os.environ.update({k: v for k, v in values.items() if v is not None})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def use_storage_options(args, catalog) -> None:
+    """Options for the command's object store, for this process and the workers it starts;
+    the text is never echoed (it may hold a secret)."""
+    from actstore.catalog import resolve_store
+    from actstore.store import io
+
+    text = args.storage_options
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).expanduser().read_text()
+        except OSError as exc:
+            raise ActstoreError(f"--storage-options {args.storage_options}: can't read it "
+                                f"({exc.strerror})") from None
+    try:
+        options = json.loads(text)
+    except ValueError as exc:
+        raise ActstoreError(f"--storage-options: not valid JSON (line {exc.lineno} column "
+                            f"{exc.colno}); give an object such as '{{\"anon\": false}}'") from None
+    if not isinstance(options, dict):
+        raise ActstoreError("--storage-options: give a JSON object of fsspec options, e.g. "
+                            "'{\"client_kwargs\": {\"endpoint_url\": \"http://HOST:9000\"}}'")
+    store = getattr(args, "store", None)
+    uri = resolve_store(catalog, store)["uri"] if store else ""
+    if io.protocol_of(uri) not in io.OBJECT_STORES:
+        raise ActstoreError(f"--storage-options: they configure an object store, and "
+                            f"{args.command} {'--store ' + uri if uri else ''} uses none; drop "
+                            "them")
+    io.set_protocol_options(io.protocol_of(uri), options)
