@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 from contextlib import contextmanager
 
@@ -15,6 +16,11 @@ from actstore.runtime import dask_threads
 # workers at once, instead of one after the other as their first regions arrive.
 WORKER_PRELOAD = "actstore.generation.regions"
 SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
+
+
+def worker_id() -> str:
+    """Which process did a task: host and pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def connect(address: str, timeout: float = SCHEDULER_TIMEOUT):

@@ -143,6 +143,10 @@ def _add_label_probe(sub, common) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-x0", action="store_true", help="skip labelling the per-step x0 images")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=positive_int, help="fan image blocks out over a local "
+                   "Dask cluster of N worker processes (each loads the label model once)")
+    p.add_argument("--cluster", help="fan image blocks out over a running Dask scheduler, "
+                   "e.g. tcp://HOST:8786")
     q = sub.add_parser("probe", parents=[common], help="fit a linear probe per (model, layer, "
                        "step) for a target")
     q.add_argument("--store", required=True)
@@ -276,14 +280,21 @@ def _label(args, catalog) -> dict:
     # One --target keeps the one-target summary its users already read; several, a dict.
     target = args.target[0] if len(args.target) == 1 else args.target
     if args.no_prefect:
+        if args.workers or args.cluster:
+            raise ActstoreError("--workers/--cluster run image blocks as Prefect task runs "
+                                "on Dask; drop --no-prefect")
         from actstore.label.labels import write_labels
         return write_labels(store, args.provider, target, overwrite=args.overwrite,
                             on_x0=not args.no_x0, device=args.device, progress=not args.quiet)
+    if args.cluster:  # one line within seconds, before any model loads
+        from actstore.cluster import check_scheduler
+        check_scheduler(args.cluster)
     from flows.label import label_flow
 
     with flow_mode(args):
         return label_flow(store, args.provider, target, overwrite=args.overwrite,
-                          on_x0=not args.no_x0, device=args.device)
+                          on_x0=not args.no_x0, device=args.device, workers=args.workers,
+                          cluster=args.cluster, progress=not args.quiet)
 
 
 def _probe(args, catalog) -> dict:

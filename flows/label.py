@@ -1,13 +1,45 @@
-"""Prefect flow: write probe targets (labels) into a store.
+"""Prefect flow: write probe targets (labels) into a store, in this process or fanned out
+over a Dask cluster.
 
-Thin: one task calls the library; several targets share one pass of the label provider.
+Thin: tasks call library functions and hand each other the store URI, a label job (image
+ids, version paths, settings: kilobytes) and block lists, never arrays. With ``workers``
+(a local cluster of that many processes) or ``cluster`` (a running scheduler) each pass's
+missing image blocks run as concurrent task runs on Dask through prefect-dask's
+``DaskTaskRunner``, the path materialize fans out on; every worker process loads the label
+model once. This process checks the input, begins the run's versions and commits them, so
+it holds their writer marks; a block group that fails is retried, and a rerun of a killed
+run resumes from its recorded blocks (:mod:`actstore.label.blocks`).
 """
 
 from __future__ import annotations
 
-from prefect import flow, task
+from collections import Counter
+from contextlib import nullcontext
 
-from actstore.label.labels import write_labels
+from prefect import flow, task
+from prefect.futures import as_completed
+
+from actstore.errors import ActstoreError
+from actstore.label import blocks
+from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
+from actstore.progress import Progress
+from actstore.store import labelsets
+from flows.materialize import REGION_RETRIES, dask_address
+
+
+class BlocksFailed(ActstoreError):
+    """Block groups failed for reasons a rerun may not meet again: keep them to resume."""
+
+
+def _retry_unless_bad_labels(task, task_run, state) -> bool:
+    """Bad labels (NaN, wrong shape) come out the same on every try; anything else may not."""
+    try:
+        state.result()
+    except ActstoreError:
+        return False
+    except BaseException:  # noqa: BLE001 - a lost worker, a storage error: worth a retry
+        return True
+    return True
 
 
 @task(name="label")
@@ -18,9 +50,95 @@ def label_task(store: str, provider: str, target: str | list[str], *,
                         device=device)
 
 
+@task(name="label-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
+      retry_condition_fn=_retry_unless_bad_labels)
+def label_blocks_task(job: blocks.LabelJob, stage: str, blks: list, constants: dict | None
+                      ) -> dict:
+    return blocks.run_blocks(job, stage, [tuple(b) for b in blks], constants)
+
+
+def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | None,
+              gpu: bool, progress: bool) -> list[dict]:
+    """Every block group of one pass at once; Dask runs as many as it has workers (or
+    GPUs: one group at a time on each worker offering a ``GPU`` resource)."""
+    import dask
+
+    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
+        futures = [label_blocks_task.submit(job, stage, g, constants) for g in groups]
+    per_image = 1 if stage == blocks.PASS1 else job.n_steps
+    bar = Progress(sum(b - a for g in groups for a, b in g), per_image,
+                   f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress)
+    done, errors = [], []
+    for future in as_completed(futures):
+        future.wait()
+        if future.state.is_completed():
+            done.append(future.result())
+            bar.step(done[-1]["images"] * per_image)
+        else:
+            errors.append(future.state.result(raise_on_failure=False))
+    bar.close()
+    bad = [e for e in errors if isinstance(e, ActstoreError)]
+    if bad:
+        raise bad[0]
+    if errors:
+        raise BlocksFailed(f"store {job.store}: {len(errors)} of {len(groups)} label block "
+                           f"groups failed after {REGION_RETRIES} retries ({str(errors[0])[:200]}"
+                           "); rerun the same command to resume from the recorded blocks")
+    return done
+
+
+@flow(name="label-blocks")
+def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: bool) -> dict:
+    """Both passes over the blocks not yet recorded; the z-score constants in between."""
+    resumed, constants, by_worker = {}, None, Counter()
+    for stage in (blocks.PASS1, blocks.PASS2):
+        todo = blocks.pending(job, stage)
+        resumed[stage.strip("_")] = len(job.blocks) - len(todo)
+        if stage == blocks.PASS2:
+            constants = blocks.stats(job)
+        if todo:
+            done = _run_pass(job, stage, blocks.groups(todo, workers), constants, gpu,
+                             progress)
+            by_worker.update(d["worker"] for d in done)
+    return {"constants": constants, "blocks_resumed": resumed,
+            "groups_by_worker": dict(by_worker)}
+
+
+def fan_out_labels(store: str, provider: str, target, overwrite: bool, on_x0: bool,
+                   device: str, address: str, workers: int, gpu: bool,
+                   progress: bool) -> dict:
+    from prefect_dask import DaskTaskRunner
+
+    prov = blocks.shared_provider(provider, device)
+    job = prepare_labels(store, prov, target, overwrite=overwrite, on_x0=on_x0,
+                         device=device)
+    try:
+        run = label_blocks_flow.with_options(task_runner=DaskTaskRunner(address=address))(
+            job, workers, gpu, progress)
+        out = commit_labels(job, prov, run.pop("constants"))
+    except BlocksFailed:
+        raise
+    except ActstoreError:
+        abort_labels(job)
+        raise
+    finally:
+        labelsets.release(job.paths)
+    for summary in out.values():
+        summary.update(workers=workers, blocks=len(job.blocks), **run)
+    return out
+
+
 @flow(name="label")
 def label_flow(store: str, provider: str, target: str | list[str], *,
-               overwrite: bool = False, on_x0: bool = True, device: str = "cpu") -> dict:
-    """Label the store's final images (and per-step x0 images) for one or several targets."""
-    return label_task(store, provider, target, overwrite=overwrite, on_x0=on_x0,
-                      device=device)
+               overwrite: bool = False, on_x0: bool = True, device: str = "cpu",
+               workers: int | None = None, cluster: str | None = None,
+               progress: bool = True) -> dict:
+    """Label the store's final images (and per-step x0 images) for one or several targets,
+    in this process or over ``workers`` local processes / the scheduler at ``cluster``."""
+    if not workers and not cluster:
+        return label_task(store, provider, target, overwrite=overwrite, on_x0=on_x0,
+                          device=device)
+    with dask_address(workers, cluster) as (address, n, gpu):
+        out = fan_out_labels(store, provider, target, overwrite, on_x0, device, address, n,
+                             gpu, progress)
+    return out[target] if isinstance(target, str) else out

@@ -1,5 +1,6 @@
 """The command line on s3:// (moto's S3 server on loopback), as a user runs it: two region
-workers filling one store at once, label, probe in Prefect's default mode, the same
+workers filling one store at once, labels fanned out over 2 worker processes and probe in
+Prefect's default mode, the same
 intervention experiment twice at once; the whole store then equal, object by object, to the
 same steps run serially through the library on local disk.
 Endpoint and credentials come from the standard AWS variables, fsspec's own ``FSSPEC_S3``
@@ -69,7 +70,11 @@ def local_ref(tmp_path_factory, tiny_store):
     """The same steps, serially, through the library on a local copy of the store."""
     uri = str(tmp_path_factory.mktemp("s3cli") / "ref.zarr")
     shutil.copytree(tiny_store, uri)
-    write_labels(uri, "toyworld", ["salient", "depth"], on_x0=False, progress=False)
+    os.environ["ACTSTORE_THREADS"] = "1"     # as each label worker: conv sums depend on it
+    try:
+        write_labels(uri, "toyworld", ["salient", "depth"], on_x0=False, progress=False)
+    finally:
+        del os.environ["ACTSTORE_THREADS"]
     run = run_probes(uri, "salient", layers=LAYERS, steps=[0, 1], scheduler="threads",
                      progress=False)
     exp = run_interventions(uri, run, "salient", layers=LAYERS, steps=[0], images=IMAGES,
@@ -88,8 +93,12 @@ def test_cli_on_s3_equals_a_serial_local_run(bucket, s3_server, tiny_store, loca
         _done(w)
     assert_same_store(uri, tiny_store)
 
+    # Labels fanned out over 2 worker processes in Prefect mode, credentials inherited.
     _done(_start("label", "--store", uri, "--provider", "toyworld", "--target", "salient",
-                 "depth", "--no-x0"))
+                 "depth", "--no-x0", "--workers", "2", prefect=True,
+                 env={**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-label"),
+                      "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "300",
+                      "ACTSTORE_THREADS": "1"}))
     for t in ("salient", "depth"):
         got, want = open_labels(uri, t), open_labels(ref, t)
         assert set(got.data_vars) == set(want.data_vars)

@@ -10,10 +10,9 @@ shared UNet, so two regions on one model object would capture each other's activ
 from __future__ import annotations
 
 import math
-import os
-import socket
 import threading
 
+from actstore.cluster import worker_id
 from actstore.generation.materialize import MaterializeSettings, materialize, prepare
 from actstore.generation.models import LoadedModel, load_model
 
@@ -40,10 +39,6 @@ def shared_model(model: str, settings: MaterializeSettings) -> LoadedModel:
 def model_loads() -> int:
     """How many times this process loaded a model (``Client.run`` asks each worker)."""
     return len(_LOADS)
-
-
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def plan_regions(model: str, prompts: str, store: str, settings: MaterializeSettings, *,

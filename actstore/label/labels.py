@@ -37,10 +37,9 @@ import actstore
 from actstore.store import core as st
 from actstore.store import io, labelsets
 from actstore.store.view import StoreView
-from actstore.store.codecs import DEFAULT_CODEC
 from actstore.errors import ActstoreError
-from actstore.label.passes import (PassContext, write_full, write_pooled, write_x0,
-                                   resolution_name)
+from actstore.label import blocks
+from actstore.label.passes import PassContext, resolution_name
 from actstore.kinds import CONTINUOUS, KINDS
 from actstore.label.providers import LabelProvider, get_provider
 from actstore.progress import Progress
@@ -56,16 +55,47 @@ def write_labels(store: str, provider: str | LabelProvider,
 
     Several targets share one provider call per batch of images: a label model that makes
     them together runs once over the images, not once per target. Everything that can be
-    checked is checked for every target before the first byte is written; a failure later
-    (e.g. NaN from the label model) removes every partial target, so an error always leaves
-    the store unchanged, with no target of the set written. Returns a summary for one name,
-    ``{target: summary}`` for a list.
+    checked is checked for every target before the first byte is written; bad labels found
+    later (e.g. NaN from the label model) remove every partial target, so an error leaves
+    the store unchanged, with no target of the set written. A run killed or failed for
+    another reason is resumed by the next run of the same job, block by block
+    (:mod:`actstore.label.blocks`). Returns a summary for one name, ``{target: summary}``
+    for a list.
     """
     t0 = time.perf_counter()
+    prov = get_provider(provider, device) if isinstance(provider, str) else provider
+    job = prepare_labels(store, prov, target, source_model=source_model, overwrite=overwrite,
+                         on_x0=on_x0, batch_size=batch_size, device=device)
+    bar = Progress(len(job.ids), 1 + job.n_steps, f"label {', '.join(job.kinds)}",
+                   enabled=progress)
+    try:
+        blocks.run_blocks(job, blocks.PASS1, blocks.pending(job, blocks.PASS1), prov=prov,
+                          bar=bar)
+        constants = blocks.stats(job)
+        blocks.run_blocks(job, blocks.PASS2, blocks.pending(job, blocks.PASS2), constants,
+                          prov=prov, bar=bar)
+        out = commit_labels(job, prov, constants)
+    except ActstoreError:
+        abort_labels(job)
+        raise
+    finally:
+        labelsets.release(job.paths)
+        bar.close()
+    for summary in out.values():
+        summary["seconds"] = time.perf_counter() - t0
+    return out[target] if isinstance(target, str) else out
+
+
+def prepare_labels(store: str, prov: LabelProvider, target, *, source_model: str = "trained",
+                   overwrite: bool = False, on_x0: bool = True, batch_size: int = 16,
+                   device: str = "cpu") -> blocks.LabelJob:
+    """Check everything, then begin (or resume) the run's versions and make their arrays.
+
+    The calling process holds the versions' writer marks until :func:`commit_labels` or
+    :func:`abort_labels` (then ``labelsets.release(job.paths)``)."""
     targets = _target_names(target)
     if batch_size < 1:
         raise ActstoreError(f"--batch-size {batch_size}: must be at least 1")
-    prov = get_provider(provider, device) if isinstance(provider, str) else provider
     spec = getattr(prov, "spec", None) or getattr(prov, "name", type(prov).__name__)
     kinds = {t: _target_kind(prov, spec, t) for t in targets}
     view = StoreView(store, model=source_model, complete_only=False)
@@ -80,43 +110,51 @@ def write_labels(store: str, provider: str | LabelProvider,
     if not train.any():
         raise ActstoreError(f"store {store}: no train-split images to normalize labels with; "
                             "give some images split=train in the prompt table")
-    final = st.model_array(store, source_model, "final_image")
-    hw = tuple(final.shape[1:3])
+    hw = tuple(int(d) for d in st.model_array(store, source_model, "final_image").shape[1:3])
     grids = _layer_grids(view, hw)
     by_ids = getattr(prov, "by_ids", None)
     check = getattr(prov, "check", None)
     if check is not None:
         check(ids, hw)
     x0_note = _x0_decision(view, on_x0, by_ids)
-    ctx = PassContext(kinds, spec, prov, ids, hw, view.block_size, batch_size)
     n_steps = view.n_steps if x0_note is None else 0
-    bar = Progress(len(ids), 1 + n_steps, f"label {', '.join(targets)}", enabled=progress)
-    paths = labelsets.begin(store, targets)
+    provenance = getattr(prov, "provenance", {})
+    key = blocks.job_key(spec, provenance, {
+        "targets": targets, "source_model": source_model, "n_steps": n_steps,
+        "batch_size": batch_size, "ids": ids, "block": view.block_size})
+    paths = labelsets.begin(store, targets, key)
+    job = blocks.LabelJob(store=store, spec=spec, device=device, kinds=kinds, paths=paths,
+                          ids=tuple(ids), train=tuple(bool(x) for x in train), hw=hw,
+                          block=view.block_size, batch_size=batch_size,
+                          source_model=source_model, grids=grids, n_steps=n_steps,
+                          x0_note=x0_note,
+                          replaced=tuple(t for t in targets if existing[t] is not None))
     try:
-        groups = {t: _version_arrays(store, paths[t], len(ids), hw, grids, n_steps,
-                                     view.block_size) for t in targets}
-        stats = write_full(ctx, groups, final, by_ids, train, bar)
-        for t in targets:
-            write_pooled(ctx, groups[t], grids, *stats[t])
-        if n_steps:
-            write_x0(ctx, groups, st.model_array(store, source_model, "x0_image"),
-                      stats, bar)
-        attrs = {t: _target_attrs(ctx, t, source_model, *stats[t], int(train.sum()), grids,
-                                  x0_note) for t in targets}
-        labelsets.commit_set(store, paths, attrs)   # all targets visible at once
+        blocks.create_arrays(job)
     except BaseException:
-        labelsets.abort(store, paths)
-        raise
-    finally:
         labelsets.release(paths)
-        bar.close()
-    seconds = time.perf_counter() - t0
-    out = {t: {"store": store, "target": t, "kind": kinds[t], "provider": spec,
-               "images": len(ids), "resolutions": sorted(attrs[t]["resolutions"]),
-               "x0": attrs[t]["x0"], "x0_note": x0_note, "mean": stats[t][0],
-               "std": stats[t][1], "replaced": existing[t] is not None, "seconds": seconds}
-           for t in targets}
-    return out[target] if isinstance(target, str) else out
+        raise
+    return job
+
+
+def commit_labels(job: blocks.LabelJob, prov: LabelProvider, constants: dict) -> dict:
+    """Make every target of the run visible at once; ``{target: summary}``."""
+    blocks.drop_staging(job)
+    ctx = job.context(prov)
+    n_train = sum(job.train)
+    attrs = {t: _target_attrs(ctx, t, job.source_model, *constants[t], n_train, job.grids,
+                              job.x0_note) for t in job.kinds}
+    labelsets.commit_set(job.store, job.paths, attrs)   # all targets visible at once
+    return {t: {"store": job.store, "target": t, "kind": kind, "provider": job.spec,
+                "images": len(job.ids), "resolutions": sorted(attrs[t]["resolutions"]),
+                "x0": attrs[t]["x0"], "x0_note": job.x0_note, "mean": constants[t][0],
+                "std": constants[t][1], "replaced": t in job.replaced}
+            for t, kind in job.kinds.items()}
+
+
+def abort_labels(job: blocks.LabelJob) -> None:
+    """Remove the run's versions: the labels were bad, the same job would fail again."""
+    labelsets.abort(job.store, job.paths)
 
 
 def _target_names(target) -> list[str]:
@@ -190,30 +228,6 @@ def _x0_decision(view: StoreView, on_x0: bool, by_ids) -> str | None:
     if not view.attrs["fingerprint"].get("capture", {}).get("x0", True):
         return "store was materialized without x0 images"
     return None
-
-
-def _version_arrays(store: str, path: str, n: int, hw, grids: dict, n_steps: int,
-                    block: int) -> dict:
-    """The arrays of one target's new version: {name: zarr array} (contents only; the
-    version becomes a target when its label set is committed)."""
-    h, w = hw
-    out = {}
-
-    def make(name, shape, chunks, dims, attrs):
-        out[name] = st.create_array(store, f"{path}/{name}", shape=shape, chunks=chunks,
-                                    dtype="float32", dims=dims, attrs=attrs,
-                                    codec=DEFAULT_CODEC)
-
-    make("full", (n, h, w), (block, h, w), ["image", "y", "x"], {"resolution": [h, w]})
-    for gh, gw in sorted(set(grids.values()), reverse=True):
-        name = resolution_name(gh, gw)
-        make(name, (n, gh, gw), (block, gh, gw), ["image", f"y_{name}", f"x_{name}"],
-             {"resolution": [gh, gw], "pooled_from": "full",
-              "layers": [la for la, g in grids.items() if g == (gh, gw)]})
-    if n_steps:
-        make("x0", (n, n_steps, h, w), (block, 1, h, w), ["image", "step", "y", "x"],
-             {"resolution": [h, w], "source": "x0_image"})
-    return out
 
 
 def _attrs_or_none(store: str, target: str) -> dict | None:

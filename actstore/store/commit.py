@@ -80,12 +80,14 @@ def begin_token() -> str:
     return token
 
 
-def begin(uri: str, path: str) -> str:
-    """Say who writes under ``path`` until its marker exists (for later clean-up);
+def begin(uri: str, path: str, job: str | None = None) -> str:
+    """Say who writes under ``path`` until its marker exists (for later clean-up), and
+    for which ``job`` (a rerun of the same job may resume there once the writer is gone);
     returns the token to :func:`release` when this process stops writing there."""
     token = begin_token()
+    info = {**writer_info(token), **({"job": job} if job else {})}
     try:
-        io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: writer_info(token)})
+        io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: info})
     except BaseException:   # a mark half-written by a live token would never be collected
         release(token)
         raise

@@ -45,21 +45,34 @@ def _commits(store: str) -> list[tuple[str, dict]]:
     return sorted(out)
 
 
-def begin(store: str, targets: list[str]) -> dict[str, str]:
-    """A fresh version path per target, each marked as being written by this process.
+def begin(store: str, targets: list[str], job: str | None = None) -> dict[str, str]:
+    """A version path per target, each marked as being written by this process: the
+    versions a dead run of the same ``job`` left (to resume), else fresh ones.
 
-    Versions of these targets left by dead writers are removed first."""
-    collect(store, targets)
-    io.sweep_partials(store, lay.LABELS)
-    version = commit.new_id("v")
+    Other versions of these targets left by dead writers are removed."""
+    version = (_adoptable(store, targets, job) if job else None) or commit.new_id("v")
     paths = {t: lay.label_version_path(t, version) for t in targets}
     try:
         for path in paths.values():
-            _TOKENS[path] = commit.begin(store, path)
+            _TOKENS[path] = commit.begin(store, path, job)
     except BaseException:   # the marks already made are this failed run's garbage
         release(paths)
         raise
+    collect(store, targets)
+    io.sweep_partials(store, lay.LABELS)
     return paths
+
+
+def _adoptable(store: str, targets: list[str], job: str) -> str | None:
+    """An uncommitted version of every target whose dead writer ran ``job``."""
+    commits = _commits(store)
+    for name in io.list_dir(store, lay.label_target_path(targets[0])):
+        if not name.startswith(VERSION_PREFIX) or _superseded(name, targets[0], commits):
+            continue
+        writers = [commit.writer_of(store, lay.label_version_path(t, name)) for t in targets]
+        if all(w and w.get("job") == job and commit.abandoned(w) for w in writers):
+            return name
+    return None
 
 
 _TOKENS: dict[str, str] = {}

@@ -1,0 +1,223 @@
+"""A label run as block tasks any process can do: what the serial run and a Dask fan-out
+are both made of, every block recorded so that a killed run resumes.
+
+A run has two passes over the image blocks. Pass 1 runs the provider on a block's final
+images and stages the raw labels (``<version>/_raw/<target>``), the block's train-split
+moments in its record; those moments, merged in block order, give each continuous target
+its z-score constants (the same floats as one sequential pass). Pass 2 normalizes a
+block's staged labels into ``full``, pools them to every layer grid and labels the block's
+x0 images. Each block task reads and writes its own block only, so blocks run in any
+order on any worker. The records (``<version>/_pass1|_pass2/_blocks/<a>-<b>``) let a rerun
+of the same *job* (provider, weights, targets and options; the job key in the versions'
+writer marks) adopt the versions a dead run left and do the missing blocks only. The commit
+removes staging and records, then makes the set visible with one record
+(:mod:`actstore.store.labelsets`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from actstore.errors import ActstoreError
+from actstore.kinds import CONTINUOUS
+from actstore.label.passes import PassContext, normalize, pool_block, resolution_name
+from actstore.cluster import worker_id
+from actstore.label.providers import get_provider
+from actstore.store import commit, io
+from actstore.store import core as st
+from actstore.store import layout as lay
+from actstore.store.codecs import DEFAULT_CODEC
+
+RAW, PASS1, PASS2 = "_raw", "_pass1", "_pass2"
+
+
+@dataclass(frozen=True)
+class LabelJob:
+    """Everything a block task needs, small enough to send to every worker."""
+
+    store: str
+    spec: str                     # provider spec: a worker loads its own provider from it
+    device: str
+    kinds: dict                   # target -> kind, in the order given
+    paths: dict                   # target -> version path
+    ids: tuple
+    train: tuple                  # per image: in the train split
+    hw: tuple
+    block: int
+    batch_size: int
+    source_model: str
+    grids: dict                   # layer -> token grid (h, w)
+    n_steps: int                  # x0 steps to label (0: none)
+    x0_note: str | None           # why x0 images are not labelled
+    replaced: tuple               # targets whose committed labels the run replaces
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        return st.blocks_of(len(self.ids), self.block)
+
+    def context(self, prov) -> PassContext:
+        return PassContext(self.kinds, self.spec, prov, list(self.ids), self.hw, self.block,
+                           self.batch_size)
+
+    def record_group(self, stage: str) -> str:
+        return f"{next(iter(self.paths.values()))}/{stage}"
+
+
+def job_key(spec: str, provenance: dict, identity: dict) -> str:
+    """Runs with equal keys would write equal labels, so one may finish the other's."""
+    doc = json.dumps({"spec": spec, "provenance": provenance, **identity}, sort_keys=True,
+                     default=str)
+    return hashlib.sha256(doc.encode()).hexdigest()[:16]
+
+
+def create_arrays(job: LabelJob) -> None:
+    """Every array of the run's versions, staging included (idempotent: a resumed run
+    rewrites the metadata and keeps the chunks)."""
+    n, (h, w) = len(job.ids), job.hw
+    for t, path in job.paths.items():
+        def make(name, shape, chunks, dims, attrs):
+            st.create_array(job.store, f"{path}/{name}", shape=shape, chunks=chunks,
+                            dtype="float32", dims=dims, attrs=attrs, codec=DEFAULT_CODEC)
+
+        make(RAW, (n, h, w), (job.block, h, w), ["image", "y", "x"], {})
+        make("full", (n, h, w), (job.block, h, w), ["image", "y", "x"], {"resolution": [h, w]})
+        for gh, gw in sorted(set(map(tuple, job.grids.values())), reverse=True):
+            name = resolution_name(gh, gw)
+            make(name, (n, gh, gw), (job.block, gh, gw), ["image", f"y_{name}", f"x_{name}"],
+                 {"resolution": [gh, gw], "pooled_from": "full",
+                  "layers": [la for la, g in job.grids.items() if tuple(g) == (gh, gw)]})
+        if job.n_steps:
+            make("x0", (n, job.n_steps, h, w), (job.block, 1, h, w),
+                 ["image", "step", "y", "x"], {"resolution": [h, w], "source": "x0_image"})
+
+
+def pending(job: LabelJob, stage: str) -> list[tuple[int, int]]:
+    done = commit.completed_blocks_at(job.store, job.record_group(stage))
+    return [blk for blk in job.blocks if blk not in done]
+
+
+def raw_block(job: LabelJob, prov, a: int, b: int) -> None:
+    """Pass 1 for images a:b: raw labels staged, train moments in the block's record."""
+    ctx = job.context(prov)
+    by_ids = getattr(prov, "by_ids", None)
+    if by_ids is not None:
+        raws = ctx.pick(by_ids(list(job.ids[a:b])), b - a)
+    else:
+        raws = ctx.run(np.asarray(st.model_array(job.store, job.source_model,
+                                                 "final_image")[a:b]))
+    train = np.asarray(job.train[a:b], dtype=bool)
+    moments = {}
+    for t, raw in raws.items():
+        ctx.validate(t, raw, a)
+        io.open_array(job.store, f"{job.paths[t]}/{RAW}", "r+")[a:b] = raw
+        if job.kinds[t] == CONTINUOUS:
+            moments[t] = block_moments(raw[train].astype(np.float64))
+    commit.write_block_record(job.store, job.record_group(PASS1), a, b, {"moments": moments})
+
+
+def block_moments(sel: np.ndarray) -> list[float]:
+    """(n, mean, sum of squared deviations) of one block's train pixels."""
+    if not sel.size:
+        return [0, 0.0, 0.0]
+    m = float(sel.mean())
+    return [int(sel.size), m, float(((sel - m) ** 2).sum())]
+
+
+def stats(job: LabelJob) -> dict[str, tuple]:
+    """Each target's (mean, std) from the pass-1 records, merged in block order (Chan);
+    (None, None) for binary targets."""
+    out = {}
+    records = [io.node_attrs(job.store, lay.block_record_path(
+        job.record_group(PASS1), a, b))[lay.BLOCK_KEY]["moments"] for a, b in job.blocks]
+    for t, kind in job.kinds.items():
+        if kind != CONTINUOUS:
+            out[t] = (None, None)
+            continue
+        n, mean, m2 = 0, 0.0, 0.0
+        for rec in records:
+            bn, bm, bm2 = rec[t]
+            if not bn:
+                continue
+            tot = n + bn
+            m2 += bm2 + (bm - mean) ** 2 * n * bn / tot
+            mean += (bm - mean) * bn / tot
+            n = tot
+        std = float(np.sqrt(m2 / n))
+        if not std > 0:
+            raise ActstoreError(f"provider {job.spec}: {t!r} is constant over the train "
+                                "images, so it can't be z-scored; check the label model")
+        out[t] = (float(mean), std)
+    return out
+
+
+def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int) -> None:
+    """Pass 2 for images a:b: normalized labels, pooled grids, x0 labels, then its record."""
+    sizes = sorted(set(map(tuple, job.grids.values())), reverse=True)
+    maps = {}
+    if job.n_steps:
+        ctx = job.context(prov)
+        imgs = np.asarray(st.model_array(job.store, job.source_model, "x0_image")[a:b])
+        n, s = imgs.shape[:2]
+        maps = {t: m.reshape(n, s, *job.hw)
+                for t, m in ctx.run(imgs.reshape(n * s, *imgs.shape[2:])).items()}
+        for t, m in maps.items():
+            for step in range(s):
+                ctx.validate(t, m[:, step], a, step)
+    for t, path in job.paths.items():
+        full = normalize(np.asarray(io.open_array(job.store, f"{path}/{RAW}")[a:b]),
+                         *stats_[t])
+        io.open_array(job.store, f"{path}/full", "r+")[a:b] = full
+        for h, w in sizes:
+            io.open_array(job.store, f"{path}/{resolution_name(h, w)}", "r+")[a:b] = \
+                pool_block(full, (h, w))
+        if t in maps:
+            io.open_array(job.store, f"{path}/x0", "r+")[a:b] = normalize(maps[t], *stats_[t])
+    commit.write_block_record(job.store, job.record_group(PASS2), a, b, {})
+
+
+def run_blocks(job: LabelJob, stage: str, blks, constants: dict | None = None, *,
+               prov=None, bar=None) -> dict:
+    """One pass over ``blks`` with ``prov`` (default: this process's shared provider)."""
+    prov = prov if prov is not None else shared_provider(job.spec, job.device)
+    for a, b in blks:
+        if stage == PASS1:
+            raw_block(job, prov, a, b)
+        else:
+            final_block(job, prov, constants, a, b)
+        if bar is not None:
+            bar.step((b - a) * (1 if stage == PASS1 else job.n_steps))
+    return {"images": sum(b - a for a, b in blks), "worker": worker_id()}
+
+
+def groups(blks: list, workers: int, per_worker: int = 4) -> list[list[tuple[int, int]]]:
+    """Contiguous block groups, about ``per_worker`` per worker: a slow or lost worker
+    delays a pass by a fraction of its share, and each task still covers several blocks."""
+    size = max(1, math.ceil(len(blks) / max(1, workers * per_worker)))
+    return [list(blks[i:i + size]) for i in range(0, len(blks), size)]
+
+
+def drop_staging(job: LabelJob) -> None:
+    """Staged raw labels and block records: none of them belongs to the committed labels."""
+    for path in job.paths.values():
+        io.remove(job.store, f"{path}/{RAW}")
+    for stage in (PASS1, PASS2):
+        io.remove(job.store, job.record_group(stage))
+
+
+_LOCK = threading.RLock()
+_PROVIDER: dict[tuple, object] = {}
+
+
+def shared_provider(spec: str, device: str):
+    """This process's provider for ``spec``: loaded once, reused for every block task."""
+    with _LOCK:
+        if (spec, device) not in _PROVIDER:
+            _PROVIDER.clear()
+            _PROVIDER[(spec, device)] = get_provider(spec, device)
+        return _PROVIDER[(spec, device)]

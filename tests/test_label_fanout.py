@@ -1,0 +1,114 @@
+"""Labels fanned out over a 2-process Dask cluster equal the serial run object by object;
+a run that died half-way is resumed (its versions adopted, done blocks kept) by the
+fan-out, with the same result; the command line takes --workers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from actstore.label import blocks
+from actstore.label.labels import prepare_labels, write_labels
+from actstore.label.providers import get_provider
+from actstore.store import labelsets
+from flows.cli import main
+from flows.label import label_flow
+from storecheck import assert_same_store
+
+TARGETS = ["depth", "salient"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """The serial run and each worker with one torch thread: conv sums depend on it."""
+    monkeypatch.setenv("ACTSTORE_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory, tiny_store):
+    import os
+
+    os.environ["ACTSTORE_THREADS"] = "1"
+    uri = str(tmp_path_factory.mktemp("fan") / "serial.zarr")
+    shutil.copytree(tiny_store, uri)
+    write_labels(uri, "toyworld", TARGETS, progress=False)
+    del os.environ["ACTSTORE_THREADS"]
+    return uri
+
+
+class Dies:
+    """The toy labeler, failing (not with bad labels: as a crash would) after ``n`` calls."""
+
+    def __init__(self, n: int):
+        self.real, self.n = get_provider("toyworld"), n
+        self.spec, self.targets = self.real.spec, self.real.targets
+        self.provenance, self.name = self.real.provenance, self.real.name
+
+    def __call__(self, images):
+        self.n -= 1
+        if self.n < 0:
+            raise RuntimeError("worker died")
+        return self.real(images)
+
+
+def test_fanout_equals_serial_and_resumes(tmp_path, tiny_store, serial, prefect_harness):
+    uri = str(tmp_path / "fan.zarr")
+    shutil.copytree(tiny_store, uri)
+    # A run that died in pass 2: pass 1 and one block of pass 2 recorded.
+    dies = Dies(5)    # 4 blocks: 4 calls in pass 1, then pass 2 dies in its second block
+    with pytest.raises(RuntimeError, match="worker died"):
+        write_labels(uri, dies, TARGETS, progress=False)
+    (version,) = {p.rsplit("/", 1)[-1] for p in _uncommitted(uri)}
+    out = label_flow(uri, "toyworld", TARGETS, workers=2, progress=False)
+    assert out["depth"]["blocks_resumed"] == {"pass1": 4, "pass2": 1}
+    assert labelsets.current(uri)["depth"]["version"] == version
+    assert_same_store(uri, serial)
+
+
+def _uncommitted(uri: str) -> list[str]:
+    from pathlib import Path
+
+    return [str(p.parent) for p in Path(uri, "labels").glob("*/v-*/_pending")]
+
+
+def test_cli_workers_equal_serial(tmp_path, tiny_store, serial, capsys, prefect_harness):
+    uri = str(tmp_path / "cli.zarr")
+    shutil.copytree(tiny_store, uri)
+    assert main(["--quiet", "--json", "label", "--store", uri, "--provider", "toyworld",
+                 "--target", *TARGETS, "--workers", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.split("\n\n")[0])
+    assert out["depth"]["workers"] == 2
+    assert_same_store(uri, serial)
+
+
+def test_workers_need_prefect(tmp_path, tiny_store, capsys):
+    assert main(["--no-prefect", "label", "--store", tiny_store, "--provider", "toyworld",
+                 "--target", "depth", "--workers", "2"]) == 2
+    assert "drop --no-prefect" in capsys.readouterr().err
+
+
+def test_job_of_other_settings_is_not_adopted(tmp_path, tiny_store):
+    """A dead run of another job is collected, not resumed."""
+    uri = str(tmp_path / "s.zarr")
+    shutil.copytree(tiny_store, uri)
+    prov = get_provider("toyworld")
+    job = prepare_labels(uri, prov, TARGETS, on_x0=False)
+    labelsets.release(job.paths)                      # its writer is gone
+    other = prepare_labels(uri, prov, TARGETS, on_x0=True)
+    assert other.paths != job.paths
+    assert _uncommitted(uri) and all(p.endswith(other.paths["depth"].rsplit("/", 1)[-1])
+                                     for p in _uncommitted(uri))
+    labelsets.release(other.paths)
+
+
+def test_unreachable_cluster_is_one_line(tiny_store, capsys):
+    import time
+
+    t0 = time.monotonic()
+    assert main(["label", "--store", tiny_store, "--provider", "toyworld", "--target",
+                 "depth", "--cluster", "tcp://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cluster tcp://127.0.0.1:9" in err[0], err
+    assert time.monotonic() - t0 < 30
