@@ -16,6 +16,15 @@ from actstore.runtime import dask_threads
 # workers at once, instead of one after the other as their first regions arrive.
 WORKER_PRELOAD = "actstore.generation.regions"
 SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
+# What a local worker process gets in its environment before Python starts: Dask's default
+# (one BLAS/OpenMP thread) without its MALLOC_TRIM_THRESHOLD_=65536. Setting that variable
+# switches off glibc's adaptive mmap threshold, so every large tensor torch allocates is a
+# fresh mmap and its pages fault in again: the toy UNet's worker spent 1.65x the CPU per
+# image of the same region run in process (19.6 vs 11.9 CPU-s for 16 images, 2026-12-04;
+# bench_scaling.py compares). Workers started by hand: DASK_WORKER_ENVIRON (docs/scale.md).
+WORKER_ENVIRON = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+DASK_WORKER_ENVIRON = ("DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="
+                       "\"{'OMP_NUM_THREADS': 1, 'MKL_NUM_THREADS': 1, 'OPENBLAS_NUM_THREADS': 1}\"")
 
 
 def worker_id() -> str:
@@ -78,13 +87,23 @@ def local_workers(workers: int):
     """
     if workers < 1:
         raise ActstoreError(f"--workers {workers}: must be at least 1")
+    import dask
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.WARNING,
-                      env={"ACTSTORE_THREADS": str(worker_threads(workers))},
-                      preload=[WORKER_PRELOAD]) as cluster:
-        yield cluster.scheduler_address
+    # A nanny also sets its pre-spawn variables in the process that runs it, so a cluster
+    # started earlier in this process (a notebook, a benchmark) would pass its
+    # MALLOC_TRIM_THRESHOLD_ on to these workers: hidden while they start.
+    trim = os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    try:
+        with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}), \
+                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                             dashboard_address=None, silence_logs=logging.WARNING,
+                             env={"ACTSTORE_THREADS": str(worker_threads(workers))},
+                             preload=[WORKER_PRELOAD]) as cluster:
+            yield cluster.scheduler_address
+    finally:
+        if trim is not None:
+            os.environ["MALLOC_TRIM_THRESHOLD_"] = trim
 
 
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
@@ -111,6 +130,7 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
                                        f"{timeout:g} s")
                     return
                 answer["workers"] = list(client.scheduler_info(n_workers=-1)["workers"].values())
+                answer["trimmed"] = sum(1 for v in client.run(_malloc_trim).values() if v)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, it is not a scheduler
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             answer["error"] = f"no Dask scheduler answered ({why[:160]})"
@@ -122,8 +142,18 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
         why = answer.get("error", f"no Dask scheduler answered within {2 * timeout + 1:g} s")
         raise ActstoreError(f"--cluster {address}: {why}; {hint}")
     workers = answer["workers"]
-    return {"address": address, "workers": len(workers),
+    if answer["trimmed"]:
+        logging.getLogger(__name__).warning(
+            "%d of the %d workers at %s run with MALLOC_TRIM_THRESHOLD_ set (Dask's default), "
+            "which costs torch about 1.6x the CPU; start them with %s", answer["trimmed"],
+            len(workers), address, DASK_WORKER_ENVIRON)
+    return {"address": address, "workers": len(workers), "trimmed_workers": answer["trimmed"],
             "gpu_workers": sum(1 for w in workers if w.get("resources", {}).get("GPU"))}
+
+
+def _malloc_trim() -> str | None:
+    """Run on each worker: its MALLOC_TRIM_THRESHOLD_, if its environment sets one."""
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
 
 
 def default_workers(device: str) -> int:

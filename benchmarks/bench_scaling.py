@@ -4,7 +4,10 @@
    model through the real fan-out flow (``materialize_flow(..., workers=N)``: Prefect task
    runs on a local Dask cluster), beside the in-process run on one thread. Runs rotate
    order each round. *regions* is the fan-out phase (the workers' model loads included,
-   the cluster's start and the plan step not); *wall* is the whole call.
+   the cluster's start and the plan step not); *wall* is the whole call; *CPU-s/img* is
+   this process's and its finished workers' CPU time per image (robust to a busy
+   machine). Beside them, one worker started with Dask's default environment
+   (``MALLOC_TRIM_THRESHOLD_`` set), which actstore's workers go without.
 2. **Probe grid, 1 vs 2 worker processes**: ``run_probes`` on the store from 1 (labelled
    once with the toy world's labeller) against a ``LocalCluster`` of N single-threaded
    processes.
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -34,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ["ACTSTORE_THREADS"] = "1"   # one torch thread per process, workers included
@@ -57,27 +62,57 @@ def _table(n: int, out: Path) -> str:
     return str(out)
 
 
+def _cpu_seconds() -> float:
+    """CPU-s of this process and of its finished children (closed clusters' workers)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@contextmanager
+def _dask_default_worker():
+    """One worker process as Dask starts it by default (MALLOC_TRIM_THRESHOLD_ set), to
+    measure what actstore's worker environment (``actstore.cluster.WORKER_ENVIRON``) saves."""
+    from distributed import LocalCluster
+
+    from actstore.cluster import WORKER_PRELOAD
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=logging.WARNING,
+                      env={"ACTSTORE_THREADS": "1"}, preload=[WORKER_PRELOAD]) as cluster:
+        yield cluster.scheduler_address
+
+
 def materialize_rates(prompts: str, tmp: Path, args) -> tuple[dict, str]:
-    """Section 1; returns the per-configuration times and one finished store."""
+    """Section 1; returns the per-configuration (regions img/s, wall img/s, CPU-s per
+    image) and one finished store."""
     from actstore.generation.materialize import MaterializeSettings
     from flows.materialize import materialize_flow
 
     settings = MaterializeSettings().with_options(steps=args.steps, guidance=3, device="cpu",
                                                   batch_size=4, block_size=4)
-    configs = {"in-process, 1 thread": None, "1 worker process": 1, "2 worker processes": 2}
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in configs}
+    configs = {"in-process, 1 thread": None, "1 worker process": 1, "2 worker processes": 2,
+               "1 worker, Dask's env": "default"}
+    times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in configs}
     keep = None
     for r in range(args.repeats):
-        order = list(configs)[r % 3:] + list(configs)[:r % 3]
+        order = list(configs)[r % 4:] + list(configs)[:r % 4]
         for name in order:
             store = str(tmp / f"m-{r}-{configs[name]}.zarr")
-            t0 = time.perf_counter()
-            out = materialize_flow(TOY, prompts, store, settings, workers=configs[name],
-                                   progress=False)
-            wall = time.perf_counter() - t0
-            times[name].append((out["images"] / out["seconds"], out["images"] / wall))
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            if configs[name] == "default":
+                with _dask_default_worker() as address:
+                    out = materialize_flow(TOY, prompts, store, settings, cluster=address,
+                                           progress=False)
+            else:
+                out = materialize_flow(TOY, prompts, store, settings, workers=configs[name],
+                                       progress=False)
+            wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            times[name].append((out["images"] / out["seconds"], out["images"] / wall,
+                                cpu / out["images"]))
             print(f"  round {r} {name:22s} regions {out['images'] / out['seconds']:.3f} img/s"
-                  f"  wall {out['images'] / wall:.3f} img/s", flush=True)
+                  f"  wall {out['images'] / wall:.3f} img/s  {cpu / out['images']:.2f} CPU-s/img",
+                  flush=True)
             if keep is None and configs[name] == 2:
                 keep = store
             else:
@@ -282,8 +317,9 @@ def main() -> None:
             for name, ts in times.items():
                 reg = statistics.median(t[0] for t in ts)
                 wall = statistics.median(t[1] for t in ts)
+                cpu = statistics.median(t[2] for t in ts)
                 print(f"  {name:22s} regions {reg:.3f} img/s ({reg / base:.2f}x 1 worker)"
-                      f"   wall {wall:.3f} img/s")
+                      f"   wall {wall:.3f} img/s   {cpu:.2f} CPU-s/img")
         if "probes" not in args.skip and store:
             print("2. probe grid (salient) on the store above", flush=True)
             pt = probe_rates(store, args)
