@@ -16,15 +16,17 @@ from actstore.runtime import dask_threads
 # workers at once, instead of one after the other as their first regions arrive.
 WORKER_PRELOAD = "actstore.generation.regions"
 SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
-# What a local worker process gets in its environment before Python starts: Dask's default
-# (one BLAS/OpenMP thread) without its MALLOC_TRIM_THRESHOLD_=65536. Setting that variable
-# switches off glibc's adaptive mmap threshold, so every large tensor torch allocates is a
-# fresh mmap and its pages fault in again: the toy UNet's worker spent 1.65x the CPU per
-# image of the same region run in process (19.6 vs 11.9 CPU-s for 16 images, 2026-12-04;
-# bench_scaling.py compares). Workers started by hand: DASK_WORKER_ENVIRON (docs/scale.md).
-WORKER_ENVIRON = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-DASK_WORKER_ENVIRON = ("DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON="
-                       "\"{'OMP_NUM_THREADS': 1, 'MKL_NUM_THREADS': 1, 'OPENBLAS_NUM_THREADS': 1}\"")
+# Set in every worker process before Python starts. Dask's nanny sets
+# MALLOC_TRIM_THRESHOLD_=65536 there, which switches off glibc's adaptive mmap threshold:
+# every tensor over 128 KiB torch allocates becomes a fresh mmap whose pages fault in again,
+# and a toy worker spent 1.65x the CPU per image of the same region run in process (19.6 vs
+# 11.9 CPU-s for 16 images, 2026-12-04; bench_scaling.py: 1.56x the regions' speed). These
+# two fix the thresholds where glibc's adaptive mode ends up (mmap only above 32 MiB, keep up
+# to 64 MiB free): 9.5-9.8 CPU-s in process against 10.1-10.4 with glibc's defaults. The nanny takes a variable set in its own environment over its
+# default, and its worker inherits it; so for workers started by hand, the same line before
+# `dask worker` (docs/scale.md).
+WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+WORKER_MALLOC_EXPORT = "export " + " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items())
 
 
 def worker_id() -> str:
@@ -87,23 +89,22 @@ def local_workers(workers: int):
     """
     if workers < 1:
         raise ActstoreError(f"--workers {workers}: must be at least 1")
-    import dask
     from distributed import LocalCluster
 
-    # A nanny also sets its pre-spawn variables in the process that runs it, so a cluster
-    # started earlier in this process (a notebook, a benchmark) would pass its
-    # MALLOC_TRIM_THRESHOLD_ on to these workers: hidden while they start.
-    trim = os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+    saved = {k: os.environ.get(k) for k in WORKER_MALLOC}
+    os.environ.update(WORKER_MALLOC)   # read by each nanny as it spawns its worker
     try:
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": WORKER_ENVIRON}), \
-                LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                             dashboard_address=None, silence_logs=logging.WARNING,
-                             env={"ACTSTORE_THREADS": str(worker_threads(workers))},
-                             preload=[WORKER_PRELOAD]) as cluster:
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                          dashboard_address=None, silence_logs=logging.WARNING,
+                          env={"ACTSTORE_THREADS": str(worker_threads(workers))},
+                          preload=[WORKER_PRELOAD]) as cluster:
             yield cluster.scheduler_address
     finally:
-        if trim is not None:
-            os.environ["MALLOC_TRIM_THRESHOLD_"] = trim
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
@@ -144,16 +145,18 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
     workers = answer["workers"]
     if answer["trimmed"]:
         logging.getLogger(__name__).warning(
-            "%d of the %d workers at %s run with MALLOC_TRIM_THRESHOLD_ set (Dask's default), "
-            "which costs torch about 1.6x the CPU; start them with %s", answer["trimmed"],
-            len(workers), address, DASK_WORKER_ENVIRON)
+            "%d of the %d workers at %s run with Dask's MALLOC_TRIM_THRESHOLD_ and glibc's "
+            "mmap threshold, which costs torch about 1.6x the CPU; start them after `%s`",
+            answer["trimmed"], len(workers), address, WORKER_MALLOC_EXPORT)
     return {"address": address, "workers": len(workers), "trimmed_workers": answer["trimmed"],
             "gpu_workers": sum(1 for w in workers if w.get("resources", {}).get("GPU"))}
 
 
-def _malloc_trim() -> str | None:
-    """Run on each worker: its MALLOC_TRIM_THRESHOLD_, if its environment sets one."""
-    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+def _malloc_trim() -> bool:
+    """Run on each worker: does it trim its heap without a raised mmap threshold (Dask's
+    default environment)?"""
+    return ("MALLOC_TRIM_THRESHOLD_" in os.environ
+            and "MALLOC_MMAP_THRESHOLD_" not in os.environ)
 
 
 def default_workers(device: str) -> int:

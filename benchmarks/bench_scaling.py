@@ -7,7 +7,7 @@
    the cluster's start and the plan step not); *wall* is the whole call; *CPU-s/img* is
    this process's and its finished workers' CPU time per image (robust to a busy
    machine). Beside them, one worker started with Dask's default environment
-   (``MALLOC_TRIM_THRESHOLD_`` set), which actstore's workers go without.
+   (``MALLOC_TRIM_THRESHOLD_`` set), against actstore's (``actstore.cluster.WORKER_MALLOC``).
 2. **Probe grid, 1 vs 2 worker processes**: ``run_probes`` on the store from 1 (labelled
    once with the toy world's labeller) against a ``LocalCluster`` of N single-threaded
    processes.
@@ -43,6 +43,7 @@ from pathlib import Path
 
 os.environ["ACTSTORE_THREADS"] = "1"   # one torch thread per process, workers included
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -72,7 +73,7 @@ def _cpu_seconds() -> float:
 @contextmanager
 def _dask_default_worker():
     """One worker process as Dask starts it by default (MALLOC_TRIM_THRESHOLD_ set), to
-    measure what actstore's worker environment (``actstore.cluster.WORKER_ENVIRON``) saves."""
+    measure what actstore's worker environment (``actstore.cluster.WORKER_MALLOC``) saves."""
     from distributed import LocalCluster
 
     from actstore.cluster import WORKER_PRELOAD

@@ -157,33 +157,38 @@ def test_a_scheduler_that_does_not_answer_is_one_line_within_seconds(tiny_store,
 def test_local_workers_keep_glibc_adaptive_malloc_and_a_foreign_cluster_is_flagged(cluster):
     """Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in every worker, which makes torch pay a page
     fault per large tensor (1.65x the CPU per image, benchmarks/bench_scaling.py): the
-    workers actstore starts go without it, and workers started with Dask's defaults (the
-    `cluster` fixture) are counted so the command can say how to start them."""
+    workers actstore starts raise glibc's thresholds (Dask's one BLAS thread kept), and
+    workers started with Dask's defaults (the `cluster` fixture) are counted so the command
+    can say how to start them."""
     from distributed import Client
 
     from actstore.cluster import _malloc_trim, check_scheduler, local_workers
 
     with local_workers(1) as address, Client(address) as client:
-        env = client.run(lambda: {k: os.environ.get(k) for k in
-                                  ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")})
-        assert list(env.values()) == [{"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}]
+        env = client.run(lambda: {k: os.environ.get(k) for k in (
+            "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "OMP_NUM_THREADS")})
+        assert list(env.values()) == [{"MALLOC_TRIM_THRESHOLD_": str(64 << 20),
+                                       "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
+                                       "OMP_NUM_THREADS": "1"}]
         assert check_scheduler(address)["trimmed_workers"] == 0
-    assert set(cluster.run(_malloc_trim).values()) == {"65536"}
+    assert set(cluster.run(_malloc_trim).values()) == {True}
     assert check_scheduler(cluster.scheduler.address)["trimmed_workers"] == 2
 
 
 def test_the_documented_worker_environment_reaches_a_hand_started_worker():
-    """docs/scale.md's `DASK_WORKER_ENVIRON dask worker ...`, run as a shell line."""
-    from actstore.cluster import DASK_WORKER_ENVIRON, check_scheduler
+    """docs/scale.md's export line before `dask worker ...`, run in a shell, from a process
+    whose own environment has Dask's variable (as after any earlier local cluster)."""
+    from actstore.cluster import WORKER_MALLOC_EXPORT, check_scheduler
 
     port = _closed_port()
     bindir = os.path.dirname(sys.executable)
-    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}",
+           "MALLOC_TRIM_THRESHOLD_": "65536"}
     procs = [subprocess.Popen(["dask", "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--no-dashboard"], env=env, stderr=subprocess.DEVNULL)]
     try:
         procs.append(subprocess.Popen(
-            ["bash", "-c", f"{DASK_WORKER_ENVIRON} exec dask worker tcp://127.0.0.1:{port} "
+            ["bash", "-c", f"{WORKER_MALLOC_EXPORT}; exec dask worker tcp://127.0.0.1:{port} "
                            "--nthreads 1 --no-dashboard"], env=env, stderr=subprocess.DEVNULL))
         deadline = time.time() + 90
         while True:
