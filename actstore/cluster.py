@@ -3,6 +3,7 @@ local one (threads for the probe grid, worker processes for materialize)."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import socket
@@ -16,17 +17,19 @@ from actstore.runtime import dask_threads
 # workers at once, instead of one after the other as their first regions arrive.
 WORKER_PRELOAD = "actstore.generation.regions"
 SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
-# Set in every worker process before Python starts. Dask's nanny sets
-# MALLOC_TRIM_THRESHOLD_=65536 there, which switches off glibc's adaptive mmap threshold:
-# every tensor over 128 KiB torch allocates becomes a fresh mmap whose pages fault in again,
-# and a toy worker spent 1.65x the CPU per image of the same region run in process (19.6 vs
-# 11.9 CPU-s for 16 images, 2026-12-04; bench_scaling.py: 1.56x the regions' speed). These
-# two fix the thresholds where glibc's adaptive mode ends up (mmap only above 32 MiB, keep up
-# to 64 MiB free): 9.5-9.8 CPU-s in process against 10.1-10.4 with glibc's defaults. The nanny takes a variable set in its own environment over its
-# default, and its worker inherits it; so for workers started by hand, the same line before
-# `dask worker` (docs/scale.md).
-WORKER_MALLOC = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
-WORKER_MALLOC_EXPORT = "export " + " ".join(f"{k}={v}" for k, v in WORKER_MALLOC.items())
+# glibc's malloc thresholds for processes that run torch. Dask's nanny sets
+# MALLOC_TRIM_THRESHOLD_=65536 in every worker, which switches off glibc's adaptive mmap
+# threshold: every tensor over 128 KiB torch allocates becomes a fresh mmap whose pages fault
+# in again, and a toy worker spent 1.65x the CPU per image of the same region run in process
+# (19.6 vs 11.9 CPU-s for 16 images, 2026-12-04; bench_scaling.py: 1.56x the regions' speed).
+# These fix the thresholds where glibc's adaptive mode ends up (mmap only above 32 MiB, keep
+# up to 64 MiB free): 9.5-9.8 CPU-s in process against 10.1-10.4 with glibc's defaults. Set
+# at run time (mallopt) by the process that loads a model, so workers started by hand with
+# Dask's environment get them too.
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (malloc.h)
+_TUNED: list[bool] = []
 
 
 def worker_id() -> str:
@@ -91,20 +94,11 @@ def local_workers(workers: int):
         raise ActstoreError(f"--workers {workers}: must be at least 1")
     from distributed import LocalCluster
 
-    saved = {k: os.environ.get(k) for k in WORKER_MALLOC}
-    os.environ.update(WORKER_MALLOC)   # read by each nanny as it spawns its worker
-    try:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                          dashboard_address=None, silence_logs=logging.WARNING,
-                          env={"ACTSTORE_THREADS": str(worker_threads(workers))},
-                          preload=[WORKER_PRELOAD]) as cluster:
-            yield cluster.scheduler_address
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=logging.WARNING,
+                      env={"ACTSTORE_THREADS": str(worker_threads(workers))},
+                      preload=[WORKER_PRELOAD]) as cluster:
+        yield cluster.scheduler_address
 
 
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
@@ -131,7 +125,6 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
                                        f"{timeout:g} s")
                     return
                 answer["workers"] = list(client.scheduler_info(n_workers=-1)["workers"].values())
-                answer["trimmed"] = sum(1 for v in client.run(_malloc_trim).values() if v)
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, it is not a scheduler
             why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             answer["error"] = f"no Dask scheduler answered ({why[:160]})"
@@ -143,20 +136,22 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
         why = answer.get("error", f"no Dask scheduler answered within {2 * timeout + 1:g} s")
         raise ActstoreError(f"--cluster {address}: {why}; {hint}")
     workers = answer["workers"]
-    if answer["trimmed"]:
-        logging.getLogger(__name__).warning(
-            "%d of the %d workers at %s run with Dask's MALLOC_TRIM_THRESHOLD_ and glibc's "
-            "mmap threshold, which costs torch about 1.6x the CPU; start them after `%s`",
-            answer["trimmed"], len(workers), address, WORKER_MALLOC_EXPORT)
-    return {"address": address, "workers": len(workers), "trimmed_workers": answer["trimmed"],
+    return {"address": address, "workers": len(workers),
             "gpu_workers": sum(1 for w in workers if w.get("resources", {}).get("GPU"))}
 
 
-def _malloc_trim() -> bool:
-    """Run on each worker: does it trim its heap without a raised mmap threshold (Dask's
-    default environment)?"""
-    return ("MALLOC_TRIM_THRESHOLD_" in os.environ
-            and "MALLOC_MMAP_THRESHOLD_" not in os.environ)
+def tune_malloc() -> bool:
+    """Set this process's malloc thresholds (see MALLOC_MMAP_THRESHOLD) once, before it loads
+    a model; False where the C library has no ``mallopt`` (not glibc), which changes nothing
+    but speed."""
+    if not _TUNED:
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):
+            return False
+        _TUNED.append(bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD))
+                      and bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)))
+    return _TUNED[0]
 
 
 def default_workers(device: str) -> int:

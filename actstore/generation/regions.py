@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 
-from actstore.cluster import worker_id
+from actstore.cluster import tune_malloc, worker_id
 from actstore.generation.materialize import MaterializeSettings, materialize, prepare
 from actstore.generation.models import LoadedModel, load_model
 
@@ -31,6 +31,7 @@ def shared_model(model: str, settings: MaterializeSettings) -> LoadedModel:
     with _LOCK:
         if key not in _MODEL:
             _MODEL.clear()  # free the previous model before loading the next
+            tune_malloc()
             _MODEL[key] = load_model(model, dtype=settings.dtype, device=settings.device)
             _LOADS.append(key)
         return _MODEL[key]

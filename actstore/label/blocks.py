@@ -27,7 +27,7 @@ import numpy as np
 from actstore.errors import ActstoreError
 from actstore.kinds import CONTINUOUS
 from actstore.label.passes import PassContext, normalize, pool_block, resolution_name
-from actstore.cluster import worker_id
+from actstore.cluster import tune_malloc, worker_id
 from actstore.label.providers import get_provider
 from actstore.store import commit, io
 from actstore.store import core as st
@@ -219,5 +219,6 @@ def shared_provider(spec: str, device: str):
     with _LOCK:
         if (spec, device) not in _PROVIDER:
             _PROVIDER.clear()
+            tune_malloc()
             _PROVIDER[(spec, device)] = get_provider(spec, device)
         return _PROVIDER[(spec, device)]
