@@ -37,6 +37,19 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def portable(location: str, *, named: bool = False) -> str:
+    """``location`` as a worker process started in another folder finds it: a relative
+    local path made absolute from this process's folder (a deployment's working directory,
+    a user's shell), ``~`` expanded; URLs unchanged. With ``named`` (a model argument) a
+    string that is no existing local path (``tiny-random``, a Hugging Face id) stays a name."""
+    if "://" in location:
+        return location
+    path = os.path.expanduser(location)
+    if named and not os.path.exists(path):
+        return location
+    return os.path.abspath(path)
+
+
 def connect(address: str, timeout: float = SCHEDULER_TIMEOUT):
     """A client of the scheduler at ``address``, or a one-line error naming it within
     seconds (distributed's default waits 30 s, then raises a traceback)."""

@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from prefect import flow, task
 from prefect.futures import as_completed
 
+from actstore.cluster import portable
 from actstore.errors import ActstoreError
 from actstore.label import blocks
 from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
@@ -139,6 +140,6 @@ def label_flow(store: str, provider: str, target: str | list[str], *,
         return label_task(store, provider, target, overwrite=overwrite, on_x0=on_x0,
                           device=device)
     with dask_address(workers, cluster) as (address, n, gpu):
-        out = fan_out_labels(store, provider, target, overwrite, on_x0, device, address, n,
+        out = fan_out_labels(portable(store), provider, target, overwrite, on_x0, device, address, n,
                              gpu, progress)
     return out[target] if isinstance(target, str) else out

@@ -21,7 +21,7 @@ from contextlib import contextmanager, nullcontext
 from prefect import flow, task
 from prefect.futures import as_completed
 
-from actstore.cluster import check_scheduler, local_workers
+from actstore.cluster import check_scheduler, local_workers, portable
 from actstore.errors import ActstoreError
 from actstore.generation.materialize import MaterializeSettings, completion, format_completion
 from actstore.generation.regions import materialize_region, plan_regions
@@ -135,7 +135,9 @@ def materialize_flow(model: str, prompts: str, store: str,
 
     ``settings.gen.guidance`` defaults to SD's 7.5; a caller with a catalog model passes
     the model's own (``catalog.resolve_guidance``: the CLI does, and the deployments say 3
-    for toy-ldm)."""
+    for toy-ldm). Relative paths are taken from this process's folder (a deployment's
+    working directory), also on workers started elsewhere."""
+    model, prompts, store = portable(model, named=True), portable(prompts), portable(store)
     with dask_address(workers, cluster) as (address, n, gpu):
         summary = fill_store(model, prompts, store, settings, images, address, n, gpu,
                              progress)
