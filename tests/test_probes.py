@@ -7,6 +7,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression, Ridge
 from threadpoolctl import threadpool_limits
 
+from actstore.probe import shifted
 from actstore.probe import solvers as probes
 from actstore.errors import ActstoreError
 from actstore.probe import logistic as lg
@@ -96,6 +97,56 @@ def test_ridge_matches_sklearn_batched_and_multitarget(lam):
             np.testing.assert_allclose(fit.weights[s, :, t], ref.coef_, rtol=1e-5,
                                        atol=1e-5 * np.abs(ref.coef_).max())
             np.testing.assert_allclose(fit.bias[s, t], ref.intercept_, rtol=1e-5, atol=1e-6)
+
+
+def test_ridge_path_every_lambda_matches_sklearn():
+    """Every λ of the path from one tridiagonal reduction, not only the chosen one."""
+    X, y, _ = make_cells(5, steps=(2,))
+    Y = np.stack([y, np.sin(y)], axis=-1)
+    lambdas = np.logspace(-6, 1, 8)
+    stats = sum(accumulate(X[:, i], Y[:, i]) for i in range(N_IMG))
+    w, b, alpha = probes._path(stats, lambdas)               # (step, λ, C, T), (step, λ, T)
+    for s in range(2):
+        Xs = X[s].reshape(-1, C).astype(np.float64)
+        for li in range(len(lambdas)):
+            for t in range(2):
+                ref = Ridge(alpha=alpha[s, li]).fit(Xs, Y[s, ..., t].ravel())
+                np.testing.assert_allclose(w[s, li, :, t], ref.coef_, rtol=1e-6,
+                                           atol=1e-6 * np.abs(ref.coef_).max())
+                np.testing.assert_allclose(b[s, li, t], ref.intercept_, rtol=1e-6, atol=1e-8)
+
+
+def test_shifted_solves_match_dense_solves():
+    rng = np.random.default_rng(6)
+    A = rng.normal(size=(60, 25)) * rng.uniform(0.01, 10, 25)
+    S, B = A.T @ A, rng.normal(size=(25, 4))
+    shift, scale = np.array([1e-6, 1e-2, 1.0, 30.0]), np.array([1.0, 0.3, 2.0, 1.0])
+    got = shifted.Tridiagonal(S).solve(B, shift, scale)
+    for j in range(4):
+        want = np.linalg.solve(scale[j] * S + shift[j] * np.eye(25), B[:, j])
+        np.testing.assert_allclose(got[:, j], want, rtol=1e-9, atol=1e-12 * np.abs(want).max())
+        np.testing.assert_allclose(shifted.solve_spd(scale[j] * S, shift[j], B[:, j]), want,
+                                   rtol=1e-9, atol=1e-12 * np.abs(want).max())
+    # a rank-deficient S at shift 0: the minimum-norm solution, by either route
+    low = A[:10].T @ A[:10]                                   # rank 10 of 25
+    rhs = low @ rng.normal(size=25)                          # in its range
+    want = np.linalg.pinv(low, rcond=1e-12) @ rhs
+    for got in (shifted.Tridiagonal(low).solve(rhs[:, None], np.zeros(1))[:, 0],
+                shifted.solve_spd(low, 0.0, rhs)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+    one = shifted.Tridiagonal(np.array([[4.0]])).solve(np.array([[2.0]]), np.array([1.0]))
+    assert one[0, 0] == pytest.approx(0.4)
+
+
+def test_removing_a_fold_equals_merging_the_others():
+    X, y, _ = make_cells(7, steps=(2,))
+    folds = fold_stats(np.moveaxis(X, 1, 0), np.moveaxis(y, 1, 0)).folds
+    total = sum(folds)
+    for k in range(5):
+        rest, want = total - folds[k], sum(f for j, f in enumerate(folds) if j != k)
+        for name in ("n", "mean_x", "mean_y", "sxx", "sxy", "syy"):
+            np.testing.assert_allclose(getattr(rest, name), getattr(want, name), rtol=1e-9,
+                                       atol=1e-9 * np.abs(getattr(want, name)).max())
 
 
 def brute_force_cv(X, y, lambdas, k, fit_one, score_one):

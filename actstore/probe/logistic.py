@@ -15,7 +15,8 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from actstore.errors import ActstoreError
-from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _eigh, _scale,
+from actstore.probe.shifted import Tridiagonal
+from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _scale,
                                     _stats_by_fold, _up, fold_of)
 
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
@@ -28,27 +29,26 @@ WINDOW = (1 / 30, 300)      # λ searched around the ridge's, see :func:`lambda_
 
 
 class _Hess(NamedTuple):
-    """The full model's Hessian h·S as its eigendecomposition, the bias eliminated by its
-    Schur complement; h turns unweighted stats into the Hessian at the constant model
-    (h = p̄(1-p̄)), else 1. Fold model m uses c_m times it, c_m its share of the training
-    tokens: one C³ decomposition per refresh then serves every model and every α (C = 1280
-    at SD's widest layers), and the fold models, whose Hessians differ from it by their
-    fold's share, converge linearly, not quadratically: the exact gradient decides."""
-    d: np.ndarray    # (C,) eigenvalues of the full model's h·S
-    V: np.ndarray    # (C, C) its eigenvectors
-    c: np.ndarray    # (M,) each model's share of it
-    mu: np.ndarray   # (C,) (weighted) mean of X: the bias coupling
-    n: np.ndarray    # (M,) h·(weighted) count of each model's tokens
+    """The full model's Hessian h·S as its tridiagonal reduction (:mod:`shifted`), the bias
+    eliminated by its Schur complement; h turns unweighted stats into the Hessian at the
+    constant model (h = p̄(1-p̄)), else 1. Fold model m uses c_m times it, c_m its share of
+    the training tokens: one reduction per refresh then serves every model and every α
+    (C = 1280 at SD's widest layers), and the fold models, whose Hessians differ from it
+    by their fold's share, converge linearly, not quadratically: the exact gradient
+    decides."""
+    tri: Tridiagonal   # of the full model's h·S
+    c: np.ndarray      # (M,) each model's share of it
+    mu: np.ndarray     # (C,) (weighted) mean of X: the bias coupling
+    n: np.ndarray      # (M,) h·(weighted) count of each model's tokens
 
     @classmethod
     def of(cls, full: RidgeStats, c: np.ndarray, h: float = 1.0) -> "_Hess":
-        d, V = _eigh(h * full.sxx)
-        return cls(d, V, c, full.mean_x, c * h * full.n)
+        return cls(Tridiagonal(h * full.sxx), c, full.mean_x, c * h * full.n)
 
     def solve(self, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
         """Newton direction for (w, b) of each model given gradients, penalty α on w only."""
-        g = (gw - self.mu * gb[:, None]) @ self.V
-        dw = (g / (self.c[:, None] * self.d + alpha[:, None])) @ self.V.T
+        g = gw - self.mu * gb[:, None]
+        dw = self.tri.solve(g.T, alpha, self.c).T
         return dw, gb / self.n - dw @ self.mu
 
 
