@@ -131,6 +131,23 @@ def read_pass(uri: str) -> Clock:
         return _timed(run)
 
 
+def block_reads(uri: str) -> Clock:
+    """The bare read: every activation block decompressed into memory, one at a time, as
+    the probe run's block tasks read them, with nothing computed on it (the plain read
+    pass above also sums, in float32, which costs about as much again)."""
+    from actstore.probe.grid import _array
+
+    def run():
+        for m in st.model_variants(uri):
+            view = open_store(uri, m)
+            for layer in view.layers:
+                arr = _array(uri, st.layer_path(m, layer))
+                for a in range(0, arr.shape[0], view.block_size):
+                    arr[a:a + view.block_size]
+    with task_threads():
+        return _timed(run)
+
+
 def fit_and_score(uri: str, target: str) -> tuple[Clock, Clock]:
     """The fit alone and the score pass alone, every model × layer × step."""
     _, split, sources = load_targets(uri, target)
@@ -149,6 +166,16 @@ def fit_and_score(uri: str, target: str) -> tuple[Clock, Clock]:
     return fit_s, score_s
 
 
+def mean(a: Clock, b: Clock) -> Clock:
+    out = a + b
+    out.wall, out.cpu = out.wall / 2, out.cpu / 2
+    return out
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", help="a store with the targets labelled (else synthetic)")
@@ -156,8 +183,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=16)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=4)
-    ap.add_argument("--models", nargs="+", default=["trained"])
+    ap.add_argument("--models", nargs="+", default=["trained", "randomized"])
     ap.add_argument("--targets", nargs="+", default=["salient", "depth"])
+    ap.add_argument("--whole-only", action="store_true",
+                    help="skip the separate fit and score passes (half the time)")
     args = ap.parse_args()
     tmp = None
     uri = args.store
@@ -170,25 +199,28 @@ def main() -> None:
               f"{len(SHAPES[args.shapes][1])} layers x {len(args.models)} models, built in "
               f"{t.wall:.1f} s")
     try:
-        print(f"load average before: {os.getloadavg()[0]:.2f}")
+        print(f"load average before: {load()}")
         read_pass(uri)   # once untimed: metadata caches and page cache warm, as for the rest
-        read = read_pass(uri)
+        read, bare = read_pass(uri), block_reads(uri)
         gb = sum(open_store(uri, m)[la].nbytes for m in st.model_variants(uri)
                  for la in open_store(uri, m).layers) / 1e9
         print(f"plain read pass: {read.wall:.2f} s, {read.cpu:.2f} CPU s ({gb:.2f} GB float16, "
-              f"{gb / read.wall * 1e3:.0f} MB/s)")
+              f"{gb / read.wall * 1e3:.0f} MB/s); bare block reads {bare.wall:.2f} s, "
+              f"{bare.cpu:.2f} CPU s [load {load()}]")
         for target in args.targets:
-            fit, score = fit_and_score(uri, target)
+            if not args.whole_only:
+                fit, score = fit_and_score(uri, target)
             run = _timed(lambda: run_probes(uri, target, scheduler="threads", progress=False))
-            read2 = read_pass(uri)   # again: the machine may have changed pace meanwhile
-            ref = read + read2
-            ref.wall, ref.cpu = ref.wall / 2, ref.cpu / 2   # the mean of the two reads
-            print(f"{target}: fit {fit.wall:.2f} s ({fit.ratio(ref)}), score {score.wall:.2f} s "
-                  f"({score.ratio(ref)}), whole run (fit + score + store) {run.wall:.2f} s "
-                  f"({run.ratio(ref)} read; read {read2.wall:.2f} s, {read2.cpu:.2f} CPU s "
-                  "this time)", flush=True)
-            read = read2
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
+            read2, bare2 = read_pass(uri), block_reads(uri)   # the machine may have changed pace
+            ref, ref_bare = mean(read, read2), mean(bare, bare2)
+            parts = "" if args.whole_only else (
+                f"fit {fit.wall:.2f} s ({fit.ratio(ref)}), score {score.wall:.2f} s "
+                f"({score.ratio(ref)}), ")
+            print(f"{target}: {parts}whole run (fit + score + store) {run.wall:.2f} s, "
+                  f"{run.cpu:.2f} CPU s ({run.ratio(ref)} read; {run.ratio(ref_bare)} bare "
+                  f"read; read {read2.wall:.2f} s, {read2.cpu:.2f} CPU s this time) "
+                  f"[load {load()}]", flush=True)
+            read, bare = read2, bare2
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
