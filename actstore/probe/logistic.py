@@ -52,15 +52,21 @@ class _Hess(NamedTuple):
         return dw, gb / self.n - dw @ self.mu
 
 
-# Gradient passes are O(nC) and memory-bound, so float64 costs little; float32 rounding
-# would stall Newton at ~1e-6. Only the O(nC²) Hessian uses float32: it may be approximate.
-def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray) -> np.ndarray:
-    return np.concatenate([_up(X[s], np.float64) @ W.T
+# Gradient passes are O(nC) and memory-bound: float64 doubles their cost, but float32
+# rounding (~1e-7 of each product) would stall Newton near 1e-6. So a fit polished to TOL
+# passes in float64, and a sample fit, which stops at PATH_TOL (its sampling error is far
+# larger), in float32: half the bytes per pass, the most frequent work at SD's widths.
+# Z and the sums stay float64 either way. The O(nC²) Hessian is float32: it may be
+# approximate.
+def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray, dt=np.float64) -> np.ndarray:
+    Wt = W.T.astype(dt)
+    return np.concatenate([(_up(X[s], dt) @ Wt).astype(np.float64, copy=False)
                            for s in _chunks(len(X), 8 * X.shape[1])]) + B
 
 
-def _backward(X: np.ndarray, R: np.ndarray) -> np.ndarray:
-    return sum(R[s].T @ _up(X[s], np.float64) for s in _chunks(len(X), 8 * X.shape[1]))
+def _backward(X: np.ndarray, R: np.ndarray, dt=np.float64) -> np.ndarray:
+    return sum((R[s].T.astype(dt) @ _up(X[s], dt)).astype(np.float64, copy=False)
+               for s in _chunks(len(X), 8 * X.shape[1]))
 
 
 def _loss_and_prob(Z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -91,7 +97,7 @@ class _Refresher:
         return self.make(z)
 
 
-def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
+def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter, dt):
     """Newton at one α for all models at once, halving a model's step while its objective
     rises; the Hessian is refreshed (:class:`_Refresher`) only when the full model
     converges slower than 4x per step (the fold models' Hessians are approximate whatever
@@ -103,10 +109,10 @@ def _newton(X, y, train, refresh, W, B, Z, H, alpha, tol, max_iter):
     active, prev = np.ones(len(W), bool), np.full(len(W), np.inf)
     for _ in range(max_iter):
         R = (p - y[:, None]) * train
-        dw, db = H.solve(alpha, _backward(X, R) + alpha[:, None] * W, R.sum(0))
+        dw, db = H.solve(alpha, _backward(X, R, dt) + alpha[:, None] * W, R.sum(0))
         dw[~active], db[~active] = 0.0, 0.0
         size = np.maximum(np.abs(dw).max(1), np.abs(db)) / np.maximum(1.0, np.abs(W).max(1))
-        Zd, t = _forward(X, dw, db), np.ones(len(W))
+        Zd, t = _forward(X, dw, db, dt), np.ones(len(W))
         for _ in range(40):
             new, p_new = objective(Z - t * Zd, W - t[:, None] * dw)
             bad = active & (new > loss + 1e-13 * np.abs(loss))
@@ -173,13 +179,14 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
     W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]),
                  np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - W @ H.mu
-    X64 = _up(X, np.float64) if X.size * 8 <= RESIDENT_BYTES else X
-    Z = _forward(X64, W, B)
+    dt = np.float32 if tol >= PATH_TOL else np.float64
+    X64 = _up(X, dt) if X.size * np.dtype(dt).itemsize <= RESIDENT_BYTES else X
+    Z = _forward(X64, W, B, dt)
     path_w, path_b = np.zeros((len(lambdas),) + W.shape), np.zeros((len(lambdas), len(B)))
     score, converged = np.full(len(lambdas), np.nan), True
     for li in np.argsort(-lambdas):   # validation loss is flat at the optimum: PATH_TOL will do
         W, B, Z, H, ok = _newton(X64, y, train, refresh, W, B, Z, H, lambdas[li] * scale,
-                                 max(tol, PATH_TOL), min(max_iter, PATH_MAX_ITER))
+                                 max(tol, PATH_TOL), min(max_iter, PATH_MAX_ITER), dt)
         converged &= ok
         path_w[li], path_b[li] = W, B
         if cv:
@@ -187,8 +194,8 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
             score[li] = sum(ll[fold == g, m].sum() for m, g in enumerate(held)) / wt.sum()
     best = int(np.nanargmin(score)) if cv else 0
     W, B = path_w[best], path_b[best]   # polish the chosen λ's models to ``tol``
-    W, B, _, _, ok = _newton(X64, y, train, refresh, W, B, _forward(X64, W, B), H,
-                             lambdas[best] * scale, tol, max_iter)
+    W, B, _, _, ok = _newton(X64, y, train, refresh, W, B, _forward(X64, W, B, dt), H,
+                             lambdas[best] * scale, tol, max_iter, dt)
     return ProbeFit(W[-1], np.float64(B[-1]), np.float64(lambdas[best]),
                     np.float64(lambdas[best] * scale[-1]), lambdas, score if cv else None,
                     bool(converged and ok))
