@@ -42,6 +42,9 @@ def metric_names(kind: str, label_spearman: bool = False) -> list[str]:
     return _names(kind == BINARY, label_spearman)
 
 
+FIT_TASK_BYTES = 16 << 20   # activations (as stored) read by one fit task, see _spans
+
+
 @dataclass
 class LayerFit:
     """Every step's probe for one (model, layer): weights (S, C), bias (S,), λ (S,)."""
@@ -141,6 +144,22 @@ def _sample_rates(src: LayerSource, train: np.ndarray) -> np.ndarray:
     return sampling.class_rates(_token_labels(src)[train], sampling.budget(channels))
 
 
+def _spans(blocks: list[tuple[int, int]], arr: zarr.Array, n_steps: int
+           ) -> list[tuple[int, int]]:
+    """Adjacent store blocks joined into fit tasks of about :data:`FIT_TASK_BYTES` each.
+    A task's statistics cost K C×C matrices however many tokens it holds, and merging two
+    tasks' costs as much again: at SD's 8×8×1280 layer, four images of a store block
+    make a Gram product 20× cheaper than merging its fold matrices."""
+    per_image = n_steps * int(np.prod(arr.shape[2:])) * arr.dtype.itemsize
+    out: list[tuple[int, int]] = []
+    for a, b in blocks:
+        if out and out[-1][1] == a and (b - out[-1][0]) * per_image <= FIT_TASK_BYTES:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 def _tree_sum(parts: list):
     while len(parts) > 1:
         parts = [delayed(sum)(parts[i:i + 2]) for i in range(0, len(parts), 2)]
@@ -211,6 +230,7 @@ def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 
     blocks = [(a, b) for a, b in split.blocks if split.train[a:b].any()]
     if not blocks:
         raise ActstoreError(f"store {src.uri}: no train images; set split=train on some rows")
+    blocks = _spans(blocks, _array(src.uri, src.activation), len(steps))
     if src.kind != BINARY:
         stats = _tree_sum([delayed(_fit_block)(src, a, b, split.train[a:b], steps, n_folds)
                            for a, b in blocks])
