@@ -20,10 +20,11 @@ from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _s
                                     _stats_by_fold, _up, fold_of)
 
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
-RESIDENT_BYTES = 1 << 30    # logistic keeps a float64 copy of X up to this size
+RESIDENT_BYTES = 1 << 30    # logistic keeps a copy of X for its passes up to this size
 HESSIAN_TOKENS = 256        # per channel: logistic Hessian refreshes use ≤ ~256·C tokens
 TOL = 1e-6                  # Newton's default tolerance (largest relative step left)
 PATH_TOL = 1e-4             # logistic tolerance along the λ path; the chosen λ gets ``tol``
+PATH_DTYPE = np.float32     # the λ path's passes over X; a polish below PATH_TOL: float64
 PATH_MAX_ITER = 30          # separable tokens never converge; the chosen λ gets ``max_iter``
 WINDOW = (1 / 30, 300)      # λ searched around the ridge's, see :func:`lambda_window`
 
@@ -53,11 +54,12 @@ class _Hess(NamedTuple):
 
 
 # Gradient passes are O(nC) and memory-bound: float64 doubles their cost, but float32
-# rounding (~1e-7 of each product) would stall Newton near 1e-6. So a fit polished to TOL
-# passes in float64, and a sample fit, which stops at PATH_TOL (its sampling error is far
-# larger), in float32: half the bytes per pass, the most frequent work at SD's widths.
-# Z and the sums stay float64 either way. The O(nC²) Hessian is float32: it may be
-# approximate.
+# rounding (~1e-7 of each product) would stall Newton near 1e-6. So the λ path, which stops
+# at PATH_TOL, passes in float32 (half the bytes per pass, the most frequent work at SD's
+# widths), and only a polish to a tighter tolerance (the chosen λ of a cell fitted on all
+# its tokens) in float64; a sample fit stops at PATH_TOL (its sampling error is far
+# larger). Z and the sums stay float64 either way. The O(nC²) Hessian is float32: it may
+# be approximate.
 def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray, dt=np.float64) -> np.ndarray:
     Wt = W.T.astype(dt)
     return np.concatenate([(_up(X[s], dt) @ Wt).astype(np.float64, copy=False)
@@ -179,13 +181,13 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
     W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]),
                  np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - W @ H.mu
-    dt = np.float32 if tol >= PATH_TOL else np.float64
-    X64 = _up(X, dt) if X.size * np.dtype(dt).itemsize <= RESIDENT_BYTES else X
-    Z = _forward(X64, W, B, dt)
+    dt = PATH_DTYPE
+    Xp = _up(X, dt) if X.size * np.dtype(dt).itemsize <= RESIDENT_BYTES else X
+    Z = _forward(Xp, W, B, dt)
     path_w, path_b = np.zeros((len(lambdas),) + W.shape), np.zeros((len(lambdas), len(B)))
     score, converged = np.full(len(lambdas), np.nan), True
     for li in np.argsort(-lambdas):   # validation loss is flat at the optimum: PATH_TOL will do
-        W, B, Z, H, ok = _newton(X64, y, train, refresh, W, B, Z, H, lambdas[li] * scale,
+        W, B, Z, H, ok = _newton(Xp, y, train, refresh, W, B, Z, H, lambdas[li] * scale,
                                  max(tol, PATH_TOL), min(max_iter, PATH_MAX_ITER), dt)
         converged &= ok
         path_w[li], path_b[li] = W, B
@@ -194,7 +196,10 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
             score[li] = sum(ll[fold == g, m].sum() for m, g in enumerate(held)) / wt.sum()
     best = int(np.nanargmin(score)) if cv else 0
     W, B = path_w[best], path_b[best]   # polish the chosen λ's models to ``tol``
-    W, B, _, _, ok = _newton(X64, y, train, refresh, W, B, _forward(X64, W, B, dt), H,
+    if tol < PATH_TOL and dt != np.float64:
+        dt = np.float64
+        Xp = _up(X, dt) if X.size * 8 <= RESIDENT_BYTES else X
+    W, B, _, _, ok = _newton(Xp, y, train, refresh, W, B, _forward(Xp, W, B, dt), H,
                              lambdas[best] * scale, tol, max_iter, dt)
     return ProbeFit(W[-1], np.float64(B[-1]), np.float64(lambdas[best]),
                     np.float64(lambdas[best] * scale[-1]), lambdas, score if cv else None,
