@@ -138,6 +138,17 @@ def test_shifted_solves_match_dense_solves():
     assert one[0, 0] == pytest.approx(0.4)
 
 
+def test_lambda_zero_is_the_minimum_norm_least_squares_fit():
+    rng = np.random.default_rng(8)
+    X, y = rng.normal(size=(2, 6, C)), rng.normal(size=(2, 6))     # 6 tokens < C channels
+    fit = fit_ridge(accumulate(X, y), 0.0)
+    for s in range(2):
+        Xc, yc = X[s] - X[s].mean(0), y[s] - y[s].mean()
+        want = np.linalg.lstsq(Xc, yc, rcond=None)[0]
+        np.testing.assert_allclose(fit.weights[s], want, rtol=1e-6, atol=1e-8)
+        np.testing.assert_allclose(fit.bias[s], y[s].mean() - X[s].mean(0) @ want, atol=1e-8)
+
+
 def test_removing_a_fold_equals_merging_the_others():
     X, y, _ = make_cells(7, steps=(2,))
     folds = fold_stats(np.moveaxis(X, 1, 0), np.moveaxis(y, 1, 0)).folds
