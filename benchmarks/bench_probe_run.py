@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from actstore.generation.capture import LayerInfo  # noqa: E402
 from actstore.label.labels import write_labels  # noqa: E402
 from actstore.metrics import upsample  # noqa: E402
+from actstore.probe import grid  # noqa: E402
 from actstore.probe.grid import fit_layer, score_layer  # noqa: E402
 from actstore.probe.runs import load_targets, run_probes  # noqa: E402
 from actstore.runtime import task_threads  # noqa: E402
@@ -135,13 +136,11 @@ def block_reads(uri: str) -> Clock:
     """The bare read: every activation block decompressed into memory, one at a time, as
     the probe run's block tasks read them, with nothing computed on it (the plain read
     pass above also sums, in float32, which costs about as much again)."""
-    from actstore.probe.grid import _array
-
     def run():
         for m in st.model_variants(uri):
             view = open_store(uri, m)
             for layer in view.layers:
-                arr = _array(uri, st.layer_path(m, layer))
+                arr = grid._array(uri, st.layer_path(m, layer))
                 for a in range(0, arr.shape[0], view.block_size):
                     arr[a:a + view.block_size]
     with task_threads():
@@ -185,6 +184,7 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--models", nargs="+", default=["trained", "randomized"])
     ap.add_argument("--targets", nargs="+", default=["salient", "depth"])
+    ap.add_argument("--repeats", type=int, default=1, help="whole runs per target")
     ap.add_argument("--whole-only", action="store_true",
                     help="skip the separate fit and score passes (half the time)")
     args = ap.parse_args()
@@ -210,17 +210,21 @@ def main() -> None:
         for target in args.targets:
             if not args.whole_only:
                 fit, score = fit_and_score(uri, target)
-            run = _timed(lambda: run_probes(uri, target, scheduler="threads", progress=False))
-            read2, bare2 = read_pass(uri), block_reads(uri)   # the machine may have changed pace
-            ref, ref_bare = mean(read, read2), mean(bare, bare2)
-            parts = "" if args.whole_only else (
-                f"fit {fit.wall:.2f} s ({fit.ratio(ref)}), score {score.wall:.2f} s "
-                f"({score.ratio(ref)}), ")
-            print(f"{target}: {parts}whole run (fit + score + store) {run.wall:.2f} s, "
-                  f"{run.cpu:.2f} CPU s ({run.ratio(ref)} read; {run.ratio(ref_bare)} bare "
-                  f"read; read {read2.wall:.2f} s, {read2.cpu:.2f} CPU s this time) "
-                  f"[load {load()}]", flush=True)
-            read, bare = read2, bare2
+            for _ in range(args.repeats):
+                grid._cached_labels.cache_clear()   # a run starts cold: labels read again
+                grid._array.cache_clear()
+                run = _timed(lambda: run_probes(uri, target, scheduler="threads",
+                                                progress=False))
+                read2, bare2 = read_pass(uri), block_reads(uri)   # the machine's pace moves
+                ref, ref_bare = mean(read, read2), mean(bare, bare2)
+                parts = "" if args.whole_only else (
+                    f"fit {fit.wall:.2f} s ({fit.ratio(ref)}), score {score.wall:.2f} s "
+                    f"({score.ratio(ref)}), ")
+                print(f"{target}: {parts}whole run (fit + score + store) {run.wall:.2f} s, "
+                      f"{run.cpu:.2f} CPU s ({run.ratio(ref)} read; {run.ratio(ref_bare)} "
+                      f"bare read; read {read2.wall:.2f} s, {read2.cpu:.2f} CPU s this time) "
+                      f"[load {load()}]", flush=True)
+                read, bare = read2, bare2
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
