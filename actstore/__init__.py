@@ -29,6 +29,10 @@ _API = {
     "load_probe": "actstore.probe.runs",
     "open_emergence": "actstore.probe.runs",
     "run_interventions": "actstore.intervene.run",
+    "InterventionSettings": "actstore.intervene.settings",
+    "SweepSettings": "actstore.intervene.settings",
+    "run_sweep": "actstore.intervene.sweep",
+    "open_intervention": "actstore.intervene.results",
     "ActstoreError": "actstore.errors",
 }
 

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from actstore.intervene import edits as ed  # noqa: E402
 from actstore.intervene.run import run_interventions  # noqa: E402
+from actstore.intervene.settings import InterventionSettings  # noqa: E402
 from actstore.probe.runs import latest_run  # noqa: E402
 
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
@@ -111,8 +112,10 @@ def main() -> None:
     ap.add_argument("--images", help="ids (comma-separated) or START:STOP; default test split")
     ap.add_argument("--layers", nargs="+", help="default: every layer of the probe run")
     ap.add_argument("--steps", nargs="+", type=int, help="default: every step of the run")
-    ap.add_argument("--n-targets", type=int, default=5)
-    ap.add_argument("--margin", type=float, default=4.0, help="target logit for mask probes")
+    ap.add_argument("--n-targets", type=int, default=InterventionSettings.n_targets)
+    ap.add_argument("--margin", type=float, default=InterventionSettings.margin,
+                    help="target logit for mask probes")
+    ap.add_argument("--strength", type=float, default=1.0)
     ap.add_argument("--gen-steps", type=int, default=15, help="tiny store only")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
@@ -140,11 +143,12 @@ def main() -> None:
         for r in range(args.repeats):
             for method in results:
                 with HookTimer() as timer:
-                    out = run_interventions(
-                        store, run, args.target, method, layers, steps,
-                        args.images, args.n_targets, provider=provider, device=args.device,
-                        margin=args.margin,
-                        progress=False, experiment_id=f"bench-{method}-{int(time.time())}-{r}")
+                    settings = InterventionSettings(
+                        target=args.target, method=method, layers=layers, steps=steps,
+                        images=args.images, n_targets=args.n_targets, provider=provider,
+                        device=args.device, margin=args.margin, strengths=(args.strength,),
+                        experiment_id=f"bench-{method}-{int(time.time())}-{r}")
+                    out = run_interventions(store, run, settings, progress=False)
                 out["edit_seconds"] = timer.seconds
                 results[method].append(out)
     finally:
@@ -167,17 +171,19 @@ def report(results: dict[str, list[dict]]) -> None:
     rows = {}
     for method, outs in results.items():
         o = outs[-1]
+        d = o["dose"][0]["probe"]
         rows[method] = {
             "wall_s": statistics.median(x["seconds"] for x in outs),
             "edit_s": statistics.median(x["edit_seconds"] for x in outs),
-            "pre": o["pre"]["median"], "post": o["post"].get("median", nan),
-            "improved": num(o["improved_fraction"]),
-            "non_finite": o["non_finite"],
-            "vs_other_tgts": o["other_targets"].get("median", nan),
-            "specific": num(o["specific_fraction"]),
-            "probe_err_before": num(o["edit"]["probe_error_before"]),
-            "probe_err_after": num(o["edit"]["probe_error_after"]),
-            "rel_change": num(o["edit"]["relative_change"])}
+            "pre": o["pre"]["median"], "post": d["post"].get("median", nan),
+            "random": o["dose"][0]["random"]["post"].get("median", nan),
+            "improved": num((d["improved"] or {}).get("share")),
+            "non_finite": d["non_finite"],
+            "vs_other_tgts": d["other_targets"].get("median", nan),
+            "specific": num((d["specific"] or {}).get("share")),
+            "probe_err_before": num(d["edit"]["probe_error_before"]),
+            "probe_err_after": num(d["edit"]["probe_error_after"]),
+            "rel_change": num(d["edit"]["relative_change"])}
     head = f"{'method':<11}" + "".join(f"{k:>17}" for k in rows["projection"])
     print(head)
     for method, row in rows.items():

@@ -357,8 +357,13 @@ def _intervene(args, catalog) -> dict:
     return intervene_command(args, catalog)
 
 
+def _sweep(args, catalog) -> dict:
+    from flows.cli_intervene import sweep_command
+    return sweep_command(args, catalog)
+
+
 COMMANDS = {"materialize": _materialize, "verify": _verify, "label": _label, "probe": _probe,
-            "intervene": _intervene, "main": _main_job}
+            "intervene": _intervene, "sweep": _sweep, "main": _main_job}
 
 
 def flow_mode(args):

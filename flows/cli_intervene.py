@@ -1,91 +1,169 @@
-"""``actstore intervene``: the argparse parser and handler, for ``flows.cli`` to register.
+"""``actstore intervene`` and ``actstore sweep``: the argparse parsers and handlers, for
+``flows.cli`` to register.
 
 Kept out of ``cli.py`` so the interventions feature ships as one unit; ``cli.py`` needs
-``add_intervene_parser(sub, common)`` in ``build_parser`` and ``"intervene":
-intervene_command`` in ``COMMANDS``.
+``add_intervene_parser(sub, common)`` in ``build_parser`` and ``"intervene"``/``"sweep"``
+in ``COMMANDS``. Defaults are quoted from the settings dataclasses, never written here:
+an option left out is simply not passed on.
 """
 
 from __future__ import annotations
 
-from actstore.intervene.edits import GRADIENT_ITERATIONS, GRADIENT_LR, METHODS
-from actstore.intervene.targets import DEFAULT_MARGIN
-from flows.cli_checks import check_url, index, positive_float, positive_int
+from actstore.intervene.settings import (METHODS, InterventionSettings, SweepSettings,
+                                         defaults)
+from flows.cli_checks import check_url, index, nonneg_float, positive_float, positive_int
+
+D = defaults(InterventionSettings)
+SW = defaults(SweepSettings)
+
+
+def _strength_help() -> str:
+    return ("dose(s): strength s asks each probe for z + s·(target − z), z its current "
+            "reading; 1 reaches the target, 0 is no edit (bitwise). projection: s times "
+            "the minimal-norm change; gradient: the paper's Adam recipe (--lr, "
+            "--iterations) toward that scaled target")
+
+
+def _add_edit_options(p, sweep: bool = False) -> None:
+    p.add_argument("--store", required=True, help="store URI or catalog store name")
+    p.add_argument("--method", choices=list(METHODS), help=f"default {D['method']}")
+    if not sweep:
+        p.add_argument("--strength", nargs="+", type=nonneg_float, dest="strengths",
+                       help=_strength_help() + f" (default {D['strengths'][0]:g})")
+    p.add_argument("--no-random-control", action="store_false", dest="random_control",
+                   default=None, help="skip the equal-size random-direction edit (on by "
+                   "default: each edit is repeated with a seeded random direction of the "
+                   "same norm at every token)")
+    p.add_argument("--n-targets", type=positive_int, help="targets per image (shift/insert; default "
+                   f"{D['n_targets']}; the others are each output's specificity control)")
+    p.add_argument("--seed", type=index, help="seed of the target offsets and random "
+                   f"directions (default {D['seed']})")
+    p.add_argument("--provider", help="label provider reading the outputs (default: the one "
+                   "that made the labels)")
+    p.add_argument("--margin", type=positive_float, help="target logit magnitude for logistic (mask) "
+                   f"probes (default {D['margin']:g})")
+    p.add_argument("--lr", type=positive_float, help=f"gradient method: Adam lr (default {D['lr']:g})")
+    p.add_argument("--iterations", type=positive_int, help="gradient method: Adam iterations "
+                   f"(default {D['iterations']})")
+    p.add_argument("--targets", help="shift (paper; default), shift-x (its horizontal offset "
+                   "only: for a fixed camera), insert (Appendix E, depth), or a .npz keyed "
+                   "by image id / folder of <image_id>.npy|.png")
+    p.add_argument("--model-variant", help=f"trained or randomized (default {D['model_variant']})")
+    p.add_argument("--batch-size", type=positive_int, help="interventions generated together "
+                   f"(default {D['batch_size']})")
+    p.add_argument("--device", help=f"cpu, cuda[:N] or auto (default {D['device']})")
 
 
 def add_intervene_parser(sub, common=None) -> None:
     """``common``: the options every subcommand also accepts after its name."""
-    p = sub.add_parser("intervene", parents=[common] if common else [],
-                       help="edit activations with a stored probe run during generation and "
-                       "score whether the image follows (resumable)")
-    p.add_argument("--store", required=True, help="store URI or catalog store name")
+    parents = [common] if common else []
+    p = sub.add_parser("intervene", parents=parents, help="edit activations with a stored probe run during "
+                       "generation and score whether the image follows, at one or more "
+                       "strengths, beside an equal-size random control (resumable)")
+    _add_edit_options(p)
     p.add_argument("--probe-run", required=True, help="probe run id (see probes/ in the store)")
     p.add_argument("--target", help="label target, e.g. salient or depth (default: the run's)")
-    p.add_argument("--method", default="projection", choices=list(METHODS))
-    p.add_argument("--layers", nargs="+", help="default: salient → up_blocks.* layers, "
-                   "depth → all layers")
+    p.add_argument("--layers", nargs="+", help="capture points to edit, any array the probe "
+                   "run has (default: salient → up_blocks.* attn1, depth → all attn1)")
     p.add_argument("--steps", nargs="+", type=index, help="default: salient 0-4, depth 0-2")
     p.add_argument("--images", nargs="+", help="image ids or one START:STOP (default: the "
                    "test split)")
-    p.add_argument("--n-targets", type=positive_int, default=5,
-                   help="targets per image (shift/insert)")
-    p.add_argument("--seed", type=index, default=0, help="seed of the target offsets")
-    p.add_argument("--targets", default="shift", help="shift (paper), insert (Appendix E, "
-                   "depth), or a .npz keyed by image id / folder of <image_id>.npy|.png")
-    p.add_argument("--target-units", default="normalized", choices=["normalized", "raw"],
+    p.add_argument("--target-units", choices=["normalized", "raw"],
                    help="units of user depth arrays (raw = provider units, z-scored here)")
-    p.add_argument("--provider", help="label provider reading the outputs (default: the one "
-                   "that made the labels)")
-    p.add_argument("--margin", type=positive_float, default=DEFAULT_MARGIN,
-                   help="target logit magnitude for logistic (mask) probes")
-    p.add_argument("--lr", type=positive_float, default=GRADIENT_LR,
-                   help="gradient method: Adam lr")
-    p.add_argument("--iterations", type=positive_int, default=GRADIENT_ITERATIONS,
-                   help="gradient method: Adam iterations")
-    p.add_argument("--model-variant", default="trained", help="trained or randomized")
-    p.add_argument("--experiment", help="experiment id (default: a hash of the settings, so "
-                   "rerunning a command resumes it)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda[:N] or auto")
+    p.add_argument("--experiment", dest="experiment_id", help="experiment id (default: a hash "
+                   "of the settings, so rerunning a command resumes it)")
     p.add_argument("--figure", help="write the original/target/intervened/new-label PNG here")
+    q = sub.add_parser("sweep", parents=parents, help="dose-response grid (capture kind × steps × strength) "
+                       "on validation test images; the setting with the largest specific "
+                       "effect is then run on other test images")
+    _add_edit_options(q, sweep=True)
+    q.add_argument("--probe-run", required=True, nargs="+", help="probe run id(s), one per "
+                   "target")
+    q.add_argument("--kinds", nargs="+", help=f"capture kinds to try (default "
+                   f"{' '.join(SW['kinds'])})")
+    q.add_argument("--step-counts", nargs="+", type=positive_int, help="edit the first N steps, for "
+                   f"each N (default {' '.join(map(str, SW['step_counts']))})")
+    q.add_argument("--strength", nargs="+", type=nonneg_float, dest="strengths",
+                   help=_strength_help() + " (default "
+                   f"{' '.join(f'{s:g}' for s in SW['strengths'])})")
+    q.add_argument("--validation", type=positive_int, help="test images the setting is chosen on "
+                   f"(default {SW['validation']})")
+    q.add_argument("--evaluation", type=positive_int, help="other test images it is reported on "
+                   f"(default {SW['evaluation']})")
+    q.add_argument("--out", help="folder for the dose-response and grid figures")
 
 
-def _params(args, catalog) -> dict:
+EDIT_FIELDS = ("method", "random_control", "n_targets", "seed", "provider", "margin", "lr",
+               "iterations", "model_variant", "batch_size", "device", "targets")
+
+
+def _given(args, names) -> dict:
+    """The options the user passed (None = not given: the dataclass default applies)."""
+    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+
+
+def intervention_settings(args) -> InterventionSettings:
+    images = args.images
+    if images and len(images) == 1:
+        images = images[0]
+    given = _given(args, EDIT_FIELDS + ("strengths", "target", "layers", "steps",
+                                        "target_units", "experiment_id"))
+    return InterventionSettings(images=images, **given)
+
+
+def sweep_settings(args) -> SweepSettings:
+    base = _given(args, EDIT_FIELDS)
+    base.setdefault("n_targets", SweepSettings().base.n_targets)
+    return SweepSettings(base=InterventionSettings(**base),
+                         **_given(args, ("kinds", "step_counts", "strengths", "validation",
+                                         "evaluation")))
+
+
+def _store(args, catalog) -> str:
     from actstore.catalog import resolve_store
 
     store = resolve_store(catalog, args.store)["uri"]
     check_url(store, "--store")
-    images = args.images
-    if images and len(images) == 1:
-        images = images[0]
-    return {"store": store, "probe_run": args.probe_run,
-            "target": args.target, "method": args.method, "layers": args.layers,
-            "steps": args.steps, "images": images, "n_targets": args.n_targets,
-            "seed": args.seed, "provider": args.provider, "targets": args.targets,
-            "target_units": args.target_units, "margin": args.margin, "lr": args.lr,
-            "iterations": args.iterations, "model_variant": args.model_variant,
-            "experiment_id": args.experiment, "device": args.device}
+    return store
 
 
 def intervene_command(args, catalog) -> dict:
     """Run the experiment through the Prefect flow, or directly with ``--no-prefect``."""
-    from actstore.intervene.results import format_interventions
+    from actstore.intervene.tables import format_interventions
 
-    summary = _run(args, _params(args, catalog))
-    return {**summary, "table": format_interventions([summary])} if summary["complete"] \
+    store, settings = _store(args, catalog), intervention_settings(args)
+    if args.no_prefect:
+        from actstore.intervene.run import run_interventions
+        from actstore.plots.interventions import intervention_grid
+
+        summary = run_interventions(store, args.probe_run, settings, progress=not args.quiet)
+        if args.figure and summary["complete"]:
+            summary["figure"] = intervention_grid(store, summary["experiment_id"], args.figure)
+    else:
+        from flows.cli import flow_mode
+        from flows.intervene import intervene_flow
+
+        with flow_mode(args):
+            summary = intervene_flow(store=store, probe_run=args.probe_run, settings=settings,
+                                     figure=args.figure)
+    return {**summary, "table": format_interventions(summary)} if summary["complete"] \
         else summary
 
 
-def _run(args, params: dict) -> dict:
+def sweep_command(args, catalog) -> dict:
+    from actstore.intervene.tables import format_sweeps
+
+    store, settings = _store(args, catalog), sweep_settings(args)
     if args.no_prefect:
-        from actstore.plots.interventions import intervention_grid
-        from actstore.intervene.run import run_interventions
+        from actstore.intervene.sweep import run_sweep
 
-        summary = run_interventions(progress=not args.quiet, **params)
-        if args.figure and summary["complete"]:
-            summary["figure"] = intervention_grid(params["store"], summary["experiment_id"],
-                                                  args.figure)
-        return summary
-    from flows.cli import flow_mode
-    from flows.intervene import intervene_flow
+        result = run_sweep(store, args.probe_run, settings, out_dir=args.out,
+                           progress=not args.quiet)
+    else:
+        from flows.cli import flow_mode
+        from flows.intervene import sweep_flow
 
-    with flow_mode(args):
-        return intervene_flow(figure=args.figure, **params)
+        with flow_mode(args):
+            result = sweep_flow(store=store, probe_runs=args.probe_run, settings=settings,
+                                out_dir=args.out)
+    return {**result, "table": format_sweeps(result["targets"])}

@@ -113,6 +113,12 @@ def _intervene(r: dict) -> str:
     return "\n".join(lines)
 
 
+def _sweep(r: dict) -> str:
+    lines = [f"{r['store']}: sweeps "
+             + ", ".join(rec["sweep_id"] for rec in r["targets"].values()), "", r["table"]]
+    return "\n".join(lines + _files("figures", r.get("figures")))
+
+
 def _main(r: dict) -> str:
     lines = [r["note"]] if r.get("note") else []
     if r.get("table"):
@@ -135,4 +141,4 @@ def main_job_files(result: dict, out: str) -> list[str]:
 
 
 _SUMMARIES = {"materialize": _materialize, "verify": _verify, "label": _label, "probe": _probe,
-              "intervene": _intervene, "main": _main}
+              "intervene": _intervene, "sweep": _sweep, "main": _main}

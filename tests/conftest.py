@@ -97,8 +97,11 @@ def explore_store(tmp_path_factory, tiny_store) -> str:
     write_labels(uri, "toyworld", ["salient", "depth"], progress=False)
     runs = {t: run_probes(uri, t, layers=EXPLORE_LAYERS, scheduler="threads", progress=False)
             for t in ("salient", "depth")}
-    run_interventions(uri, runs["salient"], method="projection", layers=EXPLORE_LAYERS,
-                      steps=[0, 1], images=["demo-012", "demo-013"], n_targets=1,
+    from actstore.intervene.settings import InterventionSettings
+
+    run_interventions(uri, runs["salient"],
+                      InterventionSettings(layers=EXPLORE_LAYERS, steps=[0, 1],
+                                           images=["demo-012", "demo-013"], n_targets=1),
                       progress=False)
     return uri
 
@@ -147,3 +150,42 @@ def bucket(s3_server) -> str:
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     fs.mkdir(name)
     return name
+
+
+# --- interventions: the reference store with pixel labels and small probe runs ---------
+
+IV_LAYERS = ["up_blocks.3.attentions.0", "up_blocks.2.attentions.0"]   # 8x8 and 4x4 tokens
+IV_STEPS = [0, 1]
+
+
+class PixelLabels:
+    """A label model that reads pixels (so it can read intervened images): brightness as
+    'depth', brighter-than-average as 'salient'."""
+
+    name = "pixel"
+    spec = "pixel-test"
+    targets = {"salient": "binary", "depth": "continuous"}
+
+    def __call__(self, images):
+        import numpy as np
+
+        g = images.astype(np.float32).mean(-1) / 255
+        return {"depth": g,
+                "salient": (g > g.mean(axis=(1, 2), keepdims=True)).astype(np.float32)}
+
+
+@pytest.fixture(scope="session")
+def ivstore(tmp_path_factory, tiny_store):
+    """The reference store + pixel labels + a probe run per target on two layers × steps."""
+    import shutil
+
+    from actstore.label.labels import write_labels
+    from actstore.probe.runs import run_probes
+
+    uri = str(tmp_path_factory.mktemp("iv") / "s.zarr")
+    shutil.copytree(tiny_store, uri)
+    for target in ("salient", "depth"):
+        write_labels(uri, PixelLabels(), target, on_x0=False, progress=False)
+    runs = {t: run_probes(uri, t, layers=IV_LAYERS, steps=IV_STEPS, scheduler="threads",
+                          progress=False) for t in ("salient", "depth")}
+    return {"uri": uri, "runs": runs}

@@ -19,8 +19,7 @@ from actstore.generation.materialize import MaterializeSettings, materialize
 from actstore.generation.sampling import GenerationConfig
 from actstore.store.view import open_store
 from conftest import DEMO, REPO
-from test_interventions import PixelLabels, ivstore  # noqa: F401  (fixture)
-from test_interventions import LAYERS as IV_LAYERS
+from conftest import IV_LAYERS, PixelLabels
 from storecheck import assert_same_store, snapshot
 
 # 6 images in blocks of 4: a whole block and a short last one; 2 steps keep a run ~3 s.
@@ -206,16 +205,19 @@ def experiment_ref(tmp_path_factory, ivstore, tiny_model):
     path = tmp_path_factory.mktemp("exp") / "ref.zarr"
     shutil.copytree(ivstore["uri"], path)
     faults.FaultyFileSystem.reset()
-    kw = dict(method="projection", layers=IV_LAYERS, steps=[0], images="12:16", n_targets=1,
-              provider=PixelLabels(), model=tiny_model, progress=False)
-    out = run_interventions(faults.url(path), ivstore["runs"]["salient"], "salient", **kw)
+    from actstore.intervene.settings import InterventionSettings
+
+    kw = dict(settings=InterventionSettings(layers=IV_LAYERS, steps=[0], images="12:16",
+                                            n_targets=1, provider=PixelLabels()),
+              model=tiny_model, progress=False)
+    out = run_interventions(faults.url(path), ivstore["runs"]["salient"], **kw)
     return str(path), out["experiment_id"], list(faults.FaultyFileSystem.log), kw
 
 
-# Experiment writes: array metadata and the image ids/positions (1-13), its block records'
-# group and the parent group (14-15), the settings marker (16), then the block and its
-# record, and the summary (last).
-@pytest.mark.parametrize("point", [5, 16, -1])
+# Experiment writes: array metadata and the image ids, positions, strengths and arms
+# (1-18), its block records' group and the parent group (19-20), the settings marker (21),
+# then the block and its record, and the summary (last).
+@pytest.mark.parametrize("point", [5, 21, -1])
 def test_experiment_crash_at_write_then_rerun_is_identical(point, tmp_path, ivstore,
                                                            experiment_ref):
     import shutil
@@ -225,15 +227,17 @@ def test_experiment_crash_at_write_then_rerun_is_identical(point, tmp_path, ivst
 
     ref, exp, log, kw = experiment_ref
     n = len(log) if point == -1 else point
+    if point == 21:
+        assert log[20].endswith(f"interventions/{exp}/zarr.json"), log[20]   # the marker
     path = tmp_path / "s.zarr"
     shutil.copytree(ivstore["uri"], path)
     faults.FaultyFileSystem.reset(faults.Plan("crash", n))
     with pytest.raises(Exception):
-        run_interventions(faults.url(path), ivstore["runs"]["salient"], "salient", **kw)
+        run_interventions(faults.url(path), ivstore["runs"]["salient"], **kw)
     assert faults.FaultyFileSystem.stopped
     faults.FaultyFileSystem.reset()
     assert exp not in list_interventions(str(path))
-    run_interventions(faults.url(path), ivstore["runs"]["salient"], "salient", **kw)
+    run_interventions(faults.url(path), ivstore["runs"]["salient"], **kw)
     assert_same_store(str(path), ref)
 
 

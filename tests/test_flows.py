@@ -34,13 +34,24 @@ def test_materialize_flow_writes_store_and_grid(prefect_harness, tmp_path):
 
 
 def test_main_job_end_to_end(prefect_harness, tmp_path):
-    """materialize (trained + randomized) → labels → probes → summary, as the README's job."""
+    """materialize (trained + randomized) → labels → probes → summary → sweep, as the
+    README's job; the stored causal test says what was chosen, on which images, and keeps
+    both controls."""
+    from actstore.intervene.results import group_path, open_intervention
+    from actstore.intervene.settings import InterventionSettings, SweepSettings
+    from actstore.intervene.sweep import list_sweeps
     from flows.main import MAIN_MATERIALIZE, main_flow
 
     out = tmp_path / "main"
     settings = MAIN_MATERIALIZE.with_options(steps=2, device="cpu")
+    # tiny-random's probe weights are tiny, so a projection edit (gap / |w|) blows its UNet
+    # up; a few Adam steps are bounded
+    sweep = SweepSettings(kinds=("attn1",), step_counts=(1,), strengths=(1.0, 2.0),
+                          validation=2, evaluation=4,
+                          base=InterventionSettings(n_targets=2, batch_size=8,
+                                                    method="gradient", iterations=4))
     result = main_flow(model="tiny-random", prompts=DEMO, out=str(out), settings=settings,
-                       workers=2, targets=("salient",))
+                       workers=2, targets=("salient",), sweeps={"salient": sweep})
     assert {"trained", "randomized"} <= set(result)
     rows = result["summary"]          # one row per capture kind of the main job
     assert [r["kind"] for r in rows] == ["attn1", "block", "vae"]
@@ -49,25 +60,33 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
         assert 0 <= row["trained"] <= 1 and 0 <= row["randomized"] <= 1
     for name in ("samples-trained.png", "samples-randomized.png", "salient-curves.png",
                  "salient-heatmap.png", "salient-figure4.png", "summary.txt",
-                 "intervention-salient.png", "capture-kinds.png", "salient-kinds.png"):
+                 "intervention-salient.png", "capture-kinds.png", "salient-kinds.png",
+                 "dose-response.png"):
         assert (out / name).stat().st_size > 0, name
-    (exp,) = result["interventions"]
-    assert exp["method"] == "projection" and exp["interventions"] == 6 * 2
-    # tiny-random's probes are weak, so some projection edits blow the UNet up: those are
-    # counted and left out of the post scores, never scored as black pictures
-    from actstore.intervene.results import group_path
-    grp = zarr.open_group(str(out / "store.zarr"), path=group_path(exp["experiment_id"]),
-                          mode="r")
-    blown = ~np.isfinite(grp["edit_stats"][...]).all(-1)
-    assert exp["non_finite"] == int(blown.sum()) > 0
-    assert np.isnan(grp["score_post"][...][blown]).all()
-    assert exp["post"].get("n", 0) == int(np.isfinite(grp["score_post"][...]).sum())
-    assert exp["post"].get("n", 0) <= exp["interventions"] - exp["non_finite"]
-    assert "pre" in result["table"].split("intervention")[-1]
+    store = str(out / "store.zarr")
+    (rec,) = list_sweeps(store).values()
+    chosen = rec["chosen"]
+    assert chosen["kind"] == "attn1" and chosen["steps"] == [0]
+    assert chosen["strength"] in (1.0, 2.0) and chosen["layers"]
+    val, ev = rec["validation_images"], rec["evaluation_images"]
+    assert len(val) == 2 and len(ev) == 4 and not set(val) & set(ev)
+    ds = open_intervention(store, rec["evaluation"])
+    assert sorted(ds["image"].values) == sorted(ev)
+    assert ds.attrs["settings"]["provenance"]["validation_images"] == val
+    assert list(ds["arm"].values) == ["probe", "random"] and ds.sizes["k"] == 2
+    r = rec["result"]
+    assert r["interventions"] == 4 * 2 and r["strength"] == chosen["strength"]
+    assert result["interventions"]["salient"]["sweep_id"] == rec["sweep_id"]
+    grp = zarr.open_group(store, path=group_path(rec["evaluation"]), mode="r")
+    assert np.isfinite(grp["edit_stats"][...]).all() and r["non_finite"] == 0
+    assert np.isfinite(grp["score_post"][...]).all()
+    table = result["table"].split("causal test")[-1]
+    assert "validation" in table and "salient" in table
     page = (out / "report.html").read_text(encoding="utf-8")   # every figure on one page
     assert result["report"] == str(out / "report.html")
     assert all(f'alt="{Path(f).name}"' in page for f in result["figures"])
     assert len(result["trained"]["regions_by_worker"]) == 2  # fanned out over both processes
     again = main_flow(model="tiny-random", prompts=DEMO, out=str(out), settings=settings,
-                      workers=1, targets=("salient",))
+                      workers=1, targets=("salient",), sweeps={"salient": sweep})
     assert again["trained"]["blocks_written"] == 0  # resumed: nothing recomputed
+    assert again["interventions"]["salient"]["sweep_id"] == rec["sweep_id"]

@@ -21,40 +21,13 @@ from actstore.intervene.results import list_interventions, open_intervention
 from actstore.intervene.targets import (SHIFT_RANGE, insert_object_depth, load_user_targets,
                                            make_targets, shift_offset, token_targets, translate)
 from actstore.intervene.run import run_interventions
-from actstore.label.labels import open_labels, write_labels
+from actstore.intervene.settings import InterventionSettings as IS
+from actstore.label.labels import open_labels
 from actstore.metrics import dice, rmse
-from actstore.probe.runs import load_probe, run_probes
-from conftest import TINY, tree_digest
+from actstore.probe.runs import load_probe
+from conftest import IV_LAYERS as LAYERS, IV_STEPS as STEPS, TINY, PixelLabels, tree_digest
 
-LAYERS = ["up_blocks.3.attentions.0", "up_blocks.2.attentions.0"]   # 8x8 and 4x4 tokens
-STEPS = [0, 1]
 BLOCK = slice(12, 16)   # demo-012..015: one whole store block of test images
-
-
-class PixelLabels:
-    """A label model that reads pixels (so it can read intervened images): brightness as
-    'depth', brighter-than-average as 'salient'."""
-
-    name = "pixel"
-    spec = "pixel-test"
-    targets = {"salient": "binary", "depth": "continuous"}
-
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        g = images.astype(np.float32).mean(-1) / 255
-        return {"depth": g,
-                "salient": (g > g.mean(axis=(1, 2), keepdims=True)).astype(np.float32)}
-
-
-@pytest.fixture(scope="module")
-def ivstore(tmp_path_factory, tiny_store):
-    """The reference store + pixel labels + a probe run per target on two layers × steps."""
-    uri = str(tmp_path_factory.mktemp("iv") / "s.zarr")
-    shutil.copytree(tiny_store, uri)
-    for target in ("salient", "depth"):
-        write_labels(uri, PixelLabels(), target, on_x0=False, progress=False)
-    runs = {t: run_probes(uri, t, layers=LAYERS, steps=STEPS, scheduler="threads",
-                          progress=False) for t in ("salient", "depth")}
-    return {"uri": uri, "runs": runs}
 
 
 def _block(uri):
@@ -289,16 +262,23 @@ def _arrays(uri, exp):
 def test_experiment_scores_resumes_and_records(ivstore, tiny_model, tmp_path, monkeypatch):
     import actstore.intervene.run as iv
 
-    kw = dict(method="projection", layers=LAYERS, steps=STEPS, n_targets=2,
-              provider=PixelLabels(), model=tiny_model, progress=False)
+    settings = IS(method="projection", layers=LAYERS, steps=STEPS, n_targets=2,
+                  strengths=(1.0, 2.0), provider=PixelLabels())
+    kw = dict(model=tiny_model, progress=False)
     whole, part = str(tmp_path / "whole.zarr"), str(tmp_path / "part.zarr")
     shutil.copytree(ivstore["uri"], whole)
     shutil.copytree(ivstore["uri"], part)
     run = ivstore["runs"]["salient"]
-    ref = run_interventions(whole, run, "salient", **kw)
+    ref = run_interventions(whole, run, settings, **kw)
     assert ref["complete"] and ref["blocks_written"] == 2 and ref["interventions"] == 12
     assert ref["metric"] == "dice" and ref["probe_run"] == run
-    assert ref["edit"]["probe_error_after"] < 1e-4 < ref["edit"]["probe_error_before"]
+    one = ref["dose"][0]
+    assert [r["strength"] for r in ref["dose"]] == [1.0, 2.0]
+    assert one["probe"]["edit"]["probe_error_after"] < 1e-4 < one["probe"]["edit"]["probe_error_before"]
+    # the random arm moves the activation as far, token by token, but not the probe
+    assert np.isclose(one["random"]["edit"]["token_relative_change"],
+                      one["probe"]["edit"]["token_relative_change"], rtol=0.2)
+    assert one["random"]["edit"]["probe_error_after"] > 10 * one["probe"]["edit"]["probe_error_after"]
 
     real, calls = iv._run_block, []
 
@@ -310,10 +290,10 @@ def test_experiment_scores_resumes_and_records(ivstore, tiny_model, tmp_path, mo
 
     monkeypatch.setattr(iv, "_run_block", dies_on_second_block)
     with pytest.raises(KeyboardInterrupt):
-        run_interventions(part, run, "salient", **kw)
+        run_interventions(part, run, settings, **kw)
     assert ref["experiment_id"] not in list_interventions(part)     # not complete yet
     monkeypatch.setattr(iv, "_run_block", real)
-    again = run_interventions(part, run, "salient", **kw)
+    again = run_interventions(part, run, settings, **kw)
     assert again["experiment_id"] == ref["experiment_id"]
     assert again["blocks_written"] == 1 and again["blocks_skipped"] == 1
     a, b = _arrays(whole, ref["experiment_id"]), _arrays(part, ref["experiment_id"])
@@ -321,18 +301,32 @@ def test_experiment_scores_resumes_and_records(ivstore, tiny_model, tmp_path, mo
 
     ds = open_intervention(whole, ref["experiment_id"])
     assert list(ds["image"].values) == [f"demo-0{i}" for i in range(10, 16)]
-    assert ds["output"].dtype == np.uint8 and ds["output"].shape == (6, 2, 64, 64, 3)
+    assert list(ds["arm"].values) == ["probe", "random"]
+    assert ds["output"].dtype == np.uint8 and ds["output"].shape == (6, 2, 2, 2, 64, 64, 3)
+    assert ds["edit_size"].shape == (6, 2, 2, 2, len(LAYERS), len(STEPS), 3)
+    target = ds["target"].values.reshape(12, -1) > 0.5
     pre = dice(np.repeat(ds["original_label"].values[:, None], 2, 1).reshape(12, -1) > 0.5,
-               ds["target"].values.reshape(12, -1) > 0.5)
-    post = dice(ds["new_label"].values.reshape(12, -1) > 0.5,
-                ds["target"].values.reshape(12, -1) > 0.5)
+               target)
     assert np.allclose(ds["score_pre"].values.ravel(), pre)
-    assert np.allclose(ds["score_post"].values.ravel(), post)
     assert np.isclose(ref["pre"]["median"], np.median(pre))
-    swapped = dice(ds["new_label"].values.reshape(12, -1) > 0.5,
-                   ds["target"].values[:, ::-1].reshape(12, -1) > 0.5)   # K = 2: the other one
-    assert np.allclose(ds["score_other"].values.ravel(), swapped)
-    assert np.isclose(ref["specific_fraction"], np.mean(post > swapped))
+    for s in range(2):
+        for arm in ("probe", "random"):
+            new = ds["new_label"].isel(strength=s).sel(arm=arm).values.reshape(12, -1) > 0.5
+            post = dice(new, target)
+            assert np.allclose(ds["score_post"].isel(strength=s).sel(arm=arm).values.ravel(),
+                               post)
+            swapped = dice(new, ds["target"].values[:, ::-1].reshape(12, -1) > 0.5)  # K = 2
+            assert np.allclose(ds["score_other"].isel(strength=s).sel(arm=arm).values.ravel(),
+                               swapped)
+            row = ref["dose"][s][arm]
+            assert np.isclose(row["post"]["median"], np.median(post))
+            assert np.isclose(row["specific"]["share"], np.mean(post > swapped))
+            assert np.isclose(row["improved"]["share"], np.mean(post > pre))
+        rnd = dice(ds["new_label"].isel(strength=s).sel(arm="random").values.reshape(12, -1)
+                   > 0.5, target)
+        probe = ds["score_post"].isel(strength=s).sel(arm="probe").values.ravel()
+        assert np.isclose(ref["dose"][s]["probe"]["beats_random"]["share"],
+                          np.mean(probe > rnd))
     view = open_store(whole)
     stored = view.final_images.sel(image=ds["image"].values).values
     assert np.array_equal(ds["original_label"].values,
@@ -341,7 +335,7 @@ def test_experiment_scores_resumes_and_records(ivstore, tiny_model, tmp_path, mo
     assert (offs >= 11).all() and (offs <= 15).all()
     summary = list_interventions(whole)[ref["experiment_id"]]
     assert summary["probe_run"] == run and summary["method"] == "projection"
-    again = run_interventions(whole, run, "salient", **kw)
+    again = run_interventions(whole, run, settings, **kw)
     assert again["blocks_written"] == 0
 
 
@@ -350,10 +344,11 @@ def test_depth_gradient_experiment_and_figure(ivstore, tiny_model, tmp_path):
 
     uri = str(tmp_path / "d.zarr")
     shutil.copytree(ivstore["uri"], uri)
-    out = run_interventions(uri, ivstore["runs"]["depth"], method="gradient", layers=LAYERS,
-                            steps=[0], images=["demo-012", "demo-013"], n_targets=1,
-                            provider=PixelLabels(), model=tiny_model, progress=False,
-                            iterations=16)
+    out = run_interventions(uri, ivstore["runs"]["depth"],
+                            IS(method="gradient", layers=LAYERS, steps=[0],
+                               images=["demo-012", "demo-013"], n_targets=1,
+                               provider=PixelLabels(), iterations=16, random_control=False),
+                            model=tiny_model, progress=False)
     assert out["metric"] == "rmse" and out["interventions"] == 2
     ds = open_intervention(uri, out["experiment_id"])
     assert np.allclose(ds["score_post"].values.ravel(), rmse(
@@ -377,6 +372,8 @@ def _cli(argv):
     (["--probe-run", "salient-19990101T000000"], "no probe run"),
     (["--layers", "up_blocks.1.attentions.0"], "has no probe for layer"),
     (["--layers", "up_blocks.9.attentions.0"], "the store has no such capture point"),
+    (["--strength", "1", "-1"], "--strength"),
+    (["--strength", "2", "2"], "repeated"),
     (["--steps", "3"], "has no probe for step 3"),
     (["--steps", "99"], "step 99"),
     (["--images", "demo-999"], "not in store"),
@@ -421,8 +418,9 @@ def test_unreadable_provider_output_refused_before_writing(ivstore, tiny_model, 
     shutil.copytree(ivstore["uri"], uri)
     before = tree_digest(uri)
     with pytest.raises(ActstoreError, match=r"shape \(1, 32, 32\)"):
-        run_interventions(uri, ivstore["runs"]["depth"], layers=LAYERS, steps=STEPS,
-                          provider=HalfSize(), model=tiny_model, progress=False)
+        run_interventions(uri, ivstore["runs"]["depth"],
+                          IS(layers=LAYERS, steps=STEPS, provider=HalfSize()),
+                          model=tiny_model, progress=False)
     assert tree_digest(uri) == before
 
 
@@ -435,9 +433,10 @@ def test_flow_runs_experiment(prefect_harness, ivstore, tmp_path):
     mask[20:40, 8:30] = 1
     np.savez(tmp_path / "t.npz", **{"demo-015": mask})
     png = str(tmp_path / "grid.png")
-    out = intervene_flow(store=uri, probe_run=ivstore["runs"]["salient"], layers=LAYERS,
-                         steps=STEPS, images=["demo-015"], targets=str(tmp_path / "t.npz"),
-                         provider=PixelLabels(), device="cpu", figure=png)
+    settings = IS(layers=LAYERS, steps=STEPS, images=["demo-015"],
+                  targets=str(tmp_path / "t.npz"), provider=PixelLabels(), device="cpu")
+    out = intervene_flow(store=uri, probe_run=ivstore["runs"]["salient"], settings=settings,
+                         figure=png)
     assert out["complete"] and out["interventions"] == 1 and out["figure"] == png
     ds = open_intervention(uri, out["experiment_id"])
     assert np.array_equal(ds["target"].values[0, 0], mask)

@@ -19,7 +19,9 @@ API = {"open_store": "actstore.store.view", "materialize": "actstore.generation.
        "write_labels": "actstore.label.labels", "open_labels": "actstore.label.labels",
        "run_probes": "actstore.probe.runs", "load_probe": "actstore.probe.runs",
        "open_emergence": "actstore.probe.runs", "run_interventions": "actstore.intervene.run",
-       "ActstoreError": "actstore.errors"}
+       "InterventionSettings": "actstore.intervene.settings",
+       "SweepSettings": "actstore.intervene.settings", "run_sweep": "actstore.intervene.sweep",
+       "open_intervention": "actstore.intervene.results", "ActstoreError": "actstore.errors"}
 
 
 def test_public_api_from_one_import():

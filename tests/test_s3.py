@@ -20,13 +20,14 @@ from actstore.generation.materialize import MaterializeSettings, materialize
 from actstore.generation.sampling import GenerationConfig
 from actstore.intervene.results import open_intervention
 from actstore.intervene.run import run_interventions
+from actstore.intervene.settings import InterventionSettings
 from actstore.label.labels import list_targets, open_labels, write_labels
 from actstore.probe.runs import load_probe, open_emergence, open_scores, run_probes
 from actstore.store.core import completed_blocks
 from actstore.store.view import open_store
 from conftest import DEMO, REPO, S3_KEY_ID, S3_SECRET, TINY
 from storecheck import assert_same_store
-from test_interventions import PixelLabels
+from conftest import PixelLabels
 
 pytestmark = pytest.mark.usefixtures("s3_server")
 STEPS = 2
@@ -42,9 +43,9 @@ def _pipeline(uri: str, model) -> dict:
     write_labels(uri, PixelLabels(), ["salient", "depth"], on_x0=False, progress=False)
     run = run_probes(uri, "salient", layers=LAYERS, steps=[0, 1], scheduler="threads",
                      progress=False)
-    exp = run_interventions(uri, run, "salient", method="projection", layers=LAYERS,
-                            steps=[0], images="12:16", n_targets=1, provider=PixelLabels(),
-                            model=model, progress=False)
+    exp = run_interventions(uri, run, InterventionSettings(
+        layers=LAYERS, steps=[0], images="12:16", n_targets=1, provider=PixelLabels()),
+        model=model, progress=False)
     return {"run": run, "experiment": exp["experiment_id"]}
 
 

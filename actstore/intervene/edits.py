@@ -1,4 +1,4 @@
-"""Editing self-attention outputs during generation so a frozen linear probe reads a target.
+"""Editing capture-point outputs during generation so a frozen linear probe reads a target.
 
 Two ways to make probe(a') = t for a probe z = a·w + b applied to every token:
 
@@ -14,11 +14,16 @@ Both work on the conditional half of the CFG batch only (the half the probes wer
 on), in float32, and hand the result back in the model's dtype. Targets are in the probe's
 output units (logits for a logistic probe), so "target = the probe's current output" is an
 exact no-op for both methods: projection adds 0·w, and Adam never moves a parameter whose
-gradient is exactly zero.
+gradient is exactly zero. A strength scales the way to the target (see
+:class:`~actstore.intervene.settings.InterventionSettings`); strength 0 leaves the
+activation untouched bit for bit. The random control replaces each token's edit by a
+seeded random direction of exactly the same norm, so "any edit this large" and "this edit"
+are told apart at equal size.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -26,15 +31,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actstore.generation.capture import attn1_hooks
-from actstore.generation.sampling import GenerationConfig, generate
-from actstore.kinds import BINARY
+from actstore.generation.points import hooks
 from actstore.generation.models import LoadedModel
+from actstore.generation.sampling import GenerationConfig, generate
+from actstore.intervene.settings import InterventionSettings
+from actstore.kinds import BINARY
 
-METHODS = ("projection", "gradient")
-GRADIENT_LR = 5e-3
-GRADIENT_ITERATIONS = 128
-STAT_NAMES = ("probe_error_before", "probe_error_after", "relative_change")
+STAT_NAMES = ("probe_error_before", "probe_error_after", "relative_change",
+              "token_relative_change")
+SIZE_MEASURES = ("overall", "token_median", "token_max")
 
 
 def probe_predict(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -63,8 +68,8 @@ def probe_loss(z: torch.Tensor, t: torch.Tensor, kind: str, solver: str) -> torc
 
 
 def gradient_edit(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, t: torch.Tensor,
-                  kind: str, solver: str, lr: float = GRADIENT_LR,
-                  iterations: int = GRADIENT_ITERATIONS) -> tuple[torch.Tensor, np.ndarray]:
+                  kind: str, solver: str, *, lr: float,
+                  iterations: int) -> tuple[torch.Tensor, np.ndarray]:
     """Adam on the activation; returns it and the mean per-image loss at each iteration
     (``iterations + 1`` values, the last after the final update)."""
     x = a.detach().float().clone().requires_grad_(True)
@@ -81,13 +86,49 @@ def gradient_edit(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, t: torch.Te
     return x.detach(), losses
 
 
+def direction_key(image_id: str, k: int, seed: int) -> int:
+    """The random control's seed for one (image, target): never the batch, the row order or
+    the strength, so a resumed or re-batched run draws the same directions, and every
+    strength scales the same direction (a dose-response of one control, not of many)."""
+    digest = hashlib.sha256(f"{image_id}\x00{int(k)}\x00{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def random_directions(keys: list[int], layer: str, step: int, shape: tuple[int, int],
+                      device: torch.device) -> torch.Tensor:
+    """(len(keys), T, C) standard normal draws, one generator per (key, layer, step)."""
+    out = torch.empty((len(keys), *shape))
+    for r, key in enumerate(keys):
+        digest = hashlib.sha256(f"{key}\x00{layer}\x00{int(step)}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+        out[r] = torch.randn(shape, generator=g)
+    return out.to(device)
+
+
+def equal_norm(delta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """``u`` rescaled so that every token has exactly ``delta``'s norm: the same edit size,
+    token by token, in a direction the probe did not choose."""
+    unit = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+    return unit * delta.norm(dim=-1, keepdim=True)
+
+
+def edit_sizes(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """(B, 3): ‖Δ‖/‖a‖ over all tokens, and the median and max over tokens of ‖Δₜ‖/‖aₜ‖."""
+    tiny = torch.finfo(a.dtype).tiny
+    overall = delta.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(tiny)
+    token = delta.norm(dim=-1) / a.norm(dim=-1).clamp_min(tiny)
+    return torch.stack([overall, token.median(dim=1).values, token.max(dim=1).values], 1)
+
+
 @dataclass
 class EditHook:
-    """An ``attn1_hooks`` callback editing the conditional half at planned (layer, step)s.
+    """A capture-point hook callback editing the conditional half at planned (layer, step)s.
 
-    ``probes[layer][step] = (w, b)``; ``targets[layer]`` is (n, T) in probe units for the
-    n images of the batch, or ``{step: (n, T)}`` when the target changes with the step. Keeps, per image, running sums of the probe error before and
-    after each edit and of the relative size of the change, and every gradient loss curve.
+    The batch holds B rows, each an (image, target, strength, arm): ``targets[layer]`` is
+    (B, T) in probe units (or ``{step: (B, T)}``), ``strengths`` (B,), ``random`` (B,) marks
+    the rows of the random-direction control, whose directions come from ``keys`` (B,)
+    (:func:`direction_key`). Keeps per row the probe error before/after and, per
+    (layer, step), the size of the change relative to the activation.
     """
 
     method: str
@@ -96,15 +137,26 @@ class EditHook:
     probes: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]]
     targets: dict[str, torch.Tensor | dict[int, torch.Tensor]]
     n_images: int
-    lr: float = GRADIENT_LR
-    iterations: int = GRADIENT_ITERATIONS
+    strengths: torch.Tensor | None = None
+    random: torch.Tensor | None = None
+    keys: list[int] | None = None
+    lr: float = InterventionSettings.lr
+    iterations: int = InterventionSettings.iterations
     step: int = -1
-    sums: np.ndarray = field(init=False)
+    errors: np.ndarray = field(init=False)
+    sizes: dict[tuple[str, int], np.ndarray] = field(init=False, default_factory=dict)
     count: int = field(init=False, default=0)
     curves: list[tuple[str, int, np.ndarray]] = field(init=False, default_factory=list)
 
     def __post_init__(self) -> None:
-        self.sums = np.zeros((self.n_images, len(STAT_NAMES)))
+        n = self.n_images
+        self.errors = np.zeros((n, 2))
+        if self.strengths is None:
+            self.strengths = torch.ones(n)
+        if self.random is None:
+            self.random = torch.zeros(n, dtype=torch.bool)
+        if bool(self.random.any()) and (self.keys is None or len(self.keys) != n):
+            raise ValueError("random-control rows need one direction key per row")
 
     @property
     def layers(self) -> list[str]:
@@ -121,24 +173,44 @@ class EditHook:
         t = self.targets[layer]
         t = t[self.step] if isinstance(t, dict) else t
         a = out[n:].float().contiguous()
+        s = self.strengths.to(a.device, torch.float32)[:, None]
+        z = probe_predict(a, w, b)
         if self.method == "projection":
-            new = project(a, w, b, t)
+            delta = (s * (t - z) / (w @ w)).unsqueeze(-1) * w
         else:
-            new, curve = gradient_edit(a, w, b, t, self.kind, self.solvers[layer], self.lr,
-                                       self.iterations)
+            new, curve = gradient_edit(a, w, b, z + s * (t - z), self.kind, self.solvers[layer],
+                                       lr=self.lr, iterations=self.iterations)
             self.curves.append((layer, self.step, curve))
-        new = new.to(out.dtype)
+            delta = new - a
+        rnd = self.random.to(a.device)
+        if bool(rnd.any()):
+            rows = torch.nonzero(rnd).flatten()
+            u = random_directions([self.keys[int(r)] for r in rows], layer, self.step,
+                                  tuple(a.shape[1:]), a.device)
+            delta[rows] = equal_norm(delta[rows], u)
+        new = torch.where(s[..., None] == 0, a, a + delta).to(out.dtype)
         seen = new.float()
-        before = (t - probe_predict(a, w, b)).pow(2).mean(-1).sqrt()
+        before = (t - z).pow(2).mean(-1).sqrt()
         after = (t - probe_predict(seen, w, b)).pow(2).mean(-1).sqrt()
-        change = (seen - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(1e-12)
-        self.sums += torch.stack([before, after, change], 1).double().cpu().numpy()
+        self.errors += torch.stack([before, after], 1).double().cpu().numpy()
+        self.sizes[(layer, self.step)] = edit_sizes(a, seen - a).double().cpu().numpy()
         self.count += 1
         return torch.cat([out[:n], new])
 
     def stats(self) -> np.ndarray:
-        """(n, 3) means over every edit made: probe RMS error before/after, ‖Δa‖/‖a‖."""
-        return self.sums / max(self.count, 1)
+        """(B, 4) means over every edit made: probe RMS error to the target before and after,
+        ‖Δa‖/‖a‖ over all tokens, and the median over tokens of ‖Δaₜ‖/‖aₜ‖."""
+        sizes = np.mean(list(self.sizes.values()), axis=0) if self.sizes else \
+            np.zeros((self.n_images, len(SIZE_MEASURES)))
+        return np.concatenate([self.errors / max(self.count, 1), sizes[:, :2]], axis=1)
+
+    def size_grid(self, layers: list[str], steps: list[int]) -> np.ndarray:
+        """(B, layer, step, measure) edit sizes (:data:`SIZE_MEASURES`); NaN where unedited."""
+        out = np.full((self.n_images, len(layers), len(steps), len(SIZE_MEASURES)), np.nan)
+        for (layer, step), v in self.sizes.items():
+            if layer in layers and step in steps:
+                out[:, layers.index(layer), steps.index(step)] = v
+        return out
 
 
 def generate_edited(model: LoadedModel, prompts: list[str], seeds: list[int],
@@ -151,7 +223,7 @@ def generate_edited(model: LoadedModel, prompts: list[str], seeds: list[int],
     def start(i: int) -> None:
         hook.step = i
 
-    with attn1_hooks(model.unet, hook.layers, hook):
+    with hooks(model, hook.layers, hook):
         return generate(model, prompts, seeds, gen, on_step_start=start,
                         on_step_end=on_step_end)
 

@@ -1,26 +1,31 @@
 """Intervention experiments in the store: layout, block records, reading back.
 
-One group per experiment::
+One group per experiment; ``k`` indexes an image's targets, ``strength`` the dose and
+``arm`` the edit (``probe``) or its equal-size random-direction control (``random``)::
 
     interventions/<experiment_id>/     attrs.settings (at creation: what a rerun must match)
       image_id, position   (image,)                the experiment's images, store order
+      strength (strength,) f32, arm (arm,) str     the dose and arm coordinates
       offset               (image, k, 2) int32     target shift (dy, dx) px; 0 for user targets
       target               (image, k, H, W) f32    label-resolution target, normalized units
-      output               (image, k, H, W, 3) u8  the intervened image
-      new_label            (image, k, H, W) f32    label model on the intervened image
       original_label       (image, H, W) f32       label model on the store's final image
-      score_pre, score_post (image, k) f32         Dice (binary) or RMSE (continuous) vs target
-      score_other          (image, k) f32          new label vs the image's *other* targets
-      edit_stats           (image, k, stat) f32    probe RMS error before/after edit, ‖Δa‖/‖a‖
+      score_pre            (image, k) f32          Dice (binary) or RMSE (continuous) vs target
+      output               (image, k, strength, arm, H, W, 3) u8   the intervened image
+      new_label            (image, k, strength, arm, H, W) f32     label model on it
+      score_post           (image, k, strength, arm) f32           new label vs target
+      score_other          (image, k, strength, arm) f32           vs the image's *other* targets
+      edit_stats           (image, k, strength, arm, stat) f32     probe RMS error before/after,
+                                                   ‖Δa‖/‖a‖ overall and per token (median)
+      edit_size            (image, k, strength, arm, layer, step, measure) f32   per edit site
       _blocks/<a>-<b>/                             completion records per store image block
       _summary/                                    attrs.actstore_intervention: the summary
 
-Every array is chunked one image per chunk, so a block's writes never share a chunk with
-another block's, and a block becomes visible only once its record exists (written last,
-atomically, like materialize's). An experiment without its summary record is incomplete:
-rerunning the same command fills the missing blocks. The summary is a record of its own,
-not an attribute of the group, so a concurrent run of the same experiment that (re)writes
-the group's creation marker can never drop it.
+Every per-image array is chunked one image per chunk, so a block's writes never share a
+chunk with another block's, and a block becomes visible only once its record exists
+(written last, atomically, like materialize's). An experiment without its summary record
+is incomplete: rerunning the same command fills the missing blocks. The summary is a
+record of its own, not an attribute of the group, so a concurrent run of the same
+experiment that (re)writes the group's creation marker can never drop it.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from actstore.store import commit, io
 from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.errors import ActstoreError
-from actstore.intervene.edits import STAT_NAMES
+from actstore.intervene.edits import SIZE_MEASURES, STAT_NAMES
 
 INTERVENTIONS = lay.INTERVENTIONS
 SUMMARY_KEY = lay.SUMMARY_KEY
@@ -53,9 +58,10 @@ def create_experiment(store: str, experiment_id: str, settings: dict, image_ids:
                       positions: np.ndarray, n_targets: int, hw: tuple[int, int]) -> zarr.Group:
     """Make the experiment's arrays unless it exists (a resumed or concurrent run).
 
-    Contents first (array metadata, the image ids and positions, the block records'
-    group), the settings attribute last: an experiment without it is invisible and is
-    created again, whole, by the next run."""
+    ``settings`` is the plan's record: its strengths, arms, layers and steps size the
+    arrays. Contents first (array metadata, the coordinates, the block records' group), the
+    settings attribute last: an experiment without it is invisible and is created again,
+    whole, by the next run."""
     io.sweep_partials(store, INTERVENTIONS, recursive=False)
     io.sweep_partials(store, group_path(experiment_id))
     if existing_settings(store, experiment_id) is None:
@@ -69,25 +75,34 @@ def write_experiment(store: str, experiment_id: str, settings: dict, image_ids: 
     found it missing may redo it at any moment, even after the first run finished."""
     path = group_path(experiment_id)
     n, k, (h, w) = len(image_ids), n_targets, hw
+    dose = (len(settings["strengths"]), len(settings["arms"]))
+    sites = (len(settings["layers"]), len(settings["steps"]))
+    per = ["image", "k", "strength", "arm"]
     specs = {
         "image_id": ((n,), str, ["image"]),
         "position": ((n,), "int64", ["image"]),
+        "strength": (dose[:1], "float32", ["strength"]),
+        "arm": (dose[1:], str, ["arm"]),
         "offset": ((n, k, 2), "int32", ["image", "k", "axis"]),
         "target": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
-        "output": ((n, k, h, w, 3), "uint8", ["image", "k", "y", "x", "rgb"]),
-        "new_label": ((n, k, h, w), "float32", ["image", "k", "y", "x"]),
         "original_label": ((n, h, w), "float32", ["image", "y", "x"]),
         "score_pre": ((n, k), "float32", ["image", "k"]),
-        "score_post": ((n, k), "float32", ["image", "k"]),
-        "score_other": ((n, k), "float32", ["image", "k"]),
-        "edit_stats": ((n, k, len(STAT_NAMES)), "float32", ["image", "k", "stat"]),
+        "output": ((n, k, *dose, h, w, 3), "uint8", per + ["y", "x", "rgb"]),
+        "new_label": ((n, k, *dose, h, w), "float32", per + ["y", "x"]),
+        "score_post": ((n, k, *dose), "float32", per),
+        "score_other": ((n, k, *dose), "float32", per),
+        "edit_stats": ((n, k, *dose, len(STAT_NAMES)), "float32", per + ["stat"]),
+        "edit_size": ((n, k, *dose, *sites, len(SIZE_MEASURES)), "float32",
+                      per + ["layer", "step", "measure"]),
     }
-    values = {"image_id": np.asarray(image_ids, dtype=str), "position": positions}
+    values = {"image_id": np.asarray(image_ids, dtype=str), "position": positions,
+              "strength": np.asarray(settings["strengths"], np.float32),
+              "arm": np.asarray(settings["arms"], dtype=str)}
     for name, (shape, dtype, dims) in specs.items():
-        chunks = (max(n, 1),) if len(shape) == 1 else (1,) + shape[1:]
+        per_image = dims[0] == "image" and len(shape) > 1   # one image per chunk
+        chunks = (1,) + shape[1:] if per_image else tuple(max(s, 1) for s in shape)
         arr = st.create_array(store, f"{path}/{name}", shape=shape, chunks=chunks,
-                              dtype=dtype, dims=dims,
-                              codec="zstd" if len(shape) > 2 else None)
+                              dtype=dtype, dims=dims, codec="zstd" if len(shape) > 2 else None)
         if name in values:
             arr[:] = values[name]
     io.put_group(store, lay.blocks_path(path))
@@ -129,8 +144,11 @@ def open_intervention(store: str, experiment_id: str, complete_only: bool = True
                             f"(complete ones: {have}); run `actstore intervene`")
     ds = io.open_dataset(store, group_path(experiment_id))
     ids = np.array([str(v) for v in ds["image_id"].values.tolist()])
-    ds = ds.drop_vars("image_id").assign_coords(image=ids, k=np.arange(ds.sizes["k"]),
-                                                stat=list(STAT_NAMES))
+    arms = [str(v) for v in ds["arm"].values.tolist()]
+    ds = ds.drop_vars(["image_id", "arm"]).assign_coords(
+        image=ids, k=np.arange(ds.sizes["k"]), strength=ds["strength"].values, arm=arms,
+        stat=list(STAT_NAMES), layer=settings["layers"], step=settings["steps"],
+        measure=list(SIZE_MEASURES))
     if complete_only:
         pos = ds["position"].values
         done = np.zeros(len(pos), bool)
@@ -140,16 +158,3 @@ def open_intervention(store: str, experiment_id: str, complete_only: bool = True
     ds.attrs.update(settings=settings)
     return ds
 
-
-def format_interventions(rows: list[dict]) -> str:
-    """Pre/post medians per experiment: does the output follow the edited representation?"""
-    lines = [f"{'intervention':24s} {'metric':6s} {'n':>4s} {'pre':>7s} {'post':>7s} "
-             f"{'improved':>8s} {'non-finite':>10s}"]
-    for r in rows:  # post and improved are over the edits that kept the UNet finite
-        post = r["post"].get("median", float("nan"))
-        improved = r["improved_fraction"]
-        lines.append(f"{r['target'] + ' ' + r['method']:24s} {r['metric']:6s} "
-                     f"{r['interventions']:4d} {r['pre']['median']:7.3f} {post:7.3f} "
-                     f"{'n/a' if improved is None else format(improved, '.0%'):>8s} "
-                     f"{r['non_finite']:10d}")
-    return "\n".join(lines)

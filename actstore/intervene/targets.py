@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 
 from actstore.errors import ActstoreError
+from actstore.intervene.settings import TARGET_MODES, InterventionSettings
 from actstore.kinds import BINARY
 from actstore.metrics import pool
 
 SHIFT_RANGE = (90 / 512, 120 / 512)   # the paper's ±90-120 px at 512 px, as a side fraction
-DEFAULT_MARGIN = 4.0                  # logit aimed at by binary edits: sigmoid(4) = 0.982
 INSERT_PUSH = 1.0                     # Appendix E: the copy sits 1 z-unit farther away
 INSERT_SCALE = 0.75                   # ... and is drawn smaller, as a farther object would be
 
@@ -97,18 +97,21 @@ def make_targets(label: np.ndarray, image_id: str, kind: str, n_targets: int, se
                  frac: tuple[float, float] = SHIFT_RANGE) -> tuple[np.ndarray, np.ndarray]:
     """``n_targets`` targets (K, H, W) for one image's label and their (K, 2) px offsets.
 
-    ``mode="shift"`` is the paper's main experiment; ``"insert"`` (continuous labels only)
-    is Appendix E, with horizontal offsets as there.
+    ``mode="shift"`` is the paper's main experiment; ``"shift-x"`` keeps only its horizontal
+    offset (the same draw), for a world whose camera never moves, where a vertically shifted
+    depth map (a moved horizon) is a scene no image of the world shows; ``"insert"``
+    (continuous labels only) is Appendix E, with horizontal offsets as there.
     """
-    if mode not in ("shift", "insert"):
-        raise ActstoreError(f"targets {mode!r}: use shift, insert or a path to target files")
+    if mode not in TARGET_MODES:
+        raise ActstoreError(f"targets {mode!r}: use {', '.join(TARGET_MODES)} or a path to "
+                            "target files")
     if mode == "insert" and kind == BINARY:
         raise ActstoreError("targets insert: copies an object's depth, so it needs a "
                             "continuous (depth) target; use --targets shift for masks")
     hw = label.shape
-    offsets = np.array([shift_offset(image_id, k, seed, hw, frac, mode == "insert")
+    offsets = np.array([shift_offset(image_id, k, seed, hw, frac, mode != "shift")
                         for k in range(n_targets)], np.int32).reshape(n_targets, 2)
-    if mode == "shift":
+    if mode != "insert":
         maps = [translate(label, dy, dx, kind) for dy, dx in offsets]
     else:
         obj = object_mask(label) if mask is None else mask > 0.5
@@ -190,7 +193,7 @@ def _read_png(f: Path, kind: str) -> np.ndarray:
 
 
 def token_targets(target: np.ndarray, grid: tuple[int, int], kind: str, solver: str,
-                  margin: float = DEFAULT_MARGIN) -> np.ndarray:
+                  margin: float = InterventionSettings.margin) -> np.ndarray:
     """Targets (N, H, W) → what the probe should output per token (N, h·w), float32.
 
     Continuous: the pooled normalized value (ridge predicts it directly). Binary: the

@@ -54,19 +54,39 @@ def emergence_rows(store: str) -> Rows | None:
 
 
 def intervention_rows(store: str) -> Rows | None:
-    """Pre/post medians of every complete intervention experiment in the store."""
+    """The causal test: per sweep, the setting chosen on validation images and what it did
+    on the evaluation images beside both controls; without sweeps, every complete
+    experiment at each strength."""
     from actstore.intervene.results import list_interventions
+    from actstore.intervene.sweep import list_sweeps
 
     try:
-        experiments = list_interventions(store)
+        sweeps, experiments = list_sweeps(store), list_interventions(store)
     except (FileNotFoundError, KeyError, ActstoreError):
         return None
+    if sweeps:
+        return [_sweep_row(rec) for rec in sweeps.values()]
     return [{"experiment": name, "target": s["target"], "method": s["method"],
-             "metric": s["metric"], "n": s["interventions"],
-             "pre (median)": s["pre"].get("median"), "post (median)": s["post"].get("median"),
-             "other targets (median)": s.get("other_targets", {}).get("median"),
-             "improved": s.get("improved_fraction"), "non-finite": s["non_finite"]}
-            for name, s in experiments.items()] or None
+             "metric": s["metric"], "n": s["interventions"], "strength": row["strength"],
+             "pre": s["pre"].get("median"), "post": row["probe"]["post"].get("median"),
+             "random edit": row.get("random", {}).get("post", {}).get("median"),
+             "other targets": row["probe"]["other_targets"].get("median"),
+             "toward target": (row["probe"]["improved"] or {}).get("share"),
+             "non-finite": row["probe"]["non_finite"]}
+            for name, s in experiments.items() for row in s["dose"]] or None
+
+
+def _sweep_row(rec: dict) -> dict:
+    c, r = rec["chosen"], rec["result"] or {}
+    return {"target": rec["target"], "chosen on": f"{len(rec['validation_images'])} images",
+            "setting": c and f"{c['kind']} ×{len(c['layers'])}, steps {c['steps'][0]}-"
+                             f"{c['steps'][-1]}, strength {c['strength']:g}",
+            "reported on": f"{len(rec['evaluation_images'])} other images",
+            "n": r.get("interventions"), "edit size": r.get("relative_change"),
+            "pre": r.get("pre"), "post": r.get("post"), "random edit": r.get("random"),
+            "other targets": r.get("other"), "toward target": r.get("improved"),
+            "beats random": r.get("beats_random"), "beats other targets": r.get("specific"),
+            "note": rec.get("note")}
 
 
 SECTIONS: tuple[Section, ...] = (
@@ -82,8 +102,9 @@ SECTIONS: tuple[Section, ...] = (
             "image: what each model has settled on by each step.",
             figures=("samples-*.png",)),
     Section("Emergence curves", "Test score of each (layer, step) probe against the denoising "
-            "step, one panel per layer: trained solid, randomized control dashed.",
-            figures=("*-curves.png",)),
+            "step, one panel per layer: trained solid, randomized control dashed; beside it "
+            "(naming.png), when a classifier on each step's decoded x0 image names what the "
+            "prompt asked for.", figures=("*-curves.png", "naming.png")),
     Section("Layer × step heatmaps", "The headline metric for every layer and step, trained "
             "beside randomized: where and how early the property is linearly decodable.",
             figures=("*-heatmap.png",)),
@@ -91,9 +112,11 @@ SECTIONS: tuple[Section, ...] = (
             "layer's probe prediction and the label model on x0: the probe sees the scene "
             "before the image shows it.", figures=("*-figure4.png",)),
     Section("Interventions", "Each edit asks the probe for a shifted target during generation; "
-            "Dice up / RMSE down from pre to post means the image followed, and the score "
-            "against the image's other targets is the specificity control.",
-            figures=("intervention-*.png",), table=intervention_rows),
+            "Dice up / RMSE down from pre to post means the image followed. It counts only "
+            "if it beats an equal-size random-direction edit and the same output scored "
+            "against the image's other targets; the setting is chosen on validation images "
+            "and reported on others (dose-response: effect against edit size).",
+            figures=("dose-response.png", "intervention-*.png"), table=intervention_rows),
 )
 
 

@@ -17,6 +17,7 @@ LABEL_TARGET_KEY = "target"             # labels/<target> of stores written befo
 RUN_KEY = "target"                      # probes/<run>: the run's attributes (last)
 SETTINGS_KEY = "settings"               # interventions/<id>: created (what a rerun must match)
 SUMMARY_KEY = "actstore_intervention"   # interventions/<id>/_summary: complete (summary)
+SWEEP_KEY = "sweep"                     # sweeps/<id>: the whole record, written once at the end
 WRITER_KEY = "writer"                   # <...>/_pending: who is writing (host, pid, started)
 
 IMAGES = "images"
@@ -30,6 +31,7 @@ PROBES = "probes"
 SCORES = "scores"
 EMERGENCE = "emergence"                 # written by stores of schema 1 before version 0.2
 INTERVENTIONS = "interventions"
+SWEEPS = "sweeps"
 PENDING = "_pending"
 SUMMARY = "_summary"
 ACTIVATION = "activation"
@@ -104,6 +106,10 @@ def experiment_path(experiment_id: str) -> str:
 
 def experiment_summary_path(experiment_id: str) -> str:
     return f"{INTERVENTIONS}/{experiment_id}/{SUMMARY}"
+
+
+def sweep_path(sweep_id: str) -> str:
+    return f"{SWEEPS}/{sweep_id}"
 
 
 def pending_path(path: str) -> str:

@@ -1,0 +1,199 @@
+"""An intervention experiment checked against the store before anything runs.
+
+Everything a user can get wrong is found here, before the model loads and before any
+byte is written: each check raises a one-line :class:`ActstoreError` saying what is wrong
+and how to fix it. The result, a :class:`Plan`, also carries the experiment's record (what
+a rerun must match) and its id, a hash of that record, so rerunning a command resumes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from actstore.errors import ActstoreError
+from actstore.generation.pointnames import site_of
+from actstore.intervene.inputs import check_existing, resolve_provider, select_images
+from actstore.intervene.settings import TARGET_MODES, InterventionSettings
+from actstore.intervene.targets import SHIFT_RANGE, load_user_targets
+from actstore.label.labels import TARGET_NAME, list_targets
+from actstore.kinds import BINARY
+from actstore.probe.runs import get_run, load_probe
+from actstore.store import core as st
+from actstore.store.view import StoreView
+
+# The paper's defaults: salience → decoder self-attention, first 5 steps; depth → all 16
+# layers, first 3 steps (Section 5.1, Appendix D).
+DEFAULT_LAYERS = {BINARY: "up_blocks.", "continuous": ""}
+DEFAULT_STEPS = {BINARY: 5, "continuous": 3}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated experiment: everything but the model, nothing written yet.
+
+    ``settings`` are the caller's with target, layers and steps resolved; ``record`` is
+    what the store keeps of them (and what a rerun must match)."""
+
+    store: str
+    run_id: str
+    settings: InterventionSettings
+    kind: str
+    view: StoreView
+    probes: dict[str, dict]
+    grids: dict[str, tuple[int, int]]
+    image_ids: list[str]
+    positions: np.ndarray
+    prompts: list[str]
+    seeds: list[int]
+    mode: str | None                  # shift | insert | None (user targets)
+    user_targets: np.ndarray | None
+    n_targets: int
+    object_target: str | None
+    hw: tuple[int, int]
+    label_attrs: dict
+    provider: object
+    record: dict
+    experiment_id: str
+
+    @property
+    def target(self) -> str:
+        return self.settings.target
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.settings.layers)
+
+    @property
+    def steps(self) -> list[int]:
+        return list(self.settings.steps)
+
+
+def plan_interventions(store: str, probe_run: str, settings: InterventionSettings, *,
+                       provenance: dict | None = None) -> Plan:
+    """Check ``settings`` against the store; raises a one-line ActstoreError, writes nothing.
+
+    ``provenance`` joins the record (e.g. which sweep chose this setting, on which images)."""
+    s = settings
+    if s.experiment_id is not None and not TARGET_NAME.match(s.experiment_id):
+        raise ActstoreError(f"--experiment {s.experiment_id!r}: use letters, digits, '_', '.', "
+                            "'-' (not starting with '_' or '.')")
+    st.read_root_attrs(store)
+    run = get_run(store, probe_run)
+    target = s.target or run["target"]
+    if target != run["target"]:
+        raise ActstoreError(f"probe run {probe_run} probes {run['target']!r}, not {target!r}; "
+                            "pass a run of that target (or drop --target)")
+    if s.model_variant not in run["models"]:
+        raise ActstoreError(f"probe run {probe_run}: has no probes for model "
+                            f"{s.model_variant!r} (has {', '.join(run['models'])})")
+    view = StoreView(store, model=s.model_variant, complete_only=False)
+    kind = run["kind"]
+    label_attrs = list_targets(store).get(target)
+    if label_attrs is None:
+        raise ActstoreError(f"store {store}: no labels {target!r} any more, though probe run "
+                            f"{probe_run} was fitted on them; rewrite them with `actstore label`")
+    layers = _layers(s.layers, kind, view, run, probe_run)
+    steps = _steps(s.steps, kind, view, run, probe_run)
+    s = s.with_(target=target, layers=tuple(layers), steps=tuple(steps))
+    probes = {la: load_probe(store, probe_run, la, s.model_variant) for la in layers}
+    grids = {la: (int(view.layer_shapes[la][0]), int(view.layer_shapes[la][1]))
+             for la in layers}
+    positions = select_images(view, list(s.images) if isinstance(s.images, tuple) else s.images)
+    table = view.images
+    image_ids = [str(v) for v in table["image"].values[positions]]
+    hw = tuple(int(v) for v in label_attrs["image_size"])
+    user, mode, n_targets = None, s.targets if s.targets in TARGET_MODES else None, s.n_targets
+    if mode is None:
+        user = load_user_targets(s.targets, image_ids, hw, kind, label_attrs.get("mean"),
+                                 label_attrs.get("std"), s.target_units)
+        n_targets = user.shape[1]
+    elif mode == "insert" and kind == BINARY:
+        raise ActstoreError("--targets insert copies an object's depth, so it needs a "
+                            "continuous target such as depth; use shift for masks")
+    object_target = _object_target(store, target) if mode == "insert" else None
+    prov, spec = resolve_provider(s.provider, label_attrs, target, kind, s.device)
+    record = _record(s, probe_run, kind, probes, view, image_ids, n_targets, mode, user,
+                     object_target, spec, label_attrs, provenance)
+    digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
+    experiment_id = s.experiment_id or f"{target}-{s.method}-{digest}"
+    check_existing(store, experiment_id, record)
+    return Plan(store, probe_run, s, kind, view, probes, grids, image_ids, positions,
+                [str(p) for p in table["prompt"].values[positions]],
+                [int(v) for v in table["seed"].values[positions]], mode, user, n_targets,
+                object_target, hw, label_attrs, prov, record, experiment_id)
+
+
+def _record(s: InterventionSettings, probe_run, kind, probes, view, image_ids, n_targets,
+            mode, user, object_target, spec, label_attrs, provenance) -> dict:
+    """What shapes the results, as JSON: the settings that apply, and the store's facts."""
+    solvers = {la: p["solver"] for la, p in probes.items()}
+    skip = ("images", "provider", "experiment_id", "device", "targets", "target_units")
+    keep = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in skip}
+    keep.update(
+        probe_run=probe_run, kind=kind, solvers=solvers, layers=list(s.layers),
+        steps=list(s.steps), strengths=list(s.strengths), arms=list(s.arms),
+        weights_sha256=view.attrs["fingerprint"]["weights_sha256"],
+        generation=view.attrs["fingerprint"]["generation"], images=image_ids,
+        n_targets=n_targets,
+        targets=mode or {"path": str(s.targets), "sha256": hashlib.sha256(
+            np.ascontiguousarray(user).tobytes()).hexdigest()},
+        seed=s.seed if mode or s.random_control else None,
+        shift_range=list(SHIFT_RANGE) if mode else None, object_target=object_target,
+        margin=s.margin if kind == BINARY and "logistic" in solvers.values() else None,
+        lr=s.lr if s.method == "gradient" else None,
+        iterations=s.iterations if s.method == "gradient" else None,
+        provider=spec, label_mean=label_attrs.get("mean"), label_std=label_attrs.get("std"))
+    if provenance:
+        keep["provenance"] = provenance
+    return json.loads(json.dumps(keep))   # as stored: tuples become lists
+
+
+def _layers(layers, kind, view, run, probe_run) -> list[str]:
+    if not layers:      # the paper's: self-attention (attn1), else the store's first kind
+        prefix = DEFAULT_LAYERS[kind]
+        first = "attn1" if "attn1" in view.kinds else view.kinds[0]
+        layers = [la for la in view.layers if view.points[la].kind == first
+                  and site_of(la).startswith(prefix)]
+    bad = [la for la in layers if la not in view.layers]
+    if bad:
+        raise ActstoreError(f"layer {bad[0]!r}: the store has no such capture point; it has "
+                            f"{', '.join(view.layers)}")
+    vae = [la for la in layers if not view.points[la].cfg]
+    if vae:
+        raise ActstoreError(f"layer {vae[0]!r}: the VAE decoder takes no part in denoising, so "
+                            "an edit there cannot change the image; choose UNet layers")
+    _probed(layers, run["layers"], "layer", probe_run)
+    return list(dict.fromkeys(layers))
+
+
+def _steps(steps, kind, view, run, probe_run) -> list[int]:
+    if not steps:
+        steps = list(range(min(DEFAULT_STEPS[kind], view.n_steps)))
+    steps = sorted({int(s) for s in steps})
+    bad = [s for s in steps if not 0 <= s < view.n_steps]
+    if bad:
+        raise ActstoreError(f"step {bad[0]}: the store's generation has steps 0..."
+                            f"{view.n_steps - 1}")
+    _probed(steps, run["steps"], "step", probe_run)
+    return steps
+
+
+def _probed(wanted: list, have: list, what: str, probe_run: str) -> None:
+    lacking = [w for w in wanted if w not in have]
+    if lacking:
+        shown = repr(lacking[0]) if what == "layer" else str(lacking[0])
+        raise ActstoreError(f"probe run {probe_run}: has no probe for {what} {shown} (it "
+                            f"has {what}s {', '.join(map(str, have))}); pass --{what}s "
+                            f"among those or fit a run with that {what}")
+
+
+def _object_target(store: str, target: str) -> str | None:
+    """Appendix E needs the object to copy: the store's first binary target, if any."""
+    for name, attrs in list_targets(store).items():
+        if name != target and attrs["kind"] == BINARY:
+            return name
+    return None

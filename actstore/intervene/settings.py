@@ -1,0 +1,123 @@
+"""Every choice an intervention experiment makes, with its default written once.
+
+One frozen object travels whole from the command line through the flow to the library,
+so a default can differ nowhere, and an experiment's record is these settings plus what
+the store says (probe run, model, labels).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from actstore.errors import ActstoreError
+
+METHODS = ("projection", "gradient")
+TARGET_MODES = ("shift", "shift-x", "insert")
+ARMS = ("probe", "random")          # the edit, and its equal-size random-direction control
+
+
+@dataclass(frozen=True, kw_only=True)
+class InterventionSettings:
+    """What to edit, how hard, on which images, and read by which label model.
+
+    ``strengths``: the dose. Strength s asks each edited probe for z + s·(t − z), where z is
+    its current reading and t the target: s = 1 is the target itself, s = 0 no edit at
+    all (bitwise), s = 3 three times as far. ``projection`` gets there with the minimal-norm
+    change (so its change is s times the s = 1 change); ``gradient`` runs the paper's Adam
+    recipe (``lr``, ``iterations``) toward it. ``random_control`` adds, for every edit, a
+    random-direction edit with the same norm at every token (seeded by image, target,
+    layer, step and ``seed``, the same direction at every strength).
+    """
+
+    target: str | None = None            # label target; None: the probe run's
+    method: str = "projection"
+    layers: tuple[str, ...] = ()         # capture points; empty: the paper's per target kind
+    steps: tuple[int, ...] = ()          # empty: the paper's per target kind
+    strengths: tuple[float, ...] = (1.0,)
+    random_control: bool = True
+    images: str | tuple[str, ...] | None = None   # ids, "A:B" positions; None: test split
+    n_targets: int = 5
+    seed: int = 0                        # target offsets and random directions
+    targets: str = "shift"               # shift | shift-x | insert | a path to user targets
+    target_units: str = "normalized"     # of user depth targets: normalized | raw
+    provider: Any = None                 # label provider spec or object; None: the labels'
+    margin: float = 4.0                  # logit asked of logistic (mask) probes: sigmoid 0.982
+    lr: float = 5e-3                     # gradient: the paper's Adam recipe
+    iterations: int = 128
+    model_variant: str = "trained"
+    experiment_id: str | None = None     # None: a hash of the settings (a rerun resumes)
+    device: str = "cpu"
+    batch_size: int = 16                 # interventions generated together
+
+    def __post_init__(self) -> None:
+        for name in ("layers", "steps", "strengths"):
+            value = getattr(self, name)
+            if value is None:
+                value = ()
+            object.__setattr__(self, name, tuple(value))
+        object.__setattr__(self, "steps", tuple(int(s) for s in self.steps))
+        object.__setattr__(self, "strengths", tuple(float(s) for s in self.strengths))
+        if isinstance(self.images, list):
+            object.__setattr__(self, "images", tuple(str(i) for i in self.images))
+        self.check()
+
+    def check(self) -> None:
+        """The checks that need no store; one line each, naming the option."""
+        if self.method not in METHODS:
+            raise ActstoreError(f"--method {self.method!r}: use {' or '.join(METHODS)}")
+        if not self.strengths or any(not math.isfinite(s) or s < 0 for s in self.strengths):
+            raise ActstoreError(f"--strength {' '.join(map(str, self.strengths)) or '(none)'}:"
+                                " give one or more finite numbers >= 0 (1 = reach the target)")
+        if len(set(self.strengths)) != len(self.strengths):
+            raise ActstoreError(f"--strength {' '.join(map(str, self.strengths))}: a strength "
+                                "is repeated; give each once")
+        if self.n_targets < 1 or self.iterations < 1 or self.batch_size < 1:
+            raise ActstoreError("--n-targets, --iterations and --batch-size must be at least 1")
+        if not self.lr > 0 or not self.margin > 0:
+            raise ActstoreError("--lr and --margin must be positive")
+        if self.target_units not in ("normalized", "raw"):
+            raise ActstoreError(f"--target-units {self.target_units!r}: use normalized or raw")
+
+    @property
+    def arms(self) -> tuple[str, ...]:
+        return ARMS if self.random_control else ARMS[:1]
+
+    def with_(self, **changes) -> "InterventionSettings":
+        return replace(self, **changes)
+
+
+def defaults(cls=InterventionSettings) -> dict[str, Any]:
+    """Field → default, for help texts that must quote the one written above."""
+    return {f.name: f.default for f in fields(cls)}
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepSettings:
+    """The grid a sweep tries on validation images, and how many images each side gets.
+
+    ``kinds`` are capture kinds (attn1, attn2, block, resnet): each cell edits every
+    decoder-side point of its kind (``layer_prefix``) that the probe run has, at the first
+    ``n`` steps for each ``n`` in ``step_counts``, at every strength. The setting with the
+    largest specific effect on the ``validation`` images is then run on ``evaluation``
+    other test images, never the ones it was chosen on.
+    """
+
+    kinds: tuple[str, ...] = ("attn1", "block")
+    step_counts: tuple[int, ...] = (3, 5, 7)
+    strengths: tuple[float, ...] = (1.0, 3.0, 10.0)
+    layer_prefix: str = "up_blocks."
+    validation: int = 4
+    evaluation: int = 8
+    base: InterventionSettings = field(default_factory=lambda: InterventionSettings(n_targets=2))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "step_counts", tuple(int(n) for n in self.step_counts))
+        object.__setattr__(self, "strengths", tuple(float(s) for s in self.strengths))
+        if self.validation < 1 or self.evaluation < 1:
+            raise ActstoreError("--validation and --evaluation must be at least 1 image each")
+        if not self.kinds or not self.step_counts or any(n < 1 for n in self.step_counts):
+            raise ActstoreError("a sweep needs at least one capture kind and step counts >= 1")
+        self.base.with_(strengths=self.strengths)   # the strengths' own checks

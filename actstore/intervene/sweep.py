@@ -1,0 +1,231 @@
+"""Choosing where, when and how hard to edit, on images that are then never reported.
+
+A sweep splits the store's test images in two disjoint sets in store order: the first
+``validation`` images and the next ``evaluation`` ones. On the validation images it runs
+the grid capture kind × edited steps × strength, every cell with its equal-size random
+control and the other-targets control, and picks the setting with the largest *specific*
+effect (the smallest of: gain over the original, margin over the random edit, margin over
+the other targets; see :func:`actstore.intervene.scores.effects`). That one setting is
+then run on the evaluation images, and only that experiment's numbers are the result:
+choosing a setting on the images it is reported on would overstate it, as the authors'
+checkpoint selection on their test set did.
+
+Every cell is an ordinary intervention experiment in the store (resumable); the sweep's
+own record, ``sweeps/<sweep_id>``, lists the cells, the two image sets, the choice and
+the evaluation experiment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import fields
+
+
+import actstore
+from actstore.errors import ActstoreError
+from actstore.generation.models import LoadedModel
+from actstore.generation.pointnames import UNET_KINDS, kind_of, site_of
+from actstore.intervene.inputs import load_store_model
+from actstore.intervene.run import run_interventions
+from actstore.intervene.settings import SweepSettings
+from actstore.probe.runs import get_run
+from actstore.store import io
+from actstore.store import layout as lay
+from actstore.store.view import StoreView
+
+
+
+def split_images(store: str, validation: int, evaluation: int,
+                 model_variant: str) -> tuple[list[str], list[str]]:
+    """The first ``validation`` test images, and the ``evaluation`` ones after them."""
+    view = StoreView(store, model=model_variant, complete_only=False)
+    table = view.images
+    test = [str(i) for i, s in zip(table["image"].values, table["split"].values)
+            if s == "test"]
+    if len(test) < validation + evaluation:
+        raise ActstoreError(f"store {store}: has {len(test)} test images, a sweep needs "
+                            f"{validation} validation + {evaluation} evaluation; lower "
+                            "--validation/--evaluation")
+    return test[:validation], test[validation:validation + evaluation]
+
+
+def kind_layers(run: dict, kind: str, prefix: str) -> list[str]:
+    """The probe run's capture points of one kind whose site starts with ``prefix``."""
+    if kind not in UNET_KINDS:
+        raise ActstoreError(f"--kinds {kind}: only points inside the denoising loop can be "
+                            f"edited ({', '.join(UNET_KINDS)})")
+    return [name for name in run["layers"]
+            if kind_of(name) == kind and site_of(name).startswith(prefix)]
+
+
+def grid_cells(run: dict, settings: SweepSettings) -> list[dict]:
+    """(kind, layers, steps) cells the run can serve; kinds it has no probes for are left
+    out (listed under ``skipped`` by :func:`run_sweep`)."""
+    cells = []
+    for kind in settings.kinds:
+        layers = kind_layers(run, kind, settings.layer_prefix)
+        if not layers:
+            continue
+        for n in settings.step_counts:
+            steps = [s for s in run["steps"] if s < n]
+            if steps and all(c["steps"] != steps or c["kind"] != kind for c in cells):
+                cells.append({"kind": kind, "layers": layers, "steps": steps})
+    return cells
+
+
+def choose(rows: list[dict]) -> dict | None:
+    """The row with the largest specific effect; ties go to the smaller edit. Strength 0
+    (no edit, the curve's anchor) is never chosen. None if no other cell has a score
+    (every edit drove the model to non-finite values)."""
+    ranked = [r for r in rows if r["effect"]["specific"] is not None and r["strength"] > 0]
+    if not ranked:
+        return None
+    return max(ranked, key=lambda r: (r["effect"]["specific"], -r["relative_change"]))
+
+
+def run_sweep(store: str, probe_runs: list[str] | str,
+              settings: SweepSettings = SweepSettings(), *, model: LoadedModel | None = None,
+              out_dir: str | None = None, progress: bool = True) -> dict:
+    """Sweep each probe run's grid on validation images, then evaluate its chosen setting
+    on the evaluation images; returns ``{target: record}`` plus the figures drawn."""
+    probe_runs = [probe_runs] if isinstance(probe_runs, str) else list(probe_runs)
+    base = settings.base
+    validation, evaluation = split_images(store, settings.validation, settings.evaluation,
+                                          base.model_variant)
+    runs = {r: get_run(store, r) for r in probe_runs}
+    model = load_store_model(StoreView(store, model=base.model_variant, complete_only=False),
+                             model, base.device)
+    out = {"store": store, "validation_images": validation, "evaluation_images": evaluation,
+           "targets": {}}
+    for run_id, run in runs.items():
+        out["targets"][run["target"]] = _sweep_run(store, run_id, run, settings, validation,
+                                                   evaluation, model, progress)
+    if out_dir:
+        from actstore.plots.interventions import sweep_figures
+
+        out["figures"] = sweep_figures(store, [r["sweep_id"] for r in out["targets"].values()],
+                                       out_dir)
+    return out
+
+
+def _sweep_run(store, run_id, run, settings, validation, evaluation, model, progress) -> dict:
+    t0 = time.perf_counter()
+    cells = grid_cells(run, settings)
+    if not cells:
+        raise ActstoreError(f"probe run {run_id}: has no probes of kind(s) "
+                            f"{', '.join(settings.kinds)} at sites {settings.layer_prefix}*; "
+                            "fit one on those capture points or choose --kinds among its own")
+    base = settings.base
+    rows, experiments = [], []
+    for cell in cells:
+        summary = run_interventions(
+            store, run_id, base.with_(layers=tuple(cell["layers"]), steps=tuple(cell["steps"]),
+                                      strengths=settings.strengths, images=tuple(validation),
+                                      experiment_id=None),
+            model=model, progress=progress, provenance={"role": "sweep validation"})
+        experiments.append(summary["experiment_id"])
+        for row in summary["dose"]:
+            rows.append({"kind": cell["kind"], "layers": cell["layers"],
+                         "steps": cell["steps"], "strength": row["strength"],
+                         "experiment_id": summary["experiment_id"],
+                         "relative_change": row["probe"]["edit"]["relative_change"],
+                         "token_relative_change":
+                             row["probe"]["edit"]["token_relative_change"],
+                         "pre": summary["pre"].get("median"),
+                         "post": row["probe"]["post"].get("median"),
+                         "random": row.get("random", {}).get("post", {}).get("median"),
+                         "other": row["probe"]["other_targets"].get("median"),
+                         "effect": row["effect"]})
+    best = choose(rows)
+    record = {"probe_run": run_id, "target": run["target"], "kind": run["kind"],
+              "settings": _settings_json(settings),
+              "validation_images": validation, "evaluation_images": evaluation,
+              "skipped_kinds": [k for k in settings.kinds
+                                if not any(c["kind"] == k for c in cells)],
+              "cells": rows, "experiments": experiments,
+              "chosen": best and {k: best[k] for k in ("kind", "layers", "steps", "strength",
+                                                       "experiment_id", "effect",
+                                                       "relative_change")}}
+    sweep_id = _sweep_id(record)
+    if best is None:   # nothing to evaluate: say so in the record rather than fail the job
+        record.update(sweep_id=sweep_id, evaluation=None, result=None,
+                      note="every edit of the grid drove the model to non-finite values",
+                      seconds=time.perf_counter() - t0, actstore_version=actstore.__version__,
+                      created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        write_sweep(store, sweep_id, record)
+        return record
+    chosen = base.with_(layers=tuple(best["layers"]), steps=tuple(best["steps"]),
+                        strengths=(best["strength"],), images=tuple(evaluation),
+                        experiment_id=None)
+    final = run_interventions(store, run_id, chosen, model=model, progress=progress,
+                              provenance={"role": "sweep evaluation", "sweep": sweep_id,
+                                          "validation_images": validation})
+    overlap = set(final["image_ids"]) & set(validation)
+    if overlap:   # cannot happen by construction; a record that says otherwise is refused
+        raise ActstoreError(f"sweep {sweep_id}: evaluation shares images {sorted(overlap)} "
+                            "with validation")
+    record.update(sweep_id=sweep_id, evaluation=final["experiment_id"],
+                  result=_headline(final), seconds=time.perf_counter() - t0,
+                  actstore_version=actstore.__version__,
+                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    write_sweep(store, sweep_id, record)
+    return record
+
+
+def _settings_json(settings: SweepSettings) -> dict:
+    """The sweep's settings as JSON; a provider object is named by its spec."""
+    base = {f.name: getattr(settings.base, f.name) for f in fields(settings.base)}
+    prov = base["provider"]
+    base["provider"] = prov if prov is None or isinstance(prov, str) else \
+        str(getattr(prov, "spec", type(prov).__name__))
+    out = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "base"}
+    return json.loads(json.dumps({**out, "base": base}))
+
+
+def _sweep_id(record: dict) -> str:
+    key = {k: record[k] for k in ("probe_run", "settings", "validation_images",
+                                  "evaluation_images")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{record['target']}-sweep-{digest}"
+
+
+def _headline(summary: dict) -> dict:
+    """The evaluation experiment at its one strength: what the main job reports."""
+    row = summary["dose"][0]
+    rnd = row.get("random", {})
+    return {"experiment_id": summary["experiment_id"], "metric": summary["metric"],
+            "interventions": summary["interventions"], "images": summary["images"],
+            "strength": row["strength"], "pre": summary["pre"].get("median"),
+            "post": row["probe"]["post"].get("median"),
+            "random": rnd.get("post", {}).get("median"),
+            "other": row["probe"]["other_targets"].get("median"),
+            "improved": (row["probe"]["improved"] or {}).get("share"),
+            "random_improved": (rnd.get("improved") or {}).get("share"),
+            "specific": (row["probe"]["specific"] or {}).get("share"),
+            "beats_random": (row["probe"].get("beats_random") or {}).get("share"),
+            "relative_change": row["probe"]["edit"]["relative_change"],
+            "token_relative_change": row["probe"]["edit"]["token_relative_change"],
+            "non_finite": row["probe"]["non_finite"] + rnd.get("non_finite", 0),
+            "effect": row["effect"]}
+
+
+def write_sweep(store: str, sweep_id: str, record: dict) -> None:
+    """One PUT of the sweep group's metadata: a sweep is recorded whole or not at all."""
+    io.put_group(store, lay.SWEEPS)
+    io.put_group(store, lay.sweep_path(sweep_id), {lay.SWEEP_KEY: record})
+
+
+def list_sweeps(store: str) -> dict[str, dict]:
+    out = {}
+    for name in io.list_dir(store, lay.SWEEPS):
+        attrs = io.node_attrs(store, lay.sweep_path(name)) or {}
+        if lay.SWEEP_KEY in attrs:
+            out[name] = attrs[lay.SWEEP_KEY]
+    return out
+
+
+def latest_sweep(store: str, target: str) -> dict | None:
+    found = [r for r in list_sweeps(store).values() if r["target"] == target]
+    return max(found, key=lambda r: r["created"]) if found else None
