@@ -198,7 +198,7 @@ def test_sweep_needs_enough_test_images(ivstore, tiny_model):
 def test_reader_per_step_reads_each_steps_x0_of_the_test_images(tiny_model, tmp_path):
     import csv
 
-    from actstore.generation.materialize import materialize
+    from actstore.generation.materialize import MaterializeSettings, materialize
     from actstore.toyworld.naming import naming_step, reader_per_step
     from actstore.toyworld.reader import OBJECTS, agreement, attributes
     from conftest import REPO
@@ -212,8 +212,9 @@ def test_reader_per_step_reads_each_steps_x0_of_the_test_images(tiny_model, tmp_
         w.writeheader()
         w.writerows(rows)
     uri = str(tmp_path / "toy.zarr")
-    materialize(tiny_model, str(table), uri, batch_size=6, gen=GenerationConfig(steps=3),
-                block_size=6, progress=False)
+    materialize(tiny_model, str(table), uri,
+                MaterializeSettings(batch_size=6, block_size=6, gen=GenerationConfig(steps=3)),
+                progress=False)
 
     class Recorder:
         """Says 'light from the left, one red cube' of every image; keeps what it saw."""
