@@ -351,16 +351,21 @@ def test_interventions_edit_a_residual_stream_point(planted_kinds, tiny_model, t
     """The intervention experiment takes a block point by name, like an attn1 layer; a VAE
     point, which denoising never runs, is refused."""
     from actstore.intervene.run import run_interventions
-    from test_interventions import PixelLabels
+    from actstore.intervene.settings import InterventionSettings
+    from conftest import PixelLabels
 
     uri = _copy(planted_kinds["uri"], tmp_path / "iv.zarr")
     run = planted_kinds["runs"]["depth"]
-    kw = {"steps": [2], "images": ["demo-012", "demo-013"], "n_targets": 1,
-          "provider": PixelLabels(), "model": tiny_model, "progress": False}
-    out = run_interventions(uri, run, layers=["block/up_blocks.3.attentions.0"], **kw)
+    base = InterventionSettings(steps=(2,), images=("demo-012", "demo-013"), n_targets=1,
+                                provider=PixelLabels())
+    kw = {"model": tiny_model, "progress": False}
+    out = run_interventions(uri, run, base.with_(layers=("block/up_blocks.3.attentions.0",)),
+                            **kw)
     assert out["complete"] and out["interventions"] == 2
     assert out["layers"] == ["block/up_blocks.3.attentions.0"]
-    assert out["edit"]["relative_change"] > 0 and out["edit"]["probe_error_after"] < \
-        out["edit"]["probe_error_before"]
+    edit = out["dose"][0]["probe"]["edit"]
+    assert edit["relative_change"] > 0 and edit["probe_error_after"] < \
+        edit["probe_error_before"]
     with pytest.raises(ActstoreError, match="VAE decoder takes no part in denoising"):
-        run_interventions(uri, run, layers=["vae/decoder.mid_block.attentions.0"], **kw)
+        run_interventions(uri, run, base.with_(layers=("vae/decoder.mid_block.attentions.0",)),
+                          **kw)
