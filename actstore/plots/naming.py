@@ -37,8 +37,8 @@ def naming_curves(store: str, naming: dict, out_png: str) -> str:
         right.axhline(naming["final"][question], color=c, ls="--", lw=0.8)
     right.set_ylim(0, 1.02)
     right.set_ylabel("reader agrees with the prompt", fontsize=8)
-    right.set_title(f"toy reader on each step's x0 image ({naming['n']} {naming['split']} "
-                    "images; dashed: final)", fontsize=9)
+    right.set_title(f"toy reader on each step's x0 image\n({naming['n']} {naming['split']} "
+                    "images; dashed: on the final image)", fontsize=9)
     right.legend(fontsize=6)
     for ax in (left, right):
         ax.set_xlabel("denoising step", fontsize=8)
