@@ -28,6 +28,7 @@ from actstore.plots.report import write_report
 from actstore.toyworld.naming import format_naming
 from actstore.probe.runs import latest_run, open_emergence
 from actstore.intervene.settings import InterventionSettings, SweepSettings
+from actstore.intervene.sweep import fit_split
 from flows.intervene import sweep_figures_task, sweep_task
 from actstore.generation.materialize import CaptureConfig, MaterializeSettings
 from actstore.plots.figures import kind_comparison
@@ -158,7 +159,8 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
     if causal:
         found = {}
         for t in causal:
-            found.update(sweep_task(store, [latest_run(store, t)], sweeps[t])["targets"])
+            found.update(sweep_task(store, [latest_run(store, t)],
+                                    fit_split(store, sweeps[t]))["targets"])
         result["figures"] += sweep_figures_task(
             store, [rec["sweep_id"] for rec in found.values()], str(out_dir))
         result["interventions"] = found

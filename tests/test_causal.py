@@ -17,7 +17,7 @@ from actstore.intervene.edits import (EditHook, direction_key, equal_norm, gener
 from actstore.intervene.results import open_intervention
 from actstore.intervene.scores import effects, summarize_arrays
 from actstore.intervene.settings import InterventionSettings as IS, SweepSettings
-from actstore.intervene.sweep import choose, list_sweeps, run_sweep
+from actstore.intervene.sweep import choose, fit_split, list_sweeps, run_sweep
 from actstore.probe.runs import load_probe
 from actstore.store.view import open_store
 from conftest import IV_LAYERS, IV_STEPS, TINY, PixelLabels
@@ -193,6 +193,23 @@ def test_sweep_needs_enough_test_images(ivstore, tiny_model):
         run_sweep(ivstore["uri"], ivstore["runs"]["salient"],
                   SweepSettings(validation=4, evaluation=4,
                                 base=IS(provider=PixelLabels())), model=tiny_model)
+
+
+def test_fit_split_shrinks_the_sets_to_the_stores_test_images(ivstore):
+    table = open_store(ivstore["uri"]).images
+    n = int((table["split"].values == "test").sum())
+    fitted = fit_split(ivstore["uri"], SweepSettings(validation=3 * n, evaluation=8 * n))
+    assert (fitted.validation, fitted.evaluation) == (round(n * 3 / 11), n - round(n * 3 / 11))
+    small = SweepSettings(validation=1, evaluation=1)
+    assert fit_split(ivstore["uri"], small) is small
+
+
+@pytest.mark.parametrize("strengths,words", [((1, -1), ">= 0"), ((2, 2), "repeated"),
+                                             ((), "(none)"), ((float("nan"),), "finite")])
+def test_settings_refuse_bad_strengths_in_one_line(strengths, words):
+    with pytest.raises(ActstoreError, match="--strength") as info:
+        IS(strengths=strengths)
+    assert words in str(info.value) and "\n" not in str(info.value)
 
 
 def test_reader_per_step_reads_each_steps_x0_of_the_test_images(tiny_model, tmp_path):

@@ -372,7 +372,7 @@ def _cli(argv):
     (["--probe-run", "salient-19990101T000000"], "no probe run"),
     (["--layers", "up_blocks.1.attentions.0"], "has no probe for layer"),
     (["--layers", "up_blocks.9.attentions.0"], "the store has no such capture point"),
-    (["--strength", "1", "-1"], "--strength"),
+    (["--strength", "1", "-1"], "must be >= 0"),     # argparse's check
     (["--strength", "2", "2"], "repeated"),
     (["--steps", "3"], "has no probe for step 3"),
     (["--steps", "99"], "step 99"),
@@ -384,7 +384,7 @@ def _cli(argv):
     (["--experiment", "../up"], "--experiment"),
     ([], "looks labels up by image id"),
 ])
-def test_bad_input_one_line_error_store_unchanged(ivstore, tmp_path, extra, words):
+def test_bad_input_one_line_error_store_unchanged(ivstore, tmp_path, capsys, extra, words):
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(ivstore["uri"], uri)
     ids = open_store(uri).images["image"].values
@@ -398,9 +398,10 @@ def test_bad_input_one_line_error_store_unchanged(ivstore, tmp_path, extra, word
     if words != "looks labels up by image id":
         argv[-1] = "toyworld:/nonexistent"   # only reached if everything else passes
     before = tree_digest(uri)
-    if words == "invalid choice":
+    if words in ("invalid choice", "must be >= 0"):
         with pytest.raises(SystemExit):
             _cli(argv + extra)
+        assert words in capsys.readouterr().err
     else:
         with pytest.raises(ActstoreError) as info:
             _cli(argv + extra)

@@ -78,11 +78,15 @@ CASES = {
         ("labelled", ["{line}", "{line} --layers up_blocks.3.attentions.0 "
                       "mid_block.attentions.0 --steps 0 4 --models trained randomized "
                       "--scheduler {scheduler}"]),
-    # and the gradient method, with 2 Adam iterations instead of 128 to keep the test short
-    "actstore intervene --store S --probe-run salient-20261127T070000 --method projection":
-        ("probed", ["{line}", "{gradient} --iterations 2"]),
+    # and the gradient method at one strength, 2 Adam iterations instead of 128 (short)
+    "actstore intervene --store S --probe-run salient-20261127T070000 --strength 1 3 10":
+        ("probed", ["{line}", "{line} --method gradient --strength 1 --iterations 2"]),
     "actstore intervene --store S --probe-run depth-... --targets insert --images toy-0001 "
     "toy-0004": ("probed", ["{line}"]),
+    # the store has 4 test images (as written a sweep takes 4 + 8) and a one-cell grid
+    "actstore sweep --store S --probe-run salient-... depth-... --out runs/sweep":
+        ("probed", ["{line} --validation 2 --evaluation 2 --kinds attn1 --step-counts 1 "
+                    "--strength 1 --n-targets 2"]),
     # the whole job at 2 steps and one target (as written: 15 steps, three targets, minutes)
     "actstore main --model tiny-random --out runs/tiny":
         ("none", ["{line} --steps 2 --targets salient"]),
@@ -100,14 +104,13 @@ def test_every_readme_command_has_a_case():
 def _fill(template: str, line: str, user: Path, scheduler: str | None) -> list[str]:
     from actstore.probe.runs import latest_run
 
-    text = template.replace("{line}", line).replace("{scheduler}", scheduler or "") \
-        .replace("{gradient}", line.replace("--method projection", "--method gradient"))
+    text = template.replace("{line}", line).replace("{scheduler}", scheduler or "")
     argv = shlex.split(text)[1:]
     store = str(user / "runs" / "toy.zarr")
     for i, arg in enumerate(argv):
         if arg == "S":
             argv[i] = "toy"
-        elif i and argv[i - 1] == "--probe-run":
+        elif re.fullmatch(r"(salient|depth)-(\.\.\.|\d{8}T\d{6})", arg):   # a probe run id
             argv[i] = latest_run(store, arg.split("-")[0])
     return argv
 
@@ -123,6 +126,7 @@ def base(tmp_path_factory, tiny_model):
     from actstore.generation.sampling import GenerationConfig
     from actstore.label.labels import write_labels
     from actstore.intervene.run import run_interventions
+    from actstore.intervene.settings import InterventionSettings
     from actstore.probe.runs import latest_run, run_probes
     from test_labels import _tiny_dpt, _tiny_segformer
 
@@ -158,7 +162,7 @@ def base(tmp_path_factory, tiny_model):
     shutil.copytree(states / "probed.zarr", states / "intervened.zarr")
     run_interventions(str(states / "intervened.zarr"),
                       latest_run(str(states / "intervened.zarr"), "salient"),
-                      images=["toy-0001"], n_targets=1, progress=False)
+                      InterventionSettings(images=("toy-0001",), n_targets=1), progress=False)
     ids = list(small.image_id)
     rng = np.random.default_rng(0)
     np.savez(root / "my_labels.npz", image_id=np.array(ids),
@@ -251,6 +255,15 @@ def _check(line: str, user: Path, out: str) -> None:
             (["up_blocks.3.attentions.0", "mid_block.attentions.0"], [0, 4],
              {"trained", "randomized"})]
         assert Path("runs/figs/depth-curves.png").stat().st_size > 0
+    elif words[1] == "sweep":
+        from actstore.intervene.sweep import list_sweeps
+
+        records = {r["target"]: r for r in list_sweeps(toy).values()}
+        assert set(records) == {"salient", "depth"}
+        for r in records.values():
+            assert not set(r["validation_images"]) & set(r["evaluation_images"])
+            assert r["result"] is None or r["result"]["interventions"] == 2 * 2
+        assert "causal test" in out and Path("runs/sweep/dose-response.png").stat().st_size
     else:
         done = list_interventions(toy)
         assert done and all(s["interventions"] > 0 for s in done.values())

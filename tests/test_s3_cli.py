@@ -21,6 +21,7 @@ import pytest
 
 from actstore.intervene.results import list_interventions, open_intervention
 from actstore.intervene.run import run_interventions
+from actstore.intervene.settings import InterventionSettings
 from actstore.label.labels import open_labels, write_labels
 from actstore.probe.runs import load_probe, run_probes
 from conftest import REPO, S3_KEY_ID, S3_SECRET, TINY
@@ -77,8 +78,9 @@ def local_ref(tmp_path_factory, tiny_store):
         del os.environ["ACTSTORE_THREADS"]
     run = run_probes(uri, "salient", layers=LAYERS, steps=[0, 1], scheduler="threads",
                      progress=False)
-    exp = run_interventions(uri, run, "salient", layers=LAYERS, steps=[0], images=IMAGES,
-                            n_targets=1, progress=False)
+    exp = run_interventions(uri, run, InterventionSettings(
+        target="salient", layers=tuple(LAYERS), steps=(0,), images=tuple(IMAGES),
+        n_targets=1), progress=False)
     return uri, run, exp["experiment_id"]
 
 

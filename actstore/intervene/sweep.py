@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import fields
+from dataclasses import fields, replace
 
 
 import actstore
@@ -49,6 +49,21 @@ def split_images(store: str, validation: int, evaluation: int,
                             f"{validation} validation + {evaluation} evaluation; lower "
                             "--validation/--evaluation")
     return test[:validation], test[validation:validation + evaluation]
+
+
+def fit_split(store: str, settings: SweepSettings) -> SweepSettings:
+    """The settings with validation + evaluation shrunk, in proportion, to the store's test
+    images when it has fewer (the main job on another prompt table); unchanged otherwise."""
+    table = StoreView(store, model=settings.base.model_variant, complete_only=False).images
+    n = int((table["split"].values == "test").sum())
+    v, e = settings.validation, settings.evaluation
+    if n >= v + e:
+        return settings
+    if n < 2:
+        raise ActstoreError(f"store {store}: has {n} test images; a sweep needs at least 2 "
+                            "(one to choose on, one to report on)")
+    v = min(n - 1, max(1, round(n * v / (v + e))))
+    return replace(settings, validation=v, evaluation=n - v)
 
 
 def kind_layers(run: dict, kind: str, prefix: str) -> list[str]:
