@@ -78,3 +78,27 @@ def test_label_spearman_only_on_request():
     default = block_scores(pred, tokens, full, False)
     assert metric_names(False) == [m for m in metric_names(False, True) if m != "spearman_label"]
     np.testing.assert_array_equal(default, full_set[:5])
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_label_side_of_a_block_serves_every_grid_and_row(binary):
+    """The per-run label summary (every token grid at once, made for a whole block, then
+    rows taken) scores exactly as the labels themselves do."""
+    from actstore.probe.scoring import label_side
+    rng = np.random.default_rng(3)
+    full = rng.normal(size=(5, 32, 32)).astype(np.float32)
+    full[3] = 0.25                                         # constant: no correlation
+    if binary:
+        full = (full > 0.2).astype(np.float32)
+    side = label_side(full, [(8, 8), (4, 2), (16, 16)], binary)
+    rows = np.array([True, False, True, True, False])
+    for h, w in [(8, 8), (4, 2), (16, 16)]:
+        pred = rng.normal(size=(3, 2, h, w))
+        tokens = rng.normal(size=(3, h, w)).astype(np.float32)
+        want = block_scores(pred, tokens, full[rows], binary)
+        got = block_scores(pred, tokens, side[rows], binary)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_array_equal(got, want)
+    if not binary:
+        with pytest.raises(ValueError, match="Spearman"):
+            block_scores(pred, tokens, side[rows], False, label_spearman=True)

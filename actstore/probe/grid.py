@@ -34,7 +34,8 @@ from actstore.kinds import BINARY
 from actstore.probe import logistic as lg
 from actstore.probe import sampling
 from actstore.probe import solvers as pb
-from actstore.probe.scoring import block_scores, metric_names as _names
+from actstore.probe.scoring import LabelSide, block_scores, label_side
+from actstore.probe.scoring import metric_names as _names
 from actstore.store import io
 
 
@@ -69,6 +70,7 @@ class LayerSource:
     full: str         # labels at image resolution (image, H, W)
     kind: str
     labels_created: str = ""
+    grids: tuple[tuple[int, int], ...] = ()   # every token grid of the run: see _label_side
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,23 @@ def _token_labels(src: LayerSource) -> np.ndarray:
 def _cached_labels(uri: str, path: str, kind: str, created: str) -> np.ndarray:
     y = _read(uri, path, slice(None))
     return (y > 0.5).astype(np.float32) if kind == BINARY else y
+
+
+LABEL_SIDE_BLOCKS = 512   # test blocks whose label summaries a process keeps (see below)
+
+
+def _label_side(src: LayerSource, a: int, b: int, grid: tuple[int, int]) -> LabelSide:
+    """What scoring needs of the block's labels at image resolution, for every token grid of
+    the run at once: made on the first layer's visit, then reused by every layer and model
+    (a 512×512 label read and centred once per run, not once per layer and model)."""
+    grids = tuple(sorted(set(src.grids) | {grid}))
+    return _cached_side(src.uri, src.full, src.kind, src.labels_created, a, b, grids)
+
+
+@lru_cache(maxsize=LABEL_SIDE_BLOCKS)
+def _cached_side(uri: str, path: str, kind: str, created: str, a: int, b: int,
+                 grids: tuple) -> LabelSide:
+    return label_side(_read(uri, path, slice(a, b)), grids, kind == BINARY)
 
 
 def _block_tokens(x: np.ndarray) -> np.ndarray:
@@ -252,8 +271,10 @@ def _score_block(src: LayerSource, a: int, b: int, rows: np.ndarray, fit: LayerF
     X = _block_tokens(_read(src.uri, src.activation, slice(a, b), steps)[rows])   # (S, n, C)
     pred = pb.predict(fit.weights[..., None], fit.bias[..., None], X)[..., 0]    # (S, n)
     tokens = _token_labels(src)[a:b][rows]
-    full = _labels(src, src.full, slice(a, b))[rows]
     n, (h, w) = len(tokens), tokens.shape[1:]
+    # label Spearman ranks the labels themselves; every other metric needs only a summary
+    full = _labels(src, src.full, slice(a, b))[rows] if label_spearman else \
+        _label_side(src, a, b, (h, w))[rows]
     pred = pred.reshape(len(steps), n, h, w).transpose(1, 0, 2, 3)   # (n, S, h, w)
     return block_scores(pred, tokens, full, src.kind == BINARY, label_spearman)
 

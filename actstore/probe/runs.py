@@ -125,8 +125,10 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
     views = _views(store, models)
     common = [la for la in views[0].layers if all(la in v.points for v in views[1:])]
     layers = _select(layers, common, "layer", store)
-    attrs, split, per_layer = load_targets(store, target, {
-        la: tuple(views[0].layer_shapes[la][:2]) for la in layers})
+    grids = {la: tuple(views[0].layer_shapes[la][:2]) for la in layers}
+    attrs, split, per_layer = load_targets(store, target, grids)
+    per_layer = {la: replace(src, grids=tuple(sorted(set(grids.values()))))
+                 for la, src in per_layer.items()}
     if not split.test.any():       # before anything is written
         raise ActstoreError(f"store {store}: no test-split images to score probes on; make a "
                             "store whose prompt table marks some rows split=test")
