@@ -199,6 +199,7 @@ def main() -> None:
               f"{len(SHAPES[args.shapes][1])} layers x {len(args.models)} models, built in "
               f"{t.wall:.1f} s")
     try:
+        import torch  # noqa: F401  a run's first float16 upcast imports it: ~1 CPU s once per process
         print(f"load average before: {load()}")
         read_pass(uri)   # once untimed: metadata caches and page cache warm, as for the rest
         read, bare = read_pass(uri), block_reads(uri)
