@@ -23,6 +23,8 @@ _API = {
     "open_store": "actstore.store.view",
     "materialize": "actstore.generation.materialize",
     "MaterializeSettings": "actstore.generation.materialize",
+    "LabelSettings": "actstore.label.settings",
+    "ProbeSettings": "actstore.probe.settings",
     "write_labels": "actstore.label.labels",
     "open_labels": "actstore.label.labels",
     "run_probes": "actstore.probe.runs",

@@ -15,8 +15,8 @@ import traceback
 from pathlib import Path
 
 from actstore.errors import ActstoreError
-from flows.cli_checks import (check_scheduler, check_url, index, nonneg_float,
-                              positive_int)
+from flows.cli_checks import (check_fan_out, check_url, nonneg_float, positive_int,
+                              store_uri)
 from flows.cli_env import command_environment, quiet_libraries, use_storage_options
 from flows.cli_report import as_json, failure_line, main_job_files, summary
 
@@ -132,34 +132,6 @@ def _add_verify(sub, common) -> None:
     v.add_argument("--batch-size", type=positive_int, default=4)
 
 
-def _add_label_probe(sub, common) -> None:
-    p = sub.add_parser("label", parents=[common], help="write a probe target (labels) into a "
-                       "store; never touches activations")
-    p.add_argument("--store", required=True)
-    p.add_argument("--provider", required=True, help="toyworld | hf-depth:FOLDER | "
-                   "hf-segmentation:FOLDER | array:FILE(.npz|.zarr)")
-    p.add_argument("--target", required=True, nargs="+", help="name(s) of the target(s) in "
-                   "the store; several are labelled in one pass of the provider")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-x0", action="store_true", help="skip labelling the per-step x0 images")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=positive_int, help="fan image blocks out over a local "
-                   "Dask cluster of N worker processes (each loads the label model once)")
-    p.add_argument("--cluster", help="fan image blocks out over a running Dask scheduler, "
-                   "e.g. tcp://HOST:8786")
-    q = sub.add_parser("probe", parents=[common], help="fit a linear probe per (model, layer, "
-                       "step) for a target")
-    q.add_argument("--store", required=True)
-    q.add_argument("--target", required=True)
-    q.add_argument("--models", nargs="+", help="default: every model variant in the store")
-    q.add_argument("--layers", nargs="+")
-    q.add_argument("--steps", nargs="+", type=index, help="step indices (default: all)")
-    q.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
-    q.add_argument("--figures", help="folder for the PNG figures")
-    q.add_argument("--label-spearman", action="store_true", help="also Spearman at label "
-                   "resolution (ranks every upsampled map: costs several read passes)")
-
-
 def _add_main(sub, common) -> None:
     m = sub.add_parser("main", parents=[common], help="the main job on the embedded default "
                        "model: materialize, label, probe, figures, interventions (a Prefect "
@@ -191,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub, common)
     _add_verify(sub, common)
-    _add_label_probe(sub, common)
+    from flows.cli_label import add_label_probe_parsers
+    add_label_probe_parsers(sub, common)
     from flows.cli_intervene import add_intervene_parser
     add_intervene_parser(sub, common)
     _add_main(sub, common)
@@ -204,12 +177,7 @@ def _materialize(args, catalog) -> dict:
     from actstore.generation.materialize import MaterializeSettings
     from actstore.generation.prompts import load_prompts
 
-    if args.no_prefect and (args.workers or args.cluster):
-        raise ActstoreError("--workers/--cluster run regions as Prefect task runs on Dask; "
-                            "drop --no-prefect")
-    if args.cluster:  # before torch loads: one line within seconds
-        from actstore.cluster import check_scheduler as check_cluster
-        check_cluster(args.cluster)
+    check_fan_out(args, "regions")
     entry = resolve_store(catalog, args.store)
     model_name = args.model or entry["model"]
     prompts_name = args.prompts or entry["prompts"]
@@ -255,7 +223,7 @@ def _verify(args, catalog) -> dict:
     from actstore.generation.regenerate import verify
 
     model = resolve_model(catalog, args.model)["ref"] if args.model else None
-    result = verify(_store_uri(args, catalog), model=model, images=args.images,
+    result = verify(store_uri(args, catalog), model=model, images=args.images,
                     variants=args.models, device=args.device, batch_size=args.batch_size,
                     progress=not args.quiet)
     if result["not_reproduced"]:
@@ -267,63 +235,14 @@ def _verify(args, catalog) -> dict:
     return result
 
 
-def _store_uri(args, catalog) -> str:
-    from actstore.catalog import resolve_store
-
-    store = resolve_store(catalog, args.store)["uri"]
-    check_url(store, "--store")
-    return store
-
-
 def _label(args, catalog) -> dict:
-    store = _store_uri(args, catalog)
-    # One --target keeps the one-target summary its users already read; several, a dict.
-    target = args.target[0] if len(args.target) == 1 else args.target
-    if args.no_prefect:
-        if args.workers or args.cluster:
-            raise ActstoreError("--workers/--cluster run image blocks as Prefect task runs "
-                                "on Dask; drop --no-prefect")
-        from actstore.label.labels import write_labels
-        return write_labels(store, args.provider, target, overwrite=args.overwrite,
-                            on_x0=not args.no_x0, device=args.device, progress=not args.quiet)
-    if args.cluster:  # one line within seconds, before any model loads
-        from actstore.cluster import check_scheduler
-        check_scheduler(args.cluster)
-    from flows.label import label_flow
-
-    with flow_mode(args):
-        return label_flow(store, args.provider, target, overwrite=args.overwrite,
-                          on_x0=not args.no_x0, device=args.device, workers=args.workers,
-                          cluster=args.cluster, progress=not args.quiet)
+    from flows.cli_label import label_command
+    return label_command(args, catalog)
 
 
 def _probe(args, catalog) -> dict:
-    store = _store_uri(args, catalog)
-    check_scheduler(args.scheduler)
-    if args.no_prefect:
-        from actstore.cluster import dask_scheduler
-        from actstore.plots.figures import probe_figures
-        from actstore.probe.runs import run_probes
-
-        with dask_scheduler(args.scheduler) as sched:
-            run_id = run_probes(store, args.target, models=args.models, layers=args.layers,
-                                steps=args.steps, scheduler=sched, progress=not args.quiet,
-                                label_spearman=args.label_spearman)
-        out = {"store": store, "target": args.target, "run_id": run_id}
-        if args.figures:
-            out["figures"] = probe_figures(store, args.target, args.figures)
-    else:
-        from flows.probe import probe_flow
-
-        with flow_mode(args):
-            out = probe_flow(store, args.target, models=args.models, layers=args.layers,
-                             steps=args.steps, scheduler=args.scheduler, figures=args.figures,
-                             label_spearman=args.label_spearman)
-    from actstore.probe.emergence import format_table, summary_table
-    from actstore.probe.runs import open_emergence
-
-    rows = [r for r in summary_table(open_emergence(store)) if r["target"] == args.target]
-    return {**out, "summary": rows, "table": format_table(rows)}
+    from flows.cli_label import probe_command
+    return probe_command(args, catalog)
 
 
 def _main_job(args, catalog) -> dict:

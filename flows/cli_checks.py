@@ -95,3 +95,24 @@ def check_scheduler(address: str | None, timeout: float = SCHEDULER_TIMEOUT) -> 
         raise ActstoreError(f"--scheduler {address}: no Dask scheduler reachable at "
                             f"{host}:{port} ({reason}); start one (`dask scheduler`) or "
                             "leave out --scheduler for a local cluster") from None
+
+
+def store_uri(args, catalog) -> str:
+    """``--store``: a catalog store name resolved to its URI, its protocol checked."""
+    from actstore.catalog import resolve_store
+
+    store = resolve_store(catalog, args.store)["uri"]
+    check_url(store, "--store")
+    return store
+
+
+def check_fan_out(args, what: str) -> None:
+    """``--workers``/``--cluster`` need Prefect (``what`` runs as its task runs on Dask), and
+    an unreachable ``--cluster`` fails in one line within seconds, before a model loads."""
+    if args.no_prefect and (args.workers or args.cluster):
+        raise ActstoreError(f"--workers/--cluster run {what} as Prefect task runs on Dask; "
+                            "drop --no-prefect")
+    if args.cluster:
+        from actstore.cluster import check_scheduler as check_cluster
+
+        check_cluster(args.cluster)

@@ -23,6 +23,7 @@ from actstore.cluster import portable
 from actstore.errors import ActstoreError
 from actstore.label import blocks
 from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
+from actstore.label.settings import LabelSettings
 from actstore.progress import Progress
 from actstore.store import labelsets
 from flows.materialize import REGION_RETRIES, dask_address
@@ -44,11 +45,10 @@ def _retry_unless_bad_labels(task, task_run, state) -> bool:
 
 
 @task(name="label")
-def label_task(store: str, provider: str, target: str | list[str], *,
-               overwrite: bool = False, on_x0: bool = True, device: str = "cpu") -> dict:
+def label_task(store: str, provider: str, target: str | list[str],
+               settings: LabelSettings = LabelSettings()) -> dict:
     """Several targets in one task: the provider runs once over the images for all of them."""
-    return write_labels(store, provider, target, overwrite=overwrite, on_x0=on_x0,
-                        device=device)
+    return write_labels(store, provider, target, settings)
 
 
 @task(name="label-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
@@ -105,14 +105,12 @@ def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: b
             "groups_by_worker": dict(by_worker)}
 
 
-def fan_out_labels(store: str, provider: str, target, overwrite: bool, on_x0: bool,
-                   device: str, address: str, workers: int, gpu: bool,
-                   progress: bool) -> dict:
+def fan_out_labels(store: str, provider: str, target, settings: LabelSettings, address: str,
+                   workers: int, gpu: bool, progress: bool) -> dict:
     from prefect_dask import DaskTaskRunner
 
-    prov = blocks.shared_provider(provider, device)
-    job = prepare_labels(store, prov, target, overwrite=overwrite, on_x0=on_x0,
-                         device=device)
+    prov = blocks.shared_provider(provider, settings.device)
+    job = prepare_labels(store, prov, target, settings)
     try:
         run = label_blocks_flow.with_options(task_runner=DaskTaskRunner(address=address))(
             job, workers, gpu, progress)
@@ -130,16 +128,14 @@ def fan_out_labels(store: str, provider: str, target, overwrite: bool, on_x0: bo
 
 
 @flow(name="label")
-def label_flow(store: str, provider: str, target: str | list[str], *,
-               overwrite: bool = False, on_x0: bool = True, device: str = "cpu",
-               workers: int | None = None, cluster: str | None = None,
-               progress: bool = True) -> dict:
+def label_flow(store: str, provider: str, target: str | list[str],
+               settings: LabelSettings = LabelSettings(), *, workers: int | None = None,
+               cluster: str | None = None, progress: bool = True) -> dict:
     """Label the store's final images (and per-step x0 images) for one or several targets,
     in this process or over ``workers`` local processes / the scheduler at ``cluster``."""
     if not workers and not cluster:
-        return label_task(store, provider, target, overwrite=overwrite, on_x0=on_x0,
-                          device=device)
+        return label_task(store, provider, target, settings)
     with dask_address(workers, cluster) as (address, n, gpu):
-        out = fan_out_labels(portable(store), provider, target, overwrite, on_x0, device, address, n,
-                             gpu, progress)
+        out = fan_out_labels(portable(store), provider, target, settings, address, n, gpu,
+                             progress)
     return out[target] if isinstance(target, str) else out

@@ -140,7 +140,7 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
     have = list_targets(store)
     missing = [t for t in targets if t not in have]
     if missing:                     # one pass of the label model for every missing target
-        label_task(store, provider, missing, device="cpu")
+        label_task(store, provider, missing)   # on the CPU (LabelSettings)
     for target in targets:
         if _needs_probe(store, target):
             probe_task(store, target)

@@ -1,6 +1,7 @@
 """Prefect flow: the probe grid for a labelled target, and its figures.
 
-Tasks call library functions and hand each other store URIs, target names and run ids.
+Tasks call library functions and hand each other store URIs, target names, the settings
+object and run ids.
 """
 
 from __future__ import annotations
@@ -9,17 +10,16 @@ from prefect import flow, task
 
 from actstore.plots.figures import probe_figures
 from actstore.probe.runs import run_probes
+from actstore.probe.settings import ProbeSettings
 
 
 @task(name="probe-grid")
-def probe_task(store: str, target: str, *, models: list[str] | None = None,
-               layers: list[str] | None = None, steps: list[int] | None = None,
-               scheduler: str | None = None, label_spearman: bool = False) -> str:
+def probe_task(store: str, target: str, settings: ProbeSettings = ProbeSettings(), *,
+               scheduler: str | None = None) -> str:
     from actstore.cluster import dask_scheduler
 
     with dask_scheduler(scheduler) as sched:
-        return run_probes(store, target, models=models, layers=layers, steps=steps,
-                          scheduler=sched, label_spearman=label_spearman)
+        return run_probes(store, target, settings, scheduler=sched)
 
 
 @task(name="probe-figures")
@@ -28,13 +28,11 @@ def figures_task(store: str, target: str, out_dir: str) -> list[str]:
 
 
 @flow(name="probe")
-def probe_flow(store: str, target: str, *, models: list[str] | None = None,
-               layers: list[str] | None = None, steps: list[int] | None = None,
-               scheduler: str | None = None, figures: str | None = None,
-               label_spearman: bool = False) -> dict:
-    """Fit the grid for ``target`` (labels must exist) and optionally draw its figures."""
-    run_id = probe_task(store, target, models=models, layers=layers, steps=steps,
-                        scheduler=scheduler, label_spearman=label_spearman)
+def probe_flow(store: str, target: str, settings: ProbeSettings = ProbeSettings(), *,
+               scheduler: str | None = None, figures: str | None = None) -> dict:
+    """Fit the grid for ``target`` (labels must exist) and optionally draw its figures;
+    the grid runs on the Dask ``scheduler`` given (default: a local cluster)."""
+    run_id = probe_task(store, target, settings, scheduler=scheduler)
     out = {"store": store, "target": target, "run_id": run_id}
     if figures:
         out["figures"] = figures_task(store, target, figures)

@@ -12,6 +12,7 @@ import pytest
 from actstore.label import blocks
 from actstore.label.labels import prepare_labels, write_labels
 from actstore.label.providers import get_provider
+from actstore.label.settings import LabelSettings
 from actstore.store import labelsets
 from flows.cli import main
 from flows.label import label_flow
@@ -94,9 +95,9 @@ def test_job_of_other_settings_is_not_adopted(tmp_path, tiny_store):
     uri = str(tmp_path / "s.zarr")
     shutil.copytree(tiny_store, uri)
     prov = get_provider("toyworld")
-    job = prepare_labels(uri, prov, TARGETS, on_x0=False)
+    job = prepare_labels(uri, prov, TARGETS, LabelSettings(on_x0=False))
     labelsets.release(job.paths)                      # its writer is gone
-    other = prepare_labels(uri, prov, TARGETS, on_x0=True)
+    other = prepare_labels(uri, prov, TARGETS, LabelSettings(on_x0=True))
     assert other.paths != job.paths
     assert _uncommitted(uri) and all(p.endswith(other.paths["depth"].rsplit("/", 1)[-1])
                                      for p in _uncommitted(uri))

@@ -42,16 +42,20 @@ from actstore.label import blocks
 from actstore.label.passes import PassContext, resolution_name
 from actstore.kinds import CONTINUOUS, KINDS
 from actstore.label.providers import LabelProvider, get_provider
+from actstore.label.settings import LabelSettings
 from actstore.progress import Progress
 
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def write_labels(store: str, provider: str | LabelProvider,
-                 target: str | list[str] | tuple[str, ...], *, source_model: str = "trained",
-                 overwrite: bool = False, on_x0: bool = True, batch_size: int = 16,
-                 progress: bool = True, device: str = "cpu") -> dict:
+                 target: str | list[str] | tuple[str, ...],
+                 settings: LabelSettings | None = None, *, progress: bool = True,
+                 **options) -> dict:
     """Label the store's final images with ``provider`` and write ``target``, one or several.
+
+    ``settings`` (default :class:`LabelSettings`), with any of its fields given as keyword
+    ``options`` on top (``overwrite=True``, ``on_x0=False``...).
 
     Several targets share one provider call per batch of images: a label model that makes
     them together runs once over the images, not once per target. Everything that can be
@@ -63,9 +67,9 @@ def write_labels(store: str, provider: str | LabelProvider,
     for a list.
     """
     t0 = time.perf_counter()
-    prov = get_provider(provider, device) if isinstance(provider, str) else provider
-    job = prepare_labels(store, prov, target, source_model=source_model, overwrite=overwrite,
-                         on_x0=on_x0, batch_size=batch_size, device=device)
+    settings = (settings or LabelSettings()).with_options(**options)
+    prov = get_provider(provider, settings.device) if isinstance(provider, str) else provider
+    job = prepare_labels(store, prov, target, settings)
     bar = Progress(len(job.ids), 1 + job.n_steps, f"label {', '.join(job.kinds)}",
                    enabled=progress)
     try:
@@ -86,16 +90,15 @@ def write_labels(store: str, provider: str | LabelProvider,
     return out[target] if isinstance(target, str) else out
 
 
-def prepare_labels(store: str, prov: LabelProvider, target, *, source_model: str = "trained",
-                   overwrite: bool = False, on_x0: bool = True, batch_size: int = 16,
-                   device: str = "cpu") -> blocks.LabelJob:
+def prepare_labels(store: str, prov: LabelProvider, target,
+                   settings: LabelSettings = LabelSettings()) -> blocks.LabelJob:
     """Check everything, then begin (or resume) the run's versions and make their arrays.
 
     The calling process holds the versions' writer marks until :func:`commit_labels` or
     :func:`abort_labels` (then ``labelsets.release(job.paths)``)."""
     targets = _target_names(target)
-    if batch_size < 1:
-        raise ActstoreError(f"--batch-size {batch_size}: must be at least 1")
+    source_model, overwrite, on_x0 = settings.source_model, settings.overwrite, settings.on_x0
+    batch_size, device = settings.batch_size, settings.device
     spec = getattr(prov, "spec", None) or getattr(prov, "name", type(prov).__name__)
     kinds = {t: _target_kind(prov, spec, t) for t in targets}
     view = StoreView(store, model=source_model, complete_only=False)

@@ -32,6 +32,7 @@ from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.store.view import StoreView
 from actstore.probe.emergence import emergence_steps
+from actstore.probe.settings import ProbeSettings
 from actstore.errors import ActstoreError
 from actstore.probe.grid import LayerSource, Split, metric_names, probe_layer
 from actstore.probe.uncertainty import score_intervals
@@ -108,20 +109,20 @@ def _image_column(store: str, name: str) -> np.ndarray:
     return np.array([str(v) for v in values.tolist()])
 
 
-def run_probes(store: str, target: str, *, models: list[str] | None = None,
-               layers: list[str] | None = None, steps: list[int] | None = None,
-               n_folds: int = 5, scheduler=None, progress: bool = True,
-               label_spearman: bool = False) -> str:
+def run_probes(store: str, target: str, settings: ProbeSettings | None = None, *,
+               scheduler=None, progress: bool = True, **options) -> str:
     """Fit and score the whole grid for ``target``; returns the new run id.
-    ``label_spearman`` adds Spearman at label resolution (costly: see
-    :func:`actstore.probe.scoring.metric_names`)."""
+
+    ``settings`` (default :class:`ProbeSettings`), with any of its fields given as keyword
+    ``options`` on top (``layers=[...]``, ``steps=[...]``, ``label_spearman=True``...)."""
+    settings = (settings or ProbeSettings()).with_options(**options)
     with task_threads():   # parallelism comes from Dask's threads
-        return _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress,
-                           label_spearman)
+        return _run_probes(store, target, settings, scheduler, progress)
 
 
-def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progress,
-                label_spearman) -> str:
+def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: bool) -> str:
+    models, layers, steps = (None if v is None else list(v) for v in (s.models, s.layers,
+                                                                     s.steps))
     views = _views(store, models)
     common = [la for la in views[0].layers if all(la in v.points for v in views[1:])]
     layers = _select(layers, common, "layer", store)
@@ -140,7 +141,7 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
     token = commit.begin(store, lay.run_path(run_id))
     try:
         return _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers,
-                               steps, n_folds, scheduler, progress, label_spearman)
+                               steps, s, scheduler, progress)
     except BaseException:
         io.remove(store, lay.run_path(run_id))   # a failed run leaves nothing
         raise
@@ -149,7 +150,8 @@ def _run_probes(store, target, models, layers, steps, n_folds, scheduler, progre
 
 
 def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers, steps,
-                    n_folds, scheduler, progress, label_spearman) -> str:
+                    s: ProbeSettings, scheduler, progress) -> str:
+    n_folds, label_spearman = s.n_folds, s.label_spearman
     names = metric_names(attrs["kind"], label_spearman)
     scores = np.full((len(names), len(views), len(layers), len(steps),
                       int(split.test.sum())), np.nan, np.float32)

@@ -1,0 +1,18 @@
+"""What the stages' frozen settings objects share: a copy with flat options, where an option
+given as None keeps its value (a command-line option not given is None, so its default is
+the one written in the settings class, never a second one in the parser)."""
+
+from __future__ import annotations
+
+from dataclasses import fields, replace
+
+
+class Options:
+    """Mixin for a frozen settings dataclass."""
+
+    def with_options(self, **options):
+        """A copy with the ``options`` given (None: keep); an unknown name is a TypeError."""
+        unknown = sorted(set(options) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no option {unknown[0]!r}")
+        return replace(self, **{k: v for k, v in options.items() if v is not None})

@@ -1,0 +1,89 @@
+"""``actstore label`` and ``actstore probe``: the argparse parsers and handlers, for
+``flows.cli`` to register. Options left out are not passed on, so their defaults are the
+ones written in :class:`LabelSettings` / :class:`ProbeSettings`."""
+
+from __future__ import annotations
+
+from actstore.label.settings import LabelSettings
+from actstore.probe.settings import ProbeSettings
+from flows.cli_checks import check_fan_out, check_scheduler, index, positive_int, store_uri
+
+
+def add_label_probe_parsers(sub, common) -> None:
+    p = sub.add_parser("label", parents=[common], help="write a probe target (labels) into a "
+                       "store; never touches activations")
+    p.add_argument("--store", required=True)
+    p.add_argument("--provider", required=True, help="toyworld | hf-depth:FOLDER | "
+                   "hf-segmentation:FOLDER | array:FILE(.npz|.zarr)")
+    p.add_argument("--target", required=True, nargs="+", help="name(s) of the target(s) in "
+                   "the store; several are labelled in one pass of the provider")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-x0", action="store_true", help="skip labelling the per-step x0 images")
+    p.add_argument("--device", help="where the label model runs: cpu, cuda[:N] or auto "
+                   f"(default {LabelSettings.device})")
+    p.add_argument("--workers", type=positive_int, help="fan image blocks out over a local "
+                   "Dask cluster of N worker processes (each loads the label model once)")
+    p.add_argument("--cluster", help="fan image blocks out over a running Dask scheduler, "
+                   "e.g. tcp://HOST:8786")
+    q = sub.add_parser("probe", parents=[common], help="fit a linear probe per (model, layer, "
+                       "step) for a target")
+    q.add_argument("--store", required=True)
+    q.add_argument("--target", required=True)
+    q.add_argument("--models", nargs="+", help="default: every model variant in the store")
+    q.add_argument("--layers", nargs="+")
+    q.add_argument("--steps", nargs="+", type=index, help="step indices (default: all)")
+    q.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    q.add_argument("--figures", help="folder for the PNG figures")
+    q.add_argument("--label-spearman", action="store_true", default=None, help="also "
+                   "Spearman at label resolution (ranks every upsampled map: costs several "
+                   "read passes)")
+
+
+def label_command(args, catalog) -> dict:
+    store = store_uri(args, catalog)
+    # One --target keeps the one-target summary its users already read; several, a dict.
+    target = args.target[0] if len(args.target) == 1 else args.target
+    settings = LabelSettings().with_options(overwrite=args.overwrite, on_x0=not args.no_x0,
+                                            device=args.device)
+    check_fan_out(args, "image blocks")
+    if args.no_prefect:
+        from actstore.label.labels import write_labels
+
+        return write_labels(store, args.provider, target, settings, progress=not args.quiet)
+    from flows.cli import flow_mode
+    from flows.label import label_flow
+
+    with flow_mode(args):
+        return label_flow(store, args.provider, target, settings, workers=args.workers,
+                          cluster=args.cluster, progress=not args.quiet)
+
+
+def probe_command(args, catalog) -> dict:
+    store = store_uri(args, catalog)
+    check_scheduler(args.scheduler)
+    settings = ProbeSettings().with_options(models=args.models, layers=args.layers,
+                                            steps=args.steps,
+                                            label_spearman=args.label_spearman)
+    if args.no_prefect:
+        from actstore.cluster import dask_scheduler
+        from actstore.plots.figures import probe_figures
+        from actstore.probe.runs import run_probes
+
+        with dask_scheduler(args.scheduler) as sched:
+            run_id = run_probes(store, args.target, settings, scheduler=sched,
+                                progress=not args.quiet)
+        out = {"store": store, "target": args.target, "run_id": run_id}
+        if args.figures:
+            out["figures"] = probe_figures(store, args.target, args.figures)
+    else:
+        from flows.cli import flow_mode
+        from flows.probe import probe_flow
+
+        with flow_mode(args):
+            out = probe_flow(store, args.target, settings, scheduler=args.scheduler,
+                             figures=args.figures)
+    from actstore.probe.emergence import format_table, summary_table
+    from actstore.probe.runs import open_emergence
+
+    rows = [r for r in summary_table(open_emergence(store)) if r["target"] == args.target]
+    return {**out, "summary": rows, "table": format_table(rows)}
