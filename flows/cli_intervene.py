@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from actstore.intervene.settings import (METHODS, InterventionSettings, SweepSettings,
                                          defaults)
-from flows.cli_checks import check_url, index, nonneg_float, positive_float, positive_int
+from flows.cli_checks import (index, nonneg_float, positive_float, positive_int,
+                              store_uri)
 
 D = defaults(InterventionSettings)
 SW = defaults(SweepSettings)
@@ -119,19 +120,11 @@ def sweep_settings(args) -> SweepSettings:
                                          "evaluation")))
 
 
-def _store(args, catalog) -> str:
-    from actstore.catalog import resolve_store
-
-    store = resolve_store(catalog, args.store)["uri"]
-    check_url(store, "--store")
-    return store
-
-
 def intervene_command(args, catalog) -> dict:
     """Run the experiment through the Prefect flow, or directly with ``--no-prefect``."""
     from actstore.intervene.tables import format_interventions
 
-    store, settings = _store(args, catalog), intervention_settings(args)
+    store, settings = store_uri(args, catalog), intervention_settings(args)
     if args.no_prefect:
         from actstore.intervene.run import run_interventions
         from actstore.plots.interventions import intervention_grid
@@ -153,7 +146,7 @@ def intervene_command(args, catalog) -> dict:
 def sweep_command(args, catalog) -> dict:
     from actstore.intervene.tables import format_sweeps
 
-    store, settings = _store(args, catalog), sweep_settings(args)
+    store, settings = store_uri(args, catalog), sweep_settings(args)
     if args.no_prefect:
         from actstore.intervene.sweep import run_sweep
 

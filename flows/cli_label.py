@@ -43,7 +43,9 @@ def label_command(args, catalog) -> dict:
     store = store_uri(args, catalog)
     # One --target keeps the one-target summary its users already read; several, a dict.
     target = args.target[0] if len(args.target) == 1 else args.target
-    settings = LabelSettings().with_options(overwrite=args.overwrite, on_x0=not args.no_x0,
+    # A flag left out is None, so the default is LabelSettings' own.
+    settings = LabelSettings().with_options(overwrite=args.overwrite or None,
+                                            on_x0=False if args.no_x0 else None,
                                             device=args.device)
     check_fan_out(args, "image blocks")
     if args.no_prefect:
