@@ -214,7 +214,7 @@ def _logistic_cell(sample: sampling.TokenSample, n_folds: int, fold_stats: pb.Fo
         return None
     grid = np.asarray(lg.LOGISTIC_LAMBDAS)
     keep = lg.lambda_window(float(ridge.lam[k]),
-                            float(fold_stats.total().mean_y[..., 0]), grid)
+                            lg.moments([f for f in fold_stats.folds if f]).mean_y, grid)
     exact = bool((sample.weight == 1).all())
     out = lg.fit_logistic_cv(sample.x[0], sample.y, sample.image, grid[keep], n_folds=n_folds,
                              tol=lg.TOL if exact else lg.PATH_TOL, fold_stats=fold_stats,

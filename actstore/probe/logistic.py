@@ -16,8 +16,8 @@ import numpy as np
 
 from actstore.errors import ActstoreError
 from actstore.probe.shifted import Tridiagonal
-from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _scale,
-                                    _stats_by_fold, _up, fold_of)
+from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _chunks, _stats_by_fold,
+                                    _up, fold_of, pool)
 
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
 RESIDENT_BYTES = 1 << 30    # logistic keeps a copy of X for its passes up to this size
@@ -27,6 +27,28 @@ PATH_TOL = 1e-4             # logistic tolerance along the λ path; the chosen �
 PATH_DTYPE = np.float32     # the λ path's passes over X; a polish below PATH_TOL: float64
 PATH_MAX_ITER = 30          # separable tokens never converge; the chosen λ gets ``max_iter``
 WINDOW = (1 / 30, 300)      # λ searched around the ridge's, see :func:`lambda_window`
+
+
+class Moments(NamedTuple):
+    """What a model needs of its training set's statistics besides the Hessian: count,
+    label mean, centred Xᵀy (C,) and the penalty scale tr(S)/C."""
+    n: float
+    mean_y: float
+    sxy: np.ndarray
+    scale: float
+
+
+def moments(parts: Sequence[RidgeStats]) -> Moments:
+    """:class:`Moments` of the union of ``parts`` (one cell's statistics, one target), by
+    Chan's formula without forming the union's C×C matrix: a fold model's statistics cost
+    O(C) here instead of K−2 merges of C×C (at C = 1280 ~10 ms each, 19 per cell)."""
+    n = sum(float(p.n) for p in parts)
+    mx = sum(float(p.n) * p.mean_x for p in parts) / n
+    my = sum(float(p.n) * float(p.mean_y[0]) for p in parts) / n
+    sxy = sum(p.sxy[:, 0] + float(p.n) * (p.mean_x - mx) * (float(p.mean_y[0]) - my)
+              for p in parts)
+    tr = sum(np.trace(p.sxx) + float(p.n) * np.sum((p.mean_x - mx) ** 2) for p in parts)
+    return Moments(n, my, sxy, float(tr) / len(mx))
 
 
 class _Hess(NamedTuple):
@@ -155,15 +177,15 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
         raise ActstoreError(f"cross-validation needs ≥ 2 non-empty folds, got {len(held)}")
     train = np.stack([fold != g for g in held] + [np.ones(len(y), bool)], axis=1) * wt[:, None]
 
-    def per_model(S):     # training-set statistics of each model: all folds but its own
-        return [sum(S[j] for j in present if j != g) for g in held] + [sum(S[j] for j in present)]
-
-    T = per_model(F)
-    scale = np.array([_scale(t) for t in T])   # each model's α = λ·scale, its own training set
-    share = np.array([float(t.n) for t in T]) / float(T[-1].n)
-    ybar = np.clip([float(t.mean_y[0]) for t in T], 1e-6, 1 - 1e-6)
+    # each model's training set: all folds but its own (the last model: all); only the
+    # full model's C×C matrix is formed
+    full = pool([F[j] for j in present])
+    T = [moments([F[j] for j in present if j != g]) for g in held] + [moments([full])]
+    scale = np.array([t.scale for t in T])   # each model's α = λ·scale, its own training set
+    share = np.array([t.n for t in T]) / T[-1].n
+    ybar = np.clip([t.mean_y for t in T], 1e-6, 1 - 1e-6)
     # the full model's exact Hessian at the intercept-only model
-    H = _Hess.of(T[-1], share, ybar[-1] * (1 - ybar[-1]))
+    H = _Hess.of(full, share, ybar[-1] * (1 - ybar[-1]))
 
     # Hessian refreshes: XᵀWX at the full model's weights, on a strided subsample of
     # ≤ ~256·C tokens (it only preconditions; the exact gradient decides), upcast once.
@@ -178,7 +200,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
 
     # Warm start = first Newton step from the intercept-only model = the ridge solution at
     # α/(p̄(1-p̄)), divided by p̄(1-p̄): the linear-probability model mapped to logits.
-    W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy[:, 0] for t in T]),
+    W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy for t in T]),
                  np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - W @ H.mu
     dt = PATH_DTYPE

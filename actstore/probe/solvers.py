@@ -23,6 +23,7 @@ from math import prod
 from typing import Sequence
 
 import numpy as np
+from scipy.linalg.blas import dger as _dger
 
 from actstore.errors import ActstoreError
 from actstore.probe import shifted
@@ -66,7 +67,7 @@ class RidgeStats:
         Gram product."""
         dx, dy = o.mean_x - self.mean_x, o.mean_y - self.mean_y
         sxx = (np.add if sign > 0 else np.subtract)(self.sxx, o.sxx)
-        sxx += ((sign * c)[..., None, None] * dx[..., :, None]) * dx[..., None, :]
+        _rank1(sxx, dx, sign * c)
         return replace(
             self, n=n, mean_x=self.mean_x + fb[..., None] * dx,
             mean_y=self.mean_y + fb[..., None] * dy, sxx=sxx,
@@ -94,7 +95,47 @@ class FoldStats:
     __radd__ = __add__
 
     def total(self) -> RidgeStats:
-        return sum(f for f in self.folds if f is not None)
+        return pool([f for f in self.folds if f is not None])
+
+
+def _rank1(A: np.ndarray, x: np.ndarray, c: np.ndarray | float) -> None:
+    """A += c·x·xᵀ in place for symmetric A (..., C, C) (BLAS ``ger`` on A's transpose, a
+    Fortran view of the same memory): no C×C temporary, one pass over A instead of three."""
+    c = np.broadcast_to(np.asarray(c, np.float64), A.shape[:-2])
+    for i in np.ndindex(A.shape[:-2]):
+        a = A[i]
+        if a.dtype == np.float64 and a.flags.c_contiguous and c[i] != 0:
+            out = _dger(float(c[i]), x[i], x[i], a=a.T, overwrite_a=1)
+            if np.shares_memory(out, a):
+                continue
+            a[...] = out.T   # pragma: no cover  (BLAS made a copy after all)
+        elif c[i] != 0:
+            a += (c[i] * x[i][:, None]) * x[i][None, :]
+
+
+def pool(parts: Sequence[RidgeStats]) -> RidgeStats:
+    """The statistics of the union of disjoint token sets in one step: Chan's formula for
+    K parts at once, ΣS_j + Σ n_j·d_j·d_jᵀ with d_j = mean_j − pooled mean, the K rank-one
+    terms as one product. At C = 1280 a merge of two C×C statistics costs as much as a
+    4-image Gram product; pooling K of them costs K additions, not K−1 merges."""
+    parts = list(parts)
+    if len(parts) == 1:
+        return parts[0]
+    n = sum(p.n for p in parts)
+    safe = np.where(n > 0, n, 1.0)
+    share = [p.n / safe for p in parts]
+    mx = sum(f[..., None] * p.mean_x for f, p in zip(share, parts))
+    my = sum(f[..., None] * p.mean_y for f, p in zip(share, parts))
+    root = [np.sqrt(p.n)[..., None] for p in parts]
+    dx = np.stack([r * (p.mean_x - mx) for r, p in zip(root, parts)], axis=-1)   # (..., C, K)
+    dy = np.stack([r * (p.mean_y - my) for r, p in zip(root, parts)], axis=-1)   # (..., T, K)
+    sxx = np.array(parts[0].sxx, np.float64, copy=True)
+    for p in parts[1:]:
+        sxx += p.sxx
+    sxx += dx @ np.swapaxes(dx, -1, -2)
+    return replace(parts[0], n=n, mean_x=mx, mean_y=my, sxx=sxx,
+                   sxy=sum(p.sxy for p in parts) + dx @ np.swapaxes(dy, -1, -2),
+                   syy=sum(p.syy for p in parts) + (dy * dy).sum(-1))
 
 
 @dataclass(frozen=True)
@@ -143,23 +184,48 @@ def _up(X: np.ndarray, dtype: type = np.float32) -> np.ndarray:
     return X.astype(np.result_type(X.dtype, dtype), copy=False)
 
 
-def _block(X: np.ndarray, Y: np.ndarray, w: np.ndarray) -> RidgeStats:
-    Xf, n = _up(X), w.sum(-1)
-    safe = np.where(n > 0, n, 1.0)[..., None]
-    mx = np.einsum("...n,...nc->...c", w, Xf, dtype=np.float64) / safe
-    my = np.einsum("...n,...nt->...t", w, Y) / safe
-    Xs, Ys = Xf - mx.astype(Xf.dtype)[..., None, :], Y - my[..., None, :]
-    if not (w == 1).all():
-        root = np.sqrt(w)[..., None]
-        Xs, Ys = Xs * root.astype(Xf.dtype), Ys * root
-    XsT = np.swapaxes(Xs, -1, -2)
-    return RidgeStats(n=n, mean_x=mx, mean_y=my, sxx=(XsT @ Xs).astype(np.float64),
-                      sxy=(XsT @ Ys.astype(Xf.dtype)).astype(np.float64), syy=(Ys * Ys).sum(-2))
+def _grouped(X: np.ndarray, Y: np.ndarray, w: np.ndarray, bounds: np.ndarray,
+             weighted: bool) -> list[RidgeStats | None]:
+    """Statistics of consecutive token groups [bounds[g], bounds[g+1]) of one chunk (axis
+    -2), from one upcast copy centred in place on the chunk's mean c: each group's
+    co-moments are the Gram product of its rows (a view, no copy) corrected by its mean's
+    offset d = mean − c, Σ(x − mean)(x − mean)ᵀ = Σ(x − c)(x − c)ᵀ − n·d·dᵀ; c is near
+    every group's mean, so nothing cancels. Means are summed in float64."""
+    Xf = _up(X)
+    if np.may_share_memory(Xf, X):
+        Xf = Xf.copy()
+    groups = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+    n = [w[..., g].sum(-1) for g in groups]
+    sums = [np.einsum("...n,...nc->...c", w[..., g], Xf[..., g, :], dtype=np.float64)
+            if weighted else Xf[..., g, :].sum(-2, dtype=np.float64) for g in groups]
+    safe = [np.where(k > 0, k, 1.0)[..., None] for k in n]
+    c = (sum(sums) / np.where(sum(n) > 0, sum(n), 1.0)[..., None]).astype(Xf.dtype)
+    Xf -= c[..., None, :]
+    Xs = Xf * np.sqrt(w)[..., None].astype(Xf.dtype) if weighted else Xf
+    out: list[RidgeStats | None] = []
+    for g, k, sm, sf in zip(groups, n, sums, safe):
+        if g.start == g.stop:
+            out.append(None)
+            continue
+        mx = sm / sf
+        d = mx - c
+        my = np.einsum("...n,...nt->...t", w[..., g], Y[..., g, :]) / sf
+        Ys = Y[..., g, :] - my[..., None, :]
+        if weighted:
+            Ys = Ys * np.sqrt(w[..., g])[..., None]
+        sgT = np.swapaxes(Xs[..., g, :], -1, -2)
+        sxx = (sgT @ Xs[..., g, :]).astype(np.float64)
+        _rank1(sxx, d, -k)
+        out.append(RidgeStats(n=k, mean_x=mx, mean_y=my, sxx=sxx,
+                              sxy=(sgT @ Ys.astype(Xf.dtype)).astype(np.float64),
+                              syy=(Ys * Ys).sum(-2)))
+    return out
 
 
 def _stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]:
     """Statistics per fold of the tokens (axis -2 of X), given each token's fold, computed
-    chunk by chunk so the float32 copy stays small."""
+    chunk by chunk so the float32 copy stays small. A chunk's tokens are put in fold order
+    as they are copied (float16, before the upcast), so each fold is a slice of one copy."""
     X = np.asarray(X)
     if X.ndim < 2 or X.shape[-2] == 0:
         raise ActstoreError(f"activations must be shaped (..., tokens>0, channels), got {X.shape}")
@@ -171,16 +237,20 @@ def _stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None
         raise ActstoreError(f"labels shaped {np.shape(y)} do not match activations {X.shape}")
     if not np.isfinite(Y).all():
         raise ActstoreError("labels contain NaN or inf; fix or mask them before fitting")
+    weighted = weights is not None and not (np.asarray(weights) == 1).all()
     w = np.broadcast_to(np.asarray(1.0 if weights is None else weights, np.float64), batch + (n,))
-
-    def rows(a, i):   # select tokens along the token axis, without a copy if all are kept
-        return a if np.ndim(i) and i.all() else a[(slice(None),) * len(batch) + (i,)]
+    fold = np.asarray(fold)
     out: list[RidgeStats | None] = [None] * n_groups
     with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN input is reported below
         for s in _chunks(n, 4 * C * prod(batch)):
-            for g in range(n_groups):
-                if (m := fold[s] == g).any():
-                    st = _block(rows(rows(X, s), m), rows(rows(Y, s), m), rows(rows(w, s), m))
+            f = fold[s]
+            order = np.argsort(f, kind="stable")
+            bounds = np.searchsorted(f[order], np.arange(n_groups + 1))
+            Xc, Yc, wc = X[..., s, :], Y[..., s, :], w[..., s]
+            if (order != np.arange(len(order))).any():
+                Xc, Yc, wc = Xc[..., order, :], Yc[..., order, :], wc[..., order]
+            for g, st in enumerate(_grouped(Xc, Yc, wc, bounds, weighted)):
+                if st is not None:
                     out[g] = st if out[g] is None else out[g] + st
     if not all(np.isfinite(o.mean_x).all() and np.isfinite(o.sxx).all() for o in out if o):
         raise ActstoreError("activations contain NaN or inf (float16 overflow?); cannot fit")
@@ -292,7 +362,7 @@ def fit_ridge_cv(fold_stats: FoldStats | Sequence[RidgeStats | None],
     if len(present) < 2:
         raise ActstoreError(f"cross-validation needs ≥ 2 non-empty folds, got {len(present)}")
     lambdas, sse, n = np.asarray(lambdas, dtype=np.float64), 0.0, 0.0
-    total = sum(present)
+    total = pool(present)
     for held in present:
         w, b, _ = _path(total - held, lambdas)
         sse, n = sse + _sse(held, w, b), n + held.n
