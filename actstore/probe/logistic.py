@@ -9,7 +9,7 @@ one, and a cell small enough to be kept whole is fitted exactly.
 
 The λ path runs quasi-Newton steps (L-BFGS pairs over a Hessian approximation kept as a
 tridiagonal reduction) for the K fold models and the full model at once; the chosen λ's
-full model alone is then polished from its exact Hessian, which converges quadratically.
+full model alone is then polished, its pairs carried over.
 """
 
 from __future__ import annotations
@@ -115,9 +115,8 @@ class _Refresher:
     (C = 64) as fast as refreshing whenever convergence slows, at C = 1280 ~25% faster."""
 
     def __init__(self, make, n_sub: int, n: int, channels: int, models: int):
-        """``n_sub`` 0: a refresh whenever convergence slows (exact Newton)."""
         self.make, self.passes = make, 0.0
-        self.cost = (n_sub * channels + 4.0 * channels ** 2) / (4.0 * n * models) if n_sub else 0
+        self.cost = (n_sub * channels + 4.0 * channels ** 2) / (4.0 * n * models)
 
     def __call__(self, z: np.ndarray, H: "_Hess") -> "_Hess":
         if self.passes < self.cost:
@@ -146,6 +145,14 @@ class _Pairs:
             self.s = np.concatenate([self.s, s[None]])[-self.memory:]
             self.y = np.concatenate([self.y, y[None]])[-self.memory:]
         self._rho()
+
+    def last(self) -> "_Pairs":
+        """The last model's pairs alone (the full model, polished after the path)."""
+        out = _Pairs(self.memory)
+        if self.s is not None:
+            out.s, out.y, out.alpha = self.s[:, -1:].copy(), self.y[:, -1:].copy(), self.alpha[-1:]
+            out._rho()
+        return out
 
     def _rho(self) -> None:
         sy = (self.s * self.y).sum(-1)
@@ -279,15 +286,14 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
     # the fold models served the CV: only the full model is polished to ``tol``
     W, B, ok = path_w[best][-1:], path_b[best][-1:], bool(done[best])
     alpha, one = lambdas[best] * scale[-1:], np.ones(1)
-    if tol < PATH_TOL:   # in float64, from the Hessian at the path's solution: quadratic
-        Xp = _up(X, np.float64) if X.size * 8 <= RESIDENT_BYTES else X
-        Z = _forward(Xp, W, B, np.float64)
-        exact = _Refresher(lambda z: hessian(z, one), 0, 1, 1, 1)
-        W, B, _, _, ok = _newton(Xp, y, train[:, -1:], exact, W, B, Z, hessian(Z[:, 0], one),
-                                 alpha, tol, max_iter, np.float64)
-    elif not ok:         # the path's iterations ran out: go on at this precision
-        W, B, _, _, ok = _newton(Xp, y, train[:, -1:], refresh, W, B, _forward(Xp, W, B, dt),
-                                 H._replace(c=one, n=H.n[-1:]), alpha, tol, max_iter, dt)
+    if tol < PATH_TOL or not ok:   # on from the path's curvature pairs, float64 to polish
+        if tol < PATH_TOL:
+            dt = np.float64
+            Xp = _up(X, dt) if X.size * 8 <= RESIDENT_BYTES else X
+        solo = _Refresher(lambda z: hessian(z, one), len(X_sub), len(y), X.shape[1], 1)
+        W, B, _, _, ok = _newton(Xp, y, train[:, -1:], solo, W, B, _forward(Xp, W, B, dt),
+                                 H._replace(c=one, n=H.n[-1:]), alpha, tol, max_iter, dt,
+                                 pairs.last())
     return ProbeFit(W[-1], np.float64(B[-1]), np.float64(lambdas[best]), np.float64(alpha[0]),
                     lambdas, score if cv else None, bool(ok))
 
