@@ -179,9 +179,24 @@ def _spans(blocks: list[tuple[int, int]], arr: zarr.Array, n_steps: int
     return out
 
 
+MERGE_FAN_IN = 4   # fit tasks' results merged per reduction task
+
+
+def _merged(parts: list):
+    """Several fit tasks' statistics pooled fold by fold in one step (K C×C additions and
+    one product, where pairwise merges cost three passes each), or their token samples
+    concatenated once."""
+    if isinstance(parts[0], sampling.TokenSample):
+        return sampling.TokenSample.concat(parts)
+    folds = zip(*(p.folds for p in parts))
+    return pb.FoldStats(tuple(pb.pool([f for f in fs if f is not None]) if any(fs) else None
+                              for fs in folds))
+
+
 def _tree_sum(parts: list):
     while len(parts) > 1:
-        parts = [delayed(sum)(parts[i:i + 2]) for i in range(0, len(parts), 2)]
+        parts = [delayed(_merged)(parts[i:i + MERGE_FAN_IN])
+                 for i in range(0, len(parts), MERGE_FAN_IN)]
     return parts[0]
 
 

@@ -63,11 +63,18 @@ class TokenSample:
     def __add__(self, o: "TokenSample | int") -> "TokenSample":
         if isinstance(o, int) and o == 0:
             return self
-        return TokenSample(np.concatenate([self.x, o.x], axis=1), np.concatenate([self.y, o.y]),
-                           np.concatenate([self.image, o.image]),
-                           np.concatenate([self.weight, o.weight]))
+        return TokenSample.concat([self, o])
 
     __radd__ = __add__
+
+    @staticmethod
+    def concat(parts: "list[TokenSample]") -> "TokenSample":
+        """Several samples in one copy (pairwise ``+`` would copy the first ones again at
+        every level of a reduction tree)."""
+        return TokenSample(np.concatenate([p.x for p in parts], axis=1),
+                           np.concatenate([p.y for p in parts]),
+                           np.concatenate([p.image for p in parts]),
+                           np.concatenate([p.weight for p in parts]))
 
     def step(self, k: int) -> "TokenSample":
         """Step ``k`` alone (x (1, token, C)): what one step's task needs to receive."""

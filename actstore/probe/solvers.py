@@ -102,13 +102,15 @@ def _rank1(A: np.ndarray, x: np.ndarray, c: np.ndarray | float) -> None:
     """A += c·x·xᵀ in place for symmetric A (..., C, C) (BLAS ``ger`` on A's transpose, a
     Fortran view of the same memory): no C×C temporary, one pass over A instead of three."""
     c = np.broadcast_to(np.asarray(c, np.float64), A.shape[:-2])
+    if A.shape[-1] < 256:   # narrow: one vectorised update beats a BLAS call per cell
+        A += (c[..., None, None] * x[..., :, None]) * x[..., None, :]
+        return
     for i in np.ndindex(A.shape[:-2]):
         a = A[i]
         if a.dtype == np.float64 and a.flags.c_contiguous and c[i] != 0:
             out = _dger(float(c[i]), x[i], x[i], a=a.T, overwrite_a=1)
-            if np.shares_memory(out, a):
-                continue
-            a[...] = out.T   # pragma: no cover  (BLAS made a copy after all)
+            if not np.may_share_memory(out, a):
+                a[...] = out.T   # pragma: no cover  (BLAS made a copy after all)
         elif c[i] != 0:
             a += (c[i] * x[i][:, None]) * x[i][None, :]
 
