@@ -252,24 +252,27 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
     # the full model's exact Hessian at the intercept-only model
     H = _Hess.of(full, share, ybar[-1] * (1 - ybar[-1]))
 
+    dt = PATH_DTYPE
+    Xp = _up(X, dt) if X.size * np.dtype(dt).itemsize <= RESIDENT_BYTES else X
     # Hessian refreshes: XᵀWX at the full model's weights, on a strided subsample of
-    # ≤ ~256·C tokens (it only preconditions; the exact gradient decides), upcast once.
+    # ≤ ~256·C tokens (it only preconditions; the exact gradient decides), taken on the
+    # first refresh (most C = 1280 cells make none) from the path's float32 copy.
     k = max(1, len(y) // (HESSIAN_TOKENS * X.shape[1]))
-    X_sub, wt_sub = _up(X[::k]), k * wt[::k]
+    wt_sub, sub = k * wt[::k], []
 
     def hessian(z, c=share):
+        if not sub:
+            sub.append(Xp[::k] if Xp.dtype == np.float32 else _up(X[::k]))
         p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])
-        return _Hess.of(_stats_by_fold(X_sub, None, np.zeros(len(X_sub), np.int64), 1,
+        return _Hess.of(_stats_by_fold(sub[0], None, np.zeros(len(wt_sub), np.int64), 1,
                                        wt_sub * p * (1 - p))[0], c)
-    refresh = _Refresher(hessian, len(X_sub), len(y), X.shape[1], len(T))
+    refresh = _Refresher(hessian, len(wt_sub), len(y), X.shape[1], len(T))
 
     # Warm start = first Newton step from the intercept-only model = the ridge solution at
     # α/(p̄(1-p̄)), divided by p̄(1-p̄): the linear-probability model mapped to logits.
     W = -H.solve(lambdas.max() * scale, -np.stack([t.sxy for t in T]),
                  np.zeros(len(T)))[0]
     B = np.log(ybar / (1 - ybar)) - W @ H.mu
-    dt = PATH_DTYPE
-    Xp = _up(X, dt) if X.size * np.dtype(dt).itemsize <= RESIDENT_BYTES else X
     Z = _forward(Xp, W, B, dt)
     path_w, path_b = np.zeros((len(lambdas),) + W.shape), np.zeros((len(lambdas), len(B)))
     score, done = np.full(len(lambdas), np.nan), np.zeros(len(lambdas), bool)
@@ -290,7 +293,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
         if tol < PATH_TOL:
             dt = np.float64
             Xp = _up(X, dt) if X.size * 8 <= RESIDENT_BYTES else X
-        solo = _Refresher(lambda z: hessian(z, one), len(X_sub), len(y), X.shape[1], 1)
+        solo = _Refresher(lambda z: hessian(z, one), len(wt_sub), len(y), X.shape[1], 1)
         W, B, _, _, ok = _newton(Xp, y, train[:, -1:], solo, W, B, _forward(Xp, W, B, dt),
                                  H._replace(c=one, n=H.n[-1:]), alpha, tol, max_iter, dt,
                                  pairs.last())
