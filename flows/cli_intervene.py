@@ -91,6 +91,11 @@ def add_intervene_parser(sub, common=None) -> None:
                    f"(default {SW['validation']})")
     q.add_argument("--evaluation", type=positive_int, help="other test images it is reported on "
                    f"(default {SW['evaluation']})")
+    q.add_argument("--max-edit-size", type=positive_float, help="largest median relative "
+                   "edit size ||edit||/||activation|| a setting may have to be chosen; larger "
+                   "ones are run and tabled, marked 'over cap', never chosen (default "
+                   f"{SW['max_edit_size']:g}: larger edits degrade the toy model's images; "
+                   "docs/results.md)")
     q.add_argument("--out", help="folder for the dose-response and grid figures")
 
 
@@ -117,7 +122,7 @@ def sweep_settings(args) -> SweepSettings:
     base.setdefault("n_targets", SweepSettings().base.n_targets)
     return SweepSettings(base=InterventionSettings(**base),
                          **_given(args, ("kinds", "step_counts", "strengths", "validation",
-                                         "evaluation")))
+                                         "evaluation", "max_edit_size")))
 
 
 def intervene_command(args, catalog) -> dict:
@@ -144,7 +149,7 @@ def intervene_command(args, catalog) -> dict:
 
 
 def sweep_command(args, catalog) -> dict:
-    from actstore.intervene.tables import format_sweeps
+    from actstore.intervene.tables import format_cells, format_sweeps
 
     store, settings = store_uri(args, catalog), sweep_settings(args)
     if args.no_prefect:
@@ -159,4 +164,5 @@ def sweep_command(args, catalog) -> dict:
         with flow_mode(args):
             result = sweep_flow(store=store, probe_runs=args.probe_run, settings=settings,
                                 out_dir=args.out)
-    return {**result, "table": format_sweeps(result["targets"])}
+    return {**result, "table": format_cells(result["targets"]) + "\n\n"
+            + format_sweeps(result["targets"])}

@@ -22,7 +22,7 @@ from actstore.cluster import default_workers
 from actstore.probe.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
 from actstore.label.providers import get_provider
-from actstore.intervene.tables import format_sweeps
+from actstore.intervene.tables import format_cells, format_sweeps
 from actstore.label.labels import list_targets
 from actstore.plots.report import write_report
 from actstore.toyworld.naming import format_naming
@@ -164,7 +164,7 @@ def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | No
         result["figures"] += sweep_figures_task(
             store, [rec["sweep_id"] for rec in found.values()], str(out_dir))
         result["interventions"] = found
-        result["table"] += "\n\n" + format_sweeps(found)
+        result["table"] += "\n\n" + format_cells(found) + "\n\n" + format_sweeps(found)
     return _with_report(result, out_dir)
 
 

@@ -155,8 +155,10 @@ def test_choose_takes_the_most_specific_effect_smaller_edit_on_ties():
 def test_sweep_chooses_on_validation_and_reports_on_other_images(ivstore, tiny_model, tmp_path):
     uri = str(tmp_path / "sweep.zarr")
     shutil.copytree(ivstore["uri"], uri)
+    # no cap: tiny-random's projection edits are as large as its activations (the cap's
+    # own tests are in test_sweep_cap.py)
     settings = SweepSettings(kinds=("attn1",), step_counts=(1, 2), strengths=(1.0, 4.0),
-                             validation=2, evaluation=3,
+                             validation=2, evaluation=3, max_edit_size=1e9,
                              base=IS(n_targets=2, provider=PixelLabels(), batch_size=8))
     out = run_sweep(uri, [ivstore["runs"]["salient"]], settings, model=tiny_model,
                     out_dir=str(tmp_path), progress=False)

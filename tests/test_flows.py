@@ -47,7 +47,7 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
     # tiny-random's probe weights are tiny, so a projection edit (gap / |w|) blows its UNet
     # up; a few Adam steps are bounded
     sweep = SweepSettings(kinds=("attn1",), step_counts=(1,), strengths=(1.0, 2.0),
-                          validation=2, evaluation=4,
+                          validation=2, evaluation=4, max_edit_size=1e9,
                           base=InterventionSettings(n_targets=2, batch_size=8,
                                                     method="gradient", iterations=4))
     result = main_flow(model="tiny-random", prompts=DEMO, out=str(out), settings=settings,

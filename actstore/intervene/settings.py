@@ -102,6 +102,17 @@ class SweepSettings:
     ``n`` steps for each ``n`` in ``step_counts``, at every strength. The setting with the
     largest specific effect on the ``validation`` images is then run on ``evaluation``
     other test images, never the ones it was chosen on.
+
+    ``max_edit_size``: the largest edit a setting may make and still be chosen, as the
+    median over its validation interventions of the overall relative size ‖Δh‖/‖h‖ each
+    intervention records. Larger settings are still run and tabled (marked), never
+    chosen: an effect bought by pushing activations off the images the model makes says
+    nothing about whether the model uses the probe's direction. 0.3 from the step-5,250
+    toy model (9 decoder block points, 22 interventions per size; docs/results.md, "Edit
+    size"): up to 0.25 the edited images keep the world's horizon, ground and objects and
+    the prompt reader still names their light side in 73-100%; from 0.30 the horizon
+    smears and clutter grows, at 0.37-0.43 the light side is at chance (45-59%), from
+    0.55 the images are blobs.
     """
 
     kinds: tuple[str, ...] = ("attn1", "block")
@@ -110,6 +121,7 @@ class SweepSettings:
     layer_prefix: str = "up_blocks."
     validation: int = 4
     evaluation: int = 8
+    max_edit_size: float = 0.3
     base: InterventionSettings = field(default_factory=lambda: InterventionSettings(n_targets=2))
 
     def __post_init__(self) -> None:
@@ -120,4 +132,10 @@ class SweepSettings:
             raise ActstoreError("--validation and --evaluation must be at least 1 image each")
         if not self.kinds or not self.step_counts or any(n < 1 for n in self.step_counts):
             raise ActstoreError("a sweep needs at least one capture kind and step counts >= 1")
+        if not (isinstance(self.max_edit_size, (int, float))
+                and not isinstance(self.max_edit_size, bool)
+                and math.isfinite(self.max_edit_size) and self.max_edit_size > 0):
+            raise ActstoreError(f"--max-edit-size {self.max_edit_size}: give a finite number "
+                                "> 0 (the largest median ||edit||/||activation|| chosen)")
+        object.__setattr__(self, "max_edit_size", float(self.max_edit_size))
         self.base.with_(strengths=self.strengths)   # the strengths' own checks

@@ -10,6 +10,14 @@ then run on the evaluation images, and only that experiment's numbers are the re
 choosing a setting on the images it is reported on would overstate it, as the authors'
 checkpoint selection on their test set did.
 
+Only settings whose median relative edit size ‖Δh‖/‖h‖ on the validation images is at
+most ``max_edit_size`` can be chosen: larger ones are run and recorded (``over_cap``) so
+the dose-response shows them, but an effect that needs an edit large enough to degrade
+the image is the image breaking, not the model following the probe. If no setting is under the cap
+the sweep records "none under the cap" (with the smallest size it tried) and evaluates
+nothing, like a grid whose every edit blew the model up: the cells are kept, the main job
+goes on to its other targets, and the table says why there is no result.
+
 Every cell is an ordinary intervention experiment in the store (resumable); the sweep's
 own record, ``sweeps/<sweep_id>``, lists the cells, the two image sets, the choice and
 the evaluation experiment.
@@ -19,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import fields, replace
 
@@ -90,14 +99,33 @@ def grid_cells(run: dict, settings: SweepSettings) -> list[dict]:
     return cells
 
 
-def choose(rows: list[dict]) -> dict | None:
-    """The row with the largest specific effect; ties go to the smaller edit. Strength 0
-    (no edit, the curve's anchor) is never chosen. None if no other cell has a score
-    (every edit drove the model to non-finite values)."""
-    ranked = [r for r in rows if r["effect"]["specific"] is not None and r["strength"] > 0]
+def over_cap(row: dict, max_edit_size: float) -> bool:
+    """Is this cell's edit larger than the cap? A cell with no finite size (its edits blew
+    the model up) cannot be shown to be under it, so counts as over."""
+    size = row["relative_change"]
+    return size is None or not math.isfinite(size) or size > max_edit_size
+
+
+def choose(rows: list[dict], max_edit_size: float = math.inf) -> dict | None:
+    """The row with the largest specific effect among those with a median edit size of at
+    most ``max_edit_size``; ties go to the smaller edit. Strength 0 (no edit, the curve's
+    anchor) is never chosen. None if no such row has a score."""
+    ranked = [r for r in rows if r["effect"]["specific"] is not None and r["strength"] > 0
+              and not over_cap(r, max_edit_size)]
     if not ranked:
         return None
     return max(ranked, key=lambda r: (r["effect"]["specific"], -r["relative_change"]))
+
+
+def _why_none(rows: list[dict], cap: float) -> str:
+    """The record's note when nothing was chosen: no finite score, or nothing under the cap."""
+    if all(r["effect"]["specific"] is None for r in rows if r["strength"] > 0):
+        return "every edit of the grid drove the model to non-finite values"
+    sized = [r for r in rows if r["strength"] > 0 and not over_cap(r, math.inf)]
+    low = min(sized, key=lambda r: r["relative_change"]) if sized else None
+    return (f"none under the cap: no setting has edit size <= {cap:g}" +
+            (f" (smallest {low['relative_change']:.3f}: {low['kind']} s={low['strength']:g})"
+             if low else "") + "; lower --strength or raise --max-edit-size")
 
 
 def run_sweep(store: str, probe_runs: list[str] | str,
@@ -153,9 +181,10 @@ def _sweep_run(store, run_id, run, settings, validation, evaluation, model, prog
                          "random": row.get("random", {}).get("post", {}).get("median"),
                          "other": row["probe"]["other_targets"].get("median"),
                          "effect": row["effect"]})
-    best = choose(rows)
+            rows[-1]["over_cap"] = over_cap(rows[-1], settings.max_edit_size)
+    best = choose(rows, settings.max_edit_size)
     record = {"probe_run": run_id, "target": run["target"], "kind": run["kind"],
-              "settings": _settings_json(settings),
+              "settings": _settings_json(settings), "max_edit_size": settings.max_edit_size,
               "validation_images": validation, "evaluation_images": evaluation,
               "skipped_kinds": [k for k in settings.kinds
                                 if not any(c["kind"] == k for c in cells)],
@@ -166,7 +195,7 @@ def _sweep_run(store, run_id, run, settings, validation, evaluation, model, prog
     sweep_id = _sweep_id(record)
     if best is None:   # nothing to evaluate: say so in the record rather than fail the job
         record.update(sweep_id=sweep_id, evaluation=None, result=None,
-                      note="every edit of the grid drove the model to non-finite values",
+                      note=_why_none(rows, settings.max_edit_size),
                       seconds=time.perf_counter() - t0, actstore_version=actstore.__version__,
                       created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_sweep(store, sweep_id, record)
@@ -176,7 +205,9 @@ def _sweep_run(store, run_id, run, settings, validation, evaluation, model, prog
                         experiment_id=None)
     final = run_interventions(store, run_id, chosen, model=model, progress=progress,
                               provenance={"role": "sweep evaluation", "sweep": sweep_id,
-                                          "validation_images": validation})
+                                          "validation_images": validation,
+                                          "max_edit_size": settings.max_edit_size,
+                                          "chosen_validation_size": best["relative_change"]})
     overlap = set(final["image_ids"]) & set(validation)
     if overlap:   # cannot happen by construction; a record that says otherwise is refused
         raise ActstoreError(f"sweep {sweep_id}: evaluation shares images {sorted(overlap)} "

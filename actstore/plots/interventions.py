@@ -63,7 +63,7 @@ def dose_response(records: list[dict], out_png: str) -> str:
     """Effect vs relative edit size, one panel per (capture kind, target): the median score
     after the probe edit (solid) and after the equal-size random edit (dashed) for each
     set of edited steps, the other-targets control (dotted) and the original (grey); the
-    chosen setting is starred."""
+    chosen setting is starred, and the edit-size cap (red) bounds what could be chosen."""
     panels = [(rec, kind) for rec in records
               for kind in dict.fromkeys(c["kind"] for c in rec["cells"])]
     if not panels:
@@ -98,12 +98,17 @@ def dose_response(records: list[dict], out_png: str) -> str:
                     color="k", label="chosen")
         if sizes:   # edits that blew the model up have no size to place
             ax.set_xscale("log")
+        if rec.get("max_edit_size") is not None:   # settings right of it are never chosen
+            shown = ax.get_xlim()                   # a cap beyond the data stays off-axis
+            ax.axvline(rec["max_edit_size"], color="r", lw=0.8, ls="-.",
+                       label=f"cap {rec['max_edit_size']:g} (larger: never chosen)")
+            ax.set_xlim(shown)
         ax.set_xlabel("edit size ‖Δ‖/‖h‖ (median)", fontsize=7)
         ax.set_ylabel(f"median {'Dice' if rec['kind'] == 'binary' else 'RMSE'} to target",
                       fontsize=7)
         ax.set_title(f"{rec['target']} · {kind} ({len(rec['validation_images'])} validation "
                      "images)", fontsize=8)
-        ax.tick_params(labelsize=6)
+        ax.tick_params(which="both", labelsize=5)
         ax.legend(fontsize=5)
     fig.suptitle("dose-response: probe edit vs equal-size random edit (dotted: same output "
                  "vs the other targets)", fontsize=8)

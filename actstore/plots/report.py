@@ -83,6 +83,7 @@ def _sweep_row(rec: dict) -> dict:
                              f"{c['steps'][-1]}, strength {c['strength']:g}",
             "reported on": f"{len(rec['evaluation_images'])} other images",
             "n": r.get("interventions"), "edit size": r.get("relative_change"),
+            "edit size cap": rec.get("max_edit_size"),
             "pre": r.get("pre"), "post": r.get("post"), "random edit": r.get("random"),
             "other targets": r.get("other"), "toward target": r.get("improved"),
             "beats random": r.get("beats_random"), "beats other targets": r.get("specific"),
