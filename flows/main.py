@@ -42,7 +42,8 @@ INTERVENE = ("salient", "depth")  # the paper's causal tests
 # the residual stream after each decoder attention block (capture kind ``block``) against
 # the paper's attn1, on 3 validation images, reported on 8 others. On the toy model the
 # block outputs drive the image and attn1's hardly do; salient peaks near strength 3, depth
-# needs larger edits and more steps (docs/results.md, models/toy-ldm/README.md).
+# moves more only at strength 10, which is over the default edit-size cap (0.3) and so is
+# run and shown, never chosen (docs/results.md, models/toy-ldm/README.md).
 MAIN_SWEEPS = {
     "salient": SweepSettings(kinds=("attn1", "block"), step_counts=(5,),
                              strengths=(1.0, 3.0, 10.0), validation=3, evaluation=8,
