@@ -12,7 +12,8 @@ from sklearn.linear_model import LogisticRegression, Ridge
 
 from actstore.store.view import open_store
 from actstore.label.labels import open_labels, write_labels
-from actstore.probe.runs import load_probe, open_emergence, open_scores, run_probes
+from actstore.probe.runs import (load_probe, load_targets, open_emergence, open_scores,
+                                 run_probes)
 from conftest import tree_digest
 
 LAYER, STEP, NOISE = "up_blocks.3.attentions.0", 2, 0.2
@@ -102,8 +103,9 @@ def test_logistic_fits_the_sample_of_the_fit_pass(planted, monkeypatch, tmp_path
     """With a token budget below the train tokens, each step's probe is the weighted fit
     on the sample the block tasks kept (redrawn here from the arrays), the ridge pass's
     statistics of *all* train tokens standing in for its Gram matrices, λ searched in the
-    window around the ridge's."""
-    from actstore.probe import sampling
+    window around the ridge's. One fit task per store block, so the tasks' statistics and
+    samples go through two levels of merges."""
+    from actstore.probe import grid, sampling
     from actstore.probe.logistic import (LOGISTIC_LAMBDAS, PATH_TOL, fit_logistic_cv,
                                          lambda_window)
     from actstore.probe.solvers import fit_ridge_cv, image_stats
@@ -115,6 +117,11 @@ def test_logistic_fits_the_sample_of_the_fit_pass(planted, monkeypatch, tmp_path
     yt = (y[train] > 0.5).astype(np.float64).ravel()
     monkeypatch.setattr(sampling, "SAMPLE_MIN_TOKENS", len(yt) // 3)
     monkeypatch.setattr(sampling, "SAMPLE_TOKENS_PER_CHANNEL", 0)
+    monkeypatch.setattr(grid, "FIT_TASK_BYTES", 1)
+    monkeypatch.setattr(grid, "MERGE_FAN_IN", 2)
+    blocks = [(a, b) for a, b in load_targets(uri, "salient")[1].blocks
+              if (split[a:b] == "train").any()]
+    assert len(blocks) > grid.MERGE_FAN_IN
     run = run_probes(uri, "salient", layers=[LAYER], steps=[STEP], scheduler="threads",
                      progress=False)
     probe = load_probe(uri, run, LAYER)

@@ -1,6 +1,7 @@
 """Closed-form probes against sklearn fitted on the same materialised arrays."""
 
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -158,6 +159,28 @@ def test_removing_a_fold_equals_merging_the_others():
         for name in ("n", "mean_x", "mean_y", "sxx", "sxy", "syy"):
             np.testing.assert_allclose(getattr(rest, name), getattr(want, name), rtol=1e-9,
                                        atol=1e-9 * np.abs(getattr(want, name)).max())
+
+
+def test_pooling_parts_equals_their_concatenated_tokens():
+    """solvers.pool (K parts in one step) and logistic.moments (no C×C) against the
+    statistics of the concatenated tokens in float64."""
+    X, y, _ = make_cells(8, steps=(2,))
+    cuts = [0, 5, 17, 18, 31, N_IMG]
+    parts = [accumulate(X[:, a:b].reshape(2, -1, C), y[:, a:b].reshape(2, -1))
+             for a, b in zip(cuts[:-1], cuts[1:])]
+    whole = accumulate(X.reshape(2, -1, C).astype(np.float64), y.reshape(2, -1))
+    pooled = probes.pool(parts)
+    for name in ("n", "mean_x", "mean_y", "sxx", "sxy", "syy"):
+        np.testing.assert_allclose(getattr(pooled, name), getattr(whole, name), rtol=1e-6,
+                                   atol=1e-6 * np.abs(getattr(whole, name)).max())
+    cell = [replace(p, **{f: getattr(p, f)[1] for f in ("n", "mean_x", "mean_y", "sxx",
+                                                        "sxy", "syy")}) for p in parts]
+    m = lg.moments(cell)
+    np.testing.assert_allclose([m.n, m.mean_y, m.scale],
+                               [whole.n[1], whole.mean_y[1, 0], np.trace(whole.sxx[1]) / C],
+                               rtol=1e-6)
+    np.testing.assert_allclose(m.sxy, whole.sxy[1, :, 0], rtol=1e-6,
+                               atol=1e-6 * np.abs(whole.sxy[1]).max())
 
 
 def brute_force_cv(X, y, lambdas, k, fit_one, score_one):
