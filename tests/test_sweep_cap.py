@@ -120,7 +120,8 @@ def test_nothing_under_the_cap_is_a_recorded_result_not_a_run(ivstore, tiny_mode
     shutil.copytree(ivstore["uri"], uri)
     rec = _sweep(uri, ivstore["runs"]["salient"], tiny_model, 1e-9)
     assert rec["chosen"] is None and rec["evaluation"] is None and rec["result"] is None
-    assert rec["note"].startswith("none under the cap: no setting has edit size <= 1e-09")
+    assert rec["note"].startswith("none under the cap: no scored setting has edit size "
+                                  "<= 1e-09")
     assert all(c["over_cap"] for c in rec["cells"])
     smallest = min(c["relative_change"] for c in rec["cells"])
     assert f"smallest {smallest:.3f}" in rec["note"]

@@ -121,9 +121,10 @@ def _why_none(rows: list[dict], cap: float) -> str:
     """The record's note when nothing was chosen: no finite score, or nothing under the cap."""
     if all(r["effect"]["specific"] is None for r in rows if r["strength"] > 0):
         return "every edit of the grid drove the model to non-finite values"
-    sized = [r for r in rows if r["strength"] > 0 and not over_cap(r, math.inf)]
+    sized = [r for r in rows if r["strength"] > 0 and r["effect"]["specific"] is not None
+             and not over_cap(r, math.inf)]
     low = min(sized, key=lambda r: r["relative_change"]) if sized else None
-    return (f"none under the cap: no setting has edit size <= {cap:g}" +
+    return (f"none under the cap: no scored setting has edit size <= {cap:g}" +
             (f" (smallest {low['relative_change']:.3f}: {low['kind']} s={low['strength']:g})"
              if low else "") + "; lower --strength or raise --max-edit-size")
 
