@@ -169,6 +169,23 @@ def test_verify_reports_per_image(tiny_store, tmp_path):
     assert tree_digest(uri) == before
 
 
+def test_bitwise_only_with_the_store_cpu_kernels(tiny_store):
+    """Kernels of other instruction sets round differently (the legacy store below was made
+    on another CPU): a store made here is compared bit for bit, one made with other CPU
+    kernels, one that does not record them, or a run on CUDA to the loose rule."""
+    from actstore.generation.regenerate import cpu_kernels, images_match, is_exact
+    from actstore.store import core as st
+
+    attrs = st.model_attrs(tiny_store, "trained")
+    assert attrs["cpu_kernels"] == cpu_kernels() and is_exact(attrs, "cpu")
+    assert not is_exact({**attrs, "cpu_kernels": "AVX2/x86_64/000000000000"}, "cpu")
+    assert not is_exact({k: v for k, v in attrs.items() if k != "cpu_kernels"}, "cpu")
+    assert not is_exact(attrs, "cuda:0") and not is_exact({**attrs, "device": "cuda"}, "cpu")
+    one_level = np.array([1, 0])
+    assert images_match(one_level, True).tolist() == [False, True]
+    assert images_match(one_level, False).all() and not images_match(np.array([3]), False)[0]
+
+
 def test_verify_refuses_another_model(tiny_store, tmp_path):
     from actstore.generation.regenerate import verify
     from sd14 import sd14_folder
@@ -229,9 +246,13 @@ def test_legacy_store_reads_extends_and_takes_new_kinds(tiny_model, tmp_path):
     _mat(tiny_model, DEMO, ref, images="0:8", steps=2, x0=False)
     view = open_store(uri)
     assert view.layers == SD_LAYERS and view.kinds == ["attn1"]
-    np.testing.assert_array_equal(view["mid_block.attentions.0"].values,
-                                  open_store(ref)["mid_block.attentions.0"].isel(
-                                      image=slice(0, 4)).values)
+    stored = view["mid_block.attentions.0"].values
+    fresh = open_store(ref)["mid_block.attentions.0"]
+    # The zip was written on another CPU: torch picks its kernels by instruction set, so
+    # activations agree to float16 rounding, not bit for bit (the regeneration check
+    # compares the final uint8 images, which must still match exactly below).
+    np.testing.assert_allclose(stored, fresh.isel(image=slice(0, 4)).values,
+                               rtol=2e-3, atol=1e-3)
     more = _mat(tiny_model, DEMO, uri, images="0:8", steps=2, x0=False)
     assert (more["blocks_written"], more["blocks_skipped"]) == (1, 1)
     add = _mat(tiny_model, DEMO, uri, images="0:8", steps=2, x0=False, kinds=ADD)
@@ -240,8 +261,9 @@ def test_legacy_store_reads_extends_and_takes_new_kinds(tiny_model, tmp_path):
     assert now["fingerprint"] == old["fingerprint"]
     view = open_store(uri)
     assert view.kinds == ["attn1", "resnet"]
-    np.testing.assert_array_equal(view["mid_block.attentions.0"].values,
-                                  open_store(ref)["mid_block.attentions.0"].values)
+    now_attn1 = view["mid_block.attentions.0"].values
+    np.testing.assert_array_equal(now_attn1[:4], stored)  # the legacy blocks untouched
+    np.testing.assert_array_equal(now_attn1[4:], fresh.isel(image=slice(4, 8)).values)
 
 
 @pytest.fixture(scope="module")

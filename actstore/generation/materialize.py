@@ -22,7 +22,8 @@ from actstore.generation.capture_plan import (CapturePlan, block_work, capture_f
                                               check_added, ensure_added, plan_capture,
                                               points_entry, undo_added)
 from actstore.generation.pointnames import parse_kinds
-from actstore.generation.regenerate import check_regenerated, is_exact, stored_table
+from actstore.generation.regenerate import (check_regenerated, cpu_kernels, is_exact,
+                                                stored_table)
 from actstore.store.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
 from actstore.generation.sampling import GenerationConfig, schedule_coords
@@ -180,6 +181,7 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
     base = [p for p in points if p.kind in plan.creation]
     provenance = {"model": model.name, "model_source": model.source,
                   "guidance": gen.guidance, "device": str(model.device),
+                  "cpu_kernels": cpu_kernels(),
                   "library_versions": library_versions(),
                   "schema_version": actstore.SCHEMA_VERSION,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -204,7 +206,7 @@ def materialize(model: str | LoadedModel, prompts: str, store: str,
     bar = Progress(sum(b - a for a, b, *_ in run.work), run.gen.steps,
                    f"materialize {model.variant}", enabled=progress)
     t0 = time.perf_counter()
-    exact = is_exact(st.model_attrs(store, model.variant).get("device"), model.device)
+    exact = is_exact(st.model_attrs(store, model.variant), model.device)
     writer = st.BlockWriter(store, st.model_path(model.variant), on_written=bar.images)
     created, added = [], []       # what this run adds to stored blocks, undone on a mismatch
     stored = stored_table(store) if any(not w[3] for w in run.work) else None

@@ -6,13 +6,19 @@ be re-derived, and must be before anything is added to it: adding a capture kind
 blocks regenerates them, and activations from a generation that differs from the stored one
 would sit beside images they do not belong to.
 
-Equality: **bitwise on CPU** (the store made on CPU and regenerated on CPU). When either side
-ran on CUDA, whose kernels are not bitwise deterministic, final and x0 images may differ by
-at most :data:`CUDA_IMAGE_LEVELS` uint8 levels per pixel, and each image's activations by at
-most :data:`CUDA_ACTIVATION_RTOL` of that image's largest stored magnitude.
+Equality: **bitwise** when the store was made on CPU by the same CPU kernels as this run's
+(:func:`cpu_kernels`, recorded in the variant's attributes). torch picks its CPU kernels by
+instruction set, and kernels of different instruction sets round differently; CUDA kernels
+are not bitwise deterministic at all. So when either side ran on CUDA, the store was made
+with other CPU kernels, or it does not record them (the ``cpu_kernels`` attribute, recorded
+since 2026-12-05), final and x0 images may differ by at most :data:`LOOSE_IMAGE_LEVELS`
+uint8 levels per pixel, and each image's activations by at most
+:data:`LOOSE_ACTIVATION_RTOL` of that image's largest stored magnitude.
 """
 
 from __future__ import annotations
+
+import platform
 
 import numpy as np
 import pandas as pd
@@ -22,14 +28,39 @@ from actstore.store import core as st
 from actstore.store import io
 from actstore.store.layout import image_column, layer_path
 
-CUDA_IMAGE_LEVELS = 2
-CUDA_ACTIVATION_RTOL = 1e-2
+LOOSE_IMAGE_LEVELS = 2
+LOOSE_ACTIVATION_RTOL = 1e-2
+# CPU features that change which kernels torch, oneDNN and MKL run (and so their rounding).
+_KERNEL_FLAGS = ("avx", "amx", "fma", "f16c", "sse4", "asimd", "sve", "neon")
 
 
-def is_exact(store_device: str | None, device) -> bool:
-    """Bitwise comparison unless the store or this run used CUDA (stores made before the
-    device was recorded were made on CPU: the only device they could be checked on)."""
-    return str(store_device or "cpu").startswith("cpu") and str(device).startswith("cpu")
+def cpu_kernels() -> str:
+    """This process's CPU kernel family: torch's dispatch level, the architecture and a
+    digest of the vector extensions its BLAS libraries dispatch on. Equal on two machines,
+    a CPU generation is bitwise reproducible between them."""
+    import hashlib
+
+    import torch
+
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            line = next((ln for ln in f if ln.startswith(("flags", "Features"))), "")
+        flags = " ".join(sorted(x for x in line.split(":", 1)[-1].split()
+                                if x.startswith(_KERNEL_FLAGS)))
+    except OSError:  # not Linux: the processor string stands in for the flags
+        flags = platform.processor()
+    digest = hashlib.sha256(flags.encode()).hexdigest()[:12]
+    return f"{torch.backends.cpu.get_cpu_capability()}/{platform.machine()}/{digest}"
+
+
+def is_exact(store_attrs: dict, device) -> bool:
+    """Bitwise comparison only when the store and this run are on CPU with the same CPU
+    kernels; stores that do not record theirs are compared loosely (they may come from
+    another machine)."""
+    cpu = str(store_attrs.get("device") or "cpu").startswith("cpu") and \
+        str(device).startswith("cpu")
+    return cpu and store_attrs.get("cpu_kernels") == cpu_kernels()
 
 
 def image_errors(stored: np.ndarray, new: np.ndarray) -> np.ndarray:
@@ -39,7 +70,7 @@ def image_errors(stored: np.ndarray, new: np.ndarray) -> np.ndarray:
 
 
 def images_match(errors: np.ndarray, exact: bool) -> np.ndarray:
-    return errors <= (0 if exact else CUDA_IMAGE_LEVELS)
+    return errors <= (0 if exact else LOOSE_IMAGE_LEVELS)
 
 
 def activations_match(stored: np.ndarray, new: np.ndarray, exact: bool) -> tuple[np.ndarray,
@@ -50,7 +81,7 @@ def activations_match(stored: np.ndarray, new: np.ndarray, exact: bool) -> tuple
     if exact:
         same = np.array([np.array_equal(stored[i], new[i]) for i in range(len(a))])
     else:
-        same = err <= CUDA_ACTIVATION_RTOL * np.abs(a).reshape(len(a), -1).max(axis=1)
+        same = err <= LOOSE_ACTIVATION_RTOL * np.abs(a).reshape(len(a), -1).max(axis=1)
     return same, err
 
 
@@ -72,7 +103,8 @@ def check_regenerated(store: str, variant: str, start: int, ids: list[str],
     bad = np.flatnonzero(~images_match(errors, exact))
     if len(bad):
         i = int(bad[0])
-        rule = "bitwise, on CPU" if exact else f"within {CUDA_IMAGE_LEVELS} levels, on CUDA"
+        rule = ("bitwise (same CPU kernels)" if exact else
+                f"within {LOOSE_IMAGE_LEVELS} levels (CUDA or other CPU kernels)")
         raise ActstoreError(
             f"regeneration check: image {ids[i]!r} (store position {start + i}) of model "
             f"'{variant}' regenerates differently from its stored final image (max "
@@ -121,7 +153,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
                                 "store's model")
         gen = GenerationConfig(**fp["generation"])
         cap = fp["capture"]
-        exact = is_exact(attrs.get("device"), m.device)
+        exact = is_exact(attrs, m.device)
         done = st.completed_blocks(store, variant)
         blocks = [blk for blk in st.blocks_of(root["n_images"], root["block_size"], start, stop)
                   if blk in done]
@@ -138,7 +170,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
     bad = [r for r in rows if not r["reproduced"]]
     return {"store": store, "images": len(rows), "reproduced": len(rows) - len(bad),
             "not_reproduced": [f"{r['model']}:{r['image']}" for r in bad],
-            "comparison": "bitwise" if all(r["exact"] for r in rows) else "CUDA tolerance",
+            "comparison": "bitwise" if all(r["exact"] for r in rows) else "tolerance (CUDA or other CPU kernels)",
             "rows": rows, "table": format_verify(rows)}
 
 
