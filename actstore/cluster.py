@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import socket
 import threading
 from contextlib import contextmanager
+from functools import wraps
+from typing import Callable, TypeVar
 
 from actstore.errors import ActstoreError
 from actstore.runtime import dask_threads
@@ -30,6 +33,12 @@ MALLOC_MMAP_THRESHOLD = 32 << 20
 MALLOC_TRIM_THRESHOLD = 64 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (malloc.h)
 _TUNED: list[bool] = []
+T = TypeVar("T")
+# Held while a task runs on this process's shared model: forward hooks (capture, edits)
+# live on the one UNet, so two tasks on it at once would see each other's activations.
+MODEL_LOCK = threading.RLock()
+_CACHE_LOCK = threading.RLock()
+_SHARED: dict[str, tuple[tuple, object]] = {}
 
 
 def worker_id() -> str:
@@ -176,3 +185,39 @@ def default_workers(device: str) -> int:
 
     cores = os.cpu_count() or 1
     return max(1, cores // 2) if resolve_device(device).type == "cpu" else 1
+
+
+def shared(slot: str, key: tuple, load: Callable[[], T]) -> T:
+    """This process's one object in ``slot`` (a model, a label model, a checked plan) for
+    ``key``: loaded on first use and reused by every later task with the same key; a new
+    key frees the old object before loading, so a worker never holds two models.
+
+    What lets a Dask worker process load SD once and serve every region or block it gets."""
+    with _CACHE_LOCK:
+        held = _SHARED.get(slot)
+        if held is None or held[0] != key:
+            _SHARED.pop(slot, None)
+            tune_malloc()
+            _SHARED[slot] = (key, load())
+        return _SHARED[slot][1]
+
+
+def spread(items: list, workers: int, per_worker: int = 4) -> list[list]:
+    """Contiguous groups of ``items`` (image blocks), about ``per_worker`` per worker: a slow
+    or lost worker delays the run by a fraction of its share, and each task still covers
+    several blocks."""
+    size = max(1, math.ceil(len(items) / max(1, workers * per_worker)))
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def local_dask(fn: Callable[..., T]) -> Callable[..., T]:
+    """Run ``fn`` with its Dask computations (an xarray view's coordinates) in its own
+    thread. Inside a Dask worker they would go to the cluster by default, and wait for a
+    worker thread that may itself be waiting for this process's model: a deadlock."""
+    @wraps(fn)
+    def run(*args, **kwargs):
+        import dask
+
+        with dask.config.set(scheduler="synchronous"):
+            return fn(*args, **kwargs)
+    return run

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from actstore.intervene.settings import (METHODS, InterventionSettings, SweepSettings,
                                          defaults)
-from flows.cli_checks import (index, nonneg_float, positive_float, positive_int,
+from flows.cli_checks import (check_fan_out, index, nonneg_float, positive_float, positive_int,
                               store_uri)
 
 D = defaults(InterventionSettings)
@@ -74,6 +74,10 @@ def add_intervene_parser(sub, common=None) -> None:
     p.add_argument("--experiment", dest="experiment_id", help="experiment id (default: a hash "
                    "of the settings, so rerunning a command resumes it)")
     p.add_argument("--figure", help="write the original/target/intervened/new-label PNG here")
+    p.add_argument("--workers", type=positive_int, help="fan image blocks out over a local "
+                   "Dask cluster of N worker processes (each loads the model once)")
+    p.add_argument("--cluster", help="fan image blocks out over a running Dask scheduler, "
+                   "e.g. tcp://HOST:8786")
     q = sub.add_parser("sweep", parents=parents, help="dose-response grid (capture kind × steps × strength) "
                        "on validation test images; the setting with the largest specific "
                        "effect is then run on other test images")
@@ -130,6 +134,7 @@ def intervene_command(args, catalog) -> dict:
     from actstore.intervene.tables import format_interventions
 
     store, settings = store_uri(args, catalog), intervention_settings(args)
+    check_fan_out(args, "experiment blocks")
     if args.no_prefect:
         from actstore.intervene.run import run_interventions
         from actstore.plots.interventions import intervention_grid
@@ -143,7 +148,8 @@ def intervene_command(args, catalog) -> dict:
 
         with flow_mode(args):
             summary = intervene_flow(store=store, probe_run=args.probe_run, settings=settings,
-                                     figure=args.figure)
+                                     figure=args.figure, workers=args.workers,
+                                     cluster=args.cluster, progress=not args.quiet)
     return {**summary, "table": format_interventions(summary)} if summary["complete"] \
         else summary
 

@@ -104,8 +104,10 @@ def _probe(r: dict) -> str:
 
 def _intervene(r: dict) -> str:
     state = "complete" if r["complete"] else "incomplete (rerun the command to resume)"
-    lines = [f"{r['store']}: intervention experiment {r['experiment_id']} {state}: "
-             f"{r['blocks_written']} blocks written, {r['blocks_skipped']} already stored"]
+    done = f" ({r['blocks_complete']}/{r['blocks']} blocks)" if "blocks" in r else ""
+    by = f" by {r['workers']} workers" if r.get("workers") else ""
+    lines = [f"{r['store']}: intervention experiment {r['experiment_id']} {state}{done}: "
+             f"{r['blocks_written']} blocks written{by}, {r['blocks_skipped']} already stored"]
     if r.get("table"):
         lines += ["", r["table"]]
     if r.get("figure"):

@@ -1,22 +1,83 @@
 """Prefect flows: an intervention experiment and its figure; a sweep and its figures.
 
 Thin: tasks call library functions and pass a store URI, run and experiment ids, the
-settings object and summaries.
+settings object and summaries. With ``workers`` (a local cluster of that many processes)
+or ``cluster`` (a running scheduler's address) the experiment's image blocks run as
+concurrent task runs on Dask through prefect-dask's ``DaskTaskRunner``, as materialize's
+regions do: one worker checks and creates the experiment, block groups go to every
+worker (each keeps the store's model and the label model for all the groups it gets), a
+failed group is retried and resumes from its recorded blocks.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+
 from prefect import flow, task
 
+from actstore.cluster import portable
+from actstore.intervene import blocks
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings, SweepSettings
 from actstore.intervene.sweep import run_sweep
 from actstore.plots.interventions import intervention_grid, sweep_figures
+from actstore.progress import Progress
+from flows.fanout import REGION_RETRIES, dask_address, gather, on_gpus, retry_unless_bad_input
 
 
 @task(name="interventions")
 def interventions_task(store: str, probe_run: str, settings: InterventionSettings) -> dict:
     return run_interventions(store, probe_run, settings)
+
+
+@task(name="intervene-plan", retries=REGION_RETRIES, retry_delay_seconds=2,
+      retry_condition_fn=retry_unless_bad_input)
+def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
+                     workers: int) -> dict:
+    return blocks.plan_blocks(store, probe_run, settings, workers=workers)
+
+
+@task(name="intervene-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
+      retry_condition_fn=retry_unless_bad_input)
+def block_group_task(store: str, probe_run: str, settings: InterventionSettings, group: list,
+                     experiment_id: str) -> dict:
+    return blocks.run_block_group(store, probe_run, settings, group,
+                                  experiment_id=experiment_id)
+
+
+@task(name="intervene-summary", retries=REGION_RETRIES, retry_delay_seconds=2,
+      retry_condition_fn=retry_unless_bad_input)
+def finish_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
+                       experiment_id: str, written: int) -> dict:
+    return blocks.finish_blocks(store, probe_run, settings, experiment_id=experiment_id,
+                                written=written)
+
+
+@flow(name="intervene-blocks")
+def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSettings,
+                          workers: int, gpu: bool, progress: bool) -> dict:
+    """Plan on one worker, then every block group at once; Dask runs as many as it has
+    workers (or GPUs); the summary once all are recorded."""
+    t0 = time.perf_counter()
+    with on_gpus(gpu):
+        plan = plan_blocks_task.submit(store, probe_run, settings, workers).result()
+        eid = plan["experiment_id"]
+        futures = [block_group_task.submit(store, probe_run, settings, g, eid)
+                   for g in plan["groups"]]
+    bar = Progress(plan["pending_images"] * plan["per_image"], plan["steps"],
+                   f"intervene {eid} ({len(futures)} groups, {workers} workers)",
+                   enabled=progress)
+    try:
+        done = gather(futures, store, "intervention block groups",
+                      lambda d: bar.step(d["images"] * plan["per_image"] * plan["steps"]))
+    finally:
+        bar.close()
+    with on_gpus(gpu):
+        summary = finish_blocks_task.submit(store, probe_run, settings, eid,
+                                            sum(d["blocks_written"] for d in done)).result()
+    return {**summary, "seconds": time.perf_counter() - t0, "workers": workers,
+            "groups": len(futures), "groups_by_worker": dict(Counter(d["worker"] for d in done))}
 
 
 @task(name="intervention-grid")
@@ -38,9 +99,20 @@ def sweep_figures_task(store: str, sweep_ids: list[str], out_dir: str) -> list[s
 @flow(name="intervene")
 def intervene_flow(store: str, probe_run: str,
                    settings: InterventionSettings = InterventionSettings(),
-                   figure: str | None = None) -> dict:
-    """Run (or resume) one experiment; draw its grid to ``figure`` once it is complete."""
-    summary = interventions_task(store, probe_run, settings)
+                   figure: str | None = None, *, workers: int | None = None,
+                   cluster: str | None = None, progress: bool = True) -> dict:
+    """Run (or resume) one experiment, in this process or over ``workers`` local processes
+    / the scheduler at ``cluster``; draw its grid to ``figure`` once it is complete."""
+    if workers or cluster:
+        blocks.check_portable(settings)
+        with dask_address(workers, cluster) as (address, n, gpu):
+            from prefect_dask import DaskTaskRunner
+
+            summary = intervene_blocks_flow.with_options(
+                task_runner=DaskTaskRunner(address=address))(
+                portable(store), probe_run, settings, n, gpu, progress)
+    else:
+        summary = interventions_task(store, probe_run, settings)
     if figure and summary["complete"]:
         summary["figure"] = intervention_grid_task(store, summary["experiment_id"], figure)
     return summary

@@ -14,34 +14,18 @@ run resumes from its recorded blocks (:mod:`actstore.label.blocks`).
 from __future__ import annotations
 
 from collections import Counter
-from contextlib import nullcontext
 
 from prefect import flow, task
-from prefect.futures import as_completed
 
-from actstore.cluster import portable
+from actstore.cluster import portable, spread
 from actstore.errors import ActstoreError
 from actstore.label import blocks
 from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
 from actstore.label.settings import LabelSettings
 from actstore.progress import Progress
 from actstore.store import labelsets
-from flows.materialize import REGION_RETRIES, dask_address
-
-
-class BlocksFailed(ActstoreError):
-    """Block groups failed for reasons a rerun may not meet again: keep them to resume."""
-
-
-def _retry_unless_bad_labels(task, task_run, state) -> bool:
-    """Bad labels (NaN, wrong shape) come out the same on every try; anything else may not."""
-    try:
-        state.result()
-    except ActstoreError:
-        return False
-    except BaseException:  # noqa: BLE001 - a lost worker, a storage error: worth a retry
-        return True
-    return True
+from flows.fanout import (REGION_RETRIES, BlocksFailed, dask_address, gather, on_gpus,
+                          retry_unless_bad_input)
 
 
 @task(name="label")
@@ -52,7 +36,7 @@ def label_task(store: str, provider: str, target: str | list[str],
 
 
 @task(name="label-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
-      retry_condition_fn=_retry_unless_bad_labels)
+      retry_condition_fn=retry_unless_bad_input)
 def label_blocks_task(job: blocks.LabelJob, stage: str, blks: list, constants: dict | None
                       ) -> dict:
     return blocks.run_blocks(job, stage, [tuple(b) for b in blks], constants)
@@ -62,30 +46,16 @@ def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | 
               gpu: bool, progress: bool) -> list[dict]:
     """Every block group of one pass at once; Dask runs as many as it has workers (or
     GPUs: one group at a time on each worker offering a ``GPU`` resource)."""
-    import dask
-
-    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
+    with on_gpus(gpu):
         futures = [label_blocks_task.submit(job, stage, g, constants) for g in groups]
     per_image = 1 if stage == blocks.PASS1 else job.n_steps
     bar = Progress(sum(b - a for g in groups for a, b in g), per_image,
                    f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress)
-    done, errors = [], []
-    for future in as_completed(futures):
-        future.wait()
-        if future.state.is_completed():
-            done.append(future.result())
-            bar.step(done[-1]["images"] * per_image)
-        else:
-            errors.append(future.state.result(raise_on_failure=False))
-    bar.close()
-    bad = [e for e in errors if isinstance(e, ActstoreError)]
-    if bad:
-        raise bad[0]
-    if errors:
-        raise BlocksFailed(f"store {job.store}: {len(errors)} of {len(groups)} label block "
-                           f"groups failed after {REGION_RETRIES} retries ({str(errors[0])[:200]}"
-                           "); rerun the same command to resume from the recorded blocks")
-    return done
+    try:
+        return gather(futures, job.store, "label block groups",
+                      lambda done: bar.step(done["images"] * per_image))
+    finally:
+        bar.close()
 
 
 @flow(name="label-blocks")
@@ -98,7 +68,7 @@ def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: b
         if stage == blocks.PASS2:
             constants = blocks.stats(job)
         if todo:
-            done = _run_pass(job, stage, blocks.groups(todo, workers), constants, gpu,
+            done = _run_pass(job, stage, spread(todo, workers), constants, gpu,
                              progress)
             by_worker.update(d["worker"] for d in done)
     return {"constants": constants, "blocks_resumed": resumed,

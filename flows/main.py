@@ -33,7 +33,8 @@ from flows.intervene import sweep_figures_task, sweep_task
 from actstore.generation.materialize import CaptureConfig, MaterializeSettings
 from actstore.plots.figures import kind_comparison
 from flows.label import label_task
-from flows.materialize import dask_address, fill_store, sample_grid_task
+from flows.fanout import dask_address
+from flows.materialize import fill_store, sample_grid_task
 from flows.probe import figures_task, probe_task
 
 TARGETS = ("salient", "depth", "shading")

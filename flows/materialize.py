@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from contextlib import contextmanager, nullcontext
 
 from prefect import flow, task
 from prefect.futures import as_completed
 
-from actstore.cluster import check_scheduler, local_workers, portable
+from actstore.cluster import portable
 from actstore.errors import ActstoreError
 from actstore.generation.materialize import MaterializeSettings, completion, format_completion
 from actstore.generation.regions import materialize_region, plan_regions
 from actstore.plots.figures import sample_grid
 from actstore.progress import Progress
+from flows.fanout import REGION_RETRIES, dask_address, on_gpus
 
-REGION_RETRIES = 2
 
 
 @task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2)
@@ -59,9 +58,7 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
                  images: str | None, workers: int, gpu: bool, progress: bool) -> dict:
     """Plan on one worker (which creates the store and keeps the model), then every region
     at once; Dask runs as many as it has workers (or GPUs)."""
-    import dask
-
-    with dask.annotate(resources={"GPU": 1}) if gpu else nullcontext():
+    with on_gpus(gpu):
         plan = plan_task.submit(model, prompts, store, settings, images, workers).result()
         futures = [region_task.submit(model, prompts, store, settings, region)
                    for region in plan["regions"]]
@@ -93,22 +90,6 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
             "seconds": time.perf_counter() - t0,
             "regions": len(futures),
             "regions_by_worker": dict(Counter(s["worker"] for s in summaries))}
-
-
-@contextmanager
-def dask_address(workers: int | None, cluster: str | None):
-    """The scheduler regions go to (None: run in this process) and whether to ask for GPUs."""
-    if workers and cluster:
-        raise ActstoreError("--workers and --cluster: give one (--workers N starts a local "
-                            "cluster; --cluster ADDRESS uses a running one)")
-    if cluster:
-        info = check_scheduler(cluster)
-        yield cluster, info["workers"], info["gpu_workers"] > 0
-    elif workers:
-        with local_workers(workers) as address:
-            yield address, workers, False
-    else:
-        yield None, 1, False
 
 
 def fill_store(model: str, prompts: str, store: str, settings: MaterializeSettings,

@@ -10,31 +10,33 @@ shared UNet, so two regions on one model object would capture each other's activ
 from __future__ import annotations
 
 import math
-import threading
 
-from actstore.cluster import tune_malloc, worker_id
+from actstore.cluster import MODEL_LOCK as _LOCK
+from actstore.cluster import shared, worker_id
 from actstore.generation.materialize import MaterializeSettings, materialize, prepare
-from actstore.generation.models import LoadedModel, load_model
+from actstore.generation.models import LoadedModel, apply_control, load_model
 
-_LOCK = threading.RLock()
-_MODEL: dict[tuple, LoadedModel] = {}  # at most one: a worker never holds two models
 _LOADS: list[tuple] = []               # every load this process made, for the tests' count
-
-
-def _key(model: str, settings: MaterializeSettings) -> tuple:
-    return (model, settings.dtype, settings.device, settings.control or "trained")
 
 
 def shared_model(model: str, settings: MaterializeSettings) -> LoadedModel:
     """This process's model for ``settings``: loaded on first use, then reused."""
-    key = _key(model, settings)
+    return store_model(model, dtype=settings.dtype, device=settings.device,
+                       variant=settings.control or "trained")
+
+
+def store_model(ref: str, *, dtype: str, device: str, variant: str) -> LoadedModel:
+    """This process's model ``ref`` in ``variant`` (trained or randomized): one per process,
+    shared by materialize regions and intervention blocks alike."""
+    key = (ref, dtype, device, variant)
+
+    def load() -> LoadedModel:
+        _LOADS.append(key)
+        return load_model(ref, dtype=dtype, device=device)
+
     with _LOCK:
-        if key not in _MODEL:
-            _MODEL.clear()  # free the previous model before loading the next
-            tune_malloc()
-            _MODEL[key] = load_model(model, dtype=settings.dtype, device=settings.device)
-            _LOADS.append(key)
-        return _MODEL[key]
+        return apply_control(shared("model", key, load),
+                             None if variant == "trained" else variant)
 
 
 def model_loads() -> int:

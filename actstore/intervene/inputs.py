@@ -98,14 +98,21 @@ def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
     return provider, str(spec)
 
 
+def store_model_ref(view: StoreView) -> tuple[str, str, str]:
+    """Where the store's model loads from, its dtype and variant (trained, randomized)."""
+    attrs, fp = view.attrs, view.attrs["fingerprint"]
+    name = attrs.get("model", "")
+    ref = name if name == TINY_RANDOM else (attrs.get("model_source") or name)
+    return ref, fp["dtype"], fp["variant"]
+
+
 def load_store_model(view: StoreView, model: LoadedModel | None, device: str) -> LoadedModel:
     """The model that made the store (same weights, dtype and variant), or a refusal."""
-    attrs, fp = view.attrs, view.attrs["fingerprint"]
+    fp = view.attrs["fingerprint"]
     if model is None:
-        name = attrs.get("model", "")
-        ref = name if name == TINY_RANDOM else (attrs.get("model_source") or name)
-        model = load_model(ref, dtype=fp["dtype"], device=device)
-        model = apply_control(model, None if fp["variant"] == "trained" else fp["variant"])
+        ref, dtype, variant = store_model_ref(view)
+        model = load_model(ref, dtype=dtype, device=device)
+        model = apply_control(model, None if variant == "trained" else variant)
     dtype = str(model.dtype).replace("torch.", "")
     if dtype != fp["dtype"]:
         raise ActstoreError(f"store {view.uri}: was generated in {fp['dtype']}, the model "

@@ -23,6 +23,7 @@ Plan and checks: :mod:`actstore.intervene.plan`; scores and summary:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -42,6 +43,31 @@ from actstore.intervene.targets import make_targets, token_targets
 from actstore.kinds import BINARY
 from actstore.progress import Progress
 from actstore.store import core as st
+from actstore.store import io
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A checked experiment, created in the store, with the model that runs its blocks."""
+
+    plan: Plan
+    model: LoadedModel
+    gen: GenerationConfig
+
+    @property
+    def blocks(self) -> list[tuple[int, int, int, int]]:
+        return _experiment_blocks(self.plan)
+
+    def pending(self) -> list[tuple[int, int, int, int]]:
+        """(store block a, b, experiment rows lo, hi) of the blocks not recorded yet."""
+        done = completed_blocks(self.plan.store, self.plan.experiment_id)
+        return [blk for blk in self.blocks if blk[:2] not in done]
+
+    @property
+    def per_image(self) -> int:
+        """Generations per chosen image: its targets × strengths × arms."""
+        s = self.plan.settings
+        return self.plan.n_targets * len(s.strengths) * len(s.arms)
 
 
 def run_interventions(store: str, probe_run: str,
@@ -56,35 +82,58 @@ def run_interventions(store: str, probe_run: str,
     ``provenance`` is stored with the experiment (e.g. the sweep that chose the setting).
     """
     t0 = time.perf_counter()
-    plan = plan_interventions(store, probe_run, settings, provenance=provenance)
+    exp = begin_experiment(plan_interventions(store, probe_run, settings,
+                                              provenance=provenance), model)
+    todo = exp.pending()
+    bar = Progress(sum(hi - lo for _, _, lo, hi in todo) * exp.per_image, exp.gen.steps,
+                   f"intervene {exp.plan.target} {exp.plan.settings.method}", enabled=progress)
+    try:
+        run_blocks(exp, todo, bar)
+    finally:
+        bar.close()
+    return {**finish_experiment(exp, len(todo)), "seconds": time.perf_counter() - t0}
+
+
+def begin_experiment(plan: Plan, model: LoadedModel | None = None) -> Experiment:
+    """Check the model against the store and the label model on one image, then create the
+    experiment (unless a resumed or concurrent run did): a refusal writes nothing."""
     model = load_store_model(plan.view, model, plan.settings.device)
-    final = st.model_array(store, plan.view.model, "final_image")
-    _label(plan, np.asarray(final.oindex[plan.positions[:1]]), plan.image_ids[:1])  # fail before writing
-    gen = GenerationConfig(**plan.view.attrs["fingerprint"]["generation"])
-    group = create_experiment(store, plan.experiment_id, plan.record, plan.image_ids,
-                              plan.positions, plan.n_targets, plan.hw)
-    done = completed_blocks(store, plan.experiment_id)
-    blocks = _experiment_blocks(plan)
-    todo = [blk for blk in blocks if blk[:2] not in done]
-    per_image = plan.n_targets * len(plan.settings.strengths) * len(plan.settings.arms)
-    bar = Progress(sum(hi - lo for _, _, lo, hi in todo) * per_image, gen.steps,
-                   f"intervene {plan.target} {plan.settings.method}", enabled=progress)
-    writer = st.BlockWriter(store, group_path(plan.experiment_id))
+    final = st.model_array(plan.store, plan.view.model, "final_image")
+    _label(plan, np.asarray(final.oindex[plan.positions[:1]]), plan.image_ids[:1])
+    create_experiment(plan.store, plan.experiment_id, plan.record, plan.image_ids,
+                      plan.positions, plan.n_targets, plan.hw)
+    return Experiment(plan, model, GenerationConfig(**plan.view.attrs["fingerprint"]
+                                                    ["generation"]))
+
+
+def run_blocks(exp: Experiment, todo: list, bar: Progress | None = None) -> None:
+    """Generate, score and record experiment blocks (each recorded once its arrays are)."""
+    plan = exp.plan
+    bar = bar or Progress(0, 1, "", enabled=False)
+    writer = st.BlockWriter(plan.store, group_path(plan.experiment_id))
     try:
         for a, b, lo, hi in todo:   # experiment rows lo:hi hold store block a:b's images
-            writer.submit(a, b, _run_block(plan, model, gen, lo, hi, bar),
+            writer.submit(a, b, _run_block(plan, exp.model, exp.gen, lo, hi, bar),
                           {"images": plan.image_ids[lo:hi], "written": time.time()},
                           rows=(lo, hi))
     finally:
         writer.close()
-        bar.close()
-    complete = completed_blocks(store, plan.experiment_id) >= {blk[:2] for blk in blocks}
-    summary = summarize(plan, group) if complete else None
-    if complete and plan.experiment_id not in list_interventions(store):
-        write_summary(store, plan.experiment_id, summary)
-    return {"store": store, "experiment_id": plan.experiment_id, "complete": complete,
-            "blocks_written": len(todo), "blocks_skipped": len(blocks) - len(todo),
-            "seconds": time.perf_counter() - t0, **(summary or {})}
+
+
+def finish_experiment(exp: Experiment, written: int) -> dict:
+    """Once every block is recorded: the summary record (which makes the experiment
+    complete) and the dose table; before that, how far it is. ``written``: blocks this
+    run wrote."""
+    plan, blocks = exp.plan, exp.blocks
+    done = completed_blocks(plan.store, plan.experiment_id) & {blk[:2] for blk in blocks}
+    complete = len(done) == len(blocks)
+    summary = summarize(plan, io.open_group(plan.store, group_path(plan.experiment_id))) \
+        if complete else None
+    if complete and plan.experiment_id not in list_interventions(plan.store):
+        write_summary(plan.store, plan.experiment_id, summary)
+    return {"store": plan.store, "experiment_id": plan.experiment_id, "complete": complete,
+            "blocks_written": written, "blocks_skipped": len(blocks) - written,
+            "blocks_complete": len(done), "blocks": len(blocks), **(summary or {})}
 
 
 def _experiment_blocks(plan: Plan) -> list[tuple[int, int, int, int]]:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +25,7 @@ import numpy as np
 from actstore.errors import ActstoreError
 from actstore.kinds import CONTINUOUS
 from actstore.label.passes import PassContext, normalize, pool_block, resolution_name
-from actstore.cluster import tune_malloc, worker_id
+from actstore.cluster import shared, worker_id
 from actstore.label.providers import get_provider
 from actstore.store import commit, io
 from actstore.store import core as st
@@ -195,13 +193,6 @@ def run_blocks(job: LabelJob, stage: str, blks, constants: dict | None = None, *
     return {"images": sum(b - a for a, b in blks), "worker": worker_id()}
 
 
-def groups(blks: list, workers: int, per_worker: int = 4) -> list[list[tuple[int, int]]]:
-    """Contiguous block groups, about ``per_worker`` per worker: a slow or lost worker
-    delays a pass by a fraction of its share, and each task still covers several blocks."""
-    size = max(1, math.ceil(len(blks) / max(1, workers * per_worker)))
-    return [list(blks[i:i + size]) for i in range(0, len(blks), size)]
-
-
 def drop_staging(job: LabelJob) -> None:
     """Staged raw labels and block records: none of them belongs to the committed labels."""
     for path in job.paths.values():
@@ -210,15 +201,6 @@ def drop_staging(job: LabelJob) -> None:
         io.remove(job.store, job.record_group(stage))
 
 
-_LOCK = threading.RLock()
-_PROVIDER: dict[tuple, object] = {}
-
-
 def shared_provider(spec: str, device: str):
     """This process's provider for ``spec``: loaded once, reused for every block task."""
-    with _LOCK:
-        if (spec, device) not in _PROVIDER:
-            _PROVIDER.clear()
-            tune_malloc()
-            _PROVIDER[(spec, device)] = get_provider(spec, device)
-        return _PROVIDER[(spec, device)]
+    return shared("provider", (spec, device), lambda: get_provider(spec, device))

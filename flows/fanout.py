@@ -1,0 +1,84 @@
+"""What every fan-out flow shares: where its tasks run, how they are retried, and how their
+results come back.
+
+Materialize regions, label block groups and intervention block groups all run as
+concurrent Prefect task runs on Dask through prefect-dask's ``DaskTaskRunner``: on a local
+cluster of ``--workers N`` processes or on the scheduler at ``--cluster ADDRESS``. A task
+that fails is retried (it resumes from its recorded blocks) unless it failed on bad input,
+which fails the same way every time.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager, nullcontext
+from typing import Callable
+
+from prefect.futures import as_completed
+
+from actstore.cluster import check_scheduler, local_workers
+from actstore.errors import ActstoreError
+
+REGION_RETRIES = 2
+
+
+class BlocksFailed(ActstoreError):
+    """Tasks failed for reasons a rerun may not meet again: keep their blocks to resume."""
+
+
+def retry_unless_bad_input(task, task_run, state) -> bool:
+    """Bad input (NaN labels, a store made with other weights) comes out the same on every
+    try; anything else (a lost worker, a storage error) may not."""
+    try:
+        state.result()
+    except ActstoreError:
+        return False
+    except BaseException:  # noqa: BLE001 - a lost worker, a storage error: worth a retry
+        return True
+    return True
+
+
+@contextmanager
+def dask_address(workers: int | None, cluster: str | None):
+    """The scheduler tasks go to (None: run in this process) and whether to ask for GPUs."""
+    if workers and cluster:
+        raise ActstoreError("--workers and --cluster: give one (--workers N starts a local "
+                            "cluster; --cluster ADDRESS uses a running one)")
+    if cluster:
+        info = check_scheduler(cluster)
+        yield cluster, info["workers"], info["gpu_workers"] > 0
+    elif workers:
+        with local_workers(workers) as address:
+            yield address, workers, False
+    else:
+        yield None, 1, False
+
+
+def on_gpus(gpu: bool):
+    """Tasks submitted inside ask for one ``GPU`` resource each, if workers offer it
+    (``dask worker ADDRESS --nthreads 1 --resources GPU=1``): one task per device."""
+    import dask
+
+    return dask.annotate(resources={"GPU": 1}) if gpu else nullcontext()
+
+
+def gather(futures: list, store: str, what: str,
+           on_done: Callable[[dict], None] = lambda summary: None) -> list[dict]:
+    """Every task's result, in the order they finish (``on_done`` sees each: a progress
+    bar). Bad input raises its own one-line error; other failures, one line saying how
+    many of ``what`` failed and that rerunning resumes."""
+    done, errors = [], []
+    for future in as_completed(futures):
+        future.wait()
+        if future.state.is_completed():
+            done.append(future.result())
+            on_done(done[-1])
+        else:
+            errors.append(future.state.result(raise_on_failure=False))
+    bad = [e for e in errors if isinstance(e, ActstoreError)]
+    if bad:
+        raise bad[0]
+    if errors:
+        raise BlocksFailed(f"store {store}: {len(errors)} of {len(futures)} {what} failed "
+                           f"after {REGION_RETRIES} retries ({str(errors[0])[:200]}); rerun "
+                           "the same command to resume from the recorded blocks")
+    return done

@@ -1,0 +1,125 @@
+"""An intervention experiment fanned out over a real 2-process Dask cluster equals the
+serial run object by object (arrays, attributes, block records, summary), resuming a run
+that died half-way; the command line takes --workers; a scheduler that does not answer
+is one line within seconds and nothing is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+
+import pytest
+
+from actstore.errors import ActstoreError
+from actstore.intervene.plan import plan_interventions
+from actstore.intervene.run import begin_experiment, run_blocks, run_interventions
+from actstore.intervene.settings import InterventionSettings as IS
+from conftest import IV_LAYERS, IV_STEPS, PixelLabels, tree_digest
+from flows.cli import main
+from storecheck import assert_same_store
+
+# Every image of the store (4 blocks), one shift target, the probe edit and its control.
+SETTINGS = IS(layers=IV_LAYERS, steps=IV_STEPS, images="0:16", n_targets=1, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """The serial run and each worker with one torch thread: conv sums depend on it."""
+    monkeypatch.setenv("ACTSTORE_THREADS", "1")
+
+
+@pytest.fixture(scope="module")
+def probed(tmp_path_factory, tiny_store):
+    """The reference store, labelled by a label model workers load by name (toyworld), a
+    probe run, and the experiment run serially: (store without it, store with it, run)."""
+    from actstore.label.labels import write_labels
+    from actstore.probe.runs import run_probes
+
+    os.environ["ACTSTORE_THREADS"] = "1"
+    root = tmp_path_factory.mktemp("ivfan")
+    uri = str(root / "probed.zarr")
+    shutil.copytree(tiny_store, uri)
+    write_labels(uri, "toyworld", "salient", on_x0=False, progress=False)
+    run = run_probes(uri, "salient", layers=IV_LAYERS, steps=IV_STEPS, scheduler="threads",
+                     progress=False)
+    serial = str(root / "serial.zarr")
+    shutil.copytree(uri, serial)
+    out = run_interventions(serial, run, SETTINGS, progress=False)
+    assert out["complete"] and out["blocks_written"] == 4
+    del os.environ["ACTSTORE_THREADS"]
+    return uri, serial, run
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Two worker processes, one task and one torch thread each."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      dashboard_address=None, env={"ACTSTORE_THREADS": "1"}) as lc, \
+            Client(lc) as client:
+        yield client
+
+
+def test_fan_out_resumes_and_equals_serial(tmp_path, probed, cluster, prefect_harness):
+    from actstore.generation.regions import model_loads
+    from flows.intervene import intervene_flow
+
+    base, serial, run = probed
+    uri = str(tmp_path / "fan.zarr")
+    shutil.copytree(base, uri)
+    # A run that died after its first block: that block is recorded, the rest is not.
+    exp = begin_experiment(plan_interventions(uri, run, SETTINGS))
+    run_blocks(exp, exp.pending()[:1])
+    out = intervene_flow(uri, run, SETTINGS, cluster=cluster.scheduler.address,
+                         progress=False)
+    assert out["complete"] and (out["blocks_complete"], out["blocks"]) == (4, 4)
+    assert (out["blocks_written"], out["blocks_skipped"]) == (3, 1)
+    assert out["workers"] == 2 and sum(Counter(out["groups_by_worker"]).values()) == 3
+    assert set(cluster.run(model_loads).values()) <= {0, 1}   # no worker loaded twice
+    assert_same_store(uri, serial)
+    again = intervene_flow(uri, run, SETTINGS, cluster=cluster.scheduler.address,
+                           progress=False)
+    assert again["complete"] and again["blocks_written"] == 0 and again["groups"] == 0
+    assert_same_store(uri, serial)
+
+
+def test_cli_workers_equal_serial(tmp_path, probed, capsys, prefect_harness):
+    base, serial, run = probed
+    uri = str(tmp_path / "cli.zarr")
+    shutil.copytree(base, uri)
+    assert main(["--quiet", "--json", "intervene", "--store", uri, "--probe-run", run,
+                 "--layers", *IV_LAYERS, "--steps", *map(str, IV_STEPS), "--images", "0:16",
+                 "--n-targets", "1", "--device", "cpu", "--workers", "2"]) == 0
+    out = json.loads(capsys.readouterr().out.split("\n\n")[0])
+    assert out["complete"] and out["workers"] == 2 and out["blocks_written"] == 4
+    assert_same_store(uri, serial)
+
+
+def test_unreachable_cluster_is_one_line_and_writes_nothing(probed, capsys):
+    base, _, run = probed
+    before = tree_digest(base)
+    t0 = time.monotonic()
+    assert main(["intervene", "--store", base, "--probe-run", run, "--images", "0:16",
+                 "--cluster", "tcp://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "actstore intervene: error: --cluster tcp://127.0.0.1:9: "), err
+    assert time.monotonic() - t0 < 30
+    assert tree_digest(base) == before
+
+
+def test_fan_out_needs_prefect_and_a_provider_spec(probed, capsys, prefect_harness):
+    from flows.intervene import intervene_flow
+
+    base, _, run = probed
+    before = tree_digest(base)
+    assert main(["--no-prefect", "intervene", "--store", base, "--probe-run", run,
+                 "--workers", "2"]) == 2
+    assert "drop --no-prefect" in capsys.readouterr().err
+    with pytest.raises(ActstoreError, match="pass the provider as a spec"):
+        intervene_flow(base, run, SETTINGS.with_(provider=PixelLabels()), workers=2)
+    assert tree_digest(base) == before
