@@ -17,6 +17,10 @@
    *write* (the store's block writer alone, the same activation blocks, raw MB/s, as in
    ``bench_store_write.py``) and *read* (every activation array read once through
    ``open_store``, raw MB/s).
+5. **Interventions, in process vs 1 vs 2 worker processes**: one experiment (every image
+   of the store from 1, one shift target, the probe edit and its random control) through
+   ``intervene_flow`` in this process and with ``workers=N``; each run a new experiment
+   id in the same store, so every run generates everything.
 4. **SD v1.4 rates for docs/scale.md** (the architecture with random weights, one torch
    thread): seconds per CFG UNet call of one image at 256 and 512 px, the activation
    bytes one image-step stores (fp16, every attn1 layer), the store's compress + write
@@ -141,6 +145,45 @@ def probe_rates(store: str, args) -> dict[int, list[float]]:
                 times[n].append(time.perf_counter() - t0)
             print(f"  round {r} probe grid on {n} worker process(es): {times[n][-1]:.1f} s",
                   flush=True)
+    return times
+
+
+def intervene_rates(prompts: str, store: str | None, tmp: Path, args) -> dict:
+    """Section 5: images/s of one experiment in process and on N worker processes."""
+    from actstore.generation.materialize import MaterializeSettings, materialize
+    from actstore.intervene.settings import InterventionSettings
+    from actstore.label.labels import list_targets, write_labels
+    from actstore.probe.runs import run_probes
+    from actstore.store.view import open_store
+    from flows.intervene import intervene_flow
+
+    if store is None:
+        store = str(tmp / "iv.zarr")
+        materialize(TOY, prompts, store, MaterializeSettings().with_options(
+            steps=args.steps, guidance=3, device="cpu", batch_size=4, block_size=4),
+            progress=False)
+    if "salient" not in list_targets(store):
+        write_labels(store, "toyworld", "salient", progress=False)
+    view = open_store(store)
+    layers = [la for la in view.layers if la.startswith("up_blocks.")]
+    run = run_probes(store, "salient", layers=layers, steps=list(range(5)),
+                     scheduler="threads", progress=False)
+    n = int(view.root_attrs["n_images"])
+    configs = {"in-process": None, "1 worker process": 1, "2 worker processes": 2}
+    times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in configs}
+    for r in range(args.repeats):
+        order = list(configs)[r % 3:] + list(configs)[:r % 3]
+        for name in order:
+            settings = InterventionSettings(images=f"0:{n}", n_targets=1, device="cpu",
+                                            experiment_id=f"bench-{r}-{configs[name]}")
+            t0, c0 = time.perf_counter(), _cpu_seconds()
+            out = intervene_flow(store, run, settings, workers=configs[name], progress=False)
+            wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+            assert out["complete"] and out["blocks_written"] == out["blocks"]
+            times[name].append((n / out["seconds"], n / wall, cpu / n))
+            print(f"  round {r} {name:20s} run {n / out['seconds']:.3f} img/s  wall "
+                  f"{n / wall:.3f} img/s  {cpu / n:.2f} CPU-s/img  load "
+                  f"{os.getloadavg()[0]:.1f}", flush=True)
     return times
 
 
@@ -302,7 +345,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip", nargs="*", default=[],
-                    choices=["materialize", "probes", "s3", "sd14"])
+                    choices=["materialize", "probes", "s3", "sd14", "intervene"])
     args = ap.parse_args()
     from prefect.testing.utilities import prefect_test_harness
 
@@ -329,6 +372,18 @@ def main() -> None:
             gb = _stored_bytes(store) / 1e9
             print(f"  1 process {one:.1f} s, 2 processes {two:.1f} s: {one / two:.2f}x; "
                   f"{one / gb:.0f} s per GB of activations (fp16, {gb * 1e3:.0f} MB) on 1")
+        if "intervene" not in args.skip:
+            print("5. intervene: every image, 1 target, probe edit + random control",
+                  flush=True)
+            with prefect_test_harness(server_startup_timeout=120):
+                it = intervene_rates(prompts, store, tmp, args)
+            base = statistics.median(t[0] for t in it["in-process"])
+            for name, ts in it.items():
+                blk = statistics.median(t[0] for t in ts)
+                wall = statistics.median(t[1] for t in ts)
+                cpu = statistics.median(t[2] for t in ts)
+                print(f"  {name:20s} run {blk:.3f} img/s ({blk / base:.2f}x in process)"
+                      f"   wall {wall:.3f} img/s   {cpu:.2f} CPU-s/img")
         if "s3" not in args.skip:
             print("3. s3:// (moto server on loopback) vs local folder", flush=True)
             rates = s3_vs_local(prompts, tmp, args)

@@ -98,8 +98,8 @@ def sweep_figures_task(store: str, sweep_ids: list[str], out_dir: str) -> list[s
 
 @flow(name="intervene")
 def intervene_flow(store: str, probe_run: str,
-                   settings: InterventionSettings = InterventionSettings(),
-                   figure: str | None = None, *, workers: int | None = None,
+                   settings: InterventionSettings = InterventionSettings(), *,
+                   figure: str | None = None, workers: int | None = None,
                    cluster: str | None = None, progress: bool = True) -> dict:
     """Run (or resume) one experiment, in this process or over ``workers`` local processes
     / the scheduler at ``cluster``; draw its grid to ``figure`` once it is complete."""

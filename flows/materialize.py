@@ -107,7 +107,7 @@ def fill_store(model: str, prompts: str, store: str, settings: MaterializeSettin
 
 @flow(name="materialize")
 def materialize_flow(model: str, prompts: str, store: str,
-                     settings: MaterializeSettings = MaterializeSettings(),
+                     settings: MaterializeSettings = MaterializeSettings(), *,
                      images: str | None = None, workers: int | None = None,
                      cluster: str | None = None, grid_png: str | None = None,
                      progress: bool = True) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 
 from actstore.cluster import MODEL_LOCK as _LOCK
-from actstore.cluster import shared, worker_id
+from actstore.cluster import local_dask, shared, worker_id
 from actstore.generation.materialize import MaterializeSettings, materialize, prepare
 from actstore.generation.models import LoadedModel, apply_control, load_model
 
@@ -44,6 +44,7 @@ def model_loads() -> int:
     return len(_LOADS)
 
 
+@local_dask
 def plan_regions(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
                  images: str | None = None, workers: int = 1, per_worker: int = 4) -> dict:
     """Create the store and variant (once), then cut its missing blocks into regions.
@@ -69,6 +70,7 @@ def plan_regions(model: str, prompts: str, store: str, settings: MaterializeSett
             "worker": worker_id()}
 
 
+@local_dask
 def materialize_region(model: str, prompts: str, store: str, settings: MaterializeSettings,
                        *, images: str, progress: bool = False) -> dict:
     """Fill one region with this process's shared model; resumes from recorded blocks."""
