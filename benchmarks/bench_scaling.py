@@ -187,6 +187,15 @@ def intervene_rates(prompts: str, store: str | None, tmp: Path, args) -> dict:
     return times
 
 
+def _print_medians(times: dict, base_name: str, phase: str, base_label: str) -> None:
+    """Medians of each configuration's (phase img/s, wall img/s, CPU-s/img) rounds."""
+    base = statistics.median(t[0] for t in times[base_name])
+    for name, ts in times.items():
+        rate, wall, cpu = (statistics.median(t[i] for t in ts) for i in range(3))
+        print(f"  {name:22s} {phase} {rate:.3f} img/s ({rate / base:.2f}x {base_label})"
+              f"   wall {wall:.3f} img/s   {cpu:.2f} CPU-s/img")
+
+
 def _stored_bytes(uri: str) -> int:
     """Activation bytes (fp16, uncompressed) the grid reads: every layer of the store."""
     from actstore.store.view import open_store
@@ -358,13 +367,7 @@ def main() -> None:
             print(f"1. materialize {args.images} toy images x {args.steps} steps", flush=True)
             with prefect_test_harness(server_startup_timeout=120):
                 times, store = materialize_rates(prompts, tmp, args)
-            base = statistics.median(t[0] for t in times["1 worker process"])
-            for name, ts in times.items():
-                reg = statistics.median(t[0] for t in ts)
-                wall = statistics.median(t[1] for t in ts)
-                cpu = statistics.median(t[2] for t in ts)
-                print(f"  {name:22s} regions {reg:.3f} img/s ({reg / base:.2f}x 1 worker)"
-                      f"   wall {wall:.3f} img/s   {cpu:.2f} CPU-s/img")
+            _print_medians(times, "1 worker process", "regions", "1 worker")
         if "probes" not in args.skip and store:
             print("2. probe grid (salient) on the store above", flush=True)
             pt = probe_rates(store, args)
@@ -377,13 +380,7 @@ def main() -> None:
                   flush=True)
             with prefect_test_harness(server_startup_timeout=120):
                 it = intervene_rates(prompts, store, tmp, args)
-            base = statistics.median(t[0] for t in it["in-process"])
-            for name, ts in it.items():
-                blk = statistics.median(t[0] for t in ts)
-                wall = statistics.median(t[1] for t in ts)
-                cpu = statistics.median(t[2] for t in ts)
-                print(f"  {name:20s} run {blk:.3f} img/s ({blk / base:.2f}x in process)"
-                      f"   wall {wall:.3f} img/s   {cpu:.2f} CPU-s/img")
+            _print_medians(it, "in-process", "run", "in process")
         if "s3" not in args.skip:
             print("3. s3:// (moto server on loopback) vs local folder", flush=True)
             rates = s3_vs_local(prompts, tmp, args)
