@@ -103,10 +103,13 @@ def _probe(r: dict) -> str:
 
 
 def _intervene(r: dict) -> str:
-    state = "complete" if r["complete"] else "incomplete (rerun the command to resume)"
-    done = f" ({r['blocks_complete']}/{r['blocks']} blocks)" if "blocks" in r else ""
+    done = [f"{r['blocks_complete']}/{r['blocks']} blocks"] if "blocks" in r else []
+    state = "complete" if r["complete"] else "incomplete"
+    if not r["complete"]:
+        done.append("rerun the command to resume")
+    state += f" ({'; '.join(done)})" if done else ""
     by = f" by {r['workers']} workers" if r.get("workers") else ""
-    lines = [f"{r['store']}: intervention experiment {r['experiment_id']} {state}{done}: "
+    lines = [f"{r['store']}: intervention experiment {r['experiment_id']} {state}: "
              f"{r['blocks_written']} blocks written{by}, {r['blocks_skipped']} already stored"]
     if r.get("table"):
         lines += ["", r["table"]]

@@ -19,6 +19,7 @@ from actstore.intervene.run import begin_experiment, run_blocks, run_interventio
 from actstore.intervene.settings import InterventionSettings as IS
 from conftest import IV_LAYERS, IV_STEPS, PixelLabels, tree_digest
 from flows.cli import main
+from flows.cli_report import summary
 from storecheck import assert_same_store
 
 # Every image of the store (4 blocks), one shift target, the probe edit and its control.
@@ -80,6 +81,9 @@ def test_fan_out_resumes_and_equals_serial(tmp_path, probed, cluster, prefect_ha
     assert (out["blocks_written"], out["blocks_skipped"]) == (3, 1)
     assert out["workers"] == 2 and sum(Counter(out["groups_by_worker"]).values()) == 3
     assert set(cluster.run(model_loads).values()) <= {0, 1}   # no worker loaded twice
+    assert summary("intervene", out).splitlines()[0] == (
+        f"{uri}: intervention experiment {out['experiment_id']} complete (4/4 blocks): 3 "
+        "blocks written by 2 workers, 1 already stored")
     assert_same_store(uri, serial)
     again = intervene_flow(uri, run, SETTINGS, cluster=cluster.scheduler.address,
                            progress=False)
