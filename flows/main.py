@@ -107,7 +107,7 @@ def _provider_available(provider: str) -> str | None:
 
 
 @flow(name="main-job")
-def main_flow(model: str, prompts: str, out: str = "runs/main", images: str | None = None,
+def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str | None = None,
               settings: MaterializeSettings = MAIN_MATERIALIZE, workers: int | None = None,
               provider: str = "toyworld", targets: tuple[str, ...] = TARGETS,
               control: bool = True, sweeps: dict[str, SweepSettings] | None = None) -> dict:

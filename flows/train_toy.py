@@ -64,7 +64,7 @@ def export_task(run_dir: str, out: str) -> str:
 
 
 @flow(name="train-toy-ldm")
-def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm",
+def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm", *,
               n_scenes: int = 8000, vae_steps: int = 400, vae_batch: int = 16,
               vae_lr: float = 1e-3,
               unet_steps: int = 4000, unet_batch: int = 32, lr: float = 3e-4,
