@@ -69,10 +69,12 @@ def build_store(uri: str, shapes: str, n_images: int, n_steps: int, block: int,
     for variant in variants:
         fp = {"variant": variant, "layers": list(layers), "generation": {"steps": n_steps},
               "layer_shapes": {i.name: [i.height, i.width, i.channels] for i in infos}}
-        st.check_or_create_model(uri, variant, fp, {"model": "synthetic"}, infos, n_steps,
-                                 (side, side), {"timestep": np.arange(n_steps, dtype=np.float32),
-                                                "sigma": np.ones(n_steps, np.float32)},
-                                 "zstd", "float16")
+        st.check_or_create_model(uri, variant, fingerprint=fp,
+                                 provenance={"model": "synthetic"}, layers=infos,
+                                 n_steps=n_steps, image_hw=(side, side),
+                                 step_coords={"timestep": np.arange(n_steps, dtype=np.float32),
+                                              "sigma": np.ones(n_steps, np.float32)},
+                                 codec="zstd", store_dtype="float16")
         writer = st.BlockWriter(uri, st.model_path(variant))
         for a, b in st.blocks_of(n_images, block):
             arrays = {"final_image": np.zeros((b - a, side, side, 3), np.uint8)}

@@ -40,9 +40,11 @@ def create(uri: str, role: str, what: str) -> None:
         return
     n = spec["steps"]
     fingerprint = {"generation": {"steps": n}, "layers": [la.name for la in LAYERS]}
-    st.check_or_create_model(uri, "trained", fingerprint, {"created": "now"}, LAYERS, n,
-                             (8, 8), {"timestep": np.arange(n, dtype=np.float32)}, "zstd",
-                             "float16")
+    st.check_or_create_model(uri, "trained", fingerprint=fingerprint,
+                             provenance={"created": "now"}, layers=LAYERS, n_steps=n,
+                             image_hw=(8, 8),
+                             step_coords={"timestep": np.arange(n, dtype=np.float32)},
+                             codec="zstd", store_dtype="float16")
 
 
 def main(role: str, base: str, t0: float, rounds: int, out: str, what: str) -> None:

@@ -289,8 +289,8 @@ def test_shift_x_targets_are_the_papers_horizontal_offsets():
 
     depth = np.add.outer(np.arange(32.0), np.zeros(32)).astype(np.float32)   # rows = depth
     depth[10:16, 4:10] = 50
-    both, off = make_targets(depth, "img-3", "continuous", 4, 0, "shift")
-    horiz, off_x = make_targets(depth, "img-3", "continuous", 4, 0, "shift-x")
+    both, off = make_targets(depth, "img-3", "continuous", n_targets=4, seed=0, mode="shift")
+    horiz, off_x = make_targets(depth, "img-3", "continuous", n_targets=4, seed=0, mode="shift-x")
     assert (off_x[:, 0] == 0).all() and np.array_equal(off_x[:, 1], off[:, 1])
     assert (off[:, 0] != 0).all()
     for k in range(4):
@@ -299,4 +299,4 @@ def test_shift_x_targets_are_the_papers_horizontal_offsets():
         assert np.array_equal(horiz[k][25], depth[25]) and not np.array_equal(both[k][25],
                                                                               depth[25])
     with pytest.raises(ActstoreError, match="shift-x"):
-        make_targets(depth, "img-3", "continuous", 1, 0, "diagonal")
+        make_targets(depth, "img-3", "continuous", n_targets=1, seed=0, mode="diagonal")

@@ -132,7 +132,7 @@ def test_logistic_fits_the_sample_of_the_fit_pass(planted, monkeypatch, tmp_path
     assert len(s.y) < 0.5 * len(yt) and (s.weight > 1).any()
     stats = image_stats(image, Xt, yt)
     keep = lambda_window(float(fit_ridge_cv(stats).lam), yt.mean())
-    want = fit_logistic_cv(s.x[0], s.y, s.image, LOGISTIC_LAMBDAS[keep], tol=PATH_TOL,
+    want = fit_logistic_cv(s.x[0], s.y, s.image, lambdas=LOGISTIC_LAMBDAS[keep], tol=PATH_TOL,
                            fold_stats=stats, weight=s.weight)
     np.testing.assert_allclose(probe["weights"][0], want.weights, rtol=1e-4,
                                atol=1e-4 * np.abs(want.weights).max())

@@ -225,7 +225,7 @@ def test_token_targets_units():
     assert np.array_equal(token_targets(mask, (2, 2), "binary", "ridge"), [[1, 1, 0, 0]])
     depth = np.arange(64, dtype=np.float32).reshape(1, 8, 8)
     assert np.allclose(token_targets(depth, (1, 1), "continuous", "ridge"), depth.mean())
-    _, offsets = make_targets(depth[0], "x", "continuous", 3, 0)
+    _, offsets = make_targets(depth[0], "x", "continuous", n_targets=3, seed=0)
     assert offsets.shape == (3, 2)
 
 

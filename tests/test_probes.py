@@ -251,7 +251,7 @@ def test_logistic_cv_matches_sklearn_brute_force():
     X, yb = binary_cells(2)
     lambdas = np.logspace(-4, 0, 5)
     img = np.repeat(np.arange(N_IMG), TOK)
-    fit = fit_logistic_cv(X.reshape(-1, C), yb.ravel(), img, lambdas,
+    fit = fit_logistic_cv(X.reshape(-1, C), yb.ravel(), img, lambdas=lambdas,
                           fold_stats=fold_stats(X, yb))
     want = brute_force_cv(X, yb, lambdas, 5, sk_logistic,
                           lambda m, Xv, yv: -(m.predict_log_proba(Xv)[np.arange(len(yv)),
@@ -277,7 +277,7 @@ def test_planted_signal_recovered_on_held_out_images():
     # logistic: the planted direction comes back
     yb = (y > np.median(y)).astype(float)
     lf = fit_logistic_cv(X[tr].reshape(-1, 32), yb[tr].ravel(), np.repeat(np.arange(150), 64),
-                         np.logspace(-5, -1, 3))
+                         lambdas=np.logspace(-5, -1, 3))
     assert lf.weights @ w / np.linalg.norm(lf.weights) / np.linalg.norm(w) > 0.99
 
 

@@ -88,7 +88,7 @@ def test_weighted_sample_fit_is_as_good_as_sklearn_on_every_token():
     assert len(s.y) < 0.3 * len(ytr)
     keep = lambda_window(float(fit_ridge_cv(stats).lam), ytr.mean())
     assert 2 <= keep.sum() < len(keep)
-    ours = fit_logistic_cv(s.x[0], s.y, s.image, LOGISTIC_LAMBDAS[keep], tol=PATH_TOL,
+    ours = fit_logistic_cv(s.x[0], s.y, s.image, lambdas=LOGISTIC_LAMBDAS[keep], tol=PATH_TOL,
                            fold_stats=stats, weight=s.weight)
     got = _quality(ours.weights, ours.bias, Xte, yte, 200)
     scale = np.trace(np.cov(Xtr.T.astype(np.float64), bias=True)) * len(Xtr) / c

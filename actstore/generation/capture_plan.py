@@ -110,8 +110,9 @@ def ensure_added(store: str, plan: CapturePlan, kinds, cap, points: list[Capture
         if kind in plan.creation or kind in plan.added:
             continue
         mine = [p for p in points if p.kind == kind]
-        st.create_layer_arrays(store, plan.variant, mine, root["n_images"], n_steps,
-                               root["block_size"], cap.codec, cap.store_dtype, cap.keep_uncond)
+        st.create_layer_arrays(store, plan.variant, mine, n=root["n_images"], n_steps=n_steps,
+                               block=root["block_size"], codec=cap.codec,
+                               store_dtype=cap.store_dtype, keep_uncond=cap.keep_uncond)
         sc.create_capture(store, plan.variant, kind, {
             "fingerprint": added_fingerprint(kind, cap, mine), **provenance,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})

@@ -185,10 +185,12 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
                   "library_versions": library_versions(),
                   "schema_version": actstore.SCHEMA_VERSION,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    st.check_or_create_model(store, model.variant, model_fingerprint(model, gen, cap, base, plan),
-                             provenance, base, gen.steps, (gen.height, gen.width),
-                             schedule_coords(model, gen), cap.codec, cap.store_dtype,
-                             cap.keep_uncond)
+    st.check_or_create_model(store, model.variant,
+                             fingerprint=model_fingerprint(model, gen, cap, base, plan),
+                             provenance=provenance, layers=base, n_steps=gen.steps,
+                             image_hw=(gen.height, gen.width),
+                             step_coords=schedule_coords(model, gen), codec=cap.codec,
+                             store_dtype=cap.store_dtype, keep_uncond=cap.keep_uncond)
     check_added(store, plan, cap, points)
     region = st.blocks_of(len(table), root["block_size"], start, stop)
     return _Run(model, table, gen, plan, points, provenance, root["block_size"], region,

@@ -69,7 +69,8 @@ def reach(store: str, depth: str = "depth", mask: str = "salient", n_images: int
     for mode in ("shift", "shift-x"):
         pre, best = [], []
         for p in test[:n_images]:
-            targets, offsets = make_targets(d[p], ids[p], "continuous", n_targets, seed, mode)
+            targets, offsets = make_targets(d[p], ids[p], "continuous", n_targets=n_targets,
+                                            seed=seed, mode=mode)
             for t, (dy, dx) in zip(targets, offsets):
                 pre.append(float(rmse(d[p][None], t[None])[0]))
                 ideal = object_moved(d[p], m[p], background, int(dy), int(dx))

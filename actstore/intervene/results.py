@@ -54,7 +54,7 @@ def existing_settings(store: str, experiment_id: str) -> dict | None:
     return (io.node_attrs(store, group_path(experiment_id)) or {}).get(lay.SETTINGS_KEY)
 
 
-def create_experiment(store: str, experiment_id: str, settings: dict, image_ids: list[str],
+def create_experiment(store: str, experiment_id: str, *, settings: dict, image_ids: list[str],
                       positions: np.ndarray, n_targets: int, hw: tuple[int, int]) -> zarr.Group:
     """Make the experiment's arrays unless it exists (a resumed or concurrent run).
 

@@ -100,8 +100,9 @@ def begin_experiment(plan: Plan, model: LoadedModel | None = None) -> Experiment
     model = load_store_model(plan.view, model, plan.settings.device)
     final = st.model_array(plan.store, plan.view.model, "final_image")
     _label(plan, np.asarray(final.oindex[plan.positions[:1]]), plan.image_ids[:1])
-    create_experiment(plan.store, plan.experiment_id, plan.record, plan.image_ids,
-                      plan.positions, plan.n_targets, plan.hw)
+    create_experiment(plan.store, plan.experiment_id, settings=plan.record,
+                      image_ids=plan.image_ids, positions=plan.positions,
+                      n_targets=plan.n_targets, hw=plan.hw)
     return Experiment(plan, model, GenerationConfig(**plan.view.attrs["fingerprint"]
                                                     ["generation"]))
 
@@ -154,7 +155,8 @@ def _block_targets(plan: Plan, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray
     labels = label_rows(plan.store, plan.target, plan.positions[lo:hi])
     masks = (label_rows(plan.store, plan.object_target, plan.positions[lo:hi])
              if plan.object_target else [None] * (hi - lo))
-    made = [make_targets(lab, iid, plan.kind, plan.n_targets, plan.settings.seed, plan.mode, m)
+    made = [make_targets(lab, iid, plan.kind, n_targets=plan.n_targets,
+                         seed=plan.settings.seed, mode=plan.mode, mask=m)
             for lab, iid, m in zip(labels, plan.image_ids[lo:hi], masks)]
     return np.stack([t for t, _ in made]), np.stack([o for _, o in made])
 

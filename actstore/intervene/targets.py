@@ -92,7 +92,7 @@ def insert_object_depth(depth: np.ndarray, mask: np.ndarray, dy: int, dx: int,
     return np.where(pasted, moved, depth).astype(np.float32)
 
 
-def make_targets(label: np.ndarray, image_id: str, kind: str, n_targets: int, seed: int,
+def make_targets(label: np.ndarray, image_id: str, kind: str, *, n_targets: int, seed: int,
                  mode: str = "shift", mask: np.ndarray | None = None,
                  frac: tuple[float, float] = SHIFT_RANGE) -> tuple[np.ndarray, np.ndarray]:
     """``n_targets`` targets (K, H, W) for one image's label and their (K, 2) px offsets.

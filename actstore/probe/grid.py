@@ -231,7 +231,8 @@ def _logistic_cell(sample: sampling.TokenSample, n_folds: int, fold_stats: pb.Fo
     keep = lg.lambda_window(float(ridge.lam[k]),
                             lg.moments([f for f in fold_stats.folds if f]).mean_y, grid)
     exact = bool((sample.weight == 1).all())
-    out = lg.fit_logistic_cv(sample.x[0], sample.y, sample.image, grid[keep], n_folds=n_folds,
+    out = lg.fit_logistic_cv(sample.x[0], sample.y, sample.image, lambdas=grid[keep],
+                             n_folds=n_folds,
                              tol=lg.TOL if exact else lg.PATH_TOL, fold_stats=fold_stats,
                              weight=sample.weight)
     if not (np.isfinite(out.weights).all() and np.isfinite(out.bias)):
@@ -308,7 +309,7 @@ def score_graph(src: LayerSource, split: Split, steps: np.ndarray, fit,
     return parts, np.concatenate(order)
 
 
-def probe_layer(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 5,
+def probe_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: int = 5,
                 lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler=None,
                 label_spearman: bool = False):
     """Fit and score one layer in one graph: (LayerFit, scores (metric, test image, step),

@@ -313,7 +313,7 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = TOL,
 
 
 def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
-                    lambdas: Sequence[float] | np.ndarray = LOGISTIC_LAMBDAS, n_folds: int = 5,
+                    *, lambdas: Sequence[float] | np.ndarray = LOGISTIC_LAMBDAS, n_folds: int = 5,
                     tol: float = TOL, max_iter: int = 100,
                     fold_stats: FoldStats | None = None,
                     weight: np.ndarray | None = None) -> ProbeFit:

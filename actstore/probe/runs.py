@@ -160,7 +160,8 @@ def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layer
     for i, view in enumerate(views):
         for j, layer in enumerate(layers):
             src = replace(per_layer[layer], activation=st.layer_path(view.model, layer))
-            fit, per_image, order = probe_layer(src, split, steps, n_folds, scheduler=scheduler,
+            fit, per_image, order = probe_layer(src, split, steps, n_folds=n_folds,
+                                                scheduler=scheduler,
                                                 label_spearman=label_spearman)
             _write_fit(store, run_id, view.model, layer, fit)
             scores[:, i, j] = per_image.transpose(0, 2, 1)  # (metric, step, image)

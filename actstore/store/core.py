@@ -171,7 +171,7 @@ def create_array(uri: str, path: str, *, shape, chunks, dtype, dims, shards=None
                         **chain)
 
 
-def check_or_create_model(uri: str, variant: str, fingerprint: dict, provenance: dict,
+def check_or_create_model(uri: str, variant: str, *, fingerprint: dict, provenance: dict,
                           layers: list, n_steps: int, image_hw: tuple[int, int],
                           step_coords: dict[str, np.ndarray], codec: str, store_dtype: str,
                           keep_uncond: bool = False) -> None:
@@ -220,15 +220,15 @@ def _create_model(uri, variant, fingerprint, provenance, layers, n_steps, image_
         chunks, shards = block_layout(shape, block, 1, lead)
         create_array(uri, f"{base}/{name}", shape=shape, chunks=chunks, shards=shards,
                      dtype="uint8", dims=dims, codec=codec)
-    create_layer_arrays(uri, variant, layers, n, n_steps, block, codec, store_dtype,
-                        keep_uncond)
+    create_layer_arrays(uri, variant, layers, n=n, n_steps=n_steps, block=block, codec=codec,
+                        store_dtype=store_dtype, keep_uncond=keep_uncond)
     io.put_group(uri, lay.blocks_path(base))
     io.put_group(uri, lay.MODELS)
     # The marker, last: a variant without it is not yet usable.
     io.put_group(uri, base, {MODEL_KEY: {"fingerprint": fingerprint, **provenance}})
 
 
-def create_layer_arrays(uri: str, variant: str, points: list, n: int, n_steps: int,
+def create_layer_arrays(uri: str, variant: str, points: list, *, n: int, n_steps: int,
                         block: int, codec: str, store_dtype: str,
                         keep_uncond: bool = False) -> None:
     """``layers/<name>/activation`` (and ``activation_uncond``) of each capture point with

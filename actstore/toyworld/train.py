@@ -188,7 +188,7 @@ def _tokenize_all(tok, prompts: list[str]) -> torch.Tensor:
     return enc["input_ids"]
 
 
-def train_unet(run_dir: str | Path, steps: int = 3000, batch: int = 64, lr: float = 3e-4,
+def train_unet(run_dir: str | Path, *, steps: int = 3000, batch: int = 64, lr: float = 3e-4,
                p_uncond: float = 0.1, ckpt_every: int = 200, max_minutes: float | None = None,
                ema_decay: float = 0.998, warmup: int = 100, seed: int = 0,
                init_ckpt: str | Path | None = None, snr_gamma: float | None = None) -> Path:
