@@ -91,7 +91,7 @@ def compare_with_adam(store: str, target: str, cells: list[tuple[str, int]]) -> 
             src = _source(sources, view.model, layer)
             fit = fit_layer(src, split, steps, scheduler="threads")
             closed += time.perf_counter() - t0
-            per_image, _ = score_layer(src, split, steps, fit, "threads")
+            per_image, _ = score_layer(src, split, steps, fit, scheduler="threads")
             for k, step in enumerate(steps):
                 ours[layer, int(step)] = summarize(per_image[names.index(metric), :, k])["mean"]
     print(f"closed form: {len(cells)} cells fitted in {closed:.2f} s "

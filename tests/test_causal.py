@@ -81,7 +81,7 @@ def test_strength_zero_is_bitwise_unchanged_in_generation(ivstore, tiny_model):
     hook = EditHook("projection", "continuous", {la: "ridge" for la in IV_LAYERS}, tprobes,
                     targets, n, strengths=torch.tensor(strengths), random=torch.tensor(random),
                     keys=[direction_key(str(i), 0, 0) for i in range(n)])
-    edited = generate_edited(tiny_model, prompts, seeds, gen, hook)
+    edited = generate_edited(tiny_model, prompts, seeds, gen, hook=hook)
     zero = np.array(strengths) == 0
     assert np.array_equal(edited[zero], plain[zero])
     assert not np.array_equal(edited[~zero], plain[~zero])
@@ -128,8 +128,8 @@ def test_effect_grows_with_strength_on_a_planted_network():
     post = post.reshape(n, 1, len(strengths), 2)
     pre = rmse(probe_predict(x, w, b).numpy(), target.numpy()).reshape(n, 1)
     stats = np.zeros((n, 1, len(strengths), 2, 4))
-    summary = summarize_arrays(pre, post, np.full_like(post, np.nan), stats, strengths,
-                               ["probe", "random"], "continuous")
+    summary = summarize_arrays(pre, post, np.full_like(post, np.nan), stats, strengths=strengths,
+                               arms=["probe", "random"], kind="continuous")
     gains = [r["effect"]["gain"] for r in summary["dose"]]
     assert np.all(np.diff(gains) > 0) and abs(gains[0]) < 1e-6
     np.testing.assert_allclose(post[..., 0], (1 - np.array(strengths)) * pre[..., None],

@@ -255,8 +255,9 @@ def test_late_creation_by_a_second_run_keeps_the_summary(tmp_path, experiment_re
     shutil.copytree(ref, path)
     before = list_interventions(str(path))[exp]
     ds = open_intervention(str(path), exp)
-    write_experiment(str(path), exp, existing_settings(str(path), exp),
-                     [str(i) for i in ds["image"].values], ds["position"].values,
-                     ds.sizes["k"], (ds.sizes["y"], ds.sizes["x"]))
+    write_experiment(str(path), exp, settings=existing_settings(str(path), exp),
+                     image_ids=[str(i) for i in ds["image"].values],
+                     positions=ds["position"].values,
+                     n_targets=ds.sizes["k"], hw=(ds.sizes["y"], ds.sizes["x"]))
     assert list_interventions(str(path))[exp] == before
     assert_same_store(str(path), ref)

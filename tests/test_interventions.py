@@ -83,7 +83,7 @@ def test_projection_reaches_target_along_probe_direction_in_generation(ivstore, 
     targets = {la: torch.from_numpy(rng.normal(size=(4, int(np.prod(
         open_store(uri)[la].shape[2:4])))).astype(np.float32)) for la in LAYERS}
     hook = _hook(Recording, "projection", "continuous", probes, tprobes, targets, 4)
-    generate_edited(tiny_model, prompts, seeds, GenerationConfig(steps=TINY["steps"]), hook)
+    generate_edited(tiny_model, prompts, seeds, GenerationConfig(steps=TINY["steps"]), hook=hook)
     assert set(hook.record) == {(la, s) for la in LAYERS for s in STEPS}
     for (layer, step), (a, new) in hook.record.items():
         w, b = tprobes[layer][step]
@@ -124,7 +124,8 @@ def test_gradient_reduces_probe_loss_monotonically_on_average(ivstore, tiny_mode
         tok = {la: torch.from_numpy(token_targets(shifted, view[la].shape[2:4], kind,
                                                   probes[la]["solver"])) for la in LAYERS}
         hook = _hook(EditHook, "gradient", kind, probes, tprobes, tok, 4)
-        generate_edited(tiny_model, prompts, seeds, GenerationConfig(steps=TINY["steps"]), hook)
+        generate_edited(tiny_model, prompts, seeds, GenerationConfig(steps=TINY["steps"]),
+                        hook=hook)
         assert len(hook.curves) == len(LAYERS) * len(STEPS)
         curves += [c / c[0] for _, _, c in hook.curves]
         assert (hook.stats()[:, 1] < hook.stats()[:, 0]).all()   # probe error went down
@@ -161,7 +162,7 @@ def test_identity_target_leaves_image_bitwise_unchanged(ivstore, tiny_model, met
         same = {la: {s: probe_predict(acts[(la, s)], *tprobes[la][s]) for s in STEPS}
                 for la in LAYERS}
         hook = _hook(EditHook, method, kind, probes, tprobes, same, 4)
-        edited = generate_edited(tiny_model, prompts, seeds, gen, hook)
+        edited = generate_edited(tiny_model, prompts, seeds, gen, hook=hook)
         assert hook.count == len(LAYERS) * len(STEPS)
         assert np.array_equal(edited, plain), (method, target)
         assert (hook.stats()[:, 1:] == 0).all()
@@ -171,21 +172,23 @@ def test_unedited_regeneration_is_the_store_final_image(ivstore, tiny_model):
     """Why 'original' = the stored final image: same block, same seeds → same bytes."""
     prompts, seeds, final = _block(ivstore["uri"])
     gen = GenerationConfig(steps=TINY["steps"])
-    assert np.array_equal(generate_edited(tiny_model, prompts, seeds, gen, None), final)
+    assert np.array_equal(generate_edited(tiny_model, prompts, seeds, gen, hook=None), final)
     probes, tprobes = _probes(ivstore["uri"], ivstore["runs"]["depth"])
     idle = {la: {} for la in LAYERS}   # hooks installed, no step planned
     hook = _hook(EditHook, "projection", "continuous", probes, idle, {}, 4)
-    assert np.array_equal(generate_edited(tiny_model, prompts, seeds, gen, hook), final)
+    assert np.array_equal(generate_edited(tiny_model, prompts, seeds, gen, hook=hook), final)
 
 
 # --- targets -----------------------------------------------------------------------------
 
 def test_shift_targets_are_seeded_per_image_and_in_the_papers_range():
     hw = (64, 64)
-    offs = [shift_offset("img-1", k, 0, hw) for k in range(50)]
-    assert offs[:5] == [shift_offset("img-1", k, 0, hw) for k in range(5)]
-    assert offs[0] != shift_offset("img-2", 0, 0, hw) or offs[1] != shift_offset("img-2", 1, 0, hw)
-    assert offs[0] != shift_offset("img-1", 0, 1, hw) or offs[1] != shift_offset("img-1", 1, 1, hw)
+    offs = [shift_offset("img-1", k, 0, hw=hw) for k in range(50)]
+    assert offs[:5] == [shift_offset("img-1", k, 0, hw=hw) for k in range(5)]
+    assert (offs[0] != shift_offset("img-2", 0, 0, hw=hw)
+            or offs[1] != shift_offset("img-2", 1, 0, hw=hw))
+    assert (offs[0] != shift_offset("img-1", 0, 1, hw=hw)
+            or offs[1] != shift_offset("img-1", 1, 1, hw=hw))
     mags = np.abs(np.array(offs))
     lo, hi = np.floor(SHIFT_RANGE[0] * 64), np.ceil(SHIFT_RANGE[1] * 64)
     assert (mags >= lo).all() and (mags <= hi).all()
@@ -235,9 +238,10 @@ def test_user_targets_npz_and_png(tmp_path):
     ids, hw = ["a", "b"], (8, 8)
     np.savez(tmp_path / "t.npz", a=np.ones(hw), b=np.zeros((2, *hw)))
     with pytest.raises(ActstoreError, match="different numbers"):
-        load_user_targets(str(tmp_path / "t.npz"), ids, hw, "binary", None, None)
+        load_user_targets(str(tmp_path / "t.npz"), ids, hw, kind="binary", mean=None, std=None)
     np.savez(tmp_path / "t.npz", a=np.full((2, *hw), 3.0), b=np.zeros((2, *hw)))
-    raw = load_user_targets(str(tmp_path / "t.npz"), ids, hw, "continuous", 1.0, 2.0, "raw")
+    raw = load_user_targets(str(tmp_path / "t.npz"), ids, hw, kind="continuous", mean=1.0, std=2.0,
+                            units="raw")
     assert raw.shape == (2, 2, 8, 8) and np.allclose(raw[0], 1.0) and np.allclose(raw[1], -0.5)
     folder = tmp_path / "png"
     folder.mkdir()
@@ -245,10 +249,10 @@ def test_user_targets_npz_and_png(tmp_path):
         img = np.zeros(hw, np.uint8)
         img[:4] = 255
         Image.fromarray(img).save(folder / f"{i}.png")
-    masks = load_user_targets(str(folder), ids, hw, "binary", None, None)
+    masks = load_user_targets(str(folder), ids, hw, kind="binary", mean=None, std=None)
     assert masks.shape == (2, 1, 8, 8) and masks[:, 0, :4].all() and not masks[:, 0, 4:].any()
     with pytest.raises(ActstoreError, match="shape"):
-        load_user_targets(str(folder), ids, (16, 16), "binary", None, None)
+        load_user_targets(str(folder), ids, (16, 16), kind="binary", mean=None, std=None)
 
 
 # --- the experiment ----------------------------------------------------------------------

@@ -100,7 +100,7 @@ def check_added(store: str, plan: CapturePlan, cap, points: list[CapturePoint]) 
                                 f"({'; '.join(diffs[:2])}); use the same or a new --store")
 
 
-def ensure_added(store: str, plan: CapturePlan, kinds, cap, points: list[CapturePoint],
+def ensure_added(store: str, plan: CapturePlan, kinds, *, cap, points: list[CapturePoint],
                  provenance: dict, n_steps: int) -> list[str]:
     """Create the arrays and groups of kinds this run adds, marker last (idempotent:
     concurrent workers write the same thing); returns the kinds created."""

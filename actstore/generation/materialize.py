@@ -221,14 +221,16 @@ def materialize(model: str | LoadedModel, prompts: str, store: str,
                                   vae_source=cap.vae_source, bar=bar)
             if not fresh:       # before anything of this block (or this kind) is written
                 try:
-                    check_regenerated(store, model.variant, a, block.ids, block.final, exact)
+                    check_regenerated(store, model.variant, a, ids=block.ids, final=block.final,
+                                      exact=exact)
                 except ActstoreError:
                     writer.close()
                     undo_added(store, run.plan, created, run.points, added)
                     raise
                 added.append((a, b, kinds))
-            created += ensure_added(store, run.plan, kinds, cap, run.points, run.provenance,
-                                    run.gen.steps)
+            created += ensure_added(store, run.plan, kinds, cap=cap, points=run.points,
+                                    provenance=run.provenance,
+                                    n_steps=run.gen.steps)
             arrays = st.block_arrays(block.activations, block.final if fresh else None,
                                      block.uncond)
             writer.submit(a, b, arrays, {"images": block.ids, "written": time.time()},

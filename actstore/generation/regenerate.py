@@ -96,7 +96,7 @@ def stored_final_images(store: str, variant: str, start: int, stop: int) -> np.n
     return np.asarray(st.model_array(store, variant, "final_image")[start:stop])
 
 
-def check_regenerated(store: str, variant: str, start: int, ids: list[str],
+def check_regenerated(store: str, variant: str, start: int, *, ids: list[str],
                       final: np.ndarray, exact: bool) -> None:
     """Raise (one line) unless regenerated ``final`` images equal the stored ones."""
     errors = image_errors(stored_final_images(store, variant, start, start + len(ids)), final)

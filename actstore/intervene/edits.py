@@ -214,7 +214,7 @@ class EditHook:
 
 
 def generate_edited(model: LoadedModel, prompts: list[str], seeds: list[int],
-                    gen: GenerationConfig, hook: EditHook | None,
+                    gen: GenerationConfig, *, hook: EditHook | None,
                     on_step_end: Callable | None = None) -> np.ndarray:
     """``generate`` with the edits applied; ``hook=None`` is the plain generation."""
     if hook is None:

@@ -108,8 +108,8 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     hw = tuple(int(v) for v in label_attrs["image_size"])
     user, mode, n_targets = None, s.targets if s.targets in TARGET_MODES else None, s.n_targets
     if mode is None:
-        user = load_user_targets(s.targets, image_ids, hw, kind, label_attrs.get("mean"),
-                                 label_attrs.get("std"), s.target_units)
+        user = load_user_targets(s.targets, image_ids, hw, kind=kind, mean=label_attrs.get("mean"),
+                                 std=label_attrs.get("std"), units=s.target_units)
         n_targets = user.shape[1]
     elif mode == "insert" and kind == BINARY:
         raise ActstoreError("--targets insert copies an object's depth, so it needs a "

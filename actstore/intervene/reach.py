@@ -40,7 +40,7 @@ def object_moved(depth: np.ndarray, mask: np.ndarray, background: np.ndarray, dy
     return np.where(moved_mask, moved, np.where(mask > 0.5, background, depth)).astype(np.float32)
 
 
-def reach(store: str, depth: str = "depth", mask: str = "salient", n_images: int = 11,
+def reach(store: str, *, depth: str = "depth", mask: str = "salient", n_images: int = 11,
           n_targets: int = 2, seed: int = 0) -> dict:
     """Medians over the first ``n_images`` test images × ``n_targets`` targets, for the
     paper's shift and the horizontal-only shift-x: pre (original vs target) and the

@@ -65,11 +65,12 @@ def create_experiment(store: str, experiment_id: str, *, settings: dict, image_i
     io.sweep_partials(store, INTERVENTIONS, recursive=False)
     io.sweep_partials(store, group_path(experiment_id))
     if existing_settings(store, experiment_id) is None:
-        write_experiment(store, experiment_id, settings, image_ids, positions, n_targets, hw)
+        write_experiment(store, experiment_id, settings=settings, image_ids=image_ids,
+                         positions=positions, n_targets=n_targets, hw=hw)
     return io.open_group(store, group_path(experiment_id))
 
 
-def write_experiment(store: str, experiment_id: str, settings: dict, image_ids: list[str],
+def write_experiment(store: str, experiment_id: str, *, settings: dict, image_ids: list[str],
                      positions: np.ndarray, n_targets: int, hw: tuple[int, int]) -> None:
     """The creation itself: deterministic, so a second run of the same experiment that
     found it missing may redo it at any moment, even after the first run finished."""

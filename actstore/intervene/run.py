@@ -189,7 +189,7 @@ def _run_block(plan: Plan, model: LoadedModel, gen: GenerationConfig, lo: int, h
                         keys=[direction_key(ids[i], k, cfg.seed) for i, k in zip(ii, kk)],
                         lr=cfg.lr, iterations=cfg.iterations)
         out = generate_edited(model, [plan.prompts[lo + i] for i in ii],
-                              [plan.seeds[lo + i] for i in ii], gen, hook,
+                              [plan.seeds[lo + i] for i in ii], gen, hook=hook,
                               on_step_end=lambda *_, m=len(chunk): bar.step(m))
         outputs[ii, kk, ss, aa] = out
         stats[ii, kk, ss, aa] = hook.stats()

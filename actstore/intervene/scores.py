@@ -74,7 +74,7 @@ def share(wins: np.ndarray) -> dict[str, float] | None:
                                        alternative="greater").pvalue)}
 
 
-def arm_summary(pre, post, other, stats, kind: str, reference=None) -> dict:
+def arm_summary(pre, post, other, stats, *, kind: str, reference=None) -> dict:
     """One (strength, arm): post and other-target scores over finite edits, the shares that
     moved toward their target, beat the other targets and (if given) the reference arm."""
     sgn = sign_of(kind)
@@ -111,7 +111,7 @@ def effects(summary_row: dict, pre_median: float, kind: str) -> dict[str, float 
 
 
 def summarize_arrays(pre: np.ndarray, post: np.ndarray, other: np.ndarray, stats: np.ndarray,
-                     strengths: list[float], arms: list[str], kind: str) -> dict:
+                     *, strengths: list[float], arms: list[str], kind: str) -> dict:
     """pre (n, K); post, other (n, K, S, A); stats (n, K, S, A, stat) → the dose table."""
     rows = []
     pre_d = describe(pre)
@@ -119,8 +119,8 @@ def summarize_arrays(pre: np.ndarray, post: np.ndarray, other: np.ndarray, stats
         row = {"strength": float(s)}
         ref = post[:, :, i, arms.index("random")] if "random" in arms else None
         for j, arm in enumerate(arms):
-            row[arm] = arm_summary(pre, post[:, :, i, j], other[:, :, i, j],
-                                   stats[:, :, i, j], kind, ref if arm == "probe" else None)
+            row[arm] = arm_summary(pre, post[:, :, i, j], other[:, :, i, j], stats[:, :, i, j],
+                                   kind=kind, reference=ref if arm == "probe" else None)
         row["effect"] = effects(row, pre_d.get("median", np.nan), kind)
         rows.append(row)
     return {"metric": metric_of(kind), "pre": pre_d, "dose": rows}
@@ -130,7 +130,8 @@ def summarize(plan, group) -> dict:
     """An experiment's summary: its settings, then the dose table."""
     body = summarize_arrays(group["score_pre"][...], group["score_post"][...],
                             group["score_other"][...], group["edit_stats"][...],
-                            plan.record["strengths"], plan.record["arms"], plan.kind)
+                            strengths=plan.record["strengths"], arms=plan.record["arms"],
+                            kind=plan.kind)
     return {"experiment_id": plan.experiment_id, "probe_run": plan.run_id,
             "target": plan.target, "kind": plan.kind, "method": plan.settings.method,
             "layers": plan.layers, "steps": plan.steps, "images": len(plan.image_ids),

@@ -36,7 +36,7 @@ def offset_rng(image_id: str, k: int, seed: int) -> np.random.Generator:
     return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def shift_offset(image_id: str, k: int, seed: int, hw: tuple[int, int],
+def shift_offset(image_id: str, k: int, seed: int, *, hw: tuple[int, int],
                  frac: tuple[float, float] = SHIFT_RANGE,
                  horizontal_only: bool = False) -> tuple[int, int]:
     """(dy, dx) in pixels: magnitude uniform in ``frac`` × side, sign random, per axis."""
@@ -68,7 +68,7 @@ def object_mask(depth: np.ndarray, quantile: float = 0.8) -> np.ndarray:
 
 
 def insert_object_depth(depth: np.ndarray, mask: np.ndarray, dy: int, dx: int,
-                        push: float = INSERT_PUSH, scale: float = INSERT_SCALE,
+                        *, push: float = INSERT_PUSH, scale: float = INSERT_SCALE,
                         inverse: bool = True) -> np.ndarray:
     """Appendix E: paste a copy of the object's depth at (dy, dx) from it, farther away.
 
@@ -109,7 +109,8 @@ def make_targets(label: np.ndarray, image_id: str, kind: str, *, n_targets: int,
         raise ActstoreError("targets insert: copies an object's depth, so it needs a "
                             "continuous (depth) target; use --targets shift for masks")
     hw = label.shape
-    offsets = np.array([shift_offset(image_id, k, seed, hw, frac, mode != "shift")
+    offsets = np.array([shift_offset(image_id, k, seed, hw=hw, frac=frac,
+                                     horizontal_only=mode != "shift")
                         for k in range(n_targets)], np.int32).reshape(n_targets, 2)
     if mode != "insert":
         maps = [translate(label, dy, dx, kind) for dy, dx in offsets]
@@ -119,7 +120,7 @@ def make_targets(label: np.ndarray, image_id: str, kind: str, *, n_targets: int,
     return np.stack(maps).astype(np.float32), offsets
 
 
-def load_user_targets(path: str, image_ids: list[str], hw: tuple[int, int], kind: str,
+def load_user_targets(path: str, image_ids: list[str], hw: tuple[int, int], *, kind: str,
                       mean: float | None, std: float | None,
                       units: str = "normalized") -> np.ndarray:
     """User targets (N, K, H, W) in normalized units, for ``image_ids`` in that order.

@@ -166,7 +166,7 @@ def kind_comparison(store: str, out_png: str, targets: list[str] | None = None) 
     return _save(fig, out_png)
 
 
-def figure4_grid(store: str, target: str, out_png: str, layer: str | None = None,
+def figure4_grid(store: str, target: str, out_png: str, *, layer: str | None = None,
                  n_images: int = 3, n_steps: int = 5) -> str:
     """The paper's Figure 4: per step, the decoded x0, the probe's prediction from the
     activations, and the label model run on the x0 image — the probe sees the scene

@@ -18,7 +18,7 @@ COLUMNS = ("original", "original label", "target", "probe edit", "its label",
            "random edit", "its label")
 
 
-def intervention_grid(store: str, experiment_id: str, out_png: str, n_images: int = 6,
+def intervention_grid(store: str, experiment_id: str, out_png: str, *, n_images: int = 6,
                       k: int = 0, strength: int = -1) -> str:
     """One row per image (its ``k``-th target, one strength): original, its label, target,
     the probe-edited output and its label, then the equal-size random edit and its label,

@@ -320,14 +320,14 @@ def probe_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: i
     return fit, np.concatenate(scores, axis=1), order
 
 
-def fit_layer(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 5,
+def fit_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: int = 5,
               lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler=None) -> LayerFit:
     (fit,) = dask.compute(fit_graph(src, split, steps, n_folds, lambdas), scheduler=scheduler)
     return fit
 
 
 def score_layer(src: LayerSource, split: Split, steps: np.ndarray, fit: LayerFit,
-                scheduler=None, label_spearman: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                *, scheduler=None, label_spearman: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-image test scores (metric, test image, step) and the test images' positions."""
     parts, order = score_graph(src, split, steps, fit, label_spearman)
     return np.concatenate(dask.compute(*parts, scheduler=scheduler), axis=1), order

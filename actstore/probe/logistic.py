@@ -301,7 +301,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats, weight=No
                     lambdas, score if cv else None, bool(ok))
 
 
-def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, tol: float = TOL,
+def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, *, tol: float = TOL,
                  max_iter: int = 100, stats: RidgeStats | None = None,
                  weight: np.ndarray | None = None) -> ProbeFit:
     """L2 logistic probe at one λ on one cell's tokens held in memory (read from the store

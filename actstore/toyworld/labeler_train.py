@@ -74,7 +74,7 @@ def fit(net: torch.nn.Module, batch_loss, n_train: int, steps: int, batch: int, 
     return avg
 
 
-def train_labeler(out_dir: str | Path = "models/toy-labeler", n_train: int = 4000,
+def train_labeler(out_dir: str | Path = "models/toy-labeler", *, n_train: int = 4000,
                   steps: int = 1500, batch: int = 32, lr: float = 2e-3, threads: int = 1,
                   seed: int = 0) -> ToyLabeler:
     """Fit LabelNet on fresh renders (seeds disjoint from LDM data and the eval set)."""

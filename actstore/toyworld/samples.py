@@ -114,11 +114,12 @@ def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | P
     pipe = pipe or load_pipeline(model_dir)
     gens = [generate(model_dir, [r["prompt"] for r in recs], [r["seed"] for r in recs],
                      sampling=sp, pipe=pipe) for sp in samplings]
-    return write_grid(out_png, recs, gens, samplings, n, rows, model_dir)
+    return write_grid(out_png, recs, gens, samplings=samplings, n=n, rows=rows,
+                      model_dir=model_dir)
 
 
 def write_grid(out_png: str | Path, recs: list[dict], gens: list[np.ndarray],
-               samplings: list[Sampling], n: int, rows: int, model_dir: str | Path) -> dict:
+               *, samplings: list[Sampling], n: int, rows: int, model_dir: str | Path) -> dict:
     """Draw already generated images (``gens[i]`` with ``samplings[i]``, at least
     ``n * rows`` each, in ``recs`` order) under the renders of the same seeds."""
     from PIL import Image
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(a.model)
     gens = [generate(a.model, [r["prompt"] for r in recs], [r["seed"] for r in recs],
                      sampling=sp, pipe=pipe) for sp in samplings]
-    write_grid(a.out, recs, gens, samplings, a.n, a.rows, a.model)
+    write_grid(a.out, recs, gens, samplings=samplings, n=a.n, rows=a.rows, model_dir=a.model)
     if a.n_quality:
         from actstore.toyworld.labeler import ToyLabeler
         from actstore.toyworld.reader import ToyReader

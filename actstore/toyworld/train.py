@@ -63,7 +63,7 @@ def _ema_update(ema: torch.nn.Module, live: torch.nn.Module, decay: float) -> No
             pe.lerp_(pl, 1.0 - decay)
 
 
-def train_vae(run_dir: str | Path, steps: int = 700, batch: int = 32, lr: float = 5e-4,
+def train_vae(run_dir: str | Path, *, steps: int = 700, batch: int = 32, lr: float = 5e-4,
               kl_weight: float = 1e-6, ckpt_every: int = 100, seed: int = 0,
               obj_weight: float = 5.0) -> Path:
     """L1 reconstruction (object pixels up-weighted) + tiny KL; no perceptual/GAN loss
@@ -135,7 +135,7 @@ def encode_latents(run_dir: str | Path, batch: int = 256,
     return sf
 
 
-def finetune_decoder(run_dir: str | Path, steps: int = 600, batch: int = 16, lr: float = 5e-4,
+def finetune_decoder(run_dir: str | Path, *, steps: int = 600, batch: int = 16, lr: float = 5e-4,
                      ckpt_every: int = 100, obj_weight: float = 5.0, seed: int = 1) -> Path:
     """Keep training the VAE decoder on the frozen encoder's latents (as SD's ft-EMA VAE).
 
