@@ -41,21 +41,21 @@ def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
 @task(name="intervene-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
 def block_group_task(store: str, probe_run: str, settings: InterventionSettings, group: list,
-                     experiment_id: str) -> dict:
+                     *, experiment_id: str) -> dict:
     return blocks.run_block_group(store, probe_run, settings, group,
                                   experiment_id=experiment_id)
 
 
 @task(name="intervene-summary", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
-def finish_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
+def finish_blocks_task(store: str, probe_run: str, settings: InterventionSettings, *,
                        experiment_id: str, written: int) -> dict:
     return blocks.finish_blocks(store, probe_run, settings, experiment_id=experiment_id,
                                 written=written)
 
 
 @flow(name="intervene-blocks")
-def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSettings,
+def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSettings, *,
                           workers: int, gpu: bool, progress: bool) -> dict:
     """Plan on one worker, then every block group at once; Dask runs as many as it has
     workers (or GPUs); the summary once all are recorded."""
@@ -63,7 +63,7 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     with on_gpus(gpu):
         plan = plan_blocks_task.submit(store, probe_run, settings, workers).result()
         eid = plan["experiment_id"]
-        futures = [block_group_task.submit(store, probe_run, settings, g, eid)
+        futures = [block_group_task.submit(store, probe_run, settings, g, experiment_id=eid)
                    for g in plan["groups"]]
     bar = Progress(plan["pending_images"] * plan["per_image"], plan["steps"],
                    f"intervene {eid} ({len(futures)} groups, {workers} workers)",
@@ -74,8 +74,9 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     finally:
         bar.close()
     with on_gpus(gpu):
-        summary = finish_blocks_task.submit(store, probe_run, settings, eid,
-                                            sum(d["blocks_written"] for d in done)).result()
+        summary = finish_blocks_task.submit(
+            store, probe_run, settings, experiment_id=eid,
+            written=sum(d["blocks_written"] for d in done)).result()
     return {**summary, "seconds": time.perf_counter() - t0, "workers": workers,
             "groups": len(futures), "groups_by_worker": dict(Counter(d["worker"] for d in done))}
 
@@ -86,7 +87,7 @@ def intervention_grid_task(store: str, experiment_id: str, out_png: str) -> str:
 
 
 @task(name="sweep")
-def sweep_task(store: str, probe_runs: list[str], settings: SweepSettings,
+def sweep_task(store: str, probe_runs: list[str], settings: SweepSettings, *,
                out_dir: str | None = None, progress: bool = True) -> dict:
     return run_sweep(store, probe_runs, settings, out_dir=out_dir, progress=progress)
 
@@ -110,7 +111,7 @@ def intervene_flow(store: str, probe_run: str,
 
             summary = intervene_blocks_flow.with_options(
                 task_runner=DaskTaskRunner(address=address))(
-                portable(store), probe_run, settings, n, gpu, progress)
+                portable(store), probe_run, settings, workers=n, gpu=gpu, progress=progress)
     else:
         summary = interventions_task(store, probe_run, settings)
     if figure and summary["complete"]:
@@ -122,4 +123,4 @@ def intervene_flow(store: str, probe_run: str,
 def sweep_flow(store: str, probe_runs: list[str], settings: SweepSettings = SweepSettings(),
                out_dir: str | None = None) -> dict:
     """Choose a setting per probe run on validation images, report it on other images."""
-    return sweep_task(store, probe_runs, settings, out_dir)
+    return sweep_task(store, probe_runs, settings, out_dir=out_dir)

@@ -75,8 +75,8 @@ def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: b
             "groups_by_worker": dict(by_worker)}
 
 
-def fan_out_labels(store: str, provider: str, target, settings: LabelSettings, address: str,
-                   workers: int, gpu: bool, progress: bool) -> dict:
+def fan_out_labels(store: str, provider: str, target, settings: LabelSettings, *,
+                   address: str, workers: int, gpu: bool, progress: bool) -> dict:
     from prefect_dask import DaskTaskRunner
 
     prov = blocks.shared_provider(provider, settings.device)
@@ -106,6 +106,6 @@ def label_flow(store: str, provider: str, target: str | list[str],
     if not workers and not cluster:
         return label_task(store, provider, target, settings)
     with dask_address(workers, cluster) as (address, n, gpu):
-        out = fan_out_labels(portable(store), provider, target, settings, address, n, gpu,
-                             progress)
+        out = fan_out_labels(portable(store), provider, target, settings, address=address,
+                             workers=n, gpu=gpu, progress=progress)
     return out[target] if isinstance(target, str) else out

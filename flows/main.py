@@ -126,8 +126,9 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     variants = [None, "randomized"] if control else [None]
     workers = default_workers(settings.device) if workers is None else workers
     with dask_address(workers if workers > 1 else None, None) as (address, n, gpu):
-        made = [fill_store(model, prompts, store, replace(settings, control=variant), images,
-                           address, n, gpu, progress=True) for variant in variants]
+        made = [fill_store(model, prompts, store, replace(settings, control=variant),
+                           images=images, address=address, workers=n, gpu=gpu, progress=True)
+                for variant in variants]
     for summary in made:
         result[summary["model"]] = summary
         result["figures"].append(sample_grid_task(

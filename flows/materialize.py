@@ -31,14 +31,14 @@ from flows.fanout import REGION_RETRIES, dask_address, on_gpus
 
 
 @task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2)
-def region_task(model: str, prompts: str, store: str, settings: MaterializeSettings,
+def region_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
                 images: str | None, progress: bool = False) -> dict:
     return materialize_region(model, prompts, store, settings, images=images,
                               progress=progress)
 
 
 @task(name="plan-regions", retries=REGION_RETRIES, retry_delay_seconds=2)
-def plan_task(model: str, prompts: str, store: str, settings: MaterializeSettings,
+def plan_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
               images: str | None, workers: int) -> dict:
     return plan_regions(model, prompts, store, settings, images=images, workers=workers)
 
@@ -54,13 +54,14 @@ def completion_task(store: str) -> dict:
 
 
 @flow(name="materialize-regions")
-def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSettings,
+def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
                  images: str | None, workers: int, gpu: bool, progress: bool) -> dict:
     """Plan on one worker (which creates the store and keeps the model), then every region
     at once; Dask runs as many as it has workers (or GPUs)."""
     with on_gpus(gpu):
-        plan = plan_task.submit(model, prompts, store, settings, images, workers).result()
-        futures = [region_task.submit(model, prompts, store, settings, region)
+        plan = plan_task.submit(model, prompts, store, settings, images=images,
+                                workers=workers).result()
+        futures = [region_task.submit(model, prompts, store, settings, images=region)
                    for region in plan["regions"]]
     steps = settings.gen.steps
     bar = Progress(plan["pending_images"], steps, f"materialize {plan['model']} "
@@ -92,17 +93,18 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
             "regions_by_worker": dict(Counter(s["worker"] for s in summaries))}
 
 
-def fill_store(model: str, prompts: str, store: str, settings: MaterializeSettings,
+def fill_store(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
                images: str | None, address: str | None, workers: int, gpu: bool,
                progress: bool) -> dict:
     """One variant, in this process (``address`` None) or fanned out over a scheduler."""
     if address is None:
-        return region_task(model, prompts, store, settings, images, progress)
+        return region_task(model, prompts, store, settings, images=images, progress=progress)
     from prefect_dask import DaskTaskRunner
 
     runner = DaskTaskRunner(address=address)
     return regions_flow.with_options(task_runner=runner)(
-        model, prompts, store, settings, images, workers, gpu, progress)
+        model, prompts, store, settings, images=images, workers=workers, gpu=gpu,
+        progress=progress)
 
 
 @flow(name="materialize")
@@ -120,8 +122,8 @@ def materialize_flow(model: str, prompts: str, store: str,
     working directory), also on workers started elsewhere."""
     model, prompts, store = portable(model, named=True), portable(prompts), portable(store)
     with dask_address(workers, cluster) as (address, n, gpu):
-        summary = fill_store(model, prompts, store, settings, images, address, n, gpu,
-                             progress)
+        summary = fill_store(model, prompts, store, settings, images=images, address=address,
+                             workers=n, gpu=gpu, progress=progress)
     if grid_png:
         summary["grid_png"] = sample_grid_task(store, summary["model"], grid_png)
     summary["complete"] = completion_task(store)

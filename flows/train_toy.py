@@ -46,7 +46,7 @@ def encode_latents_task(run_dir: str, scaling_factor: float | None) -> float:
 
 
 @task
-def train_unet_task(run_dir: str, steps: int, batch: int, lr: float, ckpt_every: int,
+def train_unet_task(run_dir: str, *, steps: int, batch: int, lr: float, ckpt_every: int,
                     max_minutes: float | None, init_ckpt: str | None,
                     snr_gamma: float | None) -> str:
     return str(T.train_unet(run_dir, steps=steps, batch=batch, lr=lr, ckpt_every=ckpt_every,
@@ -79,8 +79,9 @@ def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm", *,
     train_vae_task(run_dir, vae_steps, vae_batch, vae_lr)
     if T._latents_stale(Path(run_dir)):
         encode_latents_task(run_dir, init.get("scaling_factor"))
-    train_unet_task(run_dir, unet_steps, unet_batch, lr, ckpt_every, max_minutes,
-                    init.get("unet_ckpt"), snr_gamma)
+    train_unet_task(run_dir, steps=unet_steps, batch=unet_batch, lr=lr, ckpt_every=ckpt_every,
+                    max_minutes=max_minutes, init_ckpt=init.get("unet_ckpt"),
+                    snr_gamma=snr_gamma)
     if decoder_steps > 0:
         finetune_decoder_task(run_dir, decoder_steps, vae_batch)
     return export_task(run_dir, out)
