@@ -176,7 +176,8 @@ def capture_block(model, rows, gen, points: list[CapturePoint], *, batch_size: i
 
         with hooks(model, capture.unet_points, capture):
             final[lo:hi] = generate(model, rows["prompt"].iloc[lo:hi].tolist(),
-                                    rows["seed"].iloc[lo:hi].tolist(), gen, on_start, on_end)
+                                    rows["seed"].iloc[lo:hi].tolist(), gen, on_step_start=on_start,
+                                    on_step_end=on_end)
 
     def finish() -> dict[str, np.ndarray]:
         if vae_latents is not None:

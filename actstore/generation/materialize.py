@@ -234,7 +234,7 @@ def materialize(model: str | LoadedModel, prompts: str, store: str,
             arrays = st.block_arrays(block.activations, block.final if fresh else None,
                                      block.uncond)
             writer.submit(a, b, arrays, {"images": block.ids, "written": time.time()},
-                          block.finish,
+                          prepare=block.finish,
                           records=run.plan.records(kinds) + (("",) if fresh else ()))
     finally:
         written = writer.close()

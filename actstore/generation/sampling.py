@@ -83,7 +83,7 @@ StepCallback = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 @torch.no_grad()
 def generate(model: LoadedModel, prompts: list[str], seeds: list[int], config: GenerationConfig,
-             on_step_start: Callable[[int], None] | None = None,
+             *, on_step_start: Callable[[int], None] | None = None,
              on_step_end: StepCallback | None = None) -> np.ndarray:
     """Generate one batch; returns the final images as uint8 (N, H, W, 3).
 

@@ -298,7 +298,7 @@ class BlockWriter:
         return self._arrays[path]
 
     def submit(self, start: int, stop: int, arrays: dict[str, np.ndarray], record: dict,
-               prepare: Callable[[], dict[str, np.ndarray]] | None = None,
+               *, prepare: Callable[[], dict[str, np.ndarray]] | None = None,
                rows: tuple[int, int] | None = None, records: tuple[str, ...] = ("",)) -> None:
         """Queue ``arrays`` (array path under the group → this block's rows) and then the
         completion record of store block ``start:stop``; waits for the previous block

@@ -52,7 +52,7 @@ def _tensors(b: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def fit(net: torch.nn.Module, batch_loss, n_train: int, steps: int, batch: int, lr: float,
+def fit(net: torch.nn.Module, batch_loss, *, n_train: int, steps: int, batch: int, lr: float,
         seed: int, tag: str) -> float:
     """AdamW with a one-cycle schedule over random batches of ``n_train`` cached renders;
     ``batch_loss(idx, g)`` augments and scores one batch. Returns the smoothed final loss."""
@@ -89,7 +89,8 @@ def train_labeler(out_dir: str | Path = "models/toy-labeler", *, n_train: int = 
         return (F.l1_loss(p[:, 0], y[:, 0]) + F.binary_cross_entropy_with_logits(p[:, 1], y[:, 1])
                 + F.l1_loss(p[:, 2], y[:, 2]))
 
-    avg = fit(net, batch_loss, n_train, steps, batch, lr, seed, "labeler")
+    avg = fit(net, batch_loss, n_train=n_train, steps=steps, batch=batch, lr=lr, seed=seed,
+              tag="labeler")
     cfg = dict(DEFAULT_CONFIG, train={"n_train": n_train, "steps": steps, "batch": batch,
                                       "lr": lr, "final_loss": avg,
                                       "wall_minutes": (time.time() - t0) / 60})

@@ -146,7 +146,8 @@ def train_reader(n_train: int = 8000, steps: int = 2000, batch: int = 64, lr: fl
                 + F.cross_entropy(out["count"], y_all["count"][idx])
                 + F.binary_cross_entropy_with_logits(out["objects"], y_all["objects"][idx]))
 
-    avg = fit(net, batch_loss, n_train, steps, batch, lr, seed, "reader")
+    avg = fit(net, batch_loss, n_train=n_train, steps=steps, batch=batch, lr=lr, seed=seed,
+              tag="reader")
     cfg = dict(DEFAULT_CONFIG, train={"n_train": n_train, "steps": steps, "batch": batch,
                                       "lr": lr, "final_loss": avg,
                                       "wall_minutes": round((time.time() - t0) / 60, 1)})

@@ -77,7 +77,7 @@ class Sampling:
         return cls.from_config(cls.load_config(str(model_dir), subfolder="scheduler"), **overrides)
 
 
-def generate(model_dir: str | Path, prompts: list[str], seeds: list[int],
+def generate(model_dir: str | Path, prompts: list[str], seeds: list[int], *,
              sampling: Sampling = Sampling(), batch: int = 16, pipe=None) -> np.ndarray:
     """uint8 (N,H,W,3) images; each from its own ``torch.Generator().manual_seed(seed)``,
     so an image does not depend on the batch it was generated in (ancestral samplers too:
@@ -105,7 +105,7 @@ def _grid(rows: list[np.ndarray], scale: int = 3, pad: int = 2) -> np.ndarray:
     return canvas
 
 
-def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | Path,
+def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | Path, *,
                 n: int = 8, samplings: list[Sampling] = (Sampling(),), rows: int = 1,
                 pipe=None) -> dict:
     """PNG with ``rows`` groups of rows: renders on top, then the generated images of the
