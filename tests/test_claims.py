@@ -65,12 +65,67 @@ def test_rival_creators_never_mix(where, what, rounds, tmp_path, request):
         assert snapshot(f"{base}/r{i}.zarr") == solo[winners.pop()], i   # no claim left
 
 
-def _claim(uri: str, path: str, identity: dict, **writer) -> None:
-    cid = commit.new_id("claim")
+def _claim(uri: str, path: str, identity: dict, *, cid: str | None = None,
+           turn: dict | None = None, **writer) -> str:
+    """Another creator's claim, as its writer leaves it (``turn``: its ticket or choosing)."""
+    cid = cid or commit.new_id("claim")
     info = {**commit.writer_info("x"), **writer}
     io.put_group(uri, f"{claims.claims_path(path)}/{cid}",
                  {claims.CLAIM_KEY: {"sha256": claims.identity_hash(identity),
-                                     "identity": identity, **info}})
+                                     "identity": identity, **info, **(turn or {})}})
+    return cid
+
+
+A, B = {"prompts_sha256": "sha-a"}, {"prompts_sha256": "sha-b"}
+
+
+def _turns(tmp_path, ahead: list[tuple[dict, dict, str | None]], *,
+           finish_after: float = 0.5, wait_s: float = 5.0):
+    """Creator ``A`` arrives behind live claims of other hosts (identity, ticket or
+    choosing, id); after ``finish_after`` s the first of them writes its marker and drops
+    its claim. Returns what ``creating`` yielded, or the error it raised."""
+    import threading
+
+    uri, marker = str(tmp_path / "s.zarr"), {}
+    names = [_claim(uri, "", who, cid=cid, turn=turn, host="gpu-7", pid=4242)
+             for who, turn, cid in ahead]
+
+    def finish():
+        marker["identity"] = ahead[0][0]
+        io.remove(uri, f"{claims.claims_path('')}/{names[0]}")
+
+    timer = threading.Timer(finish_after, finish)
+    timer.start()
+    try:
+        with claims.creating(uri, "", A, lambda: marker.get("identity"), what="this store",
+                             fix="the same settings", wait_s=wait_s) as existing:
+            return existing
+    except ActstoreError as exc:
+        return exc
+    finally:
+        timer.cancel()
+
+
+def test_turns_follow_tickets_not_id_times(tmp_path):
+    """The race that ranking by ids lost: a rival's id was drawn first, but its claim
+    landed after a creator with this one's settings had looked, found nobody and begun
+    (so the rival's ticket is the later one). This creator waits for that creator's marker
+    and shares it, instead of giving way to the rival's older id."""
+    rival_id, sharer_id = commit.new_id("claim"), commit.new_id("claim")
+    assert rival_id < sharer_id
+    out = _turns(tmp_path, [(A, {"ticket": 1}, sharer_id), (B, {"ticket": 2}, rival_id)])
+    assert out == A, out
+
+
+def test_a_rival_ahead_refuses_at_once_and_a_choosing_one_is_waited_for(tmp_path):
+    """The first claim in line is a rival's: refused at once, naming it. A claim still
+    choosing its ticket is waited for (it may come first); it never finishing ends in the
+    "still at it" refusal, not in creating beside it."""
+    out = _turns(tmp_path / "r", [(B, {"ticket": 1}, None), (A, {"ticket": 2}, None)],
+                 finish_after=60)
+    assert isinstance(out, ActstoreError) and "started first" in str(out), out
+    out = _turns(tmp_path / "c", [(B, {"choosing": True}, None)], finish_after=60, wait_s=1)
+    assert isinstance(out, ActstoreError) and "still at it" in str(out), out
 
 
 def test_a_dead_rivals_claim_does_not_block(tmp_path):

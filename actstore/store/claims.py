@@ -1,26 +1,30 @@
 """Creation claims: two creators with different settings never mix one new node.
 
-Deterministic creation lets any number of writers with the *same* settings create a node at
-once (they write the same bytes). Writers with *different* settings (another prompt table,
+Deterministic creation lets any number of writers with the *same* settings create a node
+(they write the same bytes). Writers with *different* settings (another prompt table,
 another model config) would interleave their metadata under one marker, so before writing
-anything a creator announces itself and looks for rivals, using only what every object
-store offers (PUT, LIST, DELETE, with read-after-write and list-after-write consistency):
+anything creators take turns, using only what every object store offers (PUT, LIST,
+DELETE, with read-after-write and list-after-write consistency). The turns are Lamport's
+bakery: a claim object per creator is its register.
 
-1. PUT a claim ``<node>/_claims/<id>`` (``id`` sorts by time) holding its settings' hash,
-   the settings, and its writer (host, pid, start);
-2. LIST the claims; remove those whose writer is gone; ignore those with equal settings;
-3. read the node's marker: if it exists now, drop the claim and let the caller compare;
-4. no rival left → create, write the marker, then drop the claim; the oldest claim is a
-   rival's → drop ours and fail with the difference; the oldest has our settings → wait
-   until the rivals' claims are gone (they see that oldest claim and fail, or finish and
-   their marker decides), then go to 2.
+1. PUT a claim ``<node>/_claims/<id>`` marked *choosing*, holding its settings' hash, the
+   settings and its writer (host, pid, start);
+2. LIST the claims (removing those whose writer is gone) and PUT ours again with a ticket
+   one above the highest ticket seen;
+3. repeatedly: read the node's marker — if it exists, drop the claim and let the caller
+   compare; wait while any other claim is still choosing; the claims with a lower
+   (ticket, id) are ahead: none → our turn, create and write the marker, then drop the
+   claim; the first ahead has other settings → it creates before us, so drop ours and fail
+   with the difference; the first ahead has our settings → wait for its marker.
 
-Two rivals can't both create: the one that listed first missed the other's claim only if
-that claim was written after the listing, so the other's listing (later still) shows the
-first claim, or, once it is dropped, the first one's marker. Conditional PUT
-(``If-None-Match``) would do the same in one request, but the S3 filesystem this store
-goes through does not expose it, and a local disk has no such write: this needs nothing
-beyond a plain PUT.
+Why tickets and not the ids' time order: an id is drawn before its PUT lands, so a creator
+that listed before a slower rival's claim appeared may create while that rival's id is
+older; a third creator ranking by ids would then give way to the wrong one. A ticket is
+drawn after seeing every claim already written, so a creator that is ahead of another was
+seen by it, or was still choosing when it looked (then both wait until the choice is made,
+and the ids break equal tickets the same way for everyone). Conditional PUT
+(``If-None-Match``) would do the same in one request, but the S3 filesystem this store goes
+through does not expose it, and a local disk has no such write: this needs only plain PUTs.
 """
 
 from __future__ import annotations
@@ -55,33 +59,47 @@ def creating(uri: str, path: str, identity: dict, marked: Callable[[], dict | No
 
     Yields None when this writer must create the node (writing the marker last, inside
     the body), or the marker's identity when the node exists already (create nothing;
-    the caller compares). When another live creator with different settings holds the
-    node, fails before anything but the claim is written, with one line naming ``what``,
-    the differences and ``fix``. The claim is dropped on leaving, whatever happens."""
+    the caller compares). When another live creator with different settings is ahead,
+    fails before anything but the claim is written, with one line naming ``what``, the
+    differences and ``fix``. The claim is dropped on leaving, whatever happens."""
     cid = commit.new_id("claim")
     token = commit.begin_token()
     mine = f"{claims_path(path)}/{cid}"
     ours = identity_hash(identity)
+    claim = {"sha256": ours, "identity": identity, **commit.writer_info(token)}
     try:
-        io.put_group(uri, mine, {CLAIM_KEY: {"sha256": ours, "identity": identity,
-                                             **commit.writer_info(token)}})
+        io.put_group(uri, mine, {CLAIM_KEY: {**claim, "choosing": True}})
+        tickets = [_ticket(c) for _, c in _live_claims(uri, path, cid)]
+        ticket = 1 + max(tickets, default=0)
+        io.put_group(uri, mine, {CLAIM_KEY: {**claim, "ticket": ticket}})
         deadline = time.monotonic() + wait_s
         while True:
             others = _live_claims(uri, path, cid)
-            rivals = [c for c in others if c[1].get("sha256") != ours]
             existing = marked()
-            if existing is not None or not rivals:
+            if existing is not None:
                 break
-            first = min([*others, (cid, {"sha256": ours})], key=lambda c: c[0])
-            lost = first[1]["sha256"] != ours
-            if lost or time.monotonic() > deadline:
-                raise _refusal(uri, path, (first if lost else rivals[0])[1], identity, what,
-                               fix, waited=not lost)
+            # A claim still choosing may yet take a place ahead of ours: wait for it.
+            waiting = [c for _, c in others if c.get("choosing")]
+            if not waiting:
+                ahead = sorted((_ticket(c), name, c) for name, c in others
+                               if (_ticket(c), name) < (ticket, cid))
+                if not ahead:
+                    break
+                waiting = [ahead[0][2]]
+                if waiting[0].get("sha256") != ours:
+                    raise _refusal(uri, path, waiting[0], identity, what, fix, waited=False)
+            if time.monotonic() > deadline:
+                raise _refusal(uri, path, waiting[0], identity, what, fix, waited=True)
             time.sleep(POLL_S)
         yield existing
     finally:
         commit.release(token)
         io.remove(uri, mine)
+
+
+def _ticket(claim: dict) -> int:
+    """A claim's place in line; claims written without one (older writers) go first."""
+    return int(claim.get("ticket") or 0)
 
 
 def sweep(uri: str, path: str) -> None:
