@@ -18,6 +18,7 @@ uint8 levels per pixel, and each image's activations by at most
 
 from __future__ import annotations
 
+import functools
 import platform
 
 import numpy as np
@@ -34,10 +35,11 @@ LOOSE_ACTIVATION_RTOL = 1e-2
 _KERNEL_FLAGS = ("avx", "amx", "fma", "f16c", "sse4", "asimd", "sve", "neon")
 
 
+@functools.cache
 def cpu_kernels() -> str:
     """This process's CPU kernel family: torch's dispatch level, the architecture and a
     digest of the vector extensions its BLAS libraries dispatch on. Equal on two machines,
-    a CPU generation is bitwise reproducible between them."""
+    a CPU generation is bitwise reproducible between them. Read once per process: the CPU does not change under it."""
     import hashlib
 
     import torch

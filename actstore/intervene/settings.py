@@ -85,6 +85,9 @@ class InterventionSettings:
         return ARMS if self.random_control else ARMS[:1]
 
     def with_(self, **changes) -> "InterventionSettings":
+        """A checked copy with ``changes``, None included (a sweep clears
+        ``experiment_id`` this way). Not the other stages' ``with_options``, where None keeps
+        a value: the command line builds these settings whole, from the options given."""
         return replace(self, **changes)
 
 
