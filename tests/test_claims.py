@@ -120,12 +120,18 @@ def test_turns_follow_tickets_not_id_times(tmp_path):
 def test_a_rival_ahead_refuses_at_once_and_a_choosing_one_is_waited_for(tmp_path):
     """The first claim in line is a rival's: refused at once, naming it. A claim still
     choosing its ticket is waited for (it may come first); it never finishing ends in the
-    "still at it" refusal, not in creating beside it."""
+    "still creating" refusal, not in creating beside it; a creator with our settings that
+    never finishes ends the same way, saying so."""
     out = _turns(tmp_path / "r", [(B, {"ticket": 1}, None), (A, {"ticket": 2}, None)],
                  finish_after=60)
     assert isinstance(out, ActstoreError) and "started first" in str(out), out
     out = _turns(tmp_path / "c", [(B, {"choosing": True}, None)], finish_after=60, wait_s=1)
-    assert isinstance(out, ActstoreError) and "still at it" in str(out), out
+    msg = str(out)
+    assert isinstance(out, ActstoreError) and "is still creating this store with other" in msg
+    assert "prompts_sha256: it has \"sha-b\", this run has \"sha-a\"" in msg, msg
+    assert "after 1 s; if that writer is gone, remove _claims/" in msg and "\n" not in msg
+    out = _turns(tmp_path / "s", [(A, {"ticket": 1}, None)], finish_after=60, wait_s=1)
+    assert "is still creating this store with the same settings after 1 s" in str(out), out
 
 
 def test_a_dead_rivals_claim_does_not_block(tmp_path):

@@ -87,9 +87,9 @@ def creating(uri: str, path: str, identity: dict, marked: Callable[[], dict | No
                     break
                 waiting = [ahead[0][2]]
                 if waiting[0].get("sha256") != ours:
-                    raise _refusal(uri, path, waiting[0], identity, what, fix, waited=False)
+                    raise _refusal(uri, path, waiting[0], identity, what, fix, waited=None)
             if time.monotonic() > deadline:
-                raise _refusal(uri, path, waiting[0], identity, what, fix, waited=True)
+                raise _refusal(uri, path, waiting[0], identity, what, fix, waited=wait_s)
             time.sleep(POLL_S)
         yield existing
     finally:
@@ -126,14 +126,22 @@ def _live_claims(uri: str, path: str, cid: str) -> list[tuple[str, dict]]:
 
 
 def _refusal(uri: str, path: str, claim: dict, identity: dict, what: str, fix: str, *,
-             waited: bool) -> ActstoreError:
+             waited: float | None) -> ActstoreError:
+    """The one-line refusal: a rival ahead (``waited`` None), or the wait of ``waited`` s
+    for the creator ahead ran out."""
     since = time.strftime("%H:%M:%S", time.localtime(float(claim.get("started") or 0)))
-    state = (f"is still at it after {WAIT_S:.0f} s (if that writer is gone, remove "
-             f"{claims_path(path)}/)") if waited else "started first"
+    who = f"another writer (host {claim.get('host')}, pid {claim.get('pid')}, since {since})"
+    if waited is not None:
+        gone = f"if that writer is gone, remove {claims_path(path)}/ and rerun"
+        differences = diff(claim.get("identity") or {}, identity, theirs="it")[:3]
+        settings = (f"with other settings ({'; '.join(differences)})" if differences
+                    else "with the same settings")
+        return ActstoreError(f"store {uri}: {who} is still creating {what} {settings} after "
+                             f"{waited:.0f} s; {gone}")
     return ActstoreError(
-        f"store {uri}: another writer (host {claim.get('host')}, pid {claim.get('pid')}, "
-        f"since {since}) is creating {what} with other settings "
-        f"({'; '.join(diff(claim['identity'], identity, theirs='it')[:3])}) and {state}; use {fix}")
+        f"store {uri}: {who} is creating {what} with other settings "
+        f"({'; '.join(diff(claim['identity'], identity, theirs='it')[:3])}) and started "
+        f"first; use {fix}")
 
 
 def diff(stored: dict, wanted: dict, prefix: str = "", *, theirs: str = "store") -> list[str]:
