@@ -296,6 +296,34 @@ def test_float16_input_matches_float32():
                                atol=2e-2 * np.abs(l32.weights).max())
 
 
+def test_float32_fold_statistics_match_float64_brute_force(monkeypatch):
+    """A block's fold co-moments stay float32 (their mean correction by BLAS ``sger``, in
+    place) until merged, and merges are float64: a wide float16 layer with large channel
+    means, in several chunks, against float64 sums over the same float16 values."""
+    monkeypatch.setattr(probes, "CHUNK_BYTES", 300 * 4 * 320)   # ~300 tokens per chunk
+    rng = np.random.default_rng(7)
+    n_img, tok, c = 12, 100, 320                                  # c ≥ 256: the BLAS path
+    X = (rng.normal(size=(n_img * tok, c)) * rng.uniform(0.3, 3, c)
+         + rng.normal(size=c) * 30).astype(np.float16)
+    y = rng.normal(size=n_img * tok)
+    image = np.repeat(np.arange(n_img), tok)
+    block = image_stats(image, X, y)
+    one = image_stats(image[:tok], X[:tok], y[:tok])                   # one chunk, one fold
+    assert [f.sxx.dtype for f in one.folds if f] == [np.float32]
+    Xd = X.astype(np.float64)
+    for k, f in enumerate(block.folds):
+        if f is None:
+            continue
+        rows = fold_of(image) == k
+        ref = np.cov(Xd[rows].T, bias=True) * rows.sum()
+        np.testing.assert_allclose(f.sxx, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+        np.testing.assert_allclose(f.mean_x, Xd[rows].mean(0), rtol=1e-9)
+    total = block.total()
+    assert total.sxx.dtype == np.float64
+    np.testing.assert_allclose(total.sxx, np.cov(Xd.T, bias=True) * len(Xd), rtol=1e-5,
+                               atol=1e-5 * np.abs(total.sxx).max())
+
+
 def test_predict_shapes():
     X, y, _ = make_cells(steps=(2,))
     fit = fit_ridge(sum(accumulate(X[:, i], y[:, i]) for i in range(N_IMG)), 1e-3)

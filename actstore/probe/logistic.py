@@ -51,7 +51,7 @@ def moments(parts: Sequence[RidgeStats]) -> Moments:
     my = sum(float(p.n) * float(p.mean_y[0]) for p in parts) / n
     sxy = sum(p.sxy[:, 0] + float(p.n) * (p.mean_x - mx) * (float(p.mean_y[0]) - my)
               for p in parts)
-    tr = sum(np.trace(p.sxx) + float(p.n) * np.sum((p.mean_x - mx) ** 2) for p in parts)
+    tr = sum(np.trace(p.sxx, dtype=np.float64) + float(p.n) * np.sum((p.mean_x - mx) ** 2) for p in parts)
     return Moments(n, my, sxy, float(tr) / len(mx))
 
 

@@ -9,9 +9,9 @@ one cell's tokens in memory.
 
 Statistics are centred (means and co-moments, merged by Chan's formula): raw XᵀX, Xᵀy, yᵀy
 (XᵀX = sxx + n·mean_x·mean_xᵀ) without their cancellation when channel means are large.
-Products in float32, sums in float64. Penalty α = λ·tr(S)/C, S the centred XᵀX of the
-training tokens, so one λ grid suits any layer width, scale and token count; the bias is
-unpenalised. Ridge minimises Σ(y - Xw - b)² + α‖w‖² (sklearn ``Ridge(alpha=α)``), logistic
+Products in float32, sums in float64; a block's co-moments stay float32 until merged.
+Penalty α = λ·tr(S)/C, S the centred XᵀX of the training tokens, so one λ grid suits any
+layer width, scale and token count; the bias is unpenalised. Ridge minimises Σ(y - Xw - b)² + α‖w‖² (sklearn ``Ridge(alpha=α)``), logistic
 Σ logloss + (α/2)‖w‖² (``LogisticRegression(C=1/α)``). X ``(..., n, C)``: leading axes
 batch cells; y ``(..., n, T)`` fits T targets sharing XᵀX.
 """
@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 from scipy.linalg.blas import dger as _dger
+from scipy.linalg.blas import sger as _sger
 
 from actstore.errors import ActstoreError
 from actstore.probe import shifted
@@ -66,7 +67,7 @@ class RidgeStats:
         in place on one new array: at C = 1280 these merges cost as much as a block's
         Gram product."""
         dx, dy = o.mean_x - self.mean_x, o.mean_y - self.mean_y
-        sxx = (np.add if sign > 0 else np.subtract)(self.sxx, o.sxx)
+        sxx = (np.add if sign > 0 else np.subtract)(self.sxx, o.sxx, dtype=np.float64)
         _rank1(sxx, dx, sign * c)
         return replace(
             self, n=n, mean_x=self.mean_x + fb[..., None] * dx,
@@ -105,10 +106,11 @@ def _rank1(A: np.ndarray, x: np.ndarray, c: np.ndarray | float) -> None:
     if A.shape[-1] < 256:   # narrow: one vectorised update beats a BLAS call per cell
         A += (c[..., None, None] * x[..., :, None]) * x[..., None, :]
         return
+    ger = {np.dtype(np.float64): _dger, np.dtype(np.float32): _sger}.get(A.dtype)
     for i in np.ndindex(A.shape[:-2]):
         a = A[i]
-        if a.dtype == np.float64 and a.flags.c_contiguous and c[i] != 0:
-            out = _dger(float(c[i]), x[i], x[i], a=a.T, overwrite_a=1)
+        if ger is not None and a.flags.c_contiguous and c[i] != 0:
+            out = ger(float(c[i]), x[i], x[i], a=a.T, overwrite_a=1)
             if not np.may_share_memory(out, a):
                 a[...] = out.T   # pragma: no cover  (BLAS made a copy after all)
         elif c[i] != 0:
@@ -216,8 +218,8 @@ def _grouped(X: np.ndarray, Y: np.ndarray, w: np.ndarray, bounds: np.ndarray,
         if weighted:
             Ys = Ys * np.sqrt(w[..., g])[..., None]
         sgT = np.swapaxes(Xs[..., g, :], -1, -2)
-        sxx = (sgT @ Xs[..., g, :]).astype(np.float64)
-        _rank1(sxx, d, -k)
+        sxx = sgT @ Xs[..., g, :]   # float32 (merges promote): a float64 copy of K C×C
+        _rank1(sxx, d, -k)          # per task cost a third of its Gram product at C = 1280
         out.append(RidgeStats(n=k, mean_x=mx, mean_y=my, sxx=sxx,
                               sxy=(sgT @ Ys.astype(Xf.dtype)).astype(np.float64),
                               syy=(Ys * Ys).sum(-2)))
@@ -276,11 +278,11 @@ def image_stats(image_index: int | np.ndarray, X: np.ndarray, y: np.ndarray,
 
 
 def _scale(s: RidgeStats) -> np.ndarray:
-    return np.trace(s.sxx, axis1=-2, axis2=-1) / s.sxx.shape[-1]
+    return np.trace(s.sxx, axis1=-2, axis2=-1, dtype=np.float64) / s.sxx.shape[-1]
 
 
 def _eigh(sxx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    d, V = np.linalg.eigh(sxx)   # round-off negatives and near-null directions -> 0
+    d, V = np.linalg.eigh(np.asarray(sxx, np.float64))   # round-off negatives and near-null directions -> 0
     return np.where(d > EIG_FLOOR * d.max(-1, keepdims=True), d, 0.0), V
 
 
