@@ -324,6 +324,25 @@ def test_float32_fold_statistics_match_float64_brute_force(monkeypatch):
                                atol=1e-5 * np.abs(total.sxx).max())
 
 
+def test_scratch_upcast_is_exact_reused_and_never_the_callers_array():
+    """Transient upcasts reuse one buffer per thread; statistics centre a copy of float32
+    input, not the caller's array; predictions through the buffer equal float64 products."""
+    X, y, _ = make_cells(3)
+    X16 = X.astype(np.float16)
+    a = probes._up(X16[0], scratch=True)
+    np.testing.assert_array_equal(a, X16[0].astype(np.float32))
+    b = probes._up(X16[1], scratch=True)
+    assert np.shares_memory(a, b)                                    # the same buffer
+    assert np.shares_memory(probes._up(X[0], scratch=True), X[0])   # no conversion: no copy
+    before = X.copy()
+    image_stats(np.repeat(np.arange(N_IMG), TOK), X.reshape(-1, C), y.ravel())
+    np.testing.assert_array_equal(X, before)
+    w = np.random.default_rng(0).normal(size=C)
+    np.testing.assert_allclose(predict(w, 0.5, X16.reshape(-1, C)),
+                               X16.reshape(-1, C).astype(np.float64) @ w + 0.5, rtol=1e-5,
+                               atol=1e-5)
+
+
 def test_predict_shapes():
     X, y, _ = make_cells(steps=(2,))
     fit = fit_ridge(sum(accumulate(X[:, i], y[:, i]) for i in range(N_IMG)), 1e-3)

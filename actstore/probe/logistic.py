@@ -88,12 +88,12 @@ class _Hess(NamedTuple):
 # be approximate.
 def _forward(X: np.ndarray, W: np.ndarray, B: np.ndarray, dt=np.float64) -> np.ndarray:
     Wt = W.T.astype(dt)
-    return np.concatenate([(_up(X[s], dt) @ Wt).astype(np.float64, copy=False)
+    return np.concatenate([(_up(X[s], dt, scratch=True) @ Wt).astype(np.float64, copy=False)
                            for s in _chunks(len(X), 8 * X.shape[1])]) + B
 
 
 def _backward(X: np.ndarray, R: np.ndarray, dt=np.float64) -> np.ndarray:
-    return sum((R[s].T.astype(dt) @ _up(X[s], dt)).astype(np.float64, copy=False)
+    return sum((R[s].T.astype(dt) @ _up(X[s], dt, scratch=True)).astype(np.float64, copy=False)
                for s in _chunks(len(X), 8 * X.shape[1]))
 
 
