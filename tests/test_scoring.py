@@ -84,7 +84,7 @@ def test_label_spearman_only_on_request():
 def test_label_side_of_a_block_serves_every_grid_and_row(binary):
     """The per-run label summary (every token grid at once, made for a whole block, then
     rows taken) scores exactly as the labels themselves do."""
-    from actstore.probe.scoring import label_side
+    from actstore.probe.scoring import LabelSide, label_side
     rng = np.random.default_rng(3)
     full = rng.normal(size=(5, 32, 32)).astype(np.float32)
     full[3] = 0.25                                         # constant: no correlation
@@ -102,3 +102,11 @@ def test_label_side_of_a_block_serves_every_grid_and_row(binary):
     if not binary:
         with pytest.raises(ValueError, match="Spearman"):
             block_scores(pred, tokens, side[rows], False, label_spearman=True)
+    # a span of blocks (one score task) joins the blocks' summaries: as if made at once
+    joined = LabelSide.concat([label_side(full[:2], [(8, 8), (4, 2)], binary),
+                               label_side(full[2:], [(8, 8), (4, 2)], binary)])
+    whole = label_side(full, [(8, 8), (4, 2)], binary)
+    for name in ("mean", "stt", "constant", "bits"):
+        np.testing.assert_array_equal(getattr(joined, name), getattr(whole, name))
+    for g in whole.proj:
+        np.testing.assert_array_equal(joined.proj[g], whole.proj[g])

@@ -43,7 +43,7 @@ def metric_names(kind: str, label_spearman: bool = False) -> list[str]:
     return _names(kind == BINARY, label_spearman)
 
 
-FIT_TASK_BYTES = 16 << 20   # activations (as stored) read by one fit task, see _spans
+FIT_TASK_BYTES = 16 << 20   # activations (as stored) read by one fit or score task: _spans
 
 
 @dataclass
@@ -145,7 +145,7 @@ def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.nda
                n_folds: int, rates: np.ndarray | None = None):
     """Map step: per-fold statistics of one block's train images, for every step, and with
     ``rates`` (binary targets) the block's token sample too."""
-    X = _block_tokens(_read(src.uri, src.activation, slice(a, b), steps)[rows])
+    X = _block_tokens(_take(_read(src.uri, src.activation, slice(a, b), steps), rows))
     y = _token_labels(src)[a:b][rows]
     per_image = y.shape[1] * y.shape[2]
     index = np.repeat(np.arange(a, b)[rows], per_image)
@@ -165,10 +165,12 @@ def _sample_rates(src: LayerSource, train: np.ndarray) -> np.ndarray:
 
 def _spans(blocks: list[tuple[int, int]], arr: zarr.Array, n_steps: int
            ) -> list[tuple[int, int]]:
-    """Adjacent store blocks joined into fit tasks of about :data:`FIT_TASK_BYTES` each.
-    A task's statistics cost K C×C matrices however many tokens it holds, and merging two
-    tasks' costs as much again: at SD's 8×8×1280 layer, four images of a store block
-    make a Gram product 20× cheaper than merging its fold matrices."""
+    """Adjacent store blocks joined into tasks of about :data:`FIT_TASK_BYTES` each.
+    A fit task's statistics cost K C×C matrices however many tokens it holds, and merging
+    two tasks' costs as much again: at SD's 8×8×1280 layer, four images of a store block
+    make a Gram product 20× cheaper than merging its fold matrices. A score task's cost
+    beyond its tokens is a task and a store read: ~2 CPU ms, as much as scoring a toy
+    block."""
     per_image = n_steps * int(np.prod(arr.shape[2:])) * arr.dtype.itemsize
     out: list[tuple[int, int]] = []
     for a, b in blocks:
@@ -281,16 +283,23 @@ def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 
     return delayed(_logistic_fit)(fit, steps, *cells)
 
 
-def _score_block(src: LayerSource, a: int, b: int, rows: np.ndarray, fit: LayerFit,
-                 steps: np.ndarray, label_spearman: bool) -> np.ndarray:
-    """Per-image metrics (metric, image, step) of one block's test images."""
-    X = _block_tokens(_read(src.uri, src.activation, slice(a, b), steps)[rows])   # (S, n, C)
+def _take(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """x[rows] without the copy when every row is wanted (a store block of one split)."""
+    return x if rows.all() else x[rows]
+
+
+def _score_block(src: LayerSource, blocks: tuple[tuple[int, int], ...], rows: np.ndarray,
+                 fit: LayerFit, steps: np.ndarray, label_spearman: bool) -> np.ndarray:
+    """Per-image metrics (metric, image, step) of the test images of adjacent store blocks
+    (one read; the label summaries cached per store block, whatever the span)."""
+    a, b = blocks[0][0], blocks[-1][1]
+    X = _block_tokens(_take(_read(src.uri, src.activation, slice(a, b), steps), rows))
     pred = pb.predict(fit.weights[..., None], fit.bias[..., None], X)[..., 0]    # (S, n)
     tokens = _token_labels(src)[a:b][rows]
     n, (h, w) = len(tokens), tokens.shape[1:]
     # label Spearman ranks the labels themselves; every other metric needs only a summary
     full = _labels(src, src.full, slice(a, b))[rows] if label_spearman else \
-        _label_side(src, a, b, (h, w))[rows]
+        LabelSide.concat([_label_side(src, c, d, (h, w)) for c, d in blocks])[rows]
     pred = pred.reshape(len(steps), n, h, w).transpose(1, 0, 2, 3)   # (n, S, h, w)
     return block_scores(pred, tokens, full, src.kind == BINARY, label_spearman)
 
@@ -299,11 +308,12 @@ def score_graph(src: LayerSource, split: Split, steps: np.ndarray, fit,
                 label_spearman: bool = False):
     """Delayed per-block scores and the store positions of their test images, in order."""
     parts, order = [], []
-    for a, b in split.blocks:
+    blocks = [(a, b) for a, b in split.blocks if split.test[a:b].any()]
+    for a, b in _spans(blocks, _array(src.uri, src.activation), len(steps)):
         rows = split.test[a:b]
-        if rows.any():
-            parts.append(delayed(_score_block)(src, a, b, rows, fit, steps, label_spearman))
-            order.append(np.arange(a, b)[rows])
+        inside = tuple((c, d) for c, d in blocks if a <= c and d <= b)
+        parts.append(delayed(_score_block)(src, inside, rows, fit, steps, label_spearman))
+        order.append(np.arange(a, b)[rows])
     if not parts:
         raise ActstoreError(f"store {src.uri}: no test images; set split=test on some rows")
     return parts, np.concatenate(order)

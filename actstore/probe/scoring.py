@@ -95,6 +95,17 @@ class LabelSide:
                          {g: p[rows] for g, p in self.proj.items()},
                          None if self.bits is None else self.bits[rows])
 
+    @staticmethod
+    def concat(parts: "list[LabelSide]") -> "LabelSide":
+        """The images of several blocks' summaries, in order (same size and grids)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = (lambda xs: None if xs[0] is None else np.concatenate(xs))
+        return LabelSide(parts[0].size, *(cat([getattr(p, f) for p in parts])
+                                          for f in ("mean", "stt", "constant")),
+                         {g: np.concatenate([p.proj[g] for p in parts]) for g in parts[0].proj},
+                         cat([p.bits for p in parts]))
+
     def mask(self) -> np.ndarray:
         """(n, H·W) bool: the label > 0.5."""
         n, P = len(self.mean), self.size[0] * self.size[1]
