@@ -13,13 +13,20 @@ find (random activations, float16, zstd, the store's own layout and writer).
 
     python benchmarks/bench_probe_run.py --store runs/main/store.zarr --targets salient depth
     python benchmarks/bench_probe_run.py --shapes sd --images 16 --steps 4
+
+With ``--code TREE ...`` each whole run is made in a child process importing the library
+from each tree in turn (e.g. an export of an earlier commit and this checkout), the trees
+alternating, every run with a read pass of this process after it: before and after side by
+side in one run, under the same load.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +37,8 @@ import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+# a whole run in a child process (--code) imports the library from the tree it compares
+sys.path.insert(0, os.environ.get("ACTSTORE_BENCH_CODE") or str(ROOT))
 
 from actstore.generation.capture import LayerInfo  # noqa: E402
 from actstore.label.labels import write_labels  # noqa: E402
@@ -167,6 +175,22 @@ def fit_and_score(uri: str, target: str) -> tuple[Clock, Clock]:
     return fit_s, score_s
 
 
+def whole_run(uri: str, target: str, code: str | None) -> Clock:
+    """One ``run_probes`` from a cold start (labels and array metadata read again), in this
+    process, or with ``code`` in a child process importing the library from that tree (its
+    imports and a read pass untimed; its own clock reported)."""
+    if code is None:
+        grid._cached_labels.cache_clear()
+        grid._array.cache_clear()
+        return _timed(lambda: run_probes(uri, target, scheduler="threads", progress=False))
+    out = subprocess.run([sys.executable, __file__, "--store", uri, "--child-run", target],
+                         env={**os.environ, "ACTSTORE_BENCH_CODE": str(Path(code).resolve())},
+                         capture_output=True, text=True, check=True)
+    c = Clock()
+    c.wall, c.cpu = json.loads(out.stdout.strip().splitlines()[-1])
+    return c
+
+
 def mean(a: Clock, b: Clock) -> Clock:
     out = a + b
     out.wall, out.cpu = out.wall / 2, out.cpu / 2
@@ -189,7 +213,20 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="whole runs per target")
     ap.add_argument("--whole-only", action="store_true",
                     help="skip the separate fit and score passes (half the time)")
+    ap.add_argument("--code", nargs="+", metavar="TREE",
+                    help="whole runs in child processes, alternating the library of these "
+                         "trees (implies --whole-only)")
+    ap.add_argument("--child-run", metavar="TARGET", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child_run:   # one whole run, its clock as JSON (see whole_run)
+        import dask.array  # noqa: F401  imported, as in the parent's read pass
+        import distributed  # noqa: F401  dask looks for it when a graph is computed
+        import torch  # noqa: F401
+        read_pass(args.store)   # untimed, as the parent's first: code paths warm
+        run = whole_run(args.store, args.child_run, None)
+        print(json.dumps([run.wall, run.cpu]))
+        return
+    args.whole_only = args.whole_only or bool(args.code)
     tmp = None
     uri = args.store
     if uri is None:
@@ -213,16 +250,14 @@ def main() -> None:
         for target in args.targets:
             if not args.whole_only:
                 fit, score = fit_and_score(uri, target)
-            for _ in range(args.repeats):
-                grid._cached_labels.cache_clear()   # a run starts cold: labels read again
-                grid._array.cache_clear()
-                run = _timed(lambda: run_probes(uri, target, scheduler="threads",
-                                                progress=False))
+            for _, code in ((r, c) for r in range(args.repeats) for c in args.code or [None]):
+                run = whole_run(uri, target, code)
                 read2, bare2 = read_pass(uri), block_reads(uri)   # the machine's pace moves
                 ref, ref_bare = mean(read, read2), mean(bare, bare2)
                 parts = "" if args.whole_only else (
                     f"fit {fit.wall:.2f} s ({fit.ratio(ref)}), score {score.wall:.2f} s "
                     f"({score.ratio(ref)}), ")
+                parts = f"[{code}] " + parts if code else parts
                 print(f"{target}: {parts}whole run (fit + score + store) {run.wall:.2f} s, "
                       f"{run.cpu:.2f} CPU s ({run.ratio(ref)} read; {run.ratio(ref_bare)} "
                       f"bare read; read {read2.wall:.2f} s, {read2.cpu:.2f} CPU s this time) "
