@@ -24,6 +24,7 @@ from math import prod
 from typing import Sequence
 
 import numpy as np
+from scipy.linalg.blas import dgemm as _dgemm
 from scipy.linalg.blas import dger as _dger
 from scipy.linalg.blas import sger as _sger
 
@@ -118,6 +119,19 @@ def _rank1(A: np.ndarray, x: np.ndarray, c: np.ndarray | float) -> None:
             a += (c[i] * x[i][:, None]) * x[i][None, :]
 
 
+def _lowrank(A: np.ndarray, D: np.ndarray) -> None:
+    """A += D·Dᵀ in place for float64 A (..., C, C), D (..., C, k): BLAS ``gemm`` with β = 1
+    on A's transpose (A is symmetric), one pass over A where ``A += D @ Dᵀ`` makes a C×C
+    temporary and two more."""
+    if A.shape[-1] < 256:
+        A += D @ np.swapaxes(D, -1, -2)
+        return
+    for i in np.ndindex(A.shape[:-2]):
+        out = _dgemm(1.0, D[i], D[i], beta=1.0, c=A[i].T, trans_b=1, overwrite_c=1)
+        if not np.may_share_memory(out, A[i]):
+            A[i] = out.T   # pragma: no cover  (BLAS made a copy after all)
+
+
 def pool(parts: Sequence[RidgeStats]) -> RidgeStats:
     """The statistics of the union of disjoint token sets in one step: Chan's formula for
     K parts at once, ΣS_j + Σ n_j·d_j·d_jᵀ with d_j = mean_j − pooled mean, the K rank-one
@@ -137,7 +151,7 @@ def pool(parts: Sequence[RidgeStats]) -> RidgeStats:
     sxx = np.array(parts[0].sxx, np.float64, copy=True)
     for p in parts[1:]:
         sxx += p.sxx
-    sxx += dx @ np.swapaxes(dx, -1, -2)
+    _lowrank(sxx, dx)
     return replace(parts[0], n=n, mean_x=mx, mean_y=my, sxx=sxx,
                    sxy=sum(p.sxy for p in parts) + dx @ np.swapaxes(dy, -1, -2),
                    syy=sum(p.syy for p in parts) + (dy * dy).sum(-1))
