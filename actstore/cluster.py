@@ -20,6 +20,10 @@ from actstore.runtime import dask_threads
 # workers at once, instead of one after the other as their first regions arrive.
 WORKER_PRELOAD = "actstore.generation.regions"
 SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
+# Seconds a local worker process gets to exit once its cluster closes. Dask's nanny gives it
+# 4 s, then kills it with a warning; a worker that has run torch and Prefect task runs took
+# 2.6-5.8 s to exit on a loaded 2-core machine (2026-12-05).
+WORKER_EXIT_TIMEOUT = 60.0
 # glibc's malloc thresholds for processes that run torch. Dask's nanny sets
 # MALLOC_TRIM_THRESHOLD_=65536 in every worker, which switches off glibc's adaptive mmap
 # threshold: every tensor over 128 KiB torch allocates becomes a fresh mmap whose pages fault
@@ -120,7 +124,25 @@ def local_workers(workers: int):
                       dashboard_address=None, silence_logs=logging.WARNING,
                       env={"ACTSTORE_THREADS": str(worker_threads(workers))},
                       preload=[WORKER_PRELOAD]) as cluster:
-        yield cluster.scheduler_address
+        try:
+            yield cluster.scheduler_address
+        except KeyboardInterrupt:   # Ctrl-C: no long wait for workers in mid-task
+            raise
+        except Exception:
+            _close_workers(cluster)
+            raise
+        _close_workers(cluster)
+
+
+def _close_workers(cluster, timeout: float = WORKER_EXIT_TIMEOUT) -> None:
+    """Stop a local cluster's workers, each given ``timeout`` seconds to exit (see
+    WORKER_EXIT_TIMEOUT) before its nanny kills it."""
+    import asyncio
+
+    async def close_all() -> None:
+        await asyncio.gather(*(w.close(timeout=timeout, reason="actstore-done")
+                               for w in list(cluster.workers.values())))
+    cluster.sync(close_all)
 
 
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:

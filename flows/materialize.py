@@ -8,8 +8,9 @@ blocks are cut into block-aligned regions that run as concurrent task runs on Da
 prefect-dask's ``DaskTaskRunner``; each worker process loads the model once and keeps it
 for every region it gets. Workers that offer a ``GPU`` resource
 (``dask worker ADDRESS --nthreads 1 --resources GPU=1``) get one region at a time each.
-A region that fails is retried and resumes from its recorded blocks; a lost worker's
-region is rerun by Dask on another.
+A region that fails is retried and resumes from its recorded blocks, unless it failed on
+bad input (which fails the same way every time); a lost worker's region is rerun by Dask
+on another.
 """
 
 from __future__ import annotations
@@ -18,26 +19,25 @@ import time
 from collections import Counter
 
 from prefect import flow, task
-from prefect.futures import as_completed
 
 from actstore.cluster import portable
-from actstore.errors import ActstoreError
 from actstore.generation.materialize import MaterializeSettings, completion, format_completion
 from actstore.generation.regions import materialize_region, plan_regions
 from actstore.plots.figures import sample_grid
 from actstore.progress import Progress
-from flows.fanout import REGION_RETRIES, dask_address, on_gpus
+from flows.fanout import REGION_RETRIES, dask_address, gather, on_gpus, retry_unless_bad_input
 
 
-
-@task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2)
+@task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2,
+      retry_condition_fn=retry_unless_bad_input)
 def region_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
                 images: str | None, progress: bool = False) -> dict:
     return materialize_region(model, prompts, store, settings, images=images,
                               progress=progress)
 
 
-@task(name="plan-regions", retries=REGION_RETRIES, retry_delay_seconds=2)
+@task(name="plan-regions", retries=REGION_RETRIES, retry_delay_seconds=2,
+      retry_condition_fn=retry_unless_bad_input)
 def plan_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
               images: str | None, workers: int) -> dict:
     return plan_regions(model, prompts, store, settings, images=images, workers=workers)
@@ -67,22 +67,14 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
     bar = Progress(plan["pending_images"], steps, f"materialize {plan['model']} "
                    f"({len(futures)} regions, {workers} workers)", enabled=progress)
     t0 = time.perf_counter()
-    summaries, failed = [], []
-    for future in as_completed(futures):
-        future.wait()
-        state = future.state
-        if state.is_completed():
-            summary = future.result()
-            summaries.append(summary)
-            bar.step(summary["images"] * steps)
-            bar.images(summary["images"], summary["bytes"])
-        else:
-            failed.append(str(state.message or f"its worker was lost ({state.name})"))
-    bar.close()
-    if failed:
-        raise ActstoreError(f"store {store}: {len(failed)} of {len(futures)} regions failed "
-                            f"after {REGION_RETRIES} retries ({failed[0][:200]}); rerun the "
-                            "same command to resume from the recorded blocks")
+
+    def done(summary: dict) -> None:
+        bar.step(summary["images"] * steps)
+        bar.images(summary["images"], summary["bytes"])
+    try:
+        summaries = gather(futures, store, "regions", done)
+    finally:
+        bar.close()
     blocks = sum(s["blocks_written"] for s in summaries)
     return {"store": store, "model": plan["model"], "blocks_written": blocks,
             "blocks_skipped": plan["blocks"] - blocks,

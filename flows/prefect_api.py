@@ -106,12 +106,26 @@ class _ConsoleFilter(logging.Filter):
         return self.debug or not (run_log and record.levelno >= logging.ERROR)
 
 
+# Prefect's console handler in processes this one starts (local Dask workers): their task
+# runs log to the stderr they inherit, past this process's filter. Prefect reads this
+# override when a worker configures its logging.
+WORKER_CONSOLE = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"
+
+
+def worker_console_level(*, verbose: bool, debug: bool) -> str | None:
+    """What a local worker prints: everything with ``verbose`` (None: Prefect's default),
+    warnings and its tracebacks with ``debug``, else nothing, since this process reports
+    any failure in one line and the run's logs are all in the Prefect UI."""
+    return None if verbose else "WARNING" if debug else "CRITICAL"
+
+
 @contextmanager
 def console_logging(*, verbose: bool, debug: bool) -> Iterator[None]:
     """INFO lines (Prefect's run states, Dask's cluster chatter) only when ``verbose``.
 
-    Filters the console handlers Prefect installs on the root logger; the API handler,
-    and so the run's logs in the Prefect UI, keep everything."""
+    Filters the console handlers Prefect installs on the root logger, and sets the level
+    of the workers' (:func:`worker_console_level`); the API handler, and so the run's logs
+    in the Prefect UI, keep everything."""
     from prefect.logging.configuration import ensure_logging_setup
 
     ensure_logging_setup()  # `import prefect` is lazy: configure now, then filter
@@ -120,11 +134,19 @@ def console_logging(*, verbose: bool, debug: bool) -> Iterator[None]:
                 if isinstance(h, logging.StreamHandler)]
     for h in handlers:
         h.addFilter(filt)
+    saved = os.environ.get(WORKER_CONSOLE)
+    level = worker_console_level(verbose=verbose, debug=debug)
+    if level is not None:
+        os.environ[WORKER_CONSOLE] = level
     try:
         yield
     finally:
         for h in handlers:
             h.removeFilter(filt)
+        if saved is None:
+            os.environ.pop(WORKER_CONSOLE, None)
+        else:
+            os.environ[WORKER_CONSOLE] = saved
 
 
 @contextmanager
