@@ -308,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     with command_environment(args):
         try:
             result = _run(args)
-        except Exception as exc:  # every failure is one line; --debug adds the traceback
+        except (Exception, KeyboardInterrupt) as exc:  # one line; --debug adds the traceback
             if args.debug:
                 traceback.print_exc()
             line, code = failure_line(args.command, exc)

@@ -4,7 +4,8 @@ stdout carries the result (human summary, or ``--json``); stderr carries progres
 errors. A failure is one line, ``actstore <command>: error: ...``, whatever raised it: an
 :class:`ActstoreError` (bad input, exit 2), an operating-system error such as a full disk
 or a read-only store (exit 2, with what to do), or anything else (exit 1, with a pointer
-to ``--debug``, which adds the traceback).
+to ``--debug``, which adds the traceback). Ctrl-C is one line too (exit 130): what a
+command writes is resumable, so it says so instead of showing where it was stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from actstore.errors import ActstoreError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+EXIT_INTERRUPTED = 130      # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -34,6 +36,9 @@ def _os_error(exc: BaseException) -> OSError | None:
 
 def failure_line(command: str, exc: BaseException) -> tuple[str, int]:
     """``(one line, exit code)`` for any exception a command raised."""
+    if isinstance(exc, KeyboardInterrupt):
+        return (f"actstore {command}: interrupted; completed blocks are kept, rerun the same "
+                "command to resume", EXIT_INTERRUPTED)
     where = f"actstore {command}: error: "
     if isinstance(exc, ActstoreError):
         return where + _one_line(str(exc)), EXIT_USER_ERROR
