@@ -311,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         except (Exception, KeyboardInterrupt) as exc:  # one line; --debug adds the traceback
             if args.debug:
                 traceback.print_exc()
-            line, code = failure_line(args.command, exc)
+            line, code = failure_line(args.command, exc,
+                                      getattr(args, "store", None) or getattr(args, "out", None))
             print(line, file=sys.stderr)
             return code
     if result is not None:

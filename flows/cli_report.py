@@ -34,8 +34,11 @@ def _os_error(exc: BaseException) -> OSError | None:
     return None
 
 
-def failure_line(command: str, exc: BaseException) -> tuple[str, int]:
-    """``(one line, exit code)`` for any exception a command raised."""
+def failure_line(command: str, exc: BaseException, store: str | None = None
+                 ) -> tuple[str, int]:
+    """``(one line, exit code)`` for any exception a command raised; an operating-system
+    error names its file, else ``store`` (what the command writes to), since zarr and
+    fsspec often raise a full disk without the file's name."""
     if isinstance(exc, KeyboardInterrupt):
         return (f"actstore {command}: interrupted; completed blocks are kept, rerun the same "
                 "command to resume", EXIT_INTERRUPTED)
@@ -44,7 +47,8 @@ def failure_line(command: str, exc: BaseException) -> tuple[str, int]:
         return where + _one_line(str(exc)), EXIT_USER_ERROR
     os_exc = _os_error(exc)
     if os_exc is not None:
-        name = f" {os_exc.filename}" if os_exc.filename else ""
+        name = f": {os_exc.filename}" if os_exc.filename else \
+            f" writing to {store}" if store else ""
         what = os_exc.strerror or str(os_exc)
         if os_exc.errno in _FULL:
             hint = "free space, then rerun the same command (completed blocks are kept)"
@@ -52,7 +56,7 @@ def failure_line(command: str, exc: BaseException) -> tuple[str, int]:
             hint = "the store or output folder is not writable; check its permissions or mount"
         else:
             hint = "check the path and rerun"
-        return where + _one_line(f"{what}:{name}; {hint}"), EXIT_USER_ERROR
+        return where + _one_line(f"{what}{name}; {hint}"), EXIT_USER_ERROR
     text = _one_line(str(exc)) or "(no message)"
     return (where + f"unexpected {type(exc).__name__}: {text}; rerun with --debug for the "
             "traceback", EXIT_INTERNAL_ERROR)

@@ -1,5 +1,6 @@
 """The command line as a user meets it: output modes, one-line failures in both modes (the
-store byte-for-byte unchanged), option checks, and no Prefect server left after kill -9."""
+store byte-for-byte unchanged), option checks, and no Prefect server left after kill -9.
+A full disk and a read-only store: tests/test_disk.py."""
 
 from __future__ import annotations
 
@@ -260,68 +261,6 @@ def test_hf_pickle_weights_refused_by_name(capsys, tmp_path, labelled):
 
 def test_main_needs_prefect(capsys):
     assert "main runs as one Prefect flow" in _refused(capsys, ["--no-prefect", "main"])
-
-
-# ---- a full disk and a read-only store, on a real tmpfs in a private mount namespace ----
-
-NAMESPACE = shutil.which("unshare")
-
-
-def _in_namespace(script: str, tmp_path: Path) -> dict:
-    """Run a shell script as root of a fresh user + mount namespace; its mounts vanish
-    with it. Skips where the kernel or container forbids unprivileged namespaces."""
-    if NAMESPACE is None or subprocess.run([NAMESPACE, "-rm", "true"],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("needs unprivileged user and mount namespaces (unshare -rm)")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PY": sys.executable}
-    env.pop("PREFECT_API_URL", None)
-    res = subprocess.run([NAMESPACE, "-rm", "bash", "-euc", script], capture_output=True,
-                         text=True, env=env, cwd=tmp_path, timeout=600)
-    assert res.returncode == 0, res.stderr[-3000:]
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-DIGEST = ("import json, sys; sys.path.insert(0, 'tests'); from conftest import tree_digest; "
-          "print(json.dumps(tree_digest(sys.argv[1])))")
-
-
-def _namespace_run(tmp_path: Path, setup: str, argv: str) -> dict:
-    script = f"""
-mkdir -p mnt
-{setup}
-before=$(cd {REPO} && "$PY" -c "{DIGEST}" {tmp_path}/mnt/s.zarr)
-set +e
-(cd {REPO} && "$PY" -m flows.cli --quiet {argv}) > out.txt 2> err.txt
-code=$?
-set -e
-after=$(cd {REPO} && "$PY" -c "{DIGEST}" {tmp_path}/mnt/s.zarr)
-"$PY" -c "import json, sys; print(json.dumps({{'code': $code, 'err': open('err.txt').read(),
-  'same': sys.argv[1] == sys.argv[2]}}))" "$before" "$after"
-"""
-    return _in_namespace(script, tmp_path)
-
-
-def test_full_disk_is_one_line_and_the_store_unchanged(tmp_path, labelled):
-    """Labels (full + pooled + x0) do not fit in the space left: ENOSPC, then the
-    half-written target is removed, so the store is as it was."""
-    size = sum(f.stat().st_size for f in Path(labelled).rglob("*") if f.is_file())
-    setup = (f"mount -t tmpfs -o size={size // 1024 + 2048}k tmpfs mnt && "
-             f"cp -r {labelled} mnt/s.zarr && "
-             "dd if=/dev/zero of=mnt/filler bs=1k count=1900 status=none || true")
-    got = _namespace_run(tmp_path, setup, f"--no-prefect label --store {tmp_path}/mnt/s.zarr "
-                         "--provider toyworld --target shading")
-    assert got["code"] == 2 and got["same"], got
-    line = one_line(got["err"])
-    assert "No space left on device" in line and "free space, then rerun" in line
-
-
-def test_read_only_store_is_one_line(tmp_path, labelled):
-    setup = (f"mount -t tmpfs tmpfs mnt && cp -r {labelled} mnt/s.zarr && "
-             "mount -o remount,ro mnt")
-    got = _namespace_run(tmp_path, setup, f"--no-prefect label --store {tmp_path}/mnt/s.zarr "
-                         "--provider toyworld --target salient")
-    assert got["code"] == 2 and got["same"], got
-    assert "Read-only file system" in one_line(got["err"])
 
 
 # ---- no temporary Prefect server outlives its command ----
