@@ -48,6 +48,7 @@ class FaultyFileSystem(LocalFileSystem):
     plan: Plan | None = None
     log: list[str] = []        # every write/delete key, in order
     stopped = False
+    stopped_at: str | None = None   # the write the plan stopped at
     _seen = 0
     _lock = threading.Lock()
 
@@ -62,6 +63,7 @@ class FaultyFileSystem(LocalFileSystem):
     def reset(cls, plan: Plan | None = None) -> None:
         with cls._lock:
             cls.plan, cls.log, cls.stopped, cls._seen = plan, [], False, 0
+            cls.stopped_at = None
 
     def _write_point(self, path: str, what: str) -> None:
         cls = type(self)
@@ -77,7 +79,7 @@ class FaultyFileSystem(LocalFileSystem):
                 return
             if plan.mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
-            cls.stopped = True
+            cls.stopped, cls.stopped_at = True, path
             raise self._error()
 
     def _error(self) -> Exception:

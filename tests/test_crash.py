@@ -5,6 +5,7 @@ attribute (tests/storecheck.py); concurrent starts on one new store."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -24,14 +25,47 @@ from storecheck import assert_same_store, snapshot
 
 # 6 images in blocks of 4: a whole block and a short last one; 2 steps keep a run ~3 s.
 SMALL = {"steps": 2, "block_size": 4, "batch_size": 4}
-# Write points of an uninterrupted run (1-based, in the order the writes happen), placed on
-# each stage of creation: the root's creation claim (1), the image table (2-10), the root
-# marker (11), the claim's removal (12), the variant's claim (13), step coordinates
-# (14-17), array and layer-group metadata (18-51), the variant's parent groups (52-54),
-# its marker (55), its claim's removal (56), the first block's shards (57, 74), its record
-# (75), the second block (76) and its record (the last write).
-POINTS = (1, 2, 3, 9, 10, 11, 12, 13, 14, 15, 18, 20, 21, 51, 53, 54, 55, 56, 57, 74, 75,
-          76, -1)
+# Where creation can be stopped, by key pattern and which match (1-based; -1: the last of
+# an uninterrupted run), in the order the writes happen. Patterns, not write numbers: a
+# change in how many writes a stage makes, or the order of a block's shards (its writer
+# threads), can't move a point onto another stage.
+ROOT, VARIANT = r"\.zarr/", r"\.zarr/models/trained/"
+CLAIM = "_claims/claim-[^/]+"
+POINTS = {
+    "root-claim-choosing": (ROOT + CLAIM + r"/zarr\.json$", 1),
+    "root-claim-ticket": (ROOT + CLAIM + r"/zarr\.json$", 2),
+    "image-table-first": (ROOT + "images/", 1),
+    "image-table-middle": (ROOT + "images/", 4),
+    "image-table-group": (ROOT + r"images/zarr\.json$", 1),
+    "root-marker": (ROOT + r"zarr\.json$", 1),
+    "root-claim-removed": (ROOT + CLAIM + "$", 1),
+    "variant-claim-choosing": (VARIANT + CLAIM + r"/zarr\.json$", 1),
+    "variant-claim-ticket": (VARIANT + CLAIM + r"/zarr\.json$", 2),
+    "step-coordinates": (VARIANT + "timestep/", 1),
+    "step-coordinates-last": (VARIANT + "sigma/c", 1),
+    "array-metadata-first": (VARIANT + r"layers/[^/]+/activation/zarr\.json$", 1),
+    "array-metadata-last": (VARIANT + r"layers/[^/]+/activation/zarr\.json$", -1),
+    "layer-metadata-first": (VARIANT + r"layers/[^/]+/zarr\.json$", 1),
+    "layer-metadata-last": (VARIANT + r"layers/[^/]+/zarr\.json$", -1),
+    "layers-group": (VARIANT + r"layers/zarr\.json$", 1),
+    "block-records-group": (VARIANT + r"_blocks/zarr\.json$", 1),
+    "models-group": (r"\.zarr/models/zarr\.json$", 1),
+    "variant-marker": (VARIANT + r"zarr\.json$", 1),
+    "variant-claim-removed": (VARIANT + CLAIM + "$", 1),
+    "first-data-shard": (VARIANT + r"layers/[^/]+/activation/c\.0\.", 1),
+    "first-block-last-shard": (VARIANT + r"(layers/[^/]+/activation|_image)/c\.0\.", -1),
+    "first-block-record": (VARIANT + r"_blocks/[^/]+/zarr\.json$", 1),
+    "second-block-shard": (VARIANT + r"layers/[^/]+/activation/c\.1\.", 1),
+    "last-block-record": (VARIANT + r"_blocks/[^/]+/zarr\.json$", -1),
+}
+
+
+def _nth(log: list[str], pattern: str, nth: int) -> int:
+    """``nth`` as a positive index among the writes of ``log`` matching ``pattern``."""
+    hits = [line for line in log if line.startswith(("put", "open", "rm"))
+            and re.search(pattern, line.split(" ", 1)[1])]
+    assert hits and nth <= len(hits), f"no write #{nth} matching {pattern!r}"
+    return len(hits) if nth == -1 else nth
 
 
 def _deletes(log: list[str]) -> list[str]:
@@ -85,12 +119,14 @@ def _reader_sees_only_whole_blocks(uri: str, ref: str) -> None:
 @pytest.mark.parametrize("point", POINTS)
 def test_crash_at_write_then_rerun_is_identical(point, tmp_path, tiny_model, six, reference):
     ref, log = reference
-    n = len(log) if point == -1 else point
+    pattern, nth = POINTS[point]
+    n = _nth(log, pattern, nth)
     uri = faults.url(tmp_path / "s.zarr")
-    faults.FaultyFileSystem.reset(faults.Plan("crash", n))
+    faults.FaultyFileSystem.reset(faults.Plan("crash", n, pattern))
     with pytest.raises(Exception) as info:
         _run(tiny_model, six, uri)
-    assert faults.FaultyFileSystem.stopped, f"write {n} was never reached: {info.value!r}"
+    assert faults.FaultyFileSystem.stopped, f"{point} was never reached: {info.value!r}"
+    assert re.search(pattern, faults.FaultyFileSystem.stopped_at)
     faults.FaultyFileSystem.reset()
     _reader_sees_only_whole_blocks(str(tmp_path / "s.zarr"), ref)
     _run(tiny_model, six, uri)
@@ -120,7 +156,8 @@ def test_crash_then_rerun_of_other_region_still_finishes_creation(tmp_path, tiny
     finish the creation, not skip it."""
     ref, _ = reference
     uri = faults.url(tmp_path / "s.zarr")
-    faults.FaultyFileSystem.reset(faults.Plan("crash", 20))
+    pattern, nth = POINTS["layer-metadata-first"]
+    faults.FaultyFileSystem.reset(faults.Plan("crash", nth, pattern))
     with pytest.raises(faults.Crash):
         _run(tiny_model, six, uri, images="0:4")
     faults.FaultyFileSystem.reset()
@@ -176,9 +213,10 @@ def test_four_processes_start_together(tmp_path, reference, six):
     assert_same_store(uri, ref)
 
 
-@pytest.mark.parametrize("point", [20])
+@pytest.mark.parametrize("point", ["layer-metadata-first"])
 def test_kill_minus_9_at_write_then_rerun_is_identical(point, tmp_path, reference, six):
     """The same with a real SIGKILL of the command-line process at that write."""
+    pattern, nth = POINTS[point]
     ref, _ = reference
     path = tmp_path / "k.zarr"
     args = ["materialize", "--store", faults.url(path), "--model", "tiny-random",
@@ -187,7 +225,7 @@ def test_kill_minus_9_at_write_then_rerun_is_identical(point, tmp_path, referenc
     env = {**os.environ, "PYTHONPATH": f"{REPO}:{REPO / 'tests'}"}
     cmd = [sys.executable, "-m", "faults", "--no-prefect", "--quiet", *args]
     killed = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**env, "ACTSTORE_FAULT": f"kill:{point}:.*"})
+                            env={**env, "ACTSTORE_FAULT": f"kill:{nth}:{pattern}"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
