@@ -247,6 +247,7 @@ def _probe(args, catalog) -> dict:
 
 def _main_job(args, catalog) -> dict:
     from actstore.catalog import resolve_guidance, resolve_model, resolve_prompts
+    from actstore.generation.models import check_model
     from actstore.generation.prompts import load_prompts
 
     if args.no_prefect:
@@ -265,6 +266,7 @@ def _main_job(args, catalog) -> dict:
     params = {"model": model["ref"], "prompts": resolve_prompts(catalog, prompts),
               "out": args.out, "images": args.images, "settings": settings,
               "workers": args.workers, "targets": tuple(args.targets)}
+    check_model(model["ref"])    # before the flow creates --out
     load_prompts(params["prompts"])
     with flow_mode(args):
         result = main_flow(**params)

@@ -259,6 +259,13 @@ def test_hf_pickle_weights_refused_by_name(capsys, tmp_path, labelled):
     assert tree_digest(labelled) == before
 
 
+def test_main_refuses_a_missing_model_before_creating_out(capsys, tmp_path):
+    out = tmp_path / "m"
+    line = _refused(capsys, ["main", "--model", str(tmp_path / "nonexistent"), "--out",
+                             str(out)])
+    assert "no such folder" in line and not out.exists()
+
+
 def test_main_needs_prefect(capsys):
     assert "main runs as one Prefect flow" in _refused(capsys, ["--no-prefect", "main"])
 

@@ -137,6 +137,13 @@ def load_model(model: str, *, dtype: str | torch.dtype = "float32",
                        dtype=torch_dtype, source=str(path))
 
 
+def check_model(model: str) -> None:
+    """A one-line error if ``model`` is not found or is no pipeline folder, loading
+    nothing: commands check before they create an output folder, a store or a server."""
+    if model != TINY_RANDOM:
+        _check_pipeline_folder(_locate(model), model)
+
+
 def _locate(model: str) -> str:
     expanded = os.path.expanduser(os.path.expandvars(model))
     if os.path.isdir(expanded):
