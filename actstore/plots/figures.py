@@ -56,9 +56,14 @@ def _wrap(text: str, width: int = 28) -> str:
 
 
 def emergence_curves(store: str, target: str, out_png: str) -> str:
+    """:func:`emergence_figure` saved as a PNG."""
+    return _save(emergence_figure(store, target), out_png)
+
+
+def emergence_figure(store: str, target: str) -> plt.Figure:
     """Score vs step, one panel per layer; trained solid, randomized dashed, each with its
     95% bootstrap band over test images; the headline metric's emergence step marked with
-    its bootstrap interval."""
+    its bootstrap interval. Returned unsaved, so its artists can be checked."""
     from actstore.probe.emergence import emergence_steps, primary_metric
     from actstore.probe.runs import latest_run, open_scores
 
@@ -94,7 +99,7 @@ def emergence_curves(store: str, target: str, out_png: str) -> str:
     fig.supxlabel("denoising step")
     fig.suptitle(f"{target}: test score per step, 95% bootstrap bands ({headline} is the "
                  "headline; ▲ its emergence step and interval)", fontsize=10)
-    return _save(fig, out_png)
+    return fig
 
 
 def _mark_emergence(ax, cell, step: float, color) -> None:
