@@ -37,8 +37,8 @@ def _os_error(exc: BaseException) -> OSError | None:
 def failure_line(command: str, exc: BaseException, store: str | None = None
                  ) -> tuple[str, int]:
     """``(one line, exit code)`` for any exception a command raised; an operating-system
-    error names its file, else ``store`` (what the command writes to), since zarr and
-    fsspec often raise a full disk without the file's name."""
+    error names its file, else a full or read-only disk names ``store`` (what the command
+    writes to), since zarr and fsspec often raise those without the file's name."""
     if isinstance(exc, KeyboardInterrupt):
         return (f"actstore {command}: interrupted; completed blocks are kept, rerun the same "
                 "command to resume", EXIT_INTERRUPTED)
@@ -47,8 +47,9 @@ def failure_line(command: str, exc: BaseException, store: str | None = None
         return where + _one_line(str(exc)), EXIT_USER_ERROR
     os_exc = _os_error(exc)
     if os_exc is not None:
+        disk = os_exc.errno in _FULL + _READ_ONLY
         name = f": {os_exc.filename}" if os_exc.filename else \
-            f" writing to {store}" if store else ""
+            f" writing to {store}" if store and disk else ""
         what = os_exc.strerror or str(os_exc)
         if os_exc.errno in _FULL:
             hint = "free space, then rerun the same command (completed blocks are kept)"
