@@ -24,6 +24,7 @@ SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has t
 # 4 s, then kills it with a warning; a worker that has run torch and Prefect task runs took
 # 2.6-5.8 s to exit on a loaded 2-core machine (2026-12-05).
 WORKER_EXIT_TIMEOUT = 60.0
+WORKER_INTERRUPT_TIMEOUT = 2.5   # after Ctrl-C: a worker in mid-task is killed after this
 # glibc's malloc thresholds for processes that run torch. Dask's nanny sets
 # MALLOC_TRIM_THRESHOLD_=65536 in every worker, which switches off glibc's adaptive mmap
 # threshold: every tensor over 128 KiB torch allocates becomes a fresh mmap whose pages fault
@@ -123,21 +124,38 @@ def local_workers(workers: int):
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                       dashboard_address=None, silence_logs=logging.WARNING,
                       env={"ACTSTORE_THREADS": str(worker_threads(workers))},
-                      preload=[WORKER_PRELOAD]) as cluster:
+                      preload=[WORKER_PRELOAD, __name__]) as cluster:
         try:
             yield cluster.scheduler_address
-        except KeyboardInterrupt:   # Ctrl-C: no long wait for workers in mid-task
+        except KeyboardInterrupt:
+            _close_workers(cluster, interrupted=True)
             raise
-        except Exception:
-            _close_workers(cluster)
-            raise
-        _close_workers(cluster)
+        finally:
+            _close_workers(cluster, interrupted=False)   # (closed ones return at once)
 
 
-def _close_workers(cluster, timeout: float = WORKER_EXIT_TIMEOUT) -> None:
-    """Stop a local cluster's workers, each given ``timeout`` seconds to exit (see
-    WORKER_EXIT_TIMEOUT) before its nanny kills it."""
+def dask_setup(worker) -> None:
+    """Preload hook of :func:`local_workers`' processes: they ignore SIGINT. A terminal's
+    Ctrl-C reaches every process of its group, and the command stops its local workers
+    itself; interrupted on their own, each printed a KeyboardInterrupt traceback."""
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # closed with a task running (the command was interrupted): that task's cancellation
+    logging.getLogger("distributed.worker.state_machine").setLevel(logging.ERROR)
+
+
+def _close_workers(cluster, *, interrupted: bool) -> None:
+    """Stop a local cluster's workers, each given WORKER_EXIT_TIMEOUT seconds to exit
+    before its nanny kills it; ``interrupted`` (Ctrl-C): killed after a moment instead,
+    without waiting for the task it runs (its completed blocks are stored), and without
+    the nanny's warning about it."""
     import asyncio
+
+    timeout = WORKER_INTERRUPT_TIMEOUT if interrupted else WORKER_EXIT_TIMEOUT
+    if interrupted:
+        logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
 
     async def close_all() -> None:
         await asyncio.gather(*(w.close(timeout=timeout, reason="actstore-done")

@@ -20,6 +20,13 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Local workers killed after Ctrl-C leave their queues' semaphores to multiprocessing's
+    # resource tracker (a child process, so told by environment), which frees them and
+    # says so on stderr after the command's last line.
+    tracker = "ignore:resource_tracker:UserWarning"
+    if tracker not in os.environ.get("PYTHONWARNINGS", ""):
+        os.environ["PYTHONWARNINGS"] = ",".join(
+            w for w in (os.environ.get("PYTHONWARNINGS"), tracker) if w)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
     if "transformers" in sys.modules:  # imported before us: the variable came too late
         sys.modules["transformers"].utils.logging.disable_progress_bar()

@@ -28,7 +28,10 @@ STARTUP_TIMEOUT = 120  # seconds; a loaded 2-core machine has needed 30+
 
 
 class GuardedServer(SubprocessASGIServer):
-    """Prefect's temporary server, started through a parent watch (same uvicorn command)."""
+    """Prefect's temporary server, started through a parent watch (same uvicorn command),
+    in a session of its own: a terminal's Ctrl-C goes to the whole foreground process
+    group, and a server stopped by it left the interrupted command retrying its last
+    reports for minutes; this process stops it (or its parent watch does)."""
 
     def _run_uvicorn_command(self) -> subprocess.Popen:
         env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
@@ -39,7 +42,7 @@ class GuardedServer(SubprocessASGIServer):
              "--app-dir", str(prefect.__module_path__.parent), "--factory",
              "prefect.server.api.server:create_app", "--host", "127.0.0.1",
              "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
-            env=env)
+            env=env, start_new_session=True)
 
 
 @contextmanager
