@@ -106,3 +106,21 @@ def test_intervene_refusal_on_a_worker(api, copy):
     assert "no probe run 'nosuch'" in refusal(res.stderr), res.stderr
     assert run_counts("intervene-plan", since) == [1]
     assert tree_digest(copy) == before
+
+
+def test_refusal_on_a_running_cluster_is_one_line_and_not_retried(api, tmp_path):
+    """--cluster ADDRESS: workers started elsewhere (their logs stay on their consoles)."""
+    from distributed import LocalCluster
+
+    table = tmp_path / "long.csv"
+    table.write_text("image_id,prompt,seed,split\na," + " ".join(["word"] * 300) + ",1,train\n")
+    uri = tmp_path / "new.zarr"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+        since = datetime.now(timezone.utc)
+        res = run("materialize", "--model", "tiny-random", "--prompts", str(table), "--store",
+                  str(uri), *SMALL, "--cluster", cluster.scheduler_address, api=api)
+    assert res.returncode == 2
+    assert "prompt is 1200 tokens" in refusal(res.stderr), res.stderr
+    assert run_counts("plan-regions", since) == [1]
+    assert not uri.exists()
