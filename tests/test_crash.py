@@ -252,10 +252,18 @@ def experiment_ref(tmp_path_factory, ivstore, tiny_model):
     return str(path), out["experiment_id"], list(faults.FaultyFileSystem.log), kw
 
 
-# Experiment writes: array metadata and the image ids, positions, strengths and arms
-# (1-18), its block records' group and the parent group (19-20), the settings marker (21),
-# then the block and its record, and the summary (last).
-@pytest.mark.parametrize("point", [5, 21, -1])
+# An experiment's creation: its arrays' metadata and the image ids, positions, strengths
+# and arms, its block records' group and the parent group, then its settings marker
+# (visible from there), the blocks and their records, and the summary (the last write).
+EXP = r"\.zarr/interventions/[^/]+/"
+EXP_POINTS = {"image-ids": (EXP + "image_id/c", 1),
+              "array-metadata": (EXP + r"strength/zarr\.json$", 1),
+              "marker": (EXP + r"zarr\.json$", 1),
+              "first-output-shard": (EXP + "output/c", 1),
+              "summary": (".*", -1)}
+
+
+@pytest.mark.parametrize("point", EXP_POINTS)
 def test_experiment_crash_at_write_then_rerun_is_identical(point, tmp_path, ivstore,
                                                            experiment_ref):
     import shutil
@@ -264,15 +272,15 @@ def test_experiment_crash_at_write_then_rerun_is_identical(point, tmp_path, ivst
     from actstore.intervene.run import run_interventions
 
     ref, exp, log, kw = experiment_ref
-    n = len(log) if point == -1 else point
-    if point == 21:
-        assert log[20].endswith(f"interventions/{exp}/zarr.json"), log[20]   # the marker
+    pattern, nth = EXP_POINTS[point]
+    n = _nth(log, pattern, nth)
     path = tmp_path / "s.zarr"
     shutil.copytree(ivstore["uri"], path)
-    faults.FaultyFileSystem.reset(faults.Plan("crash", n))
+    faults.FaultyFileSystem.reset(faults.Plan("crash", n, pattern))
     with pytest.raises(Exception):
         run_interventions(faults.url(path), ivstore["runs"]["salient"], **kw)
     assert faults.FaultyFileSystem.stopped
+    assert re.search(pattern, faults.FaultyFileSystem.stopped_at)
     faults.FaultyFileSystem.reset()
     assert exp not in list_interventions(str(path))
     run_interventions(faults.url(path), ivstore["runs"]["salient"], **kw)
