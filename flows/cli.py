@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                      parents=[_common(top=True)],
                      epilog="Output: a short summary on stdout (--json: the full result), "
                      "progress bars on stderr (--quiet: none); a failure is one line on "
-                     "stderr with exit code 2 (bad input, full disk, read-only store) or 1 "
-                     "(unexpected; --debug shows the traceback).")
+                     "stderr with exit code 2 (bad input, full disk, read-only store), 130 "
+                     "(Ctrl-C; rerun to resume) or 1 (unexpected; --debug shows the "
+                     "traceback).")
     common = _common(top=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub, common)
