@@ -201,10 +201,14 @@ def _scratch(shape: tuple, dtype: np.dtype) -> np.ndarray:
     """This thread's reusable buffer for a transient upcast (at most :data:`CHUNK_BYTES`,
     the chunks' bound): writing a fresh 32 MB array costs its page faults too, 2.5x the
     conversion itself (a 16 MB float16 block: 11 vs 4.5 CPU ms)."""
+    import torch
     size, key = prod(shape), np.dtype(dtype).str
     buf = getattr(_SCRATCH, key, None)
     if buf is None or buf.size < size:
-        buf = np.empty(size, dtype)
+        # torch's allocation, not numpy's: numpy asks for transparent huge pages on large
+        # arrays, whose first touch took 20-400 ms for 59 MB on the 2026-12-05 benchmark
+        # machine (torch's 4 kB pages: 31-39 ms), and a buffer is touched first once
+        buf = torch.empty(size, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).numpy()
         setattr(_SCRATCH, key, buf)
     return buf[:size].reshape(shape)
 
@@ -219,14 +223,21 @@ def _up(X: np.ndarray, dtype: type = np.float32, scratch: bool = False) -> np.nd
         out = _scratch(X.shape, out_type)
         if X.dtype == np.float16:
             import torch
-            torch.from_numpy(out).copy_(torch.from_numpy(np.require(X, requirements=["C", "W"])))
+            torch.from_numpy(out).copy_(_tensor(X))
         else:
             np.copyto(out, X, casting="safe")
         return out
     if X.dtype == np.float16:
         import torch
-        X = torch.from_numpy(np.require(X, requirements=["C", "W"])).float().numpy()
+        X = _tensor(X).float().numpy()
     return X.astype(out_type, copy=False)
+
+
+def _tensor(X: np.ndarray):
+    """A torch view of X, any strides (a fold-ordered copy of a chunk, made by numpy's
+    fancy indexing, is not C-ordered: torch converts it as it is, no float16 copy first)."""
+    import torch
+    return torch.from_numpy(np.require(X, requirements=["W"]))
 
 
 def _grouped(X: np.ndarray, Y: np.ndarray, w: np.ndarray, bounds: np.ndarray,
