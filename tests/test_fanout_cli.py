@@ -58,18 +58,24 @@ def test_materialize_quiet_then_a_refusal_on_a_worker(api, tmp_path):
     assert tree_digest(uri) == before
 
 
-def test_long_prompt_refused_on_a_worker_creates_nothing(api, tmp_path):
+def refuse_long_prompt(api, tmp_path, *placement: str) -> None:
+    """An over-long prompt, refused by the planning task on a worker: one line, the task
+    run once (not retried), no store created."""
     table = tmp_path / "long.csv"
     table.write_text("image_id,prompt,seed,split\na,a cat,1,train\nb,"
                      + " ".join(["word"] * 300) + ",2,test\n")
     uri = tmp_path / "new.zarr"
     since = datetime.now(timezone.utc)
     res = run("materialize", "--model", "tiny-random", "--prompts", str(table), "--store",
-              str(uri), *SMALL, "--workers", "2", api=api)
+              str(uri), *SMALL, *placement, api=api)
     assert res.returncode == 2
     assert "prompt is 1200 tokens" in refusal(res.stderr), res.stderr
     assert run_counts("plan-regions", since) == [1]
     assert not uri.exists()
+
+
+def test_long_prompt_refused_on_a_worker_creates_nothing(api, tmp_path):
+    refuse_long_prompt(api, tmp_path, "--workers", "2")
 
 
 @pytest.fixture()
@@ -112,15 +118,6 @@ def test_refusal_on_a_running_cluster_is_one_line_and_not_retried(api, tmp_path)
     """--cluster ADDRESS: workers started elsewhere (their logs stay on their consoles)."""
     from distributed import LocalCluster
 
-    table = tmp_path / "long.csv"
-    table.write_text("image_id,prompt,seed,split\na," + " ".join(["word"] * 300) + ",1,train\n")
-    uri = tmp_path / "new.zarr"
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster:
-        since = datetime.now(timezone.utc)
-        res = run("materialize", "--model", "tiny-random", "--prompts", str(table), "--store",
-                  str(uri), *SMALL, "--cluster", cluster.scheduler_address, api=api)
-    assert res.returncode == 2
-    assert "prompt is 1200 tokens" in refusal(res.stderr), res.stderr
-    assert run_counts("plan-regions", since) == [1]
-    assert not uri.exists()
+        refuse_long_prompt(api, tmp_path, "--cluster", cluster.scheduler_address)
