@@ -25,8 +25,8 @@ from actstore.toyworld import train as T  # noqa: E402
 
 
 @task
-def render_data_task(run_dir: str, n_scenes: int) -> str:
-    return str(T.render_data(run_dir, n_scenes))
+def render_data_task(run_dir: str, n_scenes: int, camera: str = "fixed") -> str:
+    return str(T.render_data(run_dir, n_scenes, camera=camera))
 
 
 @task
@@ -37,7 +37,8 @@ def train_vae_task(run_dir: str, steps: int, batch: int, lr: float) -> str:
 @task
 def inherit_task(run_dir: str, parent: str) -> dict:
     init = T.inherit(run_dir, parent)
-    return {"scaling_factor": init["scaling_factor"], "unet_ckpt": str(init["unet_ckpt"])}
+    return {"scaling_factor": init["scaling_factor"], "unet_ckpt": str(init["unet_ckpt"]),
+            "vae_frozen": bool(init.get("vae_frozen"))}
 
 
 @task
@@ -70,19 +71,20 @@ def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm", *,
               unet_steps: int = 4000, unet_batch: int = 32, lr: float = 3e-4,
               ckpt_every: int = 250, max_minutes: float | None = None,
               decoder_steps: int = 600, threads: int = 1, init_from: str | None = None,
-              snr_gamma: float | None = None) -> str:
+              snr_gamma: float | None = None, camera: str = "fixed") -> str:
     torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     init = inherit_task(run_dir, init_from) if init_from else {}
-    render_data_task(run_dir, n_scenes)
-    train_vae_task(run_dir, vae_steps, vae_batch, vae_lr)
+    render_data_task(run_dir, n_scenes, camera)
+    if not init.get("vae_frozen"):  # warm start from a model folder: its VAE as it is
+        train_vae_task(run_dir, vae_steps, vae_batch, vae_lr)
     if T._latents_stale(Path(run_dir)):
         encode_latents_task(run_dir, init.get("scaling_factor"))
     train_unet_task(run_dir, steps=unet_steps, batch=unet_batch, lr=lr, ckpt_every=ckpt_every,
                     max_minutes=max_minutes, init_ckpt=init.get("unet_ckpt"),
                     snr_gamma=snr_gamma)
-    if decoder_steps > 0:
+    if decoder_steps > 0 and not init.get("vae_frozen"):
         finetune_decoder_task(run_dir, decoder_steps, vae_batch)
     return export_task(run_dir, out)
 
@@ -96,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
               unet_batch=a.unet_batch,
               lr=a.lr, ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
               decoder_steps=a.decoder_steps, threads=a.threads, init_from=a.init_from,
-              snr_gamma=a.snr_gamma)
+              snr_gamma=a.snr_gamma, camera=a.camera)
     return 0
 
 

@@ -75,3 +75,28 @@ def test_committed_model_size_and_format():
     assert sum(p.stat().st_size for p in files) <= 20 * 2**20
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     assert (TOY / "vae" / "diffusion_pytorch_model.safetensors").exists()
+
+
+def test_warm_start_from_an_exported_folder(toy_dir, tmp_path):
+    """``train --init-from <model folder>``: the folder's VAE becomes the run's finished VAE
+    and its (EMA) UNet and text encoder start both the live and the EMA copies."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from actstore.toyworld.train import inherit
+
+    init = inherit(tmp_path, toy_dir)
+    cfg = json.loads((toy_dir / "vae" / "config.json").read_text())
+    assert init["vae_frozen"] and init["scaling_factor"] == cfg["scaling_factor"]
+    pipe = M.load_pipeline(toy_dir)
+    ck = load_file(str(init["unet_ckpt"]))
+    for pre in ("unet.", "ema_unet."):
+        for k, v in pipe.unet.state_dict().items():
+            assert torch.equal(ck[pre + k], v), pre + k
+    for pre in ("text_encoder.", "ema_text_encoder."):
+        for k, v in pipe.text_encoder.state_dict().items():
+            assert torch.equal(ck[pre + k], v), pre + k
+    vae = load_file(str(tmp_path / "ckpt" / "vae.safetensors"))
+    for k, v in pipe.vae.state_dict().items():
+        assert torch.equal(vae["vae." + k], v), k

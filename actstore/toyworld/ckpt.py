@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -91,3 +92,47 @@ def load_folder(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, config) of a :func:`save_folder` folder; no pickle is read."""
     path = Path(path)
     return load_file(str(path / "model.safetensors")), json.loads((path / "config.json").read_text())
+
+
+def _inherit_pipeline(run_dir: Path, folder: Path) -> dict:
+    """Warm start from an exported model folder (e.g. ``models/toy-ldm``), whose run
+    directory is not kept: its VAE (decoder included) becomes this run's finished VAE
+    checkpoint, and its UNet and text encoder (EMA weights, as exported) start both the
+    live and the EMA copies."""
+    ck = run_dir / "ckpt"
+    vae_ck, unet_ck = ck / "vae.safetensors", ck / "init_unet.safetensors"
+    sf = float(json.loads((folder / "vae" / "config.json").read_text())["scaling_factor"])
+    if not (vae_ck.exists() and unet_ck.exists()):
+        from actstore.toyworld.model import load_pipeline
+
+        pipe = load_pipeline(folder)
+        save_checkpoint(vae_ck, {"vae": pipe.vae}, None,
+                        {"step": 0, "elapsed": 0.0, "from": str(folder)})
+        mods = {pre + name: mod for pre in ("", "ema_")
+                for name, mod in (("unet", pipe.unet), ("text_encoder", pipe.text_encoder))}
+        st = json.loads((folder / "train_state.json").read_text()) \
+            if (folder / "train_state.json").exists() else {}
+        save_checkpoint(unet_ck, mods, None, {"step": st.get("step", 0), "from": str(folder)})
+    return {"scaling_factor": sf, "unet_ckpt": unet_ck, "vae_frozen": True}
+
+
+def inherit(run_dir: str | Path, parent: str | Path) -> dict:
+    """Set ``run_dir`` up to continue from ``parent``'s models on new data.
+
+    The VAE checkpoints are copied (so their stages are already done and export finds
+    them); the UNet is not, only pointed to, so this run's own optimizer, schedule and
+    checkpoints start fresh. Returns what the later stages need from the parent.
+    ``parent`` may also be an exported model folder (``model_index.json``); then the VAE
+    is frozen as it is (the VAE and decoder stages are skipped).
+    """
+    run_dir, parent = Path(run_dir), Path(parent)
+    (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
+    if (parent / "model_index.json").exists():
+        return _inherit_pipeline(run_dir, parent)
+    for name in ("vae", "vae_decoder"):
+        for ext in (".safetensors", ".json"):
+            src, dst = parent / "ckpt" / f"{name}{ext}", run_dir / "ckpt" / f"{name}{ext}"
+            if src.exists() and not dst.exists():
+                shutil.copy2(src, dst)
+    sf = json.loads((parent / "latent_stats.json").read_text())["scaling_factor"]
+    return {"scaling_factor": sf, "unet_ckpt": parent / "ckpt" / "unet.safetensors"}

@@ -76,13 +76,20 @@ def fit(net: torch.nn.Module, batch_loss, *, n_train: int, steps: int, batch: in
 
 def train_labeler(out_dir: str | Path = "models/toy-labeler", *, n_train: int = 4000,
                   steps: int = 1500, batch: int = 32, lr: float = 2e-3, threads: int = 1,
-                  seed: int = 0) -> ToyLabeler:
-    """Fit LabelNet on fresh renders (seeds disjoint from LDM data and the eval set)."""
+                  seed: int = 0, camera: str = "fixed",
+                  init_from: str | Path | None = None) -> ToyLabeler:
+    """Fit LabelNet on fresh renders (seeds disjoint from LDM data and the eval set).
+
+    ``init_from`` (a label model folder) fine-tunes that model instead, e.g. the shipped
+    one on renders of another world option: depth of the ground depends on the camera,
+    which the fixed-camera model never saw move."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     t0 = time.time()
-    x_all, y_all = _tensors(render_batch(range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n_train)))
-    net = LabelNet(DEFAULT_CONFIG["widths"])
+    x_all, y_all = _tensors(render_batch(range(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n_train),
+                                         camera=camera))
+    net = (ToyLabeler.from_pretrained(init_from).net.train() if init_from
+           else LabelNet(DEFAULT_CONFIG["widths"]))
 
     def batch_loss(idx: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         p, y = net(_augment(x_all[idx], g)), y_all[idx]
@@ -92,20 +99,22 @@ def train_labeler(out_dir: str | Path = "models/toy-labeler", *, n_train: int = 
     avg = fit(net, batch_loss, n_train=n_train, steps=steps, batch=batch, lr=lr, seed=seed,
               tag="labeler")
     cfg = dict(DEFAULT_CONFIG, train={"n_train": n_train, "steps": steps, "batch": batch,
-                                      "lr": lr, "final_loss": avg,
+                                      "lr": lr, "final_loss": avg, "camera": camera,
+                                      "init_from": str(init_from) if init_from else None,
                                       "wall_minutes": (time.time() - t0) / 60})
     lab = ToyLabeler(net, cfg)
     lab.save_pretrained(out_dir)
     return lab
 
 
-def evaluate(labeler: ToyLabeler, n_eval: int = 300, seed_offset: int = EVAL_SEED_OFFSET) -> dict:
+def evaluate(labeler: ToyLabeler, n_eval: int = 300, seed_offset: int = EVAL_SEED_OFFSET,
+             camera: str = "fixed") -> dict:
     """Held-out accuracy against exact render labels.
 
     Depth RMSE is reported both on the [0,1] relative inverse depth and after z-scoring
     prediction and truth with dataset-wide mean/std (the paper's convention).
     """
-    b = render_batch(range(seed_offset, seed_offset + n_eval))
+    b = render_batch(range(seed_offset, seed_offset + n_eval), camera=camera)
     pred = labeler(b["rgb"])
     m_t, m_p = b["salient"], pred["salient"] > 0.5
     dice = 2 * (m_t & m_p).sum((1, 2)) / np.maximum(m_t.sum((1, 2)) + m_p.sum((1, 2)), 1)
@@ -162,16 +171,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--init-from", default=None, metavar="FOLDER",
+                   help="fine-tune this label model instead of training from scratch")
+    p.add_argument("--camera", default="fixed", choices=["fixed", "varied"],
+                   help="world option of the training and held-out renders")
     p.add_argument("--eval-only", action="store_true",
                    help="only measure the model in --out on held-out renders of the current "
                         "world (e.g. after a world change) and print the metrics")
     a = p.parse_args(argv)
     if a.eval_only:
         torch.set_num_threads(a.threads)
-        print(json.dumps(evaluate(ToyLabeler.from_pretrained(a.out)), indent=1))
+        print(json.dumps(evaluate(ToyLabeler.from_pretrained(a.out), camera=a.camera), indent=1))
         return 0
-    lab = train_labeler(a.out, n_train=a.n_train, steps=a.steps, batch=a.batch, threads=a.threads)
-    metrics = evaluate(lab)
+    lab = train_labeler(a.out, n_train=a.n_train, steps=a.steps, batch=a.batch, threads=a.threads,
+                        camera=a.camera, init_from=a.init_from, lr=a.lr)
+    metrics = evaluate(lab, camera=a.camera)
     print(json.dumps(metrics, indent=1))
     cmd = ("python -m actstore.toyworld.labeler_train " + " ".join(argv or [])).strip()
     write_readme(a.out, metrics, lab.config, cmd)

@@ -22,6 +22,14 @@ from actstore.toyworld.vocab import COLOURS, LIGHTS, SHAPES
 # Camera: pinhole at CAM_POS, pitched down by CAM_PITCH, vertical/horizontal FOV 60 deg.
 CAM_POS = np.array([0.0, 1.6, 0.0])
 CAM_PITCH = 0.18
+# Opt-in varied camera (``camera="varied"``): pitch and height drawn per scene. With the
+# fixed camera the ground plane fixes every depth row, so depth is mostly image position
+# and a moved horizon is never seen; these ranges move the horizon from the image centre
+# (pitch 0) to row ~8 of 64 (pitch 0.42; the fixed camera's is row 22) while every object
+# of the world stays in view.
+PITCH_RANGE: tuple[float, float] = (0.0, 0.42)
+HEIGHT_RANGE: tuple[float, float] = (1.0, 2.4)
+CAMERAS: tuple[str, ...] = ("fixed", "varied")
 TAN_HALF_FOV = float(np.tan(np.radians(30.0)))
 FAR = 30.0  # metric depth of the sky and of ground beyond the far plane
 AMBIENT = 0.3
@@ -63,11 +71,27 @@ class Obj:
 
 
 @dataclass(frozen=True)
+class Camera:
+    """Pinhole on the y axis at ``height``, looking along +z, pitched down by ``pitch`` rad."""
+
+    pitch: float = CAM_PITCH
+    height: float = float(CAM_POS[1])
+
+    @property
+    def pos(self) -> np.ndarray:
+        return np.array([0.0, self.height, 0.0])
+
+
+FIXED_CAMERA = Camera()
+
+
+@dataclass(frozen=True)
 class SceneSpec:
     objects: tuple[Obj, ...]
     light: str
     light_dir: tuple[float, float, float]  # unit vector towards the light
     prompt: str
+    camera: Camera = FIXED_CAMERA
 
 
 @dataclass
@@ -85,10 +109,10 @@ class Scene:
     spec: SceneSpec | None = field(default=None, repr=False)
 
 
-def camera_rays(size: int) -> np.ndarray:
+def camera_rays(size: int, pitch: float = CAM_PITCH) -> np.ndarray:
     """Unit ray directions (size*size, 3) in row-major pixel order (row 0 = top)."""
-    fwd = np.array([0.0, -np.sin(CAM_PITCH), np.cos(CAM_PITCH)])
-    up = np.array([0.0, np.cos(CAM_PITCH), np.sin(CAM_PITCH)])
+    fwd = np.array([0.0, -np.sin(pitch), np.cos(pitch)])
+    up = np.array([0.0, np.cos(pitch), np.sin(pitch)])
     right = np.array([1.0, 0.0, 0.0])
     c = (np.arange(size) + 0.5) / size * 2.0 - 1.0
     v, u = np.meshgrid(-c, c, indexing="ij")
@@ -201,14 +225,25 @@ def _order_for_prompt(objs: list[Obj]) -> tuple[Obj, ...]:
     return tuple(sorted(objs, key=lambda o: o.x))
 
 
-def sample_spec(seed: int) -> SceneSpec:
+def sample_camera(seed: int) -> Camera:
+    """The varied camera of scene ``seed``, from its own stream of the seed (so the
+    scene's objects, light and prompt are those of the fixed-camera scene)."""
+    rng = np.random.default_rng([seed, 1])
+    return Camera(float(rng.uniform(*PITCH_RANGE)), float(rng.uniform(*HEIGHT_RANGE)))
+
+
+def sample_spec(seed: int, camera: str = "fixed") -> SceneSpec:
     """Random scene from a seed: 1-2 non-overlapping objects inside the view frustum.
 
     The world is kept as simple as the probing targets allow (see ``SCENE_COLOURS``,
     ``OBJECT_COUNTS``, ``DEPTH_RANGE``) so that a 3 M-parameter LDM trained for two hours
     on a CPU draws recognisable objects and shadows; ``describe`` and ``render_spec`` still
-    handle any hand-built scene (e.g. three objects, purple) for tests.
+    handle any hand-built scene (e.g. three objects, purple) for tests. ``camera="varied"``
+    adds :func:`sample_camera`'s pitch and height; ``"fixed"`` is the world every shipped
+    model, fixture and prompt table was made from.
     """
+    if camera not in CAMERAS:
+        raise ValueError(f"camera must be one of {CAMERAS}, not {camera!r}")
     rng = np.random.default_rng(seed)
     n_obj = int(rng.choice(OBJECT_COUNTS))
     objs: list[Obj] = []
@@ -234,12 +269,14 @@ def sample_spec(seed: int) -> SceneSpec:
     ld = LIGHT_DIRS[light] + rng.uniform(-0.2, 0.2, size=3)
     ld = ld / np.linalg.norm(ld)
     ordered = _order_for_prompt(objs)
-    return SceneSpec(ordered, light, tuple(float(v) for v in ld), describe(ordered, light))
+    cam = sample_camera(seed) if camera == "varied" else FIXED_CAMERA
+    return SceneSpec(ordered, light, tuple(float(v) for v in ld), describe(ordered, light), cam)
 
 
 def render_spec(spec: SceneSpec, size: int = 64, seed: int | None = None) -> Scene:
     """Ray-cast one scene: primary rays, nearest surface, Lambert + shadow rays."""
-    d = camera_rays(size)
+    d = camera_rays(size, spec.camera.pitch)
+    cam_pos = spec.camera.pos
     n = d.shape[0]
     light = np.asarray(spec.light_dir, dtype=np.float64)
 
@@ -247,12 +284,12 @@ def render_spec(spec: SceneSpec, size: int = 64, seed: int | None = None) -> Sce
     normal = np.zeros((n, 3))
     oid = np.zeros(n, dtype=np.int32)
     with np.errstate(divide="ignore"):
-        t_ground = np.where(d[:, 1] < 0, -CAM_POS[1] / d[:, 1], np.inf)
+        t_ground = np.where(d[:, 1] < 0, -cam_pos[1] / d[:, 1], np.inf)
     ground = np.isfinite(t_ground)
     t_best[ground] = t_ground[ground]
     normal[ground] = (0.0, 1.0, 0.0)
     for k, obj in enumerate(spec.objects, start=1):
-        t, nrm = intersect(obj, CAM_POS, d)
+        t, nrm = intersect(obj, cam_pos, d)
         closer = t < t_best
         t_best[closer] = t[closer]
         normal[closer] = nrm[closer]
@@ -264,7 +301,7 @@ def render_spec(spec: SceneSpec, size: int = 64, seed: int | None = None) -> Sce
     vis = np.ones(n)
     cand = np.flatnonzero(surf & (lam > 0))
     if cand.size and spec.objects:
-        p = CAM_POS + t_best[cand, None] * d[cand] + 1e-3 * normal[cand]
+        p = cam_pos + t_best[cand, None] * d[cand] + 1e-3 * normal[cand]
         ldir = np.broadcast_to(light, p.shape)
         blocked = np.zeros(cand.size, dtype=bool)
         for obj in spec.objects:
@@ -300,14 +337,14 @@ def render_spec(spec: SceneSpec, size: int = 64, seed: int | None = None) -> Sce
     )
 
 
-def render_scene(seed: int, size: int = 64) -> Scene:
+def render_scene(seed: int, size: int = 64, camera: str = "fixed") -> Scene:
     """The scene for ``seed``; identical across calls and machines (numpy PCG64)."""
-    return render_spec(sample_spec(seed), size=size, seed=seed)
+    return render_spec(sample_spec(seed, camera), size=size, seed=seed)
 
 
-def render_batch(seeds, size: int = 64) -> dict[str, np.ndarray | list[str]]:
+def render_batch(seeds, size: int = 64, camera: str = "fixed") -> dict[str, np.ndarray | list[str]]:
     """Stack many scenes into arrays keyed like ``Scene`` fields (plus ``seed``)."""
-    scenes = [render_scene(int(s), size) for s in seeds]
+    scenes = [render_scene(int(s), size, camera) for s in seeds]
     out: dict[str, np.ndarray | list[str]] = {
         k: np.stack([getattr(sc, k) for sc in scenes])
         for k in ("rgb", "depth", "inv_depth", "salient", "shading", "object_id")

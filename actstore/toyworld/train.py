@@ -12,7 +12,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from actstore.toyworld import model as M
-from actstore.toyworld.ckpt import load_checkpoint, save_checkpoint
+from actstore.toyworld.ckpt import inherit, load_checkpoint, save_checkpoint
 from actstore.toyworld.render import render_batch
 from actstore.toyworld.tokenizer import build_tokenizer
 
@@ -35,20 +34,29 @@ def _log(run_dir: Path, msg: str) -> None:
         f.write(line + "\n")
 
 
-def render_data(run_dir: str | Path, n_scenes: int, size: int = 64) -> Path:
-    """Render (or reuse) the training scenes: rgb.npy + prompts.json in the run dir."""
+def render_data(run_dir: str | Path, n_scenes: int, size: int = 64,
+                camera: str = "fixed") -> Path:
+    """Render (or reuse) the training scenes: rgb.npy + prompts.json in the run dir.
+
+    ``camera`` is the renderer's world option; it is kept in ``world.json`` so cached
+    renders of another camera are never reused (a run dir without it holds fixed-camera
+    renders, the only world before the option existed).
+    """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    rgb_p, pr_p = run_dir / "rgb.npy", run_dir / "prompts.json"
-    if rgb_p.exists() and pr_p.exists() and len(json.loads(pr_p.read_text())) == n_scenes:
+    rgb_p, pr_p, w_p = run_dir / "rgb.npy", run_dir / "prompts.json", run_dir / "world.json"
+    cached = json.loads(w_p.read_text())["camera"] if w_p.exists() else "fixed"
+    if (rgb_p.exists() and pr_p.exists() and cached == camera
+            and len(json.loads(pr_p.read_text())) == n_scenes):
         return run_dir
     t0 = time.time()
     seeds = np.arange(TRAIN_SEED_OFFSET, TRAIN_SEED_OFFSET + n_scenes)
-    b = render_batch(seeds, size)
+    b = render_batch(seeds, size, camera=camera)
     np.save(rgb_p, b["rgb"])
     np.save(run_dir / "salient.npy", b["salient"])
     pr_p.write_text(json.dumps(b["prompt"]))
-    _log(run_dir, f"rendered {n_scenes} scenes in {time.time() - t0:.1f}s")
+    w_p.write_text(json.dumps({"camera": camera}))
+    _log(run_dir, f"rendered {n_scenes} scenes ({camera} camera) in {time.time() - t0:.1f}s")
     return run_dir
 
 
@@ -300,24 +308,6 @@ def export(run_dir: str | Path, out_dir: str | Path, use_ema: bool = True) -> Pa
     return out
 
 
-def inherit(run_dir: str | Path, parent: str | Path) -> dict:
-    """Set ``run_dir`` up to continue from ``parent``'s models on new data.
-
-    The VAE checkpoints are copied (so their stages are already done and export finds
-    them); the UNet is not, only pointed to, so this run's own optimizer, schedule and
-    checkpoints start fresh. Returns what the later stages need from the parent.
-    """
-    run_dir, parent = Path(run_dir), Path(parent)
-    (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
-    for name in ("vae", "vae_decoder"):
-        for ext in (".safetensors", ".json"):
-            src, dst = parent / "ckpt" / f"{name}{ext}", run_dir / "ckpt" / f"{name}{ext}"
-            if src.exists() and not dst.exists():
-                shutil.copy2(src, dst)
-    sf = json.loads((parent / "latent_stats.json").read_text())["scaling_factor"]
-    return {"scaling_factor": sf, "unet_ckpt": parent / "ckpt" / "unet.safetensors"}
-
-
 def _latents_stale(run: Path) -> bool:
     lat, ck = run / "latent_stats.json", run / "ckpt" / "vae.safetensors"
     return not lat.exists() or lat.stat().st_mtime < ck.stat().st_mtime
@@ -347,6 +337,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", default=None, metavar="RUN_DIR",
                    help="warm start: reuse that run's VAE, decoder, latent scaling and "
                         "UNet weights (new data, optimizer and schedule)")
+    p.add_argument("--camera", default="fixed", choices=["fixed", "varied"],
+                   help="world option for rendered training scenes: 'varied' draws camera "
+                        "pitch and height per scene (actstore.toyworld.render.sample_camera)")
     p.add_argument("--decoder-steps", type=int, default=600,
                    help="decoder-only fine-tuning on frozen-encoder latents; with --stage "
                         "all it runs after the UNet, or run --stage decoder in parallel")
@@ -365,8 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     init = inherit(run, a.init_from) if a.init_from else {}
     if a.stage in ("all", "data"):
-        render_data(run, a.n_scenes)
-    if a.stage in ("all", "vae"):
+        render_data(run, a.n_scenes, camera=a.camera)
+    if a.stage in ("all", "vae") and not init.get("vae_frozen"):
         train_vae(run, steps=a.vae_steps, batch=a.vae_batch, lr=a.vae_lr)
     if a.stage == "latents" or (a.stage == "all" and _latents_stale(run)):
         encode_latents(run, scaling_factor=init.get("scaling_factor"))
@@ -374,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         train_unet(run, steps=a.unet_steps, batch=a.unet_batch, lr=a.lr,
                    ckpt_every=a.ckpt_every, max_minutes=a.max_minutes,
                    init_ckpt=init.get("unet_ckpt"), snr_gamma=a.snr_gamma)
-    if a.stage == "decoder" or (a.stage == "all" and a.decoder_steps > 0):
+    if a.stage == "decoder" or (a.stage == "all" and a.decoder_steps > 0
+                                and not init.get("vae_frozen")):
         finetune_decoder(run, steps=a.decoder_steps, batch=a.vae_batch)
     if a.stage in ("all", "export"):
         export(run, a.out)
