@@ -208,8 +208,8 @@ def _solve_ridge(stats: pb.FoldStats, lambdas: np.ndarray) -> LayerFit:
                     "ridge")
 
 
-def _step_stats(stats: pb.FoldStats, s: int) -> pb.FoldStats:
-    """One step's slice of statistics batched over steps."""
+def _step_stats(stats: pb.FoldStats, s: int | slice) -> pb.FoldStats:
+    """One step's slice (or a range of steps') of statistics batched over steps."""
     def take(r: pb.RidgeStats | None):
         if r is None:
             return None
@@ -218,36 +218,53 @@ def _step_stats(stats: pb.FoldStats, s: int) -> pb.FoldStats:
     return pb.FoldStats(tuple(take(f) for f in stats.folds))
 
 
-def _logistic_cell(sample: sampling.TokenSample, n_folds: int, fold_stats: pb.FoldStats,
-                   ridge: LayerFit, k: int) -> pb.ProbeFit | None:
-    """Step ``k``'s logistic probe from its token sample (:meth:`TokenSample.step`); None
-    where it is undefined (a single class seen, as on a layer too coarse for the mask, or a
-    diverging fit). The statistics are of all train tokens, which the weighted sample
-    stands for; λ is searched in the window the step's ridge λ places
+LOCKSTEP_BYTES = 256 << 20   # float32 tokens of the steps one logistic task fits in lockstep
+LOCKSTEP_TASKS = 2           # at least this many logistic tasks per layer (threads to fill)
+
+
+def _step_groups(n_steps: int, tokens: int, channels: int) -> list[slice]:
+    """The steps of a layer cut into logistic tasks: as few as the threads and
+    :data:`LOCKSTEP_BYTES` allow (a tick's Python costs the same for 1 cell or 15)."""
+    per_step = 4 * tokens * channels
+    n = min(n_steps, max(LOCKSTEP_TASKS, -(-n_steps * per_step // LOCKSTEP_BYTES)))
+    cuts = np.linspace(0, n_steps, n + 1).round().astype(int)
+    return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _logistic_cells(sample: sampling.TokenSample, n_folds: int, fold_stats: pb.FoldStats,
+                    ridge: LayerFit, steps: slice) -> list[pb.ProbeFit | None]:
+    """The logistic probes of ``steps`` (positions) from their token sample
+    (:meth:`TokenSample.step`) and statistics, fitted in lockstep; None where a probe is
+    undefined (a single class seen, as on a layer too coarse for the mask, or a diverging
+    fit). The statistics are of all train tokens, which the weighted sample stands for; λ
+    is searched in the window each step's ridge λ places
     (:func:`actstore.probe.logistic.lambda_window`), the other λ's CV scores are NaN. A
     sample fit is polished no further than the path's tolerance: its sampling error is
     far larger."""
+    k = range(steps.start, steps.stop)
     if not 0 < sample.y.mean() < 1:
-        return None
+        return [None] * len(k)
     grid = np.asarray(lg.LOGISTIC_LAMBDAS)
-    keep = lg.lambda_window(float(ridge.lam[k]),
-                            lg.moments([f for f in fold_stats.folds if f]).mean_y, grid)
+    positive = lg.moments([f for f in fold_stats.folds if f]).mean_y
+    keep = [lg.lambda_window(float(ridge.lam[j]), float(positive[i]), grid)
+            for i, j in enumerate(k)]
     exact = bool((sample.weight == 1).all())
-    out = lg.fit_logistic_cv(sample.x[0], sample.y, sample.image, lambdas=grid[keep],
-                             n_folds=n_folds,
-                             tol=lg.TOL if exact else lg.PATH_TOL, fold_stats=fold_stats,
-                             weight=sample.weight)
-    if not (np.isfinite(out.weights).all() and np.isfinite(out.bias)):
-        return None
-    cv = np.full(len(grid), np.nan)
-    cv[keep] = out.cv_score
-    return replace(out, lambdas=grid, cv_score=cv)
+    fits = lg.fit_logistic_cv_cells(sample.x, sample.y, sample.image, [grid[m] for m in keep],
+                                    n_folds=n_folds, tol=lg.TOL if exact else lg.PATH_TOL,
+                                    fold_stats=fold_stats, weight=sample.weight)
+    out = []
+    for fit, m in zip(fits, keep):
+        cv = np.full(len(grid), np.nan)
+        cv[m] = fit.cv_score
+        out.append(replace(fit, lambdas=grid, cv_score=cv)
+                   if np.isfinite(fit.weights).all() and np.isfinite(fit.bias) else None)
+    return out
 
 
-def _logistic_fit(fit: LayerFit, steps: np.ndarray, *cells: pb.ProbeFit | None) -> LayerFit:
+def _logistic_fit(fit: LayerFit, steps: np.ndarray, *groups: list) -> LayerFit:
     lambdas = np.asarray(lg.LOGISTIC_LAMBDAS)
     weights, bias, lam, cv, fallback = [], [], [], [], []
-    for k, out in enumerate(cells):
+    for k, out in enumerate(c for g in groups for c in g):
         if out is None:
             # keep the ridge probe on 0/1, shifted so that "score > 0" still means "mask"
             fallback.append(int(steps[k]))
@@ -277,9 +294,10 @@ def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 
              for a, b in blocks]
     stats, sample = _tree_sum([p[0] for p in parts]), _tree_sum([p[1] for p in parts])
     fit = delayed(_solve_ridge)(stats, lambdas)
-    cells = [delayed(_logistic_cell)(delayed(sample.step)(k), n_folds,
-                                     delayed(_step_stats)(stats, k), fit, k)
-             for k in range(len(steps))]
+    arr = _array(src.uri, src.activation)
+    groups = _step_groups(len(steps), sampling.budget(arr.shape[-1]), arr.shape[-1])
+    cells = [delayed(_logistic_cells)(delayed(sample.step)(g.start, g.stop), n_folds,
+                                      delayed(_step_stats)(stats, g), fit, g) for g in groups]
     return delayed(_logistic_fit)(fit, steps, *cells)
 
 

@@ -76,9 +76,11 @@ class TokenSample:
                            np.concatenate([p.image for p in parts]),
                            np.concatenate([p.weight for p in parts]))
 
-    def step(self, k: int) -> "TokenSample":
-        """Step ``k`` alone (x (1, token, C)): what one step's task needs to receive."""
-        return TokenSample(self.x[k:k + 1], self.y, self.image, self.weight)
+    def step(self, k: int, stop: int | None = None) -> "TokenSample":
+        """Step ``k`` alone (x (1, token, C)), or steps k to ``stop``: what one logistic
+        task needs to receive."""
+        return TokenSample(self.x[k:k + 1 if stop is None else stop], self.y, self.image,
+                           self.weight)
 
 
 def draw(x: np.ndarray, y: np.ndarray, image: np.ndarray, position: np.ndarray,
