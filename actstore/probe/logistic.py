@@ -22,8 +22,8 @@ import numpy as np
 
 from actstore.errors import ActstoreError
 from actstore.probe import newton as nt
-from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _stats_by_fold, _up,
-                                    fold_of, pool)
+from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _stats_by_fold, _tensor,
+                                    _up, fold_of, pool)
 
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
 RESIDENT_BYTES = 1 << 30    # logistic keeps a copy of X for its passes up to this size
@@ -159,7 +159,9 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats,
     if len(polish):
         dt = np.float64 if tol < PATH_TOL else PATH_DTYPE
         Xs = X[polish] if Xp is X else Xp[polish]
-        Xs = _up(Xs, dt) if Xs.size * np.dtype(dt).itemsize <= RESIDENT_BYTES else Xs
+        if Xs.size * np.dtype(dt).itemsize <= RESIDENT_BYTES and Xs.dtype != dt:
+            # torch's allocation: numpy's huge pages cost more to touch than the polish
+            Xs = _tensor(Xs).to(_tensor(np.empty(0, dt)).dtype).numpy()
         one = np.ones((S, 1))
         last = slice(-1, None)
 
