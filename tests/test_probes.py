@@ -262,6 +262,42 @@ def test_logistic_cv_matches_sklearn_brute_force():
     np.testing.assert_allclose(fit.weights, ref.weights, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("eigen_max", [256, 0])   # narrow Hessians by eigh / tridiagonal
+def test_logistic_cells_in_lockstep_match_sklearn_cell_by_cell(monkeypatch, eigen_max):
+    """A layer's steps fitted in lockstep (same labels and images, each step its own
+    activations and λ grid, of different lengths, so cells finish at different ticks and
+    the working set shrinks), against sklearn's brute-force CV and fit of each cell, and
+    against each cell fitted alone."""
+    from actstore.probe import newton
+    monkeypatch.setattr(newton, "EIGEN_MAX_C", eigen_max)
+    X, yb = binary_cells(3)
+    noise = np.random.default_rng(4).normal(size=(4,) + X.shape).astype(np.float32)
+    Xs = X + noise * np.array([0.0, 0.3, 1.0, 3.0], np.float32)[:, None, None, None]
+    grids = [np.logspace(-4, 0, 5), np.logspace(-3, -1, 3), np.array([1e-2]),
+             np.logspace(-4, -2, 2)]
+    img = np.repeat(np.arange(N_IMG), TOK)
+    stats = sum(image_stats(i, Xs[:, i], np.broadcast_to(yb[i], (4, TOK))) for i in range(N_IMG))
+    fits = lg.fit_logistic_cv_cells(Xs.reshape(4, -1, C), yb.ravel(), img, grids,
+                                    fold_stats=stats)
+    for k, (fit, lambdas) in enumerate(zip(fits, grids)):
+        want = brute_force_cv(Xs[k], yb, lambdas, 5, sk_logistic,
+                              lambda m, Xv, yv: -(m.predict_log_proba(Xv)[np.arange(len(yv)),
+                                                                          yv.astype(int)]).sum())
+        np.testing.assert_allclose(fit.cv_score, want, rtol=1e-5)
+        assert fit.lam == lambdas[np.argmin(want)] and fit.converged
+        ref = sk_logistic(float(fit.alpha), Xs[k].reshape(-1, C).astype(np.float64), yb.ravel())
+        np.testing.assert_allclose(fit.weights, ref.coef_[0], rtol=1e-4,
+                                   atol=1e-4 * np.abs(ref.coef_).max())
+        step = FoldStats(tuple(replace(f, **{a: getattr(f, a)[k] for a in (
+            "n", "mean_x", "mean_y", "sxx", "sxy", "syy")}) for f in stats.folds))
+        alone = fit_logistic_cv(Xs[k].reshape(-1, C), yb.ravel(), img, lambdas=lambdas,
+                                fold_stats=step)
+        assert alone.lam == fit.lam
+        np.testing.assert_allclose(fit.weights, alone.weights, rtol=1e-6,
+                                   atol=1e-6 * np.abs(alone.weights).max())
+        np.testing.assert_allclose(fit.cv_score, alone.cv_score, rtol=1e-8)
+
+
 def r2(pred, y):
     return 1 - ((pred - y) ** 2).sum() / ((y - y.mean()) ** 2).sum()
 
