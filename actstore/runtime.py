@@ -61,3 +61,25 @@ def numeric_threads(threads: int | None = None):
             yield n
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def small_pages():
+    """numpy's fresh arrays on ordinary 4 kB pages for the duration. numpy asks the kernel
+    for transparent huge pages on arrays of 4 MB and more; where the kernel defragments on
+    such a request (``defrag`` = madvise, as on the 2026-12-05 benchmark machine) a first
+    touch may compact memory synchronously, and a probe run makes hundreds of block-sized
+    temporaries (fold-ordered copies, token reshapes, upcasts) from two threads: a toy
+    probe run's CPU time, threads scheduler, 4 rounds: depth 1.95-2.43 → 1.44-1.59 s,
+    salient 4.36-4.74 → 4.04-4.17 s (benchmarks/README.md). A no-op where numpy has no
+    such switch."""
+    try:
+        from numpy._core.multiarray import _set_madvise_hugepage
+    except ImportError:   # pragma: no cover  (numpy without the switch)
+        yield
+        return
+    before = _set_madvise_hugepage(False)
+    try:
+        yield
+    finally:
+        _set_madvise_hugepage(before)

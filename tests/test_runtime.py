@@ -29,3 +29,37 @@ def test_task_threads_are_single_and_restored():
     with numeric_threads(1):
         pass
     assert torch.get_num_threads() == 2
+
+
+def _thp_eligible(a) -> bool | None:
+    """Whether the kernel may back array ``a`` with huge pages (its mapping's THPeligible)."""
+    addr = a.__array_interface__["data"][0] + a.nbytes // 2   # past an unaligned head
+    lines = open("/proc/self/smaps").read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= addr < hi:
+                for rest in lines[i + 1:]:
+                    if rest.startswith("THPeligible:"):
+                        return rest.split()[1] == "1"
+    return None
+
+
+def test_small_pages_turn_numpy_huge_page_advice_off_and_restore_it():
+    import numpy as np
+    from numpy._core.multiarray import _set_madvise_hugepage
+
+    from actstore.runtime import small_pages
+    before = _set_madvise_hugepage(True)
+    try:
+        with small_pages():
+            assert _set_madvise_hugepage(False) is False   # numpy's switch is off inside
+            a = np.ones(16 << 20)
+            assert _thp_eligible(a) in (False, None)
+        assert _set_madvise_hugepage(True) is True         # and on again after
+        mode = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        if "[madvise]" in mode:     # advice is what makes a mapping eligible
+            assert _thp_eligible(np.ones(16 << 20)) is True
+    finally:
+        _set_madvise_hugepage(before)

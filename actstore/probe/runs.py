@@ -38,7 +38,7 @@ from actstore.probe.grid import LayerSource, Split, metric_names, probe_layer
 from actstore.probe.uncertainty import score_intervals
 from actstore.label.labels import list_targets, resolution_name
 from actstore.progress import Progress
-from actstore.runtime import task_threads
+from actstore.runtime import small_pages, task_threads
 
 PROBES = lay.PROBES
 EMERGENCE_INTERVALS = ("ci_low", "ci_high", "emergence_low", "emergence_high")
@@ -116,7 +116,7 @@ def run_probes(store: str, target: str, settings: ProbeSettings | None = None, *
     ``settings`` (default :class:`ProbeSettings`), with any of its fields given as keyword
     ``options`` on top (``layers=[...]``, ``steps=[...]``, ``label_spearman=True``...)."""
     settings = (settings or ProbeSettings()).with_options(**options)
-    with task_threads():   # parallelism comes from Dask's threads
+    with task_threads(), small_pages():   # parallelism comes from Dask's threads
         return _run_probes(store, target, settings, scheduler, progress)
 
 
