@@ -10,8 +10,8 @@ they run, so on a cluster only the sufficient statistics, the probes and the sco
    Binary targets then refine each step's probe to an L2 logistic regression by
    quasi-Newton steps (warm-started, its folds' Gram matrices taken from the same
    statistics, λ searched around the ridge's), the steps in lockstep (two tasks per
-   layer), on a class-balanced weighted sample of the train tokens that the same block tasks keep beside their
-   statistics (:mod:`actstore.probe.sampling`): the store is read once.
+   layer), on a class-balanced weighted sample of the train tokens that the same block
+   tasks keep beside their statistics (:mod:`actstore.probe.sampling`): the store is read once.
 2. **score** over the blocks holding test images: predictions for all steps, scored per
    image at token and label resolution (:mod:`actstore.probe.scoring`).
 
