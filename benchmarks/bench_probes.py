@@ -28,7 +28,8 @@ from threadpoolctl import threadpool_limits
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from actstore.metrics import dice, rmse, summarize  # noqa: E402
 from actstore.probe.logistic import fit_logistic_cv  # noqa: E402
-from actstore.probe.solvers import fit_ridge_cv, image_stats, predict  # noqa: E402
+from actstore.probe.solvers import fit_ridge_cv, predict  # noqa: E402
+from actstore.probe.stats import image_stats  # noqa: E402
 
 
 def cells(n_cells: int, images: int, tokens: int, channels: int, seed: int):

@@ -108,7 +108,8 @@ def test_logistic_fits_the_sample_of_the_fit_pass(planted, monkeypatch, tmp_path
     from actstore.probe import grid, sampling
     from actstore.probe.logistic import (LOGISTIC_LAMBDAS, PATH_TOL, fit_logistic_cv,
                                          lambda_window)
-    from actstore.probe.solvers import fit_ridge_cv, image_stats
+    from actstore.probe.solvers import fit_ridge_cv
+    from actstore.probe.stats import image_stats
 
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(planted["uri"], uri)

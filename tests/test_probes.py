@@ -10,11 +10,12 @@ from threadpoolctl import threadpool_limits
 
 from actstore.probe import shifted
 from actstore.probe import solvers as probes
+from actstore.probe import stats, upcast
 from actstore.errors import ActstoreError
 from actstore.probe import logistic as lg
 from actstore.probe.logistic import fit_logistic, fit_logistic_cv
-from actstore.probe.solvers import (FoldStats, accumulate, fit_ridge,
-                             fit_ridge_cv, fold_of, image_stats, predict)
+from actstore.probe.solvers import fit_ridge, fit_ridge_cv, predict
+from actstore.probe.stats import FoldStats, accumulate, fold_of, image_stats
 
 N_IMG, TOK, C = 40, 32, 12
 
@@ -162,14 +163,14 @@ def test_removing_a_fold_equals_merging_the_others():
 
 
 def test_pooling_parts_equals_their_concatenated_tokens():
-    """solvers.pool (K parts in one step) and logistic.moments (no C×C) against the
+    """stats.pool (K parts in one step) and logistic.moments (no C×C) against the
     statistics of the concatenated tokens in float64."""
     X, y, _ = make_cells(8, steps=(2,))
     cuts = [0, 5, 17, 18, 31, N_IMG]
     parts = [accumulate(X[:, a:b].reshape(2, -1, C), y[:, a:b].reshape(2, -1))
              for a, b in zip(cuts[:-1], cuts[1:])]
     whole = accumulate(X.reshape(2, -1, C).astype(np.float64), y.reshape(2, -1))
-    pooled = probes.pool(parts)
+    pooled = stats.pool(parts)
     for name in ("n", "mean_x", "mean_y", "sxx", "sxy", "syy"):
         np.testing.assert_allclose(getattr(pooled, name), getattr(whole, name), rtol=1e-6,
                                    atol=1e-6 * np.abs(getattr(whole, name)).max())
@@ -237,7 +238,7 @@ def test_memory_bounds_do_not_change_results(monkeypatch):
     X, yb = binary_cells()
     Xf, yf = X.reshape(-1, C), yb.ravel()
     ref_r, ref_l = fit_ridge(accumulate(Xf, yf), 1e-3), fit_logistic(Xf, yf, 1e-3)
-    monkeypatch.setattr(probes, "CHUNK_BYTES", 4 * C * 100)
+    monkeypatch.setattr(upcast, "CHUNK_BYTES", 4 * C * 100)
     monkeypatch.setattr(lg, "RESIDENT_BYTES", 0)
     monkeypatch.setattr(lg, "HESSIAN_TOKENS", 20)
     got_r, got_l = fit_ridge(accumulate(Xf, yf), 1e-3), fit_logistic(Xf, yf, 1e-3)
@@ -336,7 +337,7 @@ def test_float32_fold_statistics_match_float64_brute_force(monkeypatch):
     """A block's fold co-moments stay float32 (their mean correction by BLAS ``sger``, in
     place) until merged, and merges are float64: a wide float16 layer with large channel
     means, in several chunks, against float64 sums over the same float16 values."""
-    monkeypatch.setattr(probes, "CHUNK_BYTES", 300 * 4 * 320)   # ~300 tokens per chunk
+    monkeypatch.setattr(upcast, "CHUNK_BYTES", 300 * 4 * 320)   # ~300 tokens per chunk
     rng = np.random.default_rng(7)
     n_img, tok, c = 12, 100, 320                                  # c ≥ 256: the BLAS path
     X = (rng.normal(size=(n_img * tok, c)) * rng.uniform(0.3, 3, c)
@@ -365,11 +366,11 @@ def test_scratch_upcast_is_exact_reused_and_never_the_callers_array():
     input, not the caller's array; predictions through the buffer equal float64 products."""
     X, y, _ = make_cells(3)
     X16 = X.astype(np.float16)
-    a = probes._up(X16[0], scratch=True)
+    a = upcast.upcast(X16[0], scratch=True)
     np.testing.assert_array_equal(a, X16[0].astype(np.float32))
-    b = probes._up(X16[1], scratch=True)
+    b = upcast.upcast(X16[1], scratch=True)
     assert np.shares_memory(a, b)                                    # the same buffer
-    assert np.shares_memory(probes._up(X[0], scratch=True), X[0])   # no conversion: no copy
+    assert np.shares_memory(upcast.upcast(X[0], scratch=True), X[0])   # no conversion: no copy
     before = X.copy()
     image_stats(np.repeat(np.arange(N_IMG), TOK), X.reshape(-1, C), y.ravel())
     np.testing.assert_array_equal(X, before)

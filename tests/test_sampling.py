@@ -9,7 +9,8 @@ from threadpoolctl import threadpool_limits
 from actstore.probe import sampling
 from actstore.probe.logistic import (LOGISTIC_LAMBDAS, PATH_TOL, fit_logistic, fit_logistic_cv,
                                      lambda_window)
-from actstore.probe.solvers import fit_ridge_cv, image_stats
+from actstore.probe.solvers import fit_ridge_cv
+from actstore.probe.stats import image_stats
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -34,6 +34,7 @@ from actstore.kinds import BINARY
 from actstore.probe import logistic as lg
 from actstore.probe import sampling
 from actstore.probe import solvers as pb
+from actstore.probe import stats as ps
 from actstore.probe.scoring import LabelSide, block_scores, label_side
 from actstore.probe.scoring import metric_names as _names
 from actstore.store import io
@@ -150,7 +151,7 @@ def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.nda
     per_image = y.shape[1] * y.shape[2]
     index = np.repeat(np.arange(a, b)[rows], per_image)
     tokens = y.reshape(-1).astype(np.float32)
-    stats = pb.image_stats(index, X, np.broadcast_to(tokens, X.shape[:2]), n_folds)
+    stats = ps.image_stats(index, X, np.broadcast_to(tokens, X.shape[:2]), n_folds)
     if rates is None:
         return stats
     position = np.tile(np.arange(per_image), len(y))
@@ -191,7 +192,7 @@ def _merged(parts: list):
     if isinstance(parts[0], sampling.TokenSample):
         return sampling.TokenSample.concat(parts)
     folds = zip(*(p.folds for p in parts))
-    return pb.FoldStats(tuple(pb.pool([f for f in fs if f is not None]) if any(fs) else None
+    return ps.FoldStats(tuple(ps.pool([f for f in fs if f is not None]) if any(fs) else None
                               for fs in folds))
 
 
@@ -202,20 +203,20 @@ def _tree_sum(parts: list):
     return parts[0]
 
 
-def _solve_ridge(stats: pb.FoldStats, lambdas: np.ndarray) -> LayerFit:
+def _solve_ridge(stats: ps.FoldStats, lambdas: np.ndarray) -> LayerFit:
     ridge = pb.fit_ridge_cv(stats, lambdas)
     return LayerFit(ridge.weights, ridge.bias, ridge.lam, ridge.cv_score, ridge.lambdas,
                     "ridge")
 
 
-def _step_stats(stats: pb.FoldStats, s: int | slice) -> pb.FoldStats:
+def _step_stats(stats: ps.FoldStats, s: int | slice) -> ps.FoldStats:
     """One step's slice (or a range of steps') of statistics batched over steps."""
-    def take(r: pb.RidgeStats | None):
+    def take(r: ps.RidgeStats | None):
         if r is None:
             return None
         return replace(r, **{f.name: getattr(r, f.name)[s] for f in fields(r)
                              if isinstance(getattr(r, f.name), np.ndarray)})
-    return pb.FoldStats(tuple(take(f) for f in stats.folds))
+    return ps.FoldStats(tuple(take(f) for f in stats.folds))
 
 
 LOCKSTEP_BYTES = 256 << 20   # float32 tokens of the steps one logistic task fits in lockstep
@@ -231,7 +232,7 @@ def _step_groups(n_steps: int, tokens: int, channels: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def _logistic_cells(sample: sampling.TokenSample, n_folds: int, fold_stats: pb.FoldStats,
+def _logistic_cells(sample: sampling.TokenSample, n_folds: int, fold_stats: ps.FoldStats,
                     ridge: LayerFit, steps: slice) -> list[pb.ProbeFit | None]:
     """The logistic probes of ``steps`` (positions) from their token sample
     (:meth:`TokenSample.step`) and statistics, fitted in lockstep; None where a probe is

@@ -22,8 +22,9 @@ import numpy as np
 
 from actstore.errors import ActstoreError
 from actstore.probe import newton as nt
-from actstore.probe.solvers import (FoldStats, ProbeFit, RidgeStats, _stats_by_fold, _tensor,
-                                    _up, fold_of, pool)
+from actstore.probe.solvers import ProbeFit
+from actstore.probe.stats import FoldStats, RidgeStats, fold_of, pool, stats_by_fold
+from actstore.probe.upcast import as_tensor, upcast
 
 LOGISTIC_LAMBDAS = np.logspace(-6, 0, 7)   # each λ costs Newton passes: one per decade
 RESIDENT_BYTES = 1 << 30    # logistic keeps a copy of X for its passes up to this size
@@ -83,7 +84,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats,
     if wt.shape != y.shape or not (wt > 0).all():
         raise ActstoreError(f"token weights need one positive entry per token, got {wt.shape}")
     F = list(getattr(stats, "folds", stats)) if stats else \
-        _stats_by_fold(X, np.broadcast_to(y, X.shape[:2]), fold, n_groups,
+        stats_by_fold(X, np.broadcast_to(y, X.shape[:2]), fold, n_groups,
                        None if weight is None else wt)
     if len(F) != n_groups:
         raise ActstoreError(f"fold_stats has {len(F)} folds, expected {n_groups}")
@@ -104,7 +105,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats,
     # the full model's exact Hessian at the intercept-only model
     H = nt.Hess.of(full.sxx, full.mean_x, full.n, share, ybar[:, -1] * (1 - ybar[:, -1]))
 
-    Xp = _up(X, PATH_DTYPE) if X.size * np.dtype(PATH_DTYPE).itemsize <= RESIDENT_BYTES else X
+    Xp = upcast(X, PATH_DTYPE) if X.size * np.dtype(PATH_DTYPE).itemsize <= RESIDENT_BYTES else X
     # Hessian refreshes: XᵀWX at the full model's weights, on a strided subsample of
     # ≤ ~256·C tokens (it only preconditions; the exact gradient decides), taken on a
     # cell's first refresh (most C = 1280 cells make none) from the path's float32 copy.
@@ -113,9 +114,9 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats,
 
     def hessian(cell, z, c):
         if cell not in sub:
-            sub[cell] = Xp[cell, ::k] if Xp.dtype == np.float32 else _up(X[cell, ::k])
+            sub[cell] = Xp[cell, ::k] if Xp.dtype == np.float32 else upcast(X[cell, ::k])
         p = 0.5 + 0.5 * np.tanh(0.5 * z[::k])
-        h = _stats_by_fold(sub[cell], None, np.zeros(len(wt_sub), np.int64), 1,
+        h = stats_by_fold(sub[cell], None, np.zeros(len(wt_sub), np.int64), 1,
                            wt_sub * p * (1 - p))[0]
         return nt.Hess.of(h.sxx[None], h.mean_x[None], np.asarray(h.n)[None], c[cell][None],
                           np.ones(1))
@@ -161,7 +162,7 @@ def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats,
         Xs = X[polish] if Xp is X else Xp[polish]
         if Xs.size * np.dtype(dt).itemsize <= RESIDENT_BYTES and Xs.dtype != dt:
             # torch's allocation: numpy's huge pages cost more to touch than the polish
-            Xs = _tensor(Xs).to(_tensor(np.empty(0, dt)).dtype).numpy()
+            Xs = as_tensor(Xs).to(as_tensor(np.empty(0, dt)).dtype).numpy()
         one = np.ones((S, 1))
         last = slice(-1, None)
 

@@ -23,7 +23,7 @@ from typing import Callable
 import numpy as np
 
 from actstore.probe.shifted import EIG_FLOOR, Tridiagonal
-from actstore.probe.solvers import _chunks, _up
+from actstore.probe.upcast import row_chunks, upcast
 
 EIGEN_MAX_C = 256   # narrower Hessians by eigendecomposition: every cell's solve in one product
 
@@ -174,17 +174,17 @@ def forward(X: np.ndarray, W: np.ndarray, B: np.ndarray, dt, out=None) -> np.nda
     Wt = _torch(np.ascontiguousarray(W, dtype=dt))
     S, n = X.shape[:2]
     out = np.empty((S, W.shape[1], n)) if out is None else out
-    for s in _chunks(n, 8 * X.shape[2] * S):
-        prod = (Wt @ _torch(_up(X[:, s], dt, scratch=True)).transpose(1, 2)).numpy()
+    for s in row_chunks(n, 8 * X.shape[2] * S):
+        prod = (Wt @ _torch(upcast(X[:, s], dt, scratch=True)).transpose(1, 2)).numpy()
         np.add(prod, B[..., None], out=out[..., s])
     return out
 
 
 def backward(X: np.ndarray, R: np.ndarray, dt) -> np.ndarray:
     """Σ over tokens of R (S, M, n) times X (S, n, C): (S, M, C)."""
-    return sum((_torch(R[..., s].astype(dt)) @ _torch(_up(X[:, s], dt, scratch=True))
+    return sum((_torch(R[..., s].astype(dt)) @ _torch(upcast(X[:, s], dt, scratch=True))
                 ).numpy().astype(np.float64, copy=False)
-               for s in _chunks(X.shape[1], 8 * X.shape[2] * len(X)))
+               for s in row_chunks(X.shape[1], 8 * X.shape[2] * len(X)))
 
 
 class Lockstep:

@@ -136,7 +136,9 @@ def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: 
     steps = np.asarray(_select(steps, list(range(views[0].n_steps)), "step", store), int)
     commit.collect(store, PROBES, lambda name: lay.RUN_KEY in (
         io.node_attrs(store, lay.run_path(name)) or {}))   # runs killed earlier
-    io.sweep_partials(store, PROBES)
+    # their partial files went with them, and a marked run has none: only probes/ itself
+    # is swept, so a run's cost does not grow with the runs a store keeps
+    io.sweep_partials(store, PROBES, recursive=False)
     run_id = commit.new_id(target)
     token = commit.begin(store, lay.run_path(run_id))
     try:

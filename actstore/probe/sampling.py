@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from actstore.probe.solvers import splitmix64
+from actstore.probe.stats import splitmix64
 
 SAMPLE_MIN_TOKENS = 10_000      # 10k-token fits matched all-token fits: benchmarks/README.md
 SAMPLE_TOKENS_PER_CHANNEL = 20  # wider layers need more tokens per cell

@@ -1,160 +1,31 @@
-"""Closed-form linear probes from sufficient statistics: the store is read once.
+"""Closed-form ridge probes from sufficient statistics (:mod:`actstore.probe.stats`).
 
 The authors fit each (layer, step) probe with Adam for 30 epochs, re-reading the data each
-epoch. Least squares needs only second moments: :func:`accumulate` or :func:`image_stats`
-per block, merge with ``+`` (associative: Dask can tree-reduce), and :func:`fit_ridge_cv`
-solves every λ from one tridiagonal reduction, scoring image-level CV folds (:func:`fold_of`)
-from their own statistics. Logistic probes (:mod:`actstore.probe.logistic`) run Newton on
-one cell's tokens in memory.
+epoch. :func:`fit_ridge_cv` instead solves every λ from one tridiagonal reduction of the
+statistics, scoring image-level CV folds from their own statistics. Logistic probes
+(:mod:`actstore.probe.logistic`) run quasi-Newton on one cell's tokens in memory.
 
-Statistics are centred (means and co-moments, merged by Chan's formula): raw XᵀX, Xᵀy, yᵀy
-(XᵀX = sxx + n·mean_x·mean_xᵀ) without their cancellation when channel means are large.
-Products in float32, sums in float64; a block's co-moments stay float32 until merged.
 Penalty α = λ·tr(S)/C, S the centred XᵀX of the training tokens, so one λ grid suits any
-layer width, scale and token count; the bias is unpenalised. Ridge minimises Σ(y - Xw - b)² + α‖w‖² (sklearn ``Ridge(alpha=α)``), logistic
-Σ logloss + (α/2)‖w‖² (``LogisticRegression(C=1/α)``). X ``(..., n, C)``: leading axes
-batch cells; y ``(..., n, T)`` fits T targets sharing XᵀX.
+layer width, scale and token count; the bias is unpenalised. Ridge minimises
+Σ(y - Xw - b)² + α‖w‖² (sklearn ``Ridge(alpha=α)``), logistic Σ logloss + (α/2)‖w‖²
+(``LogisticRegression(C=1/α)``).
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, replace
 from math import prod
 from typing import Sequence
 
 import numpy as np
-from scipy.linalg.blas import dgemm as _dgemm
-from scipy.linalg.blas import dger as _dger
-from scipy.linalg.blas import sger as _sger
 
 from actstore.errors import ActstoreError
 from actstore.probe import shifted
 from actstore.probe.shifted import EIG_FLOOR
+from actstore.probe.stats import FoldStats, RidgeStats, pool
+from actstore.probe.upcast import row_chunks, upcast
 
 DEFAULT_LAMBDAS = np.logspace(-6, 1, 15)
-CHUNK_BYTES = 64 << 20      # bound on the float32 copy of X made per block
-
-
-@dataclass(frozen=True)
-class RidgeStats:
-    """Count, means and centred co-moments of a token set. Weighted (count = Σw), the
-    same object is the bias-reduced Hessian XᵀWX of an IRLS step."""
-
-    n: np.ndarray        # (...)
-    mean_x: np.ndarray   # (..., C)
-    mean_y: np.ndarray   # (..., T)
-    sxx: np.ndarray      # (..., C, C)
-    sxy: np.ndarray      # (..., C, T)
-    syy: np.ndarray      # (..., T)   centred Σy² per target (cross-target terms unused)
-    vector_target: bool = True
-
-    def __add__(self, o: "RidgeStats | int") -> "RidgeStats":
-        if isinstance(o, int) and o == 0:   # lets sum() start from 0
-            return self
-        n = self.n + o.n
-        fb = np.divide(o.n, n, out=np.zeros_like(n), where=n > 0)
-        return self._moved(o, n, fb, self.n * fb, 1.0)      # c = n_a n_b / n
-
-    def __sub__(self, o: "RidgeStats") -> "RidgeStats":
-        """The statistics of this token set without ``o``'s tokens (a subset of them): a
-        fold model's training set from the total in one step instead of K-2 merges."""
-        n = self.n - o.n
-        fb = np.divide(o.n, n, out=np.zeros_like(n), where=n > 0)
-        return self._moved(o, n, -fb, self.n * fb, -1.0)    # c = n n_o / (n - n_o)
-
-    def _moved(self, o, n, fb, c, sign) -> "RidgeStats":
-        """Chan's merge (sign +1) or its inverse (-1): means move by fb·(o's - ours), the
-        co-moments add or lose o's and the spread of the two means. The C×C update is done
-        in place on one new array: at C = 1280 these merges cost as much as a block's
-        Gram product."""
-        dx, dy = o.mean_x - self.mean_x, o.mean_y - self.mean_y
-        sxx = (np.add if sign > 0 else np.subtract)(self.sxx, o.sxx, dtype=np.float64)
-        _rank1(sxx, dx, sign * c)
-        return replace(
-            self, n=n, mean_x=self.mean_x + fb[..., None] * dx,
-            mean_y=self.mean_y + fb[..., None] * dy, sxx=sxx,
-            sxy=(self.sxy + sign * o.sxy) + (sign * c)[..., None, None] * dx[..., :, None]
-            * dy[..., None, :],
-            syy=self.syy + sign * o.syy + (sign * c)[..., None] * dy * dy)
-
-    __radd__ = __add__
-
-
-@dataclass(frozen=True)
-class FoldStats:
-    """Per-fold :class:`RidgeStats` (None for a fold with no image yet); ``+`` merges."""
-
-    folds: tuple[RidgeStats | None, ...]
-
-    def __add__(self, o: "FoldStats | int") -> "FoldStats":
-        if isinstance(o, int) and o == 0:
-            return self
-        if len(o.folds) != len(self.folds):
-            raise ActstoreError(f"cannot merge {len(self.folds)}- and {len(o.folds)}-fold stats")
-        return FoldStats(tuple(b if a is None else a if b is None else a + b
-                               for a, b in zip(self.folds, o.folds)))
-
-    __radd__ = __add__
-
-    def total(self) -> RidgeStats:
-        return pool([f for f in self.folds if f is not None])
-
-
-def _rank1(A: np.ndarray, x: np.ndarray, c: np.ndarray | float) -> None:
-    """A += c·x·xᵀ in place for symmetric A (..., C, C) (BLAS ``ger`` on A's transpose, a
-    Fortran view of the same memory): no C×C temporary, one pass over A instead of three."""
-    c = np.broadcast_to(np.asarray(c, np.float64), A.shape[:-2])
-    if A.shape[-1] < 256:   # narrow: one vectorised update beats a BLAS call per cell
-        A += (c[..., None, None] * x[..., :, None]) * x[..., None, :]
-        return
-    ger = {np.dtype(np.float64): _dger, np.dtype(np.float32): _sger}.get(A.dtype)
-    for i in np.ndindex(A.shape[:-2]):
-        a = A[i]
-        if ger is not None and a.flags.c_contiguous and c[i] != 0:
-            out = ger(float(c[i]), x[i], x[i], a=a.T, overwrite_a=1)
-            if not np.may_share_memory(out, a):
-                a[...] = out.T   # pragma: no cover  (BLAS made a copy after all)
-        elif c[i] != 0:
-            a += (c[i] * x[i][:, None]) * x[i][None, :]
-
-
-def _lowrank(A: np.ndarray, D: np.ndarray) -> None:
-    """A += D·Dᵀ in place for float64 A (..., C, C), D (..., C, k): BLAS ``gemm`` with β = 1
-    on A's transpose (A is symmetric), one pass over A where ``A += D @ Dᵀ`` makes a C×C
-    temporary and two more."""
-    if A.shape[-1] < 256:
-        A += D @ np.swapaxes(D, -1, -2)
-        return
-    for i in np.ndindex(A.shape[:-2]):
-        out = _dgemm(1.0, D[i], D[i], beta=1.0, c=A[i].T, trans_b=1, overwrite_c=1)
-        if not np.may_share_memory(out, A[i]):
-            A[i] = out.T   # pragma: no cover  (BLAS made a copy after all)
-
-
-def pool(parts: Sequence[RidgeStats]) -> RidgeStats:
-    """The statistics of the union of disjoint token sets in one step: Chan's formula for
-    K parts at once, ΣS_j + Σ n_j·d_j·d_jᵀ with d_j = mean_j − pooled mean, the K rank-one
-    terms as one product. At C = 1280 a merge of two C×C statistics costs as much as a
-    4-image Gram product; pooling K of them costs K additions, not K−1 merges."""
-    parts = list(parts)
-    if len(parts) == 1:
-        return parts[0]
-    n = sum(p.n for p in parts)
-    safe = np.where(n > 0, n, 1.0)
-    share = [p.n / safe for p in parts]
-    mx = sum(f[..., None] * p.mean_x for f, p in zip(share, parts))
-    my = sum(f[..., None] * p.mean_y for f, p in zip(share, parts))
-    root = [np.sqrt(p.n)[..., None] for p in parts]
-    dx = np.stack([r * (p.mean_x - mx) for r, p in zip(root, parts)], axis=-1)   # (..., C, K)
-    dy = np.stack([r * (p.mean_y - my) for r, p in zip(root, parts)], axis=-1)   # (..., T, K)
-    sxx = np.array(parts[0].sxx, np.float64, copy=True)
-    for p in parts[1:]:
-        sxx += p.sxx
-    _lowrank(sxx, dx)
-    return replace(parts[0], n=n, mean_x=mx, mean_y=my, sxx=sxx,
-                   sxy=sum(p.sxy for p in parts) + dx @ np.swapaxes(dy, -1, -2),
-                   syy=sum(p.syy for p in parts) + (dy * dy).sum(-1))
 
 
 @dataclass(frozen=True)
@@ -170,164 +41,6 @@ class ProbeFit:
     lambdas: np.ndarray
     cv_score: np.ndarray | None = None
     converged: bool = True
-
-
-def fold_of(image_index: int | np.ndarray, n_folds: int = 5) -> np.ndarray:
-    """Fold of each image, splitmix64(index) mod K: a hash, not ``index % K``, so folds stay
-    mixed if images are stored in some order, and with no image count or seed involved a
-    resumed or distributed pass puts every image in the same fold."""
-    return (splitmix64(np.asarray(image_index)) % np.uint64(n_folds)).astype(np.int64)
-
-
-def splitmix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64's output function of each key: well-mixed uint64 from consecutive keys."""
-    x, u = np.asarray(x).astype(np.uint64), np.uint64
-    with np.errstate(over="ignore"):
-        x = x + u(0x9E3779B97F4A7C15)
-        x = (x ^ (x >> u(30))) * u(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> u(27))) * u(0x94D049BB133111EB)
-    return x ^ (x >> u(31))
-
-
-def _chunks(n: int, row_bytes: int) -> list[slice]:
-    step = max(1, CHUNK_BYTES // max(row_bytes, 1))
-    return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(shape: tuple, dtype: np.dtype) -> np.ndarray:
-    """This thread's reusable buffer for a transient upcast (at most :data:`CHUNK_BYTES`,
-    the chunks' bound): writing a fresh 32 MB array costs its page faults too, 2.5x the
-    conversion itself (a 16 MB float16 block: 11 vs 4.5 CPU ms)."""
-    import torch
-    size, key = prod(shape), np.dtype(dtype).str
-    buf = getattr(_SCRATCH, key, None)
-    if buf is None or buf.size < size:
-        # torch's allocation, not numpy's: numpy asks for transparent huge pages on large
-        # arrays, whose first touch took 20-400 ms for 59 MB on the 2026-12-05 benchmark
-        # machine (torch's 4 kB pages: 31-39 ms), and a buffer is touched first once
-        buf = torch.empty(size, dtype=torch.from_numpy(np.empty(0, dtype)).dtype).numpy()
-        setattr(_SCRATCH, key, buf)
-    return buf[:size].reshape(shape)
-
-
-def _up(X: np.ndarray, dtype: type = np.float32, scratch: bool = False) -> np.ndarray:
-    """Upcast for the products. float16 goes through torch, whose F16C conversion is ~10x
-    numpy's astype; with numpy, converting would cost more than a narrow layer's XᵀX. With
-    ``scratch`` a converted copy goes to this thread's buffer, valid until the next scratch
-    upcast: for products made and dropped at once."""
-    out_type = np.result_type(X.dtype, dtype)
-    if scratch and out_type != X.dtype and X.size * out_type.itemsize <= CHUNK_BYTES:
-        out = _scratch(X.shape, out_type)
-        if X.dtype == np.float16:
-            import torch
-            torch.from_numpy(out).copy_(_tensor(X))
-        else:
-            np.copyto(out, X, casting="safe")
-        return out
-    if X.dtype == np.float16:
-        import torch
-        X = _tensor(X).float().numpy()
-    return X.astype(out_type, copy=False)
-
-
-def _tensor(X: np.ndarray):
-    """A torch view of X, any strides (a fold-ordered copy of a chunk, made by numpy's
-    fancy indexing, is not C-ordered: torch converts it as it is, no float16 copy first)."""
-    import torch
-    return torch.from_numpy(np.require(X, requirements=["W"]))
-
-
-def _grouped(X: np.ndarray, Y: np.ndarray, w: np.ndarray, bounds: np.ndarray,
-             weighted: bool) -> list[RidgeStats | None]:
-    """Statistics of consecutive token groups [bounds[g], bounds[g+1]) of one chunk (axis
-    -2), from one upcast copy centred in place on the chunk's mean c: each group's
-    co-moments are the Gram product of its rows (a view, no copy) corrected by its mean's
-    offset d = mean − c, Σ(x − mean)(x − mean)ᵀ = Σ(x − c)(x − c)ᵀ − n·d·dᵀ; c is near
-    every group's mean, so nothing cancels. Means are summed in float64."""
-    Xf = _up(X, scratch=True)   # centred in place below: a copy, never the caller's X
-    if np.may_share_memory(Xf, X):
-        Xf = _scratch(X.shape, X.dtype)
-        np.copyto(Xf, X)
-    groups = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    n = [w[..., g].sum(-1) for g in groups]
-    sums = [np.einsum("...n,...nc->...c", w[..., g], Xf[..., g, :], dtype=np.float64)
-            if weighted else Xf[..., g, :].sum(-2, dtype=np.float64) for g in groups]
-    safe = [np.where(k > 0, k, 1.0)[..., None] for k in n]
-    c = (sum(sums) / np.where(sum(n) > 0, sum(n), 1.0)[..., None]).astype(Xf.dtype)
-    Xf -= c[..., None, :]
-    Xs = Xf * np.sqrt(w)[..., None].astype(Xf.dtype) if weighted else Xf
-    out: list[RidgeStats | None] = []
-    for g, k, sm, sf in zip(groups, n, sums, safe):
-        if g.start == g.stop:
-            out.append(None)
-            continue
-        mx = sm / sf
-        d = mx - c
-        my = np.einsum("...n,...nt->...t", w[..., g], Y[..., g, :]) / sf
-        Ys = Y[..., g, :] - my[..., None, :]
-        if weighted:
-            Ys = Ys * np.sqrt(w[..., g])[..., None]
-        sgT = np.swapaxes(Xs[..., g, :], -1, -2)
-        sxx = sgT @ Xs[..., g, :]   # float32 (merges promote): a float64 copy of K C×C
-        _rank1(sxx, d, -k)          # per task cost a third of its Gram product at C = 1280
-        out.append(RidgeStats(n=k, mean_x=mx, mean_y=my, sxx=sxx,
-                              sxy=(sgT @ Ys.astype(Xf.dtype)).astype(np.float64),
-                              syy=(Ys * Ys).sum(-2)))
-    return out
-
-
-def _stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]:
-    """Statistics per fold of the tokens (axis -2 of X), given each token's fold, computed
-    chunk by chunk so the float32 copy stays small. A chunk's tokens are put in fold order
-    as they are copied (float16, before the upcast), so each fold is a slice of one copy."""
-    X = np.asarray(X)
-    if X.ndim < 2 or X.shape[-2] == 0:
-        raise ActstoreError(f"activations must be shaped (..., tokens>0, channels), got {X.shape}")
-    batch, n, C = X.shape[:-2], X.shape[-2], X.shape[-1]
-    vector = y is None or np.ndim(y) == X.ndim - 1
-    Y = np.zeros(batch + (n, 0)) if y is None else np.asarray(y, dtype=np.float64)
-    Y = Y[..., None] if y is not None and vector else Y
-    if Y.shape[:-1] != batch + (n,):
-        raise ActstoreError(f"labels shaped {np.shape(y)} do not match activations {X.shape}")
-    if not np.isfinite(Y).all():
-        raise ActstoreError("labels contain NaN or inf; fix or mask them before fitting")
-    weighted = weights is not None and not (np.asarray(weights) == 1).all()
-    w = np.broadcast_to(np.asarray(1.0 if weights is None else weights, np.float64), batch + (n,))
-    fold = np.asarray(fold)
-    out: list[RidgeStats | None] = [None] * n_groups
-    with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN input is reported below
-        for s in _chunks(n, 4 * C * prod(batch)):
-            f = fold[s]
-            order = np.argsort(f, kind="stable")
-            bounds = np.searchsorted(f[order], np.arange(n_groups + 1))
-            Xc, Yc, wc = X[..., s, :], Y[..., s, :], w[..., s]
-            if (order != np.arange(len(order))).any():
-                Xc, Yc, wc = Xc[..., order, :], Yc[..., order, :], wc[..., order]
-            for g, st in enumerate(_grouped(Xc, Yc, wc, bounds, weighted)):
-                if st is not None:
-                    out[g] = st if out[g] is None else out[g] + st
-    if not all(np.isfinite(o.mean_x).all() and np.isfinite(o.sxx).all() for o in out if o):
-        raise ActstoreError("activations contain NaN or inf (float16 overflow?); cannot fit")
-    return [o and replace(o, vector_target=vector) for o in out]
-
-
-def accumulate(X: np.ndarray, y: np.ndarray | None = None,
-               weights: np.ndarray | None = None) -> RidgeStats:
-    """Statistics of one block of tokens (one image, or any token set), in bounded memory.
-    X ``(..., n, C)``, float16 fine; y ``(..., n)``, ``(..., n, T)`` or None (X moments
-    only, as for a Hessian); ``weights`` ``(..., n)`` for weighted moments."""
-    return _stats_by_fold(X, y, np.zeros(np.shape(X)[-2], np.int64), 1, weights)[0]
-
-
-def image_stats(image_index: int | np.ndarray, X: np.ndarray, y: np.ndarray,
-                n_folds: int = 5) -> FoldStats:
-    """The map step of the one-pass reduce: statistics of one image (scalar index) or of
-    several images' tokens concatenated along axis -2 (index per token), by fold."""
-    fold = fold_of(np.broadcast_to(image_index, np.shape(X)[-2:-1]), n_folds)
-    return FoldStats(tuple(_stats_by_fold(X, y, fold, n_folds)))
 
 
 def _scale(s: RidgeStats) -> np.ndarray:
@@ -437,6 +150,6 @@ def predict(weights: np.ndarray, bias: np.ndarray | float, X: np.ndarray) -> np.
     W = (w[..., None] if vector else w).astype(np.result_type(X.dtype, np.float32))
     b = np.asarray(bias, dtype=np.float64)
     b = b[..., None, None] if vector else b[..., None, :]
-    rows = _chunks(X.shape[-2], 4 * X.shape[-1] * prod(X.shape[:-2]))
-    out = np.concatenate([_up(X[..., s, :], scratch=True) @ W for s in rows], axis=-2) + b
+    rows = row_chunks(X.shape[-2], 4 * X.shape[-1] * prod(X.shape[:-2]))
+    out = np.concatenate([upcast(X[..., s, :], scratch=True) @ W for s in rows], axis=-2) + b
     return out[..., 0] if vector else out
