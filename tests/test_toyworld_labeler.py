@@ -54,3 +54,23 @@ def test_accuracy_on_fixed_renders(preds):
     assert rho >= MIN_DEPTH_SPEARMAN
     r = np.corrcoef(p["shading"].ravel(), b["shading"].ravel())[0, 1]
     assert r >= MIN_SHADING_PEARSON
+
+
+def test_fine_tune_starts_from_the_given_model(tmp_path):
+    """``labeler_train --init-from``: with a vanishing learning rate the fine-tuned weights
+    stay the starting model's; from scratch they are a fresh initialisation."""
+    import torch
+
+    from actstore.toyworld.labeler_train import train_labeler
+
+    if not (LABELER / "model.safetensors").exists():
+        pytest.skip("toy label model not trained yet")
+    start = ToyLabeler.from_pretrained(LABELER).net.state_dict()
+    kw = dict(n_train=4, steps=2, batch=2, lr=1e-12, camera="varied")
+    tuned = train_labeler(tmp_path / "ft", init_from=LABELER, **kw)
+    scratch = train_labeler(tmp_path / "new", **kw)
+    w = "head.weight"
+    torch.testing.assert_close(tuned.net.state_dict()[w], start[w], rtol=0, atol=1e-6)
+    assert not torch.allclose(scratch.net.state_dict()[w], start[w], atol=1e-3)
+    assert tuned.config["train"]["init_from"] == str(LABELER)
+    assert tuned.config["train"]["camera"] == "varied"
