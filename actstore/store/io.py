@@ -319,11 +319,20 @@ def try_group(uri: str, path: str = "") -> zarr.Group | None:
 
 
 def open_dataset(uri: str, path: str, **kwargs):
-    """``xr.open_zarr`` on the same store object (same options, no listing cache)."""
+    """``xr.open_zarr`` on the same store object (same options, no listing cache).
+
+    A node's bookkeeping folders (``_claims``: on a local disk an emptied one stays) are
+    not zarr nodes, and zarr warns about each while xarray lists the group's members:
+    readers are spared that note."""
+    import warnings
+
     import xarray as xr
 
-    return xr.open_zarr(location(uri).store, group=path or None, consolidated=False,
-                        zarr_format=3, **kwargs)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Object at (.*/)?_\w+ is not recognized",
+                                category=UserWarning)
+        return xr.open_zarr(location(uri).store, group=path or None, consolidated=False,
+                            zarr_format=3, **kwargs)
 
 
 def write_dataset(uri: str, path: str, ds) -> None:
