@@ -21,7 +21,7 @@ Memory is one block plus the statistics, whatever the number of images.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import dask
@@ -211,12 +211,7 @@ def _solve_ridge(stats: ps.FoldStats, lambdas: np.ndarray) -> LayerFit:
 
 def _step_stats(stats: ps.FoldStats, s: int | slice) -> ps.FoldStats:
     """One step's slice (or a range of steps') of statistics batched over steps."""
-    def take(r: ps.RidgeStats | None):
-        if r is None:
-            return None
-        return replace(r, **{f.name: getattr(r, f.name)[s] for f in fields(r)
-                             if isinstance(getattr(r, f.name), np.ndarray)})
-    return ps.FoldStats(tuple(take(f) for f in stats.folds))
+    return stats.cell(s)
 
 
 LOCKSTEP_BYTES = 256 << 20   # float32 tokens of the steps one logistic task fits in lockstep

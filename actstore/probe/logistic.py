@@ -15,7 +15,6 @@ full model alone is then polished, its pairs carried over.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -58,12 +57,6 @@ def moments(parts: Sequence[RidgeStats]) -> Moments:
     tr = sum(np.trace(p.sxx, axis1=-2, axis2=-1, dtype=np.float64)
              + c * np.sum((p.mean_x - mx) ** 2, -1) for c, p in zip(k, parts))
     return Moments(n, my, sxy, tr / mx.shape[-1])
-
-
-def _cells(r: RidgeStats) -> RidgeStats:
-    """Statistics of one cell with a leading cell axis."""
-    return replace(r, **{f: np.asarray(getattr(r, f))[None]
-                         for f in ("n", "mean_x", "mean_y", "sxx", "sxy", "syy")})
 
 
 def _logistic(X, y, fold, n_groups, cv, lambdas, tol, max_iter, stats,
@@ -185,7 +178,7 @@ def fit_logistic(X: np.ndarray, y: np.ndarray, lam: float, *, tol: float = TOL,
     once), X ``(n, C)`` float16/32, y ``(n,)`` in {0, 1}, ``weight`` ``(n,)`` per token.
     ``stats``, this cell's (weighted) :func:`accumulate` from the ridge pass, saves one
     pass over X."""
-    fold, F = np.zeros(len(X), np.int64), None if stats is None else [_cells(stats)]
+    fold, F = np.zeros(len(X), np.int64), None if stats is None else [stats.cell(None)]
     return _logistic(_one(X), y, fold, 1, False, [[lam]], tol, max_iter, F, weight)[0]
 
 
@@ -206,7 +199,7 @@ def fit_logistic_cv(X: np.ndarray, y: np.ndarray, image_index: np.ndarray,
     ``fold_stats`` from the ridge pass over the same tokens (or, with ``weight``, over the
     tokens these stand for) saves one pass over X; the CV score is the weighted mean
     validation log-loss."""
-    F = fold_stats and [f and _cells(f) for f in getattr(fold_stats, "folds", fold_stats)]
+    F = fold_stats and [f and f.cell(None) for f in getattr(fold_stats, "folds", fold_stats)]
     return fit_logistic_cv_cells(_one(X), y, image_index, [lambdas], n_folds=n_folds, tol=tol,
                                  max_iter=max_iter, fold_stats=F, weight=weight)[0]
 

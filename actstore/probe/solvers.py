@@ -13,7 +13,7 @@ layer width, scale and token count; the bias is unpenalised. Ridge minimises
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from math import prod
 from typing import Sequence
 
@@ -93,8 +93,7 @@ def _at(s: RidgeStats, alpha: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                 w[i + (slice(None), t)] = shifted.solve_spd(s.sxx[i], alpha[i + (t,)],
                                                             s.sxy[i + (slice(None), t)])
             else:
-                one = replace(s, **{f: getattr(s, f)[i] for f in ("n", "mean_x", "mean_y",
-                                                                   "sxx", "sxy", "syy")})
+                one = s.cell(i)
                 w[i + (slice(None), t)] = _eigen_path(one, alpha[i + (None, t)])[0][0, :, t]
     return w, s.mean_y - np.einsum("...c,...ct->...t", s.mean_x, w)
 

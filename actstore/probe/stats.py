@@ -70,6 +70,14 @@ class RidgeStats:
 
     __radd__ = __add__
 
+    def cell(self, key) -> "RidgeStats":
+        """The statistics of the cells ``key`` picks on the leading (cell) axes: an index
+        or slice of steps, or ``None`` for a new leading axis of one cell."""
+        return replace(self, **{f: np.asarray(getattr(self, f))[key] for f in _ARRAYS})
+
+
+_ARRAYS = ("n", "mean_x", "mean_y", "sxx", "sxy", "syy")   # RidgeStats' per-cell fields
+
 
 @dataclass(frozen=True)
 class FoldStats:
@@ -86,6 +94,10 @@ class FoldStats:
                                for a, b in zip(self.folds, o.folds)))
 
     __radd__ = __add__
+
+    def cell(self, key) -> "FoldStats":
+        """Every fold's :meth:`RidgeStats.cell`."""
+        return FoldStats(tuple(f and f.cell(key) for f in self.folds))
 
     def total(self) -> RidgeStats:
         return pool([f for f in self.folds if f is not None])
