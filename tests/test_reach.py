@@ -40,3 +40,85 @@ def test_reach_without_labels_is_one_line(tiny_store):
         main(["--store", tiny_store])
     msg = str(exc.value.code)
     assert msg.startswith("error: store") and "no labels 'depth'" in msg and "\n" not in msg
+
+
+def test_nearest_is_the_brute_force_minimum():
+    from actstore.intervene.reach import nearest
+    from actstore.metrics import rmse
+
+    rng = np.random.default_rng(1)
+    cands = rng.normal(size=(37, 8, 8)).astype(np.float32)
+    maps = rng.normal(size=(5, 8, 8)).astype(np.float32)
+    maps[2] = cands[30]                               # a map that is one of the candidates
+    best, arg = nearest(maps, cands, chunk=8)         # several chunks, the last one short
+    for k in range(len(maps)):
+        loop = [float(rmse(maps[k][None], c[None])[0]) for c in cands]
+        assert best[k] == pytest.approx(min(loop), abs=1e-6)
+        assert arg[k] == int(np.argmin(loop))
+    assert best[2] < 1e-6 and arg[2] == 30
+
+
+@pytest.fixture(scope="module")
+def toy_depth_store(tmp_path_factory, tiny_store):
+    """The reference store with depth labelled by a (small, untrained) toyworld label model."""
+    import shutil
+
+    import torch
+
+    from actstore.label.labels import write_labels
+    from actstore.label.providers import get_provider
+    from actstore.toyworld.labeler import DEFAULT_CONFIG, LabelNet, ToyLabeler
+
+    root = tmp_path_factory.mktemp("reach")
+    torch.manual_seed(0)
+    ToyLabeler(LabelNet([8, 8]), {**DEFAULT_CONFIG, "widths": [8, 8], "size": 32}) \
+        .save_pretrained(root / "toy")
+    uri = str(root / "s.zarr")
+    shutil.copytree(tiny_store, uri)
+    write_labels(uri, get_provider(f"toyworld:{root / 'toy'}"), ["depth", "salient"],
+                 on_x0=False, progress=False)
+    return uri
+
+
+def test_render_reach_matches_a_loop_over_renders(toy_depth_store):
+    from actstore.intervene.reach import RENDER_SEED_OFFSET, render_reach
+    from actstore.intervene.targets import make_targets
+    from actstore.label.labels import label_array, list_targets
+    from actstore.metrics import rmse
+    from actstore.store.view import StoreView
+    from actstore.toyworld.render import render_scene
+
+    n, pitch = 10, (-0.2, 0.55)
+    r = render_reach(toy_depth_store, ("fixed", "varied"), n_renders=n, n_images=2)
+    wide = render_reach(toy_depth_store, ("varied",), n_renders=n, n_images=2, pitch=pitch)
+    attrs = list_targets(toy_depth_store)["depth"]
+    split = StoreView(toy_depth_store, model="trained", complete_only=False).images
+    test = np.flatnonzero(split["split"].values == "test")[:2]
+    d = np.asarray(label_array(toy_depth_store, "depth", "full")[:], np.float32)
+    maps = np.concatenate([make_targets(d[p], str(split["image"].values[p]), "continuous",
+                                        n_targets=2, seed=0)[0] for p in test])
+    assert r["n"] == len(maps) == 4 and wide["n"] == 4
+    for cam, res, pr in (("fixed", r, None), ("varied", r, None), ("varied", wide, pitch)):
+        renders = [(render_scene(RENDER_SEED_OFFSET + i, 64, cam, pr).inv_depth - attrs["mean"])
+                   / attrs["std"] for i in range(n)]
+        loop = [min(float(rmse(m[None], x[None])[0]) for x in renders) for m in maps]
+        assert res[cam]["nearest"] == pytest.approx(float(np.median(loop)), abs=1e-5)
+        unshifted = [min(float(rmse(d[p][None], x[None])[0]) for x in renders) for p in test]
+        assert res[cam]["nearest_unshifted"] == pytest.approx(float(np.median(unshifted)),
+                                                              abs=1e-5)
+        assert res[cam]["fixed_map_share"] <= 1
+    assert wide["varied"]["nearest"] != r["varied"]["nearest"]   # another world was rendered
+
+
+def test_render_reach_bad_input_is_one_line(ivstore, toy_depth_store):
+    cases = [([ivstore["uri"], "--renders", "4"], "not a toyworld label model"),
+             ([toy_depth_store, "--renders", "1"], "need at least 2"),
+             ([toy_depth_store, "--renders", "4", "--camera", "tilted"], "camera 'tilted'"),
+             ([toy_depth_store, "--renders", "4", "--camera", "fixed", "--pitch", "0", "0.5"],
+              "for --camera varied"),
+             ([toy_depth_store, "--renders", "4", "--pitch", "0.5", "0.1"], "LO < HI")]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exc:
+            main(["--store", *argv])
+        msg = str(exc.value.code)
+        assert msg.startswith("error:") and words in msg and "\n" not in msg, msg

@@ -14,6 +14,9 @@ from actstore.toyworld import render as R
 # prompts) computed with the renderer before the camera option existed (fixed camera
 # only). Every shipped store, fixture and number was made from these renders.
 FIXED_DIGEST = "9e9ca17588c3ac64645d8b558b4b56dc85b6f21f12a4789629e8a7e07b791a90"
+# the same for camera="varied", computed before its pitch range became a parameter: the
+# world the varied-camera fine-tunes and their label model were trained on
+VARIED_DIGEST = "a82a7966d6689343b7337591287162e65be66a58200afe0d3e1177d4e1d71090"
 KEYS = ("rgb", "depth", "inv_depth", "salient", "shading", "object_id")
 
 
@@ -52,7 +55,8 @@ def _cam_rays(size: int, pitch: float) -> np.ndarray:
     return world / np.linalg.norm(world, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("pitch,height", [(0.0, 1.0), (0.35, 2.2), (0.42, 2.4)])
+@pytest.mark.parametrize("pitch,height", [(0.0, 1.0), (0.35, 2.2), (0.42, 2.4), (0.5, 1.0),
+                                          (-0.2, 1.0), (-0.3, 2.4)])
 def test_flat_ground_depth_follows_the_camera(pitch, height):
     """No objects: every pixel's depth is the ray distance to y = 0 from the camera's
     height (sky, and ground past FAR, at FAR); no pixel is salient."""
@@ -120,6 +124,25 @@ def test_varied_scenes_keep_content_and_stay_sensible():
     assert len({R.sample_spec(s, camera="varied").camera for s in range(50)}) == 50
 
 
+def test_pitch_range_is_a_parameter_that_keeps_the_varied_world():
+    assert _digest(R.render_batch(range(240), camera="varied")) == VARIED_DIGEST
+    assert _digest(R.render_batch(range(240), camera="varied",
+                                  pitch=R.PITCH_RANGE)) == VARIED_DIGEST
+    lo, hi = -0.2, 0.55
+    for seed in range(100_000, 100_050):
+        base, wide = R.sample_spec(seed, "varied"), R.sample_spec(seed, "varied", (lo, hi))
+        assert (wide.objects, wide.prompt, wide.camera.height) == \
+            (base.objects, base.prompt, base.camera.height)
+        assert lo <= wide.camera.pitch <= hi
+        # the same draw placed in the other range
+        u = (base.camera.pitch - R.PITCH_RANGE[0]) / (R.PITCH_RANGE[1] - R.PITCH_RANGE[0])
+        assert wide.camera.pitch == pytest.approx(lo + u * (hi - lo), abs=1e-12)
+    pitches = [R.sample_spec(s, "varied", (lo, hi)).camera.pitch for s in range(200)]
+    assert min(pitches) < 0 < max(pitches)   # looks up as well as down
+    with pytest.raises(ValueError, match="applies to the varied camera"):
+        R.sample_spec(0, "fixed", (lo, hi))
+
+
 def test_unknown_camera_is_refused():
     with pytest.raises(ValueError, match="camera must be one of"):
         R.sample_spec(0, camera="tilted")
@@ -137,3 +160,14 @@ def test_training_data_cache_is_kept_per_camera(tmp_path):
     np.testing.assert_array_equal(
         varied, R.render_batch(range(100_000, 100_004), camera="varied")["rgb"])
     assert not np.array_equal(fixed, varied)
+
+
+def test_training_clis_offer_exactly_the_renderers_cameras(capsys):
+    from actstore.toyworld import labeler_train, train
+
+    for cam in R.CAMERAS:
+        assert train.parse_args(["--camera", cam]).camera == cam
+    for argv in (["--camera", "tilted"], ["--camera", "tilted", "--eval-only"]):
+        with pytest.raises(SystemExit):
+            (train.parse_args if "--eval-only" not in argv else labeler_train.main)(argv)
+        assert "invalid choice: 'tilted'" in capsys.readouterr().err

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy.stats import spearmanr
 
 from actstore.toyworld.labeler import DEFAULT_CONFIG, LabelNet, ToyLabeler
-from actstore.toyworld.render import render_batch
+from actstore.toyworld.render import CAMERAS, render_batch
 
 TRAIN_SEED_OFFSET = 200_000
 EVAL_SEED_OFFSET = 300_000
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--init-from", default=None, metavar="FOLDER",
                    help="fine-tune this label model instead of training from scratch")
-    p.add_argument("--camera", default="fixed", choices=["fixed", "varied"],
+    p.add_argument("--camera", default="fixed", choices=list(CAMERAS),
                    help="world option of the training and held-out renders")
     p.add_argument("--eval-only", action="store_true",
                    help="only measure the model in --out on held-out renders of the current "

@@ -225,25 +225,32 @@ def _order_for_prompt(objs: list[Obj]) -> tuple[Obj, ...]:
     return tuple(sorted(objs, key=lambda o: o.x))
 
 
-def sample_camera(seed: int) -> Camera:
+def sample_camera(seed: int, pitch: tuple[float, float] = PITCH_RANGE) -> Camera:
     """The varied camera of scene ``seed``, from its own stream of the seed (so the
-    scene's objects, light and prompt are those of the fixed-camera scene)."""
+    scene's objects, light and prompt are those of the fixed-camera scene). ``pitch`` is
+    the range pitch is drawn from: another range keeps each scene's height and the
+    position of its pitch within the range, so worlds of several ranges compare scene by
+    scene (a negative pitch looks up and puts the horizon below the image centre)."""
     rng = np.random.default_rng([seed, 1])
-    return Camera(float(rng.uniform(*PITCH_RANGE)), float(rng.uniform(*HEIGHT_RANGE)))
+    return Camera(float(rng.uniform(*pitch)), float(rng.uniform(*HEIGHT_RANGE)))
 
 
-def sample_spec(seed: int, camera: str = "fixed") -> SceneSpec:
+def sample_spec(seed: int, camera: str = "fixed",
+                pitch: tuple[float, float] | None = None) -> SceneSpec:
     """Random scene from a seed: 1-2 non-overlapping objects inside the view frustum.
 
     The world is kept as simple as the probing targets allow (see ``SCENE_COLOURS``,
     ``OBJECT_COUNTS``, ``DEPTH_RANGE``) so that a 3 M-parameter LDM trained for two hours
     on a CPU draws recognisable objects and shadows; ``describe`` and ``render_spec`` still
     handle any hand-built scene (e.g. three objects, purple) for tests. ``camera="varied"``
-    adds :func:`sample_camera`'s pitch and height; ``"fixed"`` is the world every shipped
-    model, fixture and prompt table was made from.
+    adds :func:`sample_camera`'s pitch and height (pitch drawn from ``pitch``, default
+    ``PITCH_RANGE``); ``"fixed"`` is the world every shipped model, fixture and prompt
+    table was made from.
     """
     if camera not in CAMERAS:
         raise ValueError(f"camera must be one of {CAMERAS}, not {camera!r}")
+    if pitch is not None and camera != "varied":
+        raise ValueError(f"a pitch range applies to the varied camera, not {camera!r}")
     rng = np.random.default_rng(seed)
     n_obj = int(rng.choice(OBJECT_COUNTS))
     objs: list[Obj] = []
@@ -269,7 +276,8 @@ def sample_spec(seed: int, camera: str = "fixed") -> SceneSpec:
     ld = LIGHT_DIRS[light] + rng.uniform(-0.2, 0.2, size=3)
     ld = ld / np.linalg.norm(ld)
     ordered = _order_for_prompt(objs)
-    cam = sample_camera(seed) if camera == "varied" else FIXED_CAMERA
+    cam = (sample_camera(seed, PITCH_RANGE if pitch is None else pitch)
+           if camera == "varied" else FIXED_CAMERA)
     return SceneSpec(ordered, light, tuple(float(v) for v in ld), describe(ordered, light), cam)
 
 
@@ -337,14 +345,16 @@ def render_spec(spec: SceneSpec, size: int = 64, seed: int | None = None) -> Sce
     )
 
 
-def render_scene(seed: int, size: int = 64, camera: str = "fixed") -> Scene:
+def render_scene(seed: int, size: int = 64, camera: str = "fixed",
+                 pitch: tuple[float, float] | None = None) -> Scene:
     """The scene for ``seed``; identical across calls and machines (numpy PCG64)."""
-    return render_spec(sample_spec(seed, camera), size=size, seed=seed)
+    return render_spec(sample_spec(seed, camera, pitch), size=size, seed=seed)
 
 
-def render_batch(seeds, size: int = 64, camera: str = "fixed") -> dict[str, np.ndarray | list[str]]:
+def render_batch(seeds, size: int = 64, camera: str = "fixed",
+                 pitch: tuple[float, float] | None = None) -> dict[str, np.ndarray | list[str]]:
     """Stack many scenes into arrays keyed like ``Scene`` fields (plus ``seed``)."""
-    scenes = [render_scene(int(s), size, camera) for s in seeds]
+    scenes = [render_scene(int(s), size, camera, pitch) for s in seeds]
     out: dict[str, np.ndarray | list[str]] = {
         k: np.stack([getattr(sc, k) for sc in scenes])
         for k in ("rgb", "depth", "inv_depth", "salient", "shading", "object_id")

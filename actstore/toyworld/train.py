@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from actstore.toyworld import model as M
 from actstore.toyworld.ckpt import inherit, load_checkpoint, save_checkpoint
-from actstore.toyworld.render import render_batch
+from actstore.toyworld.render import CAMERAS, render_batch
 from actstore.toyworld.tokenizer import build_tokenizer
 
 TRAIN_SEED_OFFSET = 100_000  # LDM training scenes; prompts CSV and labeler use other ranges
@@ -337,7 +337,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--init-from", default=None, metavar="RUN_DIR",
                    help="warm start: reuse that run's VAE, decoder, latent scaling and "
                         "UNet weights (new data, optimizer and schedule)")
-    p.add_argument("--camera", default="fixed", choices=["fixed", "varied"],
+    p.add_argument("--camera", default="fixed", choices=list(CAMERAS),
                    help="world option for rendered training scenes: 'varied' draws camera "
                         "pitch and height per scene (actstore.toyworld.render.sample_camera)")
     p.add_argument("--decoder-steps", type=int, default=600,
