@@ -23,7 +23,7 @@ from scipy.linalg.blas import dger as _dger
 from scipy.linalg.blas import sger as _sger
 
 from actstore.errors import ActstoreError
-from actstore.probe.upcast import row_chunks, scratch_buffer, upcast
+from actstore.probe.upcast import PIECE_BYTES, copy_into, row_chunks, scratch_buffer
 
 
 @dataclass(frozen=True)
@@ -176,49 +176,94 @@ def splitmix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> u(31))
 
 
-def _grouped(X: np.ndarray, Y: np.ndarray, w: np.ndarray, bounds: np.ndarray,
+CENTRE_ROWS = 256   # tokens of a chunk, evenly spaced, whose mean is its centring point c
+RUN_BYTES = 64 << 10   # shorter runs of one fold (mean, float32) are put in order by a copy
+
+
+def _runs(f: np.ndarray, bounds: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """A chunk's runs of consecutive tokens of one group (source start, stop, destination
+    start, group) in a stable group order whose groups span [bounds[g], bounds[g+1]): a
+    block's tokens come image by image, so its runs are its images at most."""
+    edges = np.flatnonzero(f[1:] != f[:-1]) + 1
+    cursor = bounds[:-1].copy()
+    runs = []
+    for a, b in zip(np.r_[0, edges].tolist(), np.r_[edges, len(f)].tolist()):
+        g = int(f[a])
+        runs.append((a, b, int(cursor[g]), g))
+        cursor[g] += b - a
+    return runs
+
+
+def _centred_copy(X: np.ndarray, w: np.ndarray, f: np.ndarray, bounds: np.ndarray,
+                  R: np.ndarray, weighted: bool):
+    """X's tokens in group order (``bounds``), upcast and centred on c, in this thread's
+    scratch buffer, with each group's float64 sums Σw·x of the values before centring and
+    Σ(x − c)·r of the rows ``R`` (in group order: the targets' weighted residuals); made
+    piece by piece (:data:`PIECE_BYTES`) so that converting, summing, centring and
+    multiplying a piece is one trip to memory, not four passes over the chunk, and with
+    no float16 copy to put it in order. c is the mean of :data:`CENTRE_ROWS` spread tokens:
+    any point near the groups' means serves (their offsets from c are corrected exactly),
+    and c must be known before the first piece is centred."""
+    Xf = scratch_buffer(X.shape, np.result_type(X.dtype, np.float32))
+    if Xf[..., :1, :].nbytes * len(f) < RUN_BYTES * (np.count_nonzero(f[1:] != f[:-1]) + 1):
+        order = np.argsort(f, kind="stable")   # short runs: a call each costs more than a copy
+        X, w, f = X[..., order, :], w[..., order], f[order]
+    probe = np.linspace(0, X.shape[-2] - 1, min(X.shape[-2], CENTRE_ROWS)).round().astype(int)
+    c = X[..., probe, :].mean(-2, dtype=np.float64).astype(Xf.dtype)
+    n_groups, batch, C = len(bounds) - 1, X.shape[:-2], X.shape[-1]
+    sums, sxy = np.zeros((n_groups,) + batch + (C,)), np.zeros((n_groups,) + batch + (C, R.shape[-1]))
+    step = max(1, PIECE_BYTES // (Xf.itemsize * prod(batch) * C))
+    for a, b, d, g in _runs(f, bounds):
+        for i in range(a, b, step):
+            j = min(i + step, b)
+            dst = Xf[..., d + i - a:d + j - a, :]
+            copy_into(dst, X[..., i:j, :])
+            sums[g] += (np.einsum("...n,...nc->...c", w[..., i:j], dst, dtype=np.float64)
+                        if weighted else dst.sum(-2, dtype=np.float64))
+            dst -= c[..., None, :]
+            sxy[g] += np.swapaxes(dst, -1, -2) @ R[..., d + i - a:d + j - a, :]
+    return Xf, sums, sxy, c
+
+
+def _grouped(X: np.ndarray, Y: np.ndarray, w: np.ndarray, f: np.ndarray, n_groups: int,
              weighted: bool) -> list[RidgeStats | None]:
-    """Statistics of consecutive token groups [bounds[g], bounds[g+1]) of one chunk (axis
-    -2), from one upcast copy centred in place on the chunk's mean c: each group's
-    co-moments are the Gram product of its rows (a view, no copy) corrected by its mean's
-    offset d = mean − c, Σ(x − mean)(x − mean)ᵀ = Σ(x − c)(x − c)ᵀ − n·d·dᵀ; c is near
-    every group's mean, so nothing cancels. Means are summed in float64."""
-    Xf = upcast(X, scratch=True)   # centred in place below: a copy, never the caller's X
-    if np.may_share_memory(Xf, X):
-        Xf = scratch_buffer(X.shape, X.dtype)
-        np.copyto(Xf, X)
+    """Statistics of each group of one chunk's tokens (axis -2; ``f`` each token's group),
+    from one upcast copy in group order centred on a point c (:func:`_centred_copy`):
+    each group's co-moments are the Gram product of its rows (a view, no copy) corrected
+    by its mean's offset d = mean − c, Σ(x − mean)(x − mean)ᵀ = Σ(x − c)(x − c)ᵀ − n·d·dᵀ;
+    c is near every group's mean, so nothing cancels. Means are summed in float64, Xᵀy
+    in float32 per piece, in float64 across pieces."""
+    order = np.argsort(f, kind="stable")
+    Y, ws = Y[..., order, :], w[..., order]
+    bounds = np.r_[0, np.cumsum(np.bincount(f, minlength=n_groups))]
     groups = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
-    n = [w[..., g].sum(-1) for g in groups]
-    sums = [np.einsum("...n,...nc->...c", w[..., g], Xf[..., g, :], dtype=np.float64)
-            if weighted else Xf[..., g, :].sum(-2, dtype=np.float64) for g in groups]
+    n = [ws[..., g].sum(-1) for g in groups]
     safe = [np.where(k > 0, k, 1.0)[..., None] for k in n]
-    c = (sum(sums) / np.where(sum(n) > 0, sum(n), 1.0)[..., None]).astype(Xf.dtype)
-    Xf -= c[..., None, :]
-    Xs = Xf * np.sqrt(w)[..., None].astype(Xf.dtype) if weighted else Xf
+    my = [np.einsum("...n,...nt->...t", ws[..., g], Y[..., g, :]) / sf
+          for g, sf in zip(groups, safe)]
+    Ys = np.concatenate([Y[..., g, :] - m[..., None, :] for g, m in zip(groups, my)], -2)
+    R = (Ys * ws[..., None] if weighted else Ys).astype(np.result_type(X.dtype, np.float32))
+    Xf, sums, sxy, c = _centred_copy(X, w, f, bounds, R, weighted)
+    if weighted:
+        Xf *= np.sqrt(ws)[..., None].astype(Xf.dtype)   # the Gram products weigh w
     out: list[RidgeStats | None] = []
-    for g, k, sm, sf in zip(groups, n, sums, safe):
+    for g, k, sf, m, sm, sy in zip(groups, n, safe, my, sums, sxy):
         if g.start == g.stop:
             out.append(None)
             continue
-        mx = sm / sf
-        d = mx - c
-        my = np.einsum("...n,...nt->...t", w[..., g], Y[..., g, :]) / sf
-        Ys = Y[..., g, :] - my[..., None, :]
-        if weighted:
-            Ys = Ys * np.sqrt(w[..., g])[..., None]
-        sgT = np.swapaxes(Xs[..., g, :], -1, -2)
-        sxx = sgT @ Xs[..., g, :]   # float32 (merges promote): a float64 copy of K C×C
-        _rank1(sxx, d, -k)          # per task cost a third of its Gram product at C = 1280
-        out.append(RidgeStats(n=k, mean_x=mx, mean_y=my, sxx=sxx,
-                              sxy=(sgT @ Ys.astype(Xf.dtype)).astype(np.float64),
-                              syy=(Ys * Ys).sum(-2)))
+        d = sm / sf - c
+        sxx = np.swapaxes(Xf[..., g, :], -1, -2) @ Xf[..., g, :]   # float32 (merges promote):
+        _rank1(sxx, d, -k)         # no float64 copy of K C×C per task; the offset by BLAS ger
+        wy = Ys[..., g, :] * np.sqrt(ws[..., g])[..., None] if weighted else Ys[..., g, :]
+        out.append(RidgeStats(n=k, mean_x=sm / sf, mean_y=m, sxx=sxx, sxy=sy,
+                              syy=(wy * wy).sum(-2)))
     return out
 
 
 def stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]:
     """Statistics per fold of the tokens (axis -2 of X), given each token's fold, computed
     chunk by chunk so the float32 copy stays small. A chunk's tokens are put in fold order
-    as they are copied (float16, before the upcast), so each fold is a slice of one copy."""
+    as they are upcast (:func:`_centred_copy`), so each fold is a slice of one copy."""
     X = np.asarray(X)
     if X.ndim < 2 or X.shape[-2] == 0:
         raise ActstoreError(f"activations must be shaped (..., tokens>0, channels), got {X.shape}")
@@ -236,16 +281,13 @@ def stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]
     out: list[RidgeStats | None] = [None] * n_groups
     with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN input is reported below
         for s in row_chunks(n, 4 * C * prod(batch)):
-            f = fold[s]
-            order = np.argsort(f, kind="stable")
-            bounds = np.searchsorted(f[order], np.arange(n_groups + 1))
-            Xc, Yc, wc = X[..., s, :], Y[..., s, :], w[..., s]
-            if (order != np.arange(len(order))).any():
-                Xc, Yc, wc = Xc[..., order, :], Yc[..., order, :], wc[..., order]
-            for g, st in enumerate(_grouped(Xc, Yc, wc, bounds, weighted)):
+            groups = _grouped(X[..., s, :], Y[..., s, :], w[..., s], fold[s], n_groups, weighted)
+            for g, st in enumerate(groups):
                 if st is not None:
                     out[g] = st if out[g] is None else out[g] + st
-    if not all(np.isfinite(o.mean_x).all() and np.isfinite(o.sxx).all() for o in out if o):
+    # finite means mean finite input; with it a Gram product's diagonal bounds the rest
+    if not all(np.isfinite(o.mean_x).all() and np.isfinite(np.diagonal(o.sxx, 0, -2, -1)).all()
+               for o in out if o):
         raise ActstoreError("activations contain NaN or inf (float16 overflow?); cannot fit")
     return [o and replace(o, vector_target=vector) for o in out]
 

@@ -14,6 +14,7 @@ from math import prod
 import numpy as np
 
 CHUNK_BYTES = 64 << 20      # bound on the float32 copy of X made per block
+PIECE_BYTES = 512 << 10     # a piece of that copy worked on while it is in cache (L2)
 
 
 def row_chunks(n: int, row_bytes: int) -> list[slice]:
@@ -49,16 +50,21 @@ def upcast(X: np.ndarray, dtype: type = np.float32, scratch: bool = False) -> np
     out_type = np.result_type(X.dtype, dtype)
     if scratch and out_type != X.dtype and X.size * out_type.itemsize <= CHUNK_BYTES:
         out = scratch_buffer(X.shape, out_type)
-        if X.dtype == np.float16:
-            import torch
-            torch.from_numpy(out).copy_(as_tensor(X))
-        else:
-            np.copyto(out, X, casting="safe")
+        copy_into(out, X)
         return out
     if X.dtype == np.float16:
         import torch
         X = as_tensor(X).float().numpy()
     return X.astype(out_type, copy=False)
+
+
+def copy_into(out: np.ndarray, X: np.ndarray) -> None:
+    """out[...] = X, float16 converted by torch (see :func:`upcast`)."""
+    if X.dtype == np.float16 and out.dtype != np.float16:
+        import torch
+        torch.from_numpy(out).copy_(as_tensor(X))
+    else:
+        np.copyto(out, X, casting="safe")
 
 
 def as_tensor(X: np.ndarray):
