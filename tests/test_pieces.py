@@ -1,12 +1,13 @@
-"""Fold statistics made from one centred, fold-ordered copy built piece by piece
-(``stats._centred_copy``), against float64 brute force over the same float16 values."""
+"""Work made piece by piece on float16 tokens against float64 brute force over the same
+values: fold statistics from one centred, fold-ordered copy (``stats._centred_copy``) and
+predictions (``solvers.predict``)."""
 
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
 from actstore.errors import ActstoreError
-from actstore.probe import stats, upcast
+from actstore.probe import solvers, stats, upcast
 from actstore.probe.stats import fold_of, image_stats, stats_by_fold
 
 
@@ -93,3 +94,23 @@ def test_one_bad_token_in_a_wide_layer_is_reported(bad):
     X[97, 211] = bad
     with pytest.raises(ActstoreError, match="NaN or inf"):
         image_stats(np.repeat(np.arange(6), 30), X, y[:, 0])
+
+
+@pytest.mark.parametrize("piece_bytes", [4 * 2 * 64 * 7, 512 << 10])
+def test_predictions_in_pieces_match_float64_products(monkeypatch, piece_bytes):
+    """Several pieces (7 tokens each) or one; per-step weights over (step, token) float16
+    tokens, one weight vector broadcast over steps, and several targets."""
+    monkeypatch.setattr(solvers, "PIECE_BYTES", piece_bytes)
+    X, _ = _layer(4, 5, 20, 64)                                    # (2 steps, 100, 64)
+    Xd = X.astype(np.float64)
+    rng = np.random.default_rng(2)
+    w, b = rng.normal(size=(2, 64)), rng.normal(size=2)
+    got = solvers.predict(w, b, X)
+    assert got.shape == (2, 100)
+    np.testing.assert_allclose(got, np.einsum("snc,sc->sn", Xd, w) + b[:, None], rtol=1e-5,
+                               atol=1e-5)
+    one = solvers.predict(w[0], 0.25, X)
+    np.testing.assert_allclose(one, Xd @ w[0] + 0.25, rtol=1e-5, atol=1e-5)
+    multi = solvers.predict(w.T, b, X[0])                          # (C, T) weights, 2 targets
+    assert multi.shape == (100, 2)
+    np.testing.assert_allclose(multi, Xd[0] @ w.T + b, rtol=1e-5, atol=1e-5)
