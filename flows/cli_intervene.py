@@ -86,6 +86,10 @@ def add_intervene_parser(sub, common=None) -> None:
                    "target")
     q.add_argument("--kinds", nargs="+", help=f"capture kinds to try (default "
                    f"{' '.join(SW['kinds'])})")
+    q.add_argument("--sites", dest="layer_prefix", type=_sites, help="which points of each kind a "
+                   "cell edits: 'decoder' (default: sites up_blocks.*), 'all' (every point of "
+                   "the kind the probe run has, e.g. all 16 block points, as the paper edits "
+                   "for depth), or a site prefix such as down_blocks.")
     q.add_argument("--step-counts", nargs="+", type=positive_int, help="edit the first N steps, for "
                    f"each N (default {' '.join(map(str, SW['step_counts']))})")
     q.add_argument("--strength", nargs="+", type=nonneg_float, dest="strengths",
@@ -101,6 +105,12 @@ def add_intervene_parser(sub, common=None) -> None:
                    f"{SW['max_edit_size']:g}: larger edits degrade the toy model's images; "
                    "docs/results.md)")
     q.add_argument("--out", help="folder for the dose-response and grid figures")
+
+
+def _sites(value: str) -> str:
+    """--sites → the sweep's site prefix: 'decoder' and 'all' are names for the two the
+    paper uses (decoder for salient, every point for depth); anything else is a prefix."""
+    return {"decoder": SW["layer_prefix"], "all": ""}.get(value, value)
 
 
 EDIT_FIELDS = ("method", "random_control", "n_targets", "seed", "provider", "margin", "lr",
@@ -126,7 +136,7 @@ def sweep_settings(args) -> SweepSettings:
     base.setdefault("n_targets", SweepSettings().base.n_targets)
     return SweepSettings(base=InterventionSettings(**base),
                          **_given(args, ("kinds", "step_counts", "strengths", "validation",
-                                         "evaluation", "max_edit_size")))
+                                         "evaluation", "max_edit_size", "layer_prefix")))
 
 
 def intervene_command(args, catalog) -> dict:

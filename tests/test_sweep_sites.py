@@ -1,0 +1,61 @@
+"""Which points a sweep cell edits: ``--sites decoder`` (default, the up_blocks points),
+``all`` (every point of the kind, as the paper edits for depth) or a site prefix. The
+cells are checked against a filter written here on the point names; a prefix with no
+probes fails in one line before anything is written."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+from actstore.intervene.settings import SweepSettings
+from actstore.intervene.sweep import grid_cells
+from conftest import tree_digest
+from flows.cli import build_parser, main
+from flows.cli_intervene import sweep_settings
+
+SITES = ["down_blocks.0.attentions.0", "down_blocks.1.attentions.1", "mid_block.attentions.0",
+         "up_blocks.1.attentions.0", "up_blocks.3.attentions.2"]
+RUN = {"layers": [f"block/{s}" for s in SITES] + SITES,      # bare names are attn1
+       "steps": list(range(15))}
+
+
+def _settings(*extra: str) -> SweepSettings:
+    args = build_parser().parse_args(["sweep", "--store", "s.zarr", "--probe-run", "r",
+                                      "--kinds", "block", "--step-counts", "3", *extra])
+    return sweep_settings(args)
+
+
+def _want(pattern: str) -> list[str]:
+    return [name for name in RUN["layers"] if re.fullmatch(pattern, name)]
+
+
+def test_sites_choose_the_edited_points():
+    cases = {(): r"block/up_blocks\..*", ("--sites", "decoder"): r"block/up_blocks\..*",
+             ("--sites", "all"): r"block/.*",
+             ("--sites", "down_blocks."): r"block/down_blocks\..*",
+             ("--sites", "mid"): r"block/mid_block\..*"}
+    for extra, pattern in cases.items():
+        (cell,) = grid_cells(RUN, _settings(*extra))
+        assert cell["layers"] == _want(pattern), extra
+        assert cell["kind"] == "block" and cell["steps"] == [0, 1, 2]
+    assert len(_want(r"block/.*")) == len(SITES)
+
+
+def test_sites_are_part_of_the_recorded_settings():
+    assert _settings().layer_prefix == SweepSettings().layer_prefix == "up_blocks."
+    assert _settings("--sites", "all").layer_prefix == ""
+
+
+def test_sites_without_probes_fail_in_one_line_before_anything_is_written(ivstore, tmp_path,
+                                                                         capsys):
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    before = tree_digest(uri)
+    code = main(["--no-prefect", "sweep", "--store", uri, "--probe-run",
+                 ivstore["runs"]["salient"], "--kinds", "attn1", "--sites", "down_blocks.",
+                 "--validation", "2", "--evaluation", "3"])
+    assert code != 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "at sites down_blocks.*" in lines[0], lines
+    assert tree_digest(uri) == before
