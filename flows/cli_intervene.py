@@ -86,10 +86,11 @@ def add_intervene_parser(sub, common=None) -> None:
                    "target")
     q.add_argument("--kinds", nargs="+", help=f"capture kinds to try (default "
                    f"{' '.join(SW['kinds'])})")
-    q.add_argument("--sites", dest="layer_prefix", type=_sites, help="which points of each kind a "
-                   "cell edits: 'decoder' (default: sites up_blocks.*), 'all' (every point of "
-                   "the kind the probe run has, e.g. all 16 block points, as the paper edits "
-                   "for depth), or a site prefix such as down_blocks.")
+    q.add_argument("--sites", dest="layer_prefix", nargs="+", type=_sites, help="which points "
+                   "of each kind a cell edits: 'decoder' (default: sites up_blocks.*), 'all' "
+                   "(every point of the kind the probe run has, e.g. all 16 block points, as "
+                   "the paper edits for depth), or site prefixes such as up_blocks.2. "
+                   "up_blocks.3. (points matching any)")
     q.add_argument("--step-counts", nargs="+", type=positive_int, help="edit the first N steps, for "
                    f"each N (default {' '.join(map(str, SW['step_counts']))})")
     q.add_argument("--strength", nargs="+", type=nonneg_float, dest="strengths",
@@ -134,9 +135,13 @@ def intervention_settings(args) -> InterventionSettings:
 def sweep_settings(args) -> SweepSettings:
     base = _given(args, EDIT_FIELDS)
     base.setdefault("n_targets", SweepSettings().base.n_targets)
-    return SweepSettings(base=InterventionSettings(**base),
-                         **_given(args, ("kinds", "step_counts", "strengths", "validation",
-                                         "evaluation", "max_edit_size", "layer_prefix")))
+    grid = _given(args, ("kinds", "step_counts", "strengths", "validation", "evaluation",
+                         "max_edit_size"))
+    sites = getattr(args, "layer_prefix", None)
+    if sites:   # one prefix stays a string, so the default sweeps keep their ids
+        grid["layer_prefix"] = sites[0] if len(sites) == 1 else \
+            ("" if "" in sites else tuple(sites))
+    return SweepSettings(base=InterventionSettings(**base), **grid)
 
 
 def intervene_command(args, catalog) -> dict:

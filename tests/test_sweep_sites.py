@@ -1,5 +1,5 @@
 """Which points a sweep cell edits: ``--sites decoder`` (default, the up_blocks points),
-``all`` (every point of the kind, as the paper edits for depth) or a site prefix. The
+``all`` (every point of the kind, as the paper edits for depth) or site prefixes. The
 cells are checked against a filter written here on the point names; a prefix with no
 probes fails in one line before anything is written."""
 
@@ -34,7 +34,10 @@ def test_sites_choose_the_edited_points():
     cases = {(): r"block/up_blocks\..*", ("--sites", "decoder"): r"block/up_blocks\..*",
              ("--sites", "all"): r"block/.*",
              ("--sites", "down_blocks."): r"block/down_blocks\..*",
-             ("--sites", "mid"): r"block/mid_block\..*"}
+             ("--sites", "mid"): r"block/mid_block\..*",
+             ("--sites", "up_blocks.3.", "down_blocks.1"):
+                 r"block/(up_blocks\.3|down_blocks\.1)\..*",
+             ("--sites", "all", "mid"): r"block/.*"}
     for extra, pattern in cases.items():
         (cell,) = grid_cells(RUN, _settings(*extra))
         assert cell["layers"] == _want(pattern), extra
@@ -45,6 +48,8 @@ def test_sites_choose_the_edited_points():
 def test_sites_are_part_of_the_recorded_settings():
     assert _settings().layer_prefix == SweepSettings().layer_prefix == "up_blocks."
     assert _settings("--sites", "all").layer_prefix == ""
+    assert _settings("--sites", "up_blocks.2.", "up_blocks.3.").layer_prefix == \
+        ("up_blocks.2.", "up_blocks.3.")
 
 
 def test_sites_without_probes_fail_in_one_line_before_anything_is_written(ivstore, tmp_path,

@@ -121,7 +121,7 @@ class SweepSettings:
     kinds: tuple[str, ...] = ("attn1", "block")
     step_counts: tuple[int, ...] = (3, 5, 7)
     strengths: tuple[float, ...] = (1.0, 3.0, 10.0)
-    layer_prefix: str = "up_blocks."
+    layer_prefix: str | tuple[str, ...] = "up_blocks."
     validation: int = 4
     evaluation: int = 8
     max_edit_size: float = 0.3

@@ -75,13 +75,19 @@ def fit_split(store: str, settings: SweepSettings) -> SweepSettings:
     return replace(settings, validation=v, evaluation=n - v)
 
 
-def kind_layers(run: dict, kind: str, prefix: str) -> list[str]:
-    """The probe run's capture points of one kind whose site starts with ``prefix``."""
+def kind_layers(run: dict, kind: str, prefix: str | tuple[str, ...]) -> list[str]:
+    """The probe run's capture points of one kind whose site starts with ``prefix`` (or
+    with any of several)."""
     if kind not in UNET_KINDS:
         raise ActstoreError(f"--kinds {kind}: only points inside the denoising loop can be "
                             f"edited ({', '.join(UNET_KINDS)})")
+    prefix = prefix if isinstance(prefix, str) else tuple(prefix)
     return [name for name in run["layers"]
             if kind_of(name) == kind and site_of(name).startswith(prefix)]
+
+
+def _sites_text(prefix: str | tuple[str, ...]) -> str:
+    return ", ".join(f"{p}*" for p in ([prefix] if isinstance(prefix, str) else prefix))
 
 
 def grid_cells(run: dict, settings: SweepSettings) -> list[dict]:
@@ -159,7 +165,8 @@ def _sweep_run(store, run_id, run, settings, validation, evaluation, model, prog
     cells = grid_cells(run, settings)
     if not cells:
         raise ActstoreError(f"probe run {run_id}: has no probes of kind(s) "
-                            f"{', '.join(settings.kinds)} at sites {settings.layer_prefix}*; "
+                            f"{', '.join(settings.kinds)} at sites "
+                            f"{_sites_text(settings.layer_prefix)}; "
                             "fit one on those capture points or choose --kinds among its own")
     base = settings.base
     rows, experiments = [], []
