@@ -24,7 +24,12 @@ SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has t
 # 4 s, then kills it with a warning; a worker that has run torch and Prefect task runs took
 # 2.6-5.8 s to exit on a loaded 2-core machine (2026-12-05).
 WORKER_EXIT_TIMEOUT = 60.0
-WORKER_INTERRUPT_TIMEOUT = 2.5   # after Ctrl-C: a worker in mid-task is killed after this
+# After Ctrl-C: seconds a worker gets to stop before its nanny kills it (SIGKILL). It is in
+# mid-task, and a task never ends that fast, so this is only a wait: at 2.5 s it was 2.1 s
+# of every interrupted --workers 2 materialize (2026-12-05). Killing costs nothing: the
+# store's block protocol survives kill -9, and a rerun redoes the unfinished blocks.
+WORKER_INTERRUPT_TIMEOUT = 0.25
+WORKER_GONE_TIMEOUT = 10.0   # then: seconds for the killed processes to be gone (a loaded machine)
 # glibc's malloc thresholds for processes that run torch. Dask's nanny sets
 # MALLOC_TRIM_THRESHOLD_=65536 in every worker, which switches off glibc's adaptive mmap
 # threshold: every tensor over 128 KiB torch allocates becomes a fresh mmap whose pages fault
@@ -148,19 +153,63 @@ def dask_setup(worker) -> None:
 
 def _close_workers(cluster, *, interrupted: bool) -> None:
     """Stop a local cluster's workers, each given WORKER_EXIT_TIMEOUT seconds to exit
-    before its nanny kills it; ``interrupted`` (Ctrl-C): killed after a moment instead,
-    without waiting for the task it runs (its completed blocks are stored), and without
-    the nanny's warning about it."""
+    before its nanny kills it; ``interrupted`` (Ctrl-C): killed at once instead, without
+    waiting for the task it runs (its completed blocks are stored), and without the nanny's
+    warning about it; returns once every worker process is gone, so none outlives the
+    command, even where the nanny gave up waiting for a killed one (a loaded machine)."""
     import asyncio
 
     timeout = WORKER_INTERRUPT_TIMEOUT if interrupted else WORKER_EXIT_TIMEOUT
+    nannies = list(cluster.workers.values())
+    procs = _worker_processes(nannies)
     if interrupted:
         logging.getLogger("distributed.nanny").setLevel(logging.ERROR)
 
     async def close_all() -> None:
         await asyncio.gather(*(w.close(timeout=timeout, reason="actstore-done")
-                               for w in list(cluster.workers.values())))
+                               for w in nannies), return_exceptions=interrupted)
     cluster.sync(close_all)
+    if interrupted:
+        _kill_and_wait(procs, WORKER_GONE_TIMEOUT)
+
+
+def _worker_processes(nannies: list) -> list:
+    """The worker processes (psutil handles, taken while they run, so a reused pid is never
+    signalled) of a local cluster's nannies."""
+    import psutil
+
+    procs = []
+    for nanny in nannies:
+        pid = getattr(getattr(getattr(nanny, "process", None), "process", None), "pid", None)
+        if pid:
+            try:
+                procs.append(psutil.Process(pid))
+            except psutil.NoSuchProcess:
+                pass
+    return procs
+
+
+def _kill_and_wait(procs: list, timeout: float) -> None:
+    """SIGKILL whichever of ``procs`` still runs and wait up to ``timeout`` seconds until
+    none does (a zombie is gone: its nanny's watcher thread reaps it)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in procs:
+            try:
+                if proc.status() != psutil.STATUS_ZOMBIE:
+                    proc.kill()
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        if not alive or time.monotonic() > deadline:
+            return
+        procs = alive
+        time.sleep(0.05)
 
 
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:

@@ -9,6 +9,8 @@ failure is one line on stderr (``--debug`` adds the traceback) and a non-zero ex
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import logging
 import sys
 import traceback
@@ -305,6 +307,17 @@ def _run(args) -> dict:
     return COMMANDS[args.command](args, catalog)
 
 
+def _exit_promptly() -> None:
+    """After Ctrl-C, the interpreter's exit skips its last garbage collections: they walk
+    every object torch, Prefect and Dask made (600,000), and took 4.5 of the 6-7 s a
+    terminal's Ctrl-C of `materialize --workers 2` took at load 7.5 (0.3 s frozen,
+    2026-12-05). Nothing is left to them: the command has stopped its workers and its
+    server, and a store never depends on finalizers (blocks are committed explicitly).
+    At exit, not now, so a caller that runs :func:`main` in its own process keeps its
+    collector."""
+    atexit.register(gc.freeze)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
@@ -317,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
             line, code = failure_line(args.command, exc,
                                       getattr(args, "store", None) or getattr(args, "out", None))
             print(line, file=sys.stderr)
+            if isinstance(exc, KeyboardInterrupt):
+                _exit_promptly()
             return code
     if result is not None:
         print(as_json(result) if args.json else summary(args.command, result))

@@ -10,15 +10,21 @@ which fails the same way every time.
 
 from __future__ import annotations
 
+import queue
 from contextlib import contextmanager, nullcontext
-from typing import Callable
+from typing import Any, Callable, Iterator
 
-from prefect.futures import as_completed
+from prefect.futures import PrefectFuture
 
 from actstore.cluster import check_scheduler, local_workers
 from actstore.errors import ActstoreError
 
 REGION_RETRIES = 2
+# How often the command's main thread wakes while its tasks run. Python raises Ctrl-C's
+# KeyboardInterrupt only when the main thread runs, and a lock wait with no timeout (as in
+# prefect.futures.as_completed) was not always woken by the signal: under load, commands
+# with --workers 2 kept waiting for 52-141 s, until a task ended (2026-12-05).
+WAKE_SECONDS = 0.25
 
 
 class BlocksFailed(ActstoreError):
@@ -61,13 +67,36 @@ def on_gpus(gpu: bool):
     return dask.annotate(resources={"GPU": 1}) if gpu else nullcontext()
 
 
+def finished(futures: list[PrefectFuture]) -> Iterator[PrefectFuture]:
+    """Each of Prefect's task futures as it finishes, waiting in slices of WAKE_SECONDS
+    (:func:`prefect.futures.as_completed` waits without a timeout), so a Ctrl-C takes
+    effect at once however long the running tasks take."""
+    ends: queue.SimpleQueue = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(ends.put)
+    for _ in futures:
+        while True:
+            try:
+                future = ends.get(timeout=WAKE_SECONDS)
+                break
+            except queue.Empty:
+                continue
+        yield future
+
+
+def result_of(future: PrefectFuture) -> Any:
+    """One task future's result, waited for as :func:`finished` waits."""
+    for done in finished([future]):
+        return done.result()
+
+
 def gather(futures: list, store: str, what: str,
            on_done: Callable[[dict], None] = lambda summary: None) -> list[dict]:
     """Every task's result, in the order they finish (``on_done`` sees each: a progress
     bar). Bad input raises its own one-line error; other failures, one line saying how
     many of ``what`` failed and that rerunning resumes."""
     done, errors = [], []
-    for future in as_completed(futures):
+    for future in finished(futures):
         future.wait()
         if future.state.is_completed():
             done.append(future.result())

@@ -23,7 +23,8 @@ from actstore.intervene.settings import InterventionSettings, SweepSettings
 from actstore.intervene.sweep import run_sweep
 from actstore.plots.interventions import intervention_grid, sweep_figures
 from actstore.progress import Progress
-from flows.fanout import REGION_RETRIES, dask_address, gather, on_gpus, retry_unless_bad_input
+from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, result_of,
+                          retry_unless_bad_input)
 
 
 @task(name="interventions")
@@ -61,7 +62,7 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     workers (or GPUs); the summary once all are recorded."""
     t0 = time.perf_counter()
     with on_gpus(gpu):
-        plan = plan_blocks_task.submit(store, probe_run, settings, workers).result()
+        plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers))
         eid = plan["experiment_id"]
         futures = [block_group_task.submit(store, probe_run, settings, g, experiment_id=eid)
                    for g in plan["groups"]]
@@ -74,9 +75,9 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     finally:
         bar.close()
     with on_gpus(gpu):
-        summary = finish_blocks_task.submit(
+        summary = result_of(finish_blocks_task.submit(
             store, probe_run, settings, experiment_id=eid,
-            written=sum(d["blocks_written"] for d in done)).result()
+            written=sum(d["blocks_written"] for d in done)))
     return {**summary, "seconds": time.perf_counter() - t0, "workers": workers,
             "groups": len(futures), "groups_by_worker": dict(Counter(d["worker"] for d in done))}
 

@@ -25,7 +25,8 @@ from actstore.generation.materialize import MaterializeSettings, completion, for
 from actstore.generation.regions import materialize_region, plan_regions
 from actstore.plots.figures import sample_grid
 from actstore.progress import Progress
-from flows.fanout import REGION_RETRIES, dask_address, gather, on_gpus, retry_unless_bad_input
+from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, result_of,
+                          retry_unless_bad_input)
 
 
 @task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2,
@@ -59,8 +60,8 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
     """Plan on one worker (which creates the store and keeps the model), then every region
     at once; Dask runs as many as it has workers (or GPUs)."""
     with on_gpus(gpu):
-        plan = plan_task.submit(model, prompts, store, settings, images=images,
-                                workers=workers).result()
+        plan = result_of(plan_task.submit(model, prompts, store, settings, images=images,
+                                          workers=workers))
         futures = [region_task.submit(model, prompts, store, settings, images=region)
                    for region in plan["regions"]]
     steps = settings.gen.steps
