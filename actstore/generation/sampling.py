@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from actstore.catalog import SD_GUIDANCE
+from actstore.cluster import stop_if_cancelled
 from actstore.generation.models import LoadedModel
 
 
@@ -103,6 +104,7 @@ def generate(model: LoadedModel, prompts: list[str], seeds: list[int], config: G
     latents = latents * scheduler.init_noise_sigma
 
     for i, t in enumerate(scheduler.timesteps):
+        stop_if_cancelled()     # a Dask task whose command was interrupted ends here
         if on_step_start is not None:
             on_step_start(i)
         latent_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
