@@ -81,7 +81,8 @@ def toy_depth_store(tmp_path_factory, tiny_store):
 
 
 def test_render_reach_matches_a_loop_over_renders(toy_depth_store):
-    from actstore.intervene.reach import RENDER_SEED_OFFSET, render_reach
+    from actstore.intervene.reach import render_reach
+    from actstore.toyworld.train import TRAIN_SEED_OFFSET
     from actstore.intervene.targets import make_targets
     from actstore.label.labels import label_array, list_targets
     from actstore.metrics import rmse
@@ -99,7 +100,7 @@ def test_render_reach_matches_a_loop_over_renders(toy_depth_store):
                                         n_targets=2, seed=0)[0] for p in test])
     assert r["n"] == len(maps) == 4 and wide["n"] == 4
     for cam, res, pr in (("fixed", r, None), ("varied", r, None), ("varied", wide, pitch)):
-        renders = [(render_scene(RENDER_SEED_OFFSET + i, 64, cam, pr).inv_depth - attrs["mean"])
+        renders = [(render_scene(TRAIN_SEED_OFFSET + i, 64, cam, pr).inv_depth - attrs["mean"])
                    / attrs["std"] for i in range(n)]
         loop = [min(float(rmse(m[None], x[None])[0]) for x in renders) for m in maps]
         assert res[cam]["nearest"] == pytest.approx(float(np.median(loop)), abs=1e-5)

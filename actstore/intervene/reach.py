@@ -39,7 +39,6 @@ from actstore.label.labels import label_array, list_targets
 from actstore.metrics import rmse
 from actstore.store.view import StoreView
 
-RENDER_SEED_OFFSET = 100_000   # the LDM's training scenes (actstore.toyworld.train)
 
 
 def object_moved(depth: np.ndarray, mask: np.ndarray, background: np.ndarray, dy: int,
@@ -51,17 +50,23 @@ def object_moved(depth: np.ndarray, mask: np.ndarray, background: np.ndarray, dy
     return np.where(moved_mask, moved, np.where(mask > 0.5, background, depth)).astype(np.float32)
 
 
+def _labelled(store: str, *names: str) -> dict:
+    """The store's label sets, once each of ``names`` is known to be among them."""
+    have = list_targets(store)
+    for name in names:
+        if name not in have:
+            raise ActstoreError(f"store {store}: has no labels {name!r} (has "
+                                f"{', '.join(have) or 'none'}); label it first")
+    return have
+
+
 def reach(store: str, *, depth: str = "depth", mask: str = "salient", n_images: int = 11,
           n_targets: int = 2, seed: int = 0) -> dict:
     """Medians over the first ``n_images`` test images × ``n_targets`` targets, for the
     paper's shift and the horizontal-only shift-x: pre (original vs target) and the
     object-moved map; plus the fixed map's RMSE and share of the test depth variance
     (1 − its squared error over their variance: negative if it explains none)."""
-    have = list_targets(store)
-    for name in (depth, mask):
-        if name not in have:
-            raise ActstoreError(f"store {store}: has no labels {name!r} (has "
-                                f"{', '.join(have) or 'none'}); label it first")
+    have = _labelled(store, depth, mask)
     if have[mask]["kind"] != BINARY or have[depth]["kind"] == BINARY:
         raise ActstoreError(f"{depth!r} must be a continuous target and {mask!r} a mask")
     split = StoreView(store, model="trained", complete_only=False).images
@@ -116,8 +121,9 @@ def world_depths(camera: str, n: int, size: int = 64,
     camera distribution (``pitch``: the varied camera's range, if not its default): what
     the toy label model is trained to output."""
     from actstore.toyworld.render import render_scene
+    from actstore.toyworld.train import TRAIN_SEED_OFFSET
 
-    return np.stack([render_scene(RENDER_SEED_OFFSET + i, size, camera, pitch).inv_depth
+    return np.stack([render_scene(TRAIN_SEED_OFFSET + i, size, camera, pitch).inv_depth
                      for i in range(n)])
 
 
@@ -141,10 +147,7 @@ def render_reach(store: str, cameras: tuple[str, ...] = ("fixed", "varied"), *,
                             "for --camera varied")
     if n_renders < 2:
         raise ActstoreError(f"--renders {n_renders}: need at least 2")
-    have = list_targets(store)
-    if depth not in have:
-        raise ActstoreError(f"store {store}: has no labels {depth!r} (has "
-                            f"{', '.join(have) or 'none'}); label it first")
+    have = _labelled(store, depth)
     attrs = have[depth]
     if not str(attrs.get("provider", "")).startswith("toyworld"):
         raise ActstoreError(f"store {store}: {depth!r} labels come from "
