@@ -190,3 +190,23 @@ def test_tune_malloc_undoes_dasks_trim_threshold_in_a_fresh_process():
                          env={**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True", "False", "True"]
+
+
+def test_only_a_closing_workers_heartbeat_race_is_kept_off_the_console():
+    """The race Dask logs as an error while a local worker closes after a successful run
+    (a traceback on a --quiet command's stderr) is dropped; from a running worker, or any
+    other message from a closing one, it stays."""
+    import logging
+
+    from actstore.cluster import closing_race
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg,
+                                 None, None)
+
+    race = record("Failed to communicate with scheduler during heartbeat.")
+    assert closing_race(race, "closing") and closing_race(race, "closed")
+    assert not closing_race(race, "running")
+    assert closing_race(record("Scheduler was unaware of this worker; shutting down."),
+                        "closing")
+    assert not closing_race(record("Compute Failed"), "closing")
