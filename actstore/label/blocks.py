@@ -25,7 +25,7 @@ import numpy as np
 from actstore.errors import ActstoreError
 from actstore.kinds import CONTINUOUS
 from actstore.label.passes import PassContext, normalize, pool_block, resolution_name
-from actstore.cluster import shared, worker_id
+from actstore.cluster import shared, stop_if_cancelled, worker_id
 from actstore.label.providers import get_provider
 from actstore.store import commit, io
 from actstore.store import core as st
@@ -168,6 +168,7 @@ def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int) -> None:
             for step in range(s):
                 ctx.validate(t, m[:, step], a, step)
     for t, path in job.paths.items():
+        stop_if_cancelled()     # writing a target's arrays takes about a second at 500 steps
         full = normalize(np.asarray(io.open_array(job.store, f"{path}/{RAW}")[a:b]),
                          *stats_[t])
         io.open_array(job.store, f"{path}/full", "r+")[a:b] = full
@@ -181,9 +182,16 @@ def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int) -> None:
 
 def run_blocks(job: LabelJob, stage: str, blks, constants: dict | None = None, *,
                prov=None, bar=None) -> dict:
-    """One pass over ``blks`` with ``prov`` (default: this process's shared provider)."""
+    """One pass over ``blks`` with ``prov`` (default: this process's shared provider).
+
+    A Dask task whose command was interrupted stops at its next block, provider batch or
+    target's arrays (:func:`stop_if_cancelled`), before recording its block: without that
+    a group labelled and recorded its blocks on a user's cluster after the command had
+    exited (16 s and 1011 files for one block of 4 images at 500 steps, 2026-12-05). What
+    it staged stays unseen, and a rerun of the same job adopts it."""
     prov = prov if prov is not None else shared_provider(job.spec, job.device)
     for a, b in blks:
+        stop_if_cancelled()
         if stage == PASS1:
             raw_block(job, prov, a, b)
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from actstore.cluster import stop_if_cancelled
 from actstore.errors import ActstoreError
 from actstore.kinds import BINARY
 from actstore.metrics import pool
@@ -28,9 +29,11 @@ class PassContext:
         self.ids, self.hw, self.block, self.batch_size = ids, hw, block, batch_size
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """The provider in batches, once per batch for all targets; float32 (n, H, W) each."""
+        """The provider in batches, once per batch for all targets; float32 (n, H, W) each.
+        A Dask task whose command was interrupted stops before its next batch."""
         parts: dict[str, list] = {t: [] for t in self.kinds}
         for i in range(0, len(images), self.batch_size):
+            stop_if_cancelled()
             out = self.pick(self.prov(images[i:i + self.batch_size]),
                             min(self.batch_size, len(images) - i))
             for t, arr in out.items():
