@@ -239,8 +239,10 @@ def stop_if_cancelled() -> None:
     that submitted it left (a Ctrl-C of a command with ``--cluster ADDRESS``). Distributed
     cannot stop a running task's thread, so without this a region went on generating and
     writing blocks on the user's cluster for its whole length after the command exited
-    (33 s and 19 more files for tiny-random at 500 steps, 2026-12-05). A dictionary look-up:
-    called at every denoising step; outside a Dask task it returns at once."""
+    (33 s and 19 more files for tiny-random at 500 steps, 2026-12-05), and a label group
+    labelled and recorded its blocks. A dictionary look-up: called at every denoising step
+    (materialize, intervene) and before each block, label-model batch and target's arrays
+    of a label group; outside a Dask task it returns at once."""
     worker_module = sys.modules.get("distributed.worker")
     key = getattr(getattr(worker_module, "thread_state", None), "key", None)
     if key is None:
