@@ -358,3 +358,31 @@ def test_unreachable_scheduler_is_one_line_within_seconds(planted, tmp_path, cap
     assert code == 2 and len(err) == 1 and f"127.0.0.1:{port}" in err[0], err
     assert elapsed < 20, elapsed
     assert tree_digest(uri) == before
+
+
+def test_emergence_table_of_runs_with_different_steps(ivstore, tmp_path):
+    """Each target's row comes from its own latest run: a depth run on fewer steps and
+    layers than the salient run must not be read at the salient run's last step (the
+    table pads the shorter run with NaN)."""
+    from actstore.probe.emergence import emergence_steps, primary_metric, summary_table
+
+    uri = str(tmp_path / "s.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    runs = {"salient": ivstore["runs"]["salient"],      # steps 0, 1; two layers
+            "depth": run_probes(uri, "depth", layers=[LAYER], steps=[0],
+                                scheduler="threads", progress=False)}
+    em = open_emergence(uri)
+    rows = {r["target"]: r for r in summary_table(em)}
+    assert sorted(rows) == ["depth", "salient"]
+    for target, run in runs.items():
+        mean = open_scores(uri, run)["mean"]
+        metric = primary_metric(mean["metric"].values)
+        final = mean.sel(metric=metric, model="trained").isel(step=-1)
+        best = final.argmax("layer") if metric.startswith("dice") else final.argmin("layer")
+        assert rows[target]["best_layer"] == str(mean["layer"].values[int(best)])
+        assert rows[target]["trained"] == pytest.approx(float(final.isel(layer=int(best))))
+        own = emergence_steps(mean).sel(metric=metric, model="trained",
+                                        layer=rows[target]["best_layer"])
+        got = em["emergence_step"].sel(target=target, metric=metric, model="trained",
+                                       layer=rows[target]["best_layer"])
+        np.testing.assert_array_equal(got.values, own.values)

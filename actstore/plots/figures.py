@@ -143,20 +143,22 @@ def kind_comparison(store: str, out_png: str, targets: list[str] | None = None) 
     """Per target, the best score among each capture kind's layers at every step (trained
     solid, randomized dashed): does self-attention beat the residual stream, the ResNets
     and the VAE decoder, as the paper found for SD?"""
-    from actstore.probe.emergence import higher_is_better, layer_kinds, primary_metric
+    from actstore.probe.emergence import (higher_is_better, layer_kinds, primary_metric,
+                                          target_scores)
     from actstore.probe.runs import open_emergence
 
     score = open_emergence(store)["score"].load()
     targets = targets or [str(t) for t in score["target"].values]
-    kinds = layer_kinds(score["layer"].values)
-    present = list(dict.fromkeys(kinds))
+    present = list(dict.fromkeys(layer_kinds(score["layer"].values)))   # same colour per kind
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     fig, axes = plt.subplots(1, len(targets), figsize=(3.6 * len(targets), 3.0), squeeze=False)
     for ax, target in zip(axes[0], targets):
-        sub = score.sel(target=target).dropna("metric", how="all")
+        sub = target_scores(score, target)
         metric = primary_metric(sub["metric"].values)
-        curve = sub.sel(metric=metric)
+        curve, kinds = sub.sel(metric=metric), layer_kinds(sub["layer"].values)
         for k, kind in enumerate(present):
+            if kind not in kinds:
+                continue
             mine = curve.isel(layer=np.flatnonzero(kinds == kind))
             best = mine.max("layer") if higher_is_better(metric) else mine.min("layer")
             for model, style in (("trained", "-"), ("randomized", "--")):

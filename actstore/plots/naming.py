@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from actstore.probe.emergence import EMERGENCE_FRACTION, summary_table  # noqa: E402
+from actstore.probe.emergence import EMERGENCE_FRACTION, summary_table, target_scores  # noqa: E402
 from actstore.probe.runs import open_emergence  # noqa: E402
 
 
@@ -20,11 +20,11 @@ def naming_curves(store: str, naming: dict, out_png: str) -> str:
     em = open_emergence(store)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), sharex=True)
     for row in summary_table(em):
-        curve = em["score"].sel(target=row["target"], metric=row["metric"],
-                                layer=row["best_layer"], model="trained").values
-        final = curve[-1]
-        rel = curve / final if row["metric"].startswith("dice") else final / curve
-        left.plot(em["step"].values, rel, "o-", ms=3,
+        curve = target_scores(em["score"], row["target"]).sel(
+            metric=row["metric"], layer=row["best_layer"], model="trained")
+        final = curve.values[-1]
+        rel = curve.values / final if row["metric"].startswith("dice") else final / curve.values
+        left.plot(curve["step"].values, rel, "o-", ms=3,
                   label=f"{row['target']} ({row['metric']}, {row['best_layer']})")
     left.axhline(EMERGENCE_FRACTION, color="grey", ls=":", lw=0.8)
     left.set_ylabel("probe score / last step's", fontsize=8)

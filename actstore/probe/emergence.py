@@ -52,14 +52,24 @@ def layer_kinds(layers) -> np.ndarray:
     return np.array([kind_of(str(la)) for la in layers])
 
 
+def target_scores(score: xr.DataArray, target: str) -> xr.DataArray:
+    """One target's scores without the metrics, steps and layers only other targets' runs
+    have: the table joins each target's latest run, and a run on fewer steps or layers is
+    padded with NaN there (its last step is its own last probed step, not the table's)."""
+    sub = score.sel(target=target)
+    for dim in ("metric", "step", "layer"):
+        sub = sub.dropna(dim, how="all")
+    return sub
+
+
 def summary_table(emergence: xr.Dataset) -> list[dict]:
     """Per target and capture kind: best layer, final-step score trained vs randomized,
     emergence step."""
     rows = []
     score = emergence["score"]
-    kinds = layer_kinds(score["layer"].values)
     for target in [str(t) for t in score["target"].values]:
-        sub = score.sel(target=target).dropna("metric", how="all")
+        sub = target_scores(score, target)
+        kinds = layer_kinds(sub["layer"].values)
         metric = primary_metric(sub["metric"].values)
         curve = sub.sel(metric=metric)
         final = curve.isel(step=-1)

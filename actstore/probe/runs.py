@@ -265,12 +265,12 @@ def emergence(store: str) -> xr.Dataset:
         ds = open_scores(store, latest_run(store, target))
         keep = [v for v in EMERGENCE_INTERVALS if v in ds]   # runs before intervals: none
         ds = ds[["mean", *keep]].load().rename(mean="score")
+        # per run, before the join pads runs of fewer steps with NaN at the others' last
+        ds["emergence_step"] = emergence_steps(ds["score"])
         parts.append(ds.expand_dims(target=[target]))
     if not parts:
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
-    out = xr.concat(parts, dim="target", join="outer")
-    out["emergence_step"] = emergence_steps(out["score"])
-    return out
+    return xr.concat(parts, dim="target", join="outer")
 
 
 def open_emergence(store: str) -> xr.Dataset:
