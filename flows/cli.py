@@ -17,8 +17,8 @@ import traceback
 from pathlib import Path
 
 from actstore.errors import ActstoreError
-from flows.cli_checks import (check_fan_out, check_url, nonneg_float, positive_int,
-                              store_uri)
+from flows.cli_checks import (check_fan_out, check_figure_outputs, check_url, nonneg_float,
+                              positive_int, store_uri)
 from flows.cli_env import command_environment, quiet_libraries, use_storage_options
 from flows.cli_report import as_json, failure_line, main_job_files, summary
 
@@ -301,6 +301,7 @@ def flow_mode(args):
 def _run(args) -> dict:
     if args.no_prefect and args.verbose:
         logging.basicConfig(level=logging.INFO)
+    check_figure_outputs(args)
     catalog = _catalog(args.catalog)
     if args.storage_options is not None:
         use_storage_options(args, catalog)

@@ -116,3 +116,19 @@ def check_fan_out(args, what: str) -> None:
         from actstore.cluster import check_scheduler as check_cluster
 
         check_cluster(args.cluster)
+
+
+# Options naming where a command draws its figures: (option, a PNG file rather than a folder)
+FIGURE_OUTPUTS = {"grid": ("--grid", True), "figure": ("--figure", True),
+                  "figures": ("--figures", False), "out": ("--out", False)}
+
+
+def check_figure_outputs(args) -> None:
+    """Every figure path the command was given, checked before any work (see
+    :func:`actstore.plots.outputs.check_output`): figures are drawn last."""
+    from actstore.plots.outputs import check_output
+
+    for attr, (option, png) in FIGURE_OUTPUTS.items():
+        value = getattr(args, attr, None)
+        if value:
+            check_output(value, option, png=png)

@@ -144,3 +144,49 @@ def test_storage_options_refused(capsys, store_copy, options, word):
                 "--provider", "toyworld", "--target", "depth")
     assert word in line and "hunter2" not in line
     assert tree_digest(store_copy) == before
+
+
+FIGURE_CASES = {   # command line after the store; the figure option; words of the error
+    "probe folder is a file": (["probe", "--target", "salient", "--layers", "{layer}",
+                                "--steps", "0", "--figures", "{file}"], "is a file"),
+    "probe folder unwritable": (["probe", "--target", "salient", "--layers", "{layer}",
+                                 "--steps", "0", "--figures", "/proc/actstore-figs"],
+                                "can't write in /proc"),
+    "intervene figure is a folder": (["intervene", "--probe-run", "{run}", "--layers",
+                                      "{layer}", "--steps", "0", "--images", "demo-015",
+                                      "--provider", "toyworld", "--figure", "{dir}"],
+                                     "is a folder"),
+    "intervene figure not png": (["intervene", "--probe-run", "{run}", "--layers", "{layer}",
+                                  "--steps", "0", "--images", "demo-015", "--provider",
+                                  "toyworld", "--figure", "{dir}/grid.jpg"], ".png"),
+    "intervene figure under a file": (["intervene", "--probe-run", "{run}", "--layers",
+                                       "{layer}", "--steps", "0", "--images", "demo-015",
+                                       "--provider", "toyworld", "--figure",
+                                       "{file}/grid.png"], "is a file, not a folder"),
+    "sweep out unwritable": (["sweep", "--probe-run", "{run}", "--validation", "1",
+                              "--evaluation", "1", "--step-counts", "1", "--strength", "1",
+                              "--provider", "toyworld", "--out", "/proc/actstore-sweep"],
+                             "can't write in /proc"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FIGURE_CASES))
+def test_unwritable_figure_path_refused_before_any_work(capsys, tmp_path, ivstore, case):
+    """Figures are drawn last: a path they can't be written to is refused first, so the
+    store is unchanged (before, the experiment, sweep or probe run was stored, then the
+    command failed; a folder given as --figure got '<folder>.png' beside it, exit 0)."""
+    from conftest import IV_LAYERS
+
+    uri = str(tmp_path / "s.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    (tmp_path / "notes.txt").write_text("x")
+    argv, words = FIGURE_CASES[case]
+    fill = {"{layer}": IV_LAYERS[0], "{run}": ivstore["runs"]["salient"],
+            "{file}": str(tmp_path / "notes.txt"), "{dir}": str(tmp_path)}
+    for key, value in fill.items():
+        argv = [a.replace(key, value) for a in argv]
+    before = tree_digest(uri)
+    line = _run(capsys, argv[0], "--store", uri, *argv[1:])
+    assert words in line and argv[-2] in line, line
+    assert tree_digest(uri) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "s.zarr"]

@@ -141,6 +141,10 @@ def run_sweep(store: str, probe_runs: list[str] | str,
     """Sweep each probe run's grid on validation images, then evaluate its chosen setting
     on the evaluation images; returns ``{target: record}`` plus the figures drawn."""
     probe_runs = [probe_runs] if isinstance(probe_runs, str) else list(probe_runs)
+    if out_dir:
+        from actstore.plots.outputs import check_output
+
+        check_output(out_dir, "--out", png=False)
     base = settings.base
     validation, evaluation = split_images(store, settings.validation, settings.evaluation,
                                           base.model_variant)
