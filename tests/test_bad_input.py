@@ -190,3 +190,17 @@ def test_unwritable_figure_path_refused_before_any_work(capsys, tmp_path, ivstor
     assert words in line and argv[-2] in line, line
     assert tree_digest(uri) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "s.zarr"]
+
+
+def test_label_device_is_resolved_as_for_generation(capsys, store_copy):
+    """--device auto (documented) labels; a device torch does not know is one line, exit 2
+    (both were torch's RuntimeError, exit 1)."""
+    before = tree_digest(store_copy)
+    line = _run(capsys, "label", "--store", store_copy, "--provider", "toyworld",
+                "--target", "depth", "--no-x0", "--device", "gpu0")
+    assert "--device 'gpu0'" in line and "cpu, cuda[:N] or auto" in line
+    assert tree_digest(store_copy) == before
+    assert main(["--no-prefect", "--quiet", "label", "--store", store_copy, "--provider",
+                 "toyworld", "--target", "depth", "--no-x0", "--device", "auto"]) == 0
+    from actstore.label.labels import list_targets
+    assert list_targets(store_copy)["depth"]["provider"].startswith("toyworld")

@@ -72,7 +72,11 @@ def get_provider(spec: str, device: str = "cpu") -> LabelProvider:
     sums depend on the thread count, so labels written by the command line, the library
     and cluster workers agree bit for bit only under one policy."""
     kind, _, arg = str(spec).partition(":")
-    if kind != "array" and str(device).startswith("cpu"):
+    if kind != "array":   # 'auto' and a bad name resolved as for generation, in one line
+        from actstore.generation.models import resolve_device
+
+        device = str(resolve_device(str(device)))
+    if kind != "array" and device.startswith("cpu"):
         configure_cpu_threads()
     if kind == "toyworld":
         return _toyworld(arg or str(REPO_ROOT / "models" / "toy-labeler"), spec, device)
