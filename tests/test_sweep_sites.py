@@ -64,3 +64,27 @@ def test_sites_without_probes_fail_in_one_line_before_anything_is_written(ivstor
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "at sites down_blocks.*" in lines[0], lines
     assert tree_digest(uri) == before
+
+
+def test_every_run_is_checked_before_the_first_is_swept(ivstore, tmp_path, capsys):
+    """Two runs of one target (only the last was reported), one run named twice, and a
+    second run without probes at the sites (the first run's sweep was stored, then the
+    command failed): each one line, exit 2, the store unchanged."""
+    from actstore.probe.runs import run_probes
+
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    encoder_depth = run_probes(uri, "depth", layers=["down_blocks.1.attentions.0"],
+                               steps=[0], scheduler="threads", progress=False)
+    sal, dep = ivstore["runs"]["salient"], ivstore["runs"]["depth"]
+    before = tree_digest(uri)
+    cases = {(dep, encoder_depth): f"{encoder_depth} and {dep} both probe 'depth'",
+             (sal, sal): f"{sal} is given twice",
+             (sal, encoder_depth): f"{encoder_depth}: has no probes of kind(s) attn1"}
+    for runs, words in cases.items():
+        code = main(["--no-prefect", "--quiet", "sweep", "--store", uri, "--probe-run", *runs,
+                     "--kinds", "attn1", "--validation", "1", "--evaluation", "1",
+                     "--step-counts", "1", "--strength", "1", "--provider", "toyworld"])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and words in lines[0], (runs, lines)
+        assert tree_digest(uri) == before, runs

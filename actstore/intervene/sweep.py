@@ -149,13 +149,16 @@ def run_sweep(store: str, probe_runs: list[str] | str,
     validation, evaluation = split_images(store, settings.validation, settings.evaluation,
                                           base.model_variant)
     runs = {r: get_run(store, r) for r in probe_runs}
+    one_run_per_target(probe_runs, runs)
+    cells = {r: planned_cells(r, run, settings) for r, run in runs.items()}  # all, first
     model = load_store_model(StoreView(store, model=base.model_variant, complete_only=False),
                              model, base.device)
     out = {"store": store, "validation_images": validation, "evaluation_images": evaluation,
            "targets": {}}
     for run_id, run in runs.items():
-        out["targets"][run["target"]] = _sweep_run(store, run_id, run, settings, validation,
-                                                   evaluation, model, progress)
+        out["targets"][run["target"]] = _sweep_run(store, run_id, run, cells[run_id],
+                                                   settings, validation, evaluation, model,
+                                                   progress)
     if out_dir:
         from actstore.plots.interventions import sweep_figures
 
@@ -164,14 +167,35 @@ def run_sweep(store: str, probe_runs: list[str] | str,
     return out
 
 
-def _sweep_run(store, run_id, run, settings, validation, evaluation, model, progress) -> dict:
-    t0 = time.perf_counter()
+def one_run_per_target(probe_runs: list[str], runs: dict[str, dict]) -> None:
+    """A sweep's result is keyed by target: a second run of one target (or one run named
+    twice) would be swept and stored, then left out of the result."""
+    seen: dict[str, str] = {}
+    for run_id in probe_runs:
+        target = runs[run_id]["target"]
+        if target in seen:
+            twice = "is given twice" if seen[target] == run_id else \
+                f"and {seen[target]} both probe {target!r}"
+            raise ActstoreError(f"--probe-run {run_id} {twice}; a sweep takes one run per "
+                                "target")
+        seen[target] = run_id
+
+
+def planned_cells(run_id: str, run: dict, settings: SweepSettings) -> list[dict]:
+    """The run's grid cells, or a one-line refusal when it has none: checked for every run
+    before the first is swept, so a refusal leaves the store as it was."""
     cells = grid_cells(run, settings)
     if not cells:
         raise ActstoreError(f"probe run {run_id}: has no probes of kind(s) "
                             f"{', '.join(settings.kinds)} at sites "
                             f"{_sites_text(settings.layer_prefix)}; "
                             "fit one on those capture points or choose --kinds among its own")
+    return cells
+
+
+def _sweep_run(store, run_id, run, cells, settings, validation, evaluation, model,
+               progress) -> dict:
+    t0 = time.perf_counter()
     base = settings.base
     rows, experiments = [], []
     for cell in cells:
