@@ -16,6 +16,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from actstore.cliargs import OneLineParser
 from actstore.errors import ActstoreError
 from flows.cli_checks import (check_fan_out, check_figure_outputs, check_url, nonneg_float,
                               positive_int, store_uri)
@@ -29,16 +30,7 @@ CAPTURE_HELP = ("capture kinds, comma-separated (default: the store's, else attn
                 "naming an absent kind adds it to a stored model after a regeneration check. "
                 "Bytes per image (fp16, 15 steps): SD v1.4 at 512 px attn1, attn2, block 347 MB "
                 "each, resnet 361 MB, vae 63 MB; toy model 2.0, 2.0, 2.0, 2.05, 0.49 MB")
-EXIT_USER_ERROR = 2
 TARGETS = ("salient", "depth", "shading")
-
-
-class _Parser(argparse.ArgumentParser):
-    """Usage errors in one line too, pointing at --help instead of printing the usage."""
-
-    def error(self, message: str):
-        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} "
-                                   "--help)\n")
 
 
 def _catalog(path: str | None):
@@ -155,7 +147,7 @@ def _add_main(sub, common) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="actstore", description=__doc__.split("\n")[0],
+    parser = OneLineParser(prog="actstore", description=__doc__.split("\n")[0],
                      parents=[_common(top=True)],
                      epilog="Output: a short summary on stdout (--json: the full result), "
                      "progress bars on stderr (--quiet: none); a failure is one line on "

@@ -7,50 +7,15 @@ finding out after minutes of work (or a 30 s connect timeout) is the costly way.
 
 from __future__ import annotations
 
-import argparse
-import math
 import socket
 import warnings
 from urllib.parse import urlparse
 
+from actstore.cliargs import index, nonneg_float, positive_float, positive_int  # noqa: F401
 from actstore.errors import ActstoreError
 
 SCHEDULER_TIMEOUT = 5.0  # seconds to open a TCP connection to --scheduler
 LOCAL_SCHEDULERS = ("threads", "sync", "synchronous")
-
-
-def _number(text: str, kind: type, lowest: float, strict: bool):
-    try:
-        value = kind(text)
-    except ValueError:
-        noun = "whole number" if kind is int else "number"
-        raise argparse.ArgumentTypeError(f"must be a {noun}, got {text!r}") from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    if value < lowest or (strict and value == lowest):
-        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lowest:g}, "
-                                         f"got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    """>= 1: counts (steps, images per block or batch, iterations, threads), sizes."""
-    return _number(text, int, 1, strict=False)
-
-
-def index(text: str) -> int:
-    """>= 0: step indices and seeds."""
-    return _number(text, int, 0, strict=False)
-
-
-def positive_float(text: str) -> float:
-    """> 0 and finite: learning rates, margins."""
-    return _number(text, float, 0.0, strict=True)
-
-
-def nonneg_float(text: str) -> float:
-    """>= 0 and finite: guidance scales."""
-    return _number(text, float, 0.0, strict=False)
 
 
 def check_url(uri: str, option: str) -> None:

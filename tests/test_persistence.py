@@ -50,3 +50,14 @@ def test_bad_step_is_one_line_and_nonzero(ivstore, capsys):
               "--layers", IV_LAYERS[0], "--steps", "99"])
     msg = str(exc.value.code)
     assert msg.startswith("error: step 99") and "\n" not in msg
+
+
+def test_bad_numbers_are_one_line(ivstore, capsys):
+    """Checked by their type, as the actstore commands check theirs (one line, exit 2)."""
+    for argv, words in ((["--n-targets", "0"], "--n-targets: must be >= 1"),
+                        (["--steps", "x"], "--steps: must be a whole number"),
+                        (["--strength", "inf"], "--strength: must be a finite number")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--store", ivstore["uri"], "--probe-run", ivstore["runs"]["depth"], *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and words in err[0], (argv, err)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from actstore.errors import ActstoreError
 from actstore.intervene.reach import main, object_moved, reach
 from actstore.intervene.targets import translate
 
@@ -123,3 +124,21 @@ def test_render_reach_bad_input_is_one_line(ivstore, toy_depth_store):
             main(["--store", *argv])
         msg = str(exc.value.code)
         assert msg.startswith("error:") and words in msg and "\n" not in msg, msg
+
+
+def test_bad_counts_are_one_line_before_any_reading(ivstore, capsys):
+    """--images 0 printed NaN with numpy warnings and -1 silently left out the last test
+    image (exit 0); a value of the wrong type printed the whole usage."""
+    for argv, words in ((["--images", "0"], "--images: must be >= 1, got 0"),
+                        (["--images", "-1"], "--images: must be >= 1, got -1"),
+                        (["--images", "two"], "must be a whole number, got 'two'"),
+                        (["--renders", "-5"], "--renders: must be >= 0"),
+                        (["--pitch", "0", "nan"], "--pitch: must be a finite number")):
+        with pytest.raises(SystemExit) as exc:
+            main(["--store", ivstore["uri"], *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == 2 and len(err) == 1 and words in err[0], (argv, err)
+    with pytest.raises(ActstoreError, match="--images 0: give a count"):
+        reach(ivstore["uri"], n_images=0)
+    assert reach(ivstore["uri"], n_images=2)["images"] == \
+        reach(ivstore["uri"], n_images=99)["images"][:2]

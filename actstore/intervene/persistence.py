@@ -19,11 +19,10 @@ per step, beside the label model's score of the final image. Nothing is written.
 
 from __future__ import annotations
 
-import argparse
-
 import numpy as np
 import torch
 
+from actstore.cliargs import OneLineParser, index, nonneg_float, positive_int
 from actstore.errors import ActstoreError
 from actstore.generation.points import hooks
 from actstore.generation.sampling import GenerationConfig, generate
@@ -111,17 +110,18 @@ def format_persistence(res: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m actstore.intervene.persistence",
-                                description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m actstore.intervene.persistence",
+                      description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True)
     p.add_argument("--probe-run", required=True)
     p.add_argument("--layers", nargs="+", default=())
-    p.add_argument("--steps", nargs="+", type=int, default=())
-    p.add_argument("--strength", nargs="+", type=float, default=(3.0,), dest="strengths")
+    p.add_argument("--steps", nargs="+", type=index, default=())
+    p.add_argument("--strength", nargs="+", type=nonneg_float, default=(3.0,),
+                   dest="strengths")
     p.add_argument("--images", nargs="+", default=None)
     p.add_argument("--method", default="projection")
     p.add_argument("--targets", default="shift")
-    p.add_argument("--n-targets", type=int, default=2)
+    p.add_argument("--n-targets", type=positive_int, default=2)
     a = p.parse_args(argv)
     images = a.images[0] if a.images and len(a.images) == 1 and ":" in a.images[0] else a.images
     try:

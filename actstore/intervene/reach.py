@@ -27,11 +27,11 @@ images; ``--renders N --camera fixed varied`` adds the nearest render per camera
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import numpy as np
 
+from actstore.cliargs import OneLineParser, finite_float, index, positive_int
 from actstore.errors import ActstoreError
 from actstore.intervene.targets import make_targets, translate
 from actstore.kinds import BINARY
@@ -60,6 +60,17 @@ def _labelled(store: str, *names: str) -> dict:
     return have
 
 
+def first_test(store: str, table, n_images: int) -> np.ndarray:
+    """Positions of the first ``n_images`` test images of the image table (all of them if
+    it has fewer); a count below 1 or a store without test images is refused."""
+    if n_images < 1:
+        raise ActstoreError(f"--images {n_images}: give a count of test images >= 1")
+    test = np.flatnonzero(table["split"].values == "test")
+    if not len(test):
+        raise ActstoreError(f"store {store}: has no test images; reach reads test images")
+    return test[:n_images]
+
+
 def reach(store: str, *, depth: str = "depth", mask: str = "salient", n_images: int = 11,
           n_targets: int = 2, seed: int = 0) -> dict:
     """Medians over the first ``n_images`` test images × ``n_targets`` targets, for the
@@ -73,6 +84,7 @@ def reach(store: str, *, depth: str = "depth", mask: str = "salient", n_images: 
     ids = [str(v) for v in split["image"].values]
     d = np.asarray(label_array(store, depth, "full")[:], np.float32)
     m = np.asarray(label_array(store, mask, "full")[:], np.float32) > 0.5
+    chosen = first_test(store, split, n_images)
     train, test = split["split"].values == "train", np.flatnonzero(split["split"].values == "test")
     fixed = d[train].mean(0)
     with warnings.catch_warnings():   # a pixel covered by an object in every train image
@@ -81,10 +93,10 @@ def reach(store: str, *, depth: str = "depth", mask: str = "salient", n_images: 
     background = np.where(np.isfinite(background), background, fixed)
     out = {"fixed_map_rmse": float(np.median(rmse(d[test], np.broadcast_to(fixed, d[test].shape)))),
            "fixed_map_share": float(1 - ((d[test] - fixed) ** 2).mean() / d[test].var()),
-           "images": [ids[p] for p in test[:n_images]]}
+           "images": [ids[p] for p in chosen]}
     for mode in ("shift", "shift-x"):
         pre, best = [], []
-        for p in test[:n_images]:
+        for p in chosen:
             targets, offsets = make_targets(d[p], ids[p], "continuous", n_targets=n_targets,
                                             seed=seed, mode=mode)
             for t, (dy, dx) in zip(targets, offsets):
@@ -155,7 +167,7 @@ def render_reach(store: str, cameras: tuple[str, ...] = ("fixed", "varied"), *,
                             "renders are not in their units")
     split = StoreView(store, model="trained", complete_only=False).images
     ids = [str(v) for v in split["image"].values]
-    test = np.flatnonzero(split["split"].values == "test")[:n_images]
+    test = first_test(store, split, n_images)
     d = np.asarray(label_array(store, depth, "full")[:], np.float32)
     maps, dys = [], []
     for p in test:
@@ -186,16 +198,17 @@ def _fmt(v: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m actstore.intervene.reach",
-                                description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="python -m actstore.intervene.reach",
+                      description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True)
-    p.add_argument("--images", type=int, default=11, help="first N test images (default 11)")
-    p.add_argument("--renders", type=int, default=0, metavar="N",
+    p.add_argument("--images", type=positive_int, default=11,
+                   help="first N test images (default 11)")
+    p.add_argument("--renders", type=index, default=0, metavar="N",
                    help="also the nearest of N rendered training scenes per --camera (toy-world "
                         "depth labels only; ~3 ms a render)")
     p.add_argument("--camera", nargs="+", default=["fixed", "varied"],
                    help="camera distributions for --renders (default: fixed varied)")
-    p.add_argument("--pitch", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+    p.add_argument("--pitch", type=finite_float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="draw the varied camera's pitch (rad, down > 0) from LO..HI instead "
                         "of its own range, to compare worlds before training on one")
     a = p.parse_args(argv)
