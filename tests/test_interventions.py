@@ -255,6 +255,26 @@ def test_user_targets_npz_and_png(tmp_path):
         load_user_targets(str(folder), ids, (16, 16), kind="binary", mean=None, std=None)
 
 
+def test_unreadable_user_targets_are_one_line(tmp_path):
+    """Pickled objects, text, a torn file and strings: each an ActstoreError naming the
+    file (were NumPy's ValueError, exit 1, whose message advises loading pickles)."""
+    hw = (8, 8)
+    folder = tmp_path / "objects"
+    folder.mkdir()
+    np.save(folder / "a.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    (tmp_path / "torn.npz").write_bytes(b"not a zip")
+    np.savez(tmp_path / "text.npz", a=np.array([["w"] * 8] * 8))
+    np.savez(tmp_path / "pickled.npz", a=np.array([{"x": 1}], dtype=object))
+    for name, words in (("objects", "a.npy is not a NumPy file of numbers"),
+                        ("torn.npz", "torn.npz is not a NumPy file of numbers"),
+                        ("pickled.npz", "pickled.npz is not a NumPy file of numbers"),
+                        ("text.npz", "image 'a' is not numeric (dtype <U1)")):
+        with pytest.raises(ActstoreError) as info:
+            load_user_targets(str(tmp_path / name), ["a"], hw, kind="continuous", mean=0.0,
+                              std=1.0)
+        assert words in str(info.value) and "allow_pickle" not in str(info.value), name
+
+
 # --- the experiment ----------------------------------------------------------------------
 
 def _arrays(uri, exp):
