@@ -265,10 +265,10 @@ def test_unreadable_user_targets_are_one_line(tmp_path):
     (tmp_path / "torn.npz").write_bytes(b"not a zip")
     np.savez(tmp_path / "text.npz", a=np.array([["w"] * 8] * 8))
     np.savez(tmp_path / "pickled.npz", a=np.array([{"x": 1}], dtype=object))
-    for name, words in (("objects", "a.npy is not a NumPy file of numbers"),
-                        ("torn.npz", "torn.npz is not a NumPy file of numbers"),
-                        ("pickled.npz", "pickled.npz is not a NumPy file of numbers"),
-                        ("text.npz", "image 'a' is not numeric (dtype <U1)")):
+    for name, words in (("objects", "a.npy is not a NumPy file of plain arrays"),
+                        ("torn.npz", "torn.npz is not a NumPy file of plain arrays"),
+                        ("pickled.npz", "pickled.npz is not a NumPy file of plain arrays"),
+                        ("text.npz", "image 'a' holds <U1 values")):
         with pytest.raises(ActstoreError) as info:
             load_user_targets(str(tmp_path / name), ["a"], hw, kind="continuous", mean=0.0,
                               std=1.0)

@@ -398,7 +398,18 @@ def _bad_cases(store: str, tmp_path: Path) -> dict:
                             "no model 'randomized'"),
         "object ids": (lambda: write_labels(store, f"array:{_object_npz(tmp_path, ids)}",
                                             "depth"), "without pickle"),
+        "text labels": (lambda: write_labels(   # was a ValueError once a version was begun
+            store, f"array:{_npz(tmp_path, ids, {'depth': np.full(ok.shape, 'far')}, 'd.npz')}",
+            "depth"), "array 'depth' holds <U3 values"),
+        "torn npz": (lambda: write_labels(store, f"array:{_torn_npz(tmp_path)}", "depth"),
+                     "torn.npz is not a NumPy file of plain arrays"),   # was BadZipFile
     }
+
+
+def _torn_npz(tmp_path: Path) -> str:
+    path = tmp_path / "torn.npz"
+    path.write_bytes(b"PK\x03\x04 cut off here")
+    return str(path)
 
 
 def _object_npz(tmp_path: Path, ids) -> str:

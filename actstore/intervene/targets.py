@@ -16,7 +16,6 @@ order or batch, an experiment covers, and a resumed run redraws exactly the same
 from __future__ import annotations
 
 import hashlib
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import numpy as np
 from actstore.errors import ActstoreError
 from actstore.intervene.settings import TARGET_MODES, InterventionSettings
 from actstore.kinds import BINARY
+from actstore.npyfiles import check_numeric, load_plain
 from actstore.metrics import pool
 
 SHIFT_RANGE = (90 / 512, 120 / 512)   # the paper's ±90-120 px at 512 px, as a side fraction
@@ -138,11 +138,11 @@ def load_user_targets(path: str, image_ids: list[str], hw: tuple[int, int], *, k
     raw = units == "raw"
     found: dict[str, tuple[np.ndarray, bool]] = {}   # image id → (maps, in raw units?)
     if p.is_file() and p.suffix == ".npz":
-        found = {i: (a, raw) for i, a in _plain_arrays(p, path, image_ids).items()}
+        found = {i: (a, raw) for i, a in load_plain(p, f"targets {path}", image_ids).items()}
     elif p.is_dir():
         for i in image_ids:
             if (p / f"{i}.npy").is_file():
-                found[i] = (_plain_arrays(p / f"{i}.npy", path), raw)
+                found[i] = (load_plain(p / f"{i}.npy", f"targets {path}"), raw)
                 continue
             pngs = [p / f"{i}.png"] if (p / f"{i}.png").is_file() else \
                 sorted(p.glob(f"{i}_*.png"), key=lambda f: _png_index(f, i))
@@ -158,7 +158,8 @@ def load_user_targets(path: str, image_ids: list[str], hw: tuple[int, int], *, k
                             "(or choose images with --images)")
     out = []
     for i in image_ids:
-        a, in_raw = _numbers(found[i][0], path, i), found[i][1]
+        check_numeric(found[i][0], f"targets {path}: image {i!r}")
+        a, in_raw = np.asarray(found[i][0], np.float32), found[i][1]
         a = a[None] if a.ndim == 2 else a
         if a.ndim != 3 or tuple(a.shape[1:]) != tuple(hw):
             raise ActstoreError(f"targets {path}: image {i!r} has shape {a.shape}, expected "
@@ -175,29 +176,6 @@ def load_user_targets(path: str, image_ids: list[str], hw: tuple[int, int], *, k
         raise ActstoreError(f"targets {path}: images have different numbers of targets "
                             f"({sorted(ks)}); give every image the same K")
     return np.stack(out)
-
-
-def _plain_arrays(f: Path, path: str, keys: list[str] | None = None):
-    """The array of a .npy, or the arrays named ``keys`` of a .npz, loaded without pickles;
-    a file NumPy can't read as plain arrays (objects, text, a torn file) is one line, not
-    NumPy's advice to load it unsafely."""
-    try:
-        if keys is None:
-            return np.load(f, allow_pickle=False)
-        with np.load(f, allow_pickle=False) as z:
-            return {k: z[k] for k in keys if k in z.files}
-    except (ValueError, OSError, EOFError, zipfile.BadZipFile):
-        raise ActstoreError(f"targets {path}: {f.name} is not a NumPy file of numbers "
-                            "(pickled objects are never loaded); save it with np.save or "
-                            "np.savez") from None
-
-
-def _numbers(value, path: str, image_id: str) -> np.ndarray:
-    try:
-        return np.asarray(value, np.float32)
-    except (TypeError, ValueError):
-        raise ActstoreError(f"targets {path}: image {image_id!r} is not numeric (dtype "
-                            f"{np.asarray(value).dtype}); give numbers or 0/1 masks") from None
 
 
 def _png_index(f: Path, image_id: str) -> int:

@@ -29,6 +29,7 @@ import numpy as np
 from actstore.errors import ActstoreError
 from actstore.runtime import configure_cpu_threads
 from actstore.kinds import BINARY, CONTINUOUS, KINDS
+from actstore.npyfiles import check_numeric, load_plain
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_FORMS = ("toyworld[:<folder>]", "hf-depth:<folder>", "hf-segmentation:<folder>",
@@ -310,6 +311,7 @@ class ArrayLabels:
             if arr.ndim != 3 or arr.shape[0] != len(self.image_ids):
                 raise ActstoreError(f"labels {self.path}: array {name!r} has shape {arr.shape}, "
                                     f"expected (N, H, W) with N = {len(self.image_ids)} image ids")
+            check_numeric(arr, f"labels {self.path}: array {name!r}")
         self.targets = {t: kinds.get(t) or _infer_kind(a) for t, a in self._arrays.items()}
         bad = {t: k for t, k in self.targets.items() if k not in KINDS}
         if bad:
@@ -320,12 +322,7 @@ class ArrayLabels:
         if self.path.endswith(".npz"):
             if not Path(self.path).is_file():
                 raise ActstoreError(f"labels {self.path}: file not found")
-            try:
-                with np.load(self.path, allow_pickle=False) as z:
-                    return {k: z[k] for k in z.files}, {}
-            except ValueError as exc:
-                raise ActstoreError(f"labels {self.path}: can't read without pickle ({exc}); "
-                                    "save ids as np.array(ids, dtype=str)") from None
+            return load_plain(self.path, f"labels {self.path}"), {}
         import zarr
 
         try:
