@@ -119,8 +119,7 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     catalog guidance (3 for toy-ldm). ``sweeps``: the causal test's settings per target
     (default :data:`MAIN_SWEEPS`; ``{}`` skips it)."""
     sweeps = MAIN_SWEEPS if sweeps is None else sweeps
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out)   # made with the store: input refused before it leaves no folder
     store = str(out_dir / "store.zarr")
     result = {"store": store, "figures": []}
     variants = [None, "randomized"] if control else [None]
