@@ -22,6 +22,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} "
                                    "--help)\n")
 
+    def fail(self, error: Exception):
+        """An error of the command's input found past parsing (an :class:`ActstoreError`):
+        one line and exit 2, as a usage error."""
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {error}\n")
+
 
 def _number(text: str, kind: type, lowest: float, strict: bool):
     try:

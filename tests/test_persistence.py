@@ -48,8 +48,9 @@ def test_bad_step_is_one_line_and_nonzero(ivstore, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--store", ivstore["uri"], "--probe-run", ivstore["runs"]["depth"],
               "--layers", IV_LAYERS[0], "--steps", "99"])
-    msg = str(exc.value.code)
-    assert msg.startswith("error: step 99") and "\n" not in msg
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("python -m actstore.intervene.persistence: error: step 99")
 
 
 def test_bad_numbers_are_one_line(ivstore, capsys):

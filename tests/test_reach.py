@@ -36,11 +36,20 @@ def test_reach_on_a_store(ivstore):
         assert r[mode]["n"] == 6 and r[mode]["pre"] > 0
 
 
-def test_reach_without_labels_is_one_line(tiny_store):
+def _refused(capsys, argv: list[str]) -> str:
+    """The one line a refused command prints, after checking its exit code is 2."""
     with pytest.raises(SystemExit) as exc:
-        main(["--store", tiny_store])
-    msg = str(exc.value.code)
-    assert msg.startswith("error: store") and "no labels 'depth'" in msg and "\n" not in msg
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    prefix = "python -m actstore.intervene.reach: error: "
+    assert err[0].startswith(prefix), err
+    return err[0][len(prefix):]
+
+
+def test_reach_without_labels_is_one_line(tiny_store, capsys):
+    msg = _refused(capsys, ["--store", tiny_store])
+    assert msg.startswith("store") and "no labels 'depth'" in msg
 
 
 def test_nearest_is_the_brute_force_minimum():
@@ -112,7 +121,7 @@ def test_render_reach_matches_a_loop_over_renders(toy_depth_store):
     assert wide["varied"]["nearest"] != r["varied"]["nearest"]   # another world was rendered
 
 
-def test_render_reach_bad_input_is_one_line(ivstore, toy_depth_store):
+def test_render_reach_bad_input_is_one_line(ivstore, toy_depth_store, capsys):
     cases = [([ivstore["uri"], "--renders", "4"], "not a toyworld label model"),
              ([toy_depth_store, "--renders", "1"], "need at least 2"),
              ([toy_depth_store, "--renders", "4", "--camera", "tilted"], "camera 'tilted'"),
@@ -120,10 +129,7 @@ def test_render_reach_bad_input_is_one_line(ivstore, toy_depth_store):
               "for --camera varied"),
              ([toy_depth_store, "--renders", "4", "--pitch", "0.5", "0.1"], "LO < HI")]
     for argv, words in cases:
-        with pytest.raises(SystemExit) as exc:
-            main(["--store", *argv])
-        msg = str(exc.value.code)
-        assert msg.startswith("error:") and words in msg and "\n" not in msg, msg
+        assert words in _refused(capsys, ["--store", *argv]), argv
 
 
 def test_bad_counts_are_one_line_before_any_reading(ivstore, capsys):

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
                                         n_targets=a.n_targets)
         print(format_persistence(persistence(a.store, a.probe_run, settings)))
     except ActstoreError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        p.fail(exc)
 
 
 if __name__ == "__main__":

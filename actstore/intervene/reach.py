@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
                          pitch=None if a.pitch is None else tuple(a.pitch)) \
             if a.renders else None
     except ActstoreError as exc:
-        raise SystemExit(f"error: {exc}") from None
+        p.fail(exc)
     print(f"fixed map (train mean depth, no image information): RMSE {r['fixed_map_rmse']:.3f}"
           f" on test images, {r['fixed_map_share']:.1%} of their depth variance")
     for mode in ("shift", "shift-x"):
