@@ -20,7 +20,8 @@ from actstore.cliargs import OneLineParser
 from actstore.errors import ActstoreError
 from flows.cli_checks import (check_fan_out, check_figure_outputs, check_url, nonneg_float,
                               positive_int, store_uri)
-from flows.cli_env import command_environment, quiet_libraries, use_storage_options
+from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
+                           use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
 
 REPO_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
@@ -314,7 +315,7 @@ def _exit_promptly() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
-    with command_environment(args):
+    with command_environment(args), one_interrupt():
         try:
             result = _run(args)
         except (Exception, KeyboardInterrupt) as exc:  # one line; --debug adds the traceback

@@ -2,7 +2,8 @@
 resumable, exit code 130, in both modes, within seconds, and none of the command's
 processes (its temporary Prefect server, its local Dask workers) outlives it; ``--debug``
 shows the traceback. A terminal's Ctrl-C goes to the whole process group (the command,
-its Prefect server, its local Dask workers): the same. On a user's cluster
+its Prefect server, its local Dask workers): the same, and so is Ctrl-C pressed again and
+again while the command stops (only the first counts). On a user's cluster
 (``--cluster ADDRESS``) the tasks of materialize, label and intervene stop too and write
 nothing once the command has exited, the cluster stays up, and a rerun completes (label's
 leaves the store an uninterrupted run leaves)."""
@@ -74,10 +75,13 @@ def materialize(tmp_path: Path, *flags: str, fan: tuple = (), prompts: str = DEM
 
 def interrupt(tmp_path: Path, *flags: str, group: bool = False, workers: int | None = None,
               fan: tuple = (), ready: Callable[[], bool] = lambda: True,
-              run: tuple | None = None) -> Stopped:
+              run: tuple | None = None, again: float | None = None) -> Stopped:
     """Start materialize (or ``run``: a :func:`command` on the store ``tmp_path/s.zarr``),
     send SIGINT a moment after the store exists and ``ready()`` (to its process group with
-    ``group``, as a terminal does), and see what is left when it exits."""
+    ``group``, as a terminal does), and see what is left when it exits. With ``again``,
+    SIGINT again every ``again`` seconds until it has exited: Ctrl-C pressed again while the
+    command stops, whatever it is doing then (killing workers, stopping its server,
+    shutting down the interpreter)."""
     store = tmp_path / "s.zarr"
     cmd, env = run or materialize(tmp_path, *flags,
                                   fan=(*(["--workers", str(workers)] if workers else []), *fan))
@@ -95,11 +99,17 @@ def interrupt(tmp_path: Path, *flags: str, group: bool = False, workers: int | N
         time.sleep(1)
         family = {p: " ".join(_cmd(p)) for p in psutil.Process(proc.pid).children(recursive=True)}
         t0 = time.time()
-        if group:
-            os.killpg(proc.pid, signal.SIGINT)
-        else:
-            proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
+        while True:
+            if group:
+                os.killpg(proc.pid, signal.SIGINT)   # its workers, once it has exited
+            else:
+                proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=again or 120)
+                break
+            except subprocess.TimeoutExpired:
+                if again is None or time.time() - t0 > 120:
+                    raise
         took = time.time() - t0
         left = [p for p in family if _alive(p)]
         tracker = [p for p in left if "multiprocessing.resource_tracker" in family[p]]
@@ -129,9 +139,11 @@ def gone(stopped: Stopped) -> None:
     assert not any(_alive(p) for p in stopped.tracker)
 
 
-@pytest.mark.parametrize("mode", [[], ["--no-prefect"]], ids=["prefect", "no-prefect"])
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path, mode):
-    stopped = interrupt(tmp_path, *mode)
+@pytest.mark.parametrize("mode, again", [([], None), (["--no-prefect"], None),
+                                         (["--no-prefect"], 0.1)],
+                         ids=["prefect", "no-prefect", "no-prefect-pressed-again"])
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, mode, again):
+    stopped = interrupt(tmp_path, *mode, again=again)
     assert stopped.code == 130 and stopped.err.strip() == LINE, stopped.err
     assert len(stopped.servers) == (0 if mode else 1)
     gone(stopped)
@@ -144,9 +156,12 @@ def test_ctrl_c_with_debug_shows_the_traceback(tmp_path):
     assert lines[0].startswith("Traceback") and "KeyboardInterrupt" in stopped.err
 
 
-@pytest.mark.parametrize("workers", [None, 2], ids=["in-process", "2-workers"])
-def test_terminal_ctrl_c_reaches_the_group_and_is_one_line(tmp_path, workers):
-    stopped = interrupt(tmp_path, group=True, workers=workers)
+@pytest.mark.parametrize("workers, again", [(None, None), (2, None), (2, 0.1)],
+                         ids=["in-process", "2-workers", "2-workers-pressed-again"])
+def test_terminal_ctrl_c_reaches_the_group_and_is_one_line(tmp_path, workers, again):
+    """``again``: Ctrl-C pressed again and again while the command stops; the first one
+    counts, and the clean-up it starts always completes."""
+    stopped = interrupt(tmp_path, group=True, workers=workers, again=again)
     assert stopped.code == 130 and stopped.err.strip() == LINE, stopped.err
     assert len(stopped.servers) == 1
     assert stopped.workers == (workers or 0)     # so they were among the processes checked
