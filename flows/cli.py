@@ -18,8 +18,8 @@ from pathlib import Path
 
 from actstore.cliargs import OneLineParser
 from actstore.errors import ActstoreError
-from flows.cli_checks import (check_fan_out, check_figure_outputs, check_url, nonneg_float,
-                              positive_int, store_uri)
+from flows.cli_checks import (check_fan_out, check_figure_outputs, check_table_and_region,
+                              check_url, nonneg_float, positive_int, store_uri)
 from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
@@ -171,9 +171,7 @@ def _materialize(args, catalog) -> dict:
     from actstore.catalog import (resolve_guidance, resolve_model, resolve_prompts,
                                   resolve_store)
     from actstore.generation.materialize import MaterializeSettings
-    from actstore.generation.prompts import load_prompts
 
-    check_fan_out(args, "regions")
     entry = resolve_store(catalog, args.store)
     model_name = args.model or entry["model"]
     prompts_name = args.prompts or entry["prompts"]
@@ -194,7 +192,8 @@ def _materialize(args, catalog) -> dict:
         entry["uri"]
     check_url(store, "--store")
     check_url(prompts, "--prompts")
-    load_prompts(prompts)     # a bad table fails here, before any server or model
+    check_table_and_region(prompts, args.images)
+    check_fan_out(args, "regions")
     if args.no_prefect:
         from actstore.generation.materialize import completion, format_completion, materialize
         from actstore.plots.figures import sample_grid
@@ -244,7 +243,6 @@ def _probe(args, catalog) -> dict:
 def _main_job(args, catalog) -> dict:
     from actstore.catalog import resolve_guidance, resolve_model, resolve_prompts
     from actstore.generation.models import check_model
-    from actstore.generation.prompts import load_prompts
 
     if args.no_prefect:
         raise ActstoreError("main runs as one Prefect flow (its stages are tasks); drop "
@@ -263,7 +261,7 @@ def _main_job(args, catalog) -> dict:
               "out": args.out, "images": args.images, "settings": settings,
               "workers": args.workers, "targets": tuple(args.targets)}
     check_model(model["ref"])    # before the flow creates --out
-    load_prompts(params["prompts"])
+    check_table_and_region(params["prompts"], args.images)
     with flow_mode(args):
         result = main_flow(**params)
     return {**result, "files": main_job_files(result, args.out)}

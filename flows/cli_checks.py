@@ -18,6 +18,17 @@ SCHEDULER_TIMEOUT = 5.0  # seconds to open a TCP connection to --scheduler
 LOCAL_SCHEDULERS = ("threads", "sync", "synchronous")
 
 
+def check_table_and_region(prompts: str, images: str | None) -> None:
+    """A bad prompt table, or an ``--images`` region that is malformed or outside it, fails
+    here, before a Prefect server, a worker or a model starts: with --workers 2 it was found
+    by the planning task, after ~30 s of start-up (2026-12-05). Block alignment is the
+    store's to check (an existing store keeps its own block size)."""
+    from actstore.generation.materialize import parse_region
+    from actstore.generation.prompts import load_prompts
+
+    parse_region(images, len(load_prompts(prompts)), block_size=1)
+
+
 def check_url(uri: str, option: str) -> None:
     """A protocol fsspec does not know (or whose package is missing) fails here, by name."""
     import fsspec

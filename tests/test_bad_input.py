@@ -114,6 +114,17 @@ def test_images_region_errors(capsys, store_copy, region, word):
     assert tree_digest(store_copy) == before
 
 
+def test_region_outside_the_table_is_refused_before_any_worker_or_scheduler(capsys, tmp_path):
+    """Checked against the prompt table before the command contacts its cluster (here one
+    that does not exist) or starts workers: no ~30 s of start-up to learn of a typo."""
+    code = main(["--quiet", "materialize", "--model", "tiny-random", "--prompts", DEMO,
+                 "--store", str(tmp_path / "s.zarr"), "--images", "5:2", "--cluster",
+                 "tcp://127.0.0.1:1"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--images 5:2: out of range" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_model_folder_not_sd(capsys, tmp_path):
     folder = tmp_path / "not-a-model"
     folder.mkdir()

@@ -267,12 +267,12 @@ def test_main_refuses_a_missing_model_before_creating_out(capsys, tmp_path):
 
 
 def test_main_refused_inside_its_flow_leaves_no_out_folder(api, tmp_path):
-    """A region refused when the flow plans materialize: the folder the flow would fill was
-    made first and left empty."""
+    """A capture kind refused when the flow plans materialize: the folder the flow would
+    fill was made first and left empty."""
     out = tmp_path / "m"
-    res = run("--quiet", "main", "--model", "tiny-random", "--steps", "2", "--images", "5:2",
+    res = run("--quiet", "main", "--model", "tiny-random", "--steps", "2", "--capture", "bogus",
               "--out", str(out), api=api)
-    assert res.returncode == 2 and "--images 5:2: out of range" in one_line(res.stderr)
+    assert res.returncode == 2 and "bogus" in one_line(res.stderr)
     assert not out.exists()
 
 
