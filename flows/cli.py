@@ -16,10 +16,10 @@ import sys
 import traceback
 from pathlib import Path
 
-from actstore.cliargs import OneLineParser
+from actstore.cliargs import OneLineParser, nonneg_float, positive_int
 from actstore.errors import ActstoreError
 from flows.cli_checks import (check_fan_out, check_figure_outputs, check_table_and_region,
-                              check_url, nonneg_float, positive_int, store_uri)
+                              check_url, store_uri)
 from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary

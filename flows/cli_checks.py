@@ -11,7 +11,6 @@ import socket
 import warnings
 from urllib.parse import urlparse
 
-from actstore.cliargs import index, nonneg_float, positive_float, positive_int  # noqa: F401
 from actstore.errors import ActstoreError
 
 SCHEDULER_TIMEOUT = 5.0  # seconds to open a TCP connection to --scheduler

@@ -9,10 +9,10 @@ an option left out is simply not passed on.
 
 from __future__ import annotations
 
+from actstore.cliargs import index, nonneg_float, positive_float, positive_int
 from actstore.intervene.settings import (METHODS, InterventionSettings, SweepSettings,
                                          defaults)
-from flows.cli_checks import (check_fan_out, index, nonneg_float, positive_float, positive_int,
-                              store_uri)
+from flows.cli_checks import check_fan_out, store_uri
 
 D = defaults(InterventionSettings)
 SW = defaults(SweepSettings)

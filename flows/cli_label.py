@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from actstore.label.settings import LabelSettings
 from actstore.probe.settings import ProbeSettings
-from flows.cli_checks import check_fan_out, check_scheduler, index, positive_int, store_uri
+from actstore.cliargs import index, positive_int
+from flows.cli_checks import check_fan_out, check_scheduler, store_uri
 
 
 def add_label_probe_parsers(sub, common) -> None:

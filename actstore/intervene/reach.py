@@ -40,7 +40,6 @@ from actstore.metrics import rmse
 from actstore.store.view import StoreView
 
 
-
 def object_moved(depth: np.ndarray, mask: np.ndarray, background: np.ndarray, dy: int,
                  dx: int) -> np.ndarray:
     """``depth`` (H, W) with the object under ``mask`` moved by (dy, dx) px and the pixels

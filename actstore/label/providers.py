@@ -77,8 +77,8 @@ def get_provider(spec: str, device: str = "cpu") -> LabelProvider:
         from actstore.generation.models import resolve_device
 
         device = str(resolve_device(str(device)))
-    if kind != "array" and device.startswith("cpu"):
-        configure_cpu_threads()
+        if device.startswith("cpu"):
+            configure_cpu_threads()
     if kind == "toyworld":
         return _toyworld(arg or str(REPO_ROOT / "models" / "toy-labeler"), spec, device)
     if kind in ("hf-depth", "hf-segmentation") and arg:
