@@ -34,3 +34,78 @@ def test_readme_opens_with_the_two_commands():
 def test_readme_stays_a_guide():
     lines = (REPO / "README.md").read_text(encoding="utf-8").count("\n")
     assert lines <= README_LINES, f"README.md has {lines} lines; move detail to docs/"
+
+
+def _layout_block() -> str:
+    text = (REPO / "docs" / "store-format.md").read_text(encoding="utf-8")
+    return text.split("## Layout", 1)[1].split("```", 2)[1]
+
+
+def _leaf(name: str) -> str:
+    """An array's documented name: a token grid ``r16`` / ``r16x8`` is ``r<h>``."""
+    return "r<h>" if re.fullmatch(r"r\d+(x\d+)?", name) else name
+
+
+def _documented_dims(layout: str) -> dict[str, set[tuple[str, ...]]]:
+    """``name (dim, dim[, optional])`` and ``{a, b} (dims)`` pairs of the layout block."""
+    out: dict[str, set[tuple[str, ...]]] = {}
+    names = r"(?:[\w/<>]*\{[^}]*\}|[\w/<>]+)(?:, \w+)*"
+    for m in re.finditer(rf"({names})\s+\(([^)]*)\)", layout):
+        text = m.group(2).replace(" ", "")
+        required, _, optional = text.partition("[,")
+        dims = [d for d in required.split(",") if d]
+        if not dims or not all(re.fullmatch(r"\w+", d) for d in dims):
+            continue                     # prose in parentheses, not dimensions
+        shapes = {tuple(dims)}
+        if optional:
+            shapes.add((*dims, *optional.rstrip("]").split(",")))
+        token = m.group(1)
+        inside = re.search(r"\{([^}]*)\}", token)
+        for name in (inside.group(1) if inside else token).split(","):
+            out.setdefault(name.strip().rsplit("/", 1)[-1], set()).update(shapes)
+    return out
+
+
+def test_store_format_layout_is_what_a_store_holds(explore_store, tmp_path):
+    """docs/store-format.md's layout against a store with every kind of node (labels, probe
+    runs, an experiment, a sweep): every array it holds is named there, with the dimensions
+    written there, and every attribute key the layout names is in the store's attributes."""
+    import shutil
+
+    import zarr
+
+    from actstore.intervene.settings import InterventionSettings, SweepSettings
+    from actstore.intervene.sweep import run_sweep
+    from actstore.probe.runs import latest_run
+
+    store = str(tmp_path / "store.zarr")
+    shutil.copytree(explore_store, store)
+    run_sweep(store, latest_run(store, "salient"),
+              SweepSettings(kinds=("attn1",), step_counts=(1,), strengths=(1.0,),
+                            validation=1, evaluation=1,
+                            base=InterventionSettings(n_targets=1)), progress=False)
+    layout = _layout_block()
+    words = set(re.findall(r"[\w<>]+", layout))
+    dims = _documented_dims(layout)
+    assert {"activation", "final_image", "full", "x0", "timestep"} <= set(dims), dims
+    nodes = [("", zarr.open_group(store, mode="r"))]
+    nodes += list(zarr.open_group(store, mode="r").members(max_depth=None))
+    arrays = {path: node for path, node in nodes if isinstance(node, zarr.Array)}
+    undocumented = sorted({_leaf(p.rsplit("/", 1)[-1]) for p in arrays} - words)
+    assert not undocumented, f"arrays the layout does not name: {undocumented}"
+    wrong = {p: a.metadata.dimension_names for p, a in arrays.items()
+             if _leaf(p.rsplit("/", 1)[-1]) in dims
+             and tuple(a.metadata.dimension_names) not in dims[_leaf(p.rsplit("/", 1)[-1])]}
+    assert not wrong, f"dimensions other than the layout's: {wrong}"
+    named = {m.group(1): {k.strip() for k in m.group(2).split(",")
+                          if re.fullmatch(r"\w+", k.strip())}
+             for m in re.finditer(r"attrs\.(\w+) = \{([^}]*)\}", layout)}
+    found = set()
+    for path, node in nodes:
+        for key, keys in named.items():
+            value = node.attrs.get(key)
+            if isinstance(value, dict):
+                found.add(key)
+                assert keys <= set(value), f"{path or '<root>'} attrs.{key} lacks " \
+                                           f"{sorted(keys - set(value))}"
+    assert {"actstore", "actstore_model", "block", "labels", "sweep"} <= found, found
