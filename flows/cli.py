@@ -18,8 +18,8 @@ from pathlib import Path
 
 from actstore.cliargs import OneLineParser, nonneg_float, positive_int
 from actstore.errors import ActstoreError
-from flows.cli_checks import (check_fan_out, check_figure_outputs, check_table_and_region,
-                              check_url, store_uri)
+from flows.cli_checks import (STORE_HELP, check_fan_out, check_figure_outputs,
+                              check_table_and_region, check_url, store_uri)
 from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
@@ -32,6 +32,9 @@ CAPTURE_HELP = ("capture kinds, comma-separated (default: the store's, else attn
                 "Bytes per image (fp16, 15 steps): SD v1.4 at 512 px attn1, attn2, block 347 MB "
                 "each, resnet 361 MB, vae 63 MB; toy model 2.0, 2.0, 2.0, 2.05, 0.49 MB")
 TARGETS = ("salient", "depth", "shading")
+DESCRIPTION = ("Store a latent diffusion model's activations (every self-attention layer, "
+               "image and denoising step) in Zarr, label probe targets, fit probes over "
+               "layers x steps and edit generations with them (README.md, docs/).")
 
 
 def _catalog(path: str | None):
@@ -76,7 +79,7 @@ def _add_materialize(sub, common) -> None:
     p = sub.add_parser("materialize", parents=[common], help="generate images and store the "
                        "activations of every capture point (resumable; several workers may "
                        "fill disjoint --images; --capture adds kinds to a stored model)")
-    p.add_argument("--store", required=True, help="store URI or catalog store name")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--model", help="catalog model name, diffusers folder, cached HF id, or "
                    "tiny-random (default: the catalog store's model)")
     p.add_argument("--prompts", help="CSV/Parquet table (image_id, prompt, seed[, split]) or "
@@ -106,12 +109,15 @@ def _add_settings_options(p) -> None:
     p.add_argument("--steps", type=positive_int, help="denoising steps")
     p.add_argument("--guidance", type=nonneg_float, help="default: the store entry's, else "
                    "the model's catalog guidance (toy-ldm: 3), else 7.5")
-    p.add_argument("--height", type=positive_int)
-    p.add_argument("--width", type=positive_int)
+    p.add_argument("--height", type=positive_int, help="image height in pixels (default: the "
+                   "model's native size)")
+    p.add_argument("--width", type=positive_int, help="image width in pixels (default: the "
+                   "model's native size)")
     p.add_argument("--device", help="cpu, cuda[:N] or auto")
     p.add_argument("--dtype", choices=["float32", "float16"],
                    help="model dtype (default: the catalog model's, else float32)")
-    p.add_argument("--store-dtype", choices=["float16", "float32"])
+    p.add_argument("--store-dtype", choices=["float16", "float32"], help="dtype of the stored "
+                   "activations (default float16)")
     p.add_argument("--codec", help="zstd, zstd5, lz4, zstd-bitround8 (lossy), none")
 
 
@@ -119,12 +125,13 @@ def _add_verify(sub, common) -> None:
     v = sub.add_parser("verify", parents=[common], help="regenerate stored images and report "
                        "per image whether the stored images and activations are reproduced "
                        "(bitwise on CPU); writes nothing, runs in-process")
-    v.add_argument("--store", required=True)
+    v.add_argument("--store", required=True, help=STORE_HELP)
     v.add_argument("--images", help="region START:STOP (block-aligned)")
     v.add_argument("--model", help="default: the model folder recorded in the store")
     v.add_argument("--models", nargs="+", help="variants (default: every one in the store)")
-    v.add_argument("--device", default="auto")
-    v.add_argument("--batch-size", type=positive_int, default=4)
+    v.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default auto)")
+    v.add_argument("--batch-size", type=positive_int, default=4, help="images per UNet call "
+                   "(default 4)")
 
 
 def _add_main(sub, common) -> None:
@@ -134,7 +141,9 @@ def _add_main(sub, common) -> None:
     m.add_argument("--model", help="default: toy-ldm if its folder exists, else tiny-random")
     m.add_argument("--prompts", help="default: toyworld for toy-ldm, demo for tiny-random")
     m.add_argument("--out", default="runs/main", help="folder for the store and figures")
-    m.add_argument("--images", help="region START:STOP of the prompt table")
+    m.add_argument("--images", help="region START:STOP of the prompt table: only materializes "
+                   "it (labels, probes and interventions need the whole table; for a small "
+                   "job, pass a small --prompts table)")
     m.add_argument("--steps", type=positive_int, help="denoising steps")
     m.add_argument("--guidance", type=nonneg_float,
                    help="default: the model's catalog guidance (toy-ldm: 3), else 7.5")
@@ -148,7 +157,7 @@ def _add_main(sub, common) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="actstore", description=__doc__.split("\n")[0],
+    parser = OneLineParser(prog="actstore", description=DESCRIPTION,
                      parents=[_common(top=True)],
                      epilog="Output: a short summary on stdout (--json: the full result), "
                      "progress bars on stderr (--quiet: none); a failure is one line on "
@@ -164,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.cli_intervene import add_intervene_parser
     add_intervene_parser(sub, common)
     _add_main(sub, common)
+    for listed in sub._choices_actions:     # `actstore X --help` opens with what X does
+        sub.choices[listed.dest].description = listed.help
     return parser
 
 

@@ -15,6 +15,7 @@ from actstore.errors import ActstoreError
 
 SCHEDULER_TIMEOUT = 5.0  # seconds to open a TCP connection to --scheduler
 LOCAL_SCHEDULERS = ("threads", "sync", "synchronous")
+STORE_HELP = "store URI (a folder, s3://...) or catalog store name"  # what store_uri takes
 
 
 def check_table_and_region(prompts: str, images: str | None) -> None:

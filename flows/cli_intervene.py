@@ -12,7 +12,7 @@ from __future__ import annotations
 from actstore.cliargs import index, nonneg_float, positive_float, positive_int
 from actstore.intervene.settings import (METHODS, InterventionSettings, SweepSettings,
                                          defaults)
-from flows.cli_checks import check_fan_out, store_uri
+from flows.cli_checks import STORE_HELP, check_fan_out, store_uri
 
 D = defaults(InterventionSettings)
 SW = defaults(SweepSettings)
@@ -26,7 +26,7 @@ def _strength_help() -> str:
 
 
 def _add_edit_options(p, sweep: bool = False) -> None:
-    p.add_argument("--store", required=True, help="store URI or catalog store name")
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--method", choices=list(METHODS), help=f"default {D['method']}")
     if not sweep:
         p.add_argument("--strength", nargs="+", type=nonneg_float, dest="strengths",

@@ -7,18 +7,23 @@ from __future__ import annotations
 from actstore.label.settings import LabelSettings
 from actstore.probe.settings import ProbeSettings
 from actstore.cliargs import index, positive_int
-from flows.cli_checks import check_fan_out, check_scheduler, store_uri
+from flows.cli_checks import STORE_HELP, check_fan_out, check_scheduler, store_uri
 
 
 def add_label_probe_parsers(sub, common) -> None:
     p = sub.add_parser("label", parents=[common], help="write a probe target (labels) into a "
                        "store; never touches activations")
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--provider", required=True, help="toyworld | hf-depth:FOLDER | "
-                   "hf-segmentation:FOLDER | array:FILE(.npz|.zarr)")
+                   "hf-segmentation:FOLDER | array:FILE(.npz|.zarr): your own labels, an "
+                   "'image_id' array of the store's image ids (strings) and one (N, H, W) "
+                   "array per target, named as the target, at the store's image size; a "
+                   "target whose values are all 0/1 is binary (logistic probes, Dice), any "
+                   "other continuous (z-scored, ridge probes, RMSE)")
     p.add_argument("--target", required=True, nargs="+", help="name(s) of the target(s) in "
                    "the store; several are labelled in one pass of the provider")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace a target the store "
+                   "already has (default: refuse)")
     p.add_argument("--no-x0", action="store_true", help="skip labelling the per-step x0 images")
     p.add_argument("--device", help="where the label model runs: cpu, cuda[:N] or auto "
                    f"(default {LabelSettings.device})")
@@ -28,10 +33,12 @@ def add_label_probe_parsers(sub, common) -> None:
                    "e.g. tcp://HOST:8786")
     q = sub.add_parser("probe", parents=[common], help="fit a linear probe per (model, layer, "
                        "step) for a target")
-    q.add_argument("--store", required=True)
-    q.add_argument("--target", required=True)
+    q.add_argument("--store", required=True, help=STORE_HELP)
+    q.add_argument("--target", required=True, help="a target the store has labels for "
+                   "(actstore label)")
     q.add_argument("--models", nargs="+", help="default: every model variant in the store")
-    q.add_argument("--layers", nargs="+")
+    q.add_argument("--layers", nargs="+", help="capture points by store name, e.g. "
+                   "up_blocks.3.attentions.0 block/mid_block.attentions.0 (default: all)")
     q.add_argument("--steps", nargs="+", type=index, help="step indices (default: all)")
     q.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
     q.add_argument("--figures", help="folder for the PNG figures")

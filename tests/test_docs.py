@@ -109,3 +109,20 @@ def test_store_format_layout_is_what_a_store_holds(explore_store, tmp_path):
                 assert keys <= set(value), f"{path or '<root>'} attrs.{key} lacks " \
                                            f"{sorted(keys - set(value))}"
     assert {"actstore", "actstore_model", "block", "labels", "sweep"} <= found, found
+
+
+def test_every_command_help_says_what_it_does_and_what_each_option_takes():
+    """`actstore X --help` is where a user looks first: it opens with what X does (not the
+    module docstring of the command line's code) and no option is left unexplained."""
+    import argparse
+
+    from flows.cli import build_parser
+
+    parser = build_parser()
+    assert "README" in parser.description      # points on to the guides
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for listed in sub._choices_actions:
+        command = sub.choices[listed.dest]
+        assert command.description == listed.help, listed.dest
+        bare = [a.option_strings[0] for a in command._actions if a.option_strings and not a.help]
+        assert not bare, f"actstore {listed.dest}: options without help: {bare}"
