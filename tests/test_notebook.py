@@ -3,6 +3,8 @@ so the notebook can never silently go stale; it is committed without outputs."""
 
 from __future__ import annotations
 
+import re
+
 import nbformat
 from nbclient import NotebookClient
 
@@ -32,5 +34,6 @@ def test_explore_notebook_runs_on_a_fresh_store(explore_store, monkeypatch):
     assert repr(explore_store) in shown                  # it opened the store it was given
     assert "Pearson r with the label:" in text           # a probe was applied to an image
     assert "'salient', 'projection', 2" in text          # the intervention experiment
+    assert re.search(r"emerges at step \S+ \(95% CI \S+-\S+\)", text)  # with its interval
     figures = [o for o in outputs if "image/png" in o.get("data", {})]
-    assert len(figures) == 3     # activations, probe vs label, intervention output
+    assert len(figures) == 4     # activations, probe vs label, emergence curve, intervention

@@ -251,6 +251,9 @@ def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
 
 
 def open_scores(store: str, run_id: str) -> xr.Dataset:
+    """One probe run's test scores over (metric, model, layer, step): ``per_image`` (with
+    ``image``), their ``mean`` and ``median``, the mean's 95% bootstrap ``ci_low``/``ci_high``
+    and ``emergence_low``/``emergence_high`` (per layer)."""
     get_run(store, run_id)
     return _plain_strings(io.open_dataset(store, lay.run_scores_path(run_id)))
 
@@ -274,5 +277,12 @@ def emergence(store: str) -> xr.Dataset:
 
 
 def open_emergence(store: str) -> xr.Dataset:
-    """The emergence table (target, metric, model, layer[, step]) of the store's runs."""
+    """The emergence table of each target's latest probe run, over (target, metric, model,
+    layer[, step]): ``score`` (mean test score over test images), its 95% bootstrap interval
+    ``ci_low``/``ci_high``, and ``emergence_step`` (the first step reaching 90% of the last
+    step's score, for RMSE at most last / 0.9; NaN if undefined) with its interval ``emergence_low``/``emergence_high``.
+    Metrics are ``<metric>_token`` and ``<metric>_label`` (scored at the layer's token grid
+    and at label resolution): ``dice`` for binary targets; ``rmse``, ``pearson``,
+    ``spearman`` (``spearman_label`` only with ``label_spearman``) for continuous ones. One
+    run's per-image scores: ``actstore.probe.runs.open_scores(store, run_id)``."""
     return _plain_strings(emergence(store))
