@@ -71,6 +71,28 @@ def test_parameters_pass_the_flows_schema_and_validation(config: dict[str, Any],
     assert settings.batch_size == MaterializeSettings().batch_size  # left out: the default
 
 
+def test_scale_md_settings_override_for_another_model(fan_out: dict[str, Any]) -> None:
+    """docs/scale.md's `-p settings='...'` for another model passes the flow's schema and
+    gives that model's generation: Prefect replaces a parameter whole (the run's parameters
+    update the deployment's, one level deep), so guidance 3 must not survive."""
+    import json
+    import re
+
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+    from prefect.utilities.schema_tools.validation import validate
+
+    text = (REPO / "docs" / "scale.md").read_text(encoding="utf-8")
+    (value,) = re.findall(r"-p settings='([^']*)'", text)
+    params = {**fan_out["parameters"], "settings": json.loads(value)}
+    flow = load_flow_from_entrypoint(str(REPO / fan_out["entrypoint"]))
+    validate(params, parameter_schema(flow).model_dump_for_openapi(), raise_on_error=True,
+             preprocess=True)
+    settings = flow.validate_parameters(params)["settings"]
+    assert (settings.gen.steps, settings.gen.guidance, settings.device) == (15, 7.5, "auto")
+    assert fan_out["parameters"]["settings"]["gen"]["guidance"] == 3   # why it is needed
+
+
 def test_fan_out_names_a_scheduler_and_no_local_workers(fan_out: dict[str, Any]) -> None:
     params = fan_out["parameters"]
     assert params["cluster"].startswith("tcp://") and not params.get("workers")
