@@ -104,6 +104,7 @@ def test_main_quiet_prints_tables_and_files_only(api, tmp_path):
     assert files[0].strip() == str(out / "store.zarr")
     for f in files:
         assert Path(f.strip()).exists(), f
+    assert {Path(f.strip()).name for f in files} == {p.name for p in out.iterdir()}  # all
     assert {Path(f.strip()).name for f in files} >= {
         "samples-trained.png", "salient-curves.png", "dose-response.png", "summary.txt",
         "capture-kinds.png", "report.html"}   # tiny-random's projection edits are non-finite:
