@@ -109,6 +109,15 @@ def test_store_format_layout_is_what_a_store_holds(explore_store, tmp_path):
                 assert keys <= set(value), f"{path or '<root>'} attrs.{key} lacks " \
                                            f"{sorted(keys - set(value))}"
     assert {"actstore", "actstore_model", "block", "labels", "sweep"} <= found, found
+    # docs/interventions.md: the sweep record's keys, and its experiments with their control
+    from actstore import open_intervention
+    from actstore.intervene.sweep import list_sweeps
+
+    (record,) = list_sweeps(store).values()
+    assert {"cells", "chosen", "validation_images", "evaluation_images", "experiments",
+            "evaluation", "result"} <= set(record)
+    for experiment in [*record["experiments"], *filter(None, [record["evaluation"]])]:
+        assert open_intervention(store, experiment).sel(arm="random").score_post.size
 
 
 def test_every_command_help_says_what_it_does_and_what_each_option_takes():
