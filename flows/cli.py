@@ -130,8 +130,9 @@ def _add_verify(sub, common) -> None:
     v.add_argument("--model", help="default: the model folder recorded in the store")
     v.add_argument("--models", nargs="+", help="variants (default: every one in the store)")
     v.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default auto)")
-    v.add_argument("--batch-size", type=positive_int, default=4, help="images per UNet call "
-                   "(default 4)")
+    v.add_argument("--batch-size", type=positive_int, help="images per UNet call (default: "
+                   "the one each block was made with, recorded since 2026-12-05, else 4; "
+                   "another batch size rounds differently, so it is not bitwise)")
 
 
 def _add_main(sub, common) -> None:

@@ -186,6 +186,40 @@ def test_bitwise_only_with_the_store_cpu_kernels(tiny_store):
     assert images_match(one_level, False).all() and not images_match(np.array([3]), False)[0]
 
 
+def test_verify_a_store_with_its_randomized_control(tiny_model, tmp_path):
+    """Both variants, as the README's materialize lines leave the store `verify` reads: the
+    control's permutation of the loaded model must not reach the trained variant."""
+    from actstore.generation.models import apply_control, load_model
+    from actstore.generation.regenerate import verify
+
+    uri = str(tmp_path / "both.zarr")
+    _mat(tiny_model, DEMO, uri, images="0:4", steps=2)
+    _mat(apply_control(load_model("tiny-random", device="cpu"), "randomized"), DEMO, uri,
+         images="0:4", steps=2)
+    result = verify(uri, images="0:4", progress=False)
+    assert (result["images"], result["reproduced"], result["comparison"]) == (8, 8, "bitwise")
+    assert {r["model"] for r in result["rows"]} == {"trained", "randomized"}
+
+
+def test_blocks_regenerate_with_their_own_batch_size(tiny_model, tmp_path):
+    """A batch of 2 and one of 4 round differently, so a block made with 2 is reproduced
+    bit for bit only with 2: verify takes it from the block's record, and a kind added to
+    the block later equals the kind made with it at creation."""
+    from actstore.generation.regenerate import recorded_batch_size, verify
+
+    uri = str(tmp_path / "b2.zarr")
+    _mat(tiny_model, DEMO, uri, images="0:4", steps=2, batch_size=2)
+    assert recorded_batch_size(uri, "trained", 0, 4) == 2
+    assert verify(uri, images="0:4", progress=False)["reproduced"] == 4
+    assert verify(uri, images="0:4", batch_size=4, progress=False)["reproduced"] < 4
+    made = str(tmp_path / "made.zarr")
+    _mat(tiny_model, DEMO, made, images="0:4", steps=2, batch_size=2, kinds=ADD)
+    _mat(tiny_model, DEMO, uri, images="0:4", steps=2, batch_size=4, kinds=ADD)  # added
+    added, together = store_arrays(uri), store_arrays(made)
+    resnet = [k for k in together if "resnet" in k]
+    assert resnet and all(np.array_equal(added[k], together[k]) for k in resnet)
+
+
 def test_verify_refuses_another_model(tiny_store, tmp_path):
     from actstore.generation.regenerate import verify
     from sd14 import sd14_folder

@@ -22,7 +22,8 @@ from actstore.generation.capture_plan import (CapturePlan, block_work, capture_f
                                               check_added, ensure_added, plan_capture,
                                               points_entry, undo_added)
 from actstore.generation.pointnames import parse_kinds
-from actstore.generation.regenerate import (check_regenerated, cpu_kernels, is_exact,
+from actstore.generation.regenerate import (DEFAULT_BATCH_SIZE, check_regenerated,
+                                                cpu_kernels, is_exact, recorded_batch_size,
                                                 stored_table)
 from actstore.store.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
@@ -60,7 +61,7 @@ class MaterializeSettings:
 
     gen: GenerationConfig = field(default_factory=GenerationConfig)
     cap: CaptureConfig = field(default_factory=CaptureConfig)
-    batch_size: int = 4
+    batch_size: int = DEFAULT_BATCH_SIZE
     dtype: str = "float32"
     device: str = "auto"
     control: str | None = None
@@ -214,9 +215,11 @@ def materialize(model: str | LoadedModel, prompts: str, store: str,
     stored = stored_table(store) if any(not w[3] for w in run.work) else None
     try:
         for a, b, kinds, fresh in run.work:  # stored blocks regenerate from the store's rows
+            batch = settings.batch_size if fresh else (   # and with their batch size
+                recorded_batch_size(store, model.variant, a, b) or settings.batch_size)
             block = capture_block(model, (run.table if fresh else stored).iloc[a:b], run.gen,
                                   [p for p in run.points if p.kind in kinds],
-                                  batch_size=settings.batch_size, store_dtype=cap.store_dtype,
+                                  batch_size=batch, store_dtype=cap.store_dtype,
                                   keep_uncond=cap.keep_uncond, x0=cap.x0 and fresh,
                                   vae_source=cap.vae_source, bar=bar)
             if not fresh:       # before anything of this block (or this kind) is written
@@ -233,7 +236,8 @@ def materialize(model: str | LoadedModel, prompts: str, store: str,
                                     n_steps=run.gen.steps)
             arrays = st.block_arrays(block.activations, block.final if fresh else None,
                                      block.uncond)
-            writer.submit(a, b, arrays, {"images": block.ids, "written": time.time()},
+            writer.submit(a, b, arrays, {"images": block.ids, "written": time.time(),
+                                         "batch_size": batch},
                           prepare=block.finish,
                           records=run.plan.records(kinds) + (("",) if fresh else ()))
     finally:

@@ -25,11 +25,13 @@ import numpy as np
 import pandas as pd
 
 from actstore.errors import ActstoreError
+from actstore.store import commit
 from actstore.store import core as st
 from actstore.store import io
 from actstore.store.layout import image_column, layer_path
 
 LOOSE_IMAGE_LEVELS = 2
+DEFAULT_BATCH_SIZE = 4   # MaterializeSettings' default too
 LOOSE_ACTIVATION_RTOL = 1e-2
 # CPU features that change which kernels torch, oneDNN and MKL run (and so their rounding).
 _KERNEL_FLAGS = ("avx", "amx", "fma", "f16c", "sse4", "asimd", "sve", "neon")
@@ -87,6 +89,15 @@ def activations_match(stored: np.ndarray, new: np.ndarray, exact: bool) -> tuple
     return same, err
 
 
+def recorded_batch_size(store: str, variant: str, start: int, stop: int) -> int | None:
+    """The number of images per UNet call a stored block was generated with, from its
+    completion record (recorded since 2026-12-05; None before). The float arithmetic of a
+    batch depends on its size (tiny-random on CPU: batches of 2 and 4 give activations and
+    x0 images a few float16 steps apart), so only the same batch size regenerates a block
+    bit for bit."""
+    return commit.block_record(store, st.model_path(variant), start, stop).get("batch_size")
+
+
 def stored_table(store: str) -> pd.DataFrame:
     """The store's own image table (image_id, prompt, seed): what regeneration uses."""
     return pd.DataFrame({k: [v.item() if hasattr(v, "item") else v
@@ -116,13 +127,15 @@ def check_regenerated(store: str, variant: str, start: int, *, ids: list[str],
 
 
 def verify(store: str, *, model: str | None = None, images: str | None = None,
-           variants: list[str] | None = None, device: str = "auto", batch_size: int = 4,
-           progress: bool = True) -> dict:
+           variants: list[str] | None = None, device: str = "auto",
+           batch_size: int | None = None, progress: bool = True) -> dict:
     """Regenerate stored images and report, per image, whether its final image, x0 images
     and every readable activation are reproduced. Writes nothing.
 
     ``model``: the model to regenerate with (default: the folder recorded in the store);
-    its weights must be the store's. ``images``: a block-aligned region ``A:B``."""
+    its weights must be the store's. ``images``: a block-aligned region ``A:B``.
+    ``batch_size``: images per UNet call (default: each block's recorded one, else
+    :data:`DEFAULT_BATCH_SIZE`); another than the block's is not bitwise."""
     from actstore.generation.capture import capture_block
     from actstore.generation.materialize import parse_region
     from actstore.generation.models import apply_control, load_model
@@ -139,7 +152,9 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
     start, stop = parse_region(images, root["n_images"], root["block_size"])
     table = stored_table(store)
     rows, loaded = [], {}
-    for variant in variants:
+    # a control permutes the loaded model in place: the trained variant first, and a
+    # permuted model is never reused for another variant
+    for variant in sorted(variants, key=lambda v: v != "trained"):
         view = StoreView(store, variant, complete_only=False)
         attrs = view.attrs
         fp = attrs["fingerprint"]
@@ -147,7 +162,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
         key = (ref, fp["dtype"])
         if key not in loaded:
             loaded[key] = load_model(ref, dtype=fp["dtype"], device=device)
-        m = apply_control(loaded[key], None if variant == "trained" else variant)
+        m = loaded[key] if variant == "trained" else apply_control(loaded.pop(key), variant)
         if m.weights_hash != fp["weights_sha256"]:
             raise ActstoreError(f"verify: model {ref!r} is not the one store {store} was made "
                                 f"with (weights sha256 {m.weights_hash[:12]}... vs "
@@ -163,7 +178,9 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
         bar = Progress(sum(b - a for a, b in blocks), gen.steps, f"verify {variant}",
                        enabled=progress)
         for a, b in blocks:
-            block = capture_block(m, table.iloc[a:b], gen, points, batch_size=batch_size,
+            batch = batch_size or recorded_batch_size(store, variant, a, b) or \
+                DEFAULT_BATCH_SIZE
+            block = capture_block(m, table.iloc[a:b], gen, points, batch_size=batch,
                                   store_dtype=cap["store_dtype"], x0=cap.get("x0", True),
                                   vae_source=_vae_source(view), bar=bar)
             extra = block.finish()

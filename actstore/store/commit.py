@@ -51,6 +51,12 @@ def write_block_record(uri: str, group: str, start: int, stop: int, record: dict
     io.put_group(uri, lay.block_record_path(group, start, stop), {lay.BLOCK_KEY: record})
 
 
+def block_record(uri: str, group: str, start: int, stop: int) -> dict:
+    """A block's completion record ({} if the block is not recorded)."""
+    attrs = io.node_attrs(uri, lay.block_record_path(group, start, stop)) or {}
+    return dict(attrs.get(lay.BLOCK_KEY) or {})
+
+
 def completed_blocks_at(uri: str, group: str) -> set[tuple[int, int]]:
     """The (start, stop) blocks recorded complete under ``<group>/_blocks``; listed fresh."""
     done = set()
