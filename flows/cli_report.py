@@ -38,13 +38,17 @@ def failure_line(command: str, exc: BaseException, store: str | None = None
                  ) -> tuple[str, int]:
     """``(one line, exit code)`` for any exception a command raised; an operating-system
     error names its file, else a full or read-only disk names ``store`` (what the command
-    writes to), since zarr and fsspec often raise those without the file's name."""
+    writes to), since zarr and fsspec often raise those without the file's name; so does
+    an object store's refusal (credentials that may read but not write)."""
     if isinstance(exc, KeyboardInterrupt):
         return (f"actstore {command}: interrupted; completed blocks are kept, rerun the same "
                 "command to resume", EXIT_INTERRUPTED)
     where = f"actstore {command}: error: "
     if isinstance(exc, ActstoreError):
         return where + _one_line(str(exc)), EXIT_USER_ERROR
+    refused = _object_store_refusal(exc, store)
+    if refused:
+        return where + _one_line(refused), EXIT_USER_ERROR
     os_exc = _os_error(exc)
     if os_exc is not None:
         disk = os_exc.errno in _FULL + _READ_ONLY
@@ -61,6 +65,15 @@ def failure_line(command: str, exc: BaseException, store: str | None = None
     text = _one_line(str(exc)) or "(no message)"
     return (where + f"unexpected {type(exc).__name__}: {text}; rerun with --debug for the "
             "traceback", EXIT_INTERNAL_ERROR)
+
+
+def _object_store_refusal(exc: BaseException, store: str | None) -> str | None:
+    """An object store's refusal met after the store opened (read-only credentials meeting
+    the first write), said as the refusals met on opening it are (``actstore.store.access``)."""
+    from actstore.store.access import describe_refusal
+
+    said = describe_refusal(exc)
+    return f"store {store}: {said}" if said and store else said
 
 
 def _one_line(text: str, limit: int = 600) -> str:

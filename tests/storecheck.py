@@ -62,3 +62,12 @@ def assert_same_store(got: str, want: str, *, alias: dict[str, str] | None = Non
                                     f"only in want {sorted(set(b) - set(a))[:5]}")
     bad = [k for k in a if a[k] != b[k]]
     assert not bad, f"{len(bad)} objects differ, e.g. {bad[:3]}: {a[bad[0]]} != {b[bad[0]]}"
+
+
+def object_digest(uri: str, **options) -> dict[str, str]:
+    """sha256 of every object under ``uri`` by key, nothing left out: 'byte-identical' for a
+    store or a whole bucket (``options``: the filesystem's, e.g. credentials)."""
+    fs, root = fsspec.core.url_to_fs(uri, skip_instance_cache=True, **options)
+    root = root.rstrip("/")
+    return {p[len(root) + 1:]: hashlib.sha256(fs.cat_file(p)).hexdigest()
+            for p in sorted(fs.find(root))}

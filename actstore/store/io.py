@@ -30,6 +30,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from actstore.errors import ActstoreError
+from actstore.store.access import preflight
 
 META = "zarr.json"
 NOT_FOUND = (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ArrayNotFoundError,
@@ -113,7 +114,7 @@ def location(uri: str) -> Location:
                             "local path or an fsspec URL such as s3://bucket/path "
                             "(pip install 'actstore[s3]')") from None
     if protocol in OBJECT_STORES:
-        _preflight(uri, protocol, root, options)
+        preflight(uri, protocol, root, options)
     loc = Location(uri, protocol, fs, root, store, reader)
     with _LOCK:
         _LOCATIONS[uri] = loc
@@ -121,36 +122,6 @@ def location(uri: str) -> Location:
 
 
 OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
-# The first request to an object store fails fast: a wrong endpoint or missing bucket
-# should cost seconds, not a minute of retries; later requests keep the default retries.
-PREFLIGHT = {"s3": {"config_kwargs": {"connect_timeout": 3, "read_timeout": 10,
-                                      "retries": {"max_attempts": 1}}}}
-
-
-def _preflight(uri: str, protocol: str, root: str, options: dict) -> None:
-    """One request to the bucket, its failure turned into a one-line error (that never
-    repeats a credential: botocore's messages don't carry them)."""
-    bucket = root.split("/", 1)[0]
-    fast = {**options, **PREFLIGHT.get(protocol, {}), "skip_instance_cache": True}
-    try:
-        fsspec.filesystem(protocol, **fast).info(bucket)
-        return
-    except FileNotFoundError:
-        problem = (f"bucket {bucket!r} does not exist (or is not visible with these "
-                   "credentials); create it first: actstore never creates buckets")
-    except PermissionError:
-        problem = f"access to bucket {bucket!r} is denied with these credentials"
-    except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors, named below
-        name = type(exc).__name__
-        if "Credentials" in name:
-            problem = ("no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-                       "(or AWS_PROFILE) or pass storage_options")
-        elif "Connect" in name or "Endpoint" in name or isinstance(exc, OSError):
-            problem = (f"can't reach the object store ({name}); check the endpoint "
-                       "(AWS_ENDPOINT_URL) and the network")
-        else:
-            problem = f"can't use the object store: {name}: {str(exc)[:160]}"
-    raise ActstoreError(f"store {uri}: {problem}")
 
 
 def _async(fs):

@@ -1,0 +1,121 @@
+"""An object store's refusals, said once, in one sentence each: what was refused, where, and
+what to change.
+
+Two moments meet them. Opening a store makes one request to its bucket first
+(:func:`preflight`), so a wrong endpoint, a missing bucket or refused credentials cost
+seconds and name the bucket. A store that can be read but not written (read-only
+credentials) passes that request and is refused at the command's first write: the command
+line turns that refusal into its one line with :func:`refusal` (``flows.cli_report``). A
+refused request changes nothing in the bucket, so nothing stored is altered either way.
+
+fsspec's object-store filesystems raise a refusal as a ``PermissionError`` without an errno
+(a local disk's carries ``EACCES``), caused by the service's own error, whose code says
+which credential is wrong. A ``HEAD`` request's refusal carries no code (its response has no
+body), so a refused first request is asked again as a listing, whose answer does. No
+message repeats a credential: the service's codes and messages never hold one.
+"""
+
+from __future__ import annotations
+
+import fsspec
+
+from actstore.errors import ActstoreError
+
+# The first request to an object store fails fast: a wrong endpoint or missing bucket
+# should cost seconds, not a minute of retries; later requests keep the default retries.
+PREFLIGHT = {"s3": {"config_kwargs": {"connect_timeout": 3, "read_timeout": 10,
+                                      "retries": {"max_attempts": 1}}}}
+WHO = "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or --storage-options"
+# The service's code -> what is wrong with the credentials and which setting holds it.
+CREDENTIAL_CODES = {
+    "SignatureDoesNotMatch": "the secret key does not match the access key id "
+                             "(SignatureDoesNotMatch); check AWS_SECRET_ACCESS_KEY (or the "
+                             "profile's aws_secret_access_key, or the 'secret' of "
+                             "--storage-options)",
+    "InvalidAccessKeyId": "the object store knows no such access key id (InvalidAccessKeyId); "
+                          "check AWS_ACCESS_KEY_ID (or AWS_PROFILE, or the 'key' of "
+                          "--storage-options) and that AWS_ENDPOINT_URL is this store's "
+                          "endpoint",
+    "InvalidToken": "the session token is not valid (InvalidToken); renew the temporary "
+                    "credentials (AWS_SESSION_TOKEN, aws sso login)",
+    "ExpiredToken": "the session token has expired (ExpiredToken); renew the temporary "
+                    "credentials (AWS_SESSION_TOKEN, aws sso login)",
+}
+WRITES = ("Put", "Delete", "Copy", "Create", "Upload", "Complete", "Abort")
+
+
+def refusal(exc: BaseException) -> tuple[str, str | None, str | None] | None:
+    """``(message, code, operation)`` of the first object-store refusal in ``exc``'s chain
+    (a ``PermissionError`` without an errno), or None. ``code`` and ``operation`` are
+    the service's (``AccessDenied``, ``PutObject``), when the service's error came along: a
+    worker process's error arrives without it."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, PermissionError) and exc.errno is None:
+            cause = exc.__cause__
+            code = (getattr(cause, "response", None) or {}).get("Error", {}).get("Code")
+            return str(exc), code, getattr(cause, "operation_name", None)
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def describe_refusal(exc: BaseException, bucket: str | None = None) -> str | None:
+    """One sentence for an object store's refusal in ``exc`` (None if there is none): a
+    wrong credential names its setting; a refused read or write names the permission to
+    ask for."""
+    found = refusal(exc)
+    if found is None:
+        return None
+    message, code, operation = found
+    if code in CREDENTIAL_CODES:
+        return CREDENTIAL_CODES[code]
+    what = f"{operation}: {code or message}" if operation else code or message
+    where = f"bucket {bucket!r}" if bucket else "it"
+    if operation and not operation.startswith(WRITES):
+        return (f"these credentials may not read {where} ({what}); ask the bucket's owner "
+                f"for read access (s3:ListBucket, s3:GetObject) or use other credentials ({WHO})")
+    return (f"these credentials may not write to {where} ({what}); ask the bucket's owner "
+            f"for write access (s3:PutObject, s3:DeleteObject) or use other credentials ({WHO})")
+
+
+def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
+    """One request to the bucket, its failure turned into a one-line error."""
+    bucket = root.split("/", 1)[0]
+    fs = fsspec.filesystem(protocol, **{**options, **PREFLIGHT.get(protocol, {}),
+                                        "skip_instance_cache": True})
+    try:
+        fs.info(bucket)
+        return
+    except FileNotFoundError:
+        problem = (f"bucket {bucket!r} does not exist (or is not visible with these "
+                   "credentials); create it first: actstore never creates buckets")
+    except PermissionError as exc:
+        problem = _refused_first(fs, root, bucket, exc)
+    except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors, named below
+        name = type(exc).__name__
+        if "Credentials" in name:
+            problem = ("no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                       "(or AWS_PROFILE) or pass storage_options")
+        elif "Connect" in name or "Endpoint" in name or isinstance(exc, OSError):
+            problem = (f"can't reach the object store ({name}); check the endpoint "
+                       "(AWS_ENDPOINT_URL) and the network")
+        else:
+            problem = f"can't use the object store: {name}: {str(exc)[:160]}"
+    raise ActstoreError(f"store {uri}: {problem}")
+
+
+def _refused_first(fs, root: str, bucket: str, exc: PermissionError) -> str:
+    """The bucket's ``HEAD`` was refused: the store's listing says why (a wrong secret, an
+    unknown key, no permission), where the ``HEAD``'s bodiless 403 could not."""
+    try:
+        fs.ls(root, detail=False)
+    except PermissionError as again:
+        exc = again
+    except Exception:  # noqa: BLE001 - the first refusal is what is reported
+        pass
+    said = describe_refusal(exc, bucket)
+    if said is None or refusal(exc)[1] in (None, "403"):
+        return (f"access to bucket {bucket!r} is denied with these credentials; check them "
+                f"({WHO}) or ask the bucket's owner for access")
+    return said
