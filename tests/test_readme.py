@@ -79,7 +79,8 @@ CASES = {
                       "mid_block.attentions.0 --steps 0 4 --models trained randomized "
                       "--scheduler {scheduler}"]),
     # and the gradient method at one strength, 2 Adam iterations instead of 128 (short)
-    "actstore intervene --store S --probe-run salient-20261127T070000 --strength 1 3 10":
+    "actstore intervene --store S --probe-run salient-20261127T070000123456-a1b2c3 "
+    "--strength 1 3 10":
         ("probed", ["{line}", "{line} --method gradient --strength 1 --iterations 2"]),
     "actstore intervene --store S --probe-run depth-... --targets insert --images toy-0001 "
     "toy-0004": ("probed", ["{line}"]),
@@ -110,7 +111,7 @@ def _fill(template: str, line: str, user: Path, scheduler: str | None) -> list[s
     for i, arg in enumerate(argv):
         if arg == "S":
             argv[i] = "toy"
-        elif re.fullmatch(r"(salient|depth)-(\.\.\.|\d{8}T\d{6})", arg):   # a probe run id
+        elif re.fullmatch(r"(salient|depth)-(\.\.\.|\d{8}T\d{12}-[0-9a-f]{6})", arg):  # a run id
             argv[i] = latest_run(store, arg.split("-")[0])
     return argv
 
