@@ -235,9 +235,13 @@ def _verify(args, catalog) -> dict:
                     progress=not args.quiet)
     if result["not_reproduced"]:
         print(result["table"])
+        hint = (f"; {result['blocks_without_batch_size']} blocks record no batch size (made "
+                "before 2026-12-05) and were regenerated 4 images per call: pass the store's "
+                "--batch-size (the main job's is 8)" if result["blocks_without_batch_size"]
+                else "")
         raise ActstoreError(f"{len(result['not_reproduced'])} of {result['images']} images not "
                             f"reproduced ({', '.join(result['not_reproduced'][:4])}); the store "
-                            "and this machine's generation differ")
+                            f"and this machine's generation differ{hint}")
     result.pop("rows")
     return result
 

@@ -201,17 +201,30 @@ def test_verify_a_store_with_its_randomized_control(tiny_model, tmp_path):
     assert {r["model"] for r in result["rows"]} == {"trained", "randomized"}
 
 
-def test_blocks_regenerate_with_their_own_batch_size(tiny_model, tmp_path):
+def test_blocks_regenerate_with_their_own_batch_size(tiny_model, tmp_path, capsys):
     """A batch of 2 and one of 4 round differently, so a block made with 2 is reproduced
-    bit for bit only with 2: verify takes it from the block's record, and a kind added to
+    bit for bit only with 2: verify takes it from the block's record (a block recorded
+    before batch sizes were: the one-line failure says to pass it), and a kind added to
     the block later equals the kind made with it at creation."""
     from actstore.generation.regenerate import recorded_batch_size, verify
+    from actstore.store import commit
+    from flows.cli import main
 
     uri = str(tmp_path / "b2.zarr")
     _mat(tiny_model, DEMO, uri, images="0:4", steps=2, batch_size=2)
     assert recorded_batch_size(uri, "trained", 0, 4) == 2
     assert verify(uri, images="0:4", progress=False)["reproduced"] == 4
     assert verify(uri, images="0:4", batch_size=4, progress=False)["reproduced"] < 4
+    old = _copy(uri, tmp_path / "old.zarr")
+    record = commit.block_record(old, "models/trained", 0, 4)
+    del record["batch_size"]
+    commit.write_block_record(old, "models/trained", 0, 4, record)
+    argv = ["--no-prefect", "--quiet", "verify", "--store", old, "--images", "0:4"]
+    assert main(argv) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("actstore")]
+    assert len(err) == 1 and "1 blocks record no batch size" in err[0], err  # (bars aside)
+    assert "pass the store's --batch-size" in err[0]
+    assert main([*argv, "--batch-size", "2"]) == 0
     made = str(tmp_path / "made.zarr")
     _mat(tiny_model, DEMO, made, images="0:4", steps=2, batch_size=2, kinds=ADD)
     _mat(tiny_model, DEMO, uri, images="0:4", steps=2, batch_size=4, kinds=ADD)  # added

@@ -151,7 +151,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
             raise ActstoreError(f"store {store}: has no model {v!r} (has: {', '.join(have)})")
     start, stop = parse_region(images, root["n_images"], root["block_size"])
     table = stored_table(store)
-    rows, loaded = [], {}
+    rows, loaded, unrecorded = [], {}, 0
     # a control permutes the loaded model in place: the trained variant first, and a
     # permuted model is never reused for another variant
     for variant in sorted(variants, key=lambda v: v != "trained"):
@@ -178,8 +178,9 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
         bar = Progress(sum(b - a for a, b in blocks), gen.steps, f"verify {variant}",
                        enabled=progress)
         for a, b in blocks:
-            batch = batch_size or recorded_batch_size(store, variant, a, b) or \
-                DEFAULT_BATCH_SIZE
+            batch = batch_size or recorded_batch_size(store, variant, a, b)
+            unrecorded += batch is None
+            batch = batch or DEFAULT_BATCH_SIZE
             block = capture_block(m, table.iloc[a:b], gen, points, batch_size=batch,
                                   store_dtype=cap["store_dtype"], x0=cap.get("x0", True),
                                   vae_source=_vae_source(view), bar=bar)
@@ -190,6 +191,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
     return {"store": store, "images": len(rows), "reproduced": len(rows) - len(bad),
             "not_reproduced": [f"{r['model']}:{r['image']}" for r in bad],
             "comparison": "bitwise" if all(r["exact"] for r in rows) else "tolerance (CUDA or other CPU kernels)",
+            "blocks_without_batch_size": unrecorded,
             "rows": rows, "table": format_verify(rows)}
 
 
