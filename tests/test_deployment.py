@@ -205,3 +205,17 @@ def test_entrypoint_is_a_flow_whose_signature_takes_the_parameters(
         if name in by_name:
             assert _accepts(by_name[name].annotation, value), (name, value)
 
+
+
+def test_only_a_standing_prefect_server_schedules_the_nightly_runs() -> None:
+    """docs/scale.md: without PREFECT_API_URL each `prefect` command starts a temporary
+    (ephemeral) server, which does not run Prefect's scheduler, so nightly-toy's cron makes
+    no runs; `prefect server start` runs it. Prefect's own service registry says so."""
+    import prefect.server.services.scheduler  # noqa: F401  (registers its services)
+    from prefect.server.services.perpetual_services import get_perpetual_services
+
+    def names(ephemeral: bool) -> set[str]:
+        return {c.function.__name__ for c in get_perpetual_services(ephemeral=ephemeral)}
+
+    assert "schedule_deployments" in names(False)
+    assert "schedule_deployments" not in names(True)
