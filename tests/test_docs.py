@@ -135,3 +135,17 @@ def test_every_command_help_says_what_it_does_and_what_each_option_takes():
         assert command.description == listed.help, listed.dest
         bare = [a.option_strings[0] for a in command._actions if a.option_strings and not a.help]
         assert not bare, f"actstore {listed.dest}: options without help: {bare}"
+
+
+def test_open_store_docstring_names_what_a_view_has(explore_store):
+    """Every ``view.<member>`` the docstring of ``actstore.open_store`` names is one, and
+    ``view[name]`` has the dimensions it states."""
+    import actstore
+
+    doc = actstore.open_store.__doc__
+    members = set(re.findall(r"``view\.(\w+)", doc))
+    assert {"layers", "images", "final_images", "x0_images", "refresh"} <= members
+    view = actstore.open_store(explore_store)
+    assert all(hasattr(view, m) for m in members), members - set(dir(view))
+    stated = re.search(r"``view\[name\]`` the activations ``\(([^)]*)\)", doc.replace("\n    ", " "))
+    assert view[view.layers[0]].dims == tuple(stated.group(1).replace(" ", "").split(","))

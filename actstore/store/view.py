@@ -171,6 +171,14 @@ def open_store(uri: str, model: str = "trained", complete_only: bool = True, *,
                storage_options: dict | None = None) -> StoreView:
     """Open a store for reading: ``open_store(u)["up_blocks.3.attentions.0"].sel(step=4)``.
 
+    ``model``: the variant, ``"trained"`` or ``"randomized"`` (the weight-permuted control).
+    The view, every array lazy: ``view[name]`` the activations ``(image, step, y, x,
+    channel)`` of each name in ``view.layers`` (``view.kinds``: the capture kinds),
+    ``view.images`` the image table (image_id, prompt, seed, split), ``view.final_images``
+    ``(image, y, x, rgb)``, ``view.x0_images`` ``(image, step, y, x, rgb)``, ``view.n_steps``;
+    ``view.refresh()`` sees blocks recorded since. ``complete_only=False`` also exposes images
+    whose block is not recorded yet (unwritten values read as zeros or fill).
+
     ``storage_options``: fsspec options for an object store (endpoint, credentials), kept
     in memory for every later call on this store; by default the environment's."""
     if storage_options is not None:
