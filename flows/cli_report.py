@@ -72,7 +72,7 @@ def _object_store_refusal(exc: BaseException, store: str | None) -> str | None:
     the first write), said as the refusals met on opening it are (``actstore.store.access``)."""
     from actstore.store.access import describe_refusal
 
-    said = describe_refusal(exc)
+    said = describe_refusal(exc, store or "")
     return f"store {store}: {said}" if said and store else said
 
 

@@ -184,6 +184,21 @@ def test_unknown_access_key_names_the_key_setting(iam_s3, seeded):
         open_store(seeded["uri"])
 
 
+def test_refusal_without_the_services_code():
+    """A worker's refusal can arrive without the service's error (its cause stays in the
+    worker): on an object store it is still a refusal, said without guessing the operation;
+    on a local store a bare PermissionError is not called one."""
+    from flows.cli_report import failure_line
+
+    line, code = failure_line("label", PermissionError("Access Denied"), "s3://b/s.zarr")
+    assert code == 2 and line.startswith("actstore label: error: store s3://b/s.zarr: the "
+                                          "object store refused a request with these "
+                                          "credentials (Access Denied)"), line
+    assert "ask the bucket's owner for write access" in line
+    line, code = failure_line("label", PermissionError("Access Denied"), "/data/s.zarr")
+    assert code == 1 and "unexpected PermissionError" in line and "bucket" not in line
+
+
 # -- as a user runs them: a fresh process, the standard variables or --storage-options -----
 
 def _cli(iam, user: str, argv: list[str], tmp_path, *, prefect: bool,

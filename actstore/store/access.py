@@ -41,6 +41,8 @@ CREDENTIAL_CODES = {
     "ExpiredToken": "the session token has expired (ExpiredToken); renew the temporary "
                     "credentials (AWS_SESSION_TOKEN, aws sso login)",
 }
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
+OBJECT_STORE_URLS = tuple(f"{p}://" for p in OBJECT_STORES)
 WRITES = ("Put", "Delete", "Copy", "Create", "Upload", "Complete", "Abort")
 
 
@@ -60,23 +62,29 @@ def refusal(exc: BaseException) -> tuple[str, str | None, str | None] | None:
     return None
 
 
-def describe_refusal(exc: BaseException, bucket: str | None = None) -> str | None:
-    """One sentence for an object store's refusal in ``exc`` (None if there is none): a
-    wrong credential names its setting; a refused read or write names the permission to
-    ask for."""
+def describe_refusal(exc: BaseException, uri: str, bucket: str | None = None) -> str | None:
+    """One sentence for an object store's refusal in ``exc`` while using store ``uri``
+    (None if there is none): a wrong credential names its setting, a refused read or write
+    the permission to ask for. A refusal without the service's code (a worker process's) is
+    taken for one only on an object store: elsewhere a bare ``PermissionError`` is
+    something else's."""
     found = refusal(exc)
-    if found is None:
+    if found is None or (found[1] is None and not uri.startswith(OBJECT_STORE_URLS)):
         return None
     message, code, operation = found
     if code in CREDENTIAL_CODES:
         return CREDENTIAL_CODES[code]
-    what = f"{operation}: {code or message}" if operation else code or message
     where = f"bucket {bucket!r}" if bucket else "it"
-    if operation and not operation.startswith(WRITES):
-        return (f"these credentials may not read {where} ({what}); ask the bucket's owner "
-                f"for read access (s3:ListBucket, s3:GetObject) or use other credentials ({WHO})")
-    return (f"these credentials may not write to {where} ({what}); ask the bucket's owner "
-            f"for write access (s3:PutObject, s3:DeleteObject) or use other credentials ({WHO})")
+    write = (f"ask the bucket's owner for write access (s3:PutObject, s3:DeleteObject) or use "
+             f"other credentials ({WHO})")
+    if operation is None:
+        return (f"the object store refused a request with these credentials ({code or message}"
+                f"); a command that writes needs write access: {write}")
+    if not operation.startswith(WRITES):
+        return (f"these credentials may not read {where} ({operation}: {code or message}); ask "
+                f"the bucket's owner for read access (s3:ListBucket, s3:GetObject) or use other "
+                f"credentials ({WHO})")
+    return f"these credentials may not write to {where} ({operation}: {code or message}); {write}"
 
 
 def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
@@ -91,7 +99,7 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
         problem = (f"bucket {bucket!r} does not exist (or is not visible with these "
                    "credentials); create it first: actstore never creates buckets")
     except PermissionError as exc:
-        problem = _refused_first(fs, root, bucket, exc)
+        problem = _refused_first(fs, uri, root, bucket, exc)
     except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors, named below
         name = type(exc).__name__
         if "Credentials" in name:
@@ -105,7 +113,7 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
     raise ActstoreError(f"store {uri}: {problem}")
 
 
-def _refused_first(fs, root: str, bucket: str, exc: PermissionError) -> str:
+def _refused_first(fs, uri: str, root: str, bucket: str, exc: PermissionError) -> str:
     """The bucket's ``HEAD`` was refused: the store's listing says why (a wrong secret, an
     unknown key, no permission), where the ``HEAD``'s bodiless 403 could not."""
     try:
@@ -114,7 +122,7 @@ def _refused_first(fs, root: str, bucket: str, exc: PermissionError) -> str:
         exc = again
     except Exception:  # noqa: BLE001 - the first refusal is what is reported
         pass
-    said = describe_refusal(exc, bucket)
+    said = describe_refusal(exc, uri, bucket)
     if said is None or refusal(exc)[1] in (None, "403"):
         return (f"access to bucket {bucket!r} is denied with these credentials; check them "
                 f"({WHO}) or ask the bucket's owner for access")

@@ -30,7 +30,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore, MemoryStore
 
 from actstore.errors import ActstoreError
-from actstore.store.access import preflight
+from actstore.store.access import OBJECT_STORES, preflight
 
 META = "zarr.json"
 NOT_FOUND = (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ArrayNotFoundError,
@@ -119,9 +119,6 @@ def location(uri: str) -> Location:
     with _LOCK:
         _LOCATIONS[uri] = loc
     return loc
-
-
-OBJECT_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs")
 
 
 def _async(fs):
