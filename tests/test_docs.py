@@ -147,5 +147,6 @@ def test_open_store_docstring_names_what_a_view_has(explore_store):
     assert {"layers", "images", "final_images", "x0_images", "refresh"} <= members
     view = actstore.open_store(explore_store)
     assert all(hasattr(view, m) for m in members), members - set(dir(view))
-    stated = re.search(r"``view\[name\]`` the activations ``\(([^)]*)\)", doc.replace("\n    ", " "))
+    flat = doc.replace("\n    ", " ")
+    stated = re.search(r"``view\[name\]`` the activations ``\(([^)]*)\)", flat)
     assert view[view.layers[0]].dims == tuple(stated.group(1).replace(" ", "").split(","))

@@ -54,6 +54,10 @@ def write_labels(store: str, provider: str | LabelProvider,
                  **options) -> dict:
     """Label the store's final images with ``provider`` and write ``target``, one or several.
 
+    ``provider``: a spec (``toyworld``, ``hf-depth:FOLDER``, ``hf-segmentation:FOLDER``, or
+    ``array:FILE`` for your own labels: an ``.npz``/Zarr group with ``image_id`` and one
+    ``(N, H, W)`` array per target; see :mod:`actstore.label.providers`) or a provider object.
+
     ``settings`` (default :class:`LabelSettings`), with any of its fields given as keyword
     ``options`` on top (``overwrite=True``, ``on_x0=False``...).
 

@@ -114,7 +114,10 @@ def run_probes(store: str, target: str, settings: ProbeSettings | None = None, *
     """Fit and score the whole grid for ``target``; returns the new run id.
 
     ``settings`` (default :class:`ProbeSettings`), with any of its fields given as keyword
-    ``options`` on top (``layers=[...]``, ``steps=[...]``, ``label_spearman=True``...)."""
+    ``options`` on top (``layers=[...]``, ``steps=[...]``, ``label_spearman=True``...).
+    ``scheduler``: what ``dask.compute`` takes (None: dask's default, an active
+    ``distributed.Client`` if there is one; ``"threads"``, ``"sync"``, a Client). Labels
+    for ``target`` must be in the store (:func:`actstore.write_labels`)."""
     settings = (settings or ProbeSettings()).with_options(**options)
     with task_threads(), small_pages():   # parallelism comes from Dask's threads
         return _run_probes(store, target, settings, scheduler, progress)
