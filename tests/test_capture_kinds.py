@@ -225,6 +225,13 @@ def test_blocks_regenerate_with_their_own_batch_size(tiny_model, tmp_path, capsy
     assert len(err) == 1 and "1 blocks record no batch size" in err[0], err  # (bars aside)
     assert "pass the store's --batch-size" in err[0]
     assert main([*argv, "--batch-size", "2"]) == 0
+    bad = _copy(old, tmp_path / "bad.zarr")   # a mismatch there names the batch size too
+    final = zarr.open_array(bad, path="models/trained/final_image", mode="r+")
+    final[0, 0, 0, 0] = (int(final[0, 0, 0, 0]) + 9) % 256
+    with pytest.raises(ActstoreError, match="records none .made before 2026-12-05., so pass "
+                                            "the --batch-size it was made with"):
+        _mat(tiny_model, DEMO, bad, images="0:4", steps=2, batch_size=2, kinds=ADD)
+    _mat(tiny_model, DEMO, old, images="0:4", steps=2, batch_size=2, kinds=ADD)
     made = str(tmp_path / "made.zarr")
     _mat(tiny_model, DEMO, made, images="0:4", steps=2, batch_size=2, kinds=ADD)
     _mat(tiny_model, DEMO, uri, images="0:4", steps=2, batch_size=4, kinds=ADD)  # added

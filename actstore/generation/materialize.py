@@ -215,8 +215,8 @@ def materialize(model: str | LoadedModel, prompts: str, store: str,
     stored = stored_table(store) if any(not w[3] for w in run.work) else None
     try:
         for a, b, kinds, fresh in run.work:  # stored blocks regenerate from the store's rows
-            batch = settings.batch_size if fresh else (   # and with their batch size
-                recorded_batch_size(store, model.variant, a, b) or settings.batch_size)
+            recorded = None if fresh else recorded_batch_size(store, model.variant, a, b)
+            batch = recorded or settings.batch_size   # stored blocks: with their batch size
             block = capture_block(model, (run.table if fresh else stored).iloc[a:b], run.gen,
                                   [p for p in run.points if p.kind in kinds],
                                   batch_size=batch, store_dtype=cap.store_dtype,
@@ -225,7 +225,7 @@ def materialize(model: str | LoadedModel, prompts: str, store: str,
             if not fresh:       # before anything of this block (or this kind) is written
                 try:
                     check_regenerated(store, model.variant, a, ids=block.ids, final=block.final,
-                                      exact=exact)
+                                      exact=exact, batch_recorded=recorded is not None)
                 except ActstoreError:
                     writer.close()
                     undo_added(store, run.plan, created, run.points, added)

@@ -110,8 +110,9 @@ def stored_final_images(store: str, variant: str, start: int, stop: int) -> np.n
 
 
 def check_regenerated(store: str, variant: str, start: int, *, ids: list[str],
-                      final: np.ndarray, exact: bool) -> None:
-    """Raise (one line) unless regenerated ``final`` images equal the stored ones."""
+                      final: np.ndarray, exact: bool, batch_recorded: bool = True) -> None:
+    """Raise (one line) unless regenerated ``final`` images equal the stored ones; a block
+    that records no batch size was regenerated with a guessed one, which the line names."""
     errors = image_errors(stored_final_images(store, variant, start, start + len(ids)), final)
     bad = np.flatnonzero(~images_match(errors, exact))
     if len(bad):
@@ -122,8 +123,10 @@ def check_regenerated(store: str, variant: str, start: int, *, ids: list[str],
             f"regeneration check: image {ids[i]!r} (store position {start + i}) of model "
             f"'{variant}' regenerates differently from its stored final image (max "
             f"|diff| {int(errors[i])}/255, must match {rule}; {len(bad)} of {len(ids)} in its "
-            "block); the model, seeds, settings or library versions differ from the store's, "
-            "so nothing is added")
+            "block); the model, seeds, settings or library versions differ from the store's"
+            + ("" if batch_recorded else ", or its batch size: the block records none (made "
+               "before 2026-12-05), so pass the --batch-size it was made with (the main "
+               "job's is 8)") + ", so nothing is added")
 
 
 def verify(store: str, *, model: str | None = None, images: str | None = None,
