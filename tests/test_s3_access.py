@@ -273,3 +273,18 @@ def test_bucket_is_byte_identical_after_every_refusal(iam_s3, seeded):
     """Last in this module: every refused command above left every object as it was."""
     assert object_digest(f"s3://{iam_s3.bucket}", **iam_s3.options("writer")) == \
         seeded["digest"]
+
+
+def test_refusals_name_the_providers_own_permissions():
+    """A refusal on Google Cloud Storage or Azure names that provider's permissions and
+    credential settings, not S3's."""
+    from flows.cli_report import failure_line
+
+    for uri, wanted in [("gs://b/s.zarr", ("storage.objects.create", "GOOGLE_APPLICATION")),
+                        ("gcs://b/s.zarr", ("storage.objects.create", "GOOGLE_APPLICATION")),
+                        ("abfs://c/s.zarr", ("Storage Blob Data Contributor", "AZURE_STORAGE")),
+                        ("s3a://b/s.zarr", ("s3:PutObject", "AWS_ACCESS_KEY_ID"))]:
+        line, code = failure_line("probe", PermissionError("Forbidden"), uri)
+        assert code == 2 and all(w in line for w in wanted), (uri, line)
+        if not uri.startswith("s3"):
+            assert "s3:" not in line and "AWS_" not in line, (uri, line)

@@ -25,7 +25,19 @@ from actstore.errors import ActstoreError
 # should cost seconds, not a minute of retries; later requests keep the default retries.
 PREFLIGHT = {"s3": {"config_kwargs": {"connect_timeout": 3, "read_timeout": 10,
                                       "retries": {"max_attempts": 1}}}}
-WHO = "AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or --storage-options"
+# Per kind of object store: where its credentials come from, and the read and the write
+# permissions to ask a bucket's owner for (named as that provider's console names them).
+ACCESS = {
+    "s3": ("AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or --storage-options",
+           "s3:ListBucket, s3:GetObject", "s3:PutObject, s3:DeleteObject"),
+    "gs": ("GOOGLE_APPLICATION_CREDENTIALS or 'gcloud auth application-default login', or "
+           "--storage-options", "storage.objects.list, storage.objects.get",
+           "storage.objects.create, storage.objects.delete"),
+    "az": ("AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or 'az login', or "
+           "--storage-options", "the Storage Blob Data Reader role",
+           "the Storage Blob Data Contributor role"),
+}
+ALIASES = {"s3a": "s3", "gcs": "gs", "abfs": "az"}
 # The service's code -> what is wrong with the credentials and which setting holds it.
 CREDENTIAL_CODES = {
     "SignatureDoesNotMatch": "the secret key does not match the access key id "
@@ -75,16 +87,21 @@ def describe_refusal(exc: BaseException, uri: str, bucket: str | None = None) ->
     if code in CREDENTIAL_CODES:
         return CREDENTIAL_CODES[code]
     where = f"bucket {bucket!r}" if bucket else "it"
-    write = (f"ask the bucket's owner for write access (s3:PutObject, s3:DeleteObject) or use "
-             f"other credentials ({WHO})")
+    who, reads, writes = _access(uri)
+    write = f"ask the bucket's owner for write access ({writes}) or use other credentials ({who})"
     if operation is None:
         return (f"the object store refused a request with these credentials ({code or message}"
                 f"); a command that writes needs write access: {write}")
     if not operation.startswith(WRITES):
         return (f"these credentials may not read {where} ({operation}: {code or message}); ask "
-                f"the bucket's owner for read access (s3:ListBucket, s3:GetObject) or use other "
-                f"credentials ({WHO})")
+                f"the bucket's owner for read access ({reads}) or use other credentials ({who})")
     return f"these credentials may not write to {where} ({operation}: {code or message}); {write}"
+
+
+def _access(uri: str) -> tuple[str, str, str]:
+    """``ACCESS``'s entry for ``uri``'s kind of object store (S3's when it names none)."""
+    protocol = uri.split("://", 1)[0] if "://" in uri else "s3"
+    return ACCESS.get(ALIASES.get(protocol, protocol), ACCESS["s3"])
 
 
 def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
@@ -125,5 +142,5 @@ def _refused_first(fs, uri: str, root: str, bucket: str, exc: PermissionError) -
     said = describe_refusal(exc, uri, bucket)
     if said is None or refusal(exc)[1] in (None, "403"):
         return (f"access to bucket {bucket!r} is denied with these credentials; check them "
-                f"({WHO}) or ask the bucket's owner for access")
+                f"({_access(uri)[0]}) or ask the bucket's owner for access")
     return said
