@@ -14,7 +14,7 @@ from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
 from actstore.intervene.results import existing_settings
 from actstore.label.providers import get_provider
-from actstore.label.labels import label_array
+from actstore.store import io, labelsets
 from actstore.generation.models import TINY_RANDOM, LoadedModel, apply_control, load_model
 
 
@@ -134,7 +134,12 @@ def check_existing(store: str, experiment_id: str, settings: dict) -> None:
                             "a new one")
 
 
-def label_rows(store: str, target: str, positions: np.ndarray) -> np.ndarray:
-    """Stored full-resolution labels (n, H, W) of some images, normalized units."""
-    full = label_array(store, target, "full")
-    return np.asarray(full.oindex[np.asarray(positions)], np.float32)
+def label_rows(plan, target: str, positions: np.ndarray) -> np.ndarray:
+    """Stored full-resolution labels (n, H, W) of some images, normalized units, from the
+    version the plan pinned; checked still there after the read (a missing chunk reads as
+    the fill value, which must never become an experiment's targets)."""
+    path = plan.label_paths[target]
+    rows = np.asarray(io.open_array(plan.store, f"{path}/full").oindex[np.asarray(positions)],
+                      np.float32)
+    labelsets.check_readable(plan.store, target, path, "actstore intervene")
+    return rows

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -19,10 +19,10 @@ from actstore.generation.pointnames import site_of
 from actstore.intervene.inputs import check_existing, resolve_provider, select_images
 from actstore.intervene.settings import TARGET_MODES, InterventionSettings
 from actstore.intervene.targets import SHIFT_RANGE, load_user_targets
-from actstore.label.labels import TARGET_NAME, list_targets
+from actstore.label.labels import TARGET_NAME
 from actstore.kinds import BINARY
 from actstore.probe.runs import get_run, load_probe
-from actstore.store import core as st
+from actstore.store import core as st, labelsets
 from actstore.store.view import StoreView
 
 # The paper's defaults: salience → decoder self-attention, first 5 steps; depth → all 16
@@ -58,6 +58,7 @@ class Plan:
     provider: object
     record: dict
     experiment_id: str
+    label_paths: dict[str, str] = field(default_factory=dict)   # target → version read
 
     @property
     def target(self) -> str:
@@ -92,7 +93,10 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
                             f"{s.model_variant!r} (has {', '.join(run['models'])})")
     view = StoreView(store, model=s.model_variant, complete_only=False)
     kind = run["kind"]
-    label_attrs = list_targets(store).get(target)
+    # one resolve, pinned for the whole run: every block reads this version (a relabel
+    # meanwhile can't mix two versions into one experiment)
+    current = labelsets.current(store)
+    label_attrs = current.get(target)
     if label_attrs is None:
         raise ActstoreError(f"store {store}: no labels {target!r} any more, though probe run "
                             f"{probe_run} was fitted on them; rewrite them with `actstore label`")
@@ -114,7 +118,10 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     elif mode == "insert" and kind == BINARY:
         raise ActstoreError("--targets insert copies an object's depth, so it needs a "
                             "continuous target such as depth; use shift for masks")
-    object_target = _object_target(store, target) if mode == "insert" else None
+    object_target = _object_target(current, target) if mode == "insert" else None
+    label_paths = {t: current[t]["path"] for t in (target, object_target) if t}
+    label_attrs = {k: v for k, v in label_attrs.items() if k not in ("path", "commit",
+                                                                      "version")}
     prov, spec = resolve_provider(s.provider, label_attrs, target, kind, s.device)
     record = _record(s, probe_run, kind, probes, view, image_ids, n_targets, mode, user,
                      object_target, spec, label_attrs, provenance)
@@ -124,7 +131,7 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     return Plan(store, probe_run, s, kind, view, probes, grids, image_ids, positions,
                 [str(p) for p in table["prompt"].values[positions]],
                 [int(v) for v in table["seed"].values[positions]], mode, user, n_targets,
-                object_target, hw, label_attrs, prov, record, experiment_id)
+                object_target, hw, label_attrs, prov, record, experiment_id, label_paths)
 
 
 def _record(s: InterventionSettings, probe_run, kind, probes, view, image_ids, n_targets,
@@ -191,9 +198,9 @@ def _probed(wanted: list, have: list, what: str, probe_run: str) -> None:
                             f"among those or fit a run with that {what}")
 
 
-def _object_target(store: str, target: str) -> str | None:
+def _object_target(current: dict[str, dict], target: str) -> str | None:
     """Appendix E needs the object to copy: the store's first binary target, if any."""
-    for name, attrs in list_targets(store).items():
+    for name, attrs in sorted(current.items()):
         if name != target and attrs["kind"] == BINARY:
             return name
     return None

@@ -152,8 +152,8 @@ def _block_targets(plan: Plan, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray
     if plan.user_targets is not None:
         n = hi - lo
         return plan.user_targets[lo:hi], np.zeros((n, plan.n_targets, 2), np.int32)
-    labels = label_rows(plan.store, plan.target, plan.positions[lo:hi])
-    masks = (label_rows(plan.store, plan.object_target, plan.positions[lo:hi])
+    labels = label_rows(plan, plan.target, plan.positions[lo:hi])
+    masks = (label_rows(plan, plan.object_target, plan.positions[lo:hi])
              if plan.object_target else [None] * (hi - lo))
     made = [make_targets(lab, iid, plan.kind, n_targets=plan.n_targets,
                          seed=plan.settings.seed, mode=plan.mode, mask=m)

@@ -146,16 +146,21 @@ def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: 
     token = commit.begin(store, lay.run_path(run_id))
     try:
         return _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers,
-                               steps, s, scheduler, progress)
-    except BaseException:
+                               steps, s, scheduler, progress, token)
+    except Exception as exc:
         io.remove(store, lay.run_path(run_id))   # a failed run leaves nothing
+        if not isinstance(exc, ActstoreError):   # a read failed: were the labels removed?
+            labelsets.check_readable(store, target, _labels_read(per_layer), _rerun(target))
+        raise
+    except BaseException:
+        io.remove(store, lay.run_path(run_id))
         raise
     finally:
         commit.release(token)
 
 
 def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers, steps,
-                    s: ProbeSettings, scheduler, progress) -> str:
+                    s: ProbeSettings, scheduler, progress, token: str) -> str:
     n_folds, label_spearman = s.n_folds, s.label_spearman
     names = metric_names(attrs["kind"], label_spearman)
     scores = np.full((len(names), len(views), len(layers), len(steps),
@@ -185,14 +190,32 @@ def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layer
     for view in views:
         io.put_group(store, f"{lay.run_path(run_id)}/{view.model}")
     io.put_group(store, PROBES)
+    # every read is done: were the labels removed under it, or the run itself?
+    labelsets.check_readable(store, target, _labels_read(per_layer), _rerun(target))
+    _check_mine(store, run_id, token)
     io.put_group(store, lay.run_path(run_id), {   # the marker, last
         "target": target, "kind": attrs["kind"], "models": [v.model for v in views],
         "layers": layers, "steps": steps.tolist(), "n_folds": n_folds,
         "labels": {k: attrs.get(k) for k in ("provider", "normalization", "mean", "std",
                                              "created")},
         "actstore_version": actstore.__version__, "created": commit.utc_now()})
+    _check_mine(store, run_id, token)   # a removal that began before the marker landed
     commit.end(store, lay.run_path(run_id))
     return run_id
+
+
+def _labels_read(per_layer: dict[str, LayerSource]) -> str:
+    return next(iter(per_layer.values())).labels_created   # the label version's path
+
+
+def _rerun(target: str) -> str:
+    return f"actstore probe --target {target}"
+
+
+def _check_mine(store: str, run_id: str, token: str) -> None:
+    if not commit.still_mine(store, lay.run_path(run_id), token):
+        raise ActstoreError(commit.lost_mark(store, lay.run_path(run_id), f"probe run {run_id}",
+                                             "actstore probe"))
 
 
 def _write_fit(store: str, run_id: str, model: str, layer: str, fit) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -86,6 +87,33 @@ def begin_token() -> str:
     return token
 
 
+# A writer renews its marks (``seen``) this often, so a run of any length on another host
+# never looks older than STALE_AFTER_S while its process lives.
+HEARTBEAT_S = STALE_AFTER_S / 8
+_MARKS: dict[str, tuple[str, str, dict]] = {}   # token → (uri, path, writer info)
+_MARKS_LOCK = threading.Lock()
+_heart: list[threading.Thread] = []
+
+
+def renew() -> None:
+    """PUT this process's marks again with ``seen`` = now (a mark another command removed
+    stays removed: its writer finds that out before its marker)."""
+    with _MARKS_LOCK:
+        for token, (uri, path, info) in list(_MARKS.items()):
+            try:
+                if (writer_of(uri, path) or {}).get("token") == token:
+                    io.put_group(uri, lay.pending_path(path),
+                                 {lay.WRITER_KEY: {**info, "seen": time.time()}})
+            except Exception:   # storage away for a moment: the next beat tries again
+                pass
+
+
+def _beat() -> None:
+    while True:
+        time.sleep(HEARTBEAT_S)
+        renew()
+
+
 def begin(uri: str, path: str, job: str | None = None) -> str:
     """Say who writes under ``path`` until its marker exists (for later clean-up), and
     for which ``job`` (a rerun of the same job may resume there once the writer is gone);
@@ -97,16 +125,26 @@ def begin(uri: str, path: str, job: str | None = None) -> str:
     except BaseException:   # a mark half-written by a live token would never be collected
         release(token)
         raise
+    with _MARKS_LOCK:
+        _MARKS[token] = (uri, path, info)
+        if not _heart:
+            _heart.append(threading.Thread(target=_beat, name="actstore-marks", daemon=True))
+            _heart[0].start()
     return token
 
 
 def release(token: str) -> None:
     """This process no longer writes under that path (committed, failed or crashed)."""
     _ACTIVE.discard(token)
+    with _MARKS_LOCK:
+        _MARKS.pop(token, None)
 
 
 def end(uri: str, path: str) -> None:
-    io.remove(uri, lay.pending_path(path))
+    with _MARKS_LOCK:   # no renewal may bring the mark back
+        for token in [t for t, (u, p, _) in _MARKS.items() if (u, p) == (uri, path)]:
+            del _MARKS[token]
+        io.remove(uri, lay.pending_path(path))
 
 
 def abandoned(info: dict | None, now: float | None = None) -> bool:
@@ -114,7 +152,7 @@ def abandoned(info: dict | None, now: float | None = None) -> bool:
     if not info:
         return True
     now = time.time() if now is None else now
-    if now - float(info.get("started", 0)) > STALE_AFTER_S:
+    if now - float(info.get("seen", info.get("started", 0))) > STALE_AFTER_S:
         return True
     if info.get("host") != socket.gethostname():
         return False
@@ -142,10 +180,29 @@ def collect(uri: str, parent: str, committed: Callable[[str], bool]) -> list[str
         if name.startswith(("_", ".")) or name == io.META:
             continue
         path = f"{parent}/{name}"
+        # the writer and its liveness first, then the marker: a writer writes its marker
+        # before it drops its mark or exits, so one that finished meanwhile is seen done
+        gone = abandoned(writer_of(uri, path))
         if committed(name):
             if io.exists(uri, io.key(lay.pending_path(path))):
                 end(uri, path)
-        elif abandoned(writer_of(uri, path)):
+        elif gone:
             io.remove(uri, path)
             removed.append(name)
     return removed
+
+
+def still_mine(uri: str, path: str, token: str) -> bool:
+    """Is this process's mark on ``path`` still there? Another command removes a prefix
+    whose writer it takes for gone (a writer on another host after
+    :data:`STALE_AFTER_S`); a writer checks before its marker, so it never makes visible
+    a prefix whose contents were removed under it."""
+    info = writer_of(uri, path)
+    return bool(info) and info.get("token") == token
+
+
+def lost_mark(uri: str, path: str, what: str, command: str) -> str:
+    """The one line a writer whose prefix was removed under it fails with."""
+    return (f"store {uri}: {what} ({path}) was removed while being written, by another "
+            f"command that took its writer for gone (on another host: not seen for "
+            f"{STALE_AFTER_S / 3600:g} h); nothing was stored, rerun `{command}`")

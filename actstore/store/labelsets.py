@@ -13,10 +13,17 @@ directly in ``labels/<target>/``; those are read as they are until overwritten.
 
 from __future__ import annotations
 
+import calendar
+import time
+
+from actstore.errors import ActstoreError
 from actstore.store import commit, io
 from actstore.store import layout as lay
 
 VERSION_PREFIX = "v-"
+# A superseded version stays this long after the commit that replaced it: a command that
+# resolved it before (a probe run, an experiment, a notebook) reads it whole until then.
+SUPERSEDED_KEEP_S = 24 * 3600
 
 
 def current(store: str) -> dict[str, dict]:
@@ -67,7 +74,7 @@ def _adoptable(store: str, targets: list[str], job: str) -> str | None:
     """An uncommitted version of every target whose dead writer ran ``job``."""
     commits = _commits(store)
     for name in io.list_dir(store, lay.label_target_path(targets[0])):
-        if not name.startswith(VERSION_PREFIX) or _superseded(name, targets[0], commits):
+        if not name.startswith(VERSION_PREFIX) or _named(name, targets[0], commits):
             continue
         writers = [commit.writer_of(store, lay.label_version_path(t, name)) for t in targets]
         if all(w and w.get("job") == job and commit.abandoned(w) for w in writers):
@@ -98,6 +105,11 @@ def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str
             io.put_group(store, lay.label_target_path(t))
     io.put_group(store, f"{lay.LABELS}/{lay.COMMITS}")
     io.put_group(store, lay.LABELS)
+    lost = [p for p in paths.values() if p in _TOKENS
+            and not commit.still_mine(store, p, _TOKENS[p])]
+    if lost:
+        raise ActstoreError(commit.lost_mark(store, lost[0], "this label run's version",
+                                             "actstore label"))
     cid = commit.new_id("c")
     record = {t: {**attrs[t], "version": path.rsplit("/", 1)[-1]} for t, path in paths.items()}
     io.put_group(store, lay.label_commit_path(cid), {lay.LABELS_COMMIT_KEY: record})
@@ -109,33 +121,81 @@ def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str
 
 def collect(store: str, targets: list[str]) -> None:
     """Remove what no reader can reach any more: versions of ``targets`` from dead
-    writers, superseded versions and schema-1 arrays, and commit records that name only
-    superseded versions."""
+    writers, versions and schema-1 arrays superseded more than :data:`SUPERSEDED_KEEP_S`
+    ago, and commit records that name only such versions. A reader that resolved a
+    version before a newer commit keeps reading it whole until then
+    (:func:`check_readable` tells a reader that took longer)."""
     commits = _commits(store)
-    newest: dict[str, str] = {}
-    for cid, record in commits:
-        for t in record:
-            newest[t] = cid
+    since = _superseded_since(commits)
+    now = time.time()
     for t in targets:
-        live = {rec[t]["version"] for cid, rec in commits if t in rec and newest[t] == cid}
+        named = since.get(t, {})
         for name in io.list_dir(store, lay.label_target_path(t)):
             path = lay.label_version_path(t, name)
             if name.startswith(VERSION_PREFIX):
-                if name in live:
-                    if io.exists(store, io.key(lay.pending_path(path))):
-                        commit.end(store, path)
-                elif _superseded(name, t, commits) or commit.abandoned(
-                        commit.writer_of(store, path)):
+                if name in named:
+                    if named[name] is None:
+                        if io.exists(store, io.key(lay.pending_path(path))):
+                            commit.end(store, path)
+                    elif now - named[name] >= SUPERSEDED_KEEP_S:
+                        io.remove(store, path)
+                # the writer, then the commits afresh: a run commits before it drops its
+                # mark, so a version committed since the listing above is seen here
+                elif commit.abandoned(commit.writer_of(store, path)) and not _named(
+                        name, t, _commits(store)):
                     io.remove(store, path)
-            elif t in newest and name != io.META:   # schema-1 arrays, now superseded
+            elif name != io.META and t in named and now - _first_commit(
+                    t, commits) >= SUPERSEDED_KEEP_S:   # schema-1 arrays, superseded
                 io.remove(store, path)
-        if t in newest and lay.LABEL_TARGET_KEY in (
+        if named and lay.LABEL_TARGET_KEY in (
                 io.node_attrs(store, lay.label_target_path(t)) or {}):
             io.put_group(store, lay.label_target_path(t))
     for cid, record in commits:
-        if all(newest[t] != cid for t in record):
+        if all(since[t][a["version"]] is not None and now - since[t][a["version"]]
+               >= SUPERSEDED_KEEP_S for t, a in record.items()):
             io.remove(store, lay.label_commit_path(cid))
 
 
-def _superseded(version: str, target: str, commits: list[tuple[str, dict]]) -> bool:
+def commit_time(cid: str) -> float:
+    """When a commit (or version) id was drawn, from the id itself (seconds, UTC)."""
+    stamp = cid.split("-")[1]
+    return calendar.timegm(time.strptime(stamp[:15], "%Y%m%dT%H%M%S")) + int(stamp[15:]) / 1e6
+
+
+def _superseded_since(commits: list[tuple[str, dict]]) -> dict[str, dict[str, float | None]]:
+    """target → committed version → when a newer commit replaced it (None: current)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for cid, record in commits:
+        for t, attrs in record.items():
+            versions = out.setdefault(t, {})
+            for v, when in versions.items():
+                if when is None:
+                    versions[v] = commit_time(cid)
+            versions[attrs["version"]] = None
+    return out
+
+
+def _first_commit(target: str, commits: list[tuple[str, dict]]) -> float:
+    return min(commit_time(cid) for cid, rec in commits if target in rec)
+
+
+def check_readable(store: str, target: str, path: str, command: str) -> None:
+    """Fail with one line if the label version at ``path`` (resolved when a command
+    started) may have been removed while the command read it: a zarr reader gets the fill
+    value for a missing chunk, so such reads are indistinguishable from labels. Call after
+    the last read and before the result's marker."""
+    commits = _commits(store)
+    version = path.rsplit("/", 1)[-1]
+    if version.startswith(VERSION_PREFIX):
+        when = _superseded_since(commits).get(target, {}).get(version, 0.0)
+    else:   # schema-1 arrays, superseded by the target's first commit
+        when = _first_commit(target, commits) if any(target in r for _, r in commits) else None
+    if when is None or time.time() - when < SUPERSEDED_KEEP_S:
+        return
+    raise ActstoreError(f"store {store}: labels {target!r} were replaced by a later "
+                        f"`actstore label` run and the version this command read ({path}) "
+                        f"removed while it ran; nothing was stored, rerun `{command}`")
+
+
+def _named(version: str, target: str, commits: list[tuple[str, dict]]) -> bool:
     return any(target in rec and rec[target]["version"] == version for _, rec in commits)

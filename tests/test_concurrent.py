@@ -1,0 +1,251 @@
+"""Different commands overlapping on one store, the overlap placed deterministically: the
+deleting command runs to completion between a reader's resolve and its reads (or between
+a clean-up's two looks at a prefix). A reader must get a consistent snapshot or a one-line
+error, never fill values for data removed under it; a live writer's work is never removed.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import actstore.probe.runs as runs
+from actstore.errors import ActstoreError
+from actstore.label.labels import label_path, open_labels, write_labels
+from actstore.probe.runs import list_runs, load_probe, open_emergence, open_scores, run_probes
+from actstore.store import commit, io, labelsets
+from actstore.store import layout as lay
+from test_labels import Brightness
+
+LAYER = "up_blocks.3.attentions.0"
+
+
+class Dimness(Brightness):
+    """Other labels for the same targets: what a relabel with another model gives."""
+
+    name = "dimness"
+
+    def __call__(self, images):
+        return {t: (1 - v if t != "salient" else v) for t, v in super().__call__(images).items()}
+
+
+@pytest.fixture()
+def store(tmp_path, tiny_store) -> str:
+    dst = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, dst)
+    write_labels(str(dst), Brightness(), "depth", on_x0=False, progress=False)
+    return str(dst)
+
+
+def _probe(uri: str) -> str:
+    return run_probes(uri, "depth", layers=[LAYER], steps=[0, 1], scheduler="sync",
+                      progress=False)
+
+
+def _relabel(uri: str) -> None:
+    write_labels(uri, Dimness(), "depth", on_x0=False, overwrite=True, progress=False)
+
+
+def _relabel_after_resolve(monkeypatch, uri: str) -> None:
+    """`label --overwrite` runs to completion right after the probe run resolved its labels."""
+    original = runs.load_targets
+
+    def resolve_then_relabel(*args, **kwargs):
+        out = original(*args, **kwargs)
+        _relabel(uri)
+        return out
+
+    monkeypatch.setattr(runs, "load_targets", resolve_then_relabel)
+
+
+def _run_arrays(uri: str, run_id: str) -> dict[str, np.ndarray]:
+    probe = load_probe(uri, run_id, LAYER)
+    return {"weights": probe["weights"], "bias": probe["bias"],
+            "per_image": open_scores(uri, run_id)["per_image"].values}
+
+
+# -- label --overwrite while probe reads the labels ---------------------------------------
+
+def test_relabel_during_probe_run_reads_old_version_whole(store, tmp_path, monkeypatch):
+    """The run reads the version it resolved, whole: the same run as on a store never
+    relabelled (the superseded version is kept for readers that hold it)."""
+    alone = tmp_path / "alone.zarr"
+    shutil.copytree(store, alone)
+    expected = _run_arrays(str(alone), _probe(str(alone)))
+    old = label_path(store, "depth")
+    _relabel_after_resolve(monkeypatch, store)
+    run_id = _probe(store)
+    assert label_path(store, "depth") != old          # the relabel did commit meanwhile
+    got = _run_arrays(store, run_id)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
+def test_relabel_removing_version_under_probe_fails_in_one_line(store, monkeypatch):
+    """Past the grace period the old version goes: the run fails naming the labels and
+    saying to rerun, and stores nothing."""
+    monkeypatch.setattr(labelsets, "SUPERSEDED_KEEP_S", 0.0)
+    _relabel_after_resolve(monkeypatch, store)
+    with pytest.raises(ActstoreError, match=r"labels 'depth' were replaced by a later "
+                       r"`actstore label` run .* rerun `actstore probe --target depth`"):
+        _probe(store)
+    assert list_runs(store) == {}
+    assert [n for n in io.list_dir(store, lay.PROBES) if not n.startswith("_")
+            and n != io.META] == []
+
+
+def test_notebook_labels_survive_an_overwrite(store):
+    """A lazily opened label Dataset keeps reading the labels it opened (before: the
+    removed chunks read as the fill value, silently)."""
+    ds = open_labels(store, "depth")
+    before = open_labels(store, "depth")["full"].values.copy()
+    _relabel(store)
+    assert not np.array_equal(open_labels(store, "depth")["full"].values, before)
+    np.testing.assert_array_equal(ds["full"].values, before)
+
+
+def test_superseded_version_goes_after_the_grace_period(store, monkeypatch):
+    old = label_path(store, "depth")
+    _relabel(store)
+    assert io.exists(store, io.key(old))               # kept: readers may hold it
+    new = label_path(store, "depth")
+    monkeypatch.setattr(labelsets, "SUPERSEDED_KEEP_S", 0.0)
+    labelsets.collect(store, ["depth"])
+    assert not io.exists(store, io.key(old)) and label_path(store, "depth") == new
+    records = io.list_dir(store, f"{lay.LABELS}/{lay.COMMITS}")
+    assert [c for c in records if c.startswith("c-")] == [labelsets.current(store)["depth"]
+                                                           ["commit"]]
+
+
+# -- clean-ups racing a writer's commit ---------------------------------------------------
+
+@pytest.mark.parametrize("finish", ["after_writer_read", "during_marker_read"])
+def test_probe_cleanup_keeps_a_run_committed_between_its_looks(tmp_path, monkeypatch, finish):
+    """The clean-up looks at a run's writer and at its marker; the writer writes its
+    marker, drops its mark and ends in between. Before, a run finishing while another
+    probe run started was removed (the clean-up read 'no marker', then 'no writer')."""
+    uri = str(tmp_path / "s.zarr")
+    path = lay.run_path("depth-live")
+    token = commit.begin(uri, path)
+    io.put_group(uri, f"{path}/trained")
+    done = []
+
+    def finish_now() -> None:
+        if not done:
+            done.append(True)
+            io.put_group(uri, path, {lay.RUN_KEY: "depth"})
+            commit.end(uri, path)
+            commit.release(token)
+
+    def committed(name: str) -> bool:
+        seen = lay.RUN_KEY in (io.node_attrs(uri, lay.run_path(name)) or {})
+        if finish == "during_marker_read":
+            finish_now()
+        return seen
+
+    look = commit.writer_of
+
+    def writer_of(*args):
+        info = look(*args)
+        if finish == "after_writer_read":
+            finish_now()
+        return info
+
+    monkeypatch.setattr(commit, "writer_of", writer_of)
+    assert commit.collect(uri, lay.PROBES, committed) == []
+    assert done and io.node_attrs(uri, path) == {lay.RUN_KEY: "depth"}
+    assert io.exists(uri, io.key(f"{path}/trained"))
+
+
+def test_label_cleanup_keeps_a_version_committed_between_its_two_looks(store, monkeypatch):
+    """A label run of the same target cleans up while another commits: the version the
+    other committed after the clean-up listed the commits must stay (before: removed, so
+    the current labels read as fill values)."""
+    paths = labelsets.begin(store, ["depth"])
+    io.put_group(store, paths["depth"])
+    attrs = dict(labelsets.current(store)["depth"])
+    attrs = {"depth": {k: v for k, v in attrs.items() if k not in ("path", "commit",
+                                                                   "version")}}
+    look = commit.writer_of
+    done = []
+
+    def writer_of(uri, path):
+        if path == paths["depth"] and not done:   # the other run commits right now
+            done.append(True)
+            labelsets.commit_set(store, paths, attrs)
+            labelsets.release(paths)
+        return look(uri, path)
+
+    monkeypatch.setattr(commit, "writer_of", writer_of)
+    labelsets.collect(store, ["depth"])
+    assert done and label_path(store, "depth") == paths["depth"]
+    assert io.exists(store, io.key(paths["depth"]))
+
+
+# -- a live writer taken for dead ---------------------------------------------------------
+
+def test_probe_run_removed_as_stale_under_it_fails_and_stores_nothing(store, monkeypatch):
+    """Another command removes the running probe run's prefix (its writer looked stale):
+    the run fails in one line instead of marking a run whose weights read as zeros."""
+    write_fit = runs._write_fit
+
+    def fit_then_removed(st, run_id, *args):
+        write_fit(st, run_id, *args)
+        monkeypatch.setattr(commit, "STALE_AFTER_S", -1.0)
+        commit.collect(st, lay.PROBES, lambda name: False)   # another probe run's clean-up
+        monkeypatch.setattr(commit, "STALE_AFTER_S", 24 * 3600)
+
+    monkeypatch.setattr(runs, "_write_fit", fit_then_removed)
+    with pytest.raises(ActstoreError, match=r"probe run depth-\S+ \(probes/depth-\S+\) was "
+                       r"removed while being written.*rerun `actstore probe`"):
+        _probe(store)
+    assert list_runs(store) == {}
+
+
+def test_label_run_removed_as_stale_under_it_fails_before_its_commit(store):
+    paths = labelsets.begin(store, ["depth"])
+    before = labelsets.current(store)
+    io.remove(store, paths["depth"])     # another label run's clean-up took it for dead
+    with pytest.raises(ActstoreError, match="label run's version .* was removed while being"):
+        labelsets.commit_set(store, paths, {"depth": {"kind": "continuous"}})
+    labelsets.release(paths)
+    assert labelsets.current(store) == before
+
+
+def test_a_renewed_mark_is_never_stale(tmp_path):
+    """A long run on another host renews its mark; before, it was taken for dead once it
+    had started more than a day ago, however alive."""
+    uri, path = str(tmp_path / "s.zarr"), lay.run_path("depth-long")
+    token = commit.begin(uri, path)
+    try:
+        uri_, path_, info = commit._MARKS[token]
+        info["started"] -= 2 * commit.STALE_AFTER_S          # began two days ago
+        io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: info})
+        assert commit.abandoned(commit.writer_of(uri, path))
+        commit.renew()                                       # its heartbeat
+        assert not commit.abandoned(commit.writer_of(uri, path))
+        assert commit.collect(uri, lay.PROBES, lambda name: False) == []
+    finally:
+        commit.release(token)
+
+
+# -- notebook readers while probe runs come and go -----------------------------------------
+
+def test_notebook_scores_stay_put_while_another_probe_run_commits(store):
+    """Already safe: a committed run is never removed or rewritten, and emergence is
+    computed from the latest run when read."""
+    first = _probe(store)
+    scores = open_scores(store, first)
+    held = open_emergence(store)
+    expected = open_scores(store, first)["per_image"].values.copy()
+    # a run killed earlier (dead writer) and a new one: the new run's clean-up removes the
+    # dead prefix only
+    dead = lay.run_path("depth-20000101T000000000000-dead00")
+    io.put_group(store, lay.pending_path(dead), {lay.WRITER_KEY: {"host": "x", "started": 0}})
+    second = _probe(store)
+    assert not io.exists(store, io.key(lay.pending_path(dead)))
+    np.testing.assert_array_equal(scores["per_image"].values, expected)
+    assert set(list_runs(store)) == {first, second}
+    np.testing.assert_array_equal(held["score"].values, open_emergence(store)["score"].values)
