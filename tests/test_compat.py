@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import zarr
 
 from actstore.errors import ActstoreError
 from actstore.label.labels import label_path, list_targets, open_labels, write_labels
+from actstore.store import labelsets
 from actstore.store.view import open_store
 from test_labels import Brightness
 
@@ -52,6 +54,9 @@ def test_schema_1_labels_read_then_overwritten(tmp_path, tiny_store):
     write_labels(store, Brightness(), "depth", overwrite=True, on_x0=False, progress=False)
     assert label_path(store, "depth").startswith("labels/depth/v-")
     np.testing.assert_array_equal(open_labels(store, "depth")["r8"].values, want)
+    left = sorted(p.name for p in (Path(store) / "labels" / "depth").iterdir())
+    assert "full" in left   # the schema-1 arrays stay a day for readers that resolved them
+    labelsets.collect(store, ["depth"], now=time.time() + labelsets.SUPERSEDED_KEEP_S)
     left = sorted(p.name for p in (Path(store) / "labels" / "depth").iterdir())
     assert left == [label_path(store, "depth").rsplit("/", 1)[1], "zarr.json"]
 

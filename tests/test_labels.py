@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from actstore.label.providers import (ArrayLabels, LabelProvider, background_ids
                                       get_provider)
 from actstore.label.labels import label_path, list_targets, open_labels, write_labels
 from actstore.metrics import pool
+from actstore.store import labelsets
 from conftest import REPO, TINY, tree_digest
 
 
@@ -121,7 +123,11 @@ def test_overwrite_replaces_only_that_target(store):
     assert {k: v for k, v in after.items() if not k.startswith(mine)} == \
         {k: v for k, v in before.items() if not k.startswith(mine)}
     records = [k for k in after if k.startswith("labels/_commits/c") and k.endswith("zarr.json")]
-    assert len(records) == 2   # salient's and the new depth's; the superseded one is gone
+    assert len(records) == 3   # the superseded one is kept for readers that resolved it...
+    labelsets.collect(store, ["depth"], now=time.time() + labelsets.SUPERSEDED_KEEP_S)
+    after = full_digest(store)
+    records = [k for k in after if k.startswith("labels/_commits/c") and k.endswith("zarr.json")]
+    assert len(records) == 2   # ...a day: then salient's and the new depth's remain
 
 
 def test_target_without_commit_is_invisible_and_rewritten(store):

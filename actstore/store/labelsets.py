@@ -119,7 +119,7 @@ def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str
     return cid
 
 
-def collect(store: str, targets: list[str]) -> None:
+def collect(store: str, targets: list[str], now: float | None = None) -> None:
     """Remove what no reader can reach any more: versions of ``targets`` from dead
     writers, versions and schema-1 arrays superseded more than :data:`SUPERSEDED_KEEP_S`
     ago, and commit records that name only such versions. A reader that resolved a
@@ -127,7 +127,7 @@ def collect(store: str, targets: list[str]) -> None:
     (:func:`check_readable` tells a reader that took longer)."""
     commits = _commits(store)
     since = _superseded_since(commits)
-    now = time.time()
+    now = time.time() if now is None else now
     for t in targets:
         named = since.get(t, {})
         for name in io.list_dir(store, lay.label_target_path(t)):
@@ -144,7 +144,7 @@ def collect(store: str, targets: list[str]) -> None:
                 elif commit.abandoned(commit.writer_of(store, path)) and not _named(
                         name, t, _commits(store)):
                     io.remove(store, path)
-            elif name != io.META and t in named and now - _first_commit(
+            elif name != io.META and named and now - _first_commit(
                     t, commits) >= SUPERSEDED_KEEP_S:   # schema-1 arrays, superseded
                 io.remove(store, path)
         if named and lay.LABEL_TARGET_KEY in (
