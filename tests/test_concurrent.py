@@ -13,10 +13,14 @@ import pytest
 
 import actstore.probe.runs as runs
 from actstore.errors import ActstoreError
+from actstore.intervene.results import list_interventions, open_intervention
+from actstore.intervene.run import run_interventions
+from actstore.intervene.settings import InterventionSettings as IS
 from actstore.label.labels import label_path, open_labels, write_labels
 from actstore.probe.runs import list_runs, load_probe, open_emergence, open_scores, run_probes
 from actstore.store import commit, io, labelsets
 from actstore.store import layout as lay
+from conftest import IV_LAYERS, IV_STEPS, PixelLabels
 from test_labels import Brightness
 
 LAYER = "up_blocks.3.attentions.0"
@@ -249,3 +253,63 @@ def test_notebook_scores_stay_put_while_another_probe_run_commits(store):
     np.testing.assert_array_equal(scores["per_image"].values, expected)
     assert set(list_runs(store)) == {first, second}
     np.testing.assert_array_equal(held["score"].values, open_emergence(store)["score"].values)
+
+
+# -- label --overwrite while an experiment runs --------------------------------------------
+
+class InvertedPixels(PixelLabels):
+    name, spec = "inverted", "inverted-test"
+
+    def __call__(self, images):
+        out = super().__call__(images)
+        return {**out, "salient": 1 - out["salient"]}
+
+
+def _experiment(uri: str, model, monkeypatch=None, between_blocks=None) -> dict:
+    import actstore.intervene.run as iv
+
+    if between_blocks is not None:
+        real, calls = iv._run_block, []
+
+        def block(*args):
+            calls.append(1)
+            if len(calls) == 2:
+                between_blocks()
+            return real(*args)
+
+        monkeypatch.setattr(iv, "_run_block", block)
+    settings = IS(method="projection", layers=IV_LAYERS, steps=IV_STEPS, n_targets=2,
+                  strengths=(1.0,), provider=PixelLabels())
+    return run_interventions(uri, _salient_run(uri), settings, model=model, progress=False)
+
+
+def _salient_run(uri: str) -> str:
+    return next(r for r, a in list_runs(uri).items() if a["target"] == "salient")
+
+
+def test_relabel_between_experiment_blocks_does_not_mix_versions(ivstore, tiny_model,
+                                                                  tmp_path, monkeypatch):
+    """Every block uses the labels the experiment resolved (before: blocks after the
+    relabel made their targets from the new labels, one experiment from two versions)."""
+    alone, mixed = str(tmp_path / "alone.zarr"), str(tmp_path / "mixed.zarr")
+    shutil.copytree(ivstore["uri"], alone)
+    shutil.copytree(ivstore["uri"], mixed)
+    ref = _experiment(alone, tiny_model)
+    got = _experiment(mixed, tiny_model, monkeypatch, lambda: write_labels(
+        mixed, InvertedPixels(), "salient", on_x0=False, overwrite=True, progress=False))
+    assert got["complete"] and got["experiment_id"] == ref["experiment_id"]
+    a, b = (open_intervention(u, ref["experiment_id"]) for u in (alone, mixed))
+    for name in ("target", "original_label", "score_pre", "score_post"):
+        np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=name)
+
+
+def test_relabel_removing_version_under_experiment_fails_in_one_line(ivstore, tiny_model,
+                                                                     tmp_path, monkeypatch):
+    uri = str(tmp_path / "s.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    monkeypatch.setattr(labelsets, "SUPERSEDED_KEEP_S", 0.0)
+    with pytest.raises(ActstoreError, match=r"labels 'salient' were replaced .* rerun "
+                       r"`actstore intervene`"):
+        _experiment(uri, tiny_model, monkeypatch, lambda: write_labels(
+            uri, InvertedPixels(), "salient", on_x0=False, overwrite=True, progress=False))
+    assert list_interventions(uri) == {}

@@ -139,7 +139,11 @@ def label_rows(plan, target: str, positions: np.ndarray) -> np.ndarray:
     version the plan pinned; checked still there after the read (a missing chunk reads as
     the fill value, which must never become an experiment's targets)."""
     path = plan.label_paths[target]
-    rows = np.asarray(io.open_array(plan.store, f"{path}/full").oindex[np.asarray(positions)],
-                      np.float32)
+    try:
+        rows = np.asarray(io.open_array(plan.store, f"{path}/full").oindex[
+            np.asarray(positions)], np.float32)
+    except Exception:   # say so if it is because the version went
+        labelsets.check_readable(plan.store, target, path, "actstore intervene")
+        raise
     labelsets.check_readable(plan.store, target, path, "actstore intervene")
     return rows
