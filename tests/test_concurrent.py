@@ -15,7 +15,7 @@ import actstore.probe.runs as runs
 from actstore.errors import ActstoreError
 from actstore.intervene.results import list_interventions, open_intervention
 from actstore.intervene.run import run_interventions
-from actstore.intervene.settings import InterventionSettings as IS
+from actstore.intervene.settings import InterventionSettings as IS, SweepSettings
 from actstore.label.labels import label_path, open_labels, write_labels
 from actstore.probe.runs import list_runs, load_probe, open_emergence, open_scores, run_probes
 from actstore.store import commit, io, labelsets
@@ -313,3 +313,31 @@ def test_relabel_removing_version_under_experiment_fails_in_one_line(ivstore, ti
         _experiment(uri, tiny_model, monkeypatch, lambda: write_labels(
             uri, InvertedPixels(), "salient", on_x0=False, overwrite=True, progress=False))
     assert list_interventions(uri) == {}
+
+
+def test_relabel_between_sweep_cells_records_no_sweep(ivstore, tiny_model, tmp_path,
+                                                      monkeypatch):
+    """Each cell is an experiment of its own (each pins its labels): a relabel between
+    cells would make the sweep compare cells of two label versions. It fails in one line
+    and records no sweep; before, the sweep was recorded."""
+    import actstore.intervene.sweep as sw
+
+    uri = str(tmp_path / "s.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    real, calls = sw.run_interventions, []
+
+    def cell(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            write_labels(uri, InvertedPixels(), "salient", on_x0=False, overwrite=True,
+                         progress=False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sw, "run_interventions", cell)
+    settings = SweepSettings(kinds=("attn1",), step_counts=(1, 2), strengths=(1.0,),
+                             validation=2, evaluation=2,
+                             base=IS(n_targets=1, provider=PixelLabels(), batch_size=8))
+    with pytest.raises(ActstoreError, match=r"sweep \S+: its experiments read different "
+                       r"versions of the labels .* rerun `actstore sweep`"):
+        sw.run_sweep(uri, [_salient_run(uri)], settings, model=tiny_model, progress=False)
+    assert calls and sw.list_sweeps(uri) == {}

@@ -125,6 +125,9 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     prov, spec = resolve_provider(s.provider, label_attrs, target, kind, s.device)
     record = _record(s, probe_run, kind, probes, view, image_ids, n_targets, mode, user,
                      object_target, spec, label_attrs, provenance)
+    # the label versions read: a relabelled target makes another experiment, so a rerun or
+    # a worker planning after a relabel never adds blocks from other labels to this one
+    record["labels"] = dict(sorted(label_paths.items()))
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
     experiment_id = s.experiment_id or f"{target}-{s.method}-{digest}"
     check_existing(store, experiment_id, record)

@@ -37,6 +37,7 @@ from actstore.errors import ActstoreError
 from actstore.generation.models import LoadedModel
 from actstore.generation.pointnames import UNET_KINDS, kind_of, site_of
 from actstore.intervene.inputs import load_store_model
+from actstore.intervene.results import existing_settings
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import SweepSettings
 from actstore.probe.runs import get_run
@@ -230,6 +231,7 @@ def _sweep_run(store, run_id, run, cells, settings, validation, evaluation, mode
                                                        "relative_change")}}
     sweep_id = _sweep_id(record)
     if best is None:   # nothing to evaluate: say so in the record rather than fail the job
+        same_labels(store, sweep_id, experiments)
         record.update(sweep_id=sweep_id, evaluation=None, result=None,
                       note=_why_none(rows, settings.max_edit_size),
                       seconds=time.perf_counter() - t0, actstore_version=actstore.__version__,
@@ -248,12 +250,25 @@ def _sweep_run(store, run_id, run, cells, settings, validation, evaluation, mode
     if overlap:   # cannot happen by construction; a record that says otherwise is refused
         raise ActstoreError(f"sweep {sweep_id}: evaluation shares images {sorted(overlap)} "
                             "with validation")
+    same_labels(store, sweep_id, [*experiments, final["experiment_id"]])
     record.update(sweep_id=sweep_id, evaluation=final["experiment_id"],
                   result=_headline(final), seconds=time.perf_counter() - t0,
                   actstore_version=actstore.__version__,
                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_sweep(store, sweep_id, record)
     return record
+
+
+def same_labels(store: str, sweep_id: str, experiments: list[str]) -> None:
+    """A sweep compares its experiments: all must have read the same label versions (a
+    relabel during the sweep gives the later ones other labels). Experiments made before
+    their records named the versions count as one version."""
+    seen = {json.dumps((existing_settings(store, e) or {}).get("labels"), sort_keys=True)
+            for e in experiments}
+    if len(seen) > 1:
+        raise ActstoreError(f"store {store}: sweep {sweep_id}: its experiments read different "
+                            "versions of the labels (relabelled during the sweep); nothing "
+                            "was recorded, rerun `actstore sweep`")
 
 
 def _settings_json(settings: SweepSettings) -> dict:
