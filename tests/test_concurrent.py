@@ -341,3 +341,23 @@ def test_relabel_between_sweep_cells_records_no_sweep(ivstore, tiny_model, tmp_p
                        r"versions of the labels .* rerun `actstore sweep`"):
         sw.run_sweep(uri, [_salient_run(uri)], settings, model=tiny_model, progress=False)
     assert calls and sw.list_sweeps(uri) == {}
+
+
+def test_label_run_removed_as_stale_during_its_commit_takes_the_commit_back(store,
+                                                                           monkeypatch):
+    """The clean-up's removal lands while the commit record is being written: the record
+    is taken back, so the current labels are never a version without arrays."""
+    paths = labelsets.begin(store, ["depth"])
+    before = labelsets.current(store)
+    put = io.put_group
+
+    def record_then_removed(uri, path, attrs=None):
+        put(uri, path, attrs)
+        if path.startswith(f"{lay.LABELS}/{lay.COMMITS}/c-"):
+            io.remove(store, paths["depth"])
+
+    monkeypatch.setattr(io, "put_group", record_then_removed)
+    with pytest.raises(ActstoreError, match="label run's version .* was removed while being"):
+        labelsets.commit_set(store, paths, {"depth": {"kind": "continuous"}})
+    labelsets.release(paths)
+    assert labelsets.current(store) == before

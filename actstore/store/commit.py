@@ -9,7 +9,8 @@ markers, so a kill leaves nothing it can see; a rerun either redoes an unmarked 
 Contents written under a fresh id (label versions, probe runs) that never got their marker
 are garbage once their writer is gone: each such prefix holds a ``_pending`` group naming
 its writer (host, pid, start time), and the next writer of the same kind removes those
-whose process is dead (same host) or that are older than :data:`STALE_AFTER_S`.
+whose process is dead (same host) or that were not seen for :data:`STALE_AFTER_S` (a live
+writer renews its marks every :data:`HEARTBEAT_S`).
 """
 
 from __future__ import annotations

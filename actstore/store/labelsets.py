@@ -105,18 +105,28 @@ def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str
             io.put_group(store, lay.label_target_path(t))
     io.put_group(store, f"{lay.LABELS}/{lay.COMMITS}")
     io.put_group(store, lay.LABELS)
+    _check_mine(store, paths)
+    cid = commit.new_id("c")
+    record = {t: {**attrs[t], "version": path.rsplit("/", 1)[-1]} for t, path in paths.items()}
+    io.put_group(store, lay.label_commit_path(cid), {lay.LABELS_COMMIT_KEY: record})
+    try:
+        _check_mine(store, paths)   # a removal that began before the record landed
+    except ActstoreError:
+        io.remove(store, lay.label_commit_path(cid))
+        raise
+    for path in paths.values():
+        commit.end(store, path)
+    collect(store, list(paths))
+    return cid
+
+
+def _check_mine(store: str, paths: dict[str, str]) -> None:
+    """Fail if another command removed one of these versions, taking this run for gone."""
     lost = [p for p in paths.values() if p in _TOKENS
             and not commit.still_mine(store, p, _TOKENS[p])]
     if lost:
         raise ActstoreError(commit.lost_mark(store, lost[0], "this label run's version",
                                              "actstore label"))
-    cid = commit.new_id("c")
-    record = {t: {**attrs[t], "version": path.rsplit("/", 1)[-1]} for t, path in paths.items()}
-    io.put_group(store, lay.label_commit_path(cid), {lay.LABELS_COMMIT_KEY: record})
-    for path in paths.values():
-        commit.end(store, path)
-    collect(store, list(paths))
-    return cid
 
 
 def collect(store: str, targets: list[str], now: float | None = None) -> None:
