@@ -6,7 +6,10 @@ error, never fill values for data removed under it; a live writer's work is neve
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -20,7 +23,7 @@ from actstore.label.labels import label_path, open_labels, write_labels
 from actstore.probe.runs import list_runs, load_probe, open_emergence, open_scores, run_probes
 from actstore.store import commit, io, labelsets
 from actstore.store import layout as lay
-from conftest import IV_LAYERS, IV_STEPS, PixelLabels
+from conftest import IV_LAYERS, IV_STEPS, REPO, PixelLabels
 from test_labels import Brightness
 
 LAYER = "up_blocks.3.attentions.0"
@@ -361,3 +364,63 @@ def test_label_run_removed_as_stale_during_its_commit_takes_the_commit_back(stor
         labelsets.commit_set(store, paths, {"depth": {"kind": "continuous"}})
     labelsets.release(paths)
     assert labelsets.current(store) == before
+
+
+# -- two probe runs of one target, the other one in its own process ------------------------
+
+WRITER = """
+import sys
+from actstore.store import commit, io
+from actstore.store import layout as lay
+uri, path = sys.argv[1], sys.argv[2]
+commit.begin(uri, path)
+io.put_group(uri, path + "/trained")
+print("writing", flush=True)
+sys.stdin.readline()                      # told to finish
+io.put_group(uri, path, {lay.RUN_KEY: "depth"})
+commit.end(uri, path)
+"""
+
+
+def _writer(uri: str, path: str) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, uri, path], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "writing"
+    return proc
+
+
+def test_probe_run_keeps_another_process_live_run(store):
+    """A probe run of the same target started while another process writes one: the
+    clean-up leaves the live run (its pid exists), which then commits whole."""
+    path = lay.run_path("depth-20000101T000000000000-live00")
+    proc = _writer(store, path)
+    try:
+        mine = _probe(store)
+        assert io.exists(store, io.key(f"{path}/trained"))
+    finally:
+        proc.communicate("\n", timeout=60)
+    assert proc.returncode == 0
+    assert set(list_runs(store)) == {mine, path.rsplit("/", 1)[1]}
+
+
+def test_probe_cleanup_keeps_a_run_whose_process_committed_and_exited_between_looks(
+        store, monkeypatch):
+    """The other process commits and exits right after the clean-up read its mark: its pid
+    is gone, its marker is there. Before, the clean-up read the marker first and removed
+    the run."""
+    path = lay.run_path("depth-20000101T000000000000-exit00")
+    proc = _writer(store, path)
+    look = commit.writer_of
+
+    def writer_of(uri, p):
+        info = look(uri, p)
+        if p == path and proc.returncode is None:
+            proc.communicate("\n", timeout=60)     # commits, drops its mark, exits
+        return info
+
+    monkeypatch.setattr(commit, "writer_of", writer_of)
+    committed = (lambda name: lay.RUN_KEY in (io.node_attrs(store, lay.run_path(name))
+                                              or {}))
+    assert commit.collect(store, lay.PROBES, committed) == []
+    assert proc.returncode == 0 and path.rsplit("/", 1)[1] in list_runs(store)
