@@ -424,3 +424,38 @@ def test_probe_cleanup_keeps_a_run_whose_process_committed_and_exited_between_lo
                                               or {}))
     assert commit.collect(store, lay.PROBES, committed) == []
     assert proc.returncode == 0 and path.rsplit("/", 1)[1] in list_runs(store)
+
+
+# -- materialize adding a capture kind while probe and a notebook read ---------------------
+
+def test_capture_kind_added_during_probe_run_and_open_store(store, tmp_path, monkeypatch,
+                                                            tiny_model):
+    """Already safe: adding a kind writes new arrays and records only, so a probe run that
+    resolved its inputs before equals one made without the addition, and a view opened
+    before reads the same activations."""
+    from actstore.generation.materialize import MaterializeSettings, materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.store.view import open_store
+    from conftest import DEMO, TINY
+
+    alone = tmp_path / "alone.zarr"
+    shutil.copytree(store, alone)
+    expected = _run_arrays(str(alone), _probe(str(alone)))
+    view = open_store(store)
+    held = view[LAYER].isel(step=0, image=slice(0, 4)).values.copy()
+    original = runs.load_targets
+
+    def resolve_then_add(*args, **kwargs):
+        out = original(*args, **kwargs)
+        materialize(tiny_model, DEMO, store, MaterializeSettings(
+            gen=GenerationConfig(steps=TINY["steps"]), batch_size=TINY["batch_size"],
+            block_size=TINY["block_size"]).with_options(kinds=("attn1", "resnet")),
+            progress=False)
+        return out
+
+    monkeypatch.setattr(runs, "load_targets", resolve_then_add)
+    got = _run_arrays(store, _probe(store))
+    assert "resnet" in open_store(store).kinds          # the kind was added meanwhile
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    np.testing.assert_array_equal(view[LAYER].isel(step=0, image=slice(0, 4)).values, held)
