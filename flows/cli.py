@@ -329,12 +329,14 @@ def _exit_promptly() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
-    with command_environment(args), one_interrupt():
+    with command_environment(args), one_interrupt() as ctrl_c:
         try:
             result = _run(args)
         except (Exception, KeyboardInterrupt) as exc:  # one line; --debug adds the traceback
             if args.debug:
                 traceback.print_exc()
+            if ctrl_c.pressed:        # whatever a library made of the KeyboardInterrupt
+                exc = KeyboardInterrupt()
             line, code = failure_line(args.command, exc,
                                       getattr(args, "store", None) or getattr(args, "out", None))
             print(line, file=sys.stderr)

@@ -362,3 +362,28 @@ def test_ctrl_c_of_intervene_on_a_users_cluster_stops_its_generation(
     assert main(["--quiet", "--json", *args]) == 0
     out = json.loads(capsys.readouterr().out.split("\n\n")[0])
     assert out["complete"] and out["blocks_written"] == 1, out
+
+
+def test_an_interrupt_a_library_turned_into_its_own_error_is_still_one(tmp_path, monkeypatch,
+                                                                         capsys):
+    """pydantic-core turns a KeyboardInterrupt raised inside a serializer into a
+    PydanticSerializationError with no cause: a Ctrl-C landing in Prefect's serialization
+    of a task's parameters ended the command as 'unexpected', exit 1. Placed here with
+    pydantic itself: the press arrives while a model is serialized."""
+    import flows.cli as cli
+    from pydantic import BaseModel, field_serializer
+
+    class Parameters(BaseModel):
+        store: str = "s.zarr"
+
+        @field_serializer("store")
+        def pressed(self, value):
+            os.kill(os.getpid(), signal.SIGINT)
+            return value
+
+    monkeypatch.setattr(cli, "_run", lambda args: Parameters().model_dump_json())
+    try:
+        code = main(["materialize", "--store", str(tmp_path / "s.zarr"), "--no-prefect"])
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    assert code == 130 and capsys.readouterr().err.strip() == LINE
