@@ -126,6 +126,27 @@ def test_superseded_version_goes_after_the_grace_period(store, monkeypatch):
                                                            ["commit"]]
 
 
+@pytest.mark.parametrize("next_run", ["label of another target", "probe run"])
+def test_superseded_version_goes_with_a_later_run_of_any_target(store, monkeypatch,
+                                                                next_run):
+    """A target relabelled once is not kept twice for good: after the grace period the
+    next label run of any target, or the next probe run, removes the superseded version
+    (before: only a later label run of the same target did). A dead writer's version of
+    another target stays, for that target's own run to resume."""
+    old = label_path(store, "depth")
+    _relabel(store)
+    dead = lay.label_version_path("depth", commit.new_id("v"))
+    commit.release(commit.begin(store, dead))           # a label run of depth, killed
+    monkeypatch.setattr(labelsets, "SUPERSEDED_KEEP_S", 0.0)
+    if next_run == "probe run":
+        _probe(store)
+    else:
+        write_labels(store, Brightness(), "shade", on_x0=False, progress=False)
+    assert not io.exists(store, io.key(old))
+    assert io.exists(store, io.key(lay.pending_path(dead)))
+    assert label_path(store, "depth") != old
+
+
 # -- clean-ups racing a writer's commit ---------------------------------------------------
 
 @pytest.mark.parametrize("finish", ["after_writer_read", "during_marker_read"])

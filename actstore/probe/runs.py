@@ -139,6 +139,7 @@ def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: 
     steps = np.asarray(_select(steps, list(range(views[0].n_steps)), "step", store), int)
     commit.collect(store, PROBES, lambda name: lay.RUN_KEY in (
         io.node_attrs(store, lay.run_path(name)) or {}))   # runs killed earlier
+    labelsets.collect(store, [])      # label versions superseded long ago, of any target
     # their partial files went with them, and a marked run has none: only probes/ itself
     # is swept, so a run's cost does not grow with the runs a store keeps
     io.sweep_partials(store, PROBES, recursive=False)

@@ -131,14 +131,19 @@ def _check_mine(store: str, paths: dict[str, str]) -> None:
 
 def collect(store: str, targets: list[str], now: float | None = None) -> None:
     """Remove what no reader can reach any more: versions of ``targets`` from dead
-    writers, versions and schema-1 arrays superseded more than :data:`SUPERSEDED_KEEP_S`
-    ago, and commit records that name only such versions. A reader that resolved a
-    version before a newer commit keeps reading it whole until then
-    (:func:`check_readable` tells a reader that took longer)."""
+    writers, versions and schema-1 arrays of every target superseded more than
+    :data:`SUPERSEDED_KEEP_S` ago, and commit records that name only such versions. A
+    reader that resolved a version before a newer commit keeps reading it whole until then
+    (:func:`check_readable` tells a reader that took longer).
+
+    Superseded versions go whatever target the calling run is for, so a target relabelled
+    once is not kept twice for good; a dead writer's version stays for its own target's
+    next run, which may resume it."""
     commits = _commits(store)
     since = _superseded_since(commits)
     now = time.time() if now is None else now
-    for t in targets:
+    for t in sorted(set(targets) | set(since)):
+        dead_too = t in targets
         named = since.get(t, {})
         for name in io.list_dir(store, lay.label_target_path(t)):
             path = lay.label_version_path(t, name)
@@ -151,7 +156,7 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
                         io.remove(store, path)
                 # the writer, then the commits afresh: a run commits before it drops its
                 # mark, so a version committed since the listing above is seen here
-                elif commit.abandoned(commit.writer_of(store, path)) and not _named(
+                elif dead_too and commit.abandoned(commit.writer_of(store, path)) and not _named(
                         name, t, _commits(store)):
                     io.remove(store, path)
             elif name != io.META and named and now - _first_commit(
