@@ -88,6 +88,12 @@ def test_relabel_during_probe_run_reads_old_version_whole(store, tmp_path, monke
     got = _run_arrays(store, run_id)
     for name, values in expected.items():
         np.testing.assert_array_equal(got[name], values, err_msg=name)
+    # and its attributes name the version it read, not the one current when it ended
+    assert list_runs(store)[run_id]["labels"]["version"] == old.rstrip("/").rsplit("/", 1)[-1]
+    monkeypatch.undo()
+    later = _probe(store)
+    assert list_runs(store)[later]["labels"]["version"] == \
+        label_path(store, "depth").rstrip("/").rsplit("/", 1)[-1]
 
 
 def test_relabel_removing_version_under_probe_fails_in_one_line(store, monkeypatch):

@@ -197,8 +197,9 @@ def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layer
     io.put_group(store, lay.run_path(run_id), {   # the marker, last
         "target": target, "kind": attrs["kind"], "models": [v.model for v in views],
         "layers": layers, "steps": steps.tolist(), "n_folds": n_folds,
-        "labels": {k: attrs.get(k) for k in ("provider", "normalization", "mean", "std",
-                                             "created")},
+        "labels": {**{k: attrs.get(k) for k in ("provider", "normalization", "mean", "std",
+                                                "created")},
+                   "version": labelsets.version_of(_labels_read(per_layer))},
         "actstore_version": actstore.__version__, "created": commit.utc_now()})
     _check_mine(store, run_id, token)   # a removal that began before the marker landed
     commit.end(store, lay.run_path(run_id))

@@ -171,6 +171,12 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
             io.remove(store, lay.label_commit_path(cid))
 
 
+def version_of(path: str) -> str | None:
+    """The label version a path read (None for labels written before versions)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return name if name.startswith(VERSION_PREFIX) else None
+
+
 def commit_time(cid: str) -> float:
     """When a commit (or version) id was drawn, from the id itself (seconds, UTC)."""
     stamp = cid.split("-")[1]
