@@ -40,7 +40,9 @@ def add_label_probe_parsers(sub, common) -> None:
     q.add_argument("--layers", nargs="+", help="capture points by store name, e.g. "
                    "up_blocks.3.attentions.0 block/mid_block.attentions.0 (default: all)")
     q.add_argument("--steps", nargs="+", type=index, help="step indices (default: all)")
-    q.add_argument("--scheduler", help="Dask scheduler address (default: a local cluster)")
+    q.add_argument("--scheduler", "--cluster", dest="scheduler", help="a running Dask "
+                   "scheduler's address, as --cluster of the other commands (also 'threads' "
+                   "or 'sync' for one process; default: a local cluster)")
     q.add_argument("--figures", help="folder for the PNG figures")
     q.add_argument("--label-spearman", action="store_true", default=None, help="also "
                    "Spearman at label resolution (ranks every upsampled map: costs several "

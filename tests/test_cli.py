@@ -213,14 +213,16 @@ def test_unknown_url_protocol(capsys, tmp_path):
     assert "unknown URL protocol 'foo://'" in line
 
 
-def test_unreachable_scheduler_fails_within_seconds(capsys, labelled):
+@pytest.mark.parametrize("option", ["--scheduler", "--cluster"])
+def test_unreachable_scheduler_fails_within_seconds(capsys, labelled, option):
+    """probe takes the address as --cluster too, the other commands' name for it."""
     with socket.socket() as sock:    # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     before = tree_digest(labelled)
     t0 = time.perf_counter()
     line = _refused(capsys, ["--no-prefect", "probe", "--store", labelled, "--target",
-                             "depth", "--scheduler", f"tcp://127.0.0.1:{port}"])
+                             "depth", option, f"tcp://127.0.0.1:{port}"])
     assert time.perf_counter() - t0 < 20    # not distributed's 30 s connect timeout
     assert f"no Dask scheduler reachable at 127.0.0.1:{port}" in line
     assert tree_digest(labelled) == before
