@@ -135,6 +135,14 @@ def _add_verify(sub, common) -> None:
                    "another batch size rounds differently, so it is not bitwise)")
 
 
+def _add_show(sub, common) -> None:
+    s = sub.add_parser("show", parents=[common], help="what a store holds: images, model "
+                       "variants and capture kinds, label targets and versions, probe runs, "
+                       "experiments, sweeps (ids to pass to the other commands); reads "
+                       "records only, writes nothing")
+    s.add_argument("--store", required=True, help=STORE_HELP)
+
+
 def _add_main(sub, common) -> None:
     m = sub.add_parser("main", parents=[common], help="the main job on the embedded default "
                        "model: materialize, label, probe, figures, interventions (a Prefect "
@@ -169,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub, common)
     _add_verify(sub, common)
+    _add_show(sub, common)
     from flows.cli_label import add_label_probe_parsers
     add_label_probe_parsers(sub, common)
     from flows.cli_intervene import add_intervene_parser
@@ -288,13 +297,18 @@ def _intervene(args, catalog) -> dict:
     return intervene_command(args, catalog)
 
 
+def _show(args, catalog) -> dict:
+    from actstore.store.inventory import describe
+    return describe(store_uri(args, catalog))
+
+
 def _sweep(args, catalog) -> dict:
     from flows.cli_intervene import sweep_command
     return sweep_command(args, catalog)
 
 
 COMMANDS = {"materialize": _materialize, "verify": _verify, "label": _label, "probe": _probe,
-            "intervene": _intervene, "sweep": _sweep, "main": _main_job}
+            "intervene": _intervene, "sweep": _sweep, "main": _main_job, "show": _show}
 
 
 def flow_mode(args):

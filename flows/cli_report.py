@@ -168,5 +168,36 @@ def main_job_files(result: dict, out: str) -> list[str]:
     return list(dict.fromkeys([result["store"], *report, *result.get("figures", []), *extra]))
 
 
+def _show(r: dict) -> str:
+    split = ", ".join(f"{n} {s}" for s, n in sorted(r["split"].items()))
+    lines = [f"{r['store']}: {r['images']} images ({split}), {r['steps']} steps, blocks of "
+             f"{r['block_size']}", "models:"]
+    for name, m in r["models"].items():
+        pending = f", adding {', '.join(m['pending_kinds'])}" if m["pending_kinds"] else ""
+        lines.append(f"  {name:<12} {m['complete_images']}/{r['images']} images, kinds "
+                     f"{', '.join(m['kinds'])} ({m['points']} points{pending}), guidance "
+                     f"{m['guidance']}")
+    lines.append("labels:" if r["labels"] else "labels: none (actstore label)")
+    for t, a in r["labels"].items():
+        lines.append(f"  {t:<12} {a['kind']:<10} {a['version'] or '-'}  {a['provider']}")
+    lines.append("probe runs:" if r["probe_runs"] else "probe runs: none (actstore probe)")
+    for p in r["probe_runs"]:
+        lines.append(f"  {p['id']}  {len(p['models'])} models x {p['layers']} points x "
+                     f"{p['steps']} steps, labels {p['label_version'] or '-'}, {p['created']}")
+    lines.append("experiments:" if r["experiments"] else "experiments: none")
+    for e in r["experiments"]:
+        role = f", {e['role']}" if e["role"] else ""
+        lines.append(f"  {e['id']}  {e['method']}, {e['interventions']} interventions on "
+                     f"{e['images']} images, probe run {e['probe_run']}{role}")
+    lines.append("sweeps:" if r["sweeps"] else "sweeps: none")
+    for w in r["sweeps"]:
+        c = w["chosen"]
+        chosen = "nothing chosen" if not c else (
+            f"chosen {c['kind']} x{len(c['layers'])} steps {c['steps'][0]}-{c['steps'][-1]} "
+            f"s={c['strength']:g} ({c['experiment_id']})")
+        lines.append(f"  {w['id']}  {w['cells']} cells, {chosen}")
+    return "\n".join(lines)
+
+
 _SUMMARIES = {"materialize": _materialize, "verify": _verify, "label": _label, "probe": _probe,
-              "intervene": _intervene, "sweep": _sweep, "main": _main}
+              "intervene": _intervene, "sweep": _sweep, "main": _main, "show": _show}

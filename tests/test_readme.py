@@ -62,6 +62,7 @@ CASES = {
     "actstore materialize --store toy --workers 2": ("none", ["{line}"]),
     "actstore materialize --store toy --capture attn1,resnet": ("trained", ["{line}"]),
     "actstore verify --store toy --images 0:8": ("trained", ["{line}"]),
+    "actstore show --store S": ("probed", ["{line}"]),
     # a GPU cluster and an S3 bucket: the test's CPU scheduler, a local store, 2 steps
     "actstore materialize --store s3://bkt/p.zarr --model ~/sd-v1-4 --prompts p.csv "
     "--cluster tcp://HEAD:8786":
@@ -243,6 +244,9 @@ def _check(line: str, user: Path, out: str) -> None:
             assert any(name.startswith("resnet/") for name in view.layers), view.layers
     elif words[1] == "verify":
         assert "8/8 images reproduced (bitwise)" in out, out
+    elif words[1] == "show":
+        assert list_runs(toy) and all(run in out for run in list_runs(toy)), out
+        assert all(f"  {t} " in out for t in list_targets(toy)), out
     elif words[1] == "label":
         for target in words[words.index("--target") + 1:]:
             assert target in list_targets(toy), target
