@@ -298,7 +298,7 @@ def _intervene(args, catalog) -> dict:
 
 
 def _show(args, catalog) -> dict:
-    from actstore.store.inventory import describe
+    from actstore.inventory import describe
     return describe(store_uri(args, catalog))
 
 
