@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,12 @@ TINY = {"steps": 4, "batch_size": 4, "block_size": 4}
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# A suite started in the background by a non-interactive shell (`bash scripts/test.sh &`,
+# nohup, a CI step's subshell) inherits SIGINT ignored, as POSIX has asynchronous lists
+# ignore it, and so would every command a test starts: the Ctrl-C tests (test_interrupt)
+# need the disposition a terminal gives, whatever started the suite.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
