@@ -140,10 +140,7 @@ def label_rows(plan, target: str, positions: np.ndarray) -> np.ndarray:
     the fill value, which must never become an experiment's targets)."""
     path = plan.label_paths[target]
     try:
-        rows = np.asarray(io.open_array(plan.store, f"{path}/full").oindex[
+        return np.asarray(io.open_array(plan.store, f"{path}/full").oindex[
             np.asarray(positions)], np.float32)
-    except Exception:   # say so if it is because the version went
+    finally:   # after the read, or after it failed: say so if the version went
         labelsets.check_readable(plan.store, target, path, "actstore intervene")
-        raise
-    labelsets.check_readable(plan.store, target, path, "actstore intervene")
-    return rows

@@ -148,13 +148,11 @@ def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: 
     try:
         return _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers,
                                steps, s, scheduler, progress, token)
-    except Exception as exc:
+    except BaseException as exc:
         io.remove(store, lay.run_path(run_id))   # a failed run leaves nothing
-        if not isinstance(exc, ActstoreError):   # a read failed: were the labels removed?
+        if isinstance(exc, Exception) and not isinstance(exc, ActstoreError):
+            # a read failed: were the labels removed under it?
             labelsets.check_readable(store, target, _labels_read(per_layer), _rerun(target))
-        raise
-    except BaseException:
-        io.remove(store, lay.run_path(run_id))
         raise
     finally:
         commit.release(token)
