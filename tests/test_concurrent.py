@@ -96,6 +96,45 @@ def test_relabel_during_probe_run_reads_old_version_whole(store, tmp_path, monke
         label_path(store, "depth").rstrip("/").rsplit("/", 1)[-1]
 
 
+def test_relabel_between_the_probe_runs_label_lookups_reads_one_version(store, tmp_path,
+                                                                       monkeypatch):
+    """The run takes the target's attributes (kind, grids, provider, mean/std) and its
+    arrays from one resolve. Before, it resolved twice: a relabel in between gave a run
+    fitted on the new arrays whose record named the old labels' provider and z-score
+    beside the new version."""
+    alone = tmp_path / "alone.zarr"
+    shutil.copytree(store, alone)
+    expected = _run_arrays(str(alone), _probe(str(alone)))
+    old = label_path(store, "depth")
+    resolve, load, armed = labelsets.current, runs.load_targets, []
+
+    def load_targets(*args, **kwargs):
+        armed.append(True)
+        return load(*args, **kwargs)
+
+    def current_then_relabel(*args, **kwargs):
+        out = resolve(*args, **kwargs)
+        if armed == [True]:     # right after the run's first look at the labels
+            armed.append(False)
+            _relabel(store)
+        return out
+
+    monkeypatch.setattr(runs, "load_targets", load_targets)
+    monkeypatch.setattr(labelsets, "current", current_then_relabel)
+    run_id = _probe(store)
+    assert armed == [True, False] and label_path(store, "depth") != old   # relabelled
+    got = _run_arrays(store, run_id)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    recorded = list_runs(store)[run_id]["labels"]
+    version = old.rstrip("/").rsplit("/", 1)[-1]
+    assert recorded["version"] == version
+    committed = next(rec["depth"] for _, rec in labelsets._commits(store)
+                     if rec.get("depth", {}).get("version") == version)
+    assert {k: recorded[k] for k in ("provider", "mean", "std", "created")} == \
+        {k: committed[k] for k in ("provider", "mean", "std", "created")}
+
+
 def test_relabel_removing_version_under_probe_fails_in_one_line(store, monkeypatch):
     """Past the grace period the old version goes: the run fails naming the labels and
     saying to rerun, and stores nothing."""

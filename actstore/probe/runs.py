@@ -36,7 +36,7 @@ from actstore.probe.settings import ProbeSettings
 from actstore.errors import ActstoreError
 from actstore.probe.grid import LayerSource, Split, metric_names, probe_layer
 from actstore.probe.uncertainty import score_intervals
-from actstore.label.labels import list_targets, resolution_name
+from actstore.label.labels import resolution_name
 from actstore.progress import Progress
 from actstore.runtime import small_pages, task_threads
 
@@ -79,15 +79,18 @@ def load_targets(store: str, target: str, grids: dict[str, tuple[int, int]] | No
     (the label version's own path, so a relabelled target is a new source). ``grids``:
     (h, w) of layers that may postdate the labels (capture kinds added since), which use
     the labels pooled to their grid if the target has it."""
-    targets = list_targets(store)
+    root = st.read_root_attrs(store)
+    # one resolve for the attributes and the arrays: a relabel between two would pair one
+    # version's kind, grids and z-score with another's arrays
+    targets = labelsets.current(store)
     if target not in targets:
         raise ActstoreError(f"store {store}: no target {target!r} (has: "
-                            f"{', '.join(targets) or 'none'}); add it with `actstore label`")
+                            f"{', '.join(sorted(targets)) or 'none'}); add it with "
+                            "`actstore label`")
     attrs = targets[target]
     split = _image_column(store, "split")
-    root = st.read_root_attrs(store)
     blocks = tuple(st.blocks_of(root["n_images"], root["block_size"]))
-    base = labelsets.current(store)[target]["path"]   # this label version's arrays
+    base = attrs["path"]   # this label version's arrays
     arrays = dict(attrs["layer_arrays"])
     pooled = set(io.list_dir(store, base))
     for layer, (h, w) in (grids or {}).items():
