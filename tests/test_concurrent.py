@@ -277,6 +277,90 @@ def test_probe_run_removed_as_stale_under_it_fails_and_stores_nothing(store, mon
     assert list_runs(store) == {}
 
 
+def _cleanup_taking_writers_for_gone(uri: str) -> list[str]:
+    """Another probe run's clean-up, to which every unmarked run's writer looks stale."""
+    stale = commit.STALE_AFTER_S
+    commit.STALE_AFTER_S = -1.0
+    try:
+        return commit.collect(uri, lay.PROBES, lambda name: lay.RUN_KEY in (
+            io.node_attrs(uri, lay.run_path(name)) or {}))
+    finally:
+        commit.STALE_AFTER_S = stale
+
+
+def test_renewal_racing_a_removal_does_not_let_the_run_commit(store, monkeypatch):
+    """The heartbeat finds the run's mark, then the clean-up removes the run, then the
+    heartbeat PUTs the mark again. Before, the run then found its mark and committed over
+    removed weights (they read as fill values); now it fails in one line, storing nothing."""
+    write_fit, put = runs._write_fit, io.put_group
+    removed = []
+
+    def put_after_removal(uri, path, attrs=None):
+        if path.endswith(lay.PENDING) and not removed:    # the renewal's PUT
+            removed.append(_cleanup_taking_writers_for_gone(uri))
+        put(uri, path, attrs)
+
+    def fit_then_beat(st, run_id, *args):
+        write_fit(st, run_id, *args)
+        monkeypatch.setattr(io, "put_group", put_after_removal)
+        commit.renew()                                    # the heartbeat, every 3 h
+        monkeypatch.setattr(io, "put_group", put)
+
+    monkeypatch.setattr(runs, "_write_fit", fit_then_beat)
+    with pytest.raises(ActstoreError, match=r"probe run depth-\S+ \(probes/depth-\S+\) was "
+                       r"removed while being written"):
+        _probe(store)
+    assert list_runs(store) == {}
+
+
+COMMITTER = """
+import sys
+from actstore.store import commit, io
+from actstore.store import layout as lay
+uri, path = sys.argv[1], sys.argv[2]
+token = commit.begin(uri, path)
+io.put_group(uri, path + "/trained")
+print("writing", flush=True)
+sys.stdin.readline()                      # told to finish: as a probe run commits
+ok = commit.still_mine(uri, path, token)
+if ok:
+    io.put_group(uri, path, {lay.RUN_KEY: "depth"})
+    ok = commit.still_mine(uri, path, token)
+if ok:
+    commit.end(uri, path)
+else:
+    io.remove(uri, path)
+print("committed" if ok else "lost", flush=True)
+"""
+
+
+def test_run_committing_between_cleanups_look_and_removal_is_kept(store, monkeypatch):
+    """A clean-up takes a live writer for gone (another host, silent for a day) and reads
+    no marker; the writer checks its mark, writes its marker, checks again and reports
+    success; then the clean-up removes. Before, the whole committed run went after its
+    command had succeeded; now the clean-up takes the mark first and then sees the marker."""
+    path = lay.run_path("depth-20000101T000000000000-late00")
+    proc = subprocess.Popen([sys.executable, "-c", COMMITTER, store, path],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdout.readline().strip() == "writing"
+    remove, said = io.remove, []
+
+    def writer_finishes_first(uri, p):
+        if p.startswith(path) and not said:               # the clean-up's first deletion
+            said.append(proc.communicate("\n", timeout=60)[0].strip())
+        remove(uri, p)
+
+    monkeypatch.setattr(io, "remove", writer_finishes_first)
+    removed = _cleanup_taking_writers_for_gone(store)
+    assert proc.returncode == 0 and said, said
+    if said == ["committed"]:       # the command succeeded: its run is there, whole
+        assert removed == [] and path.rsplit("/", 1)[1] in list_runs(store)
+        assert io.exists(store, io.key(f"{path}/trained"))
+    else:                           # it failed: nothing of it stays
+        assert said == ["lost"] and not io.list_dir(store, path)
+
+
 def test_label_run_removed_as_stale_under_it_fails_before_its_commit(store):
     paths = labelsets.begin(store, ["depth"])
     before = labelsets.current(store)

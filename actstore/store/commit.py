@@ -97,12 +97,13 @@ _heart: list[threading.Thread] = []
 
 
 def renew() -> None:
-    """PUT this process's marks again with ``seen`` = now (a mark another command removed
-    stays removed: its writer finds that out before its marker)."""
+    """PUT this process's marks again with ``seen`` = now. A removal may land between the
+    look and the PUT, which then brings the mark back; the writer still finds out before its
+    marker (:func:`still_mine` also asks for the birth record, which no renewal writes)."""
     with _MARKS_LOCK:
         for token, (uri, path, info) in list(_MARKS.items()):
             try:
-                if (writer_of(uri, path) or {}).get("token") == token:
+                if still_mine(uri, path, token):
                     io.put_group(uri, lay.pending_path(path),
                                  {lay.WRITER_KEY: {**info, "seen": time.time()}})
             except Exception:   # storage away for a moment: the next beat tries again
@@ -123,6 +124,7 @@ def begin(uri: str, path: str, job: str | None = None) -> str:
     info = {**writer_info(token), **({"job": job} if job else {})}
     try:
         io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: info})
+        io.put_group(uri, _birth(path, token))
     except BaseException:   # a mark half-written by a live token would never be collected
         release(token)
         raise
@@ -139,6 +141,12 @@ def release(token: str) -> None:
     _ACTIVE.discard(token)
     with _MARKS_LOCK:
         _MARKS.pop(token, None)
+
+
+def _birth(path: str, token: str) -> str:
+    """Written once by :func:`begin` beside the mark and never again: a renewal racing a
+    removal can bring the mark back, not this."""
+    return f"{lay.pending_path(path)}/{token}"
 
 
 def end(uri: str, path: str) -> None:
@@ -187,10 +195,22 @@ def collect(uri: str, parent: str, committed: Callable[[str], bool]) -> list[str
         if committed(name):
             if io.exists(uri, io.key(lay.pending_path(path))):
                 end(uri, path)
-        elif gone:
-            io.remove(uri, path)
+        elif gone and remove_unmarked(uri, path, lambda: committed(name)):
             removed.append(name)
     return removed
+
+
+def remove_unmarked(uri: str, path: str, committed: Callable[[], bool]) -> bool:
+    """Remove an uncommitted prefix whose writer was taken for gone: its mark first, then,
+    unless its marker landed meanwhile, the rest. A writer checks its mark after its marker,
+    so either it sees the mark gone (and fails, storing nothing) or this sees its marker
+    (and keeps the run); before, a writer that looked stale could check, mark and return
+    between the clean-up's look at its marker and the removal of its whole run."""
+    io.remove(uri, lay.pending_path(path))
+    if committed():
+        return False
+    io.remove(uri, path)
+    return True
 
 
 def still_mine(uri: str, path: str, token: str) -> bool:
@@ -199,7 +219,8 @@ def still_mine(uri: str, path: str, token: str) -> bool:
     :data:`STALE_AFTER_S`); a writer checks before its marker, so it never makes visible
     a prefix whose contents were removed under it."""
     info = writer_of(uri, path)
-    return bool(info) and info.get("token") == token
+    return bool(info) and info.get("token") == token and io.exists(
+        uri, io.key(_birth(path, token)))
 
 
 def lost_mark(uri: str, path: str, what: str, command: str) -> str:

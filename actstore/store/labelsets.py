@@ -158,7 +158,7 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
                 # mark, so a version committed since the listing above is seen here
                 elif dead_too and commit.abandoned(commit.writer_of(store, path)) and not _named(
                         name, t, _commits(store)):
-                    io.remove(store, path)
+                    commit.remove_unmarked(store, path, lambda n=name, t=t: _named(n, t, _commits(store)))
             elif name != io.META and named and now - _first_commit(
                     t, commits) >= SUPERSEDED_KEEP_S:   # schema-1 arrays, superseded
                 io.remove(store, path)
