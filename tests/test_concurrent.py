@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -369,6 +370,32 @@ def test_label_run_removed_as_stale_under_it_fails_before_its_commit(store):
         labelsets.commit_set(store, paths, {"depth": {"kind": "continuous"}})
     labelsets.release(paths)
     assert labelsets.current(store) == before
+
+
+def test_label_run_interrupted_in_its_cleanup_leaves_its_version_to_the_next_run(store,
+                                                                                  monkeypatch):
+    """Ctrl-C while a label run cleans up, its versions already marked: the marks are
+    released with the command, so the next run in the same process (a notebook) resumes
+    the version. Before, they stayed this process's, renewed by its heartbeat for as long
+    as it lived, and the next run wrote another version beside the orphan."""
+    sweep = io.sweep_partials
+
+    def pressed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "sweep_partials", pressed)
+    with pytest.raises(KeyboardInterrupt):
+        write_labels(store, Brightness(), "shade", on_x0=False, progress=False)
+    monkeypatch.setattr(io, "sweep_partials", sweep)
+    left = [n for n in io.list_dir(store, lay.label_target_path("shade"))
+            if n.startswith(labelsets.VERSION_PREFIX)]
+    assert len(left) == 1
+    path = lay.label_version_path("shade", left[0])
+    assert commit.abandoned(commit.writer_of(store, path))
+    assert path not in [p for _, p, _ in commit._MARKS.values()]
+    write_labels(store, Brightness(), "shade", on_x0=False, progress=False)
+    assert labelsets.current(store)["shade"]["version"] == left[0]     # resumed
+    assert not list(Path(store, "labels").rglob("_pending"))
 
 
 def test_a_renewed_mark_is_never_stale(tmp_path):

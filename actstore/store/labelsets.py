@@ -62,11 +62,11 @@ def begin(store: str, targets: list[str], job: str | None = None) -> dict[str, s
     try:
         for path in paths.values():
             _TOKENS[path] = commit.begin(store, path, job)
-    except BaseException:   # the marks already made are this failed run's garbage
-        release(paths)
+        collect(store, targets)
+        io.sweep_partials(store, lay.LABELS)
+    except BaseException:   # the marks made are this failed run's, for the next run to
+        release(paths)      # resume or remove (held, the heartbeat renewed them for good)
         raise
-    collect(store, targets)
-    io.sweep_partials(store, lay.LABELS)
     return paths
 
 
