@@ -362,6 +362,30 @@ def test_run_committing_between_cleanups_look_and_removal_is_kept(store, monkeyp
         assert said == ["lost"] and not io.list_dir(store, path)
 
 
+def test_probe_run_interrupted_after_its_marker_stays_committed(store, monkeypatch):
+    """Ctrl-C once the run's marker is written and checked, while it drops its mark: the
+    run is committed (a notebook or an intervene may read it already), so it stays whole
+    and the next run drops the leftover mark. Before, the failure path removed it."""
+    end = commit.end
+
+    def pressed(uri, path):
+        if path.startswith(lay.PROBES):
+            raise KeyboardInterrupt
+        end(uri, path)
+
+    monkeypatch.setattr(commit, "end", pressed)
+    with pytest.raises(KeyboardInterrupt):
+        _probe(store)
+    monkeypatch.setattr(commit, "end", end)
+    (first,) = list_runs(store)
+    held = _run_arrays(store, first)
+    second = _probe(store)                  # its clean-up drops the committed run's mark
+    assert set(list_runs(store)) == {first, second}
+    assert not list(Path(store, lay.PROBES).rglob(lay.PENDING))
+    for name, values in _run_arrays(store, second).items():
+        np.testing.assert_array_equal(held[name], values, err_msg=name)
+
+
 def test_label_run_removed_as_stale_under_it_fails_before_its_commit(store):
     paths = labelsets.begin(store, ["depth"])
     before = labelsets.current(store)

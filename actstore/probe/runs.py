@@ -149,20 +149,26 @@ def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: 
     run_id = commit.new_id(target)
     token = commit.begin(store, lay.run_path(run_id))
     try:
-        return _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers,
-                               steps, s, scheduler, progress, token)
-    except BaseException as exc:
-        io.remove(store, lay.run_path(run_id))   # a failed run leaves nothing
-        if isinstance(exc, Exception) and not isinstance(exc, ActstoreError):
-            # a read failed: were the labels removed under it?
-            labelsets.check_readable(store, target, _labels_read(per_layer), _rerun(target))
-        raise
+        try:
+            _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers,
+                            steps, s, scheduler, progress, token)
+        except BaseException as exc:
+            io.remove(store, lay.run_path(run_id))   # a failed run leaves nothing
+            if isinstance(exc, Exception) and not isinstance(exc, ActstoreError):
+                # a read failed: were the labels removed under it?
+                labelsets.check_readable(store, target, _labels_read(per_layer),
+                                         _rerun(target))
+            raise
+        # committed and checked: readers may hold it already, so whatever stops this now
+        # leaves it whole (a leftover mark goes with the next run's clean-up)
+        commit.end(store, lay.run_path(run_id))
+        return run_id
     finally:
         commit.release(token)
 
 
 def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers, steps,
-                    s: ProbeSettings, scheduler, progress, token: str) -> str:
+                    s: ProbeSettings, scheduler, progress, token: str) -> None:
     n_folds, label_spearman = s.n_folds, s.label_spearman
     names = metric_names(attrs["kind"], label_spearman)
     scores = np.full((len(names), len(views), len(layers), len(steps),
@@ -203,8 +209,6 @@ def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layer
                    "version": labelsets.version_of(_labels_read(per_layer))},
         "actstore_version": actstore.__version__, "created": commit.utc_now()})
     _check_mine(store, run_id, token)   # a removal that began before the marker landed
-    commit.end(store, lay.run_path(run_id))
-    return run_id
 
 
 def _labels_read(per_layer: dict[str, LayerSource]) -> str:
