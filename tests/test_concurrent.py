@@ -149,6 +149,33 @@ def test_relabel_removing_version_under_probe_fails_in_one_line(store, monkeypat
             and n != io.META] == []
 
 
+def test_version_removed_by_a_cleanup_whose_clock_runs_ahead_fails_in_one_line(store,
+                                                                             monkeypatch):
+    """The clean-up that removes the superseded version runs on a host whose clock is two
+    days ahead: by the probe run's own clock the version is still kept, so the time check
+    passed and the read's zarr ArrayNotFoundError came out ('unexpected', exit 1; with the
+    arrays' metadata already open, fill values). Whether the version is still there is
+    asked of the store, which no clock can get wrong."""
+    import time
+
+    # depth committed with salient: the commit record stays while salient is current
+    write_labels(store, Brightness(), ["depth", "salient"], on_x0=False, overwrite=True,
+                 progress=False)
+    original = runs.load_targets
+
+    def resolve_then_removed(*args, **kwargs):
+        out = original(*args, **kwargs)
+        _relabel(store)
+        labelsets.collect(store, [], now=time.time() + 2 * labelsets.SUPERSEDED_KEEP_S)
+        return out
+
+    monkeypatch.setattr(runs, "load_targets", resolve_then_removed)
+    with pytest.raises(ActstoreError, match=r"labels 'depth' were replaced by a later "
+                       r"`actstore label` run .* rerun `actstore probe --target depth`"):
+        _probe(store)
+    assert list_runs(store) == {}
+
+
 def test_notebook_labels_survive_an_overwrite(store):
     """A lazily opened label Dataset keeps reading the labels it opened (before: the
     removed chunks read as the fill value, silently)."""

@@ -163,3 +163,34 @@ def test_bad_object_store_is_one_line_and_writes_nothing(case, bucket, tiny_mode
     monkeypatch.undo()
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
     assert fs.find(bucket) == [] and not fs.exists("no-such-bucket-here")
+
+
+def test_writer_marks_and_label_removal_on_s3(bucket):
+    """The clean-up's primitives on a real S3 API: a superseded version goes whole, its
+    zarr.json first, so a reader that held it is told so; a prefix whose writer looks gone
+    loses its mark first and then the rest, and its writer finds out."""
+    from actstore.store import commit, io, labelsets
+    from actstore.store import layout as lay
+
+    uri = f"s3://{bucket}/marks.zarr"
+    versions = []
+    for _ in range(2):    # a label run, then a relabel of the same target
+        paths = labelsets.begin(uri, ["depth"])
+        io.put_group(uri, f"{paths['depth']}/full")
+        labelsets.commit_set(uri, paths, {"depth": {"kind": "continuous"}})
+        labelsets.release(paths)
+        versions.append(paths["depth"])
+    labelsets.check_readable(uri, "depth", versions[0], "rerun")    # kept for readers
+    labelsets.collect(uri, [], now=time.time() + 2 * labelsets.SUPERSEDED_KEEP_S)
+    assert io.list_dir(uri, versions[0]) == [] and io.exists(uri, io.key(versions[1]))
+    with pytest.raises(ActstoreError, match="labels 'depth' were replaced"):
+        labelsets.check_readable(uri, "depth", versions[0], "rerun")
+    path = lay.run_path("depth-20000101T000000000000-s3mark")
+    token = commit.begin(uri, path)
+    io.put_group(uri, f"{path}/trained")
+    try:
+        assert commit.still_mine(uri, path, token)
+        assert commit.remove_unmarked(uri, path, lambda: False)
+        assert io.list_dir(uri, path) == [] and not commit.still_mine(uri, path, token)
+    finally:
+        commit.release(token)

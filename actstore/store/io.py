@@ -166,6 +166,14 @@ def list_dir(uri: str, path: str) -> list[str]:
         return []
 
 
+def delete(uri: str, k: str) -> None:
+    """Delete one key (nothing there is fine)."""
+    try:
+        sync(location(uri).store.delete(k))
+    except FileNotFoundError:
+        pass
+
+
 def remove(uri: str, path: str) -> None:
     """Delete every key under ``path`` (nothing there is fine)."""
     loc = location(uri)

@@ -153,6 +153,7 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
                         if io.exists(store, io.key(lay.pending_path(path))):
                             commit.end(store, path)
                     elif now - named[name] >= SUPERSEDED_KEEP_S:
+                        io.delete(store, io.key(path))   # first: see check_readable
                         io.remove(store, path)
                 # the writer, then the commits afresh: a run commits before it drops its
                 # mark, so a version committed since the listing above is seen here
@@ -204,11 +205,18 @@ def check_readable(store: str, target: str, path: str, command: str) -> None:
     """Fail with one line if the label version at ``path`` (resolved when a command
     started) may have been removed while the command read it: a zarr reader gets the fill
     value for a missing chunk, so such reads are indistinguishable from labels. Call after
-    the last read and before the result's marker."""
+    the last read and before the result's marker.
+
+    A version's removal deletes its ``zarr.json`` before any array, so finding it after the
+    last read proves every read came before the removal, whatever the clocks of the hosts
+    that relabelled, removed and read say (a clean-up whose clock runs ahead removes a
+    version the reader's clock still counts as kept)."""
     commits = _commits(store)
     version = path.rsplit("/", 1)[-1]
     if version.startswith(VERSION_PREFIX):
         when = _superseded_since(commits).get(target, {}).get(version, 0.0)
+        if not io.exists(store, io.key(path)):
+            when = 0.0
     else:   # schema-1 arrays, superseded by the target's first commit
         when = _first_commit(target, commits) if any(target in r for _, r in commits) else None
     if when is None or time.time() - when < SUPERSEDED_KEEP_S:
