@@ -186,6 +186,25 @@ def test_notebook_labels_survive_an_overwrite(store):
     np.testing.assert_array_equal(ds["full"].values, before)
 
 
+def test_relabel_from_a_host_whose_clock_runs_behind_becomes_current(store):
+    """The labels' current commit was made on a host whose clock runs an hour ahead (its id
+    says so); a relabel from here then drew an id that sorted before it, so its labels
+    never became current although the run said 'replaced', and were removed a day later
+    as superseded. A commit's id now sorts after every commit its run saw."""
+    import time
+
+    (cid, record), = labelsets._commits(store)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() + 3600))
+    io.put_group(store, lay.label_commit_path(f"c-{stamp}000000-ahead0"),
+                 {lay.LABELS_COMMIT_KEY: record})
+    io.remove(store, lay.label_commit_path(cid))
+    old = label_path(store, "depth")
+    summary = write_labels(store, Dimness(), "depth", on_x0=False, overwrite=True,
+                           progress=False)
+    assert summary["replaced"] and label_path(store, "depth") != old
+    assert labelsets.current(store)["depth"]["provider"] == summary["provider"]
+
+
 def test_superseded_version_goes_after_the_grace_period(store, monkeypatch):
     old = label_path(store, "depth")
     _relabel(store)

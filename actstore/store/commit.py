@@ -15,6 +15,7 @@ writer renews its marks every :data:`HEARTBEAT_S`).
 
 from __future__ import annotations
 
+import calendar
 import os
 import socket
 import threading
@@ -35,14 +36,23 @@ def utc_now() -> str:
 _last_ns = 0
 
 
-def new_id(prefix: str) -> str:
+def new_id(prefix: str, after: str | None = None) -> str:
     """``<prefix>-<UTC time to the microsecond>-<random>``: sorts by time (strictly within
-    a process), unique across concurrent writers."""
+    a process, and after the id ``after``: an order other hosts' clocks can't upset),
+    unique across concurrent writers."""
     global _last_ns
-    ns = max(time.time_ns(), _last_ns + 1000)
-    _last_ns = ns
+    ns = _last_ns = max(time.time_ns(), _last_ns + 1000)
+    if after:   # not kept for later ids: one host's fast clock must not date them all
+        ns = max(ns, id_ns(after) + 1000)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(ns // 10**9))
     return f"{prefix}-{stamp}{ns // 1000 % 10**6:06d}-{uuid.uuid4().hex[:6]}"
+
+
+def id_ns(id_: str) -> int:
+    """When an id of :func:`new_id` was drawn, from the id itself (ns, UTC)."""
+    stamp = id_.split("-")[1]
+    return (calendar.timegm(time.strptime(stamp[:15], "%Y%m%dT%H%M%S")) * 10**6
+            + int(stamp[15:21])) * 1000
 
 
 # -- completion records of image blocks -------------------------------------------------

@@ -13,7 +13,6 @@ directly in ``labels/<target>/``; those are read as they are until overwritten.
 
 from __future__ import annotations
 
-import calendar
 import time
 
 from actstore.errors import ActstoreError
@@ -106,7 +105,9 @@ def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str
     io.put_group(store, f"{lay.LABELS}/{lay.COMMITS}")
     io.put_group(store, lay.LABELS)
     _check_mine(store, paths)
-    cid = commit.new_id("c")
+    # after every commit seen: the newest commit is current, so one drawn by a clock that
+    # runs behind another host's would otherwise never be
+    cid = commit.new_id("c", max((c for c, _ in _commits(store)), default=None))
     record = {t: {**attrs[t], "version": path.rsplit("/", 1)[-1]} for t, path in paths.items()}
     io.put_group(store, lay.label_commit_path(cid), {lay.LABELS_COMMIT_KEY: record})
     try:
@@ -180,8 +181,7 @@ def version_of(path: str) -> str | None:
 
 def commit_time(cid: str) -> float:
     """When a commit (or version) id was drawn, from the id itself (seconds, UTC)."""
-    stamp = cid.split("-")[1]
-    return calendar.timegm(time.strptime(stamp[:15], "%Y%m%dT%H%M%S")) + int(stamp[15:]) / 1e6
+    return commit.id_ns(cid) / 1e9
 
 
 def _superseded_since(commits: list[tuple[str, dict]]) -> dict[str, dict[str, float | None]]:
