@@ -13,7 +13,6 @@ from collections import Counter
 
 from actstore.intervene.results import list_interventions
 from actstore.intervene.sweep import list_sweeps
-from actstore.label.labels import list_targets
 from actstore.probe.runs import list_runs
 from actstore.store import labelsets
 from actstore.store.view import open_store
@@ -33,11 +32,11 @@ def describe(store: str) -> dict:
         out["models"][model] = {"complete_images": int(v.complete.sum()), "kinds": v.kinds,
                                 "points": len(v.points), "guidance": v.attrs.get("guidance"),
                                 "pending_kinds": sorted(v.pending)}
-    current = labelsets.current(store)
+    # one look: a relabel between two would show one version beside another's provider
     out["labels"] = {t: {"kind": a.get("kind"), "provider": a.get("provider"),
-                         "version": labelsets.version_of(current.get(t, {}).get("path", "")),
+                         "version": labelsets.version_of(a["path"]),
                          "created": a.get("created")}
-                     for t, a in sorted(list_targets(store).items())}
+                     for t, a in sorted(labelsets.current(store).items())}
     out["probe_runs"] = [{"id": rid, "target": a["target"], "models": a["models"],
                           "layers": len(a["layers"]), "steps": len(a["steps"]),
                           "label_version": (a.get("labels") or {}).get("version"),

@@ -205,6 +205,31 @@ def test_relabel_from_a_host_whose_clock_runs_behind_becomes_current(store):
     assert labelsets.current(store)["depth"]["provider"] == summary["provider"]
 
 
+def test_show_during_a_relabel_names_one_version_with_its_own_provider(store, monkeypatch):
+    """`actstore show` reads the labels once: before, it took the versions from one look
+    and the providers from another, so a relabel in between showed the old version beside
+    the new labels' provider."""
+    from actstore.inventory import describe
+
+    resolve, looked = labelsets.current, []
+
+    def current_then_relabel(*args, **kwargs):
+        out = resolve(*args, **kwargs)
+        if not looked:
+            looked.append(True)
+            _relabel(store)
+        return out
+
+    monkeypatch.setattr(labelsets, "current", current_then_relabel)
+    shown = describe(store)["labels"]["depth"]
+    monkeypatch.undo()
+    assert looked
+    committed = next(rec["depth"] for _, rec in labelsets._commits(store)
+                     if rec.get("depth", {}).get("version") == shown["version"])
+    assert (shown["provider"], shown["created"]) == (committed["provider"],
+                                                     committed["created"])
+
+
 def test_superseded_version_goes_after_the_grace_period(store, monkeypatch):
     old = label_path(store, "depth")
     _relabel(store)
