@@ -493,6 +493,31 @@ def test_label_run_interrupted_in_its_cleanup_leaves_its_version_to_the_next_run
     assert not list(Path(store, "labels").rglob("_pending"))
 
 
+@pytest.mark.parametrize("pid", ["this process's", "unused here"])
+def test_writer_on_another_machine_with_this_hostname_is_not_taken_for_dead(tmp_path, pid):
+    """Machines can share a hostname (cloud images' 'ubuntu', containers started with the
+    host's network, which take its name), and a pid there says nothing here. Before, a
+    live run there whose pid was unused here, or equal to this process's (two containers'
+    first processes), was removed at once by a clean-up here."""
+    uri = str(tmp_path / "s.zarr")
+    path = lay.run_path("depth-20000101T000000000000-twin00")
+    if pid == "unused here":
+        done = subprocess.Popen([sys.executable, "-c", "pass"])
+        done.wait()
+    here = commit.writer_info("ours")
+    there = {**here, "token": "theirs", "machine": f"{here.get('machine')}-elsewhere",
+             "pid": os.getpid() if pid == "this process's" else done.pid}
+    io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: there})
+    io.put_group(uri, f"{path}/trained")
+    assert not commit.abandoned(commit.writer_of(uri, path))
+    assert commit.collect(uri, lay.PROBES, lambda name: False) == []
+    assert io.exists(uri, io.key(f"{path}/trained"))
+    # a writer of this very machine whose process is gone is still cleaned up
+    gone = {**here, "token": "theirs", "pid": there["pid"]}
+    io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: gone})
+    assert commit.collect(uri, lay.PROBES, lambda name: False) == [path.rsplit("/", 1)[1]]
+
+
 def test_a_renewed_mark_is_never_stale(tmp_path):
     """A long run on another host renews its mark; before, it was taken for dead once it
     had started more than a day ago, however alive."""

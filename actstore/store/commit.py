@@ -86,9 +86,25 @@ def completed_blocks_at(uri: str, group: str) -> set[tuple[int, int]]:
 _ACTIVE: set[str] = set()
 
 
+def _machine() -> str:
+    """Where this process's pid means something: the machine's boot and the pid namespace
+    (one per container). A hostname alone is not that: machines share one (cloud images'
+    'ubuntu'; containers started with the host's network take its name). '' where the
+    system tells neither (not Linux)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
+MACHINE = _machine()
+
+
 def writer_info(token: str) -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid(), "token": token,
-            "started": time.time()}
+            "started": time.time(), **({"machine": MACHINE} if MACHINE else {})}
 
 
 def begin_token() -> str:
@@ -173,8 +189,8 @@ def abandoned(info: dict | None, now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if now - float(info.get("seen", info.get("started", 0))) > STALE_AFTER_S:
         return True
-    if info.get("host") != socket.gethostname():
-        return False
+    if info.get("host") != socket.gethostname() or info.get("machine", MACHINE) != MACHINE:
+        return False   # its pid means nothing here (older writers name no machine)
     if info.get("pid") == os.getpid():
         return info.get("token") not in _ACTIVE
     try:
