@@ -687,6 +687,41 @@ def _writer(uri: str, path: str) -> subprocess.Popen:
     return proc
 
 
+def _cleanup_of_another_probe_run(uri: str) -> None:
+    commit.collect(uri, lay.PROBES, lambda name: lay.RUN_KEY in (
+        io.node_attrs(uri, lay.run_path(name)) or {}))
+    labelsets.collect(uri, [])
+
+
+@pytest.mark.parametrize("writer", ["probe run", "label run"])
+def test_cleanup_right_after_a_live_writers_marker_leaves_its_mark(store, monkeypatch,
+                                                                   writer):
+    """Another probe run starts just as a run writes its marker (or a label run its commit
+    record): its clean-up saw the marker and dropped the leftover mark, though the writer
+    was alive and about to check it. Before, the writer then took itself for removed: it
+    failed ('was removed while being written') and took its committed work back."""
+    put, cleaned = io.put_group, []
+
+    def marker_then_cleanup(uri, path, attrs=None):
+        put(uri, path, attrs)
+        marker = path.startswith(lay.PROBES) and lay.RUN_KEY in (attrs or {})
+        record = path.startswith(f"{lay.LABELS}/{lay.COMMITS}/c-")
+        if not cleaned and (marker or record):
+            cleaned.append(path)
+            _cleanup_of_another_probe_run(uri)
+
+    monkeypatch.setattr(io, "put_group", marker_then_cleanup)
+    if writer == "probe run":
+        run_id = _probe(store)
+        assert cleaned and set(list_runs(store)) == {run_id}
+    else:
+        old = label_path(store, "depth")
+        _relabel(store)
+        assert cleaned and label_path(store, "depth") != old
+    monkeypatch.undo()
+    assert not list(Path(store).rglob(lay.PENDING))
+
+
 def test_probe_run_keeps_another_process_live_run(store):
     """A probe run of the same target started while another process writes one: the
     clean-up leaves the live run (its pid exists), which then commits whole."""

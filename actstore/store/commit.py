@@ -209,7 +209,8 @@ def writer_of(uri: str, path: str) -> dict | None:
 
 def collect(uri: str, parent: str, committed: Callable[[str], bool]) -> list[str]:
     """Remove each ``parent/<name>`` that is not committed and whose writer is gone; drop
-    leftover ``_pending`` groups of committed ones. Returns the names removed."""
+    leftover ``_pending`` groups of committed ones whose writer is gone. Returns the names
+    removed."""
     removed = []
     for name in io.list_dir(uri, parent):
         if name.startswith(("_", ".")) or name == io.META:
@@ -219,7 +220,8 @@ def collect(uri: str, parent: str, committed: Callable[[str], bool]) -> list[str
         # before it drops its mark or exits, so one that finished meanwhile is seen done
         gone = abandoned(writer_of(uri, path))
         if committed(name):
-            if io.exists(uri, io.key(lay.pending_path(path))):
+            # a leftover mark, once its writer is gone: a live one checks it after its marker
+            if gone and io.exists(uri, io.key(lay.pending_path(path))):
                 end(uri, path)
         elif gone and remove_unmarked(uri, path, lambda: committed(name)):
             removed.append(name)

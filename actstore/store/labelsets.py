@@ -150,8 +150,9 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
             path = lay.label_version_path(t, name)
             if name.startswith(VERSION_PREFIX):
                 if name in named:
-                    if named[name] is None:
-                        if io.exists(store, io.key(lay.pending_path(path))):
+                    if named[name] is None:   # current: a leftover mark of a gone writer
+                        if io.exists(store, io.key(lay.pending_path(path))) and \
+                                commit.abandoned(commit.writer_of(store, path)):
                             commit.end(store, path)
                     elif now - named[name] >= SUPERSEDED_KEEP_S:
                         io.delete(store, io.key(path))   # first: see check_readable
