@@ -643,6 +643,38 @@ def test_relabel_between_sweep_cells_records_no_sweep(ivstore, tiny_model, tmp_p
     assert calls and sw.list_sweeps(uri) == {}
 
 
+ADOPTER = """
+import sys
+from actstore.store import commit, io, labelsets
+from actstore.store import layout as lay
+uri, path = sys.argv[1], sys.argv[2]
+labelsets._TOKENS[path] = commit.begin(uri, path, "job")   # resumes the version
+io.put_group(uri, path + "/full")
+labelsets.commit_set(uri, {"shade": path}, {"shade": {"kind": "continuous"}})
+labelsets.release({"shade": path})
+"""
+
+
+def test_label_run_whose_version_another_run_took_over_leaves_it_whole(store):
+    """Two reruns of one killed label job both resume its version; the later mark wins,
+    and that run commits. The other then fails its check, and its failure path removed
+    the version: the current labels of the run that succeeded, which then read as missing.
+    A failed run now removes only versions it still holds."""
+    paths = labelsets.begin(store, ["shade"], "job")
+    subprocess.run([sys.executable, "-c", ADOPTER, store, paths["shade"]], cwd=REPO,
+                   env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, timeout=120)
+    assert labelsets.current(store)["shade"]["path"] == paths["shade"]
+    try:
+        with pytest.raises(ActstoreError, match="was removed while being written"):
+            labelsets.commit_set(store, paths, {"shade": {"kind": "continuous"}})
+        labelsets.abort(store, paths)           # as write_labels does on an ActstoreError
+    finally:
+        labelsets.release(paths)
+    assert labelsets.current(store)["shade"]["path"] == paths["shade"]
+    assert io.exists(store, io.key(paths["shade"])) and \
+        io.exists(store, io.key(f"{paths['shade']}/full"))
+
+
 def test_label_run_removed_as_stale_during_its_commit_takes_the_commit_back(store,
                                                                            monkeypatch):
     """The clean-up's removal lands while the commit record is being written: the record

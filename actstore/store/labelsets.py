@@ -91,9 +91,12 @@ def release(paths: dict[str, str]) -> None:
 
 
 def abort(store: str, paths: dict[str, str]) -> None:
-    """Remove uncommitted versions (a failed run leaves the store as it was)."""
+    """Remove uncommitted versions this run still holds (a failed run leaves the store as
+    it was). One whose mark another run took over is that run's (two reruns of a killed
+    job both resume its version; the later mark wins and may have committed it)."""
     for path in paths.values():
-        io.remove(store, path)
+        if path not in _TOKENS or commit.still_mine(store, path, _TOKENS[path]):
+            io.remove(store, path)
 
 
 def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str:
