@@ -10,8 +10,8 @@ an option left out is simply not passed on.
 from __future__ import annotations
 
 from actstore.cliargs import index, nonneg_float, positive_float, positive_int
-from actstore.intervene.settings import (METHODS, InterventionSettings, SweepSettings,
-                                         defaults)
+from actstore.intervene.settings import (DIRECTIONS, METHODS, InterventionSettings,
+                                         SweepSettings, defaults)
 from flows.cli_checks import STORE_HELP, check_fan_out, store_uri
 
 D = defaults(InterventionSettings)
@@ -28,6 +28,12 @@ def _strength_help() -> str:
 def _add_edit_options(p, sweep: bool = False) -> None:
     p.add_argument("--store", required=True, help=STORE_HELP)
     p.add_argument("--method", choices=list(METHODS), help=f"default {D['method']}")
+    p.add_argument("--direction", choices=list(DIRECTIONS), help="what projection moves "
+                   "each token along: probe = the probe's weights w (the minimal-norm "
+                   "change; default), pattern = its activation pattern Cov(a, probe)/Var(probe) "
+                   "over the train images' tokens (Haufe et al. 2014): the same probe "
+                   "reading, reached the way the activations vary with the target, by a "
+                   "larger edit. Projection only: gradient moves where Adam takes it")
     if not sweep:
         p.add_argument("--strength", nargs="+", type=nonneg_float, dest="strengths",
                        help=_strength_help() + f" (default {D['strengths'][0]:g})")
@@ -114,8 +120,8 @@ def _sites(value: str) -> str:
     return {"decoder": SW["layer_prefix"], "all": ""}.get(value, value)
 
 
-EDIT_FIELDS = ("method", "random_control", "n_targets", "seed", "provider", "margin", "lr",
-               "iterations", "model_variant", "batch_size", "device", "targets")
+EDIT_FIELDS = ("method", "direction", "random_control", "n_targets", "seed", "provider",
+               "margin", "lr", "iterations", "model_variant", "batch_size", "device", "targets")
 
 
 def _given(args, names) -> dict:

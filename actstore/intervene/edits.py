@@ -5,6 +5,9 @@ Two ways to make probe(a') = t for a probe z = a·w + b applied to every token:
 * ``projection``: the closed-form minimal-norm change, a' = a + (t − z)/‖w‖² · w. It moves
   each token only along w, so everything the probe can't see (w's null space, C−1 of C
   directions) is left exactly as the model made it, and it costs one matrix-vector product.
+  Given another direction d per (layer, step), here the probe's activation pattern
+  (:mod:`actstore.intervene.pattern`), it moves along d instead: a' = a + (t − z)/(w·d) · d,
+  which the probe reads as t just the same (d = w is the minimal-norm change, bit for bit).
 * ``gradient``: the paper's procedure, Adam (lr 5e-3, 128 iterations, fp32) on the
   activation against the probe's loss (BCE-with-logits for a logistic probe, Huber for a
   ridge probe, as the probes' training losses). Adam normalises each coordinate's step, so
@@ -127,8 +130,9 @@ class EditHook:
     The batch holds B rows, each an (image, target, strength, arm): ``targets[layer]`` is
     (B, T) in probe units (or ``{step: (B, T)}``), ``strengths`` (B,), ``random`` (B,) marks
     the rows of the random-direction control, whose directions come from ``keys`` (B,)
-    (:func:`direction_key`). Keeps per row the probe error before/after and, per
-    (layer, step), the size of the change relative to the activation.
+    (:func:`direction_key`). ``directions[layer][step]``: what projection moves along
+    instead of the probe's w (None: w). Keeps per row the probe error before/after and,
+    per (layer, step), the size of the change relative to the activation.
     """
 
     method: str
@@ -140,6 +144,7 @@ class EditHook:
     strengths: torch.Tensor | None = None
     random: torch.Tensor | None = None
     keys: list[int] | None = None
+    directions: dict[str, dict[int, torch.Tensor]] | None = None
     lr: float = InterventionSettings.lr
     iterations: int = InterventionSettings.iterations
     step: int = -1
@@ -176,7 +181,8 @@ class EditHook:
         s = self.strengths.to(a.device, torch.float32)[:, None]
         z = probe_predict(a, w, b)
         if self.method == "projection":
-            delta = (s * (t - z) / (w @ w)).unsqueeze(-1) * w
+            d = w if self.directions is None else self.directions[layer][self.step]
+            delta = (s * (t - z) / (w @ d)).unsqueeze(-1) * d
         else:
             new, curve = gradient_edit(a, w, b, z + s * (t - z), self.kind, self.solvers[layer],
                                        lr=self.lr, iterations=self.iterations)
@@ -239,3 +245,12 @@ def torch_probes(probes: dict[str, dict], steps: list[int],
                                           dtype=torch.float32, device=device))
                       for s in steps}
     return out
+
+
+def torch_directions(vectors: dict[str, dict[int, np.ndarray]] | None,
+                     device: torch.device) -> dict[str, dict[int, torch.Tensor]] | None:
+    """A plan's edit directions (``Plan.patterns``) as fp32 tensors; None stays None."""
+    if vectors is None:
+        return None
+    return {la: {s: torch.as_tensor(v, dtype=torch.float32, device=device)
+                 for s, v in per.items()} for la, per in vectors.items()}

@@ -26,7 +26,7 @@ from actstore.cliargs import OneLineParser, index, nonneg_float, positive_int
 from actstore.errors import ActstoreError
 from actstore.generation.points import hooks
 from actstore.generation.sampling import GenerationConfig, generate
-from actstore.intervene.edits import EditHook, probe_predict, torch_probes
+from actstore.intervene.edits import EditHook, probe_predict, torch_directions, torch_probes
 from actstore.intervene.inputs import load_store_model
 from actstore.intervene.plan import plan_interventions
 from actstore.intervene.run import _block_targets, _label
@@ -74,7 +74,8 @@ def persistence(store: str, probe_run: str, settings: InterventionSettings, *,
     final = []
     for si, strength in enumerate(s.strengths):
         hook = EditHook(s.method, plan.kind, solvers, edits, tok, B,
-                        strengths=torch.full((B,), strength), lr=s.lr, iterations=s.iterations)
+                        strengths=torch.full((B,), strength), lr=s.lr, iterations=s.iterations,
+                        directions=torch_directions(plan.patterns, model.device))
         sums, counts = np.zeros((B, len(read_steps))), np.zeros(len(read_steps))
 
         def read_then_edit(layer: str, out: torch.Tensor, hook=hook, sums=sums, counts=counts):

@@ -17,7 +17,9 @@ import numpy as np
 from actstore.errors import ActstoreError
 from actstore.generation.pointnames import site_of
 from actstore.intervene.inputs import check_existing, resolve_provider, select_images
-from actstore.intervene.settings import TARGET_MODES, InterventionSettings
+from actstore.intervene.pattern import patterns
+from actstore.intervene.settings import (TARGET_MODES, InterventionSettings,
+                                         without_later_defaults)
 from actstore.intervene.targets import SHIFT_RANGE, load_user_targets
 from actstore.label.labels import TARGET_NAME
 from actstore.kinds import BINARY
@@ -59,6 +61,8 @@ class Plan:
     record: dict
     experiment_id: str
     label_paths: dict[str, str] = field(default_factory=dict)   # target → version read
+    # --direction pattern: per layer, per edited step, the vector to edit along; else None
+    patterns: dict[str, dict[int, np.ndarray]] | None = None
 
     @property
     def target(self) -> str:
@@ -125,16 +129,21 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     prov, spec = resolve_provider(s.provider, label_attrs, target, kind, s.device)
     record = _record(s, probe_run, kind, probes, view, image_ids, n_targets, mode, user,
                      object_target, spec, label_attrs, provenance)
+    vectors = None
+    if s.direction == "pattern":   # the vectors edited along are part of what is tested
+        vectors, record["pattern"] = patterns(view, probes, steps)
     # the label versions read: a relabelled target makes another experiment, so a rerun or
     # a worker planning after a relabel never adds blocks from other labels to this one
     record["labels"] = dict(sorted(label_paths.items()))
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
-    experiment_id = s.experiment_id or f"{target}-{s.method}-{digest}"
+    named = s.method if s.direction == "probe" else f"{s.method}-{s.direction}"
+    experiment_id = s.experiment_id or f"{target}-{named}-{digest}"
     check_existing(store, experiment_id, record)
     return Plan(store, probe_run, s, kind, view, probes, grids, image_ids, positions,
                 [str(p) for p in table["prompt"].values[positions]],
                 [int(v) for v in table["seed"].values[positions]], mode, user, n_targets,
-                object_target, hw, label_attrs, prov, record, experiment_id, label_paths)
+                object_target, hw, label_attrs, prov, record, experiment_id, label_paths,
+                vectors)
 
 
 def _record(s: InterventionSettings, probe_run, kind, probes, view, image_ids, n_targets,
@@ -159,7 +168,9 @@ def _record(s: InterventionSettings, probe_run, kind, probes, view, image_ids, n
         provider=spec, label_mean=label_attrs.get("mean"), label_std=label_attrs.get("std"))
     if provenance:
         keep["provenance"] = provenance
-    return json.loads(json.dumps(keep))   # as stored: tuples become lists
+    # as stored: tuples become lists; an experiment along the probe (as every one before
+    # --direction) keeps its id
+    return json.loads(json.dumps(without_later_defaults(keep)))
 
 
 def _layers(layers, kind, view, run, probe_run) -> list[str]:

@@ -32,7 +32,7 @@ from actstore.errors import ActstoreError
 from actstore.generation.models import LoadedModel
 from actstore.generation.sampling import GenerationConfig
 from actstore.intervene.edits import (SIZE_MEASURES, STAT_NAMES, EditHook, direction_key,
-                                      generate_edited, torch_probes)
+                                      generate_edited, torch_directions, torch_probes)
 from actstore.intervene.inputs import label_rows, load_store_model
 from actstore.intervene.plan import Plan, plan_interventions
 from actstore.intervene.results import (completed_blocks, create_experiment, group_path,
@@ -168,6 +168,7 @@ def _run_block(plan: Plan, model: LoadedModel, gen: GenerationConfig, lo: int, h
     n, K, S, A = hi - lo, plan.n_targets, len(cfg.strengths), len(cfg.arms)
     tgt, offsets = _block_targets(plan, lo, hi)
     probes = torch_probes(plan.probes, plan.steps, model.device)
+    directions = torch_directions(plan.patterns, model.device)
     solvers = {la: p["solver"] for la, p in plan.probes.items()}
     tok = {la: torch.from_numpy(token_targets(tgt.reshape(n * K, *plan.hw), plan.grids[la],
                                               plan.kind, solvers[la], cfg.margin))
@@ -187,7 +188,7 @@ def _run_block(plan: Plan, model: LoadedModel, gen: GenerationConfig, lo: int, h
                         strengths=torch.tensor([cfg.strengths[j] for j in ss]),
                         random=torch.tensor([cfg.arms[j] == "random" for j in aa]),
                         keys=[direction_key(ids[i], k, cfg.seed) for i, k in zip(ii, kk)],
-                        lr=cfg.lr, iterations=cfg.iterations)
+                        directions=directions, lr=cfg.lr, iterations=cfg.iterations)
         out = generate_edited(model, [plan.prompts[lo + i] for i in ii],
                               [plan.seeds[lo + i] for i in ii], gen, hook=hook,
                               on_step_end=lambda *_, m=len(chunk): bar.step(m))

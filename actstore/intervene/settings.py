@@ -14,6 +14,7 @@ from typing import Any
 from actstore.errors import ActstoreError
 
 METHODS = ("projection", "gradient")
+DIRECTIONS = ("probe", "pattern")   # projection's edit direction: the filter w, or its pattern
 TARGET_MODES = ("shift", "shift-x", "insert")
 ARMS = ("probe", "random")          # the edit, and its equal-size random-direction control
 
@@ -29,10 +30,17 @@ class InterventionSettings:
     recipe (``lr``, ``iterations``) toward it. ``random_control`` adds, for every edit, a
     random-direction edit with the same norm at every token (seeded by image, target,
     layer, step and ``seed``, the same direction at every strength).
+
+    ``direction`` (projection only): ``probe`` moves each token along the probe's weights w
+    (the minimal-norm change); ``pattern`` along its activation pattern p = Σw/(wᵀΣw), Σ
+    the train images' token covariance (:mod:`actstore.intervene.pattern`): the probe
+    reads the same z + s·(t − z), but the activation moves the way it does when the
+    target varies in the model's own images, at a larger size for the same reading.
     """
 
     target: str | None = None            # label target; None: the probe run's
     method: str = "projection"
+    direction: str = "probe"             # projection: along w, or along its pattern
     layers: tuple[str, ...] = ()         # capture points; empty: the paper's per target kind
     steps: tuple[int, ...] = ()          # empty: the paper's per target kind
     strengths: tuple[float, ...] = (1.0,)
@@ -67,6 +75,12 @@ class InterventionSettings:
         """The checks that need no store; one line each, naming the option."""
         if self.method not in METHODS:
             raise ActstoreError(f"--method {self.method!r}: use {' or '.join(METHODS)}")
+        if self.direction not in DIRECTIONS:
+            raise ActstoreError(f"--direction {self.direction!r}: use "
+                                f"{' or '.join(DIRECTIONS)}")
+        if self.direction != "probe" and self.method != "projection":
+            raise ActstoreError(f"--direction {self.direction} applies to --method projection "
+                                f"only (gradient's Adam chooses its own direction)")
         if not self.strengths or any(not math.isfinite(s) or s < 0 for s in self.strengths):
             raise ActstoreError(f"--strength {' '.join(map(str, self.strengths)) or '(none)'}:"
                                 " give one or more finite numbers >= 0 (1 = reach the target)")
@@ -89,6 +103,18 @@ class InterventionSettings:
         ``experiment_id`` this way). Not the other stages' ``with_options``, where None keeps
         a value: the command line builds these settings whole, from the options given."""
         return replace(self, **changes)
+
+
+# Fields added after experiments were first stored. At their default they are left out of
+# experiment records and sweep settings, so the ids of what was stored before stay as they
+# were (a rerun of an old command resumes its experiment); any other value is recorded.
+LATER_DEFAULTS = {"direction": "probe"}
+
+
+def without_later_defaults(record: dict) -> dict:
+    """``record`` without the :data:`LATER_DEFAULTS` fields that hold their default."""
+    return {k: v for k, v in record.items()
+            if not (k in LATER_DEFAULTS and v == LATER_DEFAULTS[k])}
 
 
 def defaults(cls=InterventionSettings) -> dict[str, Any]:

@@ -39,7 +39,7 @@ from actstore.generation.pointnames import UNET_KINDS, kind_of, site_of
 from actstore.intervene.inputs import load_store_model
 from actstore.intervene.results import existing_settings
 from actstore.intervene.run import run_interventions
-from actstore.intervene.settings import SweepSettings
+from actstore.intervene.settings import SweepSettings, without_later_defaults
 from actstore.probe.runs import get_run
 from actstore.store import io
 from actstore.store import layout as lay
@@ -273,7 +273,8 @@ def same_labels(store: str, sweep_id: str, experiments: list[str]) -> None:
 
 def _settings_json(settings: SweepSettings) -> dict:
     """The sweep's settings as JSON; a provider object is named by its spec."""
-    base = {f.name: getattr(settings.base, f.name) for f in fields(settings.base)}
+    base = without_later_defaults({f.name: getattr(settings.base, f.name)
+                                   for f in fields(settings.base)})   # old sweeps keep ids
     prov = base["provider"]
     base["provider"] = prov if prov is None or isinstance(prov, str) else \
         str(getattr(prov, "spec", type(prov).__name__))

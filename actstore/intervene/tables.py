@@ -23,7 +23,9 @@ def _share(d: dict | None):
 
 def format_interventions(summary: dict) -> str:
     """One experiment's dose table: per strength, the probe edit beside its controls."""
-    lines = [f"{summary['target']} {summary['method']} ({summary['metric']}; "
+    along = "" if summary.get("direction", "probe") == "probe" else \
+        f" along the {summary['direction']}"    # summaries before --direction: the probe
+    lines = [f"{summary['target']} {summary['method']}{along} ({summary['metric']}; "
              f"{summary['interventions']} interventions, pre {_num(summary['pre'].get('median'))})",
              f"{'strength':>8s} {'size':>6s} {'post':>6s} {'random':>6s} {'other':>6s} "
              f"{'toward':>6s} {'>rand':>6s} {'>other':>6s} {'non-finite':>10s}"]
