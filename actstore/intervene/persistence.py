@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                    dest="strengths")
     p.add_argument("--images", nargs="+", default=None)
     p.add_argument("--method", default="projection")
+    p.add_argument("--direction", default="probe", help="projection along the probe's "
+                   "weights or its activation pattern (as actstore intervene)")
     p.add_argument("--targets", default="shift")
     p.add_argument("--n-targets", type=positive_int, default=2)
     a = p.parse_args(argv)
@@ -128,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = InterventionSettings(layers=tuple(a.layers), steps=tuple(a.steps),
                                         strengths=tuple(a.strengths), images=images,
-                                        method=a.method, targets=a.targets,
+                                        method=a.method, direction=a.direction,
+                                        targets=a.targets,
                                         n_targets=a.n_targets)
         print(format_persistence(persistence(a.store, a.probe_run, settings)))
     except ActstoreError as exc:
