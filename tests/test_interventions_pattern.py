@@ -149,3 +149,18 @@ def test_sweep_records_the_direction_and_keeps_default_ids():
     assert "direction" not in default["base"] and probe == default
     assert pattern["base"]["direction"] == "pattern"
     assert json.dumps(pattern, sort_keys=True) != json.dumps(default, sort_keys=True)
+
+
+def test_a_store_without_train_images_has_no_pattern_one_line(ivstore, tmp_path):
+    import zarr
+
+    uri = str(tmp_path / "n.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    split = zarr.open_array(uri, path="images/split", mode="r+")
+    split[...] = np.array(["test"] * split.shape[0], dtype=split.dtype)
+    before = tree_digest(uri)
+    settings = IS(layers=LAYERS, steps=STEPS, direction="pattern", provider=PixelLabels())
+    with pytest.raises(ActstoreError) as info:
+        plan_interventions(uri, ivstore["runs"]["depth"], settings)
+    assert "no train images" in str(info.value) and "\n" not in str(info.value)
+    assert tree_digest(uri) == before
