@@ -26,7 +26,10 @@ from pathlib import Path
 import pytest
 
 READ = ["s3:Get*", "s3:List*", "s3:Head*"]   # moto checks HEAD bucket as s3:HeadBucket
-USERS = {"writer": ["s3:*"], "reader": READ, "nobody": None}
+# 'scoped' may list and read but not HEAD the bucket: on AWS, what s3:ListBucket allowed
+# only under the store's prefix (an s3:prefix condition) gives
+USERS = {"writer": ["s3:*"], "reader": READ, "nobody": None,
+         "scoped": ["s3:List*", "s3:GetObject", "s3:HeadObject"]}
 WRONG_SECRET = "actstore-wrong-secret-0d9a7c41"
 
 

@@ -176,6 +176,23 @@ def test_library_refusal_names_the_setting(iam_s3, seeded, user):
     assert all(secret not in text for secret in iam_s3.secrets())
 
 
+def test_store_usable_though_the_bucket_head_is_refused(iam_s3, seeded):
+    """Credentials scoped to a prefix are refused the bucket's HEAD yet may list and read
+    the store (and list a new one's empty prefix). Before, opening refused the store in
+    one line ('access to bucket ... is denied') though every request it makes was allowed;
+    the listing the refusal is asked again with now decides."""
+    options = iam_s3.options("scoped")
+    with pytest.raises(PermissionError):
+        fsspec.filesystem("s3", skip_instance_cache=True, **options).info(iam_s3.bucket)
+    io.set_storage_options(f"s3://{iam_s3.bucket}/", options)
+    try:
+        view = open_store(seeded["uri"])
+        assert len(view.image_index) == 16 and "trained" in repr(view)
+        assert not io.store_nonempty(f"s3://{iam_s3.bucket}/new-{uuid.uuid4().hex[:8]}.zarr")
+    finally:
+        io.set_storage_options(f"s3://{iam_s3.bucket}/", {})
+
+
 def test_unknown_access_key_names_the_key_setting(iam_s3, seeded):
     io.set_storage_options(f"s3://{iam_s3.bucket}/",
                            {**iam_s3.options("reader"), "key": "AKIA0000000000UNKNOWN"})

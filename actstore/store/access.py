@@ -117,6 +117,8 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
                    "credentials); create it first: actstore never creates buckets")
     except PermissionError as exc:
         problem = _refused_first(fs, uri, root, bucket, exc)
+        if problem is None:
+            return
     except Exception as exc:  # noqa: BLE001 - botocore/aiohttp errors, named below
         name = type(exc).__name__
         if "Credentials" in name:
@@ -130,11 +132,17 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
     raise ActstoreError(f"store {uri}: {problem}")
 
 
-def _refused_first(fs, uri: str, root: str, bucket: str, exc: PermissionError) -> str:
+def _refused_first(fs, uri: str, root: str, bucket: str, exc: PermissionError) -> str | None:
     """The bucket's ``HEAD`` was refused: the store's listing says why (a wrong secret, an
-    unknown key, no permission), where the ``HEAD``'s bodiless 403 could not."""
+    unknown key, no permission), where the ``HEAD``'s bodiless 403 could not. None when the
+    listing is allowed (a new store's prefix lists as not found): credentials scoped to a
+    prefix (AWS: ``s3:ListBucket`` under an ``s3:prefix`` condition) may not HEAD the bucket
+    and still use the store."""
     try:
         fs.ls(root, detail=False)
+        return None
+    except FileNotFoundError:
+        return None
     except PermissionError as again:
         exc = again
     except Exception:  # noqa: BLE001 - the first refusal is what is reported
