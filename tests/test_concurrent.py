@@ -518,6 +518,22 @@ def test_writer_on_another_machine_with_this_hostname_is_not_taken_for_dead(tmp_
     assert commit.collect(uri, lay.PROBES, lambda name: False) == [path.rsplit("/", 1)[1]]
 
 
+def test_writer_of_this_machine_before_its_reboot_is_gone(tmp_path):
+    """A machine that rebooted (a crash, a restart) has no process of its last boot: a
+    label job killed that way is resumed by its rerun at once, as before marks named their
+    machine, not after a day."""
+    uri = str(tmp_path / "s.zarr")
+    path = lay.label_version_path("depth", commit.new_id("v"))
+    here = commit.writer_info("ours")
+    machine_id, boot, pidns = here["machine"].split("/", 2)
+    before = {**here, "token": "theirs", "job": "job", "machine": f"{machine_id}/"
+              f"{boot[::-1]}/{pidns}"}
+    io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: before})
+    assert commit.abandoned(commit.writer_of(uri, path))
+    elsewhere = {**before, "machine": f"{machine_id[::-1]}/{boot[::-1]}/{pidns}"}
+    assert not commit.abandoned(elsewhere)      # same name, another machine
+
+
 def test_a_renewed_mark_is_never_stale(tmp_path):
     """A long run on another host renews its mark; before, it was taken for dead once it
     had started more than a day ago, however alive."""

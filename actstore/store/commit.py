@@ -87,19 +87,40 @@ _ACTIVE: set[str] = set()
 
 
 def _machine() -> str:
-    """Where this process's pid means something: the machine's boot and the pid namespace
-    (one per container). A hostname alone is not that: machines share one (cloud images'
-    'ubuntu'; containers started with the host's network take its name). '' where the
-    system tells neither (not Linux)."""
+    """``<machine id>/<boot id>/<pid namespace>``: where this process's pid means something
+    (this boot of this machine, this container's pid namespace). A hostname alone is not
+    that: machines share one (cloud images' 'ubuntu'; containers started with the host's
+    network take its name). '' where the system tells no boot (not Linux); the machine id
+    may be '' (containers often have none)."""
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
             boot = f.read().strip()
-        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+        pidns = os.readlink("/proc/self/ns/pid")
     except OSError:
         return ""
+    try:
+        with open("/etc/machine-id") as f:
+            machine = f.read().strip()
+    except OSError:
+        machine = ""
+    return f"{machine}/{boot}/{pidns}"
 
 
 MACHINE = _machine()
+
+
+def _elsewhere(info: dict) -> bool | None:
+    """Is a writer of this hostname on another machine (True), on this machine's earlier
+    boot (None: gone), or here (False: its pid says)? Marks of earlier versions name no
+    machine and are taken for here."""
+    theirs = info.get("machine", MACHINE)
+    if theirs == MACHINE:
+        return False
+    mine, boot = MACHINE.split("/", 2)[:2] if MACHINE else ("", "")
+    parts = theirs.split("/", 2)
+    if len(parts) == 3 and mine and parts[0] == mine and parts[1] != boot:
+        return None   # this machine has rebooted since
+    return True
 
 
 def writer_info(token: str) -> dict:
@@ -189,8 +210,13 @@ def abandoned(info: dict | None, now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if now - float(info.get("seen", info.get("started", 0))) > STALE_AFTER_S:
         return True
-    if info.get("host") != socket.gethostname() or info.get("machine", MACHINE) != MACHINE:
-        return False   # its pid means nothing here (older writers name no machine)
+    if info.get("host") != socket.gethostname():
+        return False
+    where = _elsewhere(info)
+    if where is None:
+        return True
+    if where:
+        return False   # its pid means nothing here
     if info.get("pid") == os.getpid():
         return info.get("token") not in _ACTIVE
     try:
