@@ -57,6 +57,35 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def dask_worker_name() -> str | None:
+    """The address and host:pid of the Dask worker this runs on; None outside one."""
+    worker_module = sys.modules.get("distributed.worker")
+    if worker_module is None:
+        return None
+    try:
+        worker = worker_module.get_worker()
+    except ValueError:      # not on a worker
+        return None
+    return f"{worker.address} ({worker_id()})"
+
+
+def names_worker(fn: Callable[..., T]) -> Callable[..., T]:
+    """A fan-out task whose one-line errors name the Dask worker that met them. A worker
+    started elsewhere has its own environment (credentials, model files, folders): its
+    "no credentials found" is false of the shell the user reads it in (2026-12-05, a
+    ``--cluster`` materialize to S3 with the credentials in the submitting shell only)."""
+    @wraps(fn)
+    def run(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ActstoreError as exc:
+            where = dask_worker_name()
+            if where and exc.args and "(on Dask worker " not in str(exc.args[0]):
+                exc.args = (f"{exc.args[0]} (on Dask worker {where})", *exc.args[1:])
+            raise
+    return run
+
+
 def portable(location: str, *, named: bool = False) -> str:
     """``location`` as a worker process started in another folder finds it: a relative
     local path made absolute from this process's folder (a deployment's working directory,

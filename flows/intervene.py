@@ -16,7 +16,7 @@ from collections import Counter
 
 from prefect import flow, task
 
-from actstore.cluster import portable
+from actstore.cluster import names_worker, portable
 from actstore.intervene import blocks
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings, SweepSettings
@@ -34,6 +34,7 @@ def interventions_task(store: str, probe_run: str, settings: InterventionSetting
 
 @task(name="intervene-plan", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@names_worker
 def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
                      workers: int) -> dict:
     return blocks.plan_blocks(store, probe_run, settings, workers=workers)
@@ -41,6 +42,7 @@ def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
 
 @task(name="intervene-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@names_worker
 def block_group_task(store: str, probe_run: str, settings: InterventionSettings, group: list,
                      *, experiment_id: str) -> dict:
     return blocks.run_block_group(store, probe_run, settings, group,
@@ -49,6 +51,7 @@ def block_group_task(store: str, probe_run: str, settings: InterventionSettings,
 
 @task(name="intervene-summary", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@names_worker
 def finish_blocks_task(store: str, probe_run: str, settings: InterventionSettings, *,
                        experiment_id: str, written: int) -> dict:
     return blocks.finish_blocks(store, probe_run, settings, experiment_id=experiment_id,

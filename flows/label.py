@@ -17,7 +17,7 @@ from collections import Counter
 
 from prefect import flow, task
 
-from actstore.cluster import portable, spread
+from actstore.cluster import names_worker, portable, spread
 from actstore.errors import ActstoreError
 from actstore.label import blocks
 from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
@@ -37,6 +37,7 @@ def label_task(store: str, provider: str, target: str | list[str],
 
 @task(name="label-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@names_worker
 def label_blocks_task(job: blocks.LabelJob, stage: str, blks: list, constants: dict | None
                       ) -> dict:
     return blocks.run_blocks(job, stage, [tuple(b) for b in blks], constants)

@@ -20,7 +20,7 @@ from collections import Counter
 
 from prefect import flow, task
 
-from actstore.cluster import portable
+from actstore.cluster import names_worker, portable
 from actstore.generation.materialize import MaterializeSettings, completion, format_completion
 from actstore.generation.regions import materialize_region, plan_regions
 from actstore.plots.figures import sample_grid
@@ -31,6 +31,7 @@ from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, result_
 
 @task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@names_worker
 def region_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
                 images: str | None, progress: bool = False) -> dict:
     return materialize_region(model, prompts, store, settings, images=images,
@@ -39,6 +40,7 @@ def region_task(model: str, prompts: str, store: str, settings: MaterializeSetti
 
 @task(name="plan-regions", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@names_worker
 def plan_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
               images: str | None, workers: int) -> dict:
     return plan_regions(model, prompts, store, settings, images=images, workers=workers)
