@@ -10,6 +10,8 @@ which fails the same way every time.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import queue
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator
@@ -84,9 +86,44 @@ def finished(futures: list[PrefectFuture]) -> Iterator[PrefectFuture]:
         yield future
 
 
-def result_of(future: PrefectFuture) -> Any:
+class SchedulerLost(BlocksFailed):
+    """The client lost the scheduler mid-run (a restart, a lost head node): distributed
+    cancels every task future, whose Prefect task runs stay 'running' for ever."""
+
+
+def check_scheduler_kept(future: PrefectFuture, store: str, what: str) -> None:
+    """Raise :class:`SchedulerLost` if ``future``'s Dask task was dropped because this
+    client lost its scheduler. Before, a scheduler killed mid-run ended the command with
+    Prefect's 'unexpected UnfinishedRun: Run is in RUNNING state, its result is not
+    available', exit 1, after a 40-line traceback of distributed's reconnect attempt
+    (2026-12-05)."""
+    wrapped = getattr(future, "wrapped_future", None)
+    if getattr(wrapped, "status", None) != "cancelled":
+        return
+    try:
+        wrapped.result(timeout=0)
+        reason = "cancelled"
+    except Exception as exc:  # noqa: BLE001 - distributed's FutureCancelledError, or whatever it says now
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+    address = getattr(getattr(getattr(wrapped, "client", None), "scheduler", None), "address",
+                      "") or "(unknown address)"
+    # the client, closed while it still tries to reconnect, logs that cancelled attempt as
+    # an error with its traceback: the command's one line says what happened
+    logging.getLogger("distributed.client").addFilter(_not_cancelled)
+    raise SchedulerLost(f"store {store}: lost the Dask scheduler {address} while its {what} "
+                        f"ran ({reason}); what they recorded is kept: rerun the same command "
+                        "once the scheduler answers to resume")
+
+
+def _not_cancelled(record: logging.LogRecord) -> bool:
+    return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
+
+
+def result_of(future: PrefectFuture, store: str, what: str) -> Any:
     """One task future's result, waited for as :func:`finished` waits."""
     for done in finished([future]):
+        done.wait()
+        check_scheduler_kept(done, store, what)
         return done.result()
 
 
@@ -98,6 +135,7 @@ def gather(futures: list, store: str, what: str,
     done, errors = [], []
     for future in finished(futures):
         future.wait()
+        check_scheduler_kept(future, store, what)
         if future.state.is_completed():
             done.append(future.result())
             on_done(done[-1])

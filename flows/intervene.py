@@ -65,7 +65,8 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     workers (or GPUs); the summary once all are recorded."""
     t0 = time.perf_counter()
     with on_gpus(gpu):
-        plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers))
+        plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers),
+                         store, "planning task")
         eid = plan["experiment_id"]
         futures = [block_group_task.submit(store, probe_run, settings, g, experiment_id=eid)
                    for g in plan["groups"]]
@@ -80,7 +81,7 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     with on_gpus(gpu):
         summary = result_of(finish_blocks_task.submit(
             store, probe_run, settings, experiment_id=eid,
-            written=sum(d["blocks_written"] for d in done)))
+            written=sum(d["blocks_written"] for d in done)), store, "summary task")
     return {**summary, "seconds": time.perf_counter() - t0, "workers": workers,
             "groups": len(futures), "groups_by_worker": dict(Counter(d["worker"] for d in done))}
 

@@ -63,7 +63,7 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
     at once; Dask runs as many as it has workers (or GPUs)."""
     with on_gpus(gpu):
         plan = result_of(plan_task.submit(model, prompts, store, settings, images=images,
-                                          workers=workers))
+                                          workers=workers), store, "planning task")
         futures = [region_task.submit(model, prompts, store, settings, images=region)
                    for region in plan["regions"]]
     steps = settings.gen.steps

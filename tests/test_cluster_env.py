@@ -8,11 +8,17 @@ empty. Real servers: moto's S3 server, a Prefect API, worker processes of a
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import fsspec
 import pytest
 
-from conftest import DEMO, S3_SECRET
+from conftest import DEMO, REPO, S3_SECRET
 from test_cli import api, one_line, run  # noqa: F401 - api: a fixture
 
 pytestmark = pytest.mark.usefixtures("s3_server")
@@ -48,3 +54,68 @@ def test_a_workers_missing_credentials_name_the_worker(bucket, bare_cluster, api
     assert S3_SECRET not in res.stdout + res.stderr
     assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
 
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def killable_scheduler(tmp_path):
+    """A ``dask scheduler`` and one ``dask worker`` as a user starts them (subprocesses),
+    the scheduler's process handed to the test to kill; both stopped afterwards."""
+    dask = str(Path(sys.executable).parent / "dask")
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "workers")}
+    log = open(tmp_path / "cluster.log", "w")
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port",
+                               address.rsplit(":", 1)[1], "--no-dashboard"],
+                              env=env, stdout=log, stderr=log)]
+    procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1",
+                                   "--no-dashboard"], env=env, stdout=log, stderr=log))
+    try:
+        yield address, procs[0]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+def test_a_scheduler_lost_mid_run_is_one_line_saying_so(tmp_path, killable_scheduler, api):
+    """The scheduler dies while a region runs (a restart, a lost head node): the command
+    ends within seconds with one line that says the scheduler was lost and a rerun
+    resumes, exit 2; its recorded blocks stay."""
+    from distributed import Client
+
+    from test_interrupt import inside
+
+    address, scheduler = killable_scheduler
+    store = tmp_path / "s.zarr"
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(1, timeout=30)
+        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "materialize", "--model",
+                                "tiny-random", "--prompts", DEMO, "--store", str(store),
+                                "--steps", "400", "--batch-size", "4", "--block-size", "4",
+                                "--images", "0:8", "--cluster", address],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env={**os.environ, "PYTHONPATH": str(REPO),
+                                               "PREFECT_API_URL": api})
+        try:
+            deadline = time.time() + 120
+            while not any(client.run(inside("generate")).values()):
+                if time.time() > deadline or cli.poll() is not None:
+                    cli.kill()
+                    pytest.fail(f"no region started: {cli.communicate()[1][-2000:]}")
+                time.sleep(0.2)
+            scheduler.kill()
+            out, err = cli.communicate(timeout=40)
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.communicate()
+    lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]
+    assert len(lines) == 1 and cli.returncode == 2, err[-3000:]
+    assert f"lost the Dask scheduler {address}" in lines[0]
+    assert "rerun the same command" in lines[0]
