@@ -259,6 +259,12 @@ def _kill_and_wait(procs: list, timeout: float) -> None:
         time.sleep(0.05)
 
 
+# A worker that lost its scheduler closes, and waits for its running task first: a region
+# then ran to its end and recorded its blocks 30 s after its command had said the scheduler
+# was lost (2026-12-05). Not "closing_gracefully": a retired worker's task may still count.
+CLOSING = ("closing", "closed", "failed")
+
+
 class TaskCancelled(ActstoreError):
     """A Dask task whose scheduler let it go (its command was interrupted) stops."""
 
@@ -277,12 +283,16 @@ def stop_if_cancelled() -> None:
     if key is None:
         return
     try:
-        task = worker_module.get_worker().state.tasks.get(key)
+        worker = worker_module.get_worker()
     except ValueError:      # not on a worker
         return
+    task = worker.state.tasks.get(key)
     if task is not None and task.state == "cancelled":
         raise TaskCancelled(f"task {key}: cancelled by its scheduler (its command was "
                             "interrupted); its completed blocks are kept")
+    if worker.status.name in CLOSING:
+        raise TaskCancelled(f"task {key}: its worker {worker.address} is closing (it lost "
+                            "its scheduler); its completed blocks are kept")
 
 
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:

@@ -101,7 +101,7 @@ def check_scheduler_kept(future: PrefectFuture, store: str, what: str) -> None:
     if getattr(wrapped, "status", None) != "cancelled":
         return
     try:
-        wrapped.result(timeout=0)
+        wrapped.result(timeout=1)
         reason = "cancelled"
     except Exception as exc:  # noqa: BLE001 - distributed's FutureCancelledError, or whatever it says now
         reason = getattr(exc, "reason", None) or type(exc).__name__

@@ -18,7 +18,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from conftest import DEMO, REPO, S3_SECRET
+from conftest import DEMO, REPO, S3_SECRET, tree_digest
 from test_cli import api, one_line, run  # noqa: F401 - api: a fixture
 
 pytestmark = pytest.mark.usefixtures("s3_server")
@@ -75,7 +75,7 @@ def killable_scheduler(tmp_path):
     procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1",
                                    "--no-dashboard"], env=env, stdout=log, stderr=log))
     try:
-        yield address, procs[0]
+        yield address, *procs
     finally:
         for proc in procs:
             proc.kill()
@@ -86,12 +86,12 @@ def killable_scheduler(tmp_path):
 def test_a_scheduler_lost_mid_run_is_one_line_saying_so(tmp_path, killable_scheduler, api):
     """The scheduler dies while a region runs (a restart, a lost head node): the command
     ends within seconds with one line that says the scheduler was lost and a rerun
-    resumes, exit 2; its recorded blocks stay."""
+    resumes, exit 2; its recorded blocks stay, and the worker's region stops too."""
     from distributed import Client
 
     from test_interrupt import inside
 
-    address, scheduler = killable_scheduler
+    address, scheduler, worker = killable_scheduler
     store = tmp_path / "s.zarr"
     with Client(address, timeout=30) as client:
         client.wait_for_workers(1, timeout=30)
@@ -115,7 +115,14 @@ def test_a_scheduler_lost_mid_run_is_one_line_saying_so(tmp_path, killable_sched
             if cli.poll() is None:
                 cli.kill()
                 cli.communicate()
+    at_exit, deadline = tree_digest(store), time.time() + 30
+    while worker.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
     lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]
     assert len(lines) == 1 and cli.returncode == 2, err[-3000:]
     assert f"lost the Dask scheduler {address}" in lines[0]
     assert "rerun the same command" in lines[0]
+    # the worker's region stops at its next step, writing nothing after the command's line
+    assert worker.poll() is not None, "the worker ran on 30 s after losing its scheduler"
+    now = tree_digest(store)
+    assert sorted(k for k in at_exit.keys() | now.keys() if at_exit.get(k) != now.get(k)) == []
