@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 
 from actstore.errors import ActstoreError
-from actstore.store import commit, io
+from actstore.store import claims, commit, io
 from actstore.store import layout as lay
 
 VERSION_PREFIX = "v-"
@@ -55,29 +55,94 @@ def begin(store: str, targets: list[str], job: str | None = None) -> dict[str, s
     """A version path per target, each marked as being written by this process: the
     versions a dead run of the same ``job`` left (to resume), else fresh ones.
 
-    Other versions of these targets left by dead writers are removed."""
-    version = (_adoptable(store, targets, job) if job else None) or commit.new_id("v")
+    Resuming is exclusive: reruns of one killed job that overlap take turns through a
+    bakery claim on the version (:mod:`actstore.store.claims`), and each looks again in its
+    turn, so one marks it and every other fails in one line before writing anything there
+    (before, both resumed it, and the one marking last rewrote the version the other had
+    committed). Other versions of these targets left by dead writers are removed."""
+    resumed = _adoptable(store, targets, job) if job else None
+    version = resumed or commit.new_id("v")
     paths = {t: lay.label_version_path(t, version) for t in targets}
+    marked: dict[str, str] = {}
     try:
-        for path in paths.values():
-            _TOKENS[path] = commit.begin(store, path, job)
+        if resumed:
+            _resume(store, paths, job, marked)
+        else:
+            _mark(store, paths, job, marked)
         collect(store, targets)
         io.sweep_partials(store, lay.LABELS)
-    except BaseException:   # the marks made are this failed run's, for the next run to
-        release(paths)      # resume or remove (held, the heartbeat renewed them for good)
+    except BaseException:   # the marks this call made are this failed run's, for the next
+        release(marked)     # run to resume or remove (held, the heartbeat renewed them)
         raise
     return paths
 
 
+def _mark(store: str, paths: dict[str, str], job: str | None, marked: dict) -> None:
+    for t, path in paths.items():
+        _TOKENS[path] = commit.begin(store, path, job)
+        marked[t] = path
+
+
+def _resume(store: str, paths: dict[str, str], job: str, marked: dict) -> None:
+    """Mark the versions a dead run of ``job`` left, in this run's turn among the reruns
+    that chose them too, unless one took them before (its mark lives, or it committed)."""
+    first = next(iter(paths.values()))
+    version = first.rsplit("/", 1)[-1]
+    with claims.creating(store, first, {"resume": version, "job": job},
+                         lambda: _taken(store, paths, job), what=f"label version {version}",
+                         fix="one `actstore label` run per job") as taken:
+        if taken is not None:
+            raise ActstoreError(_taken_message(store, first, taken))
+        _mark(store, paths, job, marked)
+
+
+def _taken(store: str, paths: dict[str, str], job: str) -> dict | None:
+    """None while every version is still a dead ``job`` run's to resume; else what took
+    them: a live writer's mark, ``{"committed": True}`` or ``{}`` (removed meanwhile)."""
+    commits = _commits(store)
+    for t, path in paths.items():
+        writer = commit.writer_of(store, path)
+        if writer and not commit.abandoned(writer):
+            return writer
+        if _named(path.rsplit("/", 1)[-1], t, commits):
+            return {"committed": True}
+        if not writer or writer.get("job") != job:   # its mark goes first on removal
+            return {}
+    return None
+
+
+def _taken_message(store: str, path: str, taken: dict) -> str:
+    """The one line a rerun fails with when another run of its job resumed first (or the
+    version went meanwhile)."""
+    head = f"store {store}: "
+    if taken.get("committed"):
+        return (head + f"another `actstore label` run of the same job resumed and committed "
+                f"the version this run was to resume ({path}); its labels are current, "
+                "nothing was written")
+    if not taken.get("pid"):
+        return (head + f"the version this run was to resume ({path}) was removed meanwhile "
+                "by another command; nothing was written, rerun `actstore label`")
+    return (head + f"another `actstore label` run of the same job (host {taken.get('host')}, "
+            f"pid {taken.get('pid')}) is writing the version this run would resume ({path}); "
+            "nothing was written: its labels become current when it ends (rerun "
+            "`actstore label` if it fails)")
+
+
 def _adoptable(store: str, targets: list[str], job: str) -> str | None:
-    """An uncommitted version of every target whose dead writer ran ``job``."""
+    """An uncommitted version of every target whose dead writer ran ``job``; fails in one
+    line if a live writer runs ``job`` there now."""
     commits = _commits(store)
     for name in io.list_dir(store, lay.label_target_path(targets[0])):
         if not name.startswith(VERSION_PREFIX) or _named(name, targets[0], commits):
             continue
-        writers = [commit.writer_of(store, lay.label_version_path(t, name)) for t in targets]
-        if all(w and w.get("job") == job and commit.abandoned(w) for w in writers):
-            return name
+        paths = {t: lay.label_version_path(t, name) for t in targets}
+        writers = [commit.writer_of(store, p) for p in paths.values()]
+        if not all(w and w.get("job") == job for w in writers):
+            continue
+        live = [w for w in writers if not commit.abandoned(w)]
+        if live:    # the same job running now: a second version would only repeat it
+            raise ActstoreError(_taken_message(store, paths[targets[0]], live[0]))
+        return name
     return None
 
 
