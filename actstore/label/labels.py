@@ -107,11 +107,7 @@ def prepare_labels(store: str, prov: LabelProvider, target,
     kinds = {t: _target_kind(prov, spec, t) for t in targets}
     view = StoreView(store, model=source_model, complete_only=False)
     _check_complete(view)
-    existing = {t: _attrs_or_none(store, t) for t in targets}
-    for t, attrs in existing.items():
-        if attrs is not None and not overwrite:
-            raise ActstoreError(f"store {store}: already has labels {t!r} (from "
-                                f"{attrs.get('provider')}); pass --overwrite to replace them")
+    existing = _existing(store, targets, overwrite)
     ids = [str(v) for v in view.images["image"].values]
     train = view.images["split"].values == "train"
     if not train.any():
@@ -129,7 +125,10 @@ def prepare_labels(store: str, prov: LabelProvider, target,
     key = blocks.job_key(spec, provenance, {
         "targets": targets, "source_model": source_model, "n_steps": n_steps,
         "batch_size": batch_size, "ids": ids, "block": view.block_size})
-    paths = labelsets.begin(store, targets, key)
+    # looked at again after the run's look for a version to resume: a run of the same job
+    # that committed since the look above would otherwise be labelled again beside it
+    paths = labelsets.begin(store, targets, key, fresh=lambda: _existing(store, targets,
+                                                                          overwrite))
     job = blocks.LabelJob(store=store, spec=spec, device=device, kinds=kinds, paths=paths,
                           ids=tuple(ids), train=tuple(bool(x) for x in train), hw=hw,
                           block=view.block_size, batch_size=batch_size,
@@ -162,6 +161,16 @@ def commit_labels(job: blocks.LabelJob, prov: LabelProvider, constants: dict) ->
 def abort_labels(job: blocks.LabelJob) -> None:
     """Remove the run's versions: the labels were bad, the same job would fail again."""
     labelsets.abort(job.store, job.paths)
+
+
+def _existing(store: str, targets: list[str], overwrite: bool) -> dict[str, dict | None]:
+    """Each target's current labels (None: none); refused in one line unless ``overwrite``."""
+    existing = {t: _attrs_or_none(store, t) for t in targets}
+    for t, attrs in existing.items():
+        if attrs is not None and not overwrite:
+            raise ActstoreError(f"store {store}: already has labels {t!r} (from "
+                                f"{attrs.get('provider')}); pass --overwrite to replace them")
+    return existing
 
 
 def _target_names(target) -> list[str]:

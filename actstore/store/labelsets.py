@@ -14,6 +14,7 @@ directly in ``labels/<target>/``; those are read as they are until overwritten.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from actstore.errors import ActstoreError
 from actstore.store import claims, commit, io
@@ -51,7 +52,8 @@ def _commits(store: str) -> list[tuple[str, dict]]:
     return sorted(out)
 
 
-def begin(store: str, targets: list[str], job: str | None = None) -> dict[str, str]:
+def begin(store: str, targets: list[str], job: str | None = None,
+          fresh: Callable[[], object] | None = None) -> dict[str, str]:
     """A version path per target, each marked as being written by this process: the
     versions a dead run of the same ``job`` left (to resume), else fresh ones.
 
@@ -59,8 +61,12 @@ def begin(store: str, targets: list[str], job: str | None = None) -> dict[str, s
     bakery claim on the version (:mod:`actstore.store.claims`), and each looks again in its
     turn, so one marks it and every other fails in one line before writing anything there
     (before, both resumed it, and the one marking last rewrote the version the other had
-    committed). Other versions of these targets left by dead writers are removed."""
+    committed). ``fresh`` is called (to fail) before a fresh version is marked, after the
+    look for one to resume. Other versions of these targets left by dead writers are
+    removed."""
     resumed = _adoptable(store, targets, job) if job else None
+    if not resumed and fresh is not None:
+        fresh()
     version = resumed or commit.new_id("v")
     paths = {t: lay.label_version_path(t, version) for t in targets}
     marked: dict[str, str] = {}
