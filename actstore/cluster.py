@@ -58,7 +58,8 @@ def worker_id() -> str:
 
 
 def dask_worker_name() -> str | None:
-    """The address and host:pid of the Dask worker this runs on; None outside one."""
+    """The address and host:pid of the Dask worker this runs on; None outside one, or on
+    the in-process cluster of a probe grid (the user's own process: nothing to name)."""
     worker_module = sys.modules.get("distributed.worker")
     if worker_module is None:
         return None
@@ -66,14 +67,17 @@ def dask_worker_name() -> str | None:
         worker = worker_module.get_worker()
     except ValueError:      # not on a worker
         return None
+    if str(worker.address).startswith("inproc://"):
+        return None
     return f"{worker.address} ({worker_id()})"
 
 
 def names_worker(fn: Callable[..., T]) -> Callable[..., T]:
-    """A fan-out task whose one-line errors name the Dask worker that met them. A worker
-    started elsewhere has its own environment (credentials, model files, folders): its
-    "no credentials found" is false of the shell the user reads it in (2026-12-05, a
-    ``--cluster`` materialize to S3 with the credentials in the submitting shell only)."""
+    """A fan-out or probe-grid task whose one-line errors name the Dask worker that met
+    them. A worker started elsewhere has its own environment (credentials, model files,
+    folders): its "no credentials found" is false of the shell the user reads it in
+    (2026-12-05, a ``--cluster`` materialize to S3 with the credentials in the submitting
+    shell only)."""
     @wraps(fn)
     def run(*args, **kwargs):
         try:

@@ -126,3 +126,25 @@ def test_a_scheduler_lost_mid_run_is_one_line_saying_so(tmp_path, killable_sched
     assert worker.poll() is not None, "the worker ran on 30 s after losing its scheduler"
     now = tree_digest(store)
     assert sorted(k for k in at_exit.keys() | now.keys() if at_exit.get(k) != now.get(k)) == []
+
+
+def test_a_probe_workers_missing_credentials_name_the_worker(bucket, bare_cluster,
+                                                             explore_store):
+    """The probe grid on a user's cluster (``probe --scheduler ADDRESS``): its block tasks
+    read the store where they run, and a worker without credentials is named."""
+    from distributed import Client
+
+    from actstore.errors import ActstoreError
+    from actstore.probe.runs import run_probes
+    from conftest import EXPLORE_LAYERS
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    fs.put(explore_store, f"{bucket}/s.zarr", recursive=True)
+    before = sorted(fs.find(bucket))
+    (worker,) = bare_cluster.scheduler_info["workers"]
+    with Client(bare_cluster) as client, pytest.raises(ActstoreError) as info:
+        run_probes(f"s3://{bucket}/s.zarr", "salient", layers=EXPLORE_LAYERS[:1], steps=[0],
+                   scheduler=client, progress=False)
+    assert "no credentials found" in str(info.value)
+    assert f"on Dask worker {worker}" in str(info.value), str(info.value)
+    assert sorted(fs.find(bucket)) == before

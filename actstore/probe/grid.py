@@ -29,6 +29,7 @@ import numpy as np
 import zarr
 from dask import delayed
 
+from actstore.cluster import names_worker
 from actstore.errors import ActstoreError
 from actstore.kinds import BINARY
 from actstore.probe import logistic as lg
@@ -142,6 +143,7 @@ def _block_tokens(x: np.ndarray) -> np.ndarray:
     return x.transpose(1, 0, 2, 3, 4).reshape(s, b * h * w, c)
 
 
+@names_worker
 def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.ndarray,
                n_folds: int, rates: np.ndarray | None = None):
     """Map step: per-fold statistics of one block's train images, for every step, and with
@@ -158,6 +160,7 @@ def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.nda
     return stats, sampling.draw(X, tokens, index, position, rates)
 
 
+@names_worker
 def _sample_rates(src: LayerSource, train: np.ndarray) -> np.ndarray:
     """Keep rates per class for the layer's token sample, from every train token's label."""
     channels = _array(src.uri, src.activation).shape[-1]
@@ -306,6 +309,7 @@ def _take(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return x if rows.all() else x[rows]
 
 
+@names_worker
 def _score_block(src: LayerSource, blocks: tuple[tuple[int, int], ...], rows: np.ndarray,
                  fit: LayerFit, steps: np.ndarray, label_spearman: bool) -> np.ndarray:
     """Per-image metrics (metric, image, step) of the test images of adjacent store blocks
