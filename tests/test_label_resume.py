@@ -6,9 +6,11 @@ the reruns are real `write_labels` calls, one or both in subprocesses.
 from __future__ import annotations
 
 import os
+import socket
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ TARGET = "shade"
 TESTS = str(Path(__file__).parent)
 RERUN = """
 import sys
+import time
 sys.path.insert(0, sys.argv[2])
 from actstore.errors import ActstoreError
 from actstore.label.labels import write_labels
@@ -186,3 +189,41 @@ def test_resume_is_exclusive_on_s3(bucket, monkeypatch):
     labelsets.release(won["paths"])
     assert labelsets.current(uri)["depth"]["path"] == path
     assert io.exists(uri, io.key(f"{path}/full"))
+
+
+def test_rerun_whose_turn_comes_second_waits_then_fails_in_one_line(stores, monkeypatch):
+    """Both reruns chose the version and both hold a claim on it at once: this one (first
+    in line) marks it while the other (a real subprocess) waits its turn; the other then
+    finds it taken and fails in one line, having written nothing, and this run commits the
+    version equal to an uninterrupted run's."""
+    uri, expected = stores
+    version = _killed(uri)
+    start, other = commit.begin, []
+
+    def mark_once_the_other_waits(store, path, job=None):
+        if path == version and not other:
+            other.append(_rerun(uri))
+            deadline = time.monotonic() + 120
+            while len(io.list_dir(uri, claims.claims_path(version))) < 2:   # ours, theirs
+                assert time.monotonic() < deadline and other[0].poll() is None, \
+                    other[0].stderr.read() if other[0].poll() is not None else "no claim"
+                time.sleep(0.05)
+        return start(store, path, job)
+
+    monkeypatch.setattr(commit, "begin", mark_once_the_other_waits)
+    write_labels(uri, Brightness(), TARGET, on_x0=False, progress=False)
+    assert other and other[0].wait(timeout=300) == 2
+    loser = other[0].stderr.read().strip()
+    assert len(loser.splitlines()) == 1 and "taken for gone" not in loser
+    # what it finds in its turn: this run's live mark, or (polling later) its commit
+    assert f"another `actstore label` run of the same job (host {socket.gethostname()}, " \
+           f"pid {os.getpid()}) is writing the version this run would resume ({version})" \
+        in loser or "another `actstore label` run of the same job resumed and committed " \
+        f"the version this run was to resume ({version}); its labels are current" in loser
+    assert labelsets.current(uri)[TARGET]["path"] == version
+    assert len([1 for _, rec in labelsets._commits(uri) if TARGET in rec]) == 1
+    got = _arrays(uri, version)
+    assert sorted(got) == sorted(expected)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    assert io.list_dir(uri, claims.claims_path(version)) == []
