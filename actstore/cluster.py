@@ -57,17 +57,22 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def dask_worker_name() -> str | None:
-    """The address and host:pid of the Dask worker this runs on; None outside one, or on
-    the in-process cluster of a probe grid (the user's own process: nothing to name)."""
+def _current_worker():
+    """The Dask worker this code runs on; None outside one (or distributed not imported)."""
     worker_module = sys.modules.get("distributed.worker")
     if worker_module is None:
         return None
     try:
-        worker = worker_module.get_worker()
+        return worker_module.get_worker()
     except ValueError:      # not on a worker
         return None
-    if str(worker.address).startswith("inproc://"):
+
+
+def dask_worker_name() -> str | None:
+    """The address and host:pid of the Dask worker this runs on; None outside one, or on
+    the in-process cluster of a probe grid (the user's own process: nothing to name)."""
+    worker = _current_worker()
+    if worker is None or str(worker.address).startswith("inproc://"):
         return None
     return f"{worker.address} ({worker_id()})"
 
@@ -284,11 +289,8 @@ def stop_if_cancelled() -> None:
     of a label group; outside a Dask task it returns at once."""
     worker_module = sys.modules.get("distributed.worker")
     key = getattr(getattr(worker_module, "thread_state", None), "key", None)
-    if key is None:
-        return
-    try:
-        worker = worker_module.get_worker()
-    except ValueError:      # not on a worker
+    worker = None if key is None else _current_worker()
+    if worker is None:
         return
     task = worker.state.tasks.get(key)
     if task is not None and task.state == "cancelled":

@@ -244,14 +244,20 @@ def collect(uri: str, parent: str, committed: Callable[[str], bool]) -> list[str
         path = f"{parent}/{name}"
         # the writer and its liveness first, then the marker: a writer writes its marker
         # before it drops its mark or exits, so one that finished meanwhile is seen done
-        gone = abandoned(writer_of(uri, path))
+        writer = writer_of(uri, path)
         if committed(name):
-            # a leftover mark, once its writer is gone: a live one checks it after its marker
-            if gone and io.exists(uri, io.key(lay.pending_path(path))):
-                end(uri, path)
-        elif gone and remove_unmarked(uri, path, lambda: committed(name)):
+            drop_leftover_mark(uri, path, writer)
+        elif abandoned(writer) and remove_unmarked(uri, path, lambda: committed(name)):
             removed.append(name)
     return removed
+
+
+def drop_leftover_mark(uri: str, path: str, writer: dict | None) -> None:
+    """Drop the mark ``writer`` (read before the marker; None: no mark) left on a committed
+    prefix, once that writer is gone: a live one checks its mark after its marker and would
+    take itself for removed."""
+    if writer is not None and abandoned(writer):
+        end(uri, path)
 
 
 def remove_unmarked(uri: str, path: str, committed: Callable[[], bool]) -> bool:

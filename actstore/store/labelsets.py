@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 
 from actstore.errors import ActstoreError
 from actstore.store import claims, commit, io
@@ -225,17 +226,16 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
             if name.startswith(VERSION_PREFIX):
                 if name in named:
                     if named[name] is None:   # current: a leftover mark of a gone writer
-                        if io.exists(store, io.key(lay.pending_path(path))) and \
-                                commit.abandoned(commit.writer_of(store, path)):
-                            commit.end(store, path)
+                        commit.drop_leftover_mark(store, path, commit.writer_of(store, path))
                     elif now - named[name] >= SUPERSEDED_KEEP_S:
                         io.delete(store, io.key(path))   # first: see check_readable
                         io.remove(store, path)
                 # the writer, then the commits afresh: a run commits before it drops its
                 # mark, so a version committed since the listing above is seen here
-                elif dead_too and commit.abandoned(commit.writer_of(store, path)) and not _named(
-                        name, t, _commits(store)):
-                    commit.remove_unmarked(store, path, lambda n=name, t=t: _named(n, t, _commits(store)))
+                elif dead_too and commit.abandoned(commit.writer_of(store, path)):
+                    committed = partial(_committed_now, store, t, name)
+                    if not committed():
+                        commit.remove_unmarked(store, path, committed)
             elif name != io.META and named and now - _first_commit(
                     t, commits) >= SUPERSEDED_KEEP_S:   # schema-1 arrays, superseded
                 io.remove(store, path)
@@ -246,6 +246,11 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
         if all(since[t][a["version"]] is not None and now - since[t][a["version"]]
                >= SUPERSEDED_KEEP_S for t, a in record.items()):
             io.remove(store, lay.label_commit_path(cid))
+
+
+def _committed_now(store: str, target: str, version: str) -> bool:
+    """Is ``version`` named by a commit, read afresh (not from a listing made before)?"""
+    return _named(version, target, _commits(store))
 
 
 def version_of(path: str) -> str | None:
