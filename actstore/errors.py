@@ -7,3 +7,9 @@ every message must say what is wrong, where, and how to fix it, in one sentence.
 
 class ActstoreError(Exception):
     """A user-facing error: bad input, a mismatched store, a missing model."""
+
+
+class Displaced(ActstoreError):
+    """A writer's mark is no longer its own: another command took it for gone (frozen, or
+    its host cut off from the store longer than the staleness window) and removed or took
+    over what it was writing. The writer stops at once, writing and removing nothing more."""

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import actstore.probe.runs as runs
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, Displaced
 from actstore.intervene.results import list_interventions, open_intervention
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings as IS, SweepSettings
@@ -675,13 +675,14 @@ def test_label_run_whose_version_another_run_took_over_leaves_it_whole(store):
     """Two reruns of one killed label job both resume its version; the later mark wins,
     and that run commits. The other then fails its check, and its failure path removed
     the version: the current labels of the run that succeeded, which then read as missing.
-    A failed run now removes only versions it still holds."""
+    A failed run now removes only versions it still holds, and says it was taken over."""
     paths = labelsets.begin(store, ["shade"], "job")
     subprocess.run([sys.executable, "-c", ADOPTER, store, paths["shade"]], cwd=REPO,
                    env={**os.environ, "PYTHONPATH": str(REPO)}, check=True, timeout=120)
     assert labelsets.current(store)["shade"]["path"] == paths["shade"]
     try:
-        with pytest.raises(ActstoreError, match="was removed while being written"):
+        with pytest.raises(Displaced, match="was taken over and committed by another "
+                           "writer, which took this run for gone"):
             labelsets.commit_set(store, paths, {"shade": {"kind": "continuous"}})
         labelsets.abort(store, paths)           # as write_labels does on an ActstoreError
     finally:

@@ -83,6 +83,17 @@ def _arrays(uri: str, path: str) -> dict[str, np.ndarray]:
     return {name: np.asarray(arr[...]) for name, arr in group.arrays()}
 
 
+def assert_committed_once(uri: str, version: str, expected: dict[str, np.ndarray]) -> None:
+    """The job's version is current, named by one commit, and equal array by array to an
+    uninterrupted run's."""
+    assert labelsets.current(uri)[TARGET]["path"] == version
+    assert len([1 for _, rec in labelsets._commits(uri) if TARGET in rec]) == 1
+    got = _arrays(uri, version)
+    assert sorted(got) == sorted(expected)
+    for name, values in expected.items():
+        np.testing.assert_array_equal(got[name], values, err_msg=name)
+
+
 @pytest.fixture()
 def stores(tmp_path, tiny_store) -> tuple[str, dict[str, np.ndarray]]:
     """A copy of the reference store and the arrays of an uninterrupted run of the job."""
@@ -220,10 +231,5 @@ def test_rerun_whose_turn_comes_second_waits_then_fails_in_one_line(stores, monk
            f"pid {os.getpid()}) is writing the version this run would resume ({version})" \
         in loser or "another `actstore label` run of the same job resumed and committed " \
         f"the version this run was to resume ({version}); its labels are current" in loser
-    assert labelsets.current(uri)[TARGET]["path"] == version
-    assert len([1 for _, rec in labelsets._commits(uri) if TARGET in rec]) == 1
-    got = _arrays(uri, version)
-    assert sorted(got) == sorted(expected)
-    for name, values in expected.items():
-        np.testing.assert_array_equal(got[name], values, err_msg=name)
+    assert_committed_once(uri, version, expected)
     assert io.list_dir(uri, claims.claims_path(version)) == []

@@ -27,7 +27,7 @@ from actstore.kinds import CONTINUOUS
 from actstore.label.passes import PassContext, normalize, pool_block, resolution_name
 from actstore.cluster import shared, stop_if_cancelled, worker_id
 from actstore.label.providers import get_provider
-from actstore.store import commit, io
+from actstore.store import commit, io, labelsets
 from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.store.codecs import DEFAULT_CODEC
@@ -54,6 +54,7 @@ class LabelJob:
     n_steps: int                  # x0 steps to label (0: none)
     x0_note: str | None           # why x0 images are not labelled
     replaced: tuple               # targets whose committed labels the run replaces
+    tokens: dict                  # version path -> the run's writer token (its mark's)
 
     @property
     def blocks(self) -> list[tuple[int, int]]:
@@ -65,6 +66,16 @@ class LabelJob:
 
     def record_group(self, stage: str) -> str:
         return f"{next(iter(self.paths.values()))}/{stage}"
+
+    def check_owned(self) -> None:
+        """Stop (one line) unless the run still owns its versions; before each write step.
+
+        A few small reads per block (each version's mark and birth record) against seconds
+        of labelling: a run taken for gone while it lived (frozen, its host cut off) and
+        taken over by a rerun of its job writes nothing more after its next check, so its
+        late writes are at most the one step in flight, of a block the rerun writes with
+        the same bytes (same job), and never a removal (:func:`drop_staging` checks too)."""
+        labelsets.check_owned(self.store, self.tokens)
 
 
 def job_key(spec: str, provenance: dict, identity: dict) -> str:
@@ -78,6 +89,7 @@ def create_arrays(job: LabelJob) -> None:
     """Every array of the run's versions, staging included (idempotent: a resumed run
     rewrites the metadata and keeps the chunks)."""
     n, (h, w) = len(job.ids), job.hw
+    job.check_owned()
     for t, path in job.paths.items():
         def make(name, shape, chunks, dims, attrs):
             st.create_array(job.store, f"{path}/{name}", shape=shape, chunks=chunks,
@@ -113,9 +125,12 @@ def raw_block(job: LabelJob, prov, a: int, b: int) -> None:
     moments = {}
     for t, raw in raws.items():
         ctx.validate(t, raw, a)
+    job.check_owned()
+    for t, raw in raws.items():
         io.open_array(job.store, f"{job.paths[t]}/{RAW}", "r+")[a:b] = raw
         if job.kinds[t] == CONTINUOUS:
             moments[t] = block_moments(raw[train].astype(np.float64))
+    job.check_owned()
     commit.write_block_record(job.store, job.record_group(PASS1), a, b, {"moments": moments})
 
 
@@ -169,6 +184,7 @@ def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int) -> None:
                 ctx.validate(t, m[:, step], a, step)
     for t, path in job.paths.items():
         stop_if_cancelled()     # writing a target's arrays takes about a second at 500 steps
+        job.check_owned()
         full = normalize(np.asarray(io.open_array(job.store, f"{path}/{RAW}")[a:b]),
                          *stats_[t])
         io.open_array(job.store, f"{path}/full", "r+")[a:b] = full
@@ -177,6 +193,7 @@ def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int) -> None:
                 pool_block(full, (h, w))
         if t in maps:
             io.open_array(job.store, f"{path}/x0", "r+")[a:b] = normalize(maps[t], *stats_[t])
+    job.check_owned()
     commit.write_block_record(job.store, job.record_group(PASS2), a, b, {})
 
 
@@ -202,7 +219,9 @@ def run_blocks(job: LabelJob, stage: str, blks, constants: dict | None = None, *
 
 
 def drop_staging(job: LabelJob) -> None:
-    """Staged raw labels and block records: none of them belongs to the committed labels."""
+    """Staged raw labels and block records: none of them belongs to the committed labels.
+    A run that took this one over relies on them until it commits: checked first."""
+    job.check_owned()
     for path in job.paths.values():
         io.remove(job.store, f"{path}/{RAW}")
     for stage in (PASS1, PASS2):

@@ -134,7 +134,8 @@ def prepare_labels(store: str, prov: LabelProvider, target,
                           block=view.block_size, batch_size=batch_size,
                           source_model=source_model, grids=grids, n_steps=n_steps,
                           x0_note=x0_note,
-                          replaced=tuple(t for t in targets if existing[t] is not None))
+                          replaced=tuple(t for t in targets if existing[t] is not None),
+                          tokens=labelsets.tokens(paths))
     try:
         blocks.create_arrays(job)
     except BaseException:

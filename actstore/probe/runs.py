@@ -220,9 +220,8 @@ def _rerun(target: str) -> str:
 
 
 def _check_mine(store: str, run_id: str, token: str) -> None:
-    if not commit.still_mine(store, lay.run_path(run_id), token):
-        raise ActstoreError(commit.lost_mark(store, lay.run_path(run_id), f"probe run {run_id}",
-                                             "actstore probe"))
+    commit.ensure_mine(store, lay.run_path(run_id), token, f"probe run {run_id}",
+                       "actstore probe")
 
 
 def _write_fit(store: str, run_id: str, model: str, layer: str, fit) -> None:

@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import Callable
 
+from actstore.errors import Displaced
 from actstore.store import io
 from actstore.store import layout as lay
 
@@ -169,9 +170,9 @@ def begin(uri: str, path: str, job: str | None = None) -> str:
     returns the token to :func:`release` when this process stops writing there."""
     token = begin_token()
     info = {**writer_info(token), **({"job": job} if job else {})}
-    try:
+    try:   # the birth first: a mark naming a token with no birth record is a displaced
+        io.put_group(uri, _birth(path, token))      # writer's (see still_mine)
         io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: info})
-        io.put_group(uri, _birth(path, token))
     except BaseException:   # a mark half-written by a live token would never be collected
         release(token)
         raise
@@ -277,10 +278,53 @@ def still_mine(uri: str, path: str, token: str) -> bool:
     """Is this process's mark on ``path`` still there? Another command removes a prefix
     whose writer it takes for gone (a writer on another host after
     :data:`STALE_AFTER_S`); a writer checks before its marker, so it never makes visible
-    a prefix whose contents were removed under it."""
-    info = writer_of(uri, path)
-    return bool(info) and info.get("token") == token and io.exists(
-        uri, io.key(_birth(path, token)))
+    a prefix whose contents were removed under it. A mark naming a writer whose birth
+    record is gone is a displaced writer's, put back by a heartbeat that read its mark
+    before the take-over (:func:`take_over`): the prefix is still ours."""
+    if not io.exists(uri, io.key(_birth(path, token))):
+        return False
+    theirs = (writer_of(uri, path) or {}).get("token")
+    return theirs == token or bool(theirs) and not io.exists(uri, io.key(_birth(path, theirs)))
+
+
+def ensure_mine(uri: str, path: str, token: str, what: str, command: str,
+                done: Callable[[], bool] | None = None) -> None:
+    """Fail with one line (:class:`Displaced`) unless this process's mark on ``path`` is
+    still its own: called before each step that writes or removes there. A writer taken for
+    gone while it lived (frozen, or its host cut off, longer than :data:`STALE_AFTER_S`) may
+    have had its prefix removed, or taken over by a rerun (:func:`take_over`); either way it
+    must write nothing more. ``done``: is ``path`` committed (by the one that took over)?
+
+    Checked, not enforced: a writer frozen between this check and the write it guards for
+    longer than the staleness window still lands that one write. Closing that needs a
+    conditional PUT on the mark's version (S3's ``If-Match``), which neither zarr's chunk
+    writes nor s3fs expose, nor a local disk."""
+    if still_mine(uri, path, token):
+        return
+    info = writer_of(uri, path) or {}
+    other = info if info.get("token") not in (None, token) else None
+    rival = other or any(n not in (token, io.META)     # its mark put back over the rival's
+                         for n in io.list_dir(uri, lay.pending_path(path)))
+    if not rival and not (done is not None and done()):
+        raise Displaced(lost_mark(uri, path, what, command))
+    who = f" (host {other.get('host')}, pid {other.get('pid')})" if other else ""
+    by, then = ((f"taken over by another writer{who}", f"that writer finishes it (if it "
+                 f"fails, rerun `{command}`)") if rival else
+                ("taken over and committed by another writer", "that writer's result is "
+                 "current"))
+    raise Displaced(f"store {uri}: {what} ({path}) was {by}, which took this run for gone "
+                    f"(not seen for {STALE_AFTER_S / 3600:g} h: stopped, or its host cut off "
+                    f"from the store); this run stopped and wrote nothing more there: {then}")
+
+
+def take_over(uri: str, path: str, token: str) -> None:
+    """Remove the birth records of the writers this one (token ``token``, just marked)
+    replaces, taken for gone: one that was only frozen checks its mark before its next
+    write (:func:`ensure_mine`), and a heartbeat of its that read its mark before this
+    one's landed may still put it back, but never its birth record."""
+    for name in io.list_dir(uri, lay.pending_path(path)):
+        if name not in (token, io.META):
+            io.remove(uri, f"{lay.pending_path(path)}/{name}")
 
 
 def lost_mark(uri: str, path: str, what: str, command: str) -> str:

@@ -76,6 +76,7 @@ def begin(store: str, targets: list[str], job: str | None = None,
             _resume(store, paths, job, marked)
         else:
             _mark(store, paths, job, marked)
+        _check_mine(store, paths)   # taken over already: the clean-up is not ours to do
         collect(store, targets)
         io.sweep_partials(store, lay.LABELS)
     except BaseException:   # the marks this call made are this failed run's, for the next
@@ -101,6 +102,13 @@ def _resume(store: str, paths: dict[str, str], job: str, marked: dict) -> None:
         if taken is not None:
             raise ActstoreError(_taken_message(store, first, taken))
         _mark(store, paths, job, marked)
+        for path in paths.values():
+            commit.take_over(store, path, _TOKENS[path])
+        # the writer taken for gone may have been alive and committed since the look above
+        # (it checks its mark before its record): then this run writes nothing there
+        commits = _commits(store)
+        if any(_named(p.rsplit("/", 1)[-1], t, commits) for t, p in paths.items()):
+            raise ActstoreError(_taken_message(store, first, {"committed": True}))
 
 
 def _taken(store: str, paths: dict[str, str], job: str) -> dict | None:
@@ -156,6 +164,24 @@ def _adoptable(store: str, targets: list[str], job: str) -> str | None:
 _TOKENS: dict[str, str] = {}
 
 
+def tokens(paths: dict[str, str]) -> dict[str, str]:
+    """Version path → this process's token on it: what any process (a Dask worker doing a
+    block) needs to check that the run still owns its versions (:func:`check_owned`)."""
+    return {p: _TOKENS[p] for p in paths.values() if p in _TOKENS}
+
+
+def check_owned(store: str, owned: dict[str, str], mine: str | None = None) -> None:
+    """Fail with one line (:class:`~actstore.errors.Displaced`) unless every version of
+    ``owned`` (path → token) is still this run's: another command may have taken the run
+    for gone and removed its versions, or a rerun of its job taken them over and committed
+    them. Called before each block's writes and each control step; ``mine``: this run's
+    own commit record, which does not count."""
+    for path, token in owned.items():
+        target, version = path.split("/")[-2:]
+        commit.ensure_mine(store, path, token, "this label run's version", "actstore label",
+                           partial(_committed_now, store, target, version, mine))
+
+
 def release(paths: dict[str, str]) -> None:
     """This process stops writing these versions (committed, removed, or crashed)."""
     for path in paths.values():
@@ -173,6 +199,7 @@ def abort(store: str, paths: dict[str, str]) -> None:
 
 def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str:
     """Make every target of ``paths`` visible at once: one PUT of the commit record."""
+    _check_mine(store, paths)   # a run that took this one over may have committed them
     for t, path in paths.items():
         io.put_group(store, path, attrs[t])     # plain zarr readers see the attrs there too
         if lay.LABEL_TARGET_KEY not in (io.node_attrs(store, lay.label_target_path(t)) or {}):
@@ -186,7 +213,7 @@ def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str
     record = {t: {**attrs[t], "version": path.rsplit("/", 1)[-1]} for t, path in paths.items()}
     io.put_group(store, lay.label_commit_path(cid), {lay.LABELS_COMMIT_KEY: record})
     try:
-        _check_mine(store, paths)   # a removal that began before the record landed
+        _check_mine(store, paths, cid)   # a removal that began before the record landed
     except ActstoreError:
         io.remove(store, lay.label_commit_path(cid))
         raise
@@ -196,13 +223,10 @@ def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str
     return cid
 
 
-def _check_mine(store: str, paths: dict[str, str]) -> None:
-    """Fail if another command removed one of these versions, taking this run for gone."""
-    lost = [p for p in paths.values() if p in _TOKENS
-            and not commit.still_mine(store, p, _TOKENS[p])]
-    if lost:
-        raise ActstoreError(commit.lost_mark(store, lost[0], "this label run's version",
-                                             "actstore label"))
+def _check_mine(store: str, paths: dict[str, str], mine: str | None = None) -> None:
+    """Fail if another command removed or took over one of these versions, taking this run
+    for gone."""
+    check_owned(store, tokens(paths), mine)
 
 
 def collect(store: str, targets: list[str], now: float | None = None) -> None:
@@ -248,9 +272,10 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
             io.remove(store, lay.label_commit_path(cid))
 
 
-def _committed_now(store: str, target: str, version: str) -> bool:
-    """Is ``version`` named by a commit, read afresh (not from a listing made before)?"""
-    return _named(version, target, _commits(store))
+def _committed_now(store: str, target: str, version: str, but: str | None = None) -> bool:
+    """Is ``version`` named by a commit (other than ``but``), read afresh (not from a
+    listing made before)?"""
+    return _named(version, target, [(c, r) for c, r in _commits(store) if c != but])
 
 
 def version_of(path: str) -> str | None:

@@ -1,0 +1,205 @@
+"""A label run wrongly taken for gone (alive but frozen: SIGSTOPped, its host partitioned
+longer than the staleness window) whose version a rerun of the same job took over: once it
+runs again it stops in one line at its next block or control step, writing and removing
+nothing more. Both runs are real processes; the frozen one stops itself with SIGSTOP at a
+chosen point, and its mark is rewritten to look 25 hours silent, as a writer on another
+host whose heartbeats stopped reaching the store looks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from actstore.errors import Displaced
+from actstore.store import commit, io, labelsets
+from actstore.store import layout as lay
+from conftest import REPO
+from test_label_resume import (TARGET, TESTS, assert_committed_once,  # noqa: F401
+                               stores)
+
+RUN = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from actstore.errors import ActstoreError
+from actstore.label import blocks
+from actstore.label.labels import write_labels
+from test_labels import Brightness
+
+class Frozen(Brightness):
+    '''Stops its own process in its provider call number `at` (0: never).'''
+
+    def __init__(self, at):
+        super().__init__()
+        self.at = at
+
+    def __call__(self, images):
+        if self.calls + 1 == self.at:
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return super().__call__(images)
+
+where = sys.argv[3]
+if where == "commit":      # every block recorded, about to drop staging and commit
+    drop = blocks.drop_staging
+
+    def frozen_drop(job):
+        os.kill(os.getpid(), signal.SIGSTOP)
+        drop(job)
+
+    blocks.drop_staging = frozen_drop
+try:
+    write_labels(sys.argv[1], Frozen(int(where) if where.isdigit() else 0), "shade",
+                 on_x0=False, progress=False)
+except ActstoreError as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+BEGUN = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from actstore.store import labelsets
+paths = labelsets.begin(sys.argv[1], ["depth"], "job")
+print(paths["depth"], flush=True)
+sys.stdin.readline()
+labelsets.commit_set(sys.argv[1], paths, {"depth": {"kind": "continuous"}})
+"""
+
+
+def _run(uri: str, where: str) -> subprocess.Popen:
+    """A label run of the job; ``where``: '' (never frozen), a provider call number to
+    freeze in (pass 1: one call per block), or 'commit'."""
+    return subprocess.Popen([sys.executable, "-c", RUN, uri, TESTS, where], cwd=REPO,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                            stderr=subprocess.PIPE)
+
+
+def _wait_stopped(proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.stderr.read()
+        with open(f"/proc/{proc.pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] == "T":
+                return
+        assert time.monotonic() < deadline, "the run did not stop itself"
+        time.sleep(0.05)
+
+
+def _look_silent(uri: str, path: str, hours: float = 25) -> None:
+    """The frozen run's mark as a store sees a writer not heard from for ``hours``."""
+    info = commit.writer_of(uri, path)
+    then = time.time() - hours * 3600
+    io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: {**info, "started": then,
+                                                                "seen": then}})
+
+
+def _files(root: Path) -> dict[str, tuple]:
+    """Every file under the store's labels with its bytes' hash and modification time:
+    'nothing written, nothing removed' made checkable."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns,
+                                       hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted((root / lay.LABELS).rglob("*")) if p.is_file()}
+
+
+def _attrs(uri: str, path: str) -> dict:
+    group = io.open_group(uri, path)
+    out = {name: dict(arr.attrs) for name, arr in group.arrays()}
+    out[""] = {k: v for k, v in group.attrs.items() if k != "created"}
+    return out
+
+
+@pytest.mark.parametrize("frozen_at, other", [
+    ("2", "commits"),        # A frozen in its second block; B resumes and commits
+    ("2", "frozen"),         # ... B is itself frozen in its first block when A wakes
+    ("commit", "commits"),   # A frozen after its blocks, before dropping staging
+])
+def test_run_taken_over_while_frozen_stops_in_one_line_writing_nothing(
+        stores, tmp_path, frozen_at, other):
+    uri, expected = stores
+    alone = str(tmp_path / "alone.zarr")
+    reference = _attrs(alone, labelsets.current(alone)[TARGET]["path"])
+    procs = [_run(uri, frozen_at)]
+    try:
+        a = procs[0]
+        _wait_stopped(a)
+        [name] = [n for n in io.list_dir(uri, lay.label_target_path(TARGET))
+                  if n.startswith(labelsets.VERSION_PREFIX)]
+        version = lay.label_version_path(TARGET, name)
+        mark_a = commit.writer_of(uri, version)
+        assert mark_a["pid"] == a.pid
+        _look_silent(uri, version)
+        procs.append(_run(uri, "1" if other == "frozen" else ""))
+        b = procs[1]
+        if other == "frozen":
+            _wait_stopped(b)
+            assert commit.writer_of(uri, version)["pid"] == b.pid   # B took it over
+        else:
+            assert b.wait(timeout=300) == 0, b.stderr.read()
+        before = _files(Path(uri))
+        os.kill(a.pid, signal.SIGCONT)
+        code, failure = a.wait(timeout=300), a.stderr.read().strip()
+        after = _files(Path(uri))
+        assert {k: v for k, v in after.items() if before.get(k) != v} == {}, failure
+        assert [k for k in before if k not in after] == [], failure
+        assert code == 2 and len(failure.splitlines()) == 1, failure
+        assert "taken over" in failure and version in failure, failure
+        if other == "frozen":
+            assert f"pid {b.pid}" in failure, failure
+        if other == "frozen":
+            os.kill(b.pid, signal.SIGCONT)
+            assert b.wait(timeout=300) == 0, b.stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+    assert_committed_once(uri, version, expected)
+    assert _attrs(uri, version) == reference
+    # no staging, records, marks (A's birth record included) or claims left in the version
+    assert [n for n in io.list_dir(uri, version) if n.startswith("_")] == []
+
+
+def test_heartbeat_of_a_run_taken_over_putting_its_mark_back_takes_nothing_back(tmp_path):
+    """A frozen run's heartbeat that read its mark before the take-over puts its mark back
+    over the resumer's (a mark is one object; the last PUT wins). Before, that gave the
+    version back to the frozen run (its birth record was still there) and the resumer
+    failed at its commit ('was removed while being written'): the one run meant to finish
+    the job was the one stopped. Now the take-over removes the old birth records, so the
+    old run owns nothing and the resumer (a real subprocess) commits."""
+    uri = str(tmp_path / "s.zarr")
+    mine = labelsets.begin(uri, ["depth"], "job")
+    path, token = mine["depth"], labelsets._TOKENS[mine["depth"]]
+    info = commit.writer_of(uri, path)
+    _look_silent(uri, path)
+    other = subprocess.Popen([sys.executable, "-c", BEGUN, uri, TESTS], cwd=REPO,
+                             env={**os.environ, "PYTHONPATH": str(REPO)}, text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    try:
+        assert other.stdout.readline().strip() == path, other.stderr.read()   # resumed it
+        # this run's heartbeat, which read its mark before the take-over, lands now
+        io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: {**info,
+                                                                   "seen": time.time()}})
+        assert not commit.still_mine(uri, path, token)
+        with pytest.raises(Displaced, match=r"^store .*: this label run's version "
+                           rf"\({path}\) was taken over by another writer, which took this "
+                           "run for gone"):
+            labelsets.check_owned(uri, {path: token})
+        commit.renew()                        # its next beat puts nothing back
+        _, err = other.communicate("\n", timeout=120)
+        assert other.returncode == 0, err
+    finally:
+        labelsets.release(mine)
+        if other.poll() is None:
+            os.kill(other.pid, signal.SIGKILL)
+            other.wait()
+    assert labelsets.current(uri)["depth"]["path"] == path
+    assert io.list_dir(uri, lay.pending_path(path)) == []
