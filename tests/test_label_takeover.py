@@ -203,3 +203,41 @@ def test_heartbeat_of_a_run_taken_over_putting_its_mark_back_takes_nothing_back(
             other.wait()
     assert labelsets.current(uri)["depth"]["path"] == path
     assert io.list_dir(uri, lay.pending_path(path)) == []
+
+
+def test_block_task_on_a_dask_worker_of_a_run_taken_over_writes_nothing(stores):
+    """A fanned-out run's block tasks run in worker processes, which hold no mark: they
+    check the run's tokens the job carries. This run (its marks held here) labels a block,
+    looks 25 hours silent, a rerun of its job (a real subprocess) takes over and commits;
+    its next block task, on a real Dask worker process, stops with one line and writes
+    nothing (before, it went on, and failed with a zarr error on the staging the rerun
+    had dropped)."""
+    from distributed import Client, LocalCluster
+
+    from actstore.label import blocks
+    from actstore.label.labels import prepare_labels
+    from actstore.label.settings import LabelSettings
+    from test_labels import Brightness
+
+    uri, expected = stores
+    job = prepare_labels(uri, Brightness(), TARGET, LabelSettings(on_x0=False))
+    version = job.paths[TARGET]
+    try:
+        blocks.run_blocks(job, blocks.PASS1, job.blocks[:1], prov=Brightness())
+        _look_silent(uri, version)
+        rerun = _run(uri, "")
+        assert rerun.wait(timeout=300) == 0, rerun.stderr.read()
+        before = _files(Path(uri))
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                          dashboard_address=None) as lc, Client(lc) as client:
+            task = client.submit(blocks.run_blocks, job, blocks.PASS1, job.blocks[1:2],
+                                 prov=Brightness())
+            with pytest.raises(Displaced, match=rf"^store .*: this label run's version "
+                               rf"\({version}\) was taken over and committed by another "
+                               "writer, which took this run for gone") as failure:
+                task.result(timeout=120)
+        assert "\n" not in str(failure.value)
+        assert _files(Path(uri)) == before
+    finally:
+        labelsets.release(job.paths)
+    assert_committed_once(uri, version, expected)
