@@ -170,9 +170,9 @@ def begin(uri: str, path: str, job: str | None = None) -> str:
     returns the token to :func:`release` when this process stops writing there."""
     token = begin_token()
     info = {**writer_info(token), **({"job": job} if job else {})}
-    try:   # the birth first: a mark naming a token with no birth record is a displaced
-        io.put_group(uri, _birth(path, token))      # writer's (see still_mine)
+    try:   # the mark first: a clean-up sees a live writer from the first write on
         io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: info})
+        io.put_group(uri, _birth(path, token))
     except BaseException:   # a mark half-written by a live token would never be collected
         release(token)
         raise
@@ -280,7 +280,9 @@ def still_mine(uri: str, path: str, token: str) -> bool:
     :data:`STALE_AFTER_S`); a writer checks before its marker, so it never makes visible
     a prefix whose contents were removed under it. A mark naming a writer whose birth
     record is gone is a displaced writer's, put back by a heartbeat that read its mark
-    before the take-over (:func:`take_over`): the prefix is still ours."""
+    before the take-over (:func:`take_over`): the prefix is still ours. (Between a
+    rerun's mark and its birth record, two PUTs before it writes anything, the writer it
+    takes over from still passes.)"""
     if not io.exists(uri, io.key(_birth(path, token))):
         return False
     theirs = (writer_of(uri, path) or {}).get("token")
