@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from actstore.errors import Displaced
+from actstore.errors import ActstoreError, Displaced
 from actstore.store import commit, io, labelsets
 from actstore.store import layout as lay
 from conftest import REPO
@@ -241,3 +241,73 @@ def test_block_task_on_a_dask_worker_of_a_run_taken_over_writes_nothing(stores):
     finally:
         labelsets.release(job.paths)
     assert_committed_once(uri, version, expected)
+
+
+DISPLACED = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from actstore.errors import Displaced
+from actstore.store import commit, labelsets
+paths = labelsets.begin(sys.argv[1], ["depth"], "job")
+print(paths["depth"], flush=True)
+print(commit.writer_of(sys.argv[1], paths["depth"])["pid"], flush=True)
+sys.stdin.readline()
+try:
+    labelsets.check_owned(sys.argv[1], labelsets.tokens(paths))
+except Displaced as e:
+    print(e, file=sys.stderr)
+    sys.exit(2)
+"""
+
+
+def test_mark_a_displaced_run_put_back_does_not_let_a_clean_up_remove_the_live_rerun(
+        tmp_path):
+    """A run taken over whose heartbeat put its mark back (above) then stops (Displaced) and
+    exits: its mark, naming a process now gone, sits on the version the rerun is writing.
+    Before, the next label run of the target (another job) took that mark for the
+    version's writer, found it gone and removed the version under the live rerun, which
+    then failed at its commit ('was removed while being written'), and a rerun of the job
+    took the live rerun for gone and the version over. Now a mark whose writer has no birth
+    record is judged by the writer whose birth record is there (the rerun, alive), so the
+    version is kept, the second rerun fails in one line, and the rerun commits. A and B
+    are real processes; the clean-up and the second rerun run here."""
+    uri = str(tmp_path / "s.zarr")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = []
+    try:
+        a = subprocess.Popen([sys.executable, "-c", DISPLACED, uri, TESTS], cwd=REPO, env=env,
+                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        procs.append(a)
+        path = a.stdout.readline().strip()
+        assert path, a.stderr.read()
+        info = commit.writer_of(uri, path)
+        _look_silent(uri, path)                  # A frozen for 25 hours, as others see it
+        b = subprocess.Popen([sys.executable, "-c", BEGUN, uri, TESTS], cwd=REPO, env=env,
+                             text=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        procs.append(b)
+        assert b.stdout.readline().strip() == path, b.stderr.read()   # B took it over
+        # A wakes: its heartbeat, which read its mark before the take-over, lands now ...
+        io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: {**info,
+                                                                   "seen": time.time()}})
+        _, err = a.communicate("\n", timeout=120)   # ... and it stops at its next check
+        assert a.returncode == 2 and "taken over" in err, err
+        # the next label run of the target (another job) cleans up dead writers' versions
+        other = labelsets.begin(uri, ["depth"], "another job")
+        labelsets.abort(uri, other)
+        labelsets.release(other)
+        assert io.list_dir(uri, path), "B's version removed"
+        # nor does a rerun of the job take B, alive, for gone and the version over
+        with pytest.raises(ActstoreError, match=rf"another `actstore label` run of the same "
+                           rf"job \(host .*, pid {b.pid}\) is writing the version"):
+            labelsets.begin(uri, ["depth"], "job")
+        _, err = b.communicate("\n", timeout=120)
+        assert b.returncode == 0, err
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+    assert labelsets.current(uri)["depth"]["path"] == path
+    assert io.list_dir(uri, lay.pending_path(path)) == []

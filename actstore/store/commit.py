@@ -172,7 +172,7 @@ def begin(uri: str, path: str, job: str | None = None) -> str:
     info = {**writer_info(token), **({"job": job} if job else {})}
     try:   # the mark first: a clean-up sees a live writer from the first write on
         io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: info})
-        io.put_group(uri, _birth(path, token))
+        io.put_group(uri, _birth(path, token), {lay.WRITER_KEY: info})   # see owner_of
     except BaseException:   # a mark half-written by a live token would never be collected
         release(token)
         raise
@@ -232,6 +232,30 @@ def abandoned(info: dict | None, now: float | None = None) -> bool:
 def writer_of(uri: str, path: str) -> dict | None:
     attrs = io.node_attrs(uri, lay.pending_path(path))
     return None if attrs is None else attrs.get(lay.WRITER_KEY)
+
+
+def owner_of(uri: str, path: str) -> dict | None:
+    """The writer whose liveness keeps ``path`` from removal or resumption: its mark's, or,
+    where that one looks gone but has no birth record (a writer taken over whose heartbeat
+    put its mark back, :func:`take_over`, and which exited since), a live writer whose
+    birth record is there (its mark comes back with its next renewal, :func:`renew`).
+    Judged by the mark alone, a clean-up removed the version under the live run that took
+    it over, and a rerun of its job took that run for gone. A mark between a new writer's
+    two PUTs (no birth record yet) is that live writer's: it counts as before."""
+    mark = writer_of(uri, path)
+    theirs = (mark or {}).get("token")
+    if not theirs or not abandoned(mark) or io.exists(uri, io.key(_birth(path, theirs))):
+        return mark
+    for name in io.list_dir(uri, lay.pending_path(path)):
+        born = name != io.META and io.node_attrs(uri, _birth(path, name))
+        if born and born.get(lay.WRITER_KEY) and not abandoned(born[lay.WRITER_KEY]):
+            return born[lay.WRITER_KEY]
+    return mark
+    for name in io.list_dir(uri, lay.pending_path(path)):
+        born = name != io.META and io.node_attrs(uri, _birth(path, name))
+        if born and born.get(lay.WRITER_KEY):
+            return born[lay.WRITER_KEY]
+    return mark
 
 
 def collect(uri: str, parent: str, committed: Callable[[str], bool]) -> list[str]:

@@ -116,7 +116,7 @@ def _taken(store: str, paths: dict[str, str], job: str) -> dict | None:
     them: a live writer's mark, ``{"committed": True}`` or ``{}`` (removed meanwhile)."""
     commits = _commits(store)
     for t, path in paths.items():
-        writer = commit.writer_of(store, path)
+        writer = commit.owner_of(store, path)
         if writer and not commit.abandoned(writer):
             return writer
         if _named(path.rsplit("/", 1)[-1], t, commits):
@@ -151,7 +151,7 @@ def _adoptable(store: str, targets: list[str], job: str) -> str | None:
         if not name.startswith(VERSION_PREFIX) or _named(name, targets[0], commits):
             continue
         paths = {t: lay.label_version_path(t, name) for t in targets}
-        writers = [commit.writer_of(store, p) for p in paths.values()]
+        writers = [commit.owner_of(store, p) for p in paths.values()]
         if not all(w and w.get("job") == job for w in writers):
             continue
         live = [w for w in writers if not commit.abandoned(w)]
@@ -256,7 +256,7 @@ def collect(store: str, targets: list[str], now: float | None = None) -> None:
                         io.remove(store, path)
                 # the writer, then the commits afresh: a run commits before it drops its
                 # mark, so a version committed since the listing above is seen here
-                elif dead_too and commit.abandoned(commit.writer_of(store, path)):
+                elif dead_too and commit.abandoned(commit.owner_of(store, path)):
                     committed = partial(_committed_now, store, t, name)
                     if not committed():
                         commit.remove_unmarked(store, path, committed)
