@@ -311,3 +311,34 @@ def test_mark_a_displaced_run_put_back_does_not_let_a_clean_up_remove_the_live_r
                 p.wait()
     assert labelsets.current(uri)["depth"]["path"] == path
     assert io.list_dir(uri, lay.pending_path(path)) == []
+
+
+def test_ownership_checks_grow_with_the_targets_not_their_square(tmp_path, tiny_store,
+                                                                 monkeypatch):
+    """Each check reads a version's mark and birth record: on S3, small GETs of tens of ms.
+    Before, pass 2 checked every version before writing each target's arrays, so a run of
+    n targets made n*(n+1) checks a block (110 at 10 targets); now a target's step checks
+    its own version: 2n a block in each pass. The run is real (3 targets); the count is
+    taken by letting each check through and counting it."""
+    import shutil
+
+    from actstore.label import blocks
+    from actstore.label.labels import write_labels
+    from test_labels import Brightness
+
+    uri = str(tmp_path / "s.zarr")
+    shutil.copytree(tiny_store, uri)
+    checks, per_block = [0], {}
+    through = commit.still_mine
+    monkeypatch.setattr(commit, "still_mine",
+                        lambda *a: checks.__setitem__(0, checks[0] + 1) or through(*a))
+    for stage in ("raw_block", "final_block"):
+        def counted(job, *args, _step=getattr(blocks, stage), _stage=stage):
+            before = checks[0]
+            _step(job, *args)
+            per_block.setdefault(_stage, set()).add(checks[0] - before)
+        monkeypatch.setattr(blocks, stage, counted)
+    targets = ["depth", "salient", "shade"]
+    write_labels(uri, Brightness(), targets, on_x0=False, progress=False)
+    assert per_block == {"raw_block": {2 * len(targets)}, "final_block": {2 * len(targets)}}
+    assert set(labelsets.current(uri)) == set(targets)

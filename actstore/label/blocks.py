@@ -67,15 +67,19 @@ class LabelJob:
     def record_group(self, stage: str) -> str:
         return f"{next(iter(self.paths.values()))}/{stage}"
 
-    def check_owned(self) -> None:
-        """Stop (one line) unless the run still owns its versions; before each write step.
+    def check_owned(self, *paths: str) -> None:
+        """Stop (one line) unless the run still owns its versions (``paths``: those only);
+        before each write step.
 
         A few small reads per block (each version's mark and birth record) against seconds
         of labelling: a run taken for gone while it lived (frozen, its host cut off) and
         taken over by a rerun of its job writes nothing more after its next check, so its
         late writes are at most the one step in flight, of a block the rerun writes with
-        the same bytes (same job), and never a removal (:func:`drop_staging` checks too)."""
-        labelsets.check_owned(self.store, self.tokens)
+        the same bytes (same job), and never a removal (:func:`drop_staging` checks too).
+        A step writing one target's arrays checks that target's version alone: checking
+        every version before each target made pass 2 cost targets² checks a block."""
+        labelsets.check_owned(self.store, {p: tok for p, tok in self.tokens.items()
+                                           if not paths or p in paths})
 
 
 def job_key(spec: str, provenance: dict, identity: dict) -> str:
@@ -184,7 +188,7 @@ def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int) -> None:
                 ctx.validate(t, m[:, step], a, step)
     for t, path in job.paths.items():
         stop_if_cancelled()     # writing a target's arrays takes about a second at 500 steps
-        job.check_owned()
+        job.check_owned(path)
         full = normalize(np.asarray(io.open_array(job.store, f"{path}/{RAW}")[a:b]),
                          *stats_[t])
         io.open_array(job.store, f"{path}/full", "r+")[a:b] = full
