@@ -318,8 +318,8 @@ def test_ownership_checks_grow_with_the_targets_not_their_square(tmp_path, tiny_
     """Each check reads a version's mark and birth record: on S3, small GETs of tens of ms.
     Before, pass 2 checked every version before writing each target's arrays, so a run of
     n targets made n*(n+1) checks a block (110 at 10 targets); now a target's step checks
-    its own version: 2n a block in each pass. The run is real (3 targets); the count is
-    taken by letting each check through and counting it."""
+    its own version: 2n a block in each pass. The run is real (3 targets); the checks are
+    counted by the birth-record reads they make, each let through to the store."""
     import shutil
 
     from actstore.label import blocks
@@ -329,9 +329,12 @@ def test_ownership_checks_grow_with_the_targets_not_their_square(tmp_path, tiny_
     uri = str(tmp_path / "s.zarr")
     shutil.copytree(tiny_store, uri)
     checks, per_block = [0], {}
-    through = commit.still_mine
-    monkeypatch.setattr(commit, "still_mine",
-                        lambda *a: checks.__setitem__(0, checks[0] + 1) or through(*a))
+    through = io.exists      # a check asks first for its birth record: one read each
+
+    def exists(uri_, key):
+        checks[0] += f"/{lay.PENDING}/" in key and key.endswith(io.META)
+        return through(uri_, key)
+    monkeypatch.setattr(io, "exists", exists)
     for stage in ("raw_block", "final_block"):
         def counted(job, *args, _step=getattr(blocks, stage), _stage=stage):
             before = checks[0]
@@ -342,3 +345,26 @@ def test_ownership_checks_grow_with_the_targets_not_their_square(tmp_path, tiny_
     write_labels(uri, Brightness(), targets, on_x0=False, progress=False)
     assert per_block == {"raw_block": {2 * len(targets)}, "final_block": {2 * len(targets)}}
     assert set(labelsets.current(uri)) == set(targets)
+
+
+def test_a_run_finding_a_displaced_runs_mark_over_its_own_puts_its_own_back(tmp_path):
+    """Until the run that took over puts its mark back, a clean-up judges the version by
+    its birth record, which names its start, not its last renewal: a run begun more than a
+    day ago looks gone. Before, its mark came back only with its next heartbeat (up to 3
+    hours); now its next ownership check (each block step) puts it back."""
+    uri = str(tmp_path / "s.zarr")
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    mine = labelsets.begin(uri, ["depth"], "job")
+    path = mine["depth"]
+    try:
+        info = commit.writer_of(uri, path)
+        # a displaced run's heartbeat put its mark back, then that run exited
+        io.put_group(uri, lay.pending_path(path), {lay.WRITER_KEY: {
+            **info, "token": "displaced", "pid": done.pid, "seen": time.time()}})
+        labelsets.check_owned(uri, labelsets.tokens(mine))
+        assert commit.writer_of(uri, path)["token"] == info["token"]
+        assert not commit.abandoned(commit.writer_of(uri, path))
+    finally:
+        labelsets.abort(uri, mine)
+        labelsets.release(mine)

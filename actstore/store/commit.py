@@ -148,14 +148,21 @@ def renew() -> None:
     """PUT this process's marks again with ``seen`` = now. A removal may land between the
     look and the PUT, which then brings the mark back; the writer still finds out before its
     marker (:func:`still_mine` also asks for the birth record, which no renewal writes)."""
+    for token in list(_MARKS):
+        try:
+            if still_mine(*_MARKS[token][:2], token):
+                _remark(token)
+        except Exception:   # storage away for a moment, or released: the next beat tries
+            pass
+
+
+def _remark(token: str) -> None:
+    """PUT this process's mark of ``token`` with ``seen`` = now."""
     with _MARKS_LOCK:
-        for token, (uri, path, info) in list(_MARKS.items()):
-            try:
-                if still_mine(uri, path, token):
-                    io.put_group(uri, lay.pending_path(path),
-                                 {lay.WRITER_KEY: {**info, "seen": time.time()}})
-            except Exception:   # storage away for a moment: the next beat tries again
-                pass
+        if token in _MARKS:
+            uri, path, info = _MARKS[token]
+            io.put_group(uri, lay.pending_path(path),
+                         {lay.WRITER_KEY: {**info, "seen": time.time()}})
 
 
 def _beat() -> None:
@@ -238,8 +245,8 @@ def owner_of(uri: str, path: str) -> dict | None:
     """The writer whose liveness keeps ``path`` from removal or resumption: its mark's, or,
     where that one looks gone but has no birth record (a writer taken over whose heartbeat
     put its mark back, :func:`take_over`, and which exited since), a live writer whose
-    birth record is there (its mark comes back with its next renewal, :func:`renew`).
-    Judged by the mark alone, a clean-up removed the version under the live run that took
+    birth record is there (its next check, :func:`ensure_mine`, or renewal puts its
+    mark back). Judged by the mark alone, a clean-up removed the version under the live run that took
     it over, and a rerun of its job took that run for gone. A mark between a new writer's
     two PUTs (no birth record yet) is that live writer's: it counts as before."""
     mark = writer_of(uri, path)
@@ -302,15 +309,22 @@ def still_mine(uri: str, path: str, token: str) -> bool:
     """Is this process's mark on ``path`` still there? Another command removes a prefix
     whose writer it takes for gone (a writer on another host after
     :data:`STALE_AFTER_S`); a writer checks before its marker, so it never makes visible
-    a prefix whose contents were removed under it. A mark naming a writer whose birth
-    record is gone is a displaced writer's, put back by a heartbeat that read its mark
-    before the take-over (:func:`take_over`): the prefix is still ours. (Between a
-    rerun's mark and its birth record, two PUTs before it writes anything, the writer it
-    takes over from still passes.)"""
+    a prefix whose contents were removed under it."""
+    return _held(uri, path, token) is not None
+
+
+def _held(uri: str, path: str, token: str) -> bool | None:
+    """None: ``path`` is no longer this writer's; True: it is, under its own mark; False:
+    it is, under the mark of a writer with no birth record, a displaced writer's put back
+    by a heartbeat that read its mark before the take-over (:func:`take_over`), which
+    counts for nobody. (Between a rerun's mark and its birth record, two PUTs before it
+    writes anything, the writer it takes over from still passes.)"""
     if not io.exists(uri, io.key(_birth(path, token))):
-        return False
+        return None
     theirs = (writer_of(uri, path) or {}).get("token")
-    return theirs == token or bool(theirs) and not io.exists(uri, io.key(_birth(path, theirs)))
+    if theirs == token:
+        return True
+    return False if theirs and not io.exists(uri, io.key(_birth(path, theirs))) else None
 
 
 def ensure_mine(uri: str, path: str, token: str, what: str, command: str,
@@ -325,7 +339,10 @@ def ensure_mine(uri: str, path: str, token: str, what: str, command: str,
     longer than the staleness window still lands that one write. Closing that needs a
     conditional PUT on the mark's version (S3's ``If-Match``), which neither zarr's chunk
     writes nor s3fs expose, nor a local disk."""
-    if still_mine(uri, path, token):
+    held = _held(uri, path, token)
+    if held is False and token in _MARKS:   # put its mark back now, not at the next beat:
+        _remark(token)   # until then a clean-up judges the prefix by the birth records
+    if held is not None:
         return
     info = writer_of(uri, path) or {}
     other = info if info.get("token") not in (None, token) else None
