@@ -91,9 +91,14 @@ def summary(command: str, result: dict) -> str:
 
 
 def _materialize(r: dict) -> str:
-    lines = [f"{r['store']}: {r['model']}: {r['images']} images generated in "
-             f"{r['blocks_written']} blocks ({r['blocks_skipped']} blocks already stored), "
-             f"{r['bytes'] / 1e6:.1f} MB written in {r['seconds']:.1f} s"]
+    """Blocks a run only added capture kinds to are said apart: their images were
+    regenerated and checked against the stored ones, not generated anew."""
+    regenerated = r.get("regenerated_and_checked", 0)
+    added = (f", {regenerated} regenerated and checked to add capture kinds to "
+             f"{r['blocks_added_to']} stored blocks" if r.get("blocks_added_to") else "")
+    lines = [f"{r['store']}: {r['model']}: {r['images'] - regenerated} images generated in "
+             f"{r['blocks_written']} blocks{added} ({r['blocks_skipped']} blocks already "
+             f"stored), {r['bytes'] / 1e6:.1f} MB written in {r['seconds']:.1f} s"]
     if r.get("grid_png"):
         lines.append(f"sample grid: {r['grid_png']}")
     if r.get("status"):

@@ -78,10 +78,12 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
         summaries = gather(futures, store, "regions", done)
     finally:
         bar.close()
-    blocks = sum(s["blocks_written"] for s in summaries)
+    blocks, added = (sum(s[key] for s in summaries) for key in ("blocks_written",
+                                                                 "blocks_added_to"))
     return {"store": store, "model": plan["model"], "blocks_written": blocks,
-            "blocks_skipped": plan["blocks"] - blocks,
+            "blocks_added_to": added, "blocks_skipped": plan["blocks"] - blocks - added,
             "images": sum(s["images"] for s in summaries),
+            "regenerated_and_checked": sum(s["regenerated_and_checked"] for s in summaries),
             "bytes": sum(s["bytes"] for s in summaries),
             "seconds": time.perf_counter() - t0,
             "regions": len(futures),
