@@ -248,9 +248,15 @@ def _verify(args, catalog) -> dict:
                 "before 2026-12-05) and were regenerated 4 images per call: pass the store's "
                 "--batch-size (the main job's is 8)" if result["blocks_without_batch_size"]
                 else "")
+        cause = "the store and this machine's generation differ"
+        if result["recorded_batch_sizes_overridden"]:
+            made = " or ".join(map(str, result["recorded_batch_sizes_overridden"]))
+            cause = (f"its blocks were made {made} images per UNet call, not --batch-size "
+                     f"{args.batch_size}, which rounds differently: drop --batch-size to "
+                     "regenerate each block with its own")
         raise ActstoreError(f"{len(result['not_reproduced'])} of {result['images']} images not "
-                            f"reproduced ({', '.join(result['not_reproduced'][:4])}); the store "
-                            f"and this machine's generation differ{hint}")
+                            f"reproduced ({', '.join(result['not_reproduced'][:4])}); "
+                            f"{cause}{hint}")
     result.pop("rows")
     return result
 

@@ -33,3 +33,24 @@ def test_capture_adds_kinds_and_says_so(mode, tiny_store, tmp_path, request, cap
     assert main([*MODES[mode], "--quiet", *argv]) == 0      # a rerun: everything is stored
     out = capfd.readouterr().out
     assert "0 images generated in 0 blocks (4 blocks already stored)" in out, out
+
+
+@pytest.mark.parametrize("mode", ["no-prefect", "prefect"])
+def test_verify_names_a_batch_size_other_than_the_blocks(mode, tiny_store, request, capfd):
+    """docs/capture-points.md: `actstore verify ... --batch-size N` is bit for bit only if N
+    is the one the block was made with. With another N every image differed and the line
+    said 'the store and this machine's generation differ', blaming the store for the
+    option; it now names the blocks' own batch size. Writes nothing either way."""
+    from conftest import tree_digest
+
+    if mode == "prefect":
+        request.getfixturevalue("prefect_harness")
+    before = tree_digest(tiny_store)
+    argv = [*MODES[mode], "--quiet", "verify", "--store", tiny_store, "--images", "0:4"]
+    assert main([*argv, "--batch-size", "2"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "its blocks were made 4 images per UNet call, not " \
+                             "--batch-size 2" in err[0] and "generation differ" not in err[0], err
+    assert main([*argv, "--batch-size", str(TINY["batch_size"])]) == 0
+    assert "4/4 images reproduced (bitwise)" in capfd.readouterr().out
+    assert tree_digest(tiny_store) == before

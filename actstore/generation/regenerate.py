@@ -154,7 +154,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
             raise ActstoreError(f"store {store}: has no model {v!r} (has: {', '.join(have)})")
     start, stop = parse_region(images, root["n_images"], root["block_size"])
     table = stored_table(store)
-    rows, loaded, unrecorded = [], {}, 0
+    rows, loaded, unrecorded, overridden = [], {}, 0, set()
     # a control permutes the loaded model in place: the trained variant first, and a
     # permuted model is never reused for another variant
     for variant in sorted(variants, key=lambda v: v != "trained"):
@@ -181,7 +181,10 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
         bar = Progress(sum(b - a for a, b in blocks), gen.steps, f"verify {variant}",
                        enabled=progress)
         for a, b in blocks:
-            batch = batch_size or recorded_batch_size(store, variant, a, b)
+            recorded = recorded_batch_size(store, variant, a, b)
+            if batch_size and recorded and recorded != batch_size:
+                overridden.add(recorded)     # a mismatch is then the option's, not the store's
+            batch = batch_size or recorded
             unrecorded += batch is None
             batch = batch or DEFAULT_BATCH_SIZE
             block = capture_block(m, table.iloc[a:b], gen, points, batch_size=batch,
@@ -195,6 +198,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
             "not_reproduced": [f"{r['model']}:{r['image']}" for r in bad],
             "comparison": "bitwise" if all(r["exact"] for r in rows) else "tolerance (CUDA or other CPU kernels)",
             "blocks_without_batch_size": unrecorded,
+            "recorded_batch_sizes_overridden": sorted(overridden),
             "rows": rows, "table": format_verify(rows)}
 
 
