@@ -103,6 +103,8 @@ def create_zarr(root: str, blocks: dict[str, np.ndarray], copies: int, codec: st
         create_array(root, f"{model}/layers/{layer}/activation", shape=shape, chunks=chunks,
                      shards=shards, dtype=data.dtype, dims=None, codec=codec)
         put_group(root, f"{model}/layers/{layer}")
+    for kind in {layer.split("/")[0] for layer in blocks if "/" in layer}:
+        put_group(root, f"{model}/layers/{kind}")   # block/..., vae/...: a group per kind
     create_array(root, f"{model}/final_image", shape=(b * copies, 1, 1, 3),
                  chunks=(b, 1, 1, 3), dtype="uint8", dims=None)
     for group in (f"{model}/layers", model, "models"):
@@ -123,16 +125,20 @@ def write_npy(root: str, blocks: dict[str, np.ndarray], copies: int) -> None:
     os.makedirs(root, exist_ok=True)
     for layer, data in blocks.items():
         for k in range(copies):
-            np.save(f"{root}/{layer}.{k}.npy", data)
+            np.save(f"{root}/{_file(layer)}.{k}.npy", data)
 
 
-def bound_encoder(root: str):
+def _file(layer: str) -> str:
+    """One file per layer in one folder: a kind's layers are named ``kind/site``."""
+    return layer.replace("/", "--")
+
+
+def bound_encoder(root: str, layer: str):
     """The store's own codec as one numcodecs call: zarr's ``BloscCodec._blosc_codec`` of a
     created array, which carries the typesize zarr derived from the dtype (so the shuffle
     is the store's). None when the chain is not a lone Blosc compressor (bit-rounding's
     filter needs zarr's own pipeline)."""
-    layers = zarr.open_group(root, path="models/m/layers", mode="r")
-    array = layers[f"{next(iter(layers.group_keys()))}/activation"]
+    array = zarr.open_array(root, path=f"models/m/layers/{layer}/activation", mode="r")
     if array.filters:
         return None
     if not array.compressors:
@@ -149,7 +155,7 @@ def write_bound(root: str, blocks: dict[str, np.ndarray], copies: int, encode) -
 
     def one(job: tuple[int, str]) -> None:
         k, layer = job
-        with open(f"{root}/{layer}.{k}", "wb") as f:
+        with open(f"{root}/{_file(layer)}.{k}", "wb") as f:
             f.write(encode(blocks[layer]))
 
     with ThreadPoolExecutor(os.cpu_count()) as pool:
@@ -230,7 +236,7 @@ def main() -> None:
     try:
         for codec in args.codecs.split(","):
             create_zarr(f"{work}/z", blocks, copies, codec)
-            encode = bound_encoder(f"{work}/z")
+            encode = bound_encoder(f"{work}/z", next(iter(blocks)))
             writers = {"npy": lambda p: write_npy(p, blocks, copies),
                        "store": lambda p: write_zarr(p, blocks, copies)}
             if encode is not None:

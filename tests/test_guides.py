@@ -4,11 +4,15 @@ guides say they do."""
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from conftest import DEMO, TINY
+from conftest import DEMO, REPO, TINY
 from flows.cli import main
 
 MODES = {"no-prefect": ["--no-prefect"], "prefect": [], "prefect, 1 worker": []}
@@ -54,3 +58,47 @@ def test_verify_names_a_batch_size_other_than_the_blocks(mode, tiny_store, reque
     assert main([*argv, "--batch-size", str(TINY["batch_size"])]) == 0
     assert "4/4 images reproduced (bitwise)" in capfd.readouterr().out
     assert tree_digest(tiny_store) == before
+
+
+@pytest.fixture(scope="module")
+def kinds_store(tmp_path_factory, tiny_model, tiny_store) -> str:
+    """The reference store as the main job leaves its store: block and vae points beside
+    attn1, labels and a salient probe run over an attn1, a block and the vae point."""
+    from actstore.generation.materialize import MaterializeSettings, materialize
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.label.labels import write_labels
+    from actstore.probe.runs import run_probes
+
+    uri = str(tmp_path_factory.mktemp("kinds") / "store.zarr")
+    shutil.copytree(tiny_store, uri)
+    materialize(tiny_model, DEMO, uri,
+                MaterializeSettings(gen=GenerationConfig(steps=TINY["steps"]),
+                                    batch_size=TINY["batch_size"],
+                                    block_size=TINY["block_size"]).with_options(
+                    kinds=("attn1", "block", "vae")), progress=False)
+    write_labels(uri, "toyworld", ["salient"], progress=False)
+    run_probes(uri, "salient", layers=["up_blocks.3.attentions.0",
+                                       "block/up_blocks.3.attentions.0",
+                                       "vae/decoder.mid_block.attentions.0"],
+               steps=[0], scheduler="threads", progress=False)
+    return uri
+
+
+def _bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    """A benchmark as benchmarks/README.md runs it: from the repository root."""
+    return subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def test_store_write_bench_on_a_store_with_capture_kinds(kinds_store):
+    """benchmarks/README.md: `bench_store_write.py --store runs/main/store.zarr ...` took
+    every layer of the store, and since the main job captures block and vae too, the
+    names `block/...` sent numpy.save into a folder that did not exist (a traceback)."""
+    done = _bench("bench_store_write.py", "--store", kinds_store, "--block", "4", "--mb", "4",
+                  "--repeats", "1", "--codecs", "zstd")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "33 layers" in done.stdout and "/ numpy.save" in done.stdout, done.stdout
+    for writer in ("npy", "store", "bound"):
+        assert re.search(rf"^\s+{writer}\s+cached", done.stdout, re.M), (writer, done.stdout)
+
