@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--provider", help="label provider spec (default: the labels' own; "
                     "pixel labels for the built tiny store)")
     ap.add_argument("--images", help="ids (comma-separated) or START:STOP; default test split")
-    ap.add_argument("--layers", nargs="+", help="default: every layer of the probe run")
+    ap.add_argument("--layers", nargs="+", help="default: every UNet layer of the probe run")
     ap.add_argument("--steps", nargs="+", type=int, help="default: every step of the run")
     ap.add_argument("--n-targets", type=int, default=InterventionSettings.n_targets)
     ap.add_argument("--margin", type=float, default=InterventionSettings.margin,
@@ -136,8 +136,11 @@ def main() -> None:
     from actstore.probe.runs import get_run
     layers, steps = args.layers, args.steps
     if layers is None or steps is None:   # default: every cell the run has probes for
-        attrs = get_run(store, run)
-        layers, steps = layers or attrs["layers"], steps or attrs["steps"]
+        from actstore.generation.points import module_of
+
+        attrs = get_run(store, run)   # that an edit reaches: the VAE decoder does not denoise
+        unet = [la for la in attrs["layers"] if module_of(la).startswith("unet.")]
+        layers, steps = layers or unet, steps or attrs["steps"]
     results: dict[str, list[dict]] = {"projection": [], "gradient": []}
     try:
         for r in range(args.repeats):

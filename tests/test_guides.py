@@ -102,3 +102,15 @@ def test_store_write_bench_on_a_store_with_capture_kinds(kinds_store):
     for writer in ("npy", "store", "bound"):
         assert re.search(rf"^\s+{writer}\s+cached", done.stdout, re.M), (writer, done.stdout)
 
+
+def test_interventions_bench_on_a_store_with_a_vae_probe(kinds_store):
+    """benchmarks/README.md: `bench_interventions.py --store runs/main/store.zarr --target
+    salient ...` edited every layer of the probe run by default, the VAE decoder's
+    included, which no edit reaches: it stopped in a traceback ('the VAE decoder takes no
+    part in denoising'). Its default is now the run's UNet layers."""
+    done = _bench("bench_interventions.py", "--store", kinds_store, "--target", "salient",
+                  "--provider", "toyworld", "--images", "demo-012", "--n-targets", "1",
+                  "--repeats", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 layers × steps [0]" in done.stdout, done.stdout
+    assert re.search(r"^gradient/projection: wall", done.stdout, re.M), done.stdout
