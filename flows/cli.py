@@ -12,6 +12,7 @@ import argparse
 import atexit
 import gc
 import logging
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -243,7 +244,7 @@ def _verify(args, catalog) -> dict:
                     variants=args.models, device=args.device, batch_size=args.batch_size,
                     progress=not args.quiet)
     if result["not_reproduced"]:
-        print(result["table"])
+        write_out(result["table"])
         hint = (f"; {result['blocks_without_batch_size']} blocks record no batch size (made "
                 "before 2026-12-05) and were regenerated 4 images per call: pass the store's "
                 "--batch-size (the main job's is 8)" if result["blocks_without_batch_size"]
@@ -364,8 +365,19 @@ def main(argv: list[str] | None = None) -> int:
                 _exit_promptly()
             return code
     if result is not None:
-        print(as_json(result) if args.json else summary(args.command, result))
+        write_out(as_json(result) if args.json else summary(args.command, result))
     return 0
+
+
+def write_out(text: str) -> None:
+    """A reader that stops early (`actstore show ... | head -1`) closes the pipe once it has
+    what it wanted: the command's work is done, so that is no failure and no traceback.
+    Standard output then goes to /dev/null, or the interpreter's flush at exit would meet
+    the closed pipe again."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

@@ -114,3 +114,18 @@ def test_interventions_bench_on_a_store_with_a_vae_probe(kinds_store):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 layers × steps [0]" in done.stdout, done.stdout
     assert re.search(r"^gradient/projection: wall", done.stdout, re.M), done.stdout
+
+
+@pytest.mark.parametrize("mode", ["no-prefect", "prefect"])
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_reader_that_stops_early_is_no_failure(mode, json_out, explore_store):
+    """`actstore show --store S | head -1`, the way one looks at a store's first line:
+    head closes the pipe, and the command printed a BrokenPipeError traceback, exit 1.
+    Now nothing on stderr, exit 0 (the command's work is done; the reader had enough)."""
+    cmd = [sys.executable, "-m", "flows.cli", *MODES[mode], *(["--json"] if json_out else []),
+           "show", "--store", explore_store]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc.stdout.close()                      # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and err == "", err
