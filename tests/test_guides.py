@@ -129,3 +129,16 @@ def test_a_reader_that_stops_early_is_no_failure(mode, json_out, explore_store):
     proc.stdout.close()                      # the reader is gone before the first line
     err = proc.stderr.read()
     assert proc.wait(timeout=300) == 0 and err == "", err
+
+
+@pytest.mark.parametrize("module", ["persistence", "reach"])
+def test_diagnostics_help_explains_every_option(module):
+    """docs/interventions.md's `python -m actstore.intervene.persistence --store S
+    --probe-run R --layers … --steps … --strength …` and `... reach --store S`: run by
+    hand, so their --help is what a user reads (persistence listed ten options, none
+    explained, as the actstore commands' own test demands of theirs)."""
+    import importlib
+
+    parser = importlib.import_module(f"actstore.intervene.{module}").build_parser()
+    bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
+    assert not bare, f"python -m actstore.intervene.{module}: options without help: {bare}"

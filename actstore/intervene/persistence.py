@@ -110,21 +110,37 @@ def format_persistence(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> OneLineParser:
+    """The options say what they take, as `actstore intervene --help` does: a diagnostic
+    is run by hand, from its --help."""
     p = OneLineParser(prog="python -m actstore.intervene.persistence",
                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", required=True)
-    p.add_argument("--probe-run", required=True)
-    p.add_argument("--layers", nargs="+", default=())
-    p.add_argument("--steps", nargs="+", type=index, default=())
+    p.add_argument("--store", required=True, help="store URI (a folder, s3://...)")
+    p.add_argument("--probe-run", required=True,
+                   help="probe run id whose probes edit and read (see `actstore show`)")
+    p.add_argument("--layers", nargs="+", default=(),
+                   help="capture points to edit, any the probe run has (default: as actstore "
+                        "intervene: salient → up_blocks.* attn1, depth → all attn1)")
+    p.add_argument("--steps", nargs="+", type=index, default=(),
+                   help="steps to edit (default: salient 0-4, depth 0-2); every step the run "
+                        "covers is read")
     p.add_argument("--strength", nargs="+", type=nonneg_float, default=(3.0,),
-                   dest="strengths")
-    p.add_argument("--images", nargs="+", default=None)
-    p.add_argument("--method", default="projection")
+                   dest="strengths", help="edit strength(s) beside the unedited 0 (default 3)")
+    p.add_argument("--images", nargs="+", default=None,
+                   help="image ids or one START:STOP (default: the test split)")
+    p.add_argument("--method", default="projection", help="projection (default) or gradient")
     p.add_argument("--direction", default="probe", help="projection along the probe's "
                    "weights or its activation pattern (as actstore intervene)")
-    p.add_argument("--targets", default="shift")
-    p.add_argument("--n-targets", type=positive_int, default=2)
+    p.add_argument("--targets", default="shift",
+                   help="shift (default), shift-x, insert, or a .npz / folder of targets "
+                        "keyed by image id (as actstore intervene)")
+    p.add_argument("--n-targets", type=positive_int, default=2,
+                   help="targets per image (default 2)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     a = p.parse_args(argv)
     images = a.images[0] if a.images and len(a.images) == 1 and ":" in a.images[0] else a.images
     try:

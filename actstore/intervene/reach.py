@@ -196,10 +196,12 @@ def _fmt(v: float | None) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> OneLineParser:
+    """Every option says what it takes: the diagnostic is run by hand, from its --help."""
     p = OneLineParser(prog="python -m actstore.intervene.reach",
                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", required=True)
+    p.add_argument("--store", required=True,
+                   help="store URI (a folder, s3://...) with depth labels")
     p.add_argument("--images", type=positive_int, default=11,
                    help="first N test images (default 11)")
     p.add_argument("--renders", type=index, default=0, metavar="N",
@@ -210,6 +212,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pitch", type=finite_float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="draw the varied camera's pitch (rad, down > 0) from LO..HI instead "
                         "of its own range, to compare worlds before training on one")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = build_parser()
     a = p.parse_args(argv)
     try:
         r = reach(a.store, n_images=a.images)
