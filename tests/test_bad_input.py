@@ -215,3 +215,29 @@ def test_label_device_is_resolved_as_for_generation(capsys, store_copy):
                  "toyworld", "--target", "depth", "--no-x0", "--device", "auto"]) == 0
     from actstore.label.labels import list_targets
     assert list_targets(store_copy)["depth"]["provider"].startswith("toyworld")
+
+
+@pytest.mark.parametrize("mode", ["no-prefect", "prefect"])
+@pytest.mark.parametrize("where,words", [
+    ("missing", "does not exist"),
+    ("out folder", "exists but is not an actstore store"),   # `main --out`'s, not its store
+    ("no model yet", "holds no complete model yet")])
+def test_probe_on_what_is_not_a_store(capfd, request, tmp_path, explore_store, mode, where,
+                                      words):
+    """`actstore probe --store runs/main --target depth`, the main job's --out folder for its
+    store, or a mistyped path, said 'unexpected IndexError: list index out of range', exit 1:
+    probe looked for model variants without opening the store first."""
+    folder = tmp_path / "out"
+    shutil.copytree(explore_store, folder / "store.zarr")
+    store = {"missing": tmp_path / "nope.zarr", "out folder": folder,
+             "no model yet": folder / "store.zarr"}[where]
+    if where == "no model yet":        # the root's marker written, the variant's not yet
+        (folder / "store.zarr" / "models" / "trained" / "zarr.json").unlink()
+    if mode == "prefect":
+        request.getfixturevalue("prefect_harness")
+    before = tree_digest(tmp_path)
+    flags = ["--no-prefect"] if mode == "no-prefect" else []
+    assert main([*flags, "--quiet", "probe", "--store", str(store), "--target", "depth"]) == 2
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("actstore")]
+    assert len(err) == 1 and words in err[0] and str(store) in err[0], err
+    assert tree_digest(tmp_path) == before

@@ -45,7 +45,11 @@ EMERGENCE_INTERVALS = ("ci_low", "ci_high", "emergence_low", "emergence_high")
 
 
 def _views(store: str, models: list[str] | None) -> list[StoreView]:
+    st.read_root_attrs(store)       # a path that holds no store fails here, in one line
     have = st.model_variants(store)
+    if not have:
+        raise ActstoreError(f"store {store}: holds no complete model yet; finish `actstore "
+                            "materialize` first")
     models = models or have
     views = []
     for m in models:
