@@ -241,3 +241,30 @@ def test_probe_on_what_is_not_a_store(capfd, request, tmp_path, explore_store, m
     err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("actstore")]
     assert len(err) == 1 and words in err[0] and str(store) in err[0], err
     assert tree_digest(tmp_path) == before
+
+
+@pytest.mark.parametrize("mode", ["no-prefect", "prefect"])
+@pytest.mark.parametrize("where", ["no model yet", "region not stored"])
+def test_verify_with_nothing_to_verify(capfd, request, tmp_path, tiny_store, mode, where):
+    """`actstore verify` where no block is stored (its model still being created, or an
+    --images region not materialized yet) said '0/0 images reproduced (bitwise)', exit 0:
+    a pass for a check that compared nothing."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    region = ["--images", "0:8"]
+    if where == "no model yet":
+        (store / "models" / "trained" / "zarr.json").unlink()
+    else:                               # blocks 4:8 and on never recorded
+        for block in (store / "models" / "trained" / "_blocks").iterdir():
+            if block.is_dir() and not block.name.startswith("00000000-"):
+                shutil.rmtree(block)
+        region = ["--images", "4:8"]
+    if mode == "prefect":
+        request.getfixturevalue("prefect_harness")
+    before = tree_digest(store)
+    flags = ["--no-prefect"] if mode == "no-prefect" else []
+    assert main([*flags, "--quiet", "verify", "--store", str(store), *region]) == 2
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("actstore")]
+    assert len(err) == 1 and "no stored image blocks" in err[0], err
+    assert tree_digest(store) == before
+

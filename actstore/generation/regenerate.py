@@ -193,6 +193,11 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
             extra = block.finish()
             rows += _compare_block(store, variant, a, b, block, extra, exact)
         bar.close()
+    if not rows:        # '0/0 images reproduced', exit 0, would read as a pass
+        where = f" in --images {images}" if images else ""
+        raise ActstoreError(f"store {store}: no stored image blocks{where} of "
+                            f"{', '.join(variants) or 'any complete model'} to verify; "
+                            "`actstore materialize` them first")
     bad = [r for r in rows if not r["reproduced"]]
     return {"store": store, "images": len(rows), "reproduced": len(rows) - len(bad),
             "not_reproduced": [f"{r['model']}:{r['image']}" for r in bad],
