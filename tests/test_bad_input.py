@@ -268,3 +268,12 @@ def test_verify_with_nothing_to_verify(capfd, request, tmp_path, tiny_store, mod
     assert len(err) == 1 and "no stored image blocks" in err[0], err
     assert tree_digest(store) == before
 
+
+def test_open_emergence_of_no_store_says_so(tmp_path):
+    """`actstore.open_emergence(path)` of a mistyped path said 'no probe runs yet; run
+    actstore probe', sending the user to probe a store that is not there."""
+    from actstore import ActstoreError, open_emergence
+
+    with pytest.raises(ActstoreError, match="does not exist"):
+        open_emergence(str(tmp_path / "nope.zarr"))
+    assert not (tmp_path / "nope.zarr").exists()

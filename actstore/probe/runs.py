@@ -308,6 +308,7 @@ def emergence(store: str) -> xr.Dataset:
         ds["emergence_step"] = emergence_steps(ds["score"])
         parts.append(ds.expand_dims(target=[target]))
     if not parts:
+        st.read_root_attrs(store)   # a path that holds no store says so, not 'no runs yet'
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
     return xr.concat(parts, dim="target", join="outer")
 
