@@ -142,3 +142,24 @@ def test_diagnostics_help_explains_every_option(module):
     parser = importlib.import_module(f"actstore.intervene.{module}").build_parser()
     bare = [a.option_strings[0] for a in parser._actions if a.option_strings and not a.help]
     assert not bare, f"python -m actstore.intervene.{module}: options without help: {bare}"
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_links_to_a_section_find_it():
+    """A guide's `file.md#section` link lands on that heading: benchmarks/README.md sent
+    readers to results.md#interventions-on-the-toy-model after the heading had grown
+    ': where the representation drives the image' (the page opened at its top)."""
+    guides = [REPO / "README.md", REPO / "benchmarks" / "README.md",
+              *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "models").glob("*/README.md"))]
+    broken = []
+    for guide in guides:
+        for path, anchor in re.findall(r"\]\(([^)\s#]*)#([^)\s]+)\)", guide.read_text()):
+            target = guide.parent / path if path else guide
+            headings = re.findall(r"^#+ (.*)$", target.read_text(), re.M)
+            if anchor not in {_slug(h) for h in headings}:
+                broken.append(f"{guide.relative_to(REPO)}: {path}#{anchor}")
+    assert not broken, broken
