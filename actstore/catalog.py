@@ -32,6 +32,7 @@ import yaml
 from actstore.errors import ActstoreError
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "catalog.schema.json"  # package data
+REPO_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 BUILTIN_MODELS = ("tiny-random",)
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -53,6 +54,17 @@ class Catalog:
     def root(self) -> Path:
         """Relative paths in the catalog are relative to this folder, not to the cwd."""
         return self.path.parent
+
+
+def find_catalog(path: str | None = None) -> Catalog | None:
+    """``--catalog``, else ./catalog.yaml, else the repository's: one lookup for the
+    ``actstore`` commands and the ``python -m`` diagnostics, so a store name that works in
+    one works in the other."""
+    if path:
+        return load_catalog(path)
+    if Path("catalog.yaml").is_file():
+        return load_catalog("catalog.yaml")
+    return load_catalog(REPO_CATALOG) if REPO_CATALOG.is_file() else None
 
 
 def load_catalog(path: str | os.PathLike[str] = "catalog.yaml") -> Catalog:

@@ -25,7 +25,6 @@ from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
 
-REPO_CATALOG = Path(__file__).resolve().parent.parent / "catalog.yaml"
 CAPTURE_HELP = ("capture kinds, comma-separated (default: the store's, else attn1): attn1 "
                 "self-attention, attn2 cross-attention, block Transformer2D output (residual "
                 "stream), resnet ResNet block outputs, vae VAE-decoder mid-block attention; "
@@ -36,16 +35,6 @@ TARGETS = ("salient", "depth", "shading")
 DESCRIPTION = ("Store a latent diffusion model's activations (every self-attention layer, "
                "image and denoising step) in Zarr, label probe targets, fit probes over "
                "layers x steps and edit generations with them (README.md, docs/).")
-
-
-def _catalog(path: str | None):
-    from actstore.catalog import load_catalog
-
-    if path:
-        return load_catalog(path)
-    if Path("catalog.yaml").is_file():
-        return load_catalog("catalog.yaml")
-    return load_catalog(REPO_CATALOG) if REPO_CATALOG.is_file() else None
 
 
 def _common(top: bool) -> argparse.ArgumentParser:
@@ -330,7 +319,9 @@ def _run(args) -> dict:
     if args.no_prefect and args.verbose:
         logging.basicConfig(level=logging.INFO)
     check_figure_outputs(args)
-    catalog = _catalog(args.catalog)
+    from actstore.catalog import find_catalog
+
+    catalog = find_catalog(args.catalog)
     if args.storage_options is not None:
         use_storage_options(args, catalog)
     return COMMANDS[args.command](args, catalog)

@@ -48,6 +48,16 @@ def tiny_store(tmp_path_factory, tiny_model) -> str:
     return uri
 
 
+def store_catalog(folder: Path, uri: str, name: str = "iv") -> str:
+    """A catalog.yaml in ``folder`` naming store ``uri`` ``name``; its path, for --catalog."""
+    path = folder / "catalog.yaml"
+    path.write_text("models:\n  tiny:\n    builtin: tiny-random\n"
+                    f"prompt_sets:\n  demo:\n    path: {DEMO}\n"
+                    f"stores:\n  {name}:\n    uri: {uri}\n    model: tiny\n    prompts: demo\n",
+                    encoding="utf-8")
+    return str(path)
+
+
 def cli(*args: str, timeout: float = 600, env: dict | None = None,
         **popen) -> subprocess.CompletedProcess:
     """Run the real command line in a fresh process, as a user would."""

@@ -13,7 +13,7 @@ from actstore.intervene.settings import InterventionSettings as IS
 from actstore.intervene.targets import token_targets
 from actstore.probe.runs import load_probe
 from actstore.store.view import open_store
-from conftest import IV_LAYERS, IV_STEPS, PixelLabels
+from conftest import IV_LAYERS, IV_STEPS, PixelLabels, store_catalog
 
 
 def test_unedited_readings_equal_the_probes_on_stored_activations(ivstore, tiny_model):
@@ -42,6 +42,28 @@ def test_unedited_readings_equal_the_probes_on_stored_activations(ivstore, tiny_
     assert res["edited_steps"] == [0]
     assert not np.allclose(res["per_row"][1][:, 1], res["per_row"][0][:, 1])
     assert np.isfinite(res["final"]).all()
+
+
+def _refused(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1, err
+    return err[0]
+
+
+def test_store_is_a_catalog_name_or_a_path(ivstore, tmp_path, capsys):
+    """As every actstore command's --store: a catalog name reads its store (this one's
+    label provider is the tests' own, so both stop at the same point past reading the probe
+    run), and an unknown name is the same one line as an actstore command's, exit 2."""
+    catalog = store_catalog(tmp_path, ivstore["uri"])
+    argv = ["--probe-run", ivstore["runs"]["depth"], "--layers", IV_LAYERS[0], "--steps", "0"]
+    by_path = _refused(capsys, ["--store", ivstore["uri"], *argv])
+    assert "label provider pixel-test" in by_path
+    assert _refused(capsys, ["--catalog", catalog, "--store", "iv", *argv]) == by_path
+    assert _refused(capsys, ["--catalog", catalog, "--store", "ivv", *argv]) == (
+        "python -m actstore.intervene.persistence: error: store ivv: does not exist; create "
+        "it with `actstore materialize`")
 
 
 def test_bad_step_is_one_line_and_nonzero(ivstore, capsys):

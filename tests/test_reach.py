@@ -8,6 +8,7 @@ import pytest
 from actstore.errors import ActstoreError
 from actstore.intervene.reach import main, object_moved, reach
 from actstore.intervene.targets import translate
+from conftest import store_catalog
 
 
 def test_object_moved_reaches_the_shifted_map_when_the_background_is_uniform():
@@ -45,6 +46,18 @@ def _refused(capsys, argv: list[str]) -> str:
     prefix = "python -m actstore.intervene.reach: error: "
     assert err[0].startswith(prefix), err
     return err[0][len(prefix):]
+
+
+def test_store_is_a_catalog_name_or_a_path(ivstore, tmp_path, capsys):
+    """As every actstore command's --store: a catalog name reads its store, and an unknown
+    one is the same one line as an actstore command's, exit 2."""
+    catalog = store_catalog(tmp_path, ivstore["uri"])
+    main(["--store", ivstore["uri"], "--images", "3"])
+    by_path = capsys.readouterr().out
+    main(["--catalog", catalog, "--store", "iv", "--images", "3"])
+    assert capsys.readouterr().out == by_path and "fixed map" in by_path
+    assert _refused(capsys, ["--catalog", catalog, "--store", "ivv"]) == \
+        "store ivv: does not exist; create it with `actstore materialize`"
 
 
 def test_reach_without_labels_is_one_line(tiny_store, capsys):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from actstore.catalog import find_catalog, resolve_store
 from actstore.cliargs import OneLineParser, index, nonneg_float, positive_int
 from actstore.errors import ActstoreError
 from actstore.generation.points import hooks
@@ -115,7 +116,10 @@ def build_parser() -> OneLineParser:
     is run by hand, from its --help."""
     p = OneLineParser(prog="python -m actstore.intervene.persistence",
                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--store", required=True, help="store URI (a folder, s3://...)")
+    p.add_argument("--store", required=True,
+                   help="store URI (a folder, s3://...) or catalog store name")
+    p.add_argument("--catalog", help="catalog.yaml to resolve --store (default: "
+                   "./catalog.yaml, else the repository's)")
     p.add_argument("--probe-run", required=True,
                    help="probe run id whose probes edit and read (see `actstore show`)")
     p.add_argument("--layers", nargs="+", default=(),
@@ -149,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
                                         method=a.method, direction=a.direction,
                                         targets=a.targets,
                                         n_targets=a.n_targets)
-        print(format_persistence(persistence(a.store, a.probe_run, settings)))
+        store = resolve_store(find_catalog(a.catalog), a.store)["uri"]
+        print(format_persistence(persistence(store, a.probe_run, settings)))
     except ActstoreError as exc:
         p.fail(exc)
 

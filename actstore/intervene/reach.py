@@ -31,6 +31,7 @@ import warnings
 
 import numpy as np
 
+from actstore.catalog import find_catalog, resolve_store
 from actstore.cliargs import OneLineParser, finite_float, index, positive_int
 from actstore.errors import ActstoreError
 from actstore.intervene.targets import make_targets, translate
@@ -201,7 +202,10 @@ def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m actstore.intervene.reach",
                       description=__doc__.split("\n\n")[0])
     p.add_argument("--store", required=True,
-                   help="store URI (a folder, s3://...) with depth labels")
+                   help="store URI (a folder, s3://...) or catalog store name, with depth "
+                        "labels")
+    p.add_argument("--catalog", help="catalog.yaml to resolve --store (default: "
+                   "./catalog.yaml, else the repository's)")
     p.add_argument("--images", type=positive_int, default=11,
                    help="first N test images (default 11)")
     p.add_argument("--renders", type=index, default=0, metavar="N",
@@ -219,8 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     p = build_parser()
     a = p.parse_args(argv)
     try:
-        r = reach(a.store, n_images=a.images)
-        w = render_reach(a.store, tuple(a.camera), n_renders=a.renders, n_images=a.images,
+        store = resolve_store(find_catalog(a.catalog), a.store)["uri"]
+        r = reach(store, n_images=a.images)
+        w = render_reach(store, tuple(a.camera), n_renders=a.renders, n_images=a.images,
                          pitch=None if a.pitch is None else tuple(a.pitch)) \
             if a.renders else None
     except ActstoreError as exc:
