@@ -76,7 +76,7 @@ def begin(store: str, targets: list[str], job: str | None = None,
             _resume(store, paths, job, marked)
         else:
             _mark(store, paths, job, marked)
-        _check_mine(store, paths)   # taken over already: the clean-up is not ours to do
+        check_owned(store, tokens(paths))   # taken over already: the clean-up is not ours to do
         collect(store, targets)
         io.sweep_partials(store, lay.LABELS)
     except BaseException:   # the marks this call made are this failed run's, for the next
@@ -199,21 +199,21 @@ def abort(store: str, paths: dict[str, str]) -> None:
 
 def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str:
     """Make every target of ``paths`` visible at once: one PUT of the commit record."""
-    _check_mine(store, paths)   # a run that took this one over may have committed them
+    check_owned(store, tokens(paths))   # a run that took this one over may have committed them
     for t, path in paths.items():
         io.put_group(store, path, attrs[t])     # plain zarr readers see the attrs there too
         if lay.LABEL_TARGET_KEY not in (io.node_attrs(store, lay.label_target_path(t)) or {}):
             io.put_group(store, lay.label_target_path(t))
     io.put_group(store, f"{lay.LABELS}/{lay.COMMITS}")
     io.put_group(store, lay.LABELS)
-    _check_mine(store, paths)
+    check_owned(store, tokens(paths))
     # after every commit seen: the newest commit is current, so one drawn by a clock that
     # runs behind another host's would otherwise never be
     cid = commit.new_id("c", max((c for c, _ in _commits(store)), default=None))
     record = {t: {**attrs[t], "version": path.rsplit("/", 1)[-1]} for t, path in paths.items()}
     io.put_group(store, lay.label_commit_path(cid), {lay.LABELS_COMMIT_KEY: record})
     try:
-        _check_mine(store, paths, cid)   # a removal that began before the record landed
+        check_owned(store, tokens(paths), cid)   # a removal that began before the record landed
     except ActstoreError:
         io.remove(store, lay.label_commit_path(cid))
         raise
@@ -221,12 +221,6 @@ def commit_set(store: str, paths: dict[str, str], attrs: dict[str, dict]) -> str
         commit.end(store, path)
     collect(store, list(paths))
     return cid
-
-
-def _check_mine(store: str, paths: dict[str, str], mine: str | None = None) -> None:
-    """Fail if another command removed or took over one of these versions, taking this run
-    for gone."""
-    check_owned(store, tokens(paths), mine)
 
 
 def collect(store: str, targets: list[str], now: float | None = None) -> None:
