@@ -22,10 +22,14 @@ import time
 from pathlib import Path
 
 os.environ["ACTSTORE_THREADS"] = "1"   # one torch thread per process, workers included
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+from flows.cli_env import quiet_libraries  # noqa: E402
+
+# as the actstore commands: no Prefect telemetry (offline, each temporary server logged an
+# ERROR line failing to send it), no Hub lookups, no model-load chatter
+quiet_libraries()
 TARGETS = ["depth", "salient", "shading"]
 
 
