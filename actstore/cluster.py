@@ -301,45 +301,6 @@ def stop_if_cancelled() -> None:
                             "its scheduler); its completed blocks are kept")
 
 
-def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
-    """Workers of the scheduler at ``address`` (count, and how many offer a GPU resource),
-    or a one-line error within about ``2 × timeout`` seconds if no scheduler answers (a
-    server of another kind can keep distributed's handshake waiting far longer, so the
-    wait is bounded here, in a daemon thread that is abandoned if it hangs)."""
-    hint = (f"start one with `dask scheduler` and its workers with `dask worker {address}`, "
-            "or use --workers N for a local cluster")
-    if "://" not in address and ":" not in address:
-        raise ActstoreError(f"--cluster {address}: not a scheduler address; use "
-                            "tcp://HOST:PORT (what `dask scheduler` prints)")
-    answer: dict = {}
-
-    def ask() -> None:
-        from distributed import Client
-
-        try:
-            with Client(address, timeout=timeout) as client:
-                try:
-                    client.wait_for_workers(1, timeout=timeout)
-                except TimeoutError:
-                    answer["error"] = (f"the scheduler answers but has no workers after "
-                                       f"{timeout:g} s")
-                    return
-                answer["workers"] = list(client.scheduler_info(n_workers=-1)["workers"].values())
-        except Exception as exc:  # noqa: BLE001 - whatever went wrong, it is not a scheduler
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            answer["error"] = f"no Dask scheduler answered ({why[:160]})"
-
-    thread = threading.Thread(target=ask, daemon=True, name="actstore-check-scheduler")
-    thread.start()
-    thread.join(2 * timeout + 1)
-    if "workers" not in answer:
-        why = answer.get("error", f"no Dask scheduler answered within {2 * timeout + 1:g} s")
-        raise ActstoreError(f"--cluster {address}: {why}; {hint}")
-    workers = answer["workers"]
-    return {"address": address, "workers": len(workers),
-            "gpu_workers": sum(1 for w in workers if w.get("resources", {}).get("GPU"))}
-
-
 def tune_malloc() -> bool:
     """Set this process's malloc thresholds (see MALLOC_MMAP_THRESHOLD) once, before it loads
     a model; False where the C library has no ``mallopt`` (not glibc), which changes nothing

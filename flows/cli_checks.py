@@ -89,7 +89,7 @@ def check_fan_out(args, what: str) -> None:
         raise ActstoreError(f"--workers/--cluster run {what} as Prefect task runs on Dask; "
                             "drop --no-prefect")
     if args.cluster:
-        from actstore.cluster import check_scheduler as check_cluster
+        from actstore.cluster_checks import check_scheduler as check_cluster
 
         check_cluster(args.cluster)
 

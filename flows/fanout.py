@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator
 
 from prefect.futures import PrefectFuture
 
-from actstore.cluster import check_scheduler, local_workers
+from actstore.cluster import local_workers
+from actstore.cluster_checks import NoAbleWorker, WorkerWatch, check_scheduler
 from actstore.errors import ActstoreError
 
 REGION_RETRIES = 2
@@ -69,10 +70,12 @@ def on_gpus(gpu: bool):
     return dask.annotate(resources={"GPU": 1}) if gpu else nullcontext()
 
 
-def finished(futures: list[PrefectFuture]) -> Iterator[PrefectFuture]:
+def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None
+             ) -> Iterator[PrefectFuture]:
     """Each of Prefect's task futures as it finishes, waiting in slices of WAKE_SECONDS
     (:func:`prefect.futures.as_completed` waits without a timeout), so a Ctrl-C takes
-    effect at once however long the running tasks take."""
+    effect at once however long the running tasks take, and ``watch`` sees whether the
+    scheduler still has a worker able to run them."""
     ends: queue.SimpleQueue = queue.SimpleQueue()
     for future in futures:
         future.add_done_callback(ends.put)
@@ -82,8 +85,32 @@ def finished(futures: list[PrefectFuture]) -> Iterator[PrefectFuture]:
                 future = ends.get(timeout=WAKE_SECONDS)
                 break
             except queue.Empty:
-                continue
+                if watch is not None:
+                    watch.check()
         yield future
+
+
+class WorkersLost(BlocksFailed):
+    """No worker able to run the tasks for the grace period: every worker left (or every
+    one offering the GPU resource the tasks ask for), and Dask would keep them pending."""
+
+
+def watch_workers(futures: list, store: str, what: str, gpu: bool) -> WorkerWatch | None:
+    """A :class:`WorkerWatch` on the scheduler ``futures`` went to (None: not Dask's)."""
+    client = next((getattr(getattr(f, "wrapped_future", None), "client", None)
+                   for f in futures), None)
+    if client is None:
+        return None
+    return WorkerWatch(client, store, what, resource="GPU" if gpu else None)
+
+
+@contextmanager
+def workers_lost():
+    """:class:`NoAbleWorker` as :class:`WorkersLost`: the run's blocks stay to resume."""
+    try:
+        yield
+    except NoAbleWorker as exc:
+        raise WorkersLost(*exc.args) from None
 
 
 class SchedulerLost(BlocksFailed):
@@ -119,28 +146,33 @@ def _not_cancelled(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
-def result_of(future: PrefectFuture, store: str, what: str) -> Any:
-    """One task future's result, waited for as :func:`finished` waits."""
-    for done in finished([future]):
-        done.wait()
-        check_scheduler_kept(done, store, what)
-        return done.result()
+def result_of(future: PrefectFuture, store: str, what: str, gpu: bool = False) -> Any:
+    """One task future's result, waited for as :func:`finished` waits (``gpu``: the task
+    asks for a GPU resource)."""
+    with workers_lost():
+        for done in finished([future], watch_workers([future], store, what, gpu)):
+            done.wait()
+            check_scheduler_kept(done, store, what)
+            return done.result()
 
 
 def gather(futures: list, store: str, what: str,
-           on_done: Callable[[dict], None] = lambda summary: None) -> list[dict]:
+           on_done: Callable[[dict], None] = lambda summary: None, *,
+           gpu: bool = False) -> list[dict]:
     """Every task's result, in the order they finish (``on_done`` sees each: a progress
-    bar). Bad input raises its own one-line error; other failures, one line saying how
-    many of ``what`` failed and that rerunning resumes."""
+    bar; ``gpu``: the tasks ask for a GPU resource). Bad input raises its own one-line
+    error; other failures, one line saying how many of ``what`` failed and that rerunning
+    resumes."""
     done, errors = [], []
-    for future in finished(futures):
-        future.wait()
-        check_scheduler_kept(future, store, what)
-        if future.state.is_completed():
-            done.append(future.result())
-            on_done(done[-1])
-        else:
-            errors.append(future.state.result(raise_on_failure=False))
+    with workers_lost():
+        for future in finished(futures, watch_workers(futures, store, what, gpu)):
+            future.wait()
+            check_scheduler_kept(future, store, what)
+            if future.state.is_completed():
+                done.append(future.result())
+                on_done(done[-1])
+            else:
+                errors.append(future.state.result(raise_on_failure=False))
     bad = [e for e in errors if isinstance(e, ActstoreError)]
     if bad:
         raise bad[0]

@@ -66,7 +66,7 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     t0 = time.perf_counter()
     with on_gpus(gpu):
         plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers),
-                         store, "planning task")
+                         store, "planning task", gpu)
         eid = plan["experiment_id"]
         futures = [block_group_task.submit(store, probe_run, settings, g, experiment_id=eid)
                    for g in plan["groups"]]
@@ -75,13 +75,14 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
                    enabled=progress)
     try:
         done = gather(futures, store, "intervention block groups",
-                      lambda d: bar.step(d["images"] * plan["per_image"] * plan["steps"]))
+                      lambda d: bar.step(d["images"] * plan["per_image"] * plan["steps"]),
+                      gpu=gpu)
     finally:
         bar.close()
     with on_gpus(gpu):
         summary = result_of(finish_blocks_task.submit(
             store, probe_run, settings, experiment_id=eid,
-            written=sum(d["blocks_written"] for d in done)), store, "summary task")
+            written=sum(d["blocks_written"] for d in done)), store, "summary task", gpu)
     return {**summary, "seconds": time.perf_counter() - t0, "workers": workers,
             "groups": len(futures), "groups_by_worker": dict(Counter(d["worker"] for d in done))}
 

@@ -54,7 +54,7 @@ def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | 
                    f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress)
     try:
         return gather(futures, job.store, "label block groups",
-                      lambda done: bar.step(done["images"] * per_image))
+                      lambda done: bar.step(done["images"] * per_image), gpu=gpu)
     finally:
         bar.close()
 

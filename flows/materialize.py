@@ -63,7 +63,7 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
     at once; Dask runs as many as it has workers (or GPUs)."""
     with on_gpus(gpu):
         plan = result_of(plan_task.submit(model, prompts, store, settings, images=images,
-                                          workers=workers), store, "planning task")
+                                          workers=workers), store, "planning task", gpu)
         futures = [region_task.submit(model, prompts, store, settings, images=region)
                    for region in plan["regions"]]
     steps = settings.gen.steps
@@ -75,7 +75,7 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
         bar.step(summary["images"] * steps)
         bar.images(summary["images"], summary["bytes"])
     try:
-        summaries = gather(futures, store, "regions", done)
+        summaries = gather(futures, store, "regions", done, gpu=gpu)
     finally:
         bar.close()
     blocks, added = (sum(s[key] for s in summaries) for key in ("blocks_written",

@@ -128,7 +128,8 @@ def _closed_port() -> int:
 
 
 def test_a_scheduler_that_does_not_answer_is_one_line_within_seconds(tiny_store, tmp_path):
-    from actstore.cluster import SCHEDULER_TIMEOUT, check_scheduler
+    from actstore.cluster import SCHEDULER_TIMEOUT
+    from actstore.cluster_checks import check_scheduler
     from actstore.errors import ActstoreError
 
     silent = _silent_port()

@@ -24,12 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-import dask
 import numpy as np
 import zarr
 from dask import delayed
 
 from actstore.cluster import names_worker
+from actstore.cluster_checks import compute
 from actstore.errors import ActstoreError
 from actstore.kinds import BINARY
 from actstore.probe import logistic as lg
@@ -348,13 +348,14 @@ def probe_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: i
     store positions of the test images)."""
     fit = fit_graph(src, split, steps, n_folds, lambdas)
     parts, order = score_graph(src, split, steps, fit, label_spearman)
-    fit, *scores = dask.compute(fit, *parts, scheduler=scheduler)
+    fit, *scores = compute(fit, *parts, scheduler=scheduler, store=src.uri)
     return fit, np.concatenate(scores, axis=1), order
 
 
 def fit_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: int = 5,
               lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler=None) -> LayerFit:
-    (fit,) = dask.compute(fit_graph(src, split, steps, n_folds, lambdas), scheduler=scheduler)
+    (fit,) = compute(fit_graph(src, split, steps, n_folds, lambdas), scheduler=scheduler,
+                     store=src.uri)
     return fit
 
 
@@ -362,4 +363,4 @@ def score_layer(src: LayerSource, split: Split, steps: np.ndarray, fit: LayerFit
                 *, scheduler=None, label_spearman: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-image test scores (metric, test image, step) and the test images' positions."""
     parts, order = score_graph(src, split, steps, fit, label_spearman)
-    return np.concatenate(dask.compute(*parts, scheduler=scheduler), axis=1), order
+    return np.concatenate(compute(*parts, scheduler=scheduler, store=src.uri), axis=1), order
