@@ -1,14 +1,17 @@
 """What a command checks of a user's Dask cluster (``--cluster``/``--scheduler ADDRESS``):
-that a scheduler answers with workers, and, while its tasks wait, that some worker can
-still run them. Dask alone keeps tasks no worker can run pending for ever: a command whose
-workers all left (or every worker offering the ``GPU`` resource its tasks ask for) waited
-without end (2026-12-05)."""
+that a scheduler answers with workers, that they run this process's code, and, while its
+tasks wait, that some worker can still run them. Dask alone keeps tasks no worker can run
+pending for ever: a command whose workers all left (or every worker offering the ``GPU``
+resource its tasks ask for) waited without end (2026-12-05)."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import threading
 import time
+from pathlib import Path
 
 from actstore.cluster import SCHEDULER_TIMEOUT
 from actstore.errors import ActstoreError
@@ -19,6 +22,13 @@ from actstore.errors import ActstoreError
 # that a user finds out within the minute that the cluster lost its workers.
 WORKER_GRACE = 60.0
 GRACE_ENV = "ACTSTORE_WORKER_GRACE"
+# Packages whose versions decide the bytes a worker stores: the activations (torch, diffusers,
+# transformers' text encoder), their encoding (numpy, zarr, numcodecs), the probe statistics
+# (scipy's BLAS), and actstore itself (whose version string stays 0.1.0 from commit to commit:
+# its source is compared too, see source_digest).
+CODE_PACKAGES = ("actstore", "numpy", "scipy", "torch", "diffusers", "transformers", "zarr",
+                 "numcodecs")
+CODE_CHECK_TIMEOUT = 30.0   # seconds the workers get to say which code they run
 WORKER_POLL_SECONDS = 1.0   # how often a waiting command asks its scheduler for its workers
 WAKE_SECONDS = 0.25         # how often a waiting probe grid looks at its futures
 
@@ -117,11 +127,80 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
         raise
 
 
+@functools.cache
+def source_digest() -> tuple[str, str]:
+    """sha256 of the actstore package this process imported (each ``.py`` file's path in
+    the package and its bytes, in path order) and the folder it came from; once per process
+    (89 files: 3 ms). The source, not a version or a commit id: the version string is the
+    same for every commit, and a worker's copy (an older checkout, a copy on its
+    PYTHONPATH, an installed wheel) has no git history to ask; package data (the catalog
+    schema) and bytecode decide nothing a store holds."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        data = path.read_bytes()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
+        digest.update(data)
+    return digest.hexdigest(), str(root)
+
+
+def check_worker_code(client, where: str) -> None:
+    """Refuse a cluster with a worker that runs other code than this process: another
+    version of a package in :data:`CODE_PACKAGES` or other actstore source (a ``dask
+    worker`` started from another checkout or environment may write a store differently).
+    One line naming the worker, the package and both versions; ``where`` names the
+    option (``--cluster ADDRESS``). Distributed's own version report for the packages, and
+    :func:`source_digest` run on each worker for actstore's source."""
+    fix = ("every worker must run this process's actstore and libraries, which decide the "
+           "bytes stored: start it from the same checkout and environment, or stop it; "
+           "nothing was written")
+    versions = client.get_versions(packages=list(CODE_PACKAGES))
+    here = versions["client"]["packages"]
+    for address, info in sorted(versions["workers"].items()):
+        theirs = (info or {}).get("packages") or {}
+        for package in CODE_PACKAGES:
+            if theirs.get(package) != here.get(package):
+                raise ActstoreError(
+                    f"{where}: Dask worker {address} has {package} "
+                    f"{theirs.get(package) or 'not installed'}, this process "
+                    f"{here.get(package) or 'not installed'}; {fix}")
+    mine, folder = source_digest()
+    for address, got in sorted(client.run(source_digest, on_error="return").items()):
+        if isinstance(got, BaseException):       # an actstore without this function
+            theirs = f"an actstore that cannot say ({type(got).__name__}: {got})"
+        elif tuple(got)[0] != mine:
+            theirs = f"source sha256 {got[0][:12]} of {got[1]}"
+        else:
+            continue
+        raise ActstoreError(f"{where}: Dask worker {address} runs other actstore code than "
+                            f"this process ({theirs}; here {mine[:12]} of {folder}); {fix}")
+
+
+def check_client_code(scheduler) -> None:
+    """:func:`check_worker_code` for a distributed ``scheduler`` a caller handed over (the
+    probe grid's ``--scheduler ADDRESS``, a Client in Python); nothing for dask's local
+    schedulers or an in-process cluster, which run this process's code."""
+    import sys
+
+    distributed = sys.modules.get("distributed")
+    if distributed is None or not isinstance(scheduler, distributed.Client):
+        return
+    address = str(getattr(scheduler.scheduler, "address", "") or "")
+    if not address.startswith("inproc://"):
+        check_worker_code(scheduler, f"dask scheduler {address}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:160] if text else type(exc).__name__
+
+
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
     """Workers of the scheduler at ``address`` (count, and how many offer a GPU resource),
     or a one-line error within about ``2 × timeout`` seconds if no scheduler answers (a
     server of another kind can keep distributed's handshake waiting far longer, so the
-    wait is bounded here, in a daemon thread that is abandoned if it hangs)."""
+    wait is bounded here, in a daemon thread that is abandoned if it hangs), or if a
+    worker runs other code (:func:`check_worker_code`, given CODE_CHECK_TIMEOUT more)."""
     hint = (f"start one with `dask scheduler` and its workers with `dask worker {address}`, "
             "or use --workers N for a local cluster")
     if "://" not in address and ":" not in address:
@@ -141,9 +220,17 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
                                        f"{timeout:g} s")
                     return
                 answer["workers"] = list(client.scheduler_info(n_workers=-1)["workers"].values())
+                try:
+                    check_worker_code(client, f"--cluster {address}")
+                    answer["code"] = None
+                except ActstoreError as exc:
+                    answer["code"] = exc
+                except Exception as exc:  # noqa: BLE001 - a worker gone or not answering
+                    answer["code"] = ActstoreError(
+                        f"--cluster {address}: its workers did not say which code they run "
+                        f"({_first_line(exc)}); rerun once they answer")
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, it is not a scheduler
-            why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            answer["error"] = f"no Dask scheduler answered ({why[:160]})"
+            answer["error"] = f"no Dask scheduler answered ({_first_line(exc)})"
 
     thread = threading.Thread(target=ask, daemon=True, name="actstore-check-scheduler")
     thread.start()
@@ -151,6 +238,12 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
     if "workers" not in answer:
         why = answer.get("error", f"no Dask scheduler answered within {2 * timeout + 1:g} s")
         raise ActstoreError(f"--cluster {address}: {why}; {hint}")
+    thread.join(CODE_CHECK_TIMEOUT)
+    if "code" not in answer:
+        raise ActstoreError(f"--cluster {address}: its workers did not say which code they "
+                            f"run within {CODE_CHECK_TIMEOUT:g} s; rerun once they answer")
+    if answer["code"] is not None:
+        raise answer["code"]
     workers = answer["workers"]
     return {"address": address, "workers": len(workers),
             "gpu_workers": sum(1 for w in workers if w.get("resources", {}).get("GPU"))}

@@ -27,6 +27,7 @@ import numpy as np
 import xarray as xr
 
 import actstore
+from actstore.cluster_checks import check_client_code
 from actstore.store import commit, io, labelsets
 from actstore.store import core as st
 from actstore.store import layout as lay
@@ -126,6 +127,7 @@ def run_probes(store: str, target: str, settings: ProbeSettings | None = None, *
     ``distributed.Client`` if there is one; ``"threads"``, ``"sync"``, a Client). Labels
     for ``target`` must be in the store (:func:`actstore.write_labels`)."""
     settings = (settings or ProbeSettings()).with_options(**options)
+    check_client_code(scheduler)      # a user's workers run this code, before any task
     with task_threads(), small_pages():   # parallelism comes from Dask's threads
         return _run_probes(store, target, settings, scheduler, progress)
 

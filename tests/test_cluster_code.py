@@ -1,0 +1,100 @@
+"""A user's cluster with a worker that runs other code than the command: a ``dask worker``
+subprocess whose PYTHONPATH puts a changed copy of actstore first (another checkout), or
+another numcodecs install (another environment). The command refuses the cluster in one
+line naming that worker, the package and both versions, exit 2, before anything is
+written; a worker running the same code beside it is accepted (test_cluster_workers)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO, REPO, tree_digest
+from test_cli import api, one_line, run  # noqa: F401 - api: a fixture
+from test_cluster_workers import UserCluster, user_cluster  # noqa: F401 - a fixture
+
+
+def changed_actstore(tmp_path: Path) -> Path:
+    """A folder holding a copy of actstore with one file changed (a comment)."""
+    alt = tmp_path / "other-checkout"
+    shutil.copytree(REPO / "actstore", alt / "actstore",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    codecs = alt / "actstore" / "store" / "codecs.py"
+    codecs.write_text(codecs.read_text() + "\n# changed in another checkout\n")
+    return alt
+
+
+def other_numcodecs(tmp_path: Path) -> Path:
+    """A folder whose installed-package record says numcodecs 0.0.1."""
+    site = tmp_path / "other-env"
+    info = site / "numcodecs-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: numcodecs\nVersion: 0.0.1\n")
+    return site
+
+
+def start_pair(cluster: UserCluster, first_on_path: Path) -> str:
+    """A worker with this checkout's code and one with ``first_on_path`` before it; the
+    second one's address."""
+    from distributed import Client
+
+    cluster.worker()
+    cluster.worker(env={**cluster.env, "PYTHONPATH": f"{first_on_path}{os.pathsep}{REPO}"})
+    cluster.wait_for(2)
+    with Client(cluster.address, timeout=30) as client:
+        paths = client.run(lambda: __import__("sys").path[:3])
+    (other,) = [w for w, path in paths.items() if str(first_on_path) in path]
+    return other
+
+
+def test_a_worker_with_other_actstore_source_is_refused_naming_it(tmp_path, user_cluster,
+                                                                  api, explore_store):
+    from distributed import Client
+
+    from actstore.errors import ActstoreError
+    from actstore.probe.runs import run_probes
+    from conftest import EXPLORE_LAYERS
+
+    other = start_pair(user_cluster, changed_actstore(tmp_path))
+    store = tmp_path / "s.zarr"
+    res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
+              str(store), "--steps", "2", "--images", "0:4", "--cluster",
+              user_cluster.address, api=api, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = one_line(res.stderr)
+    assert f"--cluster {user_cluster.address}: Dask worker {other} runs other actstore " \
+           "code than this process" in line, line
+    assert "other-checkout" in line and "nothing was written" in line
+    assert not store.exists()
+    # the probe grid on the same scheduler (``probe --scheduler ADDRESS``)
+    probed = tmp_path / "p.zarr"
+    shutil.copytree(explore_store, probed)
+    before = tree_digest(probed)
+    with Client(user_cluster.address, timeout=30) as client, \
+            pytest.raises(ActstoreError, match=f"Dask worker {other} runs other actstore"):
+        run_probes(str(probed), "salient", layers=EXPLORE_LAYERS[:1], steps=[0],
+                   scheduler=client, progress=False)
+    assert tree_digest(probed) == before
+
+
+def test_a_worker_with_another_numcodecs_is_refused_naming_both_versions(
+        tmp_path, user_cluster, api, tiny_store):
+    import numcodecs
+
+    from importlib.metadata import version
+
+    other = start_pair(user_cluster, other_numcodecs(tmp_path))
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    before = tree_digest(store)
+    res = run("label", "--store", str(store), "--provider", "toyworld", "--target", "depth",
+              "--cluster", user_cluster.address, api=api, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = one_line(res.stderr)
+    assert f"Dask worker {other} has numcodecs 0.0.1, this process " \
+           f"{version('numcodecs')}" in line, line
+    assert numcodecs.__version__ == version("numcodecs")
+    assert tree_digest(store) == before
