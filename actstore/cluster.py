@@ -77,22 +77,50 @@ def dask_worker_name() -> str | None:
     return f"{worker.address} ({worker_id()})"
 
 
+ON_WORKER = "on Dask worker "
+
+
 def names_worker(fn: Callable[..., T]) -> Callable[..., T]:
     """A fan-out or probe-grid task whose one-line errors name the Dask worker that met
     them. A worker started elsewhere has its own environment (credentials, model files,
     folders): its "no credentials found" is false of the shell the user reads it in
     (2026-12-05, a ``--cluster`` materialize to S3 with the credentials in the submitting
-    shell only)."""
+    shell only), and so is its "Read-only file system" for a folder the shell can write.
+    An :class:`ActstoreError` (one line, ours) says it in its message; any other exception
+    gets a note (PEP 678 ``add_note``: its type, arguments and message stay as they were,
+    so the retry rules and the command's reading of OS errors see the same exception),
+    which :func:`worker_note` finds on the submitting side."""
     @wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except ActstoreError as exc:
             where = dask_worker_name()
-            if where and exc.args and "(on Dask worker " not in str(exc.args[0]):
-                exc.args = (f"{exc.args[0]} (on Dask worker {where})", *exc.args[1:])
+            if where and exc.args and f"({ON_WORKER}" not in str(exc.args[0]):
+                exc.args = (f"{exc.args[0]} ({ON_WORKER}{where})", *exc.args[1:])
+            raise
+        except Exception as exc:
+            where = dask_worker_name()
+            if where and worker_note(exc) is None:
+                try:
+                    exc.add_note(f"{ON_WORKER}{where}")
+                except TypeError:      # __notes__ made something else than a list
+                    pass
             raise
     return run
+
+
+def worker_note(exc: BaseException | None) -> str | None:
+    """``on Dask worker ADDRESS (host:pid)`` if :func:`names_worker` noted it on ``exc`` or
+    an exception it was raised from, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        for note in getattr(exc, "__notes__", None) or ():
+            if isinstance(note, str) and note.startswith(ON_WORKER):
+                return note
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def portable(location: str, *, named: bool = False) -> str:

@@ -14,6 +14,7 @@ import errno
 import json
 from pathlib import Path
 
+from actstore.cluster import worker_note
 from actstore.errors import ActstoreError
 
 EXIT_USER_ERROR = 2
@@ -39,16 +40,19 @@ def failure_line(command: str, exc: BaseException, store: str | None = None
     """``(one line, exit code)`` for any exception a command raised; an operating-system
     error names its file, else a full or read-only disk names ``store`` (what the command
     writes to), since zarr and fsspec often raise those without the file's name; so does
-    an object store's refusal (credentials that may read but not write)."""
+    an object store's refusal (credentials that may read but not write). An error a Dask
+    task met names its worker (:func:`actstore.cluster.worker_note`)."""
     if isinstance(exc, KeyboardInterrupt):
         return (f"actstore {command}: interrupted; completed blocks are kept, rerun the same "
                 "command to resume", EXIT_INTERRUPTED)
     where = f"actstore {command}: error: "
     if isinstance(exc, ActstoreError):
         return where + _one_line(str(exc)), EXIT_USER_ERROR
+    worker = worker_note(exc)        # met by a Dask task: that worker's environment
+    on = f" ({worker})" if worker else ""
     refused = _object_store_refusal(exc, store)
     if refused:
-        return where + _one_line(refused), EXIT_USER_ERROR
+        return where + _one_line(refused + on), EXIT_USER_ERROR
     os_exc = _os_error(exc)
     if os_exc is not None:
         disk = os_exc.errno in _FULL + _READ_ONLY
@@ -61,10 +65,10 @@ def failure_line(command: str, exc: BaseException, store: str | None = None
             hint = "the store or output folder is not writable; check its permissions or mount"
         else:
             hint = "check the path and rerun"
-        return where + _one_line(f"{what}{name}; {hint}"), EXIT_USER_ERROR
+        return where + _one_line(f"{what}{name}{on}; {hint}"), EXIT_USER_ERROR
     text = _one_line(str(exc)) or "(no message)"
-    return (where + f"unexpected {type(exc).__name__}: {text}; rerun with --debug for the "
-            "traceback", EXIT_INTERNAL_ERROR)
+    return (where + f"unexpected {type(exc).__name__}: {text}{on}; rerun with --debug for "
+            "the traceback", EXIT_INTERNAL_ERROR)
 
 
 def _object_store_refusal(exc: BaseException, store: str | None) -> str | None:

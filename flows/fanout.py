@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 from prefect.futures import PrefectFuture
 
-from actstore.cluster import local_workers
+from actstore.cluster import local_workers, worker_note
 from actstore.cluster_checks import NoAbleWorker, WorkerWatch, check_scheduler
 from actstore.errors import ActstoreError
 
@@ -177,7 +177,9 @@ def gather(futures: list, store: str, what: str,
     if bad:
         raise bad[0]
     if errors:
+        on = worker_note(errors[0])
         raise BlocksFailed(f"store {store}: {len(errors)} of {len(futures)} {what} failed "
-                           f"after {REGION_RETRIES} retries ({str(errors[0])[:200]}); rerun "
-                           "the same command to resume from the recorded blocks")
+                           f"after {REGION_RETRIES} retries ({str(errors[0])[:200]}"
+                           f"{' ' + on if on else ''}); rerun the same command to resume "
+                           "from the recorded blocks")
     return done

@@ -40,16 +40,19 @@ class UserCluster:
         self._start("scheduler", "--host", "127.0.0.1", "--port",
                     self.address.rsplit(":", 1)[1], "--no-dashboard")
 
-    def _start(self, *argv: str, env: dict | None = None) -> subprocess.Popen:
-        proc = subprocess.Popen([self.dask, *argv], env=env or self.env, stdout=self.log,
-                                stderr=self.log)
+    def _start(self, *argv: str, env: dict | None = None, prefix: tuple = ()
+               ) -> subprocess.Popen:
+        proc = subprocess.Popen([*prefix, self.dask, *argv], env=env or self.env,
+                                stdout=self.log, stderr=self.log)
         self.procs.append(proc)
         return proc
 
-    def worker(self, *options: str, env: dict | None = None) -> subprocess.Popen:
-        """One worker process without a nanny: SIGKILL ends it for good."""
+    def worker(self, *options: str, env: dict | None = None, prefix: tuple = ()
+               ) -> subprocess.Popen:
+        """One worker process without a nanny: SIGKILL ends it for good. ``prefix``: a
+        command that execs the worker (another mount namespace, say)."""
         return self._start("worker", self.address, "--nthreads", "1", "--no-nanny",
-                           "--no-dashboard", *options, env=env)
+                           "--no-dashboard", *options, env=env, prefix=prefix)
 
     def wait_for(self, n: int, timeout: float = 120) -> None:
         from distributed import Client
