@@ -33,8 +33,17 @@ WORKER_POLL_SECONDS = 1.0   # how often a waiting command asks its scheduler for
 WAKE_SECONDS = 0.25         # how often a waiting probe grid looks at its futures
 
 
-class NoAbleWorker(ActstoreError):
+class ClusterChanged(ActstoreError):
+    """A user's cluster changed under a running command so that it stops (what its tasks
+    recorded stays, to resume)."""
+
+
+class NoAbleWorker(ClusterChanged):
     """The scheduler has had no worker able to run a command's tasks for the grace period."""
+
+
+class OtherCodeJoined(ClusterChanged):
+    """A worker that runs other code than the command joined its scheduler mid-run."""
 
 
 def worker_grace() -> float:
@@ -55,7 +64,10 @@ def worker_grace() -> float:
 class WorkerWatch:
     """Notices that a client's scheduler has had no worker able to run its tasks (none at
     all, or none offering ``resource``) for :func:`worker_grace` seconds; a worker back in
-    time resets the clock. :meth:`check` is cheap between polls: call it at every wake-up."""
+    time resets the clock. A worker that joins a user's cluster is checked as the ones at
+    the start were (:func:`check_worker_code`): within about a second, so a task it took
+    may have begun.
+    :meth:`check` is cheap between polls: call it at every wake-up."""
 
     def __init__(self, client, store: str, what: str, *, resource: str | None = None,
                  kept: str = "what they recorded is kept: rerun the same command once "
@@ -72,14 +84,34 @@ class WorkerWatch:
         if getattr(self.client, "status", None) != "running":
             return None
         try:
-            workers = self.client.scheduler_info(n_workers=-1)["workers"].values()
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            self._check_joined(set(workers))
+        except ActstoreError:
+            raise
         except Exception:  # noqa: BLE001 - a scheduler going away: not this check's to say
             return None
-        return sum(1 for w in workers
+        return sum(1 for w in workers.values()
                    if not self.resource or (w.get("resources") or {}).get(self.resource, 0) > 0)
 
+    def _check_joined(self, workers: set[str]) -> None:
+        """Only on a user's cluster, whose workers were checked at the start (a local
+        cluster's workers are this process's own, from the same files)."""
+        same = _SAME_CODE.get(_scheduler_of(self.client))
+        joined = set() if same is None else workers - same
+        if not joined:
+            return
+        try:
+            check_worker_code(self.client, f"store {self.store}, while its {self.what} ran",
+                              joined,
+                              fix="every worker must run this process's actstore and "
+                                  f"libraries, which decide the bytes stored: stop it; "
+                                  f"{self.kept}")
+        except ActstoreError as exc:
+            raise OtherCodeJoined(*exc.args) from None
+
     def check(self) -> None:
-        """Raise :class:`NoAbleWorker` once the grace period has passed without a worker."""
+        """Raise :class:`NoAbleWorker` once the grace period has passed without a worker,
+        :class:`OtherCodeJoined` if a worker with other code joined."""
         now = time.monotonic()
         if now < self.next_poll:
             return
@@ -144,19 +176,24 @@ def source_digest() -> tuple[str, str]:
     return digest.hexdigest(), str(root)
 
 
-def check_worker_code(client, where: str) -> None:
+NOTHING_WRITTEN = ("every worker must run this process's actstore and libraries, which "
+                   "decide the bytes stored: start it from the same checkout and "
+                   "environment, or stop it; nothing was written")
+
+
+def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITTEN) -> None:
     """Refuse a cluster with a worker that runs other code than this process: another
     version of a package in :data:`CODE_PACKAGES` or other actstore source (a ``dask
     worker`` started from another checkout or environment may write a store differently).
     One line naming the worker, the package and both versions; ``where`` names the
-    option (``--cluster ADDRESS``). Distributed's own version report for the packages, and
-    :func:`source_digest` run on each worker for actstore's source."""
-    fix = ("every worker must run this process's actstore and libraries, which decide the "
-           "bytes stored: start it from the same checkout and environment, or stop it; "
-           "nothing was written")
+    option (``--cluster ADDRESS``); ``workers``: these addresses only (default all).
+    Distributed's own version report for the packages, and :func:`source_digest` run on
+    each worker for actstore's source."""
     versions = client.get_versions(packages=list(CODE_PACKAGES))
     here = versions["client"]["packages"]
     for address, info in sorted(versions["workers"].items()):
+        if workers is not None and address not in workers:
+            continue
         theirs = (info or {}).get("packages") or {}
         for package in CODE_PACKAGES:
             if theirs.get(package) != here.get(package):
@@ -165,7 +202,9 @@ def check_worker_code(client, where: str) -> None:
                     f"{theirs.get(package) or 'not installed'}, this process "
                     f"{here.get(package) or 'not installed'}; {fix}")
     mine, folder = source_digest()
-    for address, got in sorted(client.run(source_digest, on_error="return").items()):
+    asked = None if workers is None else list(workers)
+    digests = client.run(source_digest, workers=asked, on_error="return")
+    for address, got in sorted(digests.items()):
         if isinstance(got, BaseException):       # an actstore without this function
             theirs = f"an actstore that cannot say ({type(got).__name__}: {got})"
         elif tuple(got)[0] != mine:
@@ -174,6 +213,16 @@ def check_worker_code(client, where: str) -> None:
             continue
         raise ActstoreError(f"{where}: Dask worker {address} runs other actstore code than "
                             f"this process ({theirs}; here {mine[:12]} of {folder}); {fix}")
+    _SAME_CODE.setdefault(_scheduler_of(client), set()).update(digests)
+
+
+# Workers found to run this process's code, per scheduler address: each is checked once
+# per process (at the start, then as it joins), not again by every later wait.
+_SAME_CODE: dict[str, set[str]] = {}
+
+
+def _scheduler_of(client) -> str:
+    return str(getattr(getattr(client, "scheduler", None), "address", "") or "")
 
 
 def check_client_code(scheduler) -> None:
@@ -185,7 +234,7 @@ def check_client_code(scheduler) -> None:
     distributed = sys.modules.get("distributed")
     if distributed is None or not isinstance(scheduler, distributed.Client):
         return
-    address = str(getattr(scheduler.scheduler, "address", "") or "")
+    address = _scheduler_of(scheduler)
     if not address.startswith("inproc://"):
         check_worker_code(scheduler, f"dask scheduler {address}")
 

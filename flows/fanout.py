@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 from prefect.futures import PrefectFuture
 
 from actstore.cluster import local_workers, worker_note
-from actstore.cluster_checks import NoAbleWorker, WorkerWatch, check_scheduler
+from actstore.cluster_checks import ClusterChanged, WorkerWatch, check_scheduler
 from actstore.errors import ActstoreError
 
 REGION_RETRIES = 2
@@ -90,9 +90,27 @@ def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None
         yield future
 
 
-class WorkersLost(BlocksFailed):
-    """No worker able to run the tasks for the grace period: every worker left (or every
-    one offering the GPU resource the tasks ask for), and Dask would keep them pending."""
+def fetch(future: PrefectFuture, watch: WorkerWatch | None) -> None:
+    """Bring a finished task's final state here, in slices of WAKE_SECONDS while ``watch``
+    looks at the workers. Until fetched it lives on the worker that ran the task: a worker
+    lost in between makes Dask run the task again, and a plain ``wait()`` then waited for
+    ever if no worker was left (a region recorded, its worker killed before the command
+    had its result, 2026-12-05)."""
+    while True:
+        try:
+            future.result(timeout=WAKE_SECONDS, raise_on_failure=False)
+            return
+        except TimeoutError:
+            if watch is not None:
+                watch.check()
+        except Exception:  # noqa: BLE001 - cancelled, or Dask's own error: said by the caller
+            return
+
+
+class WorkersChanged(BlocksFailed):
+    """No worker able to run the tasks for the grace period (every worker left, or every
+    one offering the GPU resource the tasks ask for: Dask would keep them pending), or a
+    worker running other code joined."""
 
 
 def watch_workers(futures: list, store: str, what: str, gpu: bool) -> WorkerWatch | None:
@@ -101,16 +119,18 @@ def watch_workers(futures: list, store: str, what: str, gpu: bool) -> WorkerWatc
                    for f in futures), None)
     if client is None:
         return None
+    for name in ("distributed.client", "asyncio"):
+        logging.getLogger(name).addFilter(_lost_result_noise)
     return WorkerWatch(client, store, what, resource="GPU" if gpu else None)
 
 
 @contextmanager
-def workers_lost():
-    """:class:`NoAbleWorker` as :class:`WorkersLost`: the run's blocks stay to resume."""
+def workers_changed():
+    """:class:`ClusterChanged` as :class:`WorkersChanged`: the run's blocks stay to resume."""
     try:
         yield
-    except NoAbleWorker as exc:
-        raise WorkersLost(*exc.args) from None
+    except ClusterChanged as exc:
+        raise WorkersChanged(*exc.args) from None
 
 
 class SchedulerLost(BlocksFailed):
@@ -142,6 +162,15 @@ def check_scheduler_kept(future: PrefectFuture, store: str, what: str) -> None:
                         "once the scheduler answers to resume")
 
 
+def _lost_result_noise(record: logging.LogRecord) -> bool:
+    """False for what a result lost with its worker logs (Dask's 'Couldn't gather ...,
+    rescheduling', then its abandoned fetch's AllExit when the client closes): the command
+    says what became of the run in its own line (:func:`fetch`)."""
+    exc = record.exc_info[1] if record.exc_info else None
+    return not (record.getMessage().startswith("Couldn't gather")
+                or type(exc).__name__ == "AllExit")
+
+
 def _not_cancelled(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
@@ -149,9 +178,10 @@ def _not_cancelled(record: logging.LogRecord) -> bool:
 def result_of(future: PrefectFuture, store: str, what: str, gpu: bool = False) -> Any:
     """One task future's result, waited for as :func:`finished` waits (``gpu``: the task
     asks for a GPU resource)."""
-    with workers_lost():
-        for done in finished([future], watch_workers([future], store, what, gpu)):
-            done.wait()
+    watch = watch_workers([future], store, what, gpu)
+    with workers_changed():
+        for done in finished([future], watch):
+            fetch(done, watch)
             check_scheduler_kept(done, store, what)
             return done.result()
 
@@ -164,9 +194,10 @@ def gather(futures: list, store: str, what: str,
     error; other failures, one line saying how many of ``what`` failed and that rerunning
     resumes."""
     done, errors = [], []
-    with workers_lost():
-        for future in finished(futures, watch_workers(futures, store, what, gpu)):
-            future.wait()
+    watch = watch_workers(futures, store, what, gpu)
+    with workers_changed():
+        for future in finished(futures, watch):
+            fetch(future, watch)
             check_scheduler_kept(future, store, what)
             if future.state.is_completed():
                 done.append(future.result())

@@ -98,3 +98,36 @@ def test_a_worker_with_another_numcodecs_is_refused_naming_both_versions(
            f"{version('numcodecs')}" in line, line
     assert numcodecs.__version__ == version("numcodecs")
     assert tree_digest(store) == before
+
+
+def test_a_worker_with_other_code_joining_mid_run_stops_the_command(tmp_path, user_cluster,
+                                                                    api):
+    """Checked as it joins (about a second), not only at the start: one line naming it,
+    exit 2, and nothing is written after the line."""
+    import time
+
+    from distributed import Client
+
+    from test_cluster_workers import finish, lines_of, start_materialize, wait_until
+    from test_interrupt import inside
+
+    user_cluster.worker()
+    user_cluster.wait_for(1)
+    store = tmp_path / "s.zarr"
+    cli = start_materialize(api, store, user_cluster.address)
+    with Client(user_cluster.address, timeout=30) as client:
+        wait_until(lambda: any(client.run(inside("generate")).values()), cli,
+                   "a region running")
+        (first,) = client.scheduler_info()["workers"]
+        site = other_numcodecs(tmp_path)
+        user_cluster.worker(env={**user_cluster.env, "PYTHONPATH": f"{site}{os.pathsep}{REPO}"})
+        client.wait_for_workers(2, timeout=60)
+        (joined,) = set(client.scheduler_info()["workers"]) - {first}
+        out, err, took = finish(cli, 120)
+    lines = lines_of(err)
+    assert cli.returncode == 2 and len(lines) == 1, err[-3000:]
+    assert f"Dask worker {joined} has numcodecs 0.0.1" in lines[0], lines[0]
+    assert "rerun the same command" in lines[0]
+    at_exit = tree_digest(store)
+    time.sleep(3)
+    assert tree_digest(store) == at_exit
