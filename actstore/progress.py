@@ -10,15 +10,18 @@ from tqdm.auto import tqdm
 
 
 class Progress:
-    """Counts image-steps; shows images done and the store's write rate alongside."""
+    """Counts image-steps; shows images done and the store's write rate alongside.
+    ``unit`` names what one count is where it is not an image-step (a probe run counts
+    model layers, each fitted over every step at once)."""
 
-    def __init__(self, n_images: int, n_steps: int, desc: str, enabled: bool = True):
+    def __init__(self, n_images: int, n_steps: int, desc: str, enabled: bool = True,
+                 unit: str = "img-step"):
         self.n_steps = n_steps
         self.n_images = n_images
         self.images_done = 0
         self.bytes = 0
         self.t0 = time.perf_counter()
-        self.bar = tqdm(total=n_images * n_steps, desc=desc, unit="img-step",
+        self.bar = tqdm(total=n_images * n_steps, desc=desc, unit=unit,
                         disable=not enabled or quiet(), file=sys.stderr, dynamic_ncols=True)
 
     def step(self, n_images: int) -> None:

@@ -219,6 +219,18 @@ def test_probe_never_touches_activations_or_labels(planted, tmp_path):
     assert before == after
 
 
+def test_probe_progress_counts_layers(planted, tmp_path, capsys):
+    """The bar counts model layers (each fitted over every step at once), not image-steps:
+    'probe depth: 2/2 [..., layer/s]', where it said '2/2 img-step' before."""
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(planted["uri"], uri)
+    run_probes(uri, "depth", layers=[LAYER, "mid_block.attentions.0"], steps=[0],
+               scheduler="threads", progress=True)
+    bar = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert "probe depth" in bar and "2/2" in bar and "layer" in bar, bar
+    assert "img-step" not in bar, bar
+
+
 @pytest.mark.parametrize("extra,words", [
     (["--target", "shading"], "no target 'shading'"),
     (["--target", "depth", "--layers", "up_blocks.9.attentions.0"], "no layer"),

@@ -179,7 +179,8 @@ def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layer
     names = metric_names(attrs["kind"], label_spearman)
     scores = np.full((len(names), len(views), len(layers), len(steps),
                       int(split.test.sum())), np.nan, np.float32)
-    bar = Progress(len(views) * len(layers), 1, f"probe {target}", enabled=progress)
+    bar = Progress(len(views) * len(layers), 1, f"probe {target}", enabled=progress,
+                   unit="layer")
     test_ids = None
     for i, view in enumerate(views):
         for j, layer in enumerate(layers):
