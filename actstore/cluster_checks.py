@@ -137,12 +137,9 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
     """``dask.compute(*graphs, scheduler=scheduler)``, watched on a distributed scheduler:
     tasks no worker can run end in :class:`NoAbleWorker` after the grace period (and are
     cancelled) instead of waiting for ever."""
-    import sys
-
     import dask
 
-    distributed = sys.modules.get("distributed")
-    if distributed is None or not isinstance(scheduler, distributed.Client):
+    if not _is_client(scheduler):
         return dask.compute(*graphs, scheduler=scheduler)
     futures = scheduler.compute(list(graphs))
     watch = WorkerWatch(scheduler, store, what, kept="nothing of this run was kept: rerun "
@@ -225,14 +222,20 @@ def _scheduler_of(client) -> str:
     return str(getattr(getattr(client, "scheduler", None), "address", "") or "")
 
 
+def _is_client(scheduler) -> bool:
+    """Is ``scheduler`` a distributed Client (not a dask local scheduler's name)? Without
+    importing distributed where no one has."""
+    import sys
+
+    distributed = sys.modules.get("distributed")
+    return distributed is not None and isinstance(scheduler, distributed.Client)
+
+
 def check_client_code(scheduler) -> None:
     """:func:`check_worker_code` for a distributed ``scheduler`` a caller handed over (the
     probe grid's ``--scheduler ADDRESS``, a Client in Python); nothing for dask's local
     schedulers or an in-process cluster, which run this process's code."""
-    import sys
-
-    distributed = sys.modules.get("distributed")
-    if distributed is None or not isinstance(scheduler, distributed.Client):
+    if not _is_client(scheduler):
         return
     address = _scheduler_of(scheduler)
     if not address.startswith("inproc://"):
