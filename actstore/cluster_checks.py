@@ -6,15 +6,13 @@ resource its tasks ask for) waited without end (2026-12-05)."""
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import os
 import threading
 import time
-from pathlib import Path
 
 from actstore.cluster import SCHEDULER_TIMEOUT
 from actstore.errors import ActstoreError
+from actstore.worker_code import CODE_PACKAGES, source_digest
 
 # Seconds a command waits while its scheduler has no worker able to run its tasks before it
 # gives up; ACTSTORE_WORKER_GRACE overrides it. Long enough for a worker restarted by hand
@@ -22,12 +20,6 @@ from actstore.errors import ActstoreError
 # that a user finds out within the minute that the cluster lost its workers.
 WORKER_GRACE = 60.0
 GRACE_ENV = "ACTSTORE_WORKER_GRACE"
-# Packages whose versions decide the bytes a worker stores: the activations (torch, diffusers,
-# transformers' text encoder), their encoding (numpy, zarr, numcodecs), the probe statistics
-# (scipy's BLAS), and actstore itself (whose version string stays 0.1.0 from commit to commit:
-# its source is compared too, see source_digest).
-CODE_PACKAGES = ("actstore", "numpy", "scipy", "torch", "diffusers", "transformers", "zarr",
-                 "numcodecs")
 CODE_CHECK_TIMEOUT = 30.0   # seconds the workers get to say which code they run
 WORKER_POLL_SECONDS = 1.0   # how often a waiting command asks its scheduler for its workers
 WAKE_SECONDS = 0.25         # how often a waiting probe grid looks at its futures
@@ -154,23 +146,6 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
     except BaseException:
         scheduler.cancel(futures)
         raise
-
-
-@functools.cache
-def source_digest() -> tuple[str, str]:
-    """sha256 of the actstore package this process imported (each ``.py`` file's path in
-    the package and its bytes, in path order) and the folder it came from; once per process
-    (89 files: 3 ms). The source, not a version or a commit id: the version string is the
-    same for every commit, and a worker's copy (an older checkout, a copy on its
-    PYTHONPATH, an installed wheel) has no git history to ask; package data (the catalog
-    schema) and bytecode decide nothing a store holds."""
-    root = Path(__file__).resolve().parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        data = path.read_bytes()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest(), str(root)
 
 
 NOTHING_WRITTEN = ("every worker must run this process's actstore and libraries, which "

@@ -21,6 +21,7 @@ from prefect.futures import PrefectFuture
 from actstore.cluster import local_workers, worker_note
 from actstore.cluster_checks import ClusterChanged, WorkerWatch, check_scheduler
 from actstore.errors import ActstoreError
+from actstore.worker_code import OtherWorkerCode, code_fingerprint
 
 REGION_RETRIES = 2
 # How often the command's main thread wakes while its tasks run. Python raises Ctrl-C's
@@ -48,18 +49,21 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 @contextmanager
 def dask_address(workers: int | None, cluster: str | None):
-    """The scheduler tasks go to (None: run in this process) and whether to ask for GPUs."""
+    """The scheduler tasks go to (None: run in this process), its worker count, whether to
+    ask for GPUs, and the code its writing tasks must find where they run
+    (:func:`actstore.worker_code.checks_code`): this process's on a user's cluster, None
+    on a local one, whose workers this process started from its own files."""
     if workers and cluster:
         raise ActstoreError("--workers and --cluster: give one (--workers N starts a local "
                             "cluster; --cluster ADDRESS uses a running one)")
     if cluster:
         info = check_scheduler(cluster)
-        yield cluster, info["workers"], info["gpu_workers"] > 0
+        yield cluster, info["workers"], info["gpu_workers"] > 0, code_fingerprint()
     elif workers:
         with local_workers(workers) as address:
-            yield address, workers, False
+            yield address, workers, False, None
     else:
-        yield None, 1, False
+        yield None, 1, False, None
 
 
 def on_gpus(gpu: bool):
@@ -175,6 +179,20 @@ def _not_cancelled(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
+def refused(error: BaseException | None, store: str, what: str) -> None:
+    """Raise :class:`WorkersChanged` if ``error`` is a task's refusal to run on a worker
+    with other code (:class:`OtherWorkerCode`): at once, not after the other tasks, which
+    Dask would go on handing that worker; it wrote nothing, what the others recorded
+    stays. Not a retry: the worker's code stays what it is."""
+    if isinstance(error, OtherWorkerCode):
+        raise WorkersChanged(
+            f"store {store}: {error.args[0]}; it refused its task ({what}) before writing "
+            "anything. Every worker must run this process's actstore and libraries, "
+            "which decide the bytes stored: stop it, or start it from the same checkout and "
+            "environment; what the others recorded is kept: rerun the same command to "
+            "resume")
+
+
 def result_of(future: PrefectFuture, store: str, what: str, gpu: bool = False) -> Any:
     """One task future's result, waited for as :func:`finished` waits (``gpu``: the task
     asks for a GPU resource)."""
@@ -183,6 +201,8 @@ def result_of(future: PrefectFuture, store: str, what: str, gpu: bool = False) -
         for done in finished([future], watch):
             fetch(done, watch)
             check_scheduler_kept(done, store, what)
+            if not done.state.is_completed():
+                refused(done.state.result(raise_on_failure=False), store, what)
             return done.result()
 
 
@@ -204,6 +224,7 @@ def gather(futures: list, store: str, what: str,
                 on_done(done[-1])
             else:
                 errors.append(future.state.result(raise_on_failure=False))
+                refused(errors[-1], store, what)
     bad = [e for e in errors if isinstance(e, ActstoreError)]
     if bad:
         raise bad[0]

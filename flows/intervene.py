@@ -23,6 +23,7 @@ from actstore.intervene.settings import InterventionSettings, SweepSettings
 from actstore.intervene.sweep import run_sweep
 from actstore.plots.interventions import intervention_grid, sweep_figures
 from actstore.progress import Progress
+from actstore.worker_code import checks_code
 from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, result_of,
                           retry_unless_bad_input)
 
@@ -34,6 +35,7 @@ def interventions_task(store: str, probe_run: str, settings: InterventionSetting
 
 @task(name="intervene-plan", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@checks_code
 @names_worker
 def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
                      workers: int) -> dict:
@@ -42,6 +44,7 @@ def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
 
 @task(name="intervene-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@checks_code
 @names_worker
 def block_group_task(store: str, probe_run: str, settings: InterventionSettings, group: list,
                      *, experiment_id: str) -> dict:
@@ -51,6 +54,7 @@ def block_group_task(store: str, probe_run: str, settings: InterventionSettings,
 
 @task(name="intervene-summary", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@checks_code
 @names_worker
 def finish_blocks_task(store: str, probe_run: str, settings: InterventionSettings, *,
                        experiment_id: str, written: int) -> dict:
@@ -60,16 +64,18 @@ def finish_blocks_task(store: str, probe_run: str, settings: InterventionSetting
 
 @flow(name="intervene-blocks")
 def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSettings, *,
-                          workers: int, gpu: bool, progress: bool) -> dict:
+                          workers: int, gpu: bool, progress: bool,
+                          code: tuple[str, ...] | None = None) -> dict:
     """Plan on one worker, then every block group at once; Dask runs as many as it has
-    workers (or GPUs); the summary once all are recorded."""
+    workers (or GPUs); the summary once all are recorded; each task first checks that its
+    worker runs ``code`` (the command's, on a user's cluster)."""
     t0 = time.perf_counter()
     with on_gpus(gpu):
-        plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers),
+        plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers, code=code),
                          store, "planning task", gpu)
         eid = plan["experiment_id"]
-        futures = [block_group_task.submit(store, probe_run, settings, g, experiment_id=eid)
-                   for g in plan["groups"]]
+        futures = [block_group_task.submit(store, probe_run, settings, g, experiment_id=eid,
+                                           code=code) for g in plan["groups"]]
     bar = Progress(plan["pending_images"] * plan["per_image"], plan["steps"],
                    f"intervene {eid} ({len(futures)} groups, {workers} workers)",
                    enabled=progress)
@@ -82,7 +88,8 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     with on_gpus(gpu):
         summary = result_of(finish_blocks_task.submit(
             store, probe_run, settings, experiment_id=eid,
-            written=sum(d["blocks_written"] for d in done)), store, "summary task", gpu)
+            written=sum(d["blocks_written"] for d in done), code=code), store,
+            "summary task", gpu)
     return {**summary, "seconds": time.perf_counter() - t0, "workers": workers,
             "groups": len(futures), "groups_by_worker": dict(Counter(d["worker"] for d in done))}
 
@@ -112,12 +119,13 @@ def intervene_flow(store: str, probe_run: str,
     / the scheduler at ``cluster``; draw its grid to ``figure`` once it is complete."""
     if workers or cluster:
         blocks.check_portable(settings)
-        with dask_address(workers, cluster) as (address, n, gpu):
+        with dask_address(workers, cluster) as (address, n, gpu, code):
             from prefect_dask import DaskTaskRunner
 
             summary = intervene_blocks_flow.with_options(
                 task_runner=DaskTaskRunner(address=address))(
-                portable(store), probe_run, settings, workers=n, gpu=gpu, progress=progress)
+                portable(store), probe_run, settings, workers=n, gpu=gpu, progress=progress,
+                code=code)
     else:
         summary = interventions_task(store, probe_run, settings)
     if figure and summary["complete"]:

@@ -24,6 +24,7 @@ from actstore.label.labels import abort_labels, commit_labels, prepare_labels, w
 from actstore.label.settings import LabelSettings
 from actstore.progress import Progress
 from actstore.store import labelsets
+from actstore.worker_code import checks_code
 from flows.fanout import (REGION_RETRIES, BlocksFailed, dask_address, gather, on_gpus,
                           retry_unless_bad_input)
 
@@ -37,6 +38,7 @@ def label_task(store: str, provider: str, target: str | list[str],
 
 @task(name="label-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@checks_code
 @names_worker
 def label_blocks_task(job: blocks.LabelJob, stage: str, blks: list, constants: dict | None
                       ) -> dict:
@@ -44,11 +46,12 @@ def label_blocks_task(job: blocks.LabelJob, stage: str, blks: list, constants: d
 
 
 def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | None,
-              gpu: bool, progress: bool) -> list[dict]:
+              gpu: bool, progress: bool, code: tuple[str, ...] | None) -> list[dict]:
     """Every block group of one pass at once; Dask runs as many as it has workers (or
     GPUs: one group at a time on each worker offering a ``GPU`` resource)."""
     with on_gpus(gpu):
-        futures = [label_blocks_task.submit(job, stage, g, constants) for g in groups]
+        futures = [label_blocks_task.submit(job, stage, g, constants, code=code)
+                   for g in groups]
     per_image = 1 if stage == blocks.PASS1 else job.n_steps
     bar = Progress(sum(b - a for g in groups for a, b in g), per_image,
                    f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress)
@@ -60,8 +63,11 @@ def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | 
 
 
 @flow(name="label-blocks")
-def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: bool) -> dict:
-    """Both passes over the blocks not yet recorded; the z-score constants in between."""
+def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: bool,
+                      code: tuple[str, ...] | None = None) -> dict:
+    """Both passes over the blocks not yet recorded; the z-score constants in between;
+    each task first checks that its worker runs ``code`` (the command's, on a user's
+    cluster)."""
     resumed, constants, by_worker = {}, None, Counter()
     for stage in (blocks.PASS1, blocks.PASS2):
         todo = blocks.pending(job, stage)
@@ -70,21 +76,22 @@ def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: b
             constants = blocks.stats(job)
         if todo:
             done = _run_pass(job, stage, spread(todo, workers), constants, gpu,
-                             progress)
+                             progress, code)
             by_worker.update(d["worker"] for d in done)
     return {"constants": constants, "blocks_resumed": resumed,
             "groups_by_worker": dict(by_worker)}
 
 
 def fan_out_labels(store: str, provider: str, target, settings: LabelSettings, *,
-                   address: str, workers: int, gpu: bool, progress: bool) -> dict:
+                   address: str, workers: int, gpu: bool, progress: bool,
+                   code: tuple[str, ...] | None = None) -> dict:
     from prefect_dask import DaskTaskRunner
 
     prov = blocks.shared_provider(provider, settings.device)
     job = prepare_labels(store, prov, target, settings)
     try:
         run = label_blocks_flow.with_options(task_runner=DaskTaskRunner(address=address))(
-            job, workers, gpu, progress)
+            job, workers, gpu, progress, code)
         out = commit_labels(job, prov, run.pop("constants"))
     except BlocksFailed:
         raise
@@ -106,7 +113,7 @@ def label_flow(store: str, provider: str, target: str | list[str],
     in this process or over ``workers`` local processes / the scheduler at ``cluster``."""
     if not workers and not cluster:
         return label_task(store, provider, target, settings)
-    with dask_address(workers, cluster) as (address, n, gpu):
+    with dask_address(workers, cluster) as (address, n, gpu, code):
         out = fan_out_labels(portable(store), provider, target, settings, address=address,
-                             workers=n, gpu=gpu, progress=progress)
+                             workers=n, gpu=gpu, progress=progress, code=code)
     return out[target] if isinstance(target, str) else out

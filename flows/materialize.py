@@ -25,12 +25,14 @@ from actstore.generation.materialize import MaterializeSettings, completion, for
 from actstore.generation.regions import materialize_region, plan_regions
 from actstore.plots.figures import sample_grid
 from actstore.progress import Progress
+from actstore.worker_code import checks_code
 from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, result_of,
                           retry_unless_bad_input)
 
 
 @task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@checks_code
 @names_worker
 def region_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
                 images: str | None, progress: bool = False) -> dict:
@@ -40,6 +42,7 @@ def region_task(model: str, prompts: str, store: str, settings: MaterializeSetti
 
 @task(name="plan-regions", retries=REGION_RETRIES, retry_delay_seconds=2,
       retry_condition_fn=retry_unless_bad_input)
+@checks_code
 @names_worker
 def plan_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
               images: str | None, workers: int) -> dict:
@@ -58,13 +61,17 @@ def completion_task(store: str) -> dict:
 
 @flow(name="materialize-regions")
 def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
-                 images: str | None, workers: int, gpu: bool, progress: bool) -> dict:
+                 images: str | None, workers: int, gpu: bool, progress: bool,
+                 code: tuple[str, ...] | None = None) -> dict:
     """Plan on one worker (which creates the store and keeps the model), then every region
-    at once; Dask runs as many as it has workers (or GPUs)."""
+    at once; Dask runs as many as it has workers (or GPUs); each task first checks that
+    its worker runs ``code`` (the command's, on a user's cluster)."""
     with on_gpus(gpu):
         plan = result_of(plan_task.submit(model, prompts, store, settings, images=images,
-                                          workers=workers), store, "planning task", gpu)
-        futures = [region_task.submit(model, prompts, store, settings, images=region)
+                                          workers=workers, code=code),
+                         store, "planning task", gpu)
+        futures = [region_task.submit(model, prompts, store, settings, images=region,
+                                      code=code)
                    for region in plan["regions"]]
     steps = settings.gen.steps
     bar = Progress(plan["pending_images"], steps, f"materialize {plan['model']} "
@@ -92,7 +99,7 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
 
 def fill_store(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
                images: str | None, address: str | None, workers: int, gpu: bool,
-               progress: bool) -> dict:
+               progress: bool, code: tuple[str, ...] | None = None) -> dict:
     """One variant, in this process (``address`` None) or fanned out over a scheduler."""
     if address is None:
         return region_task(model, prompts, store, settings, images=images, progress=progress)
@@ -101,7 +108,7 @@ def fill_store(model: str, prompts: str, store: str, settings: MaterializeSettin
     runner = DaskTaskRunner(address=address)
     return regions_flow.with_options(task_runner=runner)(
         model, prompts, store, settings, images=images, workers=workers, gpu=gpu,
-        progress=progress)
+        progress=progress, code=code)
 
 
 @flow(name="materialize")
@@ -118,9 +125,9 @@ def materialize_flow(model: str, prompts: str, store: str,
     for toy-ldm). Relative paths are taken from this process's folder (a deployment's
     working directory), also on workers started elsewhere."""
     model, prompts, store = portable(model, named=True), portable(prompts), portable(store)
-    with dask_address(workers, cluster) as (address, n, gpu):
+    with dask_address(workers, cluster) as (address, n, gpu, code):
         summary = fill_store(model, prompts, store, settings, images=images, address=address,
-                             workers=n, gpu=gpu, progress=progress)
+                             workers=n, gpu=gpu, progress=progress, code=code)
     if grid_png:
         summary["grid_png"] = sample_grid_task(store, summary["model"], grid_png)
     summary["complete"] = completion_task(store)

@@ -23,8 +23,7 @@ from test_cli import api, run  # noqa: F401 - api: a fixture
 from test_cluster_env import _free_port
 
 GRACE = 6          # seconds without an able worker before a command gives up (the tests')
-STEPS = ["--steps", "60", "--batch-size", "4", "--block-size", "4", "--images", "0:8",
-         "--no-x0"]
+STEPS = ["--steps", "60", "--batch-size", "4", "--block-size", "4", "--no-x0"]
 
 
 class UserCluster:
@@ -76,11 +75,12 @@ def user_cluster(tmp_path):
         cluster.close()
 
 
-def start_materialize(api: str, store: Path, address: str, grace: float = GRACE
-                      ) -> subprocess.Popen:
+def start_materialize(api: str, store: Path, address: str, grace: float = GRACE,
+                      images: str = "0:8") -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "flows.cli", "materialize", "--model", "tiny-random",
-         "--prompts", DEMO, "--store", str(store), *STEPS, "--cluster", address],
+         "--prompts", DEMO, "--store", str(store), *STEPS, "--images", images,
+         "--cluster", address],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": api,
              "ACTSTORE_WORKER_GRACE": str(grace)})
@@ -137,7 +137,8 @@ def test_the_only_worker_killed_mid_run_ends_the_command_then_a_rerun_resumes(
     user_cluster.worker()
     user_cluster.wait_for(1)
     again = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
-                str(store), *STEPS, "--cluster", user_cluster.address, api=api, timeout=300)
+                str(store), *STEPS, "--images", "0:8", "--cluster", user_cluster.address, api=api,
+                timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(1 blocks already stored)" in again.stdout, again.stdout
     assert completed_blocks(str(store), "trained") == {(0, 4), (4, 8)}
