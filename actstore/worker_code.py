@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import inspect
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -32,19 +33,27 @@ T = TypeVar("T")
 
 @functools.cache
 def source_digest() -> tuple[str, str]:
-    """sha256 of the actstore package this process imported (each ``.py`` file's path in
-    the package and its bytes, in path order) and the folder it came from; once per process
-    (89 files: 3 ms). The source, not a version or a commit id: the version string is the
-    same for every commit, and a worker's copy (an older checkout, a copy on its
-    PYTHONPATH, an installed wheel) has no git history to ask; package data (the catalog
-    schema) and bytecode decide nothing a store holds."""
-    root = Path(__file__).resolve().parent
+    """sha256 of the actstore and flows packages this process runs (each ``.py`` file's
+    package-relative path and its bytes, in path order) and the folders they come from;
+    once per process (106 files: 3 ms). Both: the tasks a worker runs are defined in
+    ``flows`` and call ``actstore``, so a worker with either changed may write a store
+    differently. The source, not a version or a commit id: the version string is the same
+    for every commit, and a worker's copy (an older checkout, a copy on its PYTHONPATH, an
+    installed wheel) has no git history to ask; package data (the catalog schema) and
+    bytecode decide nothing a store holds. ``flows`` is located, not imported (importing
+    it here would import Prefect into every worker task's first call)."""
+    folders = [Path(__file__).resolve().parent]
+    spec = importlib.util.find_spec("flows")
+    if spec is not None and spec.submodule_search_locations:
+        folders.append(Path(next(iter(spec.submodule_search_locations))).resolve())
     digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
-        data = path.read_bytes()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{len(data)}\0".encode())
-        digest.update(data)
-    return digest.hexdigest(), str(root)
+    for root in folders:
+        for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+            data = path.read_bytes()
+            name = f"{root.name}/{path.relative_to(root).as_posix()}"
+            digest.update(f"{name}\0{len(data)}\0".encode())
+            digest.update(data)
+    return digest.hexdigest(), ", ".join(str(root) for root in folders)
 
 
 @functools.cache

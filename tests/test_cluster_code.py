@@ -27,6 +27,15 @@ def changed_actstore(tmp_path: Path) -> Path:
     return alt
 
 
+def changed_flows(tmp_path: Path) -> Path:
+    """A folder holding a copy of flows (the tasks a worker runs) with one file changed."""
+    alt = tmp_path / "other-flows"
+    shutil.copytree(REPO / "flows", alt / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    tasks = alt / "flows" / "materialize.py"
+    tasks.write_text(tasks.read_text() + "\n# changed in another checkout\n")
+    return alt
+
+
 def other_numcodecs(tmp_path: Path) -> Path:
     """A folder whose installed-package record says numcodecs 0.0.1."""
     site = tmp_path / "other-env"
@@ -78,6 +87,22 @@ def test_a_worker_with_other_actstore_source_is_refused_naming_it(tmp_path, user
         run_probes(str(probed), "salient", layers=EXPLORE_LAYERS[:1], steps=[0],
                    scheduler=client, progress=False)
     assert tree_digest(probed) == before
+
+
+def test_a_worker_with_other_flows_source_is_refused_naming_it(tmp_path, user_cluster, api):
+    """The tasks a worker runs are defined in flows/: a worker whose flows differ (its
+    actstore the same) may write a store differently, and is refused like one whose
+    actstore differs."""
+    other = start_pair(user_cluster, changed_flows(tmp_path))
+    store = tmp_path / "s.zarr"
+    res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
+              str(store), "--steps", "2", "--images", "0:4", "--cluster",
+              user_cluster.address, api=api, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = one_line(res.stderr)
+    assert f"Dask worker {other} runs other actstore code than this process" in line, line
+    assert "other-flows" in line and "nothing was written" in line
+    assert not store.exists()
 
 
 def test_a_worker_with_another_numcodecs_is_refused_naming_both_versions(
