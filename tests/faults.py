@@ -10,7 +10,9 @@ stops:
   while the test process goes on (cleanup handlers run, but can change nothing);
 - ``enospc``: the same with ``OSError(ENOSPC)``, a disk that filled up;
 - ``kill``: the process SIGKILLs itself at that write (for runs in a subprocess; the plan
-  comes from ``ACTSTORE_FAULT=mode:N:regex`` there, see :func:`main`).
+  comes from ``ACTSTORE_FAULT=mode:N:regex`` there, see :func:`main`);
+- ``stop``: the process SIGSTOPs itself right after that write landed (a writer frozen
+  between two writes, for a test to wake with SIGCONT); later writes go on as usual.
 
 Writes are counted per pattern in :attr:`FaultyFileSystem.log`, so a test can first record
 an uninterrupted run's write sequence and then stop a run at any chosen point of it.
@@ -49,6 +51,7 @@ class FaultyFileSystem(LocalFileSystem):
     log: list[str] = []        # every write/delete key, in order
     stopped = False
     stopped_at: str | None = None   # the write the plan stopped at
+    _freeze_after: str | None = None   # ``stop``: the write after which to freeze
     _seen = 0
     _lock = threading.Lock()
 
@@ -63,7 +66,7 @@ class FaultyFileSystem(LocalFileSystem):
     def reset(cls, plan: Plan | None = None) -> None:
         with cls._lock:
             cls.plan, cls.log, cls.stopped, cls._seen = plan, [], False, 0
-            cls.stopped_at = None
+            cls.stopped_at = cls._freeze_after = None
 
     def _write_point(self, path: str, what: str) -> None:
         cls = type(self)
@@ -75,7 +78,10 @@ class FaultyFileSystem(LocalFileSystem):
             if plan is None or not re.search(plan.pattern, path):
                 return
             cls._seen += 1
-            if cls._seen < plan.n:
+            if cls._seen < plan.n or (plan.mode == "stop" and cls._seen > plan.n):
+                return
+            if plan.mode == "stop":
+                cls._freeze_after = path
                 return
             if plan.mode == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -97,6 +103,9 @@ class FaultyFileSystem(LocalFileSystem):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:   # whole or (when the plan stops us) not at all
             f.write(value)
+        if type(self)._freeze_after == path:
+            type(self)._freeze_after = None
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def open(self, path, mode="rb", **kwargs):
         if any(c in mode for c in "wax+"):

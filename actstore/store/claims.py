@@ -7,8 +7,9 @@ anything creators take turns, using only what every object store offers (PUT, LI
 DELETE, with read-after-write and list-after-write consistency). The turns are Lamport's
 bakery: a claim object per creator is its register.
 
-1. PUT a claim ``<node>/_claims/<id>`` marked *choosing*, holding its settings' hash, the
-   settings and its writer (host, pid, start);
+1. PUT the claim's birth record ``<node>/_claims/<id>/born`` (written once), then a claim
+   ``<node>/_claims/<id>`` marked *choosing*, holding its settings' hash, the settings and
+   its writer (host, pid, start);
 2. LIST the claims (removing those whose writer is gone) and PUT ours again with a ticket
    one above the highest ticket seen;
 3. repeatedly: read the node's marker — if it exists, drop the claim and let the caller
@@ -16,6 +17,14 @@ bakery: a claim object per creator is its register.
    (ticket, id) are ahead: none → our turn, create and write the marker, then drop the
    claim; the first ahead has other settings → it creates before us, so drop ours and fail
    with the difference; the first ahead has our settings → wait for its marker.
+
+A creator another one took for gone (its claim removed: :func:`_held`) stops at its next
+write, whatever it creates, through :func:`actstore.store.io.guarded`. Claims have no
+heartbeat: a creation is metadata and the image table (seconds; minutes on a slow object
+store), and the longest wait in line :data:`WAIT_S`, far below the staleness window, and a
+claim on this host is judged by its pid, not its age; a creator frozen or cut off longer
+than the window would miss its beats anyway, and a beat racing the removal would put the
+claim back (hence the birth record).
 
 Why tickets and not the ids' time order: an id is drawn before its PUT lands, so a creator
 that listed before a slower rival's claim appeared may create while that rival's id is
@@ -34,12 +43,14 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, Displaced
 from actstore.store import commit, io
 
 CLAIMS = "_claims"
 CLAIM_KEY = "claim"
+BORN = "born"       # <claim>/born: the claim's birth record, written once (see _held)
 WAIT_S = 120.0      # how long an older creator waits for a newer rival to give way
 POLL_S = 0.2
 
@@ -61,13 +72,20 @@ def creating(uri: str, path: str, identity: dict, marked: Callable[[], dict | No
     the body), or the marker's identity when the node exists already (create nothing;
     the caller compares). When another live creator with different settings is ahead,
     fails before anything but the claim is written, with one line naming ``what``, the
-    differences and ``fix``. The claim is dropped on leaving, whatever happens."""
+    differences and ``fix``. Every write and removal of the body first checks that the
+    claim is still held (:func:`_held`), so a creator taken for gone while it lived stops
+    there (:class:`Displaced`) instead of writing into what a rerun created. The claim is
+    dropped on leaving, whatever happens."""
     cid = commit.new_id("claim")
     token = commit.begin_token()
     mine = f"{claims_path(path)}/{cid}"
     ours = identity_hash(identity)
     claim = {"sha256": ours, "identity": identity, **commit.writer_info(token)}
+    held = partial(_held, uri, mine, what)
     try:
+        # the birth record before the claim: a claim PUT that lands after a rerun removed
+        # this claim (its creator frozen in between) brings the claim back, never this
+        io.put_group(uri, f"{mine}/{BORN}", {CLAIM_KEY: claim})
         io.put_group(uri, mine, {CLAIM_KEY: {**claim, "choosing": True}})
         tickets = [_ticket(c) for _, c in _live_claims(uri, path, cid)]
         ticket = 1 + max(tickets, default=0)
@@ -78,6 +96,7 @@ def creating(uri: str, path: str, identity: dict, marked: Callable[[], dict | No
             existing = marked()
             if existing is not None:
                 break
+            held()
             # A claim still choosing may yet take a place ahead of ours: wait for it.
             waiting = [c for _, c in others if c.get("choosing")]
             if not waiting:
@@ -91,10 +110,31 @@ def creating(uri: str, path: str, identity: dict, marked: Callable[[], dict | No
             if time.monotonic() > deadline:
                 raise _refusal(uri, path, waiting[0], identity, what, fix, waited=wait_s)
             time.sleep(POLL_S)
-        yield existing
+        with io.guarded(held):
+            yield existing
     finally:
         commit.release(token)
         io.remove(uri, mine)
+
+
+def _held(uri: str, mine: str, what: str) -> None:
+    """Fail with one line (:class:`Displaced`) unless this creator's claim ``mine`` is still
+    there. A rerun removes the claim of a creator it takes for gone (on another host: not
+    seen for :data:`~actstore.store.commit.STALE_AFTER_S`) and creates the node itself; the
+    creator, only frozen or cut off, must then write nothing more into it: the rerun's
+    metadata may be another config's, and its blocks are already being written. Asked of
+    the birth record, which nothing but this creator's first PUT writes.
+
+    Checked, not enforced: a creator frozen between this look and the write it guards
+    still lands that one write (as :func:`~actstore.store.commit.ensure_mine`)."""
+    if not io.exists(uri, io.key(f"{mine}/{BORN}")):
+        raise Displaced(
+            f"store {uri}: this run was taken for gone while creating {what} (its claim "
+            f"{mine} was removed by another writer, which found it not seen for "
+            f"{commit.STALE_AFTER_S / 3600:g} h: stopped, or its host cut off from the "
+            "store) and that writer creates it instead; this run stopped and wrote nothing "
+            "more: rerun it to go on with what that writer made (other settings are then "
+            "refused, naming the differences)")
 
 
 def _ticket(claim: dict) -> int:
@@ -116,7 +156,11 @@ def _live_claims(uri: str, path: str, cid: str) -> list[tuple[str, dict]]:
             continue
         attrs = io.node_attrs(uri, f"{claims_path(path)}/{name}")
         claim = (attrs or {}).get(CLAIM_KEY)
-        if claim is None:      # not yet whole, or just removed
+        if claim is None:      # not yet whole, just removed, or its creator died between
+            born = (io.node_attrs(uri, f"{claims_path(path)}/{name}/{BORN}") or {}).get(
+                CLAIM_KEY)
+            if born is not None and commit.abandoned(born):   # ... its first two PUTs
+                io.remove(uri, f"{claims_path(path)}/{name}")
             continue
         if commit.abandoned(claim):
             io.remove(uri, f"{claims_path(path)}/{name}")

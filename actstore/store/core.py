@@ -129,9 +129,8 @@ def _create_root(uri: str, prompts: pd.DataFrame, identity: dict) -> None:
                "seed": (prompts["seed"].to_numpy(np.int64), "int64"),
                "split": (split.astype(str).to_numpy(), str)}
     for name, (values, dtype) in columns.items():
-        arr = create_array(uri, lay.image_column(name), shape=(n,), chunks=(max(n, 1),),
-                           dtype=dtype, dims=["image"])
-        arr[:] = values
+        create_array(uri, lay.image_column(name), shape=(n,), chunks=(max(n, 1),),
+                     dtype=dtype, dims=["image"], values=values)
     io.put_group(uri, lay.IMAGES)
     io.put_group(uri, "", {ROOT_KEY: attrs})   # the marker, last
 
@@ -158,17 +157,23 @@ def block_layout(shape: tuple[int, ...], block: int, itemsize: int, lead: int,
 
 
 def create_array(uri: str, path: str, *, shape, chunks, dtype, dims, shards=None,
-                 codec: str | None = None, attrs: dict | None = None) -> zarr.Array:
-    """Write an array's metadata (never its parents', never its chunks) and open it.
+                 codec: str | None = None, attrs: dict | None = None,
+                 values: np.ndarray | None = None) -> zarr.Array:
+    """Write an array's metadata (never its parents', never its chunks) and open it; with
+    ``values``, its values too (a small coordinate or table column).
 
     Rewriting the same metadata is harmless, so a creation is redone whole by a rerun
     instead of trusting whatever a killed run left. Existing chunks are kept: a worker
     that re-creates an array never deletes another worker's blocks."""
     chain = codec_chain(codec) if codec else {}
-    return io.put_array(uri, path, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
-                        dimension_names=dims, fill_value=0 if dtype != str else "",
-                        chunk_key_encoding=CHUNK_KEY_ENCODING, attributes=attrs or {},
-                        **chain)
+    arr = io.put_array(uri, path, shape=shape, chunks=chunks, shards=shards, dtype=dtype,
+                       dimension_names=dims, fill_value=0 if dtype != str else "",
+                       chunk_key_encoding=CHUNK_KEY_ENCODING, attributes=attrs or {},
+                       **chain)
+    if values is not None:
+        io.guard()   # zarr writes the chunks, not io: a creator checks its claim here too
+        arr[:] = values
+    return arr
 
 
 def check_or_create_model(uri: str, variant: str, *, fingerprint: dict, provenance: dict,
@@ -211,9 +216,8 @@ def _create_model(uri, variant, fingerprint, provenance, layers, n_steps, image_
     base = model_path(variant)
     h, w = image_hw
     for name, values in step_coords.items():
-        arr = create_array(uri, f"{base}/{name}", shape=(n_steps,), chunks=(n_steps,),
-                           dtype="float32", dims=["step"])
-        arr[:] = values
+        create_array(uri, f"{base}/{name}", shape=(n_steps,), chunks=(n_steps,),
+                     dtype="float32", dims=["step"], values=values)
     image_arrays = {"final_image": ((n, h, w, 3), ["image", "y", "x", "rgb"], 1),
                     "x0_image": ((n, n_steps, h, w, 3), ["image", "step", "y", "x", "rgb"], 2)}
     for name, (shape, dims, lead) in image_arrays.items():

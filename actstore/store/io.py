@@ -20,6 +20,9 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import fsspec
@@ -131,6 +134,32 @@ def key(path: str, name: str = META) -> str:
     return f"{path.strip('/')}/{name}" if path.strip("/") else name
 
 
+# -- a writer's right to write --------------------------------------------------------
+
+_GUARD: ContextVar[Callable[[], None] | None] = ContextVar("actstore_write_guard",
+                                                           default=None)
+
+
+@contextmanager
+def guarded(check: Callable[[], None]) -> Iterator[None]:
+    """Run ``check`` before every write and removal this thread makes in the ``with``
+    body (it raises to stop them): a creator calls it with the look at its claim, so no
+    creation write, however the creation is written, lands once the claim is lost."""
+    token = _GUARD.set(check)
+    try:
+        yield
+    finally:
+        _GUARD.reset(token)
+
+
+def guard() -> None:
+    """The check of the enclosing :func:`guarded`, if any: for writes made through zarr
+    (an array's chunks) rather than through this module."""
+    check = _GUARD.get()
+    if check is not None:
+        check()
+
+
 # -- raw keys -------------------------------------------------------------------------
 
 def get_bytes(uri: str, k: str) -> bytes | None:
@@ -143,6 +172,7 @@ def get_bytes(uri: str, k: str) -> bytes | None:
 
 def put_bytes(uri: str, k: str, data: bytes) -> None:
     """One object, written whole (the unit every commit in the store is made of)."""
+    guard()
     buf = default_buffer_prototype().buffer.from_bytes(data)
     sync(location(uri).store.set(k, buf))
 
@@ -168,6 +198,7 @@ def list_dir(uri: str, path: str) -> list[str]:
 
 def delete(uri: str, k: str) -> None:
     """Delete one key (nothing there is fine)."""
+    guard()
     try:
         sync(location(uri).store.delete(k))
     except FileNotFoundError:
@@ -176,6 +207,7 @@ def delete(uri: str, k: str) -> None:
 
 def remove(uri: str, path: str) -> None:
     """Delete every key under ``path`` (nothing there is fine)."""
+    guard()
     loc = location(uri)
     try:
         sync(loc.store.delete_dir(path.strip("/")))
