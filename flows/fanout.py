@@ -74,12 +74,13 @@ def on_gpus(gpu: bool):
     return dask.annotate(resources={"GPU": 1}) if gpu else nullcontext()
 
 
-def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None
-             ) -> Iterator[PrefectFuture]:
+def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None,
+             on_wait: Callable[[], None] | None = None) -> Iterator[PrefectFuture]:
     """Each of Prefect's task futures as it finishes, waiting in slices of WAKE_SECONDS
     (:func:`prefect.futures.as_completed` waits without a timeout), so a Ctrl-C takes
-    effect at once however long the running tasks take, and ``watch`` sees whether the
-    scheduler still has a worker able to run them."""
+    effect at once however long the running tasks take, ``watch`` sees whether the
+    scheduler still has a worker able to run them, and ``on_wait`` (a label run's look at
+    its marks, which this process holds) runs while they do."""
     ends: queue.SimpleQueue = queue.SimpleQueue()
     for future in futures:
         future.add_done_callback(ends.put)
@@ -91,6 +92,8 @@ def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None
             except queue.Empty:
                 if watch is not None:
                     watch.check()
+                if on_wait is not None:
+                    on_wait()
         yield future
 
 
@@ -208,15 +211,15 @@ def result_of(future: PrefectFuture, store: str, what: str, gpu: bool = False) -
 
 def gather(futures: list, store: str, what: str,
            on_done: Callable[[dict], None] = lambda summary: None, *,
-           gpu: bool = False) -> list[dict]:
+           gpu: bool = False, on_wait: Callable[[], None] | None = None) -> list[dict]:
     """Every task's result, in the order they finish (``on_done`` sees each: a progress
-    bar; ``gpu``: the tasks ask for a GPU resource). Bad input raises its own one-line
-    error; other failures, one line saying how many of ``what`` failed and that rerunning
-    resumes."""
+    bar; ``gpu``: the tasks ask for a GPU resource; ``on_wait``: see :func:`finished`).
+    Bad input raises its own one-line error; other failures, one line saying how many of
+    ``what`` failed and that rerunning resumes."""
     done, errors = [], []
     watch = watch_workers(futures, store, what, gpu)
     with workers_changed():
-        for future in finished(futures, watch):
+        for future in finished(futures, watch, on_wait):
             fetch(future, watch)
             check_scheduler_kept(future, store, what)
             if future.state.is_completed():

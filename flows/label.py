@@ -13,6 +13,7 @@ run resumes from its recorded blocks (:mod:`actstore.label.blocks`).
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 
 from prefect import flow, task
@@ -27,6 +28,11 @@ from actstore.store import labelsets
 from actstore.worker_code import checks_code
 from flows.fanout import (REGION_RETRIES, BlocksFailed, dask_address, gather, on_gpus,
                           retry_unless_bad_input)
+
+# How often this process looks at the run's marks while a pass runs on the workers (two
+# small reads per version). The workers check before each block's writes but can't put
+# back the mark this process holds; see _marks_kept.
+MARK_CHECK_S = 10.0
 
 
 @task(name="label")
@@ -57,9 +63,31 @@ def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | 
                    f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress)
     try:
         return gather(futures, job.store, "label block groups",
-                      lambda done: bar.step(done["images"] * per_image), gpu=gpu)
+                      lambda done: bar.step(done["images"] * per_image), gpu=gpu,
+                      on_wait=_marks_kept(job))
     finally:
         bar.close()
+
+
+def _marks_kept(job: blocks.LabelJob):
+    """This process's look at the run's marks every MARK_CHECK_S while the workers label.
+
+    A displaced run's heartbeat can put its mark back over this run's (the last PUT
+    wins); the mark then names a writer with no birth record, and a clean-up or a rerun
+    of the job judges the version by this run's birth record, which gives its start, not
+    its last renewal: a run begun more than a day ago (STALE_AFTER_S) looks gone, and its
+    version was removed under its live workers (tests/test_label_driver_marks.py). Only
+    this process can put the mark back (it holds the mark's writer and its renewals);
+    before, it did so at its next control step or heartbeat, hours into a long pass. The
+    same look stops the command in one line as soon as another writer took the run
+    over, instead of at the next block a worker starts."""
+    last = [time.monotonic()]
+
+    def look() -> None:
+        if time.monotonic() - last[0] >= MARK_CHECK_S:
+            last[0] = time.monotonic()
+            job.check_owned()
+    return look
 
 
 @flow(name="label-blocks")
