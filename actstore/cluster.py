@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Callable, TypeVar
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, first_line
 from actstore.runtime import dask_threads
 
 # Imported by each local worker as it starts (torch, diffusers, zarr: seconds each), all
@@ -145,7 +145,7 @@ def connect(address: str, timeout: float = SCHEDULER_TIMEOUT):
         return Client(address, timeout=timeout)
     except (OSError, TimeoutError, ValueError) as exc:
         raise ActstoreError(f"dask scheduler {address}: no answer within {timeout:g} s "
-                            f"({str(exc).splitlines()[0]}); start it (`dask scheduler`) or fix "
+                            f"({first_line(exc)}); start it (`dask scheduler`) or fix "
                             "--scheduler") from None
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 
 from actstore.cluster import SCHEDULER_TIMEOUT
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, first_line
 from actstore.worker_code import CODE_PACKAGES, source_digest
 
 # Seconds a command waits while its scheduler has no worker able to run its tasks before it
@@ -217,11 +217,6 @@ def check_client_code(scheduler) -> None:
         check_worker_code(scheduler, f"dask scheduler {address}")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:160] if text else type(exc).__name__
-
-
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
     """Workers of the scheduler at ``address`` (count, and how many offer a GPU resource),
     or a one-line error within about ``2 × timeout`` seconds if no scheduler answers (a
@@ -255,9 +250,9 @@ def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:
                 except Exception as exc:  # noqa: BLE001 - a worker gone or not answering
                     answer["code"] = ActstoreError(
                         f"--cluster {address}: its workers did not say which code they run "
-                        f"({_first_line(exc)}); rerun once they answer")
+                        f"({first_line(exc, 160)}); rerun once they answer")
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, it is not a scheduler
-            answer["error"] = f"no Dask scheduler answered ({_first_line(exc)})"
+            answer["error"] = f"no Dask scheduler answered ({first_line(exc, 160)})"
 
     thread = threading.Thread(target=ask, daemon=True, name="actstore-check-scheduler")
     thread.start()

@@ -13,3 +13,11 @@ class Displaced(ActstoreError):
     """A writer's mark is no longer its own: another command took it for gone (frozen, or
     its host cut off from the store longer than the staleness window) and removed or took
     over what it was writing. The writer stops at once, writing and removing nothing more."""
+
+
+def first_line(exc: BaseException, limit: int | None = None) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters (its type's name
+    when it says nothing): how another library's error is quoted inside actstore's
+    one-line errors, since those messages often run to many lines."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

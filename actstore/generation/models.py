@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, first_line
 from actstore.runtime import configure_cpu_threads
 from actstore.generation.tokenizers import write_byte_level_clip_tokenizer
 
@@ -121,9 +121,9 @@ def load_model(model: str, *, dtype: str | torch.dtype = "float32",
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer",
                                                   local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ActstoreError(f"model {model!r} at {path}: could not load ({first}); "
-                            "check the folder is a complete diffusers SD v1.x pipeline") from exc
+        raise ActstoreError(f"model {model!r} at {path}: could not load "
+                            f"({first_line(exc)}); check the folder is a complete "
+                            "diffusers SD v1.x pipeline") from exc
     with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         scheduler_config = json.load(f)
     from actstore.generation.capture import self_attention_layers

@@ -26,7 +26,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, first_line
 from actstore.runtime import configure_cpu_threads
 from actstore.kinds import BINARY, CONTINUOUS, KINDS
 from actstore.npyfiles import check_numeric, load_plain
@@ -172,7 +172,7 @@ class _HFModel:
         except (ValueError, OSError, KeyError) as exc:
             raise ActstoreError(f"label provider {self.spec}: transformers can't load it "
                                 "without remote code, which actstore never runs "
-                                f"({str(exc).splitlines()[0][:120]}); use a model type "
+                                f"({first_line(exc, 120)}); use a model type "
                                 "transformers ships") from None
         _check_safetensors(self.folder, self.spec)
         self.model = self._load_model(transformers, kw).to(device).eval()
