@@ -348,6 +348,9 @@ def prompts_for_sd(tmp: Path) -> str:
     return str(out)
 
 
+_TMP: list[Path] = []   # the run's scratch folder, for a SIGTERM to remove
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=32)
@@ -356,16 +359,17 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["materialize", "probes", "s3", "sd14", "intervene"])
     args = ap.parse_args()
-    from prefect.testing.utilities import prefect_test_harness
+    from flows.prefect_api import flow_mode
 
     print(f"load average before: {os.getloadavg()}", flush=True)
     tmp = Path(tempfile.mkdtemp(dir=os.environ.get("BENCH_DIR")))
+    _TMP.append(tmp)
     prompts = _table(args.images, tmp / "prompts.csv")
     store = None
     try:
         if "materialize" not in args.skip:
             print(f"1. materialize {args.images} toy images x {args.steps} steps", flush=True)
-            with prefect_test_harness(server_startup_timeout=120):
+            with flow_mode(verbose=False, debug=False):   # the commands' server and console
                 times, store = materialize_rates(prompts, tmp, args)
             _print_medians(times, "1 worker process", "regions", "1 worker")
         if "probes" not in args.skip and store:
@@ -378,7 +382,7 @@ def main() -> None:
         if "intervene" not in args.skip:
             print("5. intervene: every image, 1 target, probe edit + random control",
                   flush=True)
-            with prefect_test_harness(server_startup_timeout=120):
+            with flow_mode(verbose=False, debug=False):   # the commands' server and console
                 it = intervene_rates(prompts, store, tmp, args)
             _print_medians(it, "in-process", "run", "in process")
         if "s3" not in args.skip:
@@ -399,4 +403,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import stopping
+
+    stopping.run(main, "bench_scaling", _TMP)
