@@ -61,6 +61,26 @@ def _files(root: Path) -> dict[str, tuple]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _wake_stops_writing_nothing(frozen: subprocess.Popen, root: Path) -> None:
+    """Wake the frozen run: it stops, exit 2, in one line, and no file of the store at
+    ``root`` is written, changed or removed after the wake-up."""
+    before = _files(root)
+    os.kill(frozen.pid, signal.SIGCONT)
+    _, failure = frozen.communicate(timeout=300)
+    failure = failure.strip()
+    after = _files(root)
+    assert {k: v for k, v in after.items() if before.get(k) != v} == {}, failure
+    assert [k for k in before if k not in after] == [], failure
+    assert frozen.returncode == 2 and len(failure.splitlines()) == 1, failure
+    assert "was taken for gone" in failure and "wrote nothing more" in failure, failure
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @pytest.mark.parametrize("point, node, other", [
     ("image-table-middle", "", {}),                      # the rerun has the same settings
     ("image-table-middle", "", {"block_size": 2}),       # ... another block size
@@ -85,19 +105,9 @@ def test_creator_taken_for_gone_while_frozen_stops_in_one_line_writing_nothing(
         _look_gone(str(path), node)
         rerun = _materialize(str(path), six, **other)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
-        before = _files(path)
-        os.kill(a.pid, signal.SIGCONT)
-        _, failure = a.communicate(timeout=300)
-        failure = failure.strip()
-        after = _files(path)
-        assert {k: v for k, v in after.items() if before.get(k) != v} == {}, failure
-        assert [k for k in before if k not in after] == [], failure
-        assert a.returncode == 2 and len(failure.splitlines()) == 1, failure
-        assert "was taken for gone" in failure and "wrote nothing more" in failure, failure
+        _wake_stops_writing_nothing(a, path)
     finally:
-        if a.poll() is None:
-            os.kill(a.pid, signal.SIGKILL)
-            a.wait()
+        _kill(a)
     assert_same_store(str(path), want)
 
 
@@ -152,16 +162,8 @@ def test_label_rerun_taken_for_gone_while_resuming_writes_nothing(tmp_path):
         b = subprocess.run([sys.executable, "-c", RESUME, uri, TESTS, ""], cwd=REPO, env=ENV,
                            capture_output=True, text=True, timeout=300)
         assert b.returncode == 0 and b.stdout.strip() == version, b.stderr
-        before = _files(Path(uri))
-        os.kill(a.pid, signal.SIGCONT)
-        _, failure = a.communicate(timeout=300)
-        failure = failure.strip()
-        assert _files(Path(uri)) == before, failure
-        assert a.returncode == 2 and len(failure.splitlines()) == 1, failure
-        assert "was taken for gone" in failure and "wrote nothing more" in failure, failure
+        _wake_stops_writing_nothing(a, Path(uri))
     finally:
-        if a.poll() is None:
-            os.kill(a.pid, signal.SIGKILL)
-            a.wait()
+        _kill(a)
     assert labelsets.current(uri)["depth"]["path"] == version
     assert [n for n in io.list_dir(uri, version) if n.startswith("_")] == []

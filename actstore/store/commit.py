@@ -258,11 +258,6 @@ def owner_of(uri: str, path: str) -> dict | None:
         if born and born.get(lay.WRITER_KEY) and not abandoned(born[lay.WRITER_KEY]):
             return born[lay.WRITER_KEY]
     return mark
-    for name in io.list_dir(uri, lay.pending_path(path)):
-        born = name != io.META and io.node_attrs(uri, _birth(path, name))
-        if born and born.get(lay.WRITER_KEY):
-            return born[lay.WRITER_KEY]
-    return mark
 
 
 def collect(uri: str, parent: str, committed: Callable[[str], bool]) -> list[str]:
