@@ -126,11 +126,13 @@ def list_interventions(store: str) -> dict[str, dict]:
     """Complete experiments' summaries by experiment id (stores before version 0.2 kept
     the summary in the group's attributes)."""
     out = {}
-    for name in io.list_dir(store, INTERVENTIONS):
-        for path in (lay.experiment_summary_path(name), group_path(name)):
-            attrs = io.node_attrs(store, path) or {}
-            if SUMMARY_KEY in attrs:
-                out[name] = attrs[SUMMARY_KEY]
+    names = io.list_dir(store, INTERVENTIONS)
+    paths = [p for n in names for p in (lay.experiment_summary_path(n), group_path(n))]
+    attrs = iter(io.nodes_attrs(store, paths))
+    for name in names:
+        for found in (next(attrs) or {}, next(attrs) or {}):
+            if SUMMARY_KEY in found:
+                out[name] = found[SUMMARY_KEY]
                 break
     return out
 

@@ -287,9 +287,8 @@ def open_labels(store: str, target: str) -> xr.Dataset:
     ds = io.open_dataset(store, attrs["path"])
     view = StoreView(store, model=attrs["source_model"], complete_only=False)
     ds = ds.assign_coords(view.images.coords)
-    if "step" in ds.dims:
-        steps = io.open_dataset(store, st.model_path(view.model))
+    if "step" in ds.dims:   # the view's two step arrays, not every array of the variant
         ds = ds.assign_coords(step=np.arange(ds.sizes["step"]),
-                              timestep=("step", steps["timestep"].values),
-                              sigma=("step", steps["sigma"].values))
+                              timestep=view._step_coords["timestep"],
+                              sigma=view._step_coords["sigma"])
     return ds

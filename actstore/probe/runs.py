@@ -248,20 +248,24 @@ def _write_fit(store: str, run_id: str, model: str, layer: str, fit) -> None:
 
 def list_runs(store: str) -> dict[str, dict]:
     """Complete probe runs (their attributes are written last) by run id."""
-    out = {}
-    for name in io.list_dir(store, PROBES):
-        attrs = io.node_attrs(store, lay.run_path(name)) or {}
-        if lay.RUN_KEY in attrs:
-            out[name] = attrs
-    return out
+    names = io.list_dir(store, PROBES)
+    return {name: attrs for name, attrs in zip(names, io.nodes_attrs(
+        store, [lay.run_path(n) for n in names])) if attrs and lay.RUN_KEY in attrs}
 
 
-def latest_run(store: str, target: str) -> str | None:
-    runs = {r: a for r, a in list_runs(store).items() if a["target"] == target}
+def latest_run(store: str, target: str, runs: dict[str, dict] | None = None) -> str | None:
+    """The target's newest complete run (among ``runs``, a :func:`list_runs` already made)."""
+    runs = {r: a for r, a in (list_runs(store) if runs is None else runs).items()
+            if a["target"] == target}
     return max(runs, key=lambda r: (runs[r]["created"], r)) if runs else None
 
 
 def get_run(store: str, run_id: str) -> dict:
+    """One complete run's attributes: its own marker read (every run's, only to name them
+    when it is not there)."""
+    attrs = io.node_attrs(store, lay.run_path(run_id)) if "/" not in run_id else None
+    if attrs and lay.RUN_KEY in attrs:
+        return attrs
     runs = list_runs(store)
     if run_id not in runs:
         raise ActstoreError(f"store {store}: no probe run {run_id!r} (has: "
@@ -299,12 +303,16 @@ def open_scores(store: str, run_id: str) -> xr.Dataset:
 
 def emergence(store: str) -> xr.Dataset:
     """Emergence from each target's latest run, computed when read: it is small, always
-    agrees with the committed runs, and needs no rewrite a kill could tear."""
+    agrees with the committed runs, and needs no rewrite a kill could tear. The runs are
+    listed once (before, again for each target's latest run and for its scores: a request
+    per run, serially, 1 + 2 × targets times)."""
     parts = []
-    for target in sorted({a["target"] for a in list_runs(store).values()}):
+    runs = list_runs(store)
+    for target in sorted({a["target"] for a in runs.values()}):
         # object-dtype labels (see _plain_strings): concatenating fixed-width string
         # coordinates of different widths would truncate the longer layer names
-        ds = open_scores(store, latest_run(store, target))
+        ds = _plain_strings(io.open_dataset(store, lay.run_scores_path(
+            latest_run(store, target, runs))))
         keep = [v for v in EMERGENCE_INTERVALS if v in ds]   # runs before intervals: none
         ds = ds[["mean", *keep]].load().rename(mean="score")
         # per run, before the join pads runs of fewer steps with NaN at the others' last

@@ -47,13 +47,10 @@ def points_fingerprint(points: list[CapturePoint]) -> dict:
 def added_captures(uri: str, variant: str) -> dict[str, dict]:
     """Kinds added after creation: kind → their marker (fingerprint, provenance). A group
     without its marker is still being created and does not count."""
-    out = {}
-    for kind in io.list_dir(uri, f"{lay.model_path(variant)}/{lay.CAPTURES}"):
-        marker = (io.node_attrs(uri, lay.capture_group(variant, kind)) or {}).get(
-            lay.CAPTURE_KEY)
-        if marker is not None:
-            out[kind] = marker
-    return out
+    kinds = io.list_dir(uri, f"{lay.model_path(variant)}/{lay.CAPTURES}")
+    markers = io.nodes_attrs(uri, [lay.capture_group(variant, k) for k in kinds])
+    return {kind: attrs[lay.CAPTURE_KEY] for kind, attrs in zip(kinds, markers)
+            if attrs and lay.CAPTURE_KEY in attrs}
 
 
 def kind_blocks(uri: str, variant: str, kind: str, fingerprint: dict,

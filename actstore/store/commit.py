@@ -71,11 +71,17 @@ def block_record(uri: str, group: str, start: int, stop: int) -> dict:
 
 
 def completed_blocks_at(uri: str, group: str) -> set[tuple[int, int]]:
-    """The (start, stop) blocks recorded complete under ``<group>/_blocks``; listed fresh."""
+    """The (start, stop) blocks recorded complete under ``<group>/_blocks``; listed fresh.
+
+    A block is recorded when its record's key ``_blocks/<a>-<b>/zarr.json`` exists, so one
+    recursive listing of ``_blocks/`` finds them all: on S3 one request per 1000 blocks
+    (before, a listing and then a HEAD per block, 160 round trips for a variant of 640
+    images, at every open of a view)."""
     done = set()
-    for name in io.list_dir(uri, lay.blocks_path(group)):
+    for k in io.list_keys(uri, lay.blocks_path(group)):
+        name, _, leaf = k.partition("/")
         blk = lay.parse_block_name(name)
-        if blk is not None and io.exists(uri, io.key(lay.block_record_path(group, *blk))):
+        if blk is not None and leaf == io.META:
             done.add(blk)
     return done
 

@@ -45,10 +45,14 @@ READABLE_SCHEMAS = (1, 2)
 
 
 def read_root_attrs(uri: str) -> dict:
-    """The store's identity, or a one-line error if ``uri`` is not a complete actstore store."""
-    if not io.store_nonempty(uri):
-        raise ActstoreError(f"store {uri}: does not exist; create it with `actstore materialize`")
+    """The store's identity, or a one-line error if ``uri`` is not a complete actstore store.
+
+    The root document is asked for first: a store that has one exists, and the look at
+    whether anything is there at all (three requests to an object store) is only needed to
+    say why there is none."""
     attrs = io.node_attrs(uri, "")
+    if attrs is None and not io.store_nonempty(uri):
+        raise ActstoreError(f"store {uri}: does not exist; create it with `actstore materialize`")
     if attrs is None:
         if _only_own_names(uri):
             raise ActstoreError(f"store {uri}: is being created, or its creation was "
@@ -370,8 +374,9 @@ def model_array(uri: str, variant: str, name: str) -> zarr.Array:
 
 def model_variants(uri: str) -> list[str]:
     """Variants whose creation is complete (their marker exists)."""
-    return [v for v in io.list_dir(uri, lay.MODELS)
-            if MODEL_KEY in (io.node_attrs(uri, model_path(v)) or {})]
+    names = io.list_dir(uri, lay.MODELS)
+    return [v for v, attrs in zip(names, io.nodes_attrs(uri, [model_path(v) for v in names]))
+            if MODEL_KEY in (attrs or {})]
 
 
 def model_attrs(uri: str, variant: str) -> dict:

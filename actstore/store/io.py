@@ -16,6 +16,7 @@ never written into a store.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import threading
@@ -109,7 +110,7 @@ def location(uri: str) -> Location:
             fs, root = fsspec.core.url_to_fs(uri, **options)
             store = FsspecStore.from_url(uri, storage_options=options) if fs.async_impl \
                 else FsspecStore(_async(fs), path=root)
-            reader = store
+            reader = _reader(uri, protocol, options) or store
     except ActstoreError:
         raise
     except (ValueError, ImportError) as exc:
@@ -122,6 +123,25 @@ def location(uri: str) -> Location:
     with _LOCK:
         _LOCATIONS[uri] = loc
     return loc
+
+
+# s3fs (since 2026.2) reads a whole object in 50 MB ranges over ``max_concurrency`` (10)
+# connections, and to choose, asks for its size first: a HEAD before every GET, doubling
+# the requests of every metadata document and small chunk a reader fetches (s3fs issue
+# #1027; gcsfs went back to one request for the same reason). One connection per object
+# is one GET; reads still run concurrently across objects (one dask task per shard, and
+# zarr's own gather of a shard's chunks). Writes keep s3fs's defaults.
+ONE_GET = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
+
+
+def _reader(uri: str, protocol: str, options: dict) -> Store | None:
+    """The store reads go through where it differs from the writer's (see ONE_GET); an
+    option the user set wins."""
+    extra = {k: v for k, v in ONE_GET.get(protocol, {}).items()
+             if k not in options and k not in fsspec.config.conf.get(protocol, {})}
+    if not extra:
+        return None
+    return FsspecStore.from_url(uri, storage_options={**options, **extra}, read_only=True)
 
 
 def _async(fs):
@@ -192,6 +212,23 @@ def list_dir(uri: str, path: str) -> list[str]:
                 if not n.endswith(".partial")]
     try:
         return sorted(set(sync(names())))
+    except FileNotFoundError:
+        return []
+
+
+def list_keys(uri: str, path: str) -> list[str]:
+    """Every key under ``path`` (relative to it), fresh from the store, in one recursive
+    listing: one request per 1000 keys on an object store, where listing the folder and
+    then asking for each entry's object costs a round trip per entry (a store's block
+    records: hundreds). Temporary files of local writes are left out, as in
+    :func:`list_dir`."""
+    prefix = path.strip("/") + "/"
+
+    async def keys() -> list[str]:
+        return [k[len(prefix):] async for k in location(uri).reader.list_prefix(prefix)
+                if k.startswith(prefix) and not k.endswith(".partial")]
+    try:
+        return sorted(sync(keys()))
     except FileNotFoundError:
         return []
 
@@ -275,6 +312,28 @@ def get_json(uri: str, path: str) -> dict | None:
         return None
 
 
+def nodes_attrs(uri: str, paths: list[str]) -> list[dict | None]:
+    """:func:`node_attrs` of many nodes in one round of concurrent requests: a reader
+    listing a store's probe runs, label commits or experiments waits for one round trip,
+    not one per node (each is a request to an object store)."""
+    reader = location(uri).reader
+
+    async def one(path: str) -> dict | None:
+        try:
+            buf = await reader.get(key(path), prototype=default_buffer_prototype())
+        except FileNotFoundError:
+            return None
+        try:
+            return None if buf is None else dict(json.loads(buf.to_bytes()).get("attributes")
+                                                 or {})
+        except ValueError:   # not yet whole
+            return None
+
+    async def every() -> list[dict | None]:
+        return list(await asyncio.gather(*(one(p) for p in paths)))
+    return sync(every()) if paths else []
+
+
 def node_attrs(uri: str, path: str) -> dict | None:
     """A node's attributes, or None if there is no node at ``path``."""
     doc = get_json(uri, path)
@@ -309,12 +368,17 @@ def put_array(uri: str, path: str, **spec) -> zarr.Array:
     return open_array(uri, path, mode="r+")
 
 
+def _for(uri: str, mode: str) -> Store:
+    loc = location(uri)
+    return loc.reader if mode == "r" else loc.store
+
+
 def open_array(uri: str, path: str, mode: str = "r") -> zarr.Array:
-    return zarr.open_array(store=location(uri).store, path=path, mode=mode, zarr_format=3)
+    return zarr.open_array(store=_for(uri, mode), path=path, mode=mode, zarr_format=3)
 
 
 def open_group(uri: str, path: str = "", mode: str = "r") -> zarr.Group:
-    return zarr.open_group(store=location(uri).store, path=path or None, mode=mode,
+    return zarr.open_group(store=_for(uri, mode), path=path or None, mode=mode,
                            zarr_format=3)
 
 
@@ -339,7 +403,7 @@ def open_dataset(uri: str, path: str, **kwargs):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Object at (.*/)?_\w+ is not recognized",
                                 category=UserWarning)
-        return xr.open_zarr(location(uri).store, group=path or None, consolidated=False,
+        return xr.open_zarr(location(uri).reader, group=path or None, consolidated=False,
                             zarr_format=3, **kwargs)
 
 

@@ -30,11 +30,11 @@ SUPERSEDED_KEEP_S = 24 * 3600
 def current(store: str) -> dict[str, dict]:
     """Every visible target → its attributes, with ``path``: the group holding its arrays."""
     out: dict[str, dict] = {}
-    for name in io.list_dir(store, lay.LABELS):
-        if name.startswith(("_", ".")) or name == io.META:
-            continue
-        attrs = io.node_attrs(store, lay.label_target_path(name)) or {}
-        if lay.LABEL_TARGET_KEY in attrs:   # schema 1
+    names = [n for n in io.list_dir(store, lay.LABELS)
+             if not n.startswith(("_", ".")) and n != io.META]
+    for name, attrs in zip(names, io.nodes_attrs(
+            store, [lay.label_target_path(n) for n in names])):
+        if attrs and lay.LABEL_TARGET_KEY in attrs:   # schema 1
             out[name] = {**attrs, "path": lay.label_target_path(name)}
     for cid, record in _commits(store):
         for target, attrs in record.items():
@@ -45,12 +45,10 @@ def current(store: str) -> dict[str, dict]:
 
 def _commits(store: str) -> list[tuple[str, dict]]:
     """(commit id, {target: attrs}) oldest first (ids sort by time)."""
-    out = []
-    for cid in io.list_dir(store, f"{lay.LABELS}/{lay.COMMITS}"):
-        attrs = io.node_attrs(store, lay.label_commit_path(cid))
-        if attrs and lay.LABELS_COMMIT_KEY in attrs:
-            out.append((cid, attrs[lay.LABELS_COMMIT_KEY]))
-    return sorted(out)
+    ids = io.list_dir(store, f"{lay.LABELS}/{lay.COMMITS}")
+    return sorted((cid, attrs[lay.LABELS_COMMIT_KEY]) for cid, attrs in zip(
+        ids, io.nodes_attrs(store, [lay.label_commit_path(c) for c in ids]))
+        if attrs and lay.LABELS_COMMIT_KEY in attrs)
 
 
 def begin(store: str, targets: list[str], job: str | None = None,
