@@ -105,6 +105,7 @@ def use_storage_options(args, catalog) -> None:
     the text is never echoed (it may hold a secret)."""
     from actstore.catalog import resolve_store
     from actstore.store import io
+    from actstore.store.access import OBJECT_STORES
 
     text = args.storage_options
     if text.startswith("@"):
@@ -123,7 +124,7 @@ def use_storage_options(args, catalog) -> None:
                             "'{\"client_kwargs\": {\"endpoint_url\": \"http://HOST:9000\"}}'")
     store = getattr(args, "store", None)
     uri = resolve_store(catalog, store)["uri"] if store else ""
-    if io.protocol_of(uri) not in io.OBJECT_STORES:
+    if io.protocol_of(uri) not in OBJECT_STORES:
         raise ActstoreError(f"--storage-options: they configure an object store, and "
                             f"{args.command} {'--store ' + uri if uri else ''} uses none; drop "
                             "them")

@@ -15,7 +15,7 @@ import zarr
 from actstore.generation.materialize import MaterializeSettings, materialize
 from actstore.probe.runs import latest_run, list_runs, load_probe, open_emergence
 from actstore.generation.sampling import GenerationConfig
-from actstore.store import io
+from actstore.store import io, locations
 from actstore.store.core import completed_blocks, layer_path
 from actstore.store.view import open_store
 from conftest import DEMO, REPO
@@ -67,7 +67,7 @@ def test_emergence_and_a_probe_read_each_run_marker_once(counted, explore_store)
     target's latest run and for its scores (every run's marker read 1 + 2 × targets times,
     one after another), and loading one probe read every run's marker."""
     uri = f"s3://{BUCKET}/explore.zarr"
-    fsspec.filesystem("s3", **io._options_for(uri)).put(explore_store, f"{BUCKET}/explore.zarr",
+    fsspec.filesystem("s3", **locations._options_for(uri)).put(explore_store, f"{BUCKET}/explore.zarr",
                                                        recursive=True)
     runs = list_runs(uri)
     assert len(runs) == 2
@@ -95,7 +95,7 @@ def test_opening_a_view_costs_the_same_requests_for_4_or_16_blocks(counted):
         materialize("tiny-random", DEMO, uri, MaterializeSettings(
             gen=GenerationConfig(steps=2), batch_size=4, block_size=block), progress=False)
         assert len(completed_blocks(uri, "trained")) == 16 // block
-        io._LOCATIONS.clear()   # a new process's first open: its bucket check included
+        locations._LOCATIONS.clear()   # a new process's first open: its bucket check included
         with counted.counting() as reqs:
             layer = _notebook_opening(uri)
         assert layer.sizes["image"] == 16
@@ -115,7 +115,7 @@ def test_one_image_one_step_fetches_its_chunk_not_the_shard(sd_store, counted):
     s = open_store(sd_store)
     arr = zarr.open_array(store=io.location(sd_store).store, path=layer_path("trained", BIG))
     key = f"{BUCKET}/sd.zarr/{layer_path('trained', BIG)}"
-    shard = fsspec.filesystem("s3", **io._options_for(sd_store)).size(f"{key}/c.0.0.0.0.0")
+    shard = fsspec.filesystem("s3", **locations._options_for(sd_store)).size(f"{key}/c.0.0.0.0.0")
     view = s[BIG]
     with counted.counting() as reqs:
         got = view.sel(image="img0001", step=1).values   # block 0: random values, 31 MB

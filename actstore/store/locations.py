@@ -1,0 +1,132 @@
+"""Where a store lives: a URI resolved once to its zarr stores (one for writes, one for
+reads) and fsspec filesystem, with the options (endpoint, credentials) the user gave for it.
+
+Object-store credentials and endpoints come from the environment (``AWS_*``,
+``FSSPEC_S3`` JSON, ``FSSPEC_S3_ENDPOINT_URL``), from :func:`set_storage_options` (one
+store, this process) or :func:`set_protocol_options` (the command line's
+``--storage-options``: this process and its workers); they are held in memory only and
+never written into a store. Reads and writes go through :mod:`actstore.store.io`."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import dataclass
+
+import fsspec
+from zarr.abc.store import Store
+from zarr.storage import FsspecStore, LocalStore
+
+from actstore.errors import ActstoreError
+from actstore.store.access import OBJECT_STORES, preflight
+
+# No listing cache: a long-lived reader must see completion records written after it opened.
+NO_LISTING_CACHE = {"use_listings_cache": False}
+
+_OPTIONS: dict[str, dict] = {}
+_LOCATIONS: dict[str, Location] = {}
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store URI resolved once: its zarr store (for every write) and fsspec filesystem."""
+
+    uri: str
+    protocol: str
+    fs: fsspec.AbstractFileSystem
+    root: str
+    store: Store   # writes
+    reader: Store  # reads: a local reader never creates the folder it looks for
+
+    def full(self, path: str = "") -> str:
+        return f"{self.root.rstrip('/')}/{path}".rstrip("/") if path else self.root
+
+
+def set_storage_options(prefix: str, options: dict) -> None:
+    """fsspec options (endpoint, credentials, ...) for every store whose URI starts with
+    ``prefix``; kept in this process's memory only."""
+    with _LOCK:
+        _OPTIONS[prefix] = dict(options)
+        for uri in [u for u in _LOCATIONS if u.startswith(prefix)]:
+            del _LOCATIONS[uri]
+
+
+def set_protocol_options(protocol: str, options: dict) -> None:
+    """fsspec options for every ``protocol`` store this process opens and every process it
+    starts (a local Dask cluster's workers, a region worker): fsspec's own configuration,
+    in memory and in this process's environment (``FSSPEC_<PROTOCOL>``), never on disk."""
+    merged = {**fsspec.config.conf.get(protocol, {}), **options}
+    with _LOCK:
+        fsspec.config.conf[protocol] = merged
+        os.environ[f"FSSPEC_{protocol.upper()}"] = json.dumps(merged)
+        for uri in [u for u in _LOCATIONS if protocol_of(u) == protocol]:
+            del _LOCATIONS[uri]
+
+
+def _options_for(uri: str) -> dict:
+    best = max((p for p in _OPTIONS if uri.startswith(p)), key=len, default=None)
+    return dict(_OPTIONS[best]) if best is not None else {}
+
+
+def protocol_of(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def location(uri: str) -> Location:
+    """The resolved store for ``uri`` (cached per URI and options)."""
+    uri = str(uri)
+    with _LOCK:
+        if uri in _LOCATIONS:
+            return _LOCATIONS[uri]
+    protocol = protocol_of(uri)
+    try:
+        if protocol == "file":
+            fs, root = fsspec.core.url_to_fs(uri)
+            store: Store = LocalStore(root)
+            reader: Store = LocalStore(root, read_only=True)
+        else:
+            options = {**(NO_LISTING_CACHE if protocol in OBJECT_STORES else {}),
+                       **_options_for(uri)}
+            fs, root = fsspec.core.url_to_fs(uri, **options)
+            store = FsspecStore.from_url(uri, storage_options=options) if fs.async_impl \
+                else FsspecStore(_async(fs), path=root)
+            reader = _reader(uri, protocol, options) or store
+    except ActstoreError:
+        raise
+    except (ValueError, ImportError) as exc:
+        raise ActstoreError(f"store {uri}: can't open this kind of location ({exc}); use a "
+                            "local path or an fsspec URL such as s3://bucket/path "
+                            "(pip install 'actstore[s3]')") from None
+    if protocol in OBJECT_STORES:
+        preflight(uri, protocol, root, options)
+    loc = Location(uri, protocol, fs, root, store, reader)
+    with _LOCK:
+        _LOCATIONS[uri] = loc
+    return loc
+
+
+# s3fs (since 2026.2) reads a whole object in 50 MB ranges over ``max_concurrency`` (10)
+# connections, and to choose, asks for its size first: a HEAD before every GET, doubling
+# the requests of every metadata document and small chunk a reader fetches (s3fs issue
+# #1027; gcsfs went back to one request for the same reason). One connection per object
+# is one GET; reads still run concurrently across objects (one dask task per shard, and
+# zarr's own gather of a shard's chunks). Writes keep s3fs's defaults.
+ONE_GET = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
+
+
+def _reader(uri: str, protocol: str, options: dict) -> Store | None:
+    """The store reads go through where it differs from the writer's (see ONE_GET); an
+    option the user set wins."""
+    extra = {k: v for k, v in ONE_GET.get(protocol, {}).items()
+             if k not in options and k not in fsspec.config.conf.get(protocol, {})}
+    if not extra:
+        return None
+    return FsspecStore.from_url(uri, storage_options={**options, **extra}, read_only=True)
+
+
+def _async(fs):
+    from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+    return AsyncFileSystemWrapper(fs, asynchronous=True)
