@@ -59,6 +59,22 @@ def start_pair(cluster: UserCluster, first_on_path: Path) -> str:
     return other
 
 
+def materialize_refused(tmp_path: Path, user_cluster: UserCluster, api, other: str,
+                        folder: str) -> None:
+    """materialize --cluster refuses worker ``other``, whose code comes from ``folder``, in
+    one line naming both, exit 2, nothing stored."""
+    store = tmp_path / "s.zarr"
+    res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
+              str(store), "--steps", "2", "--images", "0:4", "--cluster",
+              user_cluster.address, api=api, timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = one_line(res.stderr)
+    assert f"--cluster {user_cluster.address}: Dask worker {other} runs other actstore " \
+           "code than this process" in line, line
+    assert folder in line and "nothing was written" in line
+    assert not store.exists()
+
+
 def test_a_worker_with_other_actstore_source_is_refused_naming_it(tmp_path, user_cluster,
                                                                   api, explore_store):
     from distributed import Client
@@ -68,16 +84,7 @@ def test_a_worker_with_other_actstore_source_is_refused_naming_it(tmp_path, user
     from conftest import EXPLORE_LAYERS
 
     other = start_pair(user_cluster, changed_actstore(tmp_path))
-    store = tmp_path / "s.zarr"
-    res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
-              str(store), "--steps", "2", "--images", "0:4", "--cluster",
-              user_cluster.address, api=api, timeout=300)
-    assert res.returncode == 2, res.stderr[-3000:]
-    line = one_line(res.stderr)
-    assert f"--cluster {user_cluster.address}: Dask worker {other} runs other actstore " \
-           "code than this process" in line, line
-    assert "other-checkout" in line and "nothing was written" in line
-    assert not store.exists()
+    materialize_refused(tmp_path, user_cluster, api, other, "other-checkout")
     # the probe grid on the same scheduler (``probe --scheduler ADDRESS``)
     probed = tmp_path / "p.zarr"
     shutil.copytree(explore_store, probed)
@@ -94,15 +101,7 @@ def test_a_worker_with_other_flows_source_is_refused_naming_it(tmp_path, user_cl
     actstore the same) may write a store differently, and is refused like one whose
     actstore differs."""
     other = start_pair(user_cluster, changed_flows(tmp_path))
-    store = tmp_path / "s.zarr"
-    res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
-              str(store), "--steps", "2", "--images", "0:4", "--cluster",
-              user_cluster.address, api=api, timeout=300)
-    assert res.returncode == 2, res.stderr[-3000:]
-    line = one_line(res.stderr)
-    assert f"Dask worker {other} runs other actstore code than this process" in line, line
-    assert "other-flows" in line and "nothing was written" in line
-    assert not store.exists()
+    materialize_refused(tmp_path, user_cluster, api, other, "other-flows")
 
 
 def test_a_worker_with_another_numcodecs_is_refused_naming_both_versions(
