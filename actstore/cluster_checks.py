@@ -10,9 +10,9 @@ import os
 import threading
 import time
 
-from actstore.cluster import SCHEDULER_TIMEOUT
+from actstore.cluster import ON_WORKER, SCHEDULER_TIMEOUT, worker_note
 from actstore.errors import ActstoreError, first_line
-from actstore.worker_code import CODE_PACKAGES, source_digest
+from actstore.worker_code import CODE_PACKAGES, OtherWorkerCode, code_fingerprint, source_digest
 
 # Seconds a command waits while its scheduler has no worker able to run its tasks before it
 # gives up; ACTSTORE_WORKER_GRACE overrides it. Long enough for a worker restarted by hand
@@ -143,6 +143,13 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
             time.sleep(WAKE_SECONDS)
             watch.check()
         return tuple(scheduler.gather(futures))
+    except OtherWorkerCode as exc:
+        scheduler.cancel(futures)
+        raise OtherWorkerCode(
+            f"store {store}: {exc.args[0]}; it refused one of the {what} before computing "
+            "anything. Every worker must run this process's actstore and libraries, which "
+            "decide the statistics stored: stop it, or start it from the same checkout and "
+            "environment; nothing of this run was kept") from None
     except BaseException:
         scheduler.cancel(futures)
         raise
@@ -206,15 +213,25 @@ def _is_client(scheduler) -> bool:
     return distributed is not None and isinstance(scheduler, distributed.Client)
 
 
+def _users_cluster(scheduler) -> bool:
+    """Is ``scheduler`` a Client of a cluster whose workers may run other code? Not dask's
+    local schedulers nor an in-process cluster: they run this process's code."""
+    return _is_client(scheduler) and not _scheduler_of(scheduler).startswith("inproc://")
+
+
 def check_client_code(scheduler) -> None:
     """:func:`check_worker_code` for a distributed ``scheduler`` a caller handed over (the
-    probe grid's ``--scheduler ADDRESS``, a Client in Python); nothing for dask's local
-    schedulers or an in-process cluster, which run this process's code."""
-    if not _is_client(scheduler):
-        return
-    address = _scheduler_of(scheduler)
-    if not address.startswith("inproc://"):
-        check_worker_code(scheduler, f"dask scheduler {address}")
+    probe grid's ``--scheduler ADDRESS``, a Client in Python), if it is a user's cluster."""
+    if _users_cluster(scheduler):
+        check_worker_code(scheduler, f"dask scheduler {_scheduler_of(scheduler)}")
+
+
+def task_code(scheduler) -> tuple[str, ...] | None:
+    """The code the probe grid's tasks must find on their workers
+    (:func:`actstore.worker_code.checks_code`): this process's on a user's cluster, where a
+    worker restarted at a checked address, or one that joined and took a task within the
+    watch's second, may run other code; None elsewhere (nothing to check)."""
+    return code_fingerprint() if _users_cluster(scheduler) else None
 
 
 def check_scheduler(address: str, timeout: float = SCHEDULER_TIMEOUT) -> dict:

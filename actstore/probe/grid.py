@@ -22,14 +22,14 @@ Memory is one block plus the statistics, whatever the number of images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
 import zarr
 from dask import delayed
 
 from actstore.cluster import names_worker
-from actstore.cluster_checks import compute
+from actstore.cluster_checks import compute, task_code
 from actstore.errors import ActstoreError
 from actstore.kinds import BINARY
 from actstore.probe import logistic as lg
@@ -39,6 +39,7 @@ from actstore.probe import stats as ps
 from actstore.probe.scoring import LabelSide, block_scores, label_side
 from actstore.probe.scoring import metric_names as _names
 from actstore.store import io
+from actstore.worker_code import checks_code
 
 
 def metric_names(kind: str, label_spearman: bool = False) -> list[str]:
@@ -143,6 +144,7 @@ def _block_tokens(x: np.ndarray) -> np.ndarray:
     return x.transpose(1, 0, 2, 3, 4).reshape(s, b * h * w, c)
 
 
+@checks_code
 @names_worker
 def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.ndarray,
                n_folds: int, rates: np.ndarray | None = None):
@@ -160,6 +162,7 @@ def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.nda
     return stats, sampling.draw(X, tokens, index, position, rates)
 
 
+@checks_code
 @names_worker
 def _sample_rates(src: LayerSource, train: np.ndarray) -> np.ndarray:
     """Keep rates per class for the layer's token sample, from every train token's label."""
@@ -192,6 +195,7 @@ MERGE_FAN_IN = 8   # fit tasks' results merged per reduction task
 # twice a part's size, against 6 float32 parts), 8 parts (260 MB at C = 1280) at most.
 
 
+@checks_code
 def _merged(parts: list):
     """Several fit tasks' statistics pooled fold by fold in one step (K C×C additions and
     one product, where pairwise merges cost three passes each), or their token samples
@@ -203,19 +207,36 @@ def _merged(parts: list):
                               for fs in folds))
 
 
-def _tree_sum(parts: list):
+def _task(fn, code: tuple[str, ...] | None, nout: int | None = None):
+    """``delayed(fn)`` for a grid task (decorated with :func:`checks_code`) that first
+    checks that its worker runs ``code``: the command stores what the tasks return, so a
+    worker restarted at a checked address with other code, or one that took a task within
+    the watch's second after joining, must compute nothing (None: no check)."""
+    return partial(delayed(fn, nout=nout), code=code)
+
+
+def _tree_sum(parts: list, code: tuple[str, ...] | None = None):
     while len(parts) > 1:
-        parts = [delayed(_merged)(parts[i:i + MERGE_FAN_IN])
+        parts = [_task(_merged, code)(parts[i:i + MERGE_FAN_IN])
                  for i in range(0, len(parts), MERGE_FAN_IN)]
     return parts[0]
 
 
+@checks_code
 def _solve_ridge(stats: ps.FoldStats, lambdas: np.ndarray) -> LayerFit:
     ridge = pb.fit_ridge_cv(stats, lambdas)
     return LayerFit(ridge.weights, ridge.bias, ridge.lam, ridge.cv_score, ridge.lambdas,
                     "ridge")
 
 
+@checks_code
+def _sample_steps(sample: sampling.TokenSample, steps: slice) -> sampling.TokenSample:
+    """A logistic task's steps of the token sample, cut where the sample is (a grid task
+    like the others, so it checks its worker's code too)."""
+    return sample.step(steps.start, steps.stop)
+
+
+@checks_code
 def _step_stats(stats: ps.FoldStats, s: int | slice) -> ps.FoldStats:
     """One step's slice (or a range of steps') of statistics batched over steps."""
     return stats.cell(s)
@@ -234,6 +255,7 @@ def _step_groups(n_steps: int, tokens: int, channels: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
+@checks_code
 def _logistic_cells(sample: sampling.TokenSample, n_folds: int, fold_stats: ps.FoldStats,
                     ridge: LayerFit, steps: slice) -> list[pb.ProbeFit | None]:
     """The logistic probes of ``steps`` (positions) from their token sample
@@ -264,6 +286,7 @@ def _logistic_cells(sample: sampling.TokenSample, n_folds: int, fold_stats: ps.F
     return out
 
 
+@checks_code
 def _logistic_fit(fit: LayerFit, steps: np.ndarray, *groups: list) -> LayerFit:
     lambdas = np.asarray(lg.LOGISTIC_LAMBDAS)
     weights, bias, lam, cv, fallback = [], [], [], [], []
@@ -282,26 +305,28 @@ def _logistic_fit(fit: LayerFit, steps: np.ndarray, *groups: list) -> LayerFit:
 
 
 def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 5,
-              lambdas: np.ndarray = pb.DEFAULT_LAMBDAS):
-    """A delayed :class:`LayerFit` of every requested step of one layer."""
+              lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, code: tuple[str, ...] | None = None):
+    """A delayed :class:`LayerFit` of every requested step of one layer (its tasks check
+    ``code`` on their workers: :func:`_task`)."""
     blocks = [(a, b) for a, b in split.blocks if split.train[a:b].any()]
     if not blocks:
         raise ActstoreError(f"store {src.uri}: no train images; set split=train on some rows")
     blocks = _spans(blocks, _array(src.uri, src.activation), len(steps))
     if src.kind != BINARY:
-        stats = _tree_sum([delayed(_fit_block)(src, a, b, split.train[a:b], steps, n_folds)
-                           for a, b in blocks])
-        return delayed(_solve_ridge)(stats, lambdas)
-    rates = delayed(_sample_rates)(src, np.flatnonzero(split.train))
-    parts = [delayed(_fit_block, nout=2)(src, a, b, split.train[a:b], steps, n_folds, rates)
+        stats = _tree_sum([_task(_fit_block, code)(src, a, b, split.train[a:b], steps,
+                                                   n_folds) for a, b in blocks], code)
+        return _task(_solve_ridge, code)(stats, lambdas)
+    rates = _task(_sample_rates, code)(src, np.flatnonzero(split.train))
+    parts = [_task(_fit_block, code, 2)(src, a, b, split.train[a:b], steps, n_folds, rates)
              for a, b in blocks]
-    stats, sample = _tree_sum([p[0] for p in parts]), _tree_sum([p[1] for p in parts])
-    fit = delayed(_solve_ridge)(stats, lambdas)
+    stats, sample = (_tree_sum([p[i] for p in parts], code) for i in (0, 1))
+    fit = _task(_solve_ridge, code)(stats, lambdas)
     arr = _array(src.uri, src.activation)
     groups = _step_groups(len(steps), sampling.budget(arr.shape[-1]), arr.shape[-1])
-    cells = [delayed(_logistic_cells)(delayed(sample.step)(g.start, g.stop), n_folds,
-                                      delayed(_step_stats)(stats, g), fit, g) for g in groups]
-    return delayed(_logistic_fit)(fit, steps, *cells)
+    cells = [_task(_logistic_cells, code)(_task(_sample_steps, code)(sample, g), n_folds,
+                                          _task(_step_stats, code)(stats, g), fit, g)
+             for g in groups]
+    return _task(_logistic_fit, code)(fit, steps, *cells)
 
 
 def _take(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -309,6 +334,7 @@ def _take(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return x if rows.all() else x[rows]
 
 
+@checks_code
 @names_worker
 def _score_block(src: LayerSource, blocks: tuple[tuple[int, int], ...], rows: np.ndarray,
                  fit: LayerFit, steps: np.ndarray, label_spearman: bool) -> np.ndarray:
@@ -327,14 +353,14 @@ def _score_block(src: LayerSource, blocks: tuple[tuple[int, int], ...], rows: np
 
 
 def score_graph(src: LayerSource, split: Split, steps: np.ndarray, fit,
-                label_spearman: bool = False):
+                label_spearman: bool = False, code: tuple[str, ...] | None = None):
     """Delayed per-block scores and the store positions of their test images, in order."""
     parts, order = [], []
     blocks = [(a, b) for a, b in split.blocks if split.test[a:b].any()]
     for a, b in _spans(blocks, _array(src.uri, src.activation), len(steps)):
         rows = split.test[a:b]
         inside = tuple((c, d) for c, d in blocks if a <= c and d <= b)
-        parts.append(delayed(_score_block)(src, inside, rows, fit, steps, label_spearman))
+        parts.append(_task(_score_block, code)(src, inside, rows, fit, steps, label_spearman))
         order.append(np.arange(a, b)[rows])
     if not parts:
         raise ActstoreError(f"store {src.uri}: no test images; set split=test on some rows")
@@ -346,21 +372,22 @@ def probe_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: i
                 label_spearman: bool = False):
     """Fit and score one layer in one graph: (LayerFit, scores (metric, test image, step),
     store positions of the test images)."""
-    fit = fit_graph(src, split, steps, n_folds, lambdas)
-    parts, order = score_graph(src, split, steps, fit, label_spearman)
+    code = task_code(scheduler)
+    fit = fit_graph(src, split, steps, n_folds, lambdas, code)
+    parts, order = score_graph(src, split, steps, fit, label_spearman, code)
     fit, *scores = compute(fit, *parts, scheduler=scheduler, store=src.uri)
     return fit, np.concatenate(scores, axis=1), order
 
 
 def fit_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: int = 5,
               lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler=None) -> LayerFit:
-    (fit,) = compute(fit_graph(src, split, steps, n_folds, lambdas), scheduler=scheduler,
-                     store=src.uri)
+    (fit,) = compute(fit_graph(src, split, steps, n_folds, lambdas, task_code(scheduler)),
+                     scheduler=scheduler, store=src.uri)
     return fit
 
 
 def score_layer(src: LayerSource, split: Split, steps: np.ndarray, fit: LayerFit,
                 *, scheduler=None, label_spearman: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-image test scores (metric, test image, step) and the test images' positions."""
-    parts, order = score_graph(src, split, steps, fit, label_spearman)
+    parts, order = score_graph(src, split, steps, fit, label_spearman, task_code(scheduler))
     return np.concatenate(compute(*parts, scheduler=scheduler, store=src.uri), axis=1), order
