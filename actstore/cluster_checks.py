@@ -143,16 +143,34 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
             time.sleep(WAKE_SECONDS)
             watch.check()
         return tuple(scheduler.gather(futures))
-    except OtherWorkerCode as exc:
+    except BaseException as exc:
         scheduler.cancel(futures)
+        said = _other_code(exc)
+        if said is None:
+            raise
         raise OtherWorkerCode(
-            f"store {store}: {exc.args[0]}; it refused one of the {what} before computing "
+            f"store {store}: {said}; it refused one of the {what} before computing "
             "anything. Every worker must run this process's actstore and libraries, which "
             "decide the statistics stored: stop it, or start it from the same checkout and "
             "environment; nothing of this run was kept") from None
-    except BaseException:
-        scheduler.cancel(futures)
-        raise
+
+
+OLDER_CODE = "unexpected keyword argument 'code'"
+
+
+def _other_code(exc: BaseException) -> str | None:
+    """What a task's failure says of its worker's code: its refusal
+    (:class:`OtherWorkerCode`), or the TypeError of a worker whose actstore predates the
+    check (its grid functions take no ``code``), which is no bug to retry or report as a
+    crash; None for any other failure."""
+    if isinstance(exc, OtherWorkerCode):
+        return exc.args[0]
+    if not (isinstance(exc, TypeError) and OLDER_CODE in str(exc)):
+        return None
+    on = worker_note(exc)
+    where = on[len(ON_WORKER):] if on else "(unknown address)"
+    return (f"Dask worker {where} runs older actstore code than the command (its task took "
+            f"no code fingerprint: {first_line(exc, 120)})")
 
 
 NOTHING_WRITTEN = ("every worker must run this process's actstore and libraries, which "
