@@ -180,12 +180,12 @@ NOTHING_WRITTEN = ("every worker must run this process's actstore and libraries,
 
 def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITTEN) -> None:
     """Refuse a cluster with a worker that runs other code than this process: another
-    version of a package in :data:`CODE_PACKAGES` or other actstore source (a ``dask
+    version of a package in :data:`CODE_PACKAGES` or other actstore or flows source (a ``dask
     worker`` started from another checkout or environment may write a store differently).
     One line naming the worker, the package and both versions; ``where`` names the
     option (``--cluster ADDRESS``); ``workers``: these addresses only (default all).
     Distributed's own version report for the packages, and :func:`source_digest` run on
-    each worker for actstore's source."""
+    each worker for the source of both packages."""
     versions = client.get_versions(packages=list(CODE_PACKAGES))
     here = versions["client"]["packages"]
     for address, info in sorted(versions["workers"].items()):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import inspect
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
@@ -36,21 +35,26 @@ def source_digest() -> tuple[str, str]:
     """sha256 of the actstore and flows packages this process runs (each ``.py`` file's
     package-relative path and its bytes, in path order) and the folders they come from;
     once per process (106 files: 3 ms). Both: the tasks a worker runs are defined in
-    ``flows`` and call ``actstore``, so a worker with either changed may write a store
+    ``flows`` and call ``actstore``, so a checkout with either changed may write a store
     differently. The source, not a version or a commit id: the version string is the same
     for every commit, and a worker's copy (an older checkout, a copy on its PYTHONPATH, an
-    installed wheel) has no git history to ask; package data (the catalog schema) and
-    bytecode decide nothing a store holds. ``flows`` is located, not imported (importing
-    it here would import Prefect into every worker task's first call)."""
+    installed wheel) has no git history to ask; package data (the catalog schema),
+    bytecode, and hidden or editor files (a notebook's ``.ipynb_checkpoints``, an editor's
+    ``.#name.py`` lock) decide nothing a store holds. ``flows`` is the folder beside
+    ``actstore`` (a checkout and a wheel install both put it there), not whatever ``flows``
+    the import path finds first: a notebook's working folder often holds a project's own
+    ``flows`` package, which would refuse every worker of a cluster with the same code."""
     folders = [Path(__file__).resolve().parent]
-    spec = importlib.util.find_spec("flows")
-    if spec is not None and spec.submodule_search_locations:
-        folders.append(Path(next(iter(spec.submodule_search_locations))).resolve())
+    if (folders[0].parent / "flows" / "__init__.py").is_file():
+        folders.append(folders[0].parent / "flows")
     digest = hashlib.sha256()
     for root in folders:
         for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+            relative = path.relative_to(root)
+            if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+                continue
             data = path.read_bytes()
-            name = f"{root.name}/{path.relative_to(root).as_posix()}"
+            name = f"{root.name}/{relative.as_posix()}"
             digest.update(f"{name}\0{len(data)}\0".encode())
             digest.update(data)
     return digest.hexdigest(), ", ".join(str(root) for root in folders)
@@ -60,7 +64,7 @@ def source_digest() -> tuple[str, str]:
 def code_fingerprint() -> tuple[str, ...]:
     """This process's code as ``name==version`` strings: each of :data:`CODE_PACKAGES` as
     its installed-package record says (what distributed's ``get_versions`` reports, which
-    the start-up check compares) and actstore's source digest. Plain strings: a task's
+    the start-up check compares) and the source digest of actstore and flows. Plain strings: a task's
     argument survives any serialization Prefect or Dask gives it. Computed once per
     process; a task then compares about 200 bytes."""
     from importlib.metadata import PackageNotFoundError, version

@@ -80,20 +80,21 @@ def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None,
     (:func:`prefect.futures.as_completed` waits without a timeout), so a Ctrl-C takes
     effect at once however long the running tasks take, ``watch`` sees whether the
     scheduler still has a worker able to run them, and ``on_wait`` (a label run's look at
-    its marks, which this process holds) runs while they do."""
+    its marks, which this process holds, at its own pace) runs while they do, however
+    often they finish."""
     ends: queue.SimpleQueue = queue.SimpleQueue()
     for future in futures:
         future.add_done_callback(ends.put)
     for _ in futures:
         while True:
+            if on_wait is not None:     # also while tasks keep finishing: it keeps its own pace
+                on_wait()
             try:
                 future = ends.get(timeout=WAKE_SECONDS)
                 break
             except queue.Empty:
                 if watch is not None:
                     watch.check()
-                if on_wait is not None:
-                    on_wait()
         yield future
 
 

@@ -28,12 +28,52 @@ def changed_actstore(tmp_path: Path) -> Path:
 
 
 def changed_flows(tmp_path: Path) -> Path:
-    """A folder holding a copy of flows (the tasks a worker runs) with one file changed."""
+    """A folder holding another checkout's actstore and flows (the tasks a worker runs),
+    only a file of flows changed."""
     alt = tmp_path / "other-flows"
-    shutil.copytree(REPO / "flows", alt / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("actstore", "flows"):
+        shutil.copytree(REPO / package, alt / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     tasks = alt / "flows" / "materialize.py"
     tasks.write_text(tasks.read_text() + "\n# changed in another checkout\n")
     return alt
+
+
+def digest_in(cwd: Path, pythonpath: Path) -> str:
+    """source_digest as a fresh Python started in ``cwd`` (on its import path first, as a
+    notebook's working folder is) with ``pythonpath`` before the checkout computes it."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.path.insert(0, ''); from actstore.worker_code "
+         "import source_digest; print(source_digest()[0])"],
+        cwd=cwd, env={**os.environ, "PYTHONPATH": f"{pythonpath}{os.pathsep}{REPO}"},
+        capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.strip()
+
+
+def test_the_source_digest_ignores_a_notebook_s_flows_and_hidden_files(tmp_path):
+    """A project's own ``flows`` package in a notebook's working folder, a notebook's
+    checkpoint copy and an editor's dangling lock file inside the package are not the
+    code a task runs: with them the digest equals a clean copy's (before, the first two
+    changed it, refusing every worker of a cluster with the same code, and the lock file
+    made it fail)."""
+    checkout = tmp_path / "checkout"
+    for package in ("actstore", "flows"):
+        shutil.copytree(REPO / package, checkout / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    clean = digest_in(tmp_path, checkout)
+    project = tmp_path / "project"
+    (project / "flows").mkdir(parents=True)
+    (project / "flows" / "__init__.py").write_text("# a project's own Prefect flows\n")
+    (checkout / "actstore" / ".ipynb_checkpoints").mkdir()
+    (checkout / "actstore" / ".ipynb_checkpoints" / "kinds-checkpoint.py").write_text("x = 1\n")
+    (checkout / "flows" / ".#cli.py").symlink_to("user@host.1234:1700000000")
+    assert digest_in(project, checkout) == clean
+    (checkout / "flows" / "cli.py").write_text((checkout / "flows" / "cli.py").read_text() + "#\n")
+    assert digest_in(project, checkout) != clean
 
 
 def other_numcodecs(tmp_path: Path) -> Path:

@@ -211,3 +211,20 @@ def test_only_a_closing_workers_heartbeat_race_is_kept_off_the_console():
     assert closing_race(record("Scheduler was unaware of this worker; shutting down."),
                         "closing")
     assert not closing_race(record("Compute Failed"), "closing")
+
+
+def test_the_wait_looks_at_its_marks_while_tasks_keep_finishing():
+    """``finished``'s ``on_wait`` (a label run's look at its marks) must run even when no
+    quarter second passes without a task finishing (many workers, small groups): before,
+    it ran only in such a silence, so a pass of quick tasks never looked. Real futures of
+    a one-thread pool, one finishing every 50 ms."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.fanout import finished
+
+    looks = []
+    with ThreadPoolExecutor(1) as pool:
+        futures = [pool.submit(time.sleep, 0.05) for _ in range(20)]
+        done = list(finished(futures, on_wait=lambda: looks.append(time.monotonic())))
+    assert sorted(map(id, done)) == sorted(map(id, futures))
+    assert len(looks) >= len(futures)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +237,41 @@ def test_x0_images_match_direct_decoding(tmp_path, tiny_model):
              on_step_end=on_end)
     assert stored.shape[:2] == (4, 3)
     assert np.abs(stored.astype(int) - direct.astype(int)).max() <= 1   # float rounding only
+
+
+def test_listing_keys_survives_folders_removed_while_it_walks(tmp_path):
+    """A local listing of block records while other records' folders come and go (a kind's
+    records undone, a version collected) still finds every record that stays: zarr's
+    local listing raised when a folder vanished mid-walk, and every key looked absent."""
+    import threading
+
+    from actstore.store import io
+
+    blocks = tmp_path / "s.zarr" / "g" / "_blocks"
+    kept = [f"{i:03d}-{i + 1:03d}/zarr.json" for i in range(60)]
+    for name in kept:
+        (blocks / name).parent.mkdir(parents=True)
+        (blocks / name).write_text("{}")
+    stop = threading.Event()
+
+    def churn() -> None:
+        n = 0
+        while not stop.is_set():
+            folder = blocks / f"zz-{n % 40}" / "deep"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "zarr.json").write_text("{}")
+            shutil.rmtree(folder.parent)
+            n += 1
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        missing = []
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            keys = set(io.list_keys(str(tmp_path / "s.zarr"), "g/_blocks"))
+            missing.append(len(set(kept) - keys))
+    finally:
+        stop.set()
+        thread.join()
+    assert max(missing) == 0, f"{sum(m > 0 for m in missing)} of {len(missing)} listings " \
+                              "lost committed records"

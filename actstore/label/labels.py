@@ -289,6 +289,6 @@ def open_labels(store: str, target: str) -> xr.Dataset:
     ds = ds.assign_coords(view.images.coords)
     if "step" in ds.dims:   # the view's two step arrays, not every array of the variant
         ds = ds.assign_coords(step=np.arange(ds.sizes["step"]),
-                              timestep=view._step_coords["timestep"],
-                              sigma=view._step_coords["sigma"])
+                              timestep=view.step_coords["timestep"],
+                              sigma=view.step_coords["sigma"])
     return ds

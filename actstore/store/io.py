@@ -106,14 +106,30 @@ def list_keys(uri: str, path: str) -> list[str]:
     records: hundreds). Temporary files of local writes are left out, as in
     :func:`list_dir`."""
     prefix = path.strip("/") + "/"
+    loc = location(uri)
+    if loc.protocol == "file":
+        return _walk(loc.full(path.strip("/")))
 
     async def keys() -> list[str]:
-        return [k[len(prefix):] async for k in location(uri).reader.list_prefix(prefix)
+        return [k[len(prefix):] async for k in loc.reader.list_prefix(prefix)
                 if k.startswith(prefix) and not k.endswith(".partial")]
     try:
         return sorted(sync(keys()))
     except FileNotFoundError:
         return []
+
+
+def _walk(top: str) -> list[str]:
+    """:func:`list_keys` on a local disk by ``os.walk``, which passes over a folder removed
+    while it walks (a kind's block records undone, a version collected): zarr's local
+    listing (``Path.rglob``) raises then, and every key, committed ones too, would look
+    absent."""
+    keys = []
+    for folder, _, files in os.walk(top):
+        below = os.path.relpath(folder, top).replace(os.sep, "/")
+        keys += [name if below == "." else f"{below}/{name}" for name in files
+                 if not name.endswith(".partial")]
+    return sorted(keys)
 
 
 def delete(uri: str, k: str) -> None:

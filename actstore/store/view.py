@@ -122,7 +122,7 @@ class StoreView:
                 "position": ("image", self.image_index)}
 
     @cached_property
-    def _step_coords(self) -> dict:
+    def step_coords(self) -> dict:
         """The two step coordinates, read as the two arrays they are (opening the variant's
         group as a dataset read the metadata of every array beside them too)."""
         base = model_path(self.model)
@@ -158,7 +158,7 @@ class StoreView:
         data = var.chunk({**dict(zip(var.dims, shards)), "image": self._image_chunks})
         coords = dict(self._image_coords)
         if "step" in data.dims:
-            coords.update(self._step_coords)
+            coords.update(self.step_coords)
         return data.assign_coords(coords)
 
     def __getitem__(self, layer: str) -> xr.DataArray:
