@@ -12,7 +12,8 @@ import time
 
 from actstore.cluster import ON_WORKER, SCHEDULER_TIMEOUT, worker_note
 from actstore.errors import ActstoreError, first_line
-from actstore.worker_code import CODE_PACKAGES, OtherWorkerCode, code_fingerprint, source_digest
+from actstore.worker_code import (CODE_PACKAGES, SAME_CODE_FIX, OtherWorkerCode,
+                                  code_fingerprint, source_digest)
 
 # Seconds a command waits while its scheduler has no worker able to run its tasks before it
 # gives up; ACTSTORE_WORKER_GRACE overrides it. Long enough for a worker restarted by hand
@@ -95,9 +96,7 @@ class WorkerWatch:
         try:
             check_worker_code(self.client, f"store {self.store}, while its {self.what} ran",
                               joined,
-                              fix="every worker must run this process's actstore and "
-                                  f"libraries, which decide the bytes stored: stop it; "
-                                  f"{self.kept}")
+                              fix=f"{SAME_CODE_FIX}; {self.kept}")
         except ActstoreError as exc:
             raise OtherCodeJoined(*exc.args) from None
 
@@ -150,9 +149,7 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
             raise
         raise OtherWorkerCode(
             f"store {store}: {said}; it refused one of the {what} before computing "
-            "anything. Every worker must run this process's actstore and libraries, which "
-            "decide the statistics stored: stop it, or start it from the same checkout and "
-            "environment; nothing of this run was kept") from None
+            f"anything; {SAME_CODE_FIX}; nothing of this run was kept") from None
 
 
 OLDER_CODE = "unexpected keyword argument 'code'"
@@ -173,9 +170,7 @@ def _other_code(exc: BaseException) -> str | None:
             f"no code fingerprint: {first_line(exc, 120)})")
 
 
-NOTHING_WRITTEN = ("every worker must run this process's actstore and libraries, which "
-                   "decide the bytes stored: start it from the same checkout and "
-                   "environment, or stop it; nothing was written")
+NOTHING_WRITTEN = f"{SAME_CODE_FIX}; nothing was written"
 
 
 def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITTEN) -> None:

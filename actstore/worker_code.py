@@ -26,6 +26,9 @@ from actstore.errors import ActstoreError
 # its source is compared too, see source_digest).
 CODE_PACKAGES = ("actstore", "numpy", "scipy", "torch", "diffusers", "transformers", "zarr",
                  "numcodecs")
+# What a refusal of a worker with other code tells the user to do, in every such line.
+SAME_CODE_FIX = ("every worker must run this process's actstore and libraries, which decide "
+                 "what is stored: stop it, or start it from the same checkout and environment")
 SOURCE = "actstore-source"      # the fingerprint's entry for source_digest
 T = TypeVar("T")
 

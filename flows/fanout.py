@@ -21,7 +21,7 @@ from prefect.futures import PrefectFuture
 from actstore.cluster import local_workers, worker_note
 from actstore.cluster_checks import ClusterChanged, WorkerWatch, check_scheduler
 from actstore.errors import ActstoreError
-from actstore.worker_code import OtherWorkerCode, code_fingerprint
+from actstore.worker_code import SAME_CODE_FIX, OtherWorkerCode, code_fingerprint
 
 REGION_RETRIES = 2
 # How often the command's main thread wakes while its tasks run. Python raises Ctrl-C's
@@ -191,10 +191,8 @@ def refused(error: BaseException | None, store: str, what: str) -> None:
     if isinstance(error, OtherWorkerCode):
         raise WorkersChanged(
             f"store {store}: {error.args[0]}; it refused its task ({what}) before writing "
-            "anything. Every worker must run this process's actstore and libraries, "
-            "which decide the bytes stored: stop it, or start it from the same checkout and "
-            "environment; what the others recorded is kept: rerun the same command to "
-            "resume")
+            f"anything; {SAME_CODE_FIX}; what the others recorded is kept: rerun "
+            "the same command to resume")
 
 
 def result_of(future: PrefectFuture, store: str, what: str, gpu: bool = False) -> Any:
