@@ -47,10 +47,9 @@ def points_fingerprint(points: list[CapturePoint]) -> dict:
 def added_captures(uri: str, variant: str) -> dict[str, dict]:
     """Kinds added after creation: kind → their marker (fingerprint, provenance). A group
     without its marker is still being created and does not count."""
-    kinds = io.list_dir(uri, f"{lay.model_path(variant)}/{lay.CAPTURES}")
-    markers = io.nodes_attrs(uri, [lay.capture_group(variant, k) for k in kinds])
-    return {kind: attrs[lay.CAPTURE_KEY] for kind, attrs in zip(kinds, markers)
-            if attrs and lay.CAPTURE_KEY in attrs}
+    markers = io.marked_children(uri, f"{lay.model_path(variant)}/{lay.CAPTURES}",
+                                 lambda k: lay.capture_group(variant, k), lay.CAPTURE_KEY)
+    return {kind: attrs[lay.CAPTURE_KEY] for kind, attrs in markers.items()}
 
 
 def kind_blocks(uri: str, variant: str, kind: str, fingerprint: dict,

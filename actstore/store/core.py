@@ -374,9 +374,7 @@ def model_array(uri: str, variant: str, name: str) -> zarr.Array:
 
 def model_variants(uri: str) -> list[str]:
     """Variants whose creation is complete (their marker exists)."""
-    names = io.list_dir(uri, lay.MODELS)
-    return [v for v, attrs in zip(names, io.nodes_attrs(uri, [model_path(v) for v in names]))
-            if MODEL_KEY in (attrs or {})]
+    return list(io.marked_children(uri, lay.MODELS, model_path, MODEL_KEY))
 
 
 def model_attrs(uri: str, variant: str) -> dict:

@@ -233,6 +233,16 @@ def nodes_attrs(uri: str, paths: list[str]) -> list[dict | None]:
     return sync(every()) if paths else []
 
 
+def marked_children(uri: str, folder: str, path_of: Callable[[str], str], marker: str
+                    ) -> dict[str, dict]:
+    """Entries of ``folder`` whose node (at ``path_of(name)``) carries ``marker`` in its
+    attributes, by name: what exists once written whole, since every creation writes its
+    marker last. One listing and one round of concurrent reads, however many entries."""
+    names = list_dir(uri, folder)
+    return {name: attrs for name, attrs in zip(names, nodes_attrs(
+        uri, [path_of(n) for n in names])) if attrs and marker in attrs}
+
+
 def node_attrs(uri: str, path: str) -> dict | None:
     """A node's attributes, or None if there is no node at ``path``."""
     doc = get_json(uri, path)

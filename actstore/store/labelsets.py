@@ -45,10 +45,9 @@ def current(store: str) -> dict[str, dict]:
 
 def _commits(store: str) -> list[tuple[str, dict]]:
     """(commit id, {target: attrs}) oldest first (ids sort by time)."""
-    ids = io.list_dir(store, f"{lay.LABELS}/{lay.COMMITS}")
-    return sorted((cid, attrs[lay.LABELS_COMMIT_KEY]) for cid, attrs in zip(
-        ids, io.nodes_attrs(store, [lay.label_commit_path(c) for c in ids]))
-        if attrs and lay.LABELS_COMMIT_KEY in attrs)
+    commits = io.marked_children(store, f"{lay.LABELS}/{lay.COMMITS}", lay.label_commit_path,
+                                 lay.LABELS_COMMIT_KEY)
+    return sorted((cid, attrs[lay.LABELS_COMMIT_KEY]) for cid, attrs in commits.items())
 
 
 def begin(store: str, targets: list[str], job: str | None = None,
