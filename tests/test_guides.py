@@ -116,6 +116,19 @@ def test_interventions_bench_on_a_store_with_a_vae_probe(kinds_store):
     assert re.search(r"^gradient/projection: wall", done.stdout, re.M), done.stdout
 
 
+def test_int8_gram_bench_keeps_its_bound_and_lambda():
+    """benchmarks/README.md (2026-12-06): `bench_gram_int8.py` backs "measured, not kept"
+    for Gram products on the int8 units. Its int8 route must stay within the error bound
+    the README derives (the script exits non-zero otherwise) and choose the float32
+    route's λ on the planted problem, or the notes' accuracy figures are stale."""
+    done = _bench("bench_gram_int8.py", "--shapes", "8x8x1280", "--repeats", "1",
+                  "--planted", "320")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert re.search(r"^8x8x1280: task of 6400 tokens", done.stdout, re.M), done.stdout
+    lam = re.search(r"float32 \(([\d.e+-]+), .*int8 \(([\d.e+-]+),", done.stdout)
+    assert lam and lam.group(1) == lam.group(2), done.stdout
+
+
 @pytest.mark.parametrize("mode", ["no-prefect", "prefect"])
 @pytest.mark.parametrize("json_out", [False, True])
 def test_a_reader_that_stops_early_is_no_failure(mode, json_out, explore_store):
