@@ -10,18 +10,21 @@ kinds are never dropped (a run without ``--capture`` keeps the variant's). So on
   then write only the missing kinds' arrays and records; nothing stored is rewritten;
 * complete: skip.
 
-The layout of kinds added to an existing variant is in :mod:`actstore.store.captures`.
+The layout of kinds added to an existing variant is in :mod:`actstore.store.captures`; a kind
+is added under a creation claim on its group (:func:`ensure_added`).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
-
+from functools import partial
 
 from actstore.errors import ActstoreError
 from actstore.generation.pointnames import KINDS, VAE_SOURCES, CapturePoint, parse_kinds
 from actstore.store import captures as sc
+from actstore.store import claims, io
 from actstore.store import core as st
 from actstore.store import layout as lay
 
@@ -88,37 +91,66 @@ def added_fingerprint(kind: str, cap, points: list[CapturePoint]) -> dict:
 
 
 def check_added(store: str, plan: CapturePlan, cap, points: list[CapturePoint]) -> None:
-    """Refuse a run whose points or options differ from a kind already added."""
+    """Refuse a run whose points or options differ from a kind already added; claims left
+    on added kinds by creators that died after the marker go on the way."""
     for kind, attrs in plan.added.items():
-        if kind not in plan.kinds:
-            continue
-        want = added_fingerprint(kind, cap, [p for p in points if p.kind == kind])
-        diffs = st.diff(attrs["fingerprint"], want)
-        if diffs:
-            raise ActstoreError(f"store {store}: capture kind {kind!r} of model "
-                                f"'{plan.variant}' was added with other settings "
-                                f"({'; '.join(diffs[:2])}); use the same or a new --store")
+        claims.sweep(store, lay.capture_group(plan.variant, kind))
+        if kind in plan.kinds:
+            _refuse_other(store, plan, kind, attrs["fingerprint"],
+                          added_fingerprint(kind, cap, [p for p in points if p.kind == kind]))
+
+
+def _refuse_other(store: str, plan: CapturePlan, kind: str, stored: dict, want: dict) -> None:
+    diffs = st.diff(stored, want)
+    if diffs:
+        raise ActstoreError(f"store {store}: capture kind {kind!r} of model "
+                            f"'{plan.variant}' was added with other settings "
+                            f"({'; '.join(diffs[:2])}); use the same or a new --store")
 
 
 def ensure_added(store: str, plan: CapturePlan, kinds, *, cap, points: list[CapturePoint],
                  provenance: dict, n_steps: int) -> list[str]:
-    """Create the arrays and groups of kinds this run adds, marker last (idempotent:
-    concurrent workers write the same thing); returns the kinds created."""
-    created = []
+    """Create the arrays and groups of kinds this run adds, marker last; returns the kinds
+    created.
+
+    Each kind is created under a creation claim on its group (as the root and variants
+    are, :mod:`actstore.store.claims`): two runs adding it with other settings (another
+    ``--vae-source``) started together, or a rerun beside a frozen one, would otherwise
+    both find no marker and write their markers and blocks over each other. Every claim is
+    taken (in :data:`KINDS` order, so two runs never wait on each other crosswise) and
+    every kind another run made is compared before anything is created: a refused run
+    writes nothing."""
+    new = [k for k in KINDS if k in kinds and k not in plan.creation and k not in plan.added]
+    if not new:
+        return []
     root = st.read_root_attrs(store)
-    for kind in kinds:
-        if kind in plan.creation or kind in plan.added:
-            continue
-        mine = [p for p in points if p.kind == kind]
-        st.create_layer_arrays(store, plan.variant, mine, n=root["n_images"], n_steps=n_steps,
-                               block=root["block_size"], codec=cap.codec,
-                               store_dtype=cap.store_dtype, keep_uncond=cap.keep_uncond)
-        sc.create_capture(store, plan.variant, kind, {
-            "fingerprint": added_fingerprint(kind, cap, mine), **provenance,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-        plan.added[kind] = {}
-        created.append(kind)
+    mine = {k: [p for p in points if p.kind == k] for k in new}
+    wanted = {k: added_fingerprint(k, cap, mine[k]) for k in new}
+    with ExitStack() as turns:
+        found = {k: turns.enter_context(claims.creating(
+            store, lay.capture_group(plan.variant, k), wanted[k],
+            partial(_added_fingerprint, store, plan.variant, k),
+            what=f"capture kind {k!r} of model '{plan.variant}'",
+            fix="the same settings for it, or a new --store")) for k in new}
+        for kind, existing in found.items():
+            if existing is not None:
+                _refuse_other(store, plan, kind, existing, wanted[kind])
+        created = [k for k in new if found[k] is None]
+        for kind in created:
+            st.create_layer_arrays(store, plan.variant, mine[kind], n=root["n_images"],
+                                   n_steps=n_steps, block=root["block_size"], codec=cap.codec,
+                                   store_dtype=cap.store_dtype, keep_uncond=cap.keep_uncond)
+            sc.create_capture(store, plan.variant, kind, {
+                "fingerprint": wanted[kind], **provenance,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    for kind in new:
+        plan.added[kind] = {"fingerprint": found[kind] or wanted[kind]}
     return created
+
+
+def _added_fingerprint(store: str, variant: str, kind: str) -> dict | None:
+    marker = (io.node_attrs(store, lay.capture_group(variant, kind)) or {}).get(lay.CAPTURE_KEY)
+    return None if marker is None else marker["fingerprint"]
 
 
 def undo_added(store: str, plan: CapturePlan, created: list[str], points: list[CapturePoint],

@@ -47,12 +47,22 @@ _GUARD: ContextVar[Callable[[], None] | None] = ContextVar("actstore_write_guard
 def guarded(check: Callable[[], None]) -> Iterator[None]:
     """Run ``check`` before every write and removal this thread makes in the ``with``
     body (it raises to stop them): a creator calls it with the look at its claim, so no
-    creation write, however the creation is written, lands once the claim is lost."""
-    token = _GUARD.set(check)
+    creation write, however the creation is written, lands once the claim is lost. Nested,
+    the enclosing checks run too: a run adding several capture kinds holds a claim on
+    each, and writes nothing once any of them is lost."""
+    outer = _GUARD.get()
+    token = _GUARD.set(check if outer is None else _both(outer, check))
     try:
         yield
     finally:
         _GUARD.reset(token)
+
+
+def _both(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def check() -> None:
+        first()
+        second()
+    return check
 
 
 def guard() -> None:
