@@ -31,14 +31,15 @@ FIRST_ARRAY = VAE + r"[^/]+/activation/zarr\.json$"      # mid-add: after the cl
 A, B = ("latent", "0:8"), ("x0", "8:16")
 
 
-def _cmd(uri: str, who: tuple[str, str]) -> list[str]:
+def _cmd(uri: str, who: tuple[str, str], kinds: str) -> list[str]:
     return ["--no-prefect", "--quiet", "materialize", "--store", uri, *ARGS,
-            "--capture", "attn1,vae", "--vae-source", who[0], "--images", who[1]]
+            "--capture", kinds, "--vae-source", who[0], "--images", who[1]]
 
 
-def _start(uri: str, who: tuple[str, str], fault: str | None = None) -> subprocess.Popen:
-    module = ["-m", "faults", *_cmd(faults.url(uri), who)] if fault else \
-        ["-m", "flows.cli", *_cmd(uri, who)]
+def _start(uri: str, who: tuple[str, str], fault: str | None = None,
+           kinds: str = "attn1,vae") -> subprocess.Popen:
+    module = ["-m", "faults", *_cmd(faults.url(uri), who, kinds)] if fault else \
+        ["-m", "flows.cli", *_cmd(uri, who, kinds)]
     return subprocess.Popen([sys.executable, *module], cwd=REPO, text=True,
                             env={**ENV, **({"ACTSTORE_FAULT": fault} if fault else {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -69,18 +70,20 @@ def _refused(proc: subprocess.Popen | subprocess.CompletedProcess, err: str) -> 
     assert "capture kind 'vae' of model 'trained'" in err and "vae_source" in err, err
 
 
+@pytest.mark.parametrize("kinds", ["attn1,vae", "attn1,resnet,vae"])
 def test_rival_with_other_vae_source_beside_a_frozen_add_stops_writing_nothing(
-        tiny_store, alone, tmp_path):
+        kinds, tiny_store, alone, tmp_path):
     """The first run freezes mid-add (its vae arrays' metadata begun, no marker); a second
     run adds vae with another source on other images. Before, it found no marker, added
     the kind with its source and wrote its blocks (exit 0), and the first, woken, wrote
-    its marker over the second's: a kind saying 'latent' over blocks decoded from x0."""
+    its marker over the second's: a kind saying 'latent' over blocks decoded from x0.
+    A rival also adding resnet, which nobody else adds, creates none of it either."""
     uri = _copy(tiny_store, tmp_path / "s.zarr")
     a = _start(uri, A, f"stop:1:{FIRST_ARRAY}")
     try:
         _wait_stopped(a)
         before = _files(Path(uri))
-        b = _start(uri, B)
+        b = _start(uri, B, kinds=kinds)
         _, err = b.communicate(timeout=600)
         _refused(b, err)
         assert "is creating capture kind 'vae'" in err and f"pid {a.pid}" in err, err
