@@ -67,9 +67,9 @@ def source_digest() -> tuple[str, str]:
 def code_fingerprint() -> tuple[str, ...]:
     """This process's code as ``name==version`` strings: each of :data:`CODE_PACKAGES` as
     its installed-package record says (what distributed's ``get_versions`` reports, which
-    the start-up check compares) and the source digest of actstore and flows. Plain strings: a task's
-    argument survives any serialization Prefect or Dask gives it. Computed once per
-    process; a task then compares about 200 bytes."""
+    the start-up check compares) and the source digest of actstore and flows. Plain
+    strings: a task's argument survives any serialization Prefect or Dask gives it.
+    Computed once per process; a task then compares about 200 bytes."""
     from importlib.metadata import PackageNotFoundError, version
 
     def installed(name: str) -> str:

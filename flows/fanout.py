@@ -158,7 +158,7 @@ def check_scheduler_kept(future: PrefectFuture, store: str, what: str) -> None:
     try:
         wrapped.result(timeout=1)
         reason = "cancelled"
-    except Exception as exc:  # noqa: BLE001 - distributed's FutureCancelledError, or whatever it says now
+    except Exception as exc:  # noqa: BLE001 - FutureCancelledError, or what it says now
         reason = getattr(exc, "reason", None) or type(exc).__name__
     address = getattr(getattr(getattr(wrapped, "client", None), "scheduler", None), "address",
                       "") or "(unknown address)"
