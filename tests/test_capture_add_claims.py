@@ -128,3 +128,20 @@ def test_add_killed_midway_then_a_rerun_with_other_settings_redoes_it(tiny_store
     _, err = b.communicate(timeout=600)
     assert b.returncode == 0, err[-2000:]
     assert_same_store(uri, alone[B])
+
+
+def test_add_killed_after_its_marker_leaves_no_claim_behind(tiny_store, alone, tmp_path):
+    """Killed between the kind's marker and the removal of its claim: the next run (the
+    same add) finds the kind made, removes the dead writer's claim and finishes the
+    blocks; the store equals the add alone, no claim left."""
+    uri = _copy(tiny_store, tmp_path / "s.zarr")
+    a = _start(uri, A, r"stop:1:models/trained/captures/vae/zarr\.json$")
+    try:
+        _wait_stopped(a)
+        assert list(Path(uri, "models/trained/captures/vae/_claims").iterdir())
+    finally:
+        _kill(a)
+    rerun = _start(uri, A)
+    _, err = rerun.communicate(timeout=600)
+    assert rerun.returncode == 0, err[-2000:]
+    assert_same_store(uri, alone[A])
