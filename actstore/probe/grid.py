@@ -196,6 +196,7 @@ MERGE_FAN_IN = 8   # fit tasks' results merged per reduction task
 
 
 @checks_code
+@names_worker
 def _merged(parts: list):
     """Several fit tasks' statistics pooled fold by fold in one step (K C×C additions and
     one product, where pairwise merges cost three passes each), or their token samples
@@ -223,6 +224,7 @@ def _tree_sum(parts: list, code: tuple[str, ...] | None = None):
 
 
 @checks_code
+@names_worker
 def _solve_ridge(stats: ps.FoldStats, lambdas: np.ndarray) -> LayerFit:
     ridge = pb.fit_ridge_cv(stats, lambdas)
     return LayerFit(ridge.weights, ridge.bias, ridge.lam, ridge.cv_score, ridge.lambdas,
@@ -230,6 +232,7 @@ def _solve_ridge(stats: ps.FoldStats, lambdas: np.ndarray) -> LayerFit:
 
 
 @checks_code
+@names_worker
 def _sample_steps(sample: sampling.TokenSample, steps: slice) -> sampling.TokenSample:
     """A logistic task's steps of the token sample, cut where the sample is (a grid task
     like the others, so it checks its worker's code too)."""
@@ -237,6 +240,7 @@ def _sample_steps(sample: sampling.TokenSample, steps: slice) -> sampling.TokenS
 
 
 @checks_code
+@names_worker
 def _step_stats(stats: ps.FoldStats, s: int | slice) -> ps.FoldStats:
     """One step's slice (or a range of steps') of statistics batched over steps."""
     return stats.cell(s)
@@ -256,6 +260,7 @@ def _step_groups(n_steps: int, tokens: int, channels: int) -> list[slice]:
 
 
 @checks_code
+@names_worker
 def _logistic_cells(sample: sampling.TokenSample, n_folds: int, fold_stats: ps.FoldStats,
                     ridge: LayerFit, steps: slice) -> list[pb.ProbeFit | None]:
     """The logistic probes of ``steps`` (positions) from their token sample
@@ -287,6 +292,7 @@ def _logistic_cells(sample: sampling.TokenSample, n_folds: int, fold_stats: ps.F
 
 
 @checks_code
+@names_worker
 def _logistic_fit(fit: LayerFit, steps: np.ndarray, *groups: list) -> LayerFit:
     lambdas = np.asarray(lg.LOGISTIC_LAMBDAS)
     weights, bias, lam, cv, fallback = [], [], [], [], []
