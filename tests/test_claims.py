@@ -158,3 +158,26 @@ def test_a_live_rival_elsewhere_refuses_in_one_line_and_writes_nothing(tmp_path)
     assert "\n" not in msg and "host gpu-7, pid 4242" in msg and "started first" in msg
     assert "generation.steps: it has 5, this run has 2" in msg
     assert tree_digest(tmp_path / "s.zarr") == before
+
+
+def test_nested_claims_stop_writing_once_the_outer_one_is_lost(tmp_path):
+    """A run adding two capture kinds holds a claim on each while it creates them. Taken
+    for gone on the first (a rerun removed that claim), it must write nothing more, though
+    it still holds the second: before, the inner claim's check replaced the outer's and
+    the write landed."""
+    from actstore.errors import Displaced
+
+    uri = str(tmp_path / "s.zarr")
+    rivals.create(uri, "a", "model")
+    first, second = "models/trained/captures/attn2", "models/trained/captures/block"
+    with pytest.raises(Displaced, match="taken for gone while creating kind attn2"):
+        with claims.creating(uri, first, {"k": 1}, lambda: None, what="kind attn2",
+                             fix="-") as one:
+            with claims.creating(uri, second, {"k": 2}, lambda: None, what="kind block",
+                                 fix="-") as two:
+                assert one is None and two is None
+                [mine] = [n for n in io.list_dir(uri, claims.claims_path(first))
+                          if n != io.META]
+                io.remove(uri, f"{claims.claims_path(first)}/{mine}")   # as a rerun does
+                io.put_group(uri, second, {"marker": True})
+    assert io.node_attrs(uri, second) is None
