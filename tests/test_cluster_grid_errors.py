@@ -14,7 +14,7 @@ from actstore.cluster import ON_WORKER, worker_note
 from actstore.cluster_checks import compute, task_code
 from actstore.probe import grid
 from test_cluster_env import _free_port
-from test_cluster_workers import UserCluster, user_cluster  # noqa: F401
+from test_cluster_workers import user_cluster  # noqa: F401
 
 # (task, arguments it fails on): what each does first with its input raises
 FAILING = {
