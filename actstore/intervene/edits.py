@@ -45,16 +45,30 @@ STAT_NAMES = ("probe_error_before", "probe_error_after", "relative_change",
 SIZE_MEASURES = ("overall", "token_median", "token_max")
 
 
+def float32_math(like: torch.Tensor):
+    """A context in which torch computes as written, in the tensors' own dtypes: the edit
+    math runs inside the UNet's forward pass, so under a caller's ``torch.autocast`` (SD
+    v1.x's model card runs the pipeline in ``autocast("cuda")``) every ``a @ w`` would
+    otherwise be made in float16 or bfloat16, and an edit would miss its target by a
+    thousand times its float32 error."""
+    return torch.autocast(like.device.type, enabled=False)
+
+
 def probe_predict(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The probe's output per token, (..., T, C) → (..., T); one code path for edits and
-    for whoever builds an identity target, so both get the same bits."""
-    return a @ w + b
+    """The probe's output per token, (..., T, C) → (..., T), in float32 whatever ``a``'s
+    dtype (float16 activations of a float16 model meet float32 stored probes); one code
+    path for edits and for whoever builds an identity target, so both get the same bits."""
+    with float32_math(a):
+        return a.float() @ w.float() + b.float()
 
 
 def project(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Minimal-norm edit of each token so that ``probe_predict`` gives ``t`` exactly."""
-    z = probe_predict(a, w, b)
-    return a + ((t - z) / (w @ w)).unsqueeze(-1) * w
+    """Minimal-norm edit of each token so that ``probe_predict`` gives ``t`` exactly,
+    computed and returned in float32 (rounding it to float16 is the caller's choice)."""
+    with float32_math(a):
+        a, w = a.float(), w.float()
+        z = probe_predict(a, w, b)
+        return a + ((t.float() - z) / (w @ w)).unsqueeze(-1) * w
 
 
 def probe_loss(z: torch.Tensor, t: torch.Tensor, kind: str, solver: str) -> torch.Tensor:
@@ -78,7 +92,7 @@ def gradient_edit(a: torch.Tensor, w: torch.Tensor, b: torch.Tensor, t: torch.Te
     x = a.detach().float().clone().requires_grad_(True)
     opt = torch.optim.Adam([x], lr=lr)
     losses = np.empty(iterations + 1)
-    with torch.enable_grad():
+    with torch.enable_grad(), float32_math(a):
         for i in range(iterations):
             opt.zero_grad(set_to_none=True)
             per = probe_loss(probe_predict(x, w, b), t, kind, solver)
@@ -111,16 +125,21 @@ def random_directions(keys: list[int], layer: str, step: int, shape: tuple[int, 
 def equal_norm(delta: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """``u`` rescaled so that every token has exactly ``delta``'s norm: the same edit size,
     token by token, in a direction the probe did not choose."""
-    unit = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
-    return unit * delta.norm(dim=-1, keepdim=True)
+    with float32_math(u):   # norms of float16 tokens: float32 sums of squares
+        u, delta = u.float(), delta.float()
+        unit = u / u.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+        return unit * delta.norm(dim=-1, keepdim=True)
 
 
 def edit_sizes(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """(B, 3): ‖Δ‖/‖a‖ over all tokens, and the median and max over tokens of ‖Δₜ‖/‖aₜ‖."""
-    tiny = torch.finfo(a.dtype).tiny
-    overall = delta.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(tiny)
-    token = delta.norm(dim=-1) / a.norm(dim=-1).clamp_min(tiny)
-    return torch.stack([overall, token.median(dim=1).values, token.max(dim=1).values], 1)
+    """(B, 3): ‖Δ‖/‖a‖ over all tokens, and the median and max over tokens of ‖Δₜ‖/‖aₜ‖,
+    in float32 (a float16 sum of squares overflows past 65504)."""
+    with float32_math(a):
+        a, delta = a.float(), delta.float()
+        tiny = torch.finfo(a.dtype).tiny
+        overall = delta.flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1).clamp_min(tiny)
+        token = delta.norm(dim=-1) / a.norm(dim=-1).clamp_min(tiny)
+        return torch.stack([overall, token.median(dim=1).values, token.max(dim=1).values], 1)
 
 
 @dataclass
@@ -174,14 +193,22 @@ class EditHook:
         n = self.n_images
         if out.shape[0] != 2 * n:
             raise RuntimeError(f"edit hook planned for {n} images got a batch of {out.shape[0]}")
-        w, b = probe
-        t = self.targets[layer]
-        t = t[self.step] if isinstance(t, dict) else t
+        with float32_math(out):
+            return self._edit(layer, out, probe)
+
+    def _edit(self, layer: str, out: torch.Tensor, probe) -> torch.Tensor:
+        """The edit in float32 on ``out``'s device, whatever the dtype and device the probe,
+        targets and directions were given in; handed back in ``out``'s dtype."""
+        n = self.n_images
         a = out[n:].float().contiguous()
+        w, b = (v.to(a.device, torch.float32) for v in probe)
+        t = self.targets[layer]
+        t = (t[self.step] if isinstance(t, dict) else t).to(a.device, torch.float32)
         s = self.strengths.to(a.device, torch.float32)[:, None]
         z = probe_predict(a, w, b)
         if self.method == "projection":
-            d = w if self.directions is None else self.directions[layer][self.step]
+            d = w if self.directions is None else \
+                self.directions[layer][self.step].to(a.device, torch.float32)
             delta = (s * (t - z) / (w @ d)).unsqueeze(-1) * d
         else:
             new, curve = gradient_edit(a, w, b, z + s * (t - z), self.kind, self.solvers[layer],
