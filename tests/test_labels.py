@@ -360,6 +360,31 @@ def test_hf_segmentation_adapter(tmp_path, store):
     assert background_ids({0: "person", 1: "car"}) == [0]
 
 
+@pytest.mark.parametrize("kind", ["hf-depth", "hf-segmentation"])
+def test_hf_float16_checkpoint_labels_in_float32(tmp_path, kind):
+    """A label model saved in float16 (as many Hub checkpoints are) loaded in float16
+    (transformers' dtype="auto") and its first batch raised 'Input type (float) and bias
+    type (c10::Half) should be the same'; it now runs in float32 and labels as the same
+    weights loaded in float32 do, bit for bit."""
+    import torch
+    from transformers import AutoModelForDepthEstimation, AutoModelForSemanticSegmentation
+
+    make, auto = ((_tiny_dpt, AutoModelForDepthEstimation) if kind == "hf-depth" else
+                  (_tiny_segformer, AutoModelForSemanticSegmentation))
+    folder = make(tmp_path / "half")
+    auto.from_pretrained(folder).half().save_pretrained(folder)
+    assert json.loads((Path(folder) / "config.json").read_text())["dtype"] == "float16"
+    prov = get_provider(f"{kind}:{folder}")
+    assert {p.dtype for p in prov.model.parameters()} == {torch.float32}
+    images = np.random.default_rng(2).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
+    (out,) = prov(images).values()
+    ref = make(tmp_path / "ref")        # the float16 weights, saved again in float32
+    auto.from_pretrained(folder, dtype=torch.float32).save_pretrained(ref)
+    (expected,) = get_provider(f"{kind}:{ref}")(images).values()
+    assert out.dtype == np.float32 and np.isfinite(out).all()
+    np.testing.assert_array_equal(out, expected)
+
+
 def test_hf_remote_code_is_refused(tmp_path):
     folder = tmp_path / "custom"
     folder.mkdir()

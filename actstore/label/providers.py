@@ -155,6 +155,7 @@ class _HFModel:
     prefix = ""
 
     def __init__(self, folder: str, device: str = "cpu"):
+        import torch
         import transformers
 
         self.folder = Path(folder).expanduser()
@@ -175,7 +176,10 @@ class _HFModel:
                                 f"({first_line(exc, 120)}); use a model type "
                                 "transformers ships") from None
         _check_safetensors(self.folder, self.spec)
-        self.model = self._load_model(transformers, kw).to(device).eval()
+        # float32 whatever the checkpoint: transformers loads a folder in the dtype it was
+        # saved in (dtype="auto" since 5.0), and a float16 checkpoint fed the processor's
+        # float32 pixels raised; labels are targets, made at full precision on any device
+        self.model = self._load_model(transformers, kw).to(device, torch.float32).eval()
         self.provenance = {"folder": str(self.folder), "model_type": self.config.model_type,
                            "model_class": type(self.model).__name__,
                            "transformers": transformers.__version__,
