@@ -119,6 +119,10 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     catalog guidance (3 for toy-ldm). ``sweeps``: the causal test's settings per target
     (default :data:`MAIN_SWEEPS`; ``{}`` skips it)."""
     sweeps = MAIN_SWEEPS if sweeps is None else sweeps
+    # the sweeps generate on the device the store was made on (--device cuda: the GPU),
+    # not on InterventionSettings' cpu default (one SD UNet call: 22 CPU-s, docs/scale.md)
+    sweeps = {t: replace(s, base=s.base.with_(device=settings.device))
+              for t, s in sweeps.items()}
     out_dir = Path(out)   # made with the store: input refused before it leaves no folder
     store = str(out_dir / "store.zarr")
     result = {"store": store, "figures": []}

@@ -43,7 +43,7 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
     from flows.main import MAIN_MATERIALIZE, main_flow
 
     out = tmp_path / "main"
-    settings = MAIN_MATERIALIZE.with_options(steps=2, device="cpu")
+    settings = MAIN_MATERIALIZE.with_options(steps=2, device="auto")   # as --device auto
     # tiny-random's probe weights are tiny, so a projection edit (gap / |w|) blows its UNet
     # up; a few Adam steps are bounded
     sweep = SweepSettings(kinds=("attn1",), step_counts=(1,), strengths=(1.0, 2.0),
@@ -66,6 +66,7 @@ def test_main_job_end_to_end(prefect_harness, tmp_path):
     store = str(out / "store.zarr")
     (rec,) = list_sweeps(store).values()
     chosen = rec["chosen"]
+    assert rec["settings"]["base"]["device"] == "auto"    # the sweeps ran where the store was made
     assert chosen["kind"] == "attn1" and chosen["steps"] == [0]
     assert chosen["strength"] in (1.0, 2.0) and chosen["layers"]
     val, ev = rec["validation_images"], rec["evaluation_images"]

@@ -283,8 +283,14 @@ def _settings_json(settings: SweepSettings) -> dict:
 
 
 def _sweep_id(record: dict) -> str:
+    """Where a sweep runs is no part of what it is (its experiments' ids leave the device
+    out too): the id is made as if on ``cpu``, the device of every sweep stored before, so
+    a sweep started on a GPU resumes on the CPU, under ``auto`` or on another GPU, and
+    stored ids stay."""
     key = {k: record[k] for k in ("probe_run", "settings", "validation_images",
                                   "evaluation_images")}
+    settings = key["settings"]
+    key["settings"] = {**settings, "base": {**settings["base"], "device": "cpu"}}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return f"{record['target']}-sweep-{digest}"
 
