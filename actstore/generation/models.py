@@ -64,6 +64,8 @@ class LoadedModel:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
+    """A device checked here, in one line, rather than by the first tensor moved to it (a
+    ``cuda:3`` on a two-GPU worker fails deep in weight loading with a CUDA traceback)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -71,7 +73,16 @@ def resolve_device(device: str = "auto") -> torch.device:
                             "use --device cpu or auto")
     if device != "cpu" and not device.startswith("cuda"):
         raise ActstoreError(f"--device {device!r} is not understood; use cpu, cuda[:N] or auto")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ActstoreError(f"--device {device!r} is not understood; use cpu, cuda[:N] or "
+                            "auto") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ActstoreError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; "
+                            "use one of them or auto (CUDA_VISIBLE_DEVICES renumbers them)")
+    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
