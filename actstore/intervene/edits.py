@@ -46,11 +46,12 @@ SIZE_MEASURES = ("overall", "token_median", "token_max")
 
 
 def float32_math(like: torch.Tensor):
-    """A context in which torch computes as written, in the tensors' own dtypes: the edit
-    math runs inside the UNet's forward pass, so under a caller's ``torch.autocast`` (SD
-    v1.x's model card runs the pipeline in ``autocast("cuda")``) every ``a @ w`` would
-    otherwise be made in float16 or bfloat16, and an edit would miss its target by a
-    thousand times its float32 error."""
+    """A context in which torch computes in the tensors' own dtypes (the callers upcast to
+    float32): the edit math runs inside the UNet's forward pass, so under a caller's
+    ``torch.autocast`` (SD v1.x's early examples ran the pipeline in ``autocast("cuda")``)
+    every ``a @ w`` would otherwise be made in float16 or bfloat16, and an edit would miss
+    its target by thousands of times its float32 error (bfloat16 on the CPU: 0.028 vs
+    1.5e-6 in probe units)."""
     return torch.autocast(like.device.type, enabled=False)
 
 
