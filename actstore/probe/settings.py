@@ -31,8 +31,16 @@ class ProbeSettings(Options):
             if isinstance(value, (str, int)):
                 value = (value,)
             if value is not None:
-                object.__setattr__(self, name, tuple(int(v) for v in value) if name == "steps"
-                                   else tuple(str(v) for v in value))
+                value = tuple(int(v) for v in value) if name == "steps" else \
+                    tuple(str(v) for v in value)
+                object.__setattr__(self, name, value)
+                # a run stored with a repeated coordinate can't be aligned with any other:
+                # it broke the emergence table (every later probe command) of the store
+                twice = sorted({v for v in value if value.count(v) > 1}, key=value.index)
+                if twice:
+                    raise ActstoreError(f"--{name} {' '.join(map(str, value))}: "
+                                        f"{name[:-1]} {twice[0]} is named twice; name each "
+                                        "once")
         if self.n_folds < 2:
             raise ActstoreError(f"n_folds {self.n_folds}: cross-validation needs at least 2 "
                                 "folds")
