@@ -43,3 +43,28 @@ def test_a_selection_naming_something_twice_is_refused(store, option, values, wo
                  *argv), word)
     assert tree_digest(store) == before
     assert set(actstore.open_emergence(store).target.values) == {"depth", "salient"}
+
+
+def test_a_point_one_model_lacks_is_named_with_the_way_on(store):
+    """A capture kind added to the trained model only: `probe --layers resnet/...` said 'no
+    layer ...; available: <the attn1 points>', its name missing from a list `actstore show`
+    contradicts; now the line names the model that lacks it and what to do, and each way on
+    works."""
+    from conftest import DEMO, TINY
+
+    made = ["--model", "tiny-random", "--prompts", DEMO, "--store", store,
+            "--steps", str(TINY["steps"]), "--batch-size", "4"]
+    assert cli("materialize", *made, "--control", "randomized").returncode == 0
+    assert cli("materialize", *made, "--capture", "attn1,resnet").returncode == 0
+    point = "resnet/up_blocks.3.resnets.0"
+    probe = ["probe", "--store", store, "--target", "depth", "--steps", "1",
+             "--scheduler", "sync", "--layers", point]
+    before = tree_digest(store)
+    line = _refused(cli(*probe), "model randomized has no point", point, "model trained has "
+                    "it", "--models trained", "--control randomized --capture attn1,resnet")
+    assert "available" not in line
+    assert tree_digest(store) == before
+    assert cli(*probe, "--models", "trained").returncode == 0
+    assert cli("materialize", *made, "--control", "randomized",
+               "--capture", "attn1,resnet").returncode == 0
+    assert cli(*probe).returncode == 0

@@ -78,6 +78,26 @@ def _select(requested, available: list, what: str, store: str) -> list:
     return list(requested)
 
 
+def _check_in_every_model(store: str, requested, common: list[str],
+                          views: list[StoreView]) -> None:
+    """A point some of the chosen models have and others lack (a kind added to the trained
+    model only) was refused as 'no layer', its name missing from the list given, although
+    `actstore show` lists it: say which model lacks it, and the two ways on."""
+    for layer in requested or ():
+        having = [v.model for v in views if layer in v.points]
+        if layer in common or not having:
+            continue
+        lacking = [v.model for v in views if layer not in v.points]
+        kind = layer.partition("/")[0] if "/" in layer else "attn1"
+        short = next(v for v in views if v.model == lacking[0])
+        control = " --control randomized" if short.model == "randomized" else ""
+        raise ActstoreError(
+            f"store {store}: model {', '.join(lacking)} has no point {layer!r} (model "
+            f"{', '.join(having)} has it); pass --models {' '.join(having)}, or add the kind "
+            f"there first (`actstore materialize{control} --capture "
+            f"{','.join([*short.kinds, kind])}` with the store's model and prompts)")
+
+
 def load_targets(store: str, target: str, grids: dict[str, tuple[int, int]] | None = None
                  ) -> tuple[dict, Split, dict[str, LayerSource]]:
     """The target's attributes, its train/test split, and per layer where its labels are
@@ -137,6 +157,7 @@ def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: 
                                                                      s.steps))
     views = _views(store, models)
     common = [la for la in views[0].layers if all(la in v.points for v in views[1:])]
+    _check_in_every_model(store, layers, common, views)
     layers = _select(layers, common, "layer", store)
     grids = {la: tuple(views[0].layer_shapes[la][:2]) for la in layers}
     attrs, split, per_layer = load_targets(store, target, grids)
