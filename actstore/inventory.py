@@ -14,24 +14,29 @@ from collections import Counter
 from actstore.intervene.results import list_interventions
 from actstore.intervene.sweep import list_sweeps
 from actstore.probe.runs import list_runs
-from actstore.store import labelsets
+from actstore.store import io, labelsets
+from actstore.store.core import model_variants, read_root_attrs
+from actstore.store.layout import IMAGES
 from actstore.store.view import open_store
 
 
 def describe(store: str) -> dict:
     """Images, model variants, label targets, probe runs, experiments and sweeps of
-    ``store``, each with the few attributes that tell them apart."""
-    view = open_store(store)
-    images = view.images
-    out = {"store": store, "images": int(view.root_attrs["n_images"]),
-           "split": dict(Counter(str(s) for s in images["split"].values)),
-           "steps": view.n_steps, "block_size": int(view.root_attrs["block_size"]),
-           "models": {}}
-    for model in view.models:
-        v = view if model == view.model else open_store(store, model)
-        out["models"][model] = {"complete_images": int(v.complete.sum()), "kinds": v.kinds,
-                                "points": len(v.points), "guidance": v.attrs.get("guidance"),
-                                "pending_kinds": sorted(v.pending)}
+    ``store``, each with the few attributes that tell them apart. Every variant the store
+    has is described, whichever it is: opening the trained one first refused a store that
+    holds only the randomized control (or none yet) with 'materialize it first', and
+    counted the split of its complete images only ('16 images (4 train)')."""
+    root = read_root_attrs(store)
+    views = [open_store(store, model) for model in model_variants(store)]
+    split = io.open_array(store, f"{IMAGES}/split")[...]
+    out = {"store": store, "images": int(root["n_images"]),
+           "split": dict(Counter(str(s) for s in split.tolist())),
+           "steps": views[0].n_steps if views else None,
+           "block_size": int(root["block_size"]), "models": {}}
+    for v in views:
+        out["models"][v.model] = {"complete_images": int(v.complete.sum()), "kinds": v.kinds,
+                                  "points": len(v.points), "guidance": v.attrs.get("guidance"),
+                                  "pending_kinds": sorted(v.pending)}
     # one look: a relabel between two would show one version beside another's provider
     out["labels"] = {t: {"kind": a.get("kind"), "provider": a.get("provider"),
                          "version": labelsets.version_of(a["path"]),

@@ -179,8 +179,10 @@ def main_job_files(result: dict, out: str) -> list[str]:
 
 def _show(r: dict) -> str:
     split = ", ".join(f"{n} {s}" for s, n in sorted(r["split"].items()))
-    lines = [f"{r['store']}: {r['images']} images ({split}), {r['steps']} steps, blocks of "
-             f"{r['block_size']}", "models:"]
+    steps = f", {r['steps']} steps" if r["steps"] else ""
+    lines = [f"{r['store']}: {r['images']} images ({split}){steps}, blocks of "
+             f"{r['block_size']}", "models:" if r["models"] else
+             "models: none yet (actstore materialize)"]
     for name, m in r["models"].items():
         pending = f", adding {', '.join(m['pending_kinds'])}" if m["pending_kinds"] else ""
         lines.append(f"  {name:<12} {m['complete_images']}/{r['images']} images, kinds "

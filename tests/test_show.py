@@ -54,3 +54,52 @@ def test_show_on_a_missing_store_is_one_line(tmp_path, capsys):
     assert main(["show", "--store", str(tmp_path / "none.zarr")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not exist" in err, err
+
+
+def test_show_a_store_without_a_complete_trained_model(tmp_path):
+    """A store holding only the randomized control (half made), or whose model is still
+    being created: `actstore show` refused both ('has no model 'trained' ...; materialize
+    it first', exit 2) and, on a half-made model, counted the split of its complete images
+    only ('16 images (4 train)'). It describes what there is, in a fresh process."""
+    import shutil
+
+    from conftest import TINY, cli
+
+    with open(DEMO, newline="") as f:
+        split = dict(Counter(r["split"] for r in csv.DictReader(f)))
+    store = tmp_path / "control.zarr"
+    made = cli("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
+               str(store), "--steps", str(TINY["steps"]), "--control", "randomized",
+               "--images", "0:8")
+    assert made.returncode == 0, made.stderr
+    before = tree_digest(store)
+    shown = cli("show", "--store", str(store))
+    assert shown.returncode == 0, shown.stderr
+    got = json.loads(shown.stdout)
+    assert got["split"] == split and got["steps"] == TINY["steps"]
+    assert list(got["models"]) == ["randomized"]
+    assert got["models"]["randomized"]["complete_images"] == 8
+    text = subprocess_text(store)
+    assert f"{sum(split.values())} images" in text and "randomized   8/16 images" in text
+
+    creating = tmp_path / "creating.zarr"        # the variant's marker not written yet
+    shutil.copytree(store, creating)
+    (creating / "models" / "randomized" / "zarr.json").unlink()
+    shown = cli("show", "--store", str(creating))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["models"] == {}
+    assert "models: none yet" in subprocess_text(creating)
+    assert tree_digest(store) == before
+
+
+def subprocess_text(store: Path) -> str:
+    """`actstore show`'s text, as a person reads it."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "show", "--store", str(store)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
