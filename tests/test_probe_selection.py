@@ -45,17 +45,35 @@ def test_a_selection_naming_something_twice_is_refused(store, option, values, wo
     assert set(actstore.open_emergence(store).target.values) == {"depth", "salient"}
 
 
-def test_a_point_one_model_lacks_is_named_with_the_way_on(store):
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, explore_store) -> dict:
+    """The explore store with the randomized control, and resnet points added to the trained
+    model only."""
+    from conftest import DEMO, TINY
+
+    store = tmp_path_factory.mktemp("two") / "store.zarr"
+    shutil.copytree(explore_store, store)
+    made = ["--model", "tiny-random", "--prompts", DEMO, "--store", str(store),
+            "--steps", str(TINY["steps"]), "--batch-size", "4"]
+    assert cli("materialize", *made, "--control", "randomized").returncode == 0
+    assert cli("materialize", *made, "--capture", "attn1,resnet").returncode == 0
+    return {"store": store, "made": made}
+
+
+@pytest.fixture()
+def copied(tmp_path, two_models) -> tuple[str, list[str]]:
+    store = tmp_path / "store.zarr"
+    shutil.copytree(two_models["store"], store)
+    made = [str(store) if a == str(two_models["store"]) else a for a in two_models["made"]]
+    return str(store), made
+
+
+def test_a_point_one_model_lacks_is_named_with_the_way_on(copied):
     """A capture kind added to the trained model only: `probe --layers resnet/...` said 'no
     layer ...; available: <the attn1 points>', its name missing from a list `actstore show`
     contradicts; now the line names the model that lacks it and what to do, and each way on
     works."""
-    from conftest import DEMO, TINY
-
-    made = ["--model", "tiny-random", "--prompts", DEMO, "--store", store,
-            "--steps", str(TINY["steps"]), "--batch-size", "4"]
-    assert cli("materialize", *made, "--control", "randomized").returncode == 0
-    assert cli("materialize", *made, "--capture", "attn1,resnet").returncode == 0
+    store, made = copied
     point = "resnet/up_blocks.3.resnets.0"
     probe = ["probe", "--store", store, "--target", "depth", "--steps", "1",
              "--scheduler", "sync", "--layers", point]
@@ -68,3 +86,24 @@ def test_a_point_one_model_lacks_is_named_with_the_way_on(store):
     assert cli("materialize", *made, "--control", "randomized",
                "--capture", "attn1,resnet").returncode == 0
     assert cli(*probe).returncode == 0
+
+
+def test_a_run_of_the_trained_model_alone_has_no_control_column(copied):
+    """`probe --models trained` on a store whose other runs have both models printed the
+    control's column as 'nan' and wrote NaN into --json, which strict JSON readers (JSON.parse,
+    Go, jq before 1.7) refuse; the column is '-' and the key left out, as for a store without
+    a control."""
+    import json
+
+    store, _ = copied
+    probe = ["probe", "--store", store, "--steps", "1", "--scheduler", "sync", "--layers",
+             EXPLORE_LAYERS[0], "--target"]
+    both = cli(*probe, "salient")                # the table's model axis gets the control
+    assert both.returncode == 0, both.stderr
+    assert json.loads(both.stdout)["summary"][0]["randomized"] >= 0
+    alone = cli(*probe, "depth", "--models", "trained")
+    assert alone.returncode == 0, alone.stderr
+    json.loads(alone.stdout, parse_constant=lambda c: pytest.fail(f"{c} in --json"))
+    (row,) = json.loads(alone.stdout)["summary"]
+    assert "randomized" not in row and row["trained"] >= 0
+    assert "nan" not in json.loads(alone.stdout)["table"]

@@ -74,13 +74,17 @@ def summary_table(emergence: xr.Dataset) -> list[dict]:
         curve = sub.sel(metric=metric)
         final = curve.isel(step=-1)
         trained = final.sel(model="trained") if "trained" in final["model"] else final.isel(model=0)
+        # in the table's model axis only for another target's run: its column read 'nan',
+        # and NaN in --json, which strict JSON readers refuse
+        control = "randomized" in final["model"] and \
+            bool(sub.sel(model="randomized").notnull().any())
         for kind in [k for k in KINDS if k in kinds]:
             mine = trained.isel(layer=np.flatnonzero(kinds == kind))
             best = str((mine.idxmax("layer") if higher_is_better(metric)
                         else mine.idxmin("layer")).values)
             row = {"target": str(target), "kind": kind, "metric": metric, "best_layer": best,
                    "trained": float(trained.sel(layer=best))}
-            if "randomized" in final["model"]:
+            if control:
                 row["randomized"] = float(final.sel(model="randomized", layer=best))
             for name in ("emergence_step", "emergence_low", "emergence_high"):
                 if name not in emergence:
