@@ -43,6 +43,7 @@ from actstore.intervene.settings import SweepSettings, without_later_defaults
 from actstore.probe.runs import get_run
 from actstore.store import io
 from actstore.store import layout as lay
+from actstore.store.core import read_root_attrs
 from actstore.store.view import StoreView
 
 
@@ -323,7 +324,10 @@ def write_sweep(store: str, sweep_id: str, record: dict) -> None:
 
 def list_sweeps(store: str) -> dict[str, dict]:
     out = {}
-    for name in io.list_dir(store, lay.SWEEPS):
+    names = io.list_dir(store, lay.SWEEPS)
+    if not names:
+        read_root_attrs(store)      # a mistyped path says so, not 'no sweeps'
+    for name in names:
         attrs = io.node_attrs(store, lay.sweep_path(name)) or {}
         if lay.SWEEP_KEY in attrs:
             out[name] = attrs[lay.SWEEP_KEY]

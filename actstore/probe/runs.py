@@ -269,7 +269,10 @@ def _write_fit(store: str, run_id: str, model: str, layer: str, fit) -> None:
 
 def list_runs(store: str) -> dict[str, dict]:
     """Complete probe runs (their attributes are written last) by run id."""
-    return io.marked_children(store, PROBES, lay.run_path, lay.RUN_KEY)
+    runs = io.marked_children(store, PROBES, lay.run_path, lay.RUN_KEY)
+    if not runs:
+        st.read_root_attrs(store)   # a mistyped path says so, not 'no runs'
+    return runs
 
 
 def latest_run(store: str, target: str, runs: dict[str, dict] | None = None) -> str | None:
@@ -282,6 +285,12 @@ def latest_run(store: str, target: str, runs: dict[str, dict] | None = None) -> 
 def get_run(store: str, run_id: str) -> dict:
     """One complete run's attributes: its own marker read (every run's, only to name them
     when it is not there)."""
+    if not isinstance(run_id, str):   # latest_run's None: the target has no run
+        targets = sorted({a["target"] for a in list_runs(store).values()})
+        raise ActstoreError(f"store {store}: probe run {run_id!r} is no run id (latest_run "
+                            "gives None for a target without a complete run; targets with "
+                            f"runs: {', '.join(targets) or 'none'}); run `actstore probe` "
+                            "first")
     attrs = io.node_attrs(store, lay.run_path(run_id)) if "/" not in run_id else None
     if attrs and lay.RUN_KEY in attrs:
         return attrs
