@@ -46,3 +46,12 @@ def test_the_readme_probe_line_for_a_target_without_runs(explore_store):
     assert list_interventions(explore_store) and list_runs(explore_store)
     assert list_sweeps(explore_store) == {}                       # a store, no sweep yet
     assert tree_digest(explore_store) == before
+
+
+def test_load_probe_of_a_model_the_run_lacks_names_its_models(explore_store):
+    """`load_probe(u, run, layer, model="randomized")` on a run of the trained model only
+    said 'has no probe for model 'randomized' ...; it has layers ...': the layer was fine,
+    and the models it has were not named."""
+    run = latest_run(explore_store, "salient")
+    with pytest.raises(ActstoreError, match="it has models trained and layers"):
+        actstore.load_probe(explore_store, run, EXPLORE_LAYERS[0], model="randomized")

@@ -306,7 +306,8 @@ def load_probe(store: str, run_id: str, layer: str, model: str = "trained") -> d
     attrs = get_run(store, run_id)
     if layer not in attrs["layers"] or model not in attrs["models"]:
         raise ActstoreError(f"probe run {run_id}: has no probe for model {model!r}, layer "
-                            f"{layer!r}; it has layers {', '.join(attrs['layers'])}")
+                            f"{layer!r}; it has models {', '.join(attrs['models'])} and "
+                            f"layers {', '.join(attrs['layers'])}")
     sub = io.open_group(store, lay.run_layer_path(run_id, model, layer))
     return {"weights": sub["weights"][...], "bias": sub["bias"][...], "lam": sub["lam"][...],
             "steps": list(attrs["steps"]), "kind": attrs["kind"], "target": attrs["target"],
