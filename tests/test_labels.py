@@ -434,6 +434,11 @@ def _bad_cases(store: str, tmp_path: Path) -> dict:
             "depth"), "array 'depth' holds <U3 values"),
         "torn npz": (lambda: write_labels(store, f"array:{_torn_npz(tmp_path)}", "depth"),
                      "torn.npz is not a NumPy file of plain arrays"),   # was BadZipFile
+        # the prompt reader beside the labeler has the same two files: it was 'unexpected
+        # RuntimeError: Error(s) in loading state_dict for LabelNet: Missing key(s) ...'
+        "another toy model": (lambda: write_labels(
+            store, f"toyworld:{REPO / 'models' / 'toy-reader'}", "depth"),
+            "toy-reader holds no toy label model .*e.g. models/toy-labeler"),
     }
 
 
