@@ -107,3 +107,24 @@ def test_a_run_of_the_trained_model_alone_has_no_control_column(copied):
     (row,) = json.loads(alone.stdout)["summary"]
     assert "randomized" not in row and row["trained"] >= 0
     assert "nan" not in json.loads(alone.stdout)["table"]
+
+
+def test_a_store_holding_a_run_with_a_repeated_step_reads_again(store):
+    """A store given such a run by actstore before the refusal above kept failing every
+    `actstore probe` and `open_emergence`; the table now reads that run's steps once. The
+    run is written as the earlier code wrote it: the grid on steps (1, 1)."""
+    import actstore
+    from actstore.probe.runs import _run_probes
+    from actstore.probe.settings import ProbeSettings
+
+    settings = ProbeSettings(layers=(EXPLORE_LAYERS[0],))
+    object.__setattr__(settings, "steps", (1, 1))    # what ProbeSettings once let through
+    run = _run_probes(store, "depth", settings, "sync", False)
+    assert list(actstore.probe.runs.open_scores(store, run).step.values) == [1, 1]
+    table = actstore.open_emergence(store)
+    assert not table.indexes["step"].has_duplicates
+    depth = table.score.sel(target="depth", layer=EXPLORE_LAYERS[0], model="trained")
+    assert float(depth.sel(metric="rmse_label", step=1)) > 0
+    done = cli("probe", "--store", store, "--target", "salient", "--layers",
+               EXPLORE_LAYERS[0], "--steps", "1", "--scheduler", "sync")
+    assert done.returncode == 0, done.stderr

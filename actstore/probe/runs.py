@@ -344,6 +344,9 @@ def emergence(store: str) -> xr.Dataset:
             latest_run(store, target, runs))))
         keep = [v for v in EMERGENCE_INTERVALS if v in ds]   # runs before intervals: none
         ds = ds[["mean", *keep]].load().rename(mean="score")
+        # a run stored before 2026-12-06 with a model, layer or step named twice holds the
+        # same fit twice, and broke this table for every target: read each once
+        ds = ds.drop_duplicates(["model", "layer", "step"])
         # per run, before the join pads runs of fewer steps with NaN at the others' last
         ds["emergence_step"] = emergence_steps(ds["score"])
         parts.append(ds.expand_dims(target=[target]))
