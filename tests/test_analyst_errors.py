@@ -4,6 +4,7 @@ empty answer that looks like an empty store or a TypeError from deep inside."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import actstore
@@ -55,3 +56,28 @@ def test_load_probe_of_a_model_the_run_lacks_names_its_models(explore_store):
     run = latest_run(explore_store, "salient")
     with pytest.raises(ActstoreError, match="it has models trained and layers"):
         actstore.load_probe(explore_store, run, EXPLORE_LAYERS[0], model="randomized")
+
+
+def test_x0_images_of_a_store_made_without_them(tmp_path):
+    """`view.x0_images` of a store made with --no-x0 read the never-written array as black
+    images, silently, and the sample grid and Figure 4 drew them; now the view says so in
+    one line, and the figures show the final images in their place."""
+    from PIL import Image
+
+    from conftest import DEMO, TINY, cli
+
+    store, grid = str(tmp_path / "nox0.zarr"), tmp_path / "grid.png"
+    made = cli("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", store,
+               "--steps", str(TINY["steps"]), "--no-x0", "--grid", str(grid))
+    assert made.returncode == 0, made.stderr
+    view = actstore.open_store(store)
+    with pytest.raises(ActstoreError, match="materialized with --no-x0, so it has no x0"):
+        view.x0_images
+    assert not view.has_x0
+    assert np.asarray(Image.open(grid)).std() > 0
+    assert cli("label", "--store", store, "--provider", "toyworld", "--target", "salient"
+               ).returncode == 0
+    probed = cli("probe", "--store", store, "--target", "salient", "--layers",
+                 EXPLORE_LAYERS[0], "--scheduler", "sync", "--figures", str(tmp_path / "f"))
+    assert probed.returncode == 0, probed.stderr
+    assert (tmp_path / "f" / "salient-figure4.png").stat().st_size > 0

@@ -25,7 +25,8 @@ def sample_grid(store: str, model: str = "trained", out_png: str = "samples.png"
     if k == 0:
         raise ValueError(f"store {store}: no complete images to draw")
     steps = np.unique(np.linspace(0, view.n_steps - 1, n_steps).round().astype(int))
-    x0 = view.x0_images.isel(image=slice(0, k), step=steps).values
+    steps = steps if view.has_x0 else steps[:0]     # --no-x0: the final images alone
+    x0 = view.x0_images.isel(image=slice(0, k), step=steps).values if view.has_x0 else None
     final = view.final_images.isel(image=slice(0, k)).values
     prompts = view.images["prompt"].values[:k]
     fig, axes = plt.subplots(k, len(steps) + 1, figsize=(1.6 * (len(steps) + 1), 1.7 * k),
@@ -202,12 +203,13 @@ def figure4_grid(store: str, target: str, out_png: str, *, layer: str | None = N
     binary = probe["kind"] == "binary"
     for i, image in enumerate(test):
         acts = view[layer].sel(image=image).values.astype(np.float32)   # (step, h, w, C)
+        final = view.final_images.sel(image=image).values
         for c, s in enumerate(steps):
             k = probe["steps"].index(s)
             pred = acts[s] @ probe["weights"][k] + probe["bias"][k]
             pred = upsample(pred[None], labels["full"].shape[1:])[0]
-            shown = [view.x0_images.sel(image=image, step=s).values,
-                     (pred > 0) if binary else pred]
+            shown = [view.x0_images.sel(image=image, step=s).values if view.has_x0
+                     else final, (pred > 0) if binary else pred]
             if has_x0:
                 shown.append(labels["x0"].sel(image=image, step=s).values)
             for r, img in enumerate(shown):
@@ -215,11 +217,12 @@ def figure4_grid(store: str, target: str, out_png: str, *, layer: str | None = N
                 ax.imshow(img, cmap=None if r == 0 else "magma")
                 if i == 0 and r == 0:
                     ax.set_title(f"step {s}", fontsize=7)
-        truth = [view.final_images.sel(image=image).values, labels["full"].sel(image=image).values]
+        truth = [final, labels["full"].sel(image=image).values]
         for r, img in enumerate(truth + ([truth[1]] if has_x0 else [])):
             axes[per * i + r, -1].imshow(img, cmap=None if r == 0 else "magma")
         axes[per * i, -1].set_title("final / label", fontsize=7)
-        for r, name in enumerate(["x0", "probe", "label(x0)"][:per]):
+        first = "x0" if view.has_x0 else "final (no x0)"
+        for r, name in enumerate([first, "probe", "label(x0)"][:per]):
             axes[per * i + r, 0].set_ylabel(name, fontsize=7)
     for ax in axes.flat:
         ax.set_xticks([])

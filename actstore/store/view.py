@@ -180,8 +180,19 @@ class StoreView:
         return self._open(model_path(self.model), "final_image")
 
     @property
+    def has_x0(self) -> bool:
+        """Were x0 images decoded when this variant was made (not ``--no-x0``)?"""
+        return bool(self.attrs["fingerprint"].get("capture", {}).get("x0", True))
+
+    @property
     def x0_images(self) -> xr.DataArray:
-        """The decoded prediction of the clean image at each step, uint8."""
+        """The decoded prediction of the clean image at each step, uint8. A variant made
+        with ``--no-x0`` has the array but never wrote a chunk of it: read, it was black
+        images, silently (sample grids and Figure 4 drew them)."""
+        if not self.has_x0:
+            raise ActstoreError(f"store {self.uri}: model '{self.model}' was materialized "
+                                "with --no-x0, so it has no x0 images; make a store without "
+                                "--no-x0 to have them")
         return self._open(model_path(self.model), "x0_image")
 
     def layer_info(self, layer: str) -> dict:
