@@ -12,9 +12,7 @@ from conftest import EXPLORE_LAYERS, cli, tree_digest
 
 @pytest.fixture()
 def store(tmp_path, explore_store) -> str:
-    dst = tmp_path / "store.zarr"
-    shutil.copytree(explore_store, dst)
-    return str(dst)
+    return str(shutil.copytree(explore_store, tmp_path / "store.zarr"))
 
 
 def _refused(result, *words: str) -> str:
@@ -62,8 +60,7 @@ def two_models(tmp_path_factory, explore_store) -> dict:
 
 @pytest.fixture()
 def copied(tmp_path, two_models) -> tuple[str, list[str]]:
-    store = tmp_path / "store.zarr"
-    shutil.copytree(two_models["store"], store)
+    store = shutil.copytree(two_models["store"], tmp_path / "store.zarr")
     made = [str(store) if a == str(two_models["store"]) else a for a in two_models["made"]]
     return str(store), made
 
