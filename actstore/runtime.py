@@ -18,11 +18,27 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from actstore.errors import ActstoreError
+
+
+def env_threads() -> int | None:
+    """$ACTSTORE_THREADS, else $OMP_NUM_THREADS's outermost level, as a thread count (None:
+    neither set). OpenMP's nested form ('4,2') and a garbled ACTSTORE_THREADS failed as
+    'unexpected ValueError: invalid literal for int()', exit 1, once a model loaded: ours
+    is refused in one line naming it, OpenMP's read as OpenMP does (or left to it)."""
+    own = os.environ.get("ACTSTORE_THREADS", "").strip()
+    if own:
+        if not own.isdigit() or int(own) < 1:
+            raise ActstoreError(f"ACTSTORE_THREADS={own!r}: must be a whole number >= 1 (torch "
+                                "CPU threads); set it so, or unset it for the default")
+        return int(own)
+    omp = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return int(omp) if omp.isdigit() and int(omp) >= 1 else None
+
 
 def default_threads(threads: int | None = None) -> int:
     if threads is None:
-        env = os.environ.get("ACTSTORE_THREADS") or os.environ.get("OMP_NUM_THREADS")
-        threads = int(env) if env else (os.cpu_count() or 2) - 1
+        threads = env_threads() or (os.cpu_count() or 2) - 1
     return max(1, int(threads))
 
 

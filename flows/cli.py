@@ -319,6 +319,8 @@ def _run(args) -> dict:
     if args.no_prefect and args.verbose:
         logging.basicConfig(level=logging.INFO)
     check_figure_outputs(args)
+    from actstore.runtime import env_threads
+    env_threads()       # a bad ACTSTORE_THREADS fails here, before workers read it
     from actstore.catalog import find_catalog
 
     catalog = find_catalog(args.catalog)

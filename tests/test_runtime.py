@@ -63,3 +63,22 @@ def test_small_pages_turn_numpy_huge_page_advice_off_and_restore_it():
             assert _thp_eligible(np.ones(16 << 20)) is True
     finally:
         _set_madvise_hugepage(before)
+
+
+def test_thread_variables_a_command_meets(tmp_path):
+    """OpenMP's nested form OMP_NUM_THREADS=4,2 and a garbled ACTSTORE_THREADS failed the
+    command as 'unexpected ValueError: invalid literal for int()', exit 1, after its model
+    loaded. OpenMP's is read as OpenMP reads it (its outer level) and the command runs;
+    ours is one line naming it, exit 2, before anything is written."""
+    from conftest import DEMO, cli
+
+    store = tmp_path / "s.zarr"
+    made = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", str(store),
+            "--steps", "2", "--images", "0:4", "--no-x0"]
+    bad = cli(*made, env={"ACTSTORE_THREADS": "two"})
+    lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("actstore")]
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+    assert "ACTSTORE_THREADS='two': must be a whole number >= 1" in lines[0]
+    assert not store.exists()
+    assert cli(*made, env={"OMP_NUM_THREADS": "1,1"}).returncode == 0
+    assert store.is_dir()
