@@ -125,3 +125,21 @@ def test_a_store_holding_a_run_with_a_repeated_step_reads_again(store):
     done = cli("probe", "--store", store, "--target", "salient", "--layers",
                EXPLORE_LAYERS[0], "--steps", "1", "--scheduler", "sync")
     assert done.returncode == 0, done.stderr
+
+
+def test_an_incomplete_control_names_the_models_that_can_be_probed(store):
+    """The randomized control half made: `probe` (every variant by default) said only
+    'model 'randomized' is incomplete ...; finish `actstore materialize` first', though the
+    trained model can be probed alone; the line now says how, and that works."""
+    from conftest import DEMO, TINY
+
+    assert cli("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", store,
+               "--steps", str(TINY["steps"]), "--control", "randomized", "--images", "0:4"
+               ).returncode == 0
+    probe = ["probe", "--store", store, "--target", "depth", "--steps", "1", "--layers",
+             EXPLORE_LAYERS[0], "--scheduler", "sync"]
+    before = tree_digest(store)
+    _refused(cli(*probe), "model 'randomized' is incomplete", "missing image blocks 4:8",
+             "or probe the others alone (--models trained)")
+    assert tree_digest(store) == before
+    assert cli(*probe, "--models", "trained").returncode == 0

@@ -62,8 +62,14 @@ def _views(store: str, models: list[str] | None) -> list[StoreView]:
                                                         view.block_size)
                    if not view.complete[a:b].all()]
         if missing:
+            # the default takes every variant: a control still being made stopped the run
+            # with no word that the complete ones can be probed alone
+            others = [o for o in models if o != m]
+            alone = f", or probe the others alone (--models {' '.join(others)})" if others \
+                else ""
             raise ActstoreError(f"store {store}: model {m!r} is incomplete (missing image blocks "
-                                f"{', '.join(missing[:5])}); finish `actstore materialize` first")
+                                f"{', '.join(missing[:5])}); finish `actstore materialize` "
+                                f"first{alone}")
         views.append(view)
     return views
 
