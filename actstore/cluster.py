@@ -183,20 +183,26 @@ def worker_threads(workers: int) -> int:
 
 
 @contextmanager
-def local_workers(workers: int):
+def local_workers(workers: int, device: str | None = "cpu"):
     """A local cluster of ``workers`` processes, one task at a time each; yields its address.
 
     Processes, not threads: each holds its own model and runs the UNet with its own torch
-    threads (:func:`worker_threads`) outside the others' GIL.
+    threads (:func:`worker_threads`) outside the others' GIL. On a GPU ``device``, each
+    process gets a GPU of its own (:mod:`actstore.gpus`).
     """
     if workers < 1:
         raise ActstoreError(f"--workers {workers}: must be at least 1")
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                      dashboard_address=None, silence_logs=logging.WARNING,
-                      env={"ACTSTORE_THREADS": str(worker_threads(workers))},
-                      preload=[WORKER_PRELOAD, __name__]) as cluster:
+    from actstore.gpus import start_gpu_workers, worker_gpus
+
+    gpus = worker_gpus(device, workers)
+    options = dict(threads_per_worker=1, processes=True, dashboard_address=None,
+                   silence_logs=logging.WARNING,
+                   env={"ACTSTORE_THREADS": str(worker_threads(workers))},
+                   preload=[WORKER_PRELOAD, __name__])
+    with (start_gpu_workers(gpus, **options) if gpus
+          else LocalCluster(n_workers=workers, **options)) as cluster:
         try:
             yield cluster.scheduler_address
         except KeyboardInterrupt:

@@ -86,7 +86,8 @@ def _add_materialize(sub, common) -> None:
                    "at each step: the updated latent (default, the paper) or the x0 prediction")
     p.add_argument("--grid", help="write a PNG sample grid here when done")
     p.add_argument("--workers", type=positive_int, help="fan out over a local Dask cluster "
-                   "of N worker processes (each loads the model once)")
+                   "of N worker processes (each loads the model once; on a GPU device, each "
+                   "gets a GPU of its own: N at most the GPUs in CUDA_VISIBLE_DEVICES)")
     p.add_argument("--cluster", help="fan out over a running Dask scheduler, e.g. "
                    "tcp://HOST:8786 (one `dask worker` per GPU)")
 
@@ -150,7 +151,8 @@ def _add_main(sub, common) -> None:
                    help="label targets to probe (default: all three)")
     m.add_argument("--device", help="cpu, cuda[:N] or auto")
     m.add_argument("--workers", type=positive_int, help="materialize worker processes "
-                   "(default: one per two cores on a CPU, one on a GPU)")
+                   "(default: one per two cores on a CPU, one on a GPU; more on GPUs: one "
+                   "GPU each)")
     m.add_argument("--capture", help="capture kinds (default attn1,block,vae; see materialize "
                    "--capture)")
 
@@ -204,7 +206,7 @@ def _materialize(args, catalog) -> dict:
     check_url(store, "--store")
     check_url(prompts, "--prompts")
     check_table_and_region(prompts, args.images)
-    check_fan_out(args, "regions")
+    check_fan_out(args, "regions", settings.device)
     if args.no_prefect:
         from actstore.generation.materialize import completion, format_completion, materialize
         from actstore.plots.figures import sample_grid
@@ -282,6 +284,10 @@ def _main_job(args, catalog) -> dict:
               "out": args.out, "images": args.images, "settings": settings,
               "workers": args.workers, "targets": tuple(args.targets)}
     check_model(model["ref"])    # before the flow creates --out
+    if args.workers and args.workers > 1:   # a local cluster: a GPU each (one runs in process)
+        from actstore.gpus import worker_gpus
+
+        worker_gpus(settings.device, args.workers)
     check_table_and_region(params["prompts"], args.images)
     with flow_mode(args):
         result = main_flow(**params)

@@ -82,12 +82,18 @@ def store_uri(args, catalog) -> str:
     return store
 
 
-def check_fan_out(args, what: str) -> None:
-    """``--workers``/``--cluster`` need Prefect (``what`` runs as its task runs on Dask), and
-    an unreachable ``--cluster`` fails in one line within seconds, before a model loads."""
+def check_fan_out(args, what: str, device: str | None = None) -> None:
+    """``--workers``/``--cluster`` need Prefect (``what`` runs as its task runs on Dask), an
+    unreachable ``--cluster`` fails in one line within seconds, before a model loads, and
+    ``--workers`` on ``device`` (the run's, defaults applied) that cannot give each worker
+    its own GPU, before anything is written (:func:`actstore.gpus.worker_gpus`)."""
     if args.no_prefect and (args.workers or args.cluster):
         raise ActstoreError(f"--workers/--cluster run {what} as Prefect task runs on Dask; "
                             "drop --no-prefect")
+    if args.workers and device is not None:
+        from actstore.gpus import worker_gpus
+
+        worker_gpus(device, args.workers)
     if args.cluster:
         from actstore.cluster_checks import check_scheduler as check_cluster
 

@@ -81,7 +81,8 @@ def add_intervene_parser(sub, common=None) -> None:
                    "of the settings, so rerunning a command resumes it)")
     p.add_argument("--figure", help="write the original/target/intervened/new-label PNG here")
     p.add_argument("--workers", type=positive_int, help="fan image blocks out over a local "
-                   "Dask cluster of N worker processes (each loads the model once)")
+                   "Dask cluster of N worker processes (each loads the model once; on a GPU "
+                   "device, on a GPU of its own)")
     p.add_argument("--cluster", help="fan image blocks out over a running Dask scheduler, "
                    "e.g. tcp://HOST:8786")
     q = sub.add_parser("sweep", parents=parents, help="dose-response grid (capture kind × steps × strength) "
@@ -155,7 +156,7 @@ def intervene_command(args, catalog) -> dict:
     from actstore.intervene.tables import format_interventions
 
     store, settings = store_uri(args, catalog), intervention_settings(args)
-    check_fan_out(args, "experiment blocks")
+    check_fan_out(args, "experiment blocks", settings.device)
     if args.no_prefect:
         from actstore.intervene.run import run_interventions
         from actstore.plots.interventions import intervention_grid

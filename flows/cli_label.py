@@ -28,7 +28,8 @@ def add_label_probe_parsers(sub, common) -> None:
     p.add_argument("--device", help="where the label model runs: cpu, cuda[:N] or auto "
                    f"(default {LabelSettings.device})")
     p.add_argument("--workers", type=positive_int, help="fan image blocks out over a local "
-                   "Dask cluster of N worker processes (each loads the label model once)")
+                   "Dask cluster of N worker processes (each loads the label model once; on "
+                   "a GPU device, on a GPU of its own)")
     p.add_argument("--cluster", help="fan image blocks out over a running Dask scheduler, "
                    "e.g. tcp://HOST:8786")
     q = sub.add_parser("probe", parents=[common], help="fit a linear probe per (model, layer, "
@@ -57,7 +58,7 @@ def label_command(args, catalog) -> dict:
     settings = LabelSettings().with_options(overwrite=args.overwrite or None,
                                             on_x0=False if args.no_x0 else None,
                                             device=args.device)
-    check_fan_out(args, "image blocks")
+    check_fan_out(args, "image blocks", settings.device)
     if args.no_prefect:
         from actstore.label.labels import write_labels
 

@@ -48,11 +48,12 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
 
 
 @contextmanager
-def dask_address(workers: int | None, cluster: str | None):
+def dask_address(workers: int | None, cluster: str | None, device: str | None = "cpu"):
     """The scheduler tasks go to (None: run in this process), its worker count, whether to
     ask for GPUs, and the code its writing tasks must find where they run
     (:func:`actstore.worker_code.checks_code`): this process's on a user's cluster, None
-    on a local one, whose workers this process started from its own files."""
+    on a local one, whose workers this process started from its own files, each with a
+    GPU of its own if ``device`` is one (:mod:`actstore.gpus`)."""
     if workers and cluster:
         raise ActstoreError("--workers and --cluster: give one (--workers N starts a local "
                             "cluster; --cluster ADDRESS uses a running one)")
@@ -60,7 +61,7 @@ def dask_address(workers: int | None, cluster: str | None):
         info = check_scheduler(cluster)
         yield cluster, info["workers"], info["gpu_workers"] > 0, code_fingerprint()
     elif workers:
-        with local_workers(workers) as address:
+        with local_workers(workers, device) as address:
             yield address, workers, False, None
     else:
         yield None, 1, False, None

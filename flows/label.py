@@ -141,7 +141,7 @@ def label_flow(store: str, provider: str, target: str | list[str],
     in this process or over ``workers`` local processes / the scheduler at ``cluster``."""
     if not workers and not cluster:
         return label_task(store, provider, target, settings)
-    with dask_address(workers, cluster) as (address, n, gpu, code):
+    with dask_address(workers, cluster, settings.device) as (address, n, gpu, code):
         out = fan_out_labels(portable(store), provider, target, settings, address=address,
                              workers=n, gpu=gpu, progress=progress, code=code)
     return out[target] if isinstance(target, str) else out

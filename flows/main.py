@@ -128,7 +128,8 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     result = {"store": store, "figures": []}
     variants = [None, "randomized"] if control else [None]
     workers = default_workers(settings.device) if workers is None else workers
-    with dask_address(workers if workers > 1 else None, None) as (address, n, gpu, _):
+    with dask_address(workers if workers > 1 else None, None, settings.device) as \
+            (address, n, gpu, _):
         made = [fill_store(model, prompts, store, replace(settings, control=variant),
                            images=images, address=address, workers=n, gpu=gpu, progress=True)
                 for variant in variants]

@@ -125,7 +125,7 @@ def materialize_flow(model: str, prompts: str, store: str,
     for toy-ldm). Relative paths are taken from this process's folder (a deployment's
     working directory), also on workers started elsewhere."""
     model, prompts, store = portable(model, named=True), portable(prompts), portable(store)
-    with dask_address(workers, cluster) as (address, n, gpu, code):
+    with dask_address(workers, cluster, settings.device) as (address, n, gpu, code):
         summary = fill_store(model, prompts, store, settings, images=images, address=address,
                              workers=n, gpu=gpu, progress=progress, code=code)
     if grid_png:

@@ -1,0 +1,112 @@
+"""One GPU per local worker process: ``--workers N --device cuda`` on a machine with
+several GPUs.
+
+Each worker process is started with its own ``CUDA_VISIBLE_DEVICES`` (one GPU), so its
+``cuda`` (``cuda:0``) is a GPU no other worker uses. Before, every worker put its model
+on the machine's ``cuda:0``: N workers shared one GPU while the others idled.
+
+Why an environment variable set by the worker's nanny, as dask-cuda's ``LocalCUDACluster``
+does, rather than that class itself: the variable is in the worker process from its birth,
+before torch is imported or CUDA initialised (a preload setting it later would be too late
+for anything imported before it); and ``LocalCUDACluster`` needs pynvml and real GPUs to
+start, so its path could never run where there is no GPU, while this one is the same
+``LocalCluster`` the CPU runs use, started with per-worker options: its tests start real
+worker processes on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from actstore.errors import ActstoreError
+
+VISIBLE = "CUDA_VISIBLE_DEVICES"
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may hand out, as ``CUDA_VISIBLE_DEVICES`` entries (indices or
+    UUIDs): the parent's ``CUDA_VISIBLE_DEVICES`` if set (the user's choice of GPUs, and
+    how a deployment restricts a job to some), else every device torch counts.
+
+    CUDA reads the list up to its first invalid entry (``-1`` hides every GPU); so do we.
+    ``torch.cuda.device_count()`` counts devices without creating a CUDA context in this
+    process (which holds no model: the workers do, in processes of their own)."""
+    listed = os.environ.get(VISIBLE)
+    if listed is None:
+        import torch
+
+        return [str(i) for i in range(torch.cuda.device_count())]
+    gpus = []
+    for entry in (e.strip() for e in listed.split(",")):
+        if not entry or entry.startswith("-"):
+            break
+        gpus.append(entry)
+    return gpus
+
+
+def wants_cuda(device: str | None) -> bool:
+    """Whether ``device`` puts a model on a GPU: ``cuda[:N]``, or ``auto`` where torch
+    sees one. Anything else (cpu, a name :func:`resolve_device` refuses) is left alone."""
+    device = str(device or "auto")
+    if device == "auto":
+        import torch
+
+        return torch.cuda.is_available()
+    return device == "cuda" or device.startswith("cuda:")
+
+
+def worker_gpus(device: str | None, workers: int) -> list[str] | None:
+    """The GPU of each of ``workers`` local worker processes for ``device``; None on the
+    CPU (the workers' environment is then left as it is). One line, before any work, for
+    what cannot be done:
+
+    - ``cuda:N`` with N > 0: each worker sees its own GPU as ``cuda:0``, so the index
+      names no GPU there; the user picks GPUs with ``CUDA_VISIBLE_DEVICES``.
+    - more workers than GPUs: refused, not shared. Each worker holds its own copy of the
+      model; two on one GPU double its memory (a mid-run out-of-memory at SD sizes) and
+      take turns on its cores, which the command's "one GPU per worker" does not promise.
+      Whoever wants that (a small model, CPU-bound writes) starts ``dask worker``
+      processes by hand and passes ``--cluster``.
+    - no GPU visible.
+    """
+    if not wants_cuda(device):
+        return None
+    index = re.fullmatch(r"cuda:(\d+)", str(device))
+    if index and int(index.group(1)) > 0:
+        raise ActstoreError(f"--device {device} with --workers {workers}: each worker gets "
+                            "its own GPU, which it sees as cuda:0; use --device cuda (choose "
+                            f"the GPUs with {VISIBLE}, e.g. {VISIBLE}={index.group(1)},...)")
+    gpus = visible_gpus()
+    where = f"{VISIBLE}={os.environ[VISIBLE]!r}" if VISIBLE in os.environ else "torch"
+    if not gpus:
+        raise ActstoreError(f"--device {device} with --workers {workers}: no GPU visible "
+                            f"({where}); use --device cpu, or make the GPUs visible")
+    if workers > len(gpus):
+        raise ActstoreError(f"--workers {workers} --device {device}: {len(gpus)} GPU(s) "
+                            f"visible ({where}: {','.join(gpus)}) and each worker takes one; "
+                            f"use --workers {len(gpus)} or fewer")
+    return gpus[:workers]
+
+
+def start_gpu_workers(gpus: list[str], **options):
+    """A started ``distributed.LocalCluster`` of one worker process per entry of ``gpus``,
+    each with ``CUDA_VISIBLE_DEVICES`` set to it (on top of ``options["env"]``); the other
+    ``options`` are LocalCluster's, as for a CPU run.
+
+    dask-cuda's way: the cluster starts with no workers, then gets one spec per worker. The
+    memory limit is what LocalCluster gives each of ``len(gpus)`` workers."""
+    from distributed import LocalCluster
+
+    env = dict(options.pop("env", None) or {})
+    cluster = LocalCluster(n_workers=0, memory_limit=1 / len(gpus), env=env, **options)
+    try:
+        spec = cluster.new_spec
+        for name, gpu in enumerate(gpus):
+            cluster.worker_spec[name] = {
+                "cls": spec["cls"], "options": {**spec["options"], "env": {**env, VISIBLE: gpu}}}
+        cluster.sync(cluster._correct_state)
+    except BaseException:
+        cluster.close()
+        raise
+    return cluster
