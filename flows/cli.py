@@ -104,7 +104,7 @@ def _add_settings_options(p) -> None:
                    "model's native size)")
     p.add_argument("--width", type=positive_int, help="image width in pixels (default: the "
                    "model's native size)")
-    p.add_argument("--device", help="cpu, cuda[:N] or auto")
+    p.add_argument("--device", help="cpu, cuda[:N] or auto (default auto)")
     p.add_argument("--dtype", choices=["float32", "float16"],
                    help="model dtype (default: the catalog model's, else float32)")
     p.add_argument("--store-dtype", choices=["float16", "float32"], help="dtype of the stored "

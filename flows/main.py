@@ -24,6 +24,7 @@ from actstore.errors import ActstoreError
 from actstore.label.providers import get_provider
 from actstore.intervene.tables import format_cells, format_sweeps
 from actstore.label.labels import list_targets
+from actstore.label.settings import LabelSettings
 from actstore.plots.report import write_report
 from actstore.toyworld.naming import format_naming
 from actstore.probe.runs import latest_run, open_emergence
@@ -119,8 +120,8 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     catalog guidance (3 for toy-ldm). ``sweeps``: the causal test's settings per target
     (default :data:`MAIN_SWEEPS`; ``{}`` skips it)."""
     sweeps = MAIN_SWEEPS if sweeps is None else sweeps
-    # the sweeps generate on the device the store was made on (--device cuda: the GPU),
-    # not on InterventionSettings' cpu default (one SD UNet call: 22 CPU-s, docs/scale.md)
+    # the sweeps generate on the device the store was made on (--device cuda: the GPU; a
+    # --device cpu store on the CPU, not on InterventionSettings' auto)
     sweeps = {t: replace(s, base=s.base.with_(device=settings.device))
               for t, s in sweeps.items()}
     out_dir = Path(out)   # made with the store: input refused before it leaves no folder
@@ -147,7 +148,7 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     have = list_targets(store)
     missing = [t for t in targets if t not in have]
     if missing:                     # one pass of the label model for every missing target
-        label_task(store, provider, missing)   # on the CPU (LabelSettings)
+        label_task(store, provider, missing, LabelSettings(device=settings.device))
     for target in targets:
         if _needs_probe(store, target):
             probe_task(store, target)

@@ -125,3 +125,46 @@ def test_materialize_without_gpus_refused_before_the_store(tmp_path):
     assert "no GPU visible" in line and "--device cpu" in line, line
     assert not store.exists() and list(Path(tmp_path).iterdir()) == []
 
+
+def test_device_defaults_agree():
+    """label and intervene default to auto, as materialize and verify (before: cpu, so a
+    GPU user's labels and interventions ran on the CPU), and their help says so."""
+    from actstore.generation.materialize import MaterializeSettings
+    from actstore.intervene.settings import InterventionSettings, SweepSettings
+    from actstore.label.settings import LabelSettings
+    from flows.cli import build_parser
+
+    assert (LabelSettings().device == InterventionSettings().device
+            == SweepSettings().base.device == MaterializeSettings().device == "auto")
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for command in ("label", "intervene", "sweep"):
+        device = next(a for a in sub[command]._actions if a.dest == "device")
+        assert "default auto" in device.help, (command, device.help)
+
+
+def test_where_they_run_changes_no_id(tmp_path, ivstore):
+    """An experiment planned on cpu and on auto (a GPU where there is one) has one id, and
+    a label run begun on one device resumes its version on the other."""
+    from conftest import IV_LAYERS, IV_STEPS, PixelLabels
+
+    from actstore.intervene.plan import plan_interventions
+    from actstore.intervene.settings import InterventionSettings
+    from actstore.label.labels import prepare_labels
+    from actstore.label.settings import LabelSettings
+    from actstore.store import labelsets
+
+    plans = [plan_interventions(ivstore["uri"], ivstore["runs"]["depth"],
+                                InterventionSettings(device=device, n_targets=1,
+                                                     provider=PixelLabels(),
+                                                     layers=IV_LAYERS, steps=IV_STEPS))
+             for device in ("cpu", "auto")]
+    assert plans[0].experiment_id == plans[1].experiment_id
+    store = str(tmp_path / "s.zarr")
+    shutil.copytree(ivstore["uri"], store)
+    paths = []
+    for device in ("cpu", "auto"):
+        job = prepare_labels(store, PixelLabels(), "depth",
+                             LabelSettings(device=device, overwrite=True))
+        labelsets.release(job.paths)
+        paths.append(job.paths)
+    assert paths[0] == paths[1]

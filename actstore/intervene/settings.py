@@ -56,7 +56,9 @@ class InterventionSettings:
     iterations: int = 128
     model_variant: str = "trained"
     experiment_id: str | None = None     # None: a hash of the settings (a rerun resumes)
-    device: str = "cpu"
+    # where the images are generated: a GPU if there is one, as materialize (before
+    # 2026-12-06 cpu); no part of an experiment's id or a sweep's (made as if on cpu)
+    device: str = "auto"
     batch_size: int = 16                 # interventions generated together
 
     def __post_init__(self) -> None:
