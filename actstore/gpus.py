@@ -78,14 +78,15 @@ def worker_gpus(device: str | None, workers: int) -> list[str] | None:
                             "its own GPU, which it sees as cuda:0; use --device cuda (choose "
                             f"the GPUs with {VISIBLE}, e.g. {VISIBLE}={index.group(1)},...)")
     gpus = visible_gpus()
-    where = f"{VISIBLE}={os.environ[VISIBLE]!r}" if VISIBLE in os.environ else "torch"
+    where = (f"{VISIBLE}={os.environ[VISIBLE]!r}" if VISIBLE in os.environ
+             else f"torch counts {','.join(gpus) or 'none'}")
     if not gpus:
         raise ActstoreError(f"--device {device} with --workers {workers}: no GPU visible "
                             f"({where}); use --device cpu, or make the GPUs visible")
     if workers > len(gpus):
         raise ActstoreError(f"--workers {workers} --device {device}: {len(gpus)} GPU(s) "
-                            f"visible ({where}: {','.join(gpus)}) and each worker takes one; "
-                            f"use --workers {len(gpus)} or fewer")
+                            f"visible ({where}) and each worker takes one; use --workers "
+                            f"{len(gpus)} or fewer")
     return gpus[:workers]
 
 
