@@ -635,7 +635,8 @@ def test_relabel_between_sweep_cells_records_no_sweep(ivstore, tiny_model, tmp_p
                                                       monkeypatch):
     """Each cell is an experiment of its own (each pins its labels): a relabel between
     cells would make the sweep compare cells of two label versions. It fails in one line
-    and records no sweep; before, the sweep was recorded."""
+    and records no sweep; before, the sweep was recorded. The next cell's plan finds the
+    probe run fitted on the version replaced (before, the sweep's own check at its end)."""
     import actstore.intervene.sweep as sw
 
     uri = str(tmp_path / "s.zarr")
@@ -653,8 +654,8 @@ def test_relabel_between_sweep_cells_records_no_sweep(ivstore, tiny_model, tmp_p
     settings = SweepSettings(kinds=("attn1",), step_counts=(1, 2), strengths=(1.0,),
                              validation=2, evaluation=2,
                              base=IS(n_targets=1, provider=PixelLabels(), batch_size=8))
-    with pytest.raises(ActstoreError, match=r"sweep \S+: its experiments read different "
-                       r"versions of the labels .* rerun `actstore sweep`"):
+    with pytest.raises(ActstoreError, match=r"was fitted on labels 'salient' version v-\S+, "
+                       r"relabelled since \(now version v-\S+\); run `actstore probe"):
         sw.run_sweep(uri, [_salient_run(uri)], settings, model=tiny_model, progress=False)
     assert calls and sw.list_sweeps(uri) == {}
 

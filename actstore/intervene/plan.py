@@ -104,6 +104,7 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     if label_attrs is None:
         raise ActstoreError(f"store {store}: no labels {target!r} any more, though probe run "
                             f"{probe_run} was fitted on them; rewrite them with `actstore label`")
+    _check_fitted_on(store, probe_run, run, target, label_attrs)
     layers = _layers(s.layers, kind, view, run, probe_run)
     steps = _steps(s.steps, kind, view, run, probe_run)
     s = s.with_(target=target, layers=tuple(layers), steps=tuple(steps))
@@ -171,6 +172,23 @@ def _record(s: InterventionSettings, probe_run, kind, probes, view, image_ids, n
     # as stored: tuples become lists; an experiment along the probe (as every one before
     # --direction) keeps its id
     return json.loads(json.dumps(without_later_defaults(keep)))
+
+
+def _check_fitted_on(store: str, probe_run: str, run: dict, target: str,
+                     current: dict) -> None:
+    """A run fitted on labels relabelled since is refused: its probes answer in the units
+    (provider, mean, std) of the version they were fitted on, while targets, scores and the
+    reader of the edited images come from the current one. The old version is no way out:
+    it is removed a day after the relabel, and a resumed experiment would then fail."""
+    fitted = run.get("labels", {})
+    if "version" not in fitted:     # runs that predate recording it: nothing to compare
+        return
+    now = labelsets.version_of(current["path"])
+    if fitted["version"] != now:
+        raise ActstoreError(f"store {store}: probe run {probe_run} was fitted on labels "
+                            f"{target!r} version {fitted['version'] or '(unversioned)'}, "
+                            f"relabelled since (now version {now or '(unversioned)'}); run "
+                            f"`actstore probe --target {target}` and use that run")
 
 
 def _layers(layers, kind, view, run, probe_run) -> list[str]:

@@ -1,0 +1,56 @@
+"""What `actstore intervene` makes of inputs a new user gets wrong: each is one line, exit 2,
+before anything is written (the store is compared file by file)."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from conftest import EXPLORE_LAYERS, cli, tree_digest
+
+
+@pytest.fixture()
+def store(tmp_path, explore_store) -> str:
+    return str(shutil.copytree(explore_store, tmp_path / "store.zarr"))
+
+
+def _refused(result, *words: str) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("actstore")]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
+    return lines[0]
+
+
+def _intervene(store: str, run: str, *extra: str):
+    return cli("intervene", "--store", store, "--probe-run", run, "--layers",
+               EXPLORE_LAYERS[0], "--steps", "0", "--images", "demo-012", "--n-targets", "1",
+               *extra)
+
+
+def test_a_probe_run_fitted_on_labels_relabelled_since_is_refused(store):
+    """After `actstore label --overwrite`, an experiment with the run fitted before ran
+    silently: its probes answer in the old labels' units while targets, scores and the
+    reader of the edited images came from the new version. Now one line names both
+    versions and the way on, which then runs."""
+    from actstore.probe.runs import get_run, latest_run
+    from actstore.store import labelsets
+
+    run = latest_run(store, "depth")
+    fitted = get_run(store, run)["labels"]["version"]
+    relabelled = cli("label", "--store", store, "--provider", "toyworld", "--target", "depth",
+                     "--overwrite")
+    assert relabelled.returncode == 0, relabelled.stderr
+    now = labelsets.version_of(labelsets.current(store)["depth"]["path"])
+    assert now != fitted
+    before = tree_digest(store)
+    _refused(_intervene(store, run), f"probe run {run}", f"version {fitted}",
+             f"now version {now}", "actstore probe --target depth")
+    assert tree_digest(store) == before
+    probed = cli("probe", "--store", store, "--target", "depth", "--layers",
+                 EXPLORE_LAYERS[0], "--steps", "0", "--scheduler", "sync")
+    assert probed.returncode == 0, probed.stderr
+    fresh = latest_run(store, "depth")
+    assert get_run(store, fresh)["labels"]["version"] == now
+    ran = _intervene(store, fresh, "--no-random-control")
+    assert ran.returncode == 0, ran.stderr
