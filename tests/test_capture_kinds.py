@@ -257,6 +257,23 @@ def test_bad_capture_kind_is_one_line(tmp_path):
     assert not Path(uri).exists()
 
 
+def test_vae_source_without_the_vae_kind_is_one_line(tiny_store, tmp_path):
+    """`materialize --vae-source x0` without the vae kind was accepted and stored nothing
+    of it (a new store, or an existing one, made as if the option were not there)."""
+    new = str(tmp_path / "none.zarr")
+    made = ["--model", "tiny-random", "--prompts", DEMO, "--steps", str(TINY["steps"]),
+            "--vae-source", "x0"]
+    for uri, capture in ((new, []), (new, ["--capture", "attn1,block"]),
+                         (_copy(tiny_store, tmp_path / "old.zarr"), [])):
+        before = tree_digest(uri) if Path(uri).exists() else None
+        out = cli("materialize", "--store", uri, *made, *capture)
+        err = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("actstore")]
+        assert out.returncode == 2 and len(err) == 1, out.stderr
+        assert "--vae-source x0: only the vae capture kind" in err[0], err
+        assert f"--capture {capture[1] if capture else 'attn1'},vae" in err[0], err
+        assert (tree_digest(uri) == before) if before else not Path(uri).exists()
+
+
 def test_other_vae_source_is_refused(tiny_store, tiny_model, tmp_path):
     uri = _copy(tiny_store, tmp_path / "vae.zarr")
     _mat(tiny_model, DEMO, uri, images="0:4", kinds=("attn1", "vae"))

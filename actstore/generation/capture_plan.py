@@ -56,12 +56,24 @@ def plan_capture(store: str, variant: str, kinds, vae_source: str) -> CapturePla
         fingerprint = None
     if fingerprint is None:
         kinds = wanted or parse_kinds(None)
-        return CapturePlan(variant, False, False, kinds, {}, kinds)
+        return _vae_source_used(CapturePlan(variant, False, False, kinds, {}, kinds),
+                                vae_source)
     creation = sc.creation_kinds(fingerprint)
     added = sc.added_captures(store, variant)
     have = set(creation) | set(added) | set(wanted)
-    return CapturePlan(variant, True, "kinds" not in fingerprint.get("capture", {}), creation,
-                       added, tuple(k for k in KINDS if k in have))
+    return _vae_source_used(CapturePlan(variant, True, "kinds" not in fingerprint.get(
+        "capture", {}), creation, added, tuple(k for k in KINDS if k in have)), vae_source)
+
+
+def _vae_source_used(plan: CapturePlan, vae_source: str) -> CapturePlan:
+    """``--vae-source x0`` only says what the vae kind decodes: a run without that kind
+    would accept it and store nothing of it, leaving the user believing x0 was decoded."""
+    if vae_source != VAE_SOURCES[0] and "vae" not in plan.kinds:
+        raise ActstoreError(f"--vae-source {vae_source}: only the vae capture kind decodes "
+                            f"anything, and model '{plan.variant}' gets "
+                            f"{','.join(plan.kinds)}; add --capture "
+                            f"{','.join(plan.kinds + ('vae',))} or drop --vae-source")
+    return plan
 
 
 def capture_fingerprint(cap, kinds, legacy: bool) -> dict:

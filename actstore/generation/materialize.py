@@ -21,7 +21,7 @@ from actstore.generation.capture import capture_block, capture_points
 from actstore.generation.capture_plan import (CapturePlan, block_work, capture_fingerprint,
                                               check_added, ensure_added, plan_capture,
                                               points_entry, undo_added)
-from actstore.generation.pointnames import parse_kinds
+from actstore.generation.pointnames import VAE_SOURCES, parse_kinds
 from actstore.generation.regenerate import (DEFAULT_BATCH_SIZE, check_regenerated,
                                                 cpu_kernels, is_exact, recorded_batch_size,
                                                 stored_table)
@@ -175,6 +175,8 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
     if gen.height % (8 * f) or gen.width % (8 * f):
         raise ActstoreError(f"--height/--width {gen.height}x{gen.width}: must be multiples of "
                             f"{8 * f} for this model")
+    if cap.vae_source != VAE_SOURCES[0]:   # refused before the root is written
+        plan_capture(store, model.variant, cap.kinds, cap.vae_source)
     root = st.create_or_check_root(store, table, sha, settings.block_size)
     start, stop = parse_region(images, len(table), root["block_size"])
     plan = plan_capture(store, model.variant, cap.kinds, cap.vae_source)
