@@ -214,7 +214,7 @@ def test_fit_split_shrinks_the_sets_to_the_stores_test_images(ivstore):
     assert fit_split(ivstore["uri"], small) is small
 
 
-@pytest.mark.parametrize("strengths,words", [((1, -1), ">= 0"), ((2, 2), "repeated"),
+@pytest.mark.parametrize("strengths,words", [((1, -1), ">= 0"), ((2, 2), "strength 2 is named twice"),
                                              ((), "(none)"), ((float("nan"),), "finite")])
 def test_settings_refuse_bad_strengths_in_one_line(strengths, words):
     with pytest.raises(ActstoreError, match="--strength") as info:

@@ -54,3 +54,21 @@ def test_a_probe_run_fitted_on_labels_relabelled_since_is_refused(store):
     assert get_run(store, fresh)["labels"]["version"] == now
     ran = _intervene(store, fresh, "--no-random-control")
     assert ran.returncode == 0, ran.stderr
+
+
+@pytest.mark.parametrize("option,values,word", [
+    ("--steps", ["0", "0"], "--steps 0 0: step 0 is named twice; name each once"),
+    ("--layers", [EXPLORE_LAYERS[0]] * 2, f"layer {EXPLORE_LAYERS[0]} is named twice"),
+    ("--images", ["demo-012", "demo-013", "demo-012"], "image demo-012 is named twice"),
+    ("--images", ["demo-012,demo-012"], "image demo-012 is named twice"),
+    ("--strength", ["1", "2", "1"], "--strength 1 2 1: strength 1 is named twice"),
+])
+def test_a_value_named_twice_is_refused_as_probe_refuses_it(store, option, values, word):
+    """Repeated --steps, --layers, --images were dropped silently (the experiment ran on
+    each once) while a repeated --strength was refused in other words; each is now the
+    line `actstore probe` gives for a repeated value."""
+    from actstore.probe.runs import latest_run
+
+    before = tree_digest(store)
+    _refused(_intervene(store, latest_run(store, "depth"), option, *values), word)
+    assert tree_digest(store) == before

@@ -397,7 +397,7 @@ def _cli(argv):
     (["--layers", "up_blocks.1.attentions.0"], "has no probe for layer"),
     (["--layers", "up_blocks.9.attentions.0"], "the store has no such capture point"),
     (["--strength", "1", "-1"], "must be >= 0"),     # argparse's check
-    (["--strength", "2", "2"], "repeated"),
+    (["--strength", "2", "2"], "strength 2 is named twice"),
     (["--steps", "3"], "has no probe for step 3"),
     (["--steps", "99"], "step 99"),
     (["--images", "demo-999"], "not in store"),
