@@ -72,3 +72,23 @@ def test_a_value_named_twice_is_refused_as_probe_refuses_it(store, option, value
     before = tree_digest(store)
     _refused(_intervene(store, latest_run(store, "depth"), option, *values), word)
     assert tree_digest(store) == before
+
+
+def test_user_targets_are_named_as_given(store, tmp_path):
+    """`--targets nofile.npz` said 'not a .npz file or a folder', and a (32, 32) map was
+    reported as shape (1, 32, 32), a shape the user never gave; a (32, 32) PNG too."""
+    import numpy as np
+    from PIL import Image
+
+    from actstore.probe.runs import latest_run
+
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / "demo-012.png")
+    np.savez(tmp_path / "small.npz", **{"demo-012": np.zeros((32, 32))})
+    run, before = latest_run(store, "depth"), tree_digest(store)
+    for given, words in ((tmp_path / "nofile.npz", "nofile.npz: does not exist"),
+                         (tmp_path / "small.npz", "image 'demo-012' has shape (32, 32),"),
+                         (folder, "image 'demo-012' has shape (32, 32),")):
+        _refused(_intervene(store, run, "--targets", str(given)), words)
+    assert tree_digest(store) == before

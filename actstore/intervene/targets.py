@@ -147,7 +147,11 @@ def load_user_targets(path: str, image_ids: list[str], hw: tuple[int, int], *, k
             pngs = [p / f"{i}.png"] if (p / f"{i}.png").is_file() else \
                 sorted(p.glob(f"{i}_*.png"), key=lambda f: _png_index(f, i))
             if pngs:
-                found[i] = (np.stack([_read_png(f, kind) for f in pngs]), True)
+                maps = [_read_png(f, kind) for f in pngs]   # one <id>.png: one (H, W) map
+                found[i] = (maps[0] if pngs[0].stem == i else np.stack(maps), True)
+    elif not p.exists():
+        raise ActstoreError(f"targets {path}: does not exist; give a .npz file or a folder "
+                            "of <image_id>.npy/.png files")
     else:
         raise ActstoreError(f"targets {path}: not a .npz file or a folder of <image_id>.npy/"
                             ".png files")
@@ -160,9 +164,10 @@ def load_user_targets(path: str, image_ids: list[str], hw: tuple[int, int], *, k
     for i in image_ids:
         check_numeric(found[i][0], f"targets {path}: image {i!r}")
         a, in_raw = np.asarray(found[i][0], np.float32), found[i][1]
+        given = a.shape   # as the user gave it, before a single map gets its K axis
         a = a[None] if a.ndim == 2 else a
         if a.ndim != 3 or tuple(a.shape[1:]) != tuple(hw):
-            raise ActstoreError(f"targets {path}: image {i!r} has shape {a.shape}, expected "
+            raise ActstoreError(f"targets {path}: image {i!r} has shape {given}, expected "
                                 f"({hw[0]}, {hw[1]}) or (K, {hw[0]}, {hw[1]}), the labels' size")
         if not np.isfinite(a).all():
             raise ActstoreError(f"targets {path}: image {i!r} has NaN/inf; fix its target")
