@@ -71,3 +71,19 @@ def test_newer_schema_is_refused_in_one_line(tmp_path, tiny_store):
     with pytest.raises(ActstoreError, match="has store schema 99.*reads schemas 1, 2") as info:
         open_store(str(store))
     assert "\n" not in str(info.value)
+
+
+def test_newer_schema_emergence_is_refused_in_one_line(tmp_path, explore_store):
+    """open_emergence read a store of a newer schema (its probe runs were listed and
+    joined as if this actstore knew their layout) where every other reader refuses it."""
+    import actstore
+
+    store = tmp_path / "new.zarr"
+    shutil.copytree(explore_store, store)
+    meta = store / "zarr.json"
+    root = json.loads(meta.read_text())
+    root["attributes"]["actstore"]["schema_version"] = 99
+    meta.write_text(json.dumps(root))
+    with pytest.raises(ActstoreError, match="has store schema 99.*upgrade actstore") as info:
+        actstore.open_emergence(str(store))
+    assert "\n" not in str(info.value)

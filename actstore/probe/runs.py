@@ -341,6 +341,7 @@ def emergence(store: str) -> xr.Dataset:
     agrees with the committed runs, and needs no rewrite a kill could tear. The runs are
     listed once (before, again for each target's latest run and for its scores: a request
     per run, serially, 1 + 2 × targets times)."""
+    st.read_root_attrs(store)   # a path that holds no store, or one of a newer schema
     parts = []
     runs = list_runs(store)
     for target in sorted({a["target"] for a in runs.values()}):
@@ -357,7 +358,6 @@ def emergence(store: str) -> xr.Dataset:
         ds["emergence_step"] = emergence_steps(ds["score"])
         parts.append(ds.expand_dims(target=[target]))
     if not parts:
-        st.read_root_attrs(store)   # a path that holds no store says so, not 'no runs yet'
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
     return xr.concat(parts, dim="target", join="outer")
 
