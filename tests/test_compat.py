@@ -61,13 +61,18 @@ def test_schema_1_labels_read_then_overwritten(tmp_path, tiny_store):
     assert left == [label_path(store, "depth").rsplit("/", 1)[1], "zarr.json"]
 
 
-def test_newer_schema_is_refused_in_one_line(tmp_path, tiny_store):
-    store = tmp_path / "new.zarr"
-    shutil.copytree(tiny_store, store)
+def _newer_schema(src: str, store: Path) -> Path:
+    """A copy of ``src`` that says it was written by an actstore of schema 99."""
+    shutil.copytree(src, store)
     meta = store / "zarr.json"
     root = json.loads(meta.read_text())
     root["attributes"]["actstore"]["schema_version"] = 99
     meta.write_text(json.dumps(root))
+    return store
+
+
+def test_newer_schema_is_refused_in_one_line(tmp_path, tiny_store):
+    store = _newer_schema(tiny_store, tmp_path / "new.zarr")
     with pytest.raises(ActstoreError, match="has store schema 99.*reads schemas 1, 2") as info:
         open_store(str(store))
     assert "\n" not in str(info.value)
@@ -78,12 +83,7 @@ def test_newer_schema_emergence_is_refused_in_one_line(tmp_path, explore_store):
     joined as if this actstore knew their layout) where every other reader refuses it."""
     import actstore
 
-    store = tmp_path / "new.zarr"
-    shutil.copytree(explore_store, store)
-    meta = store / "zarr.json"
-    root = json.loads(meta.read_text())
-    root["attributes"]["actstore"]["schema_version"] = 99
-    meta.write_text(json.dumps(root))
+    store = _newer_schema(explore_store, tmp_path / "new.zarr")
     with pytest.raises(ActstoreError, match="has store schema 99.*upgrade actstore") as info:
         actstore.open_emergence(str(store))
     assert "\n" not in str(info.value)

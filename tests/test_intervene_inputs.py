@@ -3,23 +3,10 @@ before anything is written (the store is compared file by file)."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from conftest import EXPLORE_LAYERS, cli, tree_digest
-
-
-@pytest.fixture()
-def store(tmp_path, explore_store) -> str:
-    return str(shutil.copytree(explore_store, tmp_path / "store.zarr"))
-
-
-def _refused(result, *words: str) -> str:
-    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("actstore")]
-    assert result.returncode == 2, result.stderr
-    assert len(lines) == 1 and all(w in lines[0] for w in words), result.stderr
-    return lines[0]
+from test_probe_selection import _refused, store  # noqa: F401  (store: a fixture)
 
 
 def _intervene(store: str, run: str, *extra: str):
