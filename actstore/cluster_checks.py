@@ -59,7 +59,9 @@ class WorkerWatch:
     all, or none offering ``resource``) for :func:`worker_grace` seconds; a worker back in
     time resets the clock. A worker that joins a user's cluster is checked as the ones at
     the start were (:func:`check_worker_code`): within about a second, so a task it took
-    may have begun.
+    may have begun; a worker restarted at a checked address is another process, so it is
+    checked too (:func:`_workers`). If the grace ends after workers left, the line says
+    so: a worker handed a task its code cannot load leaves, and only its log says why.
     :meth:`check` is cheap between polls: call it at every wake-up."""
 
     def __init__(self, client, store: str, what: str, *, resource: str | None = None,
@@ -70,6 +72,7 @@ class WorkerWatch:
         self.grace = worker_grace()
         self.since: float | None = None     # when the scheduler was first seen without one
         self.next_poll = 0.0
+        self.since_clock: float | None = None  # the scheduler's clock at the first poll
 
     def able_workers(self) -> int | None:
         """Workers that can run the tasks now; None if the scheduler cannot say (lost:
@@ -77,20 +80,23 @@ class WorkerWatch:
         if getattr(self.client, "status", None) != "running":
             return None
         try:
-            workers = self.client.scheduler_info(n_workers=-1)["workers"]
-            self._check_joined(set(workers))
+            clock, workers = _workers(self.client)
+            if self.since_clock is None:
+                self.since_clock = clock
+            self._check_joined(workers)
         except ActstoreError:
             raise
         except Exception:  # noqa: BLE001 - a scheduler going away: not this check's to say
             return None
-        return sum(1 for w in workers.values()
-                   if not self.resource or (w.get("resources") or {}).get(self.resource, 0) > 0)
+        return sum(1 for _, resources in workers.values()
+                   if not self.resource or resources.get(self.resource, 0) > 0)
 
-    def _check_joined(self, workers: set[str]) -> None:
+    def _check_joined(self, workers: dict[str, tuple[str, dict]]) -> None:
         """Only on a user's cluster, whose workers were checked at the start (a local
         cluster's workers are this process's own, from the same files)."""
         same = _SAME_CODE.get(_scheduler_of(self.client))
-        joined = set() if same is None else workers - same
+        joined = set() if same is None else {
+            address for address, (process, _) in workers.items() if process not in same}
         if not joined:
             return
         try:
@@ -120,8 +126,27 @@ class WorkerWatch:
             address = getattr(getattr(self.client, "scheduler", None), "address", "?")
             raise NoAbleWorker(
                 f"store {self.store}: the Dask scheduler {address} has had no worker"
-                f"{offering} for {self.grace:g} s while its {self.what} waited; {self.kept} "
-                f"(${GRACE_ENV} sets the wait)")
+                f"{offering} for {self.grace:g} s while its {self.what} waited"
+                f"{self._left()}; {self.kept} (${GRACE_ENV} sets the wait)")
+
+    def _left(self) -> str:
+        """How many workers the scheduler removed since the first poll, from its event
+        log (one that came and went between two polls counts too); '' if none or if it
+        cannot say."""
+        try:
+            events = self.client.get_events("all")
+        except Exception:  # noqa: BLE001 - the scheduler going away: the line says the rest
+            return ""
+        gone = [msg.get("worker") for at, msg in events
+                if self.since_clock is not None and at >= self.since_clock
+                and isinstance(msg, dict) and msg.get("action") == "remove-worker"]
+        if not gone:
+            return ""
+        named = ", ".join(sorted({str(w) for w in gone})[:3])
+        return (f", and {len(gone)} worker{'s' if len(gone) > 1 else ''} left it meanwhile "
+                f"({named}): {'their logs say' if len(gone) > 1 else 'its log says'} why "
+                "(killed, out of memory, or handed a task its actstore cannot load, as an "
+                "older one)")
 
 
 def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks") -> tuple:
@@ -132,9 +157,10 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
 
     if not _is_client(scheduler):
         return dask.compute(*graphs, scheduler=scheduler)
-    futures = scheduler.compute(list(graphs))
     watch = WorkerWatch(scheduler, store, what, kept="nothing of this run was kept: rerun "
                         "it once workers are back")
+    watch.check()         # its clock starts before a worker can take a task and leave
+    futures = scheduler.compute(list(graphs))
     try:
         while not all(f.done() for f in futures):
             if any(f.status == "error" for f in futures):
@@ -193,10 +219,14 @@ def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITT
                     f"{where}: Dask worker {address} has {package} "
                     f"{theirs.get(package) or 'not installed'}, this process "
                     f"{here.get(package) or 'not installed'}; {fix}")
+    processes = {address: process for address, (process, _) in _workers(client)[1].items()}
     mine, folder = source_digest()
     asked = None if workers is None else list(workers)
     digests = client.run(source_digest, workers=asked, on_error="return")
+    gone = {address for address, got in digests.items() if isinstance(got, OSError)}
     for address, got in sorted(digests.items()):
+        if address in gone:     # left since it was listed (checked again if it comes back)
+            continue
         if isinstance(got, BaseException):       # an actstore without this function
             theirs = f"an actstore that cannot say ({type(got).__name__}: {got})"
         elif tuple(got)[0] != mine:
@@ -205,12 +235,34 @@ def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITT
             continue
         raise ActstoreError(f"{where}: Dask worker {address} runs other actstore code than "
                             f"this process ({theirs}; here {mine[:12]} of {folder}); {fix}")
-    _SAME_CODE.setdefault(_scheduler_of(client), set()).update(digests)
+    _SAME_CODE.setdefault(_scheduler_of(client), set()).update(
+        processes[address] for address in set(digests) - gone if address in processes)
 
 
-# Workers found to run this process's code, per scheduler address: each is checked once
-# per process (at the start, then as it joins), not again by every later wait.
+# Worker processes found to run this process's code, per scheduler address: each is checked
+# once per process (at the start, then as it joins), not again by every later wait.
 _SAME_CODE: dict[str, set[str]] = {}
+
+
+def _workers(client) -> tuple[float | None, dict[str, tuple[str, dict]]]:
+    """The scheduler's clock and, per worker address, the worker's process and resources.
+    The process is the id each worker process draws at start (distributed's ``server_id``,
+    a uuid, which ``scheduler_info`` leaves out), not its address: a worker killed and
+    restarted at its address with other code looked like the one checked, and one lacking
+    the class of a result it fetched retried the fetch while the command waited without
+    end (2026-12-06). Asked of the scheduler by value (it need not have actstore); if it
+    cannot run it, addresses stand for processes and the clock is unknown."""
+    def ask(dask_scheduler):
+        import time as clock
+
+        return clock.time(), {address: (ws.server_id, dict(ws.resources or {}))
+                              for address, ws in dask_scheduler.workers.items()}
+    try:
+        return client.run_on_scheduler(ask)
+    except Exception:  # noqa: BLE001 - a scheduler refusing code from here: by address
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        return None, {address: (address, info.get("resources") or {})
+                      for address, info in workers.items()}
 
 
 def _scheduler_of(client) -> str:

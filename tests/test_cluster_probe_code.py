@@ -1,11 +1,13 @@
 """The probe grid on a user's cluster (``actstore probe --scheduler ADDRESS``) whose only
 worker is killed once the grid's first tasks ran and restarted at its address with other
-code: the start-up check passed and the watch of joining workers knows the address, so
-only the grid's tasks themselves can see it. The command stores what they return, so they
-must compute nothing there: one line naming the worker and both versions, exit 2, no probe
-run left. A worker whose actstore predates the check (its grid functions take no ``code``)
-fails each task with a TypeError: the same, one line saying it runs older code. Real
-``dask scheduler`` / ``dask worker --no-nanny`` subprocesses."""
+code. The command stores what the tasks return, so they must compute nothing there: one
+line naming the worker and what differs, exit 2, no probe run left. Two checks race to
+say it: the grid's tasks themselves (handed to the worker as it registers) and the watch
+of joining workers, which knows the restarted worker for another process (before
+2026-12-06 it knew addresses, so only the tasks could see it); either line will do. A
+worker whose actstore predates the check (its grid functions take no ``code``) fails
+each task with a TypeError, said as older code, or the watch says its source differs.
+Real ``dask scheduler`` / ``dask worker --no-nanny`` subprocesses."""
 
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ def restart_during_probe(tmp_path: Path, cluster: UserCluster, explore_store: st
     lines = lines_of(err)
     assert cli.returncode == 2 and len(lines) == 1, (out[-1000:], err[-3000:])
     assert lines[0].startswith("actstore probe: error: "), lines[0]
-    assert f"Dask worker {listen[1]} (" in lines[0], lines[0]
+    assert f"Dask worker {listen[1]} " in lines[0], lines[0]
     assert "nothing of this run was kept" in lines[0], lines[0]
     return lines[0], store, runs
 
@@ -80,7 +82,9 @@ def test_a_worker_restarted_with_other_code_computes_no_probe(tmp_path, user_clu
     """Before, the grid went on on the restarted worker and the run was stored (exit 0)."""
     line, store, runs = restart_during_probe(tmp_path, user_cluster, explore_store,
                                         other_numcodecs(tmp_path))
-    assert f"has numcodecs 0.0.1, the command {version('numcodecs')}" in line, line
+    assert "has numcodecs 0.0.1, " in line, line
+    assert (f"the command {version('numcodecs')}" in line        # the task's check
+            or f"this process {version('numcodecs')}" in line), line    # the watch's
     no_run_left(store, runs)
 
 
@@ -90,6 +94,7 @@ def test_a_worker_restarted_with_older_code_is_named_in_one_line(tmp_path, user_
     not a crash of this one: before, it ended the command with an unexpected error."""
     line, store, runs = restart_during_probe(tmp_path, user_cluster, explore_store,
                                         older_grid(tmp_path))
-    assert "runs older actstore code than the command" in line, line
-    assert "unexpected keyword argument 'code'" in line, line
+    assert ("runs older actstore code than the command" in line       # the task's TypeError
+            and "unexpected keyword argument 'code'" in line
+            or "runs other actstore code than this process" in line), line   # the watch's
     no_run_left(store, runs)
