@@ -167,7 +167,7 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
                 break
             time.sleep(WAKE_SECONDS)
             watch.check()
-        return tuple(scheduler.gather(futures))
+        return tuple(_gathered(scheduler, futures, watch))
     except BaseException as exc:
         scheduler.cancel(futures)
         said = _other_code(exc)
@@ -176,6 +176,29 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
         raise OtherWorkerCode(
             f"store {store}: {said}; it refused one of the {what} before computing "
             f"anything; {SAME_CODE_FIX}; nothing of this run was kept") from None
+
+
+def _gathered(client, futures: list, watch: WorkerWatch) -> list:
+    """``client.gather(futures)`` in a thread while ``watch`` looks at the workers: done
+    futures' results still live on their workers, and one lost before its result came here
+    makes Dask run the task again, which with no worker left waited for ever. Not in slices
+    of a timeout: each would restart a transfer longer than the slice."""
+    out: dict = {}
+
+    def gather() -> None:
+        try:
+            out["results"] = client.gather(futures)
+        except BaseException as exc:  # noqa: BLE001 - raised by the caller, in its thread
+            out["error"] = exc
+    thread = threading.Thread(target=gather, daemon=True, name="actstore-gather")
+    thread.start()
+    while thread.is_alive():
+        thread.join(WAKE_SECONDS)
+        if thread.is_alive():
+            watch.check()          # raising, the caller cancels the futures: gather ends
+    if "error" in out:
+        raise out["error"]
+    return out["results"]
 
 
 OLDER_CODE = "unexpected keyword argument 'code'"

@@ -7,7 +7,7 @@ on being handed a task, and the command ended after the grace with "has had no w
 which named no cause. Real ``dask scheduler`` / ``dask worker --no-nanny`` subprocesses;
 the restart happens between the command's start-up check and its wait, the task pinned to
 the restarted worker (``dask.annotate(workers=...)``) so that it, not the other one, meets
-the result it cannot load."""
+the result it cannot load. Last, the wait for the results, which was not watched."""
 
 from __future__ import annotations
 
@@ -131,3 +131,38 @@ def test_a_worker_restarted_lacking_a_grid_function_is_said_to_have_left(
     assert "has had no worker for 8 s" in line, line
     assert "1 worker left it meanwhile" in line, line
     assert "its log says why" in line, line
+
+
+def test_the_only_worker_lost_while_a_result_comes_back_ends_in_one_line(
+        user_cluster, monkeypatch):
+    """The task done, its result on the way here (5 s to serialize), the only worker killed:
+    Dask runs the task again, with no worker to. Before, the wait for the results was not
+    watched and went on for ever."""
+    from distributed import Client
+
+    monkeypatch.setenv("ACTSTORE_WORKER_GRACE", "3")
+    worker = user_cluster.worker()
+    user_cluster.wait_for(1)
+
+    class Slow:                       # defined here: sent by value, the worker needs no copy
+        def __reduce__(self):
+            time.sleep(5)
+            return int, (0,)
+    with Client(user_cluster.address, timeout=30) as client:
+        outcome: list = []
+        threading.Thread(target=lambda: outcome.append(run(dask.delayed(Slow)(), client)),
+                         daemon=True).start()
+        deadline = time.monotonic() + 60
+        while not client.run_on_scheduler(lambda dask_scheduler: any(
+                ts.state == "memory" for ts in dask_scheduler.tasks.values())):
+            assert time.monotonic() < deadline, "the task never finished"
+            time.sleep(0.1)
+        time.sleep(1.5)               # the result is being serialized on its worker
+        kill(worker)
+        deadline = time.monotonic() + HANG + 5
+        while not outcome and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert outcome, "the wait for the result went on"
+    line = str(outcome[0])
+    assert type(outcome[0]).__name__ == "NoAbleWorker", repr(outcome[0])
+    assert "has had no worker for 3 s" in line and "1 worker left it meanwhile" in line, line
