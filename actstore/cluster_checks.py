@@ -73,6 +73,7 @@ class WorkerWatch:
         self.since: float | None = None     # when the scheduler was first seen without one
         self.next_poll = 0.0
         self.since_clock: float | None = None  # the scheduler's clock at the first poll
+        self.processes: dict[str, str] | None = None   # worker address: its process
 
     def able_workers(self) -> int | None:
         """Workers that can run the tasks now; None if the scheduler cannot say (lost:
@@ -80,23 +81,27 @@ class WorkerWatch:
         if getattr(self.client, "status", None) != "running":
             return None
         try:
-            clock, workers = _workers(self.client)
-            if self.since_clock is None:
-                self.since_clock = clock
-            self._check_joined(workers)
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            if self.processes is None or set(workers) != set(self.processes):
+                # the first poll, or workers came or went (a restart takes seconds: its
+                # absence is seen); not every poll, each is a line in the scheduler's log
+                clock, self.processes = _workers(self.client)
+                if self.since_clock is None:
+                    self.since_clock = clock
+            self._check_joined(self.processes)
         except ActstoreError:
             raise
         except Exception:  # noqa: BLE001 - a scheduler going away: not this check's to say
             return None
-        return sum(1 for _, resources in workers.values()
-                   if not self.resource or resources.get(self.resource, 0) > 0)
+        return sum(1 for w in workers.values()
+                   if not self.resource or (w.get("resources") or {}).get(self.resource, 0) > 0)
 
-    def _check_joined(self, workers: dict[str, tuple[str, dict]]) -> None:
+    def _check_joined(self, processes: dict[str, str]) -> None:
         """Only on a user's cluster, whose workers were checked at the start (a local
         cluster's workers are this process's own, from the same files)."""
         same = _SAME_CODE.get(_scheduler_of(self.client))
         joined = set() if same is None else {
-            address for address, (process, _) in workers.items() if process not in same}
+            address for address, process in processes.items() if process not in same}
         if not joined:
             return
         try:
@@ -242,7 +247,7 @@ def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITT
                     f"{where}: Dask worker {address} has {package} "
                     f"{theirs.get(package) or 'not installed'}, this process "
                     f"{here.get(package) or 'not installed'}; {fix}")
-    processes = {address: process for address, (process, _) in _workers(client)[1].items()}
+    processes = _workers(client)[1]
     mine, folder = source_digest()
     asked = None if workers is None else list(workers)
     digests = client.run(source_digest, workers=asked, on_error="return")
@@ -267,25 +272,24 @@ def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITT
 _SAME_CODE: dict[str, set[str]] = {}
 
 
-def _workers(client) -> tuple[float | None, dict[str, tuple[str, dict]]]:
-    """The scheduler's clock and, per worker address, the worker's process and resources.
-    The process is the id each worker process draws at start (distributed's ``server_id``,
-    a uuid, which ``scheduler_info`` leaves out), not its address: a worker killed and
-    restarted at its address with other code looked like the one checked, and one lacking
-    the class of a result it fetched retried the fetch while the command waited without
-    end (2026-12-06). Asked of the scheduler by value (it need not have actstore); if it
-    cannot run it, addresses stand for processes and the clock is unknown."""
-    def ask(dask_scheduler):
+def _workers(client) -> tuple[float | None, dict[str, str]]:
+    """The scheduler's clock and, per worker address, the worker's process: the id each
+    worker process draws at start (distributed's ``server_id``, a uuid, which
+    ``scheduler_info`` leaves out), not its address: a worker killed and restarted at its
+    address with other code looked like the one checked, and one lacking the class of a
+    result it fetched retried the fetch while the command waited without end (2026-12-06).
+    Asked of the scheduler by value (it need not have actstore; each call is a line in its
+    log); if it cannot run it, addresses stand for processes and the clock is unknown."""
+    def worker_processes(dask_scheduler):
         import time as clock
 
-        return clock.time(), {address: (ws.server_id, dict(ws.resources or {}))
+        return clock.time(), {address: str(ws.server_id)
                               for address, ws in dask_scheduler.workers.items()}
     try:
-        return client.run_on_scheduler(ask)
+        return client.run_on_scheduler(worker_processes)
     except Exception:  # noqa: BLE001 - a scheduler refusing code from here: by address
         workers = client.scheduler_info(n_workers=-1)["workers"]
-        return None, {address: (address, info.get("resources") or {})
-                      for address, info in workers.items()}
+        return None, {address: address for address in workers}
 
 
 def _scheduler_of(client) -> str:
