@@ -65,10 +65,12 @@ class WorkerWatch:
     :meth:`check` is cheap between polls: call it at every wake-up."""
 
     def __init__(self, client, store: str, what: str, *, resource: str | None = None,
-                 kept: str = "what they recorded is kept: rerun the same command once "
-                             "workers are back to resume"):
-        self.client, self.store, self.what, self.resource, self.kept = (
-            client, store, what, resource, kept)
+                 kept: str = "what they recorded is kept",
+                 rerun: str = "rerun the same command to resume"):
+        # kept: what a stopped run leaves; rerun: how to go on, once workers are back (no
+        # worker) or once every worker runs this code (other code: no wait would help)
+        self.client, self.store, self.what, self.resource, self.kept, self.rerun = (
+            client, store, what, resource, kept, rerun)
         self.grace = worker_grace()
         self.since: float | None = None     # when the scheduler was first seen without one
         self.next_poll = 0.0
@@ -107,7 +109,7 @@ class WorkerWatch:
         try:
             check_worker_code(self.client, f"store {self.store}, while its {self.what} ran",
                               joined,
-                              fix=f"{SAME_CODE_FIX}; {self.kept}")
+                              fix=f"{SAME_CODE_FIX}; {self.kept}: {self.rerun}")
         except ActstoreError as exc:
             raise OtherCodeJoined(*exc.args) from None
 
@@ -132,7 +134,8 @@ class WorkerWatch:
             raise NoAbleWorker(
                 f"store {self.store}: the Dask scheduler {address} has had no worker"
                 f"{offering} for {self.grace:g} s while its {self.what} waited"
-                f"{self._left()}; {self.kept} (${GRACE_ENV} sets the wait)")
+                f"{self._left()}; {self.kept}: {self.rerun} once workers are back "
+                f"(${GRACE_ENV} sets the wait)")
 
     def _left(self) -> str:
         """How many workers the scheduler removed since the first poll, from its event
@@ -162,8 +165,8 @@ def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks")
 
     if not _is_client(scheduler):
         return dask.compute(*graphs, scheduler=scheduler)
-    watch = WorkerWatch(scheduler, store, what, kept="nothing of this run was kept: rerun "
-                        "it once workers are back")
+    watch = WorkerWatch(scheduler, store, what, kept="nothing of this run was kept",
+                        rerun="rerun it")
     watch.check()         # its clock starts before a worker can take a task and leave
     futures = scheduler.compute(list(graphs))
     try:

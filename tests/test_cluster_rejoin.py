@@ -100,7 +100,7 @@ def test_a_worker_restarted_lacking_a_fetched_class_stops_the_command_in_one_lin
     assert "\n" not in line, line
     assert type(error).__name__ == "OtherCodeJoined", repr(error)
     assert f"Dask worker {listen} runs other actstore code than this process" in line, line
-    assert line.endswith("nothing of this run was kept: rerun it once workers are back"), line
+    assert line.endswith("nothing of this run was kept: rerun it"), line
 
 
 def test_a_worker_restarted_lacking_a_grid_function_is_said_to_have_left(
