@@ -15,7 +15,7 @@ from functools import wraps
 from typing import Callable, TypeVar
 
 from actstore.errors import ActstoreError, first_line
-from actstore.runtime import dask_threads
+from actstore.runtime import dask_threads, env_threads
 
 # Imported by each local worker as it starts (torch, diffusers, zarr: seconds each), all
 # workers at once, instead of one after the other as their first regions arrive.
@@ -177,9 +177,11 @@ def worker_threads(workers: int) -> int:
     """torch threads for each of ``workers`` processes sharing this machine's cores:
     $ACTSTORE_THREADS if set, else its share less one core for its writer thread
     (compression, x0 decoding), at least one; so the processes never wait on each other's
-    descheduled OpenMP threads."""
-    env = os.environ.get("ACTSTORE_THREADS")
-    return max(1, int(env) if env else (os.cpu_count() or 1) // max(1, workers) - 1)
+    descheduled OpenMP threads. A garbled $ACTSTORE_THREADS is refused in one line, as the
+    commands refuse it (:func:`actstore.runtime.env_threads`), not a bare ``int()``."""
+    if os.environ.get("ACTSTORE_THREADS", "").strip():
+        return env_threads()
+    return max(1, (os.cpu_count() or 1) // max(1, workers) - 1)
 
 
 @contextmanager
@@ -353,11 +355,14 @@ def default_workers(device: str) -> int:
     """Local worker processes that pay off for materialize: one per two cores on a CPU
     (each process keeps 1.5 cores busy, its UNet and its writer decoding x0 images: on 2
     idle cores 2 processes ran at 1.13x the images/s of 1 and the in-process run at 1.35x,
-    bench_scaling.py, 2026-12-04), one on a GPU (a second process would share it)."""
-    from actstore.generation.models import resolve_device
+    bench_scaling.py, 2026-12-04); on GPUs one per visible GPU, since each local worker
+    gets a GPU of its own (:mod:`actstore.gpus`; a second process on one GPU would hold a
+    second model and share its cores)."""
+    from actstore.gpus import visible_gpus, wants_cuda
 
-    cores = os.cpu_count() or 1
-    return max(1, cores // 2) if resolve_device(device).type == "cpu" else 1
+    if wants_cuda(device):
+        return max(1, len(visible_gpus()))
+    return max(1, (os.cpu_count() or 1) // 2)
 
 
 def shared(slot: str, key: tuple, load: Callable[[], T]) -> T:

@@ -115,7 +115,8 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize.
 
     Materialize fans out over ``workers`` local processes when more than one (default: as
-    many as pay off, :func:`actstore.cluster.default_workers`: one on 2 cores).
+    many as pay off, :func:`actstore.cluster.default_workers`: one on 2 cores, one per
+    visible GPU).
     ``settings.gen.guidance`` defaults to SD's 7.5; ``actstore main`` passes the model's
     catalog guidance (3 for toy-ldm). ``sweeps``: the causal test's settings per target
     (default :data:`MAIN_SWEEPS`; ``{}`` skips it)."""

@@ -168,3 +168,32 @@ def test_where_they_run_changes_no_id(tmp_path, ivstore):
         labelsets.release(job.paths)
         paths.append(job.paths)
     assert paths[0] == paths[1]
+
+
+def test_main_job_defaults_to_one_worker_per_visible_gpu(monkeypatch):
+    """`actstore main` fans out over default_workers(device): one worker per visible GPU
+    now that each gets its own (before: one worker on any number of GPUs, the others
+    idle); the CPU's count is unchanged by GPUs it does not use."""
+    from actstore.cluster import default_workers
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+    assert default_workers("cuda") == 3
+    assert default_workers("cuda:0") == 3
+    assert default_workers("cpu") == max(1, (os.cpu_count() or 1) // 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert default_workers("cuda") == 1     # none visible: the device check says so
+
+
+def test_garbled_thread_count_is_one_line_from_the_python_api(monkeypatch):
+    """local_workers from Python (a notebook's fan-out) read $ACTSTORE_THREADS with a
+    bare int(): 'invalid literal for int()' before any worker started. Now the commands'
+    own one-line refusal."""
+    from actstore.cluster import local_workers, worker_threads
+
+    monkeypatch.setenv("ACTSTORE_THREADS", "abc")
+    for call in (lambda: worker_threads(2), lambda: local_workers(2).__enter__()):
+        with pytest.raises(ActstoreError) as err:
+            call()
+        assert "\n" not in str(err.value) and "ACTSTORE_THREADS='abc'" in str(err.value)
+    monkeypatch.setenv("ACTSTORE_THREADS", "3")
+    assert worker_threads(2) == 3
