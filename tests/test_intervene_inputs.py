@@ -79,3 +79,22 @@ def test_user_targets_are_named_as_given(store, tmp_path):
                          (folder, "image 'demo-012' has shape (32, 32),")):
         _refused(_intervene(store, run, "--targets", str(given)), words)
     assert tree_digest(store) == before
+
+
+def test_a_sweep_of_a_run_with_a_repeated_step_runs(store):
+    """A probe run stored with a step named twice (as actstore probe did before
+    ProbeSettings refused it, 2026-12-06) is read again; a sweep of it built its cells from
+    the run's steps as stored, so the repeated-value refusal said '--steps 0 0: step 0 is
+    named twice' of an option nobody gave, and the sweep stopped. Each cell now names each
+    step once and the sweep runs."""
+    from actstore.probe.runs import _run_probes
+    from actstore.probe.settings import ProbeSettings
+
+    settings = ProbeSettings(layers=(EXPLORE_LAYERS[0],))
+    object.__setattr__(settings, "steps", (0, 0))    # what ProbeSettings once let through
+    run = _run_probes(store, "depth", settings, "sync", False)
+    swept = cli("sweep", "--store", store, "--probe-run", run, "--kinds",
+                "attn1", "--step-counts", "1", "--strength", "1", "--validation", "1",
+                "--evaluation", "1", "--n-targets", "1", "--no-random-control")
+    assert swept.returncode == 0, swept.stderr
+    assert "named twice" not in swept.stderr

@@ -84,7 +84,7 @@ def kind_layers(run: dict, kind: str, prefix: str | tuple[str, ...]) -> list[str
         raise ActstoreError(f"--kinds {kind}: only points inside the denoising loop can be "
                             f"edited ({', '.join(UNET_KINDS)})")
     prefix = prefix if isinstance(prefix, str) else tuple(prefix)
-    return [name for name in run["layers"]
+    return [name for name in dict.fromkeys(run["layers"])    # each once: see grid_cells
             if kind_of(name) == kind and site_of(name).startswith(prefix)]
 
 
@@ -94,14 +94,16 @@ def _sites_text(prefix: str | tuple[str, ...]) -> str:
 
 def grid_cells(run: dict, settings: SweepSettings) -> list[dict]:
     """(kind, layers, steps) cells the run can serve; kinds it has no probes for are left
-    out (listed under ``skipped`` by :func:`run_sweep`)."""
+    out (listed under ``skipped`` by :func:`run_sweep`). A run stored before 2026-12-06
+    may name a step or layer twice (the same fit twice); a cell names each once, or the
+    settings would refuse the repeat as if the user had given it."""
     cells = []
     for kind in settings.kinds:
         layers = kind_layers(run, kind, settings.layer_prefix)
         if not layers:
             continue
         for n in settings.step_counts:
-            steps = [s for s in run["steps"] if s < n]
+            steps = [s for s in dict.fromkeys(run["steps"]) if s < n]
             if steps and all(c["steps"] != steps or c["kind"] != kind for c in cells):
                 cells.append({"kind": kind, "layers": layers, "steps": steps})
     return cells
