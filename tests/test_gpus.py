@@ -184,6 +184,16 @@ def test_main_job_defaults_to_one_worker_per_visible_gpu(monkeypatch):
     assert default_workers("cuda") == 1     # none visible: the device check says so
 
 
+def test_main_job_on_one_named_gpu_needs_no_workers(tmp_path):
+    """`actstore main --device cuda:1` (no --workers) on a machine of three GPUs fanned out
+    over default_workers' three local workers, which refused the device in the line for
+    '--device cuda:1 with --workers 3', an option nobody gave; it now runs in this process
+    on cuda:1 (here, with no GPU, the device check's own line)."""
+    line = _refused(["main", "--quiet", "--device", "cuda:1", "--out", str(tmp_path / "m")],
+                    "3,5,7")
+    assert "--workers" not in line and "--device cuda:1: CUDA is not available" in line, line
+
+
 def test_garbled_thread_count_is_one_line_from_the_python_api(monkeypatch):
     """local_workers from Python (a notebook's fan-out) read $ACTSTORE_THREADS with a
     bare int(): 'invalid literal for int()' before any worker started. Now the commands'
