@@ -149,10 +149,10 @@ def _add_main(sub, common) -> None:
                    help="default: the model's catalog guidance (toy-ldm: 3), else 7.5")
     m.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
                    help="label targets to probe (default: all three)")
-    m.add_argument("--device", help="cpu, cuda[:N] or auto")
+    m.add_argument("--device", help="cpu, cuda[:N] or auto (default auto)")
     m.add_argument("--workers", type=positive_int, help="materialize worker processes "
-                   "(default: one per two cores on a CPU, one on a GPU; more on GPUs: one "
-                   "GPU each)")
+                   "(default: one per two cores on a CPU, one per visible GPU on GPUs, a "
+                   "GPU each; one on cuda:N, N > 0)")
     m.add_argument("--capture", help="capture kinds (default attn1,block,vae; see materialize "
                    "--capture)")
 

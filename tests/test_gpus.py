@@ -137,7 +137,7 @@ def test_device_defaults_agree():
     assert (LabelSettings().device == InterventionSettings().device
             == SweepSettings().base.device == MaterializeSettings().device == "auto")
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
-    for command in ("label", "intervene", "sweep"):
+    for command in ("label", "intervene", "sweep", "main"):
         device = next(a for a in sub[command]._actions if a.dest == "device")
         assert "default auto" in device.help, (command, device.help)
 
@@ -182,6 +182,11 @@ def test_main_job_defaults_to_one_worker_per_visible_gpu(monkeypatch):
     assert default_workers("cpu") == max(1, (os.cpu_count() or 1) // 2)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
     assert default_workers("cuda") == 1     # none visible: the device check says so
+    from flows.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    workers = next(a for a in sub["main"]._actions if a.dest == "workers")
+    assert "one per visible GPU" in workers.help, workers.help    # said 'one on a GPU'
 
 
 def test_main_job_on_one_named_gpu_needs_no_workers(tmp_path):
