@@ -253,13 +253,26 @@ def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITT
     processes = _workers(client)[1]
     mine, folder = source_digest()
     asked = None if workers is None else list(workers)
-    digests = client.run(source_digest, workers=asked, on_error="return")
-    gone = {address for address, got in digests.items() if isinstance(got, OSError)}
+    def digest_or_failure():
+        """source_digest on the worker, its failure returned, not raised: raised, an
+        unreadable file of its actstore (an OSError) looked like a worker gone in the call
+        and was skipped, never refused. Sent by value (a nested function), so a worker
+        whose actstore lacks source_digest says so too."""
+        try:
+            from actstore.worker_code import source_digest as digest
+
+            return digest()
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the refusal names it
+            return "failed", f"{type(exc).__name__}: {exc}"
+    digests = client.run(digest_or_failure, workers=asked, on_error="return")
+    # an exception here is the call's (a worker that left since it was listed: checked
+    # again if it comes back); the worker's own failure comes back as a value
+    gone = {address for address, got in digests.items() if isinstance(got, BaseException)}
     for address, got in sorted(digests.items()):
-        if address in gone:     # left since it was listed (checked again if it comes back)
+        if address in gone:
             continue
-        if isinstance(got, BaseException):       # an actstore without this function
-            theirs = f"an actstore that cannot say ({type(got).__name__}: {got})"
+        if got[0] == "failed":      # an actstore without source_digest, or unreadable
+            theirs = f"an actstore that cannot say ({got[1]})"
         elif tuple(got)[0] != mine:
             theirs = f"source sha256 {got[0][:12]} of {got[1]}"
         else:

@@ -195,3 +195,26 @@ def test_a_worker_with_other_code_joining_mid_run_stops_the_command(tmp_path, us
     at_exit = tree_digest(store)
     time.sleep(3)
     assert tree_digest(store) == at_exit
+
+
+def test_a_worker_whose_actstore_cannot_be_read_is_refused(tmp_path, user_cluster):
+    """A worker whose source_digest fails reading a file of its actstore (an OSError: a
+    file it may not read, here one that reads as an I/O error) was taken for a worker gone
+    in the call and skipped, so the check passed and its code ran unchecked; it is now
+    refused as one whose code cannot be told, naming it and the error."""
+    from distributed import Client
+
+    from actstore.cluster_checks import check_worker_code
+    from actstore.errors import ActstoreError
+
+    alt = tmp_path / "unreadable"
+    shutil.copytree(REPO / "actstore", alt / "actstore",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (alt / "actstore" / "unreadable.py").symlink_to("/proc/self/mem")   # read: EIO
+    other = start_pair(user_cluster, alt)
+    with Client(user_cluster.address, timeout=30) as client, \
+            pytest.raises(ActstoreError) as refused:
+        check_worker_code(client, f"--cluster {user_cluster.address}")
+    line = str(refused.value)
+    assert "\n" not in line and f"Dask worker {other} runs other actstore code" in line, line
+    assert "cannot say (OSError: [Errno 5]" in line, line
