@@ -86,7 +86,7 @@ def worker_gpus(device: str | None, workers: int) -> list[str] | None:
     if workers > len(gpus):
         raise ActstoreError(f"--workers {workers} --device {device}: {len(gpus)} GPU(s) "
                             f"visible ({where}) and each worker takes one; use --workers "
-                            f"{len(gpus)} or fewer")
+                            f"{len(gpus)} or fewer, or --device cpu")
     return gpus[:workers]
 
 

@@ -106,7 +106,9 @@ def test_more_workers_than_gpus_refused(small_store, command):
     line = _refused([command, "--quiet", "--store", small_store, *args, "--workers", "4",
                      "--device", "cuda"], "3,5,7", small_store)
     assert "--workers 4 --device cuda: 3 GPU(s) visible" in line and "3,5,7" in line, line
-    assert "use --workers 3 or fewer" in line, line
+    # --device is auto unless given (label and intervene since 2026-12-06): a run that
+    # fanned out on the CPU before is refused on a GPU machine, so the line names the CPU
+    assert "use --workers 3 or fewer, or --device cpu" in line, line
 
 
 def test_cuda_index_with_workers_refused(small_store):
