@@ -19,8 +19,9 @@ from pathlib import Path
 
 from actstore.cliargs import OneLineParser, nonneg_float, positive_int
 from actstore.errors import ActstoreError
-from flows.cli_checks import (STORE_HELP, check_fan_out, check_figure_outputs,
-                              check_table_and_region, check_url, store_uri)
+from flows.cli_checks import (STORE_HELP, catalog_vae_source, check_fan_out,
+                              check_figure_outputs, check_table_and_region, check_url,
+                              store_uri)
 from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
@@ -207,6 +208,8 @@ def _materialize(args, catalog) -> dict:
     check_url(prompts, "--prompts")
     check_table_and_region(prompts, args.images)
     check_fan_out(args, "regions", settings.device)
+    if not args.vae_source and settings.cap.vae_source != "latent":
+        catalog_vae_source(args.store, store, settings)
     if args.no_prefect:
         from actstore.generation.materialize import completion, format_completion, materialize
         from actstore.plots.figures import sample_grid

@@ -114,3 +114,20 @@ def check_figure_outputs(args) -> None:
         value = getattr(args, attr, None)
         if value:
             check_output(value, option, png=png)
+
+
+def catalog_vae_source(name: str, store: str, settings) -> None:
+    """A catalog store's vae_source without the vae kind was refused in the words for an
+    option ('... or drop --vae-source') to a user who gave none: say where it comes from."""
+    from actstore.generation.capture_plan import plan_capture
+
+    try:
+        plan_capture(store, settings.control or "trained", settings.cap.kinds,
+                     settings.cap.vae_source)
+    except ActstoreError as exc:
+        if not str(exc).startswith("--vae-source"):
+            raise
+        said = str(exc).split(": ", 1)[1].rsplit(" or drop --vae-source", 1)[0]
+        raise ActstoreError(f"catalog store {name!r} sets vae_source "
+                            f"{settings.cap.vae_source}: {said}, or remove its vae_source (or "
+                            "pass --vae-source latent)") from None

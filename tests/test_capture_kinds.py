@@ -274,6 +274,37 @@ def test_vae_source_without_the_vae_kind_is_one_line(tiny_store, tmp_path):
         assert (tree_digest(uri) == before) if before else not Path(uri).exists()
 
 
+def test_a_catalog_vae_source_without_the_vae_kind_names_the_catalog(tmp_path):
+    """A catalog store with vae_source x0 and no vae kind was refused as if the user had
+    typed it: '--vae-source x0: ...; add --capture attn1,vae or drop --vae-source', to a
+    command that gave no --vae-source and could not drop it. The line now names the
+    catalog store and the ways on; nothing is created."""
+    catalog = tmp_path / "catalog.yaml"
+    uri = tmp_path / "x0.zarr"
+    catalog.write_text(f"""version: 1
+models:
+  tiny-random:
+    builtin: tiny-random
+prompt_sets:
+  demo:
+    path: {DEMO}
+stores:
+  x0store:
+    uri: {uri}
+    model: tiny-random
+    prompts: demo
+    steps: {TINY["steps"]}
+    vae_source: x0
+""")
+    out = cli("--catalog", str(catalog), "materialize", "--store", "x0store")
+    err = [ln for ln in out.stderr.strip().splitlines() if ln.startswith("actstore")]
+    assert out.returncode == 2 and len(err) == 1, out.stderr
+    assert "catalog store 'x0store' sets vae_source x0: only the vae capture kind" in err[0]
+    assert "add --capture attn1,vae, or remove its vae_source" in err[0], err
+    assert "drop --vae-source" not in err[0], err
+    assert not uri.exists()
+
+
 def test_other_vae_source_is_refused(tiny_store, tiny_model, tmp_path):
     uri = _copy(tiny_store, tmp_path / "vae.zarr")
     _mat(tiny_model, DEMO, uri, images="0:4", kinds=("attn1", "vae"))
