@@ -7,7 +7,6 @@ import ctypes
 import logging
 import math
 import os
-import re
 import socket
 import sys
 import threading
@@ -356,16 +355,11 @@ def default_workers(device: str) -> int:
     """Local worker processes that pay off for materialize: one per two cores on a CPU
     (each process keeps 1.5 cores busy, its UNet and its writer decoding x0 images: on 2
     idle cores 2 processes ran at 1.13x the images/s of 1 and the in-process run at 1.35x,
-    bench_scaling.py, 2026-12-04); on GPUs one per visible GPU, since each local worker
-    gets a GPU of its own (:mod:`actstore.gpus`; a second process on one GPU would hold a
-    second model and share its cores); one for ``cuda:N``, N > 0: a GPU no local worker
-    can be given (more were refused for a ``--workers`` nobody gave)."""
-    from actstore.gpus import visible_gpus, wants_cuda
+    bench_scaling.py, 2026-12-04); on GPUs :func:`actstore.gpus.default_gpu_workers`."""
+    from actstore.gpus import default_gpu_workers
 
-    if wants_cuda(device):
-        picked = re.fullmatch(r"cuda:(\d+)", str(device))
-        return 1 if picked and int(picked.group(1)) > 0 else max(1, len(visible_gpus()))
-    return max(1, (os.cpu_count() or 1) // 2)
+    gpu_workers = default_gpu_workers(device)
+    return max(1, (os.cpu_count() or 1) // 2) if gpu_workers is None else gpu_workers
 
 
 def shared(slot: str, key: tuple, load: Callable[[], T]) -> T:

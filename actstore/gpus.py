@@ -56,6 +56,22 @@ def wants_cuda(device: str | None) -> bool:
     return device == "cuda" or device.startswith("cuda:")
 
 
+def _named_index(device: str | None) -> int | None:
+    """N of ``cuda:N``; None for any other device name."""
+    index = re.fullmatch(r"cuda:(\d+)", str(device))
+    return int(index.group(1)) if index else None
+
+
+def default_gpu_workers(device: str | None) -> int | None:
+    """Local workers for ``device`` when it is a GPU (None otherwise): one per visible GPU,
+    since each gets a GPU of its own (a second process on one GPU would hold a second
+    model and share its cores); one for ``cuda:N``, N > 0, a GPU no local worker can be
+    given (more would be refused for a ``--workers`` nobody gave)."""
+    if not wants_cuda(device):
+        return None
+    return 1 if (_named_index(device) or 0) > 0 else max(1, len(visible_gpus()))
+
+
 def worker_gpus(device: str | None, workers: int) -> list[str] | None:
     """The GPU of each of ``workers`` local worker processes for ``device``; None on the
     CPU (the workers' environment is then left as it is). One line, before any work, for
@@ -72,11 +88,11 @@ def worker_gpus(device: str | None, workers: int) -> list[str] | None:
     """
     if not wants_cuda(device):
         return None
-    index = re.fullmatch(r"cuda:(\d+)", str(device))
-    if index and int(index.group(1)) > 0:
+    index = _named_index(device)
+    if index:
         raise ActstoreError(f"--device {device} with --workers {workers}: each worker gets "
                             "its own GPU, which it sees as cuda:0; use --device cuda (choose "
-                            f"the GPUs with {VISIBLE}, e.g. {VISIBLE}={index.group(1)},...)")
+                            f"the GPUs with {VISIBLE}, e.g. {VISIBLE}={index},...)")
     gpus = visible_gpus()
     where = (f"{VISIBLE}={os.environ[VISIBLE]!r}" if VISIBLE in os.environ
              else f"torch counts {','.join(gpus) or 'none'}")
