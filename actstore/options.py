@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
+from actstore.errors import ActstoreError
+
 
 class Options:
     """Mixin for a frozen settings dataclass."""
@@ -16,3 +18,15 @@ class Options:
         if unknown:
             raise TypeError(f"{type(self).__name__} has no option {unknown[0]!r}")
         return replace(self, **{k: v for k, v in options.items() if v is not None})
+
+
+def named_once(option: str, what: str, values) -> None:
+    """Refuse a value given twice in one option, naming it: a probe run stored with a
+    repeated coordinate can't be aligned with any other (it broke the store's emergence
+    table), and an intervention option silently dropped the repeat."""
+    values = list(values)
+    twice = next((i for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
+        raise ActstoreError(f"{option} {' '.join(shown)}: {what} {shown[twice]} is named "
+                            "twice; name each once")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from actstore.errors import ActstoreError
+from actstore.options import named_once
 
 METHODS = ("projection", "gradient")
 DIRECTIONS = ("probe", "pattern")   # projection's edit direction: the filter w, or its pattern
@@ -93,7 +94,7 @@ class InterventionSettings:
                                     ("--steps", "step", self.steps),
                                     ("--strength", "strength", self.strengths),
                                     ("--images", "image", images)):
-            _named_once(option, what, value)
+            named_once(option, what, value)
         if self.n_targets < 1 or self.iterations < 1 or self.batch_size < 1:
             raise ActstoreError("--n-targets, --iterations and --batch-size must be at least 1")
         if not self.lr > 0 or not self.margin > 0:
@@ -110,17 +111,6 @@ class InterventionSettings:
         ``experiment_id`` this way). Not the other stages' ``with_options``, where None keeps
         a value: the command line builds these settings whole, from the options given."""
         return replace(self, **changes)
-
-
-def _named_once(option: str, what: str, value) -> None:
-    """A value named twice was dropped silently (layers, steps, images) or refused in other
-    words (strengths); refused as `actstore probe` refuses it, naming what repeats."""
-    value = list(value)
-    twice = next((i for i, v in enumerate(value) if v in value[:i]), None)
-    if twice is not None:
-        shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in value]
-        raise ActstoreError(f"{option} {' '.join(shown)}: {what} {shown[twice]} is named "
-                            "twice; name each once")
 
 
 # Fields added after experiments were first stored. At their default they are left out of

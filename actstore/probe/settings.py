@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from actstore.errors import ActstoreError
-from actstore.options import Options
+from actstore.options import Options, named_once
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,13 +34,7 @@ class ProbeSettings(Options):
                 value = tuple(int(v) for v in value) if name == "steps" else \
                     tuple(str(v) for v in value)
                 object.__setattr__(self, name, value)
-                # a run stored with a repeated coordinate can't be aligned with any other:
-                # it broke the emergence table (every later probe command) of the store
-                twice = sorted({v for v in value if value.count(v) > 1}, key=value.index)
-                if twice:
-                    raise ActstoreError(f"--{name} {' '.join(map(str, value))}: "
-                                        f"{name[:-1]} {twice[0]} is named twice; name each "
-                                        "once")
+                named_once(f"--{name}", name[:-1], value)
         if self.n_folds < 2:
             raise ActstoreError(f"n_folds {self.n_folds}: cross-validation needs at least 2 "
                                 "folds")
