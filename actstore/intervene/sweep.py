@@ -325,15 +325,10 @@ def write_sweep(store: str, sweep_id: str, record: dict) -> None:
 
 
 def list_sweeps(store: str) -> dict[str, dict]:
-    out = {}
-    names = io.list_dir(store, lay.SWEEPS)
-    if not names:
+    sweeps = io.marked_children(store, lay.SWEEPS, lay.sweep_path, lay.SWEEP_KEY)
+    if not sweeps:
         read_root_attrs(store)      # a mistyped path says so, not 'no sweeps'
-    for name in names:
-        attrs = io.node_attrs(store, lay.sweep_path(name)) or {}
-        if lay.SWEEP_KEY in attrs:
-            out[name] = attrs[lay.SWEEP_KEY]
-    return out
+    return {name: attrs[lay.SWEEP_KEY] for name, attrs in sweeps.items()}
 
 
 def latest_sweep(store: str, target: str) -> dict | None:
