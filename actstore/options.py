@@ -30,3 +30,18 @@ def named_once(option: str, what: str, values) -> None:
         shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
         raise ActstoreError(f"{option} {' '.join(shown)}: {what} {shown[twice]} is named "
                             "twice; name each once")
+
+
+def start_stop(text: str, n: int, *, expected: str, holder: str) -> tuple[int, int]:
+    """``"A:B"`` (either end may be left out) → (A, B) with 0 <= A < B <= n: the one way
+    `--images` names a range of rows, whether of a prompt table or of a store."""
+    try:
+        a_text, b_text = text.split(":")
+        a = int(a_text) if a_text else 0
+        b = int(b_text) if b_text else n
+    except ValueError:
+        raise ActstoreError(f"--images {text!r}: expected {expected}, e.g. 0:{n}") from None
+    if not 0 <= a < b <= n:
+        raise ActstoreError(f"--images {text}: out of range; {holder} has {n} images, so use "
+                            f"START:STOP with 0 <= START < STOP <= {n}")
+    return a, b

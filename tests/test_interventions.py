@@ -401,7 +401,7 @@ def _cli(argv):
     (["--steps", "3"], "has no probe for step 3"),
     (["--steps", "99"], "step 99"),
     (["--images", "demo-999"], "not in store"),
-    (["--images", "0:99"], "outside the store"),
+    (["--images", "0:99"], "out of range; the store has"),
     (["--targets", "WRONG_SHAPE"], "shape"),
     (["--target", "depth"], "probes 'salient'"),
     (["--method", "telepathy"], "invalid choice"),

@@ -27,6 +27,7 @@ from actstore.generation.regenerate import (DEFAULT_BATCH_SIZE, check_regenerate
                                                 stored_table)
 from actstore.store.codecs import DEFAULT_CODEC, codec_chain
 from actstore.errors import ActstoreError
+from actstore.options import start_stop
 from actstore.generation.sampling import GenerationConfig, schedule_coords
 from actstore.generation.models import LoadedModel, apply_control, load_model
 from actstore.progress import Progress
@@ -89,16 +90,7 @@ def parse_region(images: str | None, n_images: int, block_size: int) -> tuple[in
     """``"A:B"`` → (A, B), checked against the store size and its block grid."""
     if not images:
         return 0, n_images
-    try:
-        a_text, b_text = images.split(":")
-        a = int(a_text) if a_text else 0
-        b = int(b_text) if b_text else n_images
-    except ValueError:
-        raise ActstoreError(f"--images {images!r}: expected START:STOP, e.g. 0:{n_images}") from None
-    if not 0 <= a < b <= n_images:
-        raise ActstoreError(f"--images {images}: out of range; the prompt table has "
-                            f"{n_images} images, so use START:STOP with 0 <= START < STOP <= "
-                            f"{n_images}")
+    a, b = start_stop(images, n_images, expected="START:STOP", holder="the prompt table")
     if a % block_size or (b % block_size and b != n_images):
         raise ActstoreError(f"--images {images}: not aligned to the store's {block_size}-image "
                             f"blocks; use multiples of {block_size} (or STOP={n_images}) so "

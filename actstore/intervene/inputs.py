@@ -12,6 +12,7 @@ import numpy as np
 from actstore.store import core as st
 from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
+from actstore.options import start_stop
 from actstore.intervene.results import existing_settings
 from actstore.label.providers import get_provider
 from actstore.store import io, labelsets
@@ -53,16 +54,7 @@ def select_images(view: StoreView, images) -> np.ndarray:
 
 
 def _region(text: str, n: int) -> np.ndarray:
-    try:
-        a_text, b_text = text.split(":")
-        a = int(a_text) if a_text else 0
-        b = int(b_text) if b_text else n
-    except ValueError:
-        raise ActstoreError(f"--images {text!r}: expected START:STOP or image ids") from None
-    if not 0 <= a < b <= n:
-        raise ActstoreError(f"--images {text}: outside the store, which has {n} images; use "
-                            f"0 <= START < STOP <= {n}")
-    return np.arange(a, b)
+    return np.arange(*start_stop(text, n, expected="START:STOP or image ids", holder="the store"))
 
 
 def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
