@@ -126,9 +126,7 @@ def list_interventions(store: str) -> dict[str, dict]:
     """Complete experiments' summaries by experiment id (stores before version 0.2 kept
     the summary in the group's attributes)."""
     out = {}
-    names = io.list_dir(store, INTERVENTIONS)
-    if not names:
-        st.read_root_attrs(store)   # a mistyped path says so, not 'no experiments'
+    names = st.listed(store, io.list_dir(store, INTERVENTIONS))
     paths = [p for n in names for p in (lay.experiment_summary_path(n), group_path(n))]
     attrs = iter(io.nodes_attrs(store, paths))
     for name in names:

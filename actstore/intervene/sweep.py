@@ -43,7 +43,7 @@ from actstore.intervene.settings import SweepSettings, without_later_defaults
 from actstore.probe.runs import get_run
 from actstore.store import io
 from actstore.store import layout as lay
-from actstore.store.core import read_root_attrs
+from actstore.store.core import listed
 from actstore.store.view import StoreView
 
 
@@ -325,9 +325,8 @@ def write_sweep(store: str, sweep_id: str, record: dict) -> None:
 
 
 def list_sweeps(store: str) -> dict[str, dict]:
-    sweeps = io.marked_children(store, lay.SWEEPS, lay.sweep_path, lay.SWEEP_KEY)
-    if not sweeps:
-        read_root_attrs(store)      # a mistyped path says so, not 'no sweeps'
+    sweeps = listed(store, io.marked_children(store, lay.SWEEPS, lay.sweep_path,
+                                              lay.SWEEP_KEY))
     return {name: attrs[lay.SWEEP_KEY] for name, attrs in sweeps.items()}
 
 

@@ -275,10 +275,7 @@ def _write_fit(store: str, run_id: str, model: str, layer: str, fit) -> None:
 
 def list_runs(store: str) -> dict[str, dict]:
     """Complete probe runs (their attributes are written last) by run id."""
-    runs = io.marked_children(store, PROBES, lay.run_path, lay.RUN_KEY)
-    if not runs:
-        st.read_root_attrs(store)   # a mistyped path says so, not 'no runs'
-    return runs
+    return st.listed(store, io.marked_children(store, PROBES, lay.run_path, lay.RUN_KEY))
 
 
 def latest_run(store: str, target: str, runs: dict[str, dict] | None = None) -> str | None:

@@ -76,6 +76,13 @@ def _only_own_names(uri: str) -> bool:
     return bool(names) and all(n in OWN_NAMES or n.endswith(".partial") for n in names)
 
 
+def listed(uri: str, found):
+    """A listing (runs, experiments, sweeps) found nothing: a mistyped path says so, not 'none'."""
+    if not found:
+        read_root_attrs(uri)
+    return found
+
+
 def existing_root(uri: str) -> dict | None:
     """The root attributes of a complete store; None where a store can still be created
     (nothing there, an empty folder, or an interrupted creation of ours); an error for
