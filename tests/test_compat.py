@@ -87,3 +87,20 @@ def test_newer_schema_emergence_is_refused_in_one_line(tmp_path, explore_store):
     with pytest.raises(ActstoreError, match="has store schema 99.*upgrade actstore") as info:
         actstore.open_emergence(str(store))
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("call", ["get_run", "open_scores", "load_probe"])
+def test_newer_schema_probe_run_is_refused_in_one_line(tmp_path, explore_store, call):
+    """get_run, open_scores and load_probe read a run's marker alone, so a store of a newer
+    schema was read as if this actstore knew its layout, where the listings refuse it."""
+    from actstore.probe import runs
+
+    run = runs.latest_run(explore_store, "depth")
+    store = str(_newer_schema(explore_store, tmp_path / "new.zarr"))
+    read = {"get_run": lambda: runs.get_run(store, run),
+            "open_scores": lambda: runs.open_scores(store, run),
+            "load_probe": lambda: runs.load_probe(store, run, runs.get_run(
+                explore_store, run)["layers"][0])}[call]
+    with pytest.raises(ActstoreError, match="has store schema 99.*upgrade actstore") as info:
+        read()
+    assert "\n" not in str(info.value)

@@ -83,6 +83,8 @@ def test_emergence_and_a_probe_read_each_run_marker_once(counted, explore_store)
     assert probe["target"] == "depth"
     assert [k for k in reqs.keys() if k in markers] == [
         f"{BUCKET}/explore.zarr/probes/{run}/zarr.json"]
+    # the root beside the marker (its schema checked): one small GET more, same round
+    assert reqs.keys().count(f"{BUCKET}/explore.zarr/zarr.json") == 1, reqs.summary()
 
 
 def test_opening_a_view_costs_the_same_requests_for_4_or_16_blocks(counted):

@@ -287,14 +287,17 @@ def latest_run(store: str, target: str, runs: dict[str, dict] | None = None) -> 
 
 def get_run(store: str, run_id: str) -> dict:
     """One complete run's attributes: its own marker read (every run's, only to name them
-    when it is not there)."""
+    when it is not there), with the store's root in the same round of requests, so a store
+    of a newer schema is refused as the listings refuse it, at no extra round trip."""
     if not isinstance(run_id, str):   # latest_run's None: the target has no run
         targets = sorted({a["target"] for a in list_runs(store).values()})
         raise ActstoreError(f"store {store}: probe run {run_id!r} is no run id (latest_run "
                             "gives None for a target without a complete run; targets with "
                             f"runs: {', '.join(targets) or 'none'}); run `actstore probe` "
                             "first")
-    attrs = io.node_attrs(store, lay.run_path(run_id)) if "/" not in run_id else None
+    root, attrs = io.nodes_attrs(store, ["", lay.run_path(run_id)]) if "/" not in run_id \
+        else (io.node_attrs(store, ""), None)
+    st.root_of(store, root)
     if attrs and lay.RUN_KEY in attrs:
         return attrs
     runs = list_runs(store)

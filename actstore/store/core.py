@@ -50,7 +50,11 @@ def read_root_attrs(uri: str) -> dict:
     The root document is asked for first: a store that has one exists, and the look at
     whether anything is there at all (three requests to an object store) is only needed to
     say why there is none."""
-    attrs = io.node_attrs(uri, "")
+    return root_of(uri, io.node_attrs(uri, ""))
+
+
+def root_of(uri: str, attrs: dict | None) -> dict:
+    """:func:`read_root_attrs` of attributes fetched (None: no root) beside a record's."""
     if attrs is None and not io.store_nonempty(uri):
         raise ActstoreError(f"store {uri}: does not exist; create it with `actstore materialize`")
     if attrs is None:
