@@ -120,23 +120,11 @@ def _check_images(images: np.ndarray, who: str) -> np.ndarray:
 
 
 def _toyworld(folder: str, spec: str, device: str) -> LabelProvider:
-    from actstore.toyworld.labeler import ToyLabeler
+    from actstore.label.toyfolder import check_folder, load
 
     path = Path(folder)
-    if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
-        raise ActstoreError(f"label provider {spec}: no toy label model in {path} (needs "
-                            "config.json + model.safetensors); train it with "
-                            "`python -m actstore.toyworld.labeler_train` or pass toyworld:<folder>")
-    try:
-        provider = ToyLabeler.from_pretrained(path, device=device)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        # another model's folder of the same two files (models/toy-reader, beside the
-        # labeler) failed as 'unexpected RuntimeError: Error(s) in loading state_dict ...'
-        raise ActstoreError(f"label provider {spec}: {path} holds no toy label model (its "
-                            f"weights do not load as one: {first_line(exc, 100)}); pass "
-                            "toyworld:<folder> of a model `python -m "
-                            "actstore.toyworld.labeler_train` wrote, e.g. models/toy-labeler"
-                            ) from None
+    check_folder(path, spec)
+    provider = load(path, spec, device)
     provider.spec = spec if ":" in spec else f"toyworld:{path}"
     provider.provenance = {"folder": str(path), "weights_sha256": folder_sha256(path)}
     return provider

@@ -1,0 +1,105 @@
+"""The toy label model's folder as a label provider (``toyworld[:<folder>]``).
+
+The folder is read before torch loads anything (its config and the safetensors header, a
+few hundred bytes), so each way it can fail is named for what it is: a file this process
+may not read, a file cut short, another model's folder. Before, every error while loading
+was read as 'holds no toy label model', a CUDA out-of-memory and a permission refused
+alike, and a truncated file or an unreadable one (which safetensors reports as missing)
+passed as an unexpected error.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+from actstore.errors import ActstoreError, first_line
+
+CONFIG, WEIGHTS = "config.json", "model.safetensors"
+TRAIN = "python -m actstore.toyworld.labeler_train"
+
+
+def check_folder(path: Path, spec: str) -> dict:
+    """The folder's config, once its files are readable and its weights are, by name and
+    shape, those of the label network the config describes."""
+    if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+        raise ActstoreError(f"label provider {spec}: no toy label model in {path} (needs "
+                            f"{CONFIG} + {WEIGHTS}); train it with `{TRAIN}` or pass "
+                            "toyworld:<folder>")
+    try:
+        config = json.loads(_read(path / CONFIG, spec))
+        expected = _expected_shapes(config["widths"])
+    except (ValueError, TypeError, KeyError, IndexError) as exc:
+        raise _not_toy(spec, path, f"its {CONFIG} describes none: {first_line(exc, 80)}")
+    found = _header_shapes(path / WEIGHTS, spec)
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        other = sorted(k for k in found if expected.get(k, found[k]) != found[k])
+        what = (f"missing {', '.join(missing[:3])}" if missing else
+                f"{other[0]} is {list(found[other[0]])}, not {list(expected[other[0]])}"
+                if other else f"unexpected {', '.join(sorted(set(found) - set(expected))[:3])}")
+        raise _not_toy(spec, path, f"its weights are not the label network's: {what}")
+    return config
+
+
+def load(path: Path, spec: str, device: str):
+    """A checked folder's model on ``device``: what fails now is the load itself (out of
+    memory, a device error), said as such."""
+    from actstore.toyworld.labeler import ToyLabeler
+
+    try:
+        return ToyLabeler.from_pretrained(path, device=device)
+    except Exception as exc:    # noqa: BLE001 - any cause, named in the line
+        raise ActstoreError(f"label provider {spec}: loading {path / WEIGHTS} on {device} "
+                            f"failed ({type(exc).__name__}: {first_line(exc, 120)}); free "
+                            "memory on that device or pass another --device") from None
+
+
+def _read(file: Path, spec: str, size: int | None = None, at: int = 0) -> bytes:
+    try:
+        with open(file, "rb") as fh:
+            fh.seek(at)
+            return fh.read() if size is None else fh.read(size)
+    except OSError as exc:
+        raise ActstoreError(f"label provider {spec}: cannot read {file} "
+                            f"({exc.strerror or first_line(exc, 80)}); check its permissions "
+                            "and disk, or pass toyworld:<folder> of a readable copy") from None
+
+
+def _header_shapes(file: Path, spec: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape from the safetensors header, after checking that the file holds
+    every byte the header names (a copy cut short fails here, not as a missing file)."""
+    size = file.stat().st_size
+    head = _read(file, spec, 8)
+    n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+    try:
+        if n < 2 or 8 + n > size:
+            raise ValueError(f"a header of {n} bytes in {size}")
+        header = json.loads(_read(file, spec, n, at=8))
+        header.pop("__metadata__", None)
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"{size} bytes, the header names {8 + n + end}")
+        return {k: tuple(int(d) for d in t["shape"]) for k, t in header.items()}
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise ActstoreError(f"label provider {spec}: {file} is not a whole safetensors file "
+                            f"({first_line(exc, 80)}); copy it again or retrain with "
+                            f"`{TRAIN}`") from None
+
+
+def _expected_shapes(widths) -> dict[str, tuple[int, ...]]:
+    """The label network's parameter shapes, built on torch's meta device (no memory)."""
+    import torch
+
+    from actstore.toyworld.labeler import LabelNet
+
+    with torch.device("meta"):
+        net = LabelNet(widths)
+    return {k: tuple(v.shape) for k, v in net.state_dict().items()}
+
+
+def _not_toy(spec: str, path: Path, why: str) -> ActstoreError:
+    return ActstoreError(f"label provider {spec}: {path} holds no toy label model ({why}); "
+                         f"pass toyworld:<folder> of a model `{TRAIN}` wrote, e.g. "
+                         "models/toy-labeler")
