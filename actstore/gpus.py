@@ -45,6 +45,33 @@ def visible_gpus() -> list[str]:
     return gpus
 
 
+def check_device(device: str | None, available: bool = True) -> str:
+    """``device`` (None: auto) as every command takes it, or one line saying why not: a
+    name that is none of cpu, cuda[:N], auto, or (``available``) CUDA absent, an index past
+    the GPUs. The commands check it before any work, so a bad name is refused at once, not
+    by a worker after a local cluster and a Prefect server have started (25 s on 4 cores,
+    2026-12-06). Torch is asked only about a CUDA name, and only how many GPUs it sees (no
+    CUDA context)."""
+    device = str(device or "auto")
+    if device in ("auto", "cpu"):
+        return device
+    if not re.fullmatch(r"cuda(:\d+)?", device):
+        raise ActstoreError(f"--device {device!r} is not understood; use cpu, cuda[:N] or auto")
+    if not available:
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ActstoreError(f"--device {device}: CUDA is not available on this machine; "
+                            "use --device cpu or auto")
+    count, index = torch.cuda.device_count(), _named_index(device)
+    if index is not None and index >= count:
+        raise ActstoreError(f"--device {device}: this machine has {count} CUDA device(s), "
+                            f"cuda:0 to cuda:{count - 1}; use one of them or auto "
+                            f"({VISIBLE} renumbers them)")
+    return device
+
+
 def wants_cuda(device: str | None) -> bool:
     """Whether ``device`` puts a model on a GPU: ``cuda[:N]``, or ``auto`` where torch
     sees one. Anything else (cpu, a name :func:`resolve_device` refuses) is left alone."""

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from actstore.cliargs import OneLineParser, nonneg_float, positive_int
 from actstore.errors import ActstoreError
-from flows.cli_checks import (STORE_HELP, catalog_vae_source, check_fan_out,
+from flows.cli_checks import (STORE_HELP, catalog_vae_source, check_device, check_fan_out,
                               check_figure_outputs, check_table_and_region, check_url,
                               store_uri)
 from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
@@ -274,6 +274,9 @@ def _main_job(args, catalog) -> dict:
         raise ActstoreError("main runs as one Prefect flow (its stages are tasks); drop "
                             "--no-prefect, or run materialize, label, probe and intervene "
                             "with --no-prefect one by one")
+    # first (its default is MaterializeSettings' auto); more than one worker is a local
+    # cluster, a GPU each (one runs in this process)
+    check_device(args.device, args.workers if (args.workers or 0) > 1 else None)
     toy = catalog is not None and "toy-ldm" in catalog.models and \
         Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
     model = resolve_model(catalog, args.model or ("toy-ldm" if toy else "tiny-random"))
@@ -287,10 +290,6 @@ def _main_job(args, catalog) -> dict:
               "out": args.out, "images": args.images, "settings": settings,
               "workers": args.workers, "targets": tuple(args.targets)}
     check_model(model["ref"])    # before the flow creates --out
-    if args.workers and args.workers > 1:   # a local cluster: a GPU each (one runs in process)
-        from actstore.gpus import worker_gpus
-
-        worker_gpus(settings.device, args.workers)
     check_table_and_region(params["prompts"], args.images)
     with flow_mode(args):
         result = main_flow(**params)

@@ -90,14 +90,24 @@ def check_fan_out(args, what: str, device: str | None = None) -> None:
     if args.no_prefect and (args.workers or args.cluster):
         raise ActstoreError(f"--workers/--cluster run {what} as Prefect task runs on Dask; "
                             "drop --no-prefect")
-    if args.workers and device is not None:
-        from actstore.gpus import worker_gpus
-
-        worker_gpus(device, args.workers)
+    if device is not None:
+        check_device(device, args.workers)
     if args.cluster:
         from actstore.cluster_checks import check_scheduler as check_cluster
 
         check_cluster(args.cluster)
+
+
+def check_device(device: str | None, workers: int | None) -> None:
+    """``--device`` and ``--workers`` local workers on it, before a cluster, a server or a
+    store starts: a name no device has first, then what workers need of the GPUs (their
+    count, named by CUDA_VISIBLE_DEVICES), then whether this machine has the device."""
+    from actstore.gpus import check_device as check, worker_gpus
+
+    check(device, available=False)
+    if workers:
+        worker_gpus(device, workers)
+    check(device)
 
 
 # Options naming where a command draws its figures: (option, a PNG file rather than a folder)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from actstore.cliargs import index, nonneg_float, positive_float, positive_int
 from actstore.intervene.settings import (DIRECTIONS, METHODS, InterventionSettings,
                                          SweepSettings, defaults)
-from flows.cli_checks import STORE_HELP, check_fan_out, store_uri
+from flows.cli_checks import STORE_HELP, check_device, check_fan_out, store_uri
 
 D = defaults(InterventionSettings)
 SW = defaults(SweepSettings)
@@ -180,6 +180,7 @@ def sweep_command(args, catalog) -> dict:
     from actstore.intervene.tables import format_cells, format_sweeps
 
     store, settings = store_uri(args, catalog), sweep_settings(args)
+    check_device(settings.base.device, None)   # before its Prefect server starts
     if args.no_prefect:
         from actstore.intervene.sweep import run_sweep
 

@@ -66,23 +66,12 @@ class LoadedModel:
 def resolve_device(device: str = "auto") -> torch.device:
     """A device checked here, in one line, rather than by the first tensor moved to it (a
     ``cuda:3`` on a two-GPU worker fails deep in weight loading with a CUDA traceback)."""
+    from actstore.gpus import check_device
+
+    device = check_device(device)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ActstoreError(f"--device {device}: CUDA is not available on this machine; "
-                            "use --device cpu or auto")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ActstoreError(f"--device {device!r} is not understood; use cpu, cuda[:N] or auto")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ActstoreError(f"--device {device!r} is not understood; use cpu, cuda[:N] or "
-                            "auto") from None
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ActstoreError(f"--device {device}: this machine has {torch.cuda.device_count()} "
-                            f"CUDA device(s), cuda:0 to cuda:{torch.cuda.device_count() - 1}; "
-                            "use one of them or auto (CUDA_VISIBLE_DEVICES renumbers them)")
-    return dev
+    return torch.device(device)
 
 
 def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:

@@ -1,0 +1,62 @@
+"""A --device no machine has (``gpu``, ``cuda:x``) or this one lacks (``cuda`` without
+CUDA) is refused by every command that takes it in one line, exit 2, at once: before a
+local cluster, a Prefect server or a store starts, nothing written. Before, ``--workers 2
+--device gpu`` was refused by the workers' model load once the local cluster was up (31 s
+for `actstore label` here, 2026-12-06), and ``cuda:x`` was called 'no GPU visible'."""
+
+from __future__ import annotations
+
+import shutil
+import time
+
+import pytest
+
+from conftest import DEMO, tree_digest
+from test_cli import one_line, run
+
+# Starting the interpreter and importing the command's modules (torch for a CUDA name)
+# takes 2-4 s on the shared 2-core machine (up to 18 s loaded); starting a local cluster of
+# 2 workers first took 30-99 s here.
+AT_ONCE_S = 20.0
+COMMANDS = {
+    "materialize": ["--model", "tiny-random", "--prompts", DEMO, "--workers", "2"],
+    "label": ["--provider", "toyworld", "--target", "depth", "--workers", "2"],
+    "intervene": ["--probe-run", "depth-20261206T000000000000-000000", "--workers", "2"],
+    "sweep": ["--probe-run", "depth-20261206T000000000000-000000"],   # no --workers: in process
+    "main": ["--workers", "2"],
+}
+
+
+def _devices() -> list[tuple[str, str]]:
+    import torch
+
+    bad = [("gpu", "--device 'gpu' is not understood; use cpu, cuda[:N] or auto"),
+           ("cuda:x", "--device 'cuda:x' is not understood")]
+    if torch.cuda.is_available():
+        return bad
+    return [*bad, ("cuda", "--device cuda")]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_store) -> str:
+    dst = tmp_path_factory.mktemp("devices") / "s.zarr"
+    shutil.copytree(tiny_store, dst)
+    return str(dst)
+
+
+@pytest.mark.parametrize("device,words", _devices(), ids=lambda v: v.split(" ")[0])
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_a_device_no_machine_or_not_this_one_has_is_refused_at_once(tmp_path, reference,
+                                                                   command, device, words):
+    where = ["--out", str(tmp_path / "main")] if command == "main" else \
+        ["--store", reference]
+    before = tree_digest(reference)
+    start = time.monotonic()
+    proc = run(command, "--quiet", *where, *COMMANDS[command], "--device", device, timeout=300)
+    took = time.monotonic() - start
+    assert proc.returncode == 2, proc.stderr
+    line = one_line(proc.stderr)
+    assert words in line, line
+    assert took < AT_ONCE_S, f"refused after {took:.1f} s: {line}"
+    assert tree_digest(reference) == before
+    assert list(tmp_path.iterdir()) == []
