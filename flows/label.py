@@ -22,6 +22,7 @@ from actstore.cluster import names_worker, portable, spread
 from actstore.errors import ActstoreError
 from actstore.label import blocks
 from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
+from actstore.label.providers import describe_provider
 from actstore.label.settings import LabelSettings
 from actstore.progress import Progress
 from actstore.store import labelsets
@@ -110,12 +111,13 @@ def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: b
             "groups_by_worker": dict(by_worker)}
 
 
-def fan_out_labels(store: str, provider: str, target, settings: LabelSettings, *,
+def fan_out_labels(store: str, prov, target, settings: LabelSettings, *,
                    address: str, workers: int, gpu: bool, progress: bool,
                    code: tuple[str, ...] | None = None) -> dict:
+    """``prov``: :func:`describe_provider`'s, for the run's identity and input check; the
+    workers load the model (each once, by ``prov.spec``)."""
     from prefect_dask import DaskTaskRunner
 
-    prov = blocks.shared_provider(provider, settings.device)
     job = prepare_labels(store, prov, target, settings)
     try:
         run = label_blocks_flow.with_options(task_runner=DaskTaskRunner(address=address))(
@@ -141,7 +143,8 @@ def label_flow(store: str, provider: str, target: str | list[str],
     in this process or over ``workers`` local processes / the scheduler at ``cluster``."""
     if not workers and not cluster:
         return label_task(store, provider, target, settings)
+    prov = describe_provider(provider, settings.device)   # a bad one before the cluster
     with dask_address(workers, cluster, settings.device) as (address, n, gpu, code):
-        out = fan_out_labels(portable(store), provider, target, settings, address=address,
+        out = fan_out_labels(portable(store), prov, target, settings, address=address,
                              workers=n, gpu=gpu, progress=progress, code=code)
     return out[target] if isinstance(target, str) else out

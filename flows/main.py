@@ -21,7 +21,7 @@ from prefect import flow, task
 from actstore.cluster import default_workers
 from actstore.probe.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
-from actstore.label.providers import get_provider
+from actstore.label.providers import describe_provider
 from actstore.intervene.tables import format_cells, format_sweeps
 from actstore.label.labels import list_targets
 from actstore.label.settings import LabelSettings
@@ -99,9 +99,10 @@ def naming_task(store: str, out_dir: str) -> dict:
 
 
 def _provider_available(provider: str) -> str | None:
-    """None if the label provider loads, else why not (the job then stops after storing)."""
+    """None if the label provider loads, else why not (the job then stops after storing);
+    its folder read, not loaded a first time in this process only to be checked."""
     try:
-        get_provider(provider)
+        describe_provider(provider)
     except ActstoreError as exc:
         return str(exc)
     return None

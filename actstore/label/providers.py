@@ -119,15 +119,27 @@ def _check_images(images: np.ndarray, who: str) -> np.ndarray:
     return images
 
 
-def _toyworld(folder: str, spec: str, device: str) -> LabelProvider:
-    from actstore.label.toyfolder import check_folder, load
+def describe_provider(spec: str, device: str = "cpu") -> LabelProvider:
+    """What a process that labels nothing itself needs of ``spec`` (its name, targets,
+    provenance, input check), checked as :func:`get_provider` checks it: the fan-out's
+    command, whose workers label, and the main job's look before its labels. The toy
+    label model's folder is read, not loaded (:class:`~actstore.label.toyfolder.ToyFolder`):
+    before, that process held a model beside its workers' only to read these. Other
+    providers are loaded as by :func:`get_provider`."""
+    kind, _, arg = str(spec).partition(":")
+    if kind != "toyworld":
+        return get_provider(spec, device)
+    from actstore.generation.models import resolve_device
+    from actstore.label.toyfolder import ToyFolder
 
-    path = Path(folder)
-    check_folder(path, spec)
-    provider = load(path, spec, device)
-    provider.spec = spec if ":" in spec else f"toyworld:{path}"
-    provider.provenance = {"folder": str(path), "weights_sha256": folder_sha256(path)}
-    return provider
+    return ToyFolder(Path(arg or REPO_ROOT / "models" / "toy-labeler"), spec,
+                     str(resolve_device(str(device))))
+
+
+def _toyworld(folder: str, spec: str, device: str) -> LabelProvider:
+    from actstore.label.toyfolder import ToyFolder
+
+    return ToyFolder(Path(folder), spec, device).load()
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")

@@ -43,17 +43,42 @@ def check_folder(path: Path, spec: str) -> dict:
     return config
 
 
-def load(path: Path, spec: str, device: str):
-    """A checked folder's model on ``device``: what fails now is the load itself (out of
-    memory, a device error), said as such."""
-    from actstore.toyworld.labeler import ToyLabeler
+class ToyFolder:
+    """A checked toy label model folder: the provider's name, targets and provenance read
+    from it, the model loaded only by :meth:`load` (or a first call)."""
 
-    try:
-        return ToyLabeler.from_pretrained(path, device=device)
-    except Exception as exc:    # noqa: BLE001 - any cause, named in the line
-        raise ActstoreError(f"label provider {spec}: loading {path / WEIGHTS} on {device} "
-                            f"failed ({type(exc).__name__}: {first_line(exc, 120)}); free "
-                            "memory on that device or pass another --device") from None
+    name = "toyworld"
+
+    def __init__(self, path: Path, spec: str, device: str):
+        from actstore.label.providers import folder_sha256
+        from actstore.toyworld.labeler import TARGETS
+
+        check_folder(path, spec)
+        self.path, self.given, self.device = path, spec, device
+        self.spec = spec if ":" in spec else f"toyworld:{path}"
+        self.targets = dict(TARGETS)
+        self.provenance = {"folder": str(path), "weights_sha256": folder_sha256(path)}
+        self._model = None
+
+    def load(self):
+        """The model on this folder's device, as a provider with this folder's identity:
+        what fails now is the load itself (out of memory, a device error), said as such."""
+        from actstore.toyworld.labeler import ToyLabeler
+
+        if self._model is None:
+            try:
+                model = ToyLabeler.from_pretrained(self.path, device=self.device)
+            except Exception as exc:    # noqa: BLE001 - any cause, named in the line
+                raise ActstoreError(
+                    f"label provider {self.given}: loading {self.path / WEIGHTS} on "
+                    f"{self.device} failed ({type(exc).__name__}: {first_line(exc, 120)}); "
+                    "free memory on that device or pass another --device") from None
+            model.spec, model.provenance = self.spec, self.provenance
+            self._model = model
+        return self._model
+
+    def __call__(self, images):
+        return self.load()(images)
 
 
 def _read(file: Path, spec: str, size: int | None = None, at: int = 0) -> bytes:
