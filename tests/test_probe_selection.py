@@ -143,3 +143,33 @@ def test_an_incomplete_control_names_the_models_that_can_be_probed(store):
              "or probe the others alone (--models trained)")
     assert tree_digest(store) == before
     assert cli(*probe, "--models", "trained").returncode == 0
+
+
+def test_a_run_of_the_control_alone_leaves_every_later_probe_working(copied, tmp_path):
+    """`probe --models randomized` (the control alone) on a store whose other runs have the
+    trained model stored its run, then failed 'unexpected KeyError: not all values found in
+    index 'layer'', exit 1; from then on every `actstore probe` of any target, the main job's
+    summary and a notebook's summary_table failed with it (and --figures: 'has no probe for
+    model 'trained''). The control's row now names its best layer and score under
+    'randomized', with no 'trained' column to fill, and Figure 4 draws the control."""
+    import json
+
+    import actstore
+    from actstore.probe.emergence import summary_table
+
+    store, _ = copied
+    probe = ["probe", "--store", store, "--steps", "0", "1", "--scheduler", "sync",
+             "--layers", *EXPLORE_LAYERS, "--target"]
+    alone = cli(*probe, "salient", "--models", "randomized", "--figures", str(tmp_path))
+    assert alone.returncode == 0, alone.stderr
+    assert (tmp_path / "salient-figure4.png").stat().st_size > 0
+    (row,) = json.loads(alone.stdout)["summary"]
+    assert "trained" not in row and row["randomized"] >= 0
+    assert row["best_layer"] in EXPLORE_LAYERS
+    assert "nan" not in json.loads(alone.stdout)["table"]
+    later = cli(*probe, "depth")
+    assert later.returncode == 0, later.stderr
+    (depth,) = json.loads(later.stdout)["summary"]
+    assert depth["trained"] >= 0 and depth["randomized"] >= 0
+    rows = {r["target"]: r for r in summary_table(actstore.open_emergence(store))}
+    assert "trained" not in rows["salient"] and rows["depth"]["trained"] == depth["trained"]

@@ -183,14 +183,16 @@ def figure4_grid(store: str, target: str, out_png: str, *, layer: str | None = N
     from actstore.probe.emergence import summary_table
     from actstore.label.labels import open_labels
     from actstore.metrics import upsample
-    from actstore.probe.runs import latest_run, load_probe, open_emergence
+    from actstore.probe.runs import get_run, latest_run, load_probe, open_emergence
 
     run = latest_run(store, target)
     if layer is None:
         rows = [r for r in summary_table(open_emergence(store)) if r["target"] == target]
         layer = rows[0]["best_layer"]
-    probe = load_probe(store, run, layer)
-    view = open_store(store)
+    models = get_run(store, run)["models"]   # a run of the control alone draws the control
+    model = "trained" if "trained" in models else models[0]
+    probe = load_probe(store, run, layer, model)
+    view = open_store(store, model=model)
     labels = open_labels(store, target)
     test = view.images["image"].values[view.images["split"].values == "test"][:n_images]
     steps = [probe["steps"][i] for i in np.unique(np.linspace(
@@ -227,7 +229,8 @@ def figure4_grid(store: str, target: str, out_png: str, *, layer: str | None = N
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.suptitle(f"{target}: {layer}", fontsize=9)
+    fig.suptitle(f"{target}: {layer}" + ("" if model == "trained" else f" ({model})"),
+                 fontsize=9)
     return _save(fig, out_png)
 
 

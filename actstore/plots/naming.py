@@ -19,7 +19,7 @@ def naming_curves(store: str, naming: dict, out_png: str) -> str:
     step's decoded x0 image, the final image's dashed. Same step axis, side by side."""
     em = open_emergence(store)
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), sharex=True)
-    for row in summary_table(em):
+    for row in [r for r in summary_table(em) if "trained" in r]:   # not a control alone
         curve = target_scores(em["score"], row["target"]).sel(
             metric=row["metric"], layer=row["best_layer"], model="trained")
         final = curve.values[-1]

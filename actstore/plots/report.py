@@ -49,7 +49,7 @@ def emergence_rows(store: str) -> Rows | None:
         return None
     return [{"target": r["target"], "kind": r["kind"], "metric": r["metric"],
              "best layer": r["best_layer"],
-             "trained": r["trained"], "randomized": r.get("randomized"),
+             "trained": r.get("trained"), "randomized": r.get("randomized"),
              "emerges at step": r["emergence_step"]} for r in rows] or None
 
 

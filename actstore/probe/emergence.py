@@ -64,7 +64,8 @@ def target_scores(score: xr.DataArray, target: str) -> xr.DataArray:
 
 def summary_table(emergence: xr.Dataset) -> list[dict]:
     """Per target and capture kind: best layer, final-step score trained vs randomized,
-    emergence step."""
+    emergence step. A model the target's latest run lacks has no key in its rows; a run of
+    the control alone picks its best layer and emergence step on the control."""
     rows = []
     score = emergence["score"]
     for target in [str(t) for t in score["target"].values]:
@@ -73,24 +74,24 @@ def summary_table(emergence: xr.Dataset) -> list[dict]:
         metric = primary_metric(sub["metric"].values)
         curve = sub.sel(metric=metric)
         final = curve.isel(step=-1)
-        trained = final.sel(model="trained") if "trained" in final["model"] else final.isel(model=0)
-        # in the table's model axis only for another target's run: its column read 'nan',
-        # and NaN in --json, which strict JSON readers refuse
-        control = "randomized" in final["model"] and \
-            bool(sub.sel(model="randomized").notnull().any())
+        # the table's model axis is every run's: a model this target's run lacks is NaN
+        # here (its column read 'nan', or, for the trained model, no best layer at all)
+        models = [str(m) for m in final["model"].values
+                  if bool(sub.sel(model=m).notnull().any())]
+        lead = "trained" if "trained" in models else models[0]   # the best layer's model
         for kind in [k for k in KINDS if k in kinds]:
-            mine = trained.isel(layer=np.flatnonzero(kinds == kind))
+            mine = final.sel(model=lead).isel(layer=np.flatnonzero(kinds == kind))
             best = str((mine.idxmax("layer") if higher_is_better(metric)
                         else mine.idxmin("layer")).values)
-            row = {"target": str(target), "kind": kind, "metric": metric, "best_layer": best,
-                   "trained": float(trained.sel(layer=best))}
-            if control:
-                row["randomized"] = float(final.sel(model="randomized", layer=best))
+            row = {"target": str(target), "kind": kind, "metric": metric, "best_layer": best}
+            for model in ("trained", "randomized"):
+                if model in models:
+                    row[model] = float(final.sel(model=model, layer=best))
             for name in ("emergence_step", "emergence_low", "emergence_high"):
                 if name not in emergence:
                     continue
                 step = emergence[name].sel(target=target, metric=metric, layer=best)
-                step = step.sel(model="trained") if "model" in step.dims else step
+                step = step.sel(model=lead) if "model" in step.dims else step
                 row[name] = None if np.isnan(step.values) else int(step.values)
             rows.append(row)
     return rows
@@ -102,10 +103,11 @@ def format_table(rows: list[dict]) -> str:
            f"{'trained':>8s} {'random':>8s} {'emerges@ [95% CI]':>17s}"
     lines = [head, "-" * len(head)]
     for r in rows:
-        rnd = f"{r['randomized']:8.3f}" if "randomized" in r else f"{'-':>8s}"
+        trained, rnd = (f"{r[m]:8.3f}" if m in r else f"{'-':>8s}"
+                        for m in ("trained", "randomized"))
         em = "-" if r["emergence_step"] is None else str(r["emergence_step"])
         if r["emergence_step"] is not None and r.get("emergence_low") is not None:
             em += f" [{r['emergence_low']}-{r['emergence_high']}]"
         lines.append(f"{r['target']:10s} {r['kind']:6s} {r['metric']:11s} "
-                     f"{r['best_layer']:{width}s} {r['trained']:8.3f} {rnd} {em:>17s}")
+                     f"{r['best_layer']:{width}s} {trained} {rnd} {em:>17s}")
     return "\n".join(lines)
