@@ -173,3 +173,38 @@ def test_a_run_of_the_control_alone_leaves_every_later_probe_working(copied, tmp
     assert depth["trained"] >= 0 and depth["randomized"] >= 0
     rows = {r["target"]: r for r in summary_table(actstore.open_emergence(store))}
     assert "trained" not in rows["salient"] and rows["depth"]["trained"] == depth["trained"]
+
+
+def test_steps_given_out_of_order_give_the_emergence_of_steps_in_order(store):
+    """`probe --steps 3 1 0` stored the run in that order and the emergence step was read
+    against the last step given (0), not the last step: every step 'reached' it, so the
+    table said the first step given (3) and its bootstrap interval likewise, while the
+    curves showed the score still falling. A run's steps are now in order, and a run stored
+    out of order by the earlier code reads as if in order."""
+    import json
+
+    import actstore
+    from actstore.probe.runs import _run_probes, latest_run
+    from actstore.probe.settings import ProbeSettings
+
+    probe = ["probe", "--store", store, "--target", "depth", "--scheduler", "sync",
+             "--layers", *EXPLORE_LAYERS, "--steps"]
+    keys = ("best_layer", "trained", "emergence_step", "emergence_low", "emergence_high")
+
+    def row() -> dict:
+        em = actstore.open_emergence(store)
+        assert list(em.step.values) == sorted(em.step.values)
+        from actstore.probe.emergence import summary_table
+        return {k: r[k] for r in summary_table(em) if r["target"] == "depth" for k in keys}
+
+    in_order = cli(*probe, "0", "1", "3")
+    assert in_order.returncode == 0, in_order.stderr
+    want = {k: json.loads(in_order.stdout)["summary"][0][k] for k in keys}
+    shuffled = cli(*probe, "3", "1", "0")
+    assert shuffled.returncode == 0, shuffled.stderr
+    assert {k: json.loads(shuffled.stdout)["summary"][0][k] for k in keys} == want
+    assert actstore.probe.runs.get_run(store, latest_run(store, "depth"))["steps"] == [0, 1, 3]
+    settings = ProbeSettings(layers=tuple(EXPLORE_LAYERS))
+    object.__setattr__(settings, "steps", (3, 1, 0))    # as ProbeSettings once let through
+    _run_probes(store, "depth", settings, "sync", False)
+    assert row() == want

@@ -20,7 +20,7 @@ from storecheck import assert_same_store
 def test_options_given_as_none_keep_the_default():
     assert LabelSettings().with_options(device=None, overwrite=None) == LabelSettings()
     assert LabelSettings().with_options(on_x0=False).on_x0 is False
-    assert ProbeSettings().with_options(layers=None, steps=["2", 0]).steps == (2, 0)
+    assert ProbeSettings().with_options(layers=None, steps=["2", 0]).steps == (0, 2)
     assert ProbeSettings(models="trained").models == ("trained",)
     with pytest.raises(TypeError, match="no option 'folds'"):
         ProbeSettings().with_options(folds=3)

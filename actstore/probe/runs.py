@@ -347,19 +347,36 @@ def emergence(store: str) -> xr.Dataset:
     for target in sorted({a["target"] for a in runs.values()}):
         # object-dtype labels (see _plain_strings): concatenating fixed-width string
         # coordinates of different widths would truncate the longer layer names
-        ds = _plain_strings(io.open_dataset(store, lay.run_scores_path(
+        run_scores = _plain_strings(io.open_dataset(store, lay.run_scores_path(
             latest_run(store, target, runs))))
+        ds = run_scores
         keep = [v for v in EMERGENCE_INTERVALS if v in ds]   # runs before intervals: none
         ds = ds[["mean", *keep]].load().rename(mean="score")
         # a run stored before 2026-12-06 with a model, layer or step named twice holds the
         # same fit twice, and broke this table for every target: read each once
         ds = ds.drop_duplicates(["model", "layer", "step"])
+        if not ds.indexes["step"].is_monotonic_increasing:
+            ds = _in_step_order(ds, run_scores)
         # per run, before the join pads runs of fewer steps with NaN at the others' last
         ds["emergence_step"] = emergence_steps(ds["score"])
         parts.append(ds.expand_dims(target=[target]))
     if not parts:
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
     return xr.concat(parts, dim="target", join="outer")
+
+
+def _in_step_order(ds: xr.Dataset, run_scores: xr.Dataset) -> xr.Dataset:
+    """A run stored with its steps out of order (`--steps 3 1 0`, let through before
+    2026-12-06) had its emergence intervals bootstrapped against the last step given, not
+    the last step: sorted, and those intervals drawn again from its per-image scores (the
+    same seeded draws, so a run in order gets them to the bit)."""
+    per_image = run_scores["per_image"].load().drop_duplicates(["model", "layer", "step"])
+    redone = score_intervals(per_image.sortby("step"))
+    ds = ds.sortby("step")
+    for name in ("emergence_low", "emergence_high"):
+        if name in ds:
+            ds[name] = redone[name]
+    return ds
 
 
 def open_emergence(store: str) -> xr.Dataset:

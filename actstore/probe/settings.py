@@ -33,8 +33,10 @@ class ProbeSettings(Options):
             if value is not None:
                 value = tuple(int(v) for v in value) if name == "steps" else \
                     tuple(str(v) for v in value)
-                object.__setattr__(self, name, value)
                 named_once(f"--{name}", name[:-1], value)
+                if name == "steps":   # emergence reads a run's last step as its last entry
+                    value = tuple(sorted(value))
+                object.__setattr__(self, name, value)
         if self.n_folds < 2:
             raise ActstoreError(f"n_folds {self.n_folds}: cross-validation needs at least 2 "
                                 "folds")
