@@ -39,7 +39,8 @@ def add_label_probe_parsers(sub, common) -> None:
                    "(actstore label)")
     q.add_argument("--models", nargs="+", help="default: every model variant in the store")
     q.add_argument("--layers", nargs="+", help="capture points by store name, e.g. "
-                   "up_blocks.3.attentions.0 block/mid_block.attentions.0 (default: all)")
+                   "up_blocks.3.attentions.0 block/mid_block.attentions.0 (default: all; "
+                   "refused if the models differ in their points)")
     q.add_argument("--steps", nargs="+", type=index, help="step indices (default: all)")
     q.add_argument("--scheduler", "--cluster", dest="scheduler", help="a running Dask "
                    "scheduler's address, as --cluster of the other commands (also 'threads' "

@@ -208,3 +208,21 @@ def test_steps_given_out_of_order_give_the_emergence_of_steps_in_order(store):
     object.__setattr__(settings, "steps", (3, 1, 0))    # as ProbeSettings once let through
     _run_probes(store, "depth", settings, "sync", False)
     assert row() == want
+
+
+def test_the_default_does_not_drop_points_the_control_lacks(copied):
+    """The trained model with resnet points the control lacks (made without --capture, the
+    control gets attn1 only): `probe` with no --layers/--models, whose help says every
+    point of every model, fitted the attn1 points alone and said nothing of the 22 resnet
+    points it left out. It is now refused in one line naming them and the ways on, nothing
+    written."""
+    store, _ = copied
+    before = tree_digest(store)
+    line = _refused(cli("probe", "--store", store, "--target", "depth", "--steps", "1",
+                        "--scheduler", "sync"),
+                    "model randomized has no point 'resnet/", "model trained has it",
+                    "by default probe takes every point of every model", "--layers",
+                    "--models trained",
+                    "--control randomized --capture attn1,resnet")
+    assert "22 points" in line
+    assert tree_digest(store) == before

@@ -88,8 +88,11 @@ def _check_in_every_model(store: str, requested, common: list[str],
                           views: list[StoreView]) -> None:
     """A point some of the chosen models have and others lack (a kind added to the trained
     model only) was refused as 'no layer', its name missing from the list given, although
-    `actstore show` lists it: say which model lacks it, and the two ways on."""
-    for layer in requested or ():
+    `actstore show` lists it: say which model lacks it, and the two ways on. By default
+    (every point) the grid took the points all models have and left the others out
+    without a word, so that is refused too, saying how many."""
+    left = list(dict.fromkeys(la for v in views for la in v.points if la not in common))
+    for layer in requested or left[:1]:
         having = [v.model for v in views if layer in v.points]
         if layer in common or not having:
             continue
@@ -97,10 +100,13 @@ def _check_in_every_model(store: str, requested, common: list[str],
         kind = layer.partition("/")[0] if "/" in layer else "attn1"
         short = next(v for v in views if v.model == lacking[0])
         control = " --control randomized" if short.model == "randomized" else ""
+        default = "" if requested else (
+            f"by default probe takes every point of every model, and {len(left)} points are "
+            "not in every model: pass --layers naming points they all have, ")
         raise ActstoreError(
             f"store {store}: model {', '.join(lacking)} has no point {layer!r} (model "
-            f"{', '.join(having)} has it); pass --models {' '.join(having)}, or add the kind "
-            f"there first (`actstore materialize{control} --capture "
+            f"{', '.join(having)} has it); {default or 'pass '}--models {' '.join(having)}, "
+            f"or add the kind there first (`actstore materialize{control} --capture "
             f"{','.join([*short.kinds, kind])}` with the store's model and prompts)")
 
 
