@@ -14,9 +14,36 @@ import math
 EXIT_USER_ERROR = 2
 
 
+class _Once(argparse._StoreAction):
+    """An option's value, refused when given twice: argparse keeps the last one silently, so
+    `--store a --store b` wrote to b and `--steps 0 1 --steps 4` probed step 4 alone."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = vars(namespace).get(self.dest, self.default)
+        if any(n is namespace for n in self.seen):
+            shown = [" ".join(map(str, v)) if isinstance(v, list) else str(v)
+                     for v in (given, values)]
+            more = "; name every value after one " + option_string if self.nargs else ""
+            parser.error(f"{option_string} given twice ({shown[0]!r}, then {shown[1]!r}): "
+                         f"give it once{more}")
+        self.seen.append(namespace)
+        super().__call__(parser, namespace, values, option_string)
+
+    @property
+    def seen(self) -> list:
+        """The namespaces (one per parse) this option was given in, held so that no later
+        parse's namespace can take a freed one's id."""
+        return self.__dict__.setdefault("_seen", [])
+
+
 class OneLineParser(argparse.ArgumentParser):
     """Usage errors in one line, pointing at --help instead of printing the usage (its
-    subcommand parsers are of this class too)."""
+    subcommand parsers are of this class too); an option's value given twice is one."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _Once)
+        self.register("action", "store", _Once)
 
     def error(self, message: str):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} "

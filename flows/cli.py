@@ -40,7 +40,7 @@ DESCRIPTION = ("Store a latent diffusion model's activations (every self-attenti
 
 def _common(top: bool) -> argparse.ArgumentParser:
     """Options accepted before or after the subcommand (`actstore main --quiet`)."""
-    p = argparse.ArgumentParser(add_help=False)
+    p = OneLineParser(add_help=False)
     default = (lambda value: value) if top else (lambda value: argparse.SUPPRESS)
     p.add_argument("--catalog", default=default(None), help="catalog.yaml to resolve names "
                    "(default: ./catalog.yaml, else the repository's)")
@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                      parents=[_common(top=True)],
                      epilog="Output: a short summary on stdout (--json: the full result), "
                      "progress bars on stderr (--quiet: none); a failure is one line on "
-                     "stderr with exit code 2 (bad input, full disk, read-only store), 130 "
+                     "stderr with exit code 2 (bad input, an option given twice, full disk, "
+                     "read-only store), 130 "
                      "(Ctrl-C; rerun to resume) or 1 (unexpected; --debug shows the "
                      "traceback).")
     common = _common(top=False)
