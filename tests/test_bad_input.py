@@ -87,8 +87,10 @@ def test_foreign_zarr_group(capsys, tmp_path):
                                     ["--codec", "lz4"]])
 def test_store_from_other_config_refuses(capsys, store_copy, change):
     before = tree_digest(store_copy)
+    base = [a for i, a in enumerate(BASE)     # an option given twice is refused
+            if change[0] not in BASE[max(i - 1, 0):i + 1]]
     argv = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", store_copy,
-            *BASE, *change]
+            *base, *change]
     line = _run(capsys, *argv)
     assert "another model or config" in line and change[0].lstrip("-") in line
     assert tree_digest(store_copy) == before
@@ -101,6 +103,22 @@ def test_store_from_other_model_refuses(capsys, tmp_path, store_copy):
     line = _run(capsys, "materialize", "--model", str(other), "--prompts", DEMO,
                 "--store", store_copy, *BASE)
     assert "weights_sha256" in line
+    assert tree_digest(store_copy) == before
+
+
+def test_other_weights_and_settings_name_the_weights_first(capsys, tmp_path, store_copy):
+    """Another model with other settings too: the line named three differences in
+    alphabetical order (capture.codec, capture.keep_uncond, generation.guidance) and never
+    that the weights differ, the one a user asks about; the fingerprint's own order puts
+    them first, and the count left out is said."""
+    from actstore.generation.models import save_pipeline_folder, tiny_random_components
+    other = save_pipeline_folder(tmp_path / "other-model", tiny_random_components(seed=1))
+    before = tree_digest(store_copy)
+    line = _run(capsys, "materialize", "--model", str(other), "--prompts", DEMO,
+                "--store", store_copy, *BASE, "--guidance", "3", "--codec", "lz4",
+                "--keep-uncond")
+    assert "weights_sha256" in line and "and 1 more" in line
+    assert line.index("weights_sha256") < line.index("generation.guidance")
     assert tree_digest(store_copy) == before
 
 

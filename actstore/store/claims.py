@@ -189,9 +189,11 @@ def _refusal(uri: str, path: str, claim: dict, identity: dict, what: str, fix: s
 
 
 def diff(stored: dict, wanted: dict, prefix: str = "", *, theirs: str = "store") -> list[str]:
-    """Readable differences of two nested settings dicts ("key: store has A, this run has B")."""
+    """Readable differences of two nested settings dicts ("key: store has A, this run has B"),
+    in the dicts' own order: a fingerprint puts the weights first, and a line quoting the
+    first few must not leave them out for settings that sort before them."""
     out = []
-    for key in sorted(set(stored) | set(wanted)):
+    for key in dict.fromkeys([*stored, *wanted]):
         a, b = stored.get(key), wanted.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
             out += diff(a, b, f"{prefix}{key}.", theirs=theirs)

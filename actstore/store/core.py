@@ -216,8 +216,9 @@ def check_or_create_model(uri: str, variant: str, *, fingerprint: dict, provenan
         claims.sweep(uri, model_path(variant))
     diffs = diff(existing, fingerprint)
     if diffs:
+        more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
         raise ActstoreError(f"store {uri}: model '{variant}' was made with another model or "
-                            f"config ({'; '.join(diffs[:3])}); use a new --store")
+                            f"config ({'; '.join(diffs[:3])}{more}); use a new --store")
 
 
 def _model_fingerprint(uri: str, variant: str) -> dict | None:
