@@ -193,13 +193,14 @@ def _show(r: dict) -> str:
         lines.append(f"  {t:<12} {a['kind']:<10} {a['version'] or '-'}  {a['provider']}")
     lines.append("probe runs:" if r["probe_runs"] else "probe runs: none (actstore probe)")
     for p in r["probe_runs"]:
-        lines.append(f"  {p['id']}  {len(p['models'])} models x {p['layers']} points x "
-                     f"{p['steps']} steps, labels {p['label_version'] or '-'}, {p['created']}")
+        lines.append(f"  {p['id']}  {_n(len(p['models']), 'model')} x {_n(p['layers'], 'point')}"
+                     f" x {_n(p['steps'], 'step')}, labels {p['label_version'] or '-'}, "
+                     f"{p['created']}")
     lines.append("experiments:" if r["experiments"] else "experiments: none")
     for e in r["experiments"]:
         role = f", {e['role']}" if e["role"] else ""
-        lines.append(f"  {e['id']}  {e['method']}, {e['interventions']} interventions on "
-                     f"{e['images']} images, probe run {e['probe_run']}{role}")
+        lines.append(f"  {e['id']}  {e['method']}, {_n(e['interventions'], 'intervention')} "
+                     f"on {_n(e['images'], 'image')}, probe run {e['probe_run']}{role}")
     lines.append("sweeps:" if r["sweeps"] else "sweeps: none")
     for w in r["sweeps"]:
         c = w["chosen"]
@@ -208,6 +209,10 @@ def _show(r: dict) -> str:
             f"s={c['strength']:g} ({c['experiment_id']})")
         lines.append(f"  {w['id']}  {w['cells']} cells, {chosen}")
     return "\n".join(lines)
+
+
+def _n(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 _SUMMARIES = {"materialize": _materialize, "verify": _verify, "label": _label, "probe": _probe,

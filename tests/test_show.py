@@ -48,6 +48,7 @@ def test_show_lists_what_the_store_holds(explore_store, capsys):
     text = capsys.readouterr().out
     for name in [*runs, *experiments, *versions.values()]:
         assert name in text, name
+    assert "1 model x 2 points" in text and "1 models" not in text   # runs of trained alone
 
 
 def test_show_on_a_missing_store_is_one_line(tmp_path, capsys):
