@@ -13,6 +13,7 @@ import atexit
 import gc
 import logging
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -293,7 +294,14 @@ def _main_job(args, catalog) -> dict:
     check_model(model["ref"])    # before the flow creates --out
     check_table_and_region(params["prompts"], args.images)
     with flow_mode(args):
-        result = main_flow(**params)
+        try:
+            result = main_flow(**params)
+        except ActstoreError as exc:   # the store's refusals name materialize's --store
+            said = re.sub(r"a new --store( path)?", f"a new --out (or remove {args.out} to "
+                          "start again)", str(exc))
+            if said == str(exc):
+                raise
+            raise ActstoreError(said) from exc
     return {**result, "files": main_job_files(result, args.out)}
 
 

@@ -279,6 +279,23 @@ def test_main_refused_inside_its_flow_leaves_no_out_folder(api, tmp_path):
     assert not out.exists()
 
 
+def test_main_refusing_its_store_names_out_not_store(api, tmp_path):
+    """`actstore main --steps 3` where an earlier job left a 2-step store refused it with
+    '...; use a new --store', an option main does not have; the line now names --out and
+    the folder to remove, and nothing in it changed."""
+    out = tmp_path / "m"
+    first = run("--quiet", "main", "--model", "tiny-random", "--prompts", DEMO, "--out",
+                str(out), "--images", "0:8", "--steps", "2", api=api)
+    assert first.returncode == 0, first.stderr
+    before = tree_digest(out)
+    res = run("--quiet", "main", "--model", "tiny-random", "--prompts", DEMO, "--out",
+              str(out), "--images", "0:8", "--steps", "3", api=api)
+    line = one_line(res.stderr)
+    assert res.returncode == 2 and "generation.steps" in line, res.stderr
+    assert "--store" not in line and "a new --out" in line and f"remove {out}" in line
+    assert tree_digest(out) == before
+
+
 def test_main_needs_prefect(capsys):
     assert "main runs as one Prefect flow" in _refused(capsys, ["--no-prefect", "main"])
 
