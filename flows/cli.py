@@ -27,7 +27,9 @@ from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
 
-CAPTURE_HELP = ("capture kinds, comma-separated (default: the store's, else attn1): attn1 "
+CAPTURE_HELP = ("capture kinds, comma-separated (default: the kinds the model variant has; "
+                "a new model variant (the first, or --control randomized) takes attn1 only, "
+                "so give the control the trained model's kinds to probe both alike): attn1 "
                 "self-attention, attn2 cross-attention, block Transformer2D output (residual "
                 "stream), resnet ResNet block outputs, vae VAE-decoder mid-block attention; "
                 "naming an absent kind adds it to a stored model after a regeneration check. "

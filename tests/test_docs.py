@@ -3,6 +3,7 @@ opening commands exist, and the README stays short."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -150,3 +151,28 @@ def test_open_store_docstring_names_what_a_view_has(explore_store):
     flat = doc.replace("\n    ", " ")
     stated = re.search(r"``view\[name\]`` the activations ``\(([^)]*)\)", flat)
     assert view[view.layers[0]].dims == tuple(stated.group(1).replace(" ", "").split(","))
+
+
+def test_capture_help_says_what_a_new_control_takes(tmp_path, tiny_store):
+    """`materialize --help` said the kinds default to 'the store's, else attn1': a control
+    added without --capture to a store whose trained model has block points got attn1
+    alone (the variant's default, not the store's), which probe's default then could not
+    serve. The help now says what a new variant takes, and that is what it gets."""
+    import shutil
+
+    from flows.cli import build_parser
+    from conftest import DEMO, TINY, cli
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    capture = next(a for a in sub.choices["materialize"]._actions if a.dest == "capture")
+    assert "the store's" not in capture.help
+    assert "a new model variant (the first, or --control randomized) takes attn1" in \
+        " ".join(capture.help.split())
+    store = str(shutil.copytree(tiny_store, tmp_path / "s.zarr"))
+    made = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", store,
+            "--steps", str(TINY["steps"]), "--batch-size", "4"]
+    assert cli(*made, "--capture", "attn1,block").returncode == 0
+    assert cli(*made, "--control", "randomized").returncode == 0
+    shown = json.loads(cli("show", "--store", store).stdout)["models"]
+    assert shown["trained"]["kinds"] == ["attn1", "block"]
+    assert shown["randomized"]["kinds"] == ["attn1"]
