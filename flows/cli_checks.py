@@ -7,6 +7,7 @@ finding out after minutes of work (or a 30 s connect timeout) is the costly way.
 
 from __future__ import annotations
 
+import difflib
 import socket
 import warnings
 from urllib.parse import urlparse
@@ -54,6 +55,11 @@ def check_scheduler(address: str | None, timeout: float = SCHEDULER_TIMEOUT) -> 
     """Refuse an unreachable ``--scheduler`` within seconds (TCP/TLS addresses)."""
     if not address or address in LOCAL_SCHEDULERS:
         return
+    meant = difflib.get_close_matches(address, LOCAL_SCHEDULERS, n=1, cutoff=0.8)
+    if meant:   # a bare 'thread' was looked up as a host, and said to need a scheduler
+        raise ActstoreError(f"--scheduler {address}: did you mean {meant[0]!r}? (a "
+                            f"scheduler address is tcp://HOST:PORT; {', '.join(LOCAL_SCHEDULERS)}"
+                            " run in this process)")
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
     if parsed.scheme not in ("tcp", "tls"):
         return                      # inproc://, ucx://: distributed checks those itself

@@ -226,3 +226,13 @@ def test_the_default_does_not_drop_points_the_control_lacks(copied):
                     "--control randomized --capture attn1,resnet")
     assert "22 points" in line
     assert tree_digest(store) == before
+
+
+def test_a_mistyped_local_scheduler_name_says_which_was_meant(store):
+    """`probe --scheduler thread` was taken for a host named 'thread': 'no Dask scheduler
+    reachable at thread:8786 (Name or service not known); start one (`dask scheduler`)',
+    pointing at a cluster the user never meant to start."""
+    before = tree_digest(store)
+    _refused(cli("probe", "--store", store, "--target", "depth", "--scheduler", "thread"),
+             "--scheduler thread", "did you mean 'threads'")
+    assert tree_digest(store) == before
