@@ -99,7 +99,8 @@ def add_intervene_parser(sub, common=None) -> None:
                    "the paper edits for depth), or site prefixes such as up_blocks.2. "
                    "up_blocks.3. (points matching any)")
     q.add_argument("--step-counts", nargs="+", type=positive_int, help="edit the first N steps, for "
-                   f"each N (default {' '.join(map(str, SW['step_counts']))})")
+                   f"each N, at most the probe run's (default "
+                   f"{' '.join(map(str, SW['step_counts']))})")
     q.add_argument("--strength", nargs="+", type=nonneg_float, dest="strengths",
                    help=_strength_help() + " (default "
                    f"{' '.join(f'{s:g}' for s in SW['strengths'])})")
@@ -181,6 +182,8 @@ def sweep_command(args, catalog) -> dict:
 
     store, settings = store_uri(args, catalog), sweep_settings(args)
     check_device(settings.base.device, None)   # before its Prefect server starts
+    if args.step_counts:
+        _check_step_counts(store, args.probe_run, args.step_counts)
     if args.no_prefect:
         from actstore.intervene.sweep import run_sweep
 
@@ -195,3 +198,19 @@ def sweep_command(args, catalog) -> dict:
                                 out_dir=args.out)
     return {**result, "table": format_cells(result["targets"]) + "\n\n"
             + format_sweeps(result["targets"])}
+
+
+def _check_step_counts(store: str, runs: list[str], counts: list[int]) -> None:
+    """A count N edits the steps below N: one past a run's last step gave the cell of all
+    its steps, recorded as if that had been asked (the main job's fixed counts may exceed a
+    short --steps on purpose; a count the user types may not)."""
+    from actstore.errors import ActstoreError
+    from actstore.probe.runs import get_run
+
+    for run in dict.fromkeys(runs):
+        top = max(get_run(store, run)["steps"]) + 1
+        over = [n for n in counts if n > top]
+        if over:
+            raise ActstoreError(f"--step-counts {over[0]}: probe run {run} has steps up to "
+                                f"{top - 1}, so its cells edit steps below {top} at most; "
+                                f"give counts of at most {top}")

@@ -88,3 +88,24 @@ def test_every_run_is_checked_before_the_first_is_swept(ivstore, tmp_path, capsy
         lines = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and words in lines[0], (runs, lines)
         assert tree_digest(uri) == before, runs
+
+
+def test_a_step_count_beyond_the_run_is_refused(ivstore, tmp_path, capsys):
+    """`sweep --step-counts 9` on a run of steps 0-1 ran its cell on steps 0-1 and recorded
+    that, as `--step-counts 2` does, with no word that the 9 asked for could not be; with
+    `--step-counts 2 9` the second cell was dropped as a repeat. It is refused in one line,
+    exit 2, the store unchanged."""
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    run = ivstore["runs"]["salient"]
+    from actstore.probe.runs import get_run
+    last = max(get_run(uri, run)["steps"])
+    before = tree_digest(uri)
+    code = main(["--no-prefect", "--quiet", "sweep", "--store", uri, "--probe-run", run,
+                 "--kinds", "attn1", "--validation", "1", "--evaluation", "1",
+                 "--step-counts", "1", str(last + 5), "--strength", "1",
+                 "--provider", "toyworld"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert f"--step-counts {last + 5}" in lines[0] and f"at most {last + 1}" in lines[0]
+    assert tree_digest(uri) == before
