@@ -240,6 +240,12 @@ def _npz(tmp_path, ids, maps: dict, name="labels.npz") -> str:
     return path
 
 
+def _numbered_npz(tmp_path, maps) -> str:
+    path = str(tmp_path / "numbered.npz")
+    np.savez(path, image_id=np.arange(len(maps)), depth=maps)
+    return path
+
+
 def test_user_arrays_matched_by_image_id(store, tmp_path):
     view = open_store(store)
     ids = list(view.images["image"].values)
@@ -413,6 +419,10 @@ def _bad_cases(store: str, tmp_path: Path) -> dict:
         "missing ids": (lambda: write_labels(
             store, f"array:{_npz(tmp_path, ids[2:], {'depth': ok[2:]}, 'a.npz')}", "depth"),
             f"2 of the store's 16 image ids are missing \\(e.g. {ids[0]}, {ids[1]}\\)"),
+        # ids saved as row numbers: the line said only that all 16 were missing
+        "numeric ids": (lambda: write_labels(store, f"array:{_numbered_npz(tmp_path, ok)}",
+                                             "depth"),
+                        "image_id holds numbers, 0, 1, 2 ...: save the store's image ids"),
         "wrong shape": (lambda: write_labels(
             store, f"array:{_npz(tmp_path, ids, {'depth': ok[:, :32, :32]}, 'b.npz')}",
             "depth"), "32x32 but the store's images are 64x64"),

@@ -314,7 +314,9 @@ class ArrayLabels:
         if ids is None:
             raise ActstoreError(f"labels {self.path}: no 'image_id' array; save the image ids "
                                 "alongside the label arrays")
-        self.image_ids = np.array([str(v) for v in np.asarray(ids[...]).tolist()])
+        raw = np.asarray(ids[...])
+        self._numeric_ids = raw.dtype.kind in "biuf"
+        self.image_ids = np.array([str(v) for v in raw.tolist()])
         dup = _duplicates(self.image_ids)
         if dup:
             raise ActstoreError(f"labels {self.path}: image ids repeated ({', '.join(dup[:3])})"
@@ -355,12 +357,20 @@ class ArrayLabels:
         if missing:
             raise ActstoreError(f"labels {self.path}: {len(missing)} of the store's {len(ids)} "
                                 f"image ids are missing (e.g. {', '.join(missing[:3])}); label "
-                                "every image of the store")
+                                f"every image of the store{self._id_hint()}")
         for name, arr in self._arrays.items():
             if tuple(arr.shape[1:]) != tuple(image_hw):
                 raise ActstoreError(f"labels {self.path}: {name!r} is {arr.shape[1]}x"
                                     f"{arr.shape[2]} but the store's images are {image_hw[0]}x"
                                     f"{image_hw[1]}; resize the labels to the image size")
+
+    def _id_hint(self) -> str:
+        # ids saved as row numbers match none of the store's string ids: say so
+        shown = ", ".join(self.image_ids[:3])
+        if self._numeric_ids:
+            return (f" (this file's image_id holds numbers, {shown} ...: save the store's "
+                    "image ids, as strings)")
+        return f" (this file's ids begin {shown})"
 
     def by_ids(self, ids: Sequence[str]) -> dict[str, np.ndarray]:
         """Rows for ``ids`` in that order; a missing id is an error naming it."""
