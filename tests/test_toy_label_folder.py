@@ -5,8 +5,10 @@ may not read (which safetensors reports as missing) was an unexpected error, exi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
@@ -55,13 +57,52 @@ def _another_model(folder: Path) -> None:
         shutil.copyfile(REPO / "models" / "toy-reader" / name, folder / name)
 
 
+def _with_header(folder: Path, header: bytes) -> None:
+    """The weights file with ``header`` for its own, the tensor bytes kept after it."""
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    weights.write_bytes(struct.pack("<Q", len(header)) + header + data[8 + n:])
+
+
+def _header(folder: Path) -> dict:
+    data = (folder / "model.safetensors").read_bytes()
+    return json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])
+
+
+def _nested_header(folder: Path) -> None:
+    _with_header(folder, b"[" * 100_000 + b"]" * 100_000)
+
+
+def _infinite_offset(folder: Path) -> None:
+    header = _header(folder)
+    header["head.bias"]["data_offsets"][1] = 1e999   # JSON's 1e999 is a float infinity
+    _with_header(folder, json.dumps(header).replace("Infinity", "1e999").encode())
+
+
+def _negative_offsets(folder: Path) -> None:
+    header = _header(folder)
+    header["head.bias"]["data_offsets"] = [-5, -1]
+    _with_header(folder, json.dumps(header).encode())
+
+
+def _negative_width(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "widths": [-1, 32]}))
+
+
+NOT_WHOLE = "{weights} is not a whole safetensors file"
+NOT_TOY = "{folder} holds no toy label model (its "
 CASES = {
     "unreadable": (_unreadable, "cannot read {weights} (Permission denied)"),
-    "truncated": (_truncated, "{weights} is not a whole safetensors file"),
-    "garbled config": (_garbled_config, "{folder} holds no toy label model (its config.json "
-                                        "describes none"),
-    "another model": (_another_model, "{folder} holds no toy label model (its weights are not "
-                                      "the label network's: missing"),
+    "truncated": (_truncated, NOT_WHOLE),
+    "garbled config": (_garbled_config, NOT_TOY + "config.json describes none"),
+    "another model": (_another_model, NOT_TOY + "weights are not the label network's: missing"),
+    # a hostile or corrupt header: one line, no traceback, nothing read past the file
+    "nested header": (_nested_header, NOT_WHOLE),
+    "infinite offset": (_infinite_offset, NOT_WHOLE),
+    "negative offsets": (_negative_offsets, NOT_WHOLE + " (head.bias: bytes [-5, -1]"),
+    "negative width": (_negative_width, NOT_TOY + "config.json describes none: widths"),
 }
 
 

@@ -11,6 +11,7 @@ passed as an unexpected error.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -18,6 +19,11 @@ from actstore.errors import ActstoreError, first_line
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 TRAIN = "python -m actstore.toyworld.labeler_train"
+# safetensors' own bound on a header (its MAX_HEADER_SIZE), so a hostile length is refused
+# before it is read, as the load would refuse it
+MAX_HEADER = 100_000_000
+ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+              "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def check_folder(path: Path, spec: str) -> dict:
@@ -30,7 +36,7 @@ def check_folder(path: Path, spec: str) -> dict:
     try:
         config = json.loads(_read(path / CONFIG, spec))
         expected = _expected_shapes(config["widths"])
-    except (ValueError, TypeError, KeyError, IndexError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
         raise _not_toy(spec, path, f"its {CONFIG} describes none: {first_line(exc, 80)}")
     found = _header_shapes(path / WEIGHTS, spec)
     if found != expected:
@@ -94,23 +100,39 @@ def _read(file: Path, spec: str, size: int | None = None, at: int = 0) -> bytes:
 
 def _header_shapes(file: Path, spec: str) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape from the safetensors header, after checking that the file holds
-    every byte the header names (a copy cut short fails here, not as a missing file)."""
+    every byte the header names (a copy cut short fails here, not as a missing file) and
+    that each tensor's bytes are where and as long as its shape and dtype say: a header
+    that passed on names and shapes alone (offsets [-5, -1]) failed in the load as an
+    'out of memory'-like line, and a nested or infinite number in it as a traceback."""
     size = file.stat().st_size
     head = _read(file, spec, 8)
     n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
     try:
-        if n < 2 or 8 + n > size:
+        if n < 2 or 8 + n > size or n > MAX_HEADER:
             raise ValueError(f"a header of {n} bytes in {size}")
         header = json.loads(_read(file, spec, n, at=8))
         header.pop("__metadata__", None)
-        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        found = {k: _tensor_bytes(k, t) for k, t in header.items()}
+        end = max((e for _, e in found.values()), default=0)
         if 8 + n + end > size:
             raise ValueError(f"{size} bytes, the header names {8 + n + end}")
-        return {k: tuple(int(d) for d in t["shape"]) for k, t in header.items()}
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError,
+            RecursionError) as exc:
         raise ActstoreError(f"label provider {spec}: {file} is not a whole safetensors file "
                             f"({first_line(exc, 80)}); copy it again or retrain with "
                             f"`{TRAIN}`") from None
+    return {k: shape for k, (shape, _) in found.items()}
+
+
+def _tensor_bytes(name: str, entry: dict) -> tuple[tuple[int, ...], int]:
+    """One header entry's shape and the end of its bytes, once those bytes are as many as
+    its shape and dtype make, from an offset of 0 or more."""
+    shape = tuple(int(d) for d in entry["shape"])
+    begin, end = (int(x) for x in entry["data_offsets"])
+    length = ITEM_BYTES[entry["dtype"]] * math.prod(shape)
+    if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != length:
+        raise ValueError(f"{name}: bytes [{begin}, {end}] for {entry['dtype']} {list(shape)}")
+    return shape, end
 
 
 def _expected_shapes(widths) -> dict[str, tuple[int, ...]]:
@@ -119,6 +141,9 @@ def _expected_shapes(widths) -> dict[str, tuple[int, ...]]:
 
     from actstore.toyworld.labeler import LabelNet
 
+    if not isinstance(widths, list) or not widths or \
+            not all(isinstance(w, int) and 0 < w for w in widths):
+        raise ValueError(f"widths {str(widths)[:40]} are not positive whole numbers")
     with torch.device("meta"):
         net = LabelNet(widths)
     return {k: tuple(v.shape) for k, v in net.state_dict().items()}
