@@ -96,24 +96,27 @@ def check_fan_out(args, what: str, device: str | None = None) -> None:
     if args.no_prefect and (args.workers or args.cluster):
         raise ActstoreError(f"--workers/--cluster run {what} as Prefect task runs on Dask; "
                             "drop --no-prefect")
-    if device is not None:
-        check_device(device, args.workers)
+    if device is not None:   # on a user's cluster its workers' CUDA counts, not this machine's
+        check_device(device, args.workers, here=not args.cluster)
     if args.cluster:
         from actstore.cluster_checks import check_scheduler as check_cluster
 
         check_cluster(args.cluster)
 
 
-def check_device(device: str | None, workers: int | None) -> None:
+def check_device(device: str | None, workers: int | None, here: bool = True) -> None:
     """``--device`` and ``--workers`` local workers on it, before a cluster, a server or a
     store starts: a name no device has first, then what workers need of the GPUs (their
-    count, named by CUDA_VISIBLE_DEVICES), then whether this machine has the device."""
+    count, named by CUDA_VISIBLE_DEVICES), then (``here``: the model loads on this machine
+    or its local workers) whether this machine has the device. With ``--cluster`` the
+    workers load it, so a client without CUDA may send work to GPU workers."""
     from actstore.gpus import check_device as check, worker_gpus
 
     check(device, available=False)
     if workers:
         worker_gpus(device, workers)
-    check(device)
+    if here:
+        check(device)
 
 
 # Options naming where a command draws its figures: (option, a PNG file rather than a folder)

@@ -12,7 +12,8 @@ import time
 import pytest
 
 from conftest import DEMO, tree_digest
-from test_cli import one_line, run
+from test_cli import api, one_line, run  # noqa: F401 (api: a fixture)
+from test_cluster_workers import user_cluster  # noqa: F401 - a fixture
 
 # Starting the interpreter and importing the command's modules (torch for a CUDA name)
 # takes 2-4 s on the shared 2-core machine (up to 18 s loaded); starting a local cluster of
@@ -60,3 +61,28 @@ def test_a_device_no_machine_or_not_this_one_has_is_refused_at_once(tmp_path, re
     assert took < AT_ONCE_S, f"refused after {took:.1f} s: {line}"
     assert tree_digest(reference) == before
     assert list(tmp_path.iterdir()) == []
+
+
+def test_on_a_cluster_the_workers_not_this_machine_have_the_gpu(tmp_path, user_cluster,
+                                                                 api):  # noqa: F811
+    """``--cluster ADDRESS --device cuda`` from a machine without CUDA (a login node, a
+    laptop) sends the work to the cluster's GPUs: this machine's CUDA is not asked. Until
+    2026-12-06 (the early check) it was, and the command was refused here, though its
+    workers, not this process, load the model. The name is still checked here at once."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: its refusal cannot be told from the workers'")
+    user_cluster.worker()
+    user_cluster.wait_for(1)
+    store = tmp_path / "s.zarr"
+    for device, words in (("cuda", "--device cuda: CUDA is not available on this machine; "
+                                   "use --device cpu or auto (on Dask worker"),
+                          ("gpu", "--device 'gpu' is not understood")):
+        proc = run("--quiet", "materialize", "--model", "tiny-random", "--prompts", DEMO,
+                   "--store", str(store), "--steps", "2", "--images", "0:4", "--cluster",
+                   user_cluster.address, "--device", device, api=api, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = one_line(proc.stderr)
+        assert words in line, line
+        assert not store.exists()
