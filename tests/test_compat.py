@@ -104,3 +104,18 @@ def test_newer_schema_probe_run_is_refused_in_one_line(tmp_path, explore_store, 
     with pytest.raises(ActstoreError, match="has store schema 99.*upgrade actstore") as info:
         read()
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("call", ["list_runs", "latest_run"])
+def test_newer_schema_listing_is_refused_in_one_line(tmp_path, explore_store, call):
+    """list_runs and latest_run read the root only when no run was found (a mistyped path),
+    so a store of a newer schema holding runs was listed as if this actstore knew their
+    layout, where open_store, open_emergence and get_run refuse it."""
+    from actstore.probe import runs
+
+    store = str(_newer_schema(explore_store, tmp_path / "new.zarr"))
+    read = {"list_runs": lambda: runs.list_runs(store),
+            "latest_run": lambda: runs.latest_run(store, "depth")}[call]
+    with pytest.raises(ActstoreError, match="has store schema 99.*upgrade actstore") as info:
+        read()
+    assert "\n" not in str(info.value)

@@ -126,9 +126,9 @@ def list_interventions(store: str) -> dict[str, dict]:
     """Complete experiments' summaries by experiment id (stores before version 0.2 kept
     the summary in the group's attributes)."""
     out = {}
-    names = st.listed(store, io.list_dir(store, INTERVENTIONS))
+    names = io.list_dir(store, INTERVENTIONS)
     paths = [p for n in names for p in (lay.experiment_summary_path(n), group_path(n))]
-    attrs = iter(io.nodes_attrs(store, paths))
+    attrs = iter(st.listed(store, paths))
     for name in names:
         for found in (next(attrs) or {}, next(attrs) or {}):
             if SUMMARY_KEY in found:

@@ -325,8 +325,9 @@ def write_sweep(store: str, sweep_id: str, record: dict) -> None:
 
 
 def list_sweeps(store: str) -> dict[str, dict]:
-    sweeps = listed(store, io.marked_children(store, lay.SWEEPS, lay.sweep_path,
-                                              lay.SWEEP_KEY))
+    names = io.list_dir(store, lay.SWEEPS)
+    sweeps = io.marked(names, listed(store, [lay.sweep_path(n) for n in names]),
+                       lay.SWEEP_KEY)
     return {name: attrs[lay.SWEEP_KEY] for name, attrs in sweeps.items()}
 
 

@@ -281,7 +281,8 @@ def _write_fit(store: str, run_id: str, model: str, layer: str, fit) -> None:
 
 def list_runs(store: str) -> dict[str, dict]:
     """Complete probe runs (their attributes are written last) by run id."""
-    return st.listed(store, io.marked_children(store, PROBES, lay.run_path, lay.RUN_KEY))
+    names = io.list_dir(store, PROBES)
+    return io.marked(names, st.listed(store, [lay.run_path(n) for n in names]), lay.RUN_KEY)
 
 
 def latest_run(store: str, target: str, runs: dict[str, dict] | None = None) -> str | None:
@@ -347,9 +348,8 @@ def emergence(store: str) -> xr.Dataset:
     agrees with the committed runs, and needs no rewrite a kill could tear. The runs are
     listed once (before, again for each target's latest run and for its scores: a request
     per run, serially, 1 + 2 × targets times)."""
-    st.read_root_attrs(store)   # a path that holds no store, or one of a newer schema
     parts = []
-    runs = list_runs(store)
+    runs = list_runs(store)   # with the root: a path that holds no store, or a newer schema
     for target in sorted({a["target"] for a in runs.values()}):
         # object-dtype labels (see _plain_strings): concatenating fixed-width string
         # coordinates of different widths would truncate the longer layer names

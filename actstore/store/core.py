@@ -80,11 +80,12 @@ def _only_own_names(uri: str) -> bool:
     return bool(names) and all(n in OWN_NAMES or n.endswith(".partial") for n in names)
 
 
-def listed(uri: str, found):
-    """A listing (runs, experiments, sweeps) found nothing: a mistyped path says so, not 'none'."""
-    if not found:
-        read_root_attrs(uri)
-    return found
+def listed(uri: str, paths: list[str]) -> list[dict | None]:
+    """The attributes at ``paths`` (a listing's) read with the store's root in one round: a
+    mistyped path says so, and a newer schema is refused (before 2026-12-06, only if empty)."""
+    root, *attrs = io.nodes_attrs(uri, ["", *paths])
+    root_of(uri, root)
+    return attrs
 
 
 def existing_root(uri: str) -> dict | None:

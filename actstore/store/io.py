@@ -249,8 +249,12 @@ def marked_children(uri: str, folder: str, path_of: Callable[[str], str], marker
     attributes, by name: what exists once written whole, since every creation writes its
     marker last. One listing and one round of concurrent reads, however many entries."""
     names = list_dir(uri, folder)
-    return {name: attrs for name, attrs in zip(names, nodes_attrs(
-        uri, [path_of(n) for n in names])) if attrs and marker in attrs}
+    return marked(names, nodes_attrs(uri, [path_of(n) for n in names]), marker)
+
+
+def marked(names: list[str], attrs: list[dict | None], marker: str) -> dict[str, dict]:
+    """The ``names`` whose attributes carry ``marker`` (written last: complete), by name."""
+    return {name: a for name, a in zip(names, attrs) if a and marker in a}
 
 
 def node_attrs(uri: str, path: str) -> dict | None:
