@@ -55,7 +55,7 @@ def check_device(device: str | None, available: bool = True) -> str:
     device = str(device or "auto")
     if device in ("auto", "cpu"):
         return device
-    if not re.fullmatch(r"cuda(:\d+)?", device):
+    if not re.fullmatch(r"cuda(:(0|[1-9]\d*))?", device):   # torch refuses cuda:01
         raise ActstoreError(f"--device {device!r} is not understood; use cpu, cuda[:N] or auto")
     if not available:
         return device

@@ -32,7 +32,10 @@ def _devices() -> list[tuple[str, str]]:
     import torch
 
     bad = [("gpu", "--device 'gpu' is not understood; use cpu, cuda[:N] or auto"),
-           ("cuda:x", "--device 'cuda:x' is not understood")]
+           ("cuda:x", "--device 'cuda:x' is not understood"),
+           # torch refuses a leading zero ('Invalid device string'): on a machine with two
+           # GPUs this passed the name check and failed in torch.device, a traceback
+           ("cuda:01", "--device 'cuda:01' is not understood")]
     if torch.cuda.is_available():
         return bad
     return [*bad, ("cuda", "--device cuda")]
