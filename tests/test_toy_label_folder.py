@@ -86,6 +86,17 @@ def _negative_offsets(folder: Path) -> None:
     _with_header(folder, json.dumps(header).encode())
 
 
+def _unknown_dtype(folder: Path) -> None:
+    header = _header(folder)
+    header["head.bias"]["dtype"] = "C64"
+    _with_header(folder, json.dumps(header).encode())
+
+
+def _huge_config(folder: Path) -> None:
+    # a config of megabytes is read no further than a label network's config can be long
+    (folder / "config.json").write_text('{"widths": [16, 32], "pad": "' + "x" * 3_000_000 + '"}')
+
+
 def _negative_width(folder: Path) -> None:
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "widths": [-1, 32]}))
@@ -102,6 +113,8 @@ CASES = {
     "nested header": (_nested_header, NOT_WHOLE),
     "infinite offset": (_infinite_offset, NOT_WHOLE),
     "negative offsets": (_negative_offsets, NOT_WHOLE + " (head.bias: bytes [-5, -1]"),
+    "unknown dtype": (_unknown_dtype, NOT_WHOLE + " (head.bias: dtype 'C64', which no label"),
+    "huge config": (_huge_config, NOT_TOY + "config.json describes none"),
     "negative width": (_negative_width, NOT_TOY + "config.json describes none: widths"),
 }
 

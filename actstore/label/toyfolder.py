@@ -22,6 +22,7 @@ TRAIN = "python -m actstore.toyworld.labeler_train"
 # safetensors' own bound on a header (its MAX_HEADER_SIZE), so a hostile length is refused
 # before it is read, as the load would refuse it
 MAX_HEADER = 100_000_000
+MAX_CONFIG = 1_000_000     # a label network's config is a few lines; more is not one
 ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
               "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -34,7 +35,7 @@ def check_folder(path: Path, spec: str) -> dict:
                             f"{CONFIG} + {WEIGHTS}); train it with `{TRAIN}` or pass "
                             "toyworld:<folder>")
     try:
-        config = json.loads(_read(path / CONFIG, spec))
+        config = json.loads(_read(path / CONFIG, spec, MAX_CONFIG))
         expected = _expected_shapes(config["widths"])
     except (ValueError, TypeError, KeyError, IndexError, RecursionError) as exc:
         raise _not_toy(spec, path, f"its {CONFIG} describes none: {first_line(exc, 80)}")
@@ -75,10 +76,12 @@ class ToyFolder:
             try:
                 model = ToyLabeler.from_pretrained(self.path, device=self.device)
             except Exception as exc:    # noqa: BLE001 - any cause, named in the line
+                memory = isinstance(exc, MemoryError) or "out of memory" in str(exc).lower()
                 raise ActstoreError(
                     f"label provider {self.given}: loading {self.path / WEIGHTS} on "
                     f"{self.device} failed ({type(exc).__name__}: {first_line(exc, 120)}); "
-                    "free memory on that device or pass another --device") from None
+                    + ("free memory on that device or pass another --device" if memory else
+                       "check the folder, or retrain it with `" + TRAIN + "`")) from None
             model.spec, model.provenance = self.spec, self.provenance
             self._model = model
         return self._model
@@ -129,6 +132,9 @@ def _tensor_bytes(name: str, entry: dict) -> tuple[tuple[int, ...], int]:
     its shape and dtype make, from an offset of 0 or more."""
     shape = tuple(int(d) for d in entry["shape"])
     begin, end = (int(x) for x in entry["data_offsets"])
+    if entry["dtype"] not in ITEM_BYTES:
+        raise ValueError(f"{name}: dtype {str(entry['dtype'])[:20]!r}, which no label "
+                         "network holds")
     length = ITEM_BYTES[entry["dtype"]] * math.prod(shape)
     if min(shape, default=0) < 0 or not 0 <= begin <= end or end - begin != length:
         raise ValueError(f"{name}: bytes [{begin}, {end}] for {entry['dtype']} {list(shape)}")
