@@ -57,7 +57,7 @@ def test_layout_coordinates_and_provenance(tiny_store):
     assert view.layers == SD_LAYERS
     da = view["up_blocks.3.attentions.0"]
     assert da.dims == ("image", "step", "y", "x", "channel")
-    assert da.dtype == np.float16
+    assert da.dtype == np.float32     # stored float16, widened as read (exact)
     assert da.shape == (16, TINY["steps"], 8, 8, 32)
     # dask chunks are whole shards: one block of images × all steps
     assert da.data.chunks[0] == (4, 4, 4, 4) and da.data.chunks[1] == (TINY["steps"],)
@@ -74,6 +74,31 @@ def test_layout_coordinates_and_provenance(tiny_store):
     # notebook one-liner from the README
     sel = view["up_blocks.3.attentions.0"].sel(step=2, image=["demo-001", "demo-005"])
     assert sel.shape == (2, 8, 8, 32)
+
+
+def test_notebook_reductions_of_float16_activations_are_right(tiny_store):
+    """dask reduces an array in its own dtype, so over a stored float16 layer a count past
+    float16's 65504 became inf: ``mean()`` of 16 images x 4 steps of an 8x8x32 layer read
+    0.0 or NaN, ``sum()`` inf, ``std()`` NaN, silently (2026-12-06). The view reads them as
+    float32 (exact), and reductions agree with numpy's in float64."""
+    import warnings
+
+    da = open_store(tiny_store)["up_blocks.3.attentions.0"]
+    assert da.size > 65504
+    want = da.values.astype(np.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)      # no overflow on the way
+        got = {"mean": float(da.mean()), "sum": float(da.sum()), "std": float(da.std()),
+               "mean_xy": da.sel(step=2).mean(["y", "x"]).values}
+    np.testing.assert_allclose(got["mean"], want.mean(), rtol=1e-4)
+    np.testing.assert_allclose(got["sum"], want.sum(), rtol=1e-4)
+    np.testing.assert_allclose(got["std"], want.std(), rtol=1e-4)
+    np.testing.assert_allclose(got["mean_xy"], want[:, 2].mean(axis=(1, 2)), rtol=1e-4,
+                               atol=1e-6)
+    stored = zarr.open_array(tiny_store, path="models/trained/layers/"
+                             "up_blocks.3.attentions.0/activation", mode="r")
+    assert stored.dtype == np.float16                     # the store keeps its bytes
+    np.testing.assert_array_equal(da.isel(image=0).values, stored[0])
 
 
 def test_storage_layout_and_codec(tiny_store):

@@ -155,6 +155,8 @@ class StoreView:
         shards = var.encoding.get("shards") or var.encoding.get("chunks")
         if len(self.image_index) < var.sizes["image"]:
             var = var.isel(image=self.image_index)
+        if var.dtype == np.float16:
+            var = _widened(var)
         data = var.chunk({**dict(zip(var.dims, shards)), "image": self._image_chunks})
         coords = dict(self._image_coords)
         if "step" in data.dims:
@@ -162,7 +164,8 @@ class StoreView:
         return data.assign_coords(coords)
 
     def __getitem__(self, layer: str) -> xr.DataArray:
-        """Activations of one layer: ``(image, step, y, x, channel)``."""
+        """Activations of one layer: ``(image, step, y, x, channel)``, float32 whatever
+        the store holds (:func:`_widened`)."""
         if layer not in self.points:
             kind = layer.partition("/")[0] if "/" in layer else "attn1"
             if kind in self.pending:
@@ -197,6 +200,20 @@ class StoreView:
 
     def layer_info(self, layer: str) -> dict:
         return dict(self[layer].attrs)
+
+
+def _widened(var: xr.DataArray) -> xr.DataArray:
+    """float16 values read as float32, lazily, selections still reaching only the chunks
+    they need. dask reduces an array in its own dtype, so over stored float16 a ``mean()``
+    of more than 65504 values counted to inf and read 0.0 or NaN, a ``sum()`` inf and a
+    ``std()`` NaN, silently (one image-step of an SD 64x64x320 layer is 1.3 M values).
+    Widening is exact; a computed selection takes twice the memory of its stored bytes.
+    Done under dask (an ``astype`` of its chunks) it read whole shards for one image."""
+    from xarray.coding.variables import lazy_elemwise_func
+
+    wide = lazy_elemwise_func(var.variable._data, lambda a: np.asarray(a, np.float32),
+                              np.dtype(np.float32))
+    return var.copy(data=wide)
 
 
 def _strings(var: xr.DataArray) -> np.ndarray:
