@@ -59,12 +59,70 @@ def dask_address(workers: int | None, cluster: str | None, device: str | None = 
                             "cluster; --cluster ADDRESS uses a running one)")
     if cluster:
         info = check_scheduler(cluster)
+        forget_prefect_events(cluster)      # what earlier commands left
         yield cluster, info["workers"], info["gpu_workers"] > 0, code_fingerprint()
+        forget_prefect_events(cluster, ending=True)
     elif workers:
         with local_workers(workers, device) as address:
             yield address, workers, False, None
     else:
         yield None, 1, False, None
+
+
+def forget_prefect_events(address: str, ending: bool = False, timeout: float = 5.0) -> None:
+    """Drop the Prefect events clients of the workers at ``address`` that send to another
+    API than this command's (``ending``: to this command's too, if it is the temporary one
+    that ends with it), queued events and all; a task then makes one for its own command's
+    API. A worker process keeps one such client for its life, bound to the API of the
+    first command whose task it ran (Prefect keys it by type alone), and each command's
+    temporary API dies with it: every later command's events went to a dead API, 7 s and a
+    3 KB log line each, and a worker told to stop drained that backlog for minutes
+    (2026-12-06). A standing API (``PREFECT_API_URL``) keeps its client. Bounded: a
+    scheduler that does not answer within ``timeout`` is left alone."""
+    import threading
+
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    server = SubprocessASGIServer._instances.get(None)
+    temporary = server is not None and server.running and server.api_url == api
+    keep = None if ending and temporary else api
+
+    def drop() -> None:
+        from distributed import Client
+
+        try:
+            with Client(address, timeout=timeout) as client:
+                client.run(_drop_events_clients, keep)
+        except Exception:  # noqa: BLE001 - a tidy-up: the command's outcome stands
+            pass
+
+    thread = threading.Thread(target=drop, daemon=True, name="actstore-prefect-events")
+    thread.start()
+    thread.join(3 * timeout)
+
+
+def _drop_events_clients(keep: str | None) -> int:
+    """On a worker: stop its Prefect events clients not bound to the API ``keep``, their
+    queues emptied first; how many events were dropped."""
+    import sys
+
+    events = sys.modules.get("prefect.events.worker")   # no task yet: nothing to drop
+    dropped = 0
+    for service in list(events.EventsWorker._instances.values()) if events else []:
+        if keep is not None and getattr(getattr(service, "_client", None), "_api_url",
+                                        None) == keep:
+            continue
+        while True:
+            try:
+                service._queue.get_nowait()
+            except queue.Empty:
+                break
+            service._queue.task_done()
+            dropped += 1
+        service._stop()
+    return dropped
 
 
 def on_gpus(gpu: bool):
