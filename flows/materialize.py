@@ -79,8 +79,12 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
     t0 = time.perf_counter()
 
     def done(summary: dict) -> None:
-        bar.step(summary["images"] * steps)
-        bar.images(summary["images"], summary["bytes"])
+        # the region's images, generated or found recorded by another writer meanwhile
+        # (two commands on one new store both plan every block): else the bar ended at
+        # 25% or 0% above a 'complete' line
+        start, stop = (int(i) for i in summary["region"].split(":"))
+        bar.step((stop - start) * steps)
+        bar.images(stop - start, summary["bytes"])
     try:
         summaries = gather(futures, store, "regions", done, gpu=gpu)
     finally:

@@ -1,0 +1,58 @@
+"""The progress of ``materialize --cluster`` when another writer fills part of its plan:
+two commands started on one new store at once both plan every block, and the one whose
+regions then find the blocks recorded counts them as done. Before 2026-12-06 its bar
+counted only the images it generated and ended at 25% ('images 32/128', an ETA of
+minutes) above a 'complete' line. Real processes: ``dask scheduler``, ``dask worker``,
+the command with its temporary Prefect API, and a second command in its own process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import DEMO, REPO
+from test_cli import run
+from test_cluster_env import killable_scheduler  # noqa: F401 - a fixture
+from test_interrupt import inside
+
+ARGS = ["--model", "tiny-random", "--prompts", DEMO, "--steps", "40", "--batch-size", "4",
+        "--block-size", "4"]
+
+
+def test_blocks_another_writer_recorded_meanwhile_count_as_done(
+        tmp_path, killable_scheduler):  # noqa: F811 - the fixture imported above
+    from distributed import Client
+
+    address, _, _ = killable_scheduler
+    store = str(tmp_path / "s.zarr")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("PREFECT_API_URL", None)
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        (pid,) = client.run(os.getpid).values()
+        cli = subprocess.Popen([sys.executable, "-m", "flows.cli", "materialize", *ARGS,
+                                "--store", store, "--cluster", address], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not any(client.run(inside("materialize_region")).values()):
+                assert cli.poll() is None and time.monotonic() < deadline, cli.stderr.read()
+                time.sleep(0.05)
+            os.kill(pid, signal.SIGSTOP)          # its region planned, begun, held
+            try:
+                other = run("materialize", *ARGS, "--store", store, "--no-prefect",
+                            "--quiet", timeout=300)
+                assert other.returncode == 0, other.stderr[-2000:]
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            out, err = cli.communicate(timeout=300)
+        finally:
+            cli.kill()
+    assert cli.returncode == 0, err[-2000:]
+    assert "complete (trained 16/16 images)" in out, out
+    last = re.split(r"[\r\n]", err.strip())[-1]
+    assert "100%" in last and "images 16/16" in last, last
