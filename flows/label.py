@@ -59,9 +59,10 @@ def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | 
     with on_gpus(gpu):
         futures = [label_blocks_task.submit(job, stage, g, constants, code=code)
                    for g in groups]
-    per_image = 1 if stage == blocks.PASS1 else job.n_steps
+    per_image = 1 if stage == blocks.PASS1 else job.n_steps   # final images, x0 per step
     bar = Progress(sum(b - a for g in groups for a, b in g), per_image,
-                   f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress)
+                   f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress,
+                   unit="image" if stage == blocks.PASS1 else "img-step")
     try:
         return gather(futures, job.store, "label block groups",
                       lambda done: bar.step(done["images"] * per_image), gpu=gpu,

@@ -113,3 +113,25 @@ def test_unreachable_cluster_is_one_line(tiny_store, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--cluster tcp://127.0.0.1:9" in err[0], err
     assert time.monotonic() - t0 < 30
+
+
+def test_fanout_bars_count_what_each_pass_does(tmp_path, tiny_store):
+    """Pass 1 labels each final image once, pass 2 each step's x0 image: pass 1's bar
+    counted images under the unit 'img-step' (a soak run's '0/128 img-step', then
+    '9.06s/img-step'), pass 2's image-steps. The real command, its temporary Prefect API
+    and one local worker process."""
+    import re
+
+    from test_cli import run
+
+    uri = str(tmp_path / "bars.zarr")
+    shutil.copytree(tiny_store, uri)
+    res = run("label", "--store", uri, "--provider", "toyworld", "--target", "depth",
+              "--workers", "1", timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    bars = [b for b in re.split(r"[\r\n]", res.stderr) if b.startswith("label pass")]
+    pass1 = [b for b in bars if b.startswith("label pass1")]
+    pass2 = [b for b in bars if b.startswith("label pass2")]
+    assert pass1 and pass2, res.stderr[-2000:]
+    assert all("img-step" not in b and "/16 " in b and "image" in b for b in pass1), pass1
+    assert all("img-step" in b for b in pass2) and "/64 " in pass2[-1], pass2
