@@ -180,10 +180,15 @@ class WorkersChanged(BlocksFailed):
     worker running other code joined."""
 
 
+def dask_client(futures: list):
+    """The Dask client Prefect's ``futures`` went through (None: not Dask's)."""
+    return next((getattr(getattr(f, "wrapped_future", None), "client", None)
+                 for f in futures), None)
+
+
 def watch_workers(futures: list, store: str, what: str, gpu: bool) -> WorkerWatch | None:
     """A :class:`WorkerWatch` on the scheduler ``futures`` went to (None: not Dask's)."""
-    client = next((getattr(getattr(f, "wrapped_future", None), "client", None)
-                   for f in futures), None)
+    client = dask_client(futures)
     if client is None:
         return None
     for name in ("distributed.client", "asyncio"):

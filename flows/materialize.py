@@ -16,6 +16,7 @@ on another.
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 
 from prefect import flow, task
@@ -24,10 +25,10 @@ from actstore.cluster import names_worker, portable
 from actstore.generation.materialize import MaterializeSettings, completion, format_completion
 from actstore.generation.regions import materialize_region, plan_regions
 from actstore.plots.figures import sample_grid
-from actstore.progress import Progress
+from actstore.progress import Progress, RelayedBar, quiet
 from actstore.worker_code import checks_code
-from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, result_of,
-                          retry_unless_bad_input)
+from flows.fanout import (REGION_RETRIES, dask_address, dask_client, gather, on_gpus,
+                          result_of, retry_unless_bad_input)
 
 
 @task(name="materialize-region", retries=REGION_RETRIES, retry_delay_seconds=2,
@@ -35,9 +36,9 @@ from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, result_
 @checks_code
 @names_worker
 def region_task(model: str, prompts: str, store: str, settings: MaterializeSettings, *,
-                images: str | None, progress: bool = False) -> dict:
+                images: str | None, progress: bool = False, topic: str | None = None) -> dict:
     return materialize_region(model, prompts, store, settings, images=images,
-                              progress=progress)
+                              progress=progress, topic=topic)
 
 
 @task(name="plan-regions", retries=REGION_RETRIES, retry_delay_seconds=2,
@@ -70,12 +71,15 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
         plan = result_of(plan_task.submit(model, prompts, store, settings, images=images,
                                           workers=workers, code=code),
                          store, "planning task", gpu)
+        topic = f"actstore-progress-{uuid.uuid4().hex}" if progress and not quiet() else None
         futures = [region_task.submit(model, prompts, store, settings, images=region,
-                                      code=code)
+                                      code=code, topic=topic)
                    for region in plan["regions"]]
     steps = settings.gen.steps
     bar = Progress(plan["pending_images"], steps, f"materialize {plan['model']} "
                    f"({len(futures)} regions, {workers} workers)", enabled=progress)
+    client = dask_client(futures) if topic else None
+    relayed = RelayedBar(bar, client, topic) if client is not None else None
     t0 = time.perf_counter()
 
     def done(summary: dict) -> None:
@@ -83,11 +87,17 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
         # (two commands on one new store both plan every block): else the bar ended at
         # 25% or 0% above a 'complete' line
         start, stop = (int(i) for i in summary["region"].split(":"))
+        if relayed is not None:
+            relayed.finish(summary["region"], (stop - start) * steps, stop - start,
+                           summary["bytes"])
+            return
         bar.step((stop - start) * steps)
         bar.images(stop - start, summary["bytes"])
     try:
         summaries = gather(futures, store, "regions", done, gpu=gpu)
     finally:
+        if relayed is not None:
+            relayed.close()
         bar.close()
     blocks, added = (sum(s[key] for s in summaries) for key in ("blocks_written",
                                                                  "blocks_added_to"))

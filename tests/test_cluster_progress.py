@@ -56,3 +56,17 @@ def test_blocks_another_writer_recorded_meanwhile_count_as_done(
     assert "complete (trained 16/16 images)" in out, out
     last = re.split(r"[\r\n]", err.strip())[-1]
     assert "100%" in last and "images 16/16" in last, last
+
+
+def test_the_bar_moves_while_a_region_runs(tmp_path, killable_scheduler):  # noqa: F811
+    """One region of 4 images x 120 steps on one worker: the bar shows its steps as the
+    worker makes them, not only when the region ends (before 2026-12-06 it went from 0 to
+    480 at once; a soak run's bars sat at 0% for up to 2 min 24 s)."""
+    address, _, _ = killable_scheduler
+    res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
+              str(tmp_path / "s.zarr"), "--steps", "120", "--batch-size", "4",
+              "--block-size", "4", "--images", "0:4", "--cluster", address, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    counts = {int(m) for m in re.findall(r"\| *(\d+)/480 \[", res.stderr)}
+    assert counts & set(range(1, 480)), sorted(counts)
+    assert 480 in counts and "images 4/4" in re.split(r"[\r\n]", res.stderr.strip())[-1]

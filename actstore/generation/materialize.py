@@ -12,6 +12,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Callable
 
 import numpy as np
 
@@ -194,14 +195,15 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
 
 def materialize(model: str | LoadedModel, prompts: str, store: str,
                 settings: MaterializeSettings = MaterializeSettings(), *,
-                images: str | None = None, progress: bool = True) -> dict:
+                images: str | None = None, progress: bool = True,
+                relay: Callable[[int, int, int], None] | None = None) -> dict:
     """Fill ``store`` (or its region ``images`` = "A:B") with ``model``'s activations for the
     prompt table; returns a summary. Capture kinds in ``settings.cap.kinds`` that stored
     blocks lack are added to them after the regeneration check."""
     run = _open_run(model, prompts, store, settings, images)
     cap, model = settings.cap, run.model
     bar = Progress(sum(b - a for a, b, *_ in run.work), run.gen.steps,
-                   f"materialize {model.variant}", enabled=progress)
+                   f"materialize {model.variant}", enabled=progress, relay=relay)
     t0 = time.perf_counter()
     exact = is_exact(st.model_attrs(store, model.variant), model.device)
     writer = st.BlockWriter(store, st.model_path(model.variant), on_written=bar.images)

@@ -15,6 +15,7 @@ from actstore.cluster import MODEL_LOCK as _LOCK
 from actstore.cluster import local_dask, shared, worker_id
 from actstore.generation.materialize import MaterializeSettings, materialize, prepare
 from actstore.generation.models import LoadedModel, apply_control, load_model
+from actstore.progress import relayed
 
 _LOADS: list[tuple] = []               # every load this process made, for the tests' count
 
@@ -72,9 +73,12 @@ def plan_regions(model: str, prompts: str, store: str, settings: MaterializeSett
 
 @local_dask
 def materialize_region(model: str, prompts: str, store: str, settings: MaterializeSettings,
-                       *, images: str, progress: bool = False) -> dict:
-    """Fill one region with this process's shared model; resumes from recorded blocks."""
+                       *, images: str, progress: bool = False,
+                       topic: str | None = None) -> dict:
+    """Fill one region with this process's shared model; resumes from recorded blocks.
+    ``topic``: where its progress goes on a Dask worker (:func:`actstore.progress.relayed`)."""
+    relay = relayed(topic, images) if topic else None
     with _LOCK:
         summary = materialize(shared_model(model, settings), prompts, store, settings,
-                              images=images, progress=progress)
+                              images=images, progress=progress, relay=relay)
     return {**summary, "region": images, "worker": worker_id()}
