@@ -10,9 +10,11 @@ from test_probe_selection import _refused, store  # noqa: F401  (store: a fixtur
 
 
 def _intervene(store: str, run: str, *extra: str):
-    return cli("intervene", "--store", store, "--probe-run", run, "--layers",
-               EXPLORE_LAYERS[0], "--steps", "0", "--images", "demo-012", "--n-targets", "1",
-               *extra)
+    """An option in ``extra`` replaces its default here: given twice it is refused."""
+    defaults = {"--layers": EXPLORE_LAYERS[0], "--steps": "0", "--images": "demo-012",
+                "--n-targets": "1"}
+    kept = [a for k, v in defaults.items() if k not in extra for a in (k, v)]
+    return cli("intervene", "--store", store, "--probe-run", run, *kept, *extra)
 
 
 def test_a_probe_run_fitted_on_labels_relabelled_since_is_refused(store):
