@@ -487,3 +487,26 @@ def test_incomplete_store_is_refused(store):
     with pytest.raises(ActstoreError, match="incomplete \\(1 image blocks missing: 4:8\\)"):
         write_labels(store, Brightness(), "depth", progress=False)
     assert full_digest(store) == before
+
+
+def test_label_summary_lists_resolutions_smallest_first(tmp_path, tiny_model, capsys):
+    """128x128 images give 16x16 grids: in text order the summary read 'r16, r2, r4, r8'."""
+    from actstore.generation.materialize import MaterializeSettings, materialize
+    from actstore.generation.sampling import GenerationConfig
+    from conftest import DEMO
+    from flows.cli import main
+
+    rows = Path(DEMO).read_text(encoding="utf-8").splitlines()
+    prompts = tmp_path / "four.csv"
+    prompts.write_text("\n".join([rows[0], *rows[1:4], rows[11]]) + "\n", encoding="utf-8")
+    uri = str(tmp_path / "big.zarr")
+    materialize(tiny_model, str(prompts), uri, MaterializeSettings(
+        gen=GenerationConfig(steps=1, height=128, width=128), batch_size=4, block_size=4),
+        progress=False)
+    ids = list(open_store(uri).images["image"].values)
+    np.savez(tmp_path / "d.npz", image_id=np.array(ids),
+             depth=np.random.default_rng(0).normal(size=(len(ids), 128, 128)))
+    assert main(["--no-prefect", "label", "--store", uri, "--no-x0", "--provider",
+                 f"array:{tmp_path / 'd.npz'}", "--target", "depth"]) == 0
+    out = capsys.readouterr().out
+    assert "4 images at r2, r4, r8, r16;" in out, out

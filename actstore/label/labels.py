@@ -39,7 +39,7 @@ from actstore.store import io, labelsets
 from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
 from actstore.label import blocks
-from actstore.label.passes import PassContext, resolution_name
+from actstore.label.passes import PassContext, by_size, resolution_name
 from actstore.kinds import CONTINUOUS, KINDS
 from actstore.label.providers import LabelProvider, get_provider
 from actstore.label.settings import LabelSettings
@@ -153,7 +153,7 @@ def commit_labels(job: blocks.LabelJob, prov: LabelProvider, constants: dict) ->
                               job.x0_note) for t in job.kinds}
     labelsets.commit_set(job.store, job.paths, attrs)   # all targets visible at once
     return {t: {"store": job.store, "target": t, "kind": kind, "provider": job.spec,
-                "images": len(job.ids), "resolutions": sorted(attrs[t]["resolutions"]),
+                "images": len(job.ids), "resolutions": by_size(attrs[t]["resolutions"]),
                 "x0": attrs[t]["x0"], "x0_note": job.x0_note, "mean": constants[t][0],
                 "std": constants[t][1], "replaced": t in job.replaced}
             for t, kind in job.kinds.items()}

@@ -21,6 +21,12 @@ def resolution_name(h: int, w: int) -> str:
     return f"r{h}" if h == w else f"r{h}x{w}"
 
 
+def by_size(resolutions: dict[str, list[int]]) -> list[str]:
+    """Resolution names (``{"r16": [16, 16], ...}``) smallest grid first: in text order a
+    label summary read "r16, r2, r4, r8"."""
+    return sorted(resolutions, key=lambda name: tuple(resolutions[name]))
+
+
 class PassContext:
     """What every pass needs to know to check a provider's output and name culprits."""
 
