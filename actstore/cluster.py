@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from functools import wraps
 from typing import Callable, TypeVar
 
-from actstore.errors import ActstoreError, first_line
+from actstore.errors import ActstoreError, InputError, first_line
 from actstore.runtime import dask_threads, env_threads
 
 # Imported by each local worker as it starts (torch, diffusers, zarr: seconds each), all
@@ -89,11 +89,14 @@ def names_worker(fn: Callable[..., T]) -> Callable[..., T]:
     An :class:`ActstoreError` (one line, ours) says it in its message; any other exception
     gets a note (PEP 678 ``add_note``: its type, arguments and message stay as they were,
     so the retry rules and the command's reading of OS errors see the same exception),
-    which :func:`worker_note` finds on the submitting side."""
+    which :func:`worker_note` finds on the submitting side. An :class:`InputError` (what
+    the user typed) is true of every process, so it names none."""
     @wraps(fn)
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except InputError:
+            raise
         except ActstoreError as exc:
             where = dask_worker_name()
             if where and exc.args and f"({ON_WORKER}" not in str(exc.args[0]):

@@ -9,6 +9,13 @@ class ActstoreError(Exception):
     """A user-facing error: bad input, a mismatched store, a missing model."""
 
 
+class InputError(ActstoreError):
+    """An error in what the user typed (an option's syntax, a range past the store's end):
+    every process finds it the same, so a fan-out task that meets it on a Dask worker does
+    not name the worker (:func:`actstore.cluster.names_worker`), which would send the user
+    to look at that worker's environment instead of the command line."""
+
+
 class Displaced(ActstoreError):
     """A writer's mark is no longer its own: another command took it for gone (frozen, or
     its host cut off from the store longer than the staleness window) and removed or took

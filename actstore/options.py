@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 
-from actstore.errors import ActstoreError
+from actstore.errors import InputError
 
 
 class Options:
@@ -28,7 +28,7 @@ def named_once(option: str, what: str, values) -> None:
     twice = next((i for i, v in enumerate(values) if v in values[:i]), None)
     if twice is not None:
         shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
-        raise ActstoreError(f"{option} {' '.join(shown)}: {what} {shown[twice]} is named "
+        raise InputError(f"{option} {' '.join(shown)}: {what} {shown[twice]} is named "
                             "twice; name each once")
 
 
@@ -40,8 +40,8 @@ def start_stop(text: str, n: int, *, expected: str, holder: str) -> tuple[int, i
         a = int(a_text) if a_text else 0
         b = int(b_text) if b_text else n
     except ValueError:
-        raise ActstoreError(f"--images {text!r}: expected {expected}, e.g. 0:{n}") from None
+        raise InputError(f"--images {text!r}: expected {expected}, e.g. 0:{n}") from None
     if not 0 <= a < b <= n:
-        raise ActstoreError(f"--images {text}: out of range; {holder} has {n} images, so use "
+        raise InputError(f"--images {text}: out of range; {holder} has {n} images, so use "
                             f"START:STOP with 0 <= START < STOP <= {n}")
     return a, b

@@ -119,6 +119,7 @@ def intervene_flow(store: str, probe_run: str,
     / the scheduler at ``cluster``; draw its grid to ``figure`` once it is complete."""
     if workers or cluster:
         blocks.check_portable(settings)
+        blocks.check_images(store, settings)
         with dask_address(workers, cluster, settings.device) as (address, n, gpu, code):
             from prefect_dask import DaskTaskRunner
 

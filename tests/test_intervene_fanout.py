@@ -127,3 +127,36 @@ def test_fan_out_needs_prefect_and_a_provider_spec(probed, capsys, prefect_harne
     with pytest.raises(ActstoreError, match="pass the provider as a spec"):
         intervene_flow(base, run, SETTINGS.with_(provider=PixelLabels()), workers=2)
     assert tree_digest(base) == before
+
+
+def test_bad_images_on_workers_blame_no_worker(probed, capsys, prefect_harness):
+    """A typo in --images is the user's: refused in the command's process, as without
+    --workers, not on the worker that plans (whose address in it sent the user to look at
+    that worker's environment)."""
+    base, _, run = probed
+    before = tree_digest(base)
+    assert main(["intervene", "--store", base, "--probe-run", run, "--layers", *IV_LAYERS,
+                 "--steps", *map(str, IV_STEPS), "--images", "toy-0000:toy-0000",
+                 "--device", "cpu", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "actstore intervene: error: --images 'toy-0000:toy-0000': expected START:STOP"), err
+    assert "worker" not in err[0], err
+    assert tree_digest(base) == before
+
+
+def test_input_errors_name_no_worker_store_errors_do(tmp_path, cluster):
+    """On a real worker process: a typo (InputError) is the same everywhere, so it names
+    no worker; a store missing there may be there for the user's shell, so it names one."""
+    from actstore.cluster import names_worker
+    from actstore.options import start_stop
+    from actstore.store.core import read_root_attrs
+
+    typo = cluster.submit(names_worker(start_stop), "a:b", 16, expected="START:STOP",
+                          holder="the store")
+    with pytest.raises(ActstoreError) as err:
+        typo.result()
+    assert str(err.value) == "--images 'a:b': expected START:STOP, e.g. 0:16"
+    gone = cluster.submit(names_worker(read_root_attrs), str(tmp_path / "none.zarr"))
+    with pytest.raises(ActstoreError, match=r"does not exist.*\(on Dask worker tcp://"):
+        gone.result()

@@ -11,7 +11,7 @@ import numpy as np
 
 from actstore.store import core as st
 from actstore.store.view import StoreView
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, InputError
 from actstore.options import start_stop
 from actstore.intervene.results import existing_settings
 from actstore.label.providers import get_provider
@@ -42,8 +42,8 @@ def select_images(view: StoreView, images) -> np.ndarray:
             row = {v: i for i, v in enumerate(ids)}
             missing = [w for w in wanted if w not in row]
             if missing:
-                raise ActstoreError(f"image(s) {', '.join(missing[:3])} are not in store "
-                                    f"{view.uri} ({n} images, {ids[0]} ... {ids[-1]})")
+                raise InputError(f"image(s) {', '.join(missing[:3])} are not in store "
+                                 f"{view.uri} ({n} images, {ids[0]} ... {ids[-1]})")
             positions = np.array(sorted({row[w] for w in wanted}), dtype=np.int64)
     unfinished = positions[~view.complete[positions]]
     if unfinished.size:
