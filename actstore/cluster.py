@@ -95,10 +95,8 @@ def names_worker(fn: Callable[..., T]) -> Callable[..., T]:
     def run(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except InputError:
-            raise
         except ActstoreError as exc:
-            where = dask_worker_name()
+            where = None if isinstance(exc, InputError) else dask_worker_name()
             if where and exc.args and f"({ON_WORKER}" not in str(exc.args[0]):
                 exc.args = (f"{exc.args[0]} ({ON_WORKER}{where})", *exc.args[1:])
             raise
