@@ -21,6 +21,7 @@ from prefect.futures import PrefectFuture
 from actstore.cluster import local_workers, worker_note
 from actstore.cluster_checks import ClusterChanged, WorkerWatch, check_scheduler
 from actstore.errors import ActstoreError
+from actstore.progress import Progress, RelayedBar
 from actstore.worker_code import SAME_CODE_FIX, OtherWorkerCode, code_fingerprint
 
 REGION_RETRIES = 2
@@ -184,6 +185,12 @@ def dask_client(futures: list):
     """The Dask client Prefect's ``futures`` went through (None: not Dask's)."""
     return next((getattr(getattr(f, "wrapped_future", None), "client", None)
                  for f in futures), None)
+
+
+def relayed_bar(bar: Progress, futures: list, topic: str | None) -> RelayedBar:
+    """``bar`` counting ``futures``' tasks as they relay their progress under ``topic``
+    (:func:`actstore.progress.relayed`), else only as each ends."""
+    return RelayedBar(bar, dask_client(futures) if topic else None, topic)
 
 
 def watch_workers(futures: list, store: str, what: str, gpu: bool) -> WorkerWatch | None:

@@ -22,10 +22,10 @@ from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings, SweepSettings
 from actstore.intervene.sweep import run_sweep
 from actstore.plots.interventions import intervention_grid, sweep_figures
-from actstore.progress import Progress
+from actstore.progress import Progress, progress_topic
 from actstore.worker_code import checks_code
-from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, result_of,
-                          retry_unless_bad_input)
+from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, relayed_bar,
+                          result_of, retry_unless_bad_input)
 
 
 @task(name="interventions")
@@ -47,9 +47,9 @@ def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
 @checks_code
 @names_worker
 def block_group_task(store: str, probe_run: str, settings: InterventionSettings, group: list,
-                     *, experiment_id: str) -> dict:
+                     *, experiment_id: str, topic: str | None = None) -> dict:
     return blocks.run_block_group(store, probe_run, settings, group,
-                                  experiment_id=experiment_id)
+                                  experiment_id=experiment_id, topic=topic)
 
 
 @task(name="intervene-summary", retries=REGION_RETRIES, retry_delay_seconds=2,
@@ -74,16 +74,20 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
         plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers, code=code),
                          store, "planning task", gpu)
         eid = plan["experiment_id"]
+        topic = progress_topic(progress)
         futures = [block_group_task.submit(store, probe_run, settings, g, experiment_id=eid,
-                                           code=code) for g in plan["groups"]]
+                                           code=code, topic=topic) for g in plan["groups"]]
     bar = Progress(plan["pending_images"] * plan["per_image"], plan["steps"],
                    f"intervene {eid} ({len(futures)} groups, {workers} workers)",
                    enabled=progress)
+    relayed = relayed_bar(bar, futures, topic)
     try:
         done = gather(futures, store, "intervention block groups",
-                      lambda d: bar.step(d["images"] * plan["per_image"] * plan["steps"]),
+                      lambda d: relayed.finish(
+                          d["group"], d["images"] * plan["per_image"] * plan["steps"], 0, 0),
                       gpu=gpu)
     finally:
+        relayed.close()
         bar.close()
     with on_gpus(gpu):
         summary = result_of(finish_blocks_task.submit(

@@ -16,7 +16,6 @@ on another.
 from __future__ import annotations
 
 import time
-import uuid
 from collections import Counter
 
 from prefect import flow, task
@@ -25,9 +24,9 @@ from actstore.cluster import names_worker, portable
 from actstore.generation.materialize import MaterializeSettings, completion, format_completion
 from actstore.generation.regions import materialize_region, plan_regions
 from actstore.plots.figures import sample_grid
-from actstore.progress import Progress, RelayedBar, quiet
+from actstore.progress import Progress, progress_topic
 from actstore.worker_code import checks_code
-from flows.fanout import (REGION_RETRIES, dask_address, dask_client, gather, on_gpus,
+from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, relayed_bar,
                           result_of, retry_unless_bad_input)
 
 
@@ -71,15 +70,14 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
         plan = result_of(plan_task.submit(model, prompts, store, settings, images=images,
                                           workers=workers, code=code),
                          store, "planning task", gpu)
-        topic = f"actstore-progress-{uuid.uuid4().hex}" if progress and not quiet() else None
+        topic = progress_topic(progress)
         futures = [region_task.submit(model, prompts, store, settings, images=region,
                                       code=code, topic=topic)
                    for region in plan["regions"]]
     steps = settings.gen.steps
     bar = Progress(plan["pending_images"], steps, f"materialize {plan['model']} "
                    f"({len(futures)} regions, {workers} workers)", enabled=progress)
-    client = dask_client(futures) if topic else None
-    relayed = RelayedBar(bar, client, topic) if client is not None else None
+    relayed = relayed_bar(bar, futures, topic)
     t0 = time.perf_counter()
 
     def done(summary: dict) -> None:
@@ -87,17 +85,12 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
         # (two commands on one new store both plan every block): else the bar ended at
         # 25% or 0% above a 'complete' line
         start, stop = (int(i) for i in summary["region"].split(":"))
-        if relayed is not None:
-            relayed.finish(summary["region"], (stop - start) * steps, stop - start,
-                           summary["bytes"])
-            return
-        bar.step((stop - start) * steps)
-        bar.images(stop - start, summary["bytes"])
+        relayed.finish(summary["region"], (stop - start) * steps, stop - start,
+                       summary["bytes"])
     try:
         summaries = gather(futures, store, "regions", done, gpu=gpu)
     finally:
-        if relayed is not None:
-            relayed.close()
+        relayed.close()
         bar.close()
     blocks, added = (sum(s[key] for s in summaries) for key in ("blocks_written",
                                                                  "blocks_added_to"))

@@ -2,21 +2,25 @@
 two commands started on one new store at once both plan every block, and the one whose
 regions then find the blocks recorded counts them as done. Before 2026-12-06 its bar
 counted only the images it generated and ended at 25% ('images 32/128', an ETA of
-minutes) above a 'complete' line. Real processes: ``dask scheduler``, ``dask worker``,
-the command with its temporary Prefect API, and a second command in its own process."""
+minutes) above a 'complete' line. Its bar, and ``intervene --cluster``'s, move while a
+task runs. Real processes: ``dask scheduler``, ``dask worker``, the command with its
+temporary Prefect API, and a second command in its own process."""
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
-from conftest import DEMO, REPO
+from conftest import DEMO, IV_LAYERS, REPO
 from test_cli import run
 from test_cluster_env import killable_scheduler  # noqa: F401 - a fixture
+from test_intervene_fanout import probed  # noqa: F401 - a fixture
 from test_interrupt import inside
 
 ARGS = ["--model", "tiny-random", "--prompts", DEMO, "--steps", "40", "--batch-size", "4",
@@ -70,3 +74,48 @@ def test_the_bar_moves_while_a_region_runs(tmp_path, killable_scheduler):  # noq
     counts = {int(m) for m in re.findall(r"\| *(\d+)/480 \[", res.stderr)}
     assert counts & set(range(1, 480)), sorted(counts)
     assert 480 in counts and "images 4/4" in re.split(r"[\r\n]", res.stderr.strip())[-1]
+
+
+def test_the_bar_moves_while_an_intervention_group_runs(tmp_path, probed,  # noqa: F811
+                                                       killable_scheduler):  # noqa: F811
+    """One block group (4 images, one intervention generated at a time) on one worker,
+    held for 1.5 s with SIGSTOP in its first generation so that it relays before its end
+    however fast the machine: the bar shows the group's steps as the worker makes them
+    (before 2026-12-06 it went from 0 to the whole group at once; a soak run's sat at 0%
+    for 83 s)."""
+    from distributed import Client
+
+    uri, probe_run = str(tmp_path / "p.zarr"), probed[2]
+    shutil.copytree(probed[0], uri)
+    address, _, _ = killable_scheduler
+    with Client(address, timeout=30) as client:
+        client.wait_for_workers(1, timeout=60)
+        (pid,) = client.run(os.getpid).values()
+        held = threading.Event()
+
+        def hold() -> None:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline:
+                if any(client.run(inside("generate_edited")).values()):
+                    os.kill(pid, signal.SIGSTOP)
+                    time.sleep(1.5)
+                    os.kill(pid, signal.SIGCONT)
+                    held.set()
+                    return
+                time.sleep(0.02)
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        try:
+            res = run("intervene", "--store", uri, "--probe-run", probe_run, "--layers",
+                      *IV_LAYERS, "--steps", "0", "1", "--images", "0:4", "--n-targets", "1",
+                      "--batch-size", "1", "--device", "cpu", "--cluster", address,
+                      timeout=300)
+        finally:
+            holder.join(timeout=10)
+            os.kill(pid, signal.SIGCONT)
+    assert res.returncode == 0 and held.is_set(), res.stderr[-2000:]
+    bars = re.findall(r"\| *(\d+)/(\d+) \[", res.stderr)
+    (total,) = {int(n) for _, n in bars}
+    counts = {int(k) for k, _ in bars}
+    assert counts & set(range(1, total)), (sorted(counts), total)
+    assert total in counts

@@ -21,6 +21,7 @@ from actstore.intervene.plan import plan_interventions
 from actstore.intervene.run import (Experiment, begin_experiment, finish_experiment,
                                     run_blocks)
 from actstore.intervene.settings import InterventionSettings
+from actstore.progress import Progress, relayed
 from actstore.store.view import StoreView
 
 
@@ -79,17 +80,21 @@ def plan_blocks(store: str, probe_run: str, settings: InterventionSettings, *,
 
 @local_dask
 def run_block_group(store: str, probe_run: str, settings: InterventionSettings,
-                    group: list, *, experiment_id: str, provenance: dict | None = None) -> dict:
+                    group: list, *, experiment_id: str, provenance: dict | None = None,
+                    topic: str | None = None) -> dict:
     """Generate, score and record one group of blocks with this process's model; blocks
-    already recorded (a retry, a rerun) are skipped."""
+    already recorded (a retry, a rerun) are skipped. ``topic``: where its progress goes
+    on a Dask worker (:func:`actstore.progress.relayed`)."""
     exp = shared_experiment(store, probe_run, settings, experiment_id=experiment_id,
                             provenance=provenance)
     pending = set(exp.pending())
     todo = [tuple(blk) for blk in group if tuple(blk) in pending]
+    name = f"{group[0][0]}:{group[-1][1]}"
+    bar = Progress(0, 1, "", enabled=False, relay=relayed(topic, name)) if topic else None
     with MODEL_LOCK:
-        run_blocks(exp, todo)
+        run_blocks(exp, todo, bar)
     return {"images": sum(hi - lo for *_, lo, hi in group), "blocks_written": len(todo),
-            "worker": worker_id()}
+            "group": name, "worker": worker_id()}
 
 
 @local_dask
