@@ -59,8 +59,8 @@ def relayed(topic: str, what: str, every: float = 0.5) -> Callable[[int, int, in
     event log under ``topic`` (named ``what``) at most every ``every`` seconds, for the
     command's bar (:class:`RelayedBar`). Without it a fan-out's bar moved only when a whole
     task ended: a soak run's materialize regions left it still for a minute, and a region
-    of SD images would take hours; intervene's block groups left it at 0% for 83 s
-    (2026-12-06)."""
+    of SD images would take hours; label's and intervene's block groups left it at 0% for
+    2 min 24 s and 83 s (2026-12-06)."""
     from distributed import get_worker
 
     worker, held, last = get_worker(), [0, 0, 0], [time.monotonic()]
@@ -80,6 +80,12 @@ def progress_topic(progress: bool) -> str | None:
     """A fan-out's own event topic for :func:`relayed`, unique so that two commands on one
     scheduler never count each other's work; None where no bar is shown."""
     return f"actstore-progress-{uuid.uuid4().hex}" if progress and not quiet() else None
+
+
+def relaying(topic: str | None, what: str) -> Progress | None:
+    """A silent bar for a task on a Dask worker that only relays its counts as ``what``
+    (:func:`relayed`); None without a topic (no bar, or not on a worker)."""
+    return Progress(0, 1, "", enabled=False, relay=relayed(topic, what)) if topic else None
 
 
 class RelayedBar:

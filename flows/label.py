@@ -24,11 +24,11 @@ from actstore.label import blocks
 from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
 from actstore.label.providers import describe_provider
 from actstore.label.settings import LabelSettings
-from actstore.progress import Progress
+from actstore.progress import Progress, progress_topic, relaying
 from actstore.store import labelsets
 from actstore.worker_code import checks_code
 from flows.fanout import (REGION_RETRIES, BlocksFailed, dask_address, gather, on_gpus,
-                          retry_unless_bad_input)
+                          relayed_bar, retry_unless_bad_input)
 
 # How often this process looks at the run's marks while a pass runs on the workers (two
 # small reads per version). The workers check before each block's writes but can't put
@@ -47,27 +47,32 @@ def label_task(store: str, provider: str, target: str | list[str],
       retry_condition_fn=retry_unless_bad_input)
 @checks_code
 @names_worker
-def label_blocks_task(job: blocks.LabelJob, stage: str, blks: list, constants: dict | None
-                      ) -> dict:
-    return blocks.run_blocks(job, stage, [tuple(b) for b in blks], constants)
+def label_blocks_task(job: blocks.LabelJob, stage: str, blks: list, constants: dict | None,
+                      topic: str | None = None) -> dict:
+    name = f"{stage}{blks[0][0]}:{blks[-1][1]}"
+    return {**blocks.run_blocks(job, stage, [tuple(b) for b in blks], constants,
+                                bar=relaying(topic, name)), "group": name}
 
 
 def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | None,
               gpu: bool, progress: bool, code: tuple[str, ...] | None) -> list[dict]:
     """Every block group of one pass at once; Dask runs as many as it has workers (or
     GPUs: one group at a time on each worker offering a ``GPU`` resource)."""
+    topic = progress_topic(progress)
     with on_gpus(gpu):
-        futures = [label_blocks_task.submit(job, stage, g, constants, code=code)
+        futures = [label_blocks_task.submit(job, stage, g, constants, topic, code=code)
                    for g in groups]
     per_image = 1 if stage == blocks.PASS1 else job.n_steps   # final images, x0 per step
     bar = Progress(sum(b - a for g in groups for a, b in g), per_image,
                    f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress,
                    unit="image" if stage == blocks.PASS1 else "img-step")
+    relayed = relayed_bar(bar, futures, topic)
     try:
         return gather(futures, job.store, "label block groups",
-                      lambda done: bar.step(done["images"] * per_image), gpu=gpu,
-                      on_wait=_marks_kept(job))
+                      lambda d: relayed.finish(d["group"], d["images"] * per_image, 0, 0),
+                      gpu=gpu, on_wait=_marks_kept(job))
     finally:
+        relayed.close()
         bar.close()
 
 

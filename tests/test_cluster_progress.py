@@ -83,11 +83,42 @@ def test_the_bar_moves_while_an_intervention_group_runs(tmp_path, probed,  # noq
     however fast the machine: the bar shows the group's steps as the worker makes them
     (before 2026-12-06 it went from 0 to the whole group at once; a soak run's sat at 0%
     for 83 s)."""
-    from distributed import Client
-
     uri, probe_run = str(tmp_path / "p.zarr"), probed[2]
     shutil.copytree(probed[0], uri)
     address, _, _ = killable_scheduler
+    counts, total = held_run(address, "generate_edited", "intervene", "--store", uri,
+                             "--probe-run", probe_run, "--layers", *IV_LAYERS, "--steps",
+                             "0", "1", "--images", "0:4", "--n-targets", "1",
+                             "--batch-size", "1", "--device", "cpu")
+    assert counts & set(range(1, total)), (sorted(counts), total)
+    assert total in counts
+
+
+def test_the_bar_moves_while_a_label_group_runs(tmp_path, killable_scheduler):  # noqa: F811
+    """16 blocks of one image on one worker: pass 1 in 4 groups of 4 blocks, the worker
+    held 1.5 s with SIGSTOP in its first block. The bar counts each block as the worker
+    labels it (before 2026-12-06 only each group's end, 0/4/8/12/16; a soak run's pass 1
+    sat at 0% for 2 min 24 s)."""
+    address, _, _ = killable_scheduler
+    uri = str(tmp_path / "s.zarr")
+    made = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", uri,
+               "--steps", "4", "--batch-size", "4", "--block-size", "1", "--no-prefect",
+               "--quiet", timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    counts, total = held_run(address, "raw_block", "label", "--store", uri, "--provider",
+                             "toyworld", "--target", "salient", "--device", "cpu",
+                             total=16)
+    assert {c % 4 for c in counts} - {0}, sorted(counts)
+    assert total in counts
+
+
+def held_run(address: str, inside_of: str, *argv: str, total: int | None = None
+             ) -> tuple[set[int], int]:
+    """Run the command on the cluster at ``address``, its one worker held 1.5 s with
+    SIGSTOP once a task is inside ``inside_of``: the counts its bar showed (of ``total``,
+    else of its only total), and that total."""
+    from distributed import Client
+
     with Client(address, timeout=30) as client:
         client.wait_for_workers(1, timeout=60)
         (pid,) = client.run(os.getpid).values()
@@ -96,7 +127,7 @@ def test_the_bar_moves_while_an_intervention_group_runs(tmp_path, probed,  # noq
         def hold() -> None:
             deadline = time.monotonic() + 240
             while time.monotonic() < deadline:
-                if any(client.run(inside("generate_edited")).values()):
+                if any(client.run(inside(inside_of)).values()):
                     os.kill(pid, signal.SIGSTOP)
                     time.sleep(1.5)
                     os.kill(pid, signal.SIGCONT)
@@ -106,16 +137,12 @@ def test_the_bar_moves_while_an_intervention_group_runs(tmp_path, probed,  # noq
         holder = threading.Thread(target=hold, daemon=True)
         holder.start()
         try:
-            res = run("intervene", "--store", uri, "--probe-run", probe_run, "--layers",
-                      *IV_LAYERS, "--steps", "0", "1", "--images", "0:4", "--n-targets", "1",
-                      "--batch-size", "1", "--device", "cpu", "--cluster", address,
-                      timeout=300)
+            res = run(*argv, "--cluster", address, timeout=300)
         finally:
             holder.join(timeout=10)
             os.kill(pid, signal.SIGCONT)
     assert res.returncode == 0 and held.is_set(), res.stderr[-2000:]
-    bars = re.findall(r"\| *(\d+)/(\d+) \[", res.stderr)
-    (total,) = {int(n) for _, n in bars}
-    counts = {int(k) for k, _ in bars}
-    assert counts & set(range(1, total)), (sorted(counts), total)
-    assert total in counts
+    bars = [(int(k), int(n)) for k, n in re.findall(r"\| *(\d+)/(\d+) \[", res.stderr)]
+    if total is None:
+        (total,) = {n for _, n in bars}
+    return {k for k, n in bars if n == total}, total

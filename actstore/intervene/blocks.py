@@ -21,7 +21,7 @@ from actstore.intervene.plan import plan_interventions
 from actstore.intervene.run import (Experiment, begin_experiment, finish_experiment,
                                     run_blocks)
 from actstore.intervene.settings import InterventionSettings
-from actstore.progress import Progress, relayed
+from actstore.progress import relaying
 from actstore.store.view import StoreView
 
 
@@ -90,9 +90,8 @@ def run_block_group(store: str, probe_run: str, settings: InterventionSettings,
     pending = set(exp.pending())
     todo = [tuple(blk) for blk in group if tuple(blk) in pending]
     name = f"{group[0][0]}:{group[-1][1]}"
-    bar = Progress(0, 1, "", enabled=False, relay=relayed(topic, name)) if topic else None
     with MODEL_LOCK:
-        run_blocks(exp, todo, bar)
+        run_blocks(exp, todo, relaying(topic, name))
     return {"images": sum(hi - lo for *_, lo, hi in group), "blocks_written": len(todo),
             "group": name, "worker": worker_id()}
 
