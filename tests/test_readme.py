@@ -82,7 +82,9 @@ CASES = {
     # and the gradient method at one strength, 2 Adam iterations instead of 128 (short)
     "actstore intervene --store S --probe-run salient-20261127T070000123456-a1b2c3 "
     "--strength 1 3 10":
-        ("probed", ["{line}", "{line} --method gradient --strength 1 --iterations 2"]),
+        ("probed", ["{line}", "actstore intervene --store S --probe-run "
+                    "salient-20261127T070000123456-a1b2c3 --method gradient --strength 1 "
+                    "--iterations 2"]),   # the line's --strength replaced, not given twice
     "actstore intervene --store S --probe-run depth-... --targets insert --images toy-0001 "
     "toy-0004": ("probed", ["{line}"]),
     # the store has 4 test images (as written a sweep takes 4 + 8) and a one-cell grid
