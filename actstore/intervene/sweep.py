@@ -325,9 +325,8 @@ def write_sweep(store: str, sweep_id: str, record: dict) -> None:
 
 
 def list_sweeps(store: str) -> dict[str, dict]:
-    names = io.list_dir(store, lay.SWEEPS)
-    sweeps = io.marked(names, listed(store, [lay.sweep_path(n) for n in names]),
-                       lay.SWEEP_KEY)
+    sweeps = io.marked_children(store, lay.SWEEPS, lay.sweep_path, lay.SWEEP_KEY,
+                                read=listed)
     return {name: attrs[lay.SWEEP_KEY] for name, attrs in sweeps.items()}
 
 

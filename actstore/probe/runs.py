@@ -281,8 +281,7 @@ def _write_fit(store: str, run_id: str, model: str, layer: str, fit) -> None:
 
 def list_runs(store: str) -> dict[str, dict]:
     """Complete probe runs (their attributes are written last) by run id."""
-    names = io.list_dir(store, PROBES)
-    return io.marked(names, st.listed(store, [lay.run_path(n) for n in names]), lay.RUN_KEY)
+    return io.marked_children(store, PROBES, lay.run_path, lay.RUN_KEY, read=st.listed)
 
 
 def latest_run(store: str, target: str, runs: dict[str, dict] | None = None) -> str | None:

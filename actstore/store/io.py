@@ -243,17 +243,15 @@ def nodes_attrs(uri: str, paths: list[str]) -> list[dict | None]:
     return sync(every()) if paths else []
 
 
-def marked_children(uri: str, folder: str, path_of: Callable[[str], str], marker: str
-                    ) -> dict[str, dict]:
+def marked_children(uri: str, folder: str, path_of: Callable[[str], str], marker: str,
+                    read: Callable[[str, list[str]], list] | None = None) -> dict[str, dict]:
     """Entries of ``folder`` whose node (at ``path_of(name)``) carries ``marker`` in its
     attributes, by name: what exists once written whole, since every creation writes its
-    marker last. One listing and one round of concurrent reads, however many entries."""
+    marker last. One listing and one round of concurrent reads, however many entries;
+    ``read`` (default :func:`nodes_attrs`) may add the store's root to that round
+    (:func:`actstore.store.core.listed`)."""
     names = list_dir(uri, folder)
-    return marked(names, nodes_attrs(uri, [path_of(n) for n in names]), marker)
-
-
-def marked(names: list[str], attrs: list[dict | None], marker: str) -> dict[str, dict]:
-    """The ``names`` whose attributes carry ``marker`` (written last: complete), by name."""
+    attrs = (read or nodes_attrs)(uri, [path_of(n) for n in names])
     return {name: a for name, a in zip(names, attrs) if a and marker in a}
 
 
