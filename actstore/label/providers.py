@@ -66,8 +66,10 @@ class LabelProvider(Protocol):
     def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
-def get_provider(spec: str, device: str = "cpu") -> LabelProvider:
-    """Resolve a provider spec (see the module docstring) to a ready provider.
+def get_provider(spec: str, device: str = "cpu", *, load: bool = True) -> LabelProvider:
+    """Resolve a provider spec (see the module docstring) to a ready provider (``load``
+    False: the toy label model's folder checked and described, not loaded:
+    :func:`describe_provider`).
 
     A label model on the CPU runs with the thread policy generation uses: torch's conv
     sums depend on the thread count, so labels written by the command line, the library
@@ -80,7 +82,10 @@ def get_provider(spec: str, device: str = "cpu") -> LabelProvider:
         if device.startswith("cpu"):
             configure_cpu_threads()
     if kind == "toyworld":
-        return _toyworld(arg or str(REPO_ROOT / "models" / "toy-labeler"), spec, device)
+        from actstore.label.toyfolder import ToyFolder
+
+        folder = ToyFolder(Path(arg or REPO_ROOT / "models" / "toy-labeler"), spec, device)
+        return folder.load() if load else folder
     if kind in ("hf-depth", "hf-segmentation") and arg:
         cls = HFDepth if kind == "hf-depth" else HFSegmentation
         return cls(arg, device=device)
@@ -126,20 +131,7 @@ def describe_provider(spec: str, device: str = "cpu") -> LabelProvider:
     label model's folder is read, not loaded (:class:`~actstore.label.toyfolder.ToyFolder`):
     before, that process held a model beside its workers' only to read these. Other
     providers are loaded as by :func:`get_provider`."""
-    kind, _, arg = str(spec).partition(":")
-    if kind != "toyworld":
-        return get_provider(spec, device)
-    from actstore.generation.models import resolve_device
-    from actstore.label.toyfolder import ToyFolder
-
-    return ToyFolder(Path(arg or REPO_ROOT / "models" / "toy-labeler"), spec,
-                     str(resolve_device(str(device))))
-
-
-def _toyworld(folder: str, spec: str, device: str) -> LabelProvider:
-    from actstore.label.toyfolder import ToyFolder
-
-    return ToyFolder(Path(folder), spec, device).load()
+    return get_provider(spec, device, load=False)
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
