@@ -180,7 +180,7 @@ def figure4_grid(store: str, target: str, out_png: str, *, layer: str | None = N
     activations, and the label model run on the x0 image — the probe sees the scene
     before the image shows it."""
     from actstore.store.view import open_store
-    from actstore.probe.emergence import summary_table
+    from actstore.probe.emergence import lead_model, summary_table
     from actstore.label.labels import open_labels
     from actstore.metrics import upsample
     from actstore.probe.runs import get_run, latest_run, load_probe, open_emergence
@@ -189,8 +189,7 @@ def figure4_grid(store: str, target: str, out_png: str, *, layer: str | None = N
     if layer is None:
         rows = [r for r in summary_table(open_emergence(store)) if r["target"] == target]
         layer = rows[0]["best_layer"]
-    models = get_run(store, run)["models"]   # a run of the control alone draws the control
-    model = "trained" if "trained" in models else models[0]
+    model = lead_model(get_run(store, run)["models"])   # a control-alone run draws the control
     probe = load_probe(store, run, layer, model)
     view = open_store(store, model=model)
     labels = open_labels(store, target)

@@ -62,6 +62,13 @@ def target_scores(score: xr.DataArray, target: str) -> xr.DataArray:
     return sub
 
 
+def lead_model(models) -> str:
+    """The model a target's best layer is chosen on: the trained one, or a run's first
+    model where it has none (a run of the randomized control alone)."""
+    models = [str(m) for m in models]
+    return "trained" if "trained" in models else models[0]
+
+
 def summary_table(emergence: xr.Dataset) -> list[dict]:
     """Per target and capture kind: best layer, final-step score trained vs randomized,
     emergence step. A model the target's latest run lacks has no key in its rows; a run of
@@ -78,7 +85,7 @@ def summary_table(emergence: xr.Dataset) -> list[dict]:
         # here (its column read 'nan', or, for the trained model, no best layer at all)
         models = [str(m) for m in final["model"].values
                   if bool(sub.sel(model=m).notnull().any())]
-        lead = "trained" if "trained" in models else models[0]   # the best layer's model
+        lead = lead_model(models)   # the best layer's model
         for kind in [k for k in KINDS if k in kinds]:
             mine = final.sel(model=lead).isel(layer=np.flatnonzero(kinds == kind))
             best = str((mine.idxmax("layer") if higher_is_better(metric)
