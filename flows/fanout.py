@@ -187,10 +187,17 @@ def dask_client(futures: list):
                  for f in futures), None)
 
 
-def relayed_bar(bar: Progress, futures: list, topic: str | None) -> RelayedBar:
+@contextmanager
+def relayed_bar(bar: Progress, futures: list, topic: str | None):
     """``bar`` counting ``futures``' tasks as they relay their progress under ``topic``
-    (:func:`actstore.progress.relayed`), else only as each ends."""
-    return RelayedBar(bar, dask_client(futures) if topic else None, topic)
+    (:func:`actstore.progress.relayed`), else only as each ends; closed, with its topic's
+    subscription, on leaving."""
+    relayed = RelayedBar(bar, dask_client(futures) if topic else None, topic)
+    try:
+        yield relayed
+    finally:
+        relayed.close()
+        bar.close()
 
 
 def watch_workers(futures: list, store: str, what: str, gpu: bool) -> WorkerWatch | None:

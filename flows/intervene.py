@@ -80,15 +80,11 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     bar = Progress(plan["pending_images"] * plan["per_image"], plan["steps"],
                    f"intervene {eid} ({len(futures)} groups, {workers} workers)",
                    enabled=progress)
-    relayed = relayed_bar(bar, futures, topic)
-    try:
+    with relayed_bar(bar, futures, topic) as relayed:
         done = gather(futures, store, "intervention block groups",
                       lambda d: relayed.finish(
                           d["group"], d["images"] * plan["per_image"] * plan["steps"], 0, 0),
                       gpu=gpu)
-    finally:
-        relayed.close()
-        bar.close()
     with on_gpus(gpu):
         summary = result_of(finish_blocks_task.submit(
             store, probe_run, settings, experiment_id=eid,

@@ -66,14 +66,10 @@ def _run_pass(job: blocks.LabelJob, stage: str, groups: list, constants: dict | 
     bar = Progress(sum(b - a for g in groups for a, b in g), per_image,
                    f"label {stage.strip('_')} ({len(groups)} groups)", enabled=progress,
                    unit="image" if stage == blocks.PASS1 else "img-step")
-    relayed = relayed_bar(bar, futures, topic)
-    try:
+    with relayed_bar(bar, futures, topic) as relayed:
         return gather(futures, job.store, "label block groups",
                       lambda d: relayed.finish(d["group"], d["images"] * per_image, 0, 0),
                       gpu=gpu, on_wait=_marks_kept(job))
-    finally:
-        relayed.close()
-        bar.close()
 
 
 def _marks_kept(job: blocks.LabelJob):

@@ -77,21 +77,17 @@ def regions_flow(model: str, prompts: str, store: str, settings: MaterializeSett
     steps = settings.gen.steps
     bar = Progress(plan["pending_images"], steps, f"materialize {plan['model']} "
                    f"({len(futures)} regions, {workers} workers)", enabled=progress)
-    relayed = relayed_bar(bar, futures, topic)
     t0 = time.perf_counter()
+    with relayed_bar(bar, futures, topic) as relayed:
 
-    def done(summary: dict) -> None:
-        # the region's images, generated or found recorded by another writer meanwhile
-        # (two commands on one new store both plan every block): else the bar ended at
-        # 25% or 0% above a 'complete' line
-        start, stop = (int(i) for i in summary["region"].split(":"))
-        relayed.finish(summary["region"], (stop - start) * steps, stop - start,
-                       summary["bytes"])
-    try:
+        def done(summary: dict) -> None:
+            # the region's images, generated or found recorded by another writer meanwhile
+            # (two commands on one new store both plan every block): else the bar ended at
+            # 25% or 0% above a 'complete' line
+            start, stop = (int(i) for i in summary["region"].split(":"))
+            relayed.finish(summary["region"], (stop - start) * steps, stop - start,
+                           summary["bytes"])
         summaries = gather(futures, store, "regions", done, gpu=gpu)
-    finally:
-        relayed.close()
-        bar.close()
     blocks, added = (sum(s[key] for s in summaries) for key in ("blocks_written",
                                                                  "blocks_added_to"))
     return {"store": store, "model": plan["model"], "blocks_written": blocks,
