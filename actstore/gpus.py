@@ -154,3 +154,39 @@ def start_gpu_workers(gpus: list[str], **options):
         cluster.close()
         raise
     return cluster
+
+
+def check_workers_device(address: str, device: str | None, gpu: bool,
+                         timeout: float = 30.0) -> None:
+    """``device`` where a user's cluster at ``address`` loads the model: on each worker
+    that may take the command's tasks (those offering the ``GPU`` resource if ``gpu``),
+    before the command writes anything. With ``--cluster`` the command's own machine is
+    asked only the name (it may have no GPU, its workers do); a command that begins its
+    run in the store itself (``label``) met a worker lacking the device only when that
+    worker loaded the label model, after it. One line naming the first such worker."""
+    if str(device or "auto") in ("auto", "cpu"):
+        return
+    from distributed import Client
+
+    from actstore.cluster import ON_WORKER
+
+    with Client(address, timeout=timeout) as client:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        able = [w for w, info in workers.items()
+                if not gpu or (info.get("resources") or {}).get("GPU", 0) > 0]
+        said = client.run(device_refusal, device, workers=able, on_error="return")
+    for worker, refusal in sorted(said.items()):
+        if isinstance(refusal, tuple):
+            raise ActstoreError(f"{refusal[0]} ({ON_WORKER}{worker} ({refusal[1]}))")
+
+
+def device_refusal(device: str) -> tuple[str, str] | None:
+    """On a worker: why it cannot put a model on ``device``, and which process it is
+    (host:pid); None if it can."""
+    from actstore.cluster import worker_id
+
+    try:
+        check_device(device)
+    except ActstoreError as exc:
+        return str(exc), worker_id()
+    return None

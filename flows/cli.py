@@ -210,7 +210,7 @@ def _materialize(args, catalog) -> dict:
         entry["uri"]
     check_url(store, "--store")
     check_url(prompts, "--prompts")
-    check_table_and_region(prompts, args.images)
+    check_table_and_region(prompts, args.images, store, settings.block_size)
     check_fan_out(args, "regions", settings.device)
     if not args.vae_source and settings.cap.vae_source != "latent":
         catalog_vae_source(args.store, store, settings)

@@ -19,15 +19,16 @@ LOCAL_SCHEDULERS = ("threads", "sync", "synchronous")
 STORE_HELP = "store URI (a folder, s3://...) or catalog store name"  # what store_uri takes
 
 
-def check_table_and_region(prompts: str, images: str | None) -> None:
-    """A bad prompt table, or an ``--images`` region that is malformed or outside it, fails
-    here, before a Prefect server, a worker or a model starts: with --workers 2 it was found
-    by the planning task, after ~30 s of start-up (2026-12-05). Block alignment is the
-    store's to check (an existing store keeps its own block size)."""
-    from actstore.generation.materialize import parse_region
+def check_table_and_region(prompts: str, images: str | None, store: str | None = None,
+                           block_size: int | None = None) -> None:
+    """A bad prompt table, or an ``--images`` region that is malformed, outside it or (with
+    ``store``) not aligned to its blocks, fails here, before a Prefect server, a worker or
+    a model starts: with --workers 2 it was found by the planning task, after ~30 s of
+    start-up, and named that worker (2026-12-05, 2026-12-06)."""
+    from actstore.generation.materialize import check_store_location
     from actstore.generation.prompts import load_prompts
 
-    parse_region(images, len(load_prompts(prompts)), block_size=1)
+    check_store_location(store, load_prompts(prompts), block_size, images)
 
 
 def check_url(uri: str, option: str) -> None:

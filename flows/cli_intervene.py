@@ -12,7 +12,7 @@ from __future__ import annotations
 from actstore.cliargs import index, nonneg_float, positive_float, positive_int
 from actstore.intervene.settings import (DIRECTIONS, METHODS, InterventionSettings,
                                          SweepSettings, defaults)
-from flows.cli_checks import STORE_HELP, check_device, check_fan_out, store_uri
+from flows.cli_checks import STORE_HELP, check_fan_out, store_uri
 
 D = defaults(InterventionSettings)
 SW = defaults(SweepSettings)
@@ -80,11 +80,7 @@ def add_intervene_parser(sub, common=None) -> None:
     p.add_argument("--experiment", dest="experiment_id", help="experiment id (default: a hash "
                    "of the settings, so rerunning a command resumes it)")
     p.add_argument("--figure", help="write the original/target/intervened/new-label PNG here")
-    p.add_argument("--workers", type=positive_int, help="fan image blocks out over a local "
-                   "Dask cluster of N worker processes (each loads the model once; on a GPU "
-                   "device, on a GPU of its own)")
-    p.add_argument("--cluster", help="fan image blocks out over a running Dask scheduler, "
-                   "e.g. tcp://HOST:8786")
+    _add_fan_out_options(p, "image blocks")
     q = sub.add_parser("sweep", parents=parents, help="dose-response grid (capture kind × steps × strength) "
                        "on validation test images; the setting with the largest specific "
                        "effect is then run on other test images")
@@ -114,6 +110,18 @@ def add_intervene_parser(sub, common=None) -> None:
                    f"{SW['max_edit_size']:g}: larger edits degrade the toy model's images; "
                    "docs/results.md)")
     q.add_argument("--out", help="folder for the dose-response and grid figures")
+    _add_fan_out_options(q, "each cell's image blocks", "; the cells, then the evaluation, "
+                         "run one after another on it, as `intervene` runs one experiment")
+
+
+def _add_fan_out_options(p, what: str, note: str = "") -> None:
+    """``--workers``/``--cluster``: where ``what`` runs, the same for every command that
+    runs intervention experiments."""
+    p.add_argument("--workers", type=positive_int, help=f"fan {what} out over a local "
+                   "Dask cluster of N worker processes (each loads the model once; on a GPU "
+                   f"device, on a GPU of its own){note}")
+    p.add_argument("--cluster", help=f"fan {what} out over a running Dask scheduler, "
+                   f"e.g. tcp://HOST:8786{note}")
 
 
 def _sites(value: str) -> str:
@@ -166,9 +174,11 @@ def intervene_command(args, catalog) -> dict:
         if args.figure and summary["complete"]:
             summary["figure"] = intervention_grid(store, summary["experiment_id"], args.figure)
     else:
+        from actstore.intervene.plan import check_request
         from flows.cli import flow_mode
         from flows.intervene import intervene_flow
 
+        check_request(store, args.probe_run, settings)   # a typo: before a Prefect server
         with flow_mode(args):
             summary = intervene_flow(store=store, probe_run=args.probe_run, settings=settings,
                                      figure=args.figure, workers=args.workers,
@@ -181,7 +191,7 @@ def sweep_command(args, catalog) -> dict:
     from actstore.intervene.tables import format_cells, format_sweeps
 
     store, settings = store_uri(args, catalog), sweep_settings(args)
-    check_device(settings.base.device, None)   # before its Prefect server starts
+    check_fan_out(args, "sweep cells", settings.base.device)  # before its Prefect server starts
     if args.step_counts:
         _check_step_counts(store, args.probe_run, args.step_counts)
     if args.no_prefect:
@@ -190,12 +200,17 @@ def sweep_command(args, catalog) -> dict:
         result = run_sweep(store, args.probe_run, settings, out_dir=args.out,
                            progress=not args.quiet)
     else:
+        from actstore.intervene.sweep import plan_sweep
         from flows.cli import flow_mode
         from flows.intervene import sweep_flow
 
+        # the flow plans again; here a probe run, image set or cell the store cannot give
+        # is refused before the Prefect server and the flow run start (a few reads)
+        plan_sweep(store, args.probe_run, settings, out_dir=args.out)
         with flow_mode(args):
             result = sweep_flow(store=store, probe_runs=args.probe_run, settings=settings,
-                                out_dir=args.out)
+                                out_dir=args.out, workers=args.workers,
+                                cluster=args.cluster, progress=not args.quiet)
     return {**result, "table": format_cells(result["targets"]) + "\n\n"
             + format_sweeps(result["targets"])}
 

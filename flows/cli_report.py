@@ -151,8 +151,10 @@ def _intervene(r: dict) -> str:
 
 
 def _sweep(r: dict) -> str:
+    by = f" (cells run by {r['workers']} workers)" if r.get("workers") else ""
     lines = [f"{r['store']}: sweeps "
-             + ", ".join(rec["sweep_id"] for rec in r["targets"].values()), "", r["table"]]
+             + ", ".join(rec["sweep_id"] for rec in r["targets"].values()) + by, "",
+             r["table"]]
     return "\n".join(lines + _files("figures", r.get("figures")))
 
 

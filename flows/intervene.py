@@ -6,21 +6,26 @@ or ``cluster`` (a running scheduler's address) the experiment's image blocks run
 concurrent task runs on Dask through prefect-dask's ``DaskTaskRunner``, as materialize's
 regions do: one worker checks and creates the experiment, block groups go to every
 worker (each keeps the store's model and the label model for all the groups it gets), a
-failed group is retried and resumes from its recorded blocks.
+failed group is retried and resumes from its recorded blocks. A sweep fanned out runs each
+of its experiments (every cell, then the evaluation) that way, one after another on one
+cluster, and records the sweep in the command's process (:func:`fanned_out`).
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from prefect import flow, task
 
 from actstore.cluster import names_worker, portable
 from actstore.intervene import blocks
+from actstore.intervene.plan import check_request
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings, SweepSettings
-from actstore.intervene.sweep import run_sweep
+from actstore.intervene.sweep import plan_sweep, run_sweep, sweep_cells
 from actstore.plots.interventions import intervention_grid, sweep_figures
 from actstore.progress import Progress, progress_topic
 from actstore.worker_code import checks_code
@@ -38,8 +43,9 @@ def interventions_task(store: str, probe_run: str, settings: InterventionSetting
 @checks_code
 @names_worker
 def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
-                     workers: int) -> dict:
-    return blocks.plan_blocks(store, probe_run, settings, workers=workers)
+                     workers: int, provenance: dict | None = None) -> dict:
+    return blocks.plan_blocks(store, probe_run, settings, workers=workers,
+                              provenance=provenance)
 
 
 @task(name="intervene-blocks", retries=REGION_RETRIES, retry_delay_seconds=2,
@@ -47,9 +53,11 @@ def plan_blocks_task(store: str, probe_run: str, settings: InterventionSettings,
 @checks_code
 @names_worker
 def block_group_task(store: str, probe_run: str, settings: InterventionSettings, group: list,
-                     *, experiment_id: str, topic: str | None = None) -> dict:
+                     *, experiment_id: str, provenance: dict | None = None,
+                     topic: str | None = None) -> dict:
     return blocks.run_block_group(store, probe_run, settings, group,
-                                  experiment_id=experiment_id, topic=topic)
+                                  experiment_id=experiment_id, provenance=provenance,
+                                  topic=topic)
 
 
 @task(name="intervene-summary", retries=REGION_RETRIES, retry_delay_seconds=2,
@@ -57,26 +65,31 @@ def block_group_task(store: str, probe_run: str, settings: InterventionSettings,
 @checks_code
 @names_worker
 def finish_blocks_task(store: str, probe_run: str, settings: InterventionSettings, *,
-                       experiment_id: str, written: int) -> dict:
+                       experiment_id: str, written: int,
+                       provenance: dict | None = None) -> dict:
     return blocks.finish_blocks(store, probe_run, settings, experiment_id=experiment_id,
-                                written=written)
+                                written=written, provenance=provenance)
 
 
 @flow(name="intervene-blocks")
 def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSettings, *,
                           workers: int, gpu: bool, progress: bool,
-                          code: tuple[str, ...] | None = None) -> dict:
+                          code: tuple[str, ...] | None = None,
+                          provenance: dict | None = None) -> dict:
     """Plan on one worker, then every block group at once; Dask runs as many as it has
     workers (or GPUs); the summary once all are recorded; each task first checks that its
-    worker runs ``code`` (the command's, on a user's cluster)."""
+    worker runs ``code`` (the command's, on a user's cluster). ``provenance``: stored with
+    the experiment (a sweep cell's role)."""
     t0 = time.perf_counter()
     with on_gpus(gpu):
-        plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers, code=code),
+        plan = result_of(plan_blocks_task.submit(store, probe_run, settings, workers,
+                                                 provenance, code=code),
                          store, "planning task", gpu)
         eid = plan["experiment_id"]
         topic = progress_topic(progress)
         futures = [block_group_task.submit(store, probe_run, settings, g, experiment_id=eid,
-                                           code=code, topic=topic) for g in plan["groups"]]
+                                           provenance=provenance, code=code, topic=topic)
+                   for g in plan["groups"]]
     bar = Progress(plan["pending_images"] * plan["per_image"], plan["steps"],
                    f"intervene {eid} ({len(futures)} groups, {workers} workers)",
                    enabled=progress)
@@ -88,7 +101,8 @@ def intervene_blocks_flow(store: str, probe_run: str, settings: InterventionSett
     with on_gpus(gpu):
         summary = result_of(finish_blocks_task.submit(
             store, probe_run, settings, experiment_id=eid,
-            written=sum(d["blocks_written"] for d in done), code=code), store,
+            written=sum(d["blocks_written"] for d in done), provenance=provenance,
+            code=code), store,
             "summary task", gpu)
     return {**summary, "seconds": time.perf_counter() - t0, "workers": workers,
             "groups": len(futures), "groups_by_worker": dict(Counter(d["worker"] for d in done))}
@@ -119,14 +133,9 @@ def intervene_flow(store: str, probe_run: str,
     / the scheduler at ``cluster``; draw its grid to ``figure`` once it is complete."""
     if workers or cluster:
         blocks.check_portable(settings)
-        blocks.check_images(store, settings)
-        with dask_address(workers, cluster, settings.device) as (address, n, gpu, code):
-            from prefect_dask import DaskTaskRunner
-
-            summary = intervene_blocks_flow.with_options(
-                task_runner=DaskTaskRunner(address=address))(
-                portable(store), probe_run, settings, workers=n, gpu=gpu, progress=progress,
-                code=code)
+        check_request(store, probe_run, settings)   # a typo: refused here, at once
+        with fanned_out(workers, cluster, settings.device, progress) as run_experiment:
+            summary = run_experiment(store, probe_run, settings, None)
     else:
         summary = interventions_task(store, probe_run, settings)
     if figure and summary["complete"]:
@@ -136,6 +145,34 @@ def intervene_flow(store: str, probe_run: str,
 
 @flow(name="sweep")
 def sweep_flow(store: str, probe_runs: list[str], settings: SweepSettings = SweepSettings(),
-               out_dir: str | None = None) -> dict:
-    """Choose a setting per probe run on validation images, report it on other images."""
-    return sweep_task(store, probe_runs, settings, out_dir=out_dir)
+               out_dir: str | None = None, *, workers: int | None = None,
+               cluster: str | None = None, progress: bool = True) -> dict:
+    """Choose a setting per probe run on validation images, report it on other images; in
+    this process, or each cell's experiment fanned out as ``intervene``'s is, over one
+    cluster for the whole sweep (checked before it starts)."""
+    if not (workers or cluster):
+        return sweep_task(store, probe_runs, settings, out_dir=out_dir, progress=progress)
+    blocks.check_portable(settings.base)
+    plan = plan_sweep(store, probe_runs, settings, out_dir=out_dir)
+    with fanned_out(workers, cluster, settings.base.device, progress) as run_experiment:
+        return {**sweep_cells(plan, run_experiment), "workers": run_experiment.workers}
+
+
+@contextmanager
+def fanned_out(workers: int | None, cluster: str | None, device: str | None,
+               progress: bool) -> Iterator[Callable[..., dict]]:
+    """A function running (or resuming) one experiment's blocks on ``workers`` local
+    processes or the scheduler at ``cluster``, as :func:`intervene_blocks_flow`: (store,
+    probe run, settings, provenance) -> its summary. One cluster serves every experiment
+    run through it (a sweep's cells), so each worker loads the model once for them all."""
+    from prefect_dask import DaskTaskRunner
+
+    with dask_address(workers, cluster, device) as (address, n, gpu, code):
+        def run(store: str, probe_run: str, settings: InterventionSettings,
+                provenance: dict | None) -> dict:
+            return intervene_blocks_flow.with_options(
+                task_runner=DaskTaskRunner(address=address))(
+                portable(store), probe_run, settings, workers=n, gpu=gpu, progress=progress,
+                code=code, provenance=provenance)
+        run.workers = n
+        yield run

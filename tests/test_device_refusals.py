@@ -23,7 +23,7 @@ COMMANDS = {
     "materialize": ["--model", "tiny-random", "--prompts", DEMO, "--workers", "2"],
     "label": ["--provider", "toyworld", "--target", "depth", "--workers", "2"],
     "intervene": ["--probe-run", "depth-20261206T000000000000-000000", "--workers", "2"],
-    "sweep": ["--probe-run", "depth-20261206T000000000000-000000"],   # no --workers: in process
+    "sweep": ["--probe-run", "depth-20261206T000000000000-000000", "--workers", "2"],
     "main": ["--workers", "2"],
 }
 
@@ -89,3 +89,30 @@ def test_on_a_cluster_the_workers_not_this_machine_have_the_gpu(tmp_path, user_c
         line = one_line(proc.stderr)
         assert words in line, line
         assert not store.exists()
+
+
+def test_label_on_a_cluster_asks_its_workers_for_the_gpu(tmp_path, reference, user_cluster,
+                                                         api):  # noqa: F811
+    """``label --cluster ADDRESS --device cuda`` from a machine without CUDA: the workers
+    load the label model, so this machine is asked only the name. A worker without CUDA
+    (this machine's, started as a user would) refuses in one line naming itself, before
+    the run begins in the store, which stays byte for byte as it was. Until 2026-12-06 the
+    command refused it here ('CUDA is not available on this machine', of the machine with
+    no GPU to use), as it described the label model on its own device."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: its refusal cannot be told from the workers'")
+    store = tmp_path / "s.zarr"
+    shutil.copytree(reference, store)
+    before = tree_digest(store)
+    user_cluster.worker()
+    user_cluster.wait_for(1)
+    proc = run("--quiet", "label", "--store", str(store), "--provider", "toyworld",
+               "--target", "depth", "--no-x0", "--cluster", user_cluster.address,
+               "--device", "cuda", api=api, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_line(proc.stderr)
+    assert line.startswith("actstore label: error: --device cuda: CUDA is not available on "
+                           "this machine; use --device cpu or auto (on Dask worker tcp://"), line
+    assert tree_digest(store) == before

@@ -69,7 +69,9 @@ def refuse_long_prompt(api, tmp_path, *placement: str) -> None:
     res = run("materialize", "--model", "tiny-random", "--prompts", str(table), "--store",
               str(uri), *SMALL, *placement, api=api)
     assert res.returncode == 2
-    assert "prompt is 1200 tokens" in refusal(res.stderr), res.stderr
+    line = refusal(res.stderr)
+    # the table the user gave, the same on every worker: no worker to look at
+    assert "prompt is 1200 tokens" in line and "Dask worker" not in line, res.stderr
     assert run_counts("plan-regions", since) == [1]
     assert not uri.exists()
 
@@ -104,14 +106,69 @@ def test_label_quiet_then_nan_labels_refused_on_a_worker(api, tmp_path, copy):
     assert tree_digest(copy) == before
 
 
-def test_intervene_refusal_on_a_worker(api, copy):
+def test_intervene_refusal_on_a_worker(api, tmp_path, copy):
+    """A targets file the worker that plans cannot find (it reads it, and may be on
+    another machine than the user's shell: the line names it); a --provider of the wrong
+    kind is the user's wherever it is found (before 2026-12-06 it named the worker)."""
+    from actstore.label.labels import write_labels
+    from actstore.probe.runs import run_probes
+
+    write_labels(copy, "toyworld", "salient", on_x0=False, progress=False)
+    probe_run = run_probes(copy, "salient", layers=["up_blocks.3.attentions.0"], steps=[0],
+                           scheduler="sync", progress=False)
     before, since = tree_digest(copy), datetime.now(timezone.utc)
-    res = run("intervene", "--store", copy, "--probe-run", "nosuch", "--workers", "2",
-              api=api)
+    res = run("intervene", "--store", copy, "--probe-run", probe_run, "--layers",
+              "up_blocks.3.attentions.0", "--steps", "0", "--targets",
+              str(tmp_path / "none.npz"), "--workers", "2", api=api)
     assert res.returncode == 2
-    assert "no probe run 'nosuch'" in refusal(res.stderr), res.stderr
+    line = refusal(res.stderr)
+    assert "none.npz: does not exist" in line and "(on Dask worker tcp://" in line, line
     assert run_counts("intervene-plan", since) == [1]
     assert tree_digest(copy) == before
+    # a provider that cannot read images is so by its kind, on every worker: none named
+    ids = list(open_store(copy).images["image"].values)
+    np.savez(tmp_path / "l.npz", image_id=np.array(ids), salient=np.zeros((len(ids), 64, 64)))
+    res = run("intervene", "--store", copy, "--probe-run", probe_run, "--layers",
+              "up_blocks.3.attentions.0", "--steps", "0", "--provider",
+              f"array:{tmp_path / 'l.npz'}", "--workers", "2", api=api)
+    assert res.returncode == 2
+    line = refusal(res.stderr)
+    assert "looks labels up by image id" in line and "Dask worker" not in line, line
+    assert tree_digest(copy) == before
+
+
+@pytest.mark.parametrize("options,words", [
+    (["--images", "2:6"], "--images 2:6: not aligned to the store's 4-image blocks"),
+    (["--block-size", "8"], "has block size 4, not 8; drop --block-size")],
+    ids=["images", "block-size"])
+def test_materialize_typos_the_store_finds_are_refused_here_at_once(copy, options, words):
+    """--images or --block-size that do not fit the store's blocks are the user's typo:
+    refused by the command's process in seconds (before a local cluster or a Prefect
+    server starts), naming no worker, the store unchanged. Before, the worker that plans
+    found them after ~30 s of start-up and the line named it ('(on Dask worker ...)')."""
+    import time
+
+    before, t0 = tree_digest(copy), time.monotonic()
+    res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", copy,
+              *options, "--workers", "1", "--device", "cpu", timeout=300)
+    took = time.monotonic() - t0
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = refusal(res.stderr)
+    assert words in line and "Dask worker" not in line, line
+    assert took < 20, f"refused after {took:.1f} s: {line}"
+    assert tree_digest(copy) == before
+
+
+def test_a_size_the_model_cannot_make_is_the_users_on_a_worker(api, tmp_path):
+    """--height the model's VAE cannot make, found where the model loads (a worker): the
+    option's fault on every worker, so the line names none; nothing created."""
+    uri = tmp_path / "new.zarr"
+    res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
+              str(uri), *SMALL, "--height", "60", "--workers", "1", api=api)
+    assert res.returncode == 2, res.stderr[-3000:]
+    line = refusal(res.stderr)
+    assert "--height/--width 60x" in line and "Dask worker" not in line, line
+    assert not uri.exists()
 
 
 def test_refusal_on_a_running_cluster_is_one_line_and_not_retried(api, tmp_path):

@@ -160,3 +160,69 @@ def test_input_errors_name_no_worker_store_errors_do(tmp_path, cluster):
     gone = cluster.submit(names_worker(read_root_attrs), str(tmp_path / "none.zarr"))
     with pytest.raises(ActstoreError, match=r"does not exist.*\(on Dask worker tcp://"):
         gone.result()
+
+
+def _store_cases(base: str, run: str) -> dict[str, tuple[list[str], str]]:
+    """Typos in intervene's options that only the store can tell apart from good input:
+    (options, the start of what the one line says)."""
+    from actstore.store.view import StoreView
+
+    unprobed = next(la for la in StoreView(base).layers if la not in IV_LAYERS)
+    return {
+        "layer": (["--layers", unprobed], f"probe run {run}: has no probe for layer "
+                                          f"{unprobed!r}"),
+        "run": (["--probe-run", "nosuch"], f"store {base}: no probe run 'nosuch' (has: {run})"),
+        "step": (["--steps", "2"], f"probe run {run}: has no probe for step 2"),
+        "target": (["--target", "depth"], f"probe run {run} probes 'salient', not 'depth'"),
+        "variant": (["--model-variant", "randomized"],
+                    f"probe run {run}: has no probes for model 'randomized'"),
+        "experiment": (["--experiment", "_x"], "--experiment '_x': use letters"),
+        "insert": (["--targets", "insert"], "--targets insert copies an object's depth"),
+    }
+
+
+@pytest.mark.parametrize("case", ["layer", "run", "step", "target", "variant", "experiment",
+                                  "insert"])
+def test_store_typos_on_workers_are_refused_here_at_once(probed, case):
+    """A typo the store finds (a layer or step the probe run lacks, a run id it does not
+    have, ...) is the user's: refused by the command's process in seconds, before a local
+    cluster or a Prefect server starts, naming no worker, nothing written. Before, the
+    worker that plans found it after ~30 s of start-up and the line ended '(on Dask worker
+    tcp://...)', as if that worker had failed."""
+    from test_cli import one_line, run as cli
+
+    base, _, run = probed
+    options, words = _store_cases(base, run)[case]
+    given = {options[0]}
+    argv = [a for opt, values in (("--probe-run", [run]), ("--layers", IV_LAYERS),
+                                  ("--steps", list(map(str, IV_STEPS))),
+                                  ("--images", ["0:16"])) if opt not in given
+            for a in (opt, *values)]
+    before = tree_digest(base)
+    t0 = time.monotonic()
+    proc = cli("--quiet", "intervene", "--store", base, *argv, *options, "--device", "cpu",
+               "--workers", "1", timeout=300)
+    took = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = one_line(proc.stderr)
+    assert line.startswith(f"actstore intervene: error: {words}"), line
+    assert "worker" not in line, line
+    assert took < 20, f"refused after {took:.1f} s: {line}"
+    assert tree_digest(base) == before
+
+
+@pytest.mark.parametrize("case", ["layer", "run"])
+def test_store_typos_found_on_a_worker_name_no_worker(probed, cluster, case):
+    """The planning task's own refusal, on a real worker process (a caller of the flow
+    that skipped the command's check): the same line, no worker named."""
+    from actstore.cluster import names_worker
+
+    base, _, run = probed
+    options, words = _store_cases(base, run)[case]
+    settings = SETTINGS.with_(layers=(options[1],)) if case == "layer" else SETTINGS
+    probe_run = options[1] if case == "run" else run
+    before = tree_digest(base)
+    with pytest.raises(ActstoreError) as err:
+        cluster.submit(names_worker(plan_interventions), base, probe_run, settings).result()
+    assert str(err.value).startswith(words) and "worker" not in str(err.value), err.value
+    assert tree_digest(base) == before

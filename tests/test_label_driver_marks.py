@@ -34,11 +34,11 @@ _raw_block = blocks.__dict__.setdefault("_unfrozen_raw_block", blocks.raw_block)
 _calls = [0]
 
 
-def raw_block(job, prov, a, b):
+def raw_block(job, prov, a, b, *rest):
     _calls[0] += 1
     if _calls[0] == 2:
         os.kill(os.getpid(), signal.SIGSTOP)
-    return _raw_block(job, prov, a, b)
+    return _raw_block(job, prov, a, b, *rest)
 
 
 blocks.raw_block = raw_block

@@ -14,8 +14,8 @@ import zarr
 
 from actstore.store.view import open_store
 from actstore.errors import ActstoreError
-from actstore.label.providers import (ArrayLabels, LabelProvider, background_ids,
-                                      get_provider)
+from actstore.label.hfmodels import background_ids
+from actstore.label.providers import ArrayLabels, LabelProvider, get_provider
 from actstore.label.labels import label_path, list_targets, open_labels, write_labels
 from actstore.metrics import pool
 from actstore.store import labelsets
@@ -510,3 +510,65 @@ def test_label_summary_lists_resolutions_smallest_first(tmp_path, tiny_model, ca
                  f"array:{tmp_path / 'd.npz'}", "--target", "depth"]) == 0
     out = capsys.readouterr().out
     assert "4 images at r2, r4, r8, r16;" in out, out
+
+
+def test_the_bar_hears_each_batch_not_each_block(store):
+    """A block's labels are counted batch by batch, in both passes: before 2026-12-06 the
+    bar moved once per block, and a block of SD x0 images (images × steps through the
+    label model) is minutes of labelling, shown as one jump. The counts add up to the
+    pass's total either way."""
+    from actstore.label import blocks
+    from actstore.label.labels import abort_labels, prepare_labels
+    from actstore.label.settings import LabelSettings
+    from actstore.progress import Progress
+
+    heard: list[int] = []
+    bar = Progress(0, 1, "", enabled=False, relay=lambda steps, *_: heard.append(steps))
+    prov = Brightness()
+    job = prepare_labels(store, prov, "depth", LabelSettings(batch_size=2))
+    try:
+        blocks.run_blocks(job, blocks.PASS1, job.blocks, prov=prov, bar=bar)
+        pass1 = list(heard)
+        heard.clear()
+        blocks.run_blocks(job, blocks.PASS2, job.blocks, blocks.stats(job), prov=prov,
+                          bar=bar)
+    finally:
+        abort_labels(job)
+        labelsets.release(job.paths)
+    assert job.block == TINY["block_size"] > 2
+    assert pass1 == [2] * (len(job.ids) // 2)
+    assert heard == [2] * (len(job.ids) * TINY["steps"] // 2)
+
+
+@pytest.mark.parametrize("kind", ["hf-depth", "hf-segmentation"])
+def test_hf_folder_is_described_as_it_loads(tmp_path, kind):
+    """A fan-out's command (``label --workers/--cluster``) describes the label model
+    without loading it: before, it loaded the weights beside its workers only to read its
+    name and provenance. The description is the loaded provider's, field for field and in
+    the same order, so the job key is too: a run killed before this change resumes after
+    it, by a command that describes and workers that load."""
+    import transformers
+
+    from actstore.label.blocks import job_key
+    from actstore.label.providers import describe_provider, folder_sha256
+
+    folder = (_tiny_dpt if kind == "hf-depth" else _tiny_segformer)(tmp_path / "m")
+    described = describe_provider(f"{kind}:{folder}")
+    assert described.model is None
+    loaded = get_provider(f"{kind}:{folder}")
+    extra = ({"output": "relative inverse depth"} if kind == "hf-depth" else
+             {"background_ids": [0], "background_labels": ["LABEL_0"]})
+    # the provenance as written before 2026-12-06: the loaded model's own class
+    expected = {"folder": folder, "model_type": "dpt" if kind == "hf-depth" else "segformer",
+                "model_class": type(loaded.model).__name__,
+                "transformers": transformers.__version__,
+                "weights_sha256": folder_sha256(folder), **extra}
+    for prov in (described, loaded):
+        assert (prov.name, prov.spec, prov.targets) == (kind, f"{kind}:{folder}",
+                                                        loaded.targets)
+        assert list(prov.provenance.items()) == list(expected.items())
+    assert job_key(described.spec, described.provenance, {"ids": [1]}) == \
+        job_key(loaded.spec, loaded.provenance, {"ids": [1]})
+    images = np.random.default_rng(3).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(described(images)[next(iter(loaded.targets))],
+                                  loaded(images)[next(iter(loaded.targets))])

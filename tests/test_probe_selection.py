@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import xarray as xr
 
 from conftest import EXPLORE_LAYERS, cli, tree_digest
 
@@ -117,7 +118,11 @@ def test_a_store_holding_a_run_with_a_repeated_step_reads_again(store):
     settings = ProbeSettings(layers=(EXPLORE_LAYERS[0],))
     object.__setattr__(settings, "steps", (1, 1))    # what ProbeSettings once let through
     run = _run_probes(store, "depth", settings, "sync", False)
-    assert list(actstore.probe.runs.open_scores(store, run).step.values) == [1, 1]
+    from actstore.store import io
+    from actstore.store import layout as lay
+
+    assert list(io.open_dataset(store, lay.run_scores_path(run)).step.values) == [1, 1]
+    assert list(actstore.probe.runs.open_scores(store, run).step.values) == [1]
     table = actstore.open_emergence(store)
     assert not table.indexes["step"].has_duplicates
     depth = table.score.sel(target="depth", layer=EXPLORE_LAYERS[0], model="trained")
@@ -199,6 +204,7 @@ def test_steps_given_out_of_order_give_the_emergence_of_steps_in_order(store):
 
     in_order = cli(*probe, "0", "1", "3")
     assert in_order.returncode == 0, in_order.stderr
+    in_order_run = latest_run(store, "depth")
     want = {k: json.loads(in_order.stdout)["summary"][0][k] for k in keys}
     shuffled = cli(*probe, "3", "1", "0")
     assert shuffled.returncode == 0, shuffled.stderr
@@ -208,6 +214,29 @@ def test_steps_given_out_of_order_give_the_emergence_of_steps_in_order(store):
     object.__setattr__(settings, "steps", (3, 1, 0))    # as ProbeSettings once let through
     _run_probes(store, "depth", settings, "sync", False)
     assert row() == want
+    # the run's own scores read in step order too, with intervals against the last step
+    stored = actstore.probe.runs.open_scores(store, latest_run(store, "depth"))
+    assert list(stored.step.values) == [0, 1, 3]
+    xr.testing.assert_allclose(stored, actstore.probe.runs.open_scores(store, in_order_run))
+
+
+def test_a_run_stored_with_a_step_named_twice_reads_each_step_once(store):
+    """`probe --steps 1 1 3`, let through before 2026-12-06, stored the same fit twice:
+    open_emergence read each step once, but open_scores returned step 1 twice, so a
+    notebook's `.sel(step=1)` gave two rows and `.mean("step")` weighed step 1 double."""
+    import actstore
+    from actstore.probe.runs import _run_probes, latest_run
+    from actstore.probe.settings import ProbeSettings
+
+    settings = ProbeSettings(layers=tuple(EXPLORE_LAYERS))
+    object.__setattr__(settings, "steps", (1, 3))
+    _run_probes(store, "depth", settings, "sync", False)
+    once = actstore.probe.runs.open_scores(store, latest_run(store, "depth"))
+    object.__setattr__(settings, "steps", (1, 1, 3))    # as ProbeSettings once let through
+    _run_probes(store, "depth", settings, "sync", False)
+    twice = actstore.probe.runs.open_scores(store, latest_run(store, "depth"))
+    assert list(twice.step.values) == [1, 3]
+    xr.testing.assert_allclose(twice, once)
 
 
 def test_the_default_does_not_drop_points_the_control_lacks(copied):

@@ -27,7 +27,7 @@ from actstore.generation.regenerate import (DEFAULT_BATCH_SIZE, check_regenerate
                                                 cpu_kernels, is_exact, recorded_batch_size,
                                                 stored_table)
 from actstore.store.codecs import DEFAULT_CODEC, codec_chain
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, InputError
 from actstore.options import start_stop
 from actstore.generation.sampling import GenerationConfig, schedule_coords
 from actstore.generation.models import LoadedModel, apply_control, load_model
@@ -93,9 +93,9 @@ def parse_region(images: str | None, n_images: int, block_size: int) -> tuple[in
         return 0, n_images
     a, b = start_stop(images, n_images, expected="START:STOP", holder="the prompt table")
     if a % block_size or (b % block_size and b != n_images):
-        raise ActstoreError(f"--images {images}: not aligned to the store's {block_size}-image "
-                            f"blocks; use multiples of {block_size} (or STOP={n_images}) so "
-                            "workers never share a block")
+        raise InputError(f"--images {images}: not aligned to the store's {block_size}-image "
+                         f"blocks; use multiples of {block_size} (or STOP={n_images}) so "
+                         "workers never share a block")
     return a, b
 
 
@@ -158,7 +158,7 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
         parse_kinds(cap.kinds)
     table = load_prompts(prompts)
     sha = prompts_fingerprint(table)
-    _check_store_location(store, table, sha, settings.block_size, images)
+    check_store_location(store, table, settings.block_size, images)
     if isinstance(model, str):
         model = load_model(model, dtype=settings.dtype, device=settings.device)
     check_prompt_lengths(table, model.tokenizer)
@@ -166,8 +166,8 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
     gen = settings.gen.resolved(model)
     f = model.vae_scale_factor
     if gen.height % (8 * f) or gen.width % (8 * f):
-        raise ActstoreError(f"--height/--width {gen.height}x{gen.width}: must be multiples of "
-                            f"{8 * f} for this model")
+        raise InputError(f"--height/--width {gen.height}x{gen.width}: must be multiples of "
+                         f"{8 * f} for this model")
     if cap.vae_source != VAE_SOURCES[0]:   # refused before the root is written
         plan_capture(store, model.variant, cap.kinds, cap.vae_source)
     root = st.create_or_check_root(store, table, sha, settings.block_size)
@@ -276,13 +276,19 @@ def format_completion(store: str, counts: dict[str, dict[str, int]]) -> str:
     return f"store {store}: {state} ({', '.join(parts) or 'no model variant yet'})"
 
 
-def _check_store_location(store: str, table, sha: str, block_size: int | None,
-                          images: str | None) -> None:
-    """Cheap checks before the model loads, so bad input fails in a second, not a minute."""
-    attrs = st.existing_root(store)
+def check_store_location(store: str | None, table, block_size: int | None,
+                         images: str | None) -> None:
+    """Cheap checks before the model loads, so bad input fails in a second, not a minute:
+    the prompt table and ``--block-size`` against the store's, ``--images`` against its
+    blocks. The command makes them too, before a cluster starts: found by the worker that
+    plans, a misaligned ``--images`` named that worker as if it had failed. ``store``
+    None: no store yet to align to (the main job's, under --out)."""
+    attrs = None if store is None else st.existing_root(store)
     if attrs is not None:
-        if attrs["prompts_sha256"] != sha:
+        sha = prompts_fingerprint(table)
+        if attrs["prompts_sha256"] != sha or block_size not in (None, attrs["block_size"]):
             st.create_or_check_root(store, table, sha, block_size)  # raises the specific error
         parse_region(images, len(table), attrs["block_size"])
     else:
-        parse_region(images, len(table), block_size or st.DEFAULT_BLOCK_SIZE)
+        parse_region(images, len(table), 1 if store is None else
+                     block_size or st.DEFAULT_BLOCK_SIZE)

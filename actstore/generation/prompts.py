@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 
 import pandas as pd
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, InputError
 
 REQUIRED_COLUMNS = ("image_id", "prompt", "seed")
 TEXT_COLUMNS = ("image_id", "prompt", "split")
@@ -219,7 +219,7 @@ def check_prompt_lengths(table: pd.DataFrame, tokenizer) -> None:
     for i, n in enumerate(lengths):
         if n > limit:
             src = table.attrs.get("source", "prompt table")
-            raise ActstoreError(
+            raise InputError(
                 f"{src}: {_where(i, ids)}: prompt is {n - 2} tokens for this model, its text "
                 f"encoder reads {limit - 2}; shorten it (SD would cut it silently, and the "
                 "store's prompt must be the text the image was made from)")

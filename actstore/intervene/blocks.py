@@ -16,13 +16,12 @@ import json
 from actstore.cluster import MODEL_LOCK, local_dask, shared, spread, worker_id
 from actstore.errors import ActstoreError
 from actstore.generation.regions import store_model
-from actstore.intervene.inputs import select_images, store_model_ref
+from actstore.intervene.inputs import store_model_ref
 from actstore.intervene.plan import plan_interventions
 from actstore.intervene.run import (Experiment, begin_experiment, finish_experiment,
                                     run_blocks)
 from actstore.intervene.settings import InterventionSettings
 from actstore.progress import relaying
-from actstore.store.view import StoreView
 
 
 def check_portable(settings: InterventionSettings) -> None:
@@ -31,14 +30,6 @@ def check_portable(settings: InterventionSettings) -> None:
         raise ActstoreError("--workers/--cluster: each worker loads the label model from its "
                             "spec, so pass the provider as a spec (toyworld, "
                             "hf-depth:FOLDER, ...) or run without fan-out")
-
-
-def check_images(store: str, settings: InterventionSettings) -> None:
-    """The ``--images`` choice checked here, before a cluster starts: a typo in it is the
-    user's, and found on the worker that plans the experiment it read as that worker's
-    fault (its address in the error). Reads only the store's image table."""
-    view = StoreView(store, model=settings.model_variant, complete_only=False)
-    select_images(view, settings.images)
 
 
 def shared_experiment(store: str, probe_run: str, settings: InterventionSettings, *,

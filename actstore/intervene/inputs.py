@@ -14,7 +14,7 @@ from actstore.store.view import StoreView
 from actstore.errors import ActstoreError, InputError
 from actstore.options import start_stop
 from actstore.intervene.results import existing_settings
-from actstore.label.providers import get_provider
+from actstore.label.blocks import shared_provider
 from actstore.store import io, labelsets
 from actstore.generation.models import TINY_RANDOM, LoadedModel, apply_control, load_model
 
@@ -71,8 +71,8 @@ def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
         if not spec:
             raise ActstoreError(f"labels {target!r} record no provider; pass --provider")
     if spec is not None:
-        try:
-            provider = get_provider(spec, device)
+        try:   # this process's, kept: a sweep's experiments on one worker share it
+            provider = shared_provider(spec, device)
         except ActstoreError as exc:
             raise ActstoreError(f"label provider {spec} can't be loaded to read intervened "
                                 f"images ({exc}); pass --provider with one that can") from None
@@ -80,13 +80,13 @@ def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
         spec = getattr(provider, "spec", None) or getattr(provider, "name",
                                                           type(provider).__name__)
     if getattr(provider, "by_ids", None) is not None:
-        raise ActstoreError(f"label provider {spec} looks labels up by image id, so it can't "
-                            "label intervened images; pass --provider with a label model "
-                            "(toyworld, hf-depth:FOLDER, hf-segmentation:FOLDER)")
+        raise InputError(f"label provider {spec} looks labels up by image id, so it can't "
+                         "label intervened images; pass --provider with a label model "
+                         "(toyworld, hf-depth:FOLDER, hf-segmentation:FOLDER)")
     made = getattr(provider, "targets", {})
     if made.get(target) != kind:
-        raise ActstoreError(f"label provider {spec} makes no {kind} target {target!r} (it "
-                            f"makes {', '.join(f'{t} ({k})' for t, k in made.items()) or 'none'})")
+        raise InputError(f"label provider {spec} makes no {kind} target {target!r} (it "
+                         f"makes {', '.join(f'{t} ({k})' for t, k in made.items()) or 'none'})")
     return provider, str(spec)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, InputError
 from actstore.generation.pointnames import site_of
 from actstore.intervene.inputs import check_existing, resolve_provider, select_images
 from actstore.intervene.pattern import patterns
@@ -77,24 +77,38 @@ class Plan:
         return list(self.settings.steps)
 
 
-def plan_interventions(store: str, probe_run: str, settings: InterventionSettings, *,
-                       provenance: dict | None = None) -> Plan:
-    """Check ``settings`` against the store; raises a one-line ActstoreError, writes nothing.
+@dataclass(frozen=True)
+class Request:
+    """What the user asked, checked against the store (no model, no label model, no
+    probe weights read): settings with target, layers and steps resolved, and the store's
+    facts the plan goes on from."""
 
-    ``provenance`` joins the record (e.g. which sweep chose this setting, on which images)."""
+    settings: InterventionSettings
+    kind: str
+    view: StoreView
+    current: dict
+    label_attrs: dict
+    positions: np.ndarray
+
+
+def check_request(store: str, probe_run: str, settings: InterventionSettings) -> Request:
+    """The checks of :func:`plan_interventions` that read only the store's small records:
+    cheap enough for a fan-out's command to make before a cluster starts, so a typo there
+    is refused in seconds and as the user's (an :class:`InputError`), not by the worker
+    that plans (its address in the line sent the user to that worker's environment)."""
     s = settings
     if s.experiment_id is not None and not TARGET_NAME.match(s.experiment_id):
-        raise ActstoreError(f"--experiment {s.experiment_id!r}: use letters, digits, '_', '.', "
-                            "'-' (not starting with '_' or '.')")
+        raise InputError(f"--experiment {s.experiment_id!r}: use letters, digits, '_', '.', "
+                         "'-' (not starting with '_' or '.')")
     st.read_root_attrs(store)
     run = get_run(store, probe_run)
     target = s.target or run["target"]
     if target != run["target"]:
-        raise ActstoreError(f"probe run {probe_run} probes {run['target']!r}, not {target!r}; "
-                            "pass a run of that target (or drop --target)")
+        raise InputError(f"probe run {probe_run} probes {run['target']!r}, not {target!r}; "
+                         "pass a run of that target (or drop --target)")
     if s.model_variant not in run["models"]:
-        raise ActstoreError(f"probe run {probe_run}: has no probes for model "
-                            f"{s.model_variant!r} (has {', '.join(run['models'])})")
+        raise InputError(f"probe run {probe_run}: has no probes for model "
+                         f"{s.model_variant!r} (has {', '.join(run['models'])})")
     view = StoreView(store, model=s.model_variant, complete_only=False)
     kind = run["kind"]
     # one resolve, pinned for the whole run: every block reads this version (a relabel
@@ -107,11 +121,26 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     _check_fitted_on(store, probe_run, run, target, label_attrs)
     layers = _layers(s.layers, kind, view, run, probe_run)
     steps = _steps(s.steps, kind, view, run, probe_run)
-    s = s.with_(target=target, layers=tuple(layers), steps=tuple(steps))
+    if s.targets == "insert" and kind == BINARY:
+        raise InputError("--targets insert copies an object's depth, so it needs a "
+                         "continuous target such as depth; use shift for masks")
+    positions = select_images(view, list(s.images) if isinstance(s.images, tuple) else s.images)
+    return Request(s.with_(target=target, layers=tuple(layers), steps=tuple(steps)), kind,
+                   view, current, label_attrs, positions)
+
+
+def plan_interventions(store: str, probe_run: str, settings: InterventionSettings, *,
+                       provenance: dict | None = None) -> Plan:
+    """Check ``settings`` against the store; raises a one-line ActstoreError, writes nothing.
+
+    ``provenance`` joins the record (e.g. which sweep chose this setting, on which images)."""
+    req = check_request(store, probe_run, settings)
+    s, kind, view, current, label_attrs = (req.settings, req.kind, req.view, req.current,
+                                           req.label_attrs)
+    target, layers, steps, positions = s.target, list(s.layers), list(s.steps), req.positions
     probes = {la: load_probe(store, probe_run, la, s.model_variant) for la in layers}
     grids = {la: (int(view.layer_shapes[la][0]), int(view.layer_shapes[la][1]))
              for la in layers}
-    positions = select_images(view, list(s.images) if isinstance(s.images, tuple) else s.images)
     table = view.images
     image_ids = [str(v) for v in table["image"].values[positions]]
     hw = tuple(int(v) for v in label_attrs["image_size"])
@@ -120,9 +149,6 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
         user = load_user_targets(s.targets, image_ids, hw, kind=kind, mean=label_attrs.get("mean"),
                                  std=label_attrs.get("std"), units=s.target_units)
         n_targets = user.shape[1]
-    elif mode == "insert" and kind == BINARY:
-        raise ActstoreError("--targets insert copies an object's depth, so it needs a "
-                            "continuous target such as depth; use shift for masks")
     object_target = _object_target(current, target) if mode == "insert" else None
     label_paths = {t: current[t]["path"] for t in (target, object_target) if t}
     label_attrs = {k: v for k, v in label_attrs.items() if k not in ("path", "commit",
@@ -199,11 +225,11 @@ def _layers(layers, kind, view, run, probe_run) -> list[str]:
                   and site_of(la).startswith(prefix)]
     bad = [la for la in layers if la not in view.layers]
     if bad:
-        raise ActstoreError(f"layer {bad[0]!r}: the store has no such capture point; it has "
+        raise InputError(f"layer {bad[0]!r}: the store has no such capture point; it has "
                             f"{', '.join(view.layers)}")
     vae = [la for la in layers if not view.points[la].cfg]
     if vae:
-        raise ActstoreError(f"layer {vae[0]!r}: the VAE decoder takes no part in denoising, so "
+        raise InputError(f"layer {vae[0]!r}: the VAE decoder takes no part in denoising, so "
                             "an edit there cannot change the image; choose UNet layers")
     _probed(layers, run["layers"], "layer", probe_run)
     return list(dict.fromkeys(layers))
@@ -215,7 +241,7 @@ def _steps(steps, kind, view, run, probe_run) -> list[int]:
     steps = sorted({int(s) for s in steps})
     bad = [s for s in steps if not 0 <= s < view.n_steps]
     if bad:
-        raise ActstoreError(f"step {bad[0]}: the store's generation has steps 0..."
+        raise InputError(f"step {bad[0]}: the store's generation has steps 0..."
                             f"{view.n_steps - 1}")
     _probed(steps, run["steps"], "step", probe_run)
     return steps
@@ -225,7 +251,7 @@ def _probed(wanted: list, have: list, what: str, probe_run: str) -> None:
     lacking = [w for w in wanted if w not in have]
     if lacking:
         shown = repr(lacking[0]) if what == "layer" else str(lacking[0])
-        raise ActstoreError(f"probe run {probe_run}: has no probe for {what} {shown} (it "
+        raise InputError(f"probe run {probe_run}: has no probe for {what} {shown} (it "
                             f"has {what}s {', '.join(map(str, have))}); pass --{what}s "
                             f"among those or fit a run with that {what}")
 

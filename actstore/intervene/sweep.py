@@ -29,8 +29,8 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import fields, replace
-
+from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import actstore
 from actstore.errors import ActstoreError
@@ -39,13 +39,13 @@ from actstore.generation.pointnames import UNET_KINDS, kind_of, site_of
 from actstore.intervene.inputs import load_store_model
 from actstore.intervene.results import existing_settings
 from actstore.intervene.run import run_interventions
-from actstore.intervene.settings import SweepSettings, without_later_defaults
+from actstore.intervene.settings import (InterventionSettings, SweepSettings,
+                                         without_later_defaults)
 from actstore.probe.runs import get_run
 from actstore.store import io
 from actstore.store import layout as lay
 from actstore.store.core import listed
 from actstore.store.view import StoreView
-
 
 
 def split_images(store: str, validation: int, evaluation: int,
@@ -139,36 +139,85 @@ def _why_none(rows: list[dict], cap: float) -> str:
              if low else "") + "; lower --strength or raise --max-edit-size")
 
 
-def run_sweep(store: str, probe_runs: list[str] | str,
-              settings: SweepSettings = SweepSettings(), *, model: LoadedModel | None = None,
-              out_dir: str | None = None, progress: bool = True) -> dict:
-    """Sweep each probe run's grid on validation images, then evaluate its chosen setting
-    on the evaluation images; returns ``{target: record}`` plus the figures drawn."""
+# Runs (or resumes) one cell's experiment: (store, probe run, settings, provenance) ->
+# its summary. In this process by default; over Dask workers from flows.intervene.
+RunExperiment = Callable[[str, str, InterventionSettings, dict], dict]
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A sweep checked against the store before any cell runs (a refusal leaves the store
+    as it was, and a fan-out refuses before its cluster starts)."""
+
+    store: str
+    settings: SweepSettings
+    validation: list[str]
+    evaluation: list[str]
+    runs: dict[str, dict]
+    cells: dict[str, list[dict]]
+    out_dir: str | None = None
+
+
+def plan_sweep(store: str, probe_runs: list[str] | str,
+               settings: SweepSettings = SweepSettings(), *,
+               out_dir: str | None = None) -> SweepPlan:
+    """Every check that reads only the store: the figure folder, the two image sets, the
+    runs (one per target) and each run's cells."""
     probe_runs = [probe_runs] if isinstance(probe_runs, str) else list(probe_runs)
     if out_dir:
         from actstore.plots.outputs import check_output
 
         check_output(out_dir, "--out", png=False)
-    base = settings.base
     validation, evaluation = split_images(store, settings.validation, settings.evaluation,
-                                          base.model_variant)
+                                          settings.base.model_variant)
     runs = {r: get_run(store, r) for r in probe_runs}
     one_run_per_target(probe_runs, runs)
     cells = {r: planned_cells(r, run, settings) for r, run in runs.items()}  # all, first
-    model = load_store_model(StoreView(store, model=base.model_variant, complete_only=False),
-                             model, base.device)
-    out = {"store": store, "validation_images": validation, "evaluation_images": evaluation,
-           "targets": {}}
-    for run_id, run in runs.items():
-        out["targets"][run["target"]] = _sweep_run(store, run_id, run, cells[run_id],
-                                                   settings, validation, evaluation, model,
-                                                   progress)
-    if out_dir:
+    return SweepPlan(store, settings, validation, evaluation, runs, cells, out_dir)
+
+
+def run_sweep(store: str, probe_runs: list[str] | str,
+              settings: SweepSettings = SweepSettings(), *, model: LoadedModel | None = None,
+              out_dir: str | None = None, progress: bool = True) -> dict:
+    """Sweep each probe run's grid on validation images, then evaluate its chosen setting
+    on the evaluation images, every experiment in this process; returns ``{target:
+    record}`` plus the figures drawn."""
+    plan = plan_sweep(store, probe_runs, settings, out_dir=out_dir)
+    model = load_store_model(StoreView(store, model=settings.base.model_variant,
+                                       complete_only=False), model, settings.base.device)
+
+    def in_process(uri: str, run_id: str, cell: InterventionSettings, provenance: dict) -> dict:
+        return run_interventions(uri, run_id, cell, model=model, progress=progress,
+                                 provenance=provenance)
+    return sweep_cells(plan, in_process)
+
+
+def sweep_cells(plan: SweepPlan, run_experiment: RunExperiment) -> dict:
+    """Run (or resume) a planned sweep, each experiment by ``run_experiment``: the records
+    depend only on the experiments' stored results, so a sweep whose cells ran on Dask
+    workers is recorded as one run here."""
+    out = {"store": plan.store, "validation_images": plan.validation,
+           "evaluation_images": plan.evaluation, "targets": {}}
+    for run_id, run in plan.runs.items():
+        out["targets"][run["target"]] = _sweep_run(plan, run_id, run, run_experiment)
+    if plan.out_dir:
         from actstore.plots.interventions import sweep_figures
 
-        out["figures"] = sweep_figures(store, [r["sweep_id"] for r in out["targets"].values()],
-                                       out_dir)
+        out["figures"] = sweep_figures(plan.store, [r["sweep_id"] for r in
+                                                    out["targets"].values()], plan.out_dir)
     return out
+
+
+def _cell_summary(run_experiment: RunExperiment, plan: SweepPlan, run_id: str,
+                  settings: InterventionSettings, provenance: dict) -> dict:
+    """A cell's experiment, complete: a sweep is chosen from finished experiments only."""
+    summary = run_experiment(plan.store, run_id, settings, provenance)
+    if not summary.get("complete"):
+        raise ActstoreError(f"store {plan.store}: sweep cell {summary['experiment_id']} is "
+                            f"incomplete ({summary.get('blocks_complete')}/"
+                            f"{summary.get('blocks')} blocks); rerun the same command to "
+                            "resume")
+    return summary
 
 
 def one_run_per_target(probe_runs: list[str], runs: dict[str, dict]) -> None:
@@ -197,17 +246,18 @@ def planned_cells(run_id: str, run: dict, settings: SweepSettings) -> list[dict]
     return cells
 
 
-def _sweep_run(store, run_id, run, cells, settings, validation, evaluation, model,
-               progress) -> dict:
+def _sweep_run(plan: SweepPlan, run_id: str, run: dict,
+               run_experiment: RunExperiment) -> dict:
     t0 = time.perf_counter()
-    base = settings.base
+    store, settings = plan.store, plan.settings
+    validation, evaluation, base = plan.validation, plan.evaluation, settings.base
     rows, experiments = [], []
-    for cell in cells:
-        summary = run_interventions(
-            store, run_id, base.with_(layers=tuple(cell["layers"]), steps=tuple(cell["steps"]),
-                                      strengths=settings.strengths, images=tuple(validation),
-                                      experiment_id=None),
-            model=model, progress=progress, provenance={"role": "sweep validation"})
+    for cell in plan.cells[run_id]:
+        summary = _cell_summary(
+            run_experiment, plan, run_id,
+            base.with_(layers=tuple(cell["layers"]), steps=tuple(cell["steps"]),
+                       strengths=settings.strengths, images=tuple(validation),
+                       experiment_id=None), {"role": "sweep validation"})
         experiments.append(summary["experiment_id"])
         for row in summary["dose"]:
             rows.append({"kind": cell["kind"], "layers": cell["layers"],
@@ -227,7 +277,7 @@ def _sweep_run(store, run_id, run, cells, settings, validation, evaluation, mode
               "settings": _settings_json(settings), "max_edit_size": settings.max_edit_size,
               "validation_images": validation, "evaluation_images": evaluation,
               "skipped_kinds": [k for k in settings.kinds
-                                if not any(c["kind"] == k for c in cells)],
+                                if not any(c["kind"] == k for c in plan.cells[run_id])],
               "cells": rows, "experiments": experiments,
               "chosen": best and {k: best[k] for k in ("kind", "layers", "steps", "strength",
                                                        "experiment_id", "effect",
@@ -244,11 +294,11 @@ def _sweep_run(store, run_id, run, cells, settings, validation, evaluation, mode
     chosen = base.with_(layers=tuple(best["layers"]), steps=tuple(best["steps"]),
                         strengths=(best["strength"],), images=tuple(evaluation),
                         experiment_id=None)
-    final = run_interventions(store, run_id, chosen, model=model, progress=progress,
-                              provenance={"role": "sweep evaluation", "sweep": sweep_id,
-                                          "validation_images": validation,
-                                          "max_edit_size": settings.max_edit_size,
-                                          "chosen_validation_size": best["relative_change"]})
+    final = _cell_summary(run_experiment, plan, run_id, chosen,
+                          {"role": "sweep evaluation", "sweep": sweep_id,
+                           "validation_images": validation,
+                           "max_edit_size": settings.max_edit_size,
+                           "chosen_validation_size": best["relative_change"]})
     overlap = set(final["image_ids"]) & set(validation)
     if overlap:   # cannot happen by construction; a record that says otherwise is refused
         raise ActstoreError(f"sweep {sweep_id}: evaluation shares images {sorted(overlap)} "

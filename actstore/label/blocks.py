@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -116,15 +117,19 @@ def pending(job: LabelJob, stage: str) -> list[tuple[int, int]]:
     return [blk for blk in job.blocks if blk not in done]
 
 
-def raw_block(job: LabelJob, prov, a: int, b: int) -> None:
-    """Pass 1 for images a:b: raw labels staged, train moments in the block's record."""
+def raw_block(job: LabelJob, prov, a: int, b: int,
+              done: Callable[[int], None] | None = None) -> None:
+    """Pass 1 for images a:b: raw labels staged, train moments in the block's record.
+    ``done`` hears the images labelled, batch by batch (see :meth:`PassContext.run`)."""
     ctx = job.context(prov)
     by_ids = getattr(prov, "by_ids", None)
     if by_ids is not None:
         raws = ctx.pick(by_ids(list(job.ids[a:b])), b - a)
+        if done is not None:
+            done(b - a)
     else:
         raws = ctx.run(np.asarray(st.model_array(job.store, job.source_model,
-                                                 "final_image")[a:b]))
+                                                 "final_image")[a:b]), done)
     train = np.asarray(job.train[a:b], dtype=bool)
     moments = {}
     for t, raw in raws.items():
@@ -173,8 +178,10 @@ def stats(job: LabelJob) -> dict[str, tuple]:
     return out
 
 
-def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int) -> None:
-    """Pass 2 for images a:b: normalized labels, pooled grids, x0 labels, then its record."""
+def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int,
+                done: Callable[[int], None] | None = None) -> None:
+    """Pass 2 for images a:b: normalized labels, pooled grids, x0 labels, then its record.
+    ``done`` hears the x0 images labelled (image-steps), batch by batch."""
     sizes = sorted(set(map(tuple, job.grids.values())), reverse=True)
     maps = {}
     if job.n_steps:
@@ -182,7 +189,7 @@ def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int) -> None:
         imgs = np.asarray(st.model_array(job.store, job.source_model, "x0_image")[a:b])
         n, s = imgs.shape[:2]
         maps = {t: m.reshape(n, s, *job.hw)
-                for t, m in ctx.run(imgs.reshape(n * s, *imgs.shape[2:])).items()}
+                for t, m in ctx.run(imgs.reshape(n * s, *imgs.shape[2:]), done).items()}
         for t, m in maps.items():
             for step in range(s):
                 ctx.validate(t, m[:, step], a, step)
@@ -211,14 +218,13 @@ def run_blocks(job: LabelJob, stage: str, blks, constants: dict | None = None, *
     exited (16 s and 1011 files for one block of 4 images at 500 steps, 2026-12-05). What
     it staged stays unseen, and a rerun of the same job adopts it."""
     prov = prov if prov is not None else shared_provider(job.spec, job.device)
+    done = bar.step if bar is not None else None
     for a, b in blks:
         stop_if_cancelled()
         if stage == PASS1:
-            raw_block(job, prov, a, b)
+            raw_block(job, prov, a, b, done)
         else:
-            final_block(job, prov, constants, a, b)
-        if bar is not None:
-            bar.step((b - a) * (1 if stage == PASS1 else job.n_steps))
+            final_block(job, prov, constants, a, b, done)
     return {"images": sum(b - a for a, b in blks), "worker": worker_id()}
 
 

@@ -9,6 +9,8 @@ own version (see :mod:`actstore.label.blocks`).
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from actstore.cluster import stop_if_cancelled
@@ -34,16 +36,21 @@ class PassContext:
         self.kinds, self.spec, self.prov = kinds, spec, prov     # kinds: target -> kind, in order
         self.ids, self.hw, self.block, self.batch_size = ids, hw, block, batch_size
 
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def run(self, images: np.ndarray, done: Callable[[int], None] | None = None
+            ) -> dict[str, np.ndarray]:
         """The provider in batches, once per batch for all targets; float32 (n, H, W) each.
-        A Dask task whose command was interrupted stops before its next batch."""
+        A Dask task whose command was interrupted stops before its next batch. ``done``
+        hears each batch's image count: a block of SD x0 images (blocks × steps) is
+        minutes of labelling, which a bar counting blocks showed as one jump."""
         parts: dict[str, list] = {t: [] for t in self.kinds}
         for i in range(0, len(images), self.batch_size):
             stop_if_cancelled()
-            out = self.pick(self.prov(images[i:i + self.batch_size]),
-                            min(self.batch_size, len(images) - i))
+            n = min(self.batch_size, len(images) - i)
+            out = self.pick(self.prov(images[i:i + self.batch_size]), n)
             for t, arr in out.items():
                 parts[t].append(arr)
+            if done is not None:
+                done(n)
         return {t: np.concatenate(p) for t, p in parts.items()}
 
     def pick(self, out: dict, n: int) -> dict[str, np.ndarray]:

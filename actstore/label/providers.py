@@ -13,9 +13,7 @@ Specs (``get_provider``)::
     hf-segmentation:<folder>    transformers semantic segmentation → salient = not background
     array:<path>                user labels: .npz or Zarr group with image_id + (N,H,W) arrays
 
-Hugging Face folders are loaded with ``local_files_only=True`` and never with
-``trust_remote_code``: labels become scientific data, so the code that makes them must be
-code we have read (transformers itself), not code shipped with the weights.
+Hugging Face folders: :mod:`actstore.label.hfmodels` (never with remote code).
 """
 
 from __future__ import annotations
@@ -26,23 +24,16 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from actstore.errors import ActstoreError, first_line
+from actstore.errors import ActstoreError
 from actstore.runtime import configure_cpu_threads
+from actstore.gpus import check_device
 from actstore.kinds import BINARY, CONTINUOUS, KINDS
 from actstore.npyfiles import check_numeric, load_plain
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SPEC_FORMS = ("toyworld[:<folder>]", "hf-depth:<folder>", "hf-segmentation:<folder>",
               "array:<.npz or zarr group>")
-# Class names that mean "not the object" in common segmentation label sets: VOC-style
-# "background", binary foreground models, and the stuff classes of ADE20K/Cityscapes/COCO
-# that fill the scene behind objects. If none appear, class 0 is taken as background.
-BACKGROUND_NAMES = frozenset({
-    "background", "__background__", "bg", "void", "unlabeled", "unlabelled", "other",
-    "others", "sky", "wall", "floor", "ceiling", "road", "sidewalk", "ground", "earth",
-    "grass", "field", "sea", "water", "sand", "terrain"})
-# Models whose output is metric depth, not MiDaS-style relative inverse depth.
-METRIC_DEPTH_TYPES = frozenset({"zoedepth", "glpn", "depth_pro"})
+_LOADS: list[str] = []     # every label model this process made, for the tests' count
 
 
 @runtime_checkable
@@ -68,31 +59,34 @@ class LabelProvider(Protocol):
 
 def get_provider(spec: str, device: str = "cpu", *, load: bool = True) -> LabelProvider:
     """Resolve a provider spec (see the module docstring) to a ready provider (``load``
-    False: the toy label model's folder checked and described, not loaded:
-    :func:`describe_provider`).
-
-    A label model on the CPU runs with the thread policy generation uses: torch's conv
-    sums depend on the thread count, so labels written by the command line, the library
-    and cluster workers agree bit for bit only under one policy."""
+    False: a label model's folder checked and described, not loaded, and ``device``
+    checked by name only: :func:`describe_provider`)."""
     kind, _, arg = str(spec).partition(":")
-    if kind != "array":   # 'auto' and a bad name resolved as for generation, in one line
-        from actstore.generation.models import resolve_device
-
-        device = str(resolve_device(str(device)))
-        if device.startswith("cpu"):
-            configure_cpu_threads()
+    if load and kind in ("toyworld", "hf-depth", "hf-segmentation"):
+        _LOADS.append(spec)
+    if kind != "array":   # a bad name refused in one line, as for generation; the device
+        # itself only where the model loads (a --cluster's workers, not its command)
+        device = ready_device(device) if load else check_device(str(device), available=False)
     if kind == "toyworld":
         from actstore.label.toyfolder import ToyFolder
 
         folder = ToyFolder(Path(arg or REPO_ROOT / "models" / "toy-labeler"), spec, device)
         return folder.load() if load else folder
     if kind in ("hf-depth", "hf-segmentation") and arg:
-        cls = HFDepth if kind == "hf-depth" else HFSegmentation
-        return cls(arg, device=device)
+        from actstore.label.hfmodels import HFDepth, HFSegmentation
+
+        model = (HFDepth if kind == "hf-depth" else HFSegmentation)(arg, device=device)
+        return model.load() if load else model
     if kind == "array" and arg:
         return ArrayLabels(arg)
     raise ActstoreError(f"label provider {spec!r} is not known; use one of "
                         f"{', '.join(SPEC_FORMS)}")
+
+
+def provider_loads() -> int:
+    """How many label models this process made (``Client.run`` asks each worker): a
+    worker should keep one for every task it runs, as it keeps the store's model."""
+    return len(_LOADS)
 
 
 def folder_sha256(path: str | Path, patterns=("*.safetensors", "*.bin")) -> str:
@@ -106,184 +100,28 @@ def folder_sha256(path: str | Path, patterns=("*.safetensors", "*.bin")) -> str:
     return h.hexdigest()
 
 
-def resize_maps(maps, size: tuple[int, int], mode: str = "bilinear"):
-    """``(N, h, w)`` or ``(N, C, h, w)`` torch maps to ``size``, pixel centres aligned."""
-    import torch.nn.functional as F
+def ready_device(device: str) -> str:
+    """``device`` resolved where a label model loads ('auto'; a GPU this machine lacks is
+    refused in one line, as for generation), with torch's CPU threads set by the policy
+    generation uses: torch's conv sums depend on the thread count, so labels written by
+    the command line, the library and cluster workers agree bit for bit only under one."""
+    from actstore.generation.models import resolve_device
 
-    x = maps[:, None] if maps.ndim == 3 else maps
-    if tuple(x.shape[-2:]) != tuple(size):
-        x = F.interpolate(x.float(), size=tuple(size), mode=mode, align_corners=False)
-    return x[:, 0] if maps.ndim == 3 else x
-
-
-def _check_images(images: np.ndarray, who: str) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-        raise ActstoreError(f"{who}: expected uint8 images shaped (N, H, W, 3), got "
-                            f"{images.dtype} {images.shape}")
-    return images
+    device = str(resolve_device(str(device)))
+    if device.startswith("cpu"):
+        configure_cpu_threads()
+    return device
 
 
 def describe_provider(spec: str, device: str = "cpu") -> LabelProvider:
     """What a process that labels nothing itself needs of ``spec`` (its name, targets,
     provenance, input check), checked as :func:`get_provider` checks it: the fan-out's
-    command, whose workers label, and the main job's look before its labels. The toy
-    label model's folder is read, not loaded (:class:`~actstore.label.toyfolder.ToyFolder`):
-    before, that process held a model beside its workers' only to read these. Other
-    providers are loaded as by :func:`get_provider`."""
+    command, whose workers label, and the main job's look before its labels. A label
+    model's folder is read, not loaded (:class:`~actstore.label.toyfolder.ToyFolder`,
+    :mod:`actstore.label.hfmodels`): before, that process held a model beside its
+    workers' only to read these. The device is checked by name only: with ``--cluster``
+    the workers load the model, and may have the GPU this process lacks."""
     return get_provider(spec, device, load=False)
-
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-
-
-def _check_safetensors(folder: Path, spec: str) -> None:
-    """Weights only as safetensors: a pickle can run code when loaded, so it is refused
-    here, by name, before transformers or torch open anything."""
-    if any(folder.glob("*.safetensors")):
-        return
-    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    found = f" (found {', '.join(pickles)}: pickle files, never loaded)" if pickles else ""
-    raise ActstoreError(f"label provider {spec}: no *.safetensors weights in {folder}{found}; "
-                        "save the model with save_pretrained(..., safe_serialization=True)")
-
-
-class _HFModel:
-    """Shared loading and batching for transformers vision models in a local folder."""
-
-    name = "hf"
-    targets: dict[str, str] = {}
-    prefix = ""
-
-    def __init__(self, folder: str, device: str = "cpu"):
-        import torch
-        import transformers
-
-        self.folder = Path(folder).expanduser()
-        self.spec = f"{self.prefix}:{folder}"
-        self.device = device
-        for needed in ("config.json", "preprocessor_config.json"):
-            if not (self.folder / needed).is_file():
-                raise ActstoreError(f"label provider {self.spec}: no {needed} in {self.folder}; "
-                                    "give a local folder saved with save_pretrained (nothing "
-                                    "is downloaded)")
-        kw = {"local_files_only": True, "trust_remote_code": False}
-        try:
-            self.config = transformers.AutoConfig.from_pretrained(self.folder, **kw)
-            self.processor = transformers.AutoImageProcessor.from_pretrained(self.folder, **kw)
-        except (ValueError, OSError, KeyError) as exc:
-            raise ActstoreError(f"label provider {self.spec}: transformers can't load it "
-                                "without remote code, which actstore never runs "
-                                f"({first_line(exc, 120)}); use a model type "
-                                "transformers ships") from None
-        _check_safetensors(self.folder, self.spec)
-        # float32 whatever the checkpoint: transformers loads a folder in the dtype it was
-        # saved in (dtype="auto" since 5.0), and a float16 checkpoint fed the processor's
-        # float32 pixels raised; labels are targets, made at full precision on any device
-        self.model = self._load_model(transformers, kw).to(device, torch.float32).eval()
-        self.provenance = {"folder": str(self.folder), "model_type": self.config.model_type,
-                           "model_class": type(self.model).__name__,
-                           "transformers": transformers.__version__,
-                           "weights_sha256": folder_sha256(self.folder)}
-
-    def _load_model(self, transformers, kw):
-        tried = []
-        for auto in self.auto_classes:
-            cls = getattr(transformers, auto)
-            try:
-                return cls.from_pretrained(self.folder, use_safetensors=True, **kw)
-            except ValueError:
-                tried.append(auto)
-        raise ActstoreError(f"label provider {self.spec}: model type "
-                            f"{self.config.model_type!r} is not a {' or '.join(tried)}; use "
-                            f"a {self.prefix.removeprefix('hf-')} model")
-
-    def _forward(self, images: np.ndarray):
-        import torch
-
-        inputs = self.processor(images=list(images), return_tensors="pt")
-        inputs = {k: v.to(self.device) for k, v in inputs.items() if hasattr(v, "to")}
-        with torch.no_grad():
-            return self.model(**inputs)
-
-    def __call__(self, images: np.ndarray, batch_size: int = 16) -> dict[str, np.ndarray]:
-        images = _check_images(images, f"label provider {self.spec}")
-        n, h, w, _ = images.shape
-        outs = [self._maps(images[i:i + batch_size], (h, w)) for i in range(0, n, batch_size)]
-        target = next(iter(self.targets))
-        maps = np.concatenate(outs) if outs else np.zeros((0, h, w), np.float32)
-        return {target: maps.astype(np.float32)}
-
-
-class HFDepth(_HFModel):
-    """Relative inverse depth (MiDaS convention, as the paper) at the image's size.
-
-    DPT/MiDaS and relative Depth Anything already predict inverse depth; a metric-depth
-    model's output is inverted so the target means the same thing whatever the model.
-    Resized bicubically, as the DPT reference code does.
-    """
-
-    name = "hf-depth"
-    prefix = "hf-depth"
-    targets = {"depth": CONTINUOUS}
-    auto_classes = ("AutoModelForDepthEstimation",)
-
-    def __init__(self, folder: str, device: str = "cpu"):
-        super().__init__(folder, device)
-        self.metric = (getattr(self.config, "depth_estimation_type", None) == "metric"
-                       or self.config.model_type in METRIC_DEPTH_TYPES)
-        self.provenance["output"] = ("1/metric depth" if self.metric
-                                     else "relative inverse depth")
-
-    def _maps(self, images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        depth = self._forward(images).predicted_depth.float()
-        if self.metric:
-            depth = 1.0 / depth.clamp(min=1e-6)
-        return resize_maps(depth, size, mode="bicubic").cpu().numpy()
-
-
-def background_ids(id2label: dict) -> list[int]:
-    """Classes that are not the salient object: named background/stuff classes, else 0."""
-    named = sorted(int(i) for i, label in id2label.items()
-                   if str(label).strip().lower().replace("_", " ") in BACKGROUND_NAMES)
-    return named or [0]
-
-
-class HFSegmentation(_HFModel):
-    """Salient object as "not background" from a semantic segmentation model, 0/1.
-
-    Logits are upsampled to the image size before the argmax (as transformers'
-    ``post_process_semantic_segmentation``), so mask edges aren't blocky. A one-channel
-    model (foreground logit, as background-removal models) is thresholded at logit 0.
-    """
-
-    name = "hf-segmentation"
-    prefix = "hf-segmentation"
-    targets = {"salient": BINARY}
-    auto_classes = ("AutoModelForSemanticSegmentation", "AutoModelForImageSegmentation")
-
-    def __init__(self, folder: str, device: str = "cpu"):
-        super().__init__(folder, device)
-        self.background = background_ids(self.config.id2label)
-        self.provenance["background_ids"] = self.background
-        self.provenance["background_labels"] = [str(self.config.id2label.get(i, i))
-                                                for i in self.background]
-
-    def _maps(self, images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-        import torch
-
-        logits = getattr(self._forward(images), "logits", None)
-        if logits is None or logits.ndim != 4:
-            raise ActstoreError(f"label provider {self.spec}: model type "
-                                f"{self.config.model_type!r} gives no per-pixel class "
-                                "logits (N, classes, h, w); use a semantic segmentation model")
-        background = torch.tensor(self.background, device=logits.device)
-        masks = []
-        for one in logits.float():  # one image at a time: 150 classes at 512² is 150 MB
-            up = resize_maps(one[None], size)[0]
-            fg = up[0] > 0 if up.shape[0] == 1 else ~torch.isin(up.argmax(0), background)
-            masks.append(fg.float().cpu().numpy())
-        return np.stack(masks)
 
 
 class ArrayLabels:

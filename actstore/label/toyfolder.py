@@ -70,9 +70,11 @@ class ToyFolder:
     def load(self):
         """The model on this folder's device, as a provider with this folder's identity:
         what fails now is the load itself (out of memory, a device error), said as such."""
+        from actstore.label.providers import ready_device
         from actstore.toyworld.labeler import ToyLabeler
 
         if self._model is None:
+            self.device = ready_device(self.device)   # described by name only
             try:
                 model = ToyLabeler.from_pretrained(self.path, device=self.device)
             except Exception as exc:    # noqa: BLE001 - any cause, named in the line

@@ -34,7 +34,7 @@ from actstore.store import layout as lay
 from actstore.store.view import StoreView
 from actstore.probe.emergence import emergence_steps
 from actstore.probe.settings import ProbeSettings
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, InputError
 from actstore.probe.grid import LayerSource, Split, metric_names, probe_layer
 from actstore.probe.uncertainty import score_intervals
 from actstore.label.labels import resolution_name
@@ -308,8 +308,8 @@ def get_run(store: str, run_id: str) -> dict:
         return attrs
     runs = list_runs(store)
     if run_id not in runs:
-        raise ActstoreError(f"store {store}: no probe run {run_id!r} (has: "
-                            f"{', '.join(runs) or 'none'}); run `actstore probe` first")
+        raise InputError(f"store {store}: no probe run {run_id!r} (has: "
+                         f"{', '.join(runs) or 'none'}); run `actstore probe` first")
     return runs[run_id]
 
 
@@ -339,7 +339,12 @@ def open_scores(store: str, run_id: str) -> xr.Dataset:
     ``image``), their ``mean`` and ``median``, the mean's 95% bootstrap ``ci_low``/``ci_high``
     and ``emergence_low``/``emergence_high`` (per layer)."""
     get_run(store, run_id)
-    return _plain_strings(io.open_dataset(store, lay.run_scores_path(run_id)))
+    stored = io.open_dataset(store, lay.run_scores_path(run_id))
+    # runs stored before 2026-12-06 may repeat a fit or hold steps out of order (emergence)
+    ds = stored.drop_duplicates(["model", "layer", "step"])
+    if not ds.indexes["step"].is_monotonic_increasing:
+        ds = _in_step_order(ds, stored)
+    return _plain_strings(ds)
 
 
 def emergence(store: str) -> xr.Dataset:

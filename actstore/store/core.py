@@ -20,7 +20,7 @@ import zarr
 from zarr.core.sync import sync
 
 import actstore
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, InputError
 from actstore.store import claims, commit, io
 from actstore.store import layout as lay
 from actstore.store.claims import diff  # noqa: F401  (settings differences, st.diff)
@@ -124,8 +124,8 @@ def create_or_check_root(uri: str, prompts: pd.DataFrame, prompts_sha256: str,
             f"store {uri}: was created from a different prompt table ({attrs['n_images']} "
             "images, other ids/prompts/seeds/splits); use the same table or a new --store")
     if block_size is not None and block_size != attrs["block_size"]:
-        raise ActstoreError(f"store {uri}: has block size {attrs['block_size']}, not "
-                            f"{block_size}; drop --block-size or use a new --store")
+        raise InputError(f"store {uri}: has block size {attrs['block_size']}, not "
+                         f"{block_size}; drop --block-size or use a new --store")
     return attrs
 
 
