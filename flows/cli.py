@@ -13,7 +13,6 @@ import atexit
 import gc
 import logging
 import os
-import re
 import sys
 import traceback
 from pathlib import Path
@@ -21,8 +20,8 @@ from pathlib import Path
 from actstore.cliargs import OneLineParser, nonneg_float, positive_int
 from actstore.errors import ActstoreError
 from flows.cli_checks import (STORE_HELP, catalog_vae_source, check_device, check_fan_out,
-                              check_figure_outputs, check_table_and_region, check_url,
-                              store_uri)
+                              check_figure_outputs, check_stored_settings,
+                              check_table_and_region, check_url, store_under_out, store_uri)
 from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
@@ -214,6 +213,7 @@ def _materialize(args, catalog) -> dict:
     check_fan_out(args, "regions", settings.device)
     if not args.vae_source and settings.cap.vae_source != "latent":
         catalog_vae_source(args.store, store, settings)
+    check_stored_settings(store, model_ref, settings)   # before a cluster loads the model
     if args.no_prefect:
         from actstore.generation.materialize import completion, format_completion, materialize
         from actstore.plots.figures import sample_grid
@@ -285,7 +285,7 @@ def _main_job(args, catalog) -> dict:
         Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
     model = resolve_model(catalog, args.model or ("toy-ldm" if toy else "tiny-random"))
     prompts = args.prompts or ("toyworld" if model["name"] == "toy-ldm" else "demo")
-    from flows.main import MAIN_MATERIALIZE, main_flow
+    from flows.main import MAIN_MATERIALIZE, check_rerun, main_flow
 
     settings = MAIN_MATERIALIZE.with_options(
         steps=args.steps, guidance=resolve_guidance(args.guidance, {}, model),
@@ -295,15 +295,10 @@ def _main_job(args, catalog) -> dict:
               "workers": args.workers, "targets": tuple(args.targets)}
     check_model(model["ref"])    # before the flow creates --out
     check_table_and_region(params["prompts"], args.images)
-    with flow_mode(args):
-        try:
-            result = main_flow(**params)
-        except ActstoreError as exc:   # the store's refusals name materialize's --store
-            said = re.sub(r"a new --store( path)?", f"a new --out (or remove {args.out} to "
-                          "start again)", str(exc))
-            if said == str(exc):
-                raise
-            raise ActstoreError(said) from exc
+    with store_under_out(args.out):
+        check_rerun(args.out, model["ref"], settings)
+    with flow_mode(args), store_under_out(args.out):
+        result = main_flow(**params)
     return {**result, "files": main_job_files(result, args.out)}
 
 

@@ -8,8 +8,10 @@ finding out after minutes of work (or a 30 s connect timeout) is the costly way.
 from __future__ import annotations
 
 import difflib
+import re
 import socket
 import warnings
+from contextlib import contextmanager
 from urllib.parse import urlparse
 
 from actstore.errors import ActstoreError
@@ -29,6 +31,29 @@ def check_table_and_region(prompts: str, images: str | None, store: str | None =
     from actstore.generation.prompts import load_prompts
 
     check_store_location(store, load_prompts(prompts), block_size, images)
+
+
+def check_stored_settings(store: str, model: str, settings) -> None:
+    """Settings a stored model variant was not made with, refused before a cluster or a
+    server starts (:func:`actstore.generation.fingerprint.check_stored_settings`): found by
+    the worker that loads the model, they were said ~30 s later and named that worker."""
+    from actstore.generation.fingerprint import check_stored_settings as check
+
+    check(store, model, settings)
+
+
+@contextmanager
+def store_under_out(out: str):
+    """The main job's store is under ``--out``: a store's refusal that says to use a new
+    ``--store`` says so of ``--out``."""
+    try:
+        yield
+    except ActstoreError as exc:
+        said = re.sub(r"a new --store( path)?", f"a new --out (or remove {out} to start "
+                      "again)", str(exc))
+        if said == str(exc):
+            raise
+        raise ActstoreError(said) from exc
 
 
 def check_url(uri: str, option: str) -> None:

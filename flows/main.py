@@ -31,6 +31,7 @@ from actstore.probe.runs import latest_run, open_emergence
 from actstore.intervene.settings import InterventionSettings, SweepSettings
 from actstore.intervene.sweep import fit_split
 from flows.intervene import sweep_figures_task, sweep_task
+from actstore.generation.fingerprint import check_stored_settings
 from actstore.generation.materialize import CaptureConfig, MaterializeSettings
 from actstore.plots.figures import kind_comparison
 from flows.label import label_task
@@ -58,6 +59,21 @@ MAIN_SWEEPS = {
 # comparison (capture-kinds.png, the summary's kind column); costs: docs/capture-points.md.
 MAIN_MATERIALIZE = MaterializeSettings(batch_size=8, block_size=8,
                                        cap=CaptureConfig(kinds=("attn1", "block", "vae")))
+
+
+# The variants the job materializes: the trained model, then the paper's control.
+CONTROLS = (None, "randomized")
+
+
+def main_store(out: str) -> str:
+    return str(Path(out) / "store.zarr")
+
+
+def check_rerun(out: str, model: str, settings: MaterializeSettings) -> None:
+    """A rerun into an ``out`` whose store holds variants made with other settings is
+    refused before a cluster starts (:func:`check_stored_settings`)."""
+    for control in CONTROLS:
+        check_stored_settings(main_store(out), model, replace(settings, control=control))
 
 
 @task(name="summary")
@@ -127,9 +143,9 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     sweeps = {t: replace(s, base=s.base.with_(device=settings.device))
               for t, s in sweeps.items()}
     out_dir = Path(out)   # made with the store: input refused before it leaves no folder
-    store = str(out_dir / "store.zarr")
+    store = main_store(out)
     result = {"store": store, "figures": []}
-    variants = [None, "randomized"] if control else [None]
+    variants = CONTROLS if control else CONTROLS[:1]
     workers = default_workers(settings.device) if workers is None else workers
     with dask_address(workers if workers > 1 else None, None, settings.device) as \
             (address, n, gpu, _):

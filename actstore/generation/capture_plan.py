@@ -96,10 +96,12 @@ def points_entry(points: list[CapturePoint], legacy: bool) -> dict:
 
 
 def added_fingerprint(kind: str, cap, points: list[CapturePoint]) -> dict:
-    out = {"kind": kind, **sc.points_fingerprint(points)}
-    if kind == "vae":
-        out["vae_source"] = cap.vae_source
-    return out
+    return {"kind": kind, **sc.points_fingerprint(points), **added_settings(kind, cap)}
+
+
+def added_settings(kind: str, cap) -> dict:
+    """The part of an added kind's fingerprint known without the model (not its points)."""
+    return {"kind": kind, **({"vae_source": cap.vae_source} if kind == "vae" else {})}
 
 
 def check_added(store: str, plan: CapturePlan, cap, points: list[CapturePoint]) -> None:
@@ -108,11 +110,14 @@ def check_added(store: str, plan: CapturePlan, cap, points: list[CapturePoint]) 
     for kind, attrs in plan.added.items():
         claims.sweep(store, lay.capture_group(plan.variant, kind))
         if kind in plan.kinds:
-            _refuse_other(store, plan, kind, attrs["fingerprint"],
-                          added_fingerprint(kind, cap, [p for p in points if p.kind == kind]))
+            refuse_other_kind(store, plan, kind, attrs["fingerprint"],
+                              added_fingerprint(kind, cap, [p for p in points if p.kind == kind]))
 
 
-def _refuse_other(store: str, plan: CapturePlan, kind: str, stored: dict, want: dict) -> None:
+def refuse_other_kind(store: str, plan: CapturePlan, kind: str, stored: dict,
+                      want: dict) -> None:
+    """The one line refusing a run whose settings for an added kind differ from its
+    marker's (found by the run that loaded the model, or by the command before)."""
     diffs = st.diff(stored, want)
     if diffs:
         raise ActstoreError(f"store {store}: capture kind {kind!r} of model "
@@ -146,7 +151,7 @@ def ensure_added(store: str, plan: CapturePlan, kinds, *, cap, points: list[Capt
             fix="the same settings for it, or a new --store")) for k in new}
         for kind, existing in found.items():
             if existing is not None:
-                _refuse_other(store, plan, kind, existing, wanted[kind])
+                refuse_other_kind(store, plan, kind, existing, wanted[kind])
         created = [k for k in new if found[k] is None]
         for kind in created:
             st.create_layer_arrays(store, plan.variant, mine[kind], n=root["n_images"],

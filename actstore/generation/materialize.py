@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -19,9 +19,9 @@ import numpy as np
 import actstore
 from actstore.store import core as st
 from actstore.generation.capture import capture_block, capture_points
-from actstore.generation.capture_plan import (CapturePlan, block_work, capture_fingerprint,
-                                              check_added, ensure_added, plan_capture,
-                                              points_entry, undo_added)
+from actstore.generation.capture_plan import (CapturePlan, block_work, check_added,
+                                              ensure_added, plan_capture, undo_added)
+from actstore.generation.fingerprint import check_stored_settings, model_fingerprint
 from actstore.generation.pointnames import VAE_SOURCES, parse_kinds
 from actstore.generation.regenerate import (DEFAULT_BATCH_SIZE, check_regenerated,
                                                 cpu_kernels, is_exact, recorded_batch_size,
@@ -111,22 +111,6 @@ def library_versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def model_fingerprint(model: LoadedModel, gen: GenerationConfig, cap: CaptureConfig,
-                      points: list, plan: CapturePlan | None = None) -> dict:
-    """Everything that changes what a variant's arrays hold; a store refuses a mismatch.
-    ``points`` are the variant's creation points (kinds added later have their own)."""
-    kinds = plan.creation if plan else tuple(dict.fromkeys(p.kind for p in points))
-    legacy = bool(plan and plan.legacy)
-    return {"weights_sha256": model.weights_hash, "variant": model.variant,
-            "dtype": str(model.dtype).replace("torch.", ""),
-            "generation": asdict(gen), "scheduler_config": _jsonable(model.scheduler_config),
-            "capture": capture_fingerprint(cap, kinds, legacy), **points_entry(points, legacy)}
-
-
-def _jsonable(config: dict) -> dict:
-    return {k: v for k, v in config.items() if not k.startswith("_")}
-
-
 @dataclass
 class _Run:
     """A materialize run once its store and variant exist: what is left to do, and how."""
@@ -160,14 +144,12 @@ def _open_run(model: str | LoadedModel, prompts: str, store: str,
     sha = prompts_fingerprint(table)
     check_store_location(store, table, settings.block_size, images)
     if isinstance(model, str):
+        check_stored_settings(store, model, settings)   # before a minute of loading
         model = load_model(model, dtype=settings.dtype, device=settings.device)
     check_prompt_lengths(table, model.tokenizer)
     model = apply_control(model, settings.control)
-    gen = settings.gen.resolved(model)
-    f = model.vae_scale_factor
-    if gen.height % (8 * f) or gen.width % (8 * f):
-        raise InputError(f"--height/--width {gen.height}x{gen.width}: must be multiples of "
-                         f"{8 * f} for this model")
+    gen, f = settings.gen.resolved(model), model.vae_scale_factor
+    gen.check_size(f)
     if cap.vae_source != VAE_SOURCES[0]:   # refused before the root is written
         plan_capture(store, model.variant, cap.kinds, cap.vae_source)
     root = st.create_or_check_root(store, table, sha, settings.block_size)

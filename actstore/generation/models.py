@@ -47,12 +47,12 @@ class LoadedModel:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return vae_scale(self.vae.config)
 
     @property
     def native_size(self) -> int:
         """The image side the UNet was trained at (512 for SD v1.x)."""
-        return int(self.unet.config.sample_size) * self.vae_scale_factor
+        return native_size(self.unet.config, self.vae.config)
 
     @property
     def weights_hash(self) -> str:
@@ -61,6 +61,38 @@ class LoadedModel:
             self._weights_hash = hash_modules(
                 {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder})
         return self._weights_hash
+
+
+def vae_scale(vae_config: dict) -> int:
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
+def native_size(unet_config: dict, vae_config: dict) -> int:
+    return int(unet_config["sample_size"]) * vae_scale(vae_config)
+
+
+@dataclass(frozen=True)
+class FolderFacts:
+    """What a pipeline folder says of itself without its weights: enough to compare a run's
+    settings with a stored variant's in a second, before a cluster starts or a model loads."""
+
+    path: str
+    vae_scale_factor: int
+    native_size: int
+    scheduler_config: dict
+
+
+def folder_facts(model: str) -> FolderFacts:
+    path = model_folder(model)
+    unet, vae = (json.loads(Path(path, part, "config.json").read_text())
+                 for part in ("unet", "vae"))
+    return FolderFacts(path, vae_scale(vae), native_size(unet, vae),
+                       read_scheduler_config(path))
+
+
+def read_scheduler_config(path: str) -> dict:
+    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
+        return json.load(f)
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -105,11 +137,7 @@ def load_model(model: str, *, dtype: str | torch.dtype = "float32",
     dev = resolve_device(device)
     if dev.type == "cpu":
         configure_cpu_threads()
-    if model == TINY_RANDOM:
-        path = build_tiny_random()
-    else:
-        path = _locate(model)
-    _check_pipeline_folder(path, model)
+    path = model_folder(model)
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -124,8 +152,7 @@ def load_model(model: str, *, dtype: str | torch.dtype = "float32",
         raise ActstoreError(f"model {model!r} at {path}: could not load "
                             f"({first_line(exc)}); check the folder is a complete "
                             "diffusers SD v1.x pipeline") from exc
-    with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
-        scheduler_config = json.load(f)
+    scheduler_config = read_scheduler_config(path)
     from actstore.generation.capture import self_attention_layers
     if not self_attention_layers(unet):
         raise ActstoreError(f"model {model!r} at {path}: its UNet has no self-attention "
@@ -135,6 +162,13 @@ def load_model(model: str, *, dtype: str | torch.dtype = "float32",
     return LoadedModel(name=model, unet=unet, vae=vae, text_encoder=text_encoder,
                        tokenizer=tokenizer, scheduler_config=scheduler_config, device=dev,
                        dtype=torch_dtype, source=str(path))
+
+
+def model_folder(model: str) -> str:
+    """The pipeline folder ``model`` names (``tiny-random`` built on first use), checked."""
+    path = build_tiny_random() if model == TINY_RANDOM else _locate(model)
+    _check_pipeline_folder(path, model)
+    return path
 
 
 def check_model(model: str) -> None:
@@ -274,11 +308,18 @@ def randomize_unet(unet: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return unet
 
 
-def apply_control(model: LoadedModel, control: str | None, seed: int = 0) -> LoadedModel:
+def variant_of(control: str | None) -> str:
+    """The model variant (the store's ``models/<variant>``) a ``--control`` makes."""
     if control in (None, "", "trained"):
-        return model
+        return "trained"
     if control != "randomized":
         raise ActstoreError(f"--control {control!r} is not known; use 'randomized'")
+    return control
+
+
+def apply_control(model: LoadedModel, control: str | None, seed: int = 0) -> LoadedModel:
+    if variant_of(control) == "trained":
+        return model
     if model.variant == control:  # already applied (a worker's reused model): permute once
         return model
     randomize_unet(model.unet, seed)

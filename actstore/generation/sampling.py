@@ -40,9 +40,21 @@ class GenerationConfig:
                 raise ActstoreError(f"--{name} {value}: must be a whole number >= 1")
 
     def resolved(self, model: LoadedModel) -> "GenerationConfig":
-        size = model.native_size
+        return self.at_size(model.native_size)
+
+    def at_size(self, size: int) -> "GenerationConfig":
+        """Height and width left unset become ``size`` (the model's native side)."""
         return GenerationConfig(self.steps, self.guidance, self.height or size,
                                 self.width or size, self.scheduler)
+
+    def check_size(self, vae_scale_factor: int) -> None:
+        """Sizes the UNet's three down-samplings of the latent cannot take, refused."""
+        from actstore.errors import InputError
+
+        f = vae_scale_factor
+        if self.height % (8 * f) or self.width % (8 * f):
+            raise InputError(f"--height/--width {self.height}x{self.width}: must be multiples "
+                             f"of {8 * f} for this model")
 
 
 def make_scheduler(model: LoadedModel, name: str = "lms"):

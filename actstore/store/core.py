@@ -215,7 +215,14 @@ def check_or_create_model(uri: str, variant: str, *, fingerprint: dict, provenan
         existing = _model_fingerprint(uri, variant)   # ours, or a creator's that beat us
     else:
         claims.sweep(uri, model_path(variant))
-    diffs = diff(existing, fingerprint)
+    refuse_other_config(uri, variant, existing, fingerprint)
+
+
+def refuse_other_config(uri: str, variant: str, stored: dict, wanted: dict) -> None:
+    """The one line refusing a run whose fingerprint differs from its stored variant's:
+    said by the run that loaded the model (the whole fingerprint), and by the command before
+    it starts one (the parts read without the weights)."""
+    diffs = diff(stored, wanted)
     if diffs:
         more = f"; and {len(diffs) - 3} more" if len(diffs) > 3 else ""
         raise ActstoreError(f"store {uri}: model '{variant}' was made with another model or "
