@@ -192,13 +192,12 @@ def sweep_command(args, catalog) -> dict:
 
     store, settings = store_uri(args, catalog), sweep_settings(args)
     check_fan_out(args, "sweep cells", settings.base.device)  # before its Prefect server starts
-    if args.step_counts:
-        _check_step_counts(store, args.probe_run, args.step_counts)
+    typed = bool(args.step_counts)     # a count beyond a run's steps: refused (plan_sweep)
     if args.no_prefect:
         from actstore.intervene.sweep import run_sweep
 
         result = run_sweep(store, args.probe_run, settings, out_dir=args.out,
-                           progress=not args.quiet)
+                           progress=not args.quiet, counts_given=typed)
     else:
         from actstore.intervene.sweep import plan_sweep
         from flows.cli import flow_mode
@@ -206,26 +205,10 @@ def sweep_command(args, catalog) -> dict:
 
         # the flow plans again; here a probe run, image set or cell the store cannot give
         # is refused before the Prefect server and the flow run start (a few reads)
-        plan_sweep(store, args.probe_run, settings, out_dir=args.out)
+        plan_sweep(store, args.probe_run, settings, out_dir=args.out, counts_given=typed)
         with flow_mode(args):
             result = sweep_flow(store=store, probe_runs=args.probe_run, settings=settings,
                                 out_dir=args.out, workers=args.workers,
                                 cluster=args.cluster, progress=not args.quiet)
     return {**result, "table": format_cells(result["targets"]) + "\n\n"
             + format_sweeps(result["targets"])}
-
-
-def _check_step_counts(store: str, runs: list[str], counts: list[int]) -> None:
-    """A count N edits the steps below N: one past a run's last step gave the cell of all
-    its steps, recorded as if that had been asked (the main job's fixed counts may exceed a
-    short --steps on purpose; a count the user types may not)."""
-    from actstore.errors import ActstoreError
-    from actstore.probe.runs import get_run
-
-    for run in dict.fromkeys(runs):
-        top = max(get_run(store, run)["steps"]) + 1
-        over = [n for n in counts if n > top]
-        if over:
-            raise ActstoreError(f"--step-counts {over[0]}: probe run {run} has steps up to "
-                                f"{top - 1}, so its cells edit steps below {top} at most; "
-                                f"give counts of at most {top}")

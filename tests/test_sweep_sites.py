@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 import shutil
 
+import pytest
+
 from actstore.intervene.settings import SweepSettings
 from actstore.intervene.sweep import grid_cells
 from conftest import tree_digest
@@ -90,18 +92,19 @@ def test_every_run_is_checked_before_the_first_is_swept(ivstore, tmp_path, capsy
         assert tree_digest(uri) == before, runs
 
 
-def test_a_step_count_beyond_the_run_is_refused(ivstore, tmp_path, capsys):
+@pytest.mark.parametrize("mode", [["--no-prefect"], []])
+def test_a_step_count_beyond_the_run_is_refused(ivstore, tmp_path, capsys, mode):
     """`sweep --step-counts 9` on a run of steps 0-1 ran its cell on steps 0-1 and recorded
     that, as `--step-counts 2` does, with no word that the 9 asked for could not be; with
     `--step-counts 2 9` the second cell was dropped as a repeat. It is refused in one line,
-    exit 2, the store unchanged."""
+    exit 2, the store unchanged (in Prefect mode by the command's plan, before a server)."""
     uri = str(tmp_path / "copy.zarr")
     shutil.copytree(ivstore["uri"], uri)
     run = ivstore["runs"]["salient"]
     from actstore.probe.runs import get_run
     last = max(get_run(uri, run)["steps"])
     before = tree_digest(uri)
-    code = main(["--no-prefect", "--quiet", "sweep", "--store", uri, "--probe-run", run,
+    code = main([*mode, "--quiet", "sweep", "--store", uri, "--probe-run", run,
                  "--kinds", "attn1", "--validation", "1", "--evaluation", "1",
                  "--step-counts", "1", str(last + 5), "--strength", "1",
                  "--provider", "toyworld"])

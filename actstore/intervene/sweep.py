@@ -160,9 +160,10 @@ class SweepPlan:
 
 def plan_sweep(store: str, probe_runs: list[str] | str,
                settings: SweepSettings = SweepSettings(), *,
-               out_dir: str | None = None) -> SweepPlan:
+               out_dir: str | None = None, counts_given: bool = False) -> SweepPlan:
     """Every check that reads only the store: the figure folder, the two image sets, the
-    runs (one per target) and each run's cells."""
+    runs (one per target, each read once), each run's cells and, when the step counts were
+    typed (``counts_given``), each count against the run's steps."""
     probe_runs = [probe_runs] if isinstance(probe_runs, str) else list(probe_runs)
     if out_dir:
         from actstore.plots.outputs import check_output
@@ -172,17 +173,21 @@ def plan_sweep(store: str, probe_runs: list[str] | str,
                                           settings.base.model_variant)
     runs = {r: get_run(store, r) for r in probe_runs}
     one_run_per_target(probe_runs, runs)
+    if counts_given:
+        for run_id, run in runs.items():
+            check_step_counts(run_id, run, settings.step_counts)
     cells = {r: planned_cells(r, run, settings) for r, run in runs.items()}  # all, first
     return SweepPlan(store, settings, validation, evaluation, runs, cells, out_dir)
 
 
 def run_sweep(store: str, probe_runs: list[str] | str,
               settings: SweepSettings = SweepSettings(), *, model: LoadedModel | None = None,
-              out_dir: str | None = None, progress: bool = True) -> dict:
+              out_dir: str | None = None, progress: bool = True,
+              counts_given: bool = False) -> dict:
     """Sweep each probe run's grid on validation images, then evaluate its chosen setting
     on the evaluation images, every experiment in this process; returns ``{target:
     record}`` plus the figures drawn."""
-    plan = plan_sweep(store, probe_runs, settings, out_dir=out_dir)
+    plan = plan_sweep(store, probe_runs, settings, out_dir=out_dir, counts_given=counts_given)
     model = load_store_model(StoreView(store, model=settings.base.model_variant,
                                        complete_only=False), model, settings.base.device)
 
@@ -218,6 +223,18 @@ def _cell_summary(run_experiment: RunExperiment, plan: SweepPlan, run_id: str,
                             f"{summary.get('blocks')} blocks); rerun the same command to "
                             "resume")
     return summary
+
+
+def check_step_counts(run_id: str, run: dict, counts: tuple[int, ...]) -> None:
+    """A count N edits the steps below N: one past a run's last step gave the cell of all
+    its steps, recorded as if that had been asked (the main job's fixed counts may exceed a
+    short --steps on purpose; a count the user types may not)."""
+    top = max(run["steps"]) + 1
+    over = [n for n in counts if n > top]
+    if over:
+        raise ActstoreError(f"--step-counts {over[0]}: probe run {run_id} has steps up to "
+                            f"{top - 1}, so its cells edit steps below {top} at most; "
+                            f"give counts of at most {top}")
 
 
 def one_run_per_target(probe_runs: list[str], runs: dict[str, dict]) -> None:
