@@ -160,8 +160,9 @@ def test_materialize_typos_the_store_finds_are_refused_here_at_once(copy, option
 
 
 def test_a_size_the_model_cannot_make_is_the_users_on_a_worker(api, tmp_path):
-    """--height the model's VAE cannot make, found where the model loads (a worker): the
-    option's fault on every worker, so the line names none; nothing created."""
+    """--height the model's VAE cannot make: the option's fault on every worker, so the
+    line names none; nothing created. Since 2026-12-06 the command finds it in the model
+    folder's configs, before a worker starts (it was found where the model loads)."""
     uri = tmp_path / "new.zarr"
     res = run("materialize", "--model", "tiny-random", "--prompts", DEMO, "--store",
               str(uri), *SMALL, "--height", "60", "--workers", "1", api=api)
