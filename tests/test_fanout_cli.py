@@ -43,18 +43,28 @@ def run_counts(task_name: str, since: datetime) -> list[int]:
 
 
 def test_materialize_quiet_then_a_refusal_on_a_worker(api, tmp_path):
-    """A 2-step store rerun with --steps 3: refused by the planning task on a worker."""
+    """A 2-step store rerun with other weights: refused by the planning task on a worker
+    (only the loaded model tells), which ran once. Rerun with --steps 3: refused by the
+    command, no planning task at all (before 2026-12-06 the worker found that too)."""
+    from actstore.generation.models import save_pipeline_folder, tiny_random_components
+
     uri = str(tmp_path / "s.zarr")
-    argv = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", uri,
-            "--images", "0:8", "--workers", "2"]
-    ok = run("--quiet", *argv, *SMALL, api=api)
+    argv = ["materialize", "--prompts", DEMO, "--store", uri, "--images", "0:8",
+            "--workers", "2"]
+    ok = run("--quiet", *argv, "--model", "tiny-random", *SMALL, api=api)
     assert ok.returncode == 0, ok.stderr
     assert ok.stderr == "" and "8 images generated in 2 blocks" in ok.stdout
+    other = save_pipeline_folder(tmp_path / "other", tiny_random_components(seed=1))
     before, since = tree_digest(uri), datetime.now(timezone.utc)
-    res = run(*argv, *SMALL[2:], "--steps", "3", api=api)
+    res = run(*argv, "--model", str(other), *SMALL, api=api)
     assert res.returncode == 2
-    assert "steps" in refusal(res.stderr), res.stderr
+    assert "weights_sha256" in refusal(res.stderr), res.stderr
     assert run_counts("plan-regions", since) == [1]
+    since = datetime.now(timezone.utc)
+    res = run(*argv, "--model", "tiny-random", *SMALL[2:], "--steps", "3", api=api)
+    assert res.returncode == 2
+    assert "generation.steps" in refusal(res.stderr), res.stderr
+    assert run_counts("plan-regions", since) == []
     assert tree_digest(uri) == before
 
 
