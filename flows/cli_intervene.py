@@ -10,7 +10,7 @@ an option left out is simply not passed on.
 from __future__ import annotations
 
 from actstore.cliargs import index, nonneg_float, positive_float, positive_int
-from actstore.intervene.settings import (DIRECTIONS, METHODS, InterventionSettings,
+from actstore.intervene.settings import (DIRECTIONS, HALVES, METHODS, InterventionSettings,
                                          SweepSettings, defaults)
 from flows.cli_checks import STORE_HELP, check_fan_out, store_uri
 
@@ -34,6 +34,11 @@ def _add_edit_options(p, sweep: bool = False) -> None:
                    "over the train images' tokens (Haufe et al. 2014): the same probe "
                    "reading, reached the way the activations vary with the target, by a "
                    "larger edit. Projection only: gradient moves where Adam takes it")
+    p.add_argument("--halves", choices=list(HALVES), help="which half of the guidance "
+                   "batch is edited: cond = the conditional half, as the paper and the "
+                   "probes' fits (default); both = the unconditional half too, each half "
+                   "toward the target from its own activations (the random control then "
+                   "edits both halves at their own per-token norms)")
     if not sweep:
         p.add_argument("--strength", nargs="+", type=nonneg_float, dest="strengths",
                        help=_strength_help() + f" (default {D['strengths'][0]:g})")
@@ -130,7 +135,7 @@ def _sites(value: str) -> str:
     return {"decoder": SW["layer_prefix"], "all": ""}.get(value, value)
 
 
-EDIT_FIELDS = ("method", "direction", "random_control", "n_targets", "seed", "provider",
+EDIT_FIELDS = ("method", "direction", "halves", "random_control", "n_targets", "seed", "provider",
                "margin", "lr", "iterations", "model_variant", "batch_size", "device", "targets")
 
 

@@ -206,3 +206,32 @@ def ivstore(tmp_path_factory, tiny_store):
     runs = {t: run_probes(uri, t, layers=IV_LAYERS, steps=IV_STEPS, scheduler="threads",
                           progress=False) for t in ("salient", "depth")}
     return {"uri": uri, "runs": runs}
+
+
+def iv_cli(argv: list[str]):
+    """``actstore intervene|sweep`` parsed as the command line does (no Prefect): a sweep's
+    parsed arguments, or an intervention's result."""
+    import argparse
+
+    from flows.cli_intervene import add_intervene_parser, intervene_command
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--no-prefect", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    add_intervene_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["--no-prefect", "--quiet", *argv])
+    return args if argv[0] == "sweep" else intervene_command(args, None)
+
+
+def small_experiment(ivstore: dict, folder: Path):
+    """A copy of the intervention store, its depth probe run, and the settings of a
+    two-image, one-target, strength-1 experiment on it (labels read by PixelLabels)."""
+    import shutil
+
+    from actstore.intervene.settings import InterventionSettings
+
+    uri = str(folder / "copy.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    return uri, ivstore["runs"]["depth"], InterventionSettings(
+        layers=IV_LAYERS, steps=IV_STEPS, images=("demo-012", "demo-013"), n_targets=1,
+        strengths=(1.0,), provider=PixelLabels())

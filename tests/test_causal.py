@@ -63,7 +63,8 @@ def test_random_control_equal_token_norms_other_direction_seeded(method):
     assert direction_key("img-1", 0, 0) != direction_key("img-2", 0, 0)
 
 
-def test_strength_zero_is_bitwise_unchanged_in_generation(ivstore, tiny_model):
+@pytest.mark.parametrize("halves", ["cond", "both"])
+def test_strength_zero_is_bitwise_unchanged_in_generation(ivstore, tiny_model, halves):
     uri = ivstore["uri"]
     view = open_store(uri)
     table = view.images.isel(image=slice(12, 15))
@@ -81,7 +82,7 @@ def test_strength_zero_is_bitwise_unchanged_in_generation(ivstore, tiny_model):
     random = [False, True, False, False, True, True]
     hook = EditHook("projection", "continuous", {la: "ridge" for la in IV_LAYERS}, tprobes,
                     targets, n, strengths=torch.tensor(strengths), random=torch.tensor(random),
-                    keys=[direction_key(str(i), 0, 0) for i in range(n)])
+                    keys=[direction_key(str(i), 0, 0) for i in range(n)], halves=halves)
     edited = generate_edited(tiny_model, prompts, seeds, gen, hook=hook)
     zero = np.array(strengths) == 0
     assert np.array_equal(edited[zero], plain[zero])

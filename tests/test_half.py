@@ -109,7 +109,7 @@ def half_model():
 
 def test_float16_generation_keeps_the_edit_guarantees(half_model):
     """A real float16 run (tiny-random on the CPU, float16 kernels): strength 0 gives the
-    plain generation bit for bit; strength 1 makes the probe read the target up to float16
+    plain generation bit for bit (editing one guidance half or both); strength 1 makes the probe read the target up to float16
     rounding of the edited activation; the random control's realized edit is as long as the
     probe's, token by token, at the first edited point (before the arms' inputs differ)."""
     layer = "mid_block.attentions.0"
@@ -128,11 +128,13 @@ def test_float16_generation_keeps_the_edit_guarantees(half_model):
     g = torch.Generator().manual_seed(3)
     w, b = torch.randn(c, generator=g) / c ** 0.5, torch.tensor(0.1)
     t = probe_predict(a0, w, b) + 2.0                 # every token asked 2 units more
-    for strengths, expect_plain in (([0.0, 0.0], True), ([1.0, 1.0], False)):
+    for strengths, expect_plain, halves in (([0.0, 0.0], True, "cond"),
+                                            ([0.0, 0.0], True, "both"),
+                                            ([1.0, 1.0], False, "cond")):
         hook = EditHook("projection", "continuous", {layer: "ridge"}, {layer: {0: (w, b)}},
                         {layer: t}, N, strengths=torch.tensor(strengths),
                         random=torch.tensor([False, True]),
-                        keys=[direction_key("img", 0, 0)] * N)
+                        keys=[direction_key("img", 0, 0)] * N, halves=halves)
         images = generate_edited(half_model, prompts, seeds, gen, hook=hook)
         assert (images == plain).all() == expect_plain
     after, before = hook.errors[0, 1], hook.errors[0, 0]

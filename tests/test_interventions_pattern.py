@@ -6,7 +6,6 @@ today's experiment, id and bits."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 
@@ -24,8 +23,9 @@ from actstore.intervene.settings import InterventionSettings as IS
 from actstore.intervene.sweep import _settings_json
 from actstore.probe.runs import load_probe
 from actstore.store.view import StoreView, open_store
-from conftest import IV_LAYERS as LAYERS, IV_STEPS as STEPS, PixelLabels, tree_digest
-from flows.cli_intervene import add_intervene_parser, intervene_command, sweep_settings
+from conftest import (IV_LAYERS as LAYERS, IV_STEPS as STEPS, PixelLabels, iv_cli,
+                      small_experiment, tree_digest)
+from flows.cli_intervene import sweep_settings
 
 
 def test_pattern_is_the_covariance_of_the_train_tokens_with_the_probe(ivstore):
@@ -93,11 +93,7 @@ def test_pattern_edit_reads_the_target_moves_along_p_and_keeps_the_control_fair(
 
 
 def test_pattern_experiment_names_its_direction_and_resumes(ivstore, tiny_model, tmp_path):
-    uri = str(tmp_path / "p.zarr")
-    shutil.copytree(ivstore["uri"], uri)
-    run = ivstore["runs"]["depth"]
-    base = IS(layers=LAYERS, steps=STEPS, images=("demo-012", "demo-013"), n_targets=1,
-              strengths=(1.0,), provider=PixelLabels())
+    uri, run, base = small_experiment(ivstore, tmp_path)
     pat = base.with_(direction="pattern")
     kw = dict(model=tiny_model, progress=False)
     out = run_interventions(uri, run, pat, **kw)
@@ -120,21 +116,12 @@ def test_pattern_experiment_names_its_direction_and_resumes(ivstore, tiny_model,
     assert explicit.experiment_id == along_w["experiment_id"] and explicit.patterns is None
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--no-prefect", action="store_true")
-    parser.add_argument("--quiet", action="store_true")
-    add_intervene_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["--no-prefect", "--quiet", *argv])
-    return args if argv[0] == "sweep" else intervene_command(args, None)
-
-
 def test_gradient_along_the_pattern_is_refused_in_one_line(ivstore, tmp_path):
     uri = str(tmp_path / "g.zarr")
     shutil.copytree(ivstore["uri"], uri)
     before = tree_digest(uri)
     with pytest.raises(ActstoreError) as info:
-        _cli(["intervene", "--store", uri, "--probe-run", ivstore["runs"]["depth"],
+        iv_cli(["intervene", "--store", uri, "--probe-run", ivstore["runs"]["depth"],
               "--method", "gradient", "--direction", "pattern", "--provider",
               "toyworld:/nonexistent"])
     assert "--direction pattern" in str(info.value) and "\n" not in str(info.value)
@@ -143,9 +130,9 @@ def test_gradient_along_the_pattern_is_refused_in_one_line(ivstore, tmp_path):
 
 def test_sweep_records_the_direction_and_keeps_default_ids():
     common = ["sweep", "--store", "s.zarr", "--probe-run", "r"]
-    default = _settings_json(sweep_settings(_cli(common)))
-    probe = _settings_json(sweep_settings(_cli(common + ["--direction", "probe"])))
-    pattern = _settings_json(sweep_settings(_cli(common + ["--direction", "pattern"])))
+    default = _settings_json(sweep_settings(iv_cli(common)))
+    probe = _settings_json(sweep_settings(iv_cli(common + ["--direction", "probe"])))
+    pattern = _settings_json(sweep_settings(iv_cli(common + ["--direction", "pattern"])))
     assert "direction" not in default["base"] and probe == default
     assert pattern["base"]["direction"] == "pattern"
     assert json.dumps(pattern, sort_keys=True) != json.dumps(default, sort_keys=True)

@@ -13,8 +13,9 @@ Two ways to make probe(a') = t for a probe z = a·w + b applied to every token:
   ridge probe, as the probes' training losses). Adam normalises each coordinate's step, so
   the change is spread over *all* channels (roughly along sign(w)), not along w.
 
-Both work on the conditional half of the CFG batch only (the half the probes were fitted
-on), in float32, and hand the result back in the model's dtype. Targets are in the probe's
+Both work on the conditional half of the CFG batch (the half the probes were fitted on;
+``halves="both"``: on the unconditional half too, by the same rule from its own
+activations), in float32, and hand the result back in the model's dtype. Targets are in the probe's
 output units (logits for a logistic probe), so "target = the probe's current output" is an
 exact no-op for both methods: projection adds 0·w, and Adam never moves a parameter whose
 gradient is exactly zero. A strength scales the way to the target (see
@@ -145,14 +146,17 @@ def edit_sizes(a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class EditHook:
-    """A capture-point hook callback editing the conditional half at planned (layer, step)s.
+    """A capture-point hook callback editing the conditional half (``halves="both"``: both
+    halves) at planned (layer, step)s.
 
     The batch holds B rows, each an (image, target, strength, arm): ``targets[layer]`` is
     (B, T) in probe units (or ``{step: (B, T)}``), ``strengths`` (B,), ``random`` (B,) marks
     the rows of the random-direction control, whose directions come from ``keys`` (B,)
     (:func:`direction_key`). ``directions[layer][step]``: what projection moves along
     instead of the probe's w (None: w). Keeps per row the probe error before/after and,
-    per (layer, step), the size of the change relative to the activation.
+    per (layer, step), the size of the change relative to the activation, both of the
+    conditional half (with ``both``, the unconditional half's edit is made by the same
+    rule from its own activations, so its relative size is of the same kind).
     """
 
     method: str
@@ -167,6 +171,7 @@ class EditHook:
     directions: dict[str, dict[int, torch.Tensor]] | None = None
     lr: float = InterventionSettings.lr
     iterations: int = InterventionSettings.iterations
+    halves: str = InterventionSettings.halves
     step: int = -1
     errors: np.ndarray = field(init=False)
     sizes: dict[tuple[str, int], np.ndarray] = field(init=False, default_factory=dict)
@@ -201,11 +206,14 @@ class EditHook:
         """The edit in float32 on ``out``'s device, whatever the dtype and device the probe,
         targets and directions were given in; handed back in ``out``'s dtype."""
         n = self.n_images
-        a = out[n:].float().contiguous()
+        lo = 0 if self.halves == "both" else n       # the rows edited: [uncond,] cond
+        reps = (out.shape[0] - lo) // n              # each half's rows are the B rows
+        a = out[lo:].float().contiguous()
         w, b = (v.to(a.device, torch.float32) for v in probe)
         t = self.targets[layer]
         t = (t[self.step] if isinstance(t, dict) else t).to(a.device, torch.float32)
-        s = self.strengths.to(a.device, torch.float32)[:, None]
+        t = t.repeat(reps, 1)
+        s = self.strengths.to(a.device, torch.float32)[:, None].repeat(reps, 1)
         z = probe_predict(a, w, b)
         if self.method == "projection":
             d = w if self.directions is None else \
@@ -216,20 +224,21 @@ class EditHook:
                                        lr=self.lr, iterations=self.iterations)
             self.curves.append((layer, self.step, curve))
             delta = new - a
-        rnd = self.random.to(a.device)
-        if bool(rnd.any()):
+        rnd = self.random.to(a.device).repeat(reps)
+        if bool(rnd.any()):   # one direction per row, in both halves at each half's norms
             rows = torch.nonzero(rnd).flatten()
-            u = random_directions([self.keys[int(r)] for r in rows], layer, self.step,
+            u = random_directions([self.keys[int(r) % n] for r in rows], layer, self.step,
                                   tuple(a.shape[1:]), a.device)
             delta[rows] = equal_norm(delta[rows], u)
         new = torch.where(s[..., None] == 0, a, a + delta).to(out.dtype)
-        seen = new.float()
+        c = slice(len(a) - n, None)                  # the conditional half's rows
+        a, t, z, seen = a[c], t[c], z[c], new[c].float()
         before = (t - z).pow(2).mean(-1).sqrt()
         after = (t - probe_predict(seen, w, b)).pow(2).mean(-1).sqrt()
         self.errors += torch.stack([before, after], 1).double().cpu().numpy()
         self.sizes[(layer, self.step)] = edit_sizes(a, seen - a).double().cpu().numpy()
         self.count += 1
-        return torch.cat([out[:n], new])
+        return torch.cat([out[:lo], new])
 
     def stats(self) -> np.ndarray:
         """(B, 4) means over every edit made: probe RMS error to the target before and after,

@@ -76,6 +76,7 @@ def persistence(store: str, probe_run: str, settings: InterventionSettings, *,
     for si, strength in enumerate(s.strengths):
         hook = EditHook(s.method, plan.kind, solvers, edits, tok, B,
                         strengths=torch.full((B,), strength), lr=s.lr, iterations=s.iterations,
+                        halves=s.halves,
                         directions=torch_directions(plan.patterns, model.device))
         sums, counts = np.zeros((B, len(read_steps))), np.zeros(len(read_steps))
 
@@ -135,6 +136,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--method", default="projection", help="projection (default) or gradient")
     p.add_argument("--direction", default="probe", help="projection along the probe's "
                    "weights or its activation pattern (as actstore intervene)")
+    p.add_argument("--halves", default="cond", help="guidance halves edited: cond (default) "
+                   "or both (as actstore intervene); the conditional half is read")
     p.add_argument("--targets", default="shift",
                    help="shift (default), shift-x, insert, or a .npz / folder of targets "
                         "keyed by image id (as actstore intervene)")
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = InterventionSettings(layers=tuple(a.layers), steps=tuple(a.steps),
                                         strengths=tuple(a.strengths), images=images,
                                         method=a.method, direction=a.direction,
+                                        halves=a.halves,
                                         targets=a.targets,
                                         n_targets=a.n_targets)
         store = resolve_store(find_catalog(a.catalog), a.store)["uri"]

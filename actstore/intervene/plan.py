@@ -163,7 +163,8 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     # a worker planning after a relabel never adds blocks from other labels to this one
     record["labels"] = dict(sorted(label_paths.items()))
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
-    named = s.method if s.direction == "probe" else f"{s.method}-{s.direction}"
+    named = "-".join([s.method] + [s.direction] * (s.direction != "probe")
+                     + ["both-halves"] * (s.halves == "both"))
     experiment_id = s.experiment_id or f"{target}-{named}-{digest}"
     check_existing(store, experiment_id, record)
     return Plan(store, probe_run, s, kind, view, probes, grids, image_ids, positions,

@@ -134,7 +134,7 @@ def summarize(plan, group) -> dict:
                             kind=plan.kind)
     return {"experiment_id": plan.experiment_id, "probe_run": plan.run_id,
             "target": plan.target, "kind": plan.kind, "method": plan.settings.method,
-            "direction": plan.settings.direction,
+            "direction": plan.settings.direction, "halves": plan.settings.halves,
             "layers": plan.layers, "steps": plan.steps, "images": len(plan.image_ids),
             "image_ids": plan.image_ids,
             "interventions": int(group["score_pre"].size), **body,

@@ -16,6 +16,7 @@ from actstore.options import named_once
 
 METHODS = ("projection", "gradient")
 DIRECTIONS = ("probe", "pattern")   # projection's edit direction: the filter w, or its pattern
+HALVES = ("cond", "both")           # CFG halves edited: the conditional one (the paper's), or both
 TARGET_MODES = ("shift", "shift-x", "insert")
 ARMS = ("probe", "random")          # the edit, and its equal-size random-direction control
 
@@ -37,11 +38,19 @@ class InterventionSettings:
     the train images' token covariance (:mod:`actstore.intervene.pattern`): the probe
     reads the same z + s·(t − z), but the activation moves the way it does when the
     target varies in the model's own images, at a larger size for the same reading.
+
+    ``halves``: which half of the classifier-free-guidance batch is edited. ``cond`` (the
+    paper's) edits the conditional half only, the one the probes were fitted on; ``both``
+    edits the unconditional half too, each half by the same rule from its own activations
+    (its probe reading moved to z + s·(t − z)), so that neither half keeps the original
+    layout for the guidance to weigh against the edit; the random control then edits both
+    halves at each half's own per-token norms.
     """
 
     target: str | None = None            # label target; None: the probe run's
     method: str = "projection"
     direction: str = "probe"             # projection: along w, or along its pattern
+    halves: str = "cond"                 # CFG halves edited: cond (the paper's) or both
     layers: tuple[str, ...] = ()         # capture points; empty: the paper's per target kind
     steps: tuple[int, ...] = ()          # empty: the paper's per target kind
     strengths: tuple[float, ...] = (1.0,)
@@ -81,6 +90,8 @@ class InterventionSettings:
         if self.direction not in DIRECTIONS:
             raise ActstoreError(f"--direction {self.direction!r}: use "
                                 f"{' or '.join(DIRECTIONS)}")
+        if self.halves not in HALVES:
+            raise ActstoreError(f"--halves {self.halves!r}: use {' or '.join(HALVES)}")
         if self.direction != "probe" and self.method != "projection":
             raise ActstoreError(f"--direction {self.direction} applies to --method projection "
                                 f"only (gradient's Adam chooses its own direction)")
@@ -116,7 +127,7 @@ class InterventionSettings:
 # Fields added after experiments were first stored. At their default they are left out of
 # experiment records and sweep settings, so the ids of what was stored before stay as they
 # were (a rerun of an old command resumes its experiment); any other value is recorded.
-LATER_DEFAULTS = {"direction": "probe"}
+LATER_DEFAULTS = {"direction": "probe", "halves": "cond"}
 
 
 def without_later_defaults(record: dict) -> dict:

@@ -25,6 +25,7 @@ def format_interventions(summary: dict) -> str:
     """One experiment's dose table: per strength, the probe edit beside its controls."""
     along = "" if summary.get("direction", "probe") == "probe" else \
         f" along the {summary['direction']}"    # summaries before --direction: the probe
+    along += " on both CFG halves" if summary.get("halves") == "both" else ""
     lines = [f"{summary['target']} {summary['method']}{along} ({summary['metric']}; "
              f"{summary['interventions']} interventions, pre {_num(summary['pre'].get('median'))})",
              f"{'strength':>8s} {'size':>6s} {'post':>6s} {'random':>6s} {'other':>6s} "
