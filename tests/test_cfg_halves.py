@@ -14,7 +14,7 @@ from actstore.errors import ActstoreError
 from actstore.generation.sampling import GenerationConfig
 from actstore.intervene.edits import (EditHook, direction_key, generate_edited, probe_predict,
                                       torch_probes)
-from actstore.intervene.results import existing_settings
+from actstore.intervene.results import existing_settings, open_intervention
 from actstore.intervene.plan import plan_interventions
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings as IS
@@ -121,9 +121,13 @@ def test_both_is_recorded_and_named_cond_keeps_ids(ivstore, tiny_model, tmp_path
     default = plan_interventions(uri, run, base)
     assert plan_interventions(uri, run, base.with_(halves="cond")).experiment_id == \
         default.experiment_id and "halves" not in default.record
-    out = run_interventions(uri, run, base.with_(halves="both"), model=tiny_model,
-                            progress=False)
+    kw = dict(model=tiny_model, progress=False)
+    out = run_interventions(uri, run, base.with_(halves="both"), **kw)
     assert out["complete"] and out["halves"] == "both"
+    cond = run_interventions(uri, run, base, **kw)     # the same edit, one half: other images
+    both_images, cond_images = (open_intervention(uri, r["experiment_id"])["output"].values
+                                for r in (out, cond))
+    assert not np.array_equal(both_images, cond_images)
     assert out["experiment_id"].startswith("depth-projection-both-halves-")
     assert existing_settings(uri, out["experiment_id"])["halves"] == "both"
     assert "on both CFG halves" in format_interventions(out).splitlines()[0]

@@ -188,7 +188,8 @@ def _run_block(plan: Plan, model: LoadedModel, gen: GenerationConfig, lo: int, h
                         strengths=torch.tensor([cfg.strengths[j] for j in ss]),
                         random=torch.tensor([cfg.arms[j] == "random" for j in aa]),
                         keys=[direction_key(ids[i], k, cfg.seed) for i, k in zip(ii, kk)],
-                        directions=directions, lr=cfg.lr, iterations=cfg.iterations)
+                        directions=directions, lr=cfg.lr, iterations=cfg.iterations,
+                        halves=cfg.halves)
         out = generate_edited(model, [plan.prompts[lo + i] for i in ii],
                               [plan.seeds[lo + i] for i in ii], gen, hook=hook,
                               on_step_end=lambda *_, m=len(chunk): bar.step(m))
