@@ -112,3 +112,23 @@ def test_a_step_count_beyond_the_run_is_refused(ivstore, tmp_path, capsys, mode)
     assert code == 2 and len(lines) == 1, lines
     assert f"--step-counts {last + 5}" in lines[0] and f"at most {last + 1}" in lines[0]
     assert tree_digest(uri) == before
+
+
+@pytest.mark.parametrize("mode", [["--no-prefect"], []])
+def test_a_run_its_edit_cannot_serve_is_refused_before_the_first_is_swept(
+        ivstore, tmp_path, capsys, mode, prefect_harness):
+    """`sweep --targets insert` over a depth run and a salient (mask) run: the depth run's
+    cells ran and were stored, then the salient run's first cell was refused (insert needs
+    a continuous target), so the refused command had altered the store. Every run's
+    request is checked with the plan: one line, exit 2, the store unchanged."""
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    before = tree_digest(uri)
+    code = main([*mode, "--quiet", "sweep", "--store", uri, "--probe-run",
+                 ivstore["runs"]["depth"], ivstore["runs"]["salient"], "--targets", "insert",
+                 "--kinds", "attn1", "--validation", "1", "--evaluation", "1",
+                 "--step-counts", "1", "--strength", "1", "--provider", "toyworld"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert "--targets insert" in lines[0] and "continuous target" in lines[0], lines
+    assert tree_digest(uri) == before

@@ -37,6 +37,7 @@ from actstore.errors import ActstoreError
 from actstore.generation.models import LoadedModel
 from actstore.generation.pointnames import UNET_KINDS, kind_of, site_of
 from actstore.intervene.inputs import load_store_model
+from actstore.intervene.plan import check_request
 from actstore.intervene.results import existing_settings
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import (InterventionSettings, SweepSettings,
@@ -177,6 +178,8 @@ def plan_sweep(store: str, probe_runs: list[str] | str,
         for run_id, run in runs.items():
             check_step_counts(run_id, run, settings.step_counts)
     cells = {r: planned_cells(r, run, settings) for r, run in runs.items()}  # all, first
+    for run_id, run_cells in cells.items():   # each run's edit as its first cell asks it
+        check_request(store, run_id, validation_settings(settings, run_cells[0], validation))
     return SweepPlan(store, settings, validation, evaluation, runs, cells, out_dir)
 
 
@@ -225,6 +228,16 @@ def _cell_summary(run_experiment: RunExperiment, plan: SweepPlan, run_id: str,
     return summary
 
 
+def validation_settings(settings: SweepSettings, cell: dict,
+                        validation: list[str]) -> InterventionSettings:
+    """The experiment a cell runs on the validation images; the plan checks each run's
+    first one, so a run its edit cannot serve is refused before any run's cells are
+    stored (the settings a cell varies, its layers and steps, come from the run)."""
+    return settings.base.with_(layers=tuple(cell["layers"]), steps=tuple(cell["steps"]),
+                               strengths=settings.strengths, images=tuple(validation),
+                               experiment_id=None)
+
+
 def check_step_counts(run_id: str, run: dict, counts: tuple[int, ...]) -> None:
     """A count N edits the steps below N: one past a run's last step gave the cell of all
     its steps, recorded as if that had been asked (the main job's fixed counts may exceed a
@@ -270,11 +283,9 @@ def _sweep_run(plan: SweepPlan, run_id: str, run: dict,
     validation, evaluation, base = plan.validation, plan.evaluation, settings.base
     rows, experiments = [], []
     for cell in plan.cells[run_id]:
-        summary = _cell_summary(
-            run_experiment, plan, run_id,
-            base.with_(layers=tuple(cell["layers"]), steps=tuple(cell["steps"]),
-                       strengths=settings.strengths, images=tuple(validation),
-                       experiment_id=None), {"role": "sweep validation"})
+        summary = _cell_summary(run_experiment, plan, run_id,
+                                validation_settings(settings, cell, validation),
+                                {"role": "sweep validation"})
         experiments.append(summary["experiment_id"])
         for row in summary["dose"]:
             rows.append({"kind": cell["kind"], "layers": cell["layers"],
