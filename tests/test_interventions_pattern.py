@@ -20,7 +20,7 @@ from actstore.intervene.plan import plan_interventions
 from actstore.intervene.results import existing_settings
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings as IS
-from actstore.intervene.sweep import _settings_json
+from actstore.intervene.sweeprecords import settings_json
 from actstore.probe.runs import load_probe
 from actstore.store.view import StoreView, open_store
 from conftest import (IV_LAYERS as LAYERS, IV_STEPS as STEPS, PixelLabels, iv_cli,
@@ -130,9 +130,9 @@ def test_gradient_along_the_pattern_is_refused_in_one_line(ivstore, tmp_path):
 
 def test_sweep_records_the_direction_and_keeps_default_ids():
     common = ["sweep", "--store", "s.zarr", "--probe-run", "r"]
-    default = _settings_json(sweep_settings(iv_cli(common)))
-    probe = _settings_json(sweep_settings(iv_cli(common + ["--direction", "probe"])))
-    pattern = _settings_json(sweep_settings(iv_cli(common + ["--direction", "pattern"])))
+    default = settings_json(sweep_settings(iv_cli(common)))
+    probe = settings_json(sweep_settings(iv_cli(common + ["--direction", "probe"])))
+    pattern = settings_json(sweep_settings(iv_cli(common + ["--direction", "pattern"])))
     assert "direction" not in default["base"] and probe == default
     assert pattern["base"]["direction"] == "pattern"
     assert json.dumps(pattern, sort_keys=True) != json.dumps(default, sort_keys=True)

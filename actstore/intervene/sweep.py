@@ -20,16 +20,14 @@ goes on to its other targets, and the table says why there is no result.
 
 Every cell is an ordinary intervention experiment in the store (resumable); the sweep's
 own record, ``sweeps/<sweep_id>``, lists the cells, the two image sets, the choice and
-the evaluation experiment.
+the evaluation experiment (its id and how it is written: :mod:`.sweeprecords`).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import actstore
@@ -38,14 +36,12 @@ from actstore.generation.models import LoadedModel
 from actstore.generation.pointnames import UNET_KINDS, kind_of, site_of
 from actstore.intervene.inputs import load_store_model
 from actstore.intervene.plan import check_request
-from actstore.intervene.results import existing_settings
 from actstore.intervene.run import run_interventions
-from actstore.intervene.settings import (InterventionSettings, SweepSettings,
-                                         without_later_defaults)
+from actstore.intervene.settings import InterventionSettings, SweepSettings
+from actstore.intervene.sweeprecords import (headline, latest_sweep, list_sweeps,  # noqa: F401
+                                             same_labels, settings_json, sweep_id_of,
+                                             write_sweep)
 from actstore.probe.runs import get_run
-from actstore.store import io
-from actstore.store import layout as lay
-from actstore.store.core import listed
 from actstore.store.view import StoreView
 
 
@@ -302,7 +298,7 @@ def _sweep_run(plan: SweepPlan, run_id: str, run: dict,
             rows[-1]["over_cap"] = over_cap(rows[-1], settings.max_edit_size)
     best = choose(rows, settings.max_edit_size)
     record = {"probe_run": run_id, "target": run["target"], "kind": run["kind"],
-              "settings": _settings_json(settings), "max_edit_size": settings.max_edit_size,
+              "settings": settings_json(settings), "max_edit_size": settings.max_edit_size,
               "validation_images": validation, "evaluation_images": evaluation,
               "skipped_kinds": [k for k in settings.kinds
                                 if not any(c["kind"] == k for c in plan.cells[run_id])],
@@ -310,7 +306,7 @@ def _sweep_run(plan: SweepPlan, run_id: str, run: dict,
               "chosen": best and {k: best[k] for k in ("kind", "layers", "steps", "strength",
                                                        "experiment_id", "effect",
                                                        "relative_change")}}
-    sweep_id = _sweep_id(record)
+    sweep_id = sweep_id_of(record)
     if best is None:   # nothing to evaluate: say so in the record rather than fail the job
         same_labels(store, sweep_id, experiments)
         record.update(sweep_id=sweep_id, evaluation=None, result=None,
@@ -333,81 +329,8 @@ def _sweep_run(plan: SweepPlan, run_id: str, run: dict,
                             "with validation")
     same_labels(store, sweep_id, [*experiments, final["experiment_id"]])
     record.update(sweep_id=sweep_id, evaluation=final["experiment_id"],
-                  result=_headline(final), seconds=time.perf_counter() - t0,
+                  result=headline(final), seconds=time.perf_counter() - t0,
                   actstore_version=actstore.__version__,
                   created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_sweep(store, sweep_id, record)
     return record
-
-
-def same_labels(store: str, sweep_id: str, experiments: list[str]) -> None:
-    """A sweep compares its experiments: all must have read the same label versions (a
-    relabel during the sweep gives the later ones other labels). Experiments made before
-    their records named the versions count as one version."""
-    seen = {json.dumps((existing_settings(store, e) or {}).get("labels"), sort_keys=True)
-            for e in experiments}
-    if len(seen) > 1:
-        raise ActstoreError(f"store {store}: sweep {sweep_id}: its experiments read different "
-                            "versions of the labels (relabelled during the sweep); nothing "
-                            "was recorded, rerun `actstore sweep`")
-
-
-def _settings_json(settings: SweepSettings) -> dict:
-    """The sweep's settings as JSON; a provider object is named by its spec."""
-    base = without_later_defaults({f.name: getattr(settings.base, f.name)
-                                   for f in fields(settings.base)})   # old sweeps keep ids
-    prov = base["provider"]
-    base["provider"] = prov if prov is None or isinstance(prov, str) else \
-        str(getattr(prov, "spec", type(prov).__name__))
-    out = {f.name: getattr(settings, f.name) for f in fields(settings) if f.name != "base"}
-    return json.loads(json.dumps({**out, "base": base}))
-
-
-def _sweep_id(record: dict) -> str:
-    """Where a sweep runs is no part of what it is (its experiments' ids leave the device
-    out too): the id is made as if on ``cpu``, the device of every sweep stored before, so
-    a sweep started on a GPU resumes on the CPU, under ``auto`` or on another GPU, and
-    stored ids stay."""
-    key = {k: record[k] for k in ("probe_run", "settings", "validation_images",
-                                  "evaluation_images")}
-    settings = key["settings"]
-    key["settings"] = {**settings, "base": {**settings["base"], "device": "cpu"}}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    return f"{record['target']}-sweep-{digest}"
-
-
-def _headline(summary: dict) -> dict:
-    """The evaluation experiment at its one strength: what the main job reports."""
-    row = summary["dose"][0]
-    rnd = row.get("random", {})
-    return {"experiment_id": summary["experiment_id"], "metric": summary["metric"],
-            "interventions": summary["interventions"], "images": summary["images"],
-            "strength": row["strength"], "pre": summary["pre"].get("median"),
-            "post": row["probe"]["post"].get("median"),
-            "random": rnd.get("post", {}).get("median"),
-            "other": row["probe"]["other_targets"].get("median"),
-            "improved": (row["probe"]["improved"] or {}).get("share"),
-            "random_improved": (rnd.get("improved") or {}).get("share"),
-            "specific": (row["probe"]["specific"] or {}).get("share"),
-            "beats_random": (row["probe"].get("beats_random") or {}).get("share"),
-            "relative_change": row["probe"]["edit"]["relative_change"],
-            "token_relative_change": row["probe"]["edit"]["token_relative_change"],
-            "non_finite": row["probe"]["non_finite"] + rnd.get("non_finite", 0),
-            "effect": row["effect"]}
-
-
-def write_sweep(store: str, sweep_id: str, record: dict) -> None:
-    """One PUT of the sweep group's metadata: a sweep is recorded whole or not at all."""
-    io.put_group(store, lay.SWEEPS)
-    io.put_group(store, lay.sweep_path(sweep_id), {lay.SWEEP_KEY: record})
-
-
-def list_sweeps(store: str) -> dict[str, dict]:
-    sweeps = io.marked_children(store, lay.SWEEPS, lay.sweep_path, lay.SWEEP_KEY,
-                                read=listed)
-    return {name: attrs[lay.SWEEP_KEY] for name, attrs in sweeps.items()}
-
-
-def latest_sweep(store: str, target: str) -> dict | None:
-    found = [r for r in list_sweeps(store).values() if r["target"] == target]
-    return max(found, key=lambda r: r["created"]) if found else None
