@@ -285,7 +285,7 @@ def _main_job(args, catalog) -> dict:
         Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
     model = resolve_model(catalog, args.model or ("toy-ldm" if toy else "tiny-random"))
     prompts = args.prompts or ("toyworld" if model["name"] == "toy-ldm" else "demo")
-    from flows.main import MAIN_MATERIALIZE, check_rerun, main_flow
+    from flows.main import MAIN_MATERIALIZE, check_rerun, main_flow, main_store
 
     settings = MAIN_MATERIALIZE.with_options(
         steps=args.steps, guidance=resolve_guidance(args.guidance, {}, model),
@@ -294,8 +294,9 @@ def _main_job(args, catalog) -> dict:
               "out": args.out, "images": args.images, "settings": settings,
               "workers": args.workers, "targets": tuple(args.targets)}
     check_model(model["ref"])    # before the flow creates --out
-    check_table_and_region(params["prompts"], args.images)
-    with store_under_out(args.out):
+    with store_under_out(args.out):   # --images against the blocks of the store under --out
+        check_table_and_region(params["prompts"], args.images, main_store(args.out),
+                               settings.block_size)
         check_rerun(args.out, model["ref"], settings)
     with flow_mode(args), store_under_out(args.out):
         result = main_flow(**params)

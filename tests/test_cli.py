@@ -296,6 +296,22 @@ def test_main_refusing_its_store_names_out_not_store(api, tmp_path):
     assert tree_digest(out) == before
 
 
+def test_main_finds_images_its_blocks_cannot_hold_before_a_flow(tmp_path):
+    """`actstore main --images 0:4`: the job's store has blocks of 8 images (or an existing
+    store's size), but the command checked --images against blocks of 1, so materialize
+    refused it inside the flow, after the Prefect server and (--workers 2) a local cluster
+    had started (31 s on 2 cores, 2026-12-06). A Prefect API nothing listens on tells
+    when: the alignment line, not that API's 'Connection refused'."""
+    out = tmp_path / "m"
+    res = run("--quiet", "main", "--model", "tiny-random", "--prompts", DEMO, "--out",
+              str(out), "--images", "0:4", "--steps", "2", "--workers", "2",
+              api="http://127.0.0.1:9/api")
+    line = one_line(res.stderr)
+    assert res.returncode == 2 and "--images 0:4: not aligned to the store's 8-image " \
+        "blocks" in line, line
+    assert not out.exists()
+
+
 def test_main_needs_prefect(capsys):
     assert "main runs as one Prefect flow" in _refused(capsys, ["--no-prefect", "main"])
 

@@ -264,7 +264,7 @@ def check_store_location(store: str | None, table, block_size: int | None,
     the prompt table and ``--block-size`` against the store's, ``--images`` against its
     blocks. The command makes them too, before a cluster starts: found by the worker that
     plans, a misaligned ``--images`` named that worker as if it had failed. ``store``
-    None: no store yet to align to (the main job's, under --out)."""
+    None: the table and the region's bounds only."""
     attrs = None if store is None else st.existing_root(store)
     if attrs is not None:
         sha = prompts_fingerprint(table)
