@@ -18,7 +18,7 @@ from actstore.intervene.results import existing_settings, open_intervention
 from actstore.intervene.plan import plan_interventions
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings as IS
-from actstore.intervene.sweep import _settings_json
+from actstore.intervene.sweeprecords import settings_json
 from actstore.intervene.tables import format_interventions
 from actstore.probe.runs import load_probe
 from actstore.store.view import open_store
@@ -136,10 +136,10 @@ def test_both_is_recorded_and_named_cond_keeps_ids(ivstore, tiny_model, tmp_path
     assert np.isclose(rnd["token_relative_change"], edit["token_relative_change"], rtol=0.05)
     # sweeps: recorded only when both, so default sweeps keep their ids
     common = ["sweep", "--store", "s.zarr", "--probe-run", "r"]
-    plain = _settings_json(sweep_settings(iv_cli(common)))
+    plain = settings_json(sweep_settings(iv_cli(common)))
     assert "halves" not in plain["base"]
-    assert _settings_json(sweep_settings(iv_cli(common + ["--halves", "cond"]))) == plain
-    assert _settings_json(sweep_settings(iv_cli(common + ["--halves", "both"])))["base"][
+    assert settings_json(sweep_settings(iv_cli(common + ["--halves", "cond"]))) == plain
+    assert settings_json(sweep_settings(iv_cli(common + ["--halves", "both"])))["base"][
         "halves"] == "both"
 
 
