@@ -153,9 +153,13 @@ def _add_main(sub, common) -> None:
     m.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
                    help="label targets to probe (default: all three)")
     m.add_argument("--device", help="cpu, cuda[:N] or auto (default auto)")
-    m.add_argument("--workers", type=positive_int, help="materialize worker processes "
-                   "(default: one per two cores on a CPU, one per visible GPU on GPUs, a "
-                   "GPU each; one on cuda:N, N > 0)")
+    m.add_argument("--workers", type=positive_int, help="local Dask worker processes for "
+                   "the whole job, more than one: one cluster runs materialize's regions, "
+                   "the label block groups, the probe grid and every sweep experiment's "
+                   "block groups (default: one per two cores on a CPU, one per visible GPU "
+                   "on GPUs, a GPU each; one, or cuda:N with N > 0: all in this process)")
+    m.add_argument("--cluster", help="run the same stages on a running Dask scheduler, e.g. "
+                   "tcp://HOST:8786 (not with --workers)")
     m.add_argument("--capture", help="capture kinds (default attn1,block,vae; see materialize "
                    "--capture)")
 
@@ -279,8 +283,9 @@ def _main_job(args, catalog) -> dict:
                             "--no-prefect, or run materialize, label, probe and intervene "
                             "with --no-prefect one by one")
     # first (its default is MaterializeSettings' auto); more than one worker is a local
-    # cluster, a GPU each (one runs in this process)
-    check_device(args.device, args.workers if (args.workers or 0) > 1 else None)
+    # cluster, a GPU each (one runs in this process); with --cluster only the name here,
+    # the flow asks the cluster's workers
+    check_fan_out(args, "the main job's stages", args.device, in_process=1)
     toy = catalog is not None and "toy-ldm" in catalog.models and \
         Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
     model = resolve_model(catalog, args.model or ("toy-ldm" if toy else "tiny-random"))
@@ -292,7 +297,8 @@ def _main_job(args, catalog) -> dict:
         device=args.device, kinds=args.capture)
     params = {"model": model["ref"], "prompts": resolve_prompts(catalog, prompts),
               "out": args.out, "images": args.images, "settings": settings,
-              "workers": args.workers, "targets": tuple(args.targets)}
+              "workers": args.workers, "cluster": args.cluster,
+              "targets": tuple(args.targets)}
     check_model(model["ref"])    # before the flow creates --out
     with store_under_out(args.out):   # --images against the blocks of the store under --out
         check_table_and_region(params["prompts"], args.images, main_store(args.out),

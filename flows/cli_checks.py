@@ -114,16 +114,23 @@ def store_uri(args, catalog) -> str:
     return store
 
 
-def check_fan_out(args, what: str, device: str | None = None) -> None:
-    """``--workers``/``--cluster`` need Prefect (``what`` runs as its task runs on Dask), an
-    unreachable ``--cluster`` fails in one line within seconds, before a model loads, and
-    ``--workers`` on ``device`` (the run's, defaults applied) that cannot give each worker
-    its own GPU, before anything is written (:func:`actstore.gpus.worker_gpus`)."""
+def check_fan_out(args, what: str, device: str | None = None, in_process: int = 0) -> None:
+    """``--workers``/``--cluster`` need Prefect (``what`` runs as its task runs on Dask) and
+    only one of them, an unreachable ``--cluster`` fails in one line within seconds, before
+    a model loads, and ``--workers`` on ``device`` (the run's, defaults applied) that
+    cannot give each worker its own GPU, before anything is written
+    (:func:`actstore.gpus.worker_gpus`). ``in_process``: a ``--workers`` count the command
+    runs in its own process, not on a cluster (the main job's 1)."""
+    from flows.fanout import BOTH_SITES
+
     if args.no_prefect and (args.workers or args.cluster):
         raise ActstoreError(f"--workers/--cluster run {what} as Prefect task runs on Dask; "
                             "drop --no-prefect")
+    if args.workers and args.cluster:
+        raise ActstoreError(BOTH_SITES)
     if device is not None:   # on a user's cluster its workers' CUDA counts, not this machine's
-        check_device(device, args.workers, here=not args.cluster)
+        workers = None if args.workers == in_process else args.workers
+        check_device(device, workers, here=not args.cluster)
     if args.cluster:
         from actstore.cluster_checks import check_scheduler as check_cluster
 

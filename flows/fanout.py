@@ -14,7 +14,7 @@ import asyncio
 import logging
 import queue
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NamedTuple
 
 from prefect.futures import PrefectFuture
 
@@ -25,6 +25,8 @@ from actstore.progress import Progress, RelayedBar
 from actstore.worker_code import SAME_CODE_FIX, OtherWorkerCode, code_fingerprint
 
 REGION_RETRIES = 2
+BOTH_SITES = ("--workers and --cluster: give one (--workers N starts a local cluster; "
+              "--cluster ADDRESS uses a running one)")
 # How often the command's main thread wakes while its tasks run. Python raises Ctrl-C's
 # KeyboardInterrupt only when the main thread runs, and a lock wait with no timeout (as in
 # prefect.futures.as_completed) was not always woken by the signal: under load, commands
@@ -48,26 +50,41 @@ def retry_unless_bad_input(task, task_run, state) -> bool:
     return True
 
 
+class Site(NamedTuple):
+    """Where fan-out tasks go, as :func:`dask_address` yields it: the scheduler's address
+    (None: this process), its worker count, whether tasks ask for a ``GPU`` resource, and
+    the code their writing tasks must find where they run."""
+    address: str | None
+    workers: int
+    gpu: bool
+    code: tuple[str, ...] | None
+
+
 @contextmanager
-def dask_address(workers: int | None, cluster: str | None, device: str | None = "cpu"):
+def dask_address(workers: int | None, cluster: str | None, device: str | None = "cpu",
+                 site: Site | None = None) -> Iterator[Site]:
     """The scheduler tasks go to (None: run in this process), its worker count, whether to
     ask for GPUs, and the code its writing tasks must find where they run
     (:func:`actstore.worker_code.checks_code`): this process's on a user's cluster, None
     on a local one, whose workers this process started from its own files, each with a
-    GPU of its own if ``device`` is one (:mod:`actstore.gpus`)."""
+    GPU of its own if ``device`` is one (:mod:`actstore.gpus`). ``site``: one a caller
+    holds open across several stages (the main job), yielded as it is, neither started
+    nor closed here."""
+    if site is not None:
+        yield site
+        return
     if workers and cluster:
-        raise ActstoreError("--workers and --cluster: give one (--workers N starts a local "
-                            "cluster; --cluster ADDRESS uses a running one)")
+        raise ActstoreError(BOTH_SITES)
     if cluster:
         info = check_scheduler(cluster)
         forget_prefect_events(cluster)      # what earlier commands left
-        yield cluster, info["workers"], info["gpu_workers"] > 0, code_fingerprint()
+        yield Site(cluster, info["workers"], info["gpu_workers"] > 0, code_fingerprint())
         forget_prefect_events(cluster, ending=True)
     elif workers:
         with local_workers(workers, device) as address:
-            yield address, workers, False, None
+            yield Site(address, workers, False, None)
     else:
-        yield None, 1, False, None
+        yield Site(None, 1, False, None)
 
 
 def forget_prefect_events(address: str, ending: bool = False, timeout: float = 5.0) -> None:

@@ -29,7 +29,7 @@ from actstore.intervene.sweep import plan_sweep, run_sweep, sweep_cells
 from actstore.plots.interventions import intervention_grid, sweep_figures
 from actstore.progress import Progress, progress_topic
 from actstore.worker_code import checks_code
-from flows.fanout import (REGION_RETRIES, dask_address, gather, on_gpus, relayed_bar,
+from flows.fanout import (REGION_RETRIES, Site, dask_address, gather, on_gpus, relayed_bar,
                           result_of, retry_unless_bad_input)
 
 
@@ -146,28 +146,32 @@ def intervene_flow(store: str, probe_run: str,
 @flow(name="sweep")
 def sweep_flow(store: str, probe_runs: list[str], settings: SweepSettings = SweepSettings(),
                out_dir: str | None = None, *, workers: int | None = None,
-               cluster: str | None = None, progress: bool = True) -> dict:
+               cluster: str | None = None, site: Site | None = None,
+               progress: bool = True) -> dict:
     """Choose a setting per probe run on validation images, report it on other images; in
     this process, or each cell's experiment fanned out as ``intervene``'s is, over one
-    cluster for the whole sweep (checked before it starts)."""
-    if not (workers or cluster):
+    cluster for the whole sweep (checked before it starts; ``site``: a caller's open one,
+    the main job's)."""
+    if not (workers or cluster or site):
         return sweep_task(store, probe_runs, settings, out_dir=out_dir, progress=progress)
     blocks.check_portable(settings.base)
     plan = plan_sweep(store, probe_runs, settings, out_dir=out_dir)
-    with fanned_out(workers, cluster, settings.base.device, progress) as run_experiment:
+    with fanned_out(workers, cluster, settings.base.device, progress,
+                    site) as run_experiment:
         return {**sweep_cells(plan, run_experiment), "workers": run_experiment.workers}
 
 
 @contextmanager
 def fanned_out(workers: int | None, cluster: str | None, device: str | None,
-               progress: bool) -> Iterator[Callable[..., dict]]:
+               progress: bool, site: Site | None = None) -> Iterator[Callable[..., dict]]:
     """A function running (or resuming) one experiment's blocks on ``workers`` local
-    processes or the scheduler at ``cluster``, as :func:`intervene_blocks_flow`: (store,
-    probe run, settings, provenance) -> its summary. One cluster serves every experiment
-    run through it (a sweep's cells), so each worker loads the model once for them all."""
+    processes or the scheduler at ``cluster`` (or a caller's open ``site``), as
+    :func:`intervene_blocks_flow`: (store, probe run, settings, provenance) -> its summary.
+    One cluster serves every experiment run through it (a sweep's cells), so each worker
+    loads the model once for them all."""
     from prefect_dask import DaskTaskRunner
 
-    with dask_address(workers, cluster, device) as (address, n, gpu, code):
+    with dask_address(workers, cluster, device, site) as (address, n, gpu, code):
         def run(store: str, probe_run: str, settings: InterventionSettings,
                 provenance: dict | None) -> dict:
             return intervene_blocks_flow.with_options(

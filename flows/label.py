@@ -28,7 +28,7 @@ from actstore.label.settings import LabelSettings
 from actstore.progress import Progress, progress_topic, relaying
 from actstore.store import labelsets
 from actstore.worker_code import checks_code
-from flows.fanout import (REGION_RETRIES, BlocksFailed, dask_address, gather, on_gpus,
+from flows.fanout import (REGION_RETRIES, BlocksFailed, Site, dask_address, gather, on_gpus,
                           relayed_bar, retry_unless_bad_input)
 
 # How often this process looks at the run's marks while a pass runs on the workers (two
@@ -141,13 +141,15 @@ def fan_out_labels(store: str, prov, target, settings: LabelSettings, *,
 @flow(name="label")
 def label_flow(store: str, provider: str, target: str | list[str],
                settings: LabelSettings = LabelSettings(), *, workers: int | None = None,
-               cluster: str | None = None, progress: bool = True) -> dict:
+               cluster: str | None = None, site: Site | None = None,
+               progress: bool = True) -> dict:
     """Label the store's final images (and per-step x0 images) for one or several targets,
-    in this process or over ``workers`` local processes / the scheduler at ``cluster``."""
-    if not workers and not cluster:
+    in this process or over ``workers`` local processes / the scheduler at ``cluster`` /
+    the open ``site`` of a caller's (the main job's, which checked its workers' device)."""
+    if not (workers or cluster or site):
         return label_task(store, provider, target, settings)
     prov = describe_provider(provider, settings.device)   # a bad one before the cluster
-    with dask_address(workers, cluster, settings.device) as (address, n, gpu, code):
+    with dask_address(workers, cluster, settings.device, site) as (address, n, gpu, code):
         if cluster:   # the workers' device, before the run begins in the store
             check_workers_device(address, settings.device, gpu)
         out = fan_out_labels(portable(store), prov, target, settings, address=address,

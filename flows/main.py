@@ -5,9 +5,12 @@ materialize (trained) → materialize (randomized control) → labels → probe 
 test: a sweep per causal target chooses where, when and how hard to edit on validation
 test images, and reports that setting on other test images beside its equal-size random
 and other-target controls → ``report.html``, one page of it all. Each stage is a task
-calling a library function; only store URIs, target names, run ids and settings pass
-between them. Rerunning the job resumes: stored blocks, labels, probe runs and
-intervention experiments are kept and skipped.
+calling a library function, or the flow its standalone command runs; only store URIs,
+target names, run ids and settings pass between them. With a Dask cluster (``--workers
+N``, N > 1, or ``--cluster ADDRESS``) the heavy stages (materialize, labels, the probe
+grid, the sweeps' experiments) fan out over it as those commands fan them out, one
+cluster for the whole job. Rerunning the job resumes: stored blocks, labels, probe runs
+and intervention experiments are kept and skipped.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from actstore.cluster import default_workers
+from actstore.cluster import default_workers, portable
+from actstore.gpus import check_workers_device
 from actstore.probe.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
 from actstore.label.providers import describe_provider
@@ -30,12 +34,12 @@ from actstore.toyworld.naming import format_naming
 from actstore.probe.runs import latest_run, open_emergence
 from actstore.intervene.settings import InterventionSettings, SweepSettings
 from actstore.intervene.sweep import fit_split
-from flows.intervene import sweep_figures_task, sweep_task
+from flows.intervene import sweep_figures_task, sweep_flow
 from actstore.generation.fingerprint import check_stored_settings
 from actstore.generation.materialize import CaptureConfig, MaterializeSettings
 from actstore.plots.figures import kind_comparison
-from flows.label import label_task
-from flows.fanout import dask_address
+from flows.label import label_flow
+from flows.fanout import Site, dask_address
 from flows.materialize import fill_store, sample_grid_task
 from flows.probe import figures_task, probe_task
 
@@ -127,13 +131,17 @@ def _provider_available(provider: str) -> str | None:
 @flow(name="main-job")
 def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str | None = None,
               settings: MaterializeSettings = MAIN_MATERIALIZE, workers: int | None = None,
-              provider: str = "toyworld", targets: tuple[str, ...] = TARGETS,
-              control: bool = True, sweeps: dict[str, SweepSettings] | None = None) -> dict:
+              cluster: str | None = None, provider: str = "toyworld",
+              targets: tuple[str, ...] = TARGETS, control: bool = True,
+              sweeps: dict[str, SweepSettings] | None = None) -> dict:
     """Materialize ``model`` (and its control) on ``prompts``, label, probe, summarize.
 
-    Materialize fans out over ``workers`` local processes when more than one (default: as
-    many as pay off, :func:`actstore.cluster.default_workers`: one on 2 cores, one per
-    visible GPU).
+    With more than one of ``workers`` (default: as many as pay off,
+    :func:`actstore.cluster.default_workers`: one on 2 cores, one per visible GPU) or a
+    running scheduler at ``cluster``, one Dask cluster serves the whole job: materialize's
+    regions, the label block groups, the probe grid's graph and every sweep experiment's
+    block groups run on it, each worker keeping its models from stage to stage; with one,
+    every stage runs in this process.
     ``settings.gen.guidance`` defaults to SD's 7.5; ``actstore main`` passes the model's
     catalog guidance (3 for toy-ldm). ``sweeps``: the causal test's settings per target
     (default :data:`MAIN_SWEEPS`; ``{}`` skips it)."""
@@ -142,34 +150,50 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     # --device cpu store on the CPU, not on InterventionSettings' auto)
     sweeps = {t: replace(s, base=s.base.with_(device=settings.device))
               for t, s in sweeps.items()}
-    out_dir = Path(out)   # made with the store: input refused before it leaves no folder
-    store = main_store(out)
-    result = {"store": store, "figures": []}
-    variants = CONTROLS if control else CONTROLS[:1]
-    workers = default_workers(settings.device) if workers is None else workers
-    with dask_address(workers if workers > 1 else None, None, settings.device) as \
-            (address, n, gpu, _):
-        made = [fill_store(model, prompts, store, replace(settings, control=variant),
-                           images=images, address=address, workers=n, gpu=gpu, progress=True)
-                for variant in variants]
+    if workers is None and not cluster:
+        workers = default_workers(settings.device)
+    local = workers if workers and workers > 1 else None   # one worker: this process
+    with dask_address(local, cluster, settings.device) as site:
+        if cluster:   # the workers' device, before the store is made
+            check_workers_device(site.address, settings.device, site.gpu)
+        result = _stages(model, prompts, Path(out), images, settings, provider, targets,
+                         control, sweeps, site)
+    return _with_report(result, Path(out))
+
+
+def _stages(model: str, prompts: str, out_dir: Path, images: str | None,
+            settings: MaterializeSettings, provider: str, targets: tuple[str, ...],
+            control: bool, sweeps: dict[str, SweepSettings], site: Site) -> dict:
+    """Every stage up to the report, the fanned-out ones on ``site`` (its address None:
+    in this process)."""
+    store = main_store(str(out_dir))   # made with the store: bad input leaves no folder
+    result = {"store": store, "figures": [], "workers": site.workers}
+    fan = site if site.address else None
+    # as a worker started in another folder finds them
+    paths = (model, prompts, store) if fan is None else \
+        (portable(model, named=True), portable(prompts), portable(store))
+    made = [fill_store(*paths, replace(settings, control=variant), images=images,
+                       progress=True, **site._asdict())
+            for variant in (CONTROLS if control else CONTROLS[:1])]
     for summary in made:
         result[summary["model"]] = summary
         result["figures"].append(sample_grid_task(
             store, summary["model"], str(out_dir / f"samples-{summary['model']}.png")))
     if images:
         result["note"] = "--images covers part of the table: labels and probes need it all"
-        return _with_report(result, out_dir)
+        return result
     why_not = _provider_available(provider)
     if why_not:
         result["note"] = f"labels and probes skipped: {why_not}"
-        return _with_report(result, out_dir)
+        return result
     have = list_targets(store)
     missing = [t for t in targets if t not in have]
     if missing:                     # one pass of the label model for every missing target
-        label_task(store, provider, missing, LabelSettings(device=settings.device))
+        result["labels"] = label_flow(store, provider, missing,
+                                      LabelSettings(device=settings.device), site=fan)
     for target in targets:
         if _needs_probe(store, target):
-            probe_task(store, target)
+            probe_task(store, target, scheduler=site.address)
         result["figures"] += figures_task(store, target, str(out_dir))
     summary = summary_task(store, str(out_dir))
     result["summary"] = summary["rows"]
@@ -185,13 +209,13 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     if causal:
         found = {}
         for t in causal:
-            found.update(sweep_task(store, [latest_run(store, t)],
-                                    fit_split(store, sweeps[t]))["targets"])
+            found.update(sweep_flow(store, [latest_run(store, t)], fit_split(store, sweeps[t]),
+                                    site=fan)["targets"])
         result["figures"] += sweep_figures_task(
             store, [rec["sweep_id"] for rec in found.values()], str(out_dir))
         result["interventions"] = found
         result["table"] += "\n\n" + format_cells(found) + "\n\n" + format_sweeps(found)
-    return _with_report(result, out_dir)
+    return result
 
 
 def _needs_probe(store: str, target: str) -> bool:
