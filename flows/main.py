@@ -140,7 +140,7 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     :func:`actstore.cluster.default_workers`: one on 2 cores, one per visible GPU) or a
     running scheduler at ``cluster``, one Dask cluster serves the whole job: materialize's
     regions, the label block groups, the probe grid's graph and every sweep experiment's
-    block groups run on it, each worker keeping its models from stage to stage; with one,
+    block groups run on it, its worker processes started once for the job; with one,
     every stage runs in this process.
     ``settings.gen.guidance`` defaults to SD's 7.5; ``actstore main`` passes the model's
     catalog guidance (3 for toy-ldm). ``sweeps``: the causal test's settings per target
@@ -170,10 +170,10 @@ def _stages(model: str, prompts: str, out_dir: Path, images: str | None,
     result = {"store": store, "figures": [], "workers": site.workers}
     fan = site if site.address else None
     # as a worker started in another folder finds them
-    paths = (model, prompts, store) if fan is None else \
+    model_at, prompts_at, store_at = (model, prompts, store) if fan is None else \
         (portable(model, named=True), portable(prompts), portable(store))
-    made = [fill_store(*paths, replace(settings, control=variant), images=images,
-                       progress=True, **site._asdict())
+    made = [fill_store(model_at, prompts_at, store_at, replace(settings, control=variant),
+                       images=images, progress=True, **site._asdict())
             for variant in (CONTROLS if control else CONTROLS[:1])]
     for summary in made:
         result[summary["model"]] = summary
@@ -193,7 +193,7 @@ def _stages(model: str, prompts: str, out_dir: Path, images: str | None,
                                       LabelSettings(device=settings.device), site=fan)
     for target in targets:
         if _needs_probe(store, target):
-            probe_task(store, target, scheduler=site.address)
+            probe_task(store_at, target, scheduler=site.address)
         result["figures"] += figures_task(store, target, str(out_dir))
     summary = summary_task(store, str(out_dir))
     result["summary"] = summary["rows"]
