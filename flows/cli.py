@@ -19,7 +19,7 @@ from pathlib import Path
 
 from actstore.cliargs import OneLineParser, nonneg_float, positive_int
 from actstore.errors import ActstoreError
-from flows.cli_checks import (STORE_HELP, catalog_vae_source, check_device, check_fan_out,
+from flows.cli_checks import (STORE_HELP, catalog_vae_source, check_fan_out,
                               check_figure_outputs, check_stored_settings,
                               check_table_and_region, check_url, store_under_out, store_uri)
 from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
