@@ -162,8 +162,9 @@ def check_workers_device(address: str, device: str | None, gpu: bool,
     that may take the command's tasks (those offering the ``GPU`` resource if ``gpu``),
     before the command writes anything. With ``--cluster`` the command's own machine is
     asked only the name (it may have no GPU, its workers do); a command that begins its
-    run in the store itself (``label``) met a worker lacking the device only when that
-    worker loaded the label model, after it. One line naming the first such worker."""
+    run in the store itself (``label``), or on the one worker that plans it (``intervene``,
+    ``sweep``), met a worker lacking the device only when that worker loaded its model,
+    after the run existed. One line naming the first such worker."""
     if str(device or "auto") in ("auto", "cpu"):
         return
     from distributed import Client

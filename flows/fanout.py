@@ -21,6 +21,7 @@ from prefect.futures import PrefectFuture
 from actstore.cluster import local_workers, worker_note
 from actstore.cluster_checks import ClusterChanged, WorkerWatch, check_scheduler
 from actstore.errors import ActstoreError
+from actstore.gpus import check_workers_device
 from actstore.progress import Progress, RelayedBar
 from actstore.worker_code import SAME_CODE_FIX, OtherWorkerCode, code_fingerprint
 
@@ -67,7 +68,11 @@ def dask_address(workers: int | None, cluster: str | None, device: str | None = 
     ask for GPUs, and the code its writing tasks must find where they run
     (:func:`actstore.worker_code.checks_code`): this process's on a user's cluster, None
     on a local one, whose workers this process started from its own files, each with a
-    GPU of its own if ``device`` is one (:mod:`actstore.gpus`). ``site``: one a caller
+    GPU of its own if ``device`` is one (:mod:`actstore.gpus`). A user's cluster is first
+    asked whether each worker that may take the tasks has ``device``, before the command
+    writes anything: a run planned on a worker with it (intervene, sweep) or begun here
+    (label) met a worker without it only once that worker's block group started, after
+    the run existed in the store. ``site``: one a caller
     holds open across several stages (the main job), yielded as it is, neither started
     nor closed here."""
     if site is not None:
@@ -77,8 +82,10 @@ def dask_address(workers: int | None, cluster: str | None, device: str | None = 
         raise ActstoreError(BOTH_SITES)
     if cluster:
         info = check_scheduler(cluster)
+        gpu = info["gpu_workers"] > 0
+        check_workers_device(cluster, device, gpu)
         forget_prefect_events(cluster)      # what earlier commands left
-        yield Site(cluster, info["workers"], info["gpu_workers"] > 0, code_fingerprint())
+        yield Site(cluster, info["workers"], gpu, code_fingerprint())
         forget_prefect_events(cluster, ending=True)
     elif workers:
         with local_workers(workers, device) as address:

@@ -20,7 +20,6 @@ from prefect import flow, task
 
 from actstore.cluster import names_worker, portable, spread
 from actstore.errors import ActstoreError
-from actstore.gpus import check_workers_device
 from actstore.label import blocks
 from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
 from actstore.label.providers import describe_provider
@@ -150,8 +149,6 @@ def label_flow(store: str, provider: str, target: str | list[str],
         return label_task(store, provider, target, settings)
     prov = describe_provider(provider, settings.device)   # a bad one before the cluster
     with dask_address(workers, cluster, settings.device, site) as (address, n, gpu, code):
-        if cluster:   # the workers' device, before the run begins in the store
-            check_workers_device(address, settings.device, gpu)
         out = fan_out_labels(portable(store), prov, target, settings, address=address,
                              workers=n, gpu=gpu, progress=progress, code=code)
     return out[target] if isinstance(target, str) else out

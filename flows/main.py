@@ -22,7 +22,6 @@ from pathlib import Path
 from prefect import flow, task
 
 from actstore.cluster import default_workers, portable
-from actstore.gpus import check_workers_device
 from actstore.probe.emergence import format_table, summary_table
 from actstore.errors import ActstoreError
 from actstore.label.providers import describe_provider
@@ -153,9 +152,8 @@ def main_flow(model: str, prompts: str, *, out: str = "runs/main", images: str |
     if workers is None and not cluster:
         workers = default_workers(settings.device)
     local = workers if workers and workers > 1 else None   # one worker: this process
+    # a cluster's workers are asked for the device before the store is made
     with dask_address(local, cluster, settings.device) as site:
-        if cluster:   # the workers' device, before the store is made
-            check_workers_device(site.address, settings.device, site.gpu)
         result = _stages(model, prompts, Path(out), images, settings, provider, targets,
                          control, sweeps, site)
     return _with_report(result, Path(out))

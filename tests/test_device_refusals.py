@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from conftest import DEMO, tree_digest
+from conftest import DEMO, IV_LAYERS, IV_STEPS, tree_digest
+from storecheck import snapshot
 from test_cli import api, one_line, run  # noqa: F401 (api: a fixture)
 from test_cluster_workers import user_cluster  # noqa: F401 - a fixture
 
@@ -91,28 +92,71 @@ def test_on_a_cluster_the_workers_not_this_machine_have_the_gpu(tmp_path, user_c
         assert not store.exists()
 
 
-def test_label_on_a_cluster_asks_its_workers_for_the_gpu(tmp_path, reference, user_cluster,
-                                                         api):  # noqa: F811
-    """``label --cluster ADDRESS --device cuda`` from a machine without CUDA: the workers
-    load the label model, so this machine is asked only the name. A worker without CUDA
-    (this machine's, started as a user would) refuses in one line naming itself, before
-    the run begins in the store, which stays byte for byte as it was. Until 2026-12-06 the
-    command refused it here ('CUDA is not available on this machine', of the machine with
-    no GPU to use), as it described the label model on its own device."""
+@pytest.fixture(scope="module")
+def probed_reference(tmp_path_factory, reference) -> tuple[str, str]:
+    """The reference store labelled by a label model workers load by name (toyworld) and a
+    probe run on it, for intervene and sweep: (store, probe run)."""
+    from actstore.label.labels import write_labels
+    from actstore.probe.runs import run_probes
+
+    uri = str(tmp_path_factory.mktemp("probed") / "s.zarr")
+    shutil.copytree(reference, uri)
+    write_labels(uri, "toyworld", "salient", on_x0=False, progress=False)
+    run_id = run_probes(uri, "salient", layers=IV_LAYERS, steps=IV_STEPS,
+                        scheduler="threads", progress=False)
+    return uri, run_id
+
+
+def _fanned_out_runs(uri: str) -> list:
+    """The Prefect API's intervene-blocks flow runs on store ``uri``: an experiment's
+    blocks sent to the cluster's workers."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=["intervene-blocks"])))
+    return [r for r in runs if r.parameters.get("store") == uri]
+
+
+@pytest.mark.parametrize("command", ["label", "intervene", "sweep"])
+def test_a_cluster_command_asks_its_workers_for_the_gpu(tmp_path, reference, probed_reference,
+                                                        user_cluster, api,  # noqa: F811
+                                                        command):
+    """``label``/``intervene``/``sweep --cluster ADDRESS --device cuda`` from a machine
+    without CUDA: the workers load the models, so this machine is asked only the name. A
+    worker without CUDA (this machine's, started as a user would) refuses in one line
+    naming itself, before the run begins in the store, which stays as it was, and before
+    any task goes to a worker. Until 2026-12-06 the label command refused it here ('CUDA
+    is not available on this machine', of the machine with no GPU to use), as it described
+    the label model on its own device; and intervene and sweep asked only the worker that
+    planned the experiment (a first task sent to the cluster): on a cluster where it had
+    the device and another worker had not, that worker's block group failed after the
+    experiment existed in the store."""
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: its refusal cannot be told from the workers'")
-    store = tmp_path / "s.zarr"
-    shutil.copytree(reference, store)
-    before = tree_digest(store)
+    store = str(tmp_path / "s.zarr")
+    if command == "label":
+        shutil.copytree(reference, store)
+        args = ["--provider", "toyworld", "--target", "depth", "--no-x0"]
+    else:
+        shutil.copytree(probed_reference[0], store)
+        args = ["--probe-run", probed_reference[1], "--n-targets", "1"]
+        args += ["--layers", *IV_LAYERS, "--steps", *map(str, IV_STEPS), "--images", "0:16"] \
+            if command == "intervene" else \
+            ["--kinds", "attn1", "--step-counts", "1", "--strength", "1", "--validation", "3",
+             "--evaluation", "3", "--max-edit-size", "1e6"]
+    before = snapshot(store)
     user_cluster.worker()
     user_cluster.wait_for(1)
-    proc = run("--quiet", "label", "--store", str(store), "--provider", "toyworld",
-               "--target", "depth", "--no-x0", "--cluster", user_cluster.address,
-               "--device", "cuda", api=api, timeout=300)
+    proc = run("--quiet", command, "--store", store, *args, "--cluster",
+               user_cluster.address, "--device", "cuda", api=api, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     line = one_line(proc.stderr)
-    assert line.startswith("actstore label: error: --device cuda: CUDA is not available on "
-                           "this machine; use --device cpu or auto (on Dask worker tcp://"), line
-    assert tree_digest(store) == before
+    assert line.startswith(f"actstore {command}: error: --device cuda: CUDA is not "
+                           "available on this machine; use --device cpu or auto (on Dask "
+                           "worker tcp://"), line
+    assert snapshot(store) == before
+    assert _fanned_out_runs(store) == []
