@@ -26,13 +26,8 @@ _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
 def _os_error(exc: BaseException) -> OSError | None:
     """The first operating-system error in the chain: writers and zarr re-raise them."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno is not None:
-            return exc
-        exc = exc.__cause__ or exc.__context__
-    return None
+    return next((e for e in _chain(exc) if isinstance(e, OSError) and e.errno is not None),
+                None)
 
 
 def failure_line(command: str, exc: BaseException, store: str | None = None
@@ -50,7 +45,7 @@ def failure_line(command: str, exc: BaseException, store: str | None = None
         return where + _one_line(str(exc)), EXIT_USER_ERROR
     worker = worker_note(exc)        # met by a Dask task: that worker's environment
     on = f" ({worker})" if worker else ""
-    refused = _object_store_refusal(exc, store)
+    refused = _object_store_refusal(exc, store) or _prefect_unreachable(exc, command)
     if refused:
         return where + _one_line(refused + on), EXIT_USER_ERROR
     os_exc = _os_error(exc)
@@ -78,6 +73,52 @@ def _object_store_refusal(exc: BaseException, store: str | None) -> str | None:
 
     said = describe_refusal(exc, store or "")
     return f"store {store}: {said}" if said and store else said
+
+
+def _prefect_unreachable(exc: BaseException, command: str) -> str | None:
+    """The Prefect API the command reports to, not answering: said with its URL and the
+    ways out. Before (2026-12-06) a ``PREFECT_API_URL`` nothing listened on was the bare
+    'Connection refused; check the path and rerun' of any refused socket. Told from an
+    object store's or a scheduler's refusal by the failed request's URL, which is under
+    the API's (neither of those goes through httpx to it)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    api = PREFECT_API_URL.value()
+    request = _failed_request(exc)
+    if not api or request is None or \
+            not f"{str(request.url).rstrip('/')}/".startswith(f"{api.rstrip('/')}/"):
+        return None
+    os_exc = _os_error(exc)
+    why = os_exc.strerror if os_exc is not None and os_exc.strerror else \
+        type(next(e for e in _chain(exc) if isinstance(e, httpx.HTTPError))).__name__
+    no_prefect = "" if command == "main" else \
+        f", or run without Prefect (actstore --no-prefect {command} ...)"
+    return (f"the Prefect API at {api} (PREFECT_API_URL) cannot be reached ({why}); start "
+            "it (prefect server start) or point PREFECT_API_URL at one that runs, unset "
+            f"PREFECT_API_URL to use a temporary local server{no_prefect}")
+
+
+def _failed_request(exc: BaseException):
+    """The request of the first httpx transport error in the chain (None: no such error)."""
+    import httpx
+
+    for err in _chain(exc):
+        if isinstance(err, httpx.TransportError):
+            try:
+                return err.request
+            except RuntimeError:    # raised without one
+                return None
+    return None
+
+
+def _chain(exc: BaseException | None) -> list[BaseException]:
+    """``exc`` and what caused it, outermost first."""
+    seen: list[BaseException] = []
+    while exc is not None and all(exc is not e for e in seen):
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return seen
 
 
 def _one_line(text: str, limit: int = 600) -> str:

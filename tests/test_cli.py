@@ -312,6 +312,53 @@ def test_main_finds_images_its_blocks_cannot_hold_before_a_flow(tmp_path):
     assert not out.exists()
 
 
+DEAD_API = "http://127.0.0.1:9/api"     # the discard port: nothing listens
+
+
+def test_an_unreachable_prefect_api_is_named_with_the_ways_out(tmp_path):
+    """A ``PREFECT_API_URL`` nothing listens on: one line naming that API and how to go
+    on, exit 2, no store. Until 2026-12-06 the line was 'Connection refused; check the
+    path and rerun', as if a file were missing."""
+    store = tmp_path / "s.zarr"
+    res = run("--quiet", "materialize", "--model", "tiny-random", "--prompts", DEMO,
+              "--store", str(store), "--images", "0:4", *SMALL, api=DEAD_API, timeout=300)
+    line = one_line(res.stderr)
+    assert res.returncode == 2, res.stderr
+    assert line == (f"actstore materialize: error: the Prefect API at {DEAD_API} "
+                    "(PREFECT_API_URL) cannot be reached (Connection refused); start it "
+                    "(prefect server start) or point PREFECT_API_URL at one that runs, unset "
+                    "PREFECT_API_URL to use a temporary local server, or run without "
+                    "Prefect (actstore --no-prefect materialize ...)"), line
+    assert not store.exists()
+
+
+def test_other_refused_connections_are_not_called_prefect():
+    """Connections really refused (the discard port and port 1, where nothing listens) by
+    what is not the Prefect API, an object-store endpoint over HTTP or a socket such as a
+    scheduler's, keep the plain line while ``PREFECT_API_URL`` names a dead API; the same
+    refusal of a request to that API is said as the API's."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.cli_report import failure_line
+
+    def met(call) -> BaseException:
+        with pytest.raises(Exception) as caught:
+            call()
+        return caught.value
+
+    with temporary_settings(updates={PREFECT_API_URL: DEAD_API}):
+        for exc in (met(lambda: httpx.get("http://127.0.0.1:1/bucket/s.zarr/zarr.json")),
+                    met(lambda: httpx.get("http://127.0.0.1:9/apis/other")),
+                    met(lambda: socket.create_connection(("127.0.0.1", 9), timeout=5))):
+            line, code = failure_line("label", exc)
+            assert "Prefect" not in line and code == 2, line
+            assert line.endswith("Connection refused; check the path and rerun"), line
+        line, code = failure_line("main", met(lambda: httpx.get(f"{DEAD_API}/health")))
+    assert line.startswith(f"actstore main: error: the Prefect API at {DEAD_API} "), line
+    assert "--no-prefect" not in line and code == 2, line    # main runs only as a flow
+
+
 def test_main_needs_prefect(capsys):
     assert "main runs as one Prefect flow" in _refused(capsys, ["--no-prefect", "main"])
 
