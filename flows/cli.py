@@ -20,7 +20,7 @@ from pathlib import Path
 from actstore.cliargs import OneLineParser, nonneg_float, positive_int
 from actstore.errors import ActstoreError
 from flows.cli_checks import (STORE_HELP, catalog_vae_source, check_fan_out,
-                              check_figure_outputs, check_stored_settings,
+                              check_figure_outputs,
                               check_table_and_region, check_url, store_under_out, store_uri)
 from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
@@ -217,6 +217,7 @@ def _materialize(args, catalog) -> dict:
     check_fan_out(args, "regions", settings.device)
     if not args.vae_source and settings.cap.vae_source != "latent":
         catalog_vae_source(args.store, store, settings)
+    from actstore.generation.fingerprint import check_stored_settings
     check_stored_settings(store, model_ref, settings)   # before a cluster loads the model
     if args.no_prefect:
         from actstore.generation.materialize import completion, format_completion, materialize

@@ -33,15 +33,6 @@ def check_table_and_region(prompts: str, images: str | None, store: str | None =
     check_store_location(store, load_prompts(prompts), block_size, images)
 
 
-def check_stored_settings(store: str, model: str, settings) -> None:
-    """Settings a stored model variant was not made with, refused before a cluster or a
-    server starts (:func:`actstore.generation.fingerprint.check_stored_settings`): found by
-    the worker that loads the model, they were said ~30 s later and named that worker."""
-    from actstore.generation.fingerprint import check_stored_settings as check
-
-    check(store, model, settings)
-
-
 @contextmanager
 def store_under_out(out: str):
     """The main job's store is under ``--out``: a store's refusal that says to use a new

@@ -85,13 +85,13 @@ def _prefect_unreachable(exc: BaseException, command: str) -> str | None:
     from prefect.settings import PREFECT_API_URL
 
     api = PREFECT_API_URL.value()
-    request = _failed_request(exc)
+    err = next((e for e in _chain(exc) if isinstance(e, httpx.TransportError)), None)
+    request = _request_of(err)
     if not api or request is None or \
             not f"{str(request.url).rstrip('/')}/".startswith(f"{api.rstrip('/')}/"):
         return None
     os_exc = _os_error(exc)
-    why = os_exc.strerror if os_exc is not None and os_exc.strerror else \
-        type(next(e for e in _chain(exc) if isinstance(e, httpx.HTTPError))).__name__
+    why = os_exc.strerror if os_exc is not None and os_exc.strerror else type(err).__name__
     no_prefect = "" if command == "main" else \
         f", or run without Prefect (actstore --no-prefect {command} ...)"
     return (f"the Prefect API at {api} (PREFECT_API_URL) cannot be reached ({why}); start "
@@ -99,17 +99,12 @@ def _prefect_unreachable(exc: BaseException, command: str) -> str | None:
             f"PREFECT_API_URL to use a temporary local server{no_prefect}")
 
 
-def _failed_request(exc: BaseException):
-    """The request of the first httpx transport error in the chain (None: no such error)."""
-    import httpx
-
-    for err in _chain(exc):
-        if isinstance(err, httpx.TransportError):
-            try:
-                return err.request
-            except RuntimeError:    # raised without one
-                return None
-    return None
+def _request_of(err):
+    """The request an httpx transport error was raised for (None: no error, or none)."""
+    try:
+        return None if err is None else err.request
+    except RuntimeError:    # raised without one
+        return None
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:
