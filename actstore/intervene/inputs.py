@@ -65,20 +65,13 @@ def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
     same reader as the probes' targets. Providers that look labels up by image id (user
     arrays) can't read new images: a pixel-based provider must be passed instead.
     """
-    spec = provider if isinstance(provider, str) else None
-    if provider is None:
-        spec = label_attrs.get("provider")
-        if not spec:
-            raise ActstoreError(f"labels {target!r} record no provider; pass --provider")
-    if spec is not None:
+    spec = provider_spec(provider, label_attrs, target)
+    if provider is None or isinstance(provider, str):
         try:   # this process's, kept: a sweep's experiments on one worker share it
             provider = shared_provider(spec, device)
         except ActstoreError as exc:
             raise ActstoreError(f"label provider {spec} can't be loaded to read intervened "
                                 f"images ({exc}); pass --provider with one that can") from None
-    else:
-        spec = getattr(provider, "spec", None) or getattr(provider, "name",
-                                                          type(provider).__name__)
     if getattr(provider, "by_ids", None) is not None:
         raise InputError(f"label provider {spec} looks labels up by image id, so it can't "
                          "label intervened images; pass --provider with a label model "
@@ -88,6 +81,21 @@ def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
         raise InputError(f"label provider {spec} makes no {kind} target {target!r} (it "
                          f"makes {', '.join(f'{t} ({k})' for t, k in made.items()) or 'none'})")
     return provider, str(spec)
+
+
+def provider_spec(provider, label_attrs: dict, target: str) -> str:
+    """How an experiment's record names its label provider, without loading it (the
+    command's early check of a named experiment compares it): the spec given, else the
+    one that made the labels, else a provider object's own name."""
+    if provider is None:
+        spec = label_attrs.get("provider")
+        if not spec:
+            raise ActstoreError(f"labels {target!r} record no provider; pass --provider")
+        return str(spec)
+    if isinstance(provider, str):
+        return provider
+    return str(getattr(provider, "spec", None) or getattr(provider, "name",
+                                                          type(provider).__name__))
 
 
 def store_model_ref(view: StoreView) -> tuple[str, str, str]:
@@ -116,10 +124,18 @@ def load_store_model(view: StoreView, model: LoadedModel | None, device: str) ->
     return model
 
 
-def check_existing(store: str, experiment_id: str, settings: dict) -> None:
-    """A rerun resumes an experiment only if nothing that shapes its results changed."""
+def check_existing(store: str, experiment_id: str, settings: dict,
+                   unknown: tuple[str, ...] = ()) -> None:
+    """A rerun resumes an experiment only if nothing that shapes its results changed.
+
+    ``unknown``: fields of the record left out on both sides, for a check made before
+    what they come from is read (the command's, before a cluster starts); the planning
+    worker then compares them all, in the same words."""
     old = existing_settings(store, experiment_id)
-    if old is not None and old != settings:
+    if old is None:
+        return
+    old, settings = ({k: v for k, v in d.items() if k not in unknown} for d in (old, settings))
+    if old != settings:
         diffs = st.diff(old, settings)
         raise ActstoreError(f"store {store}: experiment {experiment_id} exists with other "
                             f"settings ({'; '.join(diffs[:2])}); drop --experiment to start "

@@ -16,7 +16,9 @@ import numpy as np
 
 from actstore.errors import ActstoreError, InputError
 from actstore.generation.pointnames import site_of
-from actstore.intervene.inputs import check_existing, resolve_provider, select_images
+from actstore.intervene.inputs import (check_existing, provider_spec, resolve_provider,
+                                       select_images)
+from actstore.intervene.results import existing_settings
 from actstore.intervene.pattern import patterns
 from actstore.intervene.settings import (TARGET_MODES, InterventionSettings,
                                          without_later_defaults)
@@ -24,7 +26,8 @@ from actstore.intervene.targets import SHIFT_RANGE, load_user_targets
 from actstore.label.labels import TARGET_NAME
 from actstore.kinds import BINARY
 from actstore.probe.runs import get_run, load_probe
-from actstore.store import core as st, labelsets
+from actstore.store import core as st, io, labelsets
+from actstore.store import layout as lay
 from actstore.store.view import StoreView
 
 # The paper's defaults: salience → decoder self-attention, first 5 steps; depth → all 16
@@ -91,11 +94,14 @@ class Request:
     positions: np.ndarray
 
 
-def check_request(store: str, probe_run: str, settings: InterventionSettings) -> Request:
+def check_request(store: str, probe_run: str, settings: InterventionSettings, *,
+                  provenance: dict | None = None) -> Request:
     """The checks of :func:`plan_interventions` that read only the store's small records:
     cheap enough for a fan-out's command to make before a cluster starts, so a typo there
     is refused in seconds and as the user's (an :class:`InputError`), not by the worker
-    that plans (its address in the line sent the user to that worker's environment)."""
+    that plans (its address in the line sent the user to that worker's environment). An
+    ``--experiment`` name the store has with other settings is refused here too
+    (:func:`_check_named`)."""
     s = settings
     if s.experiment_id is not None and not TARGET_NAME.match(s.experiment_id):
         raise InputError(f"--experiment {s.experiment_id!r}: use letters, digits, '_', '.', "
@@ -125,8 +131,32 @@ def check_request(store: str, probe_run: str, settings: InterventionSettings) ->
         raise InputError("--targets insert copies an object's depth, so it needs a "
                          "continuous target such as depth; use shift for masks")
     positions = select_images(view, list(s.images) if isinstance(s.images, tuple) else s.images)
-    return Request(s.with_(target=target, layers=tuple(layers), steps=tuple(steps)), kind,
-                   view, current, label_attrs, positions)
+    req = Request(s.with_(target=target, layers=tuple(layers), steps=tuple(steps)), kind,
+                  view, current, label_attrs, positions)
+    if s.experiment_id is not None:
+        _check_named(store, probe_run, req, provenance)
+    return req
+
+
+def _check_named(store: str, probe_run: str, req: Request, provenance: dict | None) -> None:
+    """A named experiment the store has must be asked again with its settings: compared
+    here on all of its record but what only the plan reads (a ``--direction pattern``'s
+    vectors, made from the train images' activations; user targets' contents), from the
+    probes' attributes, not their weights, and the label provider's name, not the model.
+    Found only by the worker that plans, the line came after a cluster had started."""
+    s = req.settings
+    if existing_settings(store, s.experiment_id) is None:
+        return
+    mode = _mode(s)
+    object_target, label_paths = _labels_read(req.current, s.target, mode)
+    solvers = dict(zip(s.layers, (attrs["solver"] for attrs in io.nodes_attrs(
+        store, [lay.run_layer_path(probe_run, s.model_variant, la) for la in s.layers]))))
+    record = _record(s, probe_run, req.kind, solvers, req.view, _image_ids(req), s.n_targets,
+                     mode, None, object_target,
+                     provider_spec(s.provider, req.label_attrs, s.target), req.label_attrs,
+                     label_paths, provenance)
+    check_existing(store, s.experiment_id, record,
+                   unknown=("pattern",) + (() if mode else ("targets", "n_targets")))
 
 
 def plan_interventions(store: str, probe_run: str, settings: InterventionSettings, *,
@@ -134,7 +164,7 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     """Check ``settings`` against the store; raises a one-line ActstoreError, writes nothing.
 
     ``provenance`` joins the record (e.g. which sweep chose this setting, on which images)."""
-    req = check_request(store, probe_run, settings)
+    req = check_request(store, probe_run, settings, provenance=provenance)
     s, kind, view, current, label_attrs = (req.settings, req.kind, req.view, req.current,
                                            req.label_attrs)
     target, layers, steps, positions = s.target, list(s.layers), list(s.steps), req.positions
@@ -142,26 +172,23 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     grids = {la: (int(view.layer_shapes[la][0]), int(view.layer_shapes[la][1]))
              for la in layers}
     table = view.images
-    image_ids = [str(v) for v in table["image"].values[positions]]
+    image_ids = _image_ids(req)
     hw = tuple(int(v) for v in label_attrs["image_size"])
-    user, mode, n_targets = None, s.targets if s.targets in TARGET_MODES else None, s.n_targets
+    user, mode, n_targets = None, _mode(s), s.n_targets
     if mode is None:
         user = load_user_targets(s.targets, image_ids, hw, kind=kind, mean=label_attrs.get("mean"),
                                  std=label_attrs.get("std"), units=s.target_units)
         n_targets = user.shape[1]
-    object_target = _object_target(current, target) if mode == "insert" else None
-    label_paths = {t: current[t]["path"] for t in (target, object_target) if t}
+    object_target, label_paths = _labels_read(current, target, mode)
     label_attrs = {k: v for k, v in label_attrs.items() if k not in ("path", "commit",
                                                                       "version")}
     prov, spec = resolve_provider(s.provider, label_attrs, target, kind, s.device)
-    record = _record(s, probe_run, kind, probes, view, image_ids, n_targets, mode, user,
-                     object_target, spec, label_attrs, provenance)
+    record = _record(s, probe_run, kind, {la: p["solver"] for la, p in probes.items()}, view,
+                     image_ids, n_targets, mode, user, object_target, spec, label_attrs,
+                     label_paths, provenance)
     vectors = None
     if s.direction == "pattern":   # the vectors edited along are part of what is tested
         vectors, record["pattern"] = patterns(view, probes, steps)
-    # the label versions read: a relabelled target makes another experiment, so a rerun or
-    # a worker planning after a relabel never adds blocks from other labels to this one
-    record["labels"] = dict(sorted(label_paths.items()))
     digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:10]
     named = "-".join([s.method] + [s.direction] * (s.direction != "probe")
                      + ["both-halves"] * (s.halves == "both"))
@@ -174,10 +201,27 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
                 vectors)
 
 
-def _record(s: InterventionSettings, probe_run, kind, probes, view, image_ids, n_targets,
-            mode, user, object_target, spec, label_attrs, provenance) -> dict:
-    """What shapes the results, as JSON: the settings that apply, and the store's facts."""
-    solvers = {la: p["solver"] for la, p in probes.items()}
+def _image_ids(req: Request) -> list[str]:
+    return [str(v) for v in req.view.images["image"].values[req.positions]]
+
+
+def _mode(s: InterventionSettings) -> str | None:
+    """shift, shift-x or insert: targets made here; None: the user's, read from a file."""
+    return s.targets if s.targets in TARGET_MODES else None
+
+
+def _labels_read(current: dict, target: str, mode: str | None) -> tuple[str | None, dict]:
+    """The object an insert copies (if any), and the label version each target reads."""
+    object_target = _object_target(current, target) if mode == "insert" else None
+    return object_target, {t: current[t]["path"] for t in (target, object_target) if t}
+
+
+def _record(s: InterventionSettings, probe_run, kind, solvers, view, image_ids, n_targets,
+            mode, user, object_target, spec, label_attrs, label_paths, provenance) -> dict:
+    """What shapes the results, as JSON: the settings that apply, and the store's facts.
+
+    ``user`` None with user targets: their hash left None (a check made before reading
+    them leaves the field out)."""
     skip = ("images", "provider", "experiment_id", "device", "targets", "target_units")
     keep = {f.name: getattr(s, f.name) for f in fields(s) if f.name not in skip}
     keep.update(
@@ -186,8 +230,8 @@ def _record(s: InterventionSettings, probe_run, kind, probes, view, image_ids, n
         weights_sha256=view.attrs["fingerprint"]["weights_sha256"],
         generation=view.attrs["fingerprint"]["generation"], images=image_ids,
         n_targets=n_targets,
-        targets=mode or {"path": str(s.targets), "sha256": hashlib.sha256(
-            np.ascontiguousarray(user).tobytes()).hexdigest()},
+        targets=mode or {"path": str(s.targets), "sha256": None if user is None else
+                         hashlib.sha256(np.ascontiguousarray(user).tobytes()).hexdigest()},
         seed=s.seed if mode or s.random_control else None,
         shift_range=list(SHIFT_RANGE) if mode else None, object_target=object_target,
         margin=s.margin if kind == BINARY and "logistic" in solvers.values() else None,
@@ -196,6 +240,9 @@ def _record(s: InterventionSettings, probe_run, kind, probes, view, image_ids, n
         provider=spec, label_mean=label_attrs.get("mean"), label_std=label_attrs.get("std"))
     if provenance:
         keep["provenance"] = provenance
+    # the label versions read: a relabelled target makes another experiment, so a rerun or
+    # a worker planning after a relabel never adds blocks from other labels to this one
+    keep["labels"] = dict(sorted(label_paths.items()))
     # as stored: tuples become lists; an experiment along the probe (as every one before
     # --direction) keeps its id
     return json.loads(json.dumps(without_later_defaults(keep)))
