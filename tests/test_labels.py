@@ -572,3 +572,26 @@ def test_hf_folder_is_described_as_it_loads(tmp_path, kind):
     images = np.random.default_rng(3).integers(0, 256, (2, 40, 48, 3), dtype=np.uint8)
     np.testing.assert_array_equal(described(images)[next(iter(loaded.targets))],
                                   loaded(images)[next(iter(loaded.targets))])
+
+
+@pytest.mark.parametrize("kind", ["hf-depth", "hf-segmentation"])
+def test_hf_folder_is_described_with_public_names_only(tmp_path, monkeypatch, kind):
+    """The model class was found with transformers' private ``_get_model_class`` and the
+    auto classes' ``_model_mapping``, which any release may rename or drop: with both
+    gone, the folder is still described as the class its loaded model is."""
+    import transformers
+    from transformers.models.auto import auto_factory
+
+    from actstore.label.providers import describe_provider
+
+    folder = (_tiny_dpt if kind == "hf-depth" else _tiny_segformer)(tmp_path / "m")
+    monkeypatch.delattr(auto_factory, "_get_model_class")
+    for auto in ("AutoModelForDepthEstimation", "AutoModelForSemanticSegmentation",
+                 "AutoModelForImageSegmentation"):
+        monkeypatch.delattr(getattr(transformers, auto), "_model_mapping")
+    described = describe_provider(f"{kind}:{folder}")
+    monkeypatch.undo()
+    assert described.model is None
+    loaded = get_provider(f"{kind}:{folder}")
+    assert described.provenance["model_class"] == type(loaded.model).__name__ == \
+        ("DPTForDepthEstimation" if kind == "hf-depth" else "SegformerForSemanticSegmentation")

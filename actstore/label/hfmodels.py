@@ -71,7 +71,7 @@ class _HFModel:
     name = "hf"
     targets: dict[str, str] = {}
     prefix = ""
-    auto_classes: tuple[str, ...] = ()
+    auto_classes: dict[str, str] = {}   # auto class → the mapping transformers exports
 
     def __init__(self, folder: str, device: str = "cpu"):
         import transformers
@@ -105,13 +105,19 @@ class _HFModel:
 
     def _model_class(self, transformers) -> tuple[str, type]:
         """The auto class that takes this config and the model class it makes of it, as
-        its ``from_pretrained`` picks them (its config-to-class mapping), no weights read."""
-        from transformers.models.auto.auto_factory import _get_model_class
-
-        for auto in self.auto_classes:
-            mapping = getattr(transformers, auto)._model_mapping
+        its ``from_pretrained`` picks them, no weights read: from the config-to-class
+        mapping transformers exports for each auto class (``MODEL_FOR_..._MAPPING``), the
+        class the config's ``architectures`` names where the mapping offers several, else
+        the first. Public names only: a private helper can go in any release."""
+        for auto, mapping_name in self.auto_classes.items():
+            mapping = getattr(transformers, mapping_name)
             if type(self.config) in mapping:
-                return auto, _get_model_class(self.config, mapping)
+                offered = mapping[type(self.config)]
+                if not isinstance(offered, (list, tuple)):
+                    return auto, offered
+                named = {c.__name__: c for c in offered}
+                return auto, next((named[a] for a in self.config.architectures or ()
+                                   if a in named), offered[0])
         raise ActstoreError(f"label provider {self.spec}: model type "
                             f"{self.config.model_type!r} is not a "
                             f"{' or '.join(self.auto_classes)}; use a "
@@ -163,7 +169,7 @@ class HFDepth(_HFModel):
     name = "hf-depth"
     prefix = "hf-depth"
     targets = {"depth": CONTINUOUS}
-    auto_classes = ("AutoModelForDepthEstimation",)
+    auto_classes = {"AutoModelForDepthEstimation": "MODEL_FOR_DEPTH_ESTIMATION_MAPPING"}
 
     def __init__(self, folder: str, device: str = "cpu"):
         super().__init__(folder, device)
@@ -197,7 +203,9 @@ class HFSegmentation(_HFModel):
     name = "hf-segmentation"
     prefix = "hf-segmentation"
     targets = {"salient": BINARY}
-    auto_classes = ("AutoModelForSemanticSegmentation", "AutoModelForImageSegmentation")
+    auto_classes = {
+        "AutoModelForSemanticSegmentation": "MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING",
+        "AutoModelForImageSegmentation": "MODEL_FOR_IMAGE_SEGMENTATION_MAPPING"}
 
     def __init__(self, folder: str, device: str = "cpu"):
         super().__init__(folder, device)
