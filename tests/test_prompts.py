@@ -190,3 +190,28 @@ def test_parquet_types_are_checked(tmp_path: Path) -> None:
     pd.DataFrame({"image_id": ["a"], "prompt": ["x"], "seed": [True]}).to_parquet(
         tmp_path / "bool.parquet")
     assert "seed True is not an integer" in error_of(str(tmp_path / "bool.parquet"))
+
+
+def test_a_rerun_hashes_its_table_once(tmp_path: Path, monkeypatch, tiny_store,
+                                       tiny_model) -> None:
+    """A run into an existing store hashed its prompt table twice, once for the store's
+    identity and once more to compare it with the store's (~0.8 s a pass for 100,000
+    prompts): the second comparison now takes the first pass's fingerprint."""
+    import shutil
+
+    from actstore.generation import materialize as mat
+    from conftest import TINY
+
+    uri = str(shutil.copytree(tiny_store, tmp_path / "copy.zarr"))
+    passes = []
+
+    def counted(df):
+        passes.append(len(df))
+        return prompts_fingerprint(df)
+
+    monkeypatch.setattr(mat, "prompts_fingerprint", counted)
+    summary = mat.materialize(tiny_model, str(DEMO), uri, mat.MaterializeSettings(
+        batch_size=TINY["batch_size"], block_size=TINY["block_size"]).with_options(
+        steps=TINY["steps"]), progress=False)
+    assert passes == [16]
+    assert (summary["blocks_skipped"], summary["blocks_written"]) == (4, 0)   # a rerun
