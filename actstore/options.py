@@ -29,7 +29,7 @@ def named_once(option: str, what: str, values) -> None:
     if twice is not None:
         shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
         raise InputError(f"{option} {' '.join(shown)}: {what} {shown[twice]} is named "
-                            "twice; name each once")
+                         "twice; name each once")
 
 
 def start_stop(text: str, n: int, *, expected: str, holder: str) -> tuple[int, int]:
@@ -43,5 +43,5 @@ def start_stop(text: str, n: int, *, expected: str, holder: str) -> tuple[int, i
         raise InputError(f"--images {text!r}: expected {expected}, e.g. 0:{n}") from None
     if not 0 <= a < b <= n:
         raise InputError(f"--images {text}: out of range; {holder} has {n} images, so use "
-                            f"START:STOP with 0 <= START < STOP <= {n}")
+                         f"START:STOP with 0 <= START < STOP <= {n}")
     return a, b

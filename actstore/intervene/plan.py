@@ -274,11 +274,11 @@ def _layers(layers, kind, view, run, probe_run) -> list[str]:
     bad = [la for la in layers if la not in view.layers]
     if bad:
         raise InputError(f"layer {bad[0]!r}: the store has no such capture point; it has "
-                            f"{', '.join(view.layers)}")
+                         f"{', '.join(view.layers)}")
     vae = [la for la in layers if not view.points[la].cfg]
     if vae:
         raise InputError(f"layer {vae[0]!r}: the VAE decoder takes no part in denoising, so "
-                            "an edit there cannot change the image; choose UNet layers")
+                         "an edit there cannot change the image; choose UNet layers")
     _probed(layers, run["layers"], "layer", probe_run)
     return list(dict.fromkeys(layers))
 
@@ -290,7 +290,7 @@ def _steps(steps, kind, view, run, probe_run) -> list[int]:
     bad = [s for s in steps if not 0 <= s < view.n_steps]
     if bad:
         raise InputError(f"step {bad[0]}: the store's generation has steps 0..."
-                            f"{view.n_steps - 1}")
+                         f"{view.n_steps - 1}")
     _probed(steps, run["steps"], "step", probe_run)
     return steps
 
@@ -300,8 +300,8 @@ def _probed(wanted: list, have: list, what: str, probe_run: str) -> None:
     if lacking:
         shown = repr(lacking[0]) if what == "layer" else str(lacking[0])
         raise InputError(f"probe run {probe_run}: has no probe for {what} {shown} (it "
-                            f"has {what}s {', '.join(map(str, have))}); pass --{what}s "
-                            f"among those or fit a run with that {what}")
+                         f"has {what}s {', '.join(map(str, have))}); pass --{what}s "
+                         f"among those or fit a run with that {what}")
 
 
 def _object_target(current: dict[str, dict], target: str) -> str | None:
