@@ -199,3 +199,32 @@ def test_main_rerun_with_other_settings(capsys, tmp_path, tiny_model):
         f"{out} to start again)"]
     assert tree_digest(uri) == before
     assert sorted(p.name for p in Path(out).iterdir()) == ["store.zarr"]
+
+
+def test_weights_replaced_in_the_folder_are_refused_by_the_run_that_loads(capsys, tmp_path):
+    """The same folder with other weights under the same file names (retrained in place):
+    the command's check cannot tell (the fingerprint's weights_sha256 hashes the tensors as
+    loaded; fingerprint.check_stored_settings says why it is not computed there), so the
+    run that loads the model refuses, in one line naming the weights, before it writes."""
+    from actstore.generation.fingerprint import check_stored_settings
+    from actstore.generation.materialize import MaterializeSettings
+    from actstore.generation.models import save_pipeline_folder, tiny_random_components
+
+    folder = str(save_pipeline_folder(tmp_path / "model", tiny_random_components(seed=0)))
+    uri = str(tmp_path / "s.zarr")
+    _materialize(folder, uri)
+    unet = Path(folder, "unet", "diffusion_pytorch_model.safetensors")
+    made = unet.read_bytes()
+    save_pipeline_folder(folder, tiny_random_components(seed=1))
+    assert unet.read_bytes() != made and len(unet.read_bytes()) == len(made)
+    check_stored_settings(uri, folder, MaterializeSettings(block_size=4, batch_size=4)
+                          .with_options(steps=2))     # passes: nothing it reads changed
+    before = tree_digest(uri)
+    capsys.readouterr()        # the bars of saving the folder
+    code, err = _run(capsys, "materialize", "--model", folder, "--prompts", DEMO, "--store",
+                     uri, "--steps", "2", "--batch-size", "4", "--images", "0:4")
+    err = [ln for ln in err if ln.startswith("actstore")]   # not the loading bar
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"{PREFIX}store {uri}: model 'trained' was made with another "
+                             "model or config (weights_sha256: store has ")
+    assert tree_digest(uri) == before

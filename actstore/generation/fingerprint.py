@@ -6,7 +6,8 @@ loads it found every difference: with ``--workers`` a worker, after ~30 s of clu
 start-up, and the refusal named that worker. The rest (model dtype, generation settings,
 the scheduler's config, the capture settings) comes from the command line and the model
 folder's JSON files: :func:`check_stored_settings` compares that much before a cluster, a
-Prefect server or a model starts, and refuses in the same words.
+Prefect server or a model starts, and refuses in the same words; weights replaced in the
+same folder are left to the run that loads them (why: :func:`check_stored_settings`).
 """
 
 from __future__ import annotations
@@ -60,7 +61,17 @@ def check_stored_settings(store: str, model: str, settings: MaterializeSettings)
     from another folder the weights may differ too, and the model's run names them first.
     A folder this machine lacks (a ``--cluster`` whose workers hold the model) leaves it
     all to the workers. Kinds added to a variant are no difference (they are checked by
-    regenerating stored blocks); the options of a kind added earlier are."""
+    regenerating stored blocks); the options of a kind added earlier are.
+
+    Weights replaced in the same folder (retrained in place, same file names) pass here
+    and are refused by the run that loads the model, before it writes: ``weights_sha256``
+    is a hash of the tensors as loaded (state-dict names after diffusers' key conversions,
+    the load dtype), which no file-level fingerprint matches, and a safetensors file's
+    header and size stay the same when same-shaped weights change. Computing it here
+    means loading and hashing the model in the command on every run: 1.4-4.7 ms become
+    0.16-0.28 s for the toy LDM, and sha256 alone (0.6-0.9 GiB/s) takes 4-6 s over SD
+    v1.4's 3.97 GiB, before the loading and on top of the workers' own hash, to bring
+    forward a refusal that is rare (``benchmarks/bench_weights_check.py``, 2026-12-06)."""
     variant, cap = variant_of(settings.control), settings.cap
     plan = plan_capture(store, variant, cap.kinds, cap.vae_source)
     try:
