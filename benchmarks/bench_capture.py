@@ -33,14 +33,19 @@ from actstore.generation.prompts import load_prompts  # noqa: E402
 DEMO = str(Path(__file__).resolve().parent.parent / "prompts" / "demo.csv")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="tiny-random", help="tiny-random, sd14, or a folder")
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--size", type=int, default=None, help="image side (default native)")
     ap.add_argument("--repeats", type=int, default=3)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.model == "sd14":
         from sd14 import sd14_folder
         path = sd14_folder()

@@ -49,7 +49,8 @@ def _table(path: Path, rows, n_train: int, n_test: int) -> str:
     return str(path)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="toy-ldm", help="toy-ldm, tiny-random, sd14 or a folder")
     ap.add_argument("--prompts", default="toyworld")
@@ -58,7 +59,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, help="image side to measure at (default native)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--bytes-only", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     ref = {"toy-ldm": str(REPO / "models" / "toy-ldm")}.get(args.model, args.model)
     if args.model == "sd14":
         from sd14 import sd14_folder

@@ -83,12 +83,17 @@ def s3_base() -> tuple[str, object]:
     return f"s3://{bucket}", server
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--s3", action="store_true")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     layers = [CapturePoint(f"up.{i}", "attn1", f"up.{i}", "up", 4, 4, 8)
               for i in range(args.layers)]
     server = None

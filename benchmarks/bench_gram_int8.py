@@ -247,7 +247,8 @@ def planted(C: int, images: int = 48, tokens: int = 256, n_folds: int = 5) -> di
     return out | {"float64 bias": float(np.ravel(ref.bias)[0])}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--block-size", type=int, default=4)
@@ -255,7 +256,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--planted", type=int, nargs="*", default=[320, 1280], metavar="C",
                     help="channel counts of the planted ridge problem")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     torch.set_num_threads(1)
     from threadpoolctl import threadpool_limits
     threadpool_limits(1)

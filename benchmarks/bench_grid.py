@@ -159,7 +159,8 @@ def peak_memory(stores: list[str], target: str) -> None:
         print(f"peak RSS, {n} images ({store}): {int(out.stdout.split()[-1]) / 1024:.0f} MB")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", required=True)
     ap.add_argument("--target", default="depth")
@@ -168,7 +169,11 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list of: adam, read, memory")
     ap.add_argument("--memory-stores", default="", help="comma list of stores (with the "
                     "target labelled) of different sizes for the peak-memory comparison")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     cells = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cells.split(",")]
     if "adam" not in args.skip:
         compare_with_adam(args.store, args.target, cells)

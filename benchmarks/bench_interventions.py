@@ -102,7 +102,8 @@ class HookTimer:
         ed.EditHook.__call__ = self._call
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--store", help="default: build a tiny-random store in a temp folder")
     ap.add_argument("--target", default="salient")
@@ -119,7 +120,11 @@ def main() -> None:
     ap.add_argument("--gen-steps", type=int, default=15, help="tiny store only")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
 
     tmp = None
     provider = args.provider

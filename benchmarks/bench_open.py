@@ -215,7 +215,8 @@ def table(title: str, runs: dict[str, list[dict]]) -> None:
         print(f"{row['name'][:44]:44s} | {line}   [{cells[-1]['kinds']}]", flush=True)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, nargs="+", default=[80, 640],
                     help="sizes of the SD-shaped stores (whole blocks of 4)")
@@ -223,7 +224,11 @@ def main() -> None:
                     help="library trees to compare (e.g. an export of main, then .)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["sd", "notebook", "local"])
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.child:
         return child(*args.child)
     server = CountedS3()

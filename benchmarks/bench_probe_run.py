@@ -201,7 +201,8 @@ def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", help="a store with the targets labelled (else synthetic)")
     ap.add_argument("--shapes", choices=sorted(SHAPES), default="sd")
@@ -217,7 +218,11 @@ def main() -> None:
                     help="whole runs in child processes, alternating the library of these "
                          "trees (implies --whole-only)")
     ap.add_argument("--child-run", metavar="TARGET", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.child_run:   # one whole run, its clock as JSON (see whole_run)
         import dask.array  # noqa: F401  imported, as in the parent's read pass
         import distributed  # noqa: F401  dask looks for it when a graph is computed

@@ -116,7 +116,8 @@ def methods(n_tr: int, tokens: int, epochs: int, seed: int, binary: bool):
     return out + [("ridge closed form, 5-fold CV", ridge)]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cells", type=int, default=3)
     ap.add_argument("--images", type=int, default=200)
@@ -127,7 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3, help="report the best of N timings")
     ap.add_argument("--tie", type=float, default=1e-3, help="score differences below this are ties")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
     torch.set_num_threads(1)
     n_tr = int(a.images * a.train)
     warm = np.random.default_rng(0).normal(size=(n_tr, 4, a.channels)).astype(np.float16)

@@ -21,11 +21,16 @@ def bench(n: int = 500, size: int = 64) -> dict:
     return {"n": n, "size": size, "ms_per_scene": 1000 * dt / n, "scenes_per_minute": 60 * n / dt}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--size", type=int, default=64)
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     print(json.dumps(bench(a.n, a.size)))
 
 

@@ -351,14 +351,19 @@ def prompts_for_sd(tmp: Path) -> str:
 _TMP: list[Path] = []   # the run's scratch folder, for a SIGTERM to remove
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=32)
     ap.add_argument("--steps", type=int, default=15)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=["materialize", "probes", "s3", "sd14", "intervene"])
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     from flows.prefect_api import flow_mode
 
     print(f"load average before: {os.getloadavg()}", flush=True)

@@ -210,7 +210,8 @@ def report(codec: str, raw: float, compression: float, cached: dict, durable: di
               flush=True)
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--store", help="take activations from this store")
     ap.add_argument("--model", default="tiny-random",
@@ -223,7 +224,11 @@ def main() -> None:
                          "dirty-page limit)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--codecs", default=",".join(CODEC_NAMES))
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     blocks = source_blocks(args.store, args.block, args.model, args.size)
     raw_block = sum(a.nbytes for a in blocks.values())
     parent = os.environ.get("BENCH_DIR", ".")

@@ -89,6 +89,9 @@ def train_toy(run_dir: str = "runs/toy-ldm", out: str = "models/toy-ldm", *,
     return export_task(run_dir, out)
 
 
+build_parser = T.build_parser   # the same command line as python -m actstore.toyworld.train
+
+
 def main(argv: list[str] | None = None) -> int:
     a = T.parse_args(argv)
     if a.stage != "all":  # single stages go straight to the library, no orchestration

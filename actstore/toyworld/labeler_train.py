@@ -164,7 +164,8 @@ wall time {tr.get('wall_minutes', 0):.1f} min, final loss {tr.get('final_loss', 
     Path(out_dir, "metrics.json").write_text(json.dumps(metrics, indent=1))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     p = argparse.ArgumentParser(description="Train the toy-world label model on renders.")
     p.add_argument("--out", default="models/toy-labeler")
     p.add_argument("--n-train", type=int, default=4000)
@@ -179,7 +180,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-only", action="store_true",
                    help="only measure the model in --out on held-out renders of the current "
                         "world (e.g. after a world change) and print the metrics")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     if a.eval_only:
         torch.set_num_threads(a.threads)
         print(json.dumps(evaluate(ToyLabeler.from_pretrained(a.out), camera=a.camera), indent=1))

@@ -159,13 +159,18 @@ def evaluate(reader: ToyReader, n_eval: int = 500) -> dict[str, float]:
     return agreement(reader(data["rgb"]), attributes(data["prompt"]))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     p = argparse.ArgumentParser(description="Train the toy-world prompt reader on renders.")
     p.add_argument("--out", default="models/toy-reader")
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     reader = train_reader(a.n_train, a.steps)
     metrics = evaluate(reader)

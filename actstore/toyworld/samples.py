@@ -160,7 +160,8 @@ def quality(images: np.ndarray, labeler, min_pixels: int = 8, reader=None,
             "median_depth_row_spearman": float(np.median(rho)), **extra}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     p = argparse.ArgumentParser(description="Sample grid + quality of the toy LDM.")
     p.add_argument("--model", default="models/toy-ldm")
     p.add_argument("--prompts", default="prompts/toyworld.csv")
@@ -175,6 +176,11 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="SAMPLER:STEPS:GUIDANCE",
                    help=f"one generated row per value (samplers: {', '.join(SAMPLERS)}); "
                         "quality is measured for each")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     try:
         samplings = [Sampling.parse(t) for t in a.sampling]

@@ -313,7 +313,8 @@ def _latents_stale(run: Path) -> bool:
     return not lat.exists() or lat.stat().st_mtime < ck.stat().st_mtime
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     p = argparse.ArgumentParser(prog="python -m actstore.toyworld.train",
                                 description="Train the toy latent diffusion model on CPU.")
     p.add_argument("--run-dir", default="runs/toy-ldm", help="checkpoints, data cache, log")
@@ -343,7 +344,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--decoder-steps", type=int, default=600,
                    help="decoder-only fine-tuning on frozen-encoder latents; with --stage "
                         "all it runs after the UNet, or run --stage decoder in parallel")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
