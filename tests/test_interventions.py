@@ -112,6 +112,56 @@ def test_projection_closed_form_on_random_tokens():
     assert float((new - a).norm()) < float((other - a).norm())
 
 
+def test_a_probe_without_direction_leaves_its_point_unedited():
+    """A probe fitted where its train labels held one class has weights 0 (the ridge
+    fallback on constant labels; on the tiny model's 2x2-token points, salient). Projection
+    divided by w·w = 0: `actstore intervene` on such a run (docs/interventions.md's default
+    salient points) reported every image non-finite. The point is now left as it is, in
+    both arms, and the other points are edited as before."""
+    g = torch.Generator().manual_seed(0)
+    n, T, C = 2, 4, 8
+    w = torch.randn(C, generator=g)
+    tprobes = {"zero": {0: (torch.zeros(C), torch.tensor(-0.5))},
+               "live": {0: (w, torch.tensor(0.1))}}
+    targets = {la: torch.randn(n, T, generator=g) for la in tprobes}
+    for direction in (None, {"zero": {0: torch.full((C,), float("nan"))},
+                             "live": {0: w / (w @ w)}}):
+        hook = EditHook("projection", "binary", {"zero": "logistic", "live": "logistic"},
+                        tprobes, targets, n, random=torch.tensor([False, True]), keys=[1, 2],
+                        directions=direction)
+        hook.step = 0
+        out = torch.randn(2 * n, T, C, generator=g)
+        assert hook("zero", out.clone()).equal(out)
+        edited = hook("live", out.clone())
+        assert torch.isfinite(edited).all() and not edited[n:].equal(out[n:])
+        torch.testing.assert_close(probe_predict(edited[n], w, torch.tensor(0.1)),
+                                   targets["live"][0], atol=1e-4, rtol=1e-4)
+        assert np.isfinite(hook.sizes[("zero", 0)]).all() and not hook.sizes[("zero", 0)].any()
+
+
+def test_an_experiment_with_no_probe_direction_is_refused(ivstore, tmp_path):
+    """Where every chosen probe has weights 0 there is nothing to edit: one line, before
+    anything is written."""
+    import zarr
+
+    uri = str(tmp_path / "copy.zarr")
+    shutil.copytree(ivstore["uri"], uri)
+    run = ivstore["runs"]["salient"]
+    zarr.open_array(f"{uri}/probes/{run}/trained/{LAYERS[0]}/weights", mode="r+")[...] = 0
+    before = tree_digest(uri)
+    argv = ["--store", uri, "--probe-run", run, "--steps", "0", "1", "--provider", "toyworld"]
+    with pytest.raises(ActstoreError) as info:
+        _cli([*argv, "--layers", LAYERS[0]])
+    message = str(info.value)
+    assert "every probe of the chosen layers (up_blocks.3.attentions.0) and steps (0, 1) " \
+           "has zero weights" in message and "\n" not in message, message
+    assert tree_digest(uri) == before
+    summary = _cli([*argv, "--layers", *LAYERS])      # the other point is edited
+    rows = [row[arm] for row in summary["dose"] for arm in ("probe", "random")]
+    assert rows and all(r["non_finite"] == 0 and r["edit"]["relative_change"] > 0
+                        for r in rows), rows
+
+
 def test_gradient_reduces_probe_loss_monotonically_on_average(ivstore, tiny_model):
     uri = ivstore["uri"]
     prompts, seeds, _ = _block(uri)

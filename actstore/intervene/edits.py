@@ -218,7 +218,9 @@ class EditHook:
         if self.method == "projection":
             d = w if self.directions is None else \
                 self.directions[layer][self.step].to(a.device, torch.float32)
-            delta = (s * (t - z) / (w @ d)).unsqueeze(-1) * d
+            reach = w @ d       # 0 (pattern: NaN) for a probe fitted on one class: w = 0
+            delta = ((s * (t - z) / reach).unsqueeze(-1) * d
+                     if bool(torch.isfinite(reach) & (reach != 0)) else torch.zeros_like(a))
         else:
             new, curve = gradient_edit(a, w, b, z + s * (t - z), self.kind, self.solvers[layer],
                                        lr=self.lr, iterations=self.iterations)

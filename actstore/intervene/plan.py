@@ -169,6 +169,7 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
                                            req.label_attrs)
     target, layers, steps, positions = s.target, list(s.layers), list(s.steps), req.positions
     probes = {la: load_probe(store, probe_run, la, s.model_variant) for la in layers}
+    _check_directions(probe_run, probes, steps)
     grids = {la: (int(view.layer_shapes[la][0]), int(view.layer_shapes[la][1]))
              for la in layers}
     table = view.images
@@ -302,6 +303,20 @@ def _probed(wanted: list, have: list, what: str, probe_run: str) -> None:
         raise InputError(f"probe run {probe_run}: has no probe for {what} {shown} (it "
                          f"has {what}s {', '.join(map(str, have))}); pass --{what}s "
                          f"among those or fit a run with that {what}")
+
+
+def _check_directions(probe_run: str, probes: dict[str, dict], steps: list[int]) -> None:
+    """A probe fitted where its train labels held one class (a mask too small for a coarse
+    point's resolution) keeps the ridge fallback on constant labels: weights 0, no
+    direction to edit along. The edit leaves such a (point, step) as it is (it divided by
+    0 before 2026-12-06: every image non-finite); an experiment with nothing else to edit
+    would measure nothing, so it is refused."""
+    if all(not np.any(p["weights"][p["steps"].index(k)]) for p in probes.values()
+           for k in steps):
+        raise InputError(f"probe run {probe_run}: every probe of the chosen layers "
+                         f"({', '.join(probes)}) and steps ({', '.join(map(str, steps))}) "
+                         "has zero weights (its train labels held one class there), so no "
+                         "edit has a direction; pass --layers of finer points")
 
 
 def _object_target(current: dict[str, dict], target: str) -> str | None:
