@@ -165,9 +165,11 @@ def _sample(action: argparse.Action) -> str:
 
 
 def _filled(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
-    """``argv`` with each placeholder filled (after an option taking a value) or dropped."""
-    if argv and argv[0] in getattr(parser, "_subcommands", {}):
-        parser = parser._subcommands[argv[0]]
+    """``argv`` with each placeholder filled (after an option taking a value) or dropped;
+    the options are looked up in the subcommand's parser where ``argv`` names one."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if subs and argv and argv[0] in subs[0].choices:
+        parser = subs[0].choices[argv[0]]
     out = []
     for token in argv:
         action = parser._option_string_actions.get(out[-1]) if out else None
@@ -187,15 +189,11 @@ def check(line: str, whole: bool) -> None:
         return      # the command itself is elided
     for argv in variants(" ".join(words)):
         parser, n = command_parser(argv)
-        subcommands = {}
         for p in _parsers(parser):
             p.error = _raise
             for action in p._actions:
-                if isinstance(action, argparse._SubParsersAction):
-                    subcommands.update(action.choices)
-                elif not whole:
+                if not whole and not isinstance(action, argparse._SubParsersAction):
                     action.required = False
-        parser._subcommands = subcommands
         args = _filled(parser, argv[n:])
         try:
             parser.parse_args(args)
