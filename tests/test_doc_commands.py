@@ -8,7 +8,7 @@ span (it may wrap across lines), that starts with ``actstore ``, ``python -m act
 Each is parsed by the parser its command builds (``flows.cli.build_parser`` for
 ``actstore``, each module's or script's ``build_parser()``), never run: no store, path or
 model need exist, and the check takes seconds. Options must exist, typed values convert,
-choices hold, and nothing is given twice.
+choices hold, and no option is given twice where the command refuses that (`actstore`).
 
 How written forms that are not literal commands are read:
 
