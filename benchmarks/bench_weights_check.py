@@ -72,12 +72,17 @@ def bench(model: str, repeats: int, gib: float) -> dict:
             "load_average": os.getloadavg()[0]}
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(ROOT / "models" / "toy-ldm"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--gib", type=float, default=1.0)
-    a = p.parse_args()
+    return p
+
+
+def main() -> None:
+    a = build_parser().parse_args()
     print(bench(a.model, a.repeats, a.gib))
 
 
