@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import sys
 from pathlib import Path
 
 from actstore.cluster import worker_note
@@ -76,7 +77,8 @@ def _object_store_refusal(exc: BaseException, store: str | None) -> str | None:
 
 
 def _prefect_unreachable(exc: BaseException, command: str) -> str | None:
-    """The Prefect API the command reports to, not answering: said with its URL and the
+    """The Prefect API the command reports to, not answering (or its temporary server
+    gone mid-run, :class:`flows.prefect_api.PrefectApiLost`): said with its URL and the
     ways out. Before (2026-12-06) a ``PREFECT_API_URL`` nothing listened on was the bare
     'Connection refused; check the path and rerun' of any refused socket. Told from an
     object store's or a scheduler's refusal by the failed request's URL, which is under
@@ -84,6 +86,15 @@ def _prefect_unreachable(exc: BaseException, command: str) -> str | None:
     import httpx
     from prefect.settings import PREFECT_API_URL
 
+    no_prefect = "" if command == "main" else \
+        f", or run without Prefect (actstore --no-prefect {command} ...)"
+    flows_api = sys.modules.get("flows.prefect_api")    # not imported: no temporary server
+    lost = flows_api and next((e for e in _chain(exc)
+                               if isinstance(e, flows_api.PrefectApiLost)), None)
+    if lost is not None:
+        return (f"{lost.args[0]} (the temporary server this command started has ended); "
+                "what the run recorded is kept: rerun the same command to resume"
+                f"{no_prefect}")
     api = PREFECT_API_URL.value()
     err = next((e for e in _chain(exc) if isinstance(e, httpx.TransportError)), None)
     request = _request_of(err)
@@ -92,8 +103,6 @@ def _prefect_unreachable(exc: BaseException, command: str) -> str | None:
         return None
     os_exc = _os_error(exc)
     why = os_exc.strerror if os_exc is not None and os_exc.strerror else type(err).__name__
-    no_prefect = "" if command == "main" else \
-        f", or run without Prefect (actstore --no-prefect {command} ...)"
     return (f"the Prefect API at {api} (PREFECT_API_URL) cannot be reached ({why}); start "
             "it (prefect server start) or point PREFECT_API_URL at one that runs, unset "
             f"PREFECT_API_URL to use a temporary local server{no_prefect}")

@@ -119,7 +119,7 @@ def forget_prefect_events(address: str, ending: bool = False, timeout: float = 5
 
         try:
             with Client(address, timeout=timeout) as client:
-                client.run(_drop_events_clients, keep)
+                client.run(drop_events_clients, keep)
         except Exception:  # noqa: BLE001 - a tidy-up: the command's outcome stands
             pass
 
@@ -128,17 +128,23 @@ def forget_prefect_events(address: str, ending: bool = False, timeout: float = 5
     thread.join(3 * timeout)
 
 
-def _drop_events_clients(keep: str | None) -> int:
-    """On a worker: stop its Prefect events clients not bound to the API ``keep``, their
-    queues emptied first; how many events were dropped."""
+def drop_events_clients(keep: str | None) -> int:
+    """On a worker (or in a command whose temporary API died): stop its Prefect events
+    clients not bound to the API ``keep``, their queues emptied first; how many events
+    were dropped."""
     import sys
 
     events = sys.modules.get("prefect.events.worker")   # no task yet: nothing to drop
+    return stop_services(
+        service for service in (list(events.EventsWorker._instances.values()) if events else [])
+        if keep is None or getattr(getattr(service, "_client", None), "_api_url", None) != keep)
+
+
+def stop_services(services) -> int:
+    """Stop Prefect's queue services (events, run logs), what they hold dropped unsent;
+    how many items were."""
     dropped = 0
-    for service in list(events.EventsWorker._instances.values()) if events else []:
-        if keep is not None and getattr(getattr(service, "_client", None), "_api_url",
-                                        None) == keep:
-            continue
+    for service in services:
         while True:
             try:
                 service._queue.get_nowait()

@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import prefect
+from prefect.logging.handlers import APILogHandler
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import (PREFECT_API_URL, PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
                               get_current_settings, temporary_settings)
@@ -62,15 +63,89 @@ def prefect_api() -> Iterator[str | None]:
         return
     SubprocessASGIServer._instances.pop(None, None)
     server = GuardedServer()    # registered under the default key: Prefect reuses it
+    api_handlers = _handlers(APILogHandler)
+    for h in api_handlers:
+        h.addFilter(_while_server_up)
     try:
         server.start(timeout=STARTUP_TIMEOUT)
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             try:
                 yield server.api_url
+            except Exception as exc:
+                if _ended(server):
+                    raise PrefectApiLost(server.api_url) from exc
+                raise
             finally:
-                _drain()
+                _forget() if _ended(server) else _drain()
     finally:
         server.stop()
+        for h in api_handlers:
+            h.removeFilter(_while_server_up)
+
+
+class PrefectApiLost(Exception):
+    """The temporary server a command started ended while its flows ran (killed, out of
+    memory): said as such, with its URL (:func:`flows.cli_report.failure_line`). Before
+    (2026-12-06) the command waited out Prefect's retries, then printed 'Connection
+    refused; check the path and rerun', as if a file were missing, after a minute of
+    Prefect's failed attempts to send it the run's events."""
+
+    def __init__(self, api: str):
+        super().__init__(f"the Prefect API at {api} stopped answering during the run")
+        self.api = api
+
+
+def _ended(server: SubprocessASGIServer) -> bool:
+    process = server.server_process
+    return process is not None and process.poll() is not None
+
+
+def _server_gone() -> bool:
+    """Whether the temporary server this process started has ended under it."""
+    server = SubprocessASGIServer._instances.get(None)
+    return isinstance(server, GuardedServer) and server.running and _ended(server)
+
+
+# Who logs each failed send to a dead API: the events client (a warning, then an error
+# with the whole event, 7 s apart, for every event queued) and Prefect's services.
+SEND_LOGGERS = ("prefect.events.clients", "prefect._internal.concurrency", "EventsWorker",
+                "APILogWorker")
+
+
+def _while_server_up(record: logging.LogRecord) -> bool:
+    """False once the temporary server is gone, what would say each failed send to it
+    silenced from then on (:func:`_silence`)."""
+    if not _server_gone():
+        return True
+    _silence()
+    return False
+
+
+def _silence() -> None:
+    """This process's API is gone for good, so what would say every failed send to it is
+    off for good: the loggers of :data:`SEND_LOGGERS` (an event in flight still fails 7 s
+    later, at exit) and the failed sends of run logs Prefect prints unless
+    ``logging.raiseExceptions`` is off (``APILogWorker._handle_batch``)."""
+    logging.raiseExceptions = False
+    for name in SEND_LOGGERS:
+        logging.getLogger(name).disabled = True
+
+
+def _handlers(kind: type) -> list[logging.Handler]:
+    loggers = [logging.root, *logging.root.manager.loggerDict.values()]
+    return [h for lg in loggers for h in getattr(lg, "handlers", []) if type(h) is kind]
+
+
+def _forget() -> None:
+    """Drop the run logs and events held for an API that is gone: sending them would wait
+    7 s an event and log each failure."""
+    from prefect.logging.handlers import APILogWorker
+
+    from flows.fanout import drop_events_clients, stop_services
+
+    _silence()
+    drop_events_clients(None)
+    stop_services(list(APILogWorker._instances.values()))
 
 
 def _drain() -> None:
@@ -105,6 +180,8 @@ class _ConsoleFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < self.level:
             return False
+        if record.name.startswith(SEND_LOGGERS) and not _while_server_up(record):
+            return False    # the command says in one line that its API went
         run_log = record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
         return self.debug or not (run_log and record.levelno >= logging.ERROR)
 
@@ -133,7 +210,8 @@ def console_logging(*, verbose: bool, debug: bool) -> Iterator[None]:
 
     ensure_logging_setup()  # `import prefect` is lazy: configure now, then filter
     filt = _ConsoleFilter(logging.DEBUG if verbose or debug else logging.WARNING, debug)
-    handlers = [h for name in ("", "prefect") for h in logging.getLogger(name).handlers
+    handlers = [h for name in ("", "prefect", "prefect._internal")
+                for h in logging.getLogger(name).handlers
                 if isinstance(h, logging.StreamHandler)]
     for h in handlers:
         h.addFilter(filt)

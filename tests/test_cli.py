@@ -420,3 +420,46 @@ def _alive(proc) -> bool:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_temporary_server_gone_mid_run_is_one_line_and_the_store_resumes(tmp_path, capsys):
+    """The temporary Prefect server a command started, killed while its flow runs (the
+    store's first objects are written): one line naming that API and the ways on, exit 2,
+    nothing else on stderr (Prefect logs every failed send of its events and run logs),
+    and a rerun finishes the store. Until 2026-12-06: 'Connection refused; check the path
+    and rerun' after a minute of those logs. One retry of a refused request instead of
+    Prefect's five (62 s of back-off), so the test takes seconds, not minutes."""
+    import psutil
+
+    store = tmp_path / "s.zarr"
+    argv = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", str(store),
+            "--steps", "15", "--batch-size", "4", "--block-size", "4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_HOME": str(tmp_path / "prefect"),
+           "PREFECT_CLIENT_MAX_RETRIES": "1"}
+    env.pop("PREFECT_API_URL", None)
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "--quiet", *argv], env=env,
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server = None
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not (store / "models").exists():
+            server = server or _up_server(psutil.Process(proc.pid))
+            time.sleep(0.05)
+        assert server is not None and proc.poll() is None, proc.communicate()[1][-2000:]
+        port = server.cmdline()[server.cmdline().index("--port") + 1]
+        server.kill()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if server is not None and _alive(server):
+            server.kill()
+    assert proc.returncode == 2 and out == "", err
+    assert one_line(err) == (
+        f"actstore materialize: error: the Prefect API at http://127.0.0.1:{port}/api stopped "
+        "answering during the run (the temporary server this command started has ended); "
+        "what the run recorded is kept: rerun the same command to resume, or run without "
+        "Prefect (actstore --no-prefect materialize ...)")
+    assert main(["--no-prefect", "--quiet", "--json", *argv]) == 0     # the rerun
+    again = json.loads(capsys.readouterr().out)
+    assert again["complete"] == {"trained": {"complete": 16, "images": 16}}, again
