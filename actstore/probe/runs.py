@@ -27,6 +27,7 @@ import numpy as np
 import xarray as xr
 
 import actstore
+from actstore.cluster import portable
 from actstore.cluster_checks import check_client_code
 from actstore.store import commit, io, labelsets
 from actstore.store import core as st
@@ -136,7 +137,10 @@ def load_targets(store: str, target: str, grids: dict[str, tuple[int, int]] | No
             raise ActstoreError(f"store {store}: labels {target!r} have no {res} grid for "
                                 f"{layer} (captured after labelling); relabel with "
                                 "`actstore label --overwrite`")
-    sources = {layer: LayerSource(store, "", f"{base}/{res}", f"{base}/full", attrs["kind"],
+    # the grid's tasks open the store where they run: a relative path, on a user's
+    # cluster, named the workers' folder (FileNotFoundError there until 2026-12-06)
+    uri = portable(store)
+    sources = {layer: LayerSource(uri, "", f"{base}/{res}", f"{base}/full", attrs["kind"],
                                   base)
                for layer, res in arrays.items()}
     return attrs, Split(split == "train", split == "test", blocks), sources
