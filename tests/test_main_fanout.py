@@ -10,21 +10,26 @@ exit 2, and no ``--out`` folder."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import subprocess
+import sys
 import time
+from dataclasses import replace
 
 import pytest
 
 from actstore.generation.regions import model_loads
 from actstore.intervene.settings import InterventionSettings, SweepSettings
-from actstore.intervene.sweep import list_sweeps
+from actstore.intervene.sweep import fit_split, list_sweeps, run_sweep
 from actstore.label.providers import provider_loads
 from actstore.probe.runs import latest_run
-from conftest import DEMO
+from conftest import DEMO, REPO
 from flows.cli import main
-from flows.main import MAIN_MATERIALIZE, main_flow
+from flows.main import MAIN_MATERIALIZE, MAIN_SWEEPS, main_flow
 from storecheck import assert_same_store
-from test_cli import one_line
+from test_cli import _alive, api, one_line  # noqa: F401 - api: a fixture
 from test_intervene_fanout import cluster  # noqa: F401 - a fixture
 
 # The main job at its smallest: 16 images of 2 steps in blocks of 8, attn1 only, one
@@ -122,6 +127,71 @@ def test_cluster_runs_every_stage_on_its_workers(tmp_path, in_process, cluster, 
     assert ran["plan_blocks_task"] == len(rec["experiments"]) + 1, ran
     _same_store(str(tmp_path / "cl" / "store.zarr"), want)
     print(f"main --cluster {seconds:.1f} s")
+
+
+def test_the_command_as_typed_with_two_workers(tmp_path, in_process, api):  # noqa: F811
+    """``actstore main --workers 2`` in a fresh process, as a user types it (the job of
+    :data:`JOB`, but with the command's own sweep settings): exit 0; its materialized
+    variants, labels and probe run are the in-process job's object by object; its sweep's
+    experiment is the one the library makes from the in-process job's store with the
+    command's sweep settings; and none of the processes it started outlives it."""
+    import psutil
+
+    out = tmp_path / "cli"
+    argv = [sys.executable, "-m", "flows.cli", "--quiet", "--json", "main", "--workers", "2",
+            "--model", "tiny-random", "--prompts", DEMO, "--steps", "2", "--targets",
+            "salient", "--capture", "attn1", "--device", "cpu", "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "PREFECT_API_URL": api,
+           "ACTSTORE_THREADS": "1"}
+    started: dict[int, psutil.Process] = {}
+    names: dict[int, str] = {}
+    with open(tmp_path / "stdout", "w+") as stdout, open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen(argv, env=env, cwd=REPO, stdout=stdout, stderr=err)
+        command = psutil.Process(proc.pid)
+        while proc.poll() is None:      # every process it starts, as it starts them
+            try:
+                for p in command.children(recursive=True):
+                    started.setdefault(p.pid, p)
+                    names[p.pid] = names.get(p.pid) or _cmdline(p)
+            except psutil.Error:        # one ended while listed
+                pass
+            time.sleep(0.2)
+        assert proc.wait() == 0, err.seek(0) or err.read()[-3000:]
+        stdout.seek(0)
+        result = json.load(stdout)
+    workers = [pid for pid, name in names.items() if "multiprocessing" in name]
+    assert result["workers"] == 2 and len(workers) >= 2, names
+    deadline = time.time() + 15       # multiprocessing's resource tracker ends on its own
+    while time.time() < deadline and any(_alive(p) for p in started.values()):
+        time.sleep(0.2)
+    assert not [p.pid for p in started.values() if _alive(p)], "a process outlived the command"
+
+    want, got = in_process[0], str(out / "store.zarr")
+    assert_same_store(got, want, skip=("interventions", "sweeps"))
+    oracle = str(tmp_path / "oracle.zarr")
+    shutil.copytree(want, oracle)
+    settings = MAIN_SWEEPS["salient"]
+    settings = fit_split(oracle, replace(settings, base=settings.base.with_(device="cpu")))
+    os.environ["ACTSTORE_THREADS"] = "1"
+    try:
+        (expected,) = run_sweep(oracle, [latest_run(oracle, "salient")], settings,
+                                progress=False)["targets"].values()
+    finally:
+        del os.environ["ACTSTORE_THREADS"]
+    (made,) = result["interventions"].values()
+    assert made["experiments"] and len(made["experiments"]) == len(expected["experiments"])
+    alias = {latest_run(got, "salient"): latest_run(oracle, "salient"),
+             **dict(zip(made["experiments"], expected["experiments"]))}
+    for mine, theirs in zip(made["experiments"], expected["experiments"]):
+        assert_same_store(f"{got}/interventions/{mine}", f"{oracle}/interventions/{theirs}",
+                          alias=alias)
+
+
+def _cmdline(p) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except Exception:  # noqa: BLE001 - gone already
+        return ""
 
 
 def _tasks_run(dask_scheduler) -> dict[str, int]:
