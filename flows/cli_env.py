@@ -31,13 +31,31 @@ def quiet_libraries() -> None:
         os.environ["PYTHONWARNINGS"] = ",".join(
             w for w in (os.environ.get("PYTHONWARNINGS"), tracker) if w)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
-    if "transformers" in sys.modules:  # imported before us: the variable came too late
-        sys.modules["transformers"].utils.logging.disable_progress_bar()
+    _quiet_imported_libraries()
     import warnings
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     # a local Dask cluster's HTTP server takes another port when 8787 is taken: no news
     warnings.filterwarnings("ignore", message="Port 8787 is already in use")
+
+
+def _quiet_imported_libraries() -> None:
+    """The variables above reach a library only if it is imported after them; a caller
+    that runs :func:`main` in its own process (a notebook, a test) may have imported it
+    already. With diffusers imported first, huggingface_hub had read its variable unset,
+    transformers (imported later by the model load) took its bar setting from it, and an
+    in-process `materialize --quiet` printed transformers' "Loading weights" bar for the
+    text encoder (2026-12-06). Importing them here instead would cost every command 2-4 s."""
+    if "huggingface_hub.constants" in sys.modules and \
+            sys.modules["huggingface_hub.constants"].HF_HUB_DISABLE_PROGRESS_BARS is None:
+        from huggingface_hub.utils import disable_progress_bars
+        disable_progress_bars()       # also what transformers reads when imported later
+    for name in ("transformers", "diffusers"):
+        if name in sys.modules:
+            library = sys.modules[name].utils.logging
+            library.disable_progress_bar()
+            if os.environ.get(f"{name.upper()}_VERBOSITY") == "error":   # a user's own level stays
+                library.set_verbosity_error()
 
 
 @contextmanager

@@ -36,6 +36,14 @@ def run(*argv: str, api: str | None = None, timeout: float = 600,
                           text=True, timeout=timeout, env=full, cwd=REPO)
 
 
+def run_after_import(module: str, *argv: str) -> subprocess.CompletedProcess:
+    """:func:`main` called by a program that imported ``module`` first (a notebook, a
+    script): libraries read their quiet settings from the environment only when imported."""
+    code = f"import sys, {module}; from flows.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)}, cwd=REPO)
+
+
 def one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
@@ -76,8 +84,8 @@ def _table(tmp_path: Path, rows: list[str], name: str = "t.csv") -> str:
 
 def test_summary_by_default_json_on_request(tmp_path):
     uri = str(tmp_path / "s.zarr")
-    common = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", uri,
-              "--images", "0:4", *SMALL]
+    command = ["materialize", "--model", "tiny-random", "--prompts", DEMO, "--store", uri]
+    common = [*command, "--images", "0:4", *SMALL]
     first = run("--no-prefect", *common)
     assert first.returncode == 0, first.stderr
     done, state = first.stdout.strip().splitlines()                    # two lines
@@ -87,6 +95,11 @@ def test_summary_by_default_json_on_request(tmp_path):
     again = run("--no-prefect", *common, "--json", "--quiet")
     assert again.stderr == ""                                          # no bar, no logs
     assert json.loads(again.stdout)["blocks_skipped"] == 1
+    # the model's folder loaded after diffusers: no "Loading weights" bar of transformers'
+    later = run_after_import("diffusers", "--no-prefect", "--quiet", *command, "--images",
+                             "0:8", *SMALL)
+    assert later.returncode == 0 and later.stderr == "", later.stderr
+    assert later.stdout.splitlines()[1] == f"store {uri}: INCOMPLETE (trained 8/16 images)"
 
 
 def test_main_quiet_prints_tables_and_files_only(api, tmp_path):
