@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -81,6 +82,7 @@ def prefect_api() -> Iterator[str | None]:
         server.stop()
         for h in api_handlers:
             h.removeFilter(_while_server_up)
+        _unsilence()
 
 
 class PrefectApiLost(Exception):
@@ -121,14 +123,36 @@ def _while_server_up(record: logging.LogRecord) -> bool:
     return False
 
 
+# What :func:`_silence` changed, as it was: process-wide settings, put back when the
+# server's context ends (:func:`_unsilence`), or a library caller's later runs in the same
+# process, against a live API, would fail to send in silence.
+_BEFORE_SILENCE: dict[str, bool] = {}
+
+
 def _silence() -> None:
-    """This process's API is gone for good, so what would say every failed send to it is
-    off for good: the loggers of :data:`SEND_LOGGERS` (an event in flight still fails 7 s
-    later, at exit) and the failed sends of run logs Prefect prints unless
+    """This process's API is gone, so what would say every failed send to it is off
+    until its context ends, and again at exit (:func:`_unsilence`): the loggers of
+    :data:`SEND_LOGGERS` and the failed sends of run logs Prefect prints unless
     ``logging.raiseExceptions`` is off (``APILogWorker._handle_batch``)."""
+    if not _BEFORE_SILENCE:
+        _BEFORE_SILENCE.update({name: logging.getLogger(name).disabled
+                                for name in SEND_LOGGERS}, raiseExceptions=logging.raiseExceptions)
     logging.raiseExceptions = False
     for name in SEND_LOGGERS:
         logging.getLogger(name).disabled = True
+
+
+def _unsilence() -> None:
+    """Put back what :func:`_silence` changed, if it did. A send in flight to the dead API
+    still fails when Prefect drains its services at exit (an event 7 s later): silenced
+    again then, by a hook that runs before those drains (threading's exit hooks run last
+    registered first)."""
+    if _BEFORE_SILENCE:
+        threading._register_atexit(_silence)   # noqa: SLF001 - Prefect's drains use it too
+        logging.raiseExceptions = _BEFORE_SILENCE.pop("raiseExceptions")
+        for name, disabled in _BEFORE_SILENCE.items():
+            logging.getLogger(name).disabled = disabled
+        _BEFORE_SILENCE.clear()
 
 
 def _handlers(kind: type) -> list[logging.Handler]:
