@@ -133,9 +133,11 @@ def _load(name: str):
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         return module
-    finally:
-        os.environ.clear()
-        os.environ.update(env)
+    finally:   # only what changed: a clear() empties, for a moment, the environment that
+        # another thread of this process (Prefect's, Dask's) may be starting a process with
+        for key in set(os.environ) - set(env):
+            del os.environ[key]
+        os.environ.update({k: v for k, v in env.items() if os.environ.get(k) != v})
         sys.path[:] = syspath
 
 
