@@ -14,7 +14,7 @@ import asyncio
 import logging
 import queue
 from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from prefect.futures import PrefectFuture
 
@@ -140,7 +140,7 @@ def drop_events_clients(keep: str | None) -> int:
         if keep is None or getattr(getattr(service, "_client", None), "_api_url", None) != keep)
 
 
-def stop_services(services) -> int:
+def stop_services(services: Iterable[Any]) -> int:
     """Stop Prefect's queue services (events, run logs), what they hold dropped unsent;
     how many items were."""
     dropped = 0
