@@ -250,7 +250,8 @@ class EditHook:
         return np.concatenate([self.errors / max(self.count, 1), sizes[:, :2]], axis=1)
 
     def size_grid(self, layers: list[str], steps: list[int]) -> np.ndarray:
-        """(B, layer, step, measure) edit sizes (:data:`SIZE_MEASURES`); NaN where unedited."""
+        """(B, layer, step, measure) edit sizes (:data:`SIZE_MEASURES`); NaN where no edit
+        was planned, 0 where a probe with weights 0 left its point as it was."""
         out = np.full((self.n_images, len(layers), len(steps), len(SIZE_MEASURES)), np.nan)
         for (layer, step), v in self.sizes.items():
             if layer in layers and step in steps:
