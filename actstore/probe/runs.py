@@ -32,7 +32,7 @@ from actstore.cluster_checks import check_client_code
 from actstore.store import commit, io, labelsets
 from actstore.store import core as st
 from actstore.store import layout as lay
-from actstore.store.view import StoreView
+from actstore.probe.choice import check_in_every_model, select, views_of
 from actstore.probe.emergence import emergence_steps
 from actstore.probe.settings import ProbeSettings
 from actstore.errors import ActstoreError, InputError
@@ -44,71 +44,6 @@ from actstore.runtime import small_pages, task_threads
 
 PROBES = lay.PROBES
 EMERGENCE_INTERVALS = ("ci_low", "ci_high", "emergence_low", "emergence_high")
-
-
-def _views(store: str, models: list[str] | None) -> list[StoreView]:
-    st.read_root_attrs(store)       # a path that holds no store fails here, in one line
-    have = st.model_variants(store)
-    if not have:
-        raise ActstoreError(f"store {store}: holds no complete model yet; finish `actstore "
-                            "materialize` first")
-    models = models or have
-    views = []
-    for m in models:
-        if m not in have:
-            raise ActstoreError(f"store {store}: has no model {m!r} (has: {', '.join(have)}); "
-                                "materialize it first or drop it from --models")
-        view = StoreView(store, m)
-        missing = [f"{a}:{b}" for a, b in st.blocks_of(view.root_attrs["n_images"],
-                                                        view.block_size)
-                   if not view.complete[a:b].all()]
-        if missing:
-            # the default takes every variant: a control still being made stopped the run
-            # with no word that the complete ones can be probed alone
-            others = [o for o in models if o != m]
-            alone = f", or probe the others alone (--models {' '.join(others)})" if others \
-                else ""
-            raise ActstoreError(f"store {store}: model {m!r} is incomplete (missing image blocks "
-                                f"{', '.join(missing[:5])}); finish `actstore materialize` "
-                                f"first{alone}")
-        views.append(view)
-    return views
-
-
-def _select(requested, available: list, what: str, store: str) -> list:
-    if not requested:
-        return list(available)
-    bad = [r for r in requested if r not in available]
-    if bad:
-        raise ActstoreError(f"store {store}: no {what} {bad[0]!r}; available: "
-                            f"{', '.join(map(str, available))}")
-    return list(requested)
-
-
-def _check_in_every_model(store: str, requested, common: list[str],
-                          views: list[StoreView]) -> None:
-    """A point some of the chosen models have and others lack (a kind added to the trained
-    model only) was refused as 'no layer', its name missing from the list given, although
-    `actstore show` lists it: say which model lacks it, and the two ways on. By default
-    (every point) the grid took the points all models have and left the others out
-    without a word, so that is refused too, saying how many."""
-    left = list(dict.fromkeys(la for v in views for la in v.points if la not in common))
-    for layer in requested or left[:1]:
-        having = [v.model for v in views if layer in v.points]
-        if layer in common or not having:
-            continue
-        lacking = [v.model for v in views if layer not in v.points]
-        kind = layer.partition("/")[0] if "/" in layer else "attn1"
-        short = next(v for v in views if v.model == lacking[0])
-        control = " --control randomized" if short.model == "randomized" else ""
-        default = "" if requested else (
-            f"by default probe takes every point of every model, and {len(left)} points are "
-            "not in every model: pass --layers naming points they all have, ")
-        raise ActstoreError(
-            f"store {store}: model {', '.join(lacking)} has no point {layer!r} (model "
-            f"{', '.join(having)} has it); {default or 'pass '}--models {' '.join(having)}, "
-            f"or add the kind there first (`actstore materialize{control} --capture "
-            f"{','.join([*short.kinds, kind])}` with the store's model and prompts)")
 
 
 def load_targets(store: str, target: str, grids: dict[str, tuple[int, int]] | None = None
@@ -171,10 +106,10 @@ def run_probes(store: str, target: str, settings: ProbeSettings | None = None, *
 def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: bool) -> str:
     models, layers, steps = (None if v is None else list(v) for v in (s.models, s.layers,
                                                                      s.steps))
-    views = _views(store, models)
+    views = views_of(store, models)
     common = [la for la in views[0].layers if all(la in v.points for v in views[1:])]
-    _check_in_every_model(store, layers, common, views)
-    layers = _select(layers, common, "layer", store)
+    check_in_every_model(store, layers, common, views)
+    layers = select(layers, common, "layer", store)
     grids = {la: tuple(views[0].layer_shapes[la][:2]) for la in layers}
     attrs, split, per_layer = load_targets(store, target, grids)
     per_layer = {la: replace(src, grids=tuple(sorted(set(grids.values()))))
@@ -182,7 +117,7 @@ def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: 
     if not split.test.any():       # before anything is written
         raise ActstoreError(f"store {store}: no test-split images to score probes on; make a "
                             "store whose prompt table marks some rows split=test")
-    steps = np.asarray(_select(steps, list(range(views[0].n_steps)), "step", store), int)
+    steps = np.asarray(select(steps, list(range(views[0].n_steps)), "step", store), int)
     commit.collect(store, PROBES, lambda name: lay.RUN_KEY in (
         io.node_attrs(store, lay.run_path(name)) or {}))   # runs killed earlier
     labelsets.collect(store, [])      # label versions superseded long ago, of any target
