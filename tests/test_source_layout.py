@@ -8,11 +8,17 @@ import ast
 from conftest import REPO
 
 
-def _misaligned(path) -> list[str]:
-    lines = path.read_text(encoding="utf-8").split("\n")
+def _name(func: ast.expr) -> str:
+    """A call's own name: ``InputError`` of ``InputError(...)`` and of
+    ``errors.InputError(...)`` alike (the dotted form went unchecked until 2026-12-06)."""
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+
+
+def _misaligned_lines(source: str) -> list[int]:
+    lines = source.split("\n")
     out = []
-    for node in ast.walk(ast.parse("\n".join(lines))):
-        if not (isinstance(node, ast.Call) and getattr(node.func, "id", "").endswith("Error")
+    for node in ast.walk(ast.parse(source)):
+        if not (isinstance(node, ast.Call) and _name(node.func).endswith("Error")
                 and node.args and isinstance(node.args[0], (ast.Constant, ast.JoinedStr))):
             continue
         message = node.args[0]
@@ -20,8 +26,13 @@ def _misaligned(path) -> list[str]:
             text = lines[n - 1]
             if (text.lstrip().startswith(('"', "f\"", "'", "f'"))
                     and len(text) - len(text.lstrip()) != message.col_offset):
-                out.append(f"{path.relative_to(REPO)}:{n}")
+                out.append(n)
     return out
+
+
+def _misaligned(path) -> list[str]:
+    return [f"{path.relative_to(REPO)}:{n}"
+            for n in _misaligned_lines(path.read_text(encoding="utf-8"))]
 
 
 def test_error_messages_continue_under_their_first_string():
@@ -30,3 +41,16 @@ def test_error_messages_continue_under_their_first_string():
     string they continue (found in review, 2026-12-06)."""
     files = sorted((REPO / "actstore").rglob("*.py")) + sorted((REPO / "flows").glob("*.py"))
     assert [where for path in files for where in _misaligned(path)] == []
+
+
+def test_the_check_sees_plain_and_dotted_names():
+    """Its own oracle: a message continued 3 columns right is found whether the error is
+    named bare or through its module, and one continued under its string is not."""
+    source = (
+        "raise InputError(f\"a {x}\"\n"
+        "                    \"b\")\n"
+        "raise errors.InputError(f\"a {x}\"\n"
+        "                           \"b\")\n"
+        "raise argparse.ArgumentTypeError(\"a \"\n"
+        "                                 \"b\")\n")
+    assert _misaligned_lines(source) == [2, 4]
