@@ -25,7 +25,7 @@ from actstore.intervene.settings import (TARGET_MODES, InterventionSettings,
 from actstore.intervene.targets import SHIFT_RANGE, load_user_targets
 from actstore.label.labels import TARGET_NAME
 from actstore.kinds import BINARY
-from actstore.probe.runs import get_run, load_probe
+from actstore.probe.runs import get_run, load_probe, missing_probe
 from actstore.store import core as st, io, labelsets
 from actstore.store import layout as lay
 from actstore.store.view import StoreView
@@ -149,8 +149,12 @@ def _check_named(store: str, probe_run: str, req: Request, provenance: dict | No
         return
     mode = _mode(s)
     object_target, label_paths = _labels_read(req.current, s.target, mode)
-    solvers = dict(zip(s.layers, (attrs["solver"] for attrs in io.nodes_attrs(
-        store, [lay.run_layer_path(probe_run, s.model_variant, la) for la in s.layers]))))
+    solvers = {}
+    for layer, attrs in zip(s.layers, io.nodes_attrs(
+            store, [lay.run_layer_path(probe_run, s.model_variant, la) for la in s.layers])):
+        if not attrs or "solver" not in attrs:      # a damaged store: its group is gone
+            raise missing_probe(store, probe_run, s.target, s.model_variant, layer)
+        solvers[layer] = attrs["solver"]
     record = _record(s, probe_run, req.kind, solvers, req.view, _image_ids(req), s.n_targets,
                      mode, None, object_target,
                      provider_spec(s.provider, req.label_attrs, s.target), req.label_attrs,

@@ -259,10 +259,23 @@ def load_probe(store: str, run_id: str, layer: str, model: str = "trained") -> d
         raise ActstoreError(f"probe run {run_id}: has no probe for model {model!r}, layer "
                             f"{layer!r}; it has models {', '.join(attrs['models'])} and "
                             f"layers {', '.join(attrs['layers'])}")
-    sub = io.open_group(store, lay.run_layer_path(run_id, model, layer))
+    sub = io.try_group(store, lay.run_layer_path(run_id, model, layer))
+    if sub is None:
+        raise missing_probe(store, run_id, attrs["target"], model, layer)
     return {"weights": sub["weights"][...], "bias": sub["bias"][...], "lam": sub["lam"][...],
             "steps": list(attrs["steps"]), "kind": attrs["kind"], "target": attrs["target"],
             "solver": sub.attrs["solver"]}
+
+
+def missing_probe(store: str, run_id: str, target: str, model: str, layer: str
+                  ) -> InputError:
+    """A probe the run's attributes list but whose group is gone (a damaged store): one
+    line, where readers met a TypeError or zarr's not-found error. An InputError: every
+    process finds it alike, so a planning worker that meets it is not named."""
+    return InputError(f"store {store}: probe run {run_id} has no probe for model {model!r}, "
+                      f"layer {layer!r} (no group {lay.run_layer_path(run_id, model, layer)}: "
+                      f"the store is damaged); fit it again (`actstore probe --target "
+                      f"{target}`) and use that run, or another run of the target")
 
 
 def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
