@@ -65,13 +65,14 @@ def _loads() -> tuple[int, int]:
 def in_process(tmp_path_factory, prefect_harness):
     """The job with one worker (every stage in this process): (its store, its result, the
     seconds it took, the models and label models it loaded here)."""
-    os.environ["ACTSTORE_THREADS"] = "1"
     out = tmp_path_factory.mktemp("mainfan") / "serial"
-    before, t0 = _loads(), time.perf_counter()
-    result = main_flow(out=str(out), workers=1, **JOB)
-    seconds = time.perf_counter() - t0
-    loaded = tuple(b - a for a, b in zip(before, _loads()))
-    del os.environ["ACTSTORE_THREADS"]
+    # module-scoped, so before `one_thread`; a value set before the tests is put back
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ACTSTORE_THREADS", "1")
+        before, t0 = _loads(), time.perf_counter()
+        result = main_flow(out=str(out), workers=1, **JOB)
+        seconds = time.perf_counter() - t0
+        loaded = tuple(b - a for a, b in zip(before, _loads()))
     assert result["workers"] == 1 and result["interventions"]["salient"]["evaluation"]
     return str(out / "store.zarr"), result, seconds, loaded
 
@@ -172,12 +173,9 @@ def test_the_command_as_typed_with_two_workers(tmp_path, in_process, api):  # no
     shutil.copytree(want, oracle)
     settings = MAIN_SWEEPS["salient"]
     settings = fit_split(oracle, replace(settings, base=settings.base.with_(device="cpu")))
-    os.environ["ACTSTORE_THREADS"] = "1"
-    try:
-        (expected,) = run_sweep(oracle, [latest_run(oracle, "salient")], settings,
-                                progress=False)["targets"].values()
-    finally:
-        del os.environ["ACTSTORE_THREADS"]
+    # ACTSTORE_THREADS=1 here too: set by `one_thread` for the whole test
+    (expected,) = run_sweep(oracle, [latest_run(oracle, "salient")], settings,
+                            progress=False)["targets"].values()
     (made,) = result["interventions"].values()
     assert made["experiments"] and len(made["experiments"]) == len(expected["experiments"])
     alias = {latest_run(got, "salient"): latest_run(oracle, "salient"),
