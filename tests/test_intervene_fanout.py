@@ -6,7 +6,6 @@ is one line within seconds and nothing is written."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections import Counter
@@ -39,18 +38,18 @@ def probed(tmp_path_factory, tiny_store):
     from actstore.label.labels import write_labels
     from actstore.probe.runs import run_probes
 
-    os.environ["ACTSTORE_THREADS"] = "1"
-    root = tmp_path_factory.mktemp("ivfan")
-    uri = str(root / "probed.zarr")
-    shutil.copytree(tiny_store, uri)
-    write_labels(uri, "toyworld", "salient", on_x0=False, progress=False)
-    run = run_probes(uri, "salient", layers=IV_LAYERS, steps=IV_STEPS, scheduler="threads",
-                     progress=False)
-    serial = str(root / "serial.zarr")
-    shutil.copytree(uri, serial)
-    out = run_interventions(serial, run, SETTINGS, progress=False)
-    assert out["complete"] and out["blocks_written"] == 4
-    del os.environ["ACTSTORE_THREADS"]
+    with pytest.MonkeyPatch.context() as env:   # a value set before the tests is put back
+        env.setenv("ACTSTORE_THREADS", "1")
+        root = tmp_path_factory.mktemp("ivfan")
+        uri = str(root / "probed.zarr")
+        shutil.copytree(tiny_store, uri)
+        write_labels(uri, "toyworld", "salient", on_x0=False, progress=False)
+        run = run_probes(uri, "salient", layers=IV_LAYERS, steps=IV_STEPS, scheduler="threads",
+                         progress=False)
+        serial = str(root / "serial.zarr")
+        shutil.copytree(uri, serial)
+        out = run_interventions(serial, run, SETTINGS, progress=False)
+        assert out["complete"] and out["blocks_written"] == 4
     return uri, serial, run
 
 

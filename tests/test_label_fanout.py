@@ -29,13 +29,11 @@ def one_thread(monkeypatch):
 
 @pytest.fixture(scope="module")
 def serial(tmp_path_factory, tiny_store):
-    import os
-
-    os.environ["ACTSTORE_THREADS"] = "1"
-    uri = str(tmp_path_factory.mktemp("fan") / "serial.zarr")
-    shutil.copytree(tiny_store, uri)
-    write_labels(uri, "toyworld", TARGETS, progress=False)
-    del os.environ["ACTSTORE_THREADS"]
+    with pytest.MonkeyPatch.context() as env:   # a value set before the tests is put back
+        env.setenv("ACTSTORE_THREADS", "1")
+        uri = str(tmp_path_factory.mktemp("fan") / "serial.zarr")
+        shutil.copytree(tiny_store, uri)
+        write_labels(uri, "toyworld", TARGETS, progress=False)
     return uri
 
 

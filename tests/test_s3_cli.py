@@ -71,11 +71,9 @@ def local_ref(tmp_path_factory, tiny_store):
     """The same steps, serially, through the library on a local copy of the store."""
     uri = str(tmp_path_factory.mktemp("s3cli") / "ref.zarr")
     shutil.copytree(tiny_store, uri)
-    os.environ["ACTSTORE_THREADS"] = "1"     # as each label worker: conv sums depend on it
-    try:
+    with pytest.MonkeyPatch.context() as env:   # a value set before the tests is put back
+        env.setenv("ACTSTORE_THREADS", "1")     # as each label worker: conv sums depend on it
         write_labels(uri, "toyworld", ["salient", "depth"], on_x0=False, progress=False)
-    finally:
-        del os.environ["ACTSTORE_THREADS"]
     run = run_probes(uri, "salient", layers=LAYERS, steps=[0, 1], scheduler="threads",
                      progress=False)
     exp = run_interventions(uri, run, InterventionSettings(

@@ -67,11 +67,11 @@ def swept(tmp_path_factory, probed):  # noqa: F811
     uri, _, rid = probed
     serial = str(tmp_path_factory.mktemp("swfan") / "serial.zarr")
     shutil.copytree(uri, serial)
-    os.environ["ACTSTORE_THREADS"] = "1"
-    t0 = time.perf_counter()
-    rec = run_sweep(serial, [rid], SETTINGS, progress=False)["targets"]["salient"]
-    seconds = time.perf_counter() - t0
-    del os.environ["ACTSTORE_THREADS"]
+    with pytest.MonkeyPatch.context() as env:   # a value set before the tests is put back
+        env.setenv("ACTSTORE_THREADS", "1")
+        t0 = time.perf_counter()
+        rec = run_sweep(serial, [rid], SETTINGS, progress=False)["targets"]["salient"]
+        seconds = time.perf_counter() - t0
     assert rec["evaluation"] is not None and len(rec["experiments"]) == 2
     return uri, serial, rid, rec, seconds
 
