@@ -219,8 +219,8 @@ class EditHook:
             d = w if self.directions is None else \
                 self.directions[layer][self.step].to(a.device, torch.float32)
             reach = w @ d       # 0 (pattern: NaN) for a probe fitted on one class: w = 0
-            delta = ((s * (t - z) / reach).unsqueeze(-1) * d
-                     if bool(torch.isfinite(reach) & (reach != 0)) else torch.zeros_like(a))
+            ok = torch.isfinite(reach) & (reach != 0)   # on the device: no sync per edit
+            delta = torch.where(ok, (s * (t - z) / reach).unsqueeze(-1) * d, 0.0)
         else:
             new, curve = gradient_edit(a, w, b, z + s * (t - z), self.kind, self.solvers[layer],
                                        lr=self.lr, iterations=self.iterations)

@@ -95,13 +95,13 @@ class Request:
 
 
 def check_request(store: str, probe_run: str, settings: InterventionSettings, *,
-                  provenance: dict | None = None) -> Request:
+                  provenance: dict | None = None, named: bool = True) -> Request:
     """The checks of :func:`plan_interventions` that read only the store's small records:
     cheap enough for a fan-out's command to make before a cluster starts, so a typo there
     is refused in seconds and as the user's (an :class:`InputError`), not by the worker
     that plans (its address in the line sent the user to that worker's environment). An
     ``--experiment`` name the store has with other settings is refused here too
-    (:func:`_check_named`)."""
+    (:func:`_check_named`) unless ``named`` is False: the planner checks the full record."""
     s = settings
     if s.experiment_id is not None and not TARGET_NAME.match(s.experiment_id):
         raise InputError(f"--experiment {s.experiment_id!r}: use letters, digits, '_', '.', "
@@ -133,7 +133,7 @@ def check_request(store: str, probe_run: str, settings: InterventionSettings, *,
     positions = select_images(view, list(s.images) if isinstance(s.images, tuple) else s.images)
     req = Request(s.with_(target=target, layers=tuple(layers), steps=tuple(steps)), kind,
                   view, current, label_attrs, positions)
-    if s.experiment_id is not None:
+    if named and s.experiment_id is not None:
         _check_named(store, probe_run, req, provenance)
     return req
 
@@ -168,7 +168,7 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     """Check ``settings`` against the store; raises a one-line ActstoreError, writes nothing.
 
     ``provenance`` joins the record (e.g. which sweep chose this setting, on which images)."""
-    req = check_request(store, probe_run, settings, provenance=provenance)
+    req = check_request(store, probe_run, settings, named=False)   # the full record, below
     s, kind, view, current, label_attrs = (req.settings, req.kind, req.view, req.current,
                                            req.label_attrs)
     target, layers, steps, positions = s.target, list(s.layers), list(s.steps), req.positions
