@@ -262,20 +262,56 @@ def load_probe(store: str, run_id: str, layer: str, model: str = "trained") -> d
     sub = io.try_group(store, lay.run_layer_path(run_id, model, layer))
     if sub is None:
         raise missing_probe(store, run_id, attrs["target"], model, layer)
-    return {"weights": sub["weights"][...], "bias": sub["bias"][...], "lam": sub["lam"][...],
-            "steps": list(attrs["steps"]), "kind": attrs["kind"], "target": attrs["target"],
-            "solver": sub.attrs["solver"]}
+    arrays = {}
+    for name in ("weights", "bias", "lam"):
+        try:
+            arrays[name] = sub[name][...]
+        except io.NOT_FOUND:        # zarr's KeyError naming the bare array, before
+            raise missing_probe(store, run_id, attrs["target"], model, layer, name) from None
+    return {**arrays, "steps": list(attrs["steps"]), "kind": attrs["kind"],
+            "target": attrs["target"], "solver": sub.attrs["solver"]}
 
 
-def missing_probe(store: str, run_id: str, target: str, model: str, layer: str
-                  ) -> InputError:
-    """A probe the run's attributes list but whose group is gone (a damaged store): one
-    line, where readers met a TypeError or zarr's not-found error. An InputError: every
-    process finds it alike, so a planning worker that meets it is not named."""
-    return InputError(f"store {store}: probe run {run_id} has no probe for model {model!r}, "
-                      f"layer {layer!r} (no group {lay.run_layer_path(run_id, model, layer)}: "
-                      f"the store is damaged); fit it again (`actstore probe --target "
-                      f"{target}`) and use that run, or another run of the target")
+def missing_probe(store: str, run_id: str, target: str, model: str, layer: str,
+                  array: str | None = None) -> InputError:
+    """A probe the run's attributes list but whose group (or one of its ``array``\ s) is
+    gone (a damaged store): one line, where readers met a TypeError or zarr's not-found
+    error. An InputError: every process finds it alike, so a planning worker that meets it
+    is not named."""
+    path = lay.run_layer_path(run_id, model, layer)
+    node = f"group {path}" if array is None else f"array {path}/{array}"
+    return _damaged(store, run_id, target, f"has no probe for model {model!r}, layer "
+                                           f"{layer!r} (no {node}")
+
+
+def _damaged(store: str, run_id: str, target: str, what: str) -> InputError:
+    """A complete run missing a node it lists: said with the way out, a new run."""
+    return InputError(f"store {store}: probe run {run_id} {what}: the store is damaged); "
+                      f"fit it again (`actstore probe --target {target}`) and use that run, "
+                      "or another run of the target")
+
+
+# what a reader of a run's scores needs (the intervals, runs before 2026-12-06 lack)
+SCORE_NODES = ("mean", "metric", "model", "layer", "step")
+PER_IMAGE_NODES = ("per_image", "median", "image")
+
+
+def _run_scores(store: str, run_id: str, target: str, needed: tuple[str, ...]
+                ) -> xr.Dataset:
+    """A run's scores group, opened, with the ``needed`` arrays there, and the intervals
+    all or none: an array gone from a damaged store was xarray's KeyError naming the bare
+    variable (or a silent figure without bands), a group gone zarr's not-found error."""
+    path = lay.run_scores_path(run_id)
+    try:
+        ds = io.open_dataset(store, path)
+    except io.NOT_FOUND:
+        raise _damaged(store, run_id, target, f"has no scores (no group {path}") from None
+    has_intervals = any(v in ds.variables for v in EMERGENCE_INTERVALS)
+    for name in needed + (EMERGENCE_INTERVALS if has_intervals else ()):
+        if name not in ds.variables:
+            raise _damaged(store, run_id, target, f"has no scores {name!r} (no array "
+                                                  f"{path}/{name}")
+    return ds
 
 
 def _plain_strings(ds: xr.Dataset) -> xr.Dataset:
@@ -290,8 +326,8 @@ def open_scores(store: str, run_id: str) -> xr.Dataset:
     """One probe run's test scores over (metric, model, layer, step): ``per_image`` (with
     ``image``), their ``mean`` and ``median``, the mean's 95% bootstrap ``ci_low``/``ci_high``
     and ``emergence_low``/``emergence_high`` (per layer)."""
-    get_run(store, run_id)
-    stored = io.open_dataset(store, lay.run_scores_path(run_id))
+    attrs = get_run(store, run_id)
+    stored = _run_scores(store, run_id, attrs["target"], SCORE_NODES + PER_IMAGE_NODES)
     # runs stored before 2026-12-06 may repeat a fit or hold steps out of order (emergence)
     ds = stored.drop_duplicates(["model", "layer", "step"])
     if not ds.indexes["step"].is_monotonic_increasing:
@@ -309,8 +345,8 @@ def emergence(store: str) -> xr.Dataset:
     for target in sorted({a["target"] for a in runs.values()}):
         # object-dtype labels (see _plain_strings): concatenating fixed-width string
         # coordinates of different widths would truncate the longer layer names
-        run_scores = _plain_strings(io.open_dataset(store, lay.run_scores_path(
-            latest_run(store, target, runs))))
+        run_scores = _plain_strings(_run_scores(store, latest_run(store, target, runs),
+                                                target, SCORE_NODES))
         ds = run_scores
         keep = [v for v in EMERGENCE_INTERVALS if v in ds]   # runs before intervals: none
         ds = ds[["mean", *keep]].load().rename(mean="score")
