@@ -186,13 +186,15 @@ def worker_threads(workers: int) -> int:
 
 
 @contextmanager
-def local_workers(workers: int, device: str | None = "cpu"):
+def local_workers(workers: int, device: str | None = "cpu",
+                  abandoned: Callable[[], bool] = lambda: False):
     """A local cluster of ``workers`` processes, one task at a time each; yields its address.
 
     Processes, not threads: each holds its own model and runs the UNet with its own torch
     threads (:func:`worker_threads`) outside the others' GIL. On a GPU ``device``, each
-    process gets a GPU of its own (:mod:`actstore.gpus`).
-    """
+    process gets a GPU of its own (:mod:`actstore.gpus`). Stopped at once on Ctrl-C, or on
+    an error once ``abandoned()`` (what they report to has ended: exiting, each drained
+    its events to it, a failed send every 7 s, for its minute of grace)."""
     if workers < 1:
         raise ActstoreError(f"--workers {workers}: must be at least 1")
     from distributed import LocalCluster
@@ -208,8 +210,9 @@ def local_workers(workers: int, device: str | None = "cpu"):
           else LocalCluster(n_workers=workers, **options)) as cluster:
         try:
             yield cluster.scheduler_address
-        except KeyboardInterrupt:
-            _close_workers(cluster, interrupted=True)
+        except BaseException as exc:
+            if isinstance(exc, KeyboardInterrupt) or abandoned():
+                _close_workers(cluster, interrupted=True)
             raise
         finally:
             _close_workers(cluster, interrupted=False)   # (closed ones return at once)

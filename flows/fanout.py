@@ -24,6 +24,7 @@ from actstore.errors import ActstoreError
 from actstore.gpus import check_workers_device
 from actstore.progress import Progress, RelayedBar
 from actstore.worker_code import SAME_CODE_FIX, OtherWorkerCode, code_fingerprint
+from flows.prefect_api import check_api, server_gone
 
 REGION_RETRIES = 2
 BOTH_SITES = ("--workers and --cluster: give one (--workers N starts a local cluster; "
@@ -88,7 +89,8 @@ def dask_address(workers: int | None, cluster: str | None, device: str | None = 
         yield Site(cluster, info["workers"], gpu, code_fingerprint())
         forget_prefect_events(cluster, ending=True)
     elif workers:
-        with local_workers(workers, device) as address:
+        # a temporary Prefect API gone: the workers, stopping, would drain their events to it
+        with local_workers(workers, device, abandoned=server_gone) as address:
             yield Site(address, workers, False, None)
     else:
         yield Site(None, 1, False, None)
@@ -168,8 +170,9 @@ def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None,
              on_wait: Callable[[], None] | None = None) -> Iterator[PrefectFuture]:
     """Each of Prefect's task futures as it finishes, waiting in slices of WAKE_SECONDS
     (:func:`prefect.futures.as_completed` waits without a timeout), so a Ctrl-C takes
-    effect at once however long the running tasks take, ``watch`` sees whether the
-    scheduler still has a worker able to run them, and ``on_wait`` (a label run's look at
+    effect at once however long the running tasks take, a temporary Prefect server's end
+    is said (:func:`flows.prefect_api.check_api`), ``watch`` sees whether the scheduler
+    still has a worker able to run them, and ``on_wait`` (a label run's look at
     its marks, which this process holds, at its own pace) runs while they do, however
     often they finish."""
     ends: queue.SimpleQueue = queue.SimpleQueue()
@@ -183,6 +186,7 @@ def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None,
                 future = ends.get(timeout=WAKE_SECONDS)
                 break
             except queue.Empty:
+                check_api()     # the tasks' temporary Prefect server gone: said at once
                 if watch is not None:
                     watch.check()
         yield future
@@ -199,6 +203,7 @@ def fetch(future: PrefectFuture, watch: WorkerWatch | None) -> None:
             future.result(timeout=WAKE_SECONDS, raise_on_failure=False)
             return
         except TimeoutError:
+            check_api()
             if watch is not None:
                 watch.check()
         except Exception:  # noqa: BLE001 - cancelled, or Dask's own error: said by the caller

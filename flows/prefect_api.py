@@ -69,10 +69,13 @@ def prefect_api() -> Iterator[str | None]:
         h.addFilter(_while_server_up)
     try:
         server.start(timeout=STARTUP_TIMEOUT)
-        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}) as settings:
             try:
-                yield server.api_url
+                with _watched(server, settings):
+                    yield server.api_url
             except Exception as exc:
+                if isinstance(exc, PrefectApiLost):
+                    raise
                 if _ended(server):
                     raise PrefectApiLost(server.api_url) from exc
                 raise
@@ -85,12 +88,50 @@ def prefect_api() -> Iterator[str | None]:
         _unsilence()
 
 
+WATCH_INTERVAL = 0.25   # seconds between looks at the temporary server's process
+
+
+@contextmanager
+def _watched(server: SubprocessASGIServer, settings) -> Iterator[None]:
+    """While the body runs, a thread looks at the server process; once it has ended, the
+    run's ``settings`` (what its requests read, in every thread) allow no more retries of
+    a failed request, and what would say each failed send is silenced. Prefect's retries
+    of a refused request (5, 62 s of back-off) said the loss a minute late (2026-12-06);
+    a live server keeps them. The command's waits for its tasks look too
+    (:func:`check_api`)."""
+    done = threading.Event()
+
+    def look() -> None:
+        while not done.wait(WATCH_INTERVAL):
+            if _ended(server):
+                settings.client.max_retries = 0
+                _silence()
+                return
+    thread = threading.Thread(target=look, daemon=True, name="actstore-prefect-watch")
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def check_api() -> None:
+    """Raise :class:`PrefectApiLost` if this process's temporary server has ended: called
+    by a command's waits for its tasks, which ask the API nothing and would wait for a
+    task's next report to fail (20-60 s with ``--workers 2``, its workers logging each
+    failed send of their events meanwhile, 2026-12-07)."""
+    if server_gone():
+        raise PrefectApiLost(SubprocessASGIServer._instances[None].api_url)
+
+
 class PrefectApiLost(Exception):
     """The temporary server a command started ended while its flows ran (killed, out of
     memory): said as such, with its URL (:func:`flows.cli_report.failure_line`). Before
     (2026-12-06) the command waited out Prefect's retries, then printed 'Connection
     refused; check the path and rerun', as if a file were missing, after a minute of
-    Prefect's failed attempts to send it the run's events."""
+    Prefect's failed attempts to send it the run's events (now seconds:
+    :func:`_watched`)."""
 
     def __init__(self, api: str):
         super().__init__(f"the Prefect API at {api} stopped answering during the run")
@@ -102,7 +143,7 @@ def _ended(server: SubprocessASGIServer) -> bool:
     return process is not None and process.poll() is not None
 
 
-def _server_gone() -> bool:
+def server_gone() -> bool:
     """Whether the temporary server this process started has ended under it."""
     server = SubprocessASGIServer._instances.get(None)
     return isinstance(server, GuardedServer) and server.running and _ended(server)
@@ -117,7 +158,7 @@ SEND_LOGGERS = ("prefect.events.clients", "prefect._internal.concurrency", "Even
 def _while_server_up(record: logging.LogRecord) -> bool:
     """False once the temporary server is gone, what would say each failed send to it
     silenced from then on (:func:`_silence`)."""
-    if not _server_gone():
+    if not server_gone():
         return True
     _silence()
     return False
