@@ -9,6 +9,8 @@ an option left out is simply not passed on.
 
 from __future__ import annotations
 
+import sys
+
 from actstore.cliargs import index, nonneg_float, positive_float, positive_int
 from actstore.intervene.settings import (DIRECTIONS, HALVES, METHODS, InterventionSettings,
                                          SweepSettings, defaults)
@@ -171,6 +173,12 @@ def intervene_command(args, catalog) -> dict:
 
     store, settings = store_uri(args, catalog), intervention_settings(args)
     check_fan_out(args, "experiment blocks", settings.device)
+    from actstore.intervene.plan import check_request, unedited_note
+
+    # a typo: before a Prefect server; points the edit will skip: said before it starts
+    note = unedited_note(store, args.probe_run, check_request(store, args.probe_run, settings))
+    if note:
+        print(f"actstore intervene: note: {note}", file=sys.stderr)
     if args.no_prefect:
         from actstore.intervene.run import run_interventions
         from actstore.plots.interventions import intervention_grid
@@ -179,11 +187,9 @@ def intervene_command(args, catalog) -> dict:
         if args.figure and summary["complete"]:
             summary["figure"] = intervention_grid(store, summary["experiment_id"], args.figure)
     else:
-        from actstore.intervene.plan import check_request
         from flows.cli import flow_mode
         from flows.intervene import intervene_flow
 
-        check_request(store, args.probe_run, settings)   # a typo: before a Prefect server
         with flow_mode(args):
             summary = intervene_flow(store=store, probe_run=args.probe_run, settings=settings,
                                      figure=args.figure, workers=args.workers,

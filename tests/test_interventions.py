@@ -139,9 +139,10 @@ def test_a_probe_without_direction_leaves_its_point_unedited():
         assert np.isfinite(hook.sizes[("zero", 0)]).all() and not hook.sizes[("zero", 0)].any()
 
 
-def test_an_experiment_with_no_probe_direction_is_refused(ivstore, tmp_path):
+def test_an_experiment_with_no_probe_direction_is_refused(ivstore, tmp_path, capsys):
     """Where every chosen probe has weights 0 there is nothing to edit: one line, before
-    anything is written."""
+    anything is written. Where some have, the command says up front, in one line, which
+    points it leaves unedited (found only per edit before 2026-12-07)."""
     import zarr
 
     uri = str(tmp_path / "copy.zarr")
@@ -156,7 +157,11 @@ def test_an_experiment_with_no_probe_direction_is_refused(ivstore, tmp_path):
     assert "every probe of the chosen layers (up_blocks.3.attentions.0) and steps (0, 1) " \
            "has zero weights" in message and "\n" not in message, message
     assert tree_digest(uri) == before
+    capsys.readouterr()
     summary = _cli([*argv, "--layers", *LAYERS])      # the other point is edited
+    assert [ln for ln in capsys.readouterr().err.splitlines() if "actstore" in ln] == [
+        f"actstore intervene: note: probe run {run}: zero weights (train labels of one "
+        f"class) at {LAYERS[0]} steps 0, 1: left unedited there"]
     rows = [row[arm] for row in summary["dose"] for arm in ("probe", "random")]
     assert rows and all(r["non_finite"] == 0 and r["edit"]["relative_change"] > 0
                         for r in rows), rows

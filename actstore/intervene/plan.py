@@ -309,18 +309,39 @@ def _probed(wanted: list, have: list, what: str, probe_run: str) -> None:
                          f"among those or fit a run with that {what}")
 
 
-def _check_directions(probe_run: str, probes: dict[str, dict], steps: list[int]) -> None:
+def unedited_note(store: str, probe_run: str, req: Request) -> str | None:
+    """Which of the request's points will be left unedited (probes of zero weights,
+    :func:`_check_directions`), in one line for the command to print before it starts;
+    found only per edit before (2026-12-07), so a result's unchanged layers went unsaid.
+    None if every point has a direction; refused if none has."""
+    s = req.settings
+    probes = {la: load_probe(store, probe_run, la, s.model_variant) for la in s.layers}
+    zero = _check_directions(probe_run, probes, list(s.steps))
+    if not zero:
+        return None
+    steps = {la: [k for z, k in zero if z == la] for la in probes}
+    return (f"probe run {probe_run}: zero weights (train labels of one class) at " +
+            "; ".join(f"{la} step{'s' * (len(ks) > 1)} {', '.join(map(str, ks))}"
+                      for la, ks in steps.items() if ks) +
+            ": left unedited there")
+
+
+def _check_directions(probe_run: str, probes: dict[str, dict], steps: list[int]
+                      ) -> list[tuple[str, int]]:
     """A probe fitted where its train labels held one class (a mask too small for a coarse
     point's resolution) keeps the ridge fallback on constant labels: weights 0, no
     direction to edit along. The edit leaves such a (point, step) as it is (it divided by
     0 before 2026-12-06: every image non-finite); an experiment with nothing else to edit
-    would measure nothing, so it is refused."""
-    if all(not np.any(p["weights"][p["steps"].index(k)]) for p in probes.values()
-           for k in steps):
+    would measure nothing, so it is refused. Returns the (layer, step) points of zero
+    weights."""
+    zero = [(la, k) for la, p in probes.items() for k in steps
+            if not np.any(p["weights"][p["steps"].index(k)])]
+    if len(zero) == len(probes) * len(steps):
         raise InputError(f"probe run {probe_run}: every probe of the chosen layers "
                          f"({', '.join(probes)}) and steps ({', '.join(map(str, steps))}) "
                          "has zero weights (its train labels held one class there), so no "
                          "edit has a direction; pass --layers of finer points")
+    return zero
 
 
 def _object_target(current: dict[str, dict], target: str) -> str | None:
