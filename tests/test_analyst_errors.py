@@ -81,3 +81,95 @@ def test_x0_images_of_a_store_made_without_them(tmp_path):
                  EXPLORE_LAYERS[0], "--scheduler", "sync", "--figures", str(tmp_path / "f"))
     assert probed.returncode == 0, probed.stderr
     assert (tmp_path / "f" / "salient-figure4.png").stat().st_size > 0
+
+
+def _selections(u: str) -> dict:
+    """Each reader's labelled dimensions, selected with a name the store lacks, beside a
+    name it has (the same call must still work)."""
+    from actstore.intervene.results import open_intervention
+
+    view = actstore.open_store(u)
+    layer = view[EXPLORE_LAYERS[0]]
+    experiment = open_intervention(u, next(iter(list_interventions(u))))
+    return {
+        "step": (layer, {"step": 99}, {"step": 1}, "0, 1, 2, 3"),
+        "image": (layer, {"image": ["demo-000", "demo-999"]}, {"image": ["demo-000"]},
+                  "'demo-000', 'demo-001'"),
+        "table": (view.images.prompt, {"image": "x"}, {"image": "demo-003"}, "'demo-000'"),
+        "target": (actstore.open_emergence(u).score, {"target": "dpth"},
+                   {"target": "depth"}, "'depth', 'salient'"),
+        "metric": (actstore.open_emergence(u).score, {"metric": "rmse"},
+                   {"metric": "rmse_label"}, "'rmse_label'"),
+        "model": (open_scores(u, latest_run(u, "depth"))["mean"], {"model": "random"},
+                  {"model": "trained"}, "'trained'"),
+        "label step": (actstore.open_labels(u, "depth").x0, {"step": 4}, {"step": 3},
+                       "0, 1, 2, 3"),
+        "arm": (experiment.score_post, {"arm": "control"}, {"arm": "random"},
+                "'probe', 'random'"),
+    }
+
+
+@pytest.mark.parametrize("case", ["step", "image", "table", "target", "metric", "model",
+                                  "label step", "arm"])
+def test_a_selection_of_a_name_the_store_lacks_names_the_choices(explore_store, case):
+    """`open_emergence(u).score.sel(metric="rmse")` (the metric is rmse_label),
+    `view[layer].sel(step=99)` on a 4-step store: xarray's `KeyError: "not all values found
+    in index 'metric'. Try setting the `method` keyword argument (example:
+    method='nearest')"` named neither what was asked nor what there is. Now one line
+    naming both, still a KeyError for code that catches xarray's."""
+    obj, wrong, right, choices = _selections(explore_store)[case]
+    dim, asked = next(iter(wrong.items()))
+    with pytest.raises(ActstoreError) as caught:
+        obj.sel(wrong)
+    text = str(caught.value)
+    assert isinstance(caught.value, KeyError) and "\n" not in text
+    missing = asked[-1] if isinstance(asked, list) else asked
+    assert text.startswith(f"no {dim} {missing!r}; {dim} is one of ") and choices in text
+    assert "demo-000'," not in text.split(";")[0]          # only the missing are named
+    chosen = obj.sel(right)
+    assert chosen.size > 0                                   # what exists still selects
+    assert dim not in chosen.xindexes or type(chosen.xindexes[dim]).__name__ == "ChoiceIndex"
+
+
+def test_selection_keeps_xarrays_behaviour(explore_store):
+    """The index that names choices changes only the message: nearest, slices, alignment
+    with a user's plain array and concatenation work as xarray's own."""
+    import xarray as xr
+
+    a = actstore.open_store(explore_store)[EXPLORE_LAYERS[0]]
+    assert int(a.sel(step=2.4, method="nearest").step) == 2
+    assert a.sel(step=slice(1, 2)).sizes["step"] == 2
+    with pytest.raises(KeyError, match="no step 9 within method='nearest'"):
+        a.sel(step=9, method="nearest", tolerance=1)
+    mine = xr.DataArray(np.arange(a.sizes["image"], dtype=float), dims="image",
+                        coords={"image": a.image.values})
+    product = (a.mean(["step", "y", "x", "channel"]) * mine).compute()
+    np.testing.assert_allclose(product.values, a.mean(["step", "y", "x", "channel"]).values
+                               * np.arange(a.sizes["image"]), rtol=1e-6)
+    both = xr.concat([a.isel(step=[0]), a.isel(step=[1])], dim="step")
+    assert list(both.step.values) == [0, 1]
+
+
+def test_a_layer_says_which_store_model_and_variant_it_is(explore_store, tmp_path):
+    """A selection carried into a notebook's own arrays, or saved, said nothing of where it
+    came from: a trained layer and the control's looked alike. And it kept the stored
+    float16 encoding, so `to_netcdf` failed ("NetCDF 3 does not support type float16") and
+    `to_zarr` wrote float16 what read as float32."""
+    import xarray as xr
+
+    view = actstore.open_store(explore_store)
+    a = view[EXPLORE_LAYERS[0]]
+    assert {k: a.attrs[k] for k in ("store", "model_variant", "model")} == {
+        "store": explore_store, "model_variant": "trained", "model": "tiny-random"}
+    assert a.attrs["weights_sha256"] == view.attrs["fingerprint"]["weights_sha256"]
+    assert view.final_images.attrs["model_variant"] == "trained"
+    assert "noise level" in a.sigma.attrs["description"]
+    picked = a.isel(image=[0, 1], step=0)
+    picked.to_netcdf(tmp_path / "pick.nc")
+    back = xr.open_dataarray(tmp_path / "pick.nc")
+    assert back.dtype == np.float32
+    np.testing.assert_array_equal(back.values, picked.values)
+    assert back.attrs["model_variant"] == "trained"
+    emergence = actstore.open_emergence(explore_store)
+    assert emergence.attrs["runs"] == {t: latest_run(explore_store, t)
+                                       for t in ("depth", "salient")}

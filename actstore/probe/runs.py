@@ -30,6 +30,7 @@ import actstore
 from actstore.cluster import portable
 from actstore.cluster_checks import check_client_code
 from actstore.store import commit, io, labelsets
+from actstore.store.choices import with_choices
 from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.probe.choice import check_in_every_model, select, views_of
@@ -332,7 +333,7 @@ def open_scores(store: str, run_id: str) -> xr.Dataset:
     ds = stored.drop_duplicates(["model", "layer", "step"])
     if not ds.indexes["step"].is_monotonic_increasing:
         ds = _in_step_order(ds, stored)
-    return _plain_strings(ds)
+    return with_choices(_plain_strings(ds))
 
 
 def emergence(store: str) -> xr.Dataset:
@@ -340,13 +341,13 @@ def emergence(store: str) -> xr.Dataset:
     agrees with the committed runs, and needs no rewrite a kill could tear. The runs are
     listed once (before, again for each target's latest run and for its scores: a request
     per run, serially, 1 + 2 × targets times)."""
-    parts = []
+    parts, used = [], {}
     runs = list_runs(store)   # with the root: a path that holds no store, or a newer schema
     for target in sorted({a["target"] for a in runs.values()}):
         # object-dtype labels (see _plain_strings): concatenating fixed-width string
         # coordinates of different widths would truncate the longer layer names
-        run_scores = _plain_strings(_run_scores(store, latest_run(store, target, runs),
-                                                target, SCORE_NODES))
+        used[target] = latest_run(store, target, runs)
+        run_scores = _plain_strings(_run_scores(store, used[target], target, SCORE_NODES))
         ds = run_scores
         keep = [v for v in EMERGENCE_INTERVALS if v in ds]   # runs before intervals: none
         ds = ds[["mean", *keep]].load().rename(mean="score")
@@ -360,7 +361,9 @@ def emergence(store: str) -> xr.Dataset:
         parts.append(ds.expand_dims(target=[target]))
     if not parts:
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
-    return xr.concat(parts, dim="target", join="outer")
+    table = xr.concat(parts, dim="target", join="outer")
+    table.attrs.update(store=store, runs=used)   # which run each target's rows come from
+    return table
 
 
 def _in_step_order(ds: xr.Dataset, run_scores: xr.Dataset) -> xr.Dataset:
@@ -386,4 +389,4 @@ def open_emergence(store: str) -> xr.Dataset:
     and at label resolution): ``dice`` for binary targets; ``rmse``, ``pearson``,
     ``spearman`` (``spearman_label`` only with ``label_spearman``) for continuous ones. One
     run's per-image scores: ``actstore.probe.runs.open_scores(store, run_id)``."""
-    return _plain_strings(emergence(store))
+    return with_choices(_plain_strings(emergence(store)))

@@ -21,7 +21,15 @@ from actstore.store import io
 from actstore.store.captures import added_captures, kind_blocks, points_of
 from actstore.store.core import (ACTIVATION, completed_blocks, layer_path, model_attrs,
                                  model_path, model_variants, read_root_attrs)
+from actstore.store.choices import with_choices
 from actstore.store.layout import IMAGES
+
+
+STEP_ATTRS = {
+    "step": {"description": "denoising step index, 0 = first (pure noise)"},
+    "timestep": {"description": "the scheduler's timestep at this step (0-999, noisiest first)"},
+    "sigma": {"description": "the scheduler's noise level at this step (LMS sigma)"},
+}
 
 
 class StoreView:
@@ -126,14 +134,14 @@ class StoreView:
         """The two step coordinates, read as the two arrays they are (opening the variant's
         group as a dataset read the metadata of every array beside them too)."""
         base = model_path(self.model)
-        return {"step": np.arange(self.n_steps),
-                **{name: ("step", io.open_array(self.uri, f"{base}/{name}")[...])
-                   for name in ("timestep", "sigma")}}
+        return {"step": ("step", np.arange(self.n_steps), STEP_ATTRS["step"]),
+                **{name: ("step", io.open_array(self.uri, f"{base}/{name}")[...],
+                          STEP_ATTRS[name]) for name in ("timestep", "sigma")}}
 
     @property
     def images(self) -> xr.Dataset:
         """The image table (image_id, prompt, seed, split) of the exposed images."""
-        return xr.Dataset(coords=self._image_coords)
+        return with_choices(xr.Dataset(coords=self._image_coords))
 
     @cached_property
     def _image_chunks(self) -> tuple[int, ...]:
@@ -158,10 +166,23 @@ class StoreView:
         if var.dtype == np.float16:
             var = _widened(var)
         data = var.chunk({**dict(zip(var.dims, shards)), "image": self._image_chunks})
+        # the stored encoding (float16, the store's codecs) would make a selection written
+        # out with to_netcdf/to_zarr differ from what it reads as: float16 again, or
+        # netCDF3's "does not support type float16"
+        data.encoding = {}
+        data.attrs.update(self._provenance)
         coords = dict(self._image_coords)
         if "step" in data.dims:
             coords.update(self.step_coords)
-        return data.assign_coords(coords)
+        return with_choices(data.assign_coords(coords))
+
+    @cached_property
+    def _provenance(self) -> dict:
+        """Which store, variant and model an array came from, on the array itself: once
+        selected, combined or saved, nothing else tells a trained layer from the control's."""
+        return {"store": self.uri, "model_variant": self.model,
+                "model": str(self.attrs.get("model", "")),
+                "weights_sha256": self.attrs["fingerprint"].get("weights_sha256", "")}
 
     def __getitem__(self, layer: str) -> xr.DataArray:
         """Activations of one layer: ``(image, step, y, x, channel)``, float32 whatever
