@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
 from actstore.errors import ActstoreError
 from actstore.generation.models import load_model, resolve_device
-from conftest import DEMO
+from conftest import DEMO, REPO
 from test_store import SD_LAYERS
 
 SD14_TOKENS = {"down_blocks.0": (8, 320), "down_blocks.1": (4, 640), "down_blocks.2": (2, 1280),
@@ -80,3 +84,20 @@ def test_incomplete_pipeline_folder(tmp_path):
     (tmp_path / "unet").mkdir()
     with pytest.raises(ActstoreError, match="missing component"):
         load_model(str(tmp_path))
+
+
+def test_loading_a_model_draws_no_bar_and_keeps_the_callers_setting():
+    """A notebook's `run_interventions(..., progress=False)` printed transformers' "Loading
+    weights" bar for the text encoder (only the command line switched it off)."""
+    code = ("from transformers.utils import logging as l\n"
+            "from actstore.generation.models import load_model\n"
+            "load_model('tiny-random', device='cpu')\n"
+            "print('bars', l.is_progress_bar_enabled())\n")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("TQDM_DISABLE", None)
+    env.pop("HF_HUB_DISABLE_PROGRESS_BARS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "bars True" in done.stdout                 # the caller's setting, restored
+    assert "Loading weights" not in done.stderr and "it/s" not in done.stderr

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -126,6 +127,23 @@ def hash_modules(modules: dict[str, torch.nn.Module]) -> str:
     return h.hexdigest()
 
 
+@contextmanager
+def _no_loading_bars():
+    """transformers draws a "Loading weights" bar for the text encoder: a notebook's
+    ``materialize(..., progress=False)`` or ``run_interventions(..., progress=False)``
+    printed it (only the command line switched it off). Off while loading; a bar setting
+    of the caller's is restored after."""
+    from transformers.utils import logging as tf_logging
+
+    was = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            tf_logging.enable_progress_bar()
+
+
 def load_model(model: str, *, dtype: str | torch.dtype = "float32",
                device: str = "auto") -> LoadedModel:
     """Load ``tiny-random``, a diffusers SD v1.x folder, or a Hugging Face id from the local cache.
@@ -143,11 +161,12 @@ def load_model(model: str, *, dtype: str | torch.dtype = "float32",
 
     kw = {"local_files_only": True, "torch_dtype": torch_dtype}
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer",
-                                                  local_files_only=True)
+        with _no_loading_bars():
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer",
+                                                      local_files_only=True)
     except (OSError, ValueError, EnvironmentError) as exc:
         raise ActstoreError(f"model {model!r} at {path}: could not load "
                             f"({first_line(exc)}); check the folder is a complete "
