@@ -170,6 +170,8 @@ def test_a_layer_says_which_store_model_and_variant_it_is(explore_store, tmp_pat
     assert back.dtype == np.float32
     np.testing.assert_array_equal(back.values, picked.values)
     assert back.attrs["model_variant"] == "trained"
+    run = latest_run(explore_store, "depth")
+    assert open_scores(explore_store, run).attrs["run"] == run   # which run, once combined
     emergence = actstore.open_emergence(explore_store)
     assert emergence.attrs["runs"] == {t: latest_run(explore_store, t)
                                        for t in ("depth", "salient")}

@@ -327,12 +327,13 @@ def open_scores(store: str, run_id: str) -> xr.Dataset:
     """One probe run's test scores over (metric, model, layer, step): ``per_image`` (with
     ``image``), their ``mean`` and ``median``, the mean's 95% bootstrap ``ci_low``/``ci_high``
     and ``emergence_low``/``emergence_high`` (per layer)."""
-    attrs = get_run(store, run_id)
-    stored = _run_scores(store, run_id, attrs["target"], SCORE_NODES + PER_IMAGE_NODES)
+    run = get_run(store, run_id)
+    stored = _run_scores(store, run_id, run["target"], SCORE_NODES + PER_IMAGE_NODES)
     # runs stored before 2026-12-06 may repeat a fit or hold steps out of order (emergence)
     ds = stored.drop_duplicates(["model", "layer", "step"])
     if not ds.indexes["step"].is_monotonic_increasing:
         ds = _in_step_order(ds, stored)
+    ds.attrs.update(store=store, run=run_id, target=run["target"], kind=run["kind"])
     return with_choices(_plain_strings(ds))
 
 

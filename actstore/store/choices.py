@@ -49,7 +49,8 @@ class ChoiceIndex(PandasIndex):
         values = [_plain(v) for v in self.index]
         wanted = [_plain(v) for v in np.ravel(np.asarray(getattr(asked, "values", asked),
                                                           dtype=object))]
-        missing = [v for v in wanted if v not in set(values)] or wanted
+        have = set(values)
+        missing = [v for v in wanted if v not in have] or wanted
         listed = ", ".join(repr(v) for v in values[:SHOWN])
         more = f", ... ({len(values)} in all)" if len(values) > SHOWN else ""
         near = "" if method is None else f" within method={method!r}"
