@@ -21,7 +21,8 @@ from prefect import flow, task
 from actstore.cluster import names_worker, portable, spread
 from actstore.errors import ActstoreError
 from actstore.label import blocks
-from actstore.label.labels import abort_labels, commit_labels, prepare_labels, write_labels
+from actstore.label.labels import (abort_labels, check_labels, commit_labels, prepare_labels,
+                                   write_labels)
 from actstore.label.providers import describe_provider
 from actstore.label.settings import LabelSettings
 from actstore.progress import Progress, progress_topic, relaying
@@ -148,6 +149,7 @@ def label_flow(store: str, provider: str, target: str | list[str],
     if not (workers or cluster or site):
         return label_task(store, provider, target, settings)
     prov = describe_provider(provider, settings.device)   # a bad one before the cluster
+    check_labels(portable(store), prov, target, settings)   # and a bad target or store
     with dask_address(workers, cluster, settings.device, site) as (address, n, gpu, code):
         out = fan_out_labels(portable(store), prov, target, settings, address=address,
                              workers=n, gpu=gpu, progress=progress, code=code)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 import time
+from typing import NamedTuple
 
 import numpy as np
 import xarray as xr
@@ -95,32 +96,57 @@ def write_labels(store: str, provider: str | LabelProvider,
     return out[target] if isinstance(target, str) else out
 
 
+class LabelRequest(NamedTuple):
+    """What :func:`check_labels` read and worked out, for :func:`prepare_labels` to use."""
+    spec: str
+    targets: list[str]
+    kinds: dict[str, str]
+    view: StoreView
+    existing: dict[str, dict | None]
+    ids: list[str]
+    train: np.ndarray
+    hw: tuple[int, int]
+    grids: dict[str, tuple[int, int]]
+    x0_note: str | None
+
+
+def check_labels(store: str, prov: LabelProvider, target,
+                 settings: LabelSettings = LabelSettings()) -> LabelRequest:
+    """Every check of a label run that reads and writes nothing but the store's records
+    and the provider's description: a fan-out runs it before it starts a cluster (a
+    mistyped --target or store took a `--workers 2` run 43 s of cluster start-up to
+    refuse, 2026-12-07), then again as it begins the run."""
+    targets = _target_names(target)
+    spec = getattr(prov, "spec", None) or getattr(prov, "name", type(prov).__name__)
+    kinds = {t: _target_kind(prov, spec, t) for t in targets}
+    view = StoreView(store, model=settings.source_model, complete_only=False)
+    _check_complete(view)
+    existing = _existing(store, targets, settings.overwrite)
+    ids = [str(v) for v in view.images["image"].values]
+    train = view.images["split"].values == "train"
+    if not train.any():
+        raise ActstoreError(f"store {store}: no train-split images to normalize labels with; "
+                            "give some images split=train in the prompt table")
+    hw = tuple(int(d) for d in st.model_array(store, settings.source_model,
+                                               "final_image").shape[1:3])
+    check = getattr(prov, "check", None)
+    if check is not None:
+        check(ids, hw)
+    x0_note = _x0_decision(view, settings.on_x0, getattr(prov, "by_ids", None))
+    return LabelRequest(spec, targets, kinds, view, existing, ids, train, hw,
+                        _layer_grids(view, hw), x0_note)
+
+
 def prepare_labels(store: str, prov: LabelProvider, target,
                    settings: LabelSettings = LabelSettings()) -> blocks.LabelJob:
     """Check everything, then begin (or resume) the run's versions and make their arrays.
 
     The calling process holds the versions' writer marks until :func:`commit_labels` or
     :func:`abort_labels` (then ``labelsets.release(job.paths)``)."""
-    targets = _target_names(target)
-    source_model, overwrite, on_x0 = settings.source_model, settings.overwrite, settings.on_x0
+    spec, targets, kinds, view, existing, ids, train, hw, grids, x0_note = \
+        check_labels(store, prov, target, settings)
+    source_model, overwrite = settings.source_model, settings.overwrite
     batch_size, device = settings.batch_size, settings.device
-    spec = getattr(prov, "spec", None) or getattr(prov, "name", type(prov).__name__)
-    kinds = {t: _target_kind(prov, spec, t) for t in targets}
-    view = StoreView(store, model=source_model, complete_only=False)
-    _check_complete(view)
-    existing = _existing(store, targets, overwrite)
-    ids = [str(v) for v in view.images["image"].values]
-    train = view.images["split"].values == "train"
-    if not train.any():
-        raise ActstoreError(f"store {store}: no train-split images to normalize labels with; "
-                            "give some images split=train in the prompt table")
-    hw = tuple(int(d) for d in st.model_array(store, source_model, "final_image").shape[1:3])
-    grids = _layer_grids(view, hw)
-    by_ids = getattr(prov, "by_ids", None)
-    check = getattr(prov, "check", None)
-    if check is not None:
-        check(ids, hw)
-    x0_note = _x0_decision(view, on_x0, by_ids)
     n_steps = view.n_steps if x0_note is None else 0
     provenance = getattr(prov, "provenance", {})
     key = blocks.job_key(spec, provenance, {
