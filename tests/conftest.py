@@ -24,6 +24,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # need the disposition a terminal gives, whatever started the suite.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+# Tests run in parallel processes (pytest-xdist, scripts/test.sh): each has a Prefect home
+# of its own, set before Prefect is imported, so the temporary servers of commands run at
+# once in two of them never share one SQLite database (nor migrate a new one together).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["PREFECT_HOME"] = str(
+        Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect")
+        / f"xdist-{os.environ['PYTEST_XDIST_WORKER']}")
 
 
 @pytest.fixture(scope="session")
