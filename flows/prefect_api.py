@@ -168,6 +168,9 @@ def _while_server_up(record: logging.LogRecord) -> bool:
 # server's context ends (:func:`_unsilence`), or a library caller's later runs in the same
 # process, against a live API, would fail to send in silence.
 _BEFORE_SILENCE: dict[str, bool] = {}
+# the server watcher's thread and a failed send's log filter may silence at once: the
+# second must not take the first one's "disabled" for the state before
+_SILENCE_LOCK = threading.Lock()
 
 
 def _silence() -> None:
@@ -175,12 +178,14 @@ def _silence() -> None:
     until its context ends, and again at exit (:func:`_unsilence`): the loggers of
     :data:`SEND_LOGGERS` and the failed sends of run logs Prefect prints unless
     ``logging.raiseExceptions`` is off (``APILogWorker._handle_batch``)."""
-    if not _BEFORE_SILENCE:
-        _BEFORE_SILENCE.update({name: logging.getLogger(name).disabled
-                                for name in SEND_LOGGERS}, raiseExceptions=logging.raiseExceptions)
-    logging.raiseExceptions = False
-    for name in SEND_LOGGERS:
-        logging.getLogger(name).disabled = True
+    with _SILENCE_LOCK:
+        if not _BEFORE_SILENCE:
+            _BEFORE_SILENCE.update({name: logging.getLogger(name).disabled
+                                    for name in SEND_LOGGERS},
+                                   raiseExceptions=logging.raiseExceptions)
+        logging.raiseExceptions = False
+        for name in SEND_LOGGERS:
+            logging.getLogger(name).disabled = True
 
 
 def _unsilence() -> None:
@@ -188,12 +193,13 @@ def _unsilence() -> None:
     still fails when Prefect drains its services at exit (an event 7 s later): silenced
     again then, by a hook that runs before those drains (threading's exit hooks run last
     registered first)."""
-    if _BEFORE_SILENCE:
-        threading._register_atexit(_silence)   # noqa: SLF001 - Prefect's drains use it too
-        logging.raiseExceptions = _BEFORE_SILENCE.pop("raiseExceptions")
-        for name, disabled in _BEFORE_SILENCE.items():
-            logging.getLogger(name).disabled = disabled
-        _BEFORE_SILENCE.clear()
+    with _SILENCE_LOCK:
+        if _BEFORE_SILENCE:
+            threading._register_atexit(_silence)   # noqa: SLF001 - Prefect's drains use it
+            logging.raiseExceptions = _BEFORE_SILENCE.pop("raiseExceptions")
+            for name, disabled in _BEFORE_SILENCE.items():
+                logging.getLogger(name).disabled = disabled
+            _BEFORE_SILENCE.clear()
 
 
 def _handlers(kind: type) -> list[logging.Handler]:

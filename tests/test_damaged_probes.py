@@ -22,10 +22,12 @@ def _damage(store: str, path: str) -> None:
     shutil.rmtree(os.path.join(store, path))
 
 
-def _line(store: str, run: str, what: str) -> str:
+def _line(store: str, run: str, what: str, latest: bool = False) -> str:
+    """``latest``: a reader of the target's latest run only, where another run is no way out."""
+    then = (": the emergence table and figures read a target's latest run" if latest
+            else " and use that run, or another run of the target")
     return (f"store {store}: probe run {run} {what}: the store is damaged); fit it again "
-            "(`actstore probe --target salient`) and use that run, or another run of the "
-            "target")
+            f"(`actstore probe --target salient`){then}")
 
 
 def _salient_run(store: str) -> str:
@@ -86,7 +88,8 @@ def test_a_score_array_gone_is_one_line_to_open_emergence(store, array):
     path = lay.run_scores_path(run)
     _damage(store, f"{path}/{array}")
     _refused(store, lambda: open_emergence(store),
-             _line(store, run, f"has no scores {array!r} (no array {path}/{array}"))
+             _line(store, run, f"has no scores {array!r} (no array {path}/{array}",
+                   latest=True))
 
 
 def test_a_score_group_gone_is_one_line_to_open_scores_and_the_figures(store, tmp_path):

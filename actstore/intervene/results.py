@@ -36,7 +36,6 @@ import xarray as xr
 import zarr
 
 from actstore.store import commit, io
-from actstore.store.choices import with_choices
 from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.errors import ActstoreError
@@ -160,5 +159,5 @@ def open_intervention(store: str, experiment_id: str, complete_only: bool = True
             done |= (pos >= a) & (pos < b)
         ds = ds.isel(image=np.flatnonzero(done))
     ds.attrs.update(settings=settings)
-    return with_choices(ds)
+    return ds
 

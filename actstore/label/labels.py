@@ -37,7 +37,6 @@ import xarray as xr
 import actstore
 from actstore.store import core as st
 from actstore.store import io, labelsets
-from actstore.store.choices import with_choices
 from actstore.store.view import StoreView
 from actstore.errors import ActstoreError
 from actstore.label import blocks
@@ -318,4 +317,4 @@ def open_labels(store: str, target: str) -> xr.Dataset:
         ds = ds.assign_coords(step=np.arange(ds.sizes["step"]),
                               timestep=view.step_coords["timestep"],
                               sigma=view.step_coords["sigma"])
-    return with_choices(ds)
+    return ds

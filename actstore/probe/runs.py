@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import json
+
 import numpy as np
 import xarray as xr
 
@@ -30,7 +32,6 @@ import actstore
 from actstore.cluster import portable
 from actstore.cluster_checks import check_client_code
 from actstore.store import commit, io, labelsets
-from actstore.store.choices import with_choices
 from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.probe.choice import check_in_every_model, select, views_of
@@ -285,11 +286,14 @@ def missing_probe(store: str, run_id: str, target: str, model: str, layer: str,
                                            f"{layer!r} (no {node}")
 
 
-def _damaged(store: str, run_id: str, target: str, what: str) -> InputError:
-    """A complete run missing a node it lists: said with the way out, a new run."""
+def _damaged(store: str, run_id: str, target: str, what: str, latest: bool = False
+             ) -> InputError:
+    """A complete run missing a node it lists: said with the way out, a new run (the only
+    one for readers of a target's ``latest`` run: emergence, the figures)."""
+    then = (": the emergence table and figures read a target's latest run" if latest
+            else " and use that run, or another run of the target")
     return InputError(f"store {store}: probe run {run_id} {what}: the store is damaged); "
-                      f"fit it again (`actstore probe --target {target}`) and use that run, "
-                      "or another run of the target")
+                      f"fit it again (`actstore probe --target {target}`){then}")
 
 
 # what a reader of a run's scores needs (the intervals, runs before 2026-12-06 lack)
@@ -297,8 +301,8 @@ SCORE_NODES = ("mean", "metric", "model", "layer", "step")
 PER_IMAGE_NODES = ("per_image", "median", "image")
 
 
-def _run_scores(store: str, run_id: str, target: str, needed: tuple[str, ...]
-                ) -> xr.Dataset:
+def _run_scores(store: str, run_id: str, target: str, needed: tuple[str, ...],
+                latest: bool = False) -> xr.Dataset:
     """A run's scores group, opened, with the ``needed`` arrays there, and the intervals
     all or none: an array gone from a damaged store was xarray's KeyError naming the bare
     variable (or a silent figure without bands), a group gone zarr's not-found error."""
@@ -306,12 +310,13 @@ def _run_scores(store: str, run_id: str, target: str, needed: tuple[str, ...]
     try:
         ds = io.open_dataset(store, path)
     except io.NOT_FOUND:
-        raise _damaged(store, run_id, target, f"has no scores (no group {path}") from None
+        raise _damaged(store, run_id, target, f"has no scores (no group {path}",
+                       latest) from None
     has_intervals = any(v in ds.variables for v in EMERGENCE_INTERVALS)
     for name in needed + (EMERGENCE_INTERVALS if has_intervals else ()):
         if name not in ds.variables:
             raise _damaged(store, run_id, target, f"has no scores {name!r} (no array "
-                                                  f"{path}/{name}")
+                                                  f"{path}/{name}", latest)
     return ds
 
 
@@ -334,7 +339,7 @@ def open_scores(store: str, run_id: str) -> xr.Dataset:
     if not ds.indexes["step"].is_monotonic_increasing:
         ds = _in_step_order(ds, stored)
     ds.attrs.update(store=store, run=run_id, target=run["target"], kind=run["kind"])
-    return with_choices(_plain_strings(ds))
+    return _plain_strings(ds)
 
 
 def emergence(store: str) -> xr.Dataset:
@@ -348,7 +353,8 @@ def emergence(store: str) -> xr.Dataset:
         # object-dtype labels (see _plain_strings): concatenating fixed-width string
         # coordinates of different widths would truncate the longer layer names
         used[target] = latest_run(store, target, runs)
-        run_scores = _plain_strings(_run_scores(store, used[target], target, SCORE_NODES))
+        run_scores = _plain_strings(_run_scores(store, used[target], target, SCORE_NODES,
+                                                latest=True))
         ds = run_scores
         keep = [v for v in EMERGENCE_INTERVALS if v in ds]   # runs before intervals: none
         ds = ds[["mean", *keep]].load().rename(mean="score")
@@ -363,7 +369,8 @@ def emergence(store: str) -> xr.Dataset:
     if not parts:
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
     table = xr.concat(parts, dim="target", join="outer")
-    table.attrs.update(store=store, runs=used)   # which run each target's rows come from
+    # which run each target's rows come from; JSON, as netCDF attributes hold no mappings
+    table.attrs.update(store=store, runs=json.dumps(used, sort_keys=True))
     return table
 
 
@@ -390,4 +397,4 @@ def open_emergence(store: str) -> xr.Dataset:
     and at label resolution): ``dice`` for binary targets; ``rmse``, ``pearson``,
     ``spearman`` (``spearman_label`` only with ``label_spearman``) for continuous ones. One
     run's per-image scores: ``actstore.probe.runs.open_scores(store, run_id)``."""
-    return with_choices(_plain_strings(emergence(store)))
+    return _plain_strings(emergence(store))

@@ -21,7 +21,6 @@ from actstore.store import io
 from actstore.store.captures import added_captures, kind_blocks, points_of
 from actstore.store.core import (ACTIVATION, completed_blocks, layer_path, model_attrs,
                                  model_path, model_variants, read_root_attrs)
-from actstore.store.choices import with_choices
 from actstore.store.layout import IMAGES
 
 
@@ -141,7 +140,7 @@ class StoreView:
     @property
     def images(self) -> xr.Dataset:
         """The image table (image_id, prompt, seed, split) of the exposed images."""
-        return with_choices(xr.Dataset(coords=self._image_coords))
+        return xr.Dataset(coords=self._image_coords)
 
     @cached_property
     def _image_chunks(self) -> tuple[int, ...]:
@@ -174,7 +173,7 @@ class StoreView:
         coords = dict(self._image_coords)
         if "step" in data.dims:
             coords.update(self.step_coords)
-        return with_choices(data.assign_coords(coords))
+        return data.assign_coords(coords)
 
     @cached_property
     def _provenance(self) -> dict:
