@@ -24,7 +24,9 @@ How written forms that are not literal commands are read:
   ``[--opt V]`` is read as given; ``--a X | --b Y`` as one line per alternative, as is a
   value ``cond|both``.
 * A span whose command itself is a placeholder is not a command (``actstore <command>:
-  interrupted ...`` quotes a message; ``python benchmarks/...`` names the folder): skipped.
+  interrupted ...`` quotes a message; ``python benchmarks/...`` names the folder): skipped,
+  as is a span quoting what a command prints (``actstore intervene: note: ...``: its
+  name followed by a colon).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ GUIDES = [*sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.m
           *sorted((REPO / "models").glob("*/README.md"))]
 START = re.compile(r"(?:\.venv/bin/)?(actstore |python -m (?:actstore|flows)\.|"
                    r"python benchmarks/)")
+MESSAGE = re.compile(r"actstore [a-z-]+: ")   # what a command prints, quoted in prose
 ELIDED = "\0"       # one placeholder token, after `<...>` groups are made single words
 
 
@@ -73,7 +76,7 @@ def doc_lines(guide: Path) -> list[DocLine]:
     prose = re.sub(r"```.*?```", "", text, flags=re.S)
     for span in re.findall(r"`([^`]+)`", prose):
         line = " ".join(span.split())
-        if START.match(line):
+        if START.match(line) and not MESSAGE.match(line):
             out.append(DocLine(name, line, " --store " in f" {line} "))
     return out
 
