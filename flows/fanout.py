@@ -186,10 +186,16 @@ def finished(futures: list[PrefectFuture], watch: WorkerWatch | None = None,
                 future = ends.get(timeout=WAKE_SECONDS)
                 break
             except queue.Empty:
-                check_api()     # the tasks' temporary Prefect server gone: said at once
-                if watch is not None:
-                    watch.check()
+                _look(watch)
         yield future
+
+
+def _look(watch: WorkerWatch | None) -> None:
+    """Between two slices of waiting for tasks: the tasks' temporary Prefect server gone
+    is said at once, and ``watch`` looks at the workers."""
+    check_api()
+    if watch is not None:
+        watch.check()
 
 
 def fetch(future: PrefectFuture, watch: WorkerWatch | None) -> None:
@@ -203,9 +209,7 @@ def fetch(future: PrefectFuture, watch: WorkerWatch | None) -> None:
             future.result(timeout=WAKE_SECONDS, raise_on_failure=False)
             return
         except TimeoutError:
-            check_api()
-            if watch is not None:
-                watch.check()
+            _look(watch)
         except Exception:  # noqa: BLE001 - cancelled, or Dask's own error: said by the caller
             return
 
