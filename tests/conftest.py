@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from alone import pytest_runtest_protocol  # noqa: F401 - a hook: `alone` tests
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = str(REPO / "prompts" / "demo.csv")
 # Small but real: every layer, every step, 16 images in 4 blocks.
@@ -24,8 +26,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # need the disposition a terminal gives, whatever started the suite.
 if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
-# Tests run in parallel processes (pytest-xdist, `bash scripts/test.sh -n 3 --dist
-# loadfile`; the README's command runs them one by one): each has a Prefect home
+# Tests run in parallel processes (pytest-xdist, `bash scripts/test.sh` runs 3, by file;
+# `bash scripts/test.sh -n 0` runs them one by one): each has a Prefect home
 # of its own, set before Prefect is imported, so the temporary servers of commands run at
 # once in two of them never share one SQLite database (nor migrate a new one together).
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -17,11 +17,16 @@ import sys
 import threading
 import time
 
+import pytest
+
 from conftest import DEMO, IV_LAYERS, REPO
 from test_cli import run
 from test_cluster_env import killable_scheduler  # noqa: F401 - a fixture
 from test_intervene_fanout import probed  # noqa: F401 - a fixture
 from test_interrupt import inside
+
+# how soon it happens is asserted: run while no other test runs (tests/alone.py)
+pytestmark = pytest.mark.alone
 
 ARGS = ["--model", "tiny-random", "--prompts", DEMO, "--steps", "40", "--batch-size", "4",
         "--block-size", "4"]

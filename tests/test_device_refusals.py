@@ -49,6 +49,7 @@ def reference(tmp_path_factory, tiny_store) -> str:
     return str(dst)
 
 
+@pytest.mark.alone   # refused in seconds: run while no other test runs (tests/alone.py)
 @pytest.mark.parametrize("device,words", _devices(), ids=lambda v: v.split(" ")[0])
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_a_device_no_machine_or_not_this_one_has_is_refused_at_once(tmp_path, reference,

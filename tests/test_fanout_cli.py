@@ -147,6 +147,7 @@ def test_intervene_refusal_on_a_worker(api, tmp_path, copy):
     assert tree_digest(copy) == before
 
 
+@pytest.mark.alone   # refused in seconds: run while no other test runs (tests/alone.py)
 @pytest.mark.parametrize("options,words", [
     (["--images", "2:6"], "--images 2:6: not aligned to the store's 4-image blocks"),
     (["--block-size", "8"], "has block size 4, not 8; drop --block-size")],

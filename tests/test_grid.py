@@ -350,6 +350,7 @@ def test_task_graph_carries_no_arrays(planted):
         assert buf.tell() < 64_000 < layer_bytes / 4, (buf.tell(), layer_bytes)
 
 
+@pytest.mark.alone   # refused in seconds: run while no other test runs (tests/alone.py)
 def test_unreachable_scheduler_is_one_line_within_seconds(planted, tmp_path, capsys):
     import socket
     import time

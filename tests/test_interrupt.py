@@ -31,6 +31,9 @@ from flows.cli import main
 from storecheck import assert_same_store
 from test_cli import _alive, _up_server
 
+# how soon it happens is asserted: run while no other test runs (tests/alone.py)
+pytestmark = pytest.mark.alone
+
 
 def interrupted(command: str) -> str:
     """The one line a Ctrl-C of ``command`` prints."""

@@ -102,6 +102,7 @@ def test_cli_workers_equal_serial(tmp_path, probed, capsys, prefect_harness):
     assert_same_store(uri, serial)
 
 
+@pytest.mark.alone   # refused in seconds: run while no other test runs (tests/alone.py)
 def test_unreachable_cluster_is_one_line_and_writes_nothing(probed, capsys):
     base, _, run = probed
     before = tree_digest(base)
@@ -180,6 +181,7 @@ def _store_cases(base: str, run: str) -> dict[str, tuple[list[str], str]]:
     }
 
 
+@pytest.mark.alone   # refused in seconds: run while no other test runs (tests/alone.py)
 @pytest.mark.parametrize("case", ["layer", "run", "step", "target", "variant", "experiment",
                                   "insert"])
 def test_store_typos_on_workers_are_refused_here_at_once(probed, case):

@@ -18,6 +18,9 @@ import pytest
 from conftest import DEMO, REPO
 from test_cli import _alive, _up_server, one_line
 
+# how soon it happens is asserted: run while no other test runs (tests/alone.py)
+pytestmark = pytest.mark.alone
+
 SCRIPT = textwrap.dedent("""
     import json, logging, psutil
     from prefect.server.api.server import SubprocessASGIServer

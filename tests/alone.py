@@ -1,0 +1,66 @@
+"""Tests marked ``alone`` run while no other test runs, when the suite runs in parallel
+processes (pytest-xdist, as `scripts/test.sh` runs it). What they assert is how soon
+something happens (Ctrl-C taking effect within seconds, a progress bar moving while a
+task runs, a refusal before any cluster starts): three processes' tests sharing 2 cores
+stretched those past their limits (test_interrupt's Ctrl-C pressed again took 25 s against
+15, 2026-12-06) while each passed on its own.
+
+Every other test holds a shared lock from its set-up to its tear-down, so the module
+fixtures it starts or ends count too; an ``alone`` test holds it exclusively, and keeps it
+while the next test of its process is ``alone`` too, so a file of them waits for the
+others once. A gate, taken before either, stops tests that would start while an ``alone``
+test waits: without it the other processes' stream of shared locks could starve it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+_held: dict[str, IO] = {}   # "rw": the lock file while this process holds the lock
+
+
+def _lock_dir() -> Path:
+    """One folder per parallel run, shared by its processes (xdist gives them one id)."""
+    folder = Path(tempfile.gettempdir()) / \
+        f"actstore-tests-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _alone(item: pytest.Item | None) -> bool:
+    return item is not None and item.get_closest_marker("alone") is not None
+
+
+def _take(exclusive: bool) -> None:
+    folder = _lock_dir()
+    with open(folder / "gate", "a") as gate:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        rw = open(folder / "rw", "a")
+        fcntl.flock(rw, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+    _held["rw"] = rw     # the gate is released as its file closes
+
+
+def _release() -> None:
+    rw = _held.pop("rw", None)
+    if rw is not None:
+        rw.close()       # closing the last descriptor releases the flock
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    if not os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+        yield                        # one process: nothing runs beside a test
+        return
+    alone = _alone(item)
+    if "rw" not in _held:
+        _take(exclusive=alone)
+    try:
+        yield
+    finally:
+        if not (alone and _alone(nextitem)):
+            _release()
