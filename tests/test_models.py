@@ -101,3 +101,45 @@ def test_loading_a_model_draws_no_bar_and_keeps_the_callers_setting():
     assert done.returncode == 0, done.stderr
     assert "bars True" in done.stdout                 # the caller's setting, restored
     assert "Loading weights" not in done.stderr and "it/s" not in done.stderr
+
+
+def test_two_loads_at_once_keep_the_bar_off_until_the_last_ends():
+    """Two threads loading at once (a Dask worker's threads): the first to finish must not
+    switch transformers' bar back on under the other, and the caller's setting is what
+    is restored after the last (before, it was on again while the second loaded)."""
+    import threading
+
+    from transformers.utils import logging as tf_logging
+
+    from actstore.generation.models import _no_loading_bars
+
+    entered = [threading.Event(), threading.Event()]
+    leave = [threading.Event(), threading.Event()]
+    seen = {}
+
+    def load(i: int) -> None:
+        with _no_loading_bars():
+            entered[i].set()
+            leave[i].wait(30)
+            seen[i] = tf_logging.is_progress_bar_enabled()
+
+    was = tf_logging.is_progress_bar_enabled()
+    tf_logging.enable_progress_bar()
+    try:
+        a = threading.Thread(target=load, args=(0,))
+        b = threading.Thread(target=load, args=(1,))
+        a.start()
+        entered[0].wait(30)
+        b.start()
+        entered[1].wait(30)
+        leave[0].set()                      # A ends first, B still loading
+        a.join(30)
+        during = tf_logging.is_progress_bar_enabled()
+        leave[1].set()
+        b.join(30)
+        after = tf_logging.is_progress_bar_enabled()
+    finally:
+        (tf_logging.enable_progress_bar if was else tf_logging.disable_progress_bar)()
+    assert seen == {0: False, 1: False}
+    assert during is False                 # B's load still has no bar
+    assert after is True                   # the caller's setting, once both ended

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,21 +128,33 @@ def hash_modules(modules: dict[str, torch.nn.Module]) -> str:
     return h.hexdigest()
 
 
+# Loads in progress in this process, and the caller's bar setting before the first: two
+# threads loading at once (a Dask worker's threads) must not have the first to finish
+# switch the bar back on under the other, nor the second take "off" for the caller's.
+_LOADS = {"count": 0, "bar_was": False}
+_LOADS_LOCK = threading.Lock()
+
+
 @contextmanager
 def _no_loading_bars():
     """transformers draws a "Loading weights" bar for the text encoder: a notebook's
     ``materialize(..., progress=False)`` or ``run_interventions(..., progress=False)``
-    printed it (only the command line switched it off). Off while loading; a bar setting
-    of the caller's is restored after."""
+    printed it (only the command line switched it off). Off while any load runs; a bar
+    setting of the caller's is restored after the last."""
     from transformers.utils import logging as tf_logging
 
-    was = tf_logging.is_progress_bar_enabled()
-    tf_logging.disable_progress_bar()
+    with _LOADS_LOCK:
+        if _LOADS["count"] == 0:
+            _LOADS["bar_was"] = tf_logging.is_progress_bar_enabled()
+            tf_logging.disable_progress_bar()
+        _LOADS["count"] += 1
     try:
         yield
     finally:
-        if was:
-            tf_logging.enable_progress_bar()
+        with _LOADS_LOCK:
+            _LOADS["count"] -= 1
+            if _LOADS["count"] == 0 and _LOADS["bar_was"]:
+                tf_logging.enable_progress_bar()
 
 
 def load_model(model: str, *, dtype: str | torch.dtype = "float32",
