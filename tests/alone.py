@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import tempfile
 from pathlib import Path
 from typing import IO
 
@@ -24,20 +23,18 @@ import pytest
 _held: dict[str, IO] = {}   # "rw": the lock file while this process holds the lock
 
 
-def _lock_dir() -> Path:
-    """One folder per parallel run, shared by its processes (xdist gives them one id)."""
-    folder = Path(tempfile.gettempdir()) / \
-        f"actstore-tests-{os.environ['PYTEST_XDIST_TESTRUNUID']}"
-    folder.mkdir(exist_ok=True)
-    return folder
+def _lock_dir(config: pytest.Config) -> Path:
+    """The parallel run's own temporary folder, which its processes share (each is given
+    a folder in it as its ``--basetemp``) and pytest removes with old runs."""
+    return Path(config.option.basetemp).parent
 
 
 def _alone(item: pytest.Item | None) -> bool:
     return item is not None and item.get_closest_marker("alone") is not None
 
 
-def _take(exclusive: bool) -> None:
-    folder = _lock_dir()
+def _take(config: pytest.Config, exclusive: bool) -> None:
+    folder = _lock_dir(config)
     with open(folder / "gate", "a") as gate:
         fcntl.flock(gate, fcntl.LOCK_EX)
         rw = open(folder / "rw", "a")
@@ -53,12 +50,12 @@ def _release() -> None:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
-    if not os.environ.get("PYTEST_XDIST_TESTRUNUID"):
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
         yield                        # one process: nothing runs beside a test
         return
     alone = _alone(item)
     if "rw" not in _held:
-        _take(exclusive=alone)
+        _take(item.config, exclusive=alone)
     try:
         yield
     finally:
