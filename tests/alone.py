@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
+import warnings
 from pathlib import Path
 from typing import IO
 
@@ -33,19 +35,45 @@ def _alone(item: pytest.Item | None) -> bool:
     return item is not None and item.get_closest_marker("alone") is not None
 
 
+# A lock never freed (a process of a test left holding it) must not hang the suite: past
+# this, a test runs without it, with a warning.
+WAIT_LIMIT_S = 1200
+
+
+def _flock(f: IO, mode: int) -> bool:
+    deadline = time.monotonic() + WAIT_LIMIT_S
+    while True:
+        try:
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                warnings.warn(f"tests/alone.py: waited {WAIT_LIMIT_S} s for {f.name}; "
+                              "running without it", stacklevel=2)
+                return False
+            time.sleep(0.05)
+
+
 def _take(config: pytest.Config, exclusive: bool) -> None:
     folder = _lock_dir(config)
     with open(folder / "gate", "a") as gate:
-        fcntl.flock(gate, fcntl.LOCK_EX)
+        _flock(gate, fcntl.LOCK_EX)
         rw = open(folder / "rw", "a")
-        fcntl.flock(rw, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
-    _held["rw"] = rw     # the gate is released as its file closes
+        if _flock(rw, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
+            _held["rw"] = rw     # the gate is released as its file closes
+        else:
+            rw.close()
 
 
 def _release() -> None:
     rw = _held.pop("rw", None)
     if rw is not None:
         rw.close()       # closing the last descriptor releases the flock
+
+
+# A process forked during a test shares the lock's open file: it closes its descriptor
+# (closing does not unlock the test's), or the lock would last as long as the child.
+os.register_at_fork(after_in_child=_release)
 
 
 @pytest.hookimpl(hookwrapper=True)
