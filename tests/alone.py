@@ -22,7 +22,7 @@ from typing import IO
 
 import pytest
 
-_held: dict[str, IO] = {}   # "rw": the lock file while this process holds the lock
+_lock: IO | None = None   # the lock file while this process holds the lock
 
 
 def _lock_dir(config: pytest.Config) -> Path:
@@ -55,20 +55,22 @@ def _flock(f: IO, mode: int) -> bool:
 
 
 def _take(config: pytest.Config, exclusive: bool) -> None:
+    global _lock
     folder = _lock_dir(config)
     with open(folder / "gate", "a") as gate:
         _flock(gate, fcntl.LOCK_EX)
         rw = open(folder / "rw", "a")
-        if _flock(rw, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
-            _held["rw"] = rw     # the gate is released as its file closes
-        else:
+        if not _flock(rw, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH):
             rw.close()
+            return
+    _lock = rw               # the gate was released as its file closed
 
 
 def _release() -> None:
-    rw = _held.pop("rw", None)
-    if rw is not None:
-        rw.close()       # closing the last descriptor releases the flock
+    global _lock
+    if _lock is not None:
+        _lock.close()    # closing the last descriptor releases the flock
+        _lock = None
 
 
 # A process forked during a test shares the lock's open file: it closes its descriptor
@@ -82,7 +84,7 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         yield                        # one process: nothing runs beside a test
         return
     alone = _alone(item)
-    if "rw" not in _held:
+    if _lock is None:
         _take(item.config, exclusive=alone)
     try:
         yield

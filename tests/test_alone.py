@@ -10,12 +10,11 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 from conftest import REPO
 
 RECORD = textwrap.dedent("""
-    import json, os, time, pytest
+    import json, os, time
 
     def record(name, seconds, log=os.environ["ALONE_LOG"]):
         t0 = time.time()
@@ -84,7 +83,7 @@ def test_a_process_forked_during_a_test_does_not_keep_its_lock(tmp_path, monkeyp
 
     import alone
 
-    monkeypatch.setattr(alone, "_held", {})
+    monkeypatch.setattr(alone, "_lock", None)
     config = SimpleNamespace(option=SimpleNamespace(basetemp=str(tmp_path / "gw0")))
     alone._take(config, exclusive=False)
     ready, tell = os.pipe()
