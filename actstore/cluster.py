@@ -20,6 +20,12 @@ from actstore.runtime import dask_threads, env_threads
 # Imported by each local worker as it starts (torch, diffusers, zarr: seconds each), all
 # workers at once, instead of one after the other as their first regions arrive.
 WORKER_PRELOAD = "actstore.generation.regions"
+# The clusters a command starts for itself: no dashboard, and the scheduler's HTTP server
+# (which distributed starts even so) on a free local port, not distributed's 8787, which a
+# user's own dashboard or a second command at once holds (a "Port 8787 is already in
+# use" warning then).
+LOCAL_CLUSTER = dict(dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
+                     silence_logs=logging.WARNING)
 SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
 # Seconds a local worker process gets to exit once its cluster closes. Dask's nanny gives it
 # 4 s, then kills it with a warning; a worker that has run torch and Prefect task runs took
@@ -169,7 +175,7 @@ def dask_scheduler(address: str | None = None):
             yield client
         return
     with LocalCluster(processes=False, n_workers=1, threads_per_worker=dask_threads(),
-                      dashboard_address=None, silence_logs=logging.WARNING) as cluster, \
+                      **LOCAL_CLUSTER) as cluster, \
             Client(cluster) as client:
         yield client
 
@@ -202,8 +208,7 @@ def local_workers(workers: int, device: str | None = "cpu",
     from actstore.gpus import start_gpu_workers, worker_gpus
 
     gpus = worker_gpus(device, workers)
-    options = dict(threads_per_worker=1, processes=True, dashboard_address=None,
-                   silence_logs=logging.WARNING,
+    options = dict(threads_per_worker=1, processes=True, **LOCAL_CLUSTER,
                    env={"ACTSTORE_THREADS": str(worker_threads(workers))},
                    preload=[WORKER_PRELOAD, __name__])
     with (start_gpu_workers(gpus, **options) if gpus
