@@ -218,8 +218,8 @@ def _files(title: str, paths) -> list[str]:
 
 def main_job_files(result: dict, out: str) -> list[str]:
     """Everything the main job wrote, store first; summary files only if they exist."""
-    extra = [str(Path(out, name)) for name in ("summary.txt", "summary.json", "naming.json",
-                                               "report.html") if Path(out, name).is_file()]
+    names = ("summary.txt", "summary.json", "naming.json", "causal.json", "report.html")
+    extra = [str(Path(out, name)) for name in names if Path(out, name).is_file()]
     report = [result["report"]] if result.get("report") else []
     return list(dict.fromkeys([result["store"], *report, *result.get("figures", []), *extra]))
 

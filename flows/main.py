@@ -84,7 +84,6 @@ def summary_task(store: str, out_dir: str) -> dict:
     rows = summary_table(open_emergence(store))
     table = format_table(rows)
     Path(out_dir, "summary.json").write_text(json.dumps(rows, indent=1))
-    Path(out_dir, "summary.txt").write_text(table + "\n")
     figure = kind_comparison(store, str(Path(out_dir, "capture-kinds.png")))
     return {"rows": rows, "table": table, "figure": figure}
 
@@ -213,6 +212,9 @@ def _stages(model: str, prompts: str, out_dir: Path, images: str | None,
             store, [rec["sweep_id"] for rec in found.values()], str(out_dir))
         result["interventions"] = found
         result["table"] += "\n\n" + format_cells(found) + "\n\n" + format_sweeps(found)
+        Path(out_dir, "causal.json").write_text(json.dumps(found, indent=1))
+    # every table the job prints, the causal test's included, not the probe table alone
+    Path(out_dir, "summary.txt").write_text(result["table"] + "\n")
     return result
 
 

@@ -103,6 +103,8 @@ def test_summary_by_default_json_on_request(tmp_path):
 
 
 def test_main_quiet_prints_tables_and_files_only(api, tmp_path):
+    from actstore.intervene.sweep import list_sweeps
+
     out = tmp_path / "main"
     res = run("main", "--quiet", "--model", "tiny-random", "--steps", "2", "--targets",
               "salient", "--out", str(out), api=api)
@@ -126,6 +128,14 @@ def test_main_quiet_prints_tables_and_files_only(api, tmp_path):
     causal = lines[next(i for i, ln in enumerate(lines) if ln.startswith("causal test")):]
     assert any(ln.split()[:1] == ["salient"] for ln in causal), causal
     assert not any("non-finite" in ln for ln in causal), causal
+    # the summary file holds every table printed, the causal test's too (before
+    # 2026-12-07 the probe table only); causal.json its records, as stored
+    printed = "\n".join(lines[:lines.index("files written:")]).rstrip("\n")
+    assert (out / "summary.txt").read_text() == printed + "\n"
+    sweeps = json.loads((out / "causal.json").read_text())
+    stored = list_sweeps(str(out / "store.zarr"))
+    assert list(sweeps) == ["salient"]
+    assert sweeps["salient"] == stored[sweeps["salient"]["sweep_id"]]
 
 
 def test_info_logs_only_with_verbose(api, labelled):
