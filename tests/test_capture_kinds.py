@@ -12,7 +12,8 @@ import pytest
 import zarr
 
 from actstore.errors import ActstoreError
-from actstore.generation.materialize import MaterializeSettings, materialize
+from actstore.generation.materialize import (MaterializeSettings, completion,
+                                             format_completion, materialize)
 from actstore.generation.sampling import GenerationConfig
 from actstore.store.view import open_store
 from conftest import DEMO, TINY, cli, store_arrays, tree_digest
@@ -100,6 +101,14 @@ def test_half_added_kind_is_invisible(tiny_store, tiny_model, tmp_path):
     assert view.kinds == ["attn1"] and view.pending == {"resnet": (2, 4)}
     with pytest.raises(ActstoreError, match="'resnet' is still being added .2 of 4 blocks"):
         view["resnet/mid_block.resnets.0"]
+    # the run's last line says so: it said 'complete (trained 16/16 images)' before
+    counts = completion(uri)
+    assert counts["trained"] == {"complete": 16, "images": 16, "adding": {"resnet": [2, 4]}}
+    assert format_completion(uri, counts) == (f"store {uri}: INCOMPLETE (trained 16/16 "
+                                              "images, adding resnet 2/4 blocks)")
+    _mat(tiny_model, DEMO, uri, kinds=ADD)
+    assert format_completion(uri, completion(uri)) == \
+        f"store {uri}: complete (trained 16/16 images)"
 
 
 @pytest.mark.parametrize("position", [1, 6])

@@ -242,18 +242,31 @@ def prepare(model: str | LoadedModel, prompts: str, store: str,
             "pending": [[a, b] for a, b, *_ in run.work]}
 
 
-def completion(store: str) -> dict[str, dict[str, int]]:
-    """Images whose block is recorded complete, per variant: is the store finished?"""
+def completion(store: str) -> dict[str, dict]:
+    """Images whose block is recorded complete, per variant, and ``adding``: each capture
+    kind being added, with its (blocks done, blocks to do), when there is one: is the store
+    finished? A run of ``--capture ...,resnet --images 0:4`` said 'complete' while resnet
+    was unreadable for want of the other blocks (before 2026-12-07)."""
+    from actstore.store.view import StoreView
+
     n = st.read_root_attrs(store)["n_images"]
-    return {variant: {"complete": sum(b - a for a, b in st.completed_blocks(store, variant)),
-                      "images": n}
-            for variant in st.model_variants(store)}
+    out = {}
+    for variant in st.model_variants(store):
+        view = StoreView(store, model=variant, complete_only=False)
+        out[variant] = {"complete": int(view.complete.sum()), "images": n}
+        view.points   # noqa: B018 - finding the readable points fills view.pending
+        if view.pending:
+            out[variant]["adding"] = {k: list(v) for k, v in sorted(view.pending.items())}
+    return out
 
 
-def format_completion(store: str, counts: dict[str, dict[str, int]]) -> str:
+def format_completion(store: str, counts: dict[str, dict]) -> str:
     """One line a person reads at the end of a run."""
-    parts = [f"{v} {c['complete']}/{c['images']} images" for v, c in counts.items()]
-    done = counts and all(c["complete"] == c["images"] for c in counts.values())
+    parts = [f"{v} {c['complete']}/{c['images']} images" +
+             "".join(f", adding {k} {d}/{t} blocks" for k, (d, t) in c.get("adding", {}).items())
+             for v, c in counts.items()]
+    done = counts and all(c["complete"] == c["images"] and not c.get("adding")
+                          for c in counts.values())
     state = "complete" if done else "INCOMPLETE"
     return f"store {store}: {state} ({', '.join(parts) or 'no model variant yet'})"
 
