@@ -278,18 +278,38 @@ def _attrs_or_none(store: str, target: str) -> dict | None:
     return labelsets.current(store).get(target)
 
 
-def label_path(store: str, target: str) -> str:
-    """The group holding a target's current label arrays (for plain zarr/xarray readers)."""
+def _current_attrs(store: str, target: str) -> dict:
     attrs = _attrs_or_none(store, target)
     if attrs is None:
         raise ActstoreError(f"store {store}: no labels {target!r}; write them with "
                             f"`actstore label --target {target}`")
-    return attrs["path"]
+    return attrs
+
+
+def label_path(store: str, target: str) -> str:
+    """The group holding a target's current label arrays (for plain zarr/xarray readers)."""
+    return _current_attrs(store, target)["path"]
+
+
+def array_names(attrs: dict) -> list[str]:
+    """The arrays a label version holds, from its attributes: ``full``, each token grid's
+    ``r<h>`` (smallest first), ``x0`` if it was labelled on the x0 images."""
+    return ["full", *by_size(attrs.get("resolutions") or {}), *(["x0"] if attrs.get("x0")
+                                                               else [])]
 
 
 def label_array(store: str, target: str, name: str = "full"):
-    """One array of a target's current labels (``full``, ``r<h>``, ``x0``) for reading."""
-    return io.open_array(store, f"{label_path(store, target)}/{name}")
+    """One array of a target's current labels (``full``, ``r<h>``, ``x0``) for reading.
+
+    A name the version lacks (a grid no layer has, ``x0`` of labels made without) is
+    refused naming the ones it has: zarr's 'No array found ... at path labels/<target>/
+    v-.../r64' told neither."""
+    attrs = _current_attrs(store, target)
+    names = array_names(attrs)
+    if name not in names:
+        raise ActstoreError(f"store {store}: labels {target!r} have no array {name!r}; they "
+                            f"have {', '.join(names)}")
+    return io.open_array(store, f"{attrs['path']}/{name}")
 
 
 def list_targets(store: str) -> dict[str, dict]:
@@ -299,11 +319,20 @@ def list_targets(store: str) -> dict[str, dict]:
             for t, attrs in sorted(labelsets.current(store).items())}
 
 
+# stored attribute -> its name on open_labels' Dataset: xarray reads ``ds.x0`` as the
+# attribute when the data variable is absent, so a target labelled without x0 images
+# answered ``ds.x0`` with False instead of failing
+DATASET_ATTRS = {"x0": "has_x0"}
+
+
 def open_labels(store: str, target: str) -> xr.Dataset:
     """A target as a lazy Dataset indexed like :class:`StoreView` (image ids, split, steps).
 
-    ``ds["r8"].rename(y_r8="y", x_r8="x")`` lines a pooled label up with a layer's
-    ``(image, step, y, x, channel)`` activations.
+    Its data variables: ``full``, one ``r<h>`` per token grid the store's layers have, and
+    ``x0`` if the labels were made on each step's x0 image (``ds.attrs["has_x0"]``; if not,
+    ``x0_note`` says why); ``list(ds.data_vars)`` shows which. ``ds["r8"].rename(y_r8="y",
+    x_r8="x")`` lines a pooled label up with a layer's ``(image, step, y, x, channel)``
+    activations.
     """
     attrs = _attrs_or_none(store, target)
     if attrs is None:
@@ -311,6 +340,7 @@ def open_labels(store: str, target: str) -> xr.Dataset:
         raise ActstoreError(f"store {store}: no complete labels {target!r} (has: {have}); "
                             f"write them with `actstore label --target {target}`")
     ds = io.open_dataset(store, attrs["path"])
+    ds.attrs = {DATASET_ATTRS.get(k, k): v for k, v in ds.attrs.items()}
     view = StoreView(store, model=attrs["source_model"], complete_only=False)
     ds = ds.assign_coords(view.images.coords)
     if "step" in ds.dims:   # the view's two step arrays, not every array of the variant
