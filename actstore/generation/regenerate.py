@@ -149,9 +149,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
     root = st.read_root_attrs(store)
     have = st.model_variants(store)
     variants = variants or have
-    for v in variants:
-        if v not in have:
-            raise ActstoreError(f"store {store}: has no model {v!r} (has: {', '.join(have)})")
+    st.check_variants(store, variants, have, "drop it from --models")
     start, stop = parse_region(images, root["n_images"], root["block_size"])
     table = stored_table(store)
     rows, loaded, unrecorded, overridden = [], {}, 0, set()

@@ -19,11 +19,9 @@ def views_of(store: str, models: list[str] | None) -> list[StoreView]:
         raise ActstoreError(f"store {store}: holds no complete model yet; finish `actstore "
                             "materialize` first")
     models = models or have
+    st.check_variants(store, models, have, "materialize it first or drop it from --models")
     views = []
     for m in models:
-        if m not in have:
-            raise ActstoreError(f"store {store}: has no model {m!r} (has: {', '.join(have)}); "
-                                "materialize it first or drop it from --models")
         view = StoreView(store, m)
         missing = [f"{a}:{b}" for a, b in st.blocks_of(view.root_attrs["n_images"],
                                                         view.block_size)

@@ -307,13 +307,39 @@ def model_variants(uri: str) -> list[str]:
     return list(io.marked_children(uri, lay.MODELS, model_path, MODEL_KEY))
 
 
+def unknown_variant(uri: str, variant, have: list[str] | None = None,
+                    fix: str = "materialize it first") -> ActstoreError:
+    """The rule for a model variant a reader names (``--models``, ``--model-variant``,
+    ``open_store(model=...)``): one of the store's complete variants, ``have`` (default:
+    :func:`model_variants`); this is the one line refusing any other name."""
+    have = model_variants(uri) if have is None else have
+    return ActstoreError(f"store {uri}: has no model {variant!r} (has: "
+                         f"{', '.join(have) or 'none'}); {fix}")
+
+
+def check_variants(uri: str, variants, have: list[str] | None = None,
+                   fix: str = "materialize it first") -> None:
+    """Refuse the first of ``variants`` that is not one of ``have`` (:func:`unknown_variant`)."""
+    have = model_variants(uri) if have is None else have
+    for v in variants:
+        if v not in have:
+            raise unknown_variant(uri, v, have, fix)
+
+
 def model_attrs(uri: str, variant: str) -> dict:
-    attrs = io.node_attrs(uri, model_path(variant)) or {}
-    if MODEL_KEY not in attrs:
-        if io.list_dir(uri, model_path(variant)):
-            raise ActstoreError(f"store {uri}: model '{variant}' is being created, or its "
-                                "creation was interrupted; wait for the writer, or rerun the "
-                                "same `actstore materialize` to finish it")
-        raise ActstoreError(f"store {uri}: has no model '{variant}' (has: "
-                            f"{', '.join(model_variants(uri)) or 'none'}); materialize it first")
-    return attrs[MODEL_KEY]
+    """A complete variant's marker (fingerprint and provenance), read from its node alone.
+
+    The name is a path segment: ``""`` or ``../labels`` reached the models or labels group
+    (and were said to be 'being created'), ``trained/../randomized`` the control under
+    another name. So a marker counts only if it names this variant, and a variant without
+    one is being created only if it is an entry of ``models/``; any other name is refused
+    by :func:`unknown_variant`, the rule the command line's ``--models`` follows."""
+    marker = (io.node_attrs(uri, model_path(variant)) or {}).get(MODEL_KEY)
+    if marker is not None and marker["fingerprint"].get("variant", variant) == variant:
+        return marker
+    if marker is None and variant in io.list_dir(uri, lay.MODELS) \
+            and io.list_dir(uri, model_path(variant)):
+        raise ActstoreError(f"store {uri}: model '{variant}' is being created, or its "
+                            "creation was interrupted; wait for the writer, or rerun the "
+                            "same `actstore materialize` to finish it")
+    raise unknown_variant(uri, variant)
