@@ -117,7 +117,22 @@ def test_partial_job_gets_a_page_listing_what_is_absent(tmp_path, tiny_store):
     assert not page.cells
     absent = [s.title for s in SECTIONS if s.title != "Samples"]
     assert f"Not in this run: {', '.join(absent)}." in page.text
-    # no store at all (a job that stopped before writing one): still a page
-    empty = tmp_path / "empty"
-    page = Page(Path(write_report(empty)).read_text(encoding="utf-8"))
-    assert page.h2 == [] and not page.imgs
+
+
+@pytest.mark.parametrize("where", ["no folder", "a folder without a store"])
+def test_no_store_no_page(tmp_path, where):
+    """`write_report("/tmp/nonexistent")` made the folder and an empty report.html and
+    returned its path, as if the job had drawn nothing: refused, nothing created."""
+    from actstore.errors import ActstoreError
+
+    out = tmp_path / "nonexistent"
+    if where != "no folder":
+        out.mkdir()
+        (out / "samples-trained.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(ActstoreError) as exc:
+        write_report(out)
+    assert str(exc.value) == (f"no report for {out}: store {out / 'store.zarr'}: does not "
+                              "exist; create it with `actstore materialize`, or pass store= "
+                              "where the job's store is")
+    assert sorted(tmp_path.rglob("*")) == before

@@ -125,9 +125,19 @@ def write_report(out_dir: str | Path, store: str | None = None, *,
                  sections: Sequence[Section] = SECTIONS, notes: Sequence[str] = (),
                  title: str = "actstore report", path: str | Path | None = None) -> str:
     """Write ``report.html`` (or ``path``) from ``out_dir``'s figures and ``store``'s tables
-    (default ``out_dir/store.zarr``); returns the page's path."""
+    (default ``out_dir/store.zarr``); returns the page's path.
+
+    A path holding no store is refused before anything is written: a mistyped folder got
+    a new folder and an empty page, as if the job had drawn nothing."""
+    from actstore.store.core import read_root_attrs
+
     out = Path(out_dir)
     store = store or str(out / "store.zarr")
+    try:
+        read_root_attrs(store)
+    except ActstoreError as exc:
+        raise ActstoreError(f"no report for {out}: {exc}, or pass store= where the job's "
+                            "store is") from None
     parts, absent = [], []
     for section in sections:
         body = _section_body(section, out, store)
@@ -150,8 +160,7 @@ def write_report(out_dir: str | Path, store: str | None = None, *,
 
 def _section_body(section: Section, out: Path, store: str) -> str:
     html_parts = []
-    have_store = "://" in store or Path(store).exists()
-    rows = section.table(store) if section.table and have_store else None
+    rows = section.table(store) if section.table else None
     if rows:
         html_parts.append(_table(rows))
     for png in _figures(out, section.figures):
