@@ -30,6 +30,7 @@ _API = {
     "run_probes": "actstore.probe.runs",
     "load_probe": "actstore.probe.runs",
     "open_emergence": "actstore.probe.runs",
+    "open_scores": "actstore.probe.runs",
     "run_interventions": "actstore.intervene.run",
     "InterventionSettings": "actstore.intervene.settings",
     "SweepSettings": "actstore.intervene.settings",

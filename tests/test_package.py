@@ -18,7 +18,8 @@ from conftest import REPO
 API = {"open_store": "actstore.store.view", "materialize": "actstore.generation.materialize",
        "write_labels": "actstore.label.labels", "open_labels": "actstore.label.labels",
        "run_probes": "actstore.probe.runs", "load_probe": "actstore.probe.runs",
-       "open_emergence": "actstore.probe.runs", "run_interventions": "actstore.intervene.run",
+       "open_emergence": "actstore.probe.runs", "open_scores": "actstore.probe.runs",
+       "run_interventions": "actstore.intervene.run",
        "InterventionSettings": "actstore.intervene.settings",
        "SweepSettings": "actstore.intervene.settings", "run_sweep": "actstore.intervene.sweep",
        "open_intervention": "actstore.intervene.results", "ActstoreError": "actstore.errors"}
