@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -225,6 +226,22 @@ def test_weights_replaced_in_the_folder_are_refused_by_the_run_that_loads(capsys
                      uri, "--steps", "2", "--batch-size", "4", "--images", "0:4")
     err = [ln for ln in err if ln.startswith("actstore")]   # not the loading bar
     assert code == 2 and len(err) == 1, err
+    stored = json.loads(Path(uri, "models", "trained", "zarr.json").read_text())[
+        "attributes"]["actstore_model"]["fingerprint"]["weights_sha256"]
+    # each hash cut to 20 digits inside its quotes (the cut took the closing one: 2026-12-07)
     assert err[0].startswith(f"{PREFIX}store {uri}: model 'trained' was made with another "
-                             "model or config (weights_sha256: store has ")
+                             f'model or config (weights_sha256: store has "{stored[:20]}…", '
+                             'this run has "'), err[0]
+    assert re.search(r'this run has "[0-9a-f]{20}…"[;)]', err[0]), err[0]
     assert tree_digest(uri) == before
+
+
+def test_long_differences_are_cut_inside_their_quotes():
+    from actstore.store.claims import diff
+
+    stored, wanted = {"sha": "a" * 64, "steps": [1.0] * 9, "n": 1}, {"sha": "b" * 64,
+                                                                        "steps": [2.0] * 9}
+    assert diff(stored, wanted) == [f'sha: store has "{"a" * 20}…", this run has "{"b" * 20}…"',
+                                    "steps: store has [1.0, 1.0, 1.0, 1.0, 1…, this run has "
+                                    "[2.0, 2.0, 2.0, 2.0, 2…",
+                                    "n: store has 1, this run has null"]

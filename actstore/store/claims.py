@@ -203,5 +203,11 @@ def diff(stored: dict, wanted: dict, prefix: str = "", *, theirs: str = "store")
 
 
 def _short(value) -> str:
+    """A value as JSON, cut to about 24 characters; a cut string keeps its closing quote
+    (``"94feb32c694f528b93d1…"``: the cut lost it, and the line read unbalanced)."""
     text = json.dumps(value)
-    return text if len(text) <= 24 else text[:21] + "..."
+    if len(text) <= 24:
+        return text
+    if isinstance(value, str):
+        return json.dumps(value[:20])[:-1] + '…"'
+    return text[:22] + "…"
