@@ -287,6 +287,21 @@ def test_verify_with_nothing_to_verify(capfd, request, tmp_path, tiny_store, mod
     assert tree_digest(store) == before
 
 
+def test_verify_of_a_misaligned_region_gives_its_own_reason(capfd, tmp_path, tiny_store):
+    """`actstore verify --images 0:3` said '... so workers never share a block', the reason
+    of materialize's worker processes, for a read-only command run in one process."""
+    store = tmp_path / "s.zarr"
+    shutil.copytree(tiny_store, store)
+    before = tree_digest(store)
+    assert main(["--no-prefect", "--quiet", "verify", "--store", str(store),
+                 "--images", "0:3"]) == 2
+    err = [ln for ln in capfd.readouterr().err.splitlines() if ln.startswith("actstore")]
+    assert err == ["actstore verify: error: --images 0:3: not aligned to the store's 4-image "
+                   "blocks; use multiples of 4 (or STOP=16) as verify regenerates whole "
+                   "stored blocks"], err
+    assert tree_digest(store) == before
+
+
 def test_open_emergence_of_no_store_says_so(tmp_path):
     """`actstore.open_emergence(path)` of a mistyped path said 'no probe runs yet; run
     actstore probe', sending the user to probe a store that is not there."""

@@ -87,15 +87,16 @@ class MaterializeSettings:
                        cap=replace(base.cap, **parts["cap"]))
 
 
-def parse_region(images: str | None, n_images: int, block_size: int) -> tuple[int, int]:
-    """``"A:B"`` → (A, B), checked against the store size and its block grid."""
+def parse_region(images: str | None, n_images: int, block_size: int, *,
+                 why: str = "so workers never share a block") -> tuple[int, int]:
+    """``"A:B"`` → (A, B), checked against the store size and its block grid; ``why`` ends
+    the refusal of a misaligned region with the command's own reason."""
     if not images:
         return 0, n_images
     a, b = start_stop(images, n_images, expected="START:STOP", holder="the prompt table")
     if a % block_size or (b % block_size and b != n_images):
         raise InputError(f"--images {images}: not aligned to the store's {block_size}-image "
-                         f"blocks; use multiples of {block_size} (or STOP={n_images}) so "
-                         "workers never share a block")
+                         f"blocks; use multiples of {block_size} (or STOP={n_images}) {why}")
     return a, b
 
 

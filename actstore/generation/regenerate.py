@@ -150,7 +150,8 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
     have = st.model_variants(store)
     variants = variants or have
     st.check_variants(store, variants, have, "drop it from --models")
-    start, stop = parse_region(images, root["n_images"], root["block_size"])
+    start, stop = parse_region(images, root["n_images"], root["block_size"],
+                               why="as verify regenerates whole stored blocks")
     table = stored_table(store)
     rows, loaded, unrecorded, overridden = [], {}, 0, set()
     # a control permutes the loaded model in place: the trained variant first, and a
