@@ -20,15 +20,16 @@ class Options:
         return replace(self, **{k: v for k, v in options.items() if v is not None})
 
 
-def named_once(option: str, what: str, values) -> None:
+def named_once(option: str, what: str, values, sep: str = " ") -> None:
     """Refuse a value given twice in one option, naming it: a probe run stored with a
     repeated coordinate can't be aligned with any other (it broke the store's emergence
-    table), and an intervention option silently dropped the repeat."""
+    table), and an intervention option silently dropped the repeat. ``sep``: how the
+    option's values were given (``--capture attn1,block``: a comma)."""
     values = list(values)
     twice = next((i for i, v in enumerate(values) if v in values[:i]), None)
     if twice is not None:
         shown = [f"{v:g}" if isinstance(v, float) else str(v) for v in values]
-        raise InputError(f"{option} {' '.join(shown)}: {what} {shown[twice]} is named "
+        raise InputError(f"{option} {sep.join(shown)}: {what} {shown[twice]} is named "
                          "twice; name each once")
 
 

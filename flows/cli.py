@@ -26,14 +26,15 @@ from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
 
-CAPTURE_HELP = ("capture kinds, comma-separated (default: the kinds the model variant has; "
-                "a new model variant (the first, or --control randomized) takes attn1 only, "
-                "so give the control the trained model's kinds to probe both alike): attn1 "
-                "self-attention, attn2 cross-attention, block Transformer2D output (residual "
-                "stream), resnet ResNet block outputs, vae VAE-decoder mid-block attention; "
-                "naming an absent kind adds it to a stored model after a regeneration check. "
-                "Bytes per image (fp16, 15 steps): SD v1.4 at 512 px attn1, attn2, block 347 MB "
-                "each, resnet 361 MB, vae 63 MB; toy model 2.0, 2.0, 2.0, 2.05, 0.49 MB")
+CAPTURE_HELP = ("capture kinds, comma-separated, each once (default: the kinds the model "
+                "variant has; a new model variant (the first, or --control randomized) takes "
+                "attn1 only, so give the control the trained model's kinds to probe both "
+                "alike): attn1 self-attention, attn2 cross-attention, block Transformer2D "
+                "output (residual stream), resnet ResNet block outputs, vae VAE-decoder "
+                "mid-block attention; naming an absent kind adds it to a stored model after "
+                "a regeneration check. Bytes per image (fp16, 15 steps): SD v1.4 at 512 px "
+                "attn1, attn2, block 347 MB each, resnet 361 MB, vae 63 MB; toy model 2.0, "
+                "2.0, 2.0, 2.05, 0.49 MB")
 TARGETS = ("salient", "depth", "shading")
 DESCRIPTION = ("Store a latent diffusion model's activations (every self-attention layer, "
                "image and denoising step) in Zarr, label probe targets, fit probes over "
@@ -151,7 +152,7 @@ def _add_main(sub, common) -> None:
     m.add_argument("--guidance", type=nonneg_float,
                    help="default: the model's catalog guidance (toy-ldm: 3), else 7.5")
     m.add_argument("--targets", nargs="+", choices=TARGETS, default=list(TARGETS),
-                   help="label targets to probe (default: all three)")
+                   help="label targets to probe, each once (default: all three)")
     m.add_argument("--device", help="cpu, cuda[:N] or auto (default auto)")
     m.add_argument("--workers", type=positive_int, help="local Dask worker processes for "
                    "the whole job, more than one: one cluster runs materialize's regions, "
@@ -287,6 +288,8 @@ def _main_job(args, catalog) -> dict:
     # cluster, a GPU each (one runs in this process); with --cluster only the name here,
     # the flow asks the cluster's workers
     check_fan_out(args, "the main job's stages", args.device, in_process=1)
+    from actstore.options import named_once
+    named_once("--targets", "target", args.targets)   # labelled and probed twice, before
     toy = catalog is not None and "toy-ldm" in catalog.models and \
         Path(resolve_model(catalog, "toy-ldm")["ref"], "model_index.json").is_file()
     model = resolve_model(catalog, args.model or ("toy-ldm" if toy else "tiny-random"))

@@ -21,7 +21,7 @@ def add_label_probe_parsers(sub, common) -> None:
                    "target whose values are all 0/1 is binary (logistic probes, Dice), any "
                    "other continuous (z-scored, ridge probes, RMSE)")
     p.add_argument("--target", required=True, nargs="+", help="name(s) of the target(s) in "
-                   "the store; several are labelled in one pass of the provider")
+                   "the store, each once; several are labelled in one pass of the provider")
     p.add_argument("--overwrite", action="store_true", help="replace a target the store "
                    "already has (default: refuse)")
     p.add_argument("--no-x0", action="store_true", help="skip labelling the per-step x0 images")

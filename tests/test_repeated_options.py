@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from conftest import EXPLORE_LAYERS, cli, tree_digest
+from conftest import DEMO, EXPLORE_LAYERS, cli, tree_digest
 
 
 @pytest.fixture()
@@ -27,6 +27,12 @@ def store(tmp_path, explore_store) -> str:
       "array:x.npz", "--target", "mask"], ["--provider given twice"]),
     (["show", "--store", "{store}", "--threads", "1", "--threads", "2"],
      ["--threads given twice"]),
+    # a value named twice in one option: labelled once, or captured once, without a word
+    (["label", "--store", "{store}", "--provider", "toyworld", "--target", "depth", "depth",
+      "--overwrite"], ["--target depth depth: target depth is named twice; name each once"]),
+    (["materialize", "--store", "{store}", "--model", "tiny-random", "--prompts", DEMO,
+      "--capture", "attn1,attn1"],
+     ["--capture attn1,attn1: kind attn1 is named twice; name each once"]),
 ])
 def test_an_option_given_twice_is_refused(store, tmp_path, argv, words):
     before = tree_digest(store)
@@ -58,3 +64,16 @@ def test_one_parser_parses_many_times():
     for n in range(50):
         args = parser.parse_args(["probe", "--store", f"s{n}", "--target", "d"])
         assert args.store == f"s{n}"
+
+
+def test_main_refuses_a_target_named_twice(tmp_path, capsys):
+    """`actstore main --targets depth depth` labelled and probed depth twice; refused
+    before the job's folder is made."""
+    from flows.cli import main
+
+    out = tmp_path / "run"
+    assert main(["--quiet", "main", "--out", str(out), "--targets", "depth", "depth"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "--targets depth depth: target depth is named twice" \
+        in lines[0], lines
+    assert not out.exists()

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from actstore.errors import ActstoreError
+from actstore.options import named_once
 
 KINDS = ("attn1", "attn2", "block", "resnet", "vae")
 DEFAULT_KINDS = ("attn1",)
@@ -64,6 +65,7 @@ def parse_kinds(kinds: str | Iterable[str] | None) -> tuple[str, ...]:
         raise ActstoreError(f"--capture {','.join(items) or repr(kinds)}: "
                             f"{'unknown kind ' + repr(bad[0]) if bad else 'no kind given'}; "
                             f"use a comma-separated subset of {','.join(KINDS)}")
+    named_once("--capture", "kind", items, sep=",")   # was dropped without a word
     return tuple(k for k in KINDS if k in items)
 
 

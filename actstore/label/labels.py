@@ -44,6 +44,7 @@ from actstore.label.passes import PassContext, by_size, resolution_name
 from actstore.kinds import CONTINUOUS, KINDS
 from actstore.label.providers import LabelProvider, get_provider
 from actstore.label.settings import LabelSettings
+from actstore.options import named_once
 from actstore.progress import Progress
 
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -201,7 +202,8 @@ def _existing(store: str, targets: list[str], overwrite: bool) -> dict[str, dict
 
 
 def _target_names(target) -> list[str]:
-    """One name or several, each once in the order given, all valid before anything runs."""
+    """One name or several, in the order given, all valid before anything runs; a name
+    given twice is refused (``--target depth depth`` labelled depth once, without a word)."""
     names = list(target) if isinstance(target, (list, tuple)) else [target]
     if not names:
         raise ActstoreError("no target given; name at least one (e.g. --target depth)")
@@ -209,7 +211,8 @@ def _target_names(target) -> list[str]:
         if not isinstance(t, str) or not TARGET_NAME.match(t):
             raise ActstoreError(f"target {t!r}: use letters, digits, '_', '.', '-' (not "
                                 "starting with '_' or '.')")
-    return list(dict.fromkeys(names))
+    named_once("--target", "target", names)
+    return names
 
 
 def _target_kind(prov, spec: str, target: str) -> str:
