@@ -19,7 +19,8 @@ def add_label_probe_parsers(sub, common) -> None:
                    "'image_id' array of the store's image ids (strings) and one (N, H, W) "
                    "array per target, named as the target, at the store's image size; a "
                    "target whose values are all 0/1 is binary (logistic probes, Dice), any "
-                   "other continuous (z-scored, ridge probes, RMSE)")
+                   "other continuous (z-scored, ridge probes, RMSE); either is refused "
+                   "if constant over the train images (a mask of one class)")
     p.add_argument("--target", required=True, nargs="+", help="name(s) of the target(s) in "
                    "the store, each once; several are labelled in one pass of the provider")
     p.add_argument("--overwrite", action="store_true", help="replace a target the store "

@@ -191,6 +191,21 @@ def test_several_targets_from_the_command_line(store, tmp_path, capsys, monkeypa
     np.testing.assert_array_equal(open_labels(store, "mask").full.values, maps["mask"])
 
 
+def test_a_mask_of_one_class_is_refused_from_the_command_line(store, tmp_path, capsys):
+    """`actstore label --provider array:FILE` with a mask all 0 on the train images
+    labelled fine (exit 0); now one line, exit 2, the store as it was."""
+    from flows.cli import main
+
+    ids = list(open_store(store).images["image"].values)
+    path = _npz(tmp_path, ids, {"mask": np.zeros((len(ids), 64, 64), np.float32)})
+    before = full_digest(store)
+    assert main(["--no-prefect", "--quiet", "label", "--store", store, "--provider",
+                 f"array:{path}", "--target", "mask"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "'mask' is constant over the train images" in lines[0], lines
+    assert full_digest(store) == before
+
+
 def test_several_targets_bad_one_writes_none(store):
     """All or nothing for the set: one bad target, late or up front, and nothing is written."""
     write_labels(store, Brightness(), "salient", on_x0=False, progress=False)
@@ -442,6 +457,18 @@ def _bad_cases(store: str, tmp_path: Path) -> dict:
         "text labels": (lambda: write_labels(   # was a ValueError once a version was begun
             store, f"array:{_npz(tmp_path, ids, {'depth': np.full(ok.shape, 'far')}, 'd.npz')}",
             "depth"), "array 'depth' holds <U3 values"),
+        "constant depth": (lambda: write_labels(
+            store, f"array:{_npz(tmp_path, ids, {'depth': ok + 2}, 'e.npz')}", "depth"),
+            "'depth' is constant over the train images, so it can't be z-scored"),
+        # binary maps of one class over the train images labelled fine, then probed to
+        # Dice 1.000: refused as constant continuous labels are
+        "mask all 0": (lambda: write_labels(
+            store, f"array:{_npz(tmp_path, ids, {'mask': ok}, 'f.npz')}", "mask"),
+            "'mask' is constant over the train images, every train map is all 0, so a "
+            "probe has no class to tell apart"),
+        "mask all 1 on train": (lambda: write_labels(
+            store, f"array:{_npz(tmp_path, ids, {'mask': _ones_on_train(store)}, 'g.npz')}",
+            "mask"), "'mask' is constant over the train images, every train map is all 1"),
         "torn npz": (lambda: write_labels(store, f"array:{_torn_npz(tmp_path)}", "depth"),
                      "torn.npz is not a NumPy file of plain arrays"),   # was BadZipFile
         # the prompt reader beside the labeler has the same two files: it was 'unexpected
@@ -450,6 +477,16 @@ def _bad_cases(store: str, tmp_path: Path) -> dict:
             store, f"toyworld:{REPO / 'models' / 'toy-reader'}", "depth"),
             "toy-reader holds no toy label model .*e.g. models/toy-labeler"),
     }
+
+
+def _ones_on_train(store: str) -> np.ndarray:
+    """Masks all 1 on the train images, one pixel of 0 on each other: of two classes
+    over the store, of one over the images the probes are fitted on."""
+    split = open_store(store).images["split"].values
+    maps = np.ones((len(split), 64, 64), np.float32)
+    maps[split != "train", 0, 0] = 0
+    assert (split != "train").any()
+    return maps
 
 
 def _torn_npz(tmp_path: Path) -> str:

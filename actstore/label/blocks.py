@@ -137,8 +137,7 @@ def raw_block(job: LabelJob, prov, a: int, b: int,
     job.check_owned()
     for t, raw in raws.items():
         io.open_array(job.store, f"{job.paths[t]}/{RAW}", "r+")[a:b] = raw
-        if job.kinds[t] == CONTINUOUS:
-            moments[t] = block_moments(raw[train].astype(np.float64))
+        moments[t] = block_moments(raw[train].astype(np.float64))   # binary: the ones' share
     job.check_owned()
     commit.write_block_record(job.store, job.record_group(PASS1), a, b, {"moments": moments})
 
@@ -153,28 +152,33 @@ def block_moments(sel: np.ndarray) -> list[float]:
 
 def stats(job: LabelJob) -> dict[str, tuple]:
     """Each target's (mean, std) from the pass-1 records, merged in block order (Chan);
-    (None, None) for binary targets."""
+    (None, None) for binary targets. A target constant over the train images is refused:
+    a continuous one can't be z-scored, and a binary one of one class gives every probe
+    nothing to tell apart (its test Dice read 1.000 on maps all 0 or all 1)."""
     out = {}
     records = [io.node_attrs(job.store, lay.block_record_path(
         job.record_group(PASS1), a, b))[lay.BLOCK_KEY]["moments"] for a, b in job.blocks]
     for t, kind in job.kinds.items():
-        if kind != CONTINUOUS:
-            out[t] = (None, None)
-            continue
         n, mean, m2 = 0, 0.0, 0.0
         for rec in records:
-            bn, bm, bm2 = rec[t]
+            bn, bm, bm2 = rec.get(t, (0, 0.0, 0.0))
             if not bn:
                 continue
             tot = n + bn
             m2 += bm2 + (bm - mean) ** 2 * n * bn / tot
             mean += (bm - mean) * bn / tot
             n = tot
-        std = float(np.sqrt(m2 / n))
-        if not std > 0:
+        # a binary target's moments are recorded since 2026-12-07: a run resumed from
+        # records made before is not checked (a part of the train images is no proof)
+        if kind != CONTINUOUS and not all(t in rec for rec in records):
+            out[t] = (None, None)
+            continue
+        if not m2 > 0:
+            why = ("so it can't be z-scored" if kind == CONTINUOUS else
+                   f"every train map is all {mean:.0f}, so a probe has no class to tell apart")
             raise ActstoreError(f"provider {job.spec}: {t!r} is constant over the train "
-                                "images, so it can't be z-scored; check the label model")
-        out[t] = (float(mean), std)
+                                f"images, {why}; check the label model")
+        out[t] = (float(mean), float(np.sqrt(m2 / n))) if kind == CONTINUOUS else (None, None)
     return out
 
 
