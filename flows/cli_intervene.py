@@ -12,8 +12,9 @@ from __future__ import annotations
 import sys
 
 from actstore.cliargs import index, nonneg_float, positive_float, positive_int
-from actstore.intervene.settings import (DIRECTIONS, HALVES, METHODS, InterventionSettings,
-                                         SweepSettings, defaults)
+from actstore.errors import InputError
+from actstore.intervene.settings import (DIRECTIONS, HALVES, METHODS, TARGET_MODES,
+                                         InterventionSettings, SweepSettings, defaults)
 from flows.cli_checks import STORE_HELP, check_fan_out, store_uri
 
 D = defaults(InterventionSettings)
@@ -48,17 +49,21 @@ def _add_edit_options(p, sweep: bool = False) -> None:
                    default=None, help="skip the equal-size random-direction edit (on by "
                    "default: each edit is repeated with a seeded random direction of the "
                    "same norm at every token)")
-    p.add_argument("--n-targets", type=positive_int, help="targets per image (shift/insert; default "
-                   f"{D['n_targets']}; the others are each output's specificity control)")
+    n_default = f"{SweepSettings().base.n_targets}, at least 2" if sweep else str(D["n_targets"])
+    p.add_argument("--n-targets", type=positive_int, help="targets made per image (shift, "
+                   f"shift-x, insert; default {n_default}; the others are each output's "
+                   "specificity control); not with a --targets file or folder, whose maps "
+                   "per image are the targets")
     p.add_argument("--seed", type=index, help="seed of the target offsets and random "
                    f"directions (default {D['seed']})")
     p.add_argument("--provider", help="label provider reading the outputs (default: the one "
                    "that made the labels)")
-    p.add_argument("--margin", type=positive_float, help="target logit magnitude for logistic (mask) "
-                   f"probes (default {D['margin']:g})")
-    p.add_argument("--lr", type=positive_float, help=f"gradient method: Adam lr (default {D['lr']:g})")
-    p.add_argument("--iterations", type=positive_int, help="gradient method: Adam iterations "
-                   f"(default {D['iterations']})")
+    p.add_argument("--margin", type=positive_float, help="target logit magnitude for "
+                   f"logistic (mask) probes; mask targets only (default {D['margin']:g})")
+    p.add_argument("--lr", type=positive_float, help="Adam lr; --method gradient only "
+                   f"(default {D['lr']:g})")
+    p.add_argument("--iterations", type=positive_int, help="Adam iterations; --method "
+                   f"gradient only (default {D['iterations']})")
     p.add_argument("--targets", help="shift (paper; default), shift-x (its horizontal offset "
                    "only: for a fixed camera), insert (Appendix E, depth), or a .npz keyed "
                    "by image id / folder of <image_id>.npy|.png")
@@ -83,7 +88,8 @@ def add_intervene_parser(sub, common=None) -> None:
     p.add_argument("--images", nargs="+", help="image ids or one START:STOP (default: the "
                    "test split)")
     p.add_argument("--target-units", choices=["normalized", "raw"],
-                   help="units of user depth arrays (raw = provider units, z-scored here)")
+                   help="units of user depth arrays (raw = provider units, z-scored here); "
+                   "a --targets file or folder of a continuous target only")
     p.add_argument("--experiment", dest="experiment_id", help="experiment id (default: a hash "
                    "of the settings, so rerunning a command resumes it)")
     p.add_argument("--figure", help="write the original/target/intervened/new-label PNG here")
@@ -146,7 +152,20 @@ def _given(args, names) -> dict:
     return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
 
 
+def _n_targets_with_file(args) -> None:
+    """``--n-targets`` counts the targets made per image; a targets file or folder holds
+    its own (K maps per image), and a file of one map per image with ``--n-targets 3``
+    ran one target without a word."""
+    if args.n_targets is not None and args.targets is not None \
+            and args.targets not in TARGET_MODES:
+        raise InputError(f"--n-targets {args.n_targets}: counts the targets made per image "
+                         f"(--targets {', '.join(TARGET_MODES)}), and --targets "
+                         f"{args.targets} gives its own maps per image; drop --n-targets "
+                         "(for K targets, give K maps per image in the file)")
+
+
 def intervention_settings(args) -> InterventionSettings:
+    _n_targets_with_file(args)
     images = args.images
     if images and len(images) == 1:
         images = images[0]
@@ -156,6 +175,7 @@ def intervention_settings(args) -> InterventionSettings:
 
 
 def sweep_settings(args) -> SweepSettings:
+    _n_targets_with_file(args)
     base = _given(args, EDIT_FIELDS)
     base.setdefault("n_targets", SweepSettings().base.n_targets)
     grid = _given(args, ("kinds", "step_counts", "strengths", "validation", "evaluation",

@@ -265,7 +265,8 @@ def test_probe_refuses_a_store_without_test_images(capsys, tmp_path, tiny_model)
     materialize(tiny_model, table, uri, MaterializeSettings(gen=GenerationConfig(steps=1)),
                 progress=False)
     ids = list(open_store(uri).images["image"].values)
-    np.savez(tmp_path / "d.npz", image_id=np.array(ids), depth=np.ones((4, 64, 64)))
+    depth = np.random.default_rng(0).normal(size=(4, 64, 64))   # all 1 is a constant mask
+    np.savez(tmp_path / "d.npz", image_id=np.array(ids), depth=depth)
     write_labels(uri, f"array:{tmp_path / 'd.npz'}", "depth", on_x0=False, progress=False)
     before = tree_digest(uri)
     line = _refused(capsys, ["--no-prefect", "probe", "--store", uri, "--target", "depth",

@@ -653,7 +653,7 @@ def test_relabel_between_sweep_cells_records_no_sweep(ivstore, tiny_model, tmp_p
     monkeypatch.setattr(sw, "run_interventions", cell)
     settings = SweepSettings(kinds=("attn1",), step_counts=(1, 2), strengths=(1.0,),
                              validation=2, evaluation=2,
-                             base=IS(n_targets=1, provider=PixelLabels(), batch_size=8))
+                             base=IS(n_targets=2, provider=PixelLabels(), batch_size=8))
     with pytest.raises(ActstoreError, match=r"was fitted on labels 'salient' version v-\S+, "
                        r"relabelled since \(now version v-\S+\); run `actstore probe"):
         sw.run_sweep(uri, [_salient_run(uri)], settings, model=tiny_model, progress=False)

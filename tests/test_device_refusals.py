@@ -144,7 +144,7 @@ def test_a_cluster_command_asks_its_workers_for_the_gpu(tmp_path, reference, pro
         args = ["--provider", "toyworld", "--target", "depth", "--no-x0"]
     else:
         shutil.copytree(probed_reference[0], store)
-        args = ["--probe-run", probed_reference[1], "--n-targets", "1"]
+        args = ["--probe-run", probed_reference[1], "--n-targets", "2"]
         args += ["--layers", *IV_LAYERS, "--steps", *map(str, IV_STEPS), "--images", "0:16"] \
             if command == "intervene" else \
             ["--kinds", "attn1", "--step-counts", "1", "--strength", "1", "--validation", "3",

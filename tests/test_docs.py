@@ -84,7 +84,7 @@ def test_store_format_layout_is_what_a_store_holds(explore_store, tmp_path):
     run_sweep(store, latest_run(store, "salient"),
               SweepSettings(kinds=("attn1",), step_counts=(1,), strengths=(1.0,),
                             validation=1, evaluation=1,
-                            base=InterventionSettings(n_targets=1)), progress=False)
+                            base=InterventionSettings(n_targets=2)), progress=False)
     layout = _layout_block()
     words = set(re.findall(r"[\w<>]+", layout))
     dims = _documented_dims(layout)

@@ -10,9 +10,10 @@ from test_probe_selection import _refused, store  # noqa: F401  (store: a fixtur
 
 
 def _intervene(store: str, run: str, *extra: str):
-    """An option in ``extra`` replaces its default here: given twice it is refused."""
+    """An option in ``extra`` replaces its default here: given twice it is refused. With
+    ``--targets`` (a file holds its own number of targets) no ``--n-targets``."""
     defaults = {"--layers": EXPLORE_LAYERS[0], "--steps": "0", "--images": "demo-012",
-                "--n-targets": "1"}
+                **({} if "--targets" in extra else {"--n-targets": "1"})}
     kept = [a for k, v in defaults.items() if k not in extra for a in (k, v)]
     return cli("intervene", "--store", store, "--probe-run", run, *kept, *extra)
 
@@ -97,6 +98,60 @@ def test_a_sweep_of_a_run_with_a_repeated_step_runs(store):
     run = _run_probes(store, "depth", settings, "sync", False)
     swept = cli("sweep", "--store", store, "--probe-run", run, "--kinds",
                 "attn1", "--step-counts", "1", "--strength", "1", "--validation", "1",
-                "--evaluation", "1", "--n-targets", "1", "--no-random-control")
+                "--evaluation", "1", "--n-targets", "2", "--no-random-control")
     assert swept.returncode == 0, swept.stderr
     assert "named twice" not in swept.stderr
+
+
+@pytest.fixture()
+def one_map(tmp_path) -> str:
+    """A user targets file of one (32, 32) map for demo-012: one target per image."""
+    import numpy as np
+
+    path = tmp_path / "one_map.npz"
+    np.savez(path, **{"demo-012": np.ones((64, 64), np.float32)})
+    return str(path)
+
+
+@pytest.mark.parametrize("target,extra,words", [
+    # a file of one map per image ran one target, whatever --n-targets said
+    ("depth", ["--targets", "{one_map}", "--n-targets", "3"],
+     ["--n-targets 3: counts the targets made per image", "drop --n-targets"]),
+    # accepted, recorded as lr: null / iterations: null, and not used
+    ("depth", ["--lr", "0.1"], ["--lr 0.1: only --method gradient runs Adam, --method "
+                                "projection never reads it"]),
+    ("depth", ["--method", "projection", "--iterations", "5"], ["--iterations 5:"]),
+    # units of user arrays: of a mask, or of targets made from the labels, they mean nothing
+    ("salient", ["--targets", "{one_map}", "--target-units", "raw"],
+     ["--target-units raw: 'salient' is a binary target", "drop --target-units"]),
+    ("depth", ["--target-units", "raw"], ["--target-units raw:", "--targets shift makes them"]),
+    # the logit asked of a mask's logistic probes
+    ("depth", ["--margin", "2"], ["--margin 2:", "'depth' is a continuous target"]),
+])
+def test_an_option_the_edit_never_reads_is_refused(store, one_map, target, extra, words):
+    """Each was accepted and silently ignored (exit 0, no note); now one line naming the
+    option and why, exit 2, nothing written."""
+    from actstore.probe.runs import latest_run
+
+    before = tree_digest(store)
+    _refused(_intervene(store, latest_run(store, target),
+                        *[a.format(one_map=one_map) for a in extra]), *words)
+    assert tree_digest(store) == before
+
+
+@pytest.mark.parametrize("extra,words", [
+    # the chosen setting had no other-target control ('other n/a'), though 'specific' is
+    # the least of gain, margin over random and margin over the other targets
+    (["--n-targets", "1"], ["--n-targets 1: a sweep picks the largest specific effect",
+                            "give --n-targets 2 or more"]),
+    (["--targets", "{one_map}", "--n-targets", "2"], ["--n-targets 2: counts the targets"]),
+])
+def test_a_sweep_without_other_targets_is_refused(store, one_map, extra, words):
+    from actstore.probe.runs import latest_run
+
+    before = tree_digest(store)
+    _refused(cli("sweep", "--store", store, "--probe-run", latest_run(store, "depth"),
+                 "--kinds", "attn1", "--step-counts", "1", "--strength", "1",
+                 "--validation", "1", "--evaluation", "1",
+                 *[a.format(one_map=one_map) for a in extra]), *words)
+    assert tree_digest(store) == before

@@ -39,10 +39,10 @@ from test_intervene_fanout import cluster, probed  # noqa: F401 - fixtures
 # edit of the tiny model reaches, so a setting is chosen and evaluated.
 SETTINGS = SweepSettings(kinds=("attn1",), step_counts=(1, 2), strengths=(0.5, 1.0),
                          validation=3, evaluation=3, max_edit_size=1e6,
-                         base=IS(n_targets=1, device="cpu"))
+                         base=IS(n_targets=2, device="cpu"))
 ARGS = ["--kinds", "attn1", "--step-counts", "1", "2", "--strength", "0.5", "1",
         "--validation", "3", "--evaluation", "3", "--max-edit-size", "1e6",
-        "--n-targets", "1", "--device", "cpu"]
+        "--n-targets", "2", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +239,7 @@ def test_the_store_s_refusals_come_before_a_flow_starts(swept, api, fan, probe_r
     base, _, rid, _, _ = swept
     before = tree_digest(base)
     argv = ["sweep", "--store", base, "--probe-run", probe_run or rid, "--kinds", kinds,
-            "--validation", validation, "--evaluation", "3", "--n-targets", "1",
+            "--validation", validation, "--evaluation", "3", "--n-targets", "2",
             "--device", "cpu", *fan]
     res = run(*argv, api=api, timeout=120)
     assert res.returncode == 2 and words in one_line(res.stderr), res.stderr

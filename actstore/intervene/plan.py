@@ -20,7 +20,7 @@ from actstore.intervene.inputs import (check_existing, provider_spec, resolve_pr
                                        select_images)
 from actstore.intervene.results import existing_settings
 from actstore.intervene.pattern import patterns
-from actstore.intervene.settings import (TARGET_MODES, InterventionSettings,
+from actstore.intervene.settings import (TARGET_MODES, InterventionSettings, defaults,
                                          without_later_defaults)
 from actstore.intervene.targets import SHIFT_RANGE, load_user_targets
 from actstore.label.labels import TARGET_NAME
@@ -130,12 +130,26 @@ def check_request(store: str, probe_run: str, settings: InterventionSettings, *,
     if s.targets == "insert" and kind == BINARY:
         raise InputError("--targets insert copies an object's depth, so it needs a "
                          "continuous target such as depth; use shift for masks")
+    _check_unused_for(s, kind, target)
     positions = select_images(view, list(s.images) if isinstance(s.images, tuple) else s.images)
     req = Request(s.with_(target=target, layers=tuple(layers), steps=tuple(steps)), kind,
                   view, current, label_attrs, positions)
     if named and s.experiment_id is not None:
         _check_named(store, probe_run, req, provenance)
     return req
+
+
+def _check_unused_for(s: InterventionSettings, kind: str, target: str) -> None:
+    """An option the target's kind never reads, given at another value than its default,
+    is refused (was accepted and ignored): a mask's targets are 0/1 whatever their units,
+    and only a mask's logistic probes are asked for a logit of ``--margin``."""
+    d = defaults(InterventionSettings)
+    if kind == BINARY and s.target_units != d["target_units"]:
+        raise InputError(f"--target-units {s.target_units}: {target!r} is a binary target "
+                         "(a mask: nonzero is the object, in any units); drop --target-units")
+    if kind != BINARY and s.margin != d["margin"]:
+        raise InputError(f"--margin {s.margin:g}: the logit asked of a mask's logistic "
+                         f"probes, and {target!r} is a {kind} target; drop --margin")
 
 
 def _check_named(store: str, probe_run: str, req: Request, provenance: dict | None) -> None:

@@ -112,6 +112,24 @@ class InterventionSettings:
             raise ActstoreError("--lr and --margin must be positive")
         if self.target_units not in ("normalized", "raw"):
             raise ActstoreError(f"--target-units {self.target_units!r}: use normalized or raw")
+        self._check_unused()
+
+    def _check_unused(self) -> None:
+        """An option the chosen method or targets never read, given at another value than
+        its default, is refused: it was accepted and silently ignored (`--lr 0.1
+        --method projection` recorded lr null). Checks that need the target's kind are
+        :func:`actstore.intervene.plan.check_request`'s."""
+        d = defaults(type(self))
+        if self.method != "gradient":
+            for option, name in (("--lr", "lr"), ("--iterations", "iterations")):
+                if getattr(self, name) != d[name]:
+                    raise ActstoreError(f"{option} {getattr(self, name):g}: only --method "
+                                        f"gradient runs Adam, --method {self.method} never "
+                                        f"reads it; drop {option} or use --method gradient")
+        if self.target_units != d["target_units"] and self.targets in TARGET_MODES:
+            raise ActstoreError(f"--target-units {self.target_units}: gives the units of "
+                                f"targets read from a file, and --targets {self.targets} "
+                                "makes them from the labels; drop --target-units")
 
     @property
     def arms(self) -> tuple[str, ...]:
@@ -186,4 +204,10 @@ class SweepSettings:
             raise ActstoreError(f"--max-edit-size {self.max_edit_size}: give a finite number "
                                 "> 0 (the largest median ||edit||/||activation|| chosen)")
         object.__setattr__(self, "max_edit_size", float(self.max_edit_size))
+        if self.base.n_targets < 2 and self.base.targets in TARGET_MODES:
+            raise ActstoreError(f"--n-targets {self.base.n_targets}: a sweep picks the "
+                                "largest specific effect, the least of the gain and the "
+                                "margins over the random edit and over the other targets, "
+                                "and one target per image has no other; give --n-targets 2 "
+                                "or more (default 2)")
         self.base.with_(strengths=self.strengths)   # the strengths' own checks
