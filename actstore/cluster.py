@@ -20,10 +20,8 @@ from actstore.runtime import dask_threads, env_threads
 # Imported by each local worker as it starts (torch, diffusers, zarr: seconds each), all
 # workers at once, instead of one after the other as their first regions arrive.
 WORKER_PRELOAD = "actstore.generation.regions"
-# The clusters a command starts for itself: no dashboard, and the scheduler's HTTP server
-# (which distributed starts even so) on a free local port, not distributed's 8787, which a
-# user's own dashboard or a second command at once holds (a "Port 8787 is already in
-# use" warning then).
+# Clusters a command starts itself: no dashboard, the scheduler's HTTP server (started even
+# so) on a free loopback port, not 8787, which a user's dashboard or another command holds.
 LOCAL_CLUSTER = dict(dashboard_address=None, scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
                      silence_logs=logging.WARNING)
 SCHEDULER_TIMEOUT = 3.0  # seconds a scheduler (and then its first worker) has to answer
