@@ -135,8 +135,22 @@ def test_an_option_the_edit_never_reads_is_refused(store, one_map, target, extra
 
     before = tree_digest(store)
     _refused(_intervene(store, latest_run(store, target),
-                        *[a.format(one_map=one_map) for a in extra]), *words)
+                        *[a.format(one_map=one_map, one_map_each=one_map_each) for a in extra]),
+             *words)
     assert tree_digest(store) == before
+
+
+@pytest.fixture()
+def one_map_each(store, tmp_path) -> str:
+    """A user targets file of one (64, 64) map for every image of the store."""
+    import numpy as np
+
+    from actstore.store.view import open_store
+
+    path = tmp_path / "one_map_each.npz"
+    ids = [str(i) for i in open_store(store, complete_only=False).images["image"].values]
+    np.savez(path, **{i: np.ones((64, 64), np.float32) for i in ids})
+    return str(path)
 
 
 @pytest.mark.parametrize("extra,words", [
@@ -145,13 +159,16 @@ def test_an_option_the_edit_never_reads_is_refused(store, one_map, target, extra
     (["--n-targets", "1"], ["--n-targets 1: a sweep picks the largest specific effect",
                             "give --n-targets 2 or more"]),
     (["--targets", "{one_map}", "--n-targets", "2"], ["--n-targets 2: counts the targets"]),
+    # a file of one map per image: no other target either (it ran, 'other n/a')
+    (["--targets", "{one_map_each}"], ["--targets ", ": one map per image", "two or more maps"]),
 ])
-def test_a_sweep_without_other_targets_is_refused(store, one_map, extra, words):
+def test_a_sweep_without_other_targets_is_refused(store, one_map, one_map_each, extra, words):
     from actstore.probe.runs import latest_run
 
     before = tree_digest(store)
     _refused(cli("sweep", "--store", store, "--probe-run", latest_run(store, "depth"),
                  "--kinds", "attn1", "--step-counts", "1", "--strength", "1",
                  "--validation", "1", "--evaluation", "1",
-                 *[a.format(one_map=one_map) for a in extra]), *words)
+                 *[a.format(one_map=one_map, one_map_each=one_map_each) for a in extra]),
+             *words)
     assert tree_digest(store) == before

@@ -193,11 +193,8 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
     table = view.images
     image_ids = _image_ids(req)
     hw = tuple(int(v) for v in label_attrs["image_size"])
-    user, mode, n_targets = None, _mode(s), s.n_targets
-    if mode is None:
-        user = load_user_targets(s.targets, image_ids, hw, kind=kind, mean=label_attrs.get("mean"),
-                                 std=label_attrs.get("std"), units=s.target_units)
-        n_targets = user.shape[1]
+    user, mode = user_targets(req), _mode(s)
+    n_targets = s.n_targets if user is None else user.shape[1]
     object_target, label_paths = _labels_read(current, target, mode)
     label_attrs = {k: v for k, v in label_attrs.items() if k not in ("path", "commit",
                                                                       "version")}
@@ -222,6 +219,17 @@ def plan_interventions(store: str, probe_run: str, settings: InterventionSetting
 
 def _image_ids(req: Request) -> list[str]:
     return [str(v) for v in req.view.images["image"].values[req.positions]]
+
+
+def user_targets(req: Request) -> np.ndarray | None:
+    """The user's targets (N, K, H, W) for the request's images, from its ``--targets``
+    file or folder; None when the targets are made here (shift, shift-x, insert)."""
+    s, attrs = req.settings, req.label_attrs
+    if _mode(s) is not None:
+        return None
+    hw = tuple(int(v) for v in attrs["image_size"])
+    return load_user_targets(s.targets, _image_ids(req), hw, kind=req.kind,
+                             mean=attrs.get("mean"), std=attrs.get("std"), units=s.target_units)
 
 
 def _mode(s: InterventionSettings) -> str | None:

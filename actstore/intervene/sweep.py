@@ -31,11 +31,11 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import actstore
-from actstore.errors import ActstoreError
+from actstore.errors import ActstoreError, InputError
 from actstore.generation.models import LoadedModel
 from actstore.generation.pointnames import UNET_KINDS, kind_of, site_of
 from actstore.intervene.inputs import load_store_model
-from actstore.intervene.plan import check_request
+from actstore.intervene.plan import check_request, user_targets
 from actstore.intervene.run import run_interventions
 from actstore.intervene.settings import InterventionSettings, SweepSettings
 from actstore.intervene.sweeprecords import (headline, latest_sweep, list_sweeps,  # noqa: F401
@@ -175,7 +175,13 @@ def plan_sweep(store: str, probe_runs: list[str] | str,
             check_step_counts(run_id, run, settings.step_counts)
     cells = {r: planned_cells(r, run, settings) for r, run in runs.items()}  # all, first
     for run_id, run_cells in cells.items():   # each run's edit as its first cell asks it
-        check_request(store, run_id, validation_settings(settings, run_cells[0], validation))
+        maps = user_targets(check_request(store, run_id, validation_settings(
+            settings, run_cells[0], validation)))
+        if maps is not None and maps.shape[1] < 2:
+            raise InputError(f"--targets {settings.base.targets}: one map per image, but a "
+                             "sweep's specific effect is the least of the gain and the margins "
+                             "over random and over the image's other targets; give two or "
+                             "more maps per image ((K, H, W) arrays or <image_id>_<k>.png)")
     return SweepPlan(store, settings, validation, evaluation, runs, cells, out_dir)
 
 
