@@ -88,6 +88,15 @@ def summary_task(store: str, out_dir: str) -> dict:
     return {"rows": rows, "table": table, "figure": figure}
 
 
+@task(name="tables")
+def tables_task(out_dir: str, table: str, sweeps: dict | None) -> None:
+    """Every table the job prints in summary.txt (the causal test's too, not the probe
+    table alone), and the sweeps' records as stored in causal.json."""
+    Path(out_dir, "summary.txt").write_text(table + "\n")
+    if sweeps:
+        Path(out_dir, "causal.json").write_text(json.dumps(sweeps, indent=1))
+
+
 @task(name="report")
 def report_task(store: str, out_dir: str, notes: list[str]) -> str:
     return write_report(out_dir, store, notes=notes, title=f"actstore main job: {out_dir}")
@@ -212,9 +221,7 @@ def _stages(model: str, prompts: str, out_dir: Path, images: str | None,
             store, [rec["sweep_id"] for rec in found.values()], str(out_dir))
         result["interventions"] = found
         result["table"] += "\n\n" + format_cells(found) + "\n\n" + format_sweeps(found)
-        Path(out_dir, "causal.json").write_text(json.dumps(found, indent=1))
-    # every table the job prints, the causal test's included, not the probe table alone
-    Path(out_dir, "summary.txt").write_text(result["table"] + "\n")
+    tables_task(str(out_dir), result["table"], result.get("interventions"))
     return result
 
 

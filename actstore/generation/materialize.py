@@ -255,7 +255,6 @@ def completion(store: str) -> dict[str, dict]:
     for variant in st.model_variants(store):
         view = StoreView(store, model=variant, complete_only=False)
         out[variant] = {"complete": int(view.complete.sum()), "images": n}
-        view.points   # noqa: B018 - finding the readable points fills view.pending
         if view.pending:
             out[variant]["adding"] = {k: list(v) for k, v in sorted(view.pending.items())}
     return out

@@ -40,7 +40,6 @@ class StoreView:
         self.root_attrs = read_root_attrs(self.uri)
         self.attrs = model_attrs(self.uri, model)
         self.complete_only = complete_only
-        self.pending: dict[str, tuple[int, int]] = {}   # added kinds not yet readable
 
     def __repr__(self) -> str:
         return (f"<actstore {self.uri} model={self.model}: {len(self.image_index)}/"
@@ -66,15 +65,22 @@ class StoreView:
         fingerprint = self.attrs["fingerprint"]
         points = points_of(fingerprint)
         base = self.blocks
-        self.pending = {}
+        self._pending: dict[str, tuple[int, int]] = {}
         for kind, attrs in added_captures(self.uri, self.model).items():
             done = kind_blocks(self.uri, self.model, kind, fingerprint, base)
             if base <= done:
                 points += points_of(attrs["fingerprint"])
             else:
-                self.pending[kind] = (len(base & done), len(base))
+                self._pending[kind] = (len(base & done), len(base))
         points.sort(key=lambda p: KINDS.index(p.kind))
         return {p.name: p for p in points}
+
+    @property
+    def pending(self) -> dict[str, tuple[int, int]]:
+        """Capture kinds being added, not yet readable: kind → (blocks done, blocks to do);
+        found with :attr:`points`, so reading it first no longer answers {}."""
+        self.points   # noqa: B018 - computes _pending once per view
+        return self._pending
 
     @property
     def kinds(self) -> list[str]:
