@@ -55,7 +55,8 @@ def _add_edit_options(p, sweep: bool = False) -> None:
                    "specificity control); not with a --targets file or folder, whose maps "
                    "per image are the targets")
     p.add_argument("--seed", type=index, help="seed of the target offsets and random "
-                   f"directions (default {D['seed']})")
+                   f"directions (default {D['seed']}); not with a --targets file or folder "
+                   "and --no-random-control, where nothing is random")
     p.add_argument("--provider", help="label provider reading the outputs (default: the one "
                    "that made the labels)")
     p.add_argument("--margin", type=positive_float, help="target logit magnitude for "

@@ -127,6 +127,9 @@ def one_map(tmp_path) -> str:
     ("depth", ["--target-units", "raw"], ["--target-units raw:", "--targets shift makes them"]),
     # the logit asked of a mask's logistic probes
     ("depth", ["--margin", "2"], ["--margin 2:", "'depth' is a continuous target"]),
+    # targets from a file and no random arm: nothing reads the seed (recorded as null)
+    ("depth", ["--targets", "{one_map}", "--no-random-control", "--seed", "3"],
+     ["--seed 3: nothing here is random", "drop --seed or --no-random-control"]),
 ])
 def test_an_option_the_edit_never_reads_is_refused(store, one_map, target, extra, words):
     """Each was accepted and silently ignored (exit 0, no note); now one line naming the
@@ -172,3 +175,22 @@ def test_a_sweep_without_other_targets_is_refused(store, one_map, one_map_each, 
                  *[a.format(one_map=one_map, one_map_each=one_map_each) for a in extra]),
              *words)
     assert tree_digest(store) == before
+
+
+def test_the_seed_is_refused_only_where_nothing_reads_it():
+    """The seed makes the shifted or inserted targets and the random directions: only a
+    targets file without the random arm leaves it unread; its default always passes."""
+    from actstore.errors import ActstoreError
+    from actstore.intervene.settings import InterventionSettings as IS
+
+    for kw in ({"targets": "t.npz", "random_control": False},            # default seed
+               {"targets": "t.npz", "seed": 3},                          # random arm
+               {"targets": "shift", "random_control": False, "seed": 3}):  # made targets
+        IS(**kw)
+    with pytest.raises(ActstoreError, match=r"^--seed 3: nothing here is random"):
+        IS(targets="t.npz", random_control=False, seed=3)
+    # the persistence diagnostic drops the arm of settings intervene accepts: not refused
+    dropped = IS(targets="t.npz", seed=3).without_random_arm()
+    assert (dropped.random_control, dropped.seed) == (False, 0)
+    assert IS(seed=3).without_random_arm().seed == 3       # shift targets still read it
+

@@ -53,8 +53,8 @@ def persistence(store: str, probe_run: str, settings: InterventionSettings, *,
     (strength × step, median over interventions; NaN where no probe), ``per_row`` (strength
     × row × step), ``final`` (median label score of the final image per strength) and
     ``metric``."""
-    s = settings.with_(random_control=False,
-                       strengths=tuple(dict.fromkeys((0.0, *settings.strengths))))
+    s = settings.without_random_arm().with_(
+        strengths=tuple(dict.fromkeys((0.0, *settings.strengths))))
     plan = plan_interventions(store, probe_run, s)
     model = load_store_model(plan.view, model, s.device)
     gen = GenerationConfig(**plan.view.attrs["fingerprint"]["generation"])

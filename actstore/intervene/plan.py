@@ -259,7 +259,7 @@ def _record(s: InterventionSettings, probe_run, kind, solvers, view, image_ids, 
         n_targets=n_targets,
         targets=mode or {"path": str(s.targets), "sha256": None if user is None else
                          hashlib.sha256(np.ascontiguousarray(user).tobytes()).hexdigest()},
-        seed=s.seed if mode or s.random_control else None,
+        seed=s.seed if s.reads_seed else None,
         shift_range=list(SHIFT_RANGE) if mode else None, object_target=object_target,
         margin=s.margin if kind == BINARY and "logistic" in solvers.values() else None,
         lr=s.lr if s.method == "gradient" else None,

@@ -126,6 +126,10 @@ class InterventionSettings:
                     raise ActstoreError(f"{option} {getattr(self, name):g}: only --method "
                                         f"gradient runs Adam, --method {self.method} never "
                                         f"reads it; drop {option} or use --method gradient")
+        if self.seed != d["seed"] and not self.reads_seed:
+            raise ActstoreError(f"--seed {self.seed}: nothing here is random, the targets "
+                                f"come from --targets {self.targets} and there is no random "
+                                "control; drop --seed or --no-random-control")
         if self.target_units != d["target_units"] and self.targets in TARGET_MODES:
             raise ActstoreError(f"--target-units {self.target_units}: gives the units of "
                                 f"targets read from a file, and --targets {self.targets} "
@@ -134,6 +138,18 @@ class InterventionSettings:
     @property
     def arms(self) -> tuple[str, ...]:
         return ARMS if self.random_control else ARMS[:1]
+
+    @property
+    def reads_seed(self) -> bool:
+        """The seed makes the shifted or inserted targets and the random directions; user
+        targets without the random arm never read it (recorded as null)."""
+        return self.targets in TARGET_MODES or self.random_control
+
+    def without_random_arm(self) -> "InterventionSettings":
+        """A copy with no random arm, its seed back at the default where nothing reads it
+        then (so a diagnostic that drops the arm is not refused a seed the user gave)."""
+        seed = self.seed if self.targets in TARGET_MODES else defaults(type(self))["seed"]
+        return self.with_(random_control=False, seed=seed)
 
     def with_(self, **changes) -> "InterventionSettings":
         """A checked copy with ``changes``, None included (a sweep clears
