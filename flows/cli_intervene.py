@@ -48,7 +48,8 @@ def _add_edit_options(p, sweep: bool = False) -> None:
     p.add_argument("--no-random-control", action="store_false", dest="random_control",
                    default=None, help="skip the equal-size random-direction edit (on by "
                    "default: each edit is repeated with a seeded random direction of the "
-                   "same norm at every token)")
+                   "same norm at every token)" + ("; refused: a sweep chooses by the margin "
+                                                  "over it" if sweep else ""))
     n_default = f"{SweepSettings().base.n_targets}, at least 2" if sweep else str(D["n_targets"])
     p.add_argument("--n-targets", type=positive_int, help="targets made per image (shift, "
                    f"shift-x, insert; default {n_default}; the others are each output's "

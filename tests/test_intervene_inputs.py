@@ -98,7 +98,7 @@ def test_a_sweep_of_a_run_with_a_repeated_step_runs(store):
     run = _run_probes(store, "depth", settings, "sync", False)
     swept = cli("sweep", "--store", store, "--probe-run", run, "--kinds",
                 "attn1", "--step-counts", "1", "--strength", "1", "--validation", "1",
-                "--evaluation", "1", "--n-targets", "2", "--no-random-control")
+                "--evaluation", "1", "--n-targets", "2")
     assert swept.returncode == 0, swept.stderr
     assert "named twice" not in swept.stderr
 
@@ -194,3 +194,24 @@ def test_the_seed_is_refused_only_where_nothing_reads_it():
     assert (dropped.random_control, dropped.seed) == (False, 0)
     assert IS(seed=3).without_random_arm().seed == 3       # shift targets still read it
 
+
+def test_a_sweep_without_the_random_control_is_refused(store):
+    """`sweep --no-random-control` ran and chose on gain and the other-target margin only,
+    though 'specific' is the least of those and the margin over the random edit. Refused in
+    one line, exit 2, nothing written; SweepSettings refuses it in Python the same way."""
+    from actstore.errors import ActstoreError
+    from actstore.intervene.settings import InterventionSettings as IS
+    from actstore.intervene.settings import SweepSettings
+    from actstore.probe.runs import latest_run
+
+    words = ["--no-random-control: a sweep chooses by the margin over an equal-size random "
+             "edit", "actstore intervene --no-random-control"]
+    before = tree_digest(store)
+    line = _refused(cli("sweep", "--store", store, "--probe-run", latest_run(store, "depth"),
+                        "--kinds", "attn1", "--step-counts", "1", "--strength", "1",
+                        "--validation", "1", "--evaluation", "1", "--no-random-control"),
+                    *words)
+    assert tree_digest(store) == before
+    with pytest.raises(ActstoreError) as refused:
+        SweepSettings(base=IS(n_targets=2, random_control=False))
+    assert str(refused.value) in line

@@ -226,4 +226,10 @@ class SweepSettings:
                                 "margins over the random edit and over the other targets, "
                                 "and one target per image has no other; give --n-targets 2 "
                                 "or more (default 2)")
+        if not self.base.random_control:
+            raise ActstoreError("--no-random-control: a sweep chooses by the margin over an "
+                                "equal-size random edit (the specific effect is the least of "
+                                "the gain and the margins over it and over the other "
+                                "targets), which needs the random arm; use `actstore "
+                                "intervene --no-random-control` for an uncontrolled run")
         self.base.with_(strengths=self.strengths)   # the strengths' own checks
