@@ -8,6 +8,7 @@ printing the whole usage, so every failure a user sees is one line.
 
 from __future__ import annotations
 
+from typing import NoReturn
 import argparse
 import math
 
@@ -45,11 +46,11 @@ class OneLineParser(argparse.ArgumentParser):
         self.register("action", None, _Once)
         self.register("action", "store", _Once)
 
-    def error(self, message: str):
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} "
                                    "--help)\n")
 
-    def fail(self, error: Exception):
+    def fail(self, error: Exception) -> NoReturn:
         """An error of the command's input found past parsing (an :class:`ActstoreError`):
         one line and exit 2, as a usage error."""
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {error}\n")

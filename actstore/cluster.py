@@ -12,10 +12,13 @@ import sys
 import threading
 from contextlib import contextmanager
 from functools import wraps
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from actstore.errors import ActstoreError, InputError, first_line
 from actstore.runtime import dask_threads, env_threads
+
+if TYPE_CHECKING:
+    from distributed import Client, Worker
 
 # Imported by each local worker as it starts (torch, diffusers, zarr: seconds each), all
 # workers at once, instead of one after the other as their first regions arrive.
@@ -141,7 +144,7 @@ def portable(location: str, *, named: bool = False) -> str:
     return os.path.abspath(path)
 
 
-def connect(address: str, timeout: float = SCHEDULER_TIMEOUT):
+def connect(address: str, timeout: float = SCHEDULER_TIMEOUT) -> Client:
     """A client of the scheduler at ``address``, or a one-line error naming it within
     seconds (distributed's default waits 30 s, then raises a traceback)."""
     from distributed import Client
@@ -155,7 +158,7 @@ def connect(address: str, timeout: float = SCHEDULER_TIMEOUT):
 
 
 @contextmanager
-def dask_scheduler(address: str | None = None):
+def dask_scheduler(address: str | None = None) -> Iterator[str | Client]:
     """Yield something ``dask.compute(scheduler=...)`` accepts.
 
     ``None`` starts a local in-process cluster (threads, so tasks share the zarr reader and
@@ -191,7 +194,7 @@ def worker_threads(workers: int) -> int:
 
 @contextmanager
 def local_workers(workers: int, device: str | None = "cpu",
-                  abandoned: Callable[[], bool] = lambda: False):
+                  abandoned: Callable[[], bool] = lambda: False) -> Iterator[str]:
     """A local cluster of ``workers`` processes, one task at a time each; yields its address.
 
     Processes, not threads: each holds its own model and runs the UNet with its own torch
@@ -221,7 +224,7 @@ def local_workers(workers: int, device: str | None = "cpu",
             _close_workers(cluster, interrupted=False)   # (closed ones return at once)
 
 
-def dask_setup(worker) -> None:
+def dask_setup(worker: Worker) -> None:
     """Preload hook of :func:`local_workers`' processes: they ignore SIGINT. A terminal's
     Ctrl-C reaches every process of its group, and the command stops its local workers
     itself; interrupted on their own, each printed a KeyboardInterrupt traceback."""

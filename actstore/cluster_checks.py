@@ -6,6 +6,8 @@ resource its tasks ask for) waited without end (2026-12-05)."""
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, TypeAlias
 import os
 import threading
 import time
@@ -14,6 +16,9 @@ from actstore.cluster import ON_WORKER, SCHEDULER_TIMEOUT, worker_note
 from actstore.errors import ActstoreError, first_line
 from actstore.worker_code import (CODE_PACKAGES, SAME_CODE_FIX, OtherWorkerCode,
                                   code_fingerprint, source_digest)
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 # Seconds a command waits while its scheduler has no worker able to run its tasks before it
 # gives up; ACTSTORE_WORKER_GRACE overrides it. Long enough for a worker restarted by hand
@@ -24,6 +29,8 @@ GRACE_ENV = "ACTSTORE_WORKER_GRACE"
 CODE_CHECK_TIMEOUT = 30.0   # seconds the workers get to say which code they run
 WORKER_POLL_SECONDS = 1.0   # how often a waiting command asks its scheduler for its workers
 WAKE_SECONDS = 0.25         # how often a waiting probe grid looks at its futures
+# what dask.compute(scheduler=...) takes here: None (its default), a Client, "threads"...
+Scheduler: TypeAlias = "Client | str | None"
 
 
 class ClusterChanged(ActstoreError):
@@ -157,7 +164,8 @@ class WorkerWatch:
                 "older one)")
 
 
-def compute(*graphs, scheduler=None, store: str = "", what: str = "probe tasks") -> tuple:
+def compute(*graphs: Any, scheduler: Scheduler = None, store: str = "",
+            what: str = "probe tasks") -> tuple:
     """``dask.compute(*graphs, scheduler=scheduler)``, watched on a distributed scheduler:
     tasks no worker can run end in :class:`NoAbleWorker` after the grace period (and are
     cancelled) instead of waiting for ever."""
@@ -230,7 +238,8 @@ def _other_code(exc: BaseException) -> str | None:
 NOTHING_WRITTEN = f"{SAME_CODE_FIX}; nothing was written"
 
 
-def check_worker_code(client, where: str, workers=None, fix: str = NOTHING_WRITTEN) -> None:
+def check_worker_code(client: Client, where: str, workers: Collection[str] | None = None,
+                      fix: str = NOTHING_WRITTEN) -> None:
     """Refuse a cluster with a worker that runs other code than this process: another
     version of a package in :data:`CODE_PACKAGES` or other actstore or flows source (a ``dask
     worker`` started from another checkout or environment may write a store differently).
@@ -327,14 +336,14 @@ def _users_cluster(scheduler) -> bool:
     return _is_client(scheduler) and not _scheduler_of(scheduler).startswith("inproc://")
 
 
-def check_client_code(scheduler) -> None:
+def check_client_code(scheduler: Scheduler) -> None:
     """:func:`check_worker_code` for a distributed ``scheduler`` a caller handed over (the
     probe grid's ``--scheduler ADDRESS``, a Client in Python), if it is a user's cluster."""
     if _users_cluster(scheduler):
         check_worker_code(scheduler, f"dask scheduler {_scheduler_of(scheduler)}")
 
 
-def task_code(scheduler) -> tuple[str, ...] | None:
+def task_code(scheduler: Scheduler) -> tuple[str, ...] | None:
     """The code the probe grid's tasks must find on their workers
     (:func:`actstore.worker_code.checks_code`): this process's on a user's cluster, where a
     worker restarted at a checked address, or one that joined and took a task within the

@@ -16,10 +16,14 @@ worker processes on any machine.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 import os
 import re
 
 from actstore.errors import ActstoreError
+
+if TYPE_CHECKING:
+    from distributed import LocalCluster
 
 VISIBLE = "CUDA_VISIBLE_DEVICES"
 
@@ -133,7 +137,7 @@ def worker_gpus(device: str | None, workers: int) -> list[str] | None:
     return gpus[:workers]
 
 
-def start_gpu_workers(gpus: list[str], **options):
+def start_gpu_workers(gpus: list[str], **options: Any) -> LocalCluster:
     """A started ``distributed.LocalCluster`` of one worker process per entry of ``gpus``,
     each with ``CUDA_VISIBLE_DEVICES`` set to it (on top of ``options["env"]``); the other
     ``options`` are LocalCluster's, as for a CPU run.

@@ -13,13 +13,15 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 
 from actstore.errors import ActstoreError
 
 UNREADABLE = (ValueError, OSError, EOFError, zipfile.BadZipFile)
 
 
-def load_plain(path: str | Path, what: str, keys: list[str] | None = None):
+def load_plain(path: str | Path, what: str,
+               keys: list[str] | None = None) -> np.ndarray | dict[str, np.ndarray]:
     """The array of a ``.npy``, or the arrays of a ``.npz`` (those named ``keys``, else
     all), read without pickles; ``what`` names the file in the one-line error."""
     try:
@@ -33,7 +35,7 @@ def load_plain(path: str | Path, what: str, keys: list[str] | None = None):
                             "np.save or np.savez, ids as np.array(ids, dtype=str)") from None
 
 
-def check_numeric(array, what: str) -> None:
+def check_numeric(array: npt.ArrayLike, what: str) -> None:
     """Numbers or booleans only: labels and targets are maps, never text."""
     dtype = array.dtype if hasattr(array, "dtype") else np.asarray(array).dtype
     if not (np.issubdtype(dtype, np.number) or dtype == bool):

@@ -4,7 +4,9 @@ the one written in the settings class, never a second one in the parser)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import fields, replace
+from typing import Any, Self
 
 from actstore.errors import InputError
 
@@ -12,7 +14,7 @@ from actstore.errors import InputError
 class Options:
     """Mixin for a frozen settings dataclass."""
 
-    def with_options(self, **options):
+    def with_options(self, **options: Any) -> Self:
         """A copy with the ``options`` given (None: keep); an unknown name is a TypeError."""
         unknown = sorted(set(options) - {f.name for f in fields(self)})
         if unknown:
@@ -20,7 +22,7 @@ class Options:
         return replace(self, **{k: v for k, v in options.items() if v is not None})
 
 
-def named_once(option: str, what: str, values, sep: str = " ") -> None:
+def named_once(option: str, what: str, values: Iterable[object], sep: str = " ") -> None:
     """Refuse a value given twice in one option, naming it: a probe run stored with a
     repeated coordinate can't be aligned with any other (it broke the store's emergence
     table), and an intervention option silently dropped the repeat. ``sep``: how the

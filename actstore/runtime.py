@@ -15,6 +15,7 @@ many Dask threads would oversubscribe the machine cores × cores times.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 import os
 from contextlib import contextmanager
 
@@ -58,14 +59,14 @@ def dask_threads(threads: int | None = None) -> int:
 
 
 @contextmanager
-def task_threads():
+def task_threads() -> Iterator[int]:
     """Single-threaded torch and BLAS while Dask runs many tasks side by side."""
     with numeric_threads(1) as n:
         yield n
 
 
 @contextmanager
-def numeric_threads(threads: int | None = None):
+def numeric_threads(threads: int | None = None) -> Iterator[int]:
     """torch and BLAS limited to the policy's count for the duration (numpy-heavy work)."""
     import torch
     from threadpoolctl import threadpool_limits
@@ -80,7 +81,7 @@ def numeric_threads(threads: int | None = None):
 
 
 @contextmanager
-def small_pages():
+def small_pages() -> Iterator[None]:
     """numpy's fresh arrays on ordinary 4 kB pages for the duration. numpy asks the kernel
     for transparent huge pages on arrays of 4 MB and more; where the kernel defragments on
     such a request (``defrag`` = madvise, as on the 2026-12-05 benchmark machine) a first

@@ -11,7 +11,9 @@ a variant only once their marker attribute exists (written last, one PUT each).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import zarr
 
@@ -169,7 +171,9 @@ def block_layout(shape: tuple[int, ...], block: int, itemsize: int, lead: int,
     return chunk, (None if chunk == shard else shard)
 
 
-def create_array(uri: str, path: str, *, shape, chunks, dtype, dims, shards=None,
+def create_array(uri: str, path: str, *, shape: tuple[int, ...], chunks: tuple[int, ...],
+                 dtype: npt.DTypeLike, dims: Sequence[str],
+                 shards: tuple[int, ...] | None = None,
                  codec: str | None = None, attrs: dict | None = None,
                  values: np.ndarray | None = None) -> zarr.Array:
     """Write an array's metadata (never its parents', never its chunks) and open it; with
@@ -284,7 +288,8 @@ def _root_shape(uri: str) -> tuple[int, int]:
     return root["n_images"], root["block_size"]
 
 
-def blocks_of(n_images: int, block_size: int, start: int = 0, stop: int | None = None):
+def blocks_of(n_images: int, block_size: int, start: int = 0,
+              stop: int | None = None) -> list[tuple[int, int]]:
     """The (start, stop) image blocks of a region; regions must align with blocks."""
     stop = n_images if stop is None else stop
     return [(a, min(a + block_size, n_images)) for a in range(start, stop, block_size)]
@@ -307,7 +312,7 @@ def model_variants(uri: str) -> list[str]:
     return list(io.marked_children(uri, lay.MODELS, model_path, MODEL_KEY))
 
 
-def unknown_variant(uri: str, variant, have: list[str] | None = None,
+def unknown_variant(uri: str, variant: str, have: list[str] | None = None,
                     fix: str = "materialize it first") -> ActstoreError:
     """The rule for a model variant a reader names (``--models``, ``--model-variant``,
     ``open_store(model=...)``): one of the store's complete variants, ``have`` (default:
@@ -317,7 +322,7 @@ def unknown_variant(uri: str, variant, have: list[str] | None = None,
                          f"{', '.join(have) or 'none'}); {fix}")
 
 
-def check_variants(uri: str, variants, have: list[str] | None = None,
+def check_variants(uri: str, variants: Iterable[str], have: list[str] | None = None,
                    fix: str = "materialize it first") -> None:
     """Refuse the first of ``variants`` that is not one of ``have`` (:func:`unknown_variant`)."""
     have = model_variants(uri) if have is None else have

@@ -12,6 +12,7 @@ Where a URI leads, and with which credentials, is :mod:`actstore.store.locations
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
 import asyncio
 import json
 import os
@@ -29,6 +30,9 @@ from zarr.storage import MemoryStore
 from actstore.store.locations import (  # noqa: F401 - the storage API's one import
     NO_LISTING_CACHE, Location, location, protocol_of, set_protocol_options,
     set_storage_options)
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 META = "zarr.json"
 NOT_FOUND = (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ArrayNotFoundError,
@@ -273,14 +277,14 @@ def put_group(uri: str, path: str, attrs: dict | None = None) -> None:
     put_bytes(uri, key(path), group_metadata(attrs))
 
 
-def array_metadata(**spec) -> bytes:
+def array_metadata(**spec: Any) -> bytes:
     """The bytes zarr writes for an array created with ``spec`` (zarr.create_array's args)."""
     mem = MemoryStore()
     zarr.create_array(store=mem, zarr_format=3, **spec)
     return mem._store_dict[META].to_bytes()
 
 
-def put_array(uri: str, path: str, **spec) -> zarr.Array:
+def put_array(uri: str, path: str, **spec: Any) -> zarr.Array:
     """Write an array's metadata only, never its parents' (zarr would write parent groups
     concurrently, racing other writers' markers): parents are written by the caller, in
     the order the commit protocol needs. Rewriting identical metadata is harmless, so
@@ -311,7 +315,7 @@ def try_group(uri: str, path: str = "") -> zarr.Group | None:
         return None
 
 
-def open_dataset(uri: str, path: str, **kwargs):
+def open_dataset(uri: str, path: str, **kwargs: Any) -> xr.Dataset:
     """``xr.open_zarr`` on the same store object (same options, no listing cache).
 
     A node's bookkeeping folders (``_claims``: on a local disk an emptied one stays) are
@@ -328,7 +332,7 @@ def open_dataset(uri: str, path: str, **kwargs):
                             zarr_format=3, **kwargs)
 
 
-def write_dataset(uri: str, path: str, ds) -> None:
+def write_dataset(uri: str, path: str, ds: xr.Dataset) -> None:
     """Write a small xarray Dataset under ``path`` without touching any parent node.
 
     It is written to memory first and copied key by key, the group's own metadata last,
