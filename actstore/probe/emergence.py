@@ -10,6 +10,7 @@ Its bootstrap interval over test images comes from :mod:`actstore.probe.uncertai
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import numpy as np
 import xarray as xr
 
@@ -23,7 +24,7 @@ def higher_is_better(metric: str) -> bool:
     return not metric.startswith(LOWER_IS_BETTER)
 
 
-def primary_metric(kind_or_metrics) -> str:
+def primary_metric(kind_or_metrics: Iterable[object]) -> str:
     """The headline metric: Dice for masks, RMSE for continuous maps (as the paper)."""
     names = [str(m) for m in kind_or_metrics]
     for m in ("dice_label", "rmse_label"):
@@ -47,7 +48,7 @@ def emergence_steps(score: xr.DataArray, frac: float = EMERGENCE_FRACTION) -> xr
     return out.rename("emergence_step")
 
 
-def layer_kinds(layers) -> np.ndarray:
+def layer_kinds(layers: Iterable[object]) -> np.ndarray:
     """The capture kind of each layer name (attn1, block, resnet, ...)."""
     return np.array([kind_of(str(la)) for la in layers])
 
@@ -62,7 +63,7 @@ def target_scores(score: xr.DataArray, target: str) -> xr.DataArray:
     return sub
 
 
-def lead_model(models) -> str:
+def lead_model(models: Iterable[object]) -> str:
     """The model a target's best layer is chosen on: the trained one, or a run's first
     model where it has none (a run of the randomized control alone)."""
     models = [str(m) for m in models]

@@ -26,10 +26,10 @@ from functools import lru_cache, partial
 
 import numpy as np
 import zarr
-from dask import delayed
+from dask.delayed import Delayed, delayed
 
 from actstore.cluster import names_worker
-from actstore.cluster_checks import compute, task_code
+from actstore.cluster_checks import Scheduler, compute, task_code
 from actstore.errors import ActstoreError
 from actstore.kinds import BINARY
 from actstore.probe import logistic as lg
@@ -311,7 +311,8 @@ def _logistic_fit(fit: LayerFit, steps: np.ndarray, *groups: list) -> LayerFit:
 
 
 def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 5,
-              lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, code: tuple[str, ...] | None = None):
+              lambdas: np.ndarray = pb.DEFAULT_LAMBDAS,
+              code: tuple[str, ...] | None = None) -> Delayed:
     """A delayed :class:`LayerFit` of every requested step of one layer (its tasks check
     ``code`` on their workers: :func:`_task`)."""
     blocks = [(a, b) for a, b in split.blocks if split.train[a:b].any()]
@@ -358,8 +359,9 @@ def _score_block(src: LayerSource, blocks: tuple[tuple[int, int], ...], rows: np
     return block_scores(pred, tokens, full, src.kind == BINARY, label_spearman)
 
 
-def score_graph(src: LayerSource, split: Split, steps: np.ndarray, fit,
-                label_spearman: bool = False, code: tuple[str, ...] | None = None):
+def score_graph(src: LayerSource, split: Split, steps: np.ndarray, fit: Delayed | LayerFit,
+                label_spearman: bool = False, code: tuple[str, ...] | None = None
+                ) -> tuple[list[Delayed], np.ndarray]:
     """Delayed per-block scores and the store positions of their test images, in order."""
     parts, order = [], []
     blocks = [(a, b) for a, b in split.blocks if split.test[a:b].any()]
@@ -374,8 +376,8 @@ def score_graph(src: LayerSource, split: Split, steps: np.ndarray, fit,
 
 
 def probe_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: int = 5,
-                lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler=None,
-                label_spearman: bool = False):
+                lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler: Scheduler = None,
+                label_spearman: bool = False) -> tuple[LayerFit, np.ndarray, np.ndarray]:
     """Fit and score one layer in one graph: (LayerFit, scores (metric, test image, step),
     store positions of the test images)."""
     code = task_code(scheduler)
@@ -386,14 +388,16 @@ def probe_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: i
 
 
 def fit_layer(src: LayerSource, split: Split, steps: np.ndarray, *, n_folds: int = 5,
-              lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler=None) -> LayerFit:
+              lambdas: np.ndarray = pb.DEFAULT_LAMBDAS, scheduler: Scheduler = None
+              ) -> LayerFit:
     (fit,) = compute(fit_graph(src, split, steps, n_folds, lambdas, task_code(scheduler)),
                      scheduler=scheduler, store=src.uri)
     return fit
 
 
 def score_layer(src: LayerSource, split: Split, steps: np.ndarray, fit: LayerFit,
-                *, scheduler=None, label_spearman: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                *, scheduler: Scheduler = None,
+                label_spearman: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Per-image test scores (metric, test image, step) and the test images' positions."""
     parts, order = score_graph(src, split, steps, fit, label_spearman, task_code(scheduler))
     return np.concatenate(compute(*parts, scheduler=scheduler, store=src.uri), axis=1), order

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import numpy.typing as npt
 
 from actstore.probe.shifted import EIG_FLOOR, Tridiagonal
 from actstore.probe.upcast import row_chunks, upcast
@@ -43,7 +44,8 @@ class Hess:
             self.tri = [Tridiagonal(s) for s in sxx]
 
     @classmethod
-    def of(cls, sxx, mu, n, c, h) -> "Hess":
+    def of(cls, sxx: np.ndarray, mu: np.ndarray, n: np.ndarray, c: np.ndarray,
+           h: npt.ArrayLike) -> "Hess":
         """h·S of statistics (sxx (S, C, C), mean mu (S, C), count n (S,)), shares c."""
         h = np.asarray(h, np.float64)
         return cls(h[:, None, None] * sxx, mu, c, c * h[:, None] * n[:, None])
@@ -68,7 +70,7 @@ class Hess:
             out.tri = [h.tri[0] for h in one]
         return out
 
-    def take(self, idx, models: slice = slice(None)) -> "Hess":
+    def take(self, idx: np.ndarray, models: slice = slice(None)) -> "Hess":
         out = object.__new__(Hess)
         out.mu, out.c, out.n = self.mu[idx], self.c[idx, models], self.n[idx, models]
         out.eig = self.eig
@@ -78,7 +80,8 @@ class Hess:
             out.tri = [self.tri[i] for i in idx]
         return out
 
-    def solve(self, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
+    def solve(self, alpha: np.ndarray, gw: np.ndarray,
+              gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Newton direction for (w, b) of each cell's models: alpha, gb (S, M), gw (S, M, C)."""
         g = gw - self.mu[:, None, :] * gb[..., None]
         if self.eig:
@@ -116,7 +119,7 @@ class Pairs:
             setattr(out, name, np.concatenate([getattr(p, name) for p in one]))
         return out
 
-    def take(self, idx, models: slice = slice(None)) -> "Pairs":
+    def take(self, idx: np.ndarray, models: slice = slice(None)) -> "Pairs":
         out = object.__new__(Pairs)
         out.s, out.y = self.s[idx][:, :, models].copy(), self.y[idx][:, :, models].copy()
         out.rho, out.alpha = self.rho[idx][:, :, models].copy(), self.alpha[idx][:, models].copy()
@@ -145,7 +148,8 @@ class Pairs:
             self._rho()
         self.alpha[cells] = alpha[cells]
 
-    def direction(self, H: Hess, alpha: np.ndarray, gw: np.ndarray, gb: np.ndarray):
+    def direction(self, H: Hess, alpha: np.ndarray, gw: np.ndarray,
+                  gb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         q, a = np.concatenate([gw, gb[..., None]], axis=-1), []
         for i in range(self.s.shape[1] - 1, -1, -1):
             a.append(self.rho[:, i] * (self.s[:, i] * q).sum(-1))
@@ -169,7 +173,8 @@ def _torch(a: np.ndarray):
     return torch.from_numpy(np.require(a, requirements=["W"]))
 
 
-def forward(X: np.ndarray, W: np.ndarray, B: np.ndarray, dt, out=None) -> np.ndarray:
+def forward(X: np.ndarray, W: np.ndarray, B: np.ndarray, dt: npt.DTypeLike,
+            out: np.ndarray | None = None) -> np.ndarray:
     """Logits (S, M, n) of models W (S, M, C), B (S, M) on X (S, n, C)."""
     Wt = _torch(np.ascontiguousarray(W, dtype=dt))
     S, n = X.shape[:2]
@@ -180,7 +185,7 @@ def forward(X: np.ndarray, W: np.ndarray, B: np.ndarray, dt, out=None) -> np.nda
     return out
 
 
-def backward(X: np.ndarray, R: np.ndarray, dt) -> np.ndarray:
+def backward(X: np.ndarray, R: np.ndarray, dt: npt.DTypeLike) -> np.ndarray:
     """Σ over tokens of R (S, M, n) times X (S, n, C): (S, M, C)."""
     return sum((_torch(R[..., s].astype(dt)) @ _torch(upcast(X[:, s], dt, scratch=True))
                 ).numpy().astype(np.float64, copy=False)
@@ -207,7 +212,8 @@ class Lockstep:
         self.buf = {k: np.empty(shape) for k in ("Z", "Zt", "Zd", "p", "pt", "e", "ll", "R")}
         forward(X, W, B, self.dt, out=self.buf["Z"])
 
-    def objective(self, Z, W, alpha, p):
+    def objective(self, Z: np.ndarray, W: np.ndarray, alpha: np.ndarray,
+                  p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Penalised log-loss of each model on its own training tokens (S, M), the
         unpenalised part, and σ(Z) into ``p`` (one exp per entry for both, no where)."""
         e, ll = self.buf["e"][:len(Z)], self.buf["ll"][:len(Z)]

@@ -22,6 +22,7 @@ them with nothing but zarr.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 import json
 
@@ -30,7 +31,7 @@ import xarray as xr
 
 import actstore
 from actstore.cluster import portable
-from actstore.cluster_checks import check_client_code
+from actstore.cluster_checks import Scheduler, check_client_code
 from actstore.store import commit, io, labelsets
 from actstore.store import core as st
 from actstore.store import layout as lay
@@ -91,7 +92,7 @@ def _image_column(store: str, name: str) -> np.ndarray:
 
 
 def run_probes(store: str, target: str, settings: ProbeSettings | None = None, *,
-               scheduler=None, progress: bool = True, **options) -> str:
+               scheduler: Scheduler = None, progress: bool = True, **options: Any) -> str:
     """Fit and score the whole grid for ``target``; returns the new run id.
 
     ``settings`` (default :class:`ProbeSettings`), with any of its fields given as keyword

@@ -22,6 +22,7 @@ centring a label cost more than scoring one layer on it).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -112,7 +113,7 @@ class LabelSide:
         return np.unpackbits(self.bits, axis=-1, count=P).astype(bool).reshape(n, P)
 
 
-def label_side(full: np.ndarray, grids, binary: bool) -> LabelSide:
+def label_side(full: np.ndarray, grids: Iterable[tuple[int, int]], binary: bool) -> LabelSide:
     """The :class:`LabelSide` of labels (n, H, W) for token grids ``grids`` ((h, w), ...)."""
     n, H, W = full.shape
     if binary:   # Dice needs the mask only

@@ -18,6 +18,7 @@ from math import prod
 from typing import Sequence
 
 import numpy as np
+import numpy.typing as npt
 from scipy.linalg.blas import dgemm as _dgemm
 from scipy.linalg.blas import dger as _dger
 from scipy.linalg.blas import sger as _sger
@@ -70,7 +71,7 @@ class RidgeStats:
 
     __radd__ = __add__
 
-    def cell(self, key) -> "RidgeStats":
+    def cell(self, key: int | slice | np.ndarray | None) -> "RidgeStats":
         """The statistics of the cells ``key`` picks on the leading (cell) axes: an index
         or slice of steps, or ``None`` for a new leading axis of one cell."""
         return replace(self, **{f: np.asarray(getattr(self, f))[key] for f in _ARRAYS})
@@ -95,7 +96,7 @@ class FoldStats:
 
     __radd__ = __add__
 
-    def cell(self, key) -> "FoldStats":
+    def cell(self, key: int | slice | np.ndarray | None) -> "FoldStats":
         """Every fold's :meth:`RidgeStats.cell`."""
         return FoldStats(tuple(f and f.cell(key) for f in self.folds))
 
@@ -260,7 +261,8 @@ def _grouped(X: np.ndarray, Y: np.ndarray, w: np.ndarray, f: np.ndarray, n_group
     return out
 
 
-def stats_by_fold(X, y, fold, n_groups, weights=None) -> list[RidgeStats | None]:
+def stats_by_fold(X: npt.ArrayLike, y: npt.ArrayLike | None, fold: np.ndarray, n_groups: int,
+                  weights: np.ndarray | None = None) -> list[RidgeStats | None]:
     """Statistics per fold of the tokens (axis -2 of X), given each token's fold, computed
     chunk by chunk so the float32 copy stays small. A chunk's tokens are put in fold order
     as they are upcast (:func:`_centred_copy`), so each fold is a slice of one copy."""

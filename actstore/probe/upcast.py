@@ -8,10 +8,14 @@ thread for copies made and dropped at once.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import threading
 from math import prod
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 CHUNK_BYTES = 64 << 20      # bound on the float32 copy of X made per block
 PIECE_BYTES = 512 << 10     # a piece of that copy worked on while it is in cache (L2)
@@ -67,7 +71,7 @@ def copy_into(out: np.ndarray, X: np.ndarray) -> None:
         np.copyto(out, X, casting="safe")
 
 
-def as_tensor(X: np.ndarray):
+def as_tensor(X: np.ndarray) -> torch.Tensor:
     """A torch view of X, any strides (a fold-ordered copy of a chunk, made by numpy's
     fancy indexing, is not C-ordered: torch converts it as it is, no float16 copy first)."""
     import torch
