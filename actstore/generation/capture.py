@@ -9,7 +9,9 @@ hooked ``to_out``; a layer is named by its ``<block>.attentions.<j>`` prefix, as
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -18,6 +20,13 @@ from actstore.errors import ActstoreError
 from actstore.generation.points import (ATTN1_SUFFIX, CapturePoint, block_of, capture_points,
                                         decode_until, hooks, self_attention_layers,
                                         token_grid)
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from actstore.generation.models import LoadedModel
+    from actstore.generation.sampling import GenerationConfig
+    from actstore.progress import Progress
 
 __all__ = ["ATTN1_SUFFIX", "CapturePoint", "CapturedBlock", "LayerInfo", "StepCapture",
            "attn1_hooks", "attn1_module", "block_of", "capture_block", "capture_points",
@@ -30,7 +39,9 @@ def attn1_module(unet: torch.nn.Module, layer: str) -> torch.nn.Module:
     return unet.get_submodule(layer + ATTN1_SUFFIX)
 
 
-def attn1_hooks(unet, layers: list[str], fn: Callable[[str, torch.Tensor], torch.Tensor | None]):
+def attn1_hooks(unet: torch.nn.Module, layers: list[str],
+                fn: Callable[[str, torch.Tensor], torch.Tensor | None]
+                ) -> AbstractContextManager[None]:
     """:func:`~actstore.generation.points.hooks` under its first name: any UNet capture
     point's name works, attn1 layers as before."""
     return hooks(unet, layers, fn)
@@ -77,7 +88,7 @@ class StepCapture:
             dest.copy_(half.detach().reshape(n, info.height, info.width, info.channels))
         return None
 
-    def decode(self, model, latents: torch.Tensor, batch_size: int) -> None:
+    def decode(self, model: LoadedModel, latents: torch.Tensor, batch_size: int) -> None:
         """Capture the VAE points by decoding ``latents`` (n, steps, C, h, w): each image's
         latent at every step, ``batch_size`` latents per decoder call."""
         names = [name for name, info in self.layers.items() if not info.cfg]
@@ -138,9 +149,10 @@ class CapturedBlock:
     finish: Callable[[], dict[str, np.ndarray]]
 
 
-def capture_block(model, rows, gen, points: list[CapturePoint], *, batch_size: int,
+def capture_block(model: LoadedModel, rows: pd.DataFrame, gen: GenerationConfig,
+                  points: list[CapturePoint], *, batch_size: int,
                   store_dtype: str = "float16", keep_uncond: bool = False, x0: bool = True,
-                  vae_source: str = "latent", bar=None) -> CapturedBlock:
+                  vae_source: str = "latent", bar: Progress | None = None) -> CapturedBlock:
     """Generate ``rows`` (image_id, prompt, seed) in batches, capturing ``points``.
 
     The vae points decode, at every step, the latent after that step's update (the paper's

@@ -16,6 +16,8 @@ is added under a creation claim on its group (:func:`ensure_added`).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Iterable
+from typing import TYPE_CHECKING
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -27,6 +29,9 @@ from actstore.store import captures as sc
 from actstore.store import claims, io
 from actstore.store import core as st
 from actstore.store import layout as lay
+
+if TYPE_CHECKING:
+    from actstore.generation.materialize import CaptureConfig
 
 
 @dataclass(frozen=True)
@@ -40,12 +45,13 @@ class CapturePlan:
     added: dict                     # kind → attrs of kinds added after creation, as stored
     kinds: tuple[str, ...]          # every kind this run's blocks end up with
 
-    def records(self, kinds) -> tuple[str, ...]:
+    def records(self, kinds: Iterable[str]) -> tuple[str, ...]:
         """Record groups (relative to the variant) for ``kinds`` written on a block."""
         return tuple(f"{lay.CAPTURES}/{k}" for k in kinds if k not in self.creation)
 
 
-def plan_capture(store: str, variant: str, kinds, vae_source: str) -> CapturePlan:
+def plan_capture(store: str, variant: str, kinds: str | Iterable[str] | None,
+                 vae_source: str) -> CapturePlan:
     """Read what the variant holds; ``kinds`` (None: keep the variant's) is what to add."""
     if vae_source not in VAE_SOURCES:
         raise ActstoreError(f"--vae-source {vae_source!r}: use {' or '.join(VAE_SOURCES)}")
@@ -76,7 +82,7 @@ def _vae_source_used(plan: CapturePlan, vae_source: str) -> CapturePlan:
     return plan
 
 
-def capture_fingerprint(cap, kinds, legacy: bool) -> dict:
+def capture_fingerprint(cap: CaptureConfig, kinds: Collection[str], legacy: bool) -> dict:
     """The ``capture`` entry of a variant's fingerprint. A store made before capture kinds
     keeps its entry as it was, so it still matches and extends."""
     out = {"store_dtype": cap.store_dtype, "codec": cap.codec, "keep_uncond": cap.keep_uncond,
@@ -95,16 +101,17 @@ def points_entry(points: list[CapturePoint], legacy: bool) -> dict:
     return entry
 
 
-def added_fingerprint(kind: str, cap, points: list[CapturePoint]) -> dict:
+def added_fingerprint(kind: str, cap: CaptureConfig, points: list[CapturePoint]) -> dict:
     return {"kind": kind, **sc.points_fingerprint(points), **added_settings(kind, cap)}
 
 
-def added_settings(kind: str, cap) -> dict:
+def added_settings(kind: str, cap: CaptureConfig) -> dict:
     """The part of an added kind's fingerprint known without the model (not its points)."""
     return {"kind": kind, **({"vae_source": cap.vae_source} if kind == "vae" else {})}
 
 
-def check_added(store: str, plan: CapturePlan, cap, points: list[CapturePoint]) -> None:
+def check_added(store: str, plan: CapturePlan, cap: CaptureConfig,
+                points: list[CapturePoint]) -> None:
     """Refuse a run whose points or options differ from a kind already added; claims left
     on added kinds by creators that died after the marker go on the way."""
     for kind, attrs in plan.added.items():
@@ -125,7 +132,8 @@ def refuse_other_kind(store: str, plan: CapturePlan, kind: str, stored: dict,
                             f"({'; '.join(diffs[:2])}); use the same or a new --store")
 
 
-def ensure_added(store: str, plan: CapturePlan, kinds, *, cap, points: list[CapturePoint],
+def ensure_added(store: str, plan: CapturePlan, kinds: Collection[str], *, cap: CaptureConfig,
+                 points: list[CapturePoint],
                  provenance: dict, n_steps: int) -> list[str]:
     """Create the arrays and groups of kinds this run adds, marker last; returns the kinds
     created.
@@ -184,7 +192,8 @@ def undo_added(store: str, plan: CapturePlan, created: list[str], points: list[C
         plan.added.pop(kind, None)
 
 
-def block_work(store: str, plan: CapturePlan, blocks) -> list[tuple[int, int, tuple, bool]]:
+def block_work(store: str, plan: CapturePlan,
+               blocks: Iterable[tuple[int, int]]) -> list[tuple[int, int, tuple, bool]]:
     """(start, stop, kinds to write, fresh?) for every block that needs work."""
     base = st.completed_blocks(store, plan.variant) if plan.exists else set()
     done = {k: (base if k in plan.creation else

@@ -26,6 +26,8 @@ from actstore.store import core as st
 if TYPE_CHECKING:
     from actstore.generation.materialize import CaptureConfig, MaterializeSettings
     from actstore.generation.sampling import GenerationConfig
+    import torch
+
 
 
 def model_fingerprint(model: LoadedModel, gen: GenerationConfig, cap: CaptureConfig,
@@ -40,8 +42,9 @@ def model_fingerprint(model: LoadedModel, gen: GenerationConfig, cap: CaptureCon
             **points_entry(points, legacy)}
 
 
-def settings_fingerprint(variant: str, dtype, gen: GenerationConfig, scheduler_config: dict,
-                         cap: CaptureConfig, kinds: tuple[str, ...], legacy: bool) -> dict:
+def settings_fingerprint(variant: str, dtype: torch.dtype | str, gen: GenerationConfig,
+                         scheduler_config: dict, cap: CaptureConfig,
+                         kinds: tuple[str, ...], legacy: bool) -> dict:
     """The fingerprint's parts known without the weights, in the fingerprint's order."""
     return {"variant": variant, "dtype": str(dtype).replace("torch.", ""),
             "generation": asdict(gen), "scheduler_config": _jsonable(scheduler_config),

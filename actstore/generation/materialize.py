@@ -12,7 +12,7 @@ from __future__ import annotations
 import platform
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -33,6 +33,9 @@ from actstore.generation.sampling import GenerationConfig, schedule_coords
 from actstore.generation.models import LoadedModel, apply_control, load_model
 from actstore.progress import Progress
 from actstore.generation.prompts import check_prompt_lengths, load_prompts, prompts_fingerprint
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 STORE_DTYPES = ("float16", "float32")
 
@@ -69,7 +72,7 @@ class MaterializeSettings:
     control: str | None = None
     block_size: int | None = None  # None: the store's, or DEFAULT_BLOCK_SIZE for a new one
 
-    def with_options(self, **options) -> "MaterializeSettings":
+    def with_options(self, **options: Any) -> "MaterializeSettings":
         """A copy with flat options (``steps=``, ``codec=``, ``batch_size=``...) routed to
         the config that owns them; an option given as None keeps its value, as a
         command-line option not given does."""
@@ -271,7 +274,7 @@ def format_completion(store: str, counts: dict[str, dict]) -> str:
     return f"store {store}: {state} ({', '.join(parts) or 'no model variant yet'})"
 
 
-def check_store_location(store: str | None, table, block_size: int | None,
+def check_store_location(store: str | None, table: pd.DataFrame, block_size: int | None,
                          images: str | None, *, sha: str | None = None) -> None:
     """Cheap checks before the model loads, so bad input fails in a second, not a minute:
     the prompt table and ``--block-size`` against the store's, ``--images`` against its

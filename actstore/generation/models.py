@@ -8,6 +8,8 @@ so tests exercise the real loading path rather than a shortcut.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 import hashlib
 import json
 import os
@@ -21,6 +23,9 @@ import torch
 from actstore.errors import ActstoreError, first_line
 from actstore.runtime import configure_cpu_threads
 from actstore.generation.tokenizers import write_byte_level_clip_tokenizer
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
 TINY_RANDOM = "tiny-random"
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -245,7 +250,7 @@ def _check_pipeline_folder(path: str, model: str) -> None:
 
 
 def sd_unet(block_out_channels: tuple[int, ...], cross_attention_dim: int, sample_size: int,
-            attention_head_dim: int = 8, norm_num_groups: int = 32):
+            attention_head_dim: int = 8, norm_num_groups: int = 32) -> UNet2DConditionModel:
     """A UNet with SD v1.x's block topology (so its 16 ``attn1`` modules keep SD's names)."""
     from diffusers import UNet2DConditionModel
 
@@ -258,7 +263,7 @@ def sd_unet(block_out_channels: tuple[int, ...], cross_attention_dim: int, sampl
 
 
 def sd_vae(block_out_channels: tuple[int, ...], layers_per_block: int, sample_size: int,
-           norm_num_groups: int = 32, scaling_factor: float = 0.18215):
+           norm_num_groups: int = 32, scaling_factor: float = 0.18215) -> AutoencoderKL:
     """An AutoencoderKL shaped like SD's (×8 with four blocks), 4 latent channels."""
     from diffusers import AutoencoderKL
 
@@ -287,7 +292,8 @@ def tiny_random_components(seed: int = 0) -> dict:
             "text_encoder": text_encoder}
 
 
-def save_pipeline_folder(path: str | Path, components: dict, tokenizer_writer=None,
+def save_pipeline_folder(path: str | Path, components: dict,
+                         tokenizer_writer: Callable[[Path], object] | None = None,
                          scheduler_config: dict | None = None) -> Path:
     """Write a diffusers SD folder (model_index.json layout) from in-memory components."""
     from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline
@@ -360,7 +366,7 @@ def apply_control(model: LoadedModel, control: str | None, seed: int = 0) -> Loa
     return model
 
 
-def diffusers_pipeline(model: LoadedModel):
+def diffusers_pipeline(model: LoadedModel) -> StableDiffusionPipeline:
     """The same components as a stock diffusers pipeline (LMS): the yardstick that
     actstore's own denoising loop is checked and timed against."""
     from diffusers import LMSDiscreteScheduler, StableDiffusionPipeline

@@ -31,9 +31,10 @@ replaces the output (how interventions edit).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import math
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -42,6 +43,9 @@ from actstore.errors import ActstoreError
 from actstore.generation.pointnames import (ATTN1_SUFFIX, DEFAULT_KINDS, KINDS,  # noqa: F401
                                             UNET_KINDS, VAE_SOURCES, CapturePoint, block_of,
                                             kind_of, module_of, name_of, parse_kinds, site_of)
+
+if TYPE_CHECKING:
+    from actstore.generation.models import LoadedModel
 
 _BLOCK_ORDER = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
 
@@ -80,7 +84,7 @@ def _roots(model) -> dict[str, torch.nn.Module]:
     return {"unet": model.unet, "vae": model.vae}
 
 
-def get_module(model, module_path: str) -> torch.nn.Module:
+def get_module(model: LoadedModel | torch.nn.Module, module_path: str) -> torch.nn.Module:
     root, _, rest = module_path.partition(".")
     roots = _roots(model)
     if root not in roots:
@@ -119,8 +123,8 @@ def from_tokens(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def hooks(model, points: Iterable[CapturePoint | str],
-          fn: Callable[[str, torch.Tensor], torch.Tensor | None]):
+def hooks(model: LoadedModel | torch.nn.Module, points: Iterable[CapturePoint | str],
+          fn: Callable[[str, torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
     """Call ``fn(name, tokens)`` on every listed point's output at each forward pass.
 
     ``model`` is a :class:`~actstore.generation.models.LoadedModel` (or a bare UNet for
@@ -160,7 +164,7 @@ class _Stop(Exception):
 
 
 @torch.no_grad()
-def decode_until(model, latents: torch.Tensor, names: list[str],
+def decode_until(model: LoadedModel, latents: torch.Tensor, names: list[str],
                  fn: Callable[[str, torch.Tensor], None]) -> None:
     """Run the VAE decoder on ``latents`` (UNet latent space) only as far as the last of
     ``names`` (vae points), calling ``fn(name, tokens)`` on each: the up-sampling blocks,
@@ -182,7 +186,8 @@ def decode_until(model, latents: torch.Tensor, names: list[str],
 
 
 @torch.no_grad()
-def capture_points(model, kinds: Iterable[str] = DEFAULT_KINDS, *, latent_h: int | None = None,
+def capture_points(model: LoadedModel | torch.nn.Module, kinds: Iterable[str] = DEFAULT_KINDS,
+                   *, latent_h: int | None = None,
                    latent_w: int | None = None) -> list[CapturePoint]:
     """Every capture point of ``kinds`` with its token grid and channels at this latent size.
 

@@ -36,12 +36,15 @@ import json
 import numbers
 import re
 from pathlib import PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 import pandas as pd
 
 from actstore.errors import ActstoreError, InputError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 REQUIRED_COLUMNS = ("image_id", "prompt", "seed")
 TEXT_COLUMNS = ("image_id", "prompt", "split")
@@ -209,7 +212,7 @@ def _split_column(raw: pd.DataFrame, src: str, ids: list[str]) -> list[str]:
     return splits
 
 
-def check_prompt_lengths(table: pd.DataFrame, tokenizer) -> None:
+def check_prompt_lengths(table: pd.DataFrame, tokenizer: PreTrainedTokenizerBase) -> None:
     """Refuse a prompt the text encoder would truncate (it reads ``model_max_length``
     tokens, start and end markers included), naming its row and both lengths."""
     limit = int(tokenizer.model_max_length)

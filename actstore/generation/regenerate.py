@@ -18,6 +18,7 @@ uint8 levels per pixel, and each image's activations by at most
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import functools
 import platform
 
@@ -29,6 +30,9 @@ from actstore.store import commit
 from actstore.store import core as st
 from actstore.store import io
 from actstore.store.layout import image_column, layer_path
+
+if TYPE_CHECKING:
+    import torch
 
 LOOSE_IMAGE_LEVELS = 2
 DEFAULT_BATCH_SIZE = 4   # MaterializeSettings' default too
@@ -58,7 +62,7 @@ def cpu_kernels() -> str:
     return f"{torch.backends.cpu.get_cpu_capability()}/{platform.machine()}/{digest}"
 
 
-def is_exact(store_attrs: dict, device) -> bool:
+def is_exact(store_attrs: dict, device: str | torch.device) -> bool:
     """Bitwise comparison only when the store and this run are on CPU with the same CPU
     kernels; stores that do not record theirs are compared loosely (they may come from
     another machine)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ import torch
 from actstore.catalog import SD_GUIDANCE
 from actstore.cluster import stop_if_cancelled
 from actstore.generation.models import LoadedModel
+
+if TYPE_CHECKING:
+    from diffusers import LMSDiscreteScheduler
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ class GenerationConfig:
                              f"of {8 * f} for this model")
 
 
-def make_scheduler(model: LoadedModel, name: str = "lms"):
+def make_scheduler(model: LoadedModel, name: str = "lms") -> LMSDiscreteScheduler:
     """A fresh scheduler per batch: LMS keeps per-run state (its derivative history)."""
     from diffusers import LMSDiscreteScheduler
 
