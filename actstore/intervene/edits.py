@@ -46,7 +46,7 @@ STAT_NAMES = ("probe_error_before", "probe_error_after", "relative_change",
 SIZE_MEASURES = ("overall", "token_median", "token_max")
 
 
-def float32_math(like: torch.Tensor):
+def float32_math(like: torch.Tensor) -> torch.autocast:
     """A context in which torch computes in the tensors' own dtypes (the callers upcast to
     float32): the edit math runs inside the UNet's forward pass, so under a caller's
     ``torch.autocast`` (SD v1.x's early examples ran the pipeline in ``autocast("cuda")``)

@@ -7,6 +7,8 @@ it was.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 import numpy as np
 
 from actstore.store import core as st
@@ -18,8 +20,12 @@ from actstore.label.blocks import shared_provider
 from actstore.store import io, labelsets
 from actstore.generation.models import TINY_RANDOM, LoadedModel, apply_control, load_model
 
+if TYPE_CHECKING:
+    from actstore.intervene.plan import Plan
+    from actstore.label.providers import LabelProvider
 
-def select_images(view: StoreView, images) -> np.ndarray:
+
+def select_images(view: StoreView, images: str | Sequence[str] | None) -> np.ndarray:
     """Store positions of the chosen images, in store order.
 
     ``None``: the test split (the paper intervenes on test images), or every image if the
@@ -57,7 +63,8 @@ def _region(text: str, n: int) -> np.ndarray:
     return np.arange(*start_stop(text, n, expected="START:STOP or image ids", holder="the store"))
 
 
-def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
+def resolve_provider(provider: str | LabelProvider | None, label_attrs: dict, target: str,
+                     kind: str,
                      device: str) -> tuple[object, str]:
     """The label model that reads the intervened images, and its spec for the settings.
 
@@ -83,7 +90,7 @@ def resolve_provider(provider, label_attrs: dict, target: str, kind: str,
     return provider, str(spec)
 
 
-def provider_spec(provider, label_attrs: dict, target: str) -> str:
+def provider_spec(provider: str | LabelProvider | None, label_attrs: dict, target: str) -> str:
     """How an experiment's record names its label provider, without loading it (the
     command's early check of a named experiment compares it): the spec given, else the
     one that made the labels, else a provider object's own name."""
@@ -142,7 +149,7 @@ def check_existing(store: str, experiment_id: str, settings: dict,
                             "a new one")
 
 
-def label_rows(plan, target: str, positions: np.ndarray) -> np.ndarray:
+def label_rows(plan: Plan, target: str, positions: np.ndarray) -> np.ndarray:
     """Stored full-resolution labels (n, H, W) of some images, normalized units, from the
     version the plan pinned; checked still there after the read (a missing chunk reads as
     the fill value, which must never become an experiment's targets)."""

@@ -19,6 +19,7 @@ per step, beside the label model's score of the final image. Nothing is written.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
@@ -36,6 +37,9 @@ from actstore.intervene.settings import InterventionSettings
 from actstore.intervene.targets import token_targets
 from actstore.kinds import BINARY
 
+if TYPE_CHECKING:
+    from actstore.generation.models import LoadedModel
+
 
 def _error(z: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
     """Per row: RMSE in probe units, or for a mask the share of tokens on the wrong side."""
@@ -45,7 +49,7 @@ def _error(z: torch.Tensor, t: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def persistence(store: str, probe_run: str, settings: InterventionSettings, *,
-                model=None) -> dict:
+                model: LoadedModel | None = None) -> dict:
     """Probe error to the target per step, with the edits of ``settings`` (projection or
     gradient, every strength and 0) at its layers and steps; no random arm, nothing stored.
 

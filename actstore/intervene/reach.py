@@ -27,6 +27,7 @@ images; ``--renders N --camera fixed varied`` adds the nearest render per camera
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import warnings
 
 import numpy as np
@@ -39,6 +40,9 @@ from actstore.kinds import BINARY
 from actstore.label.labels import label_array, list_targets
 from actstore.metrics import rmse
 from actstore.store.view import StoreView
+
+if TYPE_CHECKING:
+    import xarray as xr
 
 
 def object_moved(depth: np.ndarray, mask: np.ndarray, background: np.ndarray, dy: int,
@@ -60,7 +64,7 @@ def _labelled(store: str, *names: str) -> dict:
     return have
 
 
-def first_test(store: str, table, n_images: int) -> np.ndarray:
+def first_test(store: str, table: xr.Dataset, n_images: int) -> np.ndarray:
     """Positions of the first ``n_images`` test images of the image table (all of them if
     it has fewer); a count below 1 or a store without test images is refused."""
     if n_images < 1:

@@ -9,6 +9,7 @@ the image's other targets (did the image follow *this* target, or just change?).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import time
 
 import numpy as np
@@ -18,6 +19,11 @@ import actstore
 from actstore.intervene.edits import STAT_NAMES
 from actstore.kinds import BINARY
 from actstore.metrics import dice, rmse
+
+if TYPE_CHECKING:
+    import zarr
+
+    from actstore.intervene.plan import Plan
 
 
 def metric_of(kind: str) -> str:
@@ -74,7 +80,8 @@ def share(wins: np.ndarray) -> dict[str, float] | None:
                                        alternative="greater").pvalue)}
 
 
-def arm_summary(pre, post, other, stats, *, kind: str, reference=None) -> dict:
+def arm_summary(pre: np.ndarray, post: np.ndarray, other: np.ndarray, stats: np.ndarray, *,
+                kind: str, reference: np.ndarray | None = None) -> dict:
     """One (strength, arm): post and other-target scores over finite edits, the shares that
     moved toward their target, beat the other targets and (if given) the reference arm."""
     sgn = sign_of(kind)
@@ -126,7 +133,7 @@ def summarize_arrays(pre: np.ndarray, post: np.ndarray, other: np.ndarray, stats
     return {"metric": metric_of(kind), "pre": pre_d, "dose": rows}
 
 
-def summarize(plan, group) -> dict:
+def summarize(plan: Plan, group: zarr.Group) -> dict:
     """An experiment's summary: its settings, then the dose table."""
     body = summarize_arrays(group["score_pre"][...], group["score_post"][...],
                             group["score_other"][...], group["edit_stats"][...],

@@ -151,7 +151,7 @@ class InterventionSettings:
         seed = self.seed if self.targets in TARGET_MODES else defaults(type(self))["seed"]
         return self.with_(random_control=False, seed=seed)
 
-    def with_(self, **changes) -> "InterventionSettings":
+    def with_(self, **changes: Any) -> "InterventionSettings":
         """A checked copy with ``changes``, None included (a sweep clears
         ``experiment_id`` this way). Not the other stages' ``with_options``, where None keeps
         a value: the command line builds these settings whole, from the options given."""

@@ -16,10 +16,11 @@ removes staging and records, then makes the set visible with one record
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -27,11 +28,14 @@ from actstore.errors import ActstoreError
 from actstore.kinds import CONTINUOUS
 from actstore.label.passes import PassContext, normalize, pool_block, resolution_name
 from actstore.cluster import shared, stop_if_cancelled, worker_id
-from actstore.label.providers import get_provider
+from actstore.label.providers import LabelProvider, get_provider
 from actstore.store import commit, io, labelsets
 from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.store.codecs import DEFAULT_CODEC
+
+if TYPE_CHECKING:
+    from actstore.progress import Progress
 
 RAW, PASS1, PASS2 = "_raw", "_pass1", "_pass2"
 
@@ -61,7 +65,7 @@ class LabelJob:
     def blocks(self) -> list[tuple[int, int]]:
         return st.blocks_of(len(self.ids), self.block)
 
-    def context(self, prov) -> PassContext:
+    def context(self, prov: LabelProvider) -> PassContext:
         return PassContext(self.kinds, self.spec, prov, list(self.ids), self.hw, self.block,
                            self.batch_size)
 
@@ -117,7 +121,7 @@ def pending(job: LabelJob, stage: str) -> list[tuple[int, int]]:
     return [blk for blk in job.blocks if blk not in done]
 
 
-def raw_block(job: LabelJob, prov, a: int, b: int,
+def raw_block(job: LabelJob, prov: LabelProvider, a: int, b: int,
               done: Callable[[int], None] | None = None) -> None:
     """Pass 1 for images a:b: raw labels staged, train moments in the block's record.
     ``done`` hears the images labelled, batch by batch (see :meth:`PassContext.run`)."""
@@ -182,7 +186,7 @@ def stats(job: LabelJob) -> dict[str, tuple]:
     return out
 
 
-def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int,
+def final_block(job: LabelJob, prov: LabelProvider, stats_: dict, a: int, b: int,
                 done: Callable[[int], None] | None = None) -> None:
     """Pass 2 for images a:b: normalized labels, pooled grids, x0 labels, then its record.
     ``done`` hears the x0 images labelled (image-steps), batch by batch."""
@@ -212,8 +216,9 @@ def final_block(job: LabelJob, prov, stats_: dict, a: int, b: int,
     commit.write_block_record(job.store, job.record_group(PASS2), a, b, {})
 
 
-def run_blocks(job: LabelJob, stage: str, blks, constants: dict | None = None, *,
-               prov=None, bar=None) -> dict:
+def run_blocks(job: LabelJob, stage: str, blks: Iterable[tuple[int, int]],
+               constants: dict | None = None, *, prov: LabelProvider | None = None,
+               bar: Progress | None = None) -> dict:
     """One pass over ``blks`` with ``prov`` (default: this process's shared provider).
 
     A Dask task whose command was interrupted stops at its next block, provider batch or
@@ -242,6 +247,6 @@ def drop_staging(job: LabelJob) -> None:
         io.remove(job.store, job.record_group(stage))
 
 
-def shared_provider(spec: str, device: str):
+def shared_provider(spec: str, device: str) -> LabelProvider:
     """This process's provider for ``spec``: loaded once, reused for every block task."""
     return shared("provider", (spec, device), lambda: get_provider(spec, device))

@@ -16,11 +16,15 @@ labels become scientific data, so the code that makes them must be code we have 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from actstore.errors import ActstoreError, first_line
 from actstore.kinds import BINARY, CONTINUOUS
+
+if TYPE_CHECKING:
+    import torch
 
 # Class names that mean "not the object" in common segmentation label sets: VOC-style
 # "background", binary foreground models, and the stuff classes of ADE20K/Cityscapes/COCO
@@ -35,7 +39,8 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 LOAD_OPTIONS = {"local_files_only": True, "trust_remote_code": False}
 
 
-def resize_maps(maps, size: tuple[int, int], mode: str = "bilinear"):
+def resize_maps(maps: torch.Tensor, size: tuple[int, int],
+                mode: str = "bilinear") -> torch.Tensor:
     """``(N, h, w)`` or ``(N, C, h, w)`` torch maps to ``size``, pixel centres aligned."""
     import torch.nn.functional as F
 

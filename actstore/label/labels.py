@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import xarray as xr
@@ -47,13 +47,16 @@ from actstore.label.settings import LabelSettings
 from actstore.options import named_once
 from actstore.progress import Progress
 
+if TYPE_CHECKING:
+    import zarr
+
 TARGET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 def write_labels(store: str, provider: str | LabelProvider,
                  target: str | list[str] | tuple[str, ...],
                  settings: LabelSettings | None = None, *, progress: bool = True,
-                 **options) -> dict:
+                 **options: Any) -> dict:
     """Label the store's final images with ``provider`` and write ``target``, one or several.
 
     ``provider``: a spec (``toyworld``, ``hf-depth:FOLDER``, ``hf-segmentation:FOLDER``, or
@@ -110,7 +113,7 @@ class LabelRequest(NamedTuple):
     x0_note: str | None
 
 
-def check_labels(store: str, prov: LabelProvider, target,
+def check_labels(store: str, prov: LabelProvider, target: str | list[str] | tuple[str, ...],
                  settings: LabelSettings = LabelSettings()) -> LabelRequest:
     """Every check of a label run that reads and writes nothing but the store's records
     and the provider's description: a fan-out runs it before it starts a cluster (a
@@ -137,7 +140,7 @@ def check_labels(store: str, prov: LabelProvider, target,
                         _layer_grids(view, hw), x0_note)
 
 
-def prepare_labels(store: str, prov: LabelProvider, target,
+def prepare_labels(store: str, prov: LabelProvider, target: str | list[str] | tuple[str, ...],
                    settings: LabelSettings = LabelSettings()) -> blocks.LabelJob:
     """Check everything, then begin (or resume) the run's versions and make their arrays.
 
@@ -301,7 +304,7 @@ def array_names(attrs: dict) -> list[str]:
                                                                else [])]
 
 
-def label_array(store: str, target: str, name: str = "full"):
+def label_array(store: str, target: str, name: str = "full") -> zarr.Array:
     """One array of a target's current labels (``full``, ``r<h>``, ``x0``) for reading.
 
     A name the version lacks (a grid no layer has, ``x0`` of labels made without) is

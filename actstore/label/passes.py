@@ -85,7 +85,7 @@ class PassContext:
                                     "the labels")
 
 
-def normalize(raw: np.ndarray, mean, std) -> np.ndarray:
+def normalize(raw: np.ndarray, mean: float | None, std: float | None) -> np.ndarray:
     """z-score with the train constants in float64 (binary targets: unchanged)."""
     if mean is None:
         return raw

@@ -18,6 +18,7 @@ Hugging Face folders: :mod:`actstore.label.hfmodels` (never with remote code).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 import hashlib
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
@@ -89,7 +90,8 @@ def provider_loads() -> int:
     return len(_LOADS)
 
 
-def folder_sha256(path: str | Path, patterns=("*.safetensors", "*.bin")) -> str:
+def folder_sha256(path: str | Path,
+                  patterns: Iterable[str] = ("*.safetensors", "*.bin")) -> str:
     """One hash over a model folder's weight files, so stored labels name their weights."""
     h = hashlib.sha256()
     for f in sorted(p for pat in patterns for p in Path(path).glob(pat)):

@@ -10,12 +10,16 @@ passed as an unexpected error.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 import json
 import math
 import struct
 from pathlib import Path
 
 from actstore.errors import ActstoreError, first_line
+
+if TYPE_CHECKING:
+    from actstore.toyworld.labeler import ToyLabeler
 
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
 TRAIN = "python -m actstore.toyworld.labeler_train"
@@ -67,7 +71,7 @@ class ToyFolder:
         self.provenance = {"folder": str(path), "weights_sha256": folder_sha256(path)}
         self._model = None
 
-    def load(self):
+    def load(self) -> ToyLabeler:
         """The model on this folder's device, as a provider with this folder's identity:
         what fails now is the load itself (out of memory, a device error), said as such."""
         from actstore.label.providers import ready_device
