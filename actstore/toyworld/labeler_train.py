@@ -7,6 +7,7 @@ real inputs are the LDM's generated images, which are softer than renders.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import argparse
 import json
 import time
@@ -52,8 +53,9 @@ def _tensors(b: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def fit(net: torch.nn.Module, batch_loss, *, n_train: int, steps: int, batch: int, lr: float,
-        seed: int, tag: str) -> float:
+def fit(net: torch.nn.Module,
+        batch_loss: Callable[[torch.Tensor, torch.Generator], torch.Tensor], *, n_train: int,
+        steps: int, batch: int, lr: float, seed: int, tag: str) -> float:
     """AdamW with a one-cycle schedule over random batches of ``n_train`` cached renders;
     ``batch_loss(idx, g)`` augments and scores one batch. Returns the smoothed final loss."""
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)

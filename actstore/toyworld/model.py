@@ -10,8 +10,14 @@ resolution (64x64 pixels, 16x16x4 latents) and the text encoder/tokenizer are sm
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from diffusers import (AutoencoderKL, LMSDiscreteScheduler, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextModel, CLIPTokenizer
 
 SD_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 num_train_timesteps=1000)
@@ -53,19 +59,19 @@ TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                    num_attention_heads=4, projection_dim=64, hidden_act="quick_gelu")
 
 
-def make_vae(scaling_factor: float = 1.0):
+def make_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(**VAE_CONFIG, scaling_factor=scaling_factor)
 
 
-def make_unet():
+def make_unet() -> UNet2DConditionModel:
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(**UNET_CONFIG)
 
 
-def make_text_encoder(tokenizer):
+def make_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
     """Tiny CLIP text tower; eos id drives the pooled output, so it must match the tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -80,7 +86,7 @@ def make_text_encoder(tokenizer):
     return CLIPTextModel(cfg)
 
 
-def make_scheduler():
+def make_scheduler() -> LMSDiscreteScheduler:
     from diffusers import LMSDiscreteScheduler
 
     return LMSDiscreteScheduler(**SD_BETAS, steps_offset=1)
@@ -93,7 +99,8 @@ def alphas_cumprod() -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet):
+def assemble_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                      unet: UNet2DConditionModel) -> StableDiffusionPipeline:
     from diffusers import StableDiffusionPipeline
 
     return StableDiffusionPipeline(
@@ -103,7 +110,8 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet):
     )
 
 
-def save_pipeline(vae, text_encoder, tokenizer, unet, out_dir: str | Path) -> Path:
+def save_pipeline(vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                  unet: UNet2DConditionModel, out_dir: str | Path) -> Path:
     """Write a standard SD folder (safetensors weights) loadable by from_pretrained."""
     out = Path(out_dir)
     pipe = assemble_pipeline(vae, text_encoder, tokenizer, unet)
@@ -111,7 +119,7 @@ def save_pipeline(vae, text_encoder, tokenizer, unet, out_dir: str | Path) -> Pa
     return out
 
 
-def load_pipeline(path: str | Path):
+def load_pipeline(path: str | Path) -> StableDiffusionPipeline:
     """Load exactly as real SD folders are loaded (local files only, no safety checker)."""
     from diffusers import StableDiffusionPipeline
 
@@ -120,5 +128,5 @@ def load_pipeline(path: str | Path):
     )
 
 
-def n_params(module) -> int:
+def n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())

@@ -13,6 +13,7 @@ the geometry analytically.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -351,7 +352,7 @@ def render_scene(seed: int, size: int = 64, camera: str = "fixed",
     return render_spec(sample_spec(seed, camera, pitch), size=size, seed=seed)
 
 
-def render_batch(seeds, size: int = 64, camera: str = "fixed",
+def render_batch(seeds: Sequence[int] | np.ndarray, size: int = 64, camera: str = "fixed",
                  pitch: tuple[float, float] | None = None) -> dict[str, np.ndarray | list[str]]:
     """Stack many scenes into arrays keyed like ``Scene`` fields (plus ``seed``)."""
     scenes = [render_scene(int(s), size, camera, pitch) for s in seeds]

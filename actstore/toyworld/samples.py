@@ -8,6 +8,8 @@ the probing pipeline will label them.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 import argparse
 import csv
 import json
@@ -22,6 +24,9 @@ from actstore.errors import ActstoreError
 from actstore.runtime import configure_cpu_threads
 from actstore.toyworld.model import load_pipeline
 from actstore.toyworld.render import render_scene
+
+if TYPE_CHECKING:
+    from diffusers import SchedulerMixin, StableDiffusionPipeline
 
 
 def read_prompts(prompts_csv: str | Path) -> list[dict]:
@@ -68,7 +73,7 @@ class Sampling:
     def __str__(self) -> str:
         return f"{self.sampler}:{self.steps}:{self.guidance:g}"
 
-    def scheduler(self, model_dir: str | Path):
+    def scheduler(self, model_dir: str | Path) -> SchedulerMixin:
         """A fresh scheduler of this kind with the model's own betas and timestep spacing."""
         import diffusers
 
@@ -78,7 +83,8 @@ class Sampling:
 
 
 def generate(model_dir: str | Path, prompts: list[str], seeds: list[int], *,
-             sampling: Sampling = Sampling(), batch: int = 16, pipe=None) -> np.ndarray:
+             sampling: Sampling = Sampling(), batch: int = 16,
+             pipe: StableDiffusionPipeline | None = None) -> np.ndarray:
     """uint8 (N,H,W,3) images; each from its own ``torch.Generator().manual_seed(seed)``,
     so an image does not depend on the batch it was generated in (ancestral samplers too:
     diffusers draws their per-step noise from the same per-image generators)."""
@@ -107,7 +113,7 @@ def _grid(rows: list[np.ndarray], scale: int = 3, pad: int = 2) -> np.ndarray:
 
 def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | Path, *,
                 n: int = 8, samplings: list[Sampling] = (Sampling(),), rows: int = 1,
-                pipe=None) -> dict:
+                pipe: StableDiffusionPipeline | None = None) -> dict:
     """PNG with ``rows`` groups of rows: renders on top, then the generated images of the
     same prompts and seeds, one row per sampling."""
     recs = read_prompts(prompts_csv)[: n * rows]
@@ -139,7 +145,9 @@ def write_grid(out_png: str | Path, recs: list[dict], gens: list[np.ndarray],
     return {"png": str(out_png), "prompts": prompts, "seeds": seeds}
 
 
-def quality(images: np.ndarray, labeler, min_pixels: int = 8, reader=None,
+def quality(images: np.ndarray, labeler: Callable[[np.ndarray], dict[str, np.ndarray]],
+            min_pixels: int = 8,
+            reader: Callable[[np.ndarray], dict[str, np.ndarray]] | None = None,
             prompts: list[str] | None = None) -> dict:
     """Fraction with a salient object (>= min_pixels) and with depth increasing downward
     (per-image Spearman between predicted inverse depth and row index >= 0.5); with a

@@ -9,11 +9,16 @@ into characters rather than failing).
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 import json
 from collections import Counter
 from pathlib import Path
 
 from actstore.toyworld.vocab import WORDS
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 MAX_LENGTH = 24
@@ -33,7 +38,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def learn_merges(words=WORDS) -> list[tuple[str, str]]:
+def learn_merges(words: Iterable[str] = WORDS) -> list[tuple[str, str]]:
     """Greedy BPE training on the word list, run until every word is one symbol."""
     b2u = bytes_to_unicode()
     segs = {}
@@ -62,7 +67,8 @@ def learn_merges(words=WORDS) -> list[tuple[str, str]]:
     return merges
 
 
-def write_tokenizer_files(out_dir: str | Path, words=WORDS, max_length: int = MAX_LENGTH) -> Path:
+def write_tokenizer_files(out_dir: str | Path, words: Iterable[str] = WORDS,
+                          max_length: int = MAX_LENGTH) -> Path:
     """Write vocab.json, merges.txt and the tokenizer configs for ``CLIPTokenizer``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -90,7 +96,8 @@ def write_tokenizer_files(out_dir: str | Path, words=WORDS, max_length: int = MA
     return out
 
 
-def build_tokenizer(out_dir: str | Path, words=WORDS, max_length: int = MAX_LENGTH):
+def build_tokenizer(out_dir: str | Path, words: Sequence[str] = WORDS,
+                    max_length: int = MAX_LENGTH) -> CLIPTokenizer:
     """Write the files, load them back as ``CLIPTokenizer`` and verify one token per word."""
     from transformers import CLIPTokenizer
 
@@ -100,7 +107,7 @@ def build_tokenizer(out_dir: str | Path, words=WORDS, max_length: int = MAX_LENG
     return tok
 
 
-def check_word_level(tok, words=WORDS) -> None:
+def check_word_level(tok: CLIPTokenizer, words: Iterable[str] = WORDS) -> None:
     """Raise if any vocabulary word does not map to exactly one token."""
     bad = []
     for w in words:
