@@ -8,9 +8,9 @@ printing the whole usage, so every failure a user sees is one line.
 
 from __future__ import annotations
 
-from typing import NoReturn
 import argparse
 import math
+from typing import NoReturn
 
 EXIT_USER_ERROR = 2
 

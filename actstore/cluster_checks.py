@@ -6,11 +6,11 @@ resource its tasks ask for) waited without end (2026-12-05)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from typing import TYPE_CHECKING, Any, TypeAlias
 import os
 import threading
 import time
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from actstore.cluster import ON_WORKER, SCHEDULER_TIMEOUT, worker_note
 from actstore.errors import ActstoreError, first_line

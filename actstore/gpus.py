@@ -16,9 +16,9 @@ worker processes on any machine.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
 import os
 import re
+from typing import TYPE_CHECKING, Any
 
 from actstore.errors import ActstoreError
 

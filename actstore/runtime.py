@@ -15,8 +15,8 @@ many Dask threads would oversubscribe the machine cores × cores times.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 from actstore.errors import ActstoreError

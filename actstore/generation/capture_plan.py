@@ -16,12 +16,12 @@ is added under a creation claim on its group (:func:`ensure_added`).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
-from typing import TYPE_CHECKING
 import time
+from collections.abc import Collection, Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 from actstore.errors import ActstoreError
 from actstore.generation.pointnames import KINDS, VAE_SOURCES, CapturePoint, parse_kinds

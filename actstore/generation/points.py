@@ -31,11 +31,11 @@ replaces the output (how interventions edit).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -18,9 +18,9 @@ uint8 levels per pixel, and each image's activations by at most
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import functools
 import platform
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd

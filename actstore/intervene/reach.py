@@ -27,8 +27,8 @@ images; ``--renders N --camera fixed varied`` adds the nearest render per camera
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
 

@@ -9,8 +9,8 @@ the image's other targets (did the image follow *this* target, or just change?).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.stats import binomtest

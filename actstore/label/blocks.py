@@ -16,9 +16,9 @@ removes staging and records, then makes the set visible with one record
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import hashlib
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 

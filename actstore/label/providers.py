@@ -18,8 +18,8 @@ Hugging Face folders: :mod:`actstore.label.hfmodels` (never with remote code).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 import hashlib
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 

@@ -10,11 +10,11 @@ passed as an unexpected error.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import json
 import math
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from actstore.errors import ActstoreError, first_line
 

@@ -8,9 +8,9 @@ thread for copies made and dropped at once.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 import threading
 from math import prod
+from typing import TYPE_CHECKING
 
 import numpy as np
 

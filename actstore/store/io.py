@@ -12,7 +12,6 @@ Where a URI leads, and with which credentials, is :mod:`actstore.store.locations
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
 import asyncio
 import json
 import os
@@ -20,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import TYPE_CHECKING, Any
 
 import zarr
 from zarr.abc.store import Store

@@ -7,10 +7,10 @@ real inputs are the LDM's generated images, which are softer than renders.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np

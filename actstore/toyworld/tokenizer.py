@@ -9,11 +9,11 @@ into characters rather than failing).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING
 import json
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from actstore.toyworld.vocab import WORDS
 
