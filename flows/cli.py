@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 import traceback
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from actstore.cliargs import OneLineParser, nonneg_float, positive_int
@@ -332,7 +333,7 @@ COMMANDS = {"materialize": _materialize, "verify": _verify, "label": _label, "pr
             "intervene": _intervene, "sweep": _sweep, "main": _main_job, "show": _show}
 
 
-def flow_mode(args):
+def flow_mode(args: argparse.Namespace) -> AbstractContextManager[None]:
     """Where flows run (see :func:`flows.prefect_api.flow_mode`); entered only after a
     command's own checks, so bad input fails before a server starts."""
     from flows.prefect_api import flow_mode as mode

@@ -7,14 +7,21 @@ finding out after minutes of work (or a 30 s connect timeout) is the costly way.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import re
 import socket
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from actstore.errors import ActstoreError
+
+if TYPE_CHECKING:
+    from actstore.catalog import Catalog
+    from actstore.generation.materialize import MaterializeSettings
 
 SCHEDULER_TIMEOUT = 5.0  # seconds to open a TCP connection to --scheduler
 LOCAL_SCHEDULERS = ("threads", "sync", "synchronous")
@@ -34,7 +41,7 @@ def check_table_and_region(prompts: str, images: str | None, store: str | None =
 
 
 @contextmanager
-def store_under_out(out: str):
+def store_under_out(out: str) -> Iterator[None]:
     """The main job's store is under ``--out``: a store's refusal that says to use a new
     ``--store`` says so of ``--out``."""
     try:
@@ -96,7 +103,7 @@ def check_scheduler(address: str | None, timeout: float = SCHEDULER_TIMEOUT) -> 
                             "leave out --scheduler for a local cluster") from None
 
 
-def store_uri(args, catalog) -> str:
+def store_uri(args: argparse.Namespace, catalog: Catalog | None) -> str:
     """``--store``: a catalog store name resolved to its URI, its protocol checked."""
     from actstore.catalog import resolve_store
 
@@ -105,7 +112,8 @@ def store_uri(args, catalog) -> str:
     return store
 
 
-def check_fan_out(args, what: str, device: str | None = None, in_process: int = 0) -> None:
+def check_fan_out(args: argparse.Namespace, what: str, device: str | None = None,
+                  in_process: int = 0) -> None:
     """``--workers``/``--cluster`` need Prefect (``what`` runs as its task runs on Dask) and
     only one of them, an unreachable ``--cluster`` fails in one line within seconds, before
     a model loads, and ``--workers`` on ``device`` (the run's, defaults applied) that
@@ -148,7 +156,7 @@ FIGURE_OUTPUTS = {"grid": ("--grid", True), "figure": ("--figure", True),
                   "figures": ("--figures", False), "out": ("--out", False)}
 
 
-def check_figure_outputs(args) -> None:
+def check_figure_outputs(args: argparse.Namespace) -> None:
     """Every figure path the command was given, checked before any work (see
     :func:`actstore.plots.outputs.check_output`): figures are drawn last."""
     from actstore.plots.outputs import check_output
@@ -159,7 +167,7 @@ def check_figure_outputs(args) -> None:
             check_output(value, option, png=png)
 
 
-def catalog_vae_source(name: str, store: str, settings) -> None:
+def catalog_vae_source(name: str, store: str, settings: MaterializeSettings) -> None:
     """A catalog store's vae_source without the vae kind was refused in the words for an
     option ('... or drop --vae-source') to a user who gave none: say where it comes from."""
     from actstore.generation.capture_plan import plan_capture

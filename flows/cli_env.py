@@ -3,6 +3,7 @@ the object store's options — set before any library loads a model or opens a s
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import os
@@ -11,9 +12,12 @@ import sys
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from actstore.errors import ActstoreError
+
+if TYPE_CHECKING:
+    from actstore.catalog import Catalog
 
 
 def quiet_libraries() -> None:
@@ -59,7 +63,7 @@ def _quiet_imported_libraries() -> None:
 
 
 @contextmanager
-def command_environment(args):
+def command_environment(args: argparse.Namespace) -> Iterator[None]:
     """Process settings for this command only (restored after, for callers in-process)."""
     values = {"TQDM_DISABLE": "1" if args.quiet else None,
               "ACTSTORE_THREADS": str(args.threads) if args.threads else None}
@@ -118,7 +122,7 @@ def one_interrupt() -> Iterator[Interrupt]:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def use_storage_options(args, catalog) -> None:
+def use_storage_options(args: argparse.Namespace, catalog: Catalog | None) -> None:
     """Options for the command's object store, for this process and the workers it starts;
     the text is never echoed (it may hold a secret)."""
     from actstore.catalog import resolve_store

@@ -9,13 +9,18 @@ an option left out is simply not passed on.
 
 from __future__ import annotations
 
+import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from actstore.cliargs import index, nonneg_float, positive_float, positive_int
 from actstore.errors import InputError
 from actstore.intervene.settings import (DIRECTIONS, HALVES, METHODS, TARGET_MODES,
                                          InterventionSettings, SweepSettings, defaults)
 from flows.cli_checks import STORE_HELP, check_fan_out, store_uri
+
+if TYPE_CHECKING:
+    from actstore.catalog import Catalog
 
 D = defaults(InterventionSettings)
 SW = defaults(SweepSettings)
@@ -75,7 +80,8 @@ def _add_edit_options(p, sweep: bool = False) -> None:
     p.add_argument("--device", help=f"cpu, cuda[:N] or auto (default {D['device']})")
 
 
-def add_intervene_parser(sub, common=None) -> None:
+def add_intervene_parser(sub: argparse._SubParsersAction,
+                         common: argparse.ArgumentParser | None = None) -> None:
     """``common``: the options every subcommand also accepts after its name."""
     parents = [common] if common else []
     p = sub.add_parser("intervene", parents=parents, help="edit activations with a stored probe run during "
@@ -166,7 +172,7 @@ def _n_targets_with_file(args) -> None:
                          "(for K targets, give K maps per image in the file)")
 
 
-def intervention_settings(args) -> InterventionSettings:
+def intervention_settings(args: argparse.Namespace) -> InterventionSettings:
     _n_targets_with_file(args)
     images = args.images
     if images and len(images) == 1:
@@ -176,7 +182,7 @@ def intervention_settings(args) -> InterventionSettings:
     return InterventionSettings(images=images, **given)
 
 
-def sweep_settings(args) -> SweepSettings:
+def sweep_settings(args: argparse.Namespace) -> SweepSettings:
     _n_targets_with_file(args)
     base = _given(args, EDIT_FIELDS)
     base.setdefault("n_targets", SweepSettings().base.n_targets)
@@ -189,7 +195,7 @@ def sweep_settings(args) -> SweepSettings:
     return SweepSettings(base=InterventionSettings(**base), **grid)
 
 
-def intervene_command(args, catalog) -> dict:
+def intervene_command(args: argparse.Namespace, catalog: Catalog | None) -> dict:
     """Run the experiment through the Prefect flow, or directly with ``--no-prefect``."""
     from actstore.intervene.tables import format_interventions
 
@@ -220,7 +226,7 @@ def intervene_command(args, catalog) -> dict:
         else summary
 
 
-def sweep_command(args, catalog) -> dict:
+def sweep_command(args: argparse.Namespace, catalog: Catalog | None) -> dict:
     from actstore.intervene.tables import format_cells, format_sweeps
 
     store, settings = store_uri(args, catalog), sweep_settings(args)

@@ -4,13 +4,20 @@ ones written in :class:`LabelSettings` / :class:`ProbeSettings`."""
 
 from __future__ import annotations
 
+import argparse
+from typing import TYPE_CHECKING
+
 from actstore.label.settings import LabelSettings
 from actstore.probe.settings import ProbeSettings
 from actstore.cliargs import index, positive_int
 from flows.cli_checks import STORE_HELP, check_fan_out, check_scheduler, store_uri
 
+if TYPE_CHECKING:
+    from actstore.catalog import Catalog
 
-def add_label_probe_parsers(sub, common) -> None:
+
+def add_label_probe_parsers(sub: argparse._SubParsersAction,
+                            common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("label", parents=[common], help="write a probe target (labels) into a "
                        "store; never touches activations")
     p.add_argument("--store", required=True, help=STORE_HELP)
@@ -52,7 +59,7 @@ def add_label_probe_parsers(sub, common) -> None:
                    "read passes)")
 
 
-def label_command(args, catalog) -> dict:
+def label_command(args: argparse.Namespace, catalog: Catalog | None) -> dict:
     store = store_uri(args, catalog)
     # One --target keeps the one-target summary its users already read; several, a dict.
     target = args.target[0] if len(args.target) == 1 else args.target
@@ -73,7 +80,7 @@ def label_command(args, catalog) -> dict:
                           cluster=args.cluster, progress=not args.quiet)
 
 
-def probe_command(args, catalog) -> dict:
+def probe_command(args: argparse.Namespace, catalog: Catalog | None) -> dict:
     store = store_uri(args, catalog)
     check_scheduler(args.scheduler)
     settings = ProbeSettings().with_options(models=args.models, layers=args.layers,

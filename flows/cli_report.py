@@ -130,7 +130,7 @@ def _one_line(text: str, limit: int = 600) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def as_json(result) -> str:
+def as_json(result: object) -> str:
     return json.dumps(result, indent=1, default=str)
 
 

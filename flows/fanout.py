@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple
 
 from prefect.futures import PrefectFuture
 
@@ -25,6 +25,11 @@ from actstore.gpus import check_workers_device
 from actstore.progress import Progress, RelayedBar
 from actstore.worker_code import SAME_CODE_FIX, OtherWorkerCode, code_fingerprint
 from flows.prefect_api import check_api, server_gone
+
+if TYPE_CHECKING:
+    from distributed import Client
+    from prefect import Task
+    from prefect.client.schemas.objects import State, TaskRun
 
 REGION_RETRIES = 2
 BOTH_SITES = ("--workers and --cluster: give one (--workers N starts a local cluster; "
@@ -40,7 +45,7 @@ class BlocksFailed(ActstoreError):
     """Tasks failed for reasons a rerun may not meet again: keep their blocks to resume."""
 
 
-def retry_unless_bad_input(task, task_run, state) -> bool:
+def retry_unless_bad_input(task: Task, task_run: TaskRun, state: State) -> bool:
     """Bad input (NaN labels, a store made with other weights) comes out the same on every
     try; anything else (a lost worker, a storage error) may not."""
     try:
@@ -158,7 +163,7 @@ def stop_services(services: Iterable[Any]) -> int:
     return dropped
 
 
-def on_gpus(gpu: bool):
+def on_gpus(gpu: bool) -> AbstractContextManager[None]:
     """Tasks submitted inside ask for one ``GPU`` resource each, if workers offer it
     (``dask worker ADDRESS --nthreads 1 --resources GPU=1``): one task per device."""
     import dask
@@ -220,14 +225,14 @@ class WorkersChanged(BlocksFailed):
     worker running other code joined."""
 
 
-def dask_client(futures: list):
+def dask_client(futures: list) -> Client | None:
     """The Dask client Prefect's ``futures`` went through (None: not Dask's)."""
     return next((getattr(getattr(f, "wrapped_future", None), "client", None)
                  for f in futures), None)
 
 
 @contextmanager
-def relayed_bar(bar: Progress, futures: list, topic: str | None):
+def relayed_bar(bar: Progress, futures: list, topic: str | None) -> Iterator[RelayedBar]:
     """``bar`` counting ``futures``' tasks as they relay their progress under ``topic``
     (:func:`actstore.progress.relayed`), else only as each ends; closed, with its topic's
     subscription, on leaving."""
@@ -250,7 +255,7 @@ def watch_workers(futures: list, store: str, what: str, gpu: bool) -> WorkerWatc
 
 
 @contextmanager
-def workers_changed():
+def workers_changed() -> Iterator[None]:
     """:class:`ClusterChanged` as :class:`WorkersChanged`: the run's blocks stay to resume."""
     try:
         yield

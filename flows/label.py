@@ -23,7 +23,7 @@ from actstore.errors import ActstoreError
 from actstore.label import blocks
 from actstore.label.labels import (abort_labels, check_labels, commit_labels, prepare_labels,
                                    write_labels)
-from actstore.label.providers import describe_provider
+from actstore.label.providers import LabelProvider, describe_provider
 from actstore.label.settings import LabelSettings
 from actstore.progress import Progress, progress_topic, relaying
 from actstore.store import labelsets
@@ -114,7 +114,8 @@ def label_blocks_flow(job: blocks.LabelJob, workers: int, gpu: bool, progress: b
             "groups_by_worker": dict(by_worker)}
 
 
-def fan_out_labels(store: str, prov, target, settings: LabelSettings, *,
+def fan_out_labels(store: str, prov: LabelProvider, target: str | list[str] | tuple[str, ...],
+                   settings: LabelSettings, *,
                    address: str, workers: int, gpu: bool, progress: bool,
                    code: tuple[str, ...] | None = None) -> dict:
     """``prov``: :func:`describe_provider`'s, for the run's identity and input check; the
