@@ -70,7 +70,7 @@ class Hess:
             out.tri = [h.tri[0] for h in one]
         return out
 
-    def take(self, idx: np.ndarray, models: slice = slice(None)) -> "Hess":
+    def take(self, idx: np.ndarray | list[int], models: slice = slice(None)) -> "Hess":
         out = object.__new__(Hess)
         out.mu, out.c, out.n = self.mu[idx], self.c[idx, models], self.n[idx, models]
         out.eig = self.eig
@@ -119,7 +119,7 @@ class Pairs:
             setattr(out, name, np.concatenate([getattr(p, name) for p in one]))
         return out
 
-    def take(self, idx: np.ndarray, models: slice = slice(None)) -> "Pairs":
+    def take(self, idx: np.ndarray | list[int], models: slice = slice(None)) -> "Pairs":
         out = object.__new__(Pairs)
         out.s, out.y = self.s[idx][:, :, models].copy(), self.y[idx][:, :, models].copy()
         out.rho, out.alpha = self.rho[idx][:, :, models].copy(), self.alpha[idx][:, models].copy()
