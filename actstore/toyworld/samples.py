@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,7 +112,7 @@ def _grid(rows: list[np.ndarray], scale: int = 3, pad: int = 2) -> np.ndarray:
 
 
 def sample_grid(model_dir: str | Path, prompts_csv: str | Path, out_png: str | Path, *,
-                n: int = 8, samplings: list[Sampling] = (Sampling(),), rows: int = 1,
+                n: int = 8, samplings: Sequence[Sampling] = (Sampling(),), rows: int = 1,
                 pipe: StableDiffusionPipeline | None = None) -> dict:
     """PNG with ``rows`` groups of rows: renders on top, then the generated images of the
     same prompts and seeds, one row per sampling."""
