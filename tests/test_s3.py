@@ -165,6 +165,32 @@ def test_bad_object_store_is_one_line_and_writes_nothing(case, bucket, tiny_mode
     assert fs.find(bucket) == [] and not fs.exists("no-such-bucket-here")
 
 
+@pytest.mark.parametrize("form,want", [
+    ("s3://{b}//s.zarr", "the key has an empty part ('//'), which the object store keeps as "
+                         "another key than the one meant; write s3://{b}/s.zarr"),
+    ("s3://{b}/runs//s.zarr/", "write s3://{b}/runs/s.zarr"),
+    ("s3://", "no bucket in the URL; write s3://BUCKET/PATH"),
+    ("s3:///s.zarr", "no bucket in the URL; write s3://BUCKET/PATH")])
+def test_malformed_s3_url_is_one_line_and_writes_nothing(form, want, bucket, tiny_model):
+    """Before, ``s3://b//s.zarr`` made a store under the key ``b//s.zarr`` that no reader
+    found (its summary: 'INCOMPLETE (no model variant yet)'), and ``s3://`` or
+    ``s3:///s.zarr`` were an unexpected botocore error, exit 1."""
+    uri, want = form.format(b=bucket), want.format(b=bucket)
+    for call in (lambda: open_store(uri),
+                 lambda: materialize(tiny_model, DEMO, uri,
+                                     MaterializeSettings(gen=GenerationConfig(steps=STEPS)),
+                                     progress=False)):
+        with pytest.raises(ActstoreError) as info:
+            call()
+        assert str(info.value) == f"store {uri}: {want}" or (
+            str(info.value).startswith(f"store {uri}: ") and want in str(info.value))
+    assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
+    proc = _cli("show", "--store", uri)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and err.strip().count("\n") == 0, err[-2000:]
+    assert want in err and "Traceback" not in err
+
+
 def test_writer_marks_and_label_removal_on_s3(bucket):
     """The clean-up's primitives on a real S3 API: a superseded version goes whole, its
     zarr.json first, so a reader that held it is told so; a prefix whose writer looks gone

@@ -81,6 +81,8 @@ def location(uri: str) -> Location:
         if uri in _LOCATIONS:
             return _LOCATIONS[uri]
     protocol = protocol_of(uri)
+    if protocol in OBJECT_STORES:
+        check_object_url(uri)
     try:
         if protocol == "file":
             fs, root = fsspec.core.url_to_fs(uri)
@@ -105,6 +107,23 @@ def location(uri: str) -> Location:
     with _LOCK:
         _LOCATIONS[uri] = loc
     return loc
+
+
+def check_object_url(uri: str) -> None:
+    """An object-store URL names a bucket and, inside it, a key without empty parts: the
+    service keeps ``a//b`` and ``a/b`` as different keys, so ``s3://bkt//p.zarr`` made a
+    store no reader found (its summary said 'no model variant yet'), and ``s3://`` or
+    ``s3:///p.zarr`` failed in botocore's parameter check, exit 1. Trailing slashes are
+    fsspec's to drop and pass."""
+    protocol, rest = uri.split("://", 1)
+    bucket, _, key = rest.rstrip("/").partition("/")
+    if not bucket:
+        raise ActstoreError(f"store {uri}: no bucket in the URL; write {protocol}://BUCKET/"
+                            "PATH (e.g. s3://my-bucket/runs/p.zarr)")
+    if "" in key.split("/") and key:
+        fixed = f"{protocol}://{bucket}/" + "/".join(p for p in key.split("/") if p)
+        raise ActstoreError(f"store {uri}: the key has an empty part ('//'), which the object "
+                            f"store keeps as another key than the one meant; write {fixed}")
 
 
 # s3fs (since 2026.2) reads a whole object in 50 MB ranges over ``max_concurrency`` (10)
