@@ -139,6 +139,30 @@ def test_unreachable_endpoint_is_one_line_and_writes_nothing(bucket):
     assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
 
 
+@pytest.mark.parametrize("env,options,want", [
+    ("http://127.0.0.1:9", None, "can't reach the object store at http://127.0.0.1:9 "
+     "(EndpointConnectionError); check the endpoint (AWS_ENDPOINT_URL) and the network"),
+    (None, {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}},
+     "can't reach the object store at http://127.0.0.1:9 (EndpointConnectionError); check "
+     "the endpoint (--storage-options, FSSPEC_S3 or storage_options) and the network"),
+    ("127.0.0.1:9", None, "the endpoint '127.0.0.1:9' is not a URL; write it with its "
+     "scheme, e.g. http://127.0.0.1:9, in AWS_ENDPOINT_URL")], ids=["env", "options", "bare"])
+def test_a_wrong_endpoint_is_named_with_where_it_was_set(env, options, want, bucket,
+                                                         monkeypatch):
+    """Before, every wrong endpoint said 'check the endpoint (AWS_ENDPOINT_URL)' without the
+    URL tried (a typo such as 'locahost' stayed hidden), also for one set in
+    --storage-options; one without its scheme was 'can't use the object store: ValueError:
+    Invalid endpoint: 127.0.0.1:9'."""
+    uri = f"s3://{bucket}/s.zarr"
+    if env:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", env)
+    with pytest.raises(ActstoreError) as info:
+        open_store(uri, storage_options=options)
+    assert str(info.value) == f"store {uri}: {want}"
+    monkeypatch.undo()
+    assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
+
+
 @pytest.mark.parametrize("case", ["missing bucket", "missing credentials"])
 def test_bad_object_store_is_one_line_and_writes_nothing(case, bucket, tiny_model, tmp_path,
                                                          monkeypatch):

@@ -124,12 +124,36 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
         if "Credentials" in name:
             problem = ("no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                        "(or AWS_PROFILE) or pass storage_options")
+        elif "Invalid endpoint" in str(exc):
+            url, source = endpoint(fs, protocol, options)
+            problem = (f"the endpoint {url!r} is not a URL; write it with its scheme, e.g. "
+                       f"http://{url.strip()}, in {source}")
         elif "Connect" in name or "Endpoint" in name or isinstance(exc, OSError):
-            problem = (f"can't reach the object store ({name}); check the endpoint "
-                       "(AWS_ENDPOINT_URL) and the network")
+            url, source = endpoint(fs, protocol, options)
+            problem = (f"can't reach the object store at {url} ({name}); check the endpoint "
+                       f"({source}) and the network")
         else:
             problem = f"can't use the object store: {name}: {str(exc)[:160]}"
     raise ActstoreError(f"store {uri}: {problem}")
+
+
+def endpoint(fs, protocol: str, options: dict) -> tuple[str, str]:
+    """The endpoint a request went to and the setting it came from, for a message: a typo
+    (``locahost``, a port) shows in the URL, and an endpoint given in --storage-options is
+    not fixed in AWS_ENDPOINT_URL, which the message named whatever its source."""
+    import os
+
+    env = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if protocol in ("s3", "s3a") else ()
+    url = getattr(fs, "endpoint_url", None) or \
+        (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
+    given = {**fsspec.config.conf.get(protocol, {}), **options}
+    if url and url in (given.get("endpoint_url"),
+                       (given.get("client_kwargs") or {}).get("endpoint_url")):
+        return url, "--storage-options, FSSPEC_%s or storage_options" % protocol.upper()
+    for var in env:
+        if os.environ.get(var):
+            return url or os.environ[var], var
+    return url or "the service's default endpoint", (env[-1] if env else "--storage-options")
 
 
 def _refused_first(fs, uri: str, root: str, bucket: str, exc: PermissionError) -> str | None:
