@@ -80,8 +80,15 @@ def command_environment(args: argparse.Namespace) -> Iterator[None]:
 
 
 class Interrupt:
-    """Whether Ctrl-C has been pressed during the command (``one_interrupt``'s answer)."""
+    """Whether Ctrl-C has been pressed (or SIGTERM sent) during the command
+    (``one_interrupt``'s answer), and which of the two came first."""
     pressed: bool = False
+    signum: int = signal.SIGINT
+
+
+class Terminated(KeyboardInterrupt):
+    """The command was stopped by SIGTERM (``kill``, ``timeout``, a batch scheduler's
+    cancel, ``docker stop``): stopped as a Ctrl-C is, said and exited (143) as SIGTERM."""
 
 
 @contextmanager
@@ -105,21 +112,29 @@ def one_interrupt() -> Iterator[Interrupt]:
     serialization ended the command with 'unexpected error', exit 1 (1 run of ~10 of
     ``--workers 2`` pressed every 0.1 s, 2026-12-05)."""
     answer = Interrupt()
-    if threading.current_thread() is not threading.main_thread() or \
-            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        yield answer
-        return
+    main = threading.current_thread() is threading.main_thread()
+    # SIGTERM too, where nobody handles it, and whatever SIGINT's handler is (a command
+    # started in the background by a script, as batch jobs are, ignores SIGINT): by default
+    # it killed the command at once, with no line, exit 143 (2026-12-07); now it is stopped
+    # the way a Ctrl-C stops it.
+    ours = [sig for sig, default in ((signal.SIGINT, signal.default_int_handler),
+                                     (signal.SIGTERM, signal.SIG_DFL))
+            if main and signal.getsignal(sig) == default]
 
     def first(signum, frame) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        answer.pressed = True
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGINT, first)
+        for sig in ours:
+            signal.signal(sig, signal.SIG_IGN)
+        answer.pressed, answer.signum = True, signum
+        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+    for sig in ours:
+        signal.signal(sig, first)
     try:
         yield answer
     finally:
-        if signal.getsignal(signal.SIGINT) is first:     # not interrupted
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in ours:
+            if signal.getsignal(sig) is first:     # not interrupted
+                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
+                              else signal.SIG_DFL)
 
 
 def use_storage_options(args: argparse.Namespace, catalog: Catalog | None) -> None:

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from actstore.cluster import worker_note
 from actstore.errors import ActstoreError
+from flows.cli_env import Terminated
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
 EXIT_INTERRUPTED = 130      # 128 + SIGINT, as a shell reports a command Ctrl-C stopped
+EXIT_TERMINATED = 143       # 128 + SIGTERM
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 _READ_ONLY = (errno.EROFS, errno.EACCES, errno.EPERM)
 
@@ -39,8 +41,10 @@ def failure_line(command: str, exc: BaseException, store: str | None = None
     an object store's refusal (credentials that may read but not write). An error a Dask
     task met names its worker (:func:`actstore.cluster.worker_note`)."""
     if isinstance(exc, KeyboardInterrupt):
-        return (f"actstore {command}: interrupted; completed blocks are kept, rerun the same "
-                "command to resume", EXIT_INTERRUPTED)
+        term = isinstance(exc, Terminated)
+        return (f"actstore {command}: {'terminated (SIGTERM)' if term else 'interrupted'}; "
+                "completed blocks are kept, rerun the same command to resume",
+                EXIT_TERMINATED if term else EXIT_INTERRUPTED)
     where = f"actstore {command}: error: "
     if isinstance(exc, ActstoreError):
         return where + _one_line(str(exc)), EXIT_USER_ERROR

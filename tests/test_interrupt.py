@@ -78,7 +78,8 @@ def materialize(tmp_path: Path, *flags: str, fan: tuple = (), prompts: str = DEM
 
 def interrupt(tmp_path: Path, *flags: str, group: bool = False, workers: int | None = None,
               fan: tuple = (), ready: Callable[[], bool] = lambda: True,
-              run: tuple | None = None, again: float | None = None) -> Stopped:
+              run: tuple | None = None, again: float | None = None,
+              sig: int = signal.SIGINT, background: bool = False) -> Stopped:
     """Start materialize (or ``run``: a :func:`command` on the store ``tmp_path/s.zarr``),
     send SIGINT a moment after the store exists and ``ready()`` (to its process group with
     ``group``, as a terminal does), and see what is left when it exits. With ``again``,
@@ -89,7 +90,8 @@ def interrupt(tmp_path: Path, *flags: str, group: bool = False, workers: int | N
     cmd, env = run or materialize(tmp_path, *flags,
                                   fan=(*(["--workers", str(workers)] if workers else []), *fan))
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=group)
+                            stderr=subprocess.PIPE, text=True, start_new_session=group,
+                            preexec_fn=_ignore_sigint if background else None)
     servers = []
     try:
         deadline = time.time() + 300
@@ -104,9 +106,9 @@ def interrupt(tmp_path: Path, *flags: str, group: bool = False, workers: int | N
         t0 = time.time()
         while True:
             if group:
-                os.killpg(proc.pid, signal.SIGINT)   # its workers, once it has exited
+                os.killpg(proc.pid, sig)   # its workers, once it has exited
             else:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(sig)
             try:
                 _, err = proc.communicate(timeout=again or 120)
                 break
@@ -123,6 +125,11 @@ def interrupt(tmp_path: Path, *flags: str, group: bool = False, workers: int | N
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL) if group else proc.kill()
+
+
+def _ignore_sigint() -> None:
+    """As a shell script's ``command &`` starts it (a batch job's way): SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _cmd(proc: psutil.Process) -> list[str]:
@@ -150,6 +157,25 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, mode, again):
     assert stopped.code == 130 and stopped.err.strip() == LINE, stopped.err
     assert len(stopped.servers) == (0 if mode else 1)
     gone(stopped)
+
+
+@pytest.mark.parametrize("mode, workers, background", [(["--no-prefect"], None, False),
+                                                       ([], 2, True)],
+                         ids=["no-prefect", "prefect-workers-2-in-background"])
+def test_sigterm_is_one_line_and_exit_143(tmp_path, mode, workers, background):
+    """``kill``, ``timeout``, a batch scheduler's cancel: before 2026-12-07 SIGTERM killed
+    the command with no line at all (exit 143), its local workers and temporary Prefect
+    server left to their parent watch; in the background (SIGINT ignored) nothing of the
+    Ctrl-C path ran either. Now it stops as Ctrl-C does."""
+    stopped = interrupt(tmp_path, *mode, workers=workers, sig=signal.SIGTERM,
+                        background=background)
+    assert stopped.code == 143, stopped.err
+    assert stopped.err.strip() == ("actstore materialize: terminated (SIGTERM); completed "
+                                   "blocks are kept, rerun the same command to resume"), \
+        stopped.err
+    gone(stopped)
+    if workers:
+        assert stopped.workers == workers
 
 
 def test_ctrl_c_with_debug_shows_the_traceback(tmp_path):
