@@ -156,6 +156,13 @@ FIGURE_OUTPUTS = {"grid": ("--grid", True), "figure": ("--figure", True),
                   "figures": ("--figures", False), "out": ("--out", False)}
 
 
+# main's --out holds its store too: 'figures are written to a local path' (2026-12-07) hid
+# that the job's store can go to an object store only through the standalone commands.
+MAIN_OUT_LOCAL = ("the main job keeps its store, figures and report in a local folder; give "
+                  "one, or put a store on an object store with the standalone commands "
+                  "(actstore materialize --store s3://..., then label, probe, sweep)")
+
+
 def check_figure_outputs(args: argparse.Namespace) -> None:
     """Every figure path the command was given, checked before any work (see
     :func:`actstore.plots.outputs.check_output`): figures are drawn last."""
@@ -163,7 +170,9 @@ def check_figure_outputs(args: argparse.Namespace) -> None:
 
     for attr, (option, png) in FIGURE_OUTPUTS.items():
         value = getattr(args, attr, None)
-        if value:
+        if value and args.command == "main" and attr == "out":
+            check_output(value, option, png=png, local=MAIN_OUT_LOCAL)
+        elif value:
             check_output(value, option, png=png)
 
 

@@ -135,3 +135,21 @@ def test_cli_on_s3_equals_a_serial_local_run(bucket, s3_server, tiny_store, loca
     for path in fs.find(bucket):
         data = fs.cat_file(path)
         assert S3_SECRET.encode() not in data and S3_KEY_ID.encode() not in data, path
+
+
+@pytest.mark.parametrize("argv,want", [
+    (["main", "--model", "tiny-random", "--out", "s3://{b}/main"],
+     "--out s3://{b}/main: the main job keeps its store, figures and report in a local "
+     "folder; give one, or put a store on an object store with the standalone commands"),
+    (["--no-prefect", "sweep", "--store", "s3://{b}/s.zarr", "--probe-run", "r", "--out",
+      "s3://{b}/sweep"], "--out s3://{b}/sweep: figures are written to a local path")])
+def test_an_object_store_url_for_a_local_output_is_one_line(argv, want, bucket, capsys):
+    """main's --out holds its store: before 2026-12-07 an s3:// one was refused as 'figures
+    are written to a local path', which hid where the store could go."""
+    from flows.cli import main
+
+    code = main([a.format(b=bucket) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert want.format(b=bucket) in err
+    assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []

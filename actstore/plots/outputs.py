@@ -21,13 +21,14 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
-def check_output(path: str, option: str, *, png: bool) -> None:
+def check_output(path: str, option: str, *, png: bool,
+                 local: str = "figures are written to a local path; give one") -> None:
     """Refuse, in one line, a PNG file (``png``) or a folder of figures that cannot be
     written at ``path``: a URL (figures go to a local path), a PNG path that is a folder or
     does not end in .png, a folder path that is a file, or a location whose nearest
     existing folder does not take a new file (tried with a temporary file, removed)."""
     if "://" in str(path):
-        raise ActstoreError(f"{option} {path}: figures are written to a local path; give one")
+        raise ActstoreError(f"{option} {path}: {local}")
     p = Path(path).expanduser()
     if png and p.is_dir():
         raise ActstoreError(f"{option} {path}: is a folder; name a .png file (in it)")
