@@ -163,6 +163,24 @@ def test_a_wrong_endpoint_is_named_with_where_it_was_set(env, options, want, buc
     assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
 
 
+@pytest.mark.parametrize("options,want", [
+    ({"endpoint": "http://127.0.0.1:9"}, "storage option 'endpoint' is not one s3:// takes "
+     "(from --storage-options, FSSPEC_S3 or storage_options); an endpoint is 'endpoint_url' "
+     "(or client_kwargs' 'endpoint_url')"),
+    ({"client_kwargs": {"endpoint": "http://127.0.0.1:9"}}, "storage option 'endpoint' is "
+     "not one s3:// takes"),
+    ({"secrte": "x"}, "storage option 'secrte' is not one s3:// takes (from "
+     "--storage-options, FSSPEC_S3 or storage_options); see its filesystem's options")])
+def test_a_storage_option_s3fs_does_not_take_is_named(options, want, bucket):
+    """Before 2026-12-07: 'can't use the object store: TypeError: AioSession.__init__() got
+    an unexpected keyword argument 'endpoint''."""
+    uri = f"s3://{bucket}/s.zarr"
+    with pytest.raises(ActstoreError) as info:
+        open_store(uri, storage_options=options)
+    assert str(info.value).startswith(f"store {uri}: {want}"), str(info.value)
+    assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
+
+
 @pytest.mark.parametrize("case", ["missing bucket", "missing credentials"])
 def test_bad_object_store_is_one_line_and_writes_nothing(case, bucket, tiny_model, tmp_path,
                                                          monkeypatch):

@@ -132,6 +132,14 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
             url, source = endpoint(fs, protocol, options)
             problem = (f"can't reach the object store at {url} ({name}); check the endpoint "
                        f"({source}) and the network")
+        elif isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
+            option = str(exc).rsplit("argument", 1)[1].strip()
+            hint = ("an endpoint is 'endpoint_url' (or client_kwargs' 'endpoint_url')"
+                    if "endpoint" in option else "see its filesystem's options (s3fs: key, "
+                    "secret, token, endpoint_url, client_kwargs, ...)")
+            problem = (f"storage option {option} is not one {protocol}:// takes (from "
+                       f"--storage-options, FSSPEC_{protocol.upper()} or storage_options); "
+                       f"{hint}")
         else:
             problem = f"can't use the object store: {name}: {str(exc)[:160]}"
     raise ActstoreError(f"store {uri}: {problem}")
