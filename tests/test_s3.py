@@ -233,6 +233,29 @@ def test_malformed_s3_url_is_one_line_and_writes_nothing(form, want, bucket, tin
     assert want in err and "Traceback" not in err
 
 
+def test_a_new_store_inside_a_store_is_refused_and_writes_nothing(bucket, tiny_model,
+                                                                   tmp_path):
+    """Before 2026-12-07 ``materialize --store s3://b/p.zarr/sub.zarr`` made a second store
+    in the first one's tree (a foreign group beside its images and models)."""
+    settings = MaterializeSettings(gen=GenerationConfig(steps=STEPS), block_size=4)
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    for outer in (f"s3://{bucket}/p.zarr", str(tmp_path / "p.zarr")):
+        materialize(tiny_model, DEMO, outer, settings, images="0:4", progress=False)
+        before = sorted(fs.find(bucket)) if outer.startswith("s3") else \
+            sorted(map(str, tmp_path.rglob("*")))
+        for inner in (f"{outer}/sub.zarr", f"{outer}/models/a/b.zarr"):
+            with pytest.raises(ActstoreError) as info:
+                materialize(tiny_model, DEMO, inner, settings, images="0:4", progress=False)
+            assert str(info.value) == (f"store {inner}: is inside the actstore store {outer}, "
+                                       "whose tree it would write into; choose a --store "
+                                       "path outside it")
+        after = sorted(fs.find(bucket)) if outer.startswith("s3") else \
+            sorted(map(str, tmp_path.rglob("*")))
+        assert after == before
+    materialize(tiny_model, DEMO, f"s3://{bucket}/q/r.zarr", settings, images="0:4",
+                progress=False)   # a folder above that is no store is fine
+
+
 def test_writer_marks_and_label_removal_on_s3(bucket):
     """The clean-up's primitives on a real S3 API: a superseded version goes whole, its
     zarr.json first, so a reader that held it is told so; a prefix whose writer looks gone

@@ -24,6 +24,7 @@ from actstore.store.blockwriter import BlockWriter, block_arrays  # noqa: F401  
 from actstore.store import layout as lay
 from actstore.store.claims import diff  # noqa: F401  (settings differences, st.diff)
 from actstore.store.codecs import codec_chain
+from actstore.store.locations import enclosing_group
 from actstore.store.layout import (ACTIVATION, MODEL_KEY, ROOT_KEY, layer_path,  # noqa: F401
                                    model_path)
 
@@ -92,6 +93,10 @@ def existing_root(uri: str) -> dict | None:
     (nothing there, an empty folder, or an interrupted creation of ours); an error for
     anything else."""
     if not io.store_nonempty(uri) or (io.node_attrs(uri, "") is None and _only_own_names(uri)):
+        outer = enclosing_group(uri, ROOT_KEY)
+        if outer is not None:
+            raise ActstoreError(f"store {uri}: is inside the actstore store {outer}, whose tree "
+                                "it would write into; choose a --store path outside it")
         return None
     return read_root_attrs(uri)
 

@@ -126,6 +126,25 @@ def check_object_url(uri: str) -> None:
                             f"store keeps as another key than the one meant; write {fixed}")
 
 
+def enclosing_group(uri: str, key: str) -> str | None:
+    """The URI of the nearest folder above ``uri`` whose Zarr group has the attribute
+    ``key`` (an actstore store's root), or None. A new store made inside another wrote a
+    group into that store's tree (``materialize --store s3://b/p.zarr/sub.zarr`` was
+    accepted, 2026-12-07). One small read per level; a level that cannot be read (a
+    prefix the credentials may not see) is taken for none."""
+    loc = location(uri)
+    parts = loc.root.rstrip("/").split("/")
+    for n in range(len(parts) - 1, 0, -1):   # every folder above, the bucket's or disk's top too
+        folder = "/".join(parts[:n]) or "/"
+        try:
+            doc = json.loads(loc.fs.cat_file(f"{folder.rstrip('/')}/zarr.json"))
+        except Exception:  # noqa: BLE001 - missing, refused or not JSON: not a store
+            continue
+        if isinstance(doc, dict) and key in (doc.get("attributes") or {}):
+            return f"{loc.protocol}://{folder}" if loc.protocol != "file" else folder
+    return None
+
+
 # s3fs (since 2026.2) reads a whole object in 50 MB ranges over ``max_concurrency`` (10)
 # connections, and to choose, asks for its size first: a HEAD before every GET, doubling
 # the requests of every metadata document and small chunk a reader fetches (s3fs issue
