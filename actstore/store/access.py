@@ -145,7 +145,7 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
     raise ActstoreError(f"store {uri}: {problem}")
 
 
-def endpoint(fs, protocol: str, options: dict) -> tuple[str, str]:
+def endpoint(fs: fsspec.AbstractFileSystem, protocol: str, options: dict) -> tuple[str, str]:
     """The endpoint a request went to and the setting it came from, for a message: a typo
     (``locahost``, a port) shows in the URL, and an endpoint given in --storage-options is
     not fixed in AWS_ENDPOINT_URL, which the message named whatever its source."""
