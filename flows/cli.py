@@ -370,7 +370,8 @@ def _exit_promptly() -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     args = build_parser().parse_args(argv)
-    with command_environment(args), one_interrupt() as ctrl_c:
+    # run from the console (no argv), the process exits next: later signals stay ignored
+    with command_environment(args), one_interrupt(keep_ignoring=argv is None) as ctrl_c:
         try:
             result = _run(args)
         except (Exception, KeyboardInterrupt) as exc:  # one line; --debug adds the traceback

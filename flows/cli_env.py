@@ -92,19 +92,25 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def one_interrupt() -> Iterator[Interrupt]:
+def one_interrupt(keep_ignoring: bool = True) -> Iterator[Interrupt]:
     """Ctrl-C stops the command once: the first raises KeyboardInterrupt, and every later
-    one until the process exits is ignored (SIG_IGN, which Python keeps through its own
-    shutdown), so the clean-up it started always completes: local workers killed and
+    one is ignored, so the clean-up it started always completes: local workers killed and
     waited for, the temporary Prefect server stopped, one line, exit 130.
 
     Users press Ctrl-C twice, and a terminal sends each press to the whole process group.
     Raised again in the middle of that clean-up, KeyboardInterrupt cut it short: pressed
     every 0.1 s, materialize died of SIGINT instead of exiting 130 in 9 runs of 9, and with
     --workers 2 left its workers to Dask's exit-time reaper and printed tracebacks after its
-    one line (2026-12-05). Without an interrupt the caller's handler is back on leaving; a
-    caller that ignores or handles SIGINT itself (or a thread other than the main one) is
-    left alone.
+    one line (2026-12-05). The handler ignores every signal after the first itself, as well
+    as setting SIG_IGN: Prefect's flow engine puts back the SIGTERM handler it found when a
+    flow ends, which undid the SIG_IGN (2026-12-07).
+
+    With ``keep_ignoring`` (the console command, which exits next) later signals stay
+    ignored after an interrupt until the process exits (Python keeps SIG_IGN through its
+    own shutdown); otherwise, and always without an interrupt, the caller's handlers are
+    back on leaving, so a script or notebook that runs commands in its own process can
+    still be stopped. A caller that ignores or handles SIGINT itself (or a thread other
+    than the main one) is left alone.
 
     The answer's ``pressed`` says an interrupt arrived even when a library turned the
     KeyboardInterrupt into an error of its own: pydantic-core raises it as a
@@ -120,8 +126,11 @@ def one_interrupt() -> Iterator[Interrupt]:
     ours = [sig for sig, default in ((signal.SIGINT, signal.default_int_handler),
                                      (signal.SIGTERM, signal.SIG_DFL))
             if main and signal.getsignal(sig) == default]
+    found = {sig: signal.getsignal(sig) for sig in ours}
 
-    def first(signum, frame) -> None:
+    def first(signum: int, frame: object) -> None:
+        if answer.pressed:          # put back by someone else after the first
+            return
         for sig in ours:
             signal.signal(sig, signal.SIG_IGN)
         answer.pressed, answer.signum = True, signum
@@ -132,9 +141,8 @@ def one_interrupt() -> Iterator[Interrupt]:
         yield answer
     finally:
         for sig in ours:
-            if signal.getsignal(sig) is first:     # not interrupted
-                signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT
-                              else signal.SIG_DFL)
+            signal.signal(sig, signal.SIG_IGN if answer.pressed and keep_ignoring
+                          else found[sig])
 
 
 def use_storage_options(args: argparse.Namespace, catalog: Catalog | None) -> None:

@@ -5,6 +5,7 @@ in one line with nothing written."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -247,13 +248,34 @@ def test_a_new_store_inside_a_store_is_refused_and_writes_nothing(bucket, tiny_m
             with pytest.raises(ActstoreError) as info:
                 materialize(tiny_model, DEMO, inner, settings, images="0:4", progress=False)
             assert str(info.value) == (f"store {inner}: is inside the actstore store {outer}, "
-                                       "whose tree it would write into; choose a --store "
+                                       "whose tree it would write into; choose a store "
                                        "path outside it")
         after = sorted(fs.find(bucket)) if outer.startswith("s3") else \
             sorted(map(str, tmp_path.rglob("*")))
         assert after == before
     materialize(tiny_model, DEMO, f"s3://{bucket}/q/r.zarr", settings, images="0:4",
                 progress=False)   # a folder above that is no store is fine
+
+
+def test_the_nested_store_check_goes_by_where_a_folder_is(tmp_path, monkeypatch):
+    """On disk the check walks the folders a path is physically in: '../new.zarr' from
+    inside a store was refused as inside it (fsspec keeps '..' in a local root), and
+    'p.zarr//sub.zarr' named the outer store 'p.zarr/'. An object store's query is not part
+    of its key, so a '//' there is no empty key part."""
+    from actstore.store.layout import ROOT_KEY
+    from actstore.store.locations import check_object_url, enclosing_group
+
+    outer = tmp_path / "p.zarr"
+    outer.mkdir()
+    (outer / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                                 "attributes": {ROOT_KEY: {}}}))
+    monkeypatch.chdir(outer)
+    assert enclosing_group("../new.zarr", ROOT_KEY) is None
+    assert enclosing_group("sub.zarr", ROOT_KEY) == str(outer)
+    assert enclosing_group(f"{outer}//sub.zarr", ROOT_KEY) == str(outer)
+    check_object_url("s3://bkt/p.zarr?versionId=a//b")       # accepted
+    with pytest.raises(ActstoreError, match="write s3://bkt/p.zarr"):
+        check_object_url("s3://bkt//p.zarr?versionId=a")
 
 
 def test_writer_marks_and_label_removal_on_s3(bucket):

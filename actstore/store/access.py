@@ -17,6 +17,8 @@ message repeats a credential: the service's codes and messages never hold one.
 
 from __future__ import annotations
 
+import os
+
 import fsspec
 
 from actstore.errors import ActstoreError
@@ -127,41 +129,50 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
         elif "Invalid endpoint" in str(exc):
             url, source = endpoint(fs, protocol, options)
             problem = (f"the endpoint {url!r} is not a URL; write it with its scheme, e.g. "
-                       f"http://{url.strip()}, in {source}")
+                       f"http://{url.strip()}, in {source}" if url else "the endpoint is not "
+                       f"a URL; write it with its scheme (http://HOST:PORT) in {source}")
         elif "Connect" in name or "Endpoint" in name or isinstance(exc, OSError):
             url, source = endpoint(fs, protocol, options)
-            problem = (f"can't reach the object store at {url} ({name}); check the endpoint "
-                       f"({source}) and the network")
+            problem = (f"can't reach the object store at {url or 'its default endpoint'} "
+                       f"({name}); check the endpoint ({source}) and the network")
         elif isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
             option = str(exc).rsplit("argument", 1)[1].strip()
             hint = ("an endpoint is 'endpoint_url' (or client_kwargs' 'endpoint_url')"
-                    if "endpoint" in option else "see its filesystem's options (s3fs: key, "
-                    "secret, token, endpoint_url, client_kwargs, ...)")
+                    if "endpoint" in option and protocol in ("s3", "s3a") else
+                    "see its filesystem's options" + (" (s3fs: key, secret, token, "
+                    "endpoint_url, client_kwargs, ...)" if protocol in ("s3", "s3a") else ""))
             problem = (f"storage option {option} is not one {protocol}:// takes (from "
-                       f"--storage-options, FSSPEC_{protocol.upper()} or storage_options); "
-                       f"{hint}")
+                       f"{_given_in(protocol)}); {hint}")
         else:
             problem = f"can't use the object store: {name}: {str(exc)[:160]}"
     raise ActstoreError(f"store {uri}: {problem}")
 
 
-def endpoint(fs: fsspec.AbstractFileSystem, protocol: str, options: dict) -> tuple[str, str]:
-    """The endpoint a request went to and the setting it came from, for a message: a typo
-    (``locahost``, a port) shows in the URL, and an endpoint given in --storage-options is
-    not fixed in AWS_ENDPOINT_URL, which the message named whatever its source."""
-    import os
+def _given_in(protocol: str) -> str:
+    """Where an object store's options are given, as messages name them."""
+    return f"--storage-options, FSSPEC_{protocol.upper()} or storage_options"
 
+
+def endpoint(fs: fsspec.AbstractFileSystem, protocol: str,
+             options: dict) -> tuple[str | None, str]:
+    """The endpoint a request went to (None when not set anywhere actstore sees: the
+    provider's default or an AWS config profile) and the setting it came from, for a
+    message: a typo (``locahost``, a port) shows in the URL, and an endpoint given in
+    --storage-options is not fixed in AWS_ENDPOINT_URL, which the message named whatever
+    its source."""
     env = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if protocol in ("s3", "s3a") else ()
     url = getattr(fs, "endpoint_url", None) or \
         (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
     given = {**fsspec.config.conf.get(protocol, {}), **options}
     if url and url in (given.get("endpoint_url"),
                        (given.get("client_kwargs") or {}).get("endpoint_url")):
-        return url, "--storage-options, FSSPEC_%s or storage_options" % protocol.upper()
+        return url, _given_in(protocol)
     for var in env:
         if os.environ.get(var):
             return url or os.environ[var], var
-    return url or "the service's default endpoint", (env[-1] if env else "--storage-options")
+    if env:
+        return url, f"{env[-1]}, or endpoint_url in the AWS config profile (AWS_PROFILE)"
+    return url, _given_in(protocol)
 
 
 def _refused_first(fs, uri: str, root: str, bucket: str, exc: PermissionError) -> str | None:

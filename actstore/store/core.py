@@ -96,7 +96,7 @@ def existing_root(uri: str) -> dict | None:
         outer = enclosing_group(uri, ROOT_KEY)
         if outer is not None:
             raise ActstoreError(f"store {uri}: is inside the actstore store {outer}, whose tree "
-                                "it would write into; choose a --store path outside it")
+                                "it would write into; choose a store path outside it")
         return None
     return read_root_attrs(uri)
 

@@ -116,7 +116,7 @@ def check_object_url(uri: str) -> None:
     ``s3:///p.zarr`` failed in botocore's parameter check, exit 1. Trailing slashes are
     fsspec's to drop and pass."""
     protocol, rest = uri.split("://", 1)
-    bucket, _, key = rest.rstrip("/").partition("/")
+    bucket, _, key = rest.split("?", 1)[0].rstrip("/").partition("/")  # a query may hold '//'
     if not bucket:
         raise ActstoreError(f"store {uri}: no bucket in the URL; write {protocol}://BUCKET/"
                             "PATH (e.g. s3://my-bucket/runs/p.zarr)")
@@ -133,7 +133,10 @@ def enclosing_group(uri: str, key: str) -> str | None:
     accepted, 2026-12-07). One small read per level; a level that cannot be read (a
     prefix the credentials may not see) is taken for none."""
     loc = location(uri)
-    parts = loc.root.rstrip("/").split("/")
+    # on disk, the folders it is physically in: fsspec keeps '..' and '//' in a local root
+    # ('../new.zarr' from inside a store named that store)
+    root = os.path.realpath(loc.root) if loc.protocol == "file" else loc.root
+    parts = root.rstrip("/").split("/")
     for n in range(len(parts) - 1, 0, -1):   # every folder above, the bucket's or disk's top too
         folder = "/".join(parts[:n]) or "/"
         try:
