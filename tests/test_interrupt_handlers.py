@@ -52,24 +52,24 @@ def test_a_caller_running_commands_in_its_process_gets_its_handlers_back():
     out = _run("""
         import os, signal
         from flows.cli_env import one_interrupt
-        before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-        try:
-            with one_interrupt(keep_ignoring=False):
-                os.kill(os.getpid(), signal.SIGTERM)
-                signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        except KeyboardInterrupt:
-            pass
-        after = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-        with one_interrupt(keep_ignoring=True):
-            pass                       # no interrupt: handlers back whatever the mode
-        quiet = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-        try:
-            with one_interrupt(keep_ignoring=True):
-                os.kill(os.getpid(), signal.SIGINT)
-                signal.pthread_sigmask(signal.SIG_BLOCK, [])
-        except KeyboardInterrupt:
-            pass
-        kept = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+        def handlers():
+            return signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+
+        def command(keep_ignoring, sig=None):
+            try:
+                with one_interrupt(keep_ignoring=keep_ignoring):
+                    if sig is not None:
+                        os.kill(os.getpid(), sig)
+                        signal.pthread_sigmask(signal.SIG_BLOCK, [])
+            except KeyboardInterrupt:
+                pass
+            return handlers()
+
+        before = handlers()
+        after = command(False, signal.SIGTERM)
+        quiet = command(True)      # no interrupt: handlers back whatever the mode
+        kept = command(True, signal.SIGINT)
         print(after == before, quiet == before, kept == (signal.SIG_IGN, signal.SIG_IGN))
     """)
     assert out == "True True True", out
