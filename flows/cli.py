@@ -13,7 +13,6 @@ import atexit
 import gc
 import logging
 import os
-import signal
 import sys
 import traceback
 from contextlib import AbstractContextManager
@@ -24,7 +23,7 @@ from actstore.errors import ActstoreError
 from flows.cli_checks import (STORE_HELP, catalog_vae_source, check_fan_out,
                               check_figure_outputs,
                               check_table_and_region, check_url, store_under_out, store_uri)
-from flows.cli_env import (Terminated, command_environment, one_interrupt, quiet_libraries,
+from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
 
@@ -173,9 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
                      epilog="Output: a short summary on stdout (--json: the full result), "
                      "progress bars on stderr (--quiet: none); a failure is one line on "
                      "stderr with exit code 2 (bad input, an option given twice, full disk, "
-                     "read-only store), 130 "
-                     "(Ctrl-C; rerun to resume), 143 (SIGTERM, stopped as Ctrl-C) or 1 (unexpected; --debug shows the "
-                     "traceback).")
+                     "read-only store), 130 (Ctrl-C; rerun to resume), 143 (SIGTERM, "
+                     "stopped as Ctrl-C) or 1 (unexpected; --debug shows the traceback).")
     common = _common(top=False)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_materialize(sub, common)
@@ -378,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.debug:
                 traceback.print_exc()
             if ctrl_c.pressed:        # whatever a library made of the KeyboardInterrupt
-                exc = Terminated() if ctrl_c.signum == signal.SIGTERM else KeyboardInterrupt()
+                exc = ctrl_c.error()
             line, code = failure_line(args.command, exc,
                                       getattr(args, "store", None) or getattr(args, "out", None))
             print(line, file=sys.stderr)

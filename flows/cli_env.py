@@ -85,6 +85,11 @@ class Interrupt:
     pressed: bool = False
     signum: int = signal.SIGINT
 
+    def error(self) -> KeyboardInterrupt:
+        """What the interrupt raises, and what the command reports whatever a library made
+        of it: Terminated for SIGTERM (exit 143), KeyboardInterrupt for Ctrl-C (130)."""
+        return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
 
 class Terminated(KeyboardInterrupt):
     """The command was stopped by SIGTERM (``kill``, ``timeout``, a batch scheduler's
@@ -134,7 +139,7 @@ def one_interrupt(keep_ignoring: bool = True) -> Iterator[Interrupt]:
         for sig in ours:
             signal.signal(sig, signal.SIG_IGN)
         answer.pressed, answer.signum = True, signum
-        raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
+        raise answer.error()
     for sig in ours:
         signal.signal(sig, first)
     try:

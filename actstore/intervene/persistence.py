@@ -20,6 +20,7 @@ per step, beside the label model's score of the final image. Nothing is written.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 

@@ -11,6 +11,7 @@ Its bootstrap interval over test images comes from :mod:`actstore.probe.uncertai
 from __future__ import annotations
 
 from collections.abc import Iterable
+
 import numpy as np
 import xarray as xr
 

@@ -100,10 +100,15 @@ def describe_refusal(exc: BaseException, uri: str, bucket: str | None = None) ->
     return f"these credentials may not write to {where} ({operation}: {code or message}); {write}"
 
 
+def _kind(protocol: str) -> str:
+    """The kind of object store a protocol names (``s3a`` is S3)."""
+    return ALIASES.get(protocol, protocol)
+
+
 def _access(uri: str) -> tuple[str, str, str]:
     """``ACCESS``'s entry for ``uri``'s kind of object store (S3's when it names none)."""
     protocol = uri.split("://", 1)[0] if "://" in uri else "s3"
-    return ACCESS.get(ALIASES.get(protocol, protocol), ACCESS["s3"])
+    return ACCESS.get(_kind(protocol), ACCESS["s3"])
 
 
 def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
@@ -138,9 +143,9 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
         elif isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
             option = str(exc).rsplit("argument", 1)[1].strip()
             hint = ("an endpoint is 'endpoint_url' (or client_kwargs' 'endpoint_url')"
-                    if "endpoint" in option and protocol in ("s3", "s3a") else
+                    if "endpoint" in option and _kind(protocol) == "s3" else
                     "see its filesystem's options" + (" (s3fs: key, secret, token, "
-                    "endpoint_url, client_kwargs, ...)" if protocol in ("s3", "s3a") else ""))
+                    "endpoint_url, client_kwargs, ...)" if _kind(protocol) == "s3" else ""))
             problem = (f"storage option {option} is not one {protocol}:// takes (from "
                        f"{_given_in(protocol)}); {hint}")
         else:
@@ -160,7 +165,7 @@ def endpoint(fs: fsspec.AbstractFileSystem, protocol: str,
     message: a typo (``locahost``, a port) shows in the URL, and an endpoint given in
     --storage-options is not fixed in AWS_ENDPOINT_URL, which the message named whatever
     its source."""
-    env = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if protocol in ("s3", "s3a") else ()
+    env = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL") if _kind(protocol) == "s3" else ()
     url = getattr(fs, "endpoint_url", None) or \
         (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url")
     given = {**fsspec.config.conf.get(protocol, {}), **options}

@@ -12,6 +12,7 @@ a variant only once their marker attribute exists (written last, one PUT each).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
