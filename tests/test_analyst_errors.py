@@ -5,6 +5,7 @@ empty answer that looks like an empty store or a TypeError from deep inside."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,3 +149,79 @@ def test_a_layer_says_which_store_model_and_variant_it_is(explore_store, tmp_pat
                                                    for t in ("depth", "salient")}
     emergence.to_netcdf(tmp_path / "emergence.nc")              # attributes netCDF holds
     assert xr.open_dataset(tmp_path / "emergence.nc").attrs["runs"] == emergence.attrs["runs"]
+
+
+def test_a_relative_path_is_read_from_the_folder_it_is_opened_in(explore_store, tiny_store,
+                                                                  tmp_path, monkeypatch):
+    """A notebook that moves (`%cd`, `os.chdir`) and opens `store.zarr` again got the store
+    of the folder it first opened that name in: the resolved location was kept per string,
+    so another folder's store, or none, read as the first one's, with its probe runs. And a
+    layer's `store` attribute said `store.zarr`, which names nothing once saved."""
+    import shutil
+
+    from actstore.probe.runs import list_runs
+
+    here = tmp_path / "other"
+    here.mkdir()
+    monkeypatch.chdir(Path(explore_store).parent)
+    first = actstore.open_store("store.zarr")
+    assert first[EXPLORE_LAYERS[0]].attrs["store"] == explore_store   # absolute
+    assert open_scores("store.zarr", latest_run("store.zarr", "depth")).attrs["store"] \
+        == explore_store
+    monkeypatch.chdir(here)
+    for call in (actstore.open_store, actstore.open_emergence, list_runs):
+        with pytest.raises(ActstoreError, match="store store.zarr: does not exist"):
+            call("store.zarr")
+    shutil.copytree(tiny_store, here / "store.zarr")      # another store, without runs
+    assert list_runs("store.zarr") == {}
+    with pytest.raises(ActstoreError, match="no probe runs yet"):
+        actstore.open_emergence("store.zarr")
+    a = actstore.open_store("store.zarr/")[EXPLORE_LAYERS[0]]   # a trailing slash too
+    assert a.attrs["store"] == str(here / "store.zarr")
+
+
+@pytest.mark.parametrize("key", [3, [EXPLORE_LAYERS[0]], None],
+                         ids=["position", "list", "None"])
+def test_a_layer_is_asked_for_by_its_name(explore_store, key):
+    """`view[3]` (the fourth layer, as in a list) was `TypeError: argument of type 'int' is
+    not iterable`, `view[[name]]` 'unhashable type: list'."""
+    view = actstore.open_store(explore_store)
+    with pytest.raises(ActstoreError, match=r"a layer is asked for by its name, one of "
+                                            r"view\.layers \(got .*\); view\[view\.layers"):
+        view[key]
+    assert str(view.layers[3]) in _message(lambda: view[3])
+
+
+def _message(call) -> str:
+    try:
+        call()
+    except ActstoreError as exc:
+        return str(exc)
+    raise AssertionError("no ActstoreError")
+
+
+def test_a_catalog_store_name_says_where_its_store_is(explore_store, tmp_path, monkeypatch):
+    """`actstore materialize --store toy` writes the catalog's runs/toy.zarr; the readers
+    take locations, and `open_store("toy")` said 'store toy: does not exist; create it with
+    `actstore materialize`', the command that had just made it."""
+    from conftest import store_catalog
+
+    store_catalog(tmp_path, explore_store, name="mine")
+    monkeypatch.chdir(tmp_path)
+    for call in (actstore.open_store, actstore.open_emergence):
+        with pytest.raises(ActstoreError, match=r"^store mine: does not exist here; 'mine' is a "
+                           r"store name of .*catalog\.yaml, which the commands read: open "
+                           rf"its location, {explore_store}$"):
+            call("mine")
+    with pytest.raises(ActstoreError, match="create it with `actstore materialize`"):
+        actstore.open_store("yours")                      # no name of the catalog
+
+
+def test_an_experiment_says_which_store_and_experiment_it_is(explore_store):
+    """open_scores and open_emergence name their store and runs; an experiment carried no
+    more than its settings, so two experiments' tables combined could not be told apart."""
+    name = next(iter(list_interventions(explore_store)))
+    exp = actstore.open_intervention(explore_store, name)
+    assert {k: exp.attrs[k] for k in ("store", "experiment")} == {"store": explore_store,
+                                                                  "experiment": name}
+    assert exp.attrs["settings"]["method"] == "projection"

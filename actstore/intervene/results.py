@@ -158,6 +158,8 @@ def open_intervention(store: str, experiment_id: str, complete_only: bool = True
         for a, b in completed_blocks(store, experiment_id):
             done |= (pos >= a) & (pos < b)
         ds = ds.isel(image=np.flatnonzero(done))
-    ds.attrs.update(settings=settings)
+    # where it came from, as open_scores and the views say it: combined with another
+    # experiment's tables, the settings alone did not tell them apart
+    ds.attrs.update(store=io.canonical(store), experiment=experiment_id, settings=settings)
     return ds
 

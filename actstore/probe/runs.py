@@ -339,7 +339,7 @@ def open_scores(store: str, run_id: str) -> xr.Dataset:
     ds = stored.drop_duplicates(["model", "layer", "step"])
     if not ds.indexes["step"].is_monotonic_increasing:
         ds = _in_step_order(ds, stored)
-    ds.attrs.update(store=store, run=run_id, target=run["target"], kind=run["kind"])
+    ds.attrs.update(store=io.canonical(store), run=run_id, target=run["target"], kind=run["kind"])
     return _plain_strings(ds)
 
 
@@ -371,7 +371,7 @@ def emergence(store: str) -> xr.Dataset:
         raise ActstoreError(f"store {store}: no probe runs yet; run `actstore probe`")
     table = xr.concat(parts, dim="target", join="outer")
     # which run each target's rows come from; JSON, as netCDF attributes hold no mappings
-    table.attrs.update(store=store, runs=json.dumps(used, sort_keys=True))
+    table.attrs.update(store=io.canonical(store), runs=json.dumps(used, sort_keys=True))
     return table
 
 

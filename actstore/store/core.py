@@ -57,7 +57,8 @@ def read_root_attrs(uri: str) -> dict:
 def root_of(uri: str, attrs: dict | None) -> dict:
     """:func:`read_root_attrs` of attributes fetched (None: no root) beside a record's."""
     if attrs is None and not io.store_nonempty(uri):
-        raise ActstoreError(f"store {uri}: does not exist; create it with `actstore materialize`")
+        then = _catalog_name(str(uri)) or "; create it with `actstore materialize`"
+        raise ActstoreError(f"store {uri}: does not exist{then}")
     if attrs is None:
         if _only_own_names(uri):
             raise ActstoreError(f"store {uri}: is being created, or its creation was "
@@ -74,6 +75,24 @@ def root_of(uri: str, attrs: dict | None) -> dict:
                             f"actstore {actstore.__version__} reads schemas "
                             f"{', '.join(map(str, READABLE_SCHEMAS))}; upgrade actstore")
     return root
+
+
+def _catalog_name(uri: str) -> str | None:
+    """Where a catalog's store name leads, said to a reader given the name: the commands
+    read the catalog, the Python readers take locations, and `open_store("toy")` after
+    `actstore materialize --store toy` was told to create the store it had just made."""
+    from actstore.catalog import find_catalog, resolve_store
+
+    if "/" in uri or "://" in uri:
+        return None
+    try:
+        catalog = find_catalog()
+        if catalog is None or uri not in catalog.stores:
+            return None
+        return (f" here; '{uri}' is a store name of {catalog.path}, which the commands "
+                f"read: open its location, {resolve_store(catalog, uri)['uri']}")
+    except ActstoreError:    # a catalog that does not load: no hint, the plain line
+        return None
 
 
 def _only_own_names(uri: str) -> bool:

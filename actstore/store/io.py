@@ -28,7 +28,7 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from actstore.store.locations import (  # noqa: F401 - the storage API's one import
-    NO_LISTING_CACHE, Location, location, protocol_of, set_protocol_options,
+    NO_LISTING_CACHE, Location, canonical, location, protocol_of, set_protocol_options,
     set_storage_options)
 
 if TYPE_CHECKING:

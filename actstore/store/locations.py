@@ -74,12 +74,27 @@ def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
-def location(uri: str) -> Location:
-    """The resolved store for ``uri`` (cached per URI and options)."""
+def canonical(uri: str) -> str:
+    """One name for one store, whatever the process's folder: a local path made absolute
+    (``~``, ``..`` and trailing slashes resolved), a URL without its trailing slashes. What
+    a relative path names changes with the folder (a notebook's ``%cd``), so the resolved
+    locations are kept under this name, and a reader's provenance records it."""
     uri = str(uri)
+    if "://" not in uri:
+        return os.path.abspath(os.path.expanduser(uri))
+    protocol, rest = uri.split("://", 1)
+    return f"{protocol}://{rest.rstrip('/')}" if rest.strip("/") else uri
+
+
+def location(uri: str) -> Location:
+    """The resolved store for ``uri`` (cached per URI and options; a local path per
+    absolute path: kept per string, ``store.zarr`` opened after a ``chdir`` read the first
+    folder's store)."""
+    uri = str(uri)
+    cached = uri if "://" in uri else canonical(uri)   # URLs: the options' prefixes
     with _LOCK:
-        if uri in _LOCATIONS:
-            return _LOCATIONS[uri]
+        if cached in _LOCATIONS:
+            return _LOCATIONS[cached]
     protocol = protocol_of(uri)
     if protocol in OBJECT_STORES:
         check_object_url(uri)
@@ -105,7 +120,7 @@ def location(uri: str) -> Location:
         preflight(uri, protocol, root, options)
     loc = Location(uri, protocol, fs, root, store, reader)
     with _LOCK:
-        _LOCATIONS[uri] = loc
+        _LOCATIONS[cached] = loc
     return loc
 
 

@@ -184,14 +184,22 @@ class StoreView:
     @cached_property
     def _provenance(self) -> dict:
         """Which store, variant and model an array came from, on the array itself: once
-        selected, combined or saved, nothing else tells a trained layer from the control's."""
-        return {"store": self.uri, "model_variant": self.model,
+        selected, combined or saved, nothing else tells a trained layer from the control's
+        (the store's location as :func:`io.canonical` names it: a relative path names
+        nothing once saved)."""
+        return {"store": io.canonical(self.uri), "model_variant": self.model,
                 "model": str(self.attrs.get("model", "")),
                 "weights_sha256": self.attrs["fingerprint"].get("weights_sha256", "")}
 
     def __getitem__(self, layer: str) -> xr.DataArray:
         """Activations of one layer: ``(image, step, y, x, channel)``, float32 whatever
         the store holds (:func:`_widened`)."""
+        if not isinstance(layer, str):   # view[3], view[[name]]: a TypeError from inside
+            hint = (f"view[view.layers[{layer}]] is view[{self.layers[layer]!r}]"
+                    if isinstance(layer, (int, np.integer)) and -len(self.layers) <= layer < len(self.layers)
+                    else "view[view.layers[i]] for the i-th, one view[name] per layer")
+            raise ActstoreError(f"store {self.uri}: a layer is asked for by its name, one of "
+                                f"view.layers (got {type(layer).__name__} {layer!r}); {hint}")
         if layer not in self.points:
             kind = layer.partition("/")[0] if "/" in layer else "attn1"
             if kind in self.pending:
