@@ -225,3 +225,17 @@ def test_an_experiment_says_which_store_and_experiment_it_is(explore_store):
     assert {k: exp.attrs[k] for k in ("store", "experiment")} == {"store": explore_store,
                                                                   "experiment": name}
     assert exp.attrs["settings"]["method"] == "projection"
+
+
+@pytest.mark.parametrize("target, then", [
+    ("dpeth", "did you mean 'depth'? else write them with `actstore label --target dpeth`"),
+    ("shading", "write them with `actstore label --target shading`"),
+    (None, "name a target by its name, one of those"),
+    ("depth/", "name a target by its name, one of those")])
+def test_labels_of_a_mistyped_target(explore_store, target, then):
+    """`open_labels(u, "dpeth")` told the analyst to label a target 'dpeth', and a target
+    that is no name (None, 'depth/') to run `actstore label --target None`."""
+    with pytest.raises(ActstoreError) as err:
+        actstore.open_labels(explore_store, target)
+    assert str(err.value) == (f"store {explore_store}: no complete labels {target!r} (has: "
+                              f"depth, salient); {then}")

@@ -279,6 +279,19 @@ def _x0_decision(view: StoreView, on_x0: bool, by_ids) -> str | None:
     return None
 
 
+def _labels_to_read(target: object, have: list[str]) -> str:
+    """What to do about a target without labels. A notebook's typo ('dpeth') was told to
+    label it (`actstore label --target dpeth`), and open_labels(u, None) to run
+    `actstore label --target None`: a near name is offered first, a non-name refused."""
+    import difflib
+
+    if not isinstance(target, str) or not target or "/" in target:
+        return "name a target by its name, one of those"
+    near = difflib.get_close_matches(target, have, n=1)
+    then = f"did you mean {near[0]!r}? else " if near else ""
+    return f"{then}write them with `actstore label --target {target}`"
+
+
 def _attrs_or_none(store: str, target: str) -> dict | None:
     """A target's attributes (with ``path``), or None if it has no committed labels."""
     return labelsets.current(store).get(target)
@@ -342,9 +355,9 @@ def open_labels(store: str, target: str) -> xr.Dataset:
     """
     attrs = _attrs_or_none(store, target)
     if attrs is None:
-        have = ", ".join(list_targets(store)) or "none"
-        raise ActstoreError(f"store {store}: no complete labels {target!r} (has: {have}); "
-                            f"write them with `actstore label --target {target}`")
+        have = list(list_targets(store))
+        raise ActstoreError(f"store {store}: no complete labels {target!r} (has: "
+                            f"{', '.join(have) or 'none'}); {_labels_to_read(target, have)}")
     ds = io.open_dataset(store, attrs["path"])
     ds.attrs = {DATASET_ATTRS.get(k, k): v for k, v in ds.attrs.items()}
     view = StoreView(store, model=attrs["source_model"], complete_only=False)
