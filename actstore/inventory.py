@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import Counter
 
 from actstore.intervene.results import list_interventions
-from actstore.intervene.sweep import list_sweeps
+from actstore.intervene.sweeprecords import list_sweeps
 from actstore.probe.runs import list_runs
 from actstore.store import io, labelsets
 from actstore.store.core import model_variants, read_root_attrs

@@ -14,7 +14,6 @@ probe is fitted against), so a metric can be reported at either resolution.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from actstore.errors import ActstoreError
 
@@ -147,6 +146,8 @@ def upsample(pred: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     a = np.asarray(pred)
     if a.ndim != 3:
         raise ActstoreError(f"upsample needs maps shaped (N, h, w), got shape {a.shape}")
+    import torch   # here: the readers that import this module (show, probe runs) need no torch
+
     t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[:, None]
     out = torch.nn.functional.interpolate(t, size=_size2(size), mode="bilinear",
                                           align_corners=False)

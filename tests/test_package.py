@@ -35,9 +35,17 @@ def test_public_api_from_one_import():
         actstore.no_such_name
 
 
-def test_import_actstore_is_light():
-    """A notebook's first cell must not pay for torch, diffusers or Prefect."""
-    code = ("import sys, actstore; heavy = [m for m in ('torch', 'diffusers', 'prefect', "
+READERS = ("actstore.probe.runs", "actstore.intervene.results", "actstore.label.labels",
+           "actstore.probe.emergence", "actstore.store.view", "actstore.inventory")
+
+
+@pytest.mark.parametrize("module", ["actstore", *READERS])
+def test_import_actstore_is_light(module):
+    """A notebook's first cell must not pay for torch, diffusers or Prefect; nor its
+    readers' imports (README, notebook), nor `actstore show`'s: the probe runs' module
+    imported the fitting grid, whose metrics imported torch at the top, and the inventory
+    the sweep runner with the models, 3-5 s of every `show` and of `latest_run`'s import."""
+    code = (f"import sys, {module}; heavy = [m for m in ('torch', 'diffusers', 'prefect', "
             "'transformers', 'distributed') if m in sys.modules]; print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=True)

@@ -40,10 +40,7 @@ from actstore.generation.models import LoadedModel
 from actstore.generation.sampling import GenerationConfig, generate
 from actstore.intervene.settings import InterventionSettings
 from actstore.kinds import BINARY
-
-STAT_NAMES = ("probe_error_before", "probe_error_after", "relative_change",
-              "token_relative_change")
-SIZE_MEASURES = ("overall", "token_median", "token_max")
+from actstore.store.layout import SIZE_MEASURES, STAT_NAMES  # noqa: F401 - run's, scores'
 
 
 def float32_math(like: torch.Tensor) -> torch.autocast:

@@ -39,7 +39,7 @@ from actstore.store import commit, io
 from actstore.store import core as st
 from actstore.store import layout as lay
 from actstore.errors import ActstoreError
-from actstore.intervene.edits import SIZE_MEASURES, STAT_NAMES
+from actstore.store.layout import SIZE_MEASURES, STAT_NAMES
 
 INTERVENTIONS = lay.INTERVENTIONS
 SUMMARY_KEY = lay.SUMMARY_KEY

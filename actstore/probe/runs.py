@@ -22,7 +22,7 @@ them with nothing but zarr.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import json
 
@@ -39,11 +39,13 @@ from actstore.probe.choice import check_in_every_model, select, views_of
 from actstore.probe.emergence import emergence_steps
 from actstore.probe.settings import ProbeSettings
 from actstore.errors import ActstoreError, InputError
-from actstore.probe.grid import LayerSource, Split, metric_names, probe_layer
 from actstore.probe.uncertainty import score_intervals
 from actstore.label.labels import resolution_name
 from actstore.progress import Progress
 from actstore.runtime import small_pages, task_threads
+
+if TYPE_CHECKING:   # fitting imports the grid (torch): the readers here load without it
+    from actstore.probe.grid import LayerSource, Split
 
 PROBES = lay.PROBES
 EMERGENCE_INTERVALS = ("ci_low", "ci_high", "emergence_low", "emergence_high")
@@ -55,6 +57,7 @@ def load_targets(store: str, target: str, grids: dict[str, tuple[int, int]] | No
     (the label version's own path, so a relabelled target is a new source). ``grids``:
     (h, w) of layers that may postdate the labels (capture kinds added since), which use
     the labels pooled to their grid if the target has it."""
+    from actstore.probe.grid import LayerSource, Split
     root = st.read_root_attrs(store)
     # one resolve for the attributes and the arrays: a relabel between two would pair one
     # version's kind, grids and z-score with another's arrays
@@ -150,6 +153,7 @@ def _run_probes(store: str, target: str, s: ProbeSettings, scheduler, progress: 
 
 def _fit_and_commit(store, run_id, target, attrs, split, per_layer, views, layers, steps,
                     s: ProbeSettings, scheduler, progress, token: str) -> None:
+    from actstore.probe.grid import metric_names, probe_layer
     n_folds, label_spearman = s.n_folds, s.label_spearman
     names = metric_names(attrs["kind"], label_spearman)
     scores = np.full((len(names), len(views), len(layers), len(steps),

@@ -37,6 +37,11 @@ SUMMARY = "_summary"
 ACTIVATION = "activation"
 ACTIVATION_UNCOND = "activation_uncond"
 IMAGE_COLUMNS = ("image_id", "prompt", "seed", "split")
+# an experiment's labelled axes: edit_stats' `stat`, edit_size's `measure` (the readers' own:
+# importing them from the edits, which need torch, cost every `actstore show` 3 s)
+STAT_NAMES = ("probe_error_before", "probe_error_after", "relative_change",
+              "token_relative_change")
+SIZE_MEASURES = ("overall", "token_median", "token_max")
 
 
 def image_column(name: str) -> str:
