@@ -260,7 +260,8 @@ def get_run(store: str, run_id: str) -> dict:
 
 
 def load_probe(store: str, run_id: str, layer: str, model: str = "trained") -> dict:
-    """A run's probe for one layer: weights (step, C), bias, λ, steps, kind."""
+    """A run's probe for one layer: weights (step, C), bias, λ (relative: sklearn's α is
+    λ·tr(S)/C, S the centred XᵀX of the train tokens; :mod:`.solvers`), steps, kind."""
     attrs = get_run(store, run_id)
     if layer not in attrs["layers"] or model not in attrs["models"]:
         raise ActstoreError(f"probe run {run_id}: has no probe for model {model!r}, layer "
