@@ -3,7 +3,6 @@ local one (threads for the probe grid, worker processes for materialize)."""
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import os
@@ -15,7 +14,7 @@ from functools import wraps
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from actstore.errors import ActstoreError, InputError, first_line
-from actstore.runtime import dask_threads, env_threads
+from actstore.runtime import dask_threads, env_threads, tune_malloc
 
 if TYPE_CHECKING:
     from distributed import Client, Worker
@@ -38,19 +37,6 @@ WORKER_EXIT_TIMEOUT = 60.0
 # store's block protocol survives kill -9, and a rerun redoes the unfinished blocks.
 WORKER_INTERRUPT_TIMEOUT = 0.25
 WORKER_GONE_TIMEOUT = 10.0   # then: seconds for the killed processes to be gone (a loaded machine)
-# glibc's malloc thresholds for processes that run torch. Dask's nanny sets
-# MALLOC_TRIM_THRESHOLD_=65536 in every worker, which switches off glibc's adaptive mmap
-# threshold: every tensor over 128 KiB torch allocates becomes a fresh mmap whose pages fault
-# in again, and a toy worker spent 1.65x the CPU per image of the same region run in process
-# (19.6 vs 11.9 CPU-s for 16 images, 2026-12-04; bench_scaling.py: 1.56x the regions' speed).
-# These fix the thresholds where glibc's adaptive mode ends up (mmap only above 32 MiB, keep
-# up to 64 MiB free): 9.5-9.8 CPU-s in process against 10.1-10.4 with glibc's defaults. Set
-# at run time (mallopt) by the process that loads a model, so workers started by hand with
-# Dask's environment get them too.
-MALLOC_MMAP_THRESHOLD = 32 << 20
-MALLOC_TRIM_THRESHOLD = 64 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (malloc.h)
-_TUNED: list[bool] = []
 T = TypeVar("T")
 # Held while a task runs on this process's shared model: forward hooks (capture, edits)
 # live on the one UNet, so two tasks on it at once would see each other's activations.
@@ -345,20 +331,6 @@ def stop_if_cancelled() -> None:
     if worker.status.name in CLOSING:
         raise TaskCancelled(f"task {key}: its worker {worker.address} is closing (it lost "
                             "its scheduler); its completed blocks are kept")
-
-
-def tune_malloc() -> bool:
-    """Set this process's malloc thresholds (see MALLOC_MMAP_THRESHOLD) once, before it loads
-    a model; False where the C library has no ``mallopt`` (not glibc), which changes nothing
-    but speed."""
-    if not _TUNED:
-        try:
-            mallopt = ctypes.CDLL(None).mallopt
-        except (OSError, AttributeError):
-            return False
-        _TUNED.append(bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD))
-                      and bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)))
-    return _TUNED[0]
 
 
 def default_workers(device: str) -> int:

@@ -1,4 +1,5 @@
-"""How many CPU threads actstore's numeric work uses (torch, BLAS, Dask).
+"""How many CPU threads actstore's numeric work uses (torch, BLAS, Dask), and how its
+memory comes from the system (huge pages, glibc's malloc thresholds).
 
 torch and BLAS: an explicit count, else $ACTSTORE_THREADS, else $OMP_NUM_THREADS, else one
 core fewer than the machine has. Why not every core: OpenMP and OpenBLAS regions wait for
@@ -15,11 +16,26 @@ many Dask threads would oversubscribe the machine cores × cores times.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 from actstore.errors import ActstoreError
+
+# glibc's malloc thresholds for processes that run torch. Dask's nanny sets
+# MALLOC_TRIM_THRESHOLD_=65536 in every worker, which switches off glibc's adaptive mmap
+# threshold: every tensor over 128 KiB torch allocates becomes a fresh mmap whose pages fault
+# in again, and a toy worker spent 1.65x the CPU per image of the same region run in process
+# (19.6 vs 11.9 CPU-s for 16 images, 2026-12-04; bench_scaling.py: 1.56x the regions' speed).
+# These fix the thresholds where glibc's adaptive mode ends up (mmap only above 32 MiB, keep
+# up to 64 MiB free): 9.5-9.8 CPU-s in process against 10.1-10.4 with glibc's defaults. Set
+# at run time (mallopt) by the process that loads a model, so workers started by hand with
+# Dask's environment get them too.
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3   # mallopt's parameter numbers (malloc.h)
+_TUNED: list[bool] = []
 
 
 def env_threads() -> int | None:
@@ -100,3 +116,17 @@ def small_pages() -> Iterator[None]:
         yield
     finally:
         _set_madvise_hugepage(before)
+
+
+def tune_malloc() -> bool:
+    """Set this process's malloc thresholds (see MALLOC_MMAP_THRESHOLD) once, before it loads
+    a model; False where the C library has no ``mallopt`` (not glibc), which changes nothing
+    but speed."""
+    if not _TUNED:
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):
+            return False
+        _TUNED.append(bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD))
+                      and bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD)))
+    return _TUNED[0]

@@ -8,7 +8,7 @@
    this process's and its finished workers' CPU time per image (robust to a busy
    machine). Beside them, one worker started with Dask's default environment
    (``MALLOC_TRIM_THRESHOLD_`` set, as `dask worker` starts it), which actstore retunes
-   when it loads the model (``actstore.cluster.tune_malloc``): it should match the others.
+   when it loads the model (``actstore.runtime.tune_malloc``): it should match the others.
 2. **Probe grid, 1 vs 2 worker processes**: ``run_probes`` on the store from 1 (labelled
    once with the toy world's labeller) against a ``LocalCluster`` of N single-threaded
    processes.
@@ -78,7 +78,7 @@ def _cpu_seconds() -> float:
 @contextmanager
 def _dask_default_worker():
     """One worker process as Dask starts it by default (MALLOC_TRIM_THRESHOLD_ set), to
-    check that actstore's retuning at model load (``actstore.cluster.tune_malloc``) reaches it."""
+    check that actstore's retuning at model load (``actstore.runtime.tune_malloc``) reaches it."""
     from distributed import LocalCluster
 
     from actstore.cluster import WORKER_PRELOAD

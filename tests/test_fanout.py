@@ -184,7 +184,7 @@ def test_tune_malloc_undoes_dasks_trim_threshold_in_a_fresh_process():
     per image, benchmarks/bench_scaling.py). A fresh interpreter with that variable mmaps a
     1 MiB block; after tune_malloc it takes it from the heap, and 64 MiB is still mmapped."""
     code = ("import sys; sys.path.insert(0, 'tests'); from test_fanout import _mmapped; "
-            "from actstore.cluster import tune_malloc; "
+            "from actstore.runtime import tune_malloc; "
             "print(_mmapped(), tune_malloc(), _mmapped(), _mmapped(64 << 20))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=120,
