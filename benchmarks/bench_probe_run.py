@@ -43,7 +43,7 @@ sys.path.insert(0, os.environ.get("ACTSTORE_BENCH_CODE") or str(ROOT))
 from actstore.generation.capture import LayerInfo  # noqa: E402
 from actstore.label.labels import write_labels  # noqa: E402
 from actstore.metrics import upsample  # noqa: E402
-from actstore.probe import grid  # noqa: E402
+from actstore.probe import reads  # noqa: E402
 from actstore.probe.grid import fit_layer, score_layer  # noqa: E402
 from actstore.probe.runs import load_targets, run_probes  # noqa: E402
 from actstore.runtime import task_threads  # noqa: E402
@@ -150,7 +150,7 @@ def block_reads(uri: str) -> Clock:
         for m in st.model_variants(uri):
             view = open_store(uri, m)
             for layer in view.layers:
-                arr = grid._array(uri, st.layer_path(m, layer))
+                arr = reads.stored_array(uri, st.layer_path(m, layer))
                 for a in range(0, arr.shape[0], view.block_size):
                     arr[a:a + view.block_size]
     with task_threads():
@@ -180,8 +180,8 @@ def whole_run(uri: str, target: str, code: str | None) -> Clock:
     process, or with ``code`` in a child process importing the library from that tree (its
     imports and a read pass untimed; its own clock reported)."""
     if code is None:
-        grid._cached_labels.cache_clear()
-        grid._array.cache_clear()
+        reads._cached_labels.cache_clear()
+        reads.stored_array.cache_clear()
         return _timed(lambda: run_probes(uri, target, scheduler="threads", progress=False))
     out = subprocess.run([sys.executable, __file__, "--store", uri, "--child-run", target],
                          env={**os.environ, "ACTSTORE_BENCH_CODE": str(Path(code).resolve())},

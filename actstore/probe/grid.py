@@ -22,7 +22,7 @@ Memory is one block plus the statistics, whatever the number of images.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from functools import lru_cache, partial
+from functools import partial
 
 import numpy as np
 import zarr
@@ -36,7 +36,9 @@ from actstore.probe import logistic as lg
 from actstore.probe import sampling
 from actstore.probe import solvers as pb
 from actstore.probe import stats as ps
-from actstore.probe.scoring import LabelSide, block_scores, label_side
+from actstore.probe.reads import (block_label_side, block_tokens, read_images, read_labels,
+                                  stored_array, token_labels)
+from actstore.probe.scoring import LabelSide, block_scores
 from actstore.probe.scoring import metric_names as _names
 from actstore.store import io
 from actstore.worker_code import checks_code
@@ -73,7 +75,7 @@ class LayerSource:
     full: str         # labels at image resolution (image, H, W)
     kind: str
     labels_created: str = ""
-    grids: tuple[tuple[int, int], ...] = ()   # every token grid of the run: see _label_side
+    grids: tuple[tuple[int, int], ...] = ()   # every token grid of the run (block_label_side)
 
 
 @dataclass(frozen=True)
@@ -85,73 +87,14 @@ class Split:
     blocks: tuple[tuple[int, int], ...]
 
 
-@lru_cache(maxsize=256)
-def _array(uri: str, path: str) -> zarr.Array:
-    """Opened once per process: opening reads metadata, and a run's hundreds of block tasks
-    per layer would otherwise reread it for every block. Only metadata is kept (the arrays
-    read here are immutable once their blocks are complete); chunks are read fresh."""
-    return io.open_array(uri, path)
-
-
-def _read(uri: str, path: str, rows, steps: np.ndarray | None = None) -> np.ndarray:
-    """Images ``rows`` (slice or positions) of an array, optionally at ``steps`` only."""
-    arr = _array(uri, path)
-    if steps is None:
-        return arr.get_orthogonal_selection((rows,))
-    if isinstance(rows, slice) and np.array_equal(steps, np.arange(arr.shape[1])):
-        return arr[rows]
-    return arr.get_orthogonal_selection((rows, steps))
-
-
-def _labels(src: LayerSource, path: str, rows) -> np.ndarray:
-    y = _read(src.uri, path, rows)
-    return (y > 0.5).astype(np.float32) if src.kind == BINARY else y
-
-
-def _token_labels(src: LayerSource) -> np.ndarray:
-    """A layer's token-resolution labels, every image: small (images × h × w), and wanted by
-    every block task of every model, so read once per process, not once per block (keyed by
-    the label set's creation time, so a relabelled target is read anew)."""
-    return _cached_labels(src.uri, src.tokens, src.kind, src.labels_created)
-
-
-@lru_cache(maxsize=8)
-def _cached_labels(uri: str, path: str, kind: str, created: str) -> np.ndarray:
-    y = _read(uri, path, slice(None))
-    return (y > 0.5).astype(np.float32) if kind == BINARY else y
-
-
-LABEL_SIDE_BLOCKS = 512   # test blocks whose label summaries a process keeps (see below)
-
-
-def _label_side(src: LayerSource, a: int, b: int, grid: tuple[int, int]) -> LabelSide:
-    """What scoring needs of the block's labels at image resolution, for every token grid of
-    the run at once: made on the first layer's visit, then reused by every layer and model
-    (a 512×512 label read and centred once per run, not once per layer and model)."""
-    grids = tuple(sorted(set(src.grids) | {grid}))
-    return _cached_side(src.uri, src.full, src.kind, src.labels_created, a, b, grids)
-
-
-@lru_cache(maxsize=LABEL_SIDE_BLOCKS)
-def _cached_side(uri: str, path: str, kind: str, created: str, a: int, b: int,
-                 grids: tuple) -> LabelSide:
-    return label_side(_read(uri, path, slice(a, b)), grids, kind == BINARY)
-
-
-def _block_tokens(x: np.ndarray) -> np.ndarray:
-    """(b, S, h, w, C) block → (S, b·h·w, C) tokens."""
-    b, s, h, w, c = x.shape
-    return x.transpose(1, 0, 2, 3, 4).reshape(s, b * h * w, c)
-
-
 @checks_code
 @names_worker
 def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.ndarray,
                n_folds: int, rates: np.ndarray | None = None):
     """Map step: per-fold statistics of one block's train images, for every step, and with
     ``rates`` (binary targets) the block's token sample too."""
-    X = _block_tokens(_take(_read(src.uri, src.activation, slice(a, b), steps), rows))
-    y = _token_labels(src)[a:b][rows]
+    X = block_tokens(_take(read_images(src.uri, src.activation, slice(a, b), steps), rows))
+    y = token_labels(src)[a:b][rows]
     per_image = y.shape[1] * y.shape[2]
     index = np.repeat(np.arange(a, b)[rows], per_image)
     tokens = y.reshape(-1).astype(np.float32)
@@ -166,8 +109,8 @@ def _fit_block(src: LayerSource, a: int, b: int, rows: np.ndarray, steps: np.nda
 @names_worker
 def _sample_rates(src: LayerSource, train: np.ndarray) -> np.ndarray:
     """Keep rates per class for the layer's token sample, from every train token's label."""
-    channels = _array(src.uri, src.activation).shape[-1]
-    return sampling.class_rates(_token_labels(src)[train], sampling.budget(channels))
+    channels = stored_array(src.uri, src.activation).shape[-1]
+    return sampling.class_rates(token_labels(src)[train], sampling.budget(channels))
 
 
 def _spans(blocks: list[tuple[int, int]], arr: zarr.Array, n_steps: int
@@ -318,7 +261,7 @@ def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 
     blocks = [(a, b) for a, b in split.blocks if split.train[a:b].any()]
     if not blocks:
         raise ActstoreError(f"store {src.uri}: no train images; set split=train on some rows")
-    blocks = _spans(blocks, _array(src.uri, src.activation), len(steps))
+    blocks = _spans(blocks, stored_array(src.uri, src.activation), len(steps))
     if src.kind != BINARY:
         stats = _tree_sum([_task(_fit_block, code)(src, a, b, split.train[a:b], steps,
                                                    n_folds) for a, b in blocks], code)
@@ -328,7 +271,7 @@ def fit_graph(src: LayerSource, split: Split, steps: np.ndarray, n_folds: int = 
              for a, b in blocks]
     stats, sample = (_tree_sum([p[i] for p in parts], code) for i in (0, 1))
     fit = _task(_solve_ridge, code)(stats, lambdas)
-    arr = _array(src.uri, src.activation)
+    arr = stored_array(src.uri, src.activation)
     groups = _step_groups(len(steps), sampling.budget(arr.shape[-1]), arr.shape[-1])
     cells = [_task(_logistic_cells, code)(_task(_sample_steps, code)(sample, g), n_folds,
                                           _task(_step_stats, code)(stats, g), fit, g)
@@ -348,13 +291,13 @@ def _score_block(src: LayerSource, blocks: tuple[tuple[int, int], ...], rows: np
     """Per-image metrics (metric, image, step) of the test images of adjacent store blocks
     (one read; the label summaries cached per store block, whatever the span)."""
     a, b = blocks[0][0], blocks[-1][1]
-    X = _block_tokens(_take(_read(src.uri, src.activation, slice(a, b), steps), rows))
+    X = block_tokens(_take(read_images(src.uri, src.activation, slice(a, b), steps), rows))
     pred = pb.predict(fit.weights[..., None], fit.bias[..., None], X)[..., 0]    # (S, n)
-    tokens = _token_labels(src)[a:b][rows]
+    tokens = token_labels(src)[a:b][rows]
     n, (h, w) = len(tokens), tokens.shape[1:]
     # label Spearman ranks the labels themselves; every other metric needs only a summary
-    full = _labels(src, src.full, slice(a, b))[rows] if label_spearman else \
-        LabelSide.concat([_label_side(src, c, d, (h, w)) for c, d in blocks])[rows]
+    full = read_labels(src, src.full, slice(a, b))[rows] if label_spearman else \
+        LabelSide.concat([block_label_side(src, c, d, (h, w)) for c, d in blocks])[rows]
     pred = pred.reshape(len(steps), n, h, w).transpose(1, 0, 2, 3)   # (n, S, h, w)
     return block_scores(pred, tokens, full, src.kind == BINARY, label_spearman)
 
@@ -365,7 +308,7 @@ def score_graph(src: LayerSource, split: Split, steps: np.ndarray, fit: Delayed 
     """Delayed per-block scores and the store positions of their test images, in order."""
     parts, order = [], []
     blocks = [(a, b) for a, b in split.blocks if split.test[a:b].any()]
-    for a, b in _spans(blocks, _array(src.uri, src.activation), len(steps)):
+    for a, b in _spans(blocks, stored_array(src.uri, src.activation), len(steps)):
         rows = split.test[a:b]
         inside = tuple((c, d) for c, d in blocks if a <= c and d <= b)
         parts.append(_task(_score_block, code)(src, inside, rows, fit, steps, label_spearman))
