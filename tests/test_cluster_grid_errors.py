@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from actstore.cluster import ON_WORKER, worker_note
-from actstore.cluster_checks import compute, task_code
 from actstore.probe import grid
+from actstore.probe.scheduler import compute, task_code
 from test_cluster_env import _free_port
 from test_cluster_workers import user_cluster  # noqa: F401
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import dask
 import pytest
 
-from actstore.cluster_checks import check_client_code, compute, task_code
 from actstore.probe import grid
 from actstore.probe import stats as ps
+from actstore.probe.scheduler import check_client_code, compute, task_code
 from conftest import REPO
 from test_cluster_code import changed_actstore
 from test_cluster_env import _free_port

@@ -29,7 +29,6 @@ import zarr
 from dask.delayed import Delayed, delayed
 
 from actstore.cluster import names_worker
-from actstore.cluster_checks import Scheduler, compute, task_code
 from actstore.errors import ActstoreError
 from actstore.kinds import BINARY
 from actstore.probe import logistic as lg
@@ -38,6 +37,7 @@ from actstore.probe import solvers as pb
 from actstore.probe import stats as ps
 from actstore.probe.reads import (block_label_side, block_tokens, read_images, read_labels,
                                   stored_array, token_labels)
+from actstore.probe.scheduler import Scheduler, compute, task_code
 from actstore.probe.scoring import LabelSide, block_scores
 from actstore.probe.scoring import metric_names as _names
 from actstore.store import io

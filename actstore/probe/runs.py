@@ -30,7 +30,7 @@ import numpy as np
 import xarray as xr
 
 import actstore
-from actstore.cluster_checks import Scheduler, check_client_code
+from actstore.probe.scheduler import Scheduler, check_client_code
 from actstore.store import commit, io, labelsets
 from actstore.store import core as st
 from actstore.store import layout as lay
