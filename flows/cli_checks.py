@@ -104,11 +104,17 @@ def check_scheduler(address: str | None, timeout: float = SCHEDULER_TIMEOUT) -> 
 
 
 def store_uri(args: argparse.Namespace, catalog: Catalog | None) -> str:
-    """``--store``: a catalog store name resolved to its URI, its protocol checked."""
+    """``--store``: a catalog store name resolved to its URI, its protocol checked, and an
+    object store's first request made (a wrong endpoint, option or bucket is said before
+    a Prefect server starts: label's took 40 s to say it)."""
     from actstore.catalog import resolve_store
+    from actstore.store.access import OBJECT_STORES
+    from actstore.store.locations import location, protocol_of
 
     store = resolve_store(catalog, args.store)["uri"]
     check_url(store, "--store")
+    if protocol_of(store) in OBJECT_STORES:
+        location(store)
     return store
 
 

@@ -182,6 +182,90 @@ def test_a_storage_option_s3fs_does_not_take_is_named(options, want, bucket):
     assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
 
 
+def _objects(bucket: str) -> dict[str, bytes]:
+    """Every object in the bucket, byte for byte."""
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    return {path: fs.cat_file(path) for path in fs.find(bucket)}
+
+
+SCHEME = "has the scheme {s!r}, and an object store's endpoint is http:// or https://; fix it in "
+OPTS = "--storage-options, FSSPEC_S3 or storage_options"
+
+
+@pytest.mark.parametrize("env,options,want", [
+    (None, {"client_kwargs": {"endpoint_url": "htp://127.0.0.1:5123"}},
+     "the endpoint 'htp://127.0.0.1:5123' " + SCHEME.format(s="htp://") + OPTS),
+    ("ftp://127.0.0.1:5123", None,
+     "the endpoint 'ftp://127.0.0.1:5123' " + SCHEME.format(s="ftp://") + "AWS_ENDPOINT_URL"),
+    (None, {"endpoint_url": "s3://127.0.0.1:5123"},
+     "the endpoint 's3://127.0.0.1:5123' " + SCHEME.format(s="s3://") + OPTS),
+    ("https:/127.0.0.1:5123", None, "the endpoint 'https:/127.0.0.1:5123' is not a URL; write "
+     "it as http://HOST:PORT or https://HOST in AWS_ENDPOINT_URL")],
+    ids=["options-htp", "env-ftp", "s3-scheme", "one-slash"])
+def test_an_endpoint_scheme_other_than_http_is_named(env, options, want, bucket, tiny_store,
+                                                     monkeypatch):
+    """botocore builds a client for ``htp://`` or ``ftp://`` and every request then fails
+    to resolve the endpoint (EndpointResolutionError): before, that read 'can't reach the
+    object store at htp://...; check ... the network'. ``https:/`` (one slash) was told to
+    become 'http://https:/...'."""
+    uri = f"s3://{bucket}/p.zarr"
+    fsspec.filesystem("s3", skip_instance_cache=True).put(tiny_store, f"{bucket}/p.zarr",
+                                                          recursive=True)
+    before = _objects(bucket)
+    if env:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", env)
+    with pytest.raises(ActstoreError) as info:
+        open_store(uri, storage_options=options)
+    assert str(info.value) == f"store {uri}: {want}"
+    monkeypatch.undo()
+    assert _objects(bucket) == before
+
+
+@pytest.mark.parametrize("options,want", [
+    ({"client_kwargs": 5}, "storage option 'client_kwargs' (a whole number) is refused by "
+     "s3:// (AttributeError: 'int' object has no attribute 'copy'); fix its value (from "
+     + OPTS + ")"),
+    ({"config_kwargs": 5}, "storage option 'config_kwargs' (a whole number) is refused by "
+     "s3://"),
+    ({"anon": "maybe"}, "storage option 'anon' is a string, and s3:// takes true or false "
+     "for it (from " + OPTS + "); fix its value"),
+    ({"max_concurrency": "4"}, "storage option 'max_concurrency' is a string, and s3:// "
+     "takes a whole number for it"),
+    ({"max_concurrency": 0}, "storage option 'max_concurrency' (a whole number) is refused "
+     "by s3:// (ValueError: max_concurrency must be >= 1)")],
+    ids=["client_kwargs", "config_kwargs", "anon", "concurrency-str", "concurrency-0"])
+def test_an_option_the_filesystem_refuses_is_named(options, want, bucket, tiny_store):
+    """Before: client_kwargs 5 was 'can't use the object store: AttributeError: ...' naming
+    no option; config_kwargs 5 passed the first request (its own settings replaced the
+    user's) and failed later, exit 1; anon "maybe" was taken as true (anonymous) and read
+    as 'these credentials may not read it'; max_concurrency "4" a raw TypeError, exit 1;
+    max_concurrency 0 "can't open this kind of location"."""
+    uri = f"s3://{bucket}/p.zarr"
+    fsspec.filesystem("s3", skip_instance_cache=True).put(tiny_store, f"{bucket}/p.zarr",
+                                                          recursive=True)
+    before = _objects(bucket)
+    with pytest.raises(ActstoreError) as info:
+        open_store(uri, storage_options=options)
+    assert str(info.value).startswith(f"store {uri}: {want}"), str(info.value)
+    assert "\n" not in str(info.value)
+    assert _objects(bucket) == before
+
+
+@pytest.mark.parametrize("uri,conf,want", [
+    ("memory://opt-kind.zarr", {"global_store": "x"}, "storage option 'global_store' is a "
+     "string, and memory:// takes true or false for it (from FSSPEC_MEMORY or "
+     "storage_options); fix its value"),
+    ("github://p.zarr", {}, "github:// needs the storage options 'org' and 'repo' (give "
+     "them in FSSPEC_GITHUB or storage_options)")], ids=["memory", "github"])
+def test_other_filesystems_refused_options_are_named(uri, conf, want, monkeypatch):
+    """Beyond object stores, a constructor's refusal was a raw TypeError (exit 1); their
+    options' sources leave out --storage-options, which only object stores take."""
+    monkeypatch.setitem(fsspec.config.conf, uri.split(":")[0], conf)   # as FSSPEC_<P> sets
+    with pytest.raises(ActstoreError) as info:
+        open_store(uri)
+    assert str(info.value) == f"store {uri}: {want}"
+
+
 @pytest.mark.parametrize("case", ["missing bucket", "missing credentials"])
 def test_bad_object_store_is_one_line_and_writes_nothing(case, bucket, tiny_model, tmp_path,
                                                          monkeypatch):

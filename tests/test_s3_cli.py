@@ -153,3 +153,36 @@ def test_an_object_store_url_for_a_local_output_is_one_line(argv, want, bucket, 
     assert code == 2 and err.count("\n") == 1, err
     assert want.format(b=bucket) in err
     assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
+
+
+@pytest.mark.parametrize("prefect", [True, False], ids=["prefect", "no-prefect"])
+def test_a_refused_endpoint_or_option_is_one_line_and_leaves_the_store(prefect, bucket,
+                                                                       s3_server, tiny_store,
+                                                                       tmp_path):
+    """A user's endpoint with a scheme botocore will not send to, and options s3fs's
+    filesystem refuses or takes wrongly, on an existing store: exit 2, the one line only (no
+    Prefect log or stack before it), every object byte-identical. Before: 'can't reach the
+    object store at htp://...', and for client_kwargs 5 and anon "maybe" messages naming
+    no option (the latter a permission refusal: "maybe" was taken as anonymous)."""
+    uri = f"s3://{bucket}/p.zarr"
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
+    fs.put(tiny_store, f"{bucket}/p.zarr", recursive=True)
+    before = {p: fs.cat_file(p) for p in fs.find(bucket)}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    cases = [(["--storage-options", '{"client_kwargs": {"endpoint_url": "htp://127.0.0.1:5123"'
+               '}}'], env, "the endpoint 'htp://127.0.0.1:5123' has the scheme 'htp://', and "
+              "an object store's endpoint is http:// or https://; fix it in --storage-options"),
+             ([], {**env, "AWS_ENDPOINT_URL": "ftp://127.0.0.1:5123"}, "the endpoint "
+              "'ftp://127.0.0.1:5123' has the scheme 'ftp://', and an object store's endpoint "
+              "is http:// or https://; fix it in AWS_ENDPOINT_URL"),
+             (["--storage-options", '{"client_kwargs": 5}'], env, "storage option "
+              "'client_kwargs' (a whole number) is refused by s3://"),
+             (["--storage-options", '{"anon": "maybe"}'], env, "storage option 'anon' is a "
+              "string, and s3:// takes true or false for it")]
+    for flags, case_env, want in cases:
+        proc = _start(*flags, "materialize", "--store", uri, *MATERIALIZE, prefect=prefect,
+                      env=case_env)
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 2 and err.count("\n") == 1, err[-3000:]
+        assert err.startswith(f"actstore materialize: error: store {uri}: {want}"), err
+    assert {p: fs.cat_file(p) for p in fs.find(bucket)} == before

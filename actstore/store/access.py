@@ -17,6 +17,7 @@ message repeats a credential: the service's codes and messages never hold one.
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import fsspec
@@ -114,8 +115,8 @@ def _access(uri: str) -> tuple[str, str, str]:
 def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
     """One request to the bucket, its failure turned into a one-line error."""
     bucket = root.split("/", 1)[0]
-    fs = fsspec.filesystem(protocol, **{**options, **PREFLIGHT.get(protocol, {}),
-                                        "skip_instance_cache": True})
+    fs = filesystem(uri, protocol, {**_preflight_options(protocol, options),
+                                    "skip_instance_cache": True})[0]
     try:
         fs.info(bucket)
         return
@@ -131,31 +132,140 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
         if "Credentials" in name:
             problem = ("no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                        "(or AWS_PROFILE) or pass storage_options")
-        elif "Invalid endpoint" in str(exc):
-            url, source = endpoint(fs, protocol, options)
-            problem = (f"the endpoint {url!r} is not a URL; write it with its scheme, e.g. "
-                       f"http://{url.strip()}, in {source}" if url else "the endpoint is not "
-                       f"a URL; write it with its scheme (http://HOST:PORT) in {source}")
+        elif "Invalid endpoint" in str(exc) or "EndpointResolution" in name:
+            problem = _bad_endpoint(*endpoint(fs, protocol, options))
         elif "Connect" in name or "Endpoint" in name or isinstance(exc, OSError):
             url, source = endpoint(fs, protocol, options)
             problem = (f"can't reach the object store at {url or 'its default endpoint'} "
                        f"({name}); check the endpoint ({source}) and the network")
-        elif isinstance(exc, TypeError) and "unexpected keyword argument" in str(exc):
-            option = str(exc).rsplit("argument", 1)[1].strip()
-            hint = ("an endpoint is 'endpoint_url' (or client_kwargs' 'endpoint_url')"
-                    if "endpoint" in option and _kind(protocol) == "s3" else
-                    "see its filesystem's options" + (" (s3fs: key, secret, token, "
-                    "endpoint_url, client_kwargs, ...)" if _kind(protocol) == "s3" else ""))
-            problem = (f"storage option {option} is not one {protocol}:// takes (from "
-                       f"{_given_in(protocol)}); {hint}")
         else:
-            problem = f"can't use the object store: {name}: {str(exc)[:160]}"
+            problem = option_problem(protocol, options, exc) or \
+                f"can't use the object store: {name}: {str(exc)[:160]}"
     raise ActstoreError(f"store {uri}: {problem}")
 
 
+def _bad_endpoint(url: str | None, source: str) -> str:
+    """An endpoint botocore would not send to: without a scheme it refuses it as it builds
+    the client ('Invalid endpoint'); with one other than http or https (a typo, ``htp://``,
+    or ``ftp://``) it builds it and every request fails to resolve it, which read as an
+    unreachable endpoint."""
+    if not url:
+        return (f"the endpoint is not a URL; write it with its scheme (http://HOST:PORT) in "
+                f"{source}")
+    scheme = url.split("://", 1)[0] if "://" in url else None
+    if scheme is not None and scheme.lower() not in ("http", "https"):
+        return (f"the endpoint {url!r} has the scheme {scheme + '://'!r}, and an object "
+                f"store's endpoint is http:// or https://; fix it in {source}")
+    if scheme is None and not url.lower().startswith(("http:", "https:")):
+        return (f"the endpoint {url!r} is not a URL; write it with its scheme, e.g. "
+                f"http://{url.strip()}, in {source}")
+    return (f"the endpoint {url!r} is not a URL; write it as http://HOST:PORT or "
+            f"https://HOST in {source}")
+
+
+def _preflight_options(protocol: str, options: dict) -> dict:
+    """``options`` with ``PREFLIGHT``'s settings merged into the user's same-named ones (a
+    ``config_kwargs`` given for the store, such as an addressing style, holds for its first
+    request too; before, PREFLIGHT's replaced it, and a wrong one passed that request). A
+    value that is no dict is left as given, for the request to refuse and name."""
+    given = {**fsspec.config.conf.get(protocol, {}), **options}
+    merged = dict(options)
+    for key, ours in PREFLIGHT.get(protocol, {}).items():
+        theirs = given.get(key)
+        merged[key] = {**theirs, **ours} if isinstance(theirs, dict) else \
+            ours if theirs is None else theirs
+    return merged
+
+
+def filesystem(uri: str, protocol: str, options: dict
+               ) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Store ``uri``'s fsspec filesystem and root; an option its constructor refuses (or
+    one of the wrong kind for a setting whose default says its kind: ``anon: "maybe"``
+    would have been taken as true) is one line naming it, before any request."""
+    given = {**fsspec.config.conf.get(protocol, {}), **options}
+    problem = _wrong_kind(protocol, fsspec.get_filesystem_class(protocol), given)
+    if problem is None:
+        try:
+            return fsspec.core.url_to_fs(uri, **options)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            problem = option_problem(protocol, options, exc) or \
+                f"can't use these storage options ({_given_in(protocol)}): " \
+                f"{type(exc).__name__}: {str(exc)[:160]}"
+    raise ActstoreError(f"store {uri}: {problem}")
+
+
+KINDS = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
+
+
+def _wrong_kind(protocol: str, cls: type, given: dict) -> str | None:
+    """An option whose value is not of its default's kind (a JSON string for a flag, a
+    number given as a string). Values are never shown: an option may hold a secret."""
+    params = _parameters(cls)
+    for key, value in given.items():
+        default = params[key].default if key in params else None
+        want = type(default) if type(default) in KINDS else None
+        if want is None or value is None or type(value) is want or (
+                want is float and type(value) is int):
+            continue
+        return (f"storage option {key!r} is {_a(value)}, and {protocol}:// takes "
+                f"{KINDS[want]} for it (from {_given_in(protocol)}); fix its value")
+    return None
+
+
+def option_problem(protocol: str, options: dict, exc: BaseException) -> str | None:
+    """The option that made ``protocol``'s filesystem fail as it was built or connected,
+    in a sentence, or None: a keyword it does not take (named in the error), one it needs
+    and was not given, or the one option whose value, put back to its default, lets it
+    build and connect. The value is never shown: an option may hold a secret."""
+    text = str(exc)
+    if isinstance(exc, TypeError) and "unexpected keyword argument" in text:
+        option = text.rsplit("argument", 1)[1].strip()
+        hint = ("an endpoint is 'endpoint_url' (or client_kwargs' 'endpoint_url')"
+                if "endpoint" in option and _kind(protocol) == "s3" else
+                "see its filesystem's options" + (" (s3fs: key, secret, token, "
+                "endpoint_url, client_kwargs, ...)" if _kind(protocol) == "s3" else ""))
+        return (f"storage option {option} is not one {protocol}:// takes (from "
+                f"{_given_in(protocol)}); {hint}")
+    if isinstance(exc, TypeError) and "missing" in text and "required" in text:
+        needed = text.split("argument", 1)[1].lstrip("s:").strip()
+        return (f"{protocol}:// needs the storage option{'s' if ' and ' in needed else ''} "
+                f"{needed} (give {'them' if ' and ' in needed else 'it'} in "
+                f"{_given_in(protocol)})")
+    if not isinstance(exc, (TypeError, ValueError, KeyError, AttributeError)):
+        return None
+    given = {**fsspec.config.conf.get(protocol, {}), **options}
+    cls = fsspec.get_filesystem_class(protocol)
+    params = _parameters(cls)
+    for key in [k for k in given if k in params]:
+        try:
+            fs = fsspec.filesystem(protocol, **{**options, key: params[key].default,
+                                                "skip_instance_cache": True})
+            getattr(fs, "connect", lambda: None)()   # s3fs builds its client here
+        except Exception:  # noqa: BLE001 - still failing: not this option
+            continue
+        return (f"storage option {key!r} ({_a(given[key])}) is refused by {protocol}:// "
+                f"({type(exc).__name__}: {text[:120]}); fix its value (from "
+                f"{_given_in(protocol)})")
+    return None
+
+
+def _parameters(cls: type) -> dict:
+    return {k: p for k, p in inspect.signature(cls.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _a(value: object) -> str:
+    """The kind of a JSON value, with its article, for a message."""
+    kind = {bool: "a true/false value", int: "a whole number", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    return kind if kind.startswith("a") else f"a {kind}"
+
+
 def _given_in(protocol: str) -> str:
-    """Where an object store's options are given, as messages name them."""
-    return f"--storage-options, FSSPEC_{protocol.upper()} or storage_options"
+    """Where a store's options are given, as messages name them (the command line's
+    --storage-options only for an object store: it refuses them for any other)."""
+    flag = "--storage-options, " if protocol in OBJECT_STORES else ""
+    return f"{flag}FSSPEC_{protocol.upper()} or storage_options"
 
 
 def endpoint(fs: fsspec.AbstractFileSystem, protocol: str,

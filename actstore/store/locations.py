@@ -19,7 +19,7 @@ from zarr.abc.store import Store
 from zarr.storage import FsspecStore, LocalStore
 
 from actstore.errors import ActstoreError
-from actstore.store.access import OBJECT_STORES, preflight
+from actstore.store.access import OBJECT_STORES, filesystem, preflight
 
 # No listing cache: a long-lived reader must see completion records written after it opened.
 NO_LISTING_CACHE = {"use_listings_cache": False}
@@ -99,23 +99,22 @@ def location(uri: str) -> Location:
     if protocol in OBJECT_STORES:
         check_object_url(uri)
     try:
-        if protocol == "file":
-            fs, root = fsspec.core.url_to_fs(uri)
-            store: Store = LocalStore(root)
-            reader: Store = LocalStore(root, read_only=True)
-        else:
-            options = {**(NO_LISTING_CACHE if protocol in OBJECT_STORES else {}),
-                       **_options_for(uri)}
-            fs, root = fsspec.core.url_to_fs(uri, **options)
-            store = FsspecStore.from_url(uri, storage_options=options) if fs.async_impl \
-                else FsspecStore(_async(fs), path=root)
-            reader = _reader(uri, protocol, options) or store
-    except ActstoreError:
-        raise
+        fsspec.get_filesystem_class(protocol)
     except (ValueError, ImportError) as exc:
         raise ActstoreError(f"store {uri}: can't open this kind of location ({exc}); use a "
                             "local path or an fsspec URL such as s3://bucket/path "
                             "(pip install 'actstore[s3]')") from None
+    if protocol == "file":
+        fs, root = fsspec.core.url_to_fs(uri)
+        store: Store = LocalStore(root)
+        reader: Store = LocalStore(root, read_only=True)
+    else:
+        options = {**(NO_LISTING_CACHE if protocol in OBJECT_STORES else {}),
+                   **_options_for(uri)}
+        fs, root = filesystem(uri, protocol, options)   # a refused option: one line
+        store = FsspecStore.from_url(uri, storage_options=options) if fs.async_impl \
+            else FsspecStore(_async(fs), path=root)
+        reader = _reader(uri, protocol, options) or store
     if protocol in OBJECT_STORES:
         preflight(uri, protocol, root, options)
     loc = Location(uri, protocol, fs, root, store, reader)
