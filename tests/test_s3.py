@@ -140,48 +140,6 @@ def test_unreachable_endpoint_is_one_line_and_writes_nothing(bucket):
     assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
 
 
-@pytest.mark.parametrize("env,options,want", [
-    ("http://127.0.0.1:9", None, "can't reach the object store at http://127.0.0.1:9 "
-     "(EndpointConnectionError); check the endpoint (AWS_ENDPOINT_URL) and the network"),
-    (None, {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}},
-     "can't reach the object store at http://127.0.0.1:9 (EndpointConnectionError); check "
-     "the endpoint (--storage-options, FSSPEC_S3 or storage_options) and the network"),
-    ("127.0.0.1:9", None, "the endpoint '127.0.0.1:9' is not a URL; write it with its "
-     "scheme, e.g. http://127.0.0.1:9, in AWS_ENDPOINT_URL")], ids=["env", "options", "bare"])
-def test_a_wrong_endpoint_is_named_with_where_it_was_set(env, options, want, bucket,
-                                                         monkeypatch):
-    """Before, every wrong endpoint said 'check the endpoint (AWS_ENDPOINT_URL)' without the
-    URL tried (a typo such as 'locahost' stayed hidden), also for one set in
-    --storage-options; one without its scheme was 'can't use the object store: ValueError:
-    Invalid endpoint: 127.0.0.1:9'."""
-    uri = f"s3://{bucket}/s.zarr"
-    if env:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", env)
-    with pytest.raises(ActstoreError) as info:
-        open_store(uri, storage_options=options)
-    assert str(info.value) == f"store {uri}: {want}"
-    monkeypatch.undo()
-    assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
-
-
-@pytest.mark.parametrize("options,want", [
-    ({"endpoint": "http://127.0.0.1:9"}, "storage option 'endpoint' is not one s3:// takes "
-     "(from --storage-options, FSSPEC_S3 or storage_options); an endpoint is 'endpoint_url' "
-     "(or client_kwargs' 'endpoint_url')"),
-    ({"client_kwargs": {"endpoint": "http://127.0.0.1:9"}}, "storage option 'endpoint' is "
-     "not one s3:// takes"),
-    ({"secrte": "x"}, "storage option 'secrte' is not one s3:// takes (from "
-     "--storage-options, FSSPEC_S3 or storage_options); see its filesystem's options")])
-def test_a_storage_option_s3fs_does_not_take_is_named(options, want, bucket):
-    """Before 2026-12-07: 'can't use the object store: TypeError: AioSession.__init__() got
-    an unexpected keyword argument 'endpoint''."""
-    uri = f"s3://{bucket}/s.zarr"
-    with pytest.raises(ActstoreError) as info:
-        open_store(uri, storage_options=options)
-    assert str(info.value).startswith(f"store {uri}: {want}"), str(info.value)
-    assert fsspec.filesystem("s3", skip_instance_cache=True).find(bucket) == []
-
-
 def _objects(bucket: str) -> dict[str, bytes]:
     """Every object in the bucket, byte for byte."""
     fs = fsspec.filesystem("s3", skip_instance_cache=True, use_listings_cache=False)
@@ -193,6 +151,13 @@ OPTS = "--storage-options, FSSPEC_S3 or storage_options"
 
 
 @pytest.mark.parametrize("env,options,want", [
+    ("http://127.0.0.1:9", None, "can't reach the object store at http://127.0.0.1:9 "
+     "(EndpointConnectionError); check the endpoint (AWS_ENDPOINT_URL) and the network"),
+    (None, {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}},
+     "can't reach the object store at http://127.0.0.1:9 (EndpointConnectionError); check "
+     "the endpoint (" + OPTS + ") and the network"),
+    ("127.0.0.1:9", None, "the endpoint '127.0.0.1:9' is not a URL; write it with its "
+     "scheme, e.g. http://127.0.0.1:9, in AWS_ENDPOINT_URL"),
     (None, {"client_kwargs": {"endpoint_url": "htp://127.0.0.1:5123"}},
      "the endpoint 'htp://127.0.0.1:5123' " + SCHEME.format(s="htp://") + OPTS),
     ("ftp://127.0.0.1:5123", None,
@@ -201,13 +166,16 @@ OPTS = "--storage-options, FSSPEC_S3 or storage_options"
      "the endpoint 's3://127.0.0.1:5123' " + SCHEME.format(s="s3://") + OPTS),
     ("https:/127.0.0.1:5123", None, "the endpoint 'https:/127.0.0.1:5123' is not a URL; write "
      "it as http://HOST:PORT or https://HOST in AWS_ENDPOINT_URL")],
-    ids=["options-htp", "env-ftp", "s3-scheme", "one-slash"])
-def test_an_endpoint_scheme_other_than_http_is_named(env, options, want, bucket, tiny_store,
-                                                     monkeypatch):
-    """botocore builds a client for ``htp://`` or ``ftp://`` and every request then fails
-    to resolve the endpoint (EndpointResolutionError): before, that read 'can't reach the
-    object store at htp://...; check ... the network'. ``https:/`` (one slash) was told to
-    become 'http://https:/...'."""
+    ids=["env", "options", "bare", "options-htp", "env-ftp", "s3-scheme", "one-slash"])
+def test_a_wrong_endpoint_is_named_with_where_it_was_set(env, options, want, bucket,
+                                                         tiny_store, monkeypatch):
+    """Before, every wrong endpoint said 'check the endpoint (AWS_ENDPOINT_URL)' without the
+    URL tried (a typo such as 'locahost' stayed hidden), also for one set in
+    --storage-options; one without its scheme was 'can't use the object store: ValueError:
+    Invalid endpoint: 127.0.0.1:9'. Until 2026-12-07 botocore's refusal of a scheme other
+    than http(s) at every request (EndpointResolutionError) read 'can't reach the object
+    store at htp://...; check ... the network', and ``https:/`` (one slash) was told to
+    become 'http://https:/...'. The store there is left byte for byte."""
     uri = f"s3://{bucket}/p.zarr"
     fsspec.filesystem("s3", skip_instance_cache=True).put(tiny_store, f"{bucket}/p.zarr",
                                                           recursive=True)
@@ -222,23 +190,34 @@ def test_an_endpoint_scheme_other_than_http_is_named(env, options, want, bucket,
 
 
 @pytest.mark.parametrize("options,want", [
+    ({"endpoint": "http://127.0.0.1:9"}, "storage option 'endpoint' is not one s3:// takes "
+     "(from " + OPTS + "); an endpoint is 'endpoint_url' (or client_kwargs' 'endpoint_url')"),
+    ({"client_kwargs": {"endpoint": "http://127.0.0.1:9"}}, "storage option 'endpoint' is "
+     "not one s3:// takes"),
+    ({"secrte": "x"}, "storage option 'secrte' is not one s3:// takes (from " + OPTS + "); "
+     "see its filesystem's options"),
     ({"client_kwargs": 5}, "storage option 'client_kwargs' (a whole number) is refused by "
      "s3:// (AttributeError: 'int' object has no attribute 'copy'); fix its value (from "
      + OPTS + ")"),
     ({"config_kwargs": 5}, "storage option 'config_kwargs' (a whole number) is refused by "
      "s3://"),
+    ({"config_kwargs": {"retries": 3}}, "storage option 'config_kwargs' (an object) is "
+     "refused by s3:// (AttributeError: 'int' object has no attribute 'items')"),
     ({"anon": "maybe"}, "storage option 'anon' is a string, and s3:// takes true or false "
      "for it (from " + OPTS + "); fix its value"),
     ({"max_concurrency": "4"}, "storage option 'max_concurrency' is a string, and s3:// "
      "takes a whole number for it"),
     ({"max_concurrency": 0}, "storage option 'max_concurrency' (a whole number) is refused "
      "by s3:// (ValueError: max_concurrency must be >= 1)")],
-    ids=["client_kwargs", "config_kwargs", "anon", "concurrency-str", "concurrency-0"])
-def test_an_option_the_filesystem_refuses_is_named(options, want, bucket, tiny_store):
-    """Before: client_kwargs 5 was 'can't use the object store: AttributeError: ...' naming
-    no option; config_kwargs 5 passed the first request (its own settings replaced the
-    user's) and failed later, exit 1; anon "maybe" was taken as true (anonymous) and read
-    as 'these credentials may not read it'; max_concurrency "4" a raw TypeError, exit 1;
+    ids=["endpoint", "client-endpoint", "secrte", "client_kwargs", "config_kwargs",
+         "config-retries", "anon", "concurrency-str", "concurrency-0"])
+def test_a_storage_option_s3fs_does_not_take_is_named(options, want, bucket, tiny_store):
+    """Before 2026-12-07: 'can't use the object store: TypeError: AioSession.__init__() got
+    an unexpected keyword argument 'endpoint''; client_kwargs 5 'can't use the object store:
+    AttributeError: ...', naming no option; config_kwargs 5 passed the first request (its
+    own settings replaced the user's) and failed later, exit 1, and so did a wrong value
+    inside it (its 'retries' 3); anon "maybe" was taken as true (anonymous) and read as
+    'these credentials may not read it'; max_concurrency "4" a raw TypeError, exit 1;
     max_concurrency 0 "can't open this kind of location"."""
     uri = f"s3://{bucket}/p.zarr"
     fsspec.filesystem("s3", skip_instance_cache=True).put(tiny_store, f"{bucket}/p.zarr",

@@ -1,9 +1,10 @@
 """An object store's refusals, said once, in one sentence each: what was refused, where, and
 what to change.
 
-Two moments meet them. Opening a store makes one request to its bucket first
-(:func:`preflight`), so a wrong endpoint, a missing bucket or refused credentials cost
-seconds and name the bucket. A store that can be read but not written (read-only
+Two moments meet them. Opening a store builds its filesystem (:func:`filesystem`: an
+option it refuses is named, with where options come from) and makes one request to its
+bucket (:func:`preflight`), so a wrong endpoint, a missing bucket or refused credentials
+cost seconds and name the bucket. A store that can be read but not written (read-only
 credentials) passes that request and is refused at the command's first write: the command
 line turns that refusal into its one line with :func:`refusal` (``flows.cli_report``). A
 refused request changes nothing in the bucket, so nothing stored is altered either way.
@@ -132,7 +133,7 @@ def preflight(uri: str, protocol: str, root: str, options: dict) -> None:
         if "Credentials" in name:
             problem = ("no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                        "(or AWS_PROFILE) or pass storage_options")
-        elif "Invalid endpoint" in str(exc) or "EndpointResolution" in name:
+        elif "EndpointResolution" in name:   # a scheme other than http(s)
             problem = _bad_endpoint(*endpoint(fs, protocol, options))
         elif "Connect" in name or "Endpoint" in name or isinstance(exc, OSError):
             url, source = endpoint(fs, protocol, options)
@@ -179,18 +180,24 @@ def _preflight_options(protocol: str, options: dict) -> dict:
 
 def filesystem(uri: str, protocol: str, options: dict
                ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Store ``uri``'s fsspec filesystem and root; an option its constructor refuses (or
-    one of the wrong kind for a setting whose default says its kind: ``anon: "maybe"``
-    would have been taken as true) is one line naming it, before any request."""
+    """Store ``uri``'s fsspec filesystem and root; an option its constructor or client
+    refuses (or one of the wrong kind for a setting whose default says its kind: ``anon:
+    "maybe"`` would have been taken as true) is one line naming it, before any request."""
     given = {**fsspec.config.conf.get(protocol, {}), **options}
     problem = _wrong_kind(protocol, fsspec.get_filesystem_class(protocol), given)
     if problem is None:
+        fs = None
         try:
-            return fsspec.core.url_to_fs(uri, **options)
+            fs, root = fsspec.core.url_to_fs(uri, **options)
+            getattr(fs, "connect", lambda: None)()   # s3fs makes its client: no request
+            return fs, root
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            if fs is not None and "Invalid endpoint" in str(exc):   # botocore's, no scheme
+                raise ActstoreError(f"store {uri}: "
+                                    f"{_bad_endpoint(*endpoint(fs, protocol, options))}"
+                                    ) from None
             problem = option_problem(protocol, options, exc) or \
-                f"can't use these storage options ({_given_in(protocol)}): " \
-                f"{type(exc).__name__}: {str(exc)[:160]}"
+                f"can't open this location ({type(exc).__name__}: {str(exc)[:160]})"
     raise ActstoreError(f"store {uri}: {problem}")
 
 
@@ -234,19 +241,27 @@ def option_problem(protocol: str, options: dict, exc: BaseException) -> str | No
     if not isinstance(exc, (TypeError, ValueError, KeyError, AttributeError)):
         return None
     given = {**fsspec.config.conf.get(protocol, {}), **options}
-    cls = fsspec.get_filesystem_class(protocol)
-    params = _parameters(cls)
+    params = _parameters(fsspec.get_filesystem_class(protocol))
+    if _builds(protocol, options):   # the failure was a request's, not the options'
+        return None
     for key in [k for k in given if k in params]:
-        try:
-            fs = fsspec.filesystem(protocol, **{**options, key: params[key].default,
-                                                "skip_instance_cache": True})
-            getattr(fs, "connect", lambda: None)()   # s3fs builds its client here
-        except Exception:  # noqa: BLE001 - still failing: not this option
+        if not _builds(protocol, {**options, key: params[key].default}):
             continue
         return (f"storage option {key!r} ({_a(given[key])}) is refused by {protocol}:// "
                 f"({type(exc).__name__}: {text[:120]}); fix its value (from "
                 f"{_given_in(protocol)})")
     return None
+
+
+def _builds(protocol: str, options: dict) -> bool:
+    """Whether ``protocol``'s filesystem builds and connects with ``options``: no request
+    is made (s3fs makes its client in ``connect``)."""
+    try:
+        fs = fsspec.filesystem(protocol, **{**options, "skip_instance_cache": True})
+        getattr(fs, "connect", lambda: None)()
+    except Exception:  # noqa: BLE001 - any failure is a refusal of these options
+        return False
+    return True
 
 
 def _parameters(cls: type) -> dict:
@@ -256,8 +271,8 @@ def _parameters(cls: type) -> dict:
 
 def _a(value: object) -> str:
     """The kind of a JSON value, with its article, for a message."""
-    kind = {bool: "a true/false value", int: "a whole number", float: "a number", str: "a string",
-            list: "a list", dict: "an object"}.get(type(value), type(value).__name__)
+    kind = {**KINDS, bool: "a true/false value", list: "a list", dict: "an object"}.get(
+        type(value), type(value).__name__)
     return kind if kind.startswith("a") else f"a {kind}"
 
 
