@@ -210,11 +210,33 @@ def test_a_catalog_store_name_says_where_its_store_is(explore_store, tmp_path, m
     monkeypatch.chdir(tmp_path)
     for call in (actstore.open_store, actstore.open_emergence):
         with pytest.raises(ActstoreError, match=r"^store mine: does not exist here; 'mine' is a "
-                           r"store name of .*catalog\.yaml, which the commands read: open "
-                           rf"its location, {explore_store}$"):
+                           r"store name of .*catalog\.yaml, the catalog the commands read "
+                           rf"without --catalog: open its location, {explore_store}$"):
             call("mine")
-    with pytest.raises(ActstoreError, match="create it with `actstore materialize`"):
+    with pytest.raises(ActstoreError, match=r"create it with `actstore materialize` \(nor is "
+                                            r"'yours' a store name of .*catalog\.yaml, "):
         actstore.open_store("yours")                      # no name of the catalog
+
+
+def test_a_store_name_another_catalog_gives_is_not_sent_to_this_ones_location(
+        explore_store, tmp_path, monkeypatch):
+    """`actstore --catalog mine.yaml materialize --store toy` writes where mine.yaml says;
+    `open_store("toy")` was told to open the location ./catalog.yaml gives 'toy', where
+    there is no store."""
+    from conftest import store_catalog
+
+    elsewhere = tmp_path / "runs" / "toy.zarr"
+    store_catalog(tmp_path, str(elsewhere), name="toy")
+    (tmp_path / "mine").mkdir()
+    store_catalog(tmp_path / "mine", explore_store, name="toy")   # the one it was made with
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ActstoreError) as err:
+        actstore.open_store("toy")
+    assert str(err.value) == (
+        f"store toy: does not exist here, nor at {elsewhere}, its location in "
+        f"{tmp_path / 'catalog.yaml'}, the catalog the commands read without --catalog; open "
+        "the location the catalog it was made with gives it")
+    assert not elsewhere.exists()
 
 
 def test_an_experiment_says_which_store_and_experiment_it_is(explore_store):
@@ -239,3 +261,57 @@ def test_labels_of_a_mistyped_target(explore_store, target, then):
         actstore.open_labels(explore_store, target)
     assert str(err.value) == (f"store {explore_store}: no complete labels {target!r} (has: "
                               f"depth, salient); {then}")
+
+
+@pytest.mark.parametrize("flag", ["no", "False", 0, None])
+def test_a_flag_that_is_not_true_or_false(explore_store, flag):
+    """`open_store(u, complete_only="no")` read every image, finished or not: a non-empty
+    string is true to Python. 0 and None, which Python would take for False, are refused
+    as well, so that a flag means the same wherever it is given."""
+    before = tree_digest(explore_store)
+    name = next(iter(list_interventions(explore_store)))
+    for where, call in ((f"store {explore_store}",
+                         lambda: actstore.open_store(explore_store, complete_only=flag)),
+                        (f"store {explore_store}: experiment {name}",
+                         lambda: actstore.open_intervention(explore_store, name, flag))):
+        with pytest.raises(ActstoreError) as err:
+            call()
+        assert str(err.value) == (f"{where}: complete_only={flag!r} is not True or False; "
+                                  "pass complete_only=True or complete_only=False")
+    assert actstore.open_store(explore_store, complete_only=np.bool_(False)).complete_only \
+        is False
+    assert tree_digest(explore_store) == before
+
+
+@pytest.mark.parametrize("target", [None, 3, ""])
+def test_latest_run_of_no_target_name(explore_store, target):
+    """`latest_run(u, None)` (or 3, or "") gave None, as for a target with no run yet."""
+    with pytest.raises(ActstoreError) as err:
+        latest_run(explore_store, target)
+    assert str(err.value) == (f"store {explore_store}: target {target!r} is no name; give "
+                              "one of depth, salient as a string")
+
+
+@pytest.mark.parametrize("store", [3, None, b"store.zarr"], ids=["int", "None", "bytes"])
+@pytest.mark.parametrize("call", [
+    actstore.open_store, lambda s: actstore.open_emergence(s), list_runs, list_interventions,
+    list_sweeps, lambda s: latest_run(s, "salient"), lambda s: open_scores(s, "r"),
+    lambda s: actstore.open_labels(s, "depth"), lambda s: actstore.open_intervention(s, "e"),
+    lambda s: actstore.load_probe(s, "r", EXPLORE_LAYERS[0])],
+    ids=["open_store", "open_emergence", "list_runs", "list_interventions", "list_sweeps",
+         "latest_run", "open_scores", "open_labels", "open_intervention", "load_probe"])
+def test_a_store_that_is_no_location(call, store):
+    """`open_emergence(3)` said 'store 3: does not exist', as if a folder named 3 were
+    missing; each reader now says what it was given."""
+    with pytest.raises(ActstoreError) as err:
+        call(store)
+    assert str(err.value) == (f"store {store!r}: a store location is a path or URL, not a "
+                              f"{type(store).__name__}; pass it as a string (e.g. "
+                              "'runs/toy.zarr', 's3://bucket/p.zarr') or a pathlib.Path")
+
+
+def test_a_store_given_as_a_path(explore_store):
+    """A pathlib.Path is a location like its string."""
+    assert actstore.open_store(Path(explore_store)).layers == \
+        actstore.open_store(explore_store).layers
+    assert latest_run(Path(explore_store), "salient") == latest_run(explore_store, "salient")

@@ -207,7 +207,7 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
             "comparison": "bitwise" if all(r["exact"] for r in rows) else "tolerance (CUDA or other CPU kernels)",
             "blocks_without_batch_size": unrecorded,
             "recorded_batch_sizes_overridden": sorted(overridden),
-            "rows": rows, "table": format_verify(rows)}
+            "counted": counted(rows), "rows": rows, "table": format_verify(rows)}
 
 
 def _vae_source(view) -> str:
@@ -259,6 +259,17 @@ def format_verify(rows: list[dict]) -> str:
         lines.append(f"{r['model']:10s} {r['image']:14s} {mark[r['final_image']]:>6s} "
                      f"{mark[r['x0_image']]:>6s} {mark[r['activations']]:>11s} "
                      f"{r['final_max_diff']:>9d} / {r['activation_max_diff']:<8.3g}")
-    n_bad = sum(not r["reproduced"] for r in rows)
-    lines.append(f"{len(rows) - n_bad} of {len(rows)} images reproduced")
+    lines.append(f"{counted(rows)} reproduced")
     return "\n".join(lines)
+
+
+def counted(rows: list[dict]) -> str:
+    """What was counted, per model variant ('4/4 images of trained, 4/4 of randomized'): a
+    row is one image of one variant, and '8/8 images reproduced' for 4 images of 2 variants
+    read as 8 images."""
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    parts = []
+    for m in models:
+        mine = [r["reproduced"] for r in rows if r["model"] == m]
+        parts.append(f"{sum(mine)}/{len(mine)}{' images' if not parts else ''} of {m}")
+    return ", ".join(parts)

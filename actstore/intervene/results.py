@@ -35,6 +35,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from actstore.arguments import check_flag
 from actstore.store import commit, io
 from actstore.store import core as st
 from actstore.store import layout as lay
@@ -140,6 +141,7 @@ def list_interventions(store: str) -> dict[str, dict]:
 def open_intervention(store: str, experiment_id: str, complete_only: bool = True) -> xr.Dataset:
     """An experiment as a Dataset indexed by image id and target index ``k``; by default
     only the images whose block is recorded (a running experiment shows what is done)."""
+    check_flag(complete_only, "complete_only", f"store {store}: experiment {experiment_id}")
     settings = existing_settings(store, experiment_id)
     if settings is None:
         have = ", ".join(list_interventions(store)) or "none"

@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 
 import actstore
+from actstore.arguments import check_name
 from actstore.probe.scheduler import Scheduler, check_client_code
 from actstore.store import commit, io, labelsets
 from actstore.store import core as st
@@ -188,8 +189,9 @@ def list_runs(store: str) -> dict[str, dict]:
 
 def latest_run(store: str, target: str, runs: dict[str, dict] | None = None) -> str | None:
     """The target's newest complete run (among ``runs``, a :func:`list_runs` already made)."""
-    runs = {r: a for r, a in (list_runs(store) if runs is None else runs).items()
-            if a["target"] == target}
+    runs = list_runs(store) if runs is None else runs
+    check_name(target, "target", f"store {store}", (a["target"] for a in runs.values()))
+    runs = {r: a for r, a in runs.items() if a["target"] == target}
     return max(runs, key=lambda r: (runs[r]["created"], r)) if runs else None
 
 

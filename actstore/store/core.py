@@ -57,7 +57,7 @@ def read_root_attrs(uri: str) -> dict:
 def root_of(uri: str, attrs: dict | None) -> dict:
     """:func:`read_root_attrs` of attributes fetched (None: no root) beside a record's."""
     if attrs is None and not io.store_nonempty(uri):
-        then = _catalog_name(str(uri)) or "; create it with `actstore materialize`"
+        then = _catalog_name(str(uri))
         raise ActstoreError(f"store {uri}: does not exist{then}")
     if attrs is None:
         if _only_own_names(uri):
@@ -77,22 +77,31 @@ def root_of(uri: str, attrs: dict | None) -> dict:
     return root
 
 
-def _catalog_name(uri: str) -> str | None:
-    """Where a catalog's store name leads, said to a reader given the name: the commands
-    read the catalog, the Python readers take locations, and `open_store("toy")` after
-    `actstore materialize --store toy` was told to create the store it had just made."""
+def _catalog_name(uri: str) -> str:
+    """How to go on, said to a reader given a catalog's store name: the commands read the
+    catalog, the Python readers take locations, and `open_store("toy")` after `actstore
+    materialize --store toy` was told to create the store it had just made. The catalog
+    looked in is the one the commands read without --catalog; a store made with another
+    may be elsewhere, so the line names that file, and its location only if a store is there."""
     from actstore.catalog import find_catalog, resolve_store
 
+    plain = "; create it with `actstore materialize`"
     if "/" in uri or "://" in uri:
-        return None
+        return plain
     try:
         catalog = find_catalog()
-        if catalog is None or uri not in catalog.stores:
-            return None
-        return (f" here; '{uri}' is a store name of {catalog.path}, which the commands "
-                f"read: open its location, {resolve_store(catalog, uri)['uri']}")
+        if catalog is None:
+            return plain
+        read = f"{catalog.path}, the catalog the commands read without --catalog"
+        if uri not in catalog.stores:
+            return f"{plain} (nor is '{uri}' a store name of {read})"
+        where = resolve_store(catalog, uri)["uri"]
+        if io.node_attrs(where, "") is None:
+            return (f" here, nor at {where}, its location in {read}; open the location the "
+                    "catalog it was made with gives it")
+        return f" here; '{uri}' is a store name of {read}: open its location, {where}"
     except ActstoreError:    # a catalog that does not load: no hint, the plain line
-        return None
+        return plain
 
 
 def _only_own_names(uri: str) -> bool:

@@ -28,8 +28,8 @@ from zarr.core.sync import sync
 from zarr.storage import MemoryStore
 
 from actstore.store.locations import (  # noqa: F401 - the storage API's one import
-    NO_LISTING_CACHE, Location, canonical, location, protocol_of, set_protocol_options,
-    set_storage_options)
+    NO_LISTING_CACHE, Location, as_uri, canonical, location, protocol_of,
+    set_protocol_options, set_storage_options)
 
 if TYPE_CHECKING:
     import xarray as xr

@@ -74,12 +74,22 @@ def protocol_of(uri: str) -> str:
     return uri.split("://", 1)[0] if "://" in uri else "file"
 
 
+def as_uri(uri: str | os.PathLike[str]) -> str:
+    """A store location as text, refusing what names none: ``open_emergence(3)`` said
+    'store 3: does not exist', as if a folder named 3 were missing."""
+    if isinstance(uri, (str, os.PathLike)):
+        return os.fspath(uri)
+    raise ActstoreError(f"store {uri!r}: a store location is a path or URL, not a "
+                        f"{type(uri).__name__}; pass it as a string (e.g. 'runs/toy.zarr', "
+                        "'s3://bucket/p.zarr') or a pathlib.Path")
+
+
 def canonical(uri: str) -> str:
     """One name for one store, whatever the process's folder: a local path made absolute
     (``~``, ``..`` and trailing slashes resolved), a URL without its trailing slashes. What
     a relative path names changes with the folder (a notebook's ``%cd``), so the resolved
     locations are kept under this name, and a reader's provenance records it."""
-    uri = str(uri)
+    uri = as_uri(uri)
     if "://" not in uri:
         return os.path.abspath(os.path.expanduser(uri))
     protocol, rest = uri.split("://", 1)
@@ -90,7 +100,7 @@ def location(uri: str) -> Location:
     """The resolved store for ``uri`` (cached per URI and options; a local path per
     absolute path: kept per string, ``store.zarr`` opened after a ``chdir`` read the first
     folder's store)."""
-    uri = str(uri)
+    uri = as_uri(uri)
     cached = uri if "://" in uri else canonical(uri)   # URLs: the options' prefixes
     with _LOCK:
         if cached in _LOCATIONS:

@@ -15,6 +15,7 @@ from functools import cached_property
 import numpy as np
 import xarray as xr
 
+from actstore.arguments import check_flag
 from actstore.errors import ActstoreError
 from actstore.generation.pointnames import KINDS, CapturePoint
 from actstore.store import io
@@ -35,11 +36,11 @@ class StoreView:
     """One model variant of a store (``trained`` by default, or ``randomized``)."""
 
     def __init__(self, uri: str, model: str = "trained", complete_only: bool = True):
-        self.uri = str(uri)
+        self.uri = io.as_uri(uri)
+        self.complete_only = check_flag(complete_only, "complete_only", f"store {self.uri}")
         self.model = model
         self.root_attrs = read_root_attrs(self.uri)
         self.attrs = model_attrs(self.uri, model)
-        self.complete_only = complete_only
 
     def __repr__(self) -> str:
         return (f"<actstore {self.uri} model={self.model}: {len(self.image_index)}/"
@@ -270,5 +271,5 @@ def open_store(uri: str, model: str = "trained", complete_only: bool = True, *,
     ``storage_options``: fsspec options for an object store (endpoint, credentials), kept
     in memory for every later call on this store; by default the environment's."""
     if storage_options is not None:
-        io.set_storage_options(str(uri), storage_options)
+        io.set_storage_options(io.as_uri(uri), storage_options)
     return StoreView(uri, model=model, complete_only=complete_only)
