@@ -160,8 +160,8 @@ def _materialize(r: dict) -> str:
 
 
 def _verify(r: dict) -> str:
-    return "\n".join([f"{r['store']}: {r['reproduced']}/{r['images']} images reproduced "
-                      f"({r['comparison']})", "", r["table"]])
+    return "\n".join([f"{r['store']}: {r['counted']} reproduced ({r['comparison']})", "",
+                      r["table"]])
 
 
 def _label(r: dict) -> str:

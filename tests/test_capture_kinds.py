@@ -160,6 +160,23 @@ def test_a_different_model_is_refused(tiny_store, tmp_path):
     assert tree_digest(uri) == before
 
 
+def test_verify_says_what_it_counted(tiny_store, tmp_path, capfd):
+    """`actstore verify` of 4 images of a store with both variants said '8/8 images
+    reproduced', as if it had checked 8 images: a row is an image of one variant."""
+    from flows.cli import main
+
+    uri = _copy(tiny_store, tmp_path / "both.zarr")
+    made = cli("materialize", "--store", uri, "--model", "tiny-random", "--prompts", DEMO,
+               "--steps", str(TINY["steps"]), "--control", "randomized", "--images", "0:4")
+    assert made.returncode == 0, made.stderr
+    capfd.readouterr()
+    assert main(["--no-prefect", "--quiet", "verify", "--store", uri, "--images", "0:4"]) == 0
+    out = capfd.readouterr().out
+    said = "4/4 images of trained, 4/4 of randomized reproduced"
+    assert out.startswith(f"{uri}: {said} (bitwise)\n"), out
+    assert out.rstrip().endswith(f"\n{said}"), out       # the table's last line
+
+
 def test_verify_reports_per_image(tiny_store, tmp_path):
     uri = _copy(tiny_store, tmp_path / "v.zarr")
     ok = cli("verify", "--store", uri, "--images", "0:8")

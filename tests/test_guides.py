@@ -56,7 +56,7 @@ def test_verify_names_a_batch_size_other_than_the_blocks(mode, tiny_store, reque
     assert len(err) == 1 and "its blocks were made 4 images per UNet call, not " \
                              "--batch-size 2" in err[0] and "generation differ" not in err[0], err
     assert main([*argv, "--batch-size", str(TINY["batch_size"])]) == 0
-    assert "4/4 images reproduced (bitwise)" in capfd.readouterr().out
+    assert "4/4 images of trained reproduced (bitwise)" in capfd.readouterr().out
     assert tree_digest(tiny_store) == before
 
 

@@ -245,7 +245,7 @@ def _check(line: str, user: Path, out: str) -> None:
         if "--capture" in words:
             assert any(name.startswith("resnet/") for name in view.layers), view.layers
     elif words[1] == "verify":
-        assert "8/8 images reproduced (bitwise)" in out, out
+        assert "8/8 images of trained reproduced (bitwise)" in out, out
     elif words[1] == "show":
         assert list_runs(toy) and all(run in out for run in list_runs(toy)), out
         assert all(f"  {t} " in out for t in list_targets(toy)), out
