@@ -27,5 +27,6 @@ def check_name(value: Any, what: str, where: str, have: Iterable[str]) -> str:
     reader looking ``None`` or ``""`` up answered as for a name it has nothing of."""
     if isinstance(value, str) and value:
         return value
-    raise ActstoreError(f"{where}: {what} {value!r} is no name; give one of "
-                        f"{', '.join(sorted(set(have))) or 'none yet'} as a string")
+    names = ", ".join(sorted(set(have)))
+    raise ActstoreError(f"{where}: {what} {value!r} is no name; give one"
+                        f"{f' of {names}' if names else ''} as a string")

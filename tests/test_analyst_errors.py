@@ -285,11 +285,19 @@ def test_a_flag_that_is_not_true_or_false(explore_store, flag):
 
 @pytest.mark.parametrize("target", [None, 3, ""])
 def test_latest_run_of_no_target_name(explore_store, target):
-    """`latest_run(u, None)` (or 3, or "") gave None, as for a target with no run yet."""
+    """`latest_run(u, None)` (or 3, or "") gave None, as for a target with no run yet;
+    latest_sweep likewise."""
+    from actstore.intervene.sweeprecords import latest_sweep
+
     with pytest.raises(ActstoreError) as err:
         latest_run(explore_store, target)
     assert str(err.value) == (f"store {explore_store}: target {target!r} is no name; give "
                               "one of depth, salient as a string")
+    with pytest.raises(ActstoreError) as err:
+        latest_sweep(explore_store, target)                 # a store without sweeps
+    assert str(err.value) == (f"store {explore_store}: target {target!r} is no name; give "
+                              "one as a string")
+    assert latest_sweep(explore_store, "salient") is None
 
 
 @pytest.mark.parametrize("store", [3, None, b"store.zarr"], ids=["int", "None", "bytes"])

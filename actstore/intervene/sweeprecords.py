@@ -11,6 +11,7 @@ import hashlib
 import json
 from dataclasses import fields
 
+from actstore.arguments import check_name
 from actstore.errors import ActstoreError
 from actstore.intervene.results import existing_settings
 from actstore.intervene.settings import SweepSettings, without_later_defaults
@@ -88,5 +89,7 @@ def list_sweeps(store: str) -> dict[str, dict]:
 
 
 def latest_sweep(store: str, target: str) -> dict | None:
-    found = [r for r in list_sweeps(store).values() if r["target"] == target]
+    sweeps = list_sweeps(store).values()
+    check_name(target, "target", f"store {store}", (r["target"] for r in sweeps))
+    found = [r for r in sweeps if r["target"] == target]
     return max(found, key=lambda r: r["created"]) if found else None
