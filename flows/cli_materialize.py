@@ -90,7 +90,8 @@ def _add_verify(sub, common) -> None:
     v.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto (default auto)")
     v.add_argument("--batch-size", type=positive_int, help="images per UNet call (default: "
                    "the one each block was made with, recorded since 2026-12-05, else 4; "
-                   "another batch size rounds differently, so it is not bitwise)")
+                   "another batch size may round differently, depending on the CPU, so it "
+                   "may not be bitwise)")
 
 
 def materialize_command(args: argparse.Namespace, catalog: Catalog | None) -> dict:
@@ -163,7 +164,7 @@ def verify_command(args: argparse.Namespace, catalog: Catalog | None) -> dict:
         if result["recorded_batch_sizes_overridden"]:
             made = " or ".join(map(str, result["recorded_batch_sizes_overridden"]))
             cause = (f"its blocks were made {made} images per UNet call, not --batch-size "
-                     f"{args.batch_size}, which rounds differently: drop --batch-size to "
+                     f"{args.batch_size}, which may round differently: drop --batch-size to "
                      "regenerate each block with its own")
         raise ActstoreError(f"{len(result['not_reproduced'])} of {result['images']} images not "
                             f"reproduced ({', '.join(result['not_reproduced'][:4])}); "

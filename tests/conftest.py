@@ -95,6 +95,15 @@ def store_arrays(uri: str, model: str = "trained") -> dict:
             if isinstance(arr, zarr.Array)}
 
 
+def plant_a_mismatch(uri: str, model: str = "trained") -> None:
+    """Change one stored byte of the first final image, so regenerating its block fails on
+    every machine: a failure that does not hang on how this CPU's kernels round."""
+    import zarr
+
+    final = zarr.open_array(uri, path=f"models/{model}/final_image", mode="r+")
+    final[0, 0, 0, 0] = (int(final[0, 0, 0, 0]) + 9) % 256
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One temporary Prefect API for the whole session (starting one costs seconds)."""

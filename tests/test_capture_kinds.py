@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import zipfile
@@ -16,7 +17,7 @@ from actstore.generation.materialize import (MaterializeSettings, completion,
                                              format_completion, materialize)
 from actstore.generation.sampling import GenerationConfig
 from actstore.store.view import open_store
-from conftest import DEMO, TINY, cli, store_arrays, tree_digest
+from conftest import DEMO, TINY, cli, plant_a_mismatch, store_arrays, tree_digest
 from test_store import SD_LAYERS
 
 ADD = ("attn1", "resnet")
@@ -227,11 +228,38 @@ def test_verify_a_store_with_its_randomized_control(tiny_model, tmp_path):
     assert {r["model"] for r in result["rows"]} == {"trained", "randomized"}
 
 
+@contextlib.contextmanager
+def _images_per_unet_call():
+    """The number of images of every generating UNet call made inside (a CFG call takes
+    each twice; a call of one sample is the capture points' shape probe): the batch size a
+    block is regenerated with, seen where it acts, on any machine."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    seen: list[int] = []
+
+    def count(module, args):
+        if isinstance(module, UNet2DConditionModel) and args[0].shape[0] > 1:
+            seen.append(args[0].shape[0] // 2)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def _error_line(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("actstore")]
+
+
 def test_blocks_regenerate_with_their_own_batch_size(tiny_model, tmp_path, capsys):
-    """A batch of 2 and one of 4 round differently, so a block made with 2 is reproduced
-    bit for bit only with 2: verify takes it from the block's record (a block recorded
-    before batch sizes were: the one-line failure says to pass it), and a kind added to
-    the block later equals the kind made with it at creation."""
+    """A batch of 2 and one of 4 may round differently (they did on the Intel CPUs this
+    suite first ran on, not on every CPU), so a block made with 2 is reproduced bit for bit
+    for certain only with 2: verify takes it from the block's record; a failure with
+    --batch-size overriding it names it; a block recorded before batch sizes were says to
+    pass it; a kind added to the block later equals the kind made with it at creation.
+    Failures are planted (a stored byte changed) so that every machine sees them."""
     from actstore.generation.regenerate import recorded_batch_size, verify
     from actstore.store import commit
     from flows.cli import main
@@ -239,28 +267,65 @@ def test_blocks_regenerate_with_their_own_batch_size(tiny_model, tmp_path, capsy
     uri = str(tmp_path / "b2.zarr")
     _mat(tiny_model, DEMO, uri, images="0:4", steps=2, batch_size=2)
     assert recorded_batch_size(uri, "trained", 0, 4) == 2
-    assert verify(uri, images="0:4", progress=False)["reproduced"] == 4
-    assert verify(uri, images="0:4", batch_size=4, progress=False)["reproduced"] < 4
+    with _images_per_unet_call() as calls:
+        own = verify(uri, images="0:4", progress=False)
+    assert own["reproduced"] == 4 and set(calls) == {2}, (own["not_reproduced"], calls)
+    assert (own["recorded_batch_sizes_overridden"], own["blocks_without_batch_size"]) == ([], 0)
+    four = str(tmp_path / "b4.zarr")     # this CPU's rounding, measured: 4 per call from scratch
+    _mat(tiny_model, DEMO, four, images="0:4", steps=2, batch_size=4)
+    made2, made4 = store_arrays(uri), store_arrays(four)
+    same = made2.keys() == made4.keys() and all(np.array_equal(made2[k], made4[k])
+                                                for k in made2)
+    with _images_per_unet_call() as calls:
+        other = verify(uri, images="0:4", batch_size=4, progress=False)
+    assert set(calls) == {4} and other["recorded_batch_sizes_overridden"] == [2], calls
+    assert (other["reproduced"] == 4) == same, (other["not_reproduced"], same)
+
+    planted = _copy(uri, tmp_path / "planted.zarr")
+    plant_a_mismatch(planted)
+    before = tree_digest(planted)
+    argv = ["--no-prefect", "--quiet", "verify", "--store", planted, "--images", "0:4"]
+    assert main([*argv, "--batch-size", "4"]) == 2
+    err = _error_line(capsys)
+    assert len(err) == 1 and "its blocks were made 2 images per UNet call, not --batch-size " \
+        "4" in err[0] and "generation differ" not in err[0], err
+    assert main(argv) == 2          # regenerated with its own: the store's fault, said so
+    err = _error_line(capsys)
+    assert len(err) == 1 and "the store and this machine's generation differ" in err[0], err
+    assert "UNet call" not in err[0] and "record no batch size" not in err[0], err
+    assert tree_digest(planted) == before
+
     old = _copy(uri, tmp_path / "old.zarr")
     record = commit.block_record(old, "models/trained", 0, 4)
     del record["batch_size"]
     commit.write_block_record(old, "models/trained", 0, 4, record)
     argv = ["--no-prefect", "--quiet", "verify", "--store", old, "--images", "0:4"]
-    assert main(argv) == 2
-    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("actstore")]
-    assert len(err) == 1 and "1 blocks record no batch size" in err[0], err  # (bars aside)
-    assert "pass the store's --batch-size" in err[0]
+    with _images_per_unet_call() as calls:
+        code = main(argv)                 # 4 per call, as before batch sizes were recorded
+    assert set(calls) == {4} and code == (0 if same else 2), (calls, code, same)
+    capsys.readouterr()
     assert main([*argv, "--batch-size", "2"]) == 0
-    bad = _copy(old, tmp_path / "bad.zarr")   # a mismatch there names the batch size too
-    final = zarr.open_array(bad, path="models/trained/final_image", mode="r+")
-    final[0, 0, 0, 0] = (int(final[0, 0, 0, 0]) + 9) % 256
+    bad = _copy(old, tmp_path / "bad.zarr")
+    plant_a_mismatch(bad)
+    before = tree_digest(bad)
+    argv = ["--no-prefect", "--quiet", "verify", "--store", bad, "--images", "0:4"]
+    assert main(argv) == 2
+    err = _error_line(capsys)                                            # (bars aside)
+    assert len(err) == 1 and "1 blocks record no batch size" in err[0], err
+    assert "pass the store's --batch-size" in err[0]
+    assert main([*argv, "--batch-size", "2"]) == 2            # given: no hint to give it
+    err = _error_line(capsys)
+    assert len(err) == 1 and "record no batch size" not in err[0], err
+    assert tree_digest(bad) == before
     with pytest.raises(ActstoreError, match="records none .made before 2026-12-05., so pass "
                                             "the --batch-size it was made with"):
         _mat(tiny_model, DEMO, bad, images="0:4", steps=2, batch_size=2, kinds=ADD)
     _mat(tiny_model, DEMO, old, images="0:4", steps=2, batch_size=2, kinds=ADD)
     made = str(tmp_path / "made.zarr")
     _mat(tiny_model, DEMO, made, images="0:4", steps=2, batch_size=2, kinds=ADD)
-    _mat(tiny_model, DEMO, uri, images="0:4", steps=2, batch_size=4, kinds=ADD)  # added
+    with _images_per_unet_call() as calls:
+        _mat(tiny_model, DEMO, uri, images="0:4", steps=2, batch_size=4, kinds=ADD)  # added
+    assert set(calls) == {2}, calls
     added, together = store_arrays(uri), store_arrays(made)
     resnet = [k for k in together if "resnet" in k]
     assert resnet and all(np.array_equal(added[k], together[k]) for k in resnet)

@@ -142,7 +142,8 @@ def verify(store: str, *, model: str | None = None, images: str | None = None,
     ``model``: the model to regenerate with (default: the folder recorded in the store);
     its weights must be the store's. ``images``: a block-aligned region ``A:B``.
     ``batch_size``: images per UNet call (default: each block's recorded one, else
-    :data:`DEFAULT_BATCH_SIZE`); another than the block's is not bitwise."""
+    :data:`DEFAULT_BATCH_SIZE`); another than the block's may not be bitwise
+    (CPU-dependent)."""
     from actstore.generation.capture import capture_block
     from actstore.generation.materialize import parse_region
     from actstore.generation.models import apply_control, load_model
