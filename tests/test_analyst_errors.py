@@ -213,8 +213,8 @@ def test_a_catalog_store_name_says_where_its_store_is(explore_store, tmp_path, m
                            r"store name of .*catalog\.yaml, the catalog the commands read "
                            rf"without --catalog: open its location, {explore_store}$"):
             call("mine")
-    with pytest.raises(ActstoreError, match=r"create it with `actstore materialize` \(nor is "
-                                            r"'yours' a store name of .*catalog\.yaml, "):
+    with pytest.raises(ActstoreError, match=r"^store yours: does not exist; create it with "
+                                            r"`actstore materialize`$"):
         actstore.open_store("yours")                      # no name of the catalog
 
 

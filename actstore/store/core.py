@@ -94,7 +94,7 @@ def _catalog_name(uri: str) -> str:
             return plain
         read = f"{catalog.path}, the catalog the commands read without --catalog"
         if uri not in catalog.stores:
-            return f"{plain} (nor is '{uri}' a store name of {read})"
+            return plain     # the commands' own line: they resolved the name already
         where = resolve_store(catalog, uri)["uri"]
         if io.node_attrs(where, "") is None:
             return (f" here, nor at {where}, its location in {read}; open the location the "
