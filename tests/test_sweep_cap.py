@@ -19,6 +19,7 @@ from actstore.intervene.tables import format_cells, format_sweeps
 from conftest import PixelLabels, tree_digest
 from flows.cli import main
 
+STRENGTHS = (0.05, 0.25, 1.0)
 KEYS = ("kind", "steps", "strength")
 
 
@@ -63,9 +64,11 @@ def test_largest_effect_over_the_cap_is_passed_over():
 
 
 def _sweep(uri, run, model, cap, tmp_path=None):
-    """Seed 1 of this grid on the tiny model: its largest specific effect (steps 0, s =
-    0.25) is not its smallest edit (steps 0-1, s = 0.25), so a cap can fall between."""
-    settings = SweepSettings(kinds=("attn1",), step_counts=(1, 2), strengths=(0.25, 1.0),
+    """Seed 1 of this grid on the tiny model. The plant needs the largest specific effect
+    not to be the smallest edit, on any CPU: which s = 0.25 cell wins depends on the CPU's
+    rounding (steps 0 on Intel, steps 0-1 on AMD EPYC), so the grid has s = 0.05, whose
+    edits are ~5x smaller and whose effects are ~7x smaller than s = 0.25's on both."""
+    settings = SweepSettings(kinds=("attn1",), step_counts=(1, 2), strengths=STRENGTHS,
                              validation=2, evaluation=3, max_edit_size=cap,
                              base=IS(n_targets=2, provider=PixelLabels(), batch_size=8,
                                      seed=1))
