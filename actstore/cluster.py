@@ -14,7 +14,7 @@ from functools import wraps
 from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
 
 from actstore.errors import ActstoreError, InputError, first_line
-from actstore.runtime import dask_threads, env_threads, tune_malloc
+from actstore.runtime import dask_threads, env_threads, stopped_by_signal, tune_malloc
 
 if TYPE_CHECKING:
     from distributed import Client, Worker
@@ -185,9 +185,10 @@ def local_workers(workers: int, device: str | None = "cpu",
 
     Processes, not threads: each holds its own model and runs the UNet with its own torch
     threads (:func:`worker_threads`) outside the others' GIL. On a GPU ``device``, each
-    process gets a GPU of its own (:mod:`actstore.gpus`). Stopped at once on Ctrl-C, or on
-    an error once ``abandoned()`` (what they report to has ended: exiting, each drained
-    its events to it, a failed send every 7 s, for its minute of grace)."""
+    process gets a GPU of its own (:mod:`actstore.gpus`). Stopped at once on Ctrl-C or
+    SIGTERM (:func:`actstore.runtime.stopped_by_signal`), or on an error once
+    ``abandoned()`` (what they report to has ended: exiting, each drained its events to it,
+    a failed send every 7 s, for its minute of grace)."""
     if workers < 1:
         raise ActstoreError(f"--workers {workers}: must be at least 1")
     from distributed import LocalCluster
@@ -203,7 +204,7 @@ def local_workers(workers: int, device: str | None = "cpu",
         try:
             yield cluster.scheduler_address
         except BaseException as exc:
-            if isinstance(exc, KeyboardInterrupt) or abandoned():
+            if stopped_by_signal(exc) or abandoned():
                 _close_workers(cluster, interrupted=True)
             raise
         finally:
