@@ -247,13 +247,31 @@ def planted(C: int, images: int = 48, tokens: int = 256, n_folds: int = 5) -> di
     return out | {"float64 bias": float(np.ravel(ref.bias)[0])}
 
 
+def timings(xs: list[np.ndarray], invs: list[np.ndarray], repeats: int) -> str:
+    """Each route's CPU ms over a task's fold slices, and the int8 route's stages."""
+    t = {"float32": cpu_ms(lambda: [x.T @ x for x in xs], repeats),
+         "int8, fold slices": cpu_ms(lambda: [gram_int8(x) for x in xs], repeats),
+         "int8, [H|L]": cpu_ms(lambda: [gram_int8_concat(x) for x in xs], repeats),
+         "int8, 512 kB pieces": cpu_ms(
+             lambda: [gram_int8_pieces(x, v) for x, v in zip(xs, invs)], repeats)}
+    st = {k: 0.0 for k in ("ranges", "round+split", "3 products", "combine")}
+    for x in xs:
+        for k, v in stages(x, repeats).items():
+            st[k] += v
+    return (", ".join(f"{k} {v:.1f}" for k, v in t.items())
+            + " | int8 stages " + ", ".join(f"{k} {v:.1f}" for k, v in st.items()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Apart from main, so tests/test_doc_commands.py parses documented lines unrun."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--folds", type=int, default=5)
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=7,
+                    help="timings' repeats (best kept); 0: no timings, only the errors and the "
+                         "planted problem (on a CPU without int8 matrix units, torch's int8 "
+                         "product is ~40x slower than float32's and timings take minutes)")
     ap.add_argument("--planted", type=int, nargs="*", default=[320, 1280], metavar="C",
                     help="channel counts of the planted ridge problem")
     return ap
@@ -271,18 +289,8 @@ def main() -> None:
         Xf, slices, _, _ = fold_slices(X16, fold, args.folds)
         xs = [np.array(Xf[g]) for g in slices if g.stop > g.start]
         invs = [inverse_scales(x) for x in xs]
-        t = {"float32": cpu_ms(lambda: [x.T @ x for x in xs], args.repeats),
-             "int8, fold slices": cpu_ms(lambda: [gram_int8(x) for x in xs], args.repeats),
-             "int8, [H|L]": cpu_ms(lambda: [gram_int8_concat(x) for x in xs], args.repeats),
-             "int8, 512 kB pieces": cpu_ms(
-                 lambda: [gram_int8_pieces(x, v) for x, v in zip(xs, invs)], args.repeats)}
-        st = {k: 0.0 for k in ("ranges", "round+split", "3 products", "combine")}
-        for x in xs:
-            for k, v in stages(x, args.repeats).items():
-                st[k] += v
-        print(f"{name}: task of {len(X16)} tokens, fold slices {[len(x) for x in xs]}; CPU ms "
-              + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
-              + " | int8 stages " + ", ".join(f"{k} {v:.1f}" for k, v in st.items())
+        print(f"{name}: task of {len(X16)} tokens, fold slices {[len(x) for x in xs]}"
+              + (f"; CPU ms {timings(xs, invs, args.repeats)}" if args.repeats > 0 else "")
               + f" [load {os.getloadavg()[0]:.1f}]", flush=True)
         e = errors(X64, X16, fold, args.folds)
         print("   error / √(G_ii G_jj): " + ", ".join(f"{k} {v:.2e}" for k, v in e.items()),
