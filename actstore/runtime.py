@@ -138,18 +138,20 @@ SIGNAL_ERRORS = ("KeyboardInterrupt", "TerminationSignal")
 
 def stopped_by_signal(exc: BaseException) -> bool:
     """Whether ``exc`` is what became of a signal (Ctrl-C, SIGTERM) rather than a failure:
-    a BaseException that is no Exception (KeyboardInterrupt; Prefect's ``TerminationSignal``,
-    which its flow engine's own SIGTERM handler raises while a flow runs), or an error a
-    library made of one. pydantic-core turned a TerminationSignal landing in its
-    serialization into a ``PydanticSerializationError`` naming it in its text alone (no
-    cause): a backgrounded `materialize --workers 2` then said 'unexpected error', exit 1,
-    after waiting for its workers' tasks, in 1 of 5 SIGTERMs (2026-12-07); a Ctrl-C landing
-    there (the same error, naming KeyboardInterrupt) left `--workers 2` closing as after a
-    finished run, 16.6 s instead of 2 s."""
+    a KeyboardInterrupt, Prefect's ``TerminationSignal`` (its flow engine's own SIGTERM
+    handler raises it while a flow runs), or an error a library made of either. Other
+    BaseExceptions (asyncio's CancelledError in a failure's context) are no signal.
+
+    pydantic-core turned a TerminationSignal landing in its serialization into a
+    ``PydanticSerializationError`` naming it in its text alone (no cause): a backgrounded
+    `materialize --workers 2` then said 'unexpected error', exit 1, after waiting for its
+    workers' tasks, in 1 of 5 SIGTERMs (2026-12-07). A KeyboardInterrupt becomes the same
+    error there, naming KeyboardInterrupt."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if not isinstance(exc, Exception) or any(name in str(exc) for name in SIGNAL_ERRORS):
+        if type(exc).__name__ in SIGNAL_ERRORS or isinstance(exc, KeyboardInterrupt) \
+                or any(name in str(exc) for name in SIGNAL_ERRORS):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -84,6 +84,7 @@ def test_a_signal_stops_local_workers_without_waiting_for_their_task(tmp_path, s
 def test_what_a_library_made_of_a_signal_is_a_signal():
     """Checked on the error pydantic-core really makes of a TerminationSignal raised in its
     serialization, as Prefect's SIGTERM handler raised it in a run of `materialize`."""
+    import asyncio
     import signal
 
     import pydantic
@@ -113,3 +114,10 @@ def test_what_a_library_made_of_a_signal_is_a_signal():
         assert stopped_by_signal(chained)
     assert not stopped_by_signal(RuntimeError("a task failed"))
     assert not stopped_by_signal(ValueError("a bad value"))
+    try:
+        try:
+            raise asyncio.CancelledError()
+        except BaseException:
+            raise OSError("a worker failed while its comm was cancelled")
+    except OSError as failure:
+        assert not stopped_by_signal(failure)
