@@ -20,10 +20,9 @@ from pathlib import Path
 
 from actstore.cliargs import OneLineParser, nonneg_float, positive_int
 from actstore.errors import ActstoreError
-from actstore.runtime import stopped_by_signal
 from flows.cli_checks import (STORE_HELP, check_fan_out, check_figure_outputs,
                               check_table_and_region, store_under_out, store_uri)
-from flows.cli_env import (Terminated, command_environment, one_interrupt, quiet_libraries,
+from flows.cli_env import (command_environment, one_interrupt, quiet_libraries,
                            use_storage_options)
 from flows.cli_report import as_json, failure_line, main_job_files, summary
 
@@ -238,10 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         except (Exception, KeyboardInterrupt) as exc:  # one line; --debug adds the traceback
             if args.debug:
                 traceback.print_exc()
-            if ctrl_c.pressed:        # whatever a library made of the KeyboardInterrupt
-                exc = ctrl_c.error()
-            elif not isinstance(exc, KeyboardInterrupt) and stopped_by_signal(exc):  # in a flow
-                exc = Terminated()
+            exc = ctrl_c.reported(exc)     # whatever a library made of a signal
             line, code = failure_line(args.command, exc,
                                       getattr(args, "store", None) or getattr(args, "out", None))
             print(line, file=sys.stderr)

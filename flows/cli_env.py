@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from actstore.errors import ActstoreError
+from actstore.runtime import stopped_by_signal
 
 if TYPE_CHECKING:
     from actstore.catalog import Catalog
@@ -89,6 +90,17 @@ class Interrupt:
         """What the interrupt raises, and what the command reports whatever a library made
         of it: Terminated for SIGTERM (exit 143), KeyboardInterrupt for Ctrl-C (130)."""
         return Terminated() if self.signum == signal.SIGTERM else KeyboardInterrupt()
+
+    def reported(self, exc: BaseException) -> BaseException:
+        """What the command reports for ``exc``: the interrupt, if one arrived, whatever a
+        library made of it; a SIGTERM that arrived during a Prefect flow, which went to the
+        flow engine's own handler instead of ours (:func:`stopped_by_signal`), as SIGTERM;
+        else ``exc``."""
+        if self.pressed:
+            return self.error()
+        if not isinstance(exc, KeyboardInterrupt) and stopped_by_signal(exc):
+            return Terminated()
+        return exc
 
 
 class Terminated(KeyboardInterrupt):

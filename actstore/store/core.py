@@ -90,11 +90,9 @@ def _catalog_name(uri: str) -> str:
         return plain
     try:
         catalog = find_catalog()
-        if catalog is None:
-            return plain
-        read = f"{catalog.path}, the catalog the commands read without --catalog"
-        if uri not in catalog.stores:
+        if catalog is None or uri not in catalog.stores:
             return plain     # the commands' own line: they resolved the name already
+        read = f"{catalog.path}, the catalog the commands read without --catalog"
         where = resolve_store(catalog, uri)["uri"]
         if io.node_attrs(where, "") is None:
             return (f" here, nor at {where}, its location in {read}; open the location the "
